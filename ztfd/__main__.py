@@ -1,0 +1,3 @@
+from ztfd.cli import main
+
+main()

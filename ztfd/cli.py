@@ -1,0 +1,183 @@
+"""The ``ztfd`` command. Each subcommand loads the configuration, sets up logging, and calls one module.
+
+Exit codes: 0 success; 1 the work did not complete (failed stamps, failed uploads); 2 bad usage or a bad
+configuration (one line naming the key); 3 ``status`` when ztfd is not running (LSB convention).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ztfd import __version__, config, logs
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_CONFIG = 2
+
+
+def load_config(ctx: click.Context) -> config.Config:
+    """Load the configuration or exit 2 with one line naming the key."""
+    try:
+        return config.load(ctx.obj["config_path"])
+    except config.ConfigError as exc:
+        click.echo(f"ztfd: {exc}", err=True)
+        ctx.exit(EXIT_CONFIG)
+        raise AssertionError("unreachable") from None
+
+
+def setup_logging(cfg: config.Config, main_file: str = "ztfd.log", console: bool = True) -> None:
+    level = os.environ.get("ZTFD_LOG_LEVEL") or cfg.logging.level
+    logs.setup(cfg.logs_dir, level, cfg.logging.max_bytes, cfg.logging.backup_count, main_file, console)
+
+
+def process_name(default: str) -> str:
+    """The name this process heartbeats under: set by the supervisor or supervisord, else ``default``."""
+    return os.environ.get("ZTFD_PROCESS_NAME") or default
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="Configuration file (default: $ZTFD_CONFIG, else etc/ztfd.toml).",
+)
+@click.version_option(__version__, prog_name="ztfd")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None) -> None:
+    """ztfd archives Lasair alert streams: alerts on disk by date, their ZTF stamps from ALeRCE, all on S3."""
+    ctx.ensure_object(dict)
+    ctx.obj["config_path"] = config_path
+
+
+@main.command()
+@click.option("--topic", required=True, help="The Kafka topic to consume (one of kafka.topics).")
+@click.pass_context
+def consume(ctx: click.Context, topic: str) -> None:
+    """Consume one topic in the foreground: store every alert, queue its stamps, until SIGTERM."""
+    cfg = load_config(ctx)
+    if topic not in cfg.kafka.topics:
+        click.echo(f"ztfd: config: topic {topic} is not listed in kafka.topics", err=True)
+        ctx.exit(EXIT_CONFIG)
+    setup_logging(cfg)
+    from ztfd import consumer
+
+    ctx.exit(consumer.run(cfg, topic, process_name(f"consumer:{topic}")))
+
+
+@main.command()
+@click.pass_context
+def fetch(ctx: click.Context) -> None:
+    """Run one stamp worker in the foreground: claim stamp jobs, fetch from ALeRCE, until SIGTERM."""
+    cfg = load_config(ctx)
+    setup_logging(cfg)
+    from ztfd import stamps
+
+    ctx.exit(stamps.run_worker(cfg, process_name(f"fetcher:{os.getpid()}")))
+
+
+@main.command()
+@click.option("--date", "date", required=True, help="The partition date, YYYY-MM-DD.")
+@click.option("--topic", default=None, help="Only alerts of this topic.")
+@click.option("--force", is_flag=True, help="Refetch every stamp, not only missing or invalid ones.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Parallel fetchers (default stamps.workers).")
+@click.pass_context
+def replay(ctx: click.Context, date: str, topic: str | None, force: bool, workers: int | None) -> None:
+    """Refetch the stamps of every stored alert of DATE (through the daemon when it runs)."""
+    cfg = load_config(ctx)
+    setup_logging(cfg, console=False)
+    from ztfd import replay as replay_module
+
+    ctx.exit(replay_module.run(cfg, date, topic=topic, force=force, workers=workers))
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="One pass, then exit (for cron).")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded; upload nothing.")
+@click.option("--full", is_flag=True, help="Also reconcile the manifest with the files on disk.")
+@click.pass_context
+def sync(ctx: click.Context, once: bool, dry_run: bool, full: bool) -> None:
+    """Upload new files under data/ and images/ to S3, every s3.interval seconds or --once."""
+    cfg = load_config(ctx)
+    setup_logging(cfg, main_file="sync.log", console=not once)
+    from ztfd import sync as sync_module
+
+    ctx.exit(sync_module.run(cfg, once=once, dry_run=dry_run, full=full, name=process_name("syncer")))
+
+
+@main.command()
+@click.option("--foreground", is_flag=True, help="Stay in the foreground (systemd, a terminal).")
+@click.pass_context
+def start(ctx: click.Context, foreground: bool) -> None:
+    """Start the daemon: one consumer per topic, stamps.workers fetchers, one syncer."""
+    cfg = load_config(ctx)
+    from ztfd import supervisor
+
+    ctx.exit(supervisor.start(cfg, foreground=foreground))
+
+
+@main.command()
+@click.option("--timeout", type=click.FloatRange(min=0), default=None,
+              help="Seconds to wait before SIGKILL (default supervisor.stop_timeout).")
+@click.pass_context
+def stop(ctx: click.Context, timeout: float | None) -> None:
+    """Stop the daemon gracefully; exit 0 also when nothing runs."""
+    cfg = load_config(ctx)
+    from ztfd import supervisor
+
+    ctx.exit(supervisor.stop(cfg, timeout=timeout))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the table.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show processes, topics, the stamp queue, sync and disk. Exit 0 when running, 3 when not."""
+    cfg = load_config(ctx)
+    from ztfd import status as status_module
+
+    report = status_module.collect(cfg)
+    click.echo(json.dumps(report, indent=2) if as_json else status_module.render(report))
+    ctx.exit(0 if report["running"] else 3)
+
+
+@main.command(name="config")
+@click.pass_context
+def show_config(ctx: click.Context) -> None:
+    """Print the effective configuration (file + environment), secrets masked."""
+    cfg = load_config(ctx)
+    click.echo(json.dumps(cfg.masked(), indent=2))
+
+
+@main.command()
+@click.option("--topic", default=None, help="Only this topic.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.pass_context
+def rejected(ctx: click.Context, topic: str | None, limit: int) -> None:
+    """List rejected (poison) messages with their reasons, newest first."""
+    cfg = load_config(ctx)
+    from ztfd import consumer
+
+    for line in consumer.describe_rejected(cfg, topic, limit):
+        click.echo(line)
+
+
+@main.command()
+@click.option("--keep", is_flag=True, help="Keep the demo home to browse afterwards.")
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Demo home (default: a new temporary folder).")
+@click.pass_context
+def demo(ctx: click.Context, keep: bool, home: Path | None) -> None:
+    """Run the whole pipeline on embedded local services (Kafka, S3, a stamp service) and sample alerts."""
+    from ztfd import demo as demo_module
+
+    ctx.exit(demo_module.run(keep=keep, home=home))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

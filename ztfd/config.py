@@ -1,0 +1,283 @@
+"""ztfd configuration: one TOML file, environment overrides, strict validation.
+
+The key names are a contract with users (README "Configuration"). Anything unknown, mistyped or missing is
+a ``ConfigError`` whose message names the key and never the value, so that secrets cannot leak into logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = Path("etc/ztfd.toml")
+ENV_CONFIG = "ZTFD_CONFIG"
+ENV_PREFIX = "ZTFD_"
+
+# Words that mark a value as secret: such values are masked whenever a config is shown.
+SECRET_WORDS = ("password", "secret", "token", "key", "credential")
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str()`` is one line that names the offending key."""
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    group_id: str
+    topics: tuple[str, ...]
+    bootstrap_servers: str = "kafka.lsst.ac.uk:9092"
+    options: dict[str, Any] = field(default_factory=dict)
+    max_message_bytes: int = 1_048_576
+    batch_size: int = 1000
+
+
+@dataclass(frozen=True)
+class StampsConfig:
+    enabled: bool = True
+    workers: int = 4
+    alerce_stamp_url: str = "https://avro.alerce.online"
+    alerce_api_url: str = "https://api.alerce.online"
+    timeout: float = 30.0
+    max_attempts: int = 8
+    previews: bool = True
+    retry_base: float = 2.0
+    retry_max: float = 300.0
+    unavailable_retry_base: float = 300.0
+    unavailable_retry_max: float = 21600.0
+    unavailable_give_up: float = 604800.0
+    rate_limit: float = 10.0
+    concurrency: int = 8
+    lease_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
+class S3Config:
+    bucket: str = ""
+    prefix: str = ""
+    endpoint_url: str = ""
+    region: str = ""
+    interval: float = 7200.0
+    concurrency: int = 16
+    multipart_threshold: int = 64 * 1024 * 1024
+    delete_local_after_days: float = 0.0
+    max_attempts: int = 5
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    heartbeat_timeout: float = 120.0
+    restart_backoff_max: float = 60.0
+    stop_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+    max_bytes: int = 10 * 1024 * 1024
+    backup_count: int = 5
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    home: Path
+    kafka: KafkaConfig
+    stamps: StampsConfig = field(default_factory=StampsConfig)
+    s3: S3Config = field(default_factory=S3Config)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # The runtime layout under ``home``; everything a user touches is documented in README "File layout".
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.home / "images"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home / "state"
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "ztfd.sqlite3"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.state_dir / "ztfd.pid"
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration as a dict, secrets replaced by ``***`` (for ``ztfd config``)."""
+        raw = dataclasses.asdict(self)
+        raw["path"], raw["home"] = str(self.path), str(self.home)
+        raw["kafka"]["topics"] = list(self.kafka.topics)
+        raw["kafka"]["options"] = {
+            k: ("***" if is_secret(k) else v) for k, v in self.kafka.options.items()
+        }
+        return raw
+
+
+def is_secret(key: str) -> bool:
+    lowered = key.lower()
+    return any(word in lowered for word in SECRET_WORDS)
+
+
+# Section name -> dataclass; the top level holds only ``home``.
+SECTIONS: dict[str, type] = {
+    "kafka": KafkaConfig,
+    "stamps": StampsConfig,
+    "s3": S3Config,
+    "supervisor": SupervisorConfig,
+    "logging": LoggingConfig,
+}
+REQUIRED = {("kafka", "group_id"), ("kafka", "topics")}
+POSITIVE = {
+    ("kafka", "max_message_bytes"), ("kafka", "batch_size"), ("stamps", "workers"), ("stamps", "timeout"),
+    ("stamps", "max_attempts"), ("stamps", "concurrency"), ("stamps", "lease_seconds"), ("s3", "interval"),
+    ("s3", "concurrency"), ("s3", "multipart_threshold"), ("s3", "max_attempts"),
+    ("supervisor", "heartbeat_timeout"), ("supervisor", "stop_timeout"),
+}
+
+
+def resolve_path(explicit: str | os.PathLike[str] | None) -> Path:
+    """``--config`` wins, then ``$ZTFD_CONFIG``, then ``etc/ztfd.toml``."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(ENV_CONFIG):
+        return Path(os.environ[ENV_CONFIG])
+    return DEFAULT_CONFIG_PATH
+
+
+def load(explicit: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Read, override from the environment, and validate the configuration."""
+    path = resolve_path(explicit).expanduser()
+    environ = dict(os.environ if environ is None else environ)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config: file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+    apply_environment(raw, environ)
+    return build(raw, path.resolve())
+
+
+def apply_environment(raw: dict[str, Any], environ: dict[str, str]) -> None:
+    """Apply ``ZTFD_<SECTION>_<KEY>`` overrides in place (``ZTFD_HOME`` for ``home``).
+
+    ``ZTFD_KAFKA_OPTIONS_<NAME>`` sets librdkafka option ``<name>`` with ``_`` read as ``.``, so secrets such as
+    ``ZTFD_KAFKA_OPTIONS_SASL_PASSWORD`` can stay out of the file. Values are parsed as TOML where they can be
+    (``true``, ``8``, ``["a", "b"]``) and taken as strings otherwise; a comma list is accepted for lists.
+    """
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        if rest == "home":
+            raw["home"] = value
+            continue
+        if rest.startswith("kafka_options_"):
+            option = rest[len("kafka_options_"):].replace("_", ".")
+            raw.setdefault("kafka", {}).setdefault("options", {})[option] = value
+            continue
+        section, _, key = rest.partition("_")
+        if section not in SECTIONS:
+            continue  # not ours (e.g. ZTFD_PROCESS_NAME set by the supervisor)
+        if key not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+            raise ConfigError(f"config: unknown key {section}.{key} (from environment variable {name})")
+        raw.setdefault(section, {})[key] = _parse_env_value(value)
+
+
+def _parse_env_value(value: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+def build(raw: dict[str, Any], path: Path) -> Config:
+    """Validate a parsed TOML document into a ``Config``; ``path`` anchors a relative ``home``."""
+    for key in raw:
+        if key != "home" and key not in SECTIONS:
+            raise ConfigError(f"config: unknown key {key}")
+    home_value = raw.get("home", ".")
+    if not isinstance(home_value, str) or not home_value:
+        raise ConfigError("config: home must be a non-empty string")
+    home = Path(home_value).expanduser()
+    if not home.is_absolute():
+        home = (path.parent / home).resolve()
+    sections = {name: _build_section(name, cls, raw.get(name, {})) for name, cls in SECTIONS.items()}
+    return Config(path=path, home=home, **sections)
+
+
+def _build_section(name: str, cls: type, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config: {name} must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            raise ConfigError(f"config: unknown key {name}.{key}")
+    for section, key in REQUIRED:
+        if section == name and key not in values:
+            raise ConfigError(f"config: missing required key {name}.{key}")
+    kwargs = {key: _check_type(name, key, fields[key], value) for key, value in values.items()}
+    return cls(**kwargs)
+
+
+def _check_type(section: str, key: str, fld: dataclasses.Field[Any], value: Any) -> Any:
+    where = f"{section}.{key}"
+    kind = fld.type if isinstance(fld.type, str) else getattr(fld.type, "__name__", str(fld.type))
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"config: {where} must be true or false")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config: {where} must be an integer")
+        result: Any = value
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"config: {where} must be a number")
+        result = float(value)
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"config: {where} must be a string")
+        result = value
+    elif kind == "tuple[str, ...]":
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"config: {where} must be a non-empty list of strings")
+        if len(set(value)) != len(value):
+            raise ConfigError(f"config: {where} lists a topic twice")
+        return tuple(value)
+    elif kind == "dict[str, Any]":
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: {where} must be a table")
+        for option, option_value in value.items():
+            if not isinstance(option_value, str | int | float | bool):
+                raise ConfigError(f"config: {where}.{option} must be a string, number or boolean")
+        return dict(value)
+    else:  # pragma: no cover - a new field type without a rule is a programming error
+        raise AssertionError(f"no type rule for {where}: {kind}")
+    if (section, key) in POSITIVE and result <= 0:
+        raise ConfigError(f"config: {where} must be greater than 0")
+    if isinstance(result, int | float) and result < 0:
+        raise ConfigError(f"config: {where} must not be negative")
+    if section == "kafka" and key == "group_id" and not result:
+        raise ConfigError(f"config: {where} must not be empty")
+    return result
