@@ -197,8 +197,10 @@ class TopicConsumer:
         if now - self.last_idle_check < IDLE_CHECK_EVERY:
             return
         self.last_idle_check = now
-        if self.consumer.assignment():
+        assignment = self.consumer.assignment()
+        if assignment:
             self.idle_since = None
+            self._detect_restarted_offsets(assignment)
             return
         try:
             metadata = self.consumer.list_topics(self.topic, timeout=5)
@@ -218,6 +220,31 @@ class TopicConsumer:
             self.consumer.close()
             self.consumer = self._new_consumer()
             self.idle_since = None
+
+    def _detect_restarted_offsets(self, assignment: list[Any]) -> None:
+        """Notice a partition whose end is now below the offset we expect next: its topic was recreated.
+
+        A broker should answer such a fetch with OFFSET_OUT_OF_RANGE (and librdkafka would reset to the earliest
+        offset, which ``_follow_generation`` notices); Tansu answers with nothing, so an idle consumer compares its
+        position with the high watermark cached from its fetches (the one that is right on Tansu).
+        """
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+        for tp in assignment:
+            expected = self.expected.get(tp.partition)
+            if expected is None:
+                continue
+            try:
+                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            except Exception:
+                continue
+            if 0 <= high < expected:
+                self.generation[tp.partition] = self.generation.get(tp.partition, 0) + 1
+                self.expected[tp.partition] = None
+                log.warning("%s[%d] ends at %d, before the expected offset %d: the topic was recreated; "
+                            "reading it from the beginning as generation %d", self.topic, tp.partition, high,
+                            expected, self.generation[tp.partition])
+                self.consumer.seek(TopicPartition(self.topic, tp.partition, OFFSET_BEGINNING))
 
     # --- the batch ---------------------------------------------------------------------------------------------
 
