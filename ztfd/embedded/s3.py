@@ -161,15 +161,15 @@ class S3Proxy:
         with self._lock:
             self.requests.append(kind)
 
-    def counts(self) -> collections.Counter[str]:
-        """Requests seen so far by kind, e.g. ``{"PUT": 12, "HEAD": 1}``."""
+    def counts(self, bucket: str | None = None) -> collections.Counter[str]:
+        """Requests seen so far by kind (of one bucket when given), e.g. ``{"PUT": 12, "HEAD": 1}``."""
         with self._lock:
-            return collections.Counter(kind for kind, _, _ in self.requests)
+            return collections.Counter(kind for kind, b, _ in self.requests if bucket in (None, b))
 
-    def keys(self, kind: str = "PUT") -> collections.Counter[str]:
+    def keys(self, kind: str = "PUT", bucket: str | None = None) -> collections.Counter[str]:
         """How many requests of ``kind`` each key received (e.g. PUTs per key, to prove no double upload)."""
         with self._lock:
-            return collections.Counter(key for k, _, key in self.requests if k == kind)
+            return collections.Counter(key for k, b, key in self.requests if k == kind and bucket in (None, b))
 
     def reset(self) -> None:
         with self._lock:
