@@ -30,7 +30,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ztfd.embedded.net import free_port
-from ztfd.embedded.samples import JD_MJD_OFFSET, STAMP_TYPES, SamplePacket, packets as sample_packets
+from ztfd.embedded.samples import JD_MJD_OFFSET, STAMP_TYPES, SamplePacket
+from ztfd.embedded.samples import packets as sample_packets
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,9 @@ def _previous_detections(packet: SamplePacket, stamped: set[int]) -> list[dict[s
     return rows
 
 
-def _detection(object_id: str, candid: int, mjd: float, fid: int, magpsf: float | None, has_stamp: bool) -> dict[str, Any]:
+def _detection(
+    object_id: str, candid: int, mjd: float, fid: int, magpsf: float | None, has_stamp: bool
+) -> dict[str, Any]:
     return {
         "tid": "ztf", "oid": object_id, "candid": str(candid), "mjd": mjd, "fid": fid, "pid": candid // 1000,
         "magpsf": magpsf, "has_stamp": has_stamp, "parent_candid": None, "corrected": False, "dubious": False,
@@ -145,6 +148,7 @@ class StampService:
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
         self._log: list[RequestRecord] = []
+        self._arrived = 0  # requests received, including those still being answered
         self._random = random.Random(seed)
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
@@ -227,7 +231,9 @@ class StampService:
     def truncated(self, times: int | None = 1, candid: int | None = None) -> Fault:
         return self.inject("truncated", times, candid=candid)
 
-    def slow(self, delay: float, times: int | None = 1, candid: int | None = None, endpoint: str | None = STAMP) -> Fault:
+    def slow(
+        self, delay: float, times: int | None = 1, candid: int | None = None, endpoint: str | None = STAMP
+    ) -> Fault:
         """Hold the next ``times`` matching responses for ``delay`` seconds (e.g. longer than the client timeout)."""
         return self.inject("slow", times, delay=delay, candid=candid, endpoint=endpoint)
 
@@ -240,7 +246,9 @@ class StampService:
             self._faults.clear()
             self.error_rate = 0.0
 
-    def _take_fault(self, endpoint: str, object_id: str | None, candid: int | None, stamp_type: str | None) -> Fault | None:
+    def _take_fault(
+        self, endpoint: str, object_id: str | None, candid: int | None, stamp_type: str | None
+    ) -> Fault | None:
         with self._lock:
             for fault in self._faults:
                 if fault.matches(endpoint, object_id, candid, stamp_type):
@@ -268,9 +276,15 @@ class StampService:
             if (status is None or r.status == status) and (candid is None or r.candid == candid)
         )
 
+    def arrivals(self) -> int:
+        """Requests received so far, including those still held by latency or a "slow" fault."""
+        with self._lock:
+            return self._arrived
+
     def reset_log(self) -> None:
         with self._lock:
             self._log.clear()
+            self._arrived = 0
 
     def _wait(self, seconds: float) -> None:
         if seconds > 0:
@@ -280,13 +294,16 @@ class StampService:
 class _Handler(BaseHTTPRequestHandler):
     service: StampService
     protocol_version = "HTTP/1.1"  # keep-alive, as a real server behind a proxy would
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
     server_version = "ztfd-stamp-service/1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         arrived = time.time()
+        with self.service._lock:
+            self.service._arrived += 1
         parts = urlsplit(self.path)
         if parts.path == "/get_stamp":
             self._get_stamp(arrived, parts.query)
@@ -334,7 +351,8 @@ class _Handler(BaseHTTPRequestHandler):
                 data = b"<html>oops, not a stamp</html>" + bytes(64)
             elif kind == "truncated":
                 data = data[: len(data) // 2]
-            headers = {"Content-Disposition": f'attachment; filename="{packet.object_id}_{candid}_{stamp_type}.fits.gz"'}
+            name = f"{packet.object_id}_{candid}_{stamp_type}.fits.gz"
+            headers = {"Content-Disposition": f'attachment; filename="{name}"'}
             self._respond(arrived, STAMP, 200, data, "application/fits+gzip", fault=kind, headers=headers, **context)
 
     def _get_detections(self, arrived: float, object_id: str) -> None:
@@ -402,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     with service:
-        print(service.url, flush=True)  # noqa: T201 - the one line a caller reads to find the service
+        print(service.url, flush=True)
         stop.wait()
     return 0
 
