@@ -90,7 +90,10 @@ def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None,
             payload["force"] = True
         payloads.append(payload)
     complete = len(alerts) - len(payloads)
-    click.echo(f"replay {scope}: {len(alerts)} alerts, {complete} complete on disk, {len(payloads)} to fetch")
+    if force:
+        click.echo(f"replay {scope}: {len(alerts)} alerts, all {len(payloads)} to fetch again (--force)")
+    else:
+        click.echo(f"replay {scope}: {len(alerts)} alerts, {complete} complete on disk, {len(payloads)} to fetch")
     if not payloads:
         return EXIT_OK
     batch = f"replay:{date}:{uuid.uuid4().hex[:12]}"
@@ -102,7 +105,7 @@ def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None,
         click.echo(f"the daemon is running ({len(fetchers)} fetchers): queued as batch {batch}, waiting for it")
         progress = _wait(conn, batch, len(payloads), processes=None)
     else:
-        click.echo(f"the daemon is not running: fetching with {workers} worker processes")
+        click.echo(f"the daemon is not running: fetching with {workers} worker process{'es' if workers > 1 else ''}")
         progress = _fetch_in_foreground(conn, cfg, batch, len(payloads), workers)
     return _summarise(conn, scope, batch, progress, len(payloads))
 
