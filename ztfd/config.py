@@ -55,6 +55,7 @@ class StampsConfig:
     rate_limit: float = 10.0
     concurrency: int = 8
     lease_seconds: float = 120.0
+    match_tolerance: float = 60.0
 
 
 @dataclass(frozen=True)
