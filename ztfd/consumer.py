@@ -37,6 +37,7 @@ from ztfd.logs import AlertLog
 log = logging.getLogger(__name__)
 
 POLL_TIMEOUT = 0.5
+DRAIN_TIMEOUT = 0.005
 HEARTBEAT_EVERY = 5.0
 IDLE_CHECK_EVERY = 10.0
 IDLE_RECREATE_AFTER = 30.0
@@ -133,7 +134,7 @@ class TopicConsumer:
                  self.cfg.kafka.group_id)
         try:
             while not self.stopping:
-                messages = self.consumer.consume(self.cfg.kafka.batch_size, POLL_TIMEOUT)
+                messages = self._next_batch()
                 self._heartbeat()
                 if messages:
                     self.handle_batch(messages)
@@ -143,6 +144,18 @@ class TopicConsumer:
             self._close()
         log.info("stopped consuming %s after storing %d alerts", self.topic, self.stored_total)
         return 0
+
+    def _next_batch(self) -> list[Any]:
+        """Wait for one message, then take what is already fetched, up to a batch.
+
+        ``consume(n, timeout)`` would wait for n messages or the whole timeout: at a trickle of alerts every one
+        would sit for the timeout before being stored. Here the first message is stored as soon as it arrives,
+        and under load the batch fills from librdkafka's prefetched queue at once.
+        """
+        first = self.consumer.poll(POLL_TIMEOUT)
+        if first is None:
+            return []
+        return [first, *self.consumer.consume(self.cfg.kafka.batch_size - 1, DRAIN_TIMEOUT)]
 
     def _request_stop(self, signum: int, _frame: object) -> None:
         log.info("received %s: finishing the current batch", signal.Signals(signum).name)
