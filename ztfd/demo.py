@@ -291,14 +291,14 @@ def read_progress(conn: sqlite3.Connection) -> Progress:
 # --- the demo ------------------------------------------------------------------------------------------------
 
 
-class Interrupted(Exception):
+class DemoInterruptedError(Exception):
     """SIGTERM or SIGINT arrived: stop everything and exit 130."""
 
 
 @contextlib.contextmanager
 def _interruptible() -> Iterator[None]:
     def raise_interrupted(signum: int, _frame: object) -> None:
-        raise Interrupted(signal.Signals(signum).name)
+        raise DemoInterruptedError(signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -331,7 +331,7 @@ def run(keep: bool = False, home: Path | None = None, sn_count: int = 150, heart
             ok = _flow(services, daemon, config_path, messages, started)
             _report(services, config_path, home)
             return 0 if ok else 1
-    except Interrupted as exc:
+    except DemoInterruptedError as exc:
         click.echo(f"\nztfd demo: interrupted ({exc}), stopping everything", err=True)
         return 130
     finally:
