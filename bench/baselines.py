@@ -53,16 +53,39 @@ def kafka_loop(bootstrap: str, topic: str, group: str, count: int, out_dir: Path
     return {"first": first or last, "last": last, "count": seen}
 
 
+def alerce_client(url: str, pairs: list[tuple[str, int]]) -> dict[str, float]:
+    """The alerce client's own way: ``Alerce().get_stamps(oid, candid)``, one alert after the other."""
+    import warnings
+
+    from alerce.core import Alerce
+
+    warnings.simplefilter("ignore")  # ZTF cutouts raise a harmless VerifyWarning on every open
+    client = Alerce()
+    client.legacy_stamps_client.load_config_from_object({"AVRO_URL": url})
+    first = time.time()
+    for object_id, candid in pairs:
+        stamps = client.get_stamps(object_id, candid, survey="ztf")
+        if not stamps or len(stamps) != 3:
+            raise RuntimeError(f"alerce client returned {stamps!r} for {object_id} {candid}")
+    return {"first": first, "last": time.time(), "count": len(pairs)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["bare", "naive"])
-    parser.add_argument("--bootstrap", required=True)
-    parser.add_argument("--topic", required=True)
-    parser.add_argument("--group", required=True)
-    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("kind", choices=["bare", "naive", "alerce"])
+    parser.add_argument("--bootstrap")
+    parser.add_argument("--topic")
+    parser.add_argument("--group")
+    parser.add_argument("--count", type=int)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--url")
+    parser.add_argument("--pairs", type=Path)
     args = parser.parse_args()
-    result = kafka_loop(args.bootstrap, args.topic, args.group, args.count, args.out if args.kind == "naive" else None)
+    if args.kind == "alerce":
+        result = alerce_client(args.url, json.loads(args.pairs.read_text()))
+    else:
+        result = kafka_loop(args.bootstrap, args.topic, args.group, args.count,
+                            args.out if args.kind == "naive" else None)
     print(json.dumps(result), flush=True)
 
 
