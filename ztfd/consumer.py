@@ -32,7 +32,7 @@ from typing import Any
 
 from ztfd import alerts, jobqueue, store
 from ztfd.config import Config
-from ztfd.files import atomic_write, md5_hex
+from ztfd.files import TMP_SUFFIX, atomic_write, md5_hex
 from ztfd.logs import alert_logger
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ HEARTBEAT_EVERY = 5.0
 IDLE_CHECK_EVERY = 10.0
 IDLE_RECREATE_AFTER = 30.0
 FILE_WRITERS = 4
+RECENT_DATES_WINDOW = 2 * 86400.0
 
 
 @dataclass
@@ -347,7 +348,20 @@ class TopicConsumer:
     # --- recovery ----------------------------------------------------------------------------------------------
 
     def recover(self) -> int:
-        """Write the file of every alert of this topic that was stored but not yet written (a crash in between)."""
+        """Write the file of every alert of this topic that was stored but not yet written (a crash in between).
+
+        Also removes the temporary files a kill -9 left in the middle of a write. Only this topic's consumer writes
+        into ``data/<date>/<topic>/``, and only for dates of alerts it stored recently, so those are the folders
+        to look in (not the whole tree, which grows for months).
+        """
+        since = time.time() - RECENT_DATES_WINDOW
+        dates = [row[0] for row in self.conn.execute(
+            "SELECT DISTINCT date FROM alerts WHERE topic = ? AND (received_at > ? OR written = 0)", (self.topic, since)
+        )]
+        for date in dates:
+            folder = self.cfg.data_dir / date / self.topic
+            for leftover in folder.glob(f".*{TMP_SUFFIX}"):
+                leftover.unlink(missing_ok=True)
         return recover_unwritten(self.conn, self.cfg.home, self.topic)
 
 
