@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sections", nargs="*", metavar="section",
                         help=f"sections to run (default all): {', '.join(SECTIONS)}")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, figures not meaningful")
-    parser.add_argument("--soak", action="store_true", help="end to end for 10 minutes, to measure RSS growth")
+    parser.add_argument("--soak", action="store_true", help="10 minutes of end-to-end load: RSS growth per role")
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (median); default 3, 1 with --quick")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
     parser.add_argument("--keep", action="store_true", help="keep the work folder (homes, logs)")
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section {unknown[0]} (choose from {', '.join(SECTIONS)})")
-    sections = args.sections or list(SECTIONS)
+    sections = args.sections or (["e2e"] if args.soak else list(SECTIONS))
     if args.soak and "e2e" not in sections:
         sections.append("e2e")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
