@@ -60,30 +60,28 @@ def run(settings: Settings, results: Results) -> None:
 
 def _run(count: int, work: Path, settings: Settings, results: Results) -> tuple[dict[str, list[float]],
                                                                                  dict[str, float]]:
-    from ztfd.embedded.alerce import StampService
-    from ztfd.embedded.s3 import S3Server
-
-    from ztfd.embedded.kafka import KafkaBroker
+    from ztfd.embedded import alerce, kafka, s3
 
     objects = min(count, SOAK_OBJECTS)
     packets = synthetic_packets(objects)
     home = work / "home"
     with contextlib.ExitStack() as stack:
-        kafka = stack.enter_context(KafkaBroker(log_path=work / "tansu.log"))
-        s3 = stack.enter_context(S3Server(proxy=False))
-        stamps = stack.enter_context(StampService(packets=packets, latency=LATENCY, include_previous=False))
+        broker = stack.enter_context(kafka.KafkaBroker(log_path=work / "tansu.log"))
+        s3_server = stack.enter_context(s3.S3Server(proxy=False))
+        stamps = stack.enter_context(alerce.StampService(packets=packets, latency=LATENCY, include_previous=False))
         import boto3
 
-        boto3.client("s3", endpoint_url=s3.endpoint_url, region_name="us-east-1",
+        boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
                      aws_access_key_id=LOCAL_AWS_ENV["AWS_ACCESS_KEY_ID"],
                      aws_secret_access_key=LOCAL_AWS_ENV["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket="bench-e2e")
-        kafka.create_topic(TOPIC)
+        broker.create_topic(TOPIC)
         config_path = write_config(home / "ztfd.toml", home, {
-            "kafka": {"bootstrap_servers": kafka.bootstrap, "group_id": "bench-e2e", "topics": [TOPIC]},
+            "kafka": {"bootstrap_servers": broker.bootstrap, "group_id": "bench-e2e", "topics": [TOPIC]},
             "kafka.options": dict(FAST_KAFKA_OPTIONS),
             "stamps": {"enabled": True, "workers": 4, "previews": True, "alerce_stamp_url": stamps.url,
                        "alerce_api_url": stamps.url, "rate_limit": 0.0, "timeout": 30.0},
-            "s3": {"bucket": "bench-e2e", "endpoint_url": s3.endpoint_url, "region": "us-east-1", "interval": 1.0},
+            "s3": {"bucket": "bench-e2e", "endpoint_url": s3_server.endpoint_url, "region": "us-east-1",
+                   "interval": 1.0},
         })
         argvs = [] if has_supervisor() else [["consume", "--topic", TOPIC], *[["fetch"]] * 4, ["sync"]]
         if argvs:
@@ -96,7 +94,7 @@ def _run(count: int, work: Path, settings: Settings, results: Results) -> tuple[
         conn = store.connect(home / "state" / "ztfd.sqlite3")
         stack.callback(conn.close)
         _wait_for_consumer(conn, daemon)
-        produced = _produce(kafka.bootstrap, packets, count, settings)
+        produced = _produce(broker.bootstrap, packets, count, settings)
         wait_until(lambda: _finished(conn, count), timeout=300 + count / 50, interval=0.5,
                    what="every alert stored, fetched and uploaded")
         latencies = _latencies(conn, produced)
