@@ -431,8 +431,9 @@ def _report(services: EmbeddedServices, config_path: Path, home: Path) -> None:
     keys = [obj["Key"] for page in services.s3_client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
             for obj in page.get("Contents", [])]
     click.echo(f"\nS3 s3://{BUCKET}/ holds {len(keys)} objects, e.g.:")
-    for key in sorted(keys)[:6]:
-        click.echo(f"  {key}")
+    for kind in ("data/", "images/"):
+        for key in sorted(k for k in keys if kind in k)[:3]:
+            click.echo(f"  {key}")
     previews = sorted((home / "images").rglob("*.png"))
     if previews:
         click.echo(f"\na preview: {previews[0]}")
