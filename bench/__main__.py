@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 failed.append(name)
                 results.notes.append(f"{name}: did not complete: {exc}")
-                results.add(Row(name, "(section failed)", None, "", str(exc)[:80], "", False))
+                results.add(Row(name, "(section failed)", None, "", "see the note below", "", False))
             print(f"   ({name} took {time.monotonic() - section_started:.0f}s)", flush=True)
     finally:
         if args.keep:

@@ -65,6 +65,7 @@ def _run(count: int, work: Path, settings: Settings, results: Results) -> tuple[
     objects = min(count, SOAK_OBJECTS)
     packets = synthetic_packets(objects)
     home = work / "home"
+    work.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         broker = stack.enter_context(kafka.KafkaBroker(log_path=work / "tansu.log"))
         s3_server = stack.enter_context(s3.S3Server(proxy=False))

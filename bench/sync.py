@@ -62,7 +62,7 @@ def run(settings: Settings, results: Results) -> None:
         _mark_uploaded(home)
         print(f"  {idle_count:,} files on disk and in S3 in {time.monotonic() - started:.0f}s", flush=True)
         for run_index in range(settings.runs):
-            idle["ztfd"].append(_upload("ztfd", home, bucket, server.endpoint_url, results))
+            idle["ztfd"].append(_upload("ztfd", home, bucket, server.endpoint_url, results, expect_nothing=True))
             idle["aws"].append(_upload("aws", home, bucket, server.endpoint_url, results, expect_nothing=True))
             print(f"  nothing-to-do run {run_index + 1}: ztfd {idle['ztfd'][-1]:.2f}s, aws {idle['aws'][-1]:.1f}s",
                   flush=True)
@@ -148,6 +148,8 @@ def _upload(tool: str, home: Path, bucket: str, endpoint: str, results: Results,
         results.note_rss(sampler)
         if code != 0:
             raise RuntimeError(f"ztfd sync --once exited {code}; see {home / 'sync.out'}")
+        if expect_nothing and _last_pass_files(home) != 0:
+            raise RuntimeError("ztfd sync uploaded files on a pass that should have had nothing to do")
         return seconds
     source, target = str(home / "data") + "/", f"s3://{bucket}/data/"
     if tool == "aws":
@@ -162,6 +164,17 @@ def _upload(tool: str, home: Path, bucket: str, endpoint: str, results: Results,
     if expect_nothing and "upload:" in result.stdout:
         raise RuntimeError(f"{tool} uploaded files on a pass that should have had nothing to do")
     return seconds
+
+
+def _last_pass_files(home: Path) -> int:
+    conn = store.connect(home / "state" / "ztfd.sqlite3")
+    try:
+        last = store.get_status(conn, "sync.last_pass")
+    finally:
+        conn.close()
+    if last is None or last[0] is None:
+        raise RuntimeError("ztfd sync recorded no pass")
+    return int(json.loads(last[0])["files"])
 
 
 def scalar_pending(home: Path) -> int:
