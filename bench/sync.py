@@ -86,6 +86,8 @@ def make_tree(home: Path, count: int) -> None:
     from ztfd.embedded.samples import message_stream
 
     home.mkdir(parents=True, exist_ok=True)
+    # An hour old: S3 lists LastModified to the second, and aws s3 sync uploads a file newer than its object.
+    aged = time.time() - 3600
     conn = store.connect(home / "state" / "ztfd.sqlite3")
     try:
         recorded = []
@@ -96,6 +98,7 @@ def make_tree(home: Path, count: int) -> None:
             path = home / relpath
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
+            os.utime(path, (aged, aged))
             recorded.append((relpath, len(data), files.md5_hex(data)))
             if len(recorded) >= 5000:
                 with store.transaction(conn):
