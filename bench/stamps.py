@@ -28,8 +28,17 @@ def synthetic_packets(count: int) -> list:
     from ztfd.embedded.samples import packets
 
     base = [p for p in packets() if p.object_id.startswith("ZTF")]
-    return [dataclasses.replace(base[i % len(base)], object_id=f"ZTF24bench{i:05d}",
+    return [dataclasses.replace(base[i % len(base)], object_id=synthetic_object_id(i),
                                 candid=base[i % len(base)].candid + 1000 * (i + 1)) for i in range(count)]
+
+
+def synthetic_object_id(index: int) -> str:
+    """A ZTF-shaped objectId (``ZTF24`` + 7 lowercase letters), distinct for every index."""
+    letters = []
+    for _ in range(7):
+        index, digit = divmod(index, 26)
+        letters.append(chr(ord("a") + digit))
+    return "ZTF24" + "".join(reversed(letters))
 
 
 def run(settings: Settings, results: Results) -> None:
