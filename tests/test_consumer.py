@@ -255,3 +255,37 @@ def test_alerts_stored_before_a_crash_get_their_files(tmp_path: Path) -> None:
     assert tuple(row) == (1, None)
     assert conn.execute("SELECT state FROM manifest").fetchone()[0] == "pending"
     assert recover_unwritten(conn, tmp_path, "t") == 0
+
+
+def test_a_recreated_topic_starts_a_new_generation(
+    kafka: KafkaBroker, make_config: Callable[..., Path], consumers: Consumers
+) -> None:
+    """Lasair deletes and recreates a topic when its filter is edited: offsets restart at 0."""
+    from confluent_kafka.admin import AdminClient
+
+    topic = unique("lasair_edited")
+    kafka.create_topic(topic)
+    kafka.produce(topic, samples.message_stream(20))
+    config_path = make_config(kafka={"bootstrap_servers": kafka.bootstrap, "group_id": unique("g"), "topics": [topic]})
+    home = config_path.parent
+    db = home / "state" / "ztfd.sqlite3"
+    proc = consumers.start(config_path, topic)
+    wait_for(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= 20, 90, "first generation")
+    first = {path: path.read_bytes() for path in alert_files(home)}
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})  # kept alive until the deletion is confirmed
+    admin.delete_topics([topic])[topic].result(30)
+    kafka.create_topic(topic)
+    kafka.produce(topic, [dict(m, seq=100 + m["seq"]) for m in samples.message_stream(5)])
+    # librdkafka may crash when its topic vanishes under it; the supervisor restarts it, and so do we here.
+    deadline = time.monotonic() + 120
+    while count(db, "SELECT count(*) FROM alerts WHERE written = 1") < 25 and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            proc = consumers.start(config_path, topic)
+        time.sleep(0.2)
+    assert count(db, "SELECT count(*) FROM alerts WHERE generation = 1") == 5
+    if proc.poll() is None:
+        assert terminate(proc) == 0
+    assert {path: path.read_bytes() for path in first} == first, "an alert of the old topic was overwritten"
+    new_files = [path for path in alert_files(home) if path not in first]
+    assert len(new_files) == 5 and all("_g1-p0-o" in path.name for path in new_files)
+    assert sorted(seqs_on_disk(home)) == [*range(20), *range(100, 105)]
