@@ -75,6 +75,13 @@ def run(settings: Settings, results: Results) -> None:
         Row("stamps", "pool with previews on", on, "triplets/s", ""),
         Row("stamps", "previews on / off", ratio(on, off), "x", "cost <= 25%", ">= 0.75x", ratio(on, off) >= 0.75),
     )
+    for previews in (False, True):
+        busy = [c for c in results.raw.get("stamps_cpu_cores_busy", []) if c["previews"] == previews]
+        if busy:
+            results.add(Row("stamps", f"CPU cores busy, previews {'on' if previews else 'off'}",
+                            median([c["fetchers"] + c["stamp_service"] for c in busy]), "cores",
+                            f"fetchers {median([c['fetchers'] for c in busy]):.2f} + stamp service "
+                            f"{median([c['stamp_service'] for c in busy]):.2f}"))
 
 
 def _alerce(url: str, packets: list, out: Path) -> float:
@@ -100,13 +107,15 @@ def _pool(url: str, packets: list, previews: bool, home: Path, results: Results)
     cfg = config.load(config_path)
     conn = store.connect(cfg.db_path)
     date = "2021-09-01"
+    workers: list = []
     try:
         with RssSampler() as sampler, contextlib.ExitStack() as fetchers:
             for index in range(WORKERS):  # as the supervisor would fork them
-                fetchers.enter_context(ztfd_child(config_path, "fetch", log_path=home / f"fetch-{index}.out",
-                                                  sampler=sampler))
+                workers.append(fetchers.enter_context(
+                    ztfd_child(config_path, "fetch", log_path=home / f"fetch-{index}.out", sampler=sampler)))
             wait_until(lambda: scalar(conn, "SELECT count(*) FROM processes WHERE role = 'fetcher'") >= WORKERS,
                        timeout=60, what="4 fetchers to heartbeat")
+            cpu_before = _cpu_seconds(workers)
             started = time.time()
             with store.transaction(conn):
                 payloads = []
@@ -122,12 +131,32 @@ def _pool(url: str, packets: list, previews: bool, home: Path, results: Results)
                 jobqueue.enqueue(conn, jobqueue.STAMPS, payloads)
             wait_until(lambda: scalar(conn, "SELECT count(*) FROM jobs WHERE state IN ('done', 'failed')")
                        >= len(packets), timeout=900, interval=0.1, what="every stamp job to finish")
+            cpu_after = _cpu_seconds(workers)
         results.note_rss(sampler)
         failed = scalar(conn, "SELECT count(*) FROM jobs WHERE state = 'failed'")
         if failed:
             results.notes.append(f"stamps: {failed} jobs failed in {home.name}")
         finished = scalar(conn, "SELECT max(updated_at) FROM jobs")
+        # Where the CPU went (2 cores shared by the workers and the stamp service in this process).
+        wall = finished - started
+        cpu = {k: round((cpu_after[k] - cpu_before[k]) / wall, 2) for k in cpu_before}
+        results.raw.setdefault("stamps_cpu_cores_busy", []).append({"previews": previews, **cpu})
     finally:
         conn.close()
     shutil.rmtree(home, ignore_errors=True)
     return len(packets) / (finished - started), cfg.stamps.concurrency, cfg.stamps.rate_limit
+
+
+def _cpu_seconds(workers: list) -> dict[str, float]:
+    """CPU seconds so far of the fetch workers and of this process (which runs the stamp service)."""
+    import psutil
+
+    def used(proc: psutil.Process) -> float:
+        times = proc.cpu_times()
+        return times.user + times.system
+
+    total = 0.0
+    for popen in workers:
+        with contextlib.suppress(psutil.Error):
+            total += used(psutil.Process(popen.pid))
+    return {"fetchers": total, "stamp_service": used(psutil.Process())}
