@@ -175,6 +175,12 @@ class TopicConsumer:
                 self.expected[tp.partition] = None
         consumer.assign(partitions)
         self.idle_since = None
+        known_offsets = [tp for tp in partitions if tp.partition in stored]
+        if known_offsets:  # so that lag tools see where ztfd stands before the first batch
+            try:
+                consumer.commit(offsets=known_offsets, asynchronous=True)
+            except Exception as exc:
+                self.throttled("commit", logging.WARNING, "could not commit offsets to Kafka: %s", exc)
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions))
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
