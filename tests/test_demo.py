@@ -100,3 +100,12 @@ def test_demo_interrupted_stops_everything(tmp_path: Path) -> None:
     assert proc.returncode == 130, output
     assert "interrupted" in output
     assert_nothing_left(home, output)
+
+
+def test_demo_refuses_a_home_that_is_not_empty(tmp_path: Path) -> None:
+    (tmp_path / "something.txt").write_text("mine")
+    result = subprocess.run(demo_command("--home", str(tmp_path)), capture_output=True, text=True, env=child_env(),
+                            timeout=60)
+    assert result.returncode == 2
+    assert "is not empty" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["something.txt"]

@@ -313,6 +313,9 @@ def run(keep: bool = False, home: Path | None = None, sn_count: int = 150, heart
     started = time.monotonic()
     made_home = home is None
     home = Path(tempfile.mkdtemp(prefix="ztfd-demo-")) if home is None else home.expanduser().resolve()
+    if home.exists() and any(home.iterdir()) and not made_home:
+        click.echo(f"ztfd demo: --home {home} is not empty; give a new or empty folder", err=True)
+        return 2
     home.mkdir(parents=True, exist_ok=True)
     click.echo(f"ztfd demo: home {home}")
     daemon: Daemon | None = None
