@@ -155,6 +155,8 @@ class TopicConsumer:
         first = self.consumer.poll(POLL_TIMEOUT)
         if first is None:
             return []
+        if self.cfg.kafka.batch_size == 1:
+            return [first]
         return [first, *self.consumer.consume(self.cfg.kafka.batch_size - 1, DRAIN_TIMEOUT)]
 
     def _request_stop(self, signum: int, _frame: object) -> None:
