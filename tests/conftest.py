@@ -17,7 +17,11 @@ import pytest
 from ztfd.embedded.kafka import KafkaBroker
 
 # Fast consumer-group joins on Tansu (see README "Testing"): ~3 s instead of ~23 s.
-FAST_KAFKA_OPTIONS = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500, "topic.metadata.refresh.interval.ms": 1000}
+FAST_KAFKA_OPTIONS = {
+    "session.timeout.ms": 6000,
+    "heartbeat.interval.ms": 500,
+    "topic.metadata.refresh.interval.ms": 1000,
+}
 
 
 @pytest.fixture(scope="session")

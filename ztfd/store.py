@@ -212,7 +212,8 @@ def record_files(conn: sqlite3.Connection, files: Iterable[tuple[str, int, str]]
     now = time.time()
     conn.executemany(
         "INSERT INTO manifest (path, size, md5, state, recorded_at) VALUES (?, ?, ?, 'pending', ?) "
-        "ON CONFLICT (path) DO UPDATE SET size = excluded.size, md5 = excluded.md5, recorded_at = excluded.recorded_at, "
+        "ON CONFLICT (path) DO UPDATE SET size = excluded.size, md5 = excluded.md5, "
+        "recorded_at = excluded.recorded_at, "
         "state = CASE WHEN manifest.md5 = excluded.md5 THEN manifest.state ELSE 'pending' END, "
         "attempts = CASE WHEN manifest.md5 = excluded.md5 THEN manifest.attempts ELSE 0 END",
         [(path, size, md5, now) for path, size, md5 in files],

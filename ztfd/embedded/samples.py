@@ -103,7 +103,10 @@ def lasair_message(packet: SamplePacket, shape: str = "sn", run_delay_minutes: f
     }
 
 
-def message_stream(count: int, shapes: tuple[str, ...] = ("sn", "sn", "heartbeat", "refresh")) -> Iterator[dict[str, Any]]:
+DEFAULT_SHAPES = ("sn", "sn", "heartbeat", "refresh")
+
+
+def message_stream(count: int, shapes: tuple[str, ...] = DEFAULT_SHAPES) -> Iterator[dict[str, Any]]:
     """``count`` messages cycling through the sample objects and shapes, each made unique by a ``seq`` field.
 
     The ``seq`` column stands for any extra SELECT column; it lets a test tell every message apart.

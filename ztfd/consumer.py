@@ -1,0 +1,397 @@
+"""``ztfd consume --topic T``: one Kafka consumer that stores every alert of one topic exactly once.
+
+The exactly-once argument, in the order things happen for each batch of messages:
+1. one store transaction inserts the alerts (with their file bytes), the rejected messages, the stamp jobs and
+   the partitions' next offsets. Alerts are keyed by (topic, partition, generation, offset), so a redelivered
+   message is ignored rather than stored twice;
+2. the alert files are written (temporary file + rename, names stable under redelivery);
+3. a second transaction marks them written, drops their bytes from the store and records them for sync;
+4. the offsets are committed to Kafka too, for lag tools; ztfd itself never reads them back.
+A kill -9 before (1) commits loses nothing (Kafka redelivers from the stored offsets); after (1), the next start
+writes the files of every stored alert not yet marked written (``recover``). On assignment the consumer seeks to
+the stored offsets. ``enable.auto.commit`` is off; the lasair package's ``lasair_consumer`` auto-commits (an
+alert could be acknowledged before it is stored), so it is not used.
+
+Lasair deletes and recreates a topic whenever its filter is edited, restarting its offsets at 0. Seeking to the
+stored offset then falls out of range, librdkafka resets to the earliest offset, and the consumer sees an offset
+below the one it expected: it starts a new *generation* of that partition, so the new messages get identities
+(and file names) of their own instead of being taken for redeliveries.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import signal
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ztfd import alerts, jobqueue, store
+from ztfd.config import Config
+from ztfd.files import atomic_write, md5_hex
+from ztfd.logs import alert_logger
+
+log = logging.getLogger(__name__)
+
+POLL_TIMEOUT = 0.5
+HEARTBEAT_EVERY = 5.0
+IDLE_CHECK_EVERY = 10.0
+IDLE_RECREATE_AFTER = 30.0
+FILE_WRITERS = 4
+
+
+@dataclass
+class Accepted:
+    """One stored alert on its way to disk."""
+
+    alert_id: int
+    message: alerts.Message
+    partition: int
+    offset: int
+    date: str
+    path: str
+    document: bytes
+
+
+class RateLimitedLog:
+    """Log a recurring condition at most once per ``every`` seconds (librdkafka repeats errors every ~50 ms)."""
+
+    def __init__(self, every: float = 30.0) -> None:
+        self.every = every
+        self.last: dict[str, float] = {}
+        self.suppressed: dict[str, int] = {}
+
+    def __call__(self, key: str, level: int, text: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last.get(key, -self.every) < self.every:
+            self.suppressed[key] = self.suppressed.get(key, 0) + 1
+            return
+        skipped = self.suppressed.pop(key, 0)
+        self.last[key] = now
+        log.log(level, text + (f" ({skipped} repeats not shown)" if skipped else ""), *args)
+
+
+class TopicConsumer:
+    def __init__(self, cfg: Config, topic: str, name: str) -> None:
+        self.cfg = cfg
+        self.topic = topic
+        self.name = name
+        self.stopping = False
+        self.conn = store.connect(cfg.db_path)
+        self.alert_log = alert_logger(cfg.logs_dir, topic, cfg.logging.max_bytes, cfg.logging.backup_count)
+        self.throttled = RateLimitedLog()
+        self.writers = ThreadPoolExecutor(FILE_WRITERS, thread_name_prefix="alert-writer")
+        # Per partition: the generation and the next offset this process expects (set on assignment).
+        self.generation: dict[int, int] = {}
+        self.expected: dict[int, int | None] = {}
+        self.consumer: Any = None
+        self.last_heartbeat = 0.0
+        self.idle_since: float | None = None
+        self.last_idle_check = 0.0
+        self.stored_total = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
+        self._heartbeat(force=True)
+        recovered = self.recover()
+        if recovered:
+            log.info("wrote %d alert files stored before a crash (topic %s)", recovered, self.topic)
+        self.consumer = self._new_consumer()
+        log.info("consuming %s from %s as group %s", self.topic, self.cfg.kafka.bootstrap_servers,
+                 self.cfg.kafka.group_id)
+        try:
+            while not self.stopping:
+                messages = self.consumer.consume(self.cfg.kafka.batch_size, POLL_TIMEOUT)
+                self._heartbeat()
+                if messages:
+                    self.handle_batch(messages)
+                else:
+                    self._watch_idle()
+        finally:
+            self._close()
+        log.info("stopped consuming %s after storing %d alerts", self.topic, self.stored_total)
+        return 0
+
+    def _request_stop(self, signum: int, _frame: object) -> None:
+        log.info("received %s: finishing the current batch", signal.Signals(signum).name)
+        self.stopping = True
+
+    def _close(self) -> None:
+        if self.consumer is not None:
+            try:
+                self.consumer.close()
+            except Exception as exc:  # closing must not turn a clean stop into a crash
+                log.warning("closing the Kafka consumer failed: %s", exc)
+            self.consumer = None
+        self.writers.shutdown(wait=True)
+        self.conn.close()
+
+    def _new_consumer(self) -> Any:
+        from confluent_kafka import Consumer
+
+        settings: dict[str, Any] = {
+            "bootstrap.servers": self.cfg.kafka.bootstrap_servers,
+            "group.id": self.cfg.kafka.group_id,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+            "topic.metadata.refresh.interval.ms": 10000,
+            "error_cb": self._on_kafka_error,
+            "logger": logging.getLogger("ztfd.librdkafka"),
+        }
+        settings.update(self.cfg.kafka.options)
+        # Not negotiable: ztfd decides when an offset is done, after the alert is stored.
+        settings["enable.auto.commit"] = False
+        settings["enable.auto.offset.store"] = False
+        consumer = Consumer(settings)
+        consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        return consumer
+
+    def _on_kafka_error(self, error: Any) -> None:
+        self.throttled(f"kafka:{error.code()}", logging.WARNING, "kafka: %s", error.str())
+
+    def _heartbeat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last_heartbeat >= HEARTBEAT_EVERY:
+            store.heartbeat(self.conn, self.name, "consumer", self.topic)
+            self.last_heartbeat = now
+
+    # --- partitions --------------------------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        stored = store.stored_offsets(self.conn, self.topic)
+        for tp in partitions:
+            known = stored.get(tp.partition)
+            if known is not None:
+                tp.offset = known.next_offset
+                self.generation[tp.partition] = known.generation
+                self.expected[tp.partition] = known.next_offset
+            else:
+                self.generation.setdefault(tp.partition, 0)
+                self.expected[tp.partition] = None
+        consumer.assign(partitions)
+        self.idle_since = None
+        log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions))
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        # Batches are stored synchronously, so nothing of a revoked partition is in flight here.
+        for tp in partitions:
+            self.expected.pop(tp.partition, None)
+        consumer.unassign()
+        log.info("revoked %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
+
+    def _watch_idle(self) -> None:
+        """Recreate the consumer when it stays without partitions although the topic exists.
+
+        Tansu (and a Lasair topic deleted and recreated under a live consumer) can leave a subscription with an
+        empty assignment that never recovers; a fresh consumer joins properly.
+        """
+        now = time.monotonic()
+        if now - self.last_idle_check < IDLE_CHECK_EVERY:
+            return
+        self.last_idle_check = now
+        if self.consumer.assignment():
+            self.idle_since = None
+            return
+        try:
+            metadata = self.consumer.list_topics(self.topic, timeout=5)
+        except Exception as exc:
+            self.throttled("metadata", logging.WARNING, "cannot reach Kafka for metadata: %s", exc)
+            return
+        info = metadata.topics.get(self.topic)
+        if info is None or info.error is not None or not info.partitions:
+            self.throttled("missing-topic", logging.INFO, "topic %s does not exist (yet): waiting for it", self.topic)
+            self.idle_since = None
+            return
+        if self.idle_since is None:
+            self.idle_since = now
+        elif now - self.idle_since >= IDLE_RECREATE_AFTER:
+            log.warning("topic %s exists but nothing was assigned for %.0fs: reconnecting", self.topic,
+                        now - self.idle_since)
+            self.consumer.close()
+            self.consumer = self._new_consumer()
+            self.idle_since = None
+
+    # --- the batch ---------------------------------------------------------------------------------------------
+
+    def handle_batch(self, messages: list[Any]) -> None:
+        from confluent_kafka import KafkaError
+
+        received = dt.datetime.now(dt.UTC)
+        valid: list[tuple[Any, alerts.Message]] = []
+        rejected: list[tuple[Any, str]] = []
+        for msg in messages:
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    self.throttled("missing-topic", logging.INFO, "topic %s does not exist (yet): waiting for it",
+                                   self.topic)
+                elif error.code() != KafkaError._PARTITION_EOF:
+                    self.throttled(f"msg:{error.code()}", logging.WARNING, "kafka: %s", error.str())
+                continue
+            self._follow_generation(msg.partition(), msg.offset())
+            try:
+                valid.append((msg, alerts.parse(msg.value(), self.cfg.kafka.max_message_bytes)))
+            except alerts.InvalidMessageError as exc:
+                rejected.append((msg, str(exc)[: alerts.MAX_REASON]))
+        if not valid and not rejected:
+            return
+        alerts.convert_times([message for _, message in valid])
+        accepted = self._store(valid, rejected, received)
+        self._write_files(accepted)
+        self._commit_to_kafka(valid, rejected)
+        for msg, reason in rejected:
+            log.warning("rejected %s[%d]@%d: %s", self.topic, msg.partition(), msg.offset(), reason)
+        for item in accepted:
+            self.alert_log.info("%s %s %s[%d]@%d %s", item.message.object_id, item.date, self.topic,
+                                item.partition, item.offset, item.path)
+        self.stored_total += len(accepted)
+
+    def _follow_generation(self, partition: int, offset: int) -> None:
+        expected = self.expected.get(partition)
+        if expected is not None and offset < expected:
+            self.generation[partition] = self.generation.get(partition, 0) + 1
+            log.warning("offsets of %s[%d] restarted (%d after %d): the topic was recreated; generation %d begins",
+                        self.topic, partition, offset, expected, self.generation[partition])
+        self.expected[partition] = offset + 1
+
+    def _metadata(self, msg: Any, message: alerts.Message, date: str, received: dt.datetime) -> dict[str, Any]:
+        kind, stamp = msg.timestamp()
+        kafka_time = alerts.iso_utc(dt.datetime.fromtimestamp(stamp / 1000, dt.UTC)) if kind and stamp > 0 else None
+        meta: dict[str, Any] = {
+            "topic": self.topic,
+            "partition": msg.partition(),
+            "offset": msg.offset(),
+            "kafka_timestamp": kafka_time,
+            "received_at": alerts.iso_utc(received),
+            "date": date,
+            "object_id": message.object_id,
+            "times_utc": message.times_utc,
+        }
+        generation = self.generation.get(msg.partition(), 0)
+        if generation:
+            meta["generation"] = generation
+        return meta
+
+    def _store(
+        self, valid: list[tuple[Any, alerts.Message]], rejected: list[tuple[Any, str]], received: dt.datetime
+    ) -> list[Accepted]:
+        """Transaction 1: alerts, rejected messages, stamp jobs and next offsets, all or nothing."""
+        now = received.timestamp()
+        accepted: list[Accepted] = []
+        jobs: list[dict[str, Any]] = []
+        next_offsets: dict[int, int] = {}
+        with store.transaction(self.conn):
+            for msg, message in valid:
+                partition, offset = msg.partition(), msg.offset()
+                generation = self.generation.get(partition, 0)
+                date = message.partition_date(received)
+                name = alerts.file_name(message.object_id, partition, offset, generation)
+                path = f"data/{date}/{self.topic}/{name}"
+                body = alerts.document(message, self._metadata(msg, message, date, received))
+                row = self.conn.execute(
+                    "INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, "
+                    "received_at, document) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT DO NOTHING RETURNING id",
+                    (self.topic, partition, generation, offset, message.object_id, date, message.newest_mjd, path,
+                     now, body),
+                ).fetchone()
+                next_offsets[partition] = max(next_offsets.get(partition, 0), offset + 1)
+                if row is None:
+                    continue  # a redelivery of a message already stored
+                accepted.append(Accepted(row[0], message, partition, offset, date, path, body))
+                if self.cfg.stamps.enabled and message.is_ztf:
+                    jobs.append({"alert_id": row[0], "object_id": message.object_id, "topic": self.topic,
+                                 "date": date, "obs_mjd": message.newest_mjd})
+            for msg, reason in rejected:
+                partition = msg.partition()
+                self.conn.execute(
+                    "INSERT OR IGNORE INTO rejected (topic, partition, generation, kafka_offset, received_at, reason, "
+                    "raw) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (self.topic, partition, self.generation.get(partition, 0), msg.offset(), now, reason, msg.value()),
+                )
+                next_offsets[partition] = max(next_offsets.get(partition, 0), msg.offset() + 1)
+            if jobs:
+                jobqueue.enqueue(self.conn, jobqueue.STAMPS, jobs, now=now)
+            for partition, next_offset in next_offsets.items():
+                store.save_offset(self.conn, self.topic, partition, self.generation.get(partition, 0), next_offset)
+        return accepted
+
+    def _write_files(self, accepted: list[Accepted]) -> None:
+        """Steps 2 and 3: files on disk (in parallel), then marked written and recorded for sync."""
+        if not accepted:
+            return
+        home = self.cfg.home
+        list(self.writers.map(lambda item: atomic_write(home / item.path, item.document), accepted))
+        mark_written(self.conn, [(item.alert_id, item.path, item.document) for item in accepted])
+
+    def _commit_to_kafka(self, valid: list[tuple[Any, alerts.Message]], rejected: list[tuple[Any, str]]) -> None:
+        from confluent_kafka import TopicPartition
+
+        next_offsets: dict[int, int] = {}
+        for msg in [m for m, _ in valid] + [m for m, _ in rejected]:
+            next_offsets[msg.partition()] = max(next_offsets.get(msg.partition(), 0), msg.offset() + 1)
+        try:
+            self.consumer.commit(
+                offsets=[TopicPartition(self.topic, p, o) for p, o in next_offsets.items()], asynchronous=True
+            )
+        except Exception as exc:  # Kafka's copy of the offsets is informational; the store's is the truth
+            self.throttled("commit", logging.WARNING, "could not commit offsets to Kafka: %s", exc)
+
+    # --- recovery ----------------------------------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Write the file of every alert of this topic that was stored but not yet written (a crash in between)."""
+        return recover_unwritten(self.conn, self.cfg.home, self.topic)
+
+
+def mark_written(conn: sqlite3.Connection, written: list[tuple[int, str, bytes]]) -> None:
+    """Transaction 3: the files of these alerts are on disk; forget their bytes and hand them to sync."""
+    with store.transaction(conn):
+        conn.executemany("UPDATE alerts SET written = 1, document = NULL WHERE id = ?", [(i,) for i, _, _ in written])
+        store.record_files(conn, [(path, len(body), md5_hex(body)) for _, path, body in written])
+
+
+def recover_unwritten(conn: sqlite3.Connection, home: Path, topic: str | None = None) -> int:
+    where, args = ("AND topic = ?", (topic,)) if topic else ("", ())
+    rows = conn.execute(
+        f"SELECT id, path, document FROM alerts WHERE written = 0 {where} ORDER BY id", args
+    ).fetchall()
+    for row in rows:
+        atomic_write(home / row["path"], row["document"])
+    if rows:
+        mark_written(conn, [(row["id"], row["path"], row["document"]) for row in rows])
+    return len(rows)
+
+
+def run(cfg: Config, topic: str, name: str) -> int:
+    """Entry point of ``ztfd consume``."""
+    from astropy.utils import iers
+
+    iers.conf.auto_download = False  # never reach for the network from a consumer
+    return TopicConsumer(cfg, topic, name).run()
+
+
+def describe_rejected(cfg: Config, topic: str | None, limit: int) -> list[str]:
+    """Lines for ``ztfd rejected``: newest first, with the reason and the start of the raw bytes."""
+    conn = store.connect(cfg.db_path)
+    where, args = ("WHERE topic = ?", (topic,)) if topic else ("", ())
+    rows = conn.execute(
+        f"SELECT topic, partition, kafka_offset, received_at, reason, raw FROM rejected {where} "
+        "ORDER BY id DESC LIMIT ?", (*args, limit)
+    ).fetchall()
+    conn.close()
+    lines = []
+    for row in rows:
+        when = alerts.iso_utc(dt.datetime.fromtimestamp(row["received_at"], dt.UTC))
+        raw = bytes(row["raw"] or b"")[:120]
+        lines.append(f"{when} {row['topic']}[{row['partition']}]@{row['kafka_offset']}: {row['reason']} | {raw!r}")
+    return lines
+
+
