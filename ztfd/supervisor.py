@@ -46,7 +46,7 @@ HUNG_GRACE = 5.0
 # How often the supervisor heartbeats and checks its children's heartbeats.
 CHECK_INTERVAL = 1.0
 # Marks a child in its environment (value: the pidfile) so a later start can find leftovers of a crashed run.
-MARKER_ENV = "ZTFD_SUPERVISOR"
+MARKER_ENV = "ZTFD_PROCESS_SUPERVISOR"
 SUPERVISOR_NAME = "supervisor"
 PR_SET_PDEATHSIG = 1
 
