@@ -65,6 +65,7 @@ class S3Config:
     multipart_threshold: int = 64 * 1024 * 1024
     delete_local_after_days: float = 0.0
     max_attempts: int = 5
+    lock_timeout: float = 600.0
 
 
 @dataclass(frozen=True)

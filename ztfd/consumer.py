@@ -32,7 +32,7 @@ from typing import Any
 
 from ztfd import alerts, jobqueue, store
 from ztfd.config import Config
-from ztfd.files import atomic_write, md5_hex
+from ztfd.files import TMP_SUFFIX, atomic_write, md5_hex
 from ztfd.logs import alert_logger
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ HEARTBEAT_EVERY = 5.0
 IDLE_CHECK_EVERY = 10.0
 IDLE_RECREATE_AFTER = 30.0
 FILE_WRITERS = 4
+RECENT_DATES_WINDOW = 2 * 86400.0
 
 
 @dataclass
@@ -196,8 +197,10 @@ class TopicConsumer:
         if now - self.last_idle_check < IDLE_CHECK_EVERY:
             return
         self.last_idle_check = now
-        if self.consumer.assignment():
+        assignment = self.consumer.assignment()
+        if assignment:
             self.idle_since = None
+            self._detect_restarted_offsets(assignment)
             return
         try:
             metadata = self.consumer.list_topics(self.topic, timeout=5)
@@ -217,6 +220,31 @@ class TopicConsumer:
             self.consumer.close()
             self.consumer = self._new_consumer()
             self.idle_since = None
+
+    def _detect_restarted_offsets(self, assignment: list[Any]) -> None:
+        """Notice a partition whose end is now below the offset we expect next: its topic was recreated.
+
+        A broker should answer such a fetch with OFFSET_OUT_OF_RANGE (and librdkafka would reset to the earliest
+        offset, which ``_follow_generation`` notices); Tansu answers with nothing, so an idle consumer compares its
+        position with the high watermark cached from its fetches (the one that is right on Tansu).
+        """
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+        for tp in assignment:
+            expected = self.expected.get(tp.partition)
+            if expected is None:
+                continue
+            try:
+                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            except Exception:
+                continue
+            if 0 <= high < expected:
+                self.generation[tp.partition] = self.generation.get(tp.partition, 0) + 1
+                self.expected[tp.partition] = None
+                log.warning("%s[%d] ends at %d, before the expected offset %d: the topic was recreated; "
+                            "reading it from the beginning as generation %d", self.topic, tp.partition, high,
+                            expected, self.generation[tp.partition])
+                self.consumer.seek(TopicPartition(self.topic, tp.partition, OFFSET_BEGINNING))
 
     # --- the batch ---------------------------------------------------------------------------------------------
 
@@ -347,7 +375,20 @@ class TopicConsumer:
     # --- recovery ----------------------------------------------------------------------------------------------
 
     def recover(self) -> int:
-        """Write the file of every alert of this topic that was stored but not yet written (a crash in between)."""
+        """Write the file of every alert of this topic that was stored but not yet written (a crash in between).
+
+        Also removes the temporary files a kill -9 left in the middle of a write. Only this topic's consumer writes
+        into ``data/<date>/<topic>/``, and only for dates of alerts it stored recently, so those are the folders
+        to look in (not the whole tree, which grows for months).
+        """
+        since = time.time() - RECENT_DATES_WINDOW
+        dates = [row[0] for row in self.conn.execute(
+            "SELECT DISTINCT date FROM alerts WHERE topic = ? AND (received_at > ? OR written = 0)", (self.topic, since)
+        )]
+        for date in dates:
+            folder = self.cfg.data_dir / date / self.topic
+            for leftover in folder.glob(f".*{TMP_SUFFIX}"):
+                leftover.unlink(missing_ok=True)
         return recover_unwritten(self.conn, self.cfg.home, self.topic)
 
 

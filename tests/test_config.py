@@ -1,0 +1,109 @@
+"""Configuration: the key contract, environment overrides, one-line errors that name the key, no secrets."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import child_env, ztfd_command
+from ztfd import config
+
+MINIMAL = 'home = "h"\n[kafka]\ngroup_id = "g"\ntopics = ["lasair_1Lightweight"]\n'
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "ztfd.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_relative_home(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, MINIMAL), environ={})
+    assert cfg.home == (tmp_path / "h").resolve()
+    assert cfg.kafka.bootstrap_servers == "kafka.lsst.ac.uk:9092"
+    assert cfg.kafka.topics == ("lasair_1Lightweight",)
+    assert cfg.stamps.alerce_stamp_url == "https://avro.alerce.online"
+    assert cfg.stamps.alerce_api_url == "https://api.alerce.online"
+    assert (cfg.stamps.retry_base, cfg.stamps.retry_max) == (2.0, 300.0)
+    assert cfg.stamps.unavailable_give_up == 604800.0 and cfg.stamps.rate_limit == 10.0
+    assert (cfg.s3.bucket, cfg.s3.interval, cfg.s3.concurrency) == ("", 7200.0, 16)
+    assert cfg.s3.multipart_threshold == 64 * 1024 * 1024
+    assert cfg.db_path == cfg.home / "state" / "ztfd.sqlite3"
+
+
+def test_path_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZTFD_CONFIG", str(tmp_path / "from-env.toml"))
+    assert config.resolve_path("explicit.toml") == Path("explicit.toml")
+    assert config.resolve_path(None) == tmp_path / "from-env.toml"
+    monkeypatch.delenv("ZTFD_CONFIG")
+    assert config.resolve_path(None) == Path("etc/ztfd.toml")
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    env = {
+        "ZTFD_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092",
+        "ZTFD_S3_BUCKET": "archive",
+        "ZTFD_STAMPS_WORKERS": "2",
+        "ZTFD_STAMPS_PREVIEWS": "false",
+        "ZTFD_KAFKA_TOPICS": "a, b",
+        "ZTFD_KAFKA_OPTIONS_SASL_PASSWORD": "hunter2",
+        "ZTFD_HOME": str(tmp_path / "elsewhere"),
+        "ZTFD_PROCESS_NAME": "not a config key",
+    }
+    cfg = config.load(write(tmp_path, MINIMAL), environ=env)
+    assert cfg.kafka.bootstrap_servers == "127.0.0.1:9092"
+    assert cfg.s3.bucket == "archive"
+    assert cfg.stamps.workers == 2 and cfg.stamps.previews is False
+    assert cfg.kafka.topics == ("a", "b")
+    assert cfg.kafka.options == {"sasl.password": "hunter2"}
+    assert cfg.home == tmp_path / "elsewhere"
+    assert cfg.masked()["kafka"]["options"]["sasl.password"] == "***"
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        (MINIMAL + "[stamps]\nworkerz = 3\n", {}, "unknown key stamps.workerz"),
+        ("colour = 1\n" + MINIMAL, {}, "unknown key colour"),
+        ('[kafka]\ntopics = ["t"]\n', {}, "missing required key kafka.group_id"),
+        ('[kafka]\ngroup_id = "g"\n', {}, "missing required key kafka.topics"),
+        (MINIMAL + "[stamps]\nworkers = \"four\"\n", {}, "stamps.workers must be an integer"),
+        (MINIMAL + "[stamps]\nworkers = 0\n", {}, "stamps.workers must be greater than 0"),
+        (MINIMAL + "[stamps]\nprevious = true\n", {}, "unknown key stamps.previous"),
+        (MINIMAL + "[s3]\ninterval = true\n", {}, "s3.interval must be a number"),
+        (MINIMAL.replace('["lasair_1Lightweight"]', "[]"), {}, "kafka.topics must be a non-empty list"),
+        (MINIMAL, {"ZTFD_S3_BUKET": "x"}, "unknown key s3.buket (from environment variable ZTFD_S3_BUKET)"),
+        (MINIMAL, {"ZTFD_STAMPS_TIMEOUT": "soon"}, "stamps.timeout must be a number"),
+        ("[kafka\n", {}, "is not valid TOML"),
+    ],
+)
+def test_bad_configuration_names_the_key(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(write(tmp_path, text), environ=env)
+    assert message in str(caught.value)
+
+
+def test_cli_exits_2_with_one_line_and_no_secret(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + '[kafka.options]\n"sasl.password" = "hunter2"\n[s3]\nbucket = 12\n')
+    result = subprocess.run(ztfd_command(path, "config"), capture_output=True, text=True,
+                            env=child_env(), timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "ztfd: config: s3.bucket must be a string"
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_cli_config_shows_secrets_masked(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL)
+    env = child_env(ZTFD_KAFKA_OPTIONS_SASL_PASSWORD="hunter2")
+    result = subprocess.run(ztfd_command(path, "config"), capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout and '"sasl.password": "***"' in result.stdout
+
+
+def test_missing_config_file_exits_2(tmp_path: Path) -> None:
+    result = subprocess.run(ztfd_command(tmp_path / "nope.toml", "config"), capture_output=True, text=True,
+                            env=child_env(), timeout=60)
+    assert result.returncode == 2
+    assert "file not found" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,291 @@
+"""``ztfd consume`` against a real Kafka broker (Tansu): exactly once across kill -9, poison, late topics."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import child_env, ztfd_command
+from ztfd import store
+from ztfd.consumer import recover_unwritten
+from ztfd.embedded import samples
+from ztfd.embedded.kafka import KafkaBroker
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def count(db: Path, sql: str, *args: object) -> int:
+    if not db.exists():
+        return 0
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        return conn.execute(sql, args).fetchone()[0]
+    except sqlite3.OperationalError:  # the schema is being created by the consumer right now
+        return 0
+    finally:
+        conn.close()
+
+
+def alert_files(home: Path) -> list[Path]:
+    return sorted((home / "data").rglob("*.json"))
+
+
+def seqs_on_disk(home: Path) -> Counter[int]:
+    return Counter(json.loads(path.read_bytes())["message"]["seq"] for path in alert_files(home))
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+class Consumers:
+    """Start ``ztfd consume`` child processes and make sure none outlives the test."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, config_path: Path, topic: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(ztfd_command(config_path, "consume", "--topic", topic), env=child_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(30)
+
+
+@pytest.fixture
+def consumers() -> Iterator[Consumers]:
+    running = Consumers()
+    yield running
+    running.stop_all()
+
+
+def terminate(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(30)
+
+
+def test_kill_minus_9_mid_stream_loses_and_duplicates_nothing(
+    kafka: KafkaBroker, make_config: Callable[..., Path], consumers: Consumers
+) -> None:
+    topic, total = unique("lasair_kill"), 2500
+    kafka.create_topic(topic, partitions=2)
+    kafka.produce(topic, samples.message_stream(total))
+    config_path = make_config(kafka={"bootstrap_servers": kafka.bootstrap, "group_id": unique("g"), "topics": [topic],
+                                     "batch_size": 40})
+    home = config_path.parent
+    db = home / "state" / "ztfd.sqlite3"
+    stored = lambda: count(db, "SELECT count(*) FROM alerts")  # noqa: E731
+    kills = 0
+    for threshold in (300, 900, 1600):
+        proc = consumers.start(config_path, topic)
+        wait_for(lambda t=threshold: stored() >= t, 90, f"{threshold} alerts stored")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        kills += 1
+        assert stored() < total, "the stream ended before the kill: make it longer"
+    proc = consumers.start(config_path, topic)
+    wait_for(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= total, 120, "every alert")
+    assert terminate(proc) == 0
+    assert kills == 3
+    assert stored() == total
+    on_disk = seqs_on_disk(home)
+    assert set(on_disk) == set(range(total)), "an alert is missing on disk"
+    assert max(on_disk.values()) == 1, "an alert was written twice"
+    assert not [p for p in (home / "data").rglob("*") if p.name.startswith(".")], "a temporary file was left"
+    assert count(db, "SELECT count(*) FROM manifest WHERE path LIKE 'data/%'") == total
+    assert count(db, "SELECT sum(next_offset) FROM offsets WHERE topic = ?", topic) == total
+
+
+def test_two_topics_at_once_and_stamp_jobs_queued(
+    kafka: KafkaBroker, make_config: Callable[..., Path], consumers: Consumers
+) -> None:
+    topics = [unique("lasair_a"), unique("lasair_b")]
+    for topic in topics:
+        kafka.create_topic(topic)
+    messages = list(samples.message_stream(40))
+    kafka.produce(topics[0], messages[:25])
+    kafka.produce(topics[1], messages[25:])
+    config_path = make_config(kafka={"bootstrap_servers": kafka.bootstrap, "group_id": unique("g"), "topics": topics},
+                              stamps={"enabled": True})
+    home = config_path.parent
+    db = home / "state" / "ztfd.sqlite3"
+    procs = [consumers.start(config_path, topic) for topic in topics]
+    wait_for(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= 40, 90, "both topics stored")
+    assert [terminate(proc) for proc in procs] == [0, 0]
+    for topic, expected in zip(topics, (messages[:25], messages[25:]), strict=True):
+        files = list((home / "data").glob(f"*/{topic}/*.json"))
+        assert sorted(json.loads(p.read_bytes())["message"]["seq"] for p in files) == [m["seq"] for m in expected]
+        log_lines = (home / "logs" / f"{topic}.log").read_text().splitlines()
+        assert len(log_lines) == len(expected)
+    # Every ZTF alert got a stamp job carrying what the fetcher needs.
+    assert count(db, "SELECT count(*) FROM jobs WHERE kind = 'stamps' AND state = 'ready'") == 40
+    conn = sqlite3.connect(db)
+    payload = json.loads(conn.execute("SELECT payload FROM jobs ORDER BY id LIMIT 1").fetchone()[0])
+    assert set(payload) == {"alert_id", "object_id", "topic", "date", "obs_mjd"}
+    # A file's partition date is the UTC date of its newest observation time.
+    sample = json.loads(alert_files(home)[0].read_bytes())
+    assert sample["ztfd"]["date"] == alert_files(home)[0].parent.parent.name
+
+
+POISON = [
+    (b"", "empty message"),
+    (b"\xc3\x28 not utf-8", "not UTF-8"),
+    (b"{'objectId': 'ZTF21abvawaj'}", "not valid JSON"),
+    (b"[1, 2, 3]", "not a JSON object"),
+    (b'{"ramean": 1.5, "UTC": "2021-09-01 06:38:12"}', "no objectId"),
+    (b'{"objectId": "../../../etc/cron.d/x"}', "not a plain identifier"),
+    (b'{"objectId": "ZTF21abvawaj", "mjdmax": "59458.26"}', "time field mjdmax must be a number"),
+    (b'{"objectId": "ZTF21abvawaj", "jdmax": 1.0}', "out of range"),
+    (json.dumps({"objectId": "ZTF21abvawaj", "pad": "x" * 5000}).encode(), "exceeds kafka.max_message_bytes"),
+]
+
+
+def test_poison_messages_are_kept_with_their_reason_and_the_stream_goes_on(
+    kafka: KafkaBroker, make_config: Callable[..., Path], consumers: Consumers
+) -> None:
+    topic = unique("lasair_poison")
+    kafka.create_topic(topic)
+    good = list(samples.message_stream(20))
+    interleaved = list(itertools.chain.from_iterable(
+        zip([json.dumps(m).encode() for m in good[: len(POISON)]], [raw for raw, _ in POISON], strict=True)))
+    kafka.produce(topic, interleaved)
+    config_path = make_config(kafka={"bootstrap_servers": kafka.bootstrap, "group_id": unique("g"), "topics": [topic],
+                                     "max_message_bytes": 4096})
+    db = config_path.parent / "state" / "ztfd.sqlite3"
+    proc = consumers.start(config_path, topic)
+    wait_for(lambda: count(db, "SELECT count(*) FROM rejected") >= len(POISON), 90, "poison rejected")
+    kafka.produce(topic, good[len(POISON):])  # the stream goes on after the poison
+    wait_for(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= len(good), 60, "good alerts")
+    assert proc.poll() is None, "the consumer must not die on poison"
+    assert terminate(proc) == 0
+    conn = sqlite3.connect(db)
+    rows = conn.execute("SELECT raw, reason FROM rejected ORDER BY kafka_offset").fetchall()
+    assert [bytes(raw or b"") for raw, _ in rows] == [raw for raw, _ in POISON]
+    for (_, reason), (_, expected) in zip(rows, POISON, strict=True):
+        assert expected in reason
+    assert sorted(seqs_on_disk(config_path.parent)) == list(range(20))
+    listing = subprocess.run(ztfd_command(config_path, "rejected", "--limit", "50"), capture_output=True, text=True,
+                             env=child_env(), timeout=60)
+    assert listing.returncode == 0 and len(listing.stdout.splitlines()) == len(POISON)
+    assert "not a plain identifier" in listing.stdout
+    assert "rejected" in (config_path.parent / "logs" / "errors.log").read_text()
+
+
+def test_a_topic_created_after_the_consumer_started_is_waited_for(
+    kafka: KafkaBroker, make_config: Callable[..., Path], consumers: Consumers
+) -> None:
+    topic = unique("lasair_late")
+    config_path = make_config(kafka={"bootstrap_servers": kafka.bootstrap, "group_id": unique("g"), "topics": [topic]})
+    db = config_path.parent / "state" / "ztfd.sqlite3"
+    proc = consumers.start(config_path, topic)
+    wait_for(lambda: count(db, "SELECT count(*) FROM processes WHERE role = 'consumer'") == 1, 60, "consumer up")
+    kafka.create_topic(topic)
+    kafka.produce(topic, samples.message_stream(10))
+    wait_for(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= 10, 120, "late topic consumed")
+    assert proc.poll() is None
+    assert terminate(proc) == 0
+
+
+def test_redelivery_writes_nothing_twice(
+    kafka: KafkaBroker, make_config: Callable[..., Path], consumers: Consumers
+) -> None:
+    topic = unique("lasair_redeliver")
+    kafka.create_topic(topic)
+    kafka.produce(topic, samples.message_stream(30))
+    config_path = make_config(kafka={"bootstrap_servers": kafka.bootstrap, "group_id": unique("g"), "topics": [topic]})
+    home = config_path.parent
+    db = home / "state" / "ztfd.sqlite3"
+    proc = consumers.start(config_path, topic)
+    wait_for(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= 30, 90, "first delivery")
+    assert terminate(proc) == 0
+    before = {path: path.stat().st_mtime_ns for path in alert_files(home)}
+    manifest_before = count(db, "SELECT count(*) FROM manifest")
+    # Forget where we were and join as a new group: Kafka delivers the whole topic again.
+    conn = sqlite3.connect(db)
+    conn.execute("DELETE FROM offsets")
+    conn.commit()
+    conn.close()
+    config_path.write_text(config_path.read_text().replace('group_id = "', 'group_id = "again-'))
+    proc = consumers.start(config_path, topic)
+    wait_for(lambda: count(db, "SELECT count(*) FROM offsets WHERE next_offset >= 30") == 1, 90, "redelivery")
+    kafka.produce(topic, [dict(m, seq=100 + m["seq"]) for m in samples.message_stream(5)])
+    wait_for(lambda: count(db, "SELECT count(*) FROM alerts") >= 35, 60, "new messages after the redelivery")
+    assert terminate(proc) == 0
+    assert count(db, "SELECT count(*) FROM alerts") == 35
+    after = {path: path.stat().st_mtime_ns for path in alert_files(home)}
+    assert {p: after[p] for p in before} == before, "a redelivered alert's file was rewritten"
+    assert len(after) == 35
+    assert count(db, "SELECT count(*) FROM manifest") == manifest_before + 5
+
+
+def test_alerts_stored_before_a_crash_get_their_files(tmp_path: Path) -> None:
+    """A kill -9 between the store transaction and the file write: the next start writes the file."""
+    conn = store.connect(tmp_path / "state" / "ztfd.sqlite3")
+    document = b'{"message": {"objectId": "ZTF21abvawaj"}, "ztfd": {}}\n'
+    with store.transaction(conn):
+        conn.execute(
+            "INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, path, received_at, "
+            "document) VALUES ('t', 0, 0, 7, 'ZTF21abvawaj', '2021-09-01', "
+            "'data/2021-09-01/t/ZTF21abvawaj_p0-o7.json', 0, ?)", (document,))
+    assert recover_unwritten(conn, tmp_path, "t") == 1
+    assert (tmp_path / "data/2021-09-01/t/ZTF21abvawaj_p0-o7.json").read_bytes() == document
+    row = conn.execute("SELECT written, document FROM alerts").fetchone()
+    assert tuple(row) == (1, None)
+    assert conn.execute("SELECT state FROM manifest").fetchone()[0] == "pending"
+    assert recover_unwritten(conn, tmp_path, "t") == 0
+
+
+def test_a_recreated_topic_starts_a_new_generation(
+    kafka: KafkaBroker, make_config: Callable[..., Path], consumers: Consumers
+) -> None:
+    """Lasair deletes and recreates a topic when its filter is edited: offsets restart at 0."""
+    from confluent_kafka.admin import AdminClient
+
+    topic = unique("lasair_edited")
+    kafka.create_topic(topic)
+    kafka.produce(topic, samples.message_stream(20))
+    config_path = make_config(kafka={"bootstrap_servers": kafka.bootstrap, "group_id": unique("g"), "topics": [topic]})
+    home = config_path.parent
+    db = home / "state" / "ztfd.sqlite3"
+    proc = consumers.start(config_path, topic)
+    wait_for(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= 20, 90, "first generation")
+    first = {path: path.read_bytes() for path in alert_files(home)}
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})  # kept alive until the deletion is confirmed
+    admin.delete_topics([topic])[topic].result(30)
+    kafka.create_topic(topic)
+    kafka.produce(topic, [dict(m, seq=100 + m["seq"]) for m in samples.message_stream(5)])
+    # librdkafka may crash when its topic vanishes under it; the supervisor restarts it, and so do we here.
+    deadline = time.monotonic() + 120
+    while count(db, "SELECT count(*) FROM alerts WHERE written = 1") < 25 and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            proc = consumers.start(config_path, topic)
+        time.sleep(0.2)
+    assert count(db, "SELECT count(*) FROM alerts WHERE generation = 1") == 5
+    if proc.poll() is None:
+        assert terminate(proc) == 0
+    assert {path: path.read_bytes() for path in first} == first, "an alert of the old topic was overwritten"
+    new_files = [path for path in alert_files(home) if path not in first]
+    assert len(new_files) == 5 and all("_g1-p0-o" in path.name for path in new_files)
+    assert sorted(seqs_on_disk(home)) == [*range(20), *range(100, 105)]

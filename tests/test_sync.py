@@ -1,0 +1,471 @@
+"""``ztfd sync`` against moto's S3 server over HTTP, run as a child process like cron or the supervisor would.
+
+Requests are counted at the server side by ``ztfd.embedded.s3.S3Proxy`` (the child's own requests), which can
+also be cut to make S3 unreachable and slowed down to kill a pass midway.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import itertools
+import os
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import child_env, ztfd_command
+from ztfd import config, files, store, sync
+from ztfd.embedded.s3 import S3Server
+
+_bucket_numbers = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    with S3Server(log_path=tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server: S3Server) -> Iterator[S3Server]:
+    """The module's server with a clean request log; restored and un-slowed whatever the test did."""
+    assert s3_server.proxy is not None
+    s3_server.proxy.reset()
+    yield s3_server
+    s3_server.proxy.delay = 0.0
+    if s3_server.proxy.is_cut:
+        s3_server.proxy.restore()
+
+
+class Home:
+    """A ztfd home with a config pointing at a bucket of the test's own, and helpers to write and sync files."""
+
+    def __init__(self, config_path: Path, server: S3Server, bucket: str, prefix: str) -> None:
+        self.config_path = config_path
+        self.cfg = config.load(config_path)
+        self.path = self.cfg.home
+        self.server = server
+        self.bucket = bucket
+        self.prefix = prefix
+        self.conn = store.connect(self.cfg.db_path)
+
+    def write(self, relpath: str, data: bytes, record: bool = True) -> str:
+        files.atomic_write(self.path / relpath, data)
+        if record:
+            with store.transaction(self.conn):
+                store.record_files(self.conn, [(relpath, len(data), files.md5_hex(data))])
+        return relpath
+
+    def write_many(self, count: int, size: int = 200, start: int = 0) -> dict[str, bytes]:
+        written = {}
+        rows = []
+        for i in range(start, start + count):
+            relpath = (f"data/2024-05-0{i % 3 + 1}/topic/ZTF24obj{i:05d}_p0-o{i}.json" if i % 2
+                       else f"images/2024-05-0{i % 3 + 1}/ZTF24obj{i:05d}/{1000 + i}_science.fits.gz")
+            data = os.urandom(size + i % 17)
+            files.atomic_write(self.path / relpath, data)
+            rows.append((relpath, len(data), files.md5_hex(data)))
+            written[relpath] = data
+        with store.transaction(self.conn):
+            store.record_files(self.conn, rows)
+        return written
+
+    def command(self, *args: str) -> list[str]:
+        return ztfd_command(self.config_path, "sync", *args)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return child_env(**self.server.env(), **extra)
+
+    def sync(self, *args: str, env: dict[str, str] | None = None,
+             timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.command("--once", *args), env=env or self.env(), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def states(self) -> dict[str, str]:
+        return {row["path"]: row["state"] for row in self.conn.execute("SELECT path, state FROM manifest")}
+
+    def row(self, relpath: str) -> sqlite3.Row:
+        return self.conn.execute("SELECT * FROM manifest WHERE path = ?", (relpath,)).fetchone()
+
+    def objects(self) -> dict[str, tuple[int, str]]:
+        return self.server.objects(self.bucket)
+
+    def puts(self) -> Any:
+        assert self.server.proxy is not None
+        return self.server.proxy.keys("PUT", self.bucket)
+
+    def counts(self) -> Any:
+        assert self.server.proxy is not None
+        return self.server.proxy.counts(self.bucket)
+
+
+@pytest.fixture
+def make_home(make_config: Callable[..., Path], s3: S3Server, tmp_path: Path) -> Callable[..., Home]:
+    def factory(create_bucket: bool = True, prefix: str = "archive/", name: str = "home", **s3_keys: Any) -> Home:
+        bucket = f"ztfd-sync-{os.getpid()}-{next(_bucket_numbers)}"
+        if create_bucket:
+            s3.create_bucket(bucket)
+        keys = {"bucket": bucket, "prefix": prefix, "endpoint_url": s3.endpoint_url, "region": "us-east-1",
+                "max_attempts": 2, "concurrency": 4, **s3_keys}
+        return Home(make_config(home=tmp_path / name, s3=keys), s3, bucket, prefix)
+
+    return factory
+
+
+def one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one error line, got: {stderr!r}"
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+# --- the normal path -----------------------------------------------------------------------------------------
+
+
+def test_first_pass_uploads_everything_and_a_second_sends_nothing(make_home: Callable[..., Home]) -> None:
+    home = make_home()
+    written = home.write_many(40)
+    # Never uploaded: the state database (exists), logs, a temporary file and an unrecorded file being written.
+    (home.path / "logs").mkdir(exist_ok=True)
+    (home.path / "logs" / "ztfd.log").write_text("a log line\n")
+    (home.path / "data" / "2024-05-01" / "topic" / ".ZTF24x.json.abc.tmp").write_bytes(b"half a fi")
+
+    first = home.sync()
+    assert first.returncode == 0, first.stderr
+    assert "40 files" in first.stdout and "0 failed" in first.stdout and "0 pending" in first.stdout
+
+    objects = home.objects()
+    assert set(objects) == {home.prefix + path for path in written}
+    for path, data in written.items():
+        assert objects[home.prefix + path] == (len(data), hashlib.md5(data).hexdigest())
+    assert set(home.states().values()) == {"done"}
+    for path, data in written.items():
+        row = home.row(path)
+        assert row["etag"] == hashlib.md5(data).hexdigest() and row["uploaded_at"] is not None
+    counts = home.counts()
+    assert counts["PUT"] == 40 and sum(counts.values()) == 40, counts  # no LIST, no HEAD: PUTs only
+
+    home.server.proxy.reset()  # type: ignore[union-attr]
+    second = home.sync()
+    assert second.returncode == 0, second.stderr
+    assert "0 files" in second.stdout
+    assert home.counts() == {}, "a pass with nothing to do must send nothing (no PUT, no LIST)"
+
+    summary = sync.summary(home.conn)
+    assert summary["pending"] == 0 and summary["done"] == 40 and summary["last_error"] is None
+    assert summary["last_pass"]["ok"] is True and summary["last_pass"]["files"] == 0
+
+
+def test_dry_run_lists_and_uploads_nothing(make_home: Callable[..., Home]) -> None:
+    home = make_home()
+    written = home.write_many(5)
+    result = home.sync("--dry-run")
+    assert result.returncode == 0, result.stderr
+    for path, data in written.items():
+        assert f"{home.prefix}{path}\t{len(data)}" in result.stdout
+    assert "5 files" in result.stdout
+    assert home.counts() == {}
+    assert set(home.states().values()) == {"pending"}
+    assert home.objects() == {}
+
+
+def test_multipart_above_threshold_is_verified(make_home: Callable[..., Home]) -> None:
+    home = make_home(multipart_threshold=1024 * 1024)
+    big = os.urandom(11 * 1024 * 1024 + 123)  # parts of 5 MiB (S3's minimum): 3 parts
+    home.write("images/2024-05-01/ZTF24big/1_science.fits.gz", big)
+    home.write("data/2024-05-01/topic/small.json", b"{}")
+    result = home.sync()
+    assert result.returncode == 0, result.stderr
+    counts = home.counts()
+    assert counts["CREATE_MULTIPART"] == 1 and counts["UPLOAD_PART"] == 3 and counts["COMPLETE_MULTIPART"] == 1
+    assert counts["PUT"] == 1  # the small file went as one PUT
+    key = home.prefix + "images/2024-05-01/ZTF24big/1_science.fits.gz"
+    size, etag = home.objects()[key]
+    assert size == len(big) and etag.endswith("-3")
+    body = home.server.client(direct=True).get_object(Bucket=home.bucket, Key=key)["Body"].read()
+    assert hashlib.md5(body).hexdigest() == hashlib.md5(big).hexdigest()
+    row = home.row("images/2024-05-01/ZTF24big/1_science.fits.gz")
+    assert row["state"] == "done" and row["md5"] == hashlib.md5(big).hexdigest()
+
+
+def test_a_file_changed_since_it_was_recorded_is_uploaded_as_read_and_recorded(make_home: Callable[..., Home]) -> None:
+    home = make_home()
+    path = home.write("data/2024-05-01/topic/a.json", b'{"v": 1}')
+    files.atomic_write(home.path / path, b'{"v": 2, "longer": true}')  # rewritten without being recorded
+    result = home.sync()
+    assert result.returncode == 0, result.stderr
+    new = b'{"v": 2, "longer": true}'
+    assert home.objects()[home.prefix + path] == (len(new), hashlib.md5(new).hexdigest())
+    row = home.row(path)
+    assert (row["state"], row["size"], row["md5"]) == ("done", len(new), hashlib.md5(new).hexdigest())
+
+
+def test_a_failing_file_is_reported_and_the_others_go_on(make_home: Callable[..., Home]) -> None:
+    home = make_home()
+    written = home.write_many(6)
+    missing = "data/2024-05-01/topic/gone.json"
+    with store.transaction(home.conn):
+        store.record_files(home.conn, [(missing, 10, "0" * 32)])  # recorded, then deleted by someone
+    result = home.sync()
+    assert result.returncode == 1
+    assert "1 failed" in result.stdout and "1 pending" in result.stdout
+    assert "1 files failed" in one_line(result.stderr)
+    assert {home.prefix + p for p in written} == set(home.objects())
+    row = home.row(missing)
+    assert row["state"] == "pending" and row["attempts"] == 1 and "missing on disk" in row["last_error"]
+    summary = sync.summary(home.conn)
+    assert summary["failing"] == 1 and summary["last_error"]["message"] == "1 files failed"
+
+
+def test_mark_uploaded_keeps_a_row_pending_when_new_content_was_recorded_meanwhile(tmp_path: Path) -> None:
+    conn = store.connect(tmp_path / "state" / "ztfd.sqlite3")
+    with store.transaction(conn):
+        store.record_files(conn, [("data/a.json", 1, "a" * 32), ("data/b.json", 1, "b" * 32)])
+        store.record_files(conn, [("data/a.json", 2, "c" * 32)])  # a writer recorded new content
+    sync.mark_uploaded(conn, [sync.Uploaded("data/a.json", "a" * 32, 1, "a" * 32, "a" * 32),
+                              sync.Uploaded("data/b.json", "b" * 32, 1, "b" * 32, "b" * 32)], [])
+    states = dict(conn.execute("SELECT path, state FROM manifest").fetchall())
+    assert states == {"data/a.json": "pending", "data/b.json": "done"}
+
+
+# --- crashes, outages, bad set-ups ---------------------------------------------------------------------------
+
+
+def test_a_pass_killed_midway_resumes_without_reuploading_or_losing(make_home: Callable[..., Home]) -> None:
+    home = make_home(concurrency=4)
+    written = home.write_many(300, size=100)
+    home.server.proxy.delay = 0.02  # type: ignore[union-attr]
+    child = subprocess.Popen(home.command("--once"), env=home.env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: home.conn.execute("SELECT count(*) FROM manifest WHERE state = 'done'").fetchone()[0]
+                   >= 80, 60, "80 uploads marked done")
+        child.kill()
+    finally:
+        child.wait(10)
+    done_before = {path for path, state in home.states().items() if state == "done"}
+    assert 80 <= len(done_before) < 300, "the kill should land midway"
+    puts_before = home.puts()
+    assert all(puts_before[home.prefix + path] == 1 for path in done_before)  # done means uploaded
+
+    home.server.proxy.delay = 0.0  # type: ignore[union-attr]
+    result = home.sync()
+    assert result.returncode == 0, result.stderr
+    puts = home.puts()
+    assert set(puts) == {home.prefix + path for path in written}  # nothing lost
+    assert all(puts[home.prefix + path] == 1 for path in done_before)  # nothing done re-uploaded
+    # Only what was in flight or uploaded but not yet committed at the kill goes twice: bounded by a batch.
+    assert sum(puts.values()) - len(written) <= sync.COMMIT_EVERY + 2 * 4
+    objects = home.objects()
+    assert all(objects[home.prefix + p] == (len(d), hashlib.md5(d).hexdigest()) for p, d in written.items())
+    assert set(home.states().values()) == {"done"}
+
+
+def test_s3_unreachable_fails_cleanly_and_the_next_pass_succeeds(make_home: Callable[..., Home]) -> None:
+    home = make_home()
+    written = home.write_many(20)
+    before = home.conn.execute("SELECT * FROM manifest ORDER BY path").fetchall()
+    home.server.proxy.cut()  # type: ignore[union-attr]
+    result = home.sync()
+    assert result.returncode == 1
+    assert "unreachable" in one_line(result.stderr)
+    after = home.conn.execute("SELECT * FROM manifest ORDER BY path").fetchall()
+    assert [tuple(r) for r in after] == [tuple(r) for r in before], "an outage must leave the manifest unchanged"
+    assert "unreachable" in sync.summary(home.conn)["last_error"]["message"]
+
+    home.server.proxy.restore()  # type: ignore[union-attr]
+    result = home.sync()
+    assert result.returncode == 0, result.stderr
+    assert set(home.objects()) == {home.prefix + path for path in written}
+    assert set(home.states().values()) == {"done"}
+    assert sync.summary(home.conn)["last_error"] is None
+
+
+def test_missing_bucket_is_one_clear_line(make_home: Callable[..., Home]) -> None:
+    home = make_home(create_bucket=False)
+    home.write_many(5)
+    result = home.sync()
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert "does not exist" in line and home.bucket in line
+    assert set(home.states().values()) == {"pending"}
+
+
+def test_missing_credentials_are_one_clear_line(make_home: Callable[..., Home]) -> None:
+    home = make_home()
+    home.write_many(3)
+    env = {k: v for k, v in home.env().items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    result = home.sync(env=env)
+    assert result.returncode == 1
+    assert "no usable AWS credentials" in one_line(result.stderr)
+    assert set(home.states().values()) == {"pending"}
+
+
+def test_bad_credentials_are_one_clear_line(make_config: Callable[..., Path], tmp_path: Path) -> None:
+    # A moto server that checks credentials after its first request (the bucket creation).
+    with S3Server(environ={"INITIAL_NO_AUTH_ACTION_COUNT": "1"}) as server:
+        server.create_bucket("ztfd-auth")
+        home = Home(make_config(home=tmp_path / "auth", s3={"bucket": "ztfd-auth", "endpoint_url": server.endpoint_url,
+                                                              "max_attempts": 2}), server, "ztfd-auth", "")
+        home.write_many(3)
+        result = home.sync()
+        assert result.returncode == 1
+        line = one_line(result.stderr)
+        assert "refused the credentials (InvalidAccessKeyId)" in line
+        assert server.env()["AWS_SECRET_ACCESS_KEY"] not in result.stderr + result.stdout
+        assert set(home.states().values()) == {"pending"}
+
+
+def test_empty_bucket_setting_exits_2(make_config: Callable[..., Path]) -> None:
+    config_path = make_config()
+    result = subprocess.run(ztfd_command(config_path, "sync", "--once"), capture_output=True, text=True,
+                            env=child_env(), timeout=60)
+    assert result.returncode == 2
+    assert one_line(result.stderr) == "ztfd: config: s3.bucket is empty: nothing to sync to"
+
+
+# --- --full, the lock, retention, the daemon -----------------------------------------------------------------
+
+
+def test_full_reconciles_added_changed_and_removed_files(make_home: Callable[..., Home]) -> None:
+    home = make_home()
+    written = home.write_many(6)
+    assert home.sync().returncode == 0
+    paths = sorted(written)
+    changed, removed = paths[0], paths[1]
+    files.atomic_write(home.path / changed, b"new content of a different size")
+    (home.path / removed).unlink()
+    added = "data/2024-05-09/by-hand/copied.json"
+    files.atomic_write(home.path / added, b'{"by": "hand"}')
+    (home.path / "data" / "2024-05-09" / "by-hand" / ".copied2.json.x.tmp").write_bytes(b"partial")
+    (home.path / "logs").mkdir(exist_ok=True)
+    (home.path / "logs" / "sync.log").write_text("not data\n")
+    home.server.proxy.reset()  # type: ignore[union-attr]
+
+    plain = home.sync()  # without --full nothing is walked: nothing changes
+    assert plain.returncode == 0 and home.counts() == {}
+
+    dry = home.sync("--dry-run", "--full")
+    assert dry.returncode == 0 and f"added\t{added}" in dry.stdout and f"removed\t{removed}" in dry.stdout
+    assert home.counts() == {} and added not in home.states()
+
+    result = home.sync("--full")
+    assert result.returncode == 0, result.stderr
+    assert home.puts() == {home.prefix + added: 1, home.prefix + changed: 1}
+    states = home.states()
+    assert removed not in states and states[added] == "done" and states[changed] == "done"
+    objects = home.objects()
+    assert objects[home.prefix + changed][1] == hashlib.md5(b"new content of a different size").hexdigest()
+    assert home.prefix + removed in objects  # --full never deletes from S3
+    assert not any(".tmp" in key or "logs/" in key or "state/" in key for key in objects)
+
+
+def test_two_concurrent_passes_never_upload_twice(make_home: Callable[..., Home]) -> None:
+    home = make_home(concurrency=4)
+    written = home.write_many(150, size=100)
+    home.server.proxy.delay = 0.01  # type: ignore[union-attr]
+    children = [subprocess.Popen(home.command("--once"), env=home.env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [child.communicate(timeout=90) for child in children]
+    assert [child.returncode for child in children] == [0, 0], outputs
+    puts = home.puts()
+    assert set(puts) == {home.prefix + path for path in written}
+    assert set(puts.values()) == {1}, "a file was uploaded by both passes"
+    assert sorted(int(out.split(" files")[0].rsplit(" ", 1)[1]) for out, _ in outputs) == [0, 150]
+
+
+def test_once_gives_up_after_the_lock_timeout(make_home: Callable[..., Home]) -> None:
+    home = make_home(lock_timeout=0.5)
+    home.write_many(2)
+    with open(home.cfg.state_dir / "sync.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = home.sync()
+    assert result.returncode == 1
+    assert "another sync pass holds" in one_line(result.stderr)
+    assert home.counts() == {} and set(home.states().values()) == {"pending"}
+
+
+def test_retention_deletes_only_old_uploaded_files(make_home: Callable[..., Home]) -> None:
+    home = make_home(delete_local_after_days=1)
+    written = home.write_many(6)
+    assert home.sync().returncode == 0  # uploaded just now: nothing is old enough
+    assert all((home.path / path).exists() for path in written)
+    old, young = sorted(written)[:3], sorted(written)[3:]
+    with store.transaction(home.conn):
+        home.conn.executemany("UPDATE manifest SET uploaded_at = ? WHERE path = ?",
+                              [(time.time() - 2 * 86400, path) for path in old])
+    not_uploaded = home.write("data/2024-05-01/topic/late.json", b"{}")
+    with store.transaction(home.conn):  # recorded long ago, uploaded only now: not old for retention
+        home.conn.execute("UPDATE manifest SET recorded_at = 0 WHERE path = ?", (not_uploaded,))
+
+    result = home.sync()
+    assert result.returncode == 0, result.stderr
+    assert "3 local files deleted" in result.stdout
+    assert not any((home.path / path).exists() for path in old)
+    assert all((home.path / path).exists() for path in [*young, not_uploaded])
+    states = home.states()
+    assert all(states[path] == "archived" for path in old) and all(states[p] == "done" for p in young)
+    assert set(home.objects()) >= {home.prefix + path for path in written}
+
+    home.server.proxy.reset()  # type: ignore[union-attr]
+    full = home.sync("--full")  # archived files are neither re-uploaded nor forgotten
+    assert full.returncode == 0, full.stderr
+    assert home.puts() == {}
+    assert all(home.states()[path] == "archived" for path in old)
+    assert sync.summary(home.conn)["archived"] == 3
+
+
+def test_daemon_passes_heartbeats_and_stops_on_sigterm(make_home: Callable[..., Home]) -> None:
+    home = make_home(interval=3600)
+    written = home.write_many(10)
+    child = subprocess.Popen(ztfd_command(home.config_path, "sync"), env=home.env(ZTFD_PROCESS_NAME="syncer-test"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: set(home.states().values()) == {"done"}, 60, "the first pass")
+        wait_until(lambda: home.conn.execute("SELECT 1 FROM processes WHERE name = 'syncer-test' AND role = 'syncer'"
+                                             ).fetchone() is not None, 30, "a heartbeat")
+        wait_until(lambda: sync.summary(home.conn)["last_pass"] is not None, 30, "the pass status")
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, stderr
+    assert set(home.objects()) == {home.prefix + path for path in written}
+    last_pass = sync.summary(home.conn)["last_pass"]
+    assert last_pass["files"] == 10 and last_pass["ok"] is True
+    assert (home.path / "logs" / "sync.log").read_text().count("sync pass: 10 files") == 1
+
+
+def test_summary_of_an_empty_store(tmp_path: Path) -> None:
+    conn = store.connect(tmp_path / "s.sqlite3")
+    assert sync.summary(conn) == {"pending": 0, "pending_bytes": 0, "done": 0, "done_bytes": 0, "archived": 0,
+                                  "failing": 0, "last_pass": None, "last_error": None}
+
+
+def test_pass_lock_is_exclusive_and_released(tmp_path: Path) -> None:
+    stop = threading.Event()
+    lock_path = tmp_path / "sync.lock"
+    with sync.pass_lock(lock_path, 0, stop) as first:
+        assert first
+        with sync.pass_lock(lock_path, 0.2, stop) as second:  # another open file description: excluded
+            assert not second
+    with sync.pass_lock(lock_path, 0, stop) as again:
+        assert again
