@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import child_env, ztfd_command
-from ztfd import config
+from ztfd import config, store
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.samples import message_stream
 from ztfd.supervisor import pid_alive, proc_environ
@@ -196,20 +197,38 @@ def test_supervisor_killed_leaves_no_child_and_next_start_is_clean(daemon_config
     assert "replacing stale pidfile" in (cfg.logs_dir / "ztfd.log").read_text()
 
 
-def test_leftover_child_of_a_crashed_supervisor_is_terminated(daemon_config: tuple[Path, list[str]]) -> None:
-    """A child that could not act on its death signal (stopped) is found by the next start and terminated."""
+def test_leftovers_of_a_crashed_supervisor_are_terminated(daemon_config: tuple[Path, list[str]]) -> None:
+    """A child that outlived its supervisor and ignores SIGTERM (hung) is found by the next start and killed.
+
+    (A SIGSTOPped child cannot stand in for it: when its supervisor dies its process group is orphaned, and the
+    kernel sends it SIGHUP and SIGCONT.) A recorded pid that now belongs to an unrelated process is left alone.
+    """
     cfg_path, topics = daemon_config
-    assert run(cfg_path, "start").returncode == 0
-    children = wait_for(lambda: all_consumers_up(cfg_path, topics), 60, "consumers up")
-    frozen = children[0]["pid"]
-    os.kill(frozen, signal.SIGSTOP)
-    os.kill(supervisor_pid(cfg_path), signal.SIGKILL)
-    wait_for(lambda: not pid_alive(children[1]["pid"]), 30, "the running child to exit")
-    assert pid_alive(frozen)  # its SIGTERM is pending: it would stay forever without a clean start
-    assert run(cfg_path, "start").returncode == 0
-    wait_for(lambda: not pid_alive(frozen), 30, "the leftover to be terminated")
-    wait_for(lambda: all_consumers_up(cfg_path, topics), 60, "fresh consumers")
-    assert "left by a supervisor that died" in (config.load(cfg_path).logs_dir / "ztfd.log").read_text()
+    cfg = config.load(cfg_path)
+    hung_code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
+                 "time.sleep(120)")
+    hung = subprocess.Popen([sys.executable, "-c", hung_code], stdout=subprocess.PIPE, text=True,
+                            env=child_env(ZTFD_PROCESS_SUPERVISOR=str(cfg.pidfile), ZTFD_PROCESS_NAME="fetcher:1"))
+    innocent = subprocess.Popen(["sleep", "120"])
+    try:
+        assert hung.stdout is not None and hung.stdout.readline().strip() == "ready"
+        conn = store.connect(cfg.db_path)
+        store.heartbeat(conn, "fetcher:1", "fetcher")
+        conn.execute("UPDATE processes SET pid = ? WHERE name = 'fetcher:1'", (hung.pid,))
+        store.heartbeat(conn, f"consumer:{topics[0]}", "consumer", topics[0])
+        conn.execute("UPDATE processes SET pid = ? WHERE role = 'consumer'", (innocent.pid,))  # a reused pid
+        conn.close()
+        started = run(cfg_path, "start")  # returns once the daemon has cleaned up and holds the pidfile
+        assert started.returncode == 0, started.stderr
+        assert hung.wait(5) == -signal.SIGKILL  # SIGTERM was ignored: killed after supervisor.stop_timeout
+        assert innocent.poll() is None
+        wait_for(lambda: all_consumers_up(cfg_path, topics), 60, "fresh consumers")
+        assert "left by a supervisor that died" in (cfg.logs_dir / "ztfd.log").read_text()
+    finally:
+        for proc in (hung, innocent):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
 
 
 def test_stale_pidfiles_are_replaced(daemon_config: tuple[Path, list[str]]) -> None:

@@ -296,6 +296,20 @@ def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     return ["  " + line for line in lines]
 
 
+def _describe_pass(last: Any) -> str:
+    if not isinstance(last, dict):
+        return str(last) if last else "-"
+    when = _iso(last.get("finished_at")) or "?"
+    outcome = "ok" if last.get("ok") else "incomplete"
+    return f"{when}: {last.get('files', 0)} files, {_size(last.get('bytes'))} in {last.get('seconds', 0)} s, {outcome}"
+
+
+def _describe_error(error: Any) -> str:
+    if not isinstance(error, dict):
+        return str(error) if error else "-"
+    return f"{error.get('message')} (at {_iso(error.get('at'))})"
+
+
 def render(report: dict[str, Any]) -> str:
     sup = report["supervisor"]
     if sup["running"]:
@@ -345,10 +359,7 @@ def render(report: dict[str, Any]) -> str:
     else:
         out.append(f"  bucket {s.get('bucket')}: pending {s['pending']} files ({_size(s.get('pending_bytes'))}), "
                    f"uploaded {s.get('done', '-')}")
-    last_pass = s.get("last_pass")
-    if isinstance(last_pass, dict):
-        last_pass = last_pass.get("finished_at") or last_pass.get("at") or json.dumps(last_pass)
-    out.append(f"  last pass {last_pass or '-'}; last error {s.get('last_error') or '-'}")
+    out.append(f"  last pass {_describe_pass(s.get('last_pass'))}; last error {_describe_error(s.get('last_error'))}")
     out.append("")
 
     d = report["disk"]
