@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from ztfd.embedded.alerce import StampService
 from ztfd.embedded.kafka import KafkaBroker
 
 # Fast consumer-group joins on Tansu (see README "Testing"): ~3 s instead of ~23 s.
@@ -30,6 +31,13 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
     log_path = tmp_path_factory.mktemp("tansu") / "tansu.log"
     with KafkaBroker(log_path=log_path) as broker:
         yield broker
+
+
+@pytest.fixture
+def stamp_service() -> Iterator[StampService]:
+    """The local ALeRCE-like stamp service (real sample cutouts); one per test, so faults and its log are the test's."""
+    with StampService() as service:
+        yield service
 
 
 def _toml_value(value: Any) -> str:

@@ -77,6 +77,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
         (MINIMAL, {"ZTFD_S3_BUKET": "x"}, "unknown key s3.buket (from environment variable ZTFD_S3_BUKET)"),
         (MINIMAL, {"ZTFD_STAMPS_TIMEOUT": "soon"}, "stamps.timeout must be a number"),
         ("[kafka\n", {}, "is not valid TOML"),
+        (MINIMAL.replace("lasair_1Lightweight", "../x"), {}, "kafka.topics holds a name that is not a Kafka topic"),
     ],
 )
 def test_bad_configuration_names_the_key(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ ENV_PREFIX = "ZTFD_"
 
 # Words that mark a value as secret: such values are masked whenever a config is shown.
 SECRET_WORDS = ("password", "secret", "token", "key", "credential")
+# Kafka's own rule for topic names; they also become folder names under data/, so it matters here.
+KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 
 class ConfigError(Exception):
@@ -52,6 +55,7 @@ class StampsConfig:
     rate_limit: float = 10.0
     concurrency: int = 8
     lease_seconds: float = 120.0
+    match_tolerance: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -265,6 +269,8 @@ def _check_type(section: str, key: str, fld: dataclasses.Field[Any], value: Any)
             raise ConfigError(f"config: {where} must be a non-empty list of strings")
         if len(set(value)) != len(value):
             raise ConfigError(f"config: {where} lists a topic twice")
+        if any(not KAFKA_TOPIC.match(v) or v in {".", ".."} for v in value):
+            raise ConfigError(f"config: {where} holds a name that is not a Kafka topic (letters, digits, . _ -)")
         return tuple(value)
     elif kind == "dict[str, Any]":
         if not isinstance(value, dict):

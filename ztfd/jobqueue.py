@@ -86,17 +86,22 @@ def claim(
     lease_seconds: float,
     limit: int = 1,
     now: float | None = None,
+    batch: str | None = None,
 ) -> list[Job]:
-    """Atomically lease up to ``limit`` due jobs of ``kind`` to ``owner``, oldest due first."""
+    """Atomically lease up to ``limit`` due jobs of ``kind`` to ``owner``, oldest due first.
+
+    ``batch`` restricts the claim to one batch (``ztfd replay`` fetching its own jobs in the foreground).
+    """
     now = time.time() if now is None else now
+    only_batch = "AND batch = ? " if batch is not None else ""
     with transaction(conn):
         requeue_expired(conn, now)
         rows = conn.execute(
             "UPDATE jobs SET state = 'leased', owner = ?, lease_until = ?, attempts = attempts + 1, "
             "updated_at = ? WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' AND kind = ? "
-            "AND not_before <= ? ORDER BY not_before, id LIMIT ?) "
+            "AND not_before <= ? " + only_batch + "ORDER BY not_before, id LIMIT ?) "
             "RETURNING id, kind, payload, attempts, unavailable_since, batch",
-            (owner, now + lease_seconds, now, kind, now, limit),
+            (owner, now + lease_seconds, now, kind, now, *((batch,) if batch is not None else ()), limit),
         ).fetchall()
     jobs = [
         Job(r["id"], r["kind"], json.loads(r["payload"]), r["attempts"], r["unavailable_since"], r["batch"])

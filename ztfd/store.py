@@ -121,6 +121,12 @@ CREATE TABLE IF NOT EXISTS processes (
     last_exit TEXT
 );
 
+-- Shared politeness limits (ztfd.ratelimit): the time from which the next request may go, per limit name.
+CREATE TABLE IF NOT EXISTS rate_limits (
+    name TEXT PRIMARY KEY,
+    next_at REAL NOT NULL
+);
+
 -- Small named facts: last sync pass, last sync error, and similar.
 CREATE TABLE IF NOT EXISTS status (
     key TEXT PRIMARY KEY,

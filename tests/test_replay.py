@@ -1,0 +1,145 @@
+"""``ztfd replay --date`` with and without a running daemon fetcher, against the local stamp service."""
+
+from __future__ import annotations
+
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+from tests.conftest import child_env, ztfd_command
+from tests.stamp_support import (
+    add_alerts,
+    all_final,
+    jobs,
+    stamps_config,
+    start_worker,
+    stop_worker,
+    utc_date,
+    wait_until,
+)
+from ztfd import config, store
+from ztfd.embedded.alerce import DETECTIONS, STAMP
+from ztfd.embedded.samples import packets
+from ztfd.stamps import preview_path, stamp_path
+
+DATE = "2021-09-01"
+ON_DATE = [p for p in packets() if utc_date(p.mjd) == DATE]  # 6 alerts, ZTF21abvawaj twice
+
+
+def replay(config_path: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(ztfd_command(config_path, "replay", *args), env=child_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def triplet_paths(cfg: config.Config, packet) -> list[Path]:
+    paths = [stamp_path(cfg.images_dir, DATE, packet.object_id, packet.candid, k) for k in packet.cutouts]
+    return [*paths, preview_path(cfg.images_dir, DATE, packet.object_id, packet.candid)]
+
+
+def assert_all_on_disk(cfg: config.Config) -> None:
+    for packet in ON_DATE:
+        for kind, served in packet.cutouts.items():
+            assert stamp_path(cfg.images_dir, DATE, packet.object_id, packet.candid, kind).read_bytes() == served
+        assert preview_path(cfg.images_dir, DATE, packet.object_id, packet.candid).stat().st_size > 0
+
+
+def test_replay_without_daemon_fetches_then_restores_only_what_is_missing(make_config, stamp_service):
+    assert len(ON_DATE) == 6
+    cfg_path = stamps_config(make_config, stamp_service.url)
+    cfg = config.load(cfg_path)
+    conn = store.connect(cfg.db_path)
+    add_alerts(conn, packets(), queue=False)  # stored alerts of several dates; no stamp job ever ran
+
+    first = replay(cfg_path, "--date", DATE, "--workers", "2")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "the daemon is not running" in first.stdout
+    assert "6 alerts, 0 complete on disk, 6 to fetch" in first.stdout
+    assert "done 6, failed 0" in first.stdout
+    assert_all_on_disk(cfg)
+    assert len(list(cfg.images_dir.iterdir())) == 1  # only that date
+    assert {job["result"]["worker"] for job in jobs(conn)} <= {"replay:0", "replay:1"}
+    assert conn.execute("SELECT count(*) FROM processes").fetchone()[0] == 0  # replay workers are not daemons
+
+    # Lose a stamp, a preview, and corrupt another stamp: the next replay restores exactly those.
+    victim, other = ON_DATE[0], ON_DATE[1]
+    triplet_paths(cfg, victim)[1].unlink()
+    triplet_paths(cfg, victim)[3].unlink()
+    broken = triplet_paths(cfg, other)[0]
+    broken.write_bytes(broken.read_bytes()[:100])
+    untouched = triplet_paths(cfg, ON_DATE[2])[0].stat().st_ino
+    stamp_service.reset_log()
+    second = replay(cfg_path, "--date", DATE)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "6 alerts, 4 complete on disk, 2 to fetch" in second.stdout
+    assert_all_on_disk(cfg)
+    # The candid chosen before is reused (no detections request), and only the two lost stamps are fetched.
+    assert stamp_service.count(DETECTIONS) == 0
+    assert sorted((r.candid, r.stamp_type) for r in stamp_service.requests(STAMP)) == sorted(
+        [(victim.candid, "template"), (other.candid, "science")])
+    assert triplet_paths(cfg, ON_DATE[2])[0].stat().st_ino == untouched
+
+    third = replay(cfg_path, "--date", DATE)
+    assert third.returncode == 0 and "0 to fetch" in third.stdout
+
+
+def test_replay_force_refetches_everything(make_config, stamp_service):
+    cfg_path = stamps_config(make_config, stamp_service.url)
+    cfg = config.load(cfg_path)
+    conn = store.connect(cfg.db_path)
+    add_alerts(conn, ON_DATE, queue=False)
+    assert replay(cfg_path, "--date", DATE).returncode == 0
+    before = {path: path.stat().st_ino for packet in ON_DATE for path in triplet_paths(cfg, packet)}
+    stamp_service.reset_log()
+    forced = replay(cfg_path, "--date", DATE, "--force", "--topic", "t")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert "all 6 to fetch again (--force)" in forced.stdout and "done 6" in forced.stdout
+    assert stamp_service.count(STAMP) == 3 * len(ON_DATE)
+    assert all(path.stat().st_ino != inode for path, inode in before.items())  # each file replaced (renamed over)
+    assert_all_on_disk(cfg)
+    other_topic = replay(cfg_path, "--date", DATE, "--topic", "elsewhere")
+    assert other_topic.returncode == 0 and "no stored alerts" in other_topic.stdout
+
+
+def test_replay_while_the_daemon_runs_queues_and_waits(make_config, stamp_service, tmp_path):
+    cfg_path = stamps_config(make_config, stamp_service.url)
+    cfg = config.load(cfg_path)
+    conn = store.connect(cfg.db_path)
+    add_alerts(conn, ON_DATE, queue=False)
+    daemon = start_worker(cfg_path, "fetcher-daemon", tmp_path / "daemon.log")
+    try:
+        wait_until(lambda: conn.execute("SELECT 1 FROM processes WHERE name = 'fetcher-daemon'").fetchone(),
+                   what="the daemon fetcher's heartbeat")
+        result = replay(cfg_path, "--date", DATE, "--workers", "3")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert daemon.poll() is None
+    finally:
+        assert stop_worker(daemon) == 0
+    assert "the daemon is running (1 fetchers)" in result.stdout and "done 6, failed 0" in result.stdout
+    assert Counter(job["result"]["worker"] for job in jobs(conn)) == {"fetcher-daemon": 6}
+    assert_all_on_disk(cfg)
+
+
+def test_replay_exits_non_zero_when_a_stamp_fails_and_reports_unavailable(make_config, stamp_service):
+    failing, unknown = ON_DATE[0], ON_DATE[1]
+    stamp_service.garbage(None, candid=failing.candid)
+    stamp_service.unknown_object(unknown.object_id)
+    cfg_path = stamps_config(make_config, stamp_service.url, max_attempts=2, unavailable_retry_base=3600.0,
+                             unavailable_retry_max=3600.0)
+    cfg = config.load(cfg_path)
+    conn = store.connect(cfg.db_path)
+    add_alerts(conn, ON_DATE, queue=False)
+    result = replay(cfg_path, "--date", DATE)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "done 4, failed 1, not yet available 1" in result.stdout
+    assert f"failed {failing.object_id}: science stamp: not gzip" in result.stdout
+    states = Counter(job["state"] for job in jobs(conn))
+    assert states == {"done": 4, "failed": 1, "ready": 1}  # the unavailable one stays queued for the daemon
+    assert not all_final(conn)
+
+
+def test_replay_rejects_a_bad_date(make_config, stamp_service):
+    cfg_path = stamps_config(make_config, stamp_service.url)
+    for bad in ("2021-9-1", "yesterday", "2021-02-30"):
+        result = replay(cfg_path, "--date", bad)
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1 and "--date" in result.stderr and "YYYY-MM-DD" in result.stderr

@@ -1,0 +1,321 @@
+"""The stamp worker (``ztfd fetch``) against the local ALeRCE-like service serving the real sample cutouts."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import subprocess
+from collections import Counter
+
+import pytest
+
+from tests.stamp_support import (
+    add_alerts,
+    all_final,
+    jobs,
+    settled,
+    stamps_config,
+    start_worker,
+    stop_worker,
+    temporaries,
+    wait_until,
+)
+from ztfd import config, store
+from ztfd.embedded.alerce import DETECTIONS, STAMP
+from ztfd.embedded.samples import packets
+from ztfd.files import md5_hex
+from ztfd.stamps import Detection, NotYetAvailableError, choose_candid, preview_path, stamp_path
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TWINS = [p for p in packets() if p.object_id == "ZTF21abvawaj"]  # one object, two alerts, two candids
+
+
+def test_every_alert_gets_the_served_bytes_a_preview_and_manifest_rows(make_config, stamp_service, tmp_path):
+    cfg_path = stamps_config(make_config, stamp_service.url)
+    cfg = config.load(cfg_path)
+    conn = store.connect(cfg.db_path)
+    add_alerts(conn, packets())
+    worker = start_worker(cfg_path, "fetcher-1", tmp_path / "worker.log")
+    try:
+        wait_until(lambda: all_final(conn), what="all stamp jobs done")
+    finally:
+        assert stop_worker(worker) == 0
+    manifest = {row["path"]: row for row in conn.execute("SELECT * FROM manifest")}
+    for job, packet in zip(jobs(conn), packets(), strict=True):
+        assert job["state"] == "done", job
+        assert int(job["result"]["candid"]) == packet.candid
+        date = job["payload"]["date"]
+        for kind, served in packet.cutouts.items():
+            path = stamp_path(cfg.images_dir, date, packet.object_id, packet.candid, kind)
+            assert path.read_bytes() == served  # exactly ALeRCE's bytes, not re-encoded
+            row = manifest[path.relative_to(cfg.home).as_posix()]
+            assert (row["size"], row["md5"], row["state"]) == (len(served), md5_hex(served), "pending")
+        png = preview_path(cfg.images_dir, date, packet.object_id, packet.candid)
+        assert png.read_bytes().startswith(PNG_MAGIC)
+        assert png.relative_to(cfg.home).as_posix() in manifest
+    assert len(manifest) == 4 * len(packets())
+    # One detections request per alert and one request per stamp: nothing fetched twice.
+    assert stamp_service.count(DETECTIONS) == len(packets())
+    assert stamp_service.count(STAMP) == 3 * len(packets())
+    assert temporaries(cfg.images_dir) == []
+    heartbeat = conn.execute("SELECT role, pid FROM processes WHERE name = 'fetcher-1'").fetchone()
+    assert (heartbeat["role"], heartbeat["pid"]) == ("fetcher", worker.pid)
+
+
+def test_candid_is_the_detection_nearest_the_alert_time():
+    rows = [Detection(1, 59458.22745, True), Detection(2, 59458.26448, True), Detection(3, 59458.30, False),
+            Detection(4, 59400.0, True)]
+    assert choose_candid(rows, 59458.22745, 60).candid == 1
+    assert choose_candid(rows, 59458.26448 + 30 / 86400, 60).candid == 2
+    assert choose_candid(rows, None, 60).candid == 2  # no alert time: the newest with stamps
+    with pytest.raises(NotYetAvailableError, match=r"nearest MJD 59458\.26448"):
+        choose_candid(rows, 59458.30, 60)  # only a detection without stamps there: ALeRCE is behind
+    with pytest.raises(NotYetAvailableError):
+        choose_candid([Detection(3, 59458.30, False)], None, 60)
+
+
+def test_two_alerts_of_one_object_get_their_own_candids(make_config, stamp_service, tmp_path):
+    # ALeRCE lists both candids of ZTF21abvawaj (and its earlier detections without stamps); each Lasair alert
+    # must get the stamps of its own detection, not ALeRCE client's default (the oldest).
+    assert len(TWINS) == 2
+    listed = [int(d["candid"]) for d in stamp_service.detections("ZTF21abvawaj") if d["has_stamp"]]
+    assert sorted(listed) == sorted(p.candid for p in TWINS)
+    cfg_path = stamps_config(make_config, stamp_service.url)
+    cfg = config.load(cfg_path)
+    conn = store.connect(cfg.db_path)
+    add_alerts(conn, reversed(TWINS))
+    add_alerts(conn, TWINS[:1], obs_mjd=lambda p: None)  # no time in the message: the newest
+    worker = start_worker(cfg_path, "fetcher-1", tmp_path / "worker.log")
+    try:
+        wait_until(lambda: all_final(conn), what="jobs done")
+    finally:
+        assert stop_worker(worker) == 0
+    chosen = [int(job["result"]["candid"]) for job in jobs(conn)]
+    assert chosen == [TWINS[1].candid, TWINS[0].candid, max(p.candid for p in TWINS)]
+
+
+def test_faults_are_retried_until_the_stamps_are_right(make_config, stamp_service, tmp_path):
+    """404-then-available, 5xx, garbage, truncated and too-slow answers each hit one alert; all end done."""
+    victims = {p.candid: p for p in packets()[:6]}
+    a, b, c, d, e, f = victims
+    stamp_service.not_found_then_available(2, candid=a)
+    stamp_service.server_errors(2, candid=b)
+    stamp_service.garbage(1, candid=c)
+    stamp_service.truncated(1, candid=d)
+    stamp_service.slow(6.0, times=1, candid=e)  # longer than stamps.timeout = 2
+    stamp_service.inject("server_error", 1, endpoint=DETECTIONS, object_id=victims[f].object_id)
+    cfg_path = stamps_config(make_config, stamp_service.url, timeout=2.0, max_attempts=5)
+    cfg = config.load(cfg_path)
+    conn = store.connect(cfg.db_path)
+    add_alerts(conn, victims.values())
+    worker = start_worker(cfg_path, "fetcher-1", tmp_path / "worker.log")
+    try:
+        wait_until(lambda: all_final(conn), what="jobs done", timeout=60)
+    finally:
+        assert stop_worker(worker) == 0
+    for job, packet in zip(jobs(conn), victims.values(), strict=True):
+        assert job["state"] == "done", job
+        for kind, served in packet.cutouts.items():
+            assert stamp_path(cfg.images_dir, job["payload"]["date"], packet.object_id, packet.candid,
+                              kind).read_bytes() == served
+    by_candid = {job["payload"]["object_id"]: job for job in jobs(conn)}
+    # Not-yet-available is not a failed attempt; real failures are.
+    assert by_candid[victims[a].object_id]["attempts"] == 1
+    assert by_candid[victims[b].object_id]["attempts"] >= 2
+    statuses = Counter((r.candid, r.status, r.fault) for r in stamp_service.requests(STAMP))
+    assert statuses[(a, 404, "not_found")] == 2
+    assert statuses[(b, 503, "server_error")] == 2
+    assert statuses[(c, 200, "garbage")] == 1 and statuses[(d, 200, "truncated")] == 1
+    assert temporaries(cfg.images_dir) == []
+    warnings = (cfg.logs_dir / "errors.log").read_text()
+    assert "HTTP 503" in warnings and "not gzip" in warnings and "bad gzip" in warnings and "timed out" in warnings
+
+
+def test_a_job_that_keeps_failing_ends_failed_with_its_reason(make_config, stamp_service, tmp_path):
+    packet = packets()[0]
+    stamp_service.server_errors(None, status=502, candid=packet.candid)
+    cfg_path = stamps_config(make_config, stamp_service.url, max_attempts=3)
+    cfg = config.load(cfg_path)
+    conn = store.connect(cfg.db_path)
+    add_alerts(conn, [packet])
+    worker = start_worker(cfg_path, "fetcher-1", tmp_path / "worker.log")
+    try:
+        wait_until(lambda: all_final(conn), what="the job to fail")
+    finally:
+        assert stop_worker(worker) == 0
+    (job,) = jobs(conn)
+    assert (job["state"], job["attempts"]) == ("failed", 3)
+    assert "HTTP 502" in job["last_error"]
+    assert stamp_service.count(DETECTIONS) == 3  # three attempts, each asked again
+    errors = (cfg.logs_dir / "errors.log").read_text()
+    assert "ERROR" in errors and "failed after 3 attempts" in errors and "HTTP 502" in errors
+
+
+def test_unknown_object_waits_then_gives_up(make_config, stamp_service, tmp_path):
+    known, unknown, empty = packets()[:3]
+    stamp_service.unknown_object(unknown.object_id)
+    stamp_service.unknown_object(empty.object_id, empty=True)
+    cfg_path = stamps_config(make_config, stamp_service.url, unavailable_give_up=1.0)
+    cfg = config.load(cfg_path)
+    conn = store.connect(cfg.db_path)
+    add_alerts(conn, [known, unknown, empty])
+    worker = start_worker(cfg_path, "fetcher-1", tmp_path / "worker.log")
+    try:
+        wait_until(lambda: all_final(conn), what="jobs settled")
+    finally:
+        assert stop_worker(worker) == 0
+    states = {job["payload"]["object_id"]: job for job in jobs(conn)}
+    assert states[known.object_id]["state"] == "done"
+    for victim in (unknown, empty):
+        job = states[victim.object_id]
+        assert job["state"] == "failed" and "not available at ALeRCE" in job["last_error"]
+        assert job["attempts"] <= 1  # waiting for ALeRCE never counted as failed attempts
+        assert job["unavailable_since"] is not None
+        asked = stamp_service.count(DETECTIONS, candid=None)
+        assert asked >= 3
+    assert stamp_service.count(STAMP) == 3  # nothing requested for the unknown objects
+
+
+def test_not_yet_available_stays_queued_with_growing_delay(make_config, stamp_service, tmp_path):
+    packet = packets()[0]
+    stamp_service.unknown_object(packet.object_id)
+    cfg_path = stamps_config(make_config, stamp_service.url, unavailable_retry_base=0.2,
+                             unavailable_retry_max=1.0, unavailable_give_up=3600.0)
+    cfg = config.load(cfg_path)
+    conn = store.connect(cfg.db_path)
+    add_alerts(conn, [packet])
+    worker = start_worker(cfg_path, "fetcher-1", tmp_path / "worker.log")
+    try:
+        wait_until(lambda: stamp_service.count(DETECTIONS) >= 4, what="several looks at the object")
+        (job,) = jobs(conn)
+        assert job["state"] in ("ready", "leased") and job["attempts"] <= 1
+        looks = [r.at for r in stamp_service.requests(DETECTIONS)]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(looks)]
+        assert gaps[-1] > gaps[0]  # the delay grows
+        stamp_service.clear_faults()
+        wait_until(lambda: all_final(conn), what="the job to complete once ALeRCE knows the object")
+    finally:
+        assert stop_worker(worker) == 0
+    assert jobs(conn)[0]["state"] == "done"
+
+
+def test_worker_killed_mid_request_loses_nothing(make_config, stamp_service, tmp_path):
+    stamp_service.latency = 30.0  # every request hangs: the worker is certainly mid-job when killed
+    cfg_path = stamps_config(make_config, stamp_service.url, lease_seconds=1.5, timeout=60.0)
+    cfg = config.load(cfg_path)
+    conn = store.connect(cfg.db_path)
+    add_alerts(conn, packets()[:3])
+    first = start_worker(cfg_path, "fetcher-1", tmp_path / "first.log")
+    wait_until(lambda: stamp_service.arrivals() >= 3, what="requests in flight")
+    assert conn.execute("SELECT count(*) FROM jobs WHERE state = 'leased'").fetchone()[0] == 3
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    stamp_service.latency = 0.0
+    second = start_worker(cfg_path, "fetcher-2", tmp_path / "second.log")
+    try:
+        wait_until(lambda: all_final(conn), what="the killed worker's jobs to come back and complete")
+    finally:
+        assert stop_worker(second) == 0
+    for job, packet in zip(jobs(conn), packets()[:3], strict=True):
+        assert job["state"] == "done" and job["result"]["worker"] == "fetcher-2"
+        assert job["attempts"] == 2  # the killed claim counts as an attempt
+        for kind, served in packet.cutouts.items():
+            assert stamp_path(cfg.images_dir, job["payload"]["date"], packet.object_id, packet.candid,
+                              kind).read_bytes() == served
+    assert temporaries(cfg.images_dir) == []
+
+
+def test_two_workers_never_fetch_the_same_job(make_config, stamp_service, tmp_path):
+    stamp_service.latency = 0.02
+    cfg_path = stamps_config(make_config, stamp_service.url)
+    cfg = config.load(cfg_path)
+    conn = store.connect(cfg.db_path)
+    dates = ["2024-01-01", "2024-01-02", "2024-01-03"]  # distinct folders: every job must fetch its own files
+    for date in dates:
+        add_alerts(conn, packets(), date=date)
+    workers = [start_worker(cfg_path, f"fetcher-{i}", tmp_path / f"w{i}.log") for i in range(2)]
+    try:
+        wait_until(lambda: all_final(conn), what="jobs done", timeout=60)
+    finally:
+        assert [stop_worker(w) for w in workers] == [0, 0]
+    total = len(dates) * len(packets())
+    done_by = Counter(job["result"]["worker"] for job in jobs(conn))
+    assert sum(done_by.values()) == total and set(done_by) == {"fetcher-0", "fetcher-1"}
+    assert all(job["attempts"] == 1 for job in jobs(conn))
+    requests = Counter(r.path for r in stamp_service.requests(STAMP))
+    assert len(requests) == 3 * len(packets()) and sum(requests.values()) == 3 * total
+    assert stamp_service.count(DETECTIONS) == total
+
+
+def test_rate_limit_holds_across_worker_processes(make_config, stamp_service, tmp_path):
+    rate = 20.0
+    cfg_path = stamps_config(make_config, stamp_service.url, rate_limit=rate, concurrency=8)
+    cfg = config.load(cfg_path)
+    conn = store.connect(cfg.db_path)
+    add_alerts(conn, packets())  # 15 alerts: 60 requests, 3 s at 20/s
+    workers = [start_worker(cfg_path, f"fetcher-{i}", tmp_path / f"w{i}.log") for i in range(3)]
+    try:
+        wait_until(lambda: all_final(conn), what="jobs done", timeout=60)
+    finally:
+        assert [stop_worker(w) for w in workers] == [0, 0, 0]
+    times = sorted(r.at for r in stamp_service.requests())
+    assert len(times) == 60
+    busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+    # Without the limit, 3 workers x 8 alerts in flight send all 60 in well under a second. With it, slots are
+    # 50 ms apart for the whole pool: 21 in any second, plus slack for scheduling delays on a busy machine.
+    assert busiest <= rate * 1.5, busiest
+    assert times[-1] - times[0] >= (len(times) - 1) / rate * 0.9
+
+
+def test_sigterm_releases_leases_and_exits_zero(make_config, stamp_service, tmp_path):
+    stamp_service.latency = 30.0
+    cfg_path = stamps_config(make_config, stamp_service.url, timeout=60.0, lease_seconds=60.0)
+    cfg = config.load(cfg_path)
+    conn = store.connect(cfg.db_path)
+    add_alerts(conn, packets()[:6])
+    worker = start_worker(cfg_path, "fetcher-1", tmp_path / "worker.log")
+    wait_until(lambda: stamp_service.arrivals() >= 4, what="requests in flight")
+    assert conn.execute("SELECT count(*) FROM jobs WHERE state = 'leased'").fetchone()[0] == 4
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(15) == 0
+    for job in jobs(conn):
+        assert (job["state"], job["owner"], job["attempts"]) == ("ready", None, 0)
+    assert settled(conn) is False  # ready again at once, for the next worker
+    assert temporaries(cfg.images_dir) == [] if cfg.images_dir.exists() else True
+
+
+def test_standalone_service_serves_stamps(tmp_path):
+    import sys
+    import urllib.request
+
+    process = subprocess.Popen([sys.executable, "-m", "ztfd.embedded.alerce", "--latency", "0.01"],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        url = process.stdout.readline().strip()  # type: ignore[union-attr]
+        packet = packets()[0]
+        query = f"/get_stamp?oid={packet.object_id}&candid={packet.candid}&type=template&format=fits"
+        with urllib.request.urlopen(url + query, timeout=10) as response:
+            assert response.headers["Content-Type"] == "application/fits+gzip"
+            assert response.read() == packet.cutouts["template"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+
+
+def test_service_rejects_bad_parameters_and_unknown_candids(stamp_service):
+    import json
+    import urllib.error
+    import urllib.request
+
+    def get(path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(stamp_service.url + path, timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    assert get("/get_stamp?oid=x&candid=1&type=science&format=fits")[0] == 404
+    assert json.loads(get("/get_stamp?oid=x&candid=1&type=science&format=fits")[1])["message"] == "AVRO not found"
+    assert get("/get_stamp?oid=x&type=science&format=fits")[0] == 400
+    assert get(f"/get_stamp?candid={packets()[0].candid}&type=weird&format=fits")[0] == 400
+    assert get("/ztf/v1/objects/ZTF99nothing/detections")[0] == 404

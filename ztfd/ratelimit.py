@@ -1,0 +1,36 @@
+"""A politeness limit shared by every process of the pool, kept in the store.
+
+Each request takes the next free *slot* of a named limit: slots are ``1 / rate`` seconds apart, and the row in
+``rate_limits`` holds the start of the first slot nobody has taken yet. Taking slots is one short
+``UPDATE … RETURNING`` in a write transaction, so every fetcher process (and ``ztfd replay``'s) draws from the
+same sequence: across the whole pool no two requests start less than ``1 / rate`` apart, whatever the number of
+workers. There is no burst allowance: after an idle spell the first request goes at once, the next ones are
+spaced. A slot taken by a process that then dies is simply unused; nothing needs cleaning up.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from ztfd.store import transaction
+
+
+def reserve(conn: sqlite3.Connection, name: str, rate: float, count: int = 1, now: float | None = None) -> list[float]:
+    """Take ``count`` consecutive slots of limit ``name`` (``rate`` per second) and return their start times.
+
+    The caller waits until each time before sending the request it reserved; ``rate <= 0`` means no limit
+    (every slot is ``now``, the store is not touched).
+    """
+    now = time.time() if now is None else now
+    if rate <= 0 or count <= 0:
+        return [now] * max(count, 0)
+    interval = 1.0 / rate
+    with transaction(conn):
+        conn.execute("INSERT OR IGNORE INTO rate_limits (name, next_at) VALUES (?, ?)", (name, now))
+        row = conn.execute(
+            "UPDATE rate_limits SET next_at = max(next_at, ?) + ? WHERE name = ? RETURNING next_at",
+            (now, count * interval, name),
+        ).fetchone()
+    first = row["next_at"] - count * interval
+    return [first + index * interval for index in range(count)]

@@ -1,0 +1,247 @@
+"""``ztfd replay --date``: refetch the stamps of every stored alert of one date.
+
+The alerts table is the list of what should be there. For each alert, the stamp triplet (and preview) is checked
+on disk with the candid a previous job chose; alerts whose files are missing or invalid, or all with ``--force``,
+get a stamp job in a new *batch*. Then either the daemon does the work (some fetcher heartbeats and its process
+is alive: the jobs join its queue and replay waits for its batch) or replay runs its own worker processes on the
+batch, the same worker code as ``ztfd fetch``. Jobs that ALeRCE cannot serve yet are left queued, to be looked at
+again by the daemon on the not-yet-available schedule; they are reported, not failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import multiprocessing
+import sqlite3
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import click
+
+from ztfd import jobqueue, store
+from ztfd.config import Config
+from ztfd.stamps import STAMP_TYPES, preview_path, read_valid, run_worker, stamp_path
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+POLL_SECONDS = 0.2
+REPORT_EVERY = 5.0  # seconds between progress lines when stdout is not a terminal
+
+
+@dataclass
+class Progress:
+    done: int = 0
+    failed: int = 0
+    unavailable: int = 0  # waiting for ALeRCE, left queued
+    pending: int = 0  # ready, leased or backing off after a failure
+
+    @property
+    def settled(self) -> int:
+        return self.done + self.failed + self.unavailable
+
+
+def parse_date(text: str) -> str | None:
+    try:
+        return dt.date.fromisoformat(text).isoformat() if len(text) == 10 else None
+    except ValueError:
+        return None
+
+
+def run(cfg: Config, date: str, topic: str | None = None, force: bool = False, workers: int | None = None) -> int:
+    if parse_date(date) is None:
+        click.echo(f"ztfd: replay: --date must be a date as YYYY-MM-DD, not {date!r}", err=True)
+        return EXIT_USAGE
+    if topic is not None and topic not in cfg.kafka.topics:
+        log.warning("replay: topic %s is not in kafka.topics; replaying what is stored for it anyway", topic)
+    conn = store.connect(cfg.db_path)
+    try:
+        return _replay(conn, cfg, date, topic, force, workers or cfg.stamps.workers)
+    finally:
+        conn.close()
+
+
+def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None, force: bool, workers: int) -> int:
+    where, args = ("date = ?", [date]) if topic is None else ("date = ? AND topic = ?", [date, topic])
+    alerts = conn.execute(
+        f"SELECT id, topic, object_id, date, obs_mjd FROM alerts WHERE {where} ORDER BY id", args
+    ).fetchall()
+    scope = f"{date}" + (f" topic {topic}" if topic else "")
+    if not alerts:
+        click.echo(f"replay {scope}: no stored alerts")
+        return EXIT_OK
+    known = _known_candids(conn, date)
+    payloads = []
+    for alert in alerts:
+        previous = known.get(alert["id"])
+        if not force and previous is not None and triplet_complete(cfg, alert["date"], alert["object_id"], previous[0]):
+            continue
+        payload = {"alert_id": alert["id"], "object_id": alert["object_id"], "topic": alert["topic"],
+                   "date": alert["date"], "obs_mjd": alert["obs_mjd"]}
+        if previous is not None:
+            payload["candid"], payload["candid_mjd"] = previous
+        if force:
+            payload["force"] = True
+        payloads.append(payload)
+    complete = len(alerts) - len(payloads)
+    if force:
+        click.echo(f"replay {scope}: {len(alerts)} alerts, all {len(payloads)} to fetch again (--force)")
+    else:
+        click.echo(f"replay {scope}: {len(alerts)} alerts, {complete} complete on disk, {len(payloads)} to fetch")
+    if not payloads:
+        return EXIT_OK
+    batch = f"replay:{date}:{uuid.uuid4().hex[:12]}"
+    with store.transaction(conn):
+        jobqueue.enqueue(conn, jobqueue.STAMPS, payloads, batch=batch)
+    log.info("replay %s: queued %d stamp jobs as batch %s (force=%s)", scope, len(payloads), batch, force)
+    fetchers = running_fetchers(conn, cfg)
+    if fetchers:
+        click.echo(f"the daemon is running ({len(fetchers)} fetchers): queued as batch {batch}, waiting for it")
+        progress = _wait(conn, batch, len(payloads), processes=None)
+    else:
+        click.echo(f"the daemon is not running: fetching with {workers} worker process{'es' if workers > 1 else ''}")
+        progress = _fetch_in_foreground(conn, cfg, batch, len(payloads), workers)
+    return _summarise(conn, scope, batch, progress, len(payloads))
+
+
+def _known_candids(conn: sqlite3.Connection, date: str) -> dict[int, tuple[int, float | None]]:
+    """alert id -> (candid, its MJD) chosen by the latest completed stamp job of that alert."""
+    rows = conn.execute(
+        "SELECT payload, result FROM jobs WHERE kind = ? AND state = 'done' AND result IS NOT NULL "
+        "AND json_extract(payload, '$.date') = ? ORDER BY id",
+        (jobqueue.STAMPS, date),
+    ).fetchall()
+    known = {}
+    for row in rows:
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            payload, result = json.loads(row["payload"]), json.loads(row["result"])
+            known[int(payload["alert_id"])] = (int(result["candid"]), result.get("mjd"))
+    return known
+
+
+def triplet_complete(cfg: Config, date: str, object_id: str, candid: int) -> bool:
+    """All three stamps valid on disk (and the preview present when previews are on)."""
+    for kind in STAMP_TYPES:
+        if read_valid(stamp_path(cfg.images_dir, date, object_id, candid, kind)) is None:
+            return False
+    return not cfg.stamps.previews or preview_path(cfg.images_dir, date, object_id, candid).exists()
+
+
+def running_fetchers(conn: sqlite3.Connection, cfg: Config) -> list[str]:
+    """Names of daemon fetchers alive now: a fresh heartbeat and a live process behind it."""
+    import psutil
+
+    fresh_since = time.time() - cfg.supervisor.heartbeat_timeout
+    rows = conn.execute(
+        "SELECT name, pid FROM processes WHERE role = 'fetcher' AND heartbeat_at >= ? AND pid IS NOT NULL",
+        (fresh_since,),
+    ).fetchall()
+    alive = []
+    for row in rows:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(row["pid"]).status() != psutil.STATUS_ZOMBIE:
+                alive.append(row["name"])
+    return alive
+
+
+def batch_progress(conn: sqlite3.Connection, batch: str) -> Progress:
+    rows = conn.execute(
+        "SELECT CASE WHEN state = 'ready' AND waiting = 'unavailable' AND not_before > ? THEN 'unavailable' "
+        "ELSE state END AS bucket, count(*) AS n FROM jobs WHERE batch = ? GROUP BY bucket",
+        (time.time(), batch),
+    ).fetchall()
+    progress = Progress()
+    for row in rows:
+        if row["bucket"] in ("done", "failed", "unavailable"):
+            setattr(progress, row["bucket"], row["n"])
+        else:
+            progress.pending += row["n"]
+    return progress
+
+
+def _replay_worker(cfg: Config, name: str, batch: str) -> None:
+    """Entry point of one foreground worker process (spawned: a clean interpreter, its own store connection)."""
+    from ztfd import logs
+
+    logs.setup(cfg.logs_dir, cfg.logging.level, cfg.logging.max_bytes, cfg.logging.backup_count, console=False)
+    sys.exit(run_worker(cfg, name, batch=batch))
+
+
+def _fetch_in_foreground(conn: sqlite3.Connection, cfg: Config, batch: str, total: int, workers: int) -> Progress:
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_replay_worker, args=(cfg, f"replay:{index}", batch), name=f"replay-{index}")
+        for index in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        return _wait(conn, batch, total, processes)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()  # SIGTERM: the worker releases its leases and exits 0
+        for process in processes:
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def _wait(conn: sqlite3.Connection, batch: str, total: int, processes: list | None) -> Progress:
+    """Poll the batch until every job is settled (or the foreground workers are gone), showing progress."""
+    progress = batch_progress(conn, batch)
+    shown = 0
+    last_report = time.monotonic()
+    try:
+        with _progress_bar(total) as bar:
+            while True:
+                progress = batch_progress(conn, batch)
+                if bar is not None:
+                    bar.update(progress.settled - shown)
+                elif time.monotonic() - last_report >= REPORT_EVERY:
+                    click.echo(f"  {progress.settled}/{total} settled: done {progress.done}, failed "
+                               f"{progress.failed}, not yet available {progress.unavailable}")
+                    last_report = time.monotonic()
+                shown = progress.settled
+                if progress.settled >= total:
+                    break
+                if processes is not None and not any(p.is_alive() for p in processes):
+                    progress = batch_progress(conn, batch)
+                    break
+                time.sleep(POLL_SECONDS)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: the batch's remaining jobs stay queued for the daemon", err=True)
+    return progress
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int) -> Iterator:
+    if not sys.stdout.isatty():
+        yield None
+        return
+    with click.progressbar(length=total, label="stamps") as bar:
+        yield bar
+
+
+def _summarise(conn: sqlite3.Connection, scope: str, batch: str, progress: Progress, total: int) -> int:
+    click.echo(
+        f"replay {scope}: done {progress.done}, failed {progress.failed}, "
+        f"not yet available {progress.unavailable}, unfinished {total - progress.settled}"
+    )
+    if progress.unavailable:
+        click.echo("  not-yet-available jobs stay queued: the daemon looks again on its schedule")
+    failures = conn.execute(
+        "SELECT json_extract(payload, '$.object_id') AS object_id, last_error FROM jobs "
+        "WHERE batch = ? AND state = 'failed' ORDER BY id LIMIT 10",
+        (batch,),
+    ).fetchall()
+    for row in failures:
+        click.echo(f"  failed {row['object_id']}: {row['last_error']}")
+    return EXIT_FAILED if progress.failed or progress.settled < total else EXIT_OK
