@@ -37,7 +37,8 @@ from ztfd.supervisor import is_our_child, pid_alive, proc_environ
 
 ALERTS = 2200
 WAVES = 4
-CHAOS_SECONDS = 60.0
+CHAOS_SECONDS = 75.0
+GROUP_SETTLE = 20.0
 CHILD_ROLES = ("consumer", "fetcher", "syncer")
 
 
@@ -180,16 +181,25 @@ def test_nothing_lost_or_duplicated_under_kill9_and_outages(broker: ProxiedBroke
             conn = store.connect(cfg.db_path)
 
             # The script of the chaos phase (seconds from now): waves of messages, a broker outage, the supervisor's
-            # death; random children are killed with -9 in between, every 2-4 s.
+            # death; random children are killed with -9 in between, every 2-4 s. Tansu 0.6 never expires a group
+            # leader that leaves or dies *during* a rebalance (every later JoinGroup names the dead leader, nobody
+            # gets partitions, for minutes; real Kafka drops it after session.timeout.ms). So the test disturbs
+            # the consumer group once at a time: after a consumer kill or the supervisor's death (whose consumers
+            # leave together) it lets the group settle for GROUP_SETTLE seconds before the next one.
             events = [(8.0, "wave", 1), (16.0, "cut", None), (28.0, "restore", None), (31.0, "wave", 2),
                       (38.0, "kill-supervisor", None), (46.0, "wave", 3)]
             kills: collections.Counter[str] = collections.Counter()
             t0 = time.monotonic()
+            group_disturbed = t0 - GROUP_SETTLE
             next_kill = t0 + rng.uniform(2, 4)
             while time.monotonic() - t0 < CHAOS_SECONDS:
                 now = time.monotonic() - t0
+                group_settled = time.monotonic() - group_disturbed >= GROUP_SETTLE
                 while events and events[0][0] <= now:
-                    _, what, arg = events.pop(0)
+                    _, what, arg = events[0]
+                    if what == "kill-supervisor" and not group_settled:
+                        break
+                    events.pop(0)
                     if what == "wave":
                         produce(waves[arg])
                     elif what == "cut":
@@ -203,17 +213,21 @@ def test_nothing_lost_or_duplicated_under_kill9_and_outages(broker: ProxiedBroke
                         wait_for(lambda pid=supervisor_pid: not pid_alive(pid), 10, "the supervisor to die")
                         restarted = cli(cfg_path, "start", env=env)
                         assert restarted.returncode == 0, restarted.stderr
+                        group_disturbed = time.monotonic()
                 if time.monotonic() >= next_kill:
-                    children = live_children(conn, cfg)
+                    children = [(name, pid) for name, pid in live_children(conn, cfg)
+                                if group_settled or not name.startswith("consumer:")]
                     if children:
                         name, pid = rng.choice(children)
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(pid, signal.SIGKILL)
                             kills[name.split(":")[0]] += 1
+                            if name.startswith("consumer:"):
+                                group_disturbed = time.monotonic()
                     next_kill = time.monotonic() + rng.uniform(2, 4)
                 time.sleep(0.1)
             assert not events
-            assert kills["consumer"] and kills["fetcher"] and kills["syncer"] and kills["supervisor"] == 1, kills
+            assert kills["consumer"] >= 2 and kills["fetcher"] and kills["syncer"] and kills["supervisor"] == 1, kills
 
             def settled() -> bool:
                 stored = conn.execute("SELECT count(*) FROM alerts").fetchone()[0]

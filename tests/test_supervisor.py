@@ -99,6 +99,9 @@ def test_start_status_second_start_and_stop(daemon_config: tuple[Path, list[str]
     again = run(cfg_path, "start")
     assert again.returncode != 0
     assert f"pid {pid}" in again.stderr
+    config.load(cfg_path).pidfile.unlink()  # deleted by hand: the lock still tells
+    again = run(cfg_path, "start")
+    assert again.returncode != 0 and f"pid {pid}" in again.stderr
 
     wait_for(lambda: all_consumers_up(cfg_path, topics), 60, "both consumers to heartbeat")
     kafka.produce(topics[0], message_stream(30))
@@ -281,3 +284,17 @@ def test_foreground_supervisor_stops_on_sigterm(daemon_config: tuple[Path, list[
     assert not config.load(cfg_path).pidfile.exists()
     last_exits = {p["last_exit"] for p in status(cfg_path)[1]["processes"]}
     assert last_exits == {"exit 0"}  # consumers finished their batch and exited cleanly
+
+
+def test_stop_kills_a_supervisor_that_does_not_stop_and_its_children(daemon_config: tuple[Path, list[str]]) -> None:
+    cfg_path, topics = daemon_config
+    assert run(cfg_path, "start").returncode == 0
+    children = [p["pid"] for p in wait_for(lambda: all_consumers_up(cfg_path, topics), 60, "consumers up")]
+    pid = supervisor_pid(cfg_path)
+    os.kill(pid, signal.SIGSTOP)  # it cannot act on SIGTERM now
+    stopped = run(cfg_path, "stop", "--timeout", "2")
+    assert stopped.returncode == 0
+    assert f"supervisor (pid {pid}) did not stop within 2s" in stopped.stderr
+    assert not pid_alive(pid) and not any(pid_alive(c) for c in children)
+    assert not config.load(cfg_path).pidfile.exists()
+    assert status(cfg_path)[0] == 3

@@ -101,11 +101,17 @@ def lock_held(path: Path) -> bool:
 
 
 def running_pid(cfg: config.Config) -> int | None:
-    """The pid of the running supervisor, or None (no pidfile, or a stale one)."""
-    pid = read_pid(cfg.pidfile)
-    if pid is None or not pid_alive(pid) or not lock_held(lock_path(cfg)):
+    """The pid of the running supervisor, or None (no pidfile, or a stale one).
+
+    The lock file holds the pid too, so a supervisor is still found if someone deleted its pidfile.
+    """
+    if not lock_held(lock_path(cfg)):
         return None
-    return pid
+    for source in (cfg.pidfile, lock_path(cfg)):
+        pid = read_pid(source)
+        if pid is not None and pid_alive(pid):
+            return pid
+    return None
 
 
 class AlreadyRunningError(Exception):
@@ -122,7 +128,9 @@ def acquire_pidfile(cfg: config.Config) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise AlreadyRunningError(read_pid(cfg.pidfile)) from None
+        raise AlreadyRunningError(read_pid(cfg.pidfile) or read_pid(lock_path(cfg))) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     old = read_pid(cfg.pidfile)
     if old is not None:
         log.warning("replacing stale pidfile %s (pid %d is not a running supervisor)", cfg.pidfile, old)
@@ -156,6 +164,8 @@ class Child:
     next_start: float = 0.0
     kill_deadline: float | None = None  # set while a hung child is being terminated
     kill_reason: str | None = None
+    beat_value: float | None = None  # the last heartbeat_at seen in the store for this pid
+    beat_seen: float = 0.0  # monotonic time it was first seen
     state: str = "starting"
     last_exit: str | None = None
 
@@ -329,7 +339,8 @@ class Supervisor:
             self._schedule_restart(child, f"cannot start: {exc}")
             return
         child.pid, child.started_at, child.state = pid, time.monotonic(), "running"
-        child.kill_deadline = child.kill_reason = None
+        child.kill_deadline = child.kill_reason = child.beat_value = None
+        child.beat_seen = 0.0
         self._record(child, started=True)
         log.info("%s started (pid %d)", child.name, pid)
 
@@ -374,7 +385,7 @@ class Supervisor:
     def _check_heartbeats(self) -> None:
         """Kill children whose heartbeat is older than heartbeat_timeout; SIGKILL those past their grace."""
         timeout = self.cfg.supervisor.heartbeat_timeout
-        now_wall, now = time.time(), time.monotonic()
+        now = time.monotonic()
         try:
             rows = {r["name"]: r for r in self.conn.execute("SELECT name, pid, heartbeat_at FROM processes")}
         except sqlite3.Error as exc:
@@ -391,9 +402,11 @@ class Supervisor:
                     child.kill_deadline = now + 3600  # reaped by _reap; do not signal again
                 continue
             row = rows.get(child.name)
-            silent = now - child.started_at
-            if row is not None and row["pid"] == child.pid and row["heartbeat_at"] is not None:
-                silent = min(silent, now_wall - row["heartbeat_at"])
+            if row is not None and row["pid"] == child.pid and row["heartbeat_at"] != child.beat_value:
+                # A new heartbeat. Its age is measured on our monotonic clock from when we first saw it, so a
+                # wall-clock step (NTP) can neither make every child look silent nor hide a hung one.
+                child.beat_value, child.beat_seen = row["heartbeat_at"], now
+            silent = now - max(child.started_at, child.beat_seen)
             if silent > timeout:
                 child.kill_reason = f"no heartbeat for {silent:.0f}s"
                 log.error("%s (pid %d): %s: terminating", child.name, child.pid, child.kill_reason)
@@ -627,24 +640,22 @@ def stop(cfg: config.Config, timeout: float | None = None) -> int:
         _kill_leftovers(cfg, timeout)
         return 0
     os.kill(pid, signal.SIGTERM)
-    # The supervisor itself waits stop_timeout for its children; give it that plus a margin before forcing.
-    deadline = time.monotonic() + timeout + 5
+    deadline = time.monotonic() + timeout
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     if pid_alive(pid):
-        click.echo(f"ztfd: supervisor (pid {pid}) did not stop within {timeout:.0f}s: killing it and its children",
+        click.echo(f"ztfd: supervisor (pid {pid}) did not stop within {timeout:.0f}s: killing its children and it",
                    err=True)
+        _kill_leftovers(cfg, 0)  # children first: a supervisor that is stopping restarts nothing
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         end = time.monotonic() + 5
         while pid_alive(pid) and time.monotonic() < end:
             time.sleep(0.05)
-        _kill_leftovers(cfg, 0)
         with contextlib.suppress(FileNotFoundError):
             if read_pid(cfg.pidfile) == pid:
                 cfg.pidfile.unlink()
-    else:
-        _kill_leftovers(cfg, timeout)
+    _kill_leftovers(cfg, timeout)
     click.echo(f"ztfd: stopped (pid {pid})")
     return 0
 
