@@ -21,6 +21,20 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_CONFIG = 2
 
+# The one-line descriptions ``ztfd --help`` lists; each command's own --help has the full text.
+SHORT = {
+    "consume": "Consume one topic in the foreground.",
+    "fetch": "Run one stamp worker in the foreground.",
+    "replay": "Refetch the stamps of one day.",
+    "sync": "Upload new files to S3 (daemon or --once).",
+    "start": "Start the daemon.",
+    "stop": "Stop the daemon.",
+    "status": "Show what runs and how far it got.",
+    "config": "Print the effective configuration.",
+    "rejected": "List rejected (poison) messages.",
+    "demo": "Run the pipeline on embedded local services.",
+}
+
 
 def load_config(ctx: click.Context) -> config.Config:
     """Load the configuration or exit 2 with one line naming the key."""
@@ -61,7 +75,7 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
     ctx.obj["config_path"] = config_path
 
 
-@main.command()
+@main.command(short_help=SHORT["consume"])
 @click.option("--topic", required=True, help="The Kafka topic to consume (one of kafka.topics).")
 @click.pass_context
 def consume(ctx: click.Context, topic: str) -> None:
@@ -76,7 +90,7 @@ def consume(ctx: click.Context, topic: str) -> None:
     ctx.exit(consumer.run(cfg, topic, process_name(f"consumer:{topic}")))
 
 
-@main.command()
+@main.command(short_help=SHORT["fetch"])
 @click.pass_context
 def fetch(ctx: click.Context) -> None:
     """Run one stamp worker in the foreground: claim stamp jobs, fetch from ALeRCE, until SIGTERM."""
@@ -87,7 +101,7 @@ def fetch(ctx: click.Context) -> None:
     ctx.exit(stamps.run_worker(cfg, process_name(f"fetcher:{os.getpid()}")))
 
 
-@main.command()
+@main.command(short_help=SHORT["replay"])
 @click.option("--date", "date", required=True, help="The partition date, YYYY-MM-DD.")
 @click.option("--topic", default=None, help="Only alerts of this topic.")
 @click.option("--force", is_flag=True, help="Refetch every stamp, not only missing or invalid ones.")
@@ -102,7 +116,7 @@ def replay(ctx: click.Context, date: str, topic: str | None, force: bool, worker
     ctx.exit(replay_module.run(cfg, date, topic=topic, force=force, workers=workers))
 
 
-@main.command()
+@main.command(short_help=SHORT["sync"])
 @click.option("--once", is_flag=True, help="One pass, then exit (for cron).")
 @click.option("--dry-run", is_flag=True, help="List what would be uploaded; upload nothing.")
 @click.option("--full", is_flag=True, help="Also reconcile the manifest with the files on disk.")
@@ -116,7 +130,7 @@ def sync(ctx: click.Context, once: bool, dry_run: bool, full: bool) -> None:
     ctx.exit(sync_module.run(cfg, once=once, dry_run=dry_run, full=full, name=process_name("syncer")))
 
 
-@main.command()
+@main.command(short_help=SHORT["start"])
 @click.option("--foreground", is_flag=True, help="Stay in the foreground (systemd, a terminal).")
 @click.pass_context
 def start(ctx: click.Context, foreground: bool) -> None:
@@ -127,7 +141,7 @@ def start(ctx: click.Context, foreground: bool) -> None:
     ctx.exit(supervisor.start(cfg, foreground=foreground))
 
 
-@main.command()
+@main.command(short_help=SHORT["stop"])
 @click.option("--timeout", type=click.FloatRange(min=0), default=None,
               help="Seconds to wait before SIGKILL (default supervisor.stop_timeout).")
 @click.pass_context
@@ -139,7 +153,7 @@ def stop(ctx: click.Context, timeout: float | None) -> None:
     ctx.exit(supervisor.stop(cfg, timeout=timeout))
 
 
-@main.command()
+@main.command(short_help=SHORT["status"])
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the table.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
@@ -152,7 +166,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     ctx.exit(0 if report["running"] else 3)
 
 
-@main.command(name="config")
+@main.command(short_help=SHORT["config"], name="config")
 @click.pass_context
 def show_config(ctx: click.Context) -> None:
     """Print the effective configuration (file + environment), secrets masked."""
@@ -160,7 +174,7 @@ def show_config(ctx: click.Context) -> None:
     click.echo(json.dumps(cfg.masked(), indent=2))
 
 
-@main.command()
+@main.command(short_help=SHORT["rejected"])
 @click.option("--topic", default=None, help="Only this topic.")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @click.pass_context
@@ -173,7 +187,7 @@ def rejected(ctx: click.Context, topic: str | None, limit: int) -> None:
         click.echo(line)
 
 
-@main.command()
+@main.command(short_help=SHORT["demo"])
 @click.option("--keep", is_flag=True, help="Keep the demo home to browse afterwards.")
 @click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Demo home (default: a new temporary folder).")
