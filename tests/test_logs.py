@@ -11,6 +11,7 @@ from ztfd import logs
 WRITERS = 4
 LINES = 5000
 PADDING = "x" * 60
+BLOCK = 5
 LINE = re.compile(r"^w(\d+) (\d+) " + PADDING + "$")
 
 
@@ -24,8 +25,12 @@ def write_lines(logs_dir: str, writer: int, start: multiprocessing.synchronize.E
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    for n in range(LINES):
-        logger.info("w%d %d %s", writer, n, PADDING)
+    if writer % 2 == 0:  # records, one line each (ztfd.log, errors.log)
+        for n in range(LINES):
+            logger.info("w%d %d %s", writer, n, PADDING)
+    else:  # blocks of BLOCK lines in one write (a consumer's per-batch topic log)
+        for first in range(0, LINES, BLOCK):
+            handler.write_block("".join(f"w{writer} {n} {PADDING}\n" for n in range(first, first + BLOCK)).encode())
     handler.close()
 
 
@@ -50,6 +55,6 @@ def test_concurrent_writers_through_rotation_lose_and_interleave_nothing(tmp_pat
             seen[int(match.group(1))].append(int(match.group(2)))
     for writer, numbers in seen.items():
         assert sorted(numbers) == list(range(LINES)), f"writer {writer}: lost or duplicated lines"
-    # Rotation keeps files at max_bytes, but for at most one late line per other writer (written to a file just
-    # rotated away by another process, before this one noticed: late, not lost).
-    assert max(f.stat().st_size for f in files) <= 20_000 + (WRITERS - 1) * 80
+    # Rotation keeps files at max_bytes, but for at most one late write per other writer (to a file just rotated
+    # away by another process, before this one noticed: late, not lost).
+    assert max(f.stat().st_size for f in files) <= 20_000 + (WRITERS - 1) * BLOCK * 80
