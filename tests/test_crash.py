@@ -5,6 +5,12 @@ are killed with -9 every few seconds, the supervisor itself once, the Kafka brok
 proxy in front of Tansu, which advertises the proxy's port) and the stamp service fails a fifth of its requests.
 Then ``ztfd stop`` and a final ``ztfd sync --once``, and every alert must be stored exactly once, every stamp
 triplet be on disk byte for byte as served, the bucket equal the disk, nothing leased, no process left.
+
+Known flake (Tansu 0.6, not ztfd): when the members of a consumer group leave while a rebalance is in progress
+(the supervisor's death sends SIGTERM to both consumers at once), Tansu keeps naming the departed member as the
+group leader in every later JoinGroup, so no consumer ever gets partitions (seen for minutes; librdkafka's cgrp
+debug log shows "SyncGroup error: Group rebalance in progress" forever). The test then times out waiting for the
+alerts. A consumer that assigns its partitions itself instead of joining a group would not depend on this.
 """
 
 from __future__ import annotations
