@@ -324,7 +324,8 @@ def render(report: dict[str, Any]) -> str:
     if report["processes"]:
         out += _table(
             ["role", "topic", "pid", "state", "uptime", "restarts", "heartbeat", "last exit"],
-            [[p["role"], p["topic"], p["pid"] if p["alive"] else "-", p["state"], _age(p["uptime"]), p["restarts"],
+            [[p["role"] if p["role"] == "consumer" else p["name"], p["topic"], p["pid"] if p["alive"] else "-",
+              p["state"], _age(p["uptime"]), p["restarts"],
               _age(p["heartbeat_age"]) + (" ago" if p["heartbeat_age"] is not None else ""), p["last_exit"]]
              for p in report["processes"]],
         )
