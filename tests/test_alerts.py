@@ -111,3 +111,26 @@ def test_document_keeps_the_message_bytes_verbatim() -> None:
 def test_file_names_are_stable_and_distinguish_generations() -> None:
     assert alerts.file_name("ZTF21abvawaj", 0, 12, 0) == "ZTF21abvawaj_p0-o12.json"
     assert alerts.file_name("ZTF21abvawaj", 0, 12, 1) == "ZTF21abvawaj_g1-p0-o12.json"
+
+
+def test_only_time_like_names_are_time_fields() -> None:
+    # A filter may select any alias; one that merely contains "mjd" must not make its alerts invalid.
+    message = parsed({"objectId": "ZTF21abvawaj", "mjd_span": 5.2, "adjusted": 1, "jdmax": 2459458.7179051})
+    assert set(message.times_utc) == {"jdmax"}
+    for name in ("jd", "jdmin", "jdgmax", "jdstarthist", "jd_g_minus_r", "mjdmax", "midpointMjdTai"):
+        assert alerts.time_kind(name) is not None, name
+
+
+def test_nested_lsst_times_are_converted_and_count_for_the_date() -> None:
+    raw = (b'{"diaObjectId": 313637921267122191, "UTC": "2025-11-04 05:16:48", "alert": {"diaSourcesList": ['
+           b'{"midpointMjdTai": 60983.20685446523, "band": "i"}, {"midpointMjdTai": "junk"}]}}')
+    message = parsed(raw)
+    assert list(message.times_utc) == ["alert.diaSourcesList[0].midpointMjdTai"]
+    assert message.partition_date(RECEIVED) == "2025-11-04"
+
+
+def test_document_is_byte_exact_even_with_surrounding_whitespace() -> None:
+    raw = b'  {"objectId": "ZTF21abvawaj"}\n'
+    doc = alerts.document(alerts.parse(raw, MAX), {})
+    assert doc.startswith(b'{"message": ' + raw + b', "ztfd"')
+    assert json.loads(doc)["message"] == {"objectId": "ZTF21abvawaj"}

@@ -249,12 +249,12 @@ def test_alerts_stored_before_a_crash_get_their_files(tmp_path: Path) -> None:
             "INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, path, received_at, "
             "document) VALUES ('t', 0, 0, 7, 'ZTF21abvawaj', '2021-09-01', "
             "'data/2021-09-01/t/ZTF21abvawaj_p0-o7.json', 0, ?)", (document,))
-    assert recover_unwritten(conn, tmp_path, "t") == 1
+    assert len(recover_unwritten(conn, tmp_path, "t")) == 1
     assert (tmp_path / "data/2021-09-01/t/ZTF21abvawaj_p0-o7.json").read_bytes() == document
     row = conn.execute("SELECT written, document FROM alerts").fetchone()
     assert tuple(row) == (1, None)
     assert conn.execute("SELECT state FROM manifest").fetchone()[0] == "pending"
-    assert recover_unwritten(conn, tmp_path, "t") == 0
+    assert recover_unwritten(conn, tmp_path, "t") == []
 
 
 def test_a_recreated_topic_starts_a_new_generation(
@@ -289,3 +289,26 @@ def test_a_recreated_topic_starts_a_new_generation(
     new_files = [path for path in alert_files(home) if path not in first]
     assert len(new_files) == 5 and all("_g1-p0-o" in path.name for path in new_files)
     assert sorted(seqs_on_disk(home)) == [*range(20), *range(100, 105)]
+
+
+def test_a_batch_spanning_a_recreation_resumes_in_the_new_generation() -> None:
+    from ztfd.consumer import Incoming, next_offsets
+
+    # The deleted topic's last offsets (100, 101) and the recreated topic's first (0..4) in one batch.
+    items = [Incoming(None, 0, 100, 0), Incoming(None, 0, 101, 0)] + [Incoming(None, 0, o, 1) for o in range(5)]
+    items.append(Incoming(None, 1, 7, 0))
+    assert next_offsets(items) == {0: (1, 5), 1: (0, 8)}
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_but_not_those_of_live_ones(tmp_path: Path) -> None:
+    from ztfd.files import remove_stale_temporaries
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".a.json.{dead.pid}-1.tmp"
+    live = tmp_path / f".a.json.{os.getpid()}-1.tmp"
+    keep = tmp_path / "a.json"
+    for path in (stale, live, keep):
+        path.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert not stale.exists() and live.exists() and keep.exists()

@@ -30,6 +30,7 @@ def drain(db: str, results: mp.Queue) -> None:  # runs in a child process
         jobs = jobqueue.claim(conn, KIND, owner, lease_seconds=60, limit=3)
         if not jobs:
             break
+        time.sleep(0.002)  # hold the leases a moment, as real work does, so that workers' leases overlap
         for job in jobs:
             taken.append(job.id)
             assert jobqueue.complete(conn, job.id, owner)
@@ -130,3 +131,30 @@ def test_expired_leases_are_requeued_before_claiming(tmp_path: Path, lease: floa
     assert again.id == job.id
     assert not jobqueue.complete(conn, job.id, dead)
     assert jobqueue.complete(conn, job.id, alive)
+
+
+def test_a_job_that_kills_its_worker_every_time_ends_failed(tmp_path: Path) -> None:
+    conn = store.connect(tmp_path / "ztfd.sqlite3")
+    with store.transaction(conn):
+        jobqueue.enqueue(conn, KIND, [{"n": "poison"}], now=0.0)
+    for attempt in range(1, 4):  # three workers claim it and die (their leases simply run out)
+        [job] = jobqueue.claim(conn, KIND, jobqueue.new_owner(), 10, now=attempt * 100.0, max_attempts=3)
+        assert job.attempts == attempt
+    assert jobqueue.claim(conn, KIND, jobqueue.new_owner(), 10, now=1000.0, max_attempts=3) == []
+    state, reason = conn.execute("SELECT state, last_error FROM jobs").fetchone()
+    assert state == "failed"
+    assert "died or hung 3 times" in reason
+
+
+def test_a_duplicate_of_a_waiting_job_is_not_queued(tmp_path: Path) -> None:
+    conn = store.connect(tmp_path / "ztfd.sqlite3")
+    key = lambda payload: payload["object"]  # noqa: E731
+    with store.transaction(conn):
+        assert jobqueue.enqueue(conn, KIND, [{"object": "A"}, {"object": "B"}, {"object": "A"}], dedupe_key=key) == 2
+    owner = jobqueue.new_owner()
+    first = jobqueue.claim(conn, KIND, owner, 60)[0]
+    with store.transaction(conn):  # still running: a resend of A is not queued again
+        assert jobqueue.enqueue(conn, KIND, [{"object": "A"}], dedupe_key=key) == 0
+    assert jobqueue.complete(conn, first.id, owner)
+    with store.transaction(conn):  # finished: a later retrigger is looked at again
+        assert jobqueue.enqueue(conn, KIND, [{"object": "A"}], dedupe_key=key) == 1

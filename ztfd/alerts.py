@@ -5,7 +5,8 @@ topic_refresh rows), so validation is strict about the little ztfd relies on and
 - an identifier: ``objectId`` (ZTF) or ``diaObjectId`` (Lasair-LSST, an int64), a plain name that cannot leave
   its folder;
 - time fields: every top-level key that names a JD or MJD (``jd``, ``jdmax``, ``mjdmax``,
-  ``lastDiaSourceMjdTai``…) must be a number in range or null; ``UTC`` must be a date-time when present.
+  ``lastDiaSourceMjdTai``…, see ``JD_NAME``) must be a number in range or null; ``UTC`` must be a date-time when
+  present. Time fields nested in objects and lists are converted too when valid, and otherwise ignored.
 
 Times are converted with astropy a batch at a time (one ``Time`` per kind of field, not one per value). A field
 whose name ends in ``Tai`` is TAI (Rubin's ``midpointMjdTai`` convention), every other one UTC.
@@ -30,6 +31,7 @@ JD_MJD_OFFSET = 2400000.5
 MJD_RANGE = (15020.0, 88069.0)
 JD_RANGE = (MJD_RANGE[0] + JD_MJD_OFFSET, MJD_RANGE[1] + JD_MJD_OFFSET)
 MAX_REASON = 300
+MAX_NESTING = 8
 
 
 class InvalidMessageError(ValueError):
@@ -71,14 +73,21 @@ class Message:
         return received_at.astimezone(dt.UTC).date().isoformat()
 
 
+# Names of JD/MJD fields: Lasair-ZTF's objects columns (jd…, jdmin, jdmax, jdgmax, jdrmax, jdstarthist, jd_g_minus_r)
+# and the usual SELECT aliases (mjd, mjdmin, mjdmax, mjd_g…), and Rubin's …MjdTai fields. Deliberately narrow: a
+# field named like a time must hold a time, so a loose rule (any name containing "mjd") would reject good alerts
+# that select, say, an "mjd_span" of days.
+JD_NAME = re.compile(r"^m?jd(min|max|[ugrizy]max|[ugrizy]min|starthist|endhist|_[ugrizy]_minus_[ugrizy]|_[ugrizy])?$",
+                     re.IGNORECASE)
+TAI_NAME = re.compile(r"mjdtai$", re.IGNORECASE)
+
+
 def time_kind(key: str) -> tuple[str, str] | None:
     """(kind, scale) when ``key`` names a JD or MJD field, else None."""
-    lowered = key.lower()
-    scale = "tai" if lowered.endswith("tai") else "utc"
-    if "mjd" in lowered:
-        return "mjd", scale
-    if lowered.startswith("jd"):
-        return "jd", scale
+    if TAI_NAME.search(key):
+        return "mjd", "tai"
+    if JD_NAME.match(key):
+        return ("mjd" if key[0] in "mM" else "jd"), "utc"
     return None
 
 
@@ -129,6 +138,9 @@ def _object_id(body: dict[str, Any]) -> str:
 
 
 def _time_fields(body: dict[str, Any]) -> list[TimeField]:
+    """Top-level time fields are checked strictly; nested ones (Lasair-LSST's ``alert.diaSourcesList[…]``)
+    are converted when they hold a valid time and otherwise left alone, being the alert's history, not its
+    identity."""
     found = []
     for key, value in body.items():
         kind_scale = time_kind(key)
@@ -143,6 +155,28 @@ def _time_fields(body: dict[str, Any]) -> list[TimeField]:
                 f"time field {key} = {value!r} is out of range for a {kind.upper()} ({low}..{high})"
             )
         found.append(TimeField(key, float(value), kind, scale))
+    for key, value in body.items():
+        if isinstance(value, dict | list):
+            found.extend(_nested_time_fields(key, value))
+    return found
+
+
+def _nested_time_fields(path: str, value: Any, depth: int = 0) -> list[TimeField]:
+    if depth > MAX_NESTING:
+        return []
+    found: list[TimeField] = []
+    children = value.items() if isinstance(value, dict) else ((f"[{i}]", v) for i, v in enumerate(value))
+    for key, child in children:
+        child_path = f"{path}{key}" if key.startswith("[") else f"{path}.{key}"
+        if isinstance(child, dict | list):
+            found.extend(_nested_time_fields(child_path, child, depth + 1))
+            continue
+        kind_scale = time_kind(key) if isinstance(value, dict) else None
+        if kind_scale is None or isinstance(child, bool) or not isinstance(child, int | float):
+            continue
+        low, high = JD_RANGE if kind_scale[0] == "jd" else MJD_RANGE
+        if low <= child <= high:
+            found.append(TimeField(child_path, float(child), *kind_scale))
     return found
 
 
@@ -197,4 +231,4 @@ def file_name(object_id: str, partition: int, offset: int, generation: int) -> s
 
 def document(message: Message, metadata: dict[str, Any]) -> bytes:
     """The alert file: the message exactly as received under ``message``, ztfd's additions under ``ztfd``."""
-    return b'{"message": ' + message.raw.strip() + b', "ztfd": ' + json.dumps(metadata).encode() + b"}\n"
+    return b'{"message": ' + message.raw + b', "ztfd": ' + json.dumps(metadata).encode() + b"}\n"

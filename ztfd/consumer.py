@@ -31,7 +31,7 @@ from typing import Any
 
 from ztfd import alerts, jobqueue, store
 from ztfd.config import Config
-from ztfd.files import TMP_SUFFIX, atomic_write, md5_hex
+from ztfd.files import atomic_write, md5_hex, remove_stale_temporaries
 from ztfd.logs import AlertLog
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,30 @@ HEARTBEAT_EVERY = 5.0
 IDLE_CHECK_EVERY = 10.0
 IDLE_RECREATE_AFTER = 30.0
 RECENT_DATES_WINDOW = 2 * 86400.0
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A Kafka message with the generation of its partition at the moment it was read."""
+
+    msg: Any
+    partition: int
+    offset: int
+    generation: int
+
+
+def next_offsets(items: list[Incoming]) -> dict[int, tuple[int, int]]:
+    """Per partition, (generation, next offset) after ``items``: the newest generation wins.
+
+    A batch can hold the last messages of a deleted topic and the first of its successor; the offset to resume
+    from is the successor's, not the highest number seen.
+    """
+    result: dict[int, tuple[int, int]] = {}
+    for item in items:
+        candidate = (item.generation, item.offset + 1)
+        if candidate > result.get(item.partition, (-1, -1)):
+            result[item.partition] = candidate
+    return result
 
 
 @dataclass
@@ -87,6 +111,9 @@ class TopicConsumer:
         self.generation: dict[int, int] = {}
         self.expected: dict[int, int | None] = {}
         self.consumer: Any = None
+        # librdkafka's cooperative protocol hands over partitions incrementally; the eager one (the default) whole.
+        strategy = str(cfg.kafka.options.get("partition.assignment.strategy", ""))
+        self.cooperative = "cooperative" in strategy
         self.last_heartbeat = 0.0
         self.idle_since: float | None = None
         self.last_idle_check = 0.0
@@ -173,7 +200,10 @@ class TopicConsumer:
             else:
                 self.generation.setdefault(tp.partition, 0)
                 self.expected[tp.partition] = None
-        consumer.assign(partitions)
+        if self.cooperative:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
         self.idle_since = None
         known_offsets = [tp for tp in partitions if tp.partition in stored]
         if known_offsets:  # so that lag tools see where ztfd stands before the first batch
@@ -187,7 +217,10 @@ class TopicConsumer:
         # Batches are stored synchronously, so nothing of a revoked partition is in flight here.
         for tp in partitions:
             self.expected.pop(tp.partition, None)
-        consumer.unassign()
+        if self.cooperative:
+            consumer.incremental_unassign(partitions)
+        else:
+            consumer.unassign()
         log.info("revoked %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
     def _watch_idle(self) -> None:
@@ -255,8 +288,8 @@ class TopicConsumer:
         from confluent_kafka import KafkaError
 
         received = dt.datetime.now(dt.UTC)
-        valid: list[tuple[Any, alerts.Message]] = []
-        rejected: list[tuple[Any, str]] = []
+        valid: list[tuple[Incoming, alerts.Message]] = []
+        rejected: list[tuple[Incoming, str]] = []
         for msg in messages:
             error = msg.error()
             if error is not None:
@@ -266,91 +299,90 @@ class TopicConsumer:
                 elif error.code() != KafkaError._PARTITION_EOF:
                     self.throttled(f"msg:{error.code()}", logging.WARNING, "kafka: %s", error.str())
                 continue
-            self._follow_generation(msg.partition(), msg.offset())
+            item = Incoming(msg, msg.partition(), msg.offset(), self._follow_generation(msg.partition(), msg.offset()))
             try:
-                valid.append((msg, alerts.parse(msg.value(), self.cfg.kafka.max_message_bytes)))
+                valid.append((item, alerts.parse(msg.value(), self.cfg.kafka.max_message_bytes)))
             except alerts.InvalidMessageError as exc:
-                rejected.append((msg, str(exc)[: alerts.MAX_REASON]))
+                rejected.append((item, str(exc)[: alerts.MAX_REASON]))
         if not valid and not rejected:
             return
         alerts.convert_times([message for _, message in valid])
-        accepted = self._store(valid, rejected, received)
+        resume_at = next_offsets([item for item, _ in valid] + [item for item, _ in rejected])
+        accepted = self._store(valid, rejected, resume_at, received)
         self._write_files(accepted)
-        self._commit_to_kafka(valid, rejected)
-        for msg, reason in rejected:
-            log.warning("rejected %s[%d]@%d: %s", self.topic, msg.partition(), msg.offset(), reason)
-        self.alert_log.write([f"{item.message.object_id} {item.date} {self.topic}[{item.partition}]@{item.offset} "
-                              f"{item.path}" for item in accepted])
+        self._commit_to_kafka(resume_at)
+        for item, reason in rejected:
+            log.warning("rejected %s[%d]@%d: %s", self.topic, item.partition, item.offset, reason)
+        self.alert_log.write(log_lines(self.topic, accepted))
         self.stored_total += len(accepted)
 
-    def _follow_generation(self, partition: int, offset: int) -> None:
+    def _follow_generation(self, partition: int, offset: int) -> int:
+        """The generation of a message just read; an offset below the expected one starts a new generation."""
         expected = self.expected.get(partition)
         if expected is not None and offset < expected:
             self.generation[partition] = self.generation.get(partition, 0) + 1
             log.warning("offsets of %s[%d] restarted (%d after %d): the topic was recreated; generation %d begins",
                         self.topic, partition, offset, expected, self.generation[partition])
         self.expected[partition] = offset + 1
+        return self.generation.get(partition, 0)
 
-    def _metadata(self, msg: Any, message: alerts.Message, date: str, received: dt.datetime) -> dict[str, Any]:
-        kind, stamp = msg.timestamp()
+    def _metadata(self, item: Incoming, message: alerts.Message, date: str, received: dt.datetime) -> dict[str, Any]:
+        kind, stamp = item.msg.timestamp()
         kafka_time = alerts.iso_utc(dt.datetime.fromtimestamp(stamp / 1000, dt.UTC)) if kind and stamp > 0 else None
         meta: dict[str, Any] = {
             "topic": self.topic,
-            "partition": msg.partition(),
-            "offset": msg.offset(),
+            "partition": item.partition,
+            "offset": item.offset,
             "kafka_timestamp": kafka_time,
             "received_at": alerts.iso_utc(received),
             "date": date,
             "object_id": message.object_id,
             "times_utc": message.times_utc,
         }
-        generation = self.generation.get(msg.partition(), 0)
-        if generation:
-            meta["generation"] = generation
+        if item.generation:
+            meta["generation"] = item.generation
         return meta
 
     def _store(
-        self, valid: list[tuple[Any, alerts.Message]], rejected: list[tuple[Any, str]], received: dt.datetime
+        self,
+        valid: list[tuple[Incoming, alerts.Message]],
+        rejected: list[tuple[Incoming, str]],
+        resume_at: dict[int, tuple[int, int]],
+        received: dt.datetime,
     ) -> list[Accepted]:
         """Transaction 1: alerts, rejected messages, stamp jobs and next offsets, all or nothing."""
         now = received.timestamp()
         accepted: list[Accepted] = []
         jobs: list[dict[str, Any]] = []
-        next_offsets: dict[int, int] = {}
         with store.transaction(self.conn):
-            for msg, message in valid:
-                partition, offset = msg.partition(), msg.offset()
-                generation = self.generation.get(partition, 0)
+            for item, message in valid:
                 date = message.partition_date(received)
-                name = alerts.file_name(message.object_id, partition, offset, generation)
+                name = alerts.file_name(message.object_id, item.partition, item.offset, item.generation)
                 path = f"data/{date}/{self.topic}/{name}"
-                body = alerts.document(message, self._metadata(msg, message, date, received))
+                body = alerts.document(message, self._metadata(item, message, date, received))
                 row = self.conn.execute(
                     "INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, "
                     "received_at, document) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT DO NOTHING RETURNING id",
-                    (self.topic, partition, generation, offset, message.object_id, date, message.newest_mjd, path,
-                     now, body),
+                    (self.topic, item.partition, item.generation, item.offset, message.object_id, date,
+                     message.newest_mjd, path, now, body),
                 ).fetchone()
-                next_offsets[partition] = max(next_offsets.get(partition, 0), offset + 1)
                 if row is None:
                     continue  # a redelivery of a message already stored
-                accepted.append(Accepted(row[0], message, partition, offset, date, path, body))
+                accepted.append(Accepted(row[0], message, item.partition, item.offset, date, path, body))
                 if self.cfg.stamps.enabled and message.is_ztf:
                     jobs.append({"alert_id": row[0], "object_id": message.object_id, "topic": self.topic,
                                  "date": date, "obs_mjd": message.newest_mjd})
-            for msg, reason in rejected:
-                partition = msg.partition()
-                self.conn.execute(
-                    "INSERT OR IGNORE INTO rejected (topic, partition, generation, kafka_offset, received_at, reason, "
-                    "raw) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (self.topic, partition, self.generation.get(partition, 0), msg.offset(), now, reason, msg.value()),
-                )
-                next_offsets[partition] = max(next_offsets.get(partition, 0), msg.offset() + 1)
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO rejected (topic, partition, generation, kafka_offset, received_at, reason, raw) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(self.topic, item.partition, item.generation, item.offset, now, reason, item.msg.value())
+                 for item, reason in rejected],
+            )
             if jobs:
-                jobqueue.enqueue(self.conn, jobqueue.STAMPS, jobs, now=now)
-            for partition, next_offset in next_offsets.items():
-                store.save_offset(self.conn, self.topic, partition, self.generation.get(partition, 0), next_offset)
+                jobqueue.enqueue(self.conn, jobqueue.STAMPS, jobs, now=now, dedupe_key=stamp_job_key)
+            for partition, (generation, next_offset) in resume_at.items():
+                store.save_offset(self.conn, self.topic, partition, generation, next_offset)
         return accepted
 
     def _write_files(self, accepted: list[Accepted]) -> None:
@@ -363,15 +395,12 @@ class TopicConsumer:
             atomic_write(self.cfg.home / item.path, item.document)
         mark_written(self.conn, [(item.alert_id, item.path, item.document) for item in accepted])
 
-    def _commit_to_kafka(self, valid: list[tuple[Any, alerts.Message]], rejected: list[tuple[Any, str]]) -> None:
+    def _commit_to_kafka(self, resume_at: dict[int, tuple[int, int]]) -> None:
         from confluent_kafka import TopicPartition
 
-        next_offsets: dict[int, int] = {}
-        for msg in [m for m, _ in valid] + [m for m, _ in rejected]:
-            next_offsets[msg.partition()] = max(next_offsets.get(msg.partition(), 0), msg.offset() + 1)
         try:
             self.consumer.commit(
-                offsets=[TopicPartition(self.topic, p, o) for p, o in next_offsets.items()], asynchronous=True
+                offsets=[TopicPartition(self.topic, p, o) for p, (_, o) in resume_at.items()], asynchronous=True
             )
         except Exception as exc:  # Kafka's copy of the offsets is informational; the store's is the truth
             self.throttled("commit", logging.WARNING, "could not commit offsets to Kafka: %s", exc)
@@ -387,13 +416,28 @@ class TopicConsumer:
         """
         since = time.time() - RECENT_DATES_WINDOW
         dates = [row[0] for row in self.conn.execute(
-            "SELECT DISTINCT date FROM alerts WHERE topic = ? AND (received_at > ? OR written = 0)", (self.topic, since)
+            "SELECT DISTINCT date FROM alerts WHERE topic = ? AND received_at > ? "
+            "UNION SELECT DISTINCT date FROM alerts WHERE written = 0 AND topic = ?", (self.topic, since, self.topic)
         )]
         for date in dates:
-            folder = self.cfg.data_dir / date / self.topic
-            for leftover in folder.glob(f".*{TMP_SUFFIX}"):
-                leftover.unlink(missing_ok=True)
-        return recover_unwritten(self.conn, self.cfg.home, self.topic)
+            remove_stale_temporaries(self.cfg.data_dir / date / self.topic)
+        rows = recover_unwritten(self.conn, self.cfg.home, self.topic)
+        self.alert_log.write([f"{r['object_id']} {r['date']} {self.topic}[{r['partition']}]@{r['kafka_offset']} "
+                              f"{r['path']}" for r in rows])
+        return len(rows)
+
+
+def stamp_job_key(payload: dict[str, Any]) -> str:
+    """One stamp job per object and observation time: Lasair resends an object whenever a selected column
+    changes, and the triplet of the same detection needs fetching once."""
+    when = payload["obs_mjd"] if payload["obs_mjd"] is not None else payload["date"]
+    return f"{payload['object_id']}@{when}"
+
+
+def log_lines(topic: str, accepted: list[Accepted]) -> list[str]:
+    """The ``<topic>.log`` lines of stored alerts."""
+    return [f"{item.message.object_id} {item.date} {topic}[{item.partition}]@{item.offset} {item.path}"
+            for item in accepted]
 
 
 def mark_written(conn: sqlite3.Connection, written: list[tuple[int, str, bytes]]) -> None:
@@ -403,16 +447,17 @@ def mark_written(conn: sqlite3.Connection, written: list[tuple[int, str, bytes]]
         store.record_files(conn, [(path, len(body), md5_hex(body)) for _, path, body in written])
 
 
-def recover_unwritten(conn: sqlite3.Connection, home: Path, topic: str | None = None) -> int:
-    where, args = ("AND topic = ?", (topic,)) if topic else ("", ())
+def recover_unwritten(conn: sqlite3.Connection, home: Path, topic: str) -> list[sqlite3.Row]:
+    """Write the files of the topic's alerts stored but not yet written; returns their rows."""
     rows = conn.execute(
-        f"SELECT id, path, document FROM alerts WHERE written = 0 {where} ORDER BY id", args
+        "SELECT id, path, document, object_id, date, partition, kafka_offset FROM alerts "
+        "WHERE written = 0 AND topic = ? ORDER BY id", (topic,)
     ).fetchall()
     for row in rows:
         atomic_write(home / row["path"], row["document"])
     if rows:
         mark_written(conn, [(row["id"], row["path"], row["document"]) for row in rows])
-    return len(rows)
+    return rows
 
 
 def run(cfg: Config, topic: str, name: str) -> int:

@@ -1,7 +1,8 @@
 """Files as ztfd writes them: atomically (temporary file + rename), so no reader ever sees half a file.
 
-Temporary files are named ``.<name>.<random>.tmp`` in the target folder; the syncer and ``sync --full`` skip
-anything that starts with a dot or ends in ``.tmp`` (see ``is_temporary``).
+Temporary files are named ``.<name>.<pid>-<thread id>.tmp`` in the target folder; the syncer and ``sync --full``
+skip anything that starts with a dot or ends in ``.tmp`` (see ``is_temporary``). A kill -9 in the middle of a write
+leaves its temporary behind; ``remove_stale_temporaries`` clears those of dead processes.
 """
 
 from __future__ import annotations
@@ -45,6 +46,32 @@ def atomic_write(path: Path, data: bytes, fsync: bool = False) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: Path, name: str | None = None) -> int:
+    """Delete the temporaries in ``folder`` (of ``name`` only, if given) whose writing process is gone.
+
+    A live process's temporary is left alone: another worker may be writing the same file right now.
+    """
+    removed = 0
+    for leftover in folder.glob(f".{name or '*'}.*{TMP_SUFFIX}"):
+        pid_part = leftover.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1].split("-", 1)[0]
+        if pid_part.isdigit() and _process_alive(int(pid_part)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+            removed += 1
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def is_temporary(name: str) -> bool:

@@ -13,8 +13,9 @@ here on the shared store instead:
 - a claim is a lease with an owner and an expiry; ``requeue_expired`` returns the jobs of dead workers, and
   every ``claim`` calls it first. Completion is fenced by the owner, so a worker whose lease expired cannot
   overwrite the outcome of the worker that took the job over.
-- attempts count claims (a job that kills its worker each time still ends failed), ``not_before`` delays
-  retries, and ``failed`` keeps the last reason.
+- attempts count claims, so a job that kills its worker each time ends failed after ``max_attempts`` claims
+  (``requeue_expired``); ``not_before`` delays retries, and ``failed`` keeps the last reason.
+- ``dedupe_key`` keeps one waiting or running job per key (one stamp fetch per object and observation time).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,27 +57,50 @@ def enqueue(
     payloads: Iterable[dict[str, Any]],
     batch: str | None = None,
     now: float | None = None,
+    dedupe_key: Callable[[dict[str, Any]], str] | None = None,
 ) -> int:
-    """Add ready jobs. Call inside the caller's transaction so jobs appear atomically with what caused them."""
+    """Add ready jobs; returns how many were added. Call inside the caller's transaction.
+
+    With ``dedupe_key``, a job whose key equals that of a job still waiting or running is not added: Lasair sends
+    the same object again whenever any selected column changes, and its stamps need fetching once, not once per
+    message. Finished and failed jobs do not count, so a later retrigger is looked at again.
+    """
     now = time.time() if now is None else now
-    rows = [(kind, json.dumps(p, separators=(",", ":")), now, batch, now, now) for p in payloads]
+    rows = [
+        (kind, json.dumps(p, separators=(",", ":")), now, batch, dedupe_key(p) if dedupe_key else None, now, now)
+        for p in payloads
+    ]
+    before = conn.total_changes
     conn.executemany(
-        "INSERT INTO jobs (kind, payload, not_before, batch, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO jobs (kind, payload, not_before, batch, dedupe_key, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         rows,
     )
-    return len(rows)
+    return conn.total_changes - before
 
 
-def requeue_expired(conn: sqlite3.Connection, now: float | None = None) -> int:
-    """Put jobs whose lease ran out (their worker died or hung) back to ready."""
+def requeue_expired(conn: sqlite3.Connection, max_attempts: int | None = None, now: float | None = None) -> int:
+    """Put jobs whose lease ran out (their worker died or hung) back to ready, or fail them.
+
+    Every claim counts as an attempt, so a job that kills its worker each time (a poison job) ends ``failed``
+    after ``max_attempts`` claims instead of taking workers down forever.
+    """
     now = time.time() if now is None else now
+    exhausted = 0
+    if max_attempts is not None:
+        exhausted = conn.execute(
+            "UPDATE jobs SET state = 'failed', owner = NULL, lease_until = NULL, waiting = NULL, updated_at = ?, "
+            "last_error = 'its worker died or hung ' || attempts || ' times (lease expired); last error: ' || "
+            "coalesce(last_error, 'none') WHERE state = 'leased' AND lease_until < ? AND attempts >= ?",
+            (now, now, max_attempts),
+        ).rowcount
     cur = conn.execute(
         "UPDATE jobs SET state = 'ready', owner = NULL, lease_until = NULL, updated_at = ?, "
         "last_error = coalesce(last_error, 'lease expired') "
         "WHERE state = 'leased' AND lease_until < ?",
         (now, now),
     )
-    return cur.rowcount
+    return cur.rowcount + exhausted
 
 
 def claim(
@@ -87,15 +111,17 @@ def claim(
     limit: int = 1,
     now: float | None = None,
     batch: str | None = None,
+    max_attempts: int | None = None,
 ) -> list[Job]:
     """Atomically lease up to ``limit`` due jobs of ``kind`` to ``owner``, oldest due first.
 
-    ``batch`` restricts the claim to one batch (``ztfd replay`` fetching its own jobs in the foreground).
+    ``batch`` restricts the claim to one batch (``ztfd replay`` fetching its own jobs in the foreground);
+    ``max_attempts`` fails expired jobs that have used up their attempts (see ``requeue_expired``).
     """
     now = time.time() if now is None else now
     only_batch = "AND batch = ? " if batch is not None else ""
     with transaction(conn):
-        requeue_expired(conn, now)
+        requeue_expired(conn, max_attempts, now)
         rows = conn.execute(
             "UPDATE jobs SET state = 'leased', owner = ?, lease_until = ?, attempts = attempts + 1, "
             "updated_at = ? WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' AND kind = ? "
@@ -168,22 +194,15 @@ def fail(conn: sqlite3.Connection, job_id: int, owner: str, reason: str) -> bool
 
 def release(conn: sqlite3.Connection, owner: str, job_ids: Iterable[int] | None = None) -> int:
     """Hand leased jobs back untouched (on SIGTERM): ready at once, the claim not counted as an attempt."""
-    now = time.time()
-    if job_ids is None:
-        cur = conn.execute(
-            "UPDATE jobs SET state = 'ready', owner = NULL, lease_until = NULL, attempts = max(attempts - 1, 0), "
-            "updated_at = ? WHERE state = 'leased' AND owner = ?",
-            (now, owner),
-        )
-        return cur.rowcount
+    only = "" if job_ids is None else " AND id = ?"
+    ids = [()] if job_ids is None else [(job_id,) for job_id in job_ids]
     total = 0
-    for job_id in job_ids:
-        cur = conn.execute(
+    for id_args in ids:
+        total += conn.execute(
             "UPDATE jobs SET state = 'ready', owner = NULL, lease_until = NULL, attempts = max(attempts - 1, 0), "
-            "updated_at = ? WHERE id = ? AND state = 'leased' AND owner = ?",
-            (now, job_id, owner),
-        )
-        total += cur.rowcount
+            "updated_at = ? WHERE state = 'leased' AND owner = ?" + only,
+            (time.time(), owner, *id_args),
+        ).rowcount
     return total
 
 

@@ -1,7 +1,7 @@
 """The store: one SQLite database (WAL) under ``<home>/state/`` that every ztfd process shares.
 
 It is the source of truth for what has been received (alerts, rejected messages, Kafka offsets), what is to be
-done (the stamp job queue, ``ztfd.queue``), what has been written and uploaded (the sync manifest) and who is
+done (the stamp job queue, ``ztfd.jobqueue``), what has been written and uploaded (the sync manifest) and who is
 running (process heartbeats). Each consumer batch is one transaction over alerts, jobs and offsets, which is what
 makes kill -9 at any instant lose and duplicate nothing.
 
@@ -71,7 +71,7 @@ CREATE TABLE IF NOT EXISTS offsets (
     PRIMARY KEY (topic, partition)
 );
 
--- The work queue (see ztfd.queue). state: ready | leased | done | failed. waiting says why a ready job has a
+-- The work queue (see ztfd.jobqueue). state: ready | leased | done | failed. waiting says why a ready job has a
 -- not_before in the future: 'retry' after a failure, 'unavailable' while ALeRCE does not have the alert yet.
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY,
@@ -87,12 +87,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_error TEXT,
     result TEXT,
     batch TEXT,
+    dedupe_key TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (kind, not_before, id) WHERE state = 'ready';
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until) WHERE state = 'leased';
 CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch) WHERE batch IS NOT NULL;
+-- At most one waiting or running job per dedupe key (see jobqueue.enqueue).
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedupe ON jobs (kind, dedupe_key)
+    WHERE dedupe_key IS NOT NULL AND state IN ('ready', 'leased');
 
 -- The sync manifest: every file ztfd writes under data/ and images/. state: pending | done.
 CREATE TABLE IF NOT EXISTS manifest (
