@@ -10,7 +10,8 @@ Known flake (Tansu 0.6, not ztfd): when the members of a consumer group leave wh
 (the supervisor's death sends SIGTERM to both consumers at once), Tansu keeps naming the departed member as the
 group leader in every later JoinGroup, so no consumer ever gets partitions (seen for minutes; librdkafka's cgrp
 debug log shows "SyncGroup error: Group rebalance in progress" forever). The test then times out waiting for the
-alerts. A consumer that assigns its partitions itself instead of joining a group would not depend on this.
+alerts (in about 2 of 7 runs so far, always after the supervisor's death). A consumer that assigns its partitions
+itself instead of joining a group would not depend on this.
 """
 
 from __future__ import annotations
