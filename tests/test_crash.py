@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import child_env, ztfd_command
+from tests.conftest import child_env, wait_until, ztfd_command
 from tests.tcp_proxy import TcpProxy
 from ztfd import config, files, store
 from ztfd.embedded.alerce import StampService
@@ -91,16 +91,6 @@ def s3(tmp_path: Path) -> Iterator[S3Server]:
     with S3Server(proxy=False, log_path=tmp_path / "moto.log") as server:
         yield server
 
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
 
 
 def cli(cfg_path: Path, *args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -217,7 +207,7 @@ def test_nothing_lost_or_duplicated_under_kill9_and_outages(broker: ProxiedBroke
                         supervisor_pid = int(cfg.pidfile.read_text())
                         os.kill(supervisor_pid, signal.SIGKILL)
                         kills["supervisor"] += 1
-                        wait_for(lambda pid=supervisor_pid: not pid_alive(pid), 10, "the supervisor to die")
+                        wait_until(lambda pid=supervisor_pid: not pid_alive(pid), 10, "the supervisor to die")
                         restarted = cli(cfg_path, "start", env=env)
                         assert restarted.returncode == 0, restarted.stderr
                         group_disturbed = time.monotonic()
@@ -243,7 +233,7 @@ def test_nothing_lost_or_duplicated_under_kill9_and_outages(broker: ProxiedBroke
                 pending = conn.execute("SELECT count(*) FROM manifest WHERE state = 'pending'").fetchone()[0]
                 return stored == ALERTS and open_jobs == 0 and pending == 0
 
-            wait_for(settled, 150, "every alert stored, every stamp job finished and every file uploaded")
+            wait_until(settled, 150, "every alert stored, every stamp job finished and every file uploaded")
             report = json.loads(cli(cfg_path, "status", "--json", env=env).stdout)
             assert report["running"] is True
             assert sorted(p["role"] for p in report["processes"] if p["alive"]) == [

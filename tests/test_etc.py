@@ -9,12 +9,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import child_env, ztfd_command
+from tests.conftest import child_env, wait_until, ztfd_command
 from ztfd import config
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.samples import message_stream
@@ -53,16 +52,6 @@ def supervisorctl_status(env: dict[str, str]) -> dict[str, tuple[str, int | None
     return result
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
-
 
 def test_real_supervisord_restarts_a_killed_program(kafka: KafkaBroker, make_config: Callable[..., Path],
                                                     tmp_path: Path) -> None:
@@ -81,7 +70,7 @@ def test_real_supervisord_restarts_a_killed_program(kafka: KafkaBroker, make_con
     )
     pids: list[int] = []
     try:
-        _state, first = wait_for(lambda: (s := supervisorctl_status(env).get(program)) and s[0] == "RUNNING" and s,
+        _state, first = wait_until(lambda: (s := supervisorctl_status(env).get(program)) and s[0] == "RUNNING" and s,
                                 60, "the consumer program to run")
         pids.append(first)
         kafka.produce(CONF_TOPIC, message_stream(10))
@@ -90,13 +79,13 @@ def test_real_supervisord_restarts_a_killed_program(kafka: KafkaBroker, make_con
             return json.loads(subprocess.run(ztfd_command(cfg_path, "status", "--json"), capture_output=True,
                                              text=True, env=child_env(), timeout=60).stdout)
 
-        up = wait_for(lambda: (r := report()) and r["topics"][0]["alerts_total"] == 10 and r, 60, "alerts stored")
+        up = wait_until(lambda: (r := report()) and r["topics"][0]["alerts_total"] == 10 and r, 60, "alerts stored")
         consumer = next(p for p in up["processes"] if p["role"] == "consumer")
         assert consumer["name"] == f"consumer:{CONF_TOPIC}" and consumer["pid"] == first
         assert up["running"] is True and up["mode"] == "external"  # no ztfd supervisor, but live consumers
 
         os.kill(first, signal.SIGKILL)
-        _state, second = wait_for(
+        _state, second = wait_until(
             lambda: (s := supervisorctl_status(env).get(program)) and s[0] == "RUNNING" and s[1] != first and s,
             60, "supervisord to restart the killed consumer",
         )
@@ -113,4 +102,4 @@ def test_real_supervisord_restarts_a_killed_program(kafka: KafkaBroker, make_con
             supervisord.kill()
             supervisord.wait()
     assert supervisord.returncode == 0
-    wait_for(lambda: not any(pid_alive(p) for p in pids), 30, "the programs to stop with supervisord")
+    wait_until(lambda: not any(pid_alive(p) for p in pids), 30, "the programs to stop with supervisord")

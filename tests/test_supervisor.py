@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import child_env, ztfd_command
+from tests.conftest import child_env, wait_until, ztfd_command
 from ztfd import config, store
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.samples import message_stream
@@ -31,16 +30,6 @@ def status(cfg_path: Path) -> tuple[int, dict[str, Any]]:
     result = run(cfg_path, "status", "--json")
     return result.returncode, json.loads(result.stdout)
 
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
 
 
 def consumers(cfg_path: Path) -> list[dict[str, Any]]:
@@ -103,9 +92,9 @@ def test_start_status_second_start_and_stop(daemon_config: tuple[Path, list[str]
     again = run(cfg_path, "start")
     assert again.returncode != 0 and f"pid {pid}" in again.stderr
 
-    wait_for(lambda: all_consumers_up(cfg_path, topics), 60, "both consumers to heartbeat")
+    wait_until(lambda: all_consumers_up(cfg_path, topics), 60, "both consumers to heartbeat")
     kafka.produce(topics[0], message_stream(30))
-    code, report = wait_for(
+    code, report = wait_until(
         lambda: (r := status(cfg_path)) and r[1]["topics"][0]["alerts_total"] == 30 and r, 60, "30 alerts stored"
     )
     assert code == 0 and report["running"] is True
@@ -138,10 +127,10 @@ def test_start_status_second_start_and_stop(daemon_config: tuple[Path, list[str]
 def test_killed_child_is_restarted(daemon_config: tuple[Path, list[str]]) -> None:
     cfg_path, topics = daemon_config
     assert run(cfg_path, "start").returncode == 0
-    before = wait_for(lambda: all_consumers_up(cfg_path, topics), 60, "consumers up")
+    before = wait_until(lambda: all_consumers_up(cfg_path, topics), 60, "consumers up")
     victim = before[0]
     os.kill(victim["pid"], signal.SIGKILL)
-    after = wait_for(
+    after = wait_until(
         lambda: (up := all_consumers_up(cfg_path, topics)) and up[0]["pid"] != victim["pid"] and up, 60,
         "the killed consumer to come back",
     )
@@ -149,7 +138,7 @@ def test_killed_child_is_restarted(daemon_config: tuple[Path, list[str]]) -> Non
     assert after[1]["pid"] == before[1]["pid"] and after[1]["restarts"] == 0
     # and again: a second kill counts a second restart
     os.kill(after[0]["pid"], signal.SIGKILL)
-    again = wait_for(
+    again = wait_until(
         lambda: (up := all_consumers_up(cfg_path, topics)) and up[0]["pid"] not in (victim["pid"], after[0]["pid"])
         and up, 60, "the consumer to come back again",
     )
@@ -161,11 +150,11 @@ def test_killed_child_is_restarted(daemon_config: tuple[Path, list[str]]) -> Non
 def test_hung_child_is_killed_and_restarted(daemon_config: tuple[Path, list[str]]) -> None:
     cfg_path, topics = daemon_config
     assert run(cfg_path, "start").returncode == 0
-    before = wait_for(lambda: all_consumers_up(cfg_path, topics), 60, "consumers up")
+    before = wait_until(lambda: all_consumers_up(cfg_path, topics), 60, "consumers up")
     hung = before[1]["pid"]
     os.kill(hung, signal.SIGSTOP)  # alive, but silent: only the heartbeat can tell
     try:
-        after = wait_for(
+        after = wait_until(
             lambda: (up := all_consumers_up(cfg_path, topics)) and up[1]["pid"] != hung and up, 60,
             "the hung consumer to be replaced",
         )
@@ -182,10 +171,10 @@ def test_supervisor_killed_leaves_no_child_and_next_start_is_clean(daemon_config
     cfg_path, topics = daemon_config
     cfg = config.load(cfg_path)
     assert run(cfg_path, "start").returncode == 0
-    children = [p["pid"] for p in wait_for(lambda: all_consumers_up(cfg_path, topics), 60, "consumers up")]
+    children = [p["pid"] for p in wait_until(lambda: all_consumers_up(cfg_path, topics), 60, "consumers up")]
     pid = supervisor_pid(cfg_path)
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not pid_alive(pid) and not any(pid_alive(c) for c in children), 30,
+    wait_until(lambda: not pid_alive(pid) and not any(pid_alive(c) for c in children), 30,
              "the children to exit after their supervisor died")
     assert cfg.pidfile.exists()  # stale now
     code, report = status(cfg_path)
@@ -195,7 +184,7 @@ def test_supervisor_killed_leaves_no_child_and_next_start_is_clean(daemon_config
     assert started.returncode == 0, started.stderr
     new_pid = supervisor_pid(cfg_path)
     assert new_pid != pid and pid_alive(new_pid)
-    fresh = wait_for(lambda: all_consumers_up(cfg_path, topics), 60, "consumers up after the restart")
+    fresh = wait_until(lambda: all_consumers_up(cfg_path, topics), 60, "consumers up after the restart")
     assert all(p["restarts"] == 0 and p["pid"] not in children for p in fresh)
     assert "replacing stale pidfile" in (cfg.logs_dir / "ztfd.log").read_text()
 
@@ -225,7 +214,7 @@ def test_leftovers_of_a_crashed_supervisor_are_terminated(daemon_config: tuple[P
         assert started.returncode == 0, started.stderr
         assert hung.wait(5) == -signal.SIGKILL  # SIGTERM was ignored: killed after supervisor.stop_timeout
         assert innocent.poll() is None
-        wait_for(lambda: all_consumers_up(cfg_path, topics), 60, "fresh consumers")
+        wait_until(lambda: all_consumers_up(cfg_path, topics), 60, "fresh consumers")
         assert "left by a supervisor that died" in (cfg.logs_dir / "ztfd.log").read_text()
     finally:
         for proc in (hung, innocent):
@@ -272,7 +261,7 @@ def test_foreground_supervisor_stops_on_sigterm(daemon_config: tuple[Path, list[
     proc = subprocess.Popen(ztfd_command(cfg_path, "start", "--foreground"), env=child_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        children = [p["pid"] for p in wait_for(lambda: all_consumers_up(cfg_path, topics), 60, "consumers up")]
+        children = [p["pid"] for p in wait_until(lambda: all_consumers_up(cfg_path, topics), 60, "consumers up")]
         assert supervisor_pid(cfg_path) == proc.pid
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
@@ -289,7 +278,7 @@ def test_foreground_supervisor_stops_on_sigterm(daemon_config: tuple[Path, list[
 def test_stop_kills_a_supervisor_that_does_not_stop_and_its_children(daemon_config: tuple[Path, list[str]]) -> None:
     cfg_path, topics = daemon_config
     assert run(cfg_path, "start").returncode == 0
-    children = [p["pid"] for p in wait_for(lambda: all_consumers_up(cfg_path, topics), 60, "consumers up")]
+    children = [p["pid"] for p in wait_until(lambda: all_consumers_up(cfg_path, topics), 60, "consumers up")]
     pid = supervisor_pid(cfg_path)
     os.kill(pid, signal.SIGSTOP)  # it cannot act on SIGTERM now
     stopped = run(cfg_path, "stop", "--timeout", "2")

@@ -31,7 +31,7 @@ import click
 
 from ztfd import store
 
-# Fast consumer-group joins on Tansu (~3 s instead of ~23 s): see README "Testing".
+# Options for local brokers: a short metadata refresh notices new topics fast (see README "Testing").
 FAST_KAFKA_OPTIONS: dict[str, Any] = {
     "session.timeout.ms": 6000,
     "heartbeat.interval.ms": 500,

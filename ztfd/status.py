@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ztfd import config, jobqueue, store, supervisor
+from ztfd.procs import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def _processes(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list
     ).fetchall()
     result = []
     for row in rows:
-        alive = row["pid"] is not None and supervisor.pid_alive(row["pid"])
+        alive = row["pid"] is not None and pid_alive(row["pid"])
         age = None if row["heartbeat_at"] is None else round(now - row["heartbeat_at"], 1)
         result.append({
             "name": row["name"],

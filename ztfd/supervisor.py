@@ -35,6 +35,7 @@ from pathlib import Path
 import click
 
 from ztfd import config, files, logs, store
+from ztfd.procs import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -66,23 +67,6 @@ def read_pid(pidfile: Path) -> int | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     return int(text) if text.isdigit() else None
-
-
-def pid_alive(pid: int) -> bool:
-    """True if a process ``pid`` exists and is not a zombie."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def lock_held(path: Path) -> bool:
