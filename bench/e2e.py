@@ -113,7 +113,7 @@ def _wait_for_consumer(conn: sqlite3.Connection, daemon: Daemon) -> None:
     def probe_stored() -> bool:
         if daemon.exited():
             raise RuntimeError(f"the daemon exited: {daemon.exited()}; see {daemon.log_dir}")
-        return bool(scalar(conn, "SELECT count(*) FROM alerts WHERE object_id = 'ZTF00probe' AND written = 1"))
+        return bool(scalar(conn, "SELECT count(*) FROM alerts WHERE object_id = 'ZTF00probe'"))
 
     wait_until(probe_stored, timeout=120, what="the probe alert to be stored")
 
@@ -153,7 +153,7 @@ def _produce(bootstrap: str, packets: list, count: int, settings: Settings) -> d
 
 
 def _finished(conn: sqlite3.Connection, count: int) -> bool:
-    stored = scalar(conn, "SELECT count(*) FROM alerts WHERE written = 1 AND object_id != 'ZTF00probe'")
+    stored = scalar(conn, "SELECT count(*) FROM alerts WHERE object_id != 'ZTF00probe'")
     open_jobs = scalar(conn, "SELECT count(*) FROM jobs WHERE state IN ('ready', 'leased')")
     pending = scalar(conn, "SELECT count(*) FROM manifest WHERE state = 'pending'")
     return stored >= count and open_jobs == 0 and pending == 0

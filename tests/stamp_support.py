@@ -51,7 +51,7 @@ def add_alerts(
             alert_date = date or utc_date(packet.mjd)
             row = conn.execute(
                 "INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, "
-                "received_at, written) VALUES (?, 0, 0, ?, ?, ?, ?, ?, ?, 1) RETURNING id",
+                "received_at) VALUES (?, 0, 0, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (topic, offset, packet.object_id, alert_date, obs_mjd(packet),
                  f"data/{alert_date}/{topic}/{packet.object_id}_p0-o{offset}.json", time.time()),
             ).fetchone()

@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import child_env, wait_until, ztfd_command
-from ztfd import store
-from ztfd.consumer import recover_unwritten
 from ztfd.embedded import samples
 from ztfd.embedded.kafka import KafkaBroker
 
@@ -98,7 +96,7 @@ def test_kill_minus_9_mid_stream_loses_and_duplicates_nothing(
         kills += 1
         assert stored() < total, "the stream ended before the kill: make it longer"
     proc = consumers.start(config_path, topic)
-    wait_until(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= total, 120, "every alert")
+    wait_until(lambda: count(db, "SELECT count(*) FROM alerts") >= total, 120, "every alert")
     assert terminate(proc) == 0
     assert kills == 3
     assert stored() == total
@@ -124,7 +122,7 @@ def test_two_topics_at_once_and_stamp_jobs_queued(
     home = config_path.parent
     db = home / "state" / "ztfd.sqlite3"
     procs = [consumers.start(config_path, topic) for topic in topics]
-    wait_until(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= 40, 90, "both topics stored")
+    wait_until(lambda: count(db, "SELECT count(*) FROM alerts") >= 40, 90, "both topics stored")
     assert [terminate(proc) for proc in procs] == [0, 0]
     for topic, expected in zip(topics, (messages[:25], messages[25:]), strict=True):
         files = list((home / "data").glob(f"*/{topic}/*.json"))
@@ -178,7 +176,7 @@ def test_poison_messages_are_kept_with_their_reason_and_the_stream_goes_on(
     proc = consumers.start(config_path, topic)
     wait_until(lambda: count(db, "SELECT count(*) FROM rejected") >= len(POISON), 90, "poison rejected")
     kafka.produce(topic, good[len(POISON):])  # the stream goes on after the poison
-    wait_until(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= len(good), 60, "good alerts")
+    wait_until(lambda: count(db, "SELECT count(*) FROM alerts") >= len(good), 60, "good alerts")
     assert proc.poll() is None, "the consumer must not die on poison"
     assert terminate(proc) == 0
     conn = sqlite3.connect(db)
@@ -204,7 +202,7 @@ def test_a_topic_created_after_the_consumer_started_is_waited_for(
     wait_until(lambda: count(db, "SELECT count(*) FROM processes WHERE role = 'consumer'") == 1, 60, "consumer up")
     kafka.create_topic(topic)
     kafka.produce(topic, samples.message_stream(10))
-    wait_until(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= 10, 120, "late topic consumed")
+    wait_until(lambda: count(db, "SELECT count(*) FROM alerts") >= 10, 120, "late topic consumed")
     assert proc.poll() is None
     assert terminate(proc) == 0
 
@@ -219,7 +217,7 @@ def test_redelivery_writes_nothing_twice(
     home = config_path.parent
     db = home / "state" / "ztfd.sqlite3"
     proc = consumers.start(config_path, topic)
-    wait_until(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= 30, 90, "first delivery")
+    wait_until(lambda: count(db, "SELECT count(*) FROM alerts") >= 30, 90, "first delivery")
     assert terminate(proc) == 0
     before = {path: path.stat().st_mtime_ns for path in alert_files(home)}
     manifest_before = count(db, "SELECT count(*) FROM manifest")
@@ -241,21 +239,65 @@ def test_redelivery_writes_nothing_twice(
     assert count(db, "SELECT count(*) FROM manifest") == manifest_before + 5
 
 
-def test_alerts_stored_before_a_crash_get_their_files(tmp_path: Path) -> None:
-    """A kill -9 between the store transaction and the file write: the next start writes the file."""
-    conn = store.connect(tmp_path / "state" / "ztfd.sqlite3")
-    document = b'{"message": {"objectId": "ZTF21abvawaj"}, "ztfd": {}}\n'
-    with store.transaction(conn):
-        conn.execute(
-            "INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, path, received_at, "
-            "document) VALUES ('t', 0, 0, 7, 'ZTF21abvawaj', '2021-09-01', "
-            "'data/2021-09-01/t/ZTF21abvawaj_p0-o7.json', 0, ?)", (document,))
-    assert len(recover_unwritten(conn, tmp_path, "t")) == 1
-    assert (tmp_path / "data/2021-09-01/t/ZTF21abvawaj_p0-o7.json").read_bytes() == document
-    row = conn.execute("SELECT written, document FROM alerts").fetchone()
-    assert tuple(row) == (1, None)
-    assert conn.execute("SELECT state FROM manifest").fetchone()[0] == "pending"
-    assert recover_unwritten(conn, tmp_path, "t") == []
+class FakeMessage:
+    """What confluent-kafka hands the consumer, for driving one batch by hand (no broker needed)."""
+
+    def __init__(self, value: bytes, offset: int, partition: int = 0) -> None:
+        self._value, self._offset, self._partition = value, offset, partition
+
+    def error(self) -> None:
+        return None
+
+    def value(self) -> bytes:
+        return self._value
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1630475000000)
+
+
+class NoKafka:
+    def commit(self, **_: object) -> None:
+        pass
+
+
+def test_a_crash_between_the_files_and_the_store_writes_the_same_files_again(
+    make_config: Callable[..., Path],
+) -> None:
+    """A kill -9 after the files are written but before the store commits: the redelivered batch replaces
+    the same files and is stored once."""
+    from ztfd import config
+    from ztfd.consumer import TopicConsumer
+
+    cfg = config.load(make_config(kafka={"topics": ["t"]}))
+    batch = [FakeMessage(json.dumps(m).encode(), offset) for offset, m in enumerate(samples.message_stream(12))]
+    crashed = TopicConsumer(cfg, "t", "consumer:t")
+    with pytest.MonkeyPatch.context() as patch:
+        def die(*_: object) -> None:
+            raise SystemExit("killed between the files and the store")
+
+        patch.setattr(crashed, "_store", die)
+        with pytest.raises(SystemExit):
+            crashed.handle_batch(batch)
+    written_before = sorted(alert_files(cfg.home))
+    assert len(written_before) == 12
+    assert count(cfg.db_path, "SELECT count(*) FROM alerts") == 0
+    assert count(cfg.db_path, "SELECT count(*) FROM offsets") == 0  # so Kafka redelivers the batch
+
+    for _restart in range(2):  # the redelivery, then once more as after lost offsets: nothing is written again
+        restarted = TopicConsumer(cfg, "t", "consumer:t")
+        restarted.consumer = NoKafka()
+        restarted.handle_batch(batch)
+    assert sorted(alert_files(cfg.home)) == written_before
+    assert sorted(seqs_on_disk(cfg.home)) == list(range(12))
+    assert count(cfg.db_path, "SELECT count(*) FROM alerts") == 12
+    assert count(cfg.db_path, "SELECT count(*) FROM manifest") == 12
+    assert count(cfg.db_path, "SELECT next_offset FROM offsets WHERE topic = 't'") == 12
 
 
 def test_a_recreated_topic_starts_a_new_generation(
@@ -271,7 +313,7 @@ def test_a_recreated_topic_starts_a_new_generation(
     home = config_path.parent
     db = home / "state" / "ztfd.sqlite3"
     proc = consumers.start(config_path, topic)
-    wait_until(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= 20, 90, "first generation")
+    wait_until(lambda: count(db, "SELECT count(*) FROM alerts") >= 20, 90, "first generation")
     first = {path: path.read_bytes() for path in alert_files(home)}
     admin = AdminClient({"bootstrap.servers": kafka.bootstrap})  # kept alive until the deletion is confirmed
     admin.delete_topics([topic])[topic].result(30)
@@ -279,7 +321,7 @@ def test_a_recreated_topic_starts_a_new_generation(
     kafka.produce(topic, [dict(m, seq=100 + m["seq"]) for m in samples.message_stream(5)])
     # librdkafka may crash when its topic vanishes under it; the supervisor restarts it, and so do we here.
     deadline = time.monotonic() + 120
-    while count(db, "SELECT count(*) FROM alerts WHERE written = 1") < 25 and time.monotonic() < deadline:
+    while count(db, "SELECT count(*) FROM alerts") < 25 and time.monotonic() < deadline:
         if proc.poll() is not None:
             proc = consumers.start(config_path, topic)
         time.sleep(0.2)

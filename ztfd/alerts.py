@@ -65,7 +65,8 @@ class Message:
         return bool(ZTF_OBJECT_ID.match(self.object_id))
 
     def partition_date(self, received_at: dt.datetime) -> str:
-        """The UTC date of the newest observation time; else of the ``UTC`` field; else of the receive time."""
+        """The UTC date of the newest observation time; else of the ``UTC`` field; else of ``received_at``
+        (the consumer passes the Kafka timestamp when there is one, which a redelivery keeps)."""
         if self.newest_iso is not None:
             return self.newest_iso[:10]
         if self.utc_field is not None:

@@ -1,17 +1,18 @@
 """``ztfd consume --topic T``: one Kafka consumer that stores every alert of one topic exactly once.
 
-The exactly-once argument, in the order things happen for each batch of messages:
-1. one store transaction inserts the alerts (with their file bytes), the rejected messages, the stamp jobs and
-   the partitions' next offsets. Alerts are keyed by (topic, partition, generation, offset), so a redelivered
-   message is ignored rather than stored twice;
-2. the alert files are written (temporary file + rename, names stable under redelivery);
-3. a second transaction marks them written, drops their bytes from the store and records them for sync;
+The exactly-once argument, in the order things happen for each batch of messages (as Kafka Connect's S3 sink
+does it: data first, offsets after):
+1. messages already in the store are set aside (a redelivery never rewrites a file);
+2. the alert files are written (temporary file + rename) under names derived from the message's identity
+   (topic, partition, generation, offset), so writing one again replaces it rather than adding a second;
+3. one store transaction inserts the alerts, the rejected messages, the stamp jobs, the files' manifest rows and
+   the partitions' next offsets. Alerts are keyed by their identity, so a message is never stored twice;
 4. the offsets are committed to Kafka too, for lag tools; ztfd itself never reads them back.
-A kill -9 before (1) commits loses nothing (Kafka redelivers from the stored offsets); after (1), the next start
-writes the files of every stored alert not yet marked written (``recover``). The consumer assigns itself the
-topic's partitions (no consumer-group membership, see ``_look_at_topic``) starting at the stored offsets.
-``enable.auto.commit`` is off; the lasair package's ``lasair_consumer`` auto-commits (an
-alert could be acknowledged before it is stored), so it is not used.
+A kill -9 before (3) commits loses nothing: the store still holds the old offsets, Kafka redelivers the batch and
+its files are written again under the same names. Once (3) commits, every stored alert already has its file.
+The consumer assigns itself the topic's partitions (no consumer-group membership, see ``_look_at_topic``)
+starting at the stored offsets. ``enable.auto.commit`` is off; the lasair package's ``lasair_consumer``
+auto-commits (an alert could be acknowledged before it is stored), so it is not used.
 
 Lasair deletes and recreates a topic whenever its filter is edited, restarting its offsets at 0. Seeking to the
 stored offset then falls out of range, librdkafka resets to the earliest offset, and the consumer sees an offset
@@ -24,10 +25,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import signal
-import sqlite3
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ztfd import alerts, jobqueue, store
@@ -68,17 +67,16 @@ def next_offsets(items: list[Incoming]) -> dict[int, tuple[int, int]]:
     return result
 
 
-@dataclass
+@dataclass(frozen=True)
 class Accepted:
-    """One stored alert on its way to disk."""
+    """An alert whose file is on disk, on its way into the store."""
 
-    alert_id: int
+    item: Incoming
     message: alerts.Message
-    partition: int
-    offset: int
     date: str
     path: str
-    document: bytes
+    size: int
+    md5: str
 
 
 class RateLimitedLog:
@@ -123,9 +121,7 @@ class TopicConsumer:
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
         self._heartbeat(force=True)
-        recovered = self.recover()
-        if recovered:
-            log.info("wrote %d alert files stored before a crash (topic %s)", recovered, self.topic)
+        self.sweep_temporaries()
         self.consumer = self._new_consumer()
         self._look_at_topic(force=True)
         log.info("consuming %s from %s as group %s", self.topic, self.cfg.kafka.bootstrap_servers,
@@ -300,10 +296,11 @@ class TopicConsumer:
                 rejected.append((item, str(exc)[: alerts.MAX_REASON]))
         if not valid and not rejected:
             return
-        alerts.convert_times([message for _, message in valid])
         resume_at = next_offsets([item for item, _ in valid] + [item for item, _ in rejected])
-        accepted = self._store(valid, rejected, resume_at, received)
-        self._write_files(accepted)
+        fresh = self._not_yet_stored(valid)
+        alerts.convert_times([message for _, message in fresh])
+        written = self._write_files(fresh, received)
+        accepted = self._store(written, rejected, resume_at, received)
         self._commit_to_kafka(resume_at)
         for item, reason in rejected:
             log.warning("rejected %s[%d]@%d: %s", self.topic, item.partition, item.offset, reason)
@@ -321,13 +318,12 @@ class TopicConsumer:
         return self.generation.get(partition, 0)
 
     def _metadata(self, item: Incoming, message: alerts.Message, date: str, received: dt.datetime) -> dict[str, Any]:
-        kind, stamp = item.msg.timestamp()
-        kafka_time = alerts.iso_utc(dt.datetime.fromtimestamp(stamp / 1000, dt.UTC)) if kind and stamp > 0 else None
+        when = kafka_time(item.msg)
         meta: dict[str, Any] = {
             "topic": self.topic,
             "partition": item.partition,
             "offset": item.offset,
-            "kafka_timestamp": kafka_time,
+            "kafka_timestamp": alerts.iso_utc(when) if when else None,
             "received_at": alerts.iso_utc(received),
             "date": date,
             "object_id": message.object_id,
@@ -337,57 +333,78 @@ class TopicConsumer:
             meta["generation"] = item.generation
         return meta
 
+    def _not_yet_stored(self, valid: list[tuple[Incoming, alerts.Message]]) -> list[tuple[Incoming, alerts.Message]]:
+        """Drop messages already in the store (a redelivery after lost offsets): one indexed query per batch."""
+        if not valid:
+            return valid
+        stored: set[tuple[int, int, int]] = set()
+        spans: dict[tuple[int, int], list[int]] = {}
+        for item, _ in valid:
+            spans.setdefault((item.partition, item.generation), []).append(item.offset)
+        for (partition, generation), offsets in spans.items():
+            stored.update(
+                (partition, generation, row[0]) for row in self.conn.execute(
+                    "SELECT kafka_offset FROM alerts WHERE topic = ? AND partition = ? AND generation = ? "
+                    "AND kafka_offset BETWEEN ? AND ?", (self.topic, partition, generation, min(offsets), max(offsets)),
+                )
+            )
+        return [(item, message) for item, message in valid
+                if (item.partition, item.generation, item.offset) not in stored]
+
+    def _write_files(self, fresh: list[tuple[Incoming, alerts.Message]], received: dt.datetime) -> list[Accepted]:
+        """Step 2: every alert file on disk before the store hears of it.
+
+        Sequential on purpose: measured here, a thread pool wrote small files no faster (the GIL and the futures
+        cost what the overlapped system calls save), and librdkafka fetches ahead in its own threads.
+        """
+        written = []
+        for item, message in fresh:
+            date = message.partition_date(kafka_time(item.msg) or received)
+            name = alerts.file_name(message.object_id, item.partition, item.offset, item.generation)
+            path = f"data/{date}/{self.topic}/{name}"
+            body = alerts.document(message, self._metadata(item, message, date, received))
+            atomic_write(self.cfg.home / path, body)
+            written.append(Accepted(item, message, date, path, len(body), md5_hex(body)))
+        return written
+
     def _store(
         self,
-        valid: list[tuple[Incoming, alerts.Message]],
+        written: list[Accepted],
         rejected: list[tuple[Incoming, str]],
         resume_at: dict[int, tuple[int, int]],
         received: dt.datetime,
     ) -> list[Accepted]:
-        """Transaction 1: alerts, rejected messages, stamp jobs and next offsets, all or nothing."""
+        """Step 3: alerts, rejected messages, stamp jobs, manifest rows and next offsets, all or nothing."""
         now = received.timestamp()
         accepted: list[Accepted] = []
         jobs: list[dict[str, Any]] = []
         with store.transaction(self.conn):
-            for item, message in valid:
-                date = message.partition_date(received)
-                name = alerts.file_name(message.object_id, item.partition, item.offset, item.generation)
-                path = f"data/{date}/{self.topic}/{name}"
-                body = alerts.document(message, self._metadata(item, message, date, received))
+            for entry in written:
+                item, message = entry.item, entry.message
                 row = self.conn.execute(
                     "INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, "
-                    "received_at, document) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT DO NOTHING RETURNING id",
-                    (self.topic, item.partition, item.generation, item.offset, message.object_id, date,
-                     message.newest_mjd, path, now, body),
+                    "received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+                    (self.topic, item.partition, item.generation, item.offset, message.object_id, entry.date,
+                     message.newest_mjd, entry.path, now),
                 ).fetchone()
                 if row is None:
-                    continue  # a redelivery of a message already stored
-                accepted.append(Accepted(row[0], message, item.partition, item.offset, date, path, body))
+                    continue  # stored by another consumer of the same topic meanwhile
+                accepted.append(entry)
                 if self.cfg.stamps.enabled and message.is_ztf:
                     jobs.append({"alert_id": row[0], "object_id": message.object_id, "topic": self.topic,
-                                 "date": date, "obs_mjd": message.newest_mjd})
+                                 "date": entry.date, "obs_mjd": message.newest_mjd})
             self.conn.executemany(
                 "INSERT OR IGNORE INTO rejected (topic, partition, generation, kafka_offset, received_at, reason, raw) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(self.topic, item.partition, item.generation, item.offset, now, reason, item.msg.value())
                  for item, reason in rejected],
             )
+            store.record_files(self.conn, [(entry.path, entry.size, entry.md5) for entry in accepted])
             if jobs:
                 jobqueue.enqueue(self.conn, jobqueue.STAMPS, jobs, now=now, dedupe_key=stamp_job_key)
             for partition, (generation, next_offset) in resume_at.items():
                 store.save_offset(self.conn, self.topic, partition, generation, next_offset)
         return accepted
-
-    def _write_files(self, accepted: list[Accepted]) -> None:
-        """Steps 2 and 3: files on disk, then marked written and recorded for sync."""
-        if not accepted:
-            return
-        # Sequential on purpose: measured here, a thread pool wrote small files no faster (the GIL and the
-        # futures cost what the overlapped system calls save), and librdkafka fetches ahead in its own threads.
-        for item in accepted:
-            atomic_write(self.cfg.home / item.path, item.document)
-        mark_written(self.conn, [(item.alert_id, item.path, item.document) for item in accepted])
 
     def _commit_to_kafka(self, resume_at: dict[int, tuple[int, int]]) -> None:
         from confluent_kafka import TopicPartition
@@ -401,24 +418,18 @@ class TopicConsumer:
 
     # --- recovery ----------------------------------------------------------------------------------------------
 
-    def recover(self) -> int:
-        """Write the file of every alert of this topic that was stored but not yet written (a crash in between).
+    def sweep_temporaries(self) -> None:
+        """Remove the temporary files a kill -9 left in the middle of a write.
 
-        Also removes the temporary files a kill -9 left in the middle of a write. Only this topic's consumer writes
-        into ``data/<date>/<topic>/``, and only for dates of alerts it stored recently, so those are the folders
-        to look in (not the whole tree, which grows for months).
+        Only this topic's consumer writes into ``data/<date>/<topic>/``, and only for dates of alerts it stored
+        recently (a batch being written when the process died has its dates among the last ones stored, or is
+        redelivered and written again), so those are the folders to look in, not the whole tree.
         """
         since = time.time() - RECENT_DATES_WINDOW
-        dates = [row[0] for row in self.conn.execute(
-            "SELECT DISTINCT date FROM alerts WHERE topic = ? AND received_at > ? "
-            "UNION SELECT DISTINCT date FROM alerts WHERE written = 0 AND topic = ?", (self.topic, since, self.topic)
-        )]
+        dates = {row[0] for row in self.conn.execute(
+            "SELECT DISTINCT date FROM alerts WHERE topic = ? AND received_at > ?", (self.topic, since))}
         for date in dates:
             remove_stale_temporaries(self.cfg.data_dir / date / self.topic)
-        rows = recover_unwritten(self.conn, self.cfg.home, self.topic)
-        self.alert_log.write([f"{r['object_id']} {r['date']} {self.topic}[{r['partition']}]@{r['kafka_offset']} "
-                              f"{r['path']}" for r in rows])
-        return len(rows)
 
 
 class ThrottleFilter(logging.Filter):
@@ -457,30 +468,15 @@ def stamp_job_key(payload: dict[str, Any]) -> str:
     return f"{payload['object_id']}@{when}"
 
 
+def kafka_time(msg: Any) -> dt.datetime | None:
+    """The message's Kafka timestamp: the same at every redelivery, unlike ztfd's own clock."""
+    kind, stamp = msg.timestamp()
+    return dt.datetime.fromtimestamp(stamp / 1000, dt.UTC) if kind and stamp > 0 else None
+
+
 def log_lines(topic: str, accepted: list[Accepted]) -> list[str]:
     """The ``<topic>.log`` lines of stored alerts."""
-    return [f"{item.message.object_id} {item.date} {topic}[{item.partition}]@{item.offset} {item.path}"
-            for item in accepted]
-
-
-def mark_written(conn: sqlite3.Connection, written: list[tuple[int, str, bytes]]) -> None:
-    """Transaction 3: the files of these alerts are on disk; forget their bytes and hand them to sync."""
-    with store.transaction(conn):
-        conn.executemany("UPDATE alerts SET written = 1, document = NULL WHERE id = ?", [(i,) for i, _, _ in written])
-        store.record_files(conn, [(path, len(body), md5_hex(body)) for _, path, body in written])
-
-
-def recover_unwritten(conn: sqlite3.Connection, home: Path, topic: str) -> list[sqlite3.Row]:
-    """Write the files of the topic's alerts stored but not yet written; returns their rows."""
-    rows = conn.execute(
-        "SELECT id, path, document, object_id, date, partition, kafka_offset FROM alerts "
-        "WHERE written = 0 AND topic = ? ORDER BY id", (topic,)
-    ).fetchall()
-    for row in rows:
-        atomic_write(home / row["path"], row["document"])
-    if rows:
-        mark_written(conn, [(row["id"], row["path"], row["document"]) for row in rows])
-    return rows
+    return [f"{a.message.object_id} {a.date} {topic}[{a.item.partition}]@{a.item.offset} {a.path}" for a in accepted]
 
 
 def run(cfg: Config, topic: str, name: str) -> int:

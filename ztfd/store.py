@@ -26,9 +26,9 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 
--- One row per accepted Kafka message. (topic, partition, generation, offset) is the message's identity:
--- generation counts how often the partition's offsets restarted (Lasair deletes and recreates a topic when
--- its filter is edited). document holds the alert file's bytes until the file is on disk (written = 1).
+-- One row per accepted Kafka message, inserted once its file is on disk. (topic, partition, generation, offset)
+-- is the message's identity: generation counts how often the partition's offsets restarted (Lasair deletes and
+-- recreates a topic when its filter is edited).
 CREATE TABLE IF NOT EXISTS alerts (
     id INTEGER PRIMARY KEY,
     topic TEXT NOT NULL,
@@ -40,11 +40,8 @@ CREATE TABLE IF NOT EXISTS alerts (
     obs_mjd REAL,
     path TEXT NOT NULL,
     received_at REAL NOT NULL,
-    written INTEGER NOT NULL DEFAULT 0,
-    document BLOB,
     UNIQUE (topic, partition, generation, kafka_offset)
 );
-CREATE INDEX IF NOT EXISTS alerts_unwritten ON alerts (topic) WHERE written = 0;
 CREATE INDEX IF NOT EXISTS alerts_date ON alerts (date, topic);
 CREATE INDEX IF NOT EXISTS alerts_received ON alerts (topic, received_at);
 
