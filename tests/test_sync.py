@@ -580,3 +580,36 @@ def test_larger_single_part_files_are_streamed_not_read_whole(make_home: Callabl
     assert reads and max(reads) <= 1 << 20, reads  # hashed in blocks and streamed: never read whole
     assert home.objects() == {home.prefix + p: (len(d), hashlib.md5(d).hexdigest())
                               for p, d in zip(paths, (big, small), strict=True)}
+
+
+def test_persistent_5xx_is_an_outage_that_blames_no_file(make_home: Callable[..., Home]) -> None:
+    home = make_home()
+    written = home.write_many(30)
+    before = home.conn.execute("SELECT * FROM manifest ORDER BY path").fetchall()
+    home.server.proxy.fail_with(503, "SlowDown")  # type: ignore[union-attr]
+    try:
+        result = home.sync()
+    finally:
+        home.server.proxy.fail_with(None)  # type: ignore[union-attr]
+    assert result.returncode == 1
+    assert "treated as an outage" in one_line(result.stderr) and "SlowDown" in result.stderr
+    after = home.conn.execute("SELECT * FROM manifest ORDER BY path").fetchall()
+    assert [tuple(r) for r in after] == [tuple(r) for r in before], "an outage must not bump every row's attempts"
+    # It stopped after a few files instead of working through all 30 (2 botocore attempts each).
+    assert len(home.puts()) <= sync.OUTAGE_AFTER + 2 * 4, home.puts()
+
+    result = home.sync()
+    assert result.returncode == 0, result.stderr
+    assert set(home.objects()) == {home.prefix + path for path in written}
+
+
+def test_a_few_5xx_failures_are_the_files_failures(make_home: Callable[..., Home]) -> None:
+    home = make_home(concurrency=1)
+    home.write_many(2)  # fewer than OUTAGE_AFTER files fail: no outage, each row counts its failed attempt
+    home.server.proxy.fail_with(500, "InternalError")  # type: ignore[union-attr]
+    try:
+        result = home.sync()
+    finally:
+        home.server.proxy.fail_with(None)  # type: ignore[union-attr]
+    assert result.returncode == 1 and "2 files failed" in result.stderr, result.stderr
+    assert [row["attempts"] for row in home.conn.execute("SELECT attempts FROM manifest")] == [1, 1]

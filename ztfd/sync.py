@@ -50,6 +50,9 @@ SYNCED_DIRS = ("data", "images")  # everything else under home (state, logs) is 
 WAIT_SECONDS = 0.5  # how often the pass looks at SIGTERM while uploads are in flight
 RETENTION_PAGE = 64  # manifest rows looked at (and archived) per retention transaction
 APPLY_CHUNK = 500  # --full applies its plan in transactions of this many rows: the write lock is held briefly
+OUTAGE_AFTER = 3  # files in a row failing with 5xx/throttling (after retries): S3 is down, not those files
+THROTTLING_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "ServiceUnavailable",
+                    "InternalError", "RequestTimeout", "TooManyRequests"}
 IN_MEMORY_MAX = 8 * 1024 * 1024  # single-part uploads up to this size are read into memory; larger ones stream
 PAGE_ROWS = 2000
 PART_SIZE = 16 * 1024 * 1024  # multipart part size (at most), S3 allows at most 10,000 parts of at least 5 MiB
@@ -74,6 +77,10 @@ class OutageError(Exception):
 
 class FileError(Exception):
     """This file could not be uploaded or verified; the others go on."""
+
+
+class ServerError(FileError):
+    """S3 answered 5xx or throttled even after botocore's retries: this file, or S3 as a whole if it persists."""
 
 
 class UploadInterruptedError(Exception):
@@ -341,6 +348,14 @@ def upload_pending(conn: sqlite3.Connection, cfg: Config, client: Any, stop: thr
     abort = threading.Event()  # set on SIGTERM or a fatal/outage error: the pass winds down
     uploader = Uploader(cfg, client, abort)
     bar = _progress(count) if show_progress and sys.stderr.isatty() else None
+    # 5xx/throttling failures not yet blamed on their files: OUTAGE_AFTER in a row means S3 is down, and then
+    # none of them is (their rows keep their attempts); anything else in between means they were the files'.
+    server_errors: list[tuple[str, str, str]] = []
+
+    def blame_server_errors() -> None:
+        if server_errors:
+            mark_uploaded(conn, [], server_errors)
+            server_errors.clear()
 
     def collect(future: futures.Future[Uploaded], item: Item) -> None:
         try:
@@ -352,15 +367,32 @@ def upload_pending(conn: sqlite3.Connection, cfg: Config, client: Any, stop: thr
             abort.set()
         except (UploadInterruptedError, futures.CancelledError):
             pass
+        except ServerError as exc:
+            if abort.is_set():
+                return  # the pass is ending (an outage already): blame no file
+            result.failures += 1
+            server_errors.append((item.path, item.md5, str(exc)))
+            log.warning("sync: %s: %s", item.path, exc)
+            if len(server_errors) >= OUTAGE_AFTER:
+                result.error = (f"S3 keeps failing ({len(server_errors)} files in a row, last: {exc}); "
+                                "treated as an outage, the rest goes in the next pass")
+                log.error("sync: %s", result.error)
+                result.failures -= len(server_errors)
+                server_errors.clear()
+                abort.set()
+            return
         except FileError as exc:
+            blame_server_errors()
             result.failures += 1
             mark_uploaded(conn, [], [(item.path, item.md5, str(exc))])
             log.warning("sync: %s: %s", item.path, exc)
         except Exception as exc:  # a bug or an unforeseen botocore error: report this file, keep going
+            blame_server_errors()
             result.failures += 1
             mark_uploaded(conn, [], [(item.path, item.md5, f"{type(exc).__name__}: {exc}")])
             log.warning("sync: %s: %s", item.path, exc, exc_info=True)
         else:
+            blame_server_errors()
             mark_uploaded(conn, [uploaded], [])  # at once: a kill -9 must not re-send a verified upload
             result.files += 1
             result.bytes += uploaded.size
@@ -393,6 +425,7 @@ def upload_pending(conn: sqlite3.Connection, cfg: Config, client: Any, stop: thr
                 if stop.is_set():
                     abort.set()
         finally:
+            blame_server_errors()
             if bar is not None:
                 bar.render_finish()
     if stop.is_set():
@@ -569,7 +602,10 @@ def classified_errors(bucket: str, endpoint_url: str) -> Iterator[None]:
                              "on it") from None
         if code in ("PermanentRedirect", "IllegalLocationConstraintException") or status == 301:
             raise FatalError(f"bucket {bucket!r} is in another region ({code}): set s3.region") from None
-        raise FileError(f"S3 error {code} (HTTP {status}): {error.get('Message', '')}".strip()) from None
+        message = f"S3 error {code} (HTTP {status}): {error.get('Message', '')}".strip()
+        if code in THROTTLING_CODES or (isinstance(status, int) and status >= 500):
+            raise ServerError(message) from None
+        raise FileError(message) from None
     except bx.BotoCoreError as exc:
         raise FileError(f"{type(exc).__name__}: {exc}") from None
 
