@@ -8,21 +8,18 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ztfd import demo
 from ztfd.embedded.alerce import StampService
 from ztfd.embedded.kafka import KafkaBroker
 
-# Fast consumer-group joins on Tansu (see README "Testing"): ~3 s instead of ~23 s.
-FAST_KAFKA_OPTIONS = {
-    "session.timeout.ms": 6000,
-    "heartbeat.interval.ms": 500,
-    "topic.metadata.refresh.interval.ms": 1000,
-}
+FAST_KAFKA_OPTIONS = demo.FAST_KAFKA_OPTIONS
 
 
 @pytest.fixture(scope="session")
@@ -40,26 +37,21 @@ def stamp_service() -> Iterator[StampService]:
         yield service
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
 def write_config(path: Path, sections: dict[str, dict[str, Any]], home: Path | str = ".") -> Path:
-    """Write a ztfd TOML config; ``sections`` maps section (``kafka``, ``kafka.options``, ``stamps``…) to keys."""
-    lines = [f"home = {_toml_value(str(home))}", ""]
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines.extend(f'"{key}" = {_toml_value(value)}' if "." in key else f"{key} = {_toml_value(value)}"
-                     for key, value in values.items())
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
+    """Write a ztfd TOML config (the writer ``ztfd demo`` and ``bin/bench`` use)."""
+    return demo.write_config(path, Path(home), sections)
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something true (which is returned), or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
 
 
 @pytest.fixture

@@ -16,19 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import child_env, ztfd_command
+from tests.conftest import child_env, wait_until, ztfd_command
 from ztfd import store
 from ztfd.consumer import recover_unwritten
 from ztfd.embedded import samples
 from ztfd.embedded.kafka import KafkaBroker
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def count(db: Path, sql: str, *args: object) -> int:
@@ -100,13 +92,13 @@ def test_kill_minus_9_mid_stream_loses_and_duplicates_nothing(
     kills = 0
     for threshold in (300, 900, 1600):
         proc = consumers.start(config_path, topic)
-        wait_for(lambda t=threshold: stored() >= t, 90, f"{threshold} alerts stored")
+        wait_until(lambda t=threshold: stored() >= t, 90, f"{threshold} alerts stored")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         kills += 1
         assert stored() < total, "the stream ended before the kill: make it longer"
     proc = consumers.start(config_path, topic)
-    wait_for(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= total, 120, "every alert")
+    wait_until(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= total, 120, "every alert")
     assert terminate(proc) == 0
     assert kills == 3
     assert stored() == total
@@ -132,15 +124,24 @@ def test_two_topics_at_once_and_stamp_jobs_queued(
     home = config_path.parent
     db = home / "state" / "ztfd.sqlite3"
     procs = [consumers.start(config_path, topic) for topic in topics]
-    wait_for(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= 40, 90, "both topics stored")
+    wait_until(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= 40, 90, "both topics stored")
     assert [terminate(proc) for proc in procs] == [0, 0]
     for topic, expected in zip(topics, (messages[:25], messages[25:]), strict=True):
         files = list((home / "data").glob(f"*/{topic}/*.json"))
         assert sorted(json.loads(p.read_bytes())["message"]["seq"] for p in files) == [m["seq"] for m in expected]
         log_lines = (home / "logs" / f"{topic}.log").read_text().splitlines()
         assert len(log_lines) == len(expected)
-    # Every ZTF alert got a stamp job carrying what the fetcher needs.
-    assert count(db, "SELECT count(*) FROM jobs WHERE kind = 'stamps' AND state = 'ready'") == 40
+    # One stamp job per object and observation time (Lasair resends objects), carrying what the fetcher needs.
+    def observed(m: dict) -> str:
+        if "mjdmax" in m:
+            return f"{m['mjdmax']:.6f}"
+        if "jdmax" in m:
+            return f"{m['jdmax'] - 2400000.5:.6f}"
+        return m["UTC"][:10]
+
+    distinct = {(m["objectId"], observed(m)) for m in messages}
+    assert 10 < len(distinct) < 40, "the sample stream should repeat objects"
+    assert count(db, "SELECT count(*) FROM jobs WHERE kind = 'stamps' AND state = 'ready'") == len(distinct)
     conn = sqlite3.connect(db)
     payload = json.loads(conn.execute("SELECT payload FROM jobs ORDER BY id LIMIT 1").fetchone()[0])
     assert set(payload) == {"alert_id", "object_id", "topic", "date", "obs_mjd"}
@@ -175,9 +176,9 @@ def test_poison_messages_are_kept_with_their_reason_and_the_stream_goes_on(
                                      "max_message_bytes": 4096})
     db = config_path.parent / "state" / "ztfd.sqlite3"
     proc = consumers.start(config_path, topic)
-    wait_for(lambda: count(db, "SELECT count(*) FROM rejected") >= len(POISON), 90, "poison rejected")
+    wait_until(lambda: count(db, "SELECT count(*) FROM rejected") >= len(POISON), 90, "poison rejected")
     kafka.produce(topic, good[len(POISON):])  # the stream goes on after the poison
-    wait_for(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= len(good), 60, "good alerts")
+    wait_until(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= len(good), 60, "good alerts")
     assert proc.poll() is None, "the consumer must not die on poison"
     assert terminate(proc) == 0
     conn = sqlite3.connect(db)
@@ -200,10 +201,10 @@ def test_a_topic_created_after_the_consumer_started_is_waited_for(
     config_path = make_config(kafka={"bootstrap_servers": kafka.bootstrap, "group_id": unique("g"), "topics": [topic]})
     db = config_path.parent / "state" / "ztfd.sqlite3"
     proc = consumers.start(config_path, topic)
-    wait_for(lambda: count(db, "SELECT count(*) FROM processes WHERE role = 'consumer'") == 1, 60, "consumer up")
+    wait_until(lambda: count(db, "SELECT count(*) FROM processes WHERE role = 'consumer'") == 1, 60, "consumer up")
     kafka.create_topic(topic)
     kafka.produce(topic, samples.message_stream(10))
-    wait_for(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= 10, 120, "late topic consumed")
+    wait_until(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= 10, 120, "late topic consumed")
     assert proc.poll() is None
     assert terminate(proc) == 0
 
@@ -218,7 +219,7 @@ def test_redelivery_writes_nothing_twice(
     home = config_path.parent
     db = home / "state" / "ztfd.sqlite3"
     proc = consumers.start(config_path, topic)
-    wait_for(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= 30, 90, "first delivery")
+    wait_until(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= 30, 90, "first delivery")
     assert terminate(proc) == 0
     before = {path: path.stat().st_mtime_ns for path in alert_files(home)}
     manifest_before = count(db, "SELECT count(*) FROM manifest")
@@ -229,9 +230,9 @@ def test_redelivery_writes_nothing_twice(
     conn.close()
     config_path.write_text(config_path.read_text().replace('group_id = "', 'group_id = "again-'))
     proc = consumers.start(config_path, topic)
-    wait_for(lambda: count(db, "SELECT count(*) FROM offsets WHERE next_offset >= 30") == 1, 90, "redelivery")
+    wait_until(lambda: count(db, "SELECT count(*) FROM offsets WHERE next_offset >= 30") == 1, 90, "redelivery")
     kafka.produce(topic, [dict(m, seq=100 + m["seq"]) for m in samples.message_stream(5)])
-    wait_for(lambda: count(db, "SELECT count(*) FROM alerts") >= 35, 60, "new messages after the redelivery")
+    wait_until(lambda: count(db, "SELECT count(*) FROM alerts") >= 35, 60, "new messages after the redelivery")
     assert terminate(proc) == 0
     assert count(db, "SELECT count(*) FROM alerts") == 35
     after = {path: path.stat().st_mtime_ns for path in alert_files(home)}
@@ -270,7 +271,7 @@ def test_a_recreated_topic_starts_a_new_generation(
     home = config_path.parent
     db = home / "state" / "ztfd.sqlite3"
     proc = consumers.start(config_path, topic)
-    wait_for(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= 20, 90, "first generation")
+    wait_until(lambda: count(db, "SELECT count(*) FROM alerts WHERE written = 1") >= 20, 90, "first generation")
     first = {path: path.read_bytes() for path in alert_files(home)}
     admin = AdminClient({"bootstrap.servers": kafka.bootstrap})  # kept alive until the deletion is confirmed
     admin.delete_topics([topic])[topic].result(30)

@@ -8,8 +8,9 @@ The exactly-once argument, in the order things happen for each batch of messages
 3. a second transaction marks them written, drops their bytes from the store and records them for sync;
 4. the offsets are committed to Kafka too, for lag tools; ztfd itself never reads them back.
 A kill -9 before (1) commits loses nothing (Kafka redelivers from the stored offsets); after (1), the next start
-writes the files of every stored alert not yet marked written (``recover``). On assignment the consumer seeks to
-the stored offsets. ``enable.auto.commit`` is off; the lasair package's ``lasair_consumer`` auto-commits (an
+writes the files of every stored alert not yet marked written (``recover``). The consumer assigns itself the
+topic's partitions (no consumer-group membership, see ``_look_at_topic``) starting at the stored offsets.
+``enable.auto.commit`` is off; the lasair package's ``lasair_consumer`` auto-commits (an
 alert could be acknowledged before it is stored), so it is not used.
 
 Lasair deletes and recreates a topic whenever its filter is edited, restarting its offsets at 0. Seeking to the
@@ -37,9 +38,9 @@ from ztfd.logs import AlertLog
 log = logging.getLogger(__name__)
 
 POLL_TIMEOUT = 0.5
+DRAIN_TIMEOUT = 0.005
 HEARTBEAT_EVERY = 5.0
-IDLE_CHECK_EVERY = 10.0
-IDLE_RECREATE_AFTER = 30.0
+METADATA_EVERY = 10.0  # seconds between looks at the topic's partitions (new topic, new partitions, recreation)
 RECENT_DATES_WINDOW = 2 * 86400.0
 
 
@@ -111,12 +112,9 @@ class TopicConsumer:
         self.generation: dict[int, int] = {}
         self.expected: dict[int, int | None] = {}
         self.consumer: Any = None
-        # librdkafka's cooperative protocol hands over partitions incrementally; the eager one (the default) whole.
-        strategy = str(cfg.kafka.options.get("partition.assignment.strategy", ""))
-        self.cooperative = "cooperative" in strategy
         self.last_heartbeat = 0.0
-        self.idle_since: float | None = None
-        self.last_idle_check = 0.0
+        self.assigned: set[int] = set()
+        self.last_metadata_check = -METADATA_EVERY
         self.stored_total = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
@@ -129,20 +127,34 @@ class TopicConsumer:
         if recovered:
             log.info("wrote %d alert files stored before a crash (topic %s)", recovered, self.topic)
         self.consumer = self._new_consumer()
+        self._look_at_topic(force=True)
         log.info("consuming %s from %s as group %s", self.topic, self.cfg.kafka.bootstrap_servers,
                  self.cfg.kafka.group_id)
         try:
             while not self.stopping:
-                messages = self.consumer.consume(self.cfg.kafka.batch_size, POLL_TIMEOUT)
+                messages = self._next_batch()
                 self._heartbeat()
                 if messages:
                     self.handle_batch(messages)
-                else:
-                    self._watch_idle()
+                self._look_at_topic()
         finally:
             self._close()
         log.info("stopped consuming %s after storing %d alerts", self.topic, self.stored_total)
         return 0
+
+    def _next_batch(self) -> list[Any]:
+        """Wait for one message, then take what is already fetched, up to a batch.
+
+        ``consume(n, timeout)`` would wait for n messages or the whole timeout: at a trickle of alerts every one
+        would sit for the timeout before being stored. Here the first message is stored as soon as it arrives,
+        and under load the batch fills from librdkafka's prefetched queue at once.
+        """
+        first = self.consumer.poll(POLL_TIMEOUT)
+        if first is None:
+            return []
+        if self.cfg.kafka.batch_size == 1:
+            return [first]
+        return [first, *self.consumer.consume(self.cfg.kafka.batch_size - 1, DRAIN_TIMEOUT)]
 
     def _request_stop(self, signum: int, _frame: object) -> None:
         log.info("received %s: finishing the current batch", signal.Signals(signum).name)
@@ -166,16 +178,15 @@ class TopicConsumer:
             "group.id": self.cfg.kafka.group_id,
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
-            "topic.metadata.refresh.interval.ms": 10000,
             "error_cb": self._on_kafka_error,
-            "logger": logging.getLogger("ztfd.librdkafka"),
+            "logger": librdkafka_logger(),
         }
         settings.update(self.cfg.kafka.options)
         # Not negotiable: ztfd decides when an offset is done, after the alert is stored.
         settings["enable.auto.commit"] = False
         settings["enable.auto.offset.store"] = False
         consumer = Consumer(settings)
-        consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self.assigned.clear()
         return consumer
 
     def _on_kafka_error(self, error: Any) -> None:
@@ -189,55 +200,19 @@ class TopicConsumer:
 
     # --- partitions --------------------------------------------------------------------------------------------
 
-    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
-        stored = store.stored_offsets(self.conn, self.topic)
-        for tp in partitions:
-            known = stored.get(tp.partition)
-            if known is not None:
-                tp.offset = known.next_offset
-                self.generation[tp.partition] = known.generation
-                self.expected[tp.partition] = known.next_offset
-            else:
-                self.generation.setdefault(tp.partition, 0)
-                self.expected[tp.partition] = None
-        if self.cooperative:
-            consumer.incremental_assign(partitions)
-        else:
-            consumer.assign(partitions)
-        self.idle_since = None
-        known_offsets = [tp for tp in partitions if tp.partition in stored]
-        if known_offsets:  # so that lag tools see where ztfd stands before the first batch
-            try:
-                consumer.commit(offsets=known_offsets, asynchronous=True)
-            except Exception as exc:
-                self.throttled("commit", logging.WARNING, "could not commit offsets to Kafka: %s", exc)
-        log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions))
+    def _look_at_topic(self, force: bool = False) -> None:
+        """Assign the topic's partitions to this consumer, and keep looking while it is idle.
 
-    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
-        # Batches are stored synchronously, so nothing of a revoked partition is in flight here.
-        for tp in partitions:
-            self.expected.pop(tp.partition, None)
-        if self.cooperative:
-            consumer.incremental_unassign(partitions)
-        else:
-            consumer.unassign()
-        log.info("revoked %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
-
-    def _watch_idle(self) -> None:
-        """Recreate the consumer when it stays without partitions although the topic exists.
-
-        Tansu (and a Lasair topic deleted and recreated under a live consumer) can leave a subscription with an
-        empty assignment that never recovers; a fresh consumer joins properly.
+        ztfd does not join a consumer group: the supervisor runs exactly one consumer per topic, and the offsets
+        that matter are in the store, so a group's rebalancing would only add failure modes (Tansu, for one,
+        wedges a group whose members leave during a rebalance). ``group_id`` still names the offsets committed
+        to Kafka for lag tools. Looking again every ``METADATA_EVERY`` seconds picks up a topic created after
+        the consumer started, partitions added later, and a topic recreated under it.
         """
         now = time.monotonic()
-        if now - self.last_idle_check < IDLE_CHECK_EVERY:
+        if not force and now - self.last_metadata_check < METADATA_EVERY:
             return
-        self.last_idle_check = now
-        assignment = self.consumer.assignment()
-        if assignment:
-            self.idle_since = None
-            self._detect_restarted_offsets(assignment)
-            return
+        self.last_metadata_check = now
         try:
             metadata = self.consumer.list_topics(self.topic, timeout=5)
         except Exception as exc:
@@ -246,18 +221,36 @@ class TopicConsumer:
         info = metadata.topics.get(self.topic)
         if info is None or info.error is not None or not info.partitions:
             self.throttled("missing-topic", logging.INFO, "topic %s does not exist (yet): waiting for it", self.topic)
-            self.idle_since = None
             return
-        if self.idle_since is None:
-            self.idle_since = now
-        elif now - self.idle_since >= IDLE_RECREATE_AFTER:
-            log.warning("topic %s exists but nothing was assigned for %.0fs: reconnecting", self.topic,
-                        now - self.idle_since)
-            self.consumer.close()
-            self.consumer = self._new_consumer()
-            self.idle_since = None
+        new = sorted(set(info.partitions) - self.assigned)
+        if new:
+            self._assign(new)
+        self._detect_restarted_offsets()
 
-    def _detect_restarted_offsets(self, assignment: list[Any]) -> None:
+    def _assign(self, partitions: list[int]) -> None:
+        """Start reading ``partitions`` where the store says (else where Kafka's committed offset, else the
+        earliest one, says): the seek that makes a restart resume exactly after the last stored alert."""
+        from confluent_kafka import OFFSET_STORED, TopicPartition
+
+        stored = store.stored_offsets(self.conn, self.topic)
+        assignment = []
+        for partition in partitions:
+            known = stored.get(partition)
+            self.generation[partition] = known.generation if known else 0
+            self.expected[partition] = known.next_offset if known else None
+            offset = known.next_offset if known else OFFSET_STORED
+            assignment.append(TopicPartition(self.topic, partition, offset))
+        self.consumer.incremental_assign(assignment)
+        self.assigned.update(partitions)
+        log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in assignment))
+        known_offsets = [tp for tp in assignment if tp.partition in stored]
+        if known_offsets:  # so that lag tools see where ztfd stands before the first batch
+            try:
+                self.consumer.commit(offsets=known_offsets, asynchronous=True)
+            except Exception as exc:
+                self.throttled("commit", logging.WARNING, "could not commit offsets to Kafka: %s", exc)
+
+    def _detect_restarted_offsets(self) -> None:
         """Notice a partition whose end is now below the offset we expect next: its topic was recreated.
 
         A broker should answer such a fetch with OFFSET_OUT_OF_RANGE (and librdkafka would reset to the earliest
@@ -266,8 +259,9 @@ class TopicConsumer:
         """
         from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-        for tp in assignment:
-            expected = self.expected.get(tp.partition)
+        for partition in sorted(self.assigned):
+            tp = TopicPartition(self.topic, partition)
+            expected = self.expected.get(partition)
             if expected is None:
                 continue
             try:
@@ -427,10 +421,39 @@ class TopicConsumer:
         return len(rows)
 
 
+class ThrottleFilter(logging.Filter):
+    """Let each kind of librdkafka log line through at most once per ``every`` seconds.
+
+    While a broker is down librdkafka reports the same failure about every 50 ms; without this a day's outage
+    would fill the logs.
+    """
+
+    def __init__(self, every: float = 30.0) -> None:
+        super().__init__()
+        self.every = every
+        self.last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.args[0]) if isinstance(record.args, tuple) and record.args else record.msg
+        now = time.monotonic()
+        if now - self.last.get(key, -self.every) < self.every:
+            return False
+        self.last[key] = now
+        return True
+
+
+def librdkafka_logger() -> logging.Logger:
+    logger = logging.getLogger("ztfd.librdkafka")
+    if not any(isinstance(f, ThrottleFilter) for f in logger.filters):
+        logger.addFilter(ThrottleFilter())
+    return logger
+
+
 def stamp_job_key(payload: dict[str, Any]) -> str:
     """One stamp job per object and observation time: Lasair resends an object whenever a selected column
     changes, and the triplet of the same detection needs fetching once."""
-    when = payload["obs_mjd"] if payload["obs_mjd"] is not None else payload["date"]
+    # Rounded to ~0.1 s: the same detection time reaches ztfd as a JD in one filter and an MJD in another.
+    when = f"{payload['obs_mjd']:.6f}" if payload["obs_mjd"] is not None else payload["date"]
     return f"{payload['object_id']}@{when}"
 
 

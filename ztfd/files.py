@@ -13,6 +13,8 @@ import os
 import threading
 from pathlib import Path
 
+from ztfd.procs import pid_alive
+
 TMP_SUFFIX = ".tmp"
 
 
@@ -56,22 +58,12 @@ def remove_stale_temporaries(folder: Path, name: str | None = None) -> int:
     removed = 0
     for leftover in folder.glob(f".{name or '*'}.*{TMP_SUFFIX}"):
         pid_part = leftover.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1].split("-", 1)[0]
-        if pid_part.isdigit() and _process_alive(int(pid_part)):
+        if pid_part.isdigit() and pid_alive(int(pid_part)):
             continue
         with contextlib.suppress(FileNotFoundError):
             leftover.unlink()
             removed += 1
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def is_temporary(name: str) -> bool:

@@ -59,17 +59,19 @@ class SharedRotatingFileHandler(logging.Handler):
         with self.lock:  # type: ignore[union-attr]
             fd = self._open()
             if self.max_bytes and os.fstat(fd).st_size + len(block) > self.max_bytes:
-                self._rotate()
+                self._rotate(len(block))
                 fd = self._open()
             os.write(fd, block)
 
-    def _rotate(self) -> None:
+    def _rotate(self, incoming: int) -> None:
         lock_path = self.path.with_name(self.path.name + ".lock")
         with open(lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                # Another process may have rotated while we waited for the lock.
-                if os.stat(self.path).st_size < self.max_bytes:
+                # Another process may have rotated while we waited for the lock (the same test as emit's, so a
+                # file never grows past max_bytes but by lines of processes that had not yet seen a rotation).
+                size = os.stat(self.path).st_size
+                if size == 0 or size + incoming <= self.max_bytes:
                     return
                 for index in range(self.backup_count - 1, 0, -1):
                     older = self.path.with_name(f"{self.path.name}.{index}")

@@ -1,0 +1,93 @@
+"""Baseline loops run as child processes (``python -m bench.baselines …``), printing one JSON line of timings.
+
+These are what a user would otherwise write: a confluent-kafka loop that reads and parses each message, and the
+same loop writing one JSON file per message (temporary file + rename) with no store at all. Both read in
+batches of 1000 (``consume``), which is faster than the per-message ``poll`` of the lasair package's consumer:
+the baseline is made as strong as a simple loop can be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+def kafka_loop(bootstrap: str, topic: str, group: str, count: int, out_dir: Path | None) -> dict[str, float]:
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
+                         "enable.auto.commit": False, "session.timeout.ms": 6000, "heartbeat.interval.ms": 500})
+    consumer.subscribe([topic])
+    seen, first = 0, None
+    folders: set[Path] = set()
+    while seen < count:
+        messages = consumer.consume(1000, 1.0)
+        if messages and first is None:
+            first = time.time()
+        for msg in messages:
+            if msg.error() is not None:
+                continue
+            try:
+                document = json.loads(msg.value())
+            except ValueError:
+                seen += 1
+                continue
+            seen += 1
+            if out_dir is None or not isinstance(document, dict):
+                continue
+            folder = out_dir / str(msg.topic())
+            if folder not in folders:
+                folder.mkdir(parents=True, exist_ok=True)
+                folders.add(folder)
+            name = f"{document.get('objectId', 'unknown')}_p{msg.partition()}-o{msg.offset()}.json"
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(json.dumps(document).encode())
+            os.replace(tmp, folder / name)
+    last = time.time()
+    consumer.close()
+    return {"first": first or last, "last": last, "count": seen}
+
+
+def alerce_client(url: str, pairs: list[tuple[str, int]]) -> dict[str, float]:
+    """The alerce client's own way: ``Alerce().get_stamps(oid, candid)``, one alert after the other."""
+    import warnings
+
+    from alerce.core import Alerce
+
+    warnings.simplefilter("ignore")  # ZTF cutouts raise a harmless VerifyWarning on every open
+    client = Alerce()
+    client.legacy_stamps_client.load_config_from_object({"AVRO_URL": url})
+    first = time.time()
+    for object_id, candid in pairs:
+        stamps = client.get_stamps(object_id, candid, survey="ztf")
+        if not stamps or len(stamps) != 3:
+            raise RuntimeError(f"alerce client returned {stamps!r} for {object_id} {candid}")
+    return {"first": first, "last": time.time(), "count": len(pairs)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("kind", choices=["bare", "naive", "alerce"])
+    parser.add_argument("--bootstrap")
+    parser.add_argument("--topic")
+    parser.add_argument("--group")
+    parser.add_argument("--count", type=int)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--url")
+    parser.add_argument("--pairs", type=Path)
+    args = parser.parse_args()
+    if args.kind == "alerce":
+        result = alerce_client(args.url, json.loads(args.pairs.read_text()))
+    else:
+        result = kafka_loop(args.bootstrap, args.topic, args.group, args.count,
+                            args.out if args.kind == "naive" else None)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Ingest: alerts/s of one ``ztfd consume`` (stamps off) against a bare and a naive confluent-kafka loop.
+
+All three read the same N Lasair-shaped messages already in one topic, each run with a fresh consumer group.
+ztfd's rate is first to last stored: from the first ``received_at`` to the last alert file recorded as written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from bench.common import Results, Row, RssSampler, Settings, median, python_child, ratio, scalar, wait_until, ztfd_child
+from ztfd import store
+from ztfd.demo import FAST_KAFKA_OPTIONS, EmbeddedServices, write_config
+
+TOPIC = "bench-ingest"
+ZTF_PEAK = 1333.0
+
+
+def run(settings: Settings, results: Results) -> None:
+    count = settings.size(50_000, 5_000)
+    work = settings.workdir / "ingest"
+    with EmbeddedServices(work / "services", s3=False, stamps=False) as services:
+        from ztfd.embedded.samples import message_stream
+
+        services.kafka.create_topic(TOPIC)
+        started = time.monotonic()
+        services.kafka.produce(TOPIC, (json.dumps(m).encode() for m in message_stream(count)))
+        print(f"  produced {count} messages in {time.monotonic() - started:.1f}s", flush=True)
+        rates: dict[str, list[float]] = {"bare": [], "naive": [], "ztfd": []}
+        for run_index in range(settings.runs):
+            for kind in ("bare", "naive"):
+                rates[kind].append(_baseline(services.kafka.bootstrap, kind, count, work / f"{kind}-{run_index}"))
+            rates["ztfd"].append(_ztfd(services.kafka.bootstrap, count, work / f"ztfd-{run_index}", results))
+            print(f"  run {run_index + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()), flush=True)
+    results.raw["ingest"] = {"messages": count, "alerts_per_s": rates}
+    bare, naive, ztfd = (median(rates[k]) for k in ("bare", "naive", "ztfd"))
+    results.add(
+        Row("ingest", "ztfd consume (stamps off)", ztfd, "alerts/s", f"{count:,} msgs, median of {settings.runs}"),
+        Row("ingest", "vs bare read+parse loop", ratio(ztfd, bare), "x", f"bare {bare:,.0f}/s"),
+        Row("ingest", "vs naive file-per-message loop", ratio(ztfd, naive), "x", f"naive {naive:,.0f}/s",
+            ">= 1.0x", ratio(ztfd, naive) >= 1.0),
+        Row("ingest", "vs ZTF peak", ratio(ztfd, ZTF_PEAK), "x", "1,333 alerts/s"),
+    )
+
+
+def _baseline(bootstrap: str, kind: str, count: int, out: Path) -> float:
+    group = f"bench-{kind}-{time.time_ns()}"
+    child = python_child("bench.baselines", kind, "--bootstrap", bootstrap, "--topic", TOPIC, "--group", group,
+                         "--count", str(count), "--out", str(out), log_path=out.parent / f"{out.name}.log")
+    stdout, _ = child.communicate(timeout=600)
+    if child.returncode != 0:
+        raise RuntimeError(f"baseline {kind} failed ({child.returncode}); see {out.parent / (out.name + '.log')}")
+    timing = json.loads(stdout.decode().strip().splitlines()[-1])
+    shutil.rmtree(out, ignore_errors=True)
+    return timing["count"] / max(1e-9, timing["last"] - timing["first"])
+
+
+def _ztfd(bootstrap: str, count: int, home: Path, results: Results) -> float:
+    config_path = write_config(home / "ztfd.toml", home, {
+        "kafka": {"bootstrap_servers": bootstrap, "group_id": f"bench-ztfd-{time.time_ns()}", "topics": [TOPIC]},
+        "kafka.options": {**FAST_KAFKA_OPTIONS, "auto.offset.reset": "earliest"},
+        "stamps": {"enabled": False},
+    })
+    conn = store.connect(home / "state" / "ztfd.sqlite3")
+    try:
+        with RssSampler() as sampler, ztfd_child(config_path, "consume", "--topic", TOPIC,
+                                                 log_path=home / "consume.out", sampler=sampler):
+            wait_until(lambda: scalar(conn, "SELECT count(*) FROM alerts WHERE written = 1")
+                       + scalar(conn, "SELECT count(*) FROM rejected") >= count,
+                       timeout=900, interval=0.2, what=f"{count} alerts stored by ztfd consume")
+        results.note_rss(sampler)
+        first = scalar(conn, "SELECT min(received_at) FROM alerts")
+        last = scalar(conn, "SELECT max(recorded_at) FROM manifest WHERE path LIKE 'data/%'")
+        stored = scalar(conn, "SELECT count(*) FROM alerts")
+    finally:
+        conn.close()
+    shutil.rmtree(home, ignore_errors=True)
+    return stored / max(1e-9, last - first)

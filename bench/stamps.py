@@ -1,0 +1,162 @@
+"""Stamps: triplets/s of the ``ztfd fetch`` pool against the alerce client and against the pool's ideal.
+
+The local stamp service answers every request after 50 ms. It serves N synthetic objects (the sample cutouts
+under distinct objectIds and candids), so that every alert needs its own triplet: nothing is skipped as already
+on disk. The pool's jobs are queued only once all its workers heartbeat, and the rate runs from the enqueue to
+the last job finished, so process start-up is not counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+from bench.common import Results, Row, RssSampler, Settings, median, python_child, ratio, scalar, wait_until, ztfd_child
+from ztfd import jobqueue, store
+from ztfd.demo import write_config
+
+LATENCY = 0.05
+WORKERS = 4
+TOPIC = "bench-stamps"
+
+
+def synthetic_packets(count: int) -> list:
+    from ztfd.embedded.samples import packets
+
+    base = [p for p in packets() if p.object_id.startswith("ZTF")]
+    return [dataclasses.replace(base[i % len(base)], object_id=synthetic_object_id(i),
+                                candid=base[i % len(base)].candid + 1000 * (i + 1)) for i in range(count)]
+
+
+def synthetic_object_id(index: int) -> str:
+    """A ZTF-shaped objectId (``ZTF24`` + 7 lowercase letters), distinct for every index."""
+    letters = []
+    for _ in range(7):
+        index, digit = divmod(index, 26)
+        letters.append(chr(ord("a") + digit))
+    return "ZTF24" + "".join(reversed(letters))
+
+
+def run(settings: Settings, results: Results) -> None:
+    from ztfd.embedded.alerce import StampService
+
+    count = settings.size(1000, 200)
+    alerce_count = settings.size(100, 20)
+    work = settings.workdir / "stamps"
+    packets = synthetic_packets(count)
+    rates: dict[str, list[float]] = {"alerce": [], "previews off": [], "previews on": []}
+    concurrency = rate_limit = None
+    with StampService(packets=packets, latency=LATENCY, include_previous=False) as service:
+        for run_index in range(settings.runs):
+            rates["alerce"].append(_alerce(service.url, packets[:alerce_count], work / f"alerce-{run_index}"))
+            for previews in (False, True):
+                key = "previews on" if previews else "previews off"
+                rate, concurrency, rate_limit = _pool(service.url, packets, previews, work / f"pool-{run_index}-{key}",
+                                                      results)
+                rates[key].append(rate)
+            print(f"  run {run_index + 1}: " + ", ".join(f"{k} {v[-1]:,.1f}/s" for k, v in rates.items()), flush=True)
+    alerce, off, on = (median(rates[k]) for k in ("alerce", "previews off", "previews on"))
+    ideal = WORKERS * (concurrency or 1) * 3 / LATENCY / 3  # requests/s over 3 requests a triplet
+    if rate_limit:
+        ideal = min(ideal, rate_limit / 4)  # 4 requests an alert: detections + 3 stamps
+    results.raw["stamps"] = {"alerts": count, "alerce_alerts": alerce_count, "triplets_per_s": rates,
+                             "ideal_triplets_per_s": ideal, "concurrency": concurrency, "rate_limit": rate_limit}
+    results.add(
+        Row("stamps", f"pool of {WORKERS} fetchers, previews off", off, "triplets/s",
+            f"{count:,} alerts, 50 ms/request, median of {settings.runs}"),
+        Row("stamps", "vs alerce client get_stamps", ratio(off, alerce), "x",
+            f"alerce {alerce:.1f}/s ({alerce_count} alerts)", ">= 10x", ratio(off, alerce) >= 10),
+        Row("stamps", "vs ideal of declared concurrency", ratio(off, ideal), "x",
+            f"ideal {ideal:,.0f}/s ({WORKERS}x{concurrency}x3 req/50ms)"),
+        Row("stamps", "pool with previews on", on, "triplets/s", ""),
+        Row("stamps", "previews on / off", ratio(on, off), "x", "cost <= 25%", ">= 0.75x", ratio(on, off) >= 0.75),
+    )
+    for previews in (False, True):
+        busy = [c for c in results.raw.get("stamps_cpu_cores_busy", []) if c["previews"] == previews]
+        if busy:
+            results.add(Row("stamps", f"CPU cores busy, previews {'on' if previews else 'off'}",
+                            median([c["fetchers"] + c["stamp_service"] for c in busy]), "cores",
+                            f"fetchers {median([c['fetchers'] for c in busy]):.2f} + stamp service "
+                            f"{median([c['stamp_service'] for c in busy]):.2f}"))
+
+
+def _alerce(url: str, packets: list, out: Path) -> float:
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = out / "pairs.json"
+    pairs.write_text(json.dumps([[p.object_id, p.candid] for p in packets]))
+    child = python_child("bench.baselines", "alerce", "--url", url, "--pairs", str(pairs), log_path=out / "alerce.log")
+    stdout, _ = child.communicate(timeout=900)
+    if child.returncode != 0:
+        raise RuntimeError(f"alerce baseline failed; see {out / 'alerce.log'}")
+    timing = json.loads(stdout.decode().strip().splitlines()[-1])
+    return timing["count"] / (timing["last"] - timing["first"])
+
+
+def _pool(url: str, packets: list, previews: bool, home: Path, results: Results) -> tuple[float, int, float]:
+    from ztfd import config
+
+    config_path = write_config(home / "ztfd.toml", home, {
+        "kafka": {"bootstrap_servers": "127.0.0.1:1", "group_id": "bench", "topics": [TOPIC]},
+        "stamps": {"enabled": True, "workers": WORKERS, "previews": previews, "alerce_stamp_url": url,
+                   "alerce_api_url": url, "rate_limit": 0.0, "timeout": 30.0},
+    })
+    cfg = config.load(config_path)
+    conn = store.connect(cfg.db_path)
+    date = "2021-09-01"
+    workers: list = []
+    try:
+        with RssSampler() as sampler, contextlib.ExitStack() as fetchers:
+            for index in range(WORKERS):  # as the supervisor would fork them
+                workers.append(fetchers.enter_context(
+                    ztfd_child(config_path, "fetch", log_path=home / f"fetch-{index}.out", sampler=sampler)))
+            wait_until(lambda: scalar(conn, "SELECT count(*) FROM processes WHERE role = 'fetcher'") >= WORKERS,
+                       timeout=60, what="4 fetchers to heartbeat")
+            cpu_before = _cpu_seconds(workers)
+            started = time.time()
+            with store.transaction(conn):
+                payloads = []
+                for offset, packet in enumerate(packets):
+                    alert_id = conn.execute(
+                        "INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, "
+                        "path, received_at, written) VALUES (?, 0, 0, ?, ?, ?, ?, ?, ?, 1) RETURNING id",
+                        (TOPIC, offset, packet.object_id, date, packet.mjd,
+                         f"data/{date}/{TOPIC}/{packet.object_id}_p0-o{offset}.json", started),
+                    ).fetchone()[0]
+                    payloads.append({"alert_id": alert_id, "object_id": packet.object_id, "topic": TOPIC,
+                                     "date": date, "obs_mjd": packet.mjd})
+                jobqueue.enqueue(conn, jobqueue.STAMPS, payloads)
+            wait_until(lambda: scalar(conn, "SELECT count(*) FROM jobs WHERE state IN ('done', 'failed')")
+                       >= len(packets), timeout=900, interval=0.1, what="every stamp job to finish")
+            cpu_after = _cpu_seconds(workers)
+        results.note_rss(sampler)
+        failed = scalar(conn, "SELECT count(*) FROM jobs WHERE state = 'failed'")
+        if failed:
+            results.notes.append(f"stamps: {failed} jobs failed in {home.name}")
+        finished = scalar(conn, "SELECT max(updated_at) FROM jobs")
+        # Where the CPU went (2 cores shared by the workers and the stamp service in this process).
+        wall = finished - started
+        cpu = {k: round((cpu_after[k] - cpu_before[k]) / wall, 2) for k in cpu_before}
+        results.raw.setdefault("stamps_cpu_cores_busy", []).append({"previews": previews, **cpu})
+    finally:
+        conn.close()
+    shutil.rmtree(home, ignore_errors=True)
+    return len(packets) / (finished - started), cfg.stamps.concurrency, cfg.stamps.rate_limit
+
+
+def _cpu_seconds(workers: list) -> dict[str, float]:
+    """CPU seconds so far of the fetch workers and of this process (which runs the stamp service)."""
+    import psutil
+
+    def used(proc: psutil.Process) -> float:
+        times = proc.cpu_times()
+        return times.user + times.system
+
+    total = 0.0
+    for popen in workers:
+        with contextlib.suppress(psutil.Error):
+            total += used(psutil.Process(popen.pid))
+    return {"fetchers": total, "stamp_service": used(psutil.Process())}

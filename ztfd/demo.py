@@ -1,0 +1,457 @@
+"""``ztfd demo``: the whole pipeline on embedded local services, in a throwaway home, in about a minute.
+
+It starts a Tansu Kafka broker, a moto S3 server and the local ALeRCE-like stamp service (``ztfd.embedded``),
+writes a demo configuration, runs the real daemon (``ztfd start --foreground`` in a child process), produces a
+Lasair-like stream built from the sample packets (the documented message shapes plus two poison messages), shows
+progress until every alert is stored, every stamp job finished and every file uploaded, then prints the status
+table, what was written, the S3 keys and a preview PNG. Everything it starts is stopped again, also on Ctrl-C.
+
+The pieces (``EmbeddedServices``, ``write_config``, ``Daemon``) are also what ``bin/bench`` drives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ztfd import store
+
+# Options for local brokers: a short metadata refresh notices new topics fast (see README "Testing").
+FAST_KAFKA_OPTIONS: dict[str, Any] = {
+    "session.timeout.ms": 6000,
+    "heartbeat.interval.ms": 500,
+    "topic.metadata.refresh.interval.ms": 1000,
+}
+# Dummy credentials for the local moto S3 server; set in the children's environment, never real ones.
+LOCAL_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "ztfd-local",
+    "AWS_SECRET_ACCESS_KEY": "ztfd-local",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+SN_TOPIC = "lasair_2SN-likecandidates"
+HEARTBEAT_TOPIC = "lasair_1Lightweight"
+BUCKET = "ztfd-demo"
+DEADLINE_SECONDS = 110.0
+
+
+# --- configuration -----------------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def write_config(path: Path, home: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    """Write a ztfd TOML config; ``sections`` maps a section name (``kafka``, ``kafka.options``…) to its keys."""
+    lines = [f"home = {_toml_value(str(home))}", ""]
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(
+            f'"{key}" = {_toml_value(value)}' if "." in key else f"{key} = {_toml_value(value)}"
+            for key, value in values.items()
+        )
+        lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+# --- embedded services ---------------------------------------------------------------------------------------
+
+
+class EmbeddedServices(contextlib.ExitStack):
+    """Tansu Kafka, moto S3 and the local stamp service on 127.0.0.1, stopped together on exit."""
+
+    def __init__(self, workdir: Path, stamp_latency: float = 0.0, kafka: bool = True, s3: bool = True,
+                 stamps: bool = True) -> None:
+        super().__init__()
+        self.workdir = workdir
+        self.stamp_latency = stamp_latency
+        self.want = {"kafka": kafka, "s3": s3, "stamps": stamps}
+        self.kafka: Any = None
+        self.s3: Any = None
+        self.stamps: Any = None
+
+    def __enter__(self) -> EmbeddedServices:
+        super().__enter__()
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            if self.want["kafka"]:
+                from ztfd.embedded.kafka import KafkaBroker
+
+                self.kafka = self.enter_context(KafkaBroker(log_path=self.workdir / "tansu.log"))
+            if self.want["s3"]:
+                from ztfd.embedded.s3 import S3Server
+
+                self.s3 = self.enter_context(S3Server())
+            if self.want["stamps"]:
+                from ztfd.embedded.alerce import StampService
+
+                self.stamps = self.enter_context(StampService(latency=self.stamp_latency))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def s3_client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3", endpoint_url=self.s3.endpoint_url, region_name=LOCAL_AWS_ENV["AWS_DEFAULT_REGION"],
+            aws_access_key_id=LOCAL_AWS_ENV["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=LOCAL_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        )
+
+
+# --- the daemon ----------------------------------------------------------------------------------------------
+
+
+def has_supervisor() -> bool:
+    return importlib.util.find_spec("ztfd.supervisor") is not None
+
+
+def ztfd_argv(config_path: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "ztfd", "--config", str(config_path), *args]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(LOCAL_AWS_ENV)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Daemon:
+    """ztfd processes started as children, each in its own session; ``stop`` leaves nothing running.
+
+    With ``argvs`` given, those commands run directly (e.g. one ``ztfd consume`` for a benchmark); otherwise the
+    daemon is ``ztfd start --foreground``.
+    """
+
+    config_path: Path
+    log_dir: Path
+    argvs: Sequence[Sequence[str]] = ()
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    seen: dict[int, Any] = field(default_factory=dict)  # pid -> psutil.Process, every descendant ever seen
+
+    def start(self) -> Daemon:
+        argvs = list(self.argvs) or [["start", "--foreground"]]
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for index, args in enumerate(argvs):
+            output = (self.log_dir / f"child-{index}.out").open("ab")
+            self.processes.append(subprocess.Popen(
+                ztfd_argv(self.config_path, *args), stdout=output, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=child_env(), start_new_session=True,
+            ))
+            output.close()
+        return self
+
+    def tree(self) -> list[Any]:
+        """Every live process of the daemon (children and their descendants), remembered for ``stop``."""
+        import psutil
+
+        found = []
+        for popen in self.processes:
+            try:
+                root = psutil.Process(popen.pid)
+                members = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+            for proc in members:
+                self.seen.setdefault(proc.pid, proc)
+                found.append(proc)
+        return found
+
+    def exited(self) -> list[int]:
+        return [p.returncode for p in self.processes if p.poll() is not None]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM the children, wait, then SIGKILL whatever of the whole tree is still alive."""
+        import psutil
+
+        self.tree()
+        for popen in self.processes:
+            if popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for popen in self.processes:
+            try:
+                popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(popen.pid, signal.SIGKILL)
+                popen.wait()
+        # Grandchildren (the supervisor's children) must be gone too: give them the rest of the timeout.
+        leftovers = [p for p in self.seen.values() if _alive(p)]
+        _gone, alive = psutil.wait_procs(leftovers, timeout=max(0.5, deadline - time.monotonic()))
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+
+
+def _alive(proc: Any) -> bool:
+    import psutil
+
+    try:
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+# --- the stream ----------------------------------------------------------------------------------------------
+
+
+def demo_messages(sn_count: int, heartbeat_count: int) -> dict[str, list[bytes]]:
+    """The demo's two topics: SN-like rows (with nulls) and topic_refresh rows, and a heartbeat topic; plus poison."""
+    import json
+
+    from ztfd.embedded.samples import message_stream
+
+    sn = [json.dumps(m).encode() for m in message_stream(sn_count, shapes=("sn", "sn", "refresh"))]
+    heartbeat = [json.dumps(m).encode() for m in message_stream(heartbeat_count, shapes=("heartbeat",))]
+    # Two poison messages: kept in the rejected store with a reason, and the stream goes on.
+    sn.insert(len(sn) // 3, b"{this is not json")
+    heartbeat.insert(len(heartbeat) // 2, json.dumps({"objectId": "../../etc/passwd", "UTC": "2021-09-01"}).encode())
+    return {SN_TOPIC: sn, HEARTBEAT_TOPIC: heartbeat}
+
+
+def produce_steadily(bootstrap: str, topic: str, values: Sequence[bytes], per_second: float) -> None:
+    """Produce ``values`` at about ``per_second``, so that progress can be watched."""
+    from ztfd.embedded.kafka import produce
+
+    chunk = max(1, int(per_second / 5))
+    start = time.monotonic()
+    for index in range(0, len(values), chunk):
+        produce(bootstrap, topic, values[index:index + chunk])
+        due = start + (index + chunk) / per_second
+        time.sleep(max(0.0, due - time.monotonic()))
+
+
+# --- progress ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Progress:
+    alerts: int
+    rejected: int
+    jobs_total: int
+    jobs_finished: int
+    jobs_failed: int
+    files: int
+    files_uploaded: int
+
+    def line(self, elapsed: float, produced: int) -> str:
+        return (
+            f"{elapsed:5.1f}s  alerts {self.alerts + self.rejected}/{produced} received ({self.rejected} rejected)"
+            f"  stamps {self.jobs_finished}/{self.jobs_total} jobs"
+            f"  s3 {self.files_uploaded}/{self.files} files uploaded"
+        )
+
+
+def read_progress(conn: sqlite3.Connection) -> Progress:
+    def one(sql: str) -> int:
+        return int(conn.execute(sql).fetchone()[0] or 0)
+
+    return Progress(
+        alerts=one("SELECT count(*) FROM alerts"),
+        rejected=one("SELECT count(*) FROM rejected"),
+        jobs_total=one("SELECT count(*) FROM jobs"),
+        jobs_finished=one("SELECT count(*) FROM jobs WHERE state IN ('done', 'failed')"),
+        jobs_failed=one("SELECT count(*) FROM jobs WHERE state = 'failed'"),
+        files=one("SELECT count(*) FROM manifest"),
+        files_uploaded=one("SELECT count(*) FROM manifest WHERE state = 'done'"),
+    )
+
+
+# --- the demo ------------------------------------------------------------------------------------------------
+
+
+class DemoInterruptedError(Exception):
+    """SIGTERM or SIGINT arrived: stop everything and exit 130."""
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    def raise_interrupted(signum: int, _frame: object) -> None:
+        raise DemoInterruptedError(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run(keep: bool = False, home: Path | None = None, sn_count: int = 150, heartbeat_count: int = 60) -> int:
+    """Run the demo; 0 when every alert, stamp and upload arrived, 1 when not, 130 when interrupted."""
+    started = time.monotonic()
+    made_home = home is None
+    home = Path(tempfile.mkdtemp(prefix="ztfd-demo-")) if home is None else home.expanduser().resolve()
+    if home.exists() and any(home.iterdir()) and not made_home:
+        click.echo(f"ztfd demo: --home {home} is not empty; give a new or empty folder", err=True)
+        return 2
+    home.mkdir(parents=True, exist_ok=True)
+    click.echo(f"ztfd demo: home {home}")
+    daemon: Daemon | None = None
+    try:
+        with _interruptible(), EmbeddedServices(home / "services", stamp_latency=0.05) as services:
+            click.echo(f"  kafka (tansu) {services.kafka.bootstrap}   s3 (moto) {services.s3.endpoint_url}"
+                       f"   stamps (local ALeRCE) {services.stamps.url}")
+            services.s3_client().create_bucket(Bucket=BUCKET)
+            messages = demo_messages(sn_count, heartbeat_count)
+            for topic in messages:
+                services.kafka.create_topic(topic)
+            config_path = write_config(home / "ztfd.toml", home, demo_sections(services))
+            daemon = Daemon(config_path, home / "services", argvs=_fallback_argvs()).start()
+            how = "ztfd start --foreground" if not daemon.argvs else "consume/fetch/sync children (no supervisor yet)"
+            click.echo(f"  daemon: {how} (config {config_path})")
+            ok = _flow(services, daemon, config_path, messages, started)
+            _report(services, config_path, home)
+            return 0 if ok else 1
+    except DemoInterruptedError as exc:
+        click.echo(f"\nztfd demo: interrupted ({exc}), stopping everything", err=True)
+        return 130
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        if keep:
+            click.echo(f"ztfd demo: kept the demo home to browse: {home}")
+        elif made_home:
+            shutil.rmtree(home, ignore_errors=True)
+        click.echo(f"ztfd demo: done in {time.monotonic() - started:.0f}s, everything it started is stopped")
+
+
+def _fallback_argvs() -> list[list[str]]:
+    """Until ``ztfd start`` exists, the same roles run as direct children."""
+    if has_supervisor():
+        return []
+    return [["consume", "--topic", SN_TOPIC], ["consume", "--topic", HEARTBEAT_TOPIC], ["fetch"], ["fetch"], ["sync"]]
+
+
+def demo_sections(services: EmbeddedServices, **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    sections: dict[str, dict[str, Any]] = {
+        "kafka": {"bootstrap_servers": services.kafka.bootstrap, "group_id": "ztfd-demo",
+                  "topics": [SN_TOPIC, HEARTBEAT_TOPIC]},
+        "kafka.options": dict(FAST_KAFKA_OPTIONS),
+        "stamps": {"enabled": True, "workers": 2, "previews": True, "alerce_stamp_url": services.stamps.url,
+                   "alerce_api_url": services.stamps.url, "timeout": 10.0, "rate_limit": 0.0},
+        "s3": {"bucket": BUCKET, "prefix": "ztf/", "endpoint_url": services.s3.endpoint_url,
+               "region": LOCAL_AWS_ENV["AWS_DEFAULT_REGION"], "interval": 2.0},
+        "supervisor": {"heartbeat_timeout": 60.0, "stop_timeout": 20.0},
+    }
+    for name, values in overrides.items():
+        sections.setdefault(name.replace("__", "."), {}).update(values)
+    return sections
+
+
+def _flow(services: EmbeddedServices, daemon: Daemon, config_path: Path, messages: dict[str, list[bytes]],
+          started: float) -> bool:
+    from ztfd import config
+
+    cfg = config.load(config_path)
+    produced = sum(len(values) for values in messages.values())
+    errors: list[BaseException] = []
+
+    def produce_all() -> None:
+        try:
+            for topic, values in messages.items():
+                produce_steadily(services.kafka.bootstrap, topic, values, per_second=60)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    producer = threading.Thread(target=produce_all, name="demo-producer", daemon=True)
+    producer.start()
+    click.echo(f"  producing {produced} Lasair-shaped messages (SN-like, topic_refresh, heartbeat, 2 poison)")
+    conn = store.connect(cfg.db_path)
+    interactive = sys.stdout.isatty()
+    last_line, last_print = "", 0.0
+    deadline = started + DEADLINE_SECONDS
+    try:
+        while True:
+            progress = read_progress(conn)
+            line = progress.line(time.monotonic() - started, produced)
+            now = time.monotonic()
+            if interactive:
+                click.echo("\r  " + line, nl=False)
+            elif line.split("  ", 1)[1] != last_line.split("  ", 1)[-1] and now - last_print >= 2:
+                click.echo("  " + line)
+                last_print = now
+            last_line = line
+            if errors:
+                raise errors[0]
+            if daemon.exited():
+                click.echo(f"\nztfd demo: the daemon exited early ({daemon.exited()}); see {daemon.log_dir}", err=True)
+                return False
+            if (not producer.is_alive() and progress.alerts + progress.rejected >= produced
+                    and progress.jobs_finished == progress.jobs_total and progress.files
+                    and progress.files_uploaded == progress.files):
+                click.echo(("\r  " if interactive else "  ") + line)
+                click.echo("  everything stored, fetched and uploaded")
+                return progress.jobs_failed == 0
+            if now > deadline:
+                click.echo(f"\nztfd demo: not finished after {DEADLINE_SECONDS:.0f}s", err=True)
+                return False
+            time.sleep(0.25)
+    finally:
+        conn.close()
+
+
+def _report(services: EmbeddedServices, config_path: Path, home: Path) -> None:
+    if has_supervisor():
+        click.echo("\n$ ztfd status")
+        result = subprocess.run(ztfd_argv(config_path, "status"), capture_output=True, text=True, env=child_env(),
+                                timeout=60)
+        click.echo(result.stdout.rstrip() or result.stderr.rstrip())
+    click.echo("\nwritten under " + str(home))
+    for top in ("data", "images"):
+        _echo_tree(home / top, home)
+    keys = [obj["Key"] for page in services.s3_client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+            for obj in page.get("Contents", [])]
+    click.echo(f"\nS3 s3://{BUCKET}/ holds {len(keys)} objects, e.g.:")
+    for kind in ("data/", "images/"):
+        for key in sorted(k for k in keys if kind in k)[:3]:
+            click.echo(f"  {key}")
+    previews = sorted((home / "images").rglob("*.png"))
+    if previews:
+        click.echo(f"\na preview: {previews[0]}")
+
+
+def _echo_tree(root: Path, home: Path) -> None:
+    """A short tree: each date/topic or date/object folder with its file count, at most a few of them."""
+    if not root.exists():
+        click.echo(f"  {root.relative_to(home)}/ (nothing)")
+        return
+    files = [p for p in root.rglob("*") if p.is_file()]
+    click.echo(f"  {root.relative_to(home)}/  {len(files)} files")
+    folders = sorted({p.parent for p in files})
+    for folder in folders[:5]:
+        names = sorted(p.name for p in folder.iterdir() if p.is_file())
+        click.echo(f"    {folder.relative_to(home)}/  {len(names)} files, e.g. {names[0]}")
+    if len(folders) > 5:
+        click.echo(f"    … and {len(folders) - 5} more folders")

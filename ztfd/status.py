@@ -1,0 +1,370 @@
+"""``ztfd status``: what runs, how far each topic is, the stamp queue, sync and disk, in one look.
+
+``collect`` builds one JSON-ready dict (``ztfd status --json``; the README "Status" section documents its fields);
+``render`` turns it into the table a person reads. Both work when nothing runs and when the store does not exist
+yet. Nothing here writes to the store or to Kafka: the Kafka lag is read with a throwaway consumer that never
+joins the group or commits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from ztfd import config, jobqueue, store, supervisor
+from ztfd.procs import pid_alive
+
+log = logging.getLogger(__name__)
+
+CHILD_ROLES = ("consumer", "fetcher", "syncer")
+KAFKA_TIMEOUT = 3.0
+LAST_FAILURES = 5
+
+
+def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[str, Any]:
+    now = time.time()
+    sup_pid = supervisor.running_pid(cfg)
+    report: dict[str, Any] = {
+        "time": _iso(now),
+        "home": str(cfg.home),
+        "config": str(cfg.path),
+        "supervisor": {"running": sup_pid is not None, "pid": sup_pid},
+        "processes": [],
+        "topics": [],
+        "queue": dict.fromkeys(("ready", "leased", "retry_waiting", "unavailable", "failed", "done"), 0),
+        "failures": [],
+        "sync": {"enabled": bool(cfg.s3.bucket), "bucket": cfg.s3.bucket or None, "pending": 0, "pending_bytes": 0,
+                 "done": 0, "last_pass": None, "last_error": None},
+        "rejected": {},
+        "disk": _disk(cfg.home),
+        "store": str(cfg.db_path) if cfg.db_path.exists() else None,
+    }
+    conn = _open_store(cfg)
+    try:
+        if conn is not None:
+            report["processes"] = _processes(conn, cfg, now)
+            report["topics"] = _topics(conn, cfg, now)
+            report["queue"] = jobqueue.counts(conn, jobqueue.STAMPS, now)
+            report["failures"] = _failures(conn)
+            report["sync"].update(_sync(conn))
+            report["rejected"] = _rejected(conn, cfg)
+            for info in report["topics"]:
+                info["rejected"] = report["rejected"].get(info["topic"], 0)
+            started = conn.execute("SELECT started_at FROM processes WHERE name = ?", (supervisor.SUPERVISOR_NAME,))
+            row = started.fetchone()
+            if row is not None and sup_pid is not None and row["started_at"]:
+                report["supervisor"]["uptime"] = round(now - row["started_at"], 1)
+        else:
+            report["topics"] = [_empty_topic(t) for t in cfg.kafka.topics]
+    finally:
+        if conn is not None:
+            conn.close()
+    _add_lag(cfg, report["topics"], kafka_timeout)
+    # Running: our supervisor, or (under supervisord or systemd units of the single roles) live consumers.
+    externally = any(p["alive"] and p["role"] == "consumer" and p["fresh"] for p in report["processes"])
+    report["running"] = sup_pid is not None or externally
+    report["mode"] = "supervisor" if sup_pid is not None else ("external" if externally else "stopped")
+    return report
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _open_store(cfg: config.Config) -> sqlite3.Connection | None:
+    if not cfg.db_path.exists():
+        return None
+    try:
+        return store.connect(cfg.db_path, timeout=5)
+    except sqlite3.Error as exc:
+        log.warning("cannot open the store %s: %s", cfg.db_path, exc)
+        return None
+
+
+def _disk(home: Path) -> dict[str, Any]:
+    probe = home
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    usage = shutil.disk_usage(probe)
+    return {"path": str(probe), "free_bytes": usage.free, "total_bytes": usage.total,
+            "free_percent": round(100 * usage.free / usage.total, 1) if usage.total else None}
+
+
+def _processes(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        "SELECT name, role, topic, pid, started_at, heartbeat_at, restarts, state, last_exit FROM processes "
+        "WHERE role IN (?, ?, ?) ORDER BY CASE role WHEN 'consumer' THEN 0 WHEN 'fetcher' THEN 1 ELSE 2 END, name",
+        CHILD_ROLES,
+    ).fetchall()
+    result = []
+    for row in rows:
+        alive = row["pid"] is not None and pid_alive(row["pid"])
+        age = None if row["heartbeat_at"] is None else round(now - row["heartbeat_at"], 1)
+        result.append({
+            "name": row["name"],
+            "role": row["role"],
+            "topic": row["topic"],
+            "pid": row["pid"],
+            "alive": alive,
+            "state": row["state"] if alive or row["state"] in ("backoff", "stopped") else "dead",
+            "uptime": round(now - row["started_at"], 1) if alive and row["started_at"] else None,
+            "restarts": row["restarts"],
+            "heartbeat_age": age,
+            "fresh": age is not None and age <= cfg.supervisor.heartbeat_timeout,
+            "last_exit": row["last_exit"],
+        })
+    return result
+
+
+def _empty_topic(topic: str) -> dict[str, Any]:
+    return {"topic": topic, "alerts_today": 0, "alerts_total": 0, "last_alert": None, "last_alert_age": None,
+            "rejected": 0, "partitions": {}, "lag": None}
+
+
+def _topics(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[dict[str, Any]]:
+    midnight = dt.datetime.fromtimestamp(now, dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    result = []
+    for topic in cfg.kafka.topics:
+        info = _empty_topic(topic)
+        row = conn.execute(
+            "SELECT count(*) AS n, max(received_at) AS last FROM alerts WHERE topic = ?", (topic,)
+        ).fetchone()
+        info["alerts_total"] = row["n"]
+        info["last_alert"] = _iso(row["last"])
+        info["last_alert_age"] = None if row["last"] is None else round(now - row["last"], 1)
+        info["alerts_today"] = conn.execute(
+            "SELECT count(*) FROM alerts WHERE topic = ? AND received_at >= ?", (topic, midnight)
+        ).fetchone()[0]
+        info["partitions"] = {
+            str(p): {"next_offset": o.next_offset, "generation": o.generation}
+            for p, o in sorted(store.stored_offsets(conn, topic).items())
+        }
+        result.append(info)
+    return result
+
+
+def _failures(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        "SELECT id, payload, attempts, last_error, updated_at FROM jobs WHERE state = 'failed' AND kind = ? "
+        "ORDER BY updated_at DESC LIMIT ?",
+        (jobqueue.STAMPS, LAST_FAILURES),
+    ).fetchall()
+    result = []
+    for row in rows:
+        try:
+            payload = json.loads(row["payload"])
+        except ValueError:
+            payload = {}
+        result.append({"job": row["id"], "object_id": payload.get("object_id"), "date": payload.get("date"),
+                       "attempts": row["attempts"], "reason": row["last_error"], "at": _iso(row["updated_at"])})
+    return result
+
+
+def _sync(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Pending files and bytes, last pass and last error: ``ztfd.sync.summary`` when sync is installed."""
+    try:
+        from ztfd import sync
+    except ImportError:
+        sync = None  # type: ignore[assignment]
+    if sync is not None and hasattr(sync, "summary"):
+        summary = dict(sync.summary(conn))
+        summary.setdefault("pending", 0)
+        return summary
+    row = conn.execute(
+        "SELECT count(*) AS n, coalesce(sum(size), 0) AS bytes FROM manifest WHERE state = 'pending'"
+    ).fetchone()
+    done = conn.execute("SELECT count(*) FROM manifest WHERE state = 'done'").fetchone()[0]
+    return {"pending": row["n"], "pending_bytes": row["bytes"], "done": done}
+
+
+def _rejected(conn: sqlite3.Connection, cfg: config.Config) -> dict[str, int]:
+    counts = {t: 0 for t in cfg.kafka.topics}
+    for row in conn.execute("SELECT topic, count(*) AS n FROM rejected GROUP BY topic"):
+        counts[row["topic"]] = row["n"]
+    return counts
+
+
+def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -> None:
+    """Kafka lag per topic: high watermark minus ztfd's stored next offset, when the broker answers in time.
+
+    Tansu reports a wrong high watermark through ``list_offsets`` (the base offset of the last batch + 1); the
+    watermark cached from a fetch is right, so each partition is read once at its reported end and the cached
+    watermark used. A real broker gives the same figure either way.
+    """
+    if not topics:
+        return
+    try:
+        from confluent_kafka import Consumer, KafkaException, TopicPartition
+    except ImportError:  # pragma: no cover - confluent-kafka is a dependency
+        return
+    quiet = logging.getLogger("ztfd.status.kafka")
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
+    settings: dict[str, Any] = {
+        "bootstrap.servers": cfg.kafka.bootstrap_servers,
+        "group.id": f"{cfg.kafka.group_id}.status",
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,
+        "socket.timeout.ms": int(timeout * 1000),
+        "logger": quiet,
+    }
+    settings.update({k: v for k, v in cfg.kafka.options.items() if k.startswith(("security.", "sasl.", "ssl."))})
+    deadline = time.monotonic() + timeout
+    consumer = Consumer(settings)
+    try:
+        try:
+            metadata = consumer.list_topics(timeout=timeout)
+        except KafkaException:
+            for info in topics:
+                info["broker"] = "unreachable"
+            return
+        assigned = []
+        for info in topics:
+            meta = metadata.topics.get(info["topic"])
+            info["broker"] = "ok"
+            if meta is None or meta.error is not None:
+                info["lag"] = None
+                info["broker"] = "no such topic"
+                continue
+            for partition in meta.partitions:
+                remaining = max(0.1, deadline - time.monotonic())
+                low, high = consumer.get_watermark_offsets(TopicPartition(info["topic"], partition),
+                                                           timeout=remaining)
+                assigned.append(TopicPartition(info["topic"], partition, max(low, high - 1)))
+        if assigned:
+            consumer.assign(assigned)
+            pending = {(tp.topic, tp.partition) for tp in assigned}
+            while pending and time.monotonic() < deadline:
+                for message in consumer.consume(100, min(0.5, max(0.05, deadline - time.monotonic()))):
+                    pending.discard((message.topic(), message.partition()))
+        by_topic: dict[str, int | None] = {}
+        for tp in assigned:
+            _low, high = consumer.get_watermark_offsets(tp, cached=True)
+            if high is None or high < 0:
+                low, high = consumer.get_watermark_offsets(tp, timeout=0.5)
+            stored = next(i for i in topics if i["topic"] == tp.topic)["partitions"].get(str(tp.partition))
+            behind = max(0, high - (stored["next_offset"] if stored else 0))
+            by_topic[tp.topic] = (by_topic.get(tp.topic) or 0) + behind
+        for info in topics:
+            if info.get("broker") == "ok":
+                info["lag"] = by_topic.get(info["topic"], 0)
+    except KafkaException as exc:
+        for info in topics:
+            info.setdefault("broker", f"error: {exc}")
+    finally:
+        consumer.close()
+
+
+# --- the table -----------------------------------------------------------------------------------------------
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    cells = [[str("-" if v is None else v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return ["  " + line for line in lines]
+
+
+def _describe_pass(last: Any) -> str:
+    if not isinstance(last, dict):
+        return str(last) if last else "-"
+    when = _iso(last.get("finished_at")) or "?"
+    outcome = "ok" if last.get("ok") else "incomplete"
+    return f"{when}: {last.get('files', 0)} files, {_size(last.get('bytes'))} in {last.get('seconds', 0)} s, {outcome}"
+
+
+def _describe_error(error: Any) -> str:
+    if not isinstance(error, dict):
+        return str(error) if error else "-"
+    return f"{error.get('message')} (at {_iso(error.get('at'))})"
+
+
+def render(report: dict[str, Any]) -> str:
+    sup = report["supervisor"]
+    if sup["running"]:
+        head = f"ztfd is running (supervisor pid {sup['pid']}, up {_age(sup.get('uptime'))})"
+    elif report["running"]:
+        head = "ztfd is running without its supervisor (supervisord or systemd units)"
+    else:
+        head = "ztfd is not running"
+    out = [head, f"home {report['home']}", ""]
+
+    out.append("Processes")
+    if report["processes"]:
+        out += _table(
+            ["role", "topic", "pid", "state", "uptime", "restarts", "heartbeat", "last exit"],
+            [[p["role"] if p["role"] == "consumer" else p["name"], p["topic"], p["pid"] if p["alive"] else "-",
+              p["state"], _age(p["uptime"]), p["restarts"],
+              _age(p["heartbeat_age"]) + (" ago" if p["heartbeat_age"] is not None else ""), p["last_exit"]]
+             for p in report["processes"]],
+        )
+    else:
+        out.append("  none recorded")
+    out.append("")
+
+    out.append("Topics")
+    out += _table(
+        ["topic", "today", "total", "last alert", "lag", "rejected"],
+        [[t["topic"], t["alerts_today"], t["alerts_total"],
+          f"{t['last_alert']} ({_age(t['last_alert_age'])} ago)" if t["last_alert"] else "-",
+          t["lag"] if t["lag"] is not None else f"? ({t.get('broker', 'unknown')})",
+          report["rejected"].get(t["topic"], 0)]
+         for t in report["topics"]],
+    )
+    out.append("")
+
+    q = report["queue"]
+    out.append("Stamp queue")
+    out.append(f"  ready {q['ready']}  leased {q['leased']}  retry-waiting {q['retry_waiting']}  "
+               f"not-yet-available {q['unavailable']}  failed {q['failed']}  done {q['done']}")
+    for failure in report["failures"]:
+        out.append(f"  failed {failure['object_id']} ({failure['date']}) after {failure['attempts']} attempts: "
+                   f"{failure['reason']}")
+    out.append("")
+
+    s = report["sync"]
+    out.append("Sync")
+    if not s.get("enabled"):
+        out.append("  off (s3.bucket is not set)")
+    else:
+        out.append(f"  bucket {s.get('bucket')}: pending {s['pending']} files ({_size(s.get('pending_bytes'))}), "
+                   f"uploaded {s.get('done', '-')}")
+    out.append(f"  last pass {_describe_pass(s.get('last_pass'))}; last error {_describe_error(s.get('last_error'))}")
+    out.append("")
+
+    d = report["disk"]
+    out.append(f"Disk: {_size(d['free_bytes'])} free of {_size(d['total_bytes'])} ({d['free_percent']}%) "
+               f"under {d['path']}")
+    return "\n".join(out)

@@ -1,0 +1,659 @@
+"""``ztfd start`` / ``ztfd stop``: one process that keeps every other ztfd process alive.
+
+The supervisor forks one consumer per topic, ``stamps.workers`` fetchers and one syncer (when ``s3.bucket`` is
+set), each with ``ZTFD_PROCESS_NAME`` so that its heartbeats land under a stable name in the ``processes`` table.
+Why not supervisord alone (``etc/supervisord.conf`` still works)? It gives up on a program after a few quick
+failures (FATAL, never retried) and cannot tell a hung process from a busy one; here:
+
+- a child that exits is restarted forever, with capped exponential backoff reset once it has stayed up;
+- a child whose heartbeat is older than ``supervisor.heartbeat_timeout`` is killed (SIGTERM, then SIGKILL) and
+  restarted: a hung consumer would otherwise hold its partitions and stamp leases indefinitely;
+- children are tied to the supervisor's life with ``PR_SET_PDEATHSIG``: if the supervisor is killed with -9 they
+  get SIGTERM and exit cleanly; the next ``ztfd start`` also finds any leftover of a crashed supervisor (pids in
+  the ``processes`` table, a marker in their environment) and terminates it before forking new ones.
+
+Exclusivity: the running supervisor holds an ``flock`` on ``<pidfile>.lock`` for its whole life and writes its pid
+to the pidfile atomically; a pidfile whose lock is free or whose pid is dead is stale and replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import select
+import signal
+import sqlite3
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from ztfd import config, files, logs, store
+from ztfd.procs import pid_alive
+
+log = logging.getLogger(__name__)
+
+# A child that stayed up this long is healthy again: its next restart starts from the smallest delay.
+STABLE_AFTER = 10.0
+FIRST_BACKOFF = 1.0
+# SIGTERM grace for a child killed for a stale heartbeat, before SIGKILL.
+HUNG_GRACE = 5.0
+# How often the supervisor heartbeats and checks its children's heartbeats.
+CHECK_INTERVAL = 1.0
+# Marks a child in its environment (value: the pidfile) so a later start can find leftovers of a crashed run.
+MARKER_ENV = "ZTFD_PROCESS_SUPERVISOR"
+SUPERVISOR_NAME = "supervisor"
+PR_SET_PDEATHSIG = 1
+
+EXIT_ALREADY_RUNNING = 1
+
+
+# --- pidfile -------------------------------------------------------------------------------------------------
+
+
+def lock_path(cfg: config.Config) -> Path:
+    return cfg.pidfile.with_name(cfg.pidfile.name + ".lock")
+
+
+def read_pid(pidfile: Path) -> int | None:
+    try:
+        text = pidfile.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def lock_held(path: Path) -> bool:
+    """True while some process holds the supervisor's lock on ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def running_pid(cfg: config.Config) -> int | None:
+    """The pid of the running supervisor, or None (no pidfile, or a stale one).
+
+    The lock file holds the pid too, so a supervisor is still found if someone deleted its pidfile.
+    """
+    if not lock_held(lock_path(cfg)):
+        return None
+    for source in (cfg.pidfile, lock_path(cfg)):
+        pid = read_pid(source)
+        if pid is not None and pid_alive(pid):
+            return pid
+    return None
+
+
+class AlreadyRunningError(Exception):
+    def __init__(self, pid: int | None) -> None:
+        super().__init__(f"ztfd is already running (pid {pid if pid is not None else 'unknown'})")
+        self.pid = pid
+
+
+def acquire_pidfile(cfg: config.Config) -> int:
+    """Take the lock and write our pid; returns the lock's descriptor (keep it open for life)."""
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path(cfg), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyRunningError(read_pid(cfg.pidfile) or read_pid(lock_path(cfg))) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    old = read_pid(cfg.pidfile)
+    if old is not None:
+        log.warning("replacing stale pidfile %s (pid %d is not a running supervisor)", cfg.pidfile, old)
+    os.set_inheritable(fd, False)
+    files.atomic_write(cfg.pidfile, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def release_pidfile(cfg: config.Config, fd: int) -> None:
+    if read_pid(cfg.pidfile) == os.getpid():
+        with contextlib.suppress(FileNotFoundError):
+            cfg.pidfile.unlink()
+    os.close(fd)
+
+
+# --- children ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    """One supervised process slot: the same name across restarts, a new pid each time."""
+
+    name: str
+    role: str
+    topic: str | None
+    args: list[str]
+    pid: int | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff: float = 0.0
+    next_start: float = 0.0
+    kill_deadline: float | None = None  # set while a hung child is being terminated
+    kill_reason: str | None = None
+    beat_value: float | None = None  # the last heartbeat_at seen in the store for this pid
+    beat_seen: float = 0.0  # monotonic time it was first seen
+    state: str = "starting"
+    last_exit: str | None = None
+
+
+def child_specs(cfg: config.Config) -> list[Child]:
+    """The processes the configuration asks for."""
+    base = [sys.executable, "-m", "ztfd", "--config", str(cfg.path)]
+    children = [Child(f"consumer:{t}", "consumer", t, [*base, "consume", "--topic", t]) for t in cfg.kafka.topics]
+    if cfg.stamps.enabled:
+        children += [Child(f"fetcher:{n}", "fetcher", None, [*base, "fetch"]) for n in range(1, cfg.stamps.workers + 1)]
+    if cfg.s3.bucket:
+        children.append(Child("syncer", "syncer", None, [*base, "sync"]))
+    return children
+
+
+def describe_status(status: int) -> str:
+    """``os.waitpid`` status as a person reads it: ``exit 1``, ``killed by SIGKILL``."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            return f"killed by {signal.Signals(number).name}"
+        except ValueError:
+            return f"killed by signal {number}"
+    return f"exit {os.WEXITSTATUS(status)}"
+
+
+def _set_pdeathsig(parent: int) -> None:
+    """In the forked child, before exec: SIGTERM when the supervisor dies (even by kill -9).
+
+    The kernel sends it when the *thread* that forked dies, so the supervisor forks only from its main thread.
+    If the supervisor died between fork and this call, nobody would send it: check and leave at once.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        os._exit(125)
+    if os.getppid() != parent:
+        os._exit(125)
+
+
+def proc_environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, _, v in pairs}
+
+
+def is_our_child(cfg: config.Config, pid: int) -> bool:
+    """True if ``pid`` was forked by a supervisor of this home (its environment carries the marker).
+
+    The marker, not the command line, decides: processes run by supervisord or cron with the same
+    configuration are not ours to kill, and a pid reused by an unrelated process never matches.
+    """
+    if pid == os.getpid() or not pid_alive(pid):
+        return False
+    return proc_environ(pid).get(MARKER_ENV) == str(cfg.pidfile)
+
+
+def leftover_children(cfg: config.Config, conn: sqlite3.Connection | None) -> list[int]:
+    """Processes left by a supervisor that died without stopping them (pids in the table + a /proc scan)."""
+    candidates: set[int] = set()
+    if conn is not None:
+        rows = conn.execute("SELECT pid FROM processes WHERE pid IS NOT NULL AND name != ?", (SUPERVISOR_NAME,))
+        candidates.update(int(row["pid"]) for row in rows)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            pid = int(entry.name)
+            if proc_environ(pid).get(MARKER_ENV) == str(cfg.pidfile):
+                candidates.add(pid)
+    return sorted(pid for pid in candidates if is_our_child(cfg, pid))
+
+
+def terminate_pids(pids: list[int], timeout: float) -> None:
+    """SIGTERM (and SIGCONT, for stopped ones), wait until ``timeout``, then SIGKILL what is left."""
+    for pid in pids:
+        for sig in (signal.SIGTERM, signal.SIGCONT):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        if pid_alive(pid):
+            log.warning("pid %d did not stop within %.0fs: SIGKILL", pid, timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+# --- the supervisor ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Supervisor:
+    cfg: config.Config
+    conn: sqlite3.Connection
+    children: list[Child] = field(default_factory=list)
+    stopping: bool = False
+    wake_r: int = -1
+    wake_w: int = -1
+
+    def run(self) -> int:
+        self._install_signals()
+        self._reset_table()
+        self.children = child_specs(self.cfg)
+        log.info(
+            "supervisor started (pid %d): %s", os.getpid(), ", ".join(c.name for c in self.children) or "no children"
+        )
+        for child in self.children:
+            self._spawn(child)
+        last_check = 0.0
+        while not self.stopping:
+            self._wait(CHECK_INTERVAL)
+            self._reap()
+            if self.stopping:
+                break
+            now = time.monotonic()
+            for child in self.children:
+                if child.pid is None and now >= child.next_start:
+                    self._spawn(child)
+            if now - last_check >= CHECK_INTERVAL:
+                last_check = now
+                self._heartbeat()
+                self._check_heartbeats()
+        self._shutdown()
+        return 0
+
+    # signals: handlers only set flags; a self-pipe wakes the select() of the main loop.
+    def _install_signals(self) -> None:
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+
+        def on_stop(signum: int, _frame: object) -> None:
+            if not self.stopping:
+                log.info("received %s: stopping", signal.Signals(signum).name)
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+
+    def _wait(self, timeout: float) -> None:
+        due = [c.next_start for c in self.children if c.pid is None] + [
+            c.kill_deadline for c in self.children if c.kill_deadline is not None
+        ]
+        if due:
+            timeout = max(0.0, min(timeout, min(due) - time.monotonic()))
+        with contextlib.suppress(InterruptedError):
+            ready, _, _ = select.select([self.wake_r], [], [], timeout)
+            if ready:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self.wake_r, 512):
+                        pass
+
+    def _spawn(self, child: Child) -> None:
+        env = dict(os.environ)
+        env.update({"ZTFD_PROCESS_NAME": child.name, MARKER_ENV: str(self.cfg.pidfile), "ZTFD_LOG_CONSOLE": "0",
+                    "PYTHONUNBUFFERED": "1"})
+        parent = os.getpid()
+        try:
+            pid = _fork_exec(child.args, env, parent)
+        except OSError as exc:
+            log.error("%s: cannot start: %s", child.name, exc)
+            self._schedule_restart(child, f"cannot start: {exc}")
+            return
+        child.pid, child.started_at, child.state = pid, time.monotonic(), "running"
+        child.kill_deadline = child.kill_reason = child.beat_value = None
+        child.beat_seen = 0.0
+        self._record(child, started=True)
+        log.info("%s started (pid %d)", child.name, pid)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = next((c for c in self.children if c.pid == pid), None)
+            if child is None:
+                continue
+            how = describe_status(status)
+            if child.kill_reason:
+                how = f"{child.kill_reason}; {how}"
+            child.pid, child.kill_deadline, child.kill_reason = None, None, None
+            if self.stopping:
+                child.state, child.last_exit = "stopped", how
+                self._record(child)
+                log.info("%s stopped (%s)", child.name, how)
+            else:
+                self._schedule_restart(child, how)
+
+    def _schedule_restart(self, child: Child, how: str) -> None:
+        now = time.monotonic()
+        uptime = now - child.started_at if child.started_at else 0.0
+        if uptime >= STABLE_AFTER or child.backoff == 0:
+            child.backoff = FIRST_BACKOFF
+        else:
+            child.backoff = min(child.backoff * 2, self.cfg.supervisor.restart_backoff_max)
+        child.backoff = min(child.backoff, max(self.cfg.supervisor.restart_backoff_max, 0.1))
+        child.next_start = now + child.backoff
+        child.restarts += 1
+        child.state, child.last_exit = "backoff", how
+        self._record(child)
+        log.warning(
+            "%s exited after %.1fs (%s): restart #%d in %.1fs", child.name, uptime, how, child.restarts, child.backoff
+        )
+
+    def _check_heartbeats(self) -> None:
+        """Kill children whose heartbeat is older than heartbeat_timeout; SIGKILL those past their grace."""
+        timeout = self.cfg.supervisor.heartbeat_timeout
+        now = time.monotonic()
+        try:
+            rows = {r["name"]: r for r in self.conn.execute("SELECT name, pid, heartbeat_at FROM processes")}
+        except sqlite3.Error as exc:
+            log.warning("cannot read heartbeats: %s", exc)
+            return
+        for child in self.children:
+            if child.pid is None:
+                continue
+            if child.kill_deadline is not None:
+                if now >= child.kill_deadline:
+                    log.warning("%s (pid %d) ignored SIGTERM: SIGKILL", child.name, child.pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child.pid, signal.SIGKILL)
+                    child.kill_deadline = now + 3600  # reaped by _reap; do not signal again
+                continue
+            row = rows.get(child.name)
+            if row is not None and row["pid"] == child.pid and row["heartbeat_at"] != child.beat_value:
+                # A new heartbeat. Its age is measured on our monotonic clock from when we first saw it, so a
+                # wall-clock step (NTP) can neither make every child look silent nor hide a hung one.
+                child.beat_value, child.beat_seen = row["heartbeat_at"], now
+            silent = now - max(child.started_at, child.beat_seen)
+            if silent > timeout:
+                child.kill_reason = f"no heartbeat for {silent:.0f}s"
+                log.error("%s (pid %d): %s: terminating", child.name, child.pid, child.kill_reason)
+                for sig in (signal.SIGTERM, signal.SIGCONT):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child.pid, sig)
+                child.kill_deadline = now + min(HUNG_GRACE, self.cfg.supervisor.stop_timeout)
+
+    def _shutdown(self) -> None:
+        """Forward SIGTERM, wait up to stop_timeout, SIGKILL leftovers, record everyone stopped."""
+        live = [c for c in self.children if c.pid is not None]
+        log.info("stopping %d children", len(live))
+        for child in live:
+            for sig in (signal.SIGTERM, signal.SIGCONT):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, sig)  # type: ignore[arg-type]
+        deadline = time.monotonic() + self.cfg.supervisor.stop_timeout
+        while any(c.pid is not None for c in self.children) and time.monotonic() < deadline:
+            self._wait(min(0.2, max(0.0, deadline - time.monotonic())))
+            self._reap()
+        for child in self.children:
+            if child.pid is not None:
+                log.warning("%s (pid %d) did not stop within %.0fs: SIGKILL", child.name, child.pid,
+                            self.cfg.supervisor.stop_timeout)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
+                child.kill_reason = "did not stop in time"
+        deadline = time.monotonic() + 5
+        while any(c.pid is not None for c in self.children) and time.monotonic() < deadline:
+            self._wait(0.1)
+            self._reap()
+        for child in self.children:
+            if child.state != "stopped":
+                child.state, child.pid = "stopped", None
+                self._record(child)
+        self._record_supervisor("stopped")
+        log.info("supervisor stopped")
+
+    # --- the processes table ---------------------------------------------------------------------------------
+
+    def _reset_table(self) -> None:
+        """Forget the processes of earlier runs and record ourselves."""
+        now = time.time()
+        with store.transaction(self.conn):
+            self.conn.execute("DELETE FROM processes")
+            self.conn.execute(
+                "INSERT INTO processes (name, role, pid, started_at, heartbeat_at, state) "
+                "VALUES (?, 'supervisor', ?, ?, ?, 'running')",
+                (SUPERVISOR_NAME, os.getpid(), now, now),
+            )
+
+    def _heartbeat(self) -> None:
+        try:
+            store.heartbeat(self.conn, SUPERVISOR_NAME, "supervisor")
+        except sqlite3.Error as exc:
+            log.warning("cannot write heartbeat: %s", exc)
+
+    def _record_supervisor(self, state: str) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("UPDATE processes SET state = ? WHERE name = ?", (state, SUPERVISOR_NAME))
+
+    def _record(self, child: Child, started: bool = False) -> None:
+        now = time.time()
+        try:
+            self.conn.execute(
+                "INSERT INTO processes (name, role, topic, pid, started_at, restarts, state, last_exit) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET role = excluded.role, "
+                "topic = excluded.topic, pid = excluded.pid, restarts = excluded.restarts, state = excluded.state, "
+                "last_exit = excluded.last_exit, "
+                "started_at = CASE WHEN ? THEN excluded.started_at ELSE processes.started_at END, "
+                "heartbeat_at = CASE WHEN ? THEN NULL ELSE processes.heartbeat_at END",
+                (child.name, child.role, child.topic, child.pid, now, child.restarts, child.state, child.last_exit,
+                 started, started),
+            )
+        except sqlite3.Error as exc:
+            log.warning("cannot record %s: %s", child.name, exc)
+
+
+def _fork_exec(args: list[str], env: dict[str, str], parent: int) -> int:
+    """Fork and exec one child in its own process group, with PDEATHSIG set; returns its pid.
+
+    Not ``subprocess.Popen``: the supervisor reaps its children itself with ``waitpid(-1)``, which would race
+    Popen's own bookkeeping.
+    """
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child until exec
+        try:
+            os.close(err_r)
+            fcntl.fcntl(err_w, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
+            os.setpgid(0, 0)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.set_wakeup_fd(-1)
+            _set_pdeathsig(parent)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.execve(args[0], args, env)
+        except BaseException as exc:  # report to the parent, never return into its code
+            with contextlib.suppress(BaseException):
+                os.write(err_w, f"{type(exc).__name__}: {exc}".encode())
+            os._exit(127)
+    os.close(err_w)
+    try:
+        message = b""
+        while chunk := os.read(err_r, 4096):
+            message += chunk
+    finally:
+        os.close(err_r)
+    if message:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise OSError(errno.ENOEXEC, message.decode(errors="replace"))
+    return pid
+
+
+# --- start / stop --------------------------------------------------------------------------------------------
+
+
+def start(cfg: config.Config, foreground: bool = False) -> int:
+    """``ztfd start``: refuse if one runs; else daemonize (unless ``foreground``) and supervise until SIGTERM."""
+    pid = running_pid(cfg)
+    if pid is not None:
+        click.echo(f"ztfd: already running (pid {pid})", err=True)
+        return EXIT_ALREADY_RUNNING
+    cfg.logs_dir.mkdir(parents=True, exist_ok=True)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    if foreground:
+        return _serve(cfg, console=True, report_fd=None)
+    return _daemonize(cfg)
+
+
+def _daemonize(cfg: config.Config) -> int:
+    """Double fork + setsid; the original process waits for the daemon to say it holds the pidfile."""
+    report_r, report_w = os.pipe()
+    first = os.fork()
+    if first > 0:
+        os.close(report_w)
+        message = b""
+        while chunk := os.read(report_r, 4096):
+            message += chunk
+        os.close(report_r)
+        os.waitpid(first, 0)
+        text = message.decode(errors="replace").strip()
+        if text.startswith("ok "):
+            click.echo(f"ztfd: started (pid {text[3:]}), logs in {cfg.logs_dir}")
+            return 0
+        reason = text or f"the daemon did not start; see {cfg.logs_dir / 'supervisor.out'}"
+        click.echo(f"ztfd: {reason}", err=True)
+        return EXIT_ALREADY_RUNNING if "already running" in text else 1
+    # first child: new session, then fork again so the daemon can never reacquire a terminal
+    os.close(report_r)
+    try:
+        os.setsid()
+        if os.fork() > 0:
+            os._exit(0)
+        os.chdir("/")
+        os.umask(0o022)
+        out = _open_output(cfg)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(devnull)
+        os.close(out)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        code = _serve(cfg, console=False, report_fd=report_w)
+    except BaseException:
+        logging.getLogger(__name__).exception("supervisor crashed")
+        code = 1
+    finally:
+        logging.shutdown()
+    os._exit(code)
+
+
+def _open_output(cfg: config.Config) -> int:
+    """``logs/supervisor.out``: the daemon's and its children's stdout/stderr (tracebacks, nothing routine)."""
+    path = cfg.logs_dir / "supervisor.out"
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_size > cfg.logging.max_bytes:
+            os.replace(path, path.with_name(path.name + ".1"))
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+
+def _serve(cfg: config.Config, console: bool, report_fd: int | None) -> int:
+    def report(text: str) -> None:
+        if report_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(report_fd, text.encode())
+                os.close(report_fd)
+        elif not text.startswith("ok "):
+            click.echo(f"ztfd: {text}", err=True)
+
+    level = os.environ.get("ZTFD_LOG_LEVEL") or cfg.logging.level
+    logs.setup(cfg.logs_dir, level, cfg.logging.max_bytes, cfg.logging.backup_count, "ztfd.log", console)
+    try:
+        lock_fd = acquire_pidfile(cfg)
+    except AlreadyRunningError as exc:
+        report(str(exc))
+        return EXIT_ALREADY_RUNNING
+    try:
+        conn = store.connect(cfg.db_path)
+        leftovers = leftover_children(cfg, conn)
+        if leftovers:
+            log.warning("terminating %d processes left by a supervisor that died: %s", len(leftovers), leftovers)
+            terminate_pids(leftovers, cfg.supervisor.stop_timeout)
+        supervisor = Supervisor(cfg, conn)
+        report(f"ok {os.getpid()}")
+        return supervisor.run()
+    except Exception as exc:
+        log.exception("supervisor failed")
+        report(f"supervisor failed: {exc}")
+        return 1
+    finally:
+        release_pidfile(cfg, lock_fd)
+
+
+def stop(cfg: config.Config, timeout: float | None = None) -> int:
+    """``ztfd stop``: SIGTERM to the supervisor, wait, then SIGKILL it and its children. 0 also if none runs."""
+    timeout = cfg.supervisor.stop_timeout if timeout is None else timeout
+    pid = running_pid(cfg)
+    if pid is None:
+        stale = read_pid(cfg.pidfile)
+        if stale is not None:
+            click.echo(f"ztfd: not running (removing stale pidfile, pid {stale})")
+            with contextlib.suppress(FileNotFoundError):
+                cfg.pidfile.unlink()
+        else:
+            click.echo("ztfd: not running")
+        _kill_leftovers(cfg, timeout)
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if pid_alive(pid):
+        click.echo(f"ztfd: supervisor (pid {pid}) did not stop within {timeout:.0f}s: killing its children and it",
+                   err=True)
+        _kill_leftovers(cfg, 0)  # children first: a supervisor that is stopping restarts nothing
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        end = time.monotonic() + 5
+        while pid_alive(pid) and time.monotonic() < end:
+            time.sleep(0.05)
+        with contextlib.suppress(FileNotFoundError):
+            if read_pid(cfg.pidfile) == pid:
+                cfg.pidfile.unlink()
+    _kill_leftovers(cfg, timeout)
+    click.echo(f"ztfd: stopped (pid {pid})")
+    return 0
+
+
+def _kill_leftovers(cfg: config.Config, timeout: float) -> None:
+    conn = None
+    if cfg.db_path.exists():
+        with contextlib.suppress(sqlite3.Error):
+            conn = store.connect(cfg.db_path, timeout=5)
+    try:
+        pids = leftover_children(cfg, conn)
+    finally:
+        if conn is not None:
+            conn.close()
+    if pids:
+        click.echo(f"ztfd: terminating leftover processes {pids}", err=True)
+        terminate_pids(pids, timeout)
