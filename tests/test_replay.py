@@ -143,3 +143,32 @@ def test_replay_rejects_a_bad_date(make_config, stamp_service):
         result = replay(cfg_path, "--date", bad)
         assert result.returncode == 2
         assert result.stderr.count("\n") == 1 and "--date" in result.stderr and "YYYY-MM-DD" in result.stderr
+
+
+def test_replay_fetches_itself_when_the_daemon_fetchers_die(make_config, stamp_service, tmp_path):
+    from tests.stamp_support import FAST_STAMPS
+
+    stamp_service.latency = 30.0  # the daemon's fetcher holds its jobs when it dies
+    cfg_path = make_config(stamps={**FAST_STAMPS, "alerce_stamp_url": stamp_service.url,
+                                   "alerce_api_url": stamp_service.url, "lease_seconds": 1.5, "timeout": 60.0},
+                           supervisor={"heartbeat_timeout": 2.0})
+    cfg = config.load(cfg_path)
+    conn = store.connect(cfg.db_path)
+    add_alerts(conn, ON_DATE, queue=False)
+    daemon = start_worker(cfg_path, "fetcher-daemon", tmp_path / "daemon.log")
+    try:
+        wait_until(lambda: conn.execute("SELECT 1 FROM processes WHERE name = 'fetcher-daemon'").fetchone(),
+                   what="the daemon fetcher's heartbeat")
+        waiting = subprocess.Popen(ztfd_command(cfg_path, "replay", "--date", DATE, "--workers", "2"),
+                                   env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: stamp_service.arrivals() >= 1, what="the daemon fetching the replay's jobs")
+    finally:
+        daemon.kill()
+        daemon.wait(10)
+    stamp_service.latency = 0.0
+    out, err = waiting.communicate(timeout=90)  # before: waited forever on a dead daemon
+    assert waiting.returncode == 0, out + err
+    assert "the daemon is running (1 fetchers)" in out
+    assert "no daemon fetcher alive for 2 s: fetching the rest with 2 worker processes" in out
+    assert "done 6, failed 0" in out
+    assert_all_on_disk(cfg)

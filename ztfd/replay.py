@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 POLL_SECONDS = 0.2
+FETCHER_CHECK_SECONDS = 1.0  # how often a replay waiting on the daemon checks that some fetcher is alive
+DAEMON_GRACE_MAX = 10.0  # at most this long without a live fetcher (a supervisor restarts one in seconds)
 REPORT_EVERY = 5.0  # seconds between progress lines when stdout is not a terminal
 
 
@@ -40,7 +42,6 @@ class Progress:
     done: int = 0
     failed: int = 0
     unavailable: int = 0  # waiting for ALeRCE, left queued
-    pending: int = 0  # ready, leased or backing off after a failure
 
     @property
     def settled(self) -> int:
@@ -103,7 +104,11 @@ def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None,
     fetchers = running_fetchers(conn, cfg)
     if fetchers:
         click.echo(f"the daemon is running ({len(fetchers)} fetchers): queued as batch {batch}, waiting for it")
-        progress = _wait(conn, batch, len(payloads), processes=None)
+        progress = _wait(conn, batch, len(payloads), processes=None, cfg=cfg)
+        if progress is None:  # the daemon's fetchers died: do the rest here rather than wait forever
+            click.echo(f"no daemon fetcher alive for {_daemon_grace(cfg):.0f} s: fetching the rest with {workers} "
+                       f"worker process{'es' if workers > 1 else ''}")
+            progress = _fetch_in_foreground(conn, cfg, batch, len(payloads), workers)
     else:
         click.echo(f"the daemon is not running: fetching with {workers} worker process{'es' if workers > 1 else ''}")
         progress = _fetch_in_foreground(conn, cfg, batch, len(payloads), workers)
@@ -160,8 +165,6 @@ def batch_progress(conn: sqlite3.Connection, batch: str) -> Progress:
     for row in rows:
         if row["bucket"] in ("done", "failed", "unavailable"):
             setattr(progress, row["bucket"], row["n"])
-        else:
-            progress.pending += row["n"]
     return progress
 
 
@@ -194,11 +197,21 @@ def _fetch_in_foreground(conn: sqlite3.Connection, cfg: Config, batch: str, tota
                 process.join()
 
 
-def _wait(conn: sqlite3.Connection, batch: str, total: int, processes: list | None) -> Progress:
-    """Poll the batch until every job is settled (or the foreground workers are gone), showing progress."""
+def _daemon_grace(cfg: Config) -> float:
+    return min(cfg.supervisor.heartbeat_timeout, DAEMON_GRACE_MAX)
+
+
+def _wait(conn: sqlite3.Connection, batch: str, total: int, processes: list | None,
+          cfg: Config | None = None) -> Progress | None:
+    """Poll the batch until every job is settled (or the foreground workers are gone), showing progress.
+
+    Waiting on the daemon (``processes`` None), returns None when no daemon fetcher has been alive for
+    ``_daemon_grace``: the caller then fetches in the foreground instead of waiting forever.
+    """
     progress = batch_progress(conn, batch)
     shown = 0
     last_report = time.monotonic()
+    last_check = last_seen = time.monotonic()
     try:
         with _progress_bar(total) as bar:
             while True:
@@ -215,6 +228,14 @@ def _wait(conn: sqlite3.Connection, batch: str, total: int, processes: list | No
                 if processes is not None and not any(p.is_alive() for p in processes):
                     progress = batch_progress(conn, batch)
                     break
+                if processes is None and cfg is not None and time.monotonic() - last_check >= FETCHER_CHECK_SECONDS:
+                    last_check = time.monotonic()
+                    if running_fetchers(conn, cfg):
+                        last_seen = last_check
+                    elif last_check - last_seen >= _daemon_grace(cfg):
+                        log.warning("replay: no daemon fetcher alive for %.0f s; fetching batch %s here",
+                                    last_check - last_seen, batch)
+                        return None
                 time.sleep(POLL_SECONDS)
     except KeyboardInterrupt:
         click.echo("\ninterrupted: the batch's remaining jobs stay queued for the daemon", err=True)

@@ -16,7 +16,10 @@ which is what lets a handful of processes saturate a slow service without hundre
 - failures (5xx, timeouts, connection errors, garbage, truncated bodies) back off exponentially with jitter from
   ``retry_base`` to ``retry_max``; after ``max_attempts`` the job fails with the last reason.
 - every request first takes a slot of the pool-wide politeness limit (``ztfd.ratelimit``, ``stamps.rate_limit``).
-- files are recorded in the sync manifest in the same transaction that completes the job.
+- every file is recorded in the sync manifest as soon as it is on disk, whatever becomes of the job (a triplet
+  whose third stamp keeps failing still gets its two good files synced).
+- an idle worker does not poll the queue with write transactions: it reads when the next job is due (or a lease
+  runs out) and sleeps until then, at most ``IDLE_MAX_SLEEP`` so new jobs start at once.
 
 CPU work (FITS checks, file writes, previews) runs on one side thread so the loop keeps requests flowing.
 """
@@ -40,16 +43,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ztfd import jobqueue, ratelimit, store
+from ztfd.alerts import PLAIN_ID
 from ztfd.config import Config, StampsConfig
-from ztfd.files import atomic_write, md5_hex, relative_to_home
+from ztfd.files import atomic_write, md5_hex, relative_to_home, remove_stale_temporaries
+from ztfd.preview import STAMP_TYPES
 
 log = logging.getLogger(__name__)
 
-STAMP_TYPES = ("science", "template", "difference")
 RATE_LIMIT_NAME = "alerce"
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a ZTF cutout is ~15 kB; anything near this is not a stamp
-SAFE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+IDLE_MAX_SLEEP = 1.0  # an idle worker looks (with a read) at least this often for new jobs
+IDLE_CLAIM_EVERY = 5.0  # and claims (a write, which also requeues expired leases) at least this often
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 DETECTIONS_PATH = "/ztf/v1/objects/{oid}/detections"
 STAMP_PATH = "/get_stamp"
@@ -178,10 +183,48 @@ def unavailable_delay(cfg: StampsConfig, waited: float) -> float:
 
 
 def _remove_stale_temporaries(path: Path) -> None:
-    """Temporaries of ``path`` left by a writer killed with -9 (we hold the job's lease: no one else writes it)."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
+    """Temporaries of ``path`` left by a writer killed with -9; a live writer's (another job fetching the same
+    stamp, e.g. a replay beside the daemon) is left alone."""
+    if path.parent.is_dir():
+        remove_stale_temporaries(path.parent, path.name)
+
+
+def next_due(conn: sqlite3.Connection, kind: str, batch: str | None = None) -> float | None:
+    """When the queue next has something for a claim: the earliest ready job's ``not_before`` or leased job's
+    ``lease_until`` (an expired lease is requeued by the next claim); None when there is neither.
+
+    Two plain reads on partial indexes: an idle worker asks this instead of running a claim (a write
+    transaction) several times a second.
+    """
+    only_batch, args = ("AND batch = ?", (batch,)) if batch is not None else ("", ())
+    ready = conn.execute(
+        f"SELECT min(not_before) FROM jobs WHERE state = 'ready' AND kind = ? {only_batch}", (kind, *args)
+    ).fetchone()[0]
+    lease = conn.execute(
+        f"SELECT min(lease_until) FROM jobs WHERE state = 'leased' AND kind = ? {only_batch}", (kind, *args)
+    ).fetchone()[0]
+    due = [t for t in (ready, lease) if t is not None]
+    return min(due) if due else None
+
+
+async def _read_capped(response: Any) -> bytes:
+    """The body, read to at most ``MAX_BODY_BYTES`` (+1 to tell "too large"): a chunked answer has no
+    Content-Length to check first, and an endless one must not fill the worker's memory."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_BODY_BYTES:
+        chunk = await response.content.read(MAX_BODY_BYTES + 1 - size)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+    raise FetchError(f"HTTP {response.status}: body larger than {MAX_BODY_BYTES} bytes")
+
+
+def _record(conn: sqlite3.Connection, rows: list[tuple[str, int, str]]) -> None:
+    if rows:
+        with store.transaction(conn):
+            store.record_files(conn, rows)
 
 
 def _warm_up(previews: bool) -> None:
@@ -243,7 +286,7 @@ class Worker:
                 length = response.content_length
                 if length is not None and length > MAX_BODY_BYTES:
                     raise FetchError(f"HTTP {response.status}: body of {length} bytes is too large")
-                return response.status, await response.read()
+                return response.status, await _read_capped(response)
         except TimeoutError:
             raise FetchError(f"timed out after {self.settings.timeout:g}s") from None
         except aiohttp.ClientError as exc:
@@ -279,7 +322,7 @@ class Worker:
     async def process(self, job: jobqueue.Job) -> Outcome:
         payload = job.payload
         object_id, date = payload.get("object_id"), payload.get("date")
-        if not isinstance(object_id, str) or not SAFE_NAME.match(object_id):
+        if not isinstance(object_id, str) or not PLAIN_ID.match(object_id):
             raise BadPayloadError(f"bad object_id {object_id!r}")
         if not isinstance(date, str) or not DATE.match(date):
             raise BadPayloadError(f"bad date {date!r}")
@@ -309,6 +352,9 @@ class Worker:
         written = await self._cpu(
             self._write, object_id, candid, mjd, paths, png, have, fetched, force, problems, outcome
         )
+        # Record what is on disk now, whatever the outcome: a job that is retried, fails or gives up still
+        # leaves valid files, and every file under images/ must reach the manifest.
+        await self._db(_record, written)
         for problem in problems:
             if isinstance(problem, NotYetAvailableError | FetchError):
                 continue
@@ -318,7 +364,7 @@ class Worker:
             # a failure is retried on the failure schedule, "not yet" on the slower one.
             failures = [p for p in problems if isinstance(p, FetchError)]
             raise failures[0] if failures else problems[0]
-        await self._db(self._finish, job, written, outcome)
+        await self._db(self._finish, job, outcome)
         return outcome
 
     def _existing(self, paths: dict[str, Path]) -> dict[str, tuple[bytes, Any]]:
@@ -342,7 +388,8 @@ class Worker:
         problems: list[BaseException],
         outcome: Outcome,
     ) -> list[tuple[str, int, str]]:
-        """Check and write the fetched stamps, then the preview; return manifest rows for all the job's files."""
+        """Check and write the fetched stamps, then the preview; return manifest rows for every file of the job on
+        disk (written now or valid already), even when a stamp failed."""
         triplet = dict(have)
         for kind, data in fetched.items():
             try:
@@ -369,15 +416,11 @@ class Worker:
             rows.append((relative_to_home(home, png), len(data), md5_hex(data)))
         return rows
 
-    def _finish(
-        self, conn: sqlite3.Connection, job: jobqueue.Job, rows: list[tuple[str, int, str]], outcome: Outcome
-    ) -> None:
+    def _finish(self, conn: sqlite3.Connection, job: jobqueue.Job, outcome: Outcome) -> None:
         result = {"candid": str(outcome.candid), "mjd": outcome.mjd, "fetched": outcome.fetched,
                   "preview": outcome.preview, "worker": self.name}
-        with store.transaction(conn):
-            store.record_files(conn, rows)
-            if not jobqueue.complete(conn, job.id, self.owner, result):
-                log.warning("job %d finished after its lease was lost; another worker has it", job.id)
+        if not jobqueue.complete(conn, job.id, self.owner, result):
+            log.warning("job %d finished after its lease was lost; another worker has it", job.id)
 
     async def run_job(self, job: jobqueue.Job) -> None:
         """Process one job and settle it: done, retry, not yet available, or failed."""
@@ -469,30 +512,39 @@ class Worker:
                  self.settings.rate_limit or "no", f", batch {self.batch}" if self.batch else "")
         tasks: dict[asyncio.Task[None], jobqueue.Job] = {}
         keep_alive = asyncio.create_task(self._keep_alive())
-        idle = 0.05
+        more = True  # the last claim got all it asked for: claim again as soon as there is room
+        last_claim = 0.0
         async with aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False,
                                          raise_for_status=False) as session:
             self.session = session
             try:
                 while not self.stopping.is_set():
-                    claimed: list[jobqueue.Job] = []
+                    wait: float | None = None
                     if len(tasks) < concurrency:
-                        claimed = await self._db(jobqueue.claim, jobqueue.STAMPS, self.owner,
-                                                 self.settings.lease_seconds, concurrency - len(tasks),
-                                                 batch=self.batch)
-                        for job in claimed:
-                            tasks[asyncio.create_task(self.run_job(job))] = job
-                    if claimed:
-                        idle = 0.05
-                    elif not tasks:
-                        if self.exit_when_idle and not await self._db(self._batch_has_work):
-                            break
-                        idle = min(idle * 2, 0.5)
+                        now = time.time()
+                        due = None if more else await self._db(next_due, jobqueue.STAMPS, self.batch)
+                        if more or (due is not None and due <= now) or now - last_claim >= IDLE_CLAIM_EVERY:
+                            want = concurrency - len(tasks)
+                            claimed = await self._db(jobqueue.claim, jobqueue.STAMPS, self.owner,
+                                                     self.settings.lease_seconds, want, batch=self.batch,
+                                                     max_attempts=self.settings.max_attempts)
+                            last_claim = now
+                            more = len(claimed) == want
+                            for job in claimed:
+                                tasks[asyncio.create_task(self.run_job(job))] = job
+                            if not more:
+                                due = await self._db(next_due, jobqueue.STAMPS, self.batch)
+                        if not more:
+                            if not tasks and self.exit_when_idle and not await self._db(self._batch_has_work):
+                                break
+                            # Idle (or nearly): sleep until the next job is due, looking again (a read) at
+                            # least every IDLE_MAX_SLEEP for new jobs.
+                            wait = IDLE_MAX_SLEEP if due is None else min(IDLE_MAX_SLEEP, due - time.time())
+                            wait = max(wait, 0.02)
                     waiters: set[asyncio.Future[Any]] = set(tasks)
                     stop_wait = asyncio.ensure_future(self.stopping.wait())
                     waiters.add(stop_wait)
-                    done, _ = await asyncio.wait(waiters, timeout=idle if len(tasks) < concurrency else None,
-                                                 return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                     stop_wait.cancel()
                     for task in done:
                         if task in tasks:

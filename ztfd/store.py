@@ -108,6 +108,7 @@ CREATE TABLE IF NOT EXISTS manifest (
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS manifest_pending ON manifest (path) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS manifest_uploaded ON manifest (uploaded_at, path) WHERE state = 'done';
 
 -- Liveness of every ztfd process, written by the processes themselves and read by the supervisor and status.
 CREATE TABLE IF NOT EXISTS processes (

@@ -8,10 +8,11 @@ only ``--full`` walks ``data/`` and ``images/`` to pick up files added, changed 
 
 Each upload is verified before its row says ``done``: a single PUT carries ``Content-MD5`` (S3 rejects a body
 that does not match) and its ETag must equal the MD5; a multipart upload sends each part with its MD5 and the
-final ETag must equal S3's composite MD5 (else the object's size is checked with a HEAD). Rows are marked done in
-batched transactions *after* the verified response, so a kill -9 can cost re-uploading the last few files, never
-a file marked done that is not on S3. One pass at a time holds ``<home>/state/sync.lock`` (flock), so
-``sync --once`` beside the daemon never uploads twice or interleaves manifest updates.
+final ETag must equal S3's composite MD5 (else the object's size is checked with a HEAD). Each row is marked done
+the moment its upload is verified (one small autocommit UPDATE, negligible beside a PUT), and at most
+``s3.concurrency`` uploads are in flight, so a kill -9 re-sends at most those, and never a file marked done.
+One pass at a time holds ``<home>/state/sync.lock`` (flock), so ``sync --once`` beside the daemon never uploads
+twice or interleaves manifest updates.
 
 States of a manifest row: ``pending`` (to upload), ``done`` (verified on S3), ``archived`` (verified on S3 and
 deleted locally by retention, ``s3.delete_local_after_days``).
@@ -46,8 +47,13 @@ log = logging.getLogger(__name__)
 
 PENDING, DONE, ARCHIVED = "pending", "done", "archived"
 SYNCED_DIRS = ("data", "images")  # everything else under home (state, logs) is never uploaded
-COMMIT_EVERY = 64  # manifest updates per transaction: what a kill -9 can cost in re-uploads
-COMMIT_SECONDS = 0.5
+WAIT_SECONDS = 0.5  # how often the pass looks at SIGTERM while uploads are in flight
+RETENTION_PAGE = 64  # manifest rows looked at (and archived) per retention transaction
+APPLY_CHUNK = 500  # --full applies its plan in transactions of this many rows: the write lock is held briefly
+OUTAGE_AFTER = 3  # files in a row failing with 5xx/throttling (after retries): S3 is down, not those files
+THROTTLING_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "ServiceUnavailable",
+                    "InternalError", "RequestTimeout", "TooManyRequests"}
+IN_MEMORY_MAX = 8 * 1024 * 1024  # single-part uploads up to this size are read into memory; larger ones stream
 PAGE_ROWS = 2000
 PART_SIZE = 16 * 1024 * 1024  # multipart part size (at most), S3 allows at most 10,000 parts of at least 5 MiB
 MIN_PART_SIZE = 5 * 1024 * 1024
@@ -71,6 +77,10 @@ class OutageError(Exception):
 
 class FileError(Exception):
     """This file could not be uploaded or verified; the others go on."""
+
+
+class ServerError(FileError):
+    """S3 answered 5xx or throttled even after botocore's retries: this file, or S3 as a whole if it persists."""
 
 
 class UploadInterruptedError(Exception):
@@ -337,17 +347,15 @@ def upload_pending(conn: sqlite3.Connection, cfg: Config, client: Any, stop: thr
     """Upload every pending row with ``s3.concurrency`` threads; the manifest is written by this thread only."""
     abort = threading.Event()  # set on SIGTERM or a fatal/outage error: the pass winds down
     uploader = Uploader(cfg, client, abort)
-    done: list[Uploaded] = []
-    failed: list[tuple[str, str, str]] = []
-    last_commit = time.monotonic()
     bar = _progress(count) if show_progress and sys.stderr.isatty() else None
+    # 5xx/throttling failures not yet blamed on their files: OUTAGE_AFTER in a row means S3 is down, and then
+    # none of them is (their rows keep their attempts); anything else in between means they were the files'.
+    server_errors: list[tuple[str, str, str]] = []
 
-    def flush() -> None:
-        nonlocal last_commit
-        mark_uploaded(conn, done, failed)
-        done.clear()
-        failed.clear()
-        last_commit = time.monotonic()
+    def blame_server_errors() -> None:
+        if server_errors:
+            mark_uploaded(conn, [], server_errors)
+            server_errors.clear()
 
     def collect(future: futures.Future[Uploaded], item: Item) -> None:
         try:
@@ -359,22 +367,37 @@ def upload_pending(conn: sqlite3.Connection, cfg: Config, client: Any, stop: thr
             abort.set()
         except (UploadInterruptedError, futures.CancelledError):
             pass
-        except FileError as exc:
+        except ServerError as exc:
+            if abort.is_set():
+                return  # the pass is ending (an outage already): blame no file
             result.failures += 1
-            failed.append((item.path, item.md5, str(exc)))
+            server_errors.append((item.path, item.md5, str(exc)))
+            log.warning("sync: %s: %s", item.path, exc)
+            if len(server_errors) >= OUTAGE_AFTER:
+                result.error = (f"S3 keeps failing ({len(server_errors)} files in a row, last: {exc}); "
+                                "treated as an outage, the rest goes in the next pass")
+                log.error("sync: %s", result.error)
+                result.failures -= len(server_errors)
+                server_errors.clear()
+                abort.set()
+            return
+        except FileError as exc:
+            blame_server_errors()
+            result.failures += 1
+            mark_uploaded(conn, [], [(item.path, item.md5, str(exc))])
             log.warning("sync: %s: %s", item.path, exc)
         except Exception as exc:  # a bug or an unforeseen botocore error: report this file, keep going
+            blame_server_errors()
             result.failures += 1
-            failed.append((item.path, item.md5, f"{type(exc).__name__}: {exc}"))
+            mark_uploaded(conn, [], [(item.path, item.md5, f"{type(exc).__name__}: {exc}")])
             log.warning("sync: %s: %s", item.path, exc, exc_info=True)
         else:
-            done.append(uploaded)
+            blame_server_errors()
+            mark_uploaded(conn, [uploaded], [])  # at once: a kill -9 must not re-send a verified upload
             result.files += 1
             result.bytes += uploaded.size
             if bar is not None:
                 bar.update(1)
-        if len(done) + len(failed) >= COMMIT_EVERY or time.monotonic() - last_commit >= COMMIT_SECONDS:
-            flush()
 
     inflight: dict[futures.Future[Uploaded], Item] = {}
     with futures.ThreadPoolExecutor(cfg.s3.concurrency, thread_name_prefix="upload") as pool:
@@ -384,12 +407,11 @@ def upload_pending(conn: sqlite3.Connection, cfg: Config, client: Any, stop: thr
                     abort.set()
                 if abort.is_set():
                     break
-                while len(inflight) >= 2 * cfg.s3.concurrency:
-                    finished, _ = futures.wait(inflight, timeout=COMMIT_SECONDS, return_when=futures.FIRST_COMPLETED)
+                # No more submitted than threads: every upload not yet marked done is one really in flight.
+                while len(inflight) >= cfg.s3.concurrency:
+                    finished, _ = futures.wait(inflight, timeout=WAIT_SECONDS, return_when=futures.FIRST_COMPLETED)
                     for future in finished:
                         collect(future, inflight.pop(future))
-                    if not finished and done:
-                        flush()
                 inflight[pool.submit(uploader.upload, item)] = item
             if stop.is_set():
                 abort.set()
@@ -397,13 +419,13 @@ def upload_pending(conn: sqlite3.Connection, cfg: Config, client: Any, stop: thr
                 if abort.is_set():
                     for future in inflight:
                         future.cancel()
-                finished, _ = futures.wait(inflight, timeout=COMMIT_SECONDS, return_when=futures.FIRST_COMPLETED)
+                finished, _ = futures.wait(inflight, timeout=WAIT_SECONDS, return_when=futures.FIRST_COMPLETED)
                 for future in finished:
                     collect(future, inflight.pop(future))
                 if stop.is_set():
                     abort.set()
         finally:
-            flush()
+            blame_server_errors()
             if bar is not None:
                 bar.render_finish()
     if stop.is_set():
@@ -431,7 +453,7 @@ def iter_pending(conn: sqlite3.Connection) -> Iterator[Item]:
 
 
 def mark_uploaded(conn: sqlite3.Connection, done: list[Uploaded], failed: list[tuple[str, str, str]]) -> None:
-    """Write a batch of outcomes in one transaction.
+    """Write outcomes in one transaction (the pass calls it for each upload as it is verified).
 
     A row is marked done only if it still describes what was uploaded: if a writer recorded new content for the
     path meanwhile (another MD5), the row stays pending and the new content goes in the next pass.
@@ -479,17 +501,31 @@ class Uploader:
             raise FileError(f"cannot read: {exc.strerror or exc}") from None
 
     def _single(self, item: Item, local: Path, key: str) -> Uploaded:
-        data = local.read_bytes()  # below the multipart threshold, so bounded
-        digest = hashlib.md5(data, usedforsecurity=False)
-        md5 = digest.hexdigest()
-        response = self.client.put_object(
-            Bucket=self.bucket, Key=key, Body=data, ContentMD5=base64.b64encode(digest.digest()).decode(),
-            ContentType=content_type(item.path))
+        """One PUT with Content-MD5. Up to ``IN_MEMORY_MAX`` the file is read once into memory; a larger one is
+        hashed, then streamed from an open handle (memory stays small with ``s3.concurrency`` threads). Should it
+        change in between, S3 rejects the body (BadDigest) and the file goes again next pass."""
+        with local.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size <= IN_MEMORY_MAX:
+                body: Any = handle.read()
+                digest = hashlib.md5(body, usedforsecurity=False)
+                size = len(body)
+            else:
+                digest = hashlib.md5(usedforsecurity=False)
+                while block := handle.read(1 << 20):
+                    digest.update(block)
+                size = handle.tell()
+                handle.seek(0)
+                body = handle
+            md5 = digest.hexdigest()
+            response = self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=body, ContentLength=size,
+                ContentMD5=base64.b64encode(digest.digest()).decode(), ContentType=content_type(item.path))
         etag = response.get("ETag", "").strip('"')
         # With SSE-KMS the ETag is not the MD5; S3 has then checked Content-MD5 against the body it received.
         if etag != md5 and response.get("ServerSideEncryption") != "aws:kms":
             raise FileError(f"S3 answered ETag {etag!r} for content with MD5 {md5}")
-        return Uploaded(item.path, item.md5, len(data), md5, etag)
+        return Uploaded(item.path, item.md5, size, md5, etag)
 
     def _multipart(self, item: Item, local: Path, key: str) -> Uploaded:
         upload_id = self.client.create_multipart_upload(
@@ -566,7 +602,10 @@ def classified_errors(bucket: str, endpoint_url: str) -> Iterator[None]:
                              "on it") from None
         if code in ("PermanentRedirect", "IllegalLocationConstraintException") or status == 301:
             raise FatalError(f"bucket {bucket!r} is in another region ({code}): set s3.region") from None
-        raise FileError(f"S3 error {code} (HTTP {status}): {error.get('Message', '')}".strip()) from None
+        message = f"S3 error {code} (HTTP {status}): {error.get('Message', '')}".strip()
+        if code in THROTTLING_CODES or (isinstance(status, int) and status >= 500):
+            raise ServerError(message) from None
+        raise FileError(message) from None
     except bx.BotoCoreError as exc:
         raise FileError(f"{type(exc).__name__}: {exc}") from None
 
@@ -629,13 +668,23 @@ def reconcile(conn: sqlite3.Connection, cfg: Config) -> Plan:
 
 
 def apply_plan(conn: sqlite3.Connection, plan: Plan) -> None:
-    with store.transaction(conn):
-        store.record_files(conn, plan.added + plan.changed)
-        # A changed file whose row was archived or done with the same MD5 stays as record_files leaves it; a
-        # different MD5 made it pending. An archived file back on disk with the uploaded content is done again.
-        conn.executemany("UPDATE manifest SET state = 'done' WHERE path = ? AND state = 'archived'",
-                         [(p,) for p in plan.restored])
-        conn.executemany("DELETE FROM manifest WHERE path = ? AND state != 'archived'", [(p,) for p in plan.removed])
+    """Apply in transactions of ``APPLY_CHUNK`` rows: on a large tree one transaction would hold the write lock
+    long enough for consumers and workers to time out. Each change stands alone, so a kill between chunks
+    leaves a manifest that the next ``--full`` completes."""
+    recorded = plan.added + plan.changed
+    for start in range(0, len(recorded), APPLY_CHUNK):
+        with store.transaction(conn):
+            store.record_files(conn, recorded[start:start + APPLY_CHUNK])
+    # A changed file whose row was archived or done with the same MD5 stays as record_files leaves it; a
+    # different MD5 made it pending. An archived file back on disk with the uploaded content is done again.
+    for start in range(0, len(plan.restored), APPLY_CHUNK):
+        with store.transaction(conn):
+            conn.executemany("UPDATE manifest SET state = 'done' WHERE path = ? AND state = 'archived'",
+                             [(p,) for p in plan.restored[start:start + APPLY_CHUNK]])
+    for start in range(0, len(plan.removed), APPLY_CHUNK):
+        with store.transaction(conn):
+            conn.executemany("DELETE FROM manifest WHERE path = ? AND state != 'archived'",
+                             [(p,) for p in plan.removed[start:start + APPLY_CHUNK]])
     for path in plan.removed:
         log.info("sync --full: %s is gone from disk: dropped from the manifest (its S3 copy is kept)", path)
 
@@ -675,19 +724,35 @@ def apply_retention(conn: sqlite3.Connection, cfg: Config, client: Any, stop: th
     """
     cutoff = time.time() - cfg.s3.delete_local_after_days * 86400
     deleted = 0
-    after = ""
+    after: tuple[float, str] = (float("-inf"), "")
     while not stop.is_set():
+        # Keyset pagination on the manifest_uploaded partial index: only old uploaded rows are read.
         rows = conn.execute(
-            "SELECT path, size, md5 FROM manifest WHERE state = 'done' AND uploaded_at < ? AND path > ? "
-            "ORDER BY path LIMIT ?", (cutoff, after, COMMIT_EVERY)).fetchall()
+            "SELECT path, size, md5, uploaded_at FROM manifest WHERE state = 'done' AND uploaded_at < ? "
+            "AND (uploaded_at > ? OR (uploaded_at = ? AND path > ?)) ORDER BY uploaded_at, path LIMIT ?",
+            (cutoff, after[0], after[0], after[1], RETENTION_PAGE)).fetchall()
         if not rows:
             break
-        after = rows[-1]["path"]
-        batch = [cfg.home / row["path"] for row in rows if _may_delete(conn, cfg, client, row)]
+        after = (rows[-1]["uploaded_at"], rows[-1]["path"])
+        checked = {row["path"]: (row["md5"], seen) for row in rows if (seen := _may_delete(conn, cfg, client, row))}
+        archived = []
         with store.transaction(conn):
-            conn.executemany("UPDATE manifest SET state = 'archived' WHERE path = ? AND state = 'done'",
-                             [(files.relative_to_home(cfg.home, p),) for p in batch])
-        for local in batch:
+            for path, (md5, _) in checked.items():
+                # Only rows still describing the checked content: a writer may have recorded new bytes meanwhile.
+                if conn.execute("UPDATE manifest SET state = 'archived' WHERE path = ? AND state = 'done' "
+                                "AND md5 = ? RETURNING path", (path, md5)).fetchone():
+                    archived.append(path)
+        for path in archived:
+            local = cfg.home / path
+            md5, seen = checked[path]
+            now_seen = _identity(local)
+            if now_seen is None:
+                continue  # already gone: archived all the same
+            if seen is not True and now_seen != seen:  # rewritten since it was hashed: keep it
+                log.warning("sync retention: %s was rewritten while being archived; kept", path)
+                conn.execute("UPDATE manifest SET state = 'done' WHERE path = ? AND state = 'archived' AND md5 = ?",
+                             (path, md5))
+                continue
             with contextlib.suppress(FileNotFoundError):
                 local.unlink()
                 deleted += 1
@@ -698,15 +763,29 @@ def apply_retention(conn: sqlite3.Connection, cfg: Config, client: Any, stop: th
     return deleted
 
 
-def _may_delete(conn: sqlite3.Connection, cfg: Config, client: Any, row: sqlite3.Row) -> bool:
-    """True when the local copy is what was uploaded and S3 still holds it; requeues the file if S3 lost it."""
-    local = cfg.home / row["path"]
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    """What tells a rewrite (atomic_write renames a new inode over the path): inode, device, size, mtime."""
     try:
-        if local.stat().st_size != row["size"] or files.md5_file(local) != row["md5"]:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
+
+
+def _may_delete(conn: sqlite3.Connection, cfg: Config, client: Any,
+                row: sqlite3.Row) -> tuple[int, int, int, int] | bool:
+    """The identity of the local file (or True when it is already gone) when it is what was uploaded and S3
+    still holds it; False to keep it. Requeues the file if S3 lost it."""
+    local = cfg.home / row["path"]
+    seen = _identity(local)
+    if seen is None:
+        return True  # already gone: archived all the same
+    try:
+        if seen[2] != row["size"] or files.md5_file(local) != row["md5"] or _identity(local) != seen:
             log.warning("sync retention: %s changed since its upload; kept (run --full)", row["path"])
             return False
     except FileNotFoundError:
-        return True  # already gone: archived all the same
+        return True
     try:
         with classified_errors(cfg.s3.bucket, cfg.s3.endpoint_url):
             try:
@@ -723,7 +802,7 @@ def _may_delete(conn: sqlite3.Connection, cfg: Config, client: Any, row: sqlite3
                     row["path"], stored)
         conn.execute("UPDATE manifest SET state = 'pending' WHERE path = ? AND state = 'done'", (row["path"],))
         return False
-    return True
+    return seen
 
 
 def _is_not_found(exc: BaseException) -> bool:

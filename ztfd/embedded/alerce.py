@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 
 STAMP = "stamp"
 DETECTIONS = "detections"
-FAULT_KINDS = ("not_found", "server_error", "garbage", "truncated", "slow", "unknown_object", "empty_detections")
+FAULT_KINDS = ("not_found", "server_error", "garbage", "truncated", "slow", "unknown_object", "empty_detections",
+               "oversized")
+OVERSIZED_BYTES = 20 * 1024 * 1024  # an "oversized" answer: chunked (no Content-Length), larger than any stamp
 DETECTIONS_PREFIX = "/ztf/v1/objects/"
 DETECTIONS_SUFFIX = "/detections"
 
@@ -345,6 +347,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif kind == "server_error":
             self._respond(arrived, STAMP, fault.status, b"<html><body>Service Unavailable</body></html>",  # type: ignore[union-attr]
                           "text/html", fault=kind, **context)
+        elif kind == "oversized":
+            self._respond_chunked(arrived, STAMP, packet.cutouts[stamp_type], fault=kind, **context)  # type: ignore[index]
         else:
             data = packet.cutouts[stamp_type]  # type: ignore[index]
             if kind == "garbage":
@@ -400,6 +404,25 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client gave up (its timeout); nothing to do
+
+
+    def _respond_chunked(self, arrived: float, endpoint: str, data: bytes, fault: str | None = None,
+                         object_id: str | None = None, candid: int | None = None,
+                         stamp_type: str | None = None) -> None:
+        """A 200 without Content-Length (chunked) repeating ``data`` to OVERSIZED_BYTES: a body to be capped."""
+        self.service._record(RequestRecord(arrived, endpoint, self.path, object_id, candid, stamp_type, 200, fault))
+        self.close_connection = True
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/fits+gzip")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            block = (data * (1 + (1 << 20) // max(len(data), 1)))[: 1 << 20]
+            for _ in range(OVERSIZED_BYTES // len(block) + 1):
+                self.wfile.write(f"{len(block):x}\r\n".encode() + block + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client stopped reading at its cap
 
 
 def _json(value: Any) -> bytes:

@@ -104,6 +104,17 @@ class _Handler(BaseHTTPRequestHandler):
         proxy.record(request_kind(self.command, path, query, self.headers))
         if proxy.delay:
             time.sleep(proxy.delay)  # simulated latency, not synchronisation
+        if proxy.failure is not None:  # a server-side outage: S3 answers, but with an error
+            status, code = proxy.failure
+            data = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+                    f"<Message>injected by the test proxy</Message></Error>").encode()
+            self.send_response_only(status)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(data) if self.command != "HEAD" else 0))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+            return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         if body or self.command in ("PUT", "POST"):
             headers["Content-Length"] = str(len(body))
@@ -152,6 +163,7 @@ class S3Proxy:
         self.backend_port = backend_port
         self.port = port or free_port()
         self.delay = 0.0
+        self.failure: tuple[int, str] | None = None  # (HTTP status, S3 error code) answered to every request
         self.requests: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
         self._server: _ProxyHTTPServer | None = None
@@ -174,6 +186,10 @@ class S3Proxy:
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
+
+    def fail_with(self, status: int | None = 503, code: str = "SlowDown") -> None:
+        """Answer every request with this S3 error (e.g. 503 SlowDown, 500 InternalError); ``None`` stops it."""
+        self.failure = None if status is None else (status, code)
 
     @property
     def is_cut(self) -> bool:
