@@ -158,3 +158,27 @@ def test_a_duplicate_of_a_waiting_job_is_not_queued(tmp_path: Path) -> None:
     assert jobqueue.complete(conn, first.id, owner)
     with store.transaction(conn):  # finished: a later retrigger is looked at again
         assert jobqueue.enqueue(conn, KIND, [{"object": "A"}], dedupe_key=key) == 1
+
+
+def open_store(db: str, results: mp.Queue) -> None:  # runs in a child process
+    try:
+        store.connect(Path(db)).close()
+        results.put("ok")
+    except Exception as exc:  # reported to the parent, which fails the test
+        results.put(repr(exc))
+
+
+def test_several_processes_can_create_the_store_at_once(tmp_path: Path) -> None:
+    """The supervisor starts every child at the same moment; each opens (and maybe creates) the store."""
+    ctx = mp.get_context("fork")
+    outcomes = []
+    for round_ in range(25):
+        results: mp.Queue = ctx.Queue()
+        openers = [ctx.Process(target=open_store, args=(str(tmp_path / f"r{round_}.sqlite3"), results))
+                   for _ in range(4)]
+        for opener in openers:
+            opener.start()
+        outcomes += [results.get(timeout=60) for _ in openers]
+        for opener in openers:
+            opener.join(30)
+    assert set(outcomes) == {"ok"}

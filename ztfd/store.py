@@ -144,13 +144,28 @@ def connect(db_path: Path, timeout: float = 60.0) -> sqlite3.Connection:
     conn = sqlite3.connect(db_path, timeout=timeout, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-    conn.execute("PRAGMA journal_mode = WAL")
+    _enable_wal(conn, timeout)
     # NORMAL in WAL mode is durable across process crashes (what the promise is about); a power cut can lose
     # the last transactions but never corrupts, and Kafka then redelivers what the lost ones had acknowledged.
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA foreign_keys = ON")
     _migrate(conn)
     return conn
+
+
+def _enable_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """Switch to WAL, waiting for other processes: the switch can answer "database is locked" at once, without
+    the busy handler, when several processes open a new store together (the supervisor starts all its children
+    at the same moment)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
