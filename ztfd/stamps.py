@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import re
 import signal
@@ -49,6 +50,7 @@ from ztfd.files import atomic_write, md5_hex, relative_to_home, remove_stale_tem
 from ztfd.preview import STAMP_TYPES
 
 log = logging.getLogger(__name__)
+FETCHER_NICENESS = 5
 
 RATE_LIMIT_NAME = "alerce"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -574,6 +576,8 @@ def run_worker(cfg: Config, name: str, batch: str | None = None) -> int:
     only that batch's jobs, until none is left to do now, and without heartbeats (it is not a daemon fetcher)."""
     if not cfg.stamps.enabled and batch is None:
         log.warning("stamps.enabled is false; running the stamp worker anyway because it was asked for")
+    # Stamps can wait a moment; storing alerts should not. On a small box the consumers win the CPU.
+    os.nice(FETCHER_NICENESS)
     worker = Worker(cfg, name, batch=batch, exit_when_idle=batch is not None, heartbeat=batch is None)
     try:
         return asyncio.run(worker.run())
