@@ -26,6 +26,7 @@ import datetime as dt
 import logging
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,14 +70,24 @@ def next_offsets(items: list[Incoming]) -> dict[int, tuple[int, int]]:
 
 @dataclass(frozen=True)
 class Accepted:
-    """An alert whose file is on disk, on its way into the store."""
+    """An alert file to write and store: where it goes, its bytes and their MD5 (for the sync manifest)."""
 
     item: Incoming
     message: alerts.Message
     date: str
     path: str
-    size: int
+    body: bytes
     md5: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A prepared batch handed from the main thread to the writer thread."""
+
+    documents: list[Accepted]
+    rejected: list[tuple[Incoming, str]]
+    resume_at: dict[int, tuple[int, int]]
+    received: dt.datetime
 
 
 class RateLimitedLog:
@@ -104,6 +115,9 @@ class TopicConsumer:
         self.name = name
         self.stopping = False
         self.conn = store.connect(cfg.db_path)
+        # The writer thread's own connection: the main thread reads and heartbeats while a batch commits.
+        self.writer_conn = store.connect(cfg.db_path)
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="alert-writer")
         self.alert_log = AlertLog(cfg.logs_dir, topic, cfg.logging.max_bytes, cfg.logging.backup_count)
         self.throttled = RateLimitedLog()
         # Per partition: the generation and the next offset this process expects (set on assignment).
@@ -126,13 +140,22 @@ class TopicConsumer:
         self._look_at_topic(force=True)
         log.info("consuming %s from %s as group %s", self.topic, self.cfg.kafka.bootstrap_servers,
                  self.cfg.kafka.group_id)
+        # A pipeline one batch deep: while the writer thread writes batch k's files and commits it, the main
+        # thread polls and prepares batch k+1 (the file system calls release the GIL). Batches commit in order.
+        in_flight: tuple[Batch, Future[list[Accepted]]] | None = None
         try:
             while not self.stopping:
                 messages = self._next_batch()
                 self._heartbeat()
-                if messages:
-                    self.handle_batch(messages)
+                batch = self.prepare(messages) if messages else None
+                if in_flight is not None and (batch is not None or in_flight[1].done()):
+                    self.finish(in_flight[0], in_flight[1].result())
+                    in_flight = None
+                if batch is not None:
+                    in_flight = (batch, self.writer.submit(self.commit, batch))
                 self._look_at_topic()
+            if in_flight is not None:
+                self.finish(in_flight[0], in_flight[1].result())
         finally:
             self._close()
         log.info("stopped consuming %s after storing %d alerts", self.topic, self.stored_total)
@@ -163,7 +186,9 @@ class TopicConsumer:
             except Exception as exc:  # closing must not turn a clean stop into a crash
                 log.warning("closing the Kafka consumer failed: %s", exc)
             self.consumer = None
+        self.writer.shutdown(wait=True)
         self.alert_log.close()
+        self.writer_conn.close()
         self.conn.close()
 
     def _new_consumer(self) -> Any:
@@ -275,6 +300,13 @@ class TopicConsumer:
     # --- the batch ---------------------------------------------------------------------------------------------
 
     def handle_batch(self, messages: list[Any]) -> None:
+        """Store one batch start to end (what the pipeline in ``run`` does in two overlapping halves)."""
+        batch = self.prepare(messages)
+        if batch is not None:
+            self.finish(batch, self.commit(batch))
+
+    def prepare(self, messages: list[Any]) -> Batch | None:
+        """First half, on the main thread: validate, convert times, build each alert file's bytes."""
         from confluent_kafka import KafkaError
 
         received = dt.datetime.now(dt.UTC)
@@ -295,14 +327,23 @@ class TopicConsumer:
             except alerts.InvalidMessageError as exc:
                 rejected.append((item, str(exc)[: alerts.MAX_REASON]))
         if not valid and not rejected:
-            return
+            return None
         resume_at = next_offsets([item for item, _ in valid] + [item for item, _ in rejected])
         fresh = self._not_yet_stored(valid)
         alerts.convert_times([message for _, message in fresh])
-        written = self._write_files(fresh, received)
-        accepted = self._store(written, rejected, resume_at, received)
-        self._commit_to_kafka(resume_at)
-        for item, reason in rejected:
+        return Batch(self._documents(fresh, received), rejected, resume_at, received)
+
+    def commit(self, batch: Batch) -> list[Accepted]:
+        """Second half, on the writer thread: files on disk, then the store transaction (steps 2 and 3)."""
+        home = self.cfg.home
+        for entry in batch.documents:
+            atomic_write(home / entry.path, entry.body)
+        return self._store(batch.documents, batch.rejected, batch.resume_at, batch.received)
+
+    def finish(self, batch: Batch, accepted: list[Accepted]) -> None:
+        """After the store committed: tell Kafka (step 4) and the logs."""
+        self._commit_to_kafka(batch.resume_at)
+        for item, reason in batch.rejected:
             log.warning("rejected %s[%d]@%d: %s", self.topic, item.partition, item.offset, reason)
         self.alert_log.write(log_lines(self.topic, accepted))
         self.stored_total += len(accepted)
@@ -351,21 +392,15 @@ class TopicConsumer:
         return [(item, message) for item, message in valid
                 if (item.partition, item.generation, item.offset) not in stored]
 
-    def _write_files(self, fresh: list[tuple[Incoming, alerts.Message]], received: dt.datetime) -> list[Accepted]:
-        """Step 2: every alert file on disk before the store hears of it.
-
-        Sequential on purpose: measured here, a thread pool wrote small files no faster (the GIL and the futures
-        cost what the overlapped system calls save), and librdkafka fetches ahead in its own threads.
-        """
-        written = []
+    def _documents(self, fresh: list[tuple[Incoming, alerts.Message]], received: dt.datetime) -> list[Accepted]:
+        """Each alert's file: where it goes and what it holds (written by ``commit``)."""
+        documents = []
         for item, message in fresh:
             date = message.partition_date(kafka_time(item.msg) or received)
             name = alerts.file_name(message.object_id, item.partition, item.offset, item.generation)
-            path = f"data/{date}/{self.topic}/{name}"
             body = alerts.document(message, self._metadata(item, message, date, received))
-            atomic_write(self.cfg.home / path, body)
-            written.append(Accepted(item, message, date, path, len(body), md5_hex(body)))
-        return written
+            documents.append(Accepted(item, message, date, f"data/{date}/{self.topic}/{name}", body, md5_hex(body)))
+        return documents
 
     def _store(
         self,
@@ -378,10 +413,10 @@ class TopicConsumer:
         now = received.timestamp()
         accepted: list[Accepted] = []
         jobs: list[dict[str, Any]] = []
-        with store.transaction(self.conn):
+        with store.transaction(self.writer_conn):
             for entry in written:
                 item, message = entry.item, entry.message
-                row = self.conn.execute(
+                row = self.writer_conn.execute(
                     "INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, "
                     "received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
                     (self.topic, item.partition, item.generation, item.offset, message.object_id, entry.date,
@@ -393,17 +428,17 @@ class TopicConsumer:
                 if self.cfg.stamps.enabled and message.is_ztf:
                     jobs.append({"alert_id": row[0], "object_id": message.object_id, "topic": self.topic,
                                  "date": entry.date, "obs_mjd": message.newest_mjd})
-            self.conn.executemany(
+            self.writer_conn.executemany(
                 "INSERT OR IGNORE INTO rejected (topic, partition, generation, kafka_offset, received_at, reason, raw) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(self.topic, item.partition, item.generation, item.offset, now, reason, item.msg.value())
                  for item, reason in rejected],
             )
-            store.record_files(self.conn, [(entry.path, entry.size, entry.md5) for entry in accepted])
+            store.record_files(self.writer_conn, [(entry.path, len(entry.body), entry.md5) for entry in accepted])
             if jobs:
-                jobqueue.enqueue(self.conn, jobqueue.STAMPS, jobs, now=now, dedupe_key=stamp_job_key)
+                jobqueue.enqueue(self.writer_conn, jobqueue.STAMPS, jobs, now=now, dedupe_key=stamp_job_key)
             for partition, (generation, next_offset) in resume_at.items():
-                store.save_offset(self.conn, self.topic, partition, generation, next_offset)
+                store.save_offset(self.writer_conn, self.topic, partition, generation, next_offset)
         return accepted
 
     def _commit_to_kafka(self, resume_at: dict[int, tuple[int, int]]) -> None:
