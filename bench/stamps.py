@@ -122,7 +122,7 @@ def _pool(url: str, packets: list, previews: bool, home: Path, results: Results)
                 for offset, packet in enumerate(packets):
                     alert_id = conn.execute(
                         "INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, "
-                        "path, received_at, written) VALUES (?, 0, 0, ?, ?, ?, ?, ?, ?, 1) RETURNING id",
+                        "path, received_at) VALUES (?, 0, 0, ?, ?, ?, ?, ?, ?) RETURNING id",
                         (TOPIC, offset, packet.object_id, date, packet.mjd,
                          f"data/{date}/{TOPIC}/{packet.object_id}_p0-o{offset}.json", started),
                     ).fetchone()[0]
