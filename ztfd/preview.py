@@ -81,6 +81,21 @@ def _font(size: int) -> Any:
     return ImageFont.load_default()
 
 
+@functools.cache
+def _blank(panel: int) -> Any:
+    """The canvas with everything that never changes (background, the three titles), drawn once per process."""
+    from PIL import Image, ImageDraw
+
+    width = panel * len(STAMP_TYPES) + PAD * (len(STAMP_TYPES) + 1)
+    canvas = Image.new("L", (width, HEADER + TITLE + panel + PAD), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for index, kind in enumerate(STAMP_TYPES):
+        x = PAD + index * (panel + PAD)
+        title_width = draw.textlength(kind, font=_font(15))
+        draw.text((x + (panel - title_width) / 2, HEADER), kind, font=_font(15), fill=INK)
+    return canvas
+
+
 def render(object_id: str, candid: int | str, mjd: float | None, images: Mapping[str, np.ndarray]) -> bytes:
     """The PNG bytes of the preview of one triplet (``images`` maps stamp type to its ``stamp_array``)."""
     from PIL import Image, ImageDraw
@@ -89,19 +104,14 @@ def render(object_id: str, candid: int | str, mjd: float | None, images: Mapping
     for kind in STAMP_TYPES:
         pixels = np.flipud(stretch(images[kind]))  # FITS row 0 is the bottom
         panels.append(np.repeat(np.repeat(pixels, SCALE, axis=0), SCALE, axis=1))
-    height = max(p.shape[0] for p in panels)
-    width = sum(p.shape[1] for p in panels) + PAD * (len(panels) + 1)
-    canvas = Image.new("L", (width, HEADER + TITLE + height + PAD), BACKGROUND)
+    panel = max(max(p.shape) for p in panels)
+    canvas = _blank(panel).copy()
     draw = ImageDraw.Draw(canvas)
     draw.text((PAD, 8), f"{object_id}   candid {candid}", font=_font(18), fill=INK)
     when = mjd_to_utc(mjd) + f"   (MJD {mjd:.5f})" if mjd is not None else "time unknown"
     draw.text((PAD, 30), when, font=_font(14), fill=MUTED)
-    x = PAD
-    for kind, pixels in zip(STAMP_TYPES, panels, strict=True):
-        title_width = draw.textlength(kind, font=_font(15))
-        draw.text((x + (pixels.shape[1] - title_width) / 2, HEADER), kind, font=_font(15), fill=INK)
-        canvas.paste(Image.fromarray(pixels, mode="L"), (x, HEADER + TITLE))
-        x += pixels.shape[1] + PAD
+    for index, pixels in enumerate(panels):
+        canvas.paste(Image.fromarray(pixels, mode="L"), (PAD + index * (panel + PAD), HEADER + TITLE))
     out = io.BytesIO()
     canvas.save(out, format="PNG", compress_level=1)  # speed over a few kB: previews are many and small
     return out.getvalue()
