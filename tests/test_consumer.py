@@ -355,3 +355,28 @@ def test_stale_temporaries_of_dead_writers_are_removed_but_not_those_of_live_one
         path.write_bytes(b"x")
     assert remove_stale_temporaries(tmp_path) == 1
     assert not stale.exists() and live.exists() and keep.exists()
+
+
+def test_a_second_consumer_of_the_same_topic_stores_nothing_twice(make_config: Callable[..., Path]) -> None:
+    """Two consumers racing on one topic (a misconfiguration): the store's key keeps each alert once, and only
+    the consumer that stored an alert queues its stamp job and records its file."""
+    from ztfd import config
+    from ztfd.consumer import TopicConsumer
+
+    cfg = config.load(make_config(kafka={"topics": ["t"]}, stamps={"enabled": True}))
+    batch = [FakeMessage(json.dumps(m).encode(), offset) for offset, m in enumerate(samples.message_stream(12))]
+    first = TopicConsumer(cfg, "t", "consumer:t")
+    first.consumer = NoKafka()
+    first.handle_batch(batch[:5])
+    second = TopicConsumer(cfg, "t", "consumer:t#2")
+    second.consumer = NoKafka()
+    with pytest.MonkeyPatch.context() as patch:  # as if it had read the batch before the first one stored it
+        patch.setattr(second, "_not_yet_stored", lambda valid: valid)
+        prepared = second.prepare(batch)
+        assert prepared is not None and len(prepared.documents) == 12
+        accepted = second.commit(prepared)
+    assert sorted(entry.item.offset for entry in accepted) == list(range(5, 12))
+    assert count(cfg.db_path, "SELECT count(*) FROM alerts") == 12
+    assert count(cfg.db_path, "SELECT count(DISTINCT alert_id) FROM (SELECT json_extract(payload, '$.alert_id') "
+                 "AS alert_id FROM jobs)") == count(cfg.db_path, "SELECT count(*) FROM jobs")
+    assert count(cfg.db_path, "SELECT count(*) FROM manifest") == 12

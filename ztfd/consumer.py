@@ -335,9 +335,9 @@ class TopicConsumer:
 
     def commit(self, batch: Batch) -> list[Accepted]:
         """Second half, on the writer thread: files on disk, then the store transaction (steps 2 and 3)."""
-        home = self.cfg.home
+        home = str(self.cfg.home)
         for entry in batch.documents:
-            atomic_write(home / entry.path, entry.body)
+            atomic_write(f"{home}/{entry.path}", entry.body)
         return self._store(batch.documents, batch.rejected, batch.resume_at, batch.received)
 
     def finish(self, batch: Batch, accepted: list[Accepted]) -> None:
@@ -358,14 +358,15 @@ class TopicConsumer:
         self.expected[partition] = offset + 1
         return self.generation.get(partition, 0)
 
-    def _metadata(self, item: Incoming, message: alerts.Message, date: str, received: dt.datetime) -> dict[str, Any]:
-        when = kafka_time(item.msg)
+    def _metadata(
+        self, item: Incoming, message: alerts.Message, date: str, when: dt.datetime | None, received_iso: str
+    ) -> dict[str, Any]:
         meta: dict[str, Any] = {
             "topic": self.topic,
             "partition": item.partition,
             "offset": item.offset,
             "kafka_timestamp": alerts.iso_utc(when) if when else None,
-            "received_at": alerts.iso_utc(received),
+            "received_at": received_iso,
             "date": date,
             "object_id": message.object_id,
             "times_utc": message.times_utc,
@@ -395,10 +396,12 @@ class TopicConsumer:
     def _documents(self, fresh: list[tuple[Incoming, alerts.Message]], received: dt.datetime) -> list[Accepted]:
         """Each alert's file: where it goes and what it holds (written by ``commit``)."""
         documents = []
+        received_iso = alerts.iso_utc(received)  # one batch, one receive time
         for item, message in fresh:
-            date = message.partition_date(kafka_time(item.msg) or received)
+            when = kafka_time(item.msg)
+            date = message.partition_date(when or received)
             name = alerts.file_name(message.object_id, item.partition, item.offset, item.generation)
-            body = alerts.document(message, self._metadata(item, message, date, received))
+            body = alerts.document(message, self._metadata(item, message, date, when, received_iso))
             documents.append(Accepted(item, message, date, f"data/{date}/{self.topic}/{name}", body, md5_hex(body)))
         return documents
 
@@ -414,20 +417,13 @@ class TopicConsumer:
         accepted: list[Accepted] = []
         jobs: list[dict[str, Any]] = []
         with store.transaction(self.writer_conn):
-            for entry in written:
-                item, message = entry.item, entry.message
-                row = self.writer_conn.execute(
-                    "INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, "
-                    "received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
-                    (self.topic, item.partition, item.generation, item.offset, message.object_id, entry.date,
-                     message.newest_mjd, entry.path, now),
-                ).fetchone()
-                if row is None:
+            for entry, alert_id in zip(written, self._insert_alerts(written, now), strict=True):
+                if alert_id is None:
                     continue  # stored by another consumer of the same topic meanwhile
                 accepted.append(entry)
-                if self.cfg.stamps.enabled and message.is_ztf:
-                    jobs.append({"alert_id": row[0], "object_id": message.object_id, "topic": self.topic,
-                                 "date": entry.date, "obs_mjd": message.newest_mjd})
+                if self.cfg.stamps.enabled and entry.message.is_ztf:
+                    jobs.append({"alert_id": alert_id, "object_id": entry.message.object_id, "topic": self.topic,
+                                 "date": entry.date, "obs_mjd": entry.message.newest_mjd})
             self.writer_conn.executemany(
                 "INSERT OR IGNORE INTO rejected (topic, partition, generation, kafka_offset, received_at, reason, raw) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -440,6 +436,34 @@ class TopicConsumer:
             for partition, (generation, next_offset) in resume_at.items():
                 store.save_offset(self.writer_conn, self.topic, partition, generation, next_offset)
         return accepted
+
+    def _insert_alerts(self, written: list[Accepted], now: float) -> list[int | None]:
+        """Insert the alerts of a batch (inside the caller's transaction); each one's id, None if already stored.
+
+        One ``executemany`` for the whole batch: holding the write lock, SQLite gives the new rows consecutive
+        ids, so when every row went in, the ids follow from the last one. Only a conflict (a second consumer of
+        the same topic) falls back to a statement per row.
+        """
+        conn = self.writer_conn
+        rows = [(self.topic, e.item.partition, e.item.generation, e.item.offset, e.message.object_id, e.date,
+                 e.message.newest_mjd, e.path, now) for e in written]
+        if not rows:
+            return []
+        insert = ("INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, "
+                  "received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+        highest_before = conn.execute("SELECT coalesce(max(id), 0) FROM alerts").fetchone()[0]
+        changes_before = conn.total_changes
+        conn.executemany(insert, rows)
+        if conn.total_changes - changes_before == len(rows):
+            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            return list(range(last - len(rows) + 1, last + 1))
+        ids: list[int | None] = []
+        for row in rows:  # rows inserted by this statement are the ones above the highest id before it
+            found = conn.execute(
+                "SELECT id FROM alerts WHERE topic = ? AND partition = ? AND generation = ? AND kafka_offset = ?",
+                row[:4]).fetchone()
+            ids.append(found[0] if found is not None and found[0] > highest_before else None)
+        return ids
 
     def _commit_to_kafka(self, resume_at: dict[int, tuple[int, int]]) -> None:
         from confluent_kafka import TopicPartition

@@ -18,7 +18,7 @@ from ztfd.procs import pid_alive
 TMP_SUFFIX = ".tmp"
 
 
-def atomic_write(path: Path, data: bytes, fsync: bool = False) -> None:
+def atomic_write(path: str | os.PathLike[str], data: bytes, fsync: bool = False) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename.
 
     The temporary name carries the pid and thread id, so concurrent writers of the same path (two workers whose
@@ -27,12 +27,13 @@ def atomic_write(path: Path, data: bytes, fsync: bool = False) -> None:
     ``fsync`` also flushes the file to the disk before the rename; without it the write survives any process
     crash (the page cache keeps it) but not a power cut. The store remains the source of truth either way.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}{TMP_SUFFIX}")
+    folder, name = os.path.split(os.fspath(path))  # plain strings: this runs once per alert and per stamp
+    tmp = f"{folder}/.{name}.{os.getpid()}-{threading.get_ident()}{TMP_SUFFIX}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     try:
         fd = os.open(tmp, flags, 0o644)
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
         fd = os.open(tmp, flags, 0o644)
     try:
         try:
