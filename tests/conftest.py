@@ -42,7 +42,9 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]], home: Path | s
     return demo.write_config(path, Path(home), sections)
 
 
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+def wait_until(
+    condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition", interval: float = 0.05
+) -> Any:
     """Poll ``condition`` until it returns something true (which is returned), or fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import child_env, ztfd_command
+from tests.conftest import wait_until as wait_until  # re-exported for the stamp tests
 from ztfd import jobqueue, store
 from ztfd.embedded.samples import SamplePacket
 
@@ -72,17 +73,6 @@ def jobs(conn: sqlite3.Connection) -> list[dict[str, Any]]:
         item["result"] = json.loads(item["result"]) if item["result"] else None
         result.append(item)
     return result
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def settled(conn: sqlite3.Connection) -> bool:
