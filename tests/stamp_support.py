@@ -101,5 +101,17 @@ def stop_worker(process: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
     return process.wait(timeout)
 
 
+def fetch_until_final(config: Path, conn: sqlite3.Connection, log_path: Path, what: str, timeout: float = 30.0) -> int:
+    """Run one ``ztfd fetch`` until every stamp job is final, then stop it (it must exit 0 on SIGTERM).
+
+    Returns the worker's pid."""
+    worker = start_worker(config, "fetcher-1", log_path)
+    try:
+        wait_until(lambda: all_final(conn), timeout=timeout, what=what)
+    finally:
+        assert stop_worker(worker) == 0
+    return worker.pid
+
+
 def temporaries(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]

@@ -12,6 +12,7 @@ import pytest
 from tests.stamp_support import (
     add_alerts,
     all_final,
+    fetch_until_final,
     jobs,
     settled,
     stamps_config,
@@ -35,11 +36,7 @@ def test_every_alert_gets_the_served_bytes_a_preview_and_manifest_rows(make_conf
     cfg = config.load(cfg_path)
     conn = store.connect(cfg.db_path)
     add_alerts(conn, packets())
-    worker = start_worker(cfg_path, "fetcher-1", tmp_path / "worker.log")
-    try:
-        wait_until(lambda: all_final(conn), what="all stamp jobs done")
-    finally:
-        assert stop_worker(worker) == 0
+    worker_pid = fetch_until_final(cfg_path, conn, tmp_path / "worker.log", what="all stamp jobs done")
     manifest = {row["path"]: row for row in conn.execute("SELECT * FROM manifest")}
     for job, packet in zip(jobs(conn), packets(), strict=True):
         assert job["state"] == "done", job
@@ -59,7 +56,7 @@ def test_every_alert_gets_the_served_bytes_a_preview_and_manifest_rows(make_conf
     assert stamp_service.count(STAMP) == 3 * len(packets())
     assert temporaries(cfg.images_dir) == []
     heartbeat = conn.execute("SELECT role, pid FROM processes WHERE name = 'fetcher-1'").fetchone()
-    assert (heartbeat["role"], heartbeat["pid"]) == ("fetcher", worker.pid)
+    assert (heartbeat["role"], heartbeat["pid"]) == ("fetcher", worker_pid)
 
 
 def test_candid_is_the_detection_nearest_the_alert_time():
@@ -85,11 +82,7 @@ def test_two_alerts_of_one_object_get_their_own_candids(make_config, stamp_servi
     conn = store.connect(cfg.db_path)
     add_alerts(conn, reversed(TWINS))
     add_alerts(conn, TWINS[:1], obs_mjd=lambda p: None)  # no time in the message: the newest
-    worker = start_worker(cfg_path, "fetcher-1", tmp_path / "worker.log")
-    try:
-        wait_until(lambda: all_final(conn), what="jobs done")
-    finally:
-        assert stop_worker(worker) == 0
+    fetch_until_final(cfg_path, conn, tmp_path / "worker.log", what="jobs done")
     chosen = [int(job["result"]["candid"]) for job in jobs(conn)]
     assert chosen == [TWINS[1].candid, TWINS[0].candid, max(p.candid for p in TWINS)]
 
@@ -108,11 +101,7 @@ def test_faults_are_retried_until_the_stamps_are_right(make_config, stamp_servic
     cfg = config.load(cfg_path)
     conn = store.connect(cfg.db_path)
     add_alerts(conn, victims.values())
-    worker = start_worker(cfg_path, "fetcher-1", tmp_path / "worker.log")
-    try:
-        wait_until(lambda: all_final(conn), what="jobs done", timeout=60)
-    finally:
-        assert stop_worker(worker) == 0
+    fetch_until_final(cfg_path, conn, tmp_path / "worker.log", what="jobs done", timeout=60)
     for job, packet in zip(jobs(conn), victims.values(), strict=True):
         assert job["state"] == "done", job
         for kind, served in packet.cutouts.items():
@@ -138,11 +127,7 @@ def test_a_job_that_keeps_failing_ends_failed_with_its_reason(make_config, stamp
     cfg = config.load(cfg_path)
     conn = store.connect(cfg.db_path)
     add_alerts(conn, [packet])
-    worker = start_worker(cfg_path, "fetcher-1", tmp_path / "worker.log")
-    try:
-        wait_until(lambda: all_final(conn), what="the job to fail")
-    finally:
-        assert stop_worker(worker) == 0
+    fetch_until_final(cfg_path, conn, tmp_path / "worker.log", what="the job to fail")
     (job,) = jobs(conn)
     assert (job["state"], job["attempts"]) == ("failed", 3)
     assert "HTTP 502" in job["last_error"]
@@ -159,11 +144,7 @@ def test_unknown_object_waits_then_gives_up(make_config, stamp_service, tmp_path
     cfg = config.load(cfg_path)
     conn = store.connect(cfg.db_path)
     add_alerts(conn, [known, unknown, empty])
-    worker = start_worker(cfg_path, "fetcher-1", tmp_path / "worker.log")
-    try:
-        wait_until(lambda: all_final(conn), what="jobs settled")
-    finally:
-        assert stop_worker(worker) == 0
+    fetch_until_final(cfg_path, conn, tmp_path / "worker.log", what="jobs settled")
     states = {job["payload"]["object_id"]: job for job in jobs(conn)}
     assert states[known.object_id]["state"] == "done"
     for victim in (unknown, empty):
@@ -333,11 +314,7 @@ def test_a_partly_fetched_triplet_still_reaches_the_manifest(make_config, stamp_
     cfg = config.load(cfg_path)
     conn = store.connect(cfg.db_path)
     add_alerts(conn, [packet])
-    worker = start_worker(cfg_path, "fetcher-1", tmp_path / "worker.log")
-    try:
-        wait_until(lambda: all_final(conn), what="the job to fail")
-    finally:
-        assert stop_worker(worker) == 0
+    fetch_until_final(cfg_path, conn, tmp_path / "worker.log", what="the job to fail")
     (job,) = jobs(conn)
     assert job["state"] == "failed" and "template stamp: not gzip" in job["last_error"]
     manifest = {row["path"]: (row["size"], row["md5"]) for row in conn.execute("SELECT * FROM manifest")}
@@ -357,11 +334,7 @@ def test_an_endless_chunked_body_is_cut_at_the_cap(make_config, stamp_service, t
     cfg = config.load(cfg_path)
     conn = store.connect(cfg.db_path)
     add_alerts(conn, packets()[:2])
-    worker = start_worker(cfg_path, "fetcher-1", tmp_path / "worker.log")
-    try:
-        wait_until(lambda: all_final(conn), what="jobs settled")
-    finally:
-        assert stop_worker(worker) == 0
+    fetch_until_final(cfg_path, conn, tmp_path / "worker.log", what="jobs settled")
     first, second = jobs(conn)
     assert first["state"] == "failed" and "body larger than" in first["last_error"], first
     assert second["state"] == "done"
@@ -387,11 +360,7 @@ def test_only_dead_writers_temporaries_are_removed(make_config, stamp_service, t
     dead = target.with_name(f".{target.name}.{dead_pid}-1.tmp")  # left by a writer killed with -9
     live.write_bytes(b"half")
     dead.write_bytes(b"half")
-    worker = start_worker(cfg_path, "fetcher-1", tmp_path / "worker.log")
-    try:
-        wait_until(lambda: all_final(conn), what="the job done")
-    finally:
-        assert stop_worker(worker) == 0
+    fetch_until_final(cfg_path, conn, tmp_path / "worker.log", what="the job done")
     assert target.read_bytes() == packet.cutouts["science"]
     assert live.read_bytes() == b"half" and not dead.exists()
     assert alert_id
