@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import child_env, ztfd_command
+from tests.conftest import child_env, wait_until, ztfd_command
 from ztfd import config, files, store, sync
 from ztfd.embedded.s3 import S3Server
 
@@ -126,13 +126,6 @@ def one_line(stderr: str) -> str:
     assert "Traceback" not in stderr
     return lines[0]
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 # --- the normal path -----------------------------------------------------------------------------------------
