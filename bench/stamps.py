@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -143,7 +142,7 @@ def _pool(url: str, packets: list, previews: bool, home: Path, results: Results)
         results.raw.setdefault("stamps_cpu_cores_busy", []).append({"previews": previews, **cpu})
     finally:
         conn.close()
-    shutil.rmtree(home, ignore_errors=True)
+    # The home stays until the section ends: a bulk delete slows the next run's file creation (see bench.ingest).
     return len(packets) / (finished - started), cfg.stamps.concurrency, cfg.stamps.rate_limit
 
 
