@@ -1,12 +1,15 @@
 """The preview PNG of a stamp triplet: science, template and difference side by side, for a person to glance at.
 
-Each stamp is stretched with astropy's ZScale (robust to the bright cores and NaN edges of ZTF cutouts), shown
-with north-up FITS orientation (row 0 at the bottom), enlarged without smoothing so pixels stay visible, titled,
-under a header with the objectId, candid and the UTC time of the detection.
+Each stamp is stretched with the IRAF/astropy ZScale (robust to the bright cores and NaN edges of ZTF cutouts),
+shown with north-up FITS orientation (row 0 at the bottom), enlarged without smoothing so pixels stay visible,
+titled, under a header with the objectId, candid and the UTC time of the detection.
 
-Why no matplotlib figure: a 3-panel figure costs ~84 ms per PNG (~43 ms reusing one figure), far more than
-fetching the triplet (1–3 ms of CPU), so previews would starve the pool. The image is composed as arrays
-instead and drawn with Pillow (a matplotlib dependency) using matplotlib's bundled DejaVu Sans font: a few ms.
+Why not a matplotlib figure: previews must cost at most a quarter of the fetch rate, and a pool fetching without
+them spends ~4 ms of CPU per triplet. A 3-panel figure costs ~84 ms per PNG (~43 ms reusing one figure), and even
+matplotlib's Agg renderer driven directly costs ~5.6 ms (it renders text glyph by glyph). So the image is composed
+as a numpy array, its text drawn with Pillow (a matplotlib dependency) in matplotlib's bundled DejaVu Sans, and
+written by ``png_bytes``; ``zscale_limits`` is astropy's algorithm with the line fit in closed form (same limits,
+a quarter of the time). The whole preview costs about 1 ms.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import functools
 import gzip
 import importlib.util
 import io
+import struct
 import warnings
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,16 @@ BACKGROUND = 255  # a grey-level canvas: the stamps are grey, and it encodes 3x 
 INK = 20
 MUTED = 90
 MJD_EPOCH = dt.datetime(1858, 11, 17, tzinfo=dt.UTC)
+# ZScaleInterval's defaults in astropy.
+ZSCALE_SAMPLES = 1000
+ZSCALE_CONTRAST = 0.25
+ZSCALE_MAX_REJECT = 0.5
+ZSCALE_MIN_PIXELS = 5
+ZSCALE_KREJ = 2.5
+ZSCALE_ITERATIONS = 5
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_GREY = 0  # colour type: grey level
+PNG_FILTER_NONE, PNG_FILTER_UP = 0, 2
 
 
 def stamp_array(data: bytes) -> np.ndarray:
@@ -47,20 +62,61 @@ def stamp_array(data: bytes) -> np.ndarray:
             return np.asarray(image, dtype=np.float32)
 
 
+def zscale_limits(values: np.ndarray) -> tuple[float, float]:
+    """The display limits of astropy's ``ZScaleInterval()`` (IRAF's zscale, default parameters) for finite values.
+
+    Same steps as astropy: sort up to 1,000 evenly spaced samples, fit a line to them against their rank while
+    rejecting samples beyond 2.5 sigma (the rejected mask grown by 1% of the samples), at most 5 rounds; then
+    divide the slope by the contrast (0.25) and centre the limits on the median. Only the fit differs: the
+    least-squares line through the kept samples in closed form instead of ``np.polyfit`` (the same line to
+    rounding; ``tests/test_preview.py`` compares both on every sample cutout).
+    """
+    stride = max(1, int(values.size / ZSCALE_SAMPLES))
+    samples = np.sort(values[::stride][:ZSCALE_SAMPLES])
+    count = samples.size
+    low, high = float(samples[0]), float(samples[-1])
+    ranks = np.arange(count, dtype=np.float64)
+    sorted_values = samples.astype(np.float64)
+    min_kept = max(ZSCALE_MIN_PIXELS, int(count * ZSCALE_MAX_REJECT))
+    grow = np.ones(max(1, int(count * 0.01)), dtype=bool)
+    rejected = np.zeros(count, dtype=bool)
+    kept, kept_before = count, count + 1
+    slope = 0.0
+    for _ in range(ZSCALE_ITERATIONS):
+        if kept >= kept_before or kept < min_kept:
+            break
+        keep = ~rejected
+        x, y = ranks[keep], sorted_values[keep]
+        x_mean, y_mean = x.mean(), y.mean()
+        dx = x - x_mean
+        slope = float(dx @ (y - y_mean) / (dx @ dx))
+        residuals = sorted_values - (y_mean + slope * (ranks - x_mean))
+        threshold = ZSCALE_KREJ * residuals[keep].std()
+        rejected |= (residuals < -threshold) | (residuals > threshold)
+        rejected = np.convolve(rejected, grow, mode="same")
+        kept_before, kept = kept, count - int(np.count_nonzero(rejected))
+    if kept >= min_kept:
+        slope /= ZSCALE_CONTRAST
+        centre = (count - 1) // 2
+        median = float(np.median(samples))
+        low = max(low, median - (centre - 1) * slope)
+        high = min(high, median + (count - centre) * slope)
+    return low, high
+
+
 def stretch(image: np.ndarray) -> np.ndarray:
     """ZScale the image to 0..255 (uint8); NaNs and a flat image come out black."""
-    from astropy.visualization import ZScaleInterval
-
     finite = np.isfinite(image)
-    if not finite.any():
+    values = image[finite]
+    if not values.size:
         return np.zeros(image.shape, dtype=np.uint8)
-    low, high = ZScaleInterval().get_limits(image[finite])
+    low, high = zscale_limits(values)
     if not high > low:
-        low, high = float(image[finite].min()), float(image[finite].max())
+        low, high = float(values.min()), float(values.max())
     if not high > low:
         return np.zeros(image.shape, dtype=np.uint8)
-    scaled = np.clip((np.where(finite, image, low) - low) / (high - low), 0.0, 1.0)
-    return (scaled * 255.0 + 0.5).astype(np.uint8)
+    scaled = np.clip((np.where(finite, image, low) - low) * (255.0 / (high - low)), 0.0, 255.0)
+    return (scaled + 0.5).astype(np.uint8)
 
 
 def mjd_to_utc(mjd: float) -> str:
@@ -82,7 +138,7 @@ def _font(size: int) -> Any:
 
 
 @functools.cache
-def _blank(panel: int) -> Any:
+def _blank(panel: int) -> np.ndarray:
     """The canvas with everything that never changes (background, the three titles), drawn once per process."""
     from PIL import Image, ImageDraw
 
@@ -93,33 +149,63 @@ def _blank(panel: int) -> Any:
         x = PAD + index * (panel + PAD)
         title_width = draw.textlength(kind, font=_font(15))
         draw.text((x + (panel - title_width) / 2, HEADER), kind, font=_font(15), fill=INK)
-    return canvas
+    pixels = np.asarray(canvas).copy()
+    pixels.flags.writeable = False  # shared by every render: each one copies it
+    return pixels
+
+
+def _header(width: int, object_id: str, candid: int | str, mjd: float | None) -> np.ndarray:
+    """The header band: objectId and candid, then the UTC time of the detection."""
+    from PIL import Image, ImageDraw
+
+    band = Image.new("L", (width, HEADER), BACKGROUND)
+    draw = ImageDraw.Draw(band)
+    draw.text((PAD, 8), f"{object_id}   candid {candid}", font=_font(18), fill=INK)
+    when = mjd_to_utc(mjd) + f"   (MJD {mjd:.5f})" if mjd is not None else "time unknown"
+    draw.text((PAD, 30), when, font=_font(14), fill=MUTED)
+    return np.asarray(band)
 
 
 def render(object_id: str, candid: int | str, mjd: float | None, images: Mapping[str, np.ndarray]) -> bytes:
     """The PNG bytes of the preview of one triplet (``images`` maps stamp type to its ``stamp_array``)."""
-    from PIL import Image, ImageDraw
-
-    panels = []
-    for kind in STAMP_TYPES:
-        pixels = np.flipud(stretch(images[kind]))  # FITS row 0 is the bottom
-        panels.append(np.repeat(np.repeat(pixels, SCALE, axis=0), SCALE, axis=1))
-    panel = max(max(p.shape) for p in panels)
+    panels = [np.flipud(stretch(images[kind])) for kind in STAMP_TYPES]  # FITS row 0 is the bottom
+    panel = SCALE * max(max(p.shape) for p in panels)
     canvas = _blank(panel).copy()
-    draw = ImageDraw.Draw(canvas)
-    draw.text((PAD, 8), f"{object_id}   candid {candid}", font=_font(18), fill=INK)
-    when = mjd_to_utc(mjd) + f"   (MJD {mjd:.5f})" if mjd is not None else "time unknown"
-    draw.text((PAD, 30), when, font=_font(14), fill=MUTED)
+    canvas[:HEADER] = _header(canvas.shape[1], object_id, candid, mjd)
     for index, pixels in enumerate(panels):
-        canvas.paste(Image.fromarray(pixels, mode="L"), (PAD + index * (panel + PAD), HEADER + TITLE))
-    out = io.BytesIO()
-    canvas.save(out, format="PNG", compress_level=1)  # speed over a few kB: previews are many and small
-    return out.getvalue()
+        top, left = HEADER + TITLE, PAD + index * (panel + PAD)
+        height, width = pixels.shape[0] * SCALE, pixels.shape[1] * SCALE
+        # Enlarged by repetition: one stamp pixel becomes a SCALE x SCALE block.
+        canvas[top:top + height, left:left + width].reshape(pixels.shape[0], SCALE, pixels.shape[1], SCALE)[:] = (
+            pixels[:, None, :, None])
+    return png_bytes(canvas)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """A grey-level 8-bit image as PNG: every row "Up"-filtered (the row minus the one above) and deflated fast.
+
+    The canvas is made of enlarged pixels and flat background, so most filtered rows are runs of zeros, which
+    zlib's run-length strategy compresses fast and well: 3x faster than Pillow's encoder, which tries five filters a
+    row, for the same size.
+    """
+    height, width = pixels.shape
+    rows = np.empty((height, width + 1), dtype=np.uint8)
+    rows[:, 0] = PNG_FILTER_UP
+    rows[0, 0] = PNG_FILTER_NONE  # the first row has nothing above it
+    rows[0, 1:] = pixels[0]
+    np.subtract(pixels[1:], pixels[:-1], out=rows[1:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG wants
+    header = struct.pack(">IIBBBBB", width, height, 8, PNG_GREY, 0, 0, 0)
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    data = deflate.compress(rows.tobytes()) + deflate.flush()
+    return b"".join((PNG_SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", data), _png_chunk(b"IEND", b"")))
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def warm_up() -> None:
-    """Load what the first ``render`` would (astropy.visualization, Pillow, the fonts) ahead of time."""
-    import astropy.visualization  # noqa: F401
+    """Load what the first ``render`` would (Pillow, the fonts) ahead of time."""
     from PIL import Image, ImageDraw  # noqa: F401
 
     for size in (14, 15, 18):

@@ -184,11 +184,11 @@ def unavailable_delay(cfg: StampsConfig, waited: float) -> float:
     return delay * random.uniform(0.9, 1.1)
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Temporaries of ``path`` left by a writer killed with -9; a live writer's (another job fetching the same
-    stamp, e.g. a replay beside the daemon) is left alone."""
-    if path.parent.is_dir():
-        remove_stale_temporaries(path.parent, path.name)
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Temporaries in an object's folder left by a writer killed with -9; a live writer's (another job fetching
+    the same stamp, e.g. a replay beside the daemon) is left alone. One folder scan per job, before its writes."""
+    if folder.is_dir():
+        remove_stale_temporaries(folder)
 
 
 def next_due(conn: sqlite3.Connection, kind: str, batch: str | None = None) -> float | None:
@@ -393,13 +393,13 @@ class Worker:
         """Check and write the fetched stamps, then the preview; return manifest rows for every file of the job on
         disk (written now or valid already), even when a stamp failed."""
         triplet = dict(have)
+        _remove_stale_temporaries(png.parent)
         for kind, data in fetched.items():
             try:
                 image = check_stamp(data)
             except ValueError as exc:
                 problems.append(FetchError(f"{kind} stamp: {exc}"))
                 continue
-            _remove_stale_temporaries(paths[kind])
             atomic_write(paths[kind], data)
             triplet[kind] = (data, image)
             outcome.fetched.append(kind)
@@ -410,7 +410,6 @@ class Worker:
                 from ztfd import preview
 
                 data = preview.render(object_id, candid, mjd, {k: image for k, (_, image) in triplet.items()})
-                _remove_stale_temporaries(png)
                 atomic_write(png, data)
                 outcome.preview = True
             else:

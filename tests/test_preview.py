@@ -1,0 +1,82 @@
+"""The preview: astropy's ZScale limits, a PNG any decoder reads, and the layout a person glances at."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from astropy.visualization import ZScaleInterval
+from PIL import Image
+
+from ztfd import preview
+from ztfd.embedded.samples import packets
+
+ZTF_PACKETS = [p for p in packets() if p.object_id.startswith("ZTF")]
+
+
+def decode(png: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.format == "PNG" and image.mode == "L"
+        return np.asarray(image).copy()
+
+
+def assert_same_limits(values: np.ndarray) -> None:
+    expected = ZScaleInterval().get_limits(values)
+    got = preview.zscale_limits(values)
+    span = max(abs(expected[1] - expected[0]), 1e-12)
+    assert abs(got[0] - expected[0]) <= 1e-9 * span and abs(got[1] - expected[1]) <= 1e-9 * span, (got, expected)
+
+
+@pytest.mark.parametrize("packet", ZTF_PACKETS, ids=lambda p: p.object_id)
+def test_zscale_limits_are_astropys_on_every_sample_cutout(packet):
+    for kind in preview.STAMP_TYPES:
+        image = preview.stamp_array(packet.cutouts[kind])
+        assert_same_limits(image[np.isfinite(image)])
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 60, 999, 1001, 3969, 20_000])
+def test_zscale_limits_are_astropys_on_awkward_inputs(size):
+    rng = np.random.default_rng(size)
+    noise = rng.normal(100.0, 5.0, size).astype(np.float32)
+    noise[: size // 50] = 1e5  # saturated cores: the rejection has work to do
+    assert_same_limits(noise)
+    assert_same_limits(np.sort(noise))
+    assert_same_limits(np.full(size, 3.0, dtype=np.float32))
+
+
+def test_stretch_maps_nans_and_flat_images_to_black():
+    assert not preview.stretch(np.full((5, 5), np.nan, dtype=np.float32)).any()
+    assert not preview.stretch(np.full((5, 5), 7.0, dtype=np.float32)).any()
+    image = np.arange(25, dtype=np.float32).reshape(5, 5)
+    image[0, 0] = np.nan
+    stretched = preview.stretch(image)
+    assert stretched.dtype == np.uint8 and stretched[0, 0] == 0 and stretched.max() == 255
+
+
+def test_png_bytes_decode_to_the_same_pixels():
+    rng = np.random.default_rng(1)
+    for shape in [(1, 1), (1, 9), (7, 1), (50, 33)]:
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        assert np.array_equal(decode(preview.png_bytes(pixels)), pixels)
+
+
+def test_render_shows_each_stamp_enlarged_under_its_title_and_a_header():
+    packet = ZTF_PACKETS[0]
+    images = {kind: preview.stamp_array(packet.cutouts[kind]) for kind in preview.STAMP_TYPES}
+    pixels = decode(preview.render(packet.object_id, packet.candid, packet.mjd, images))
+    panel = 63 * preview.SCALE
+    assert pixels.shape == (preview.HEADER + preview.TITLE + panel + preview.PAD, 3 * panel + 4 * preview.PAD)
+    top = preview.HEADER + preview.TITLE
+    for index, kind in enumerate(preview.STAMP_TYPES):
+        left = preview.PAD + index * (panel + preview.PAD)
+        expected = np.flipud(preview.stretch(images[kind])).repeat(preview.SCALE, 0).repeat(preview.SCALE, 1)
+        assert np.array_equal(pixels[top:top + panel, left:left + panel], expected), kind
+        title = pixels[preview.HEADER:top, left:left + panel]
+        assert (title < preview.BACKGROUND).any(), f"no title over {kind}"
+    header = pixels[: preview.HEADER]
+    assert (header == preview.INK).any() and (header == preview.MUTED).any()  # both lines of the header
+    # A different alert changes the header and nothing of the static canvas.
+    other = decode(preview.render("ZTF99zzzzzzz", 1, None, images))
+    assert not np.array_equal(other[: preview.HEADER], header)
+    assert np.array_equal(other[preview.HEADER:], pixels[preview.HEADER:])
