@@ -47,18 +47,18 @@ def run(settings: Settings, results: Results) -> None:
     alerce_count = settings.size(100, 20)
     work = settings.workdir / "stamps"
     packets = synthetic_packets(count)
-    rates: dict[str, list[float]] = {"alerce": [], "previews off": [], "previews on": []}
+    rates: dict[str, list[float]] = {"alerce": [], "previews off": [], "previews on": [], "matplotlib previews": []}
     concurrency = rate_limit = None
     with StampService(packets=packets, latency=LATENCY, include_previous=False) as service:
         for run_index in range(settings.runs):
             rates["alerce"].append(_alerce(service.url, packets[:alerce_count], work / f"alerce-{run_index}"))
-            for previews in (False, True):
-                key = "previews on" if previews else "previews off"
-                rate, concurrency, rate_limit = _pool(service.url, packets, previews, work / f"pool-{run_index}-{key}",
-                                                      results)
+            for key, previews, renderer in (("previews off", False, "fast"), ("previews on", True, "fast"),
+                                            ("matplotlib previews", True, "matplotlib")):
+                rate, concurrency, rate_limit = _pool(service.url, packets, previews, renderer,
+                                                      work / f"pool-{run_index}-{key.replace(' ', '-')}", results)
                 rates[key].append(rate)
             print(f"  run {run_index + 1}: " + ", ".join(f"{k} {v[-1]:,.1f}/s" for k, v in rates.items()), flush=True)
-    alerce, off, on = (median(rates[k]) for k in ("alerce", "previews off", "previews on"))
+    alerce, off, on, matplotlib_on = (median(rates[k]) for k in rates)
     ideal = WORKERS * (concurrency or 1) * 3 / LATENCY / 3  # requests/s over 3 requests a triplet
     if rate_limit:
         ideal = min(ideal, rate_limit / 4)  # 4 requests an alert: detections + 3 stamps
@@ -73,6 +73,8 @@ def run(settings: Settings, results: Results) -> None:
             f"ideal {ideal:,.0f}/s ({WORKERS}x{concurrency}x3 req/50ms)"),
         Row("stamps", "pool with previews on", on, "triplets/s", ""),
         Row("stamps", "previews on / off", ratio(on, off), "x", "cost <= 25%", ">= 0.75x", ratio(on, off) >= 0.75),
+        Row("stamps", "preview_renderer = matplotlib, on / off", ratio(matplotlib_on, off), "x",
+            f"{matplotlib_on:,.0f} triplets/s (not the default)"),
     )
     for previews in (False, True):
         busy = [c for c in results.raw.get("stamps_cpu_cores_busy", []) if c["previews"] == previews]
@@ -95,12 +97,15 @@ def _alerce(url: str, packets: list, out: Path) -> float:
     return timing["count"] / (timing["last"] - timing["first"])
 
 
-def _pool(url: str, packets: list, previews: bool, home: Path, results: Results) -> tuple[float, int, float]:
+def _pool(
+    url: str, packets: list, previews: bool, renderer: str, home: Path, results: Results
+) -> tuple[float, int, float]:
     from ztfd import config
 
     config_path = write_config(home / "ztfd.toml", home, {
         "kafka": {"bootstrap_servers": "127.0.0.1:1", "group_id": "bench", "topics": [TOPIC]},
-        "stamps": {"enabled": True, "workers": WORKERS, "previews": previews, "alerce_stamp_url": url,
+        "stamps": {"enabled": True, "workers": WORKERS, "previews": previews, "preview_renderer": renderer,
+                   "alerce_stamp_url": url,
                    "alerce_api_url": url, "rate_limit": 0.0, "timeout": 30.0},
     })
     cfg = config.load(config_path)
@@ -139,7 +144,8 @@ def _pool(url: str, packets: list, previews: bool, home: Path, results: Results)
         # Where the CPU went (2 cores shared by the workers and the stamp service in this process).
         wall = finished - started
         cpu = {k: round((cpu_after[k] - cpu_before[k]) / wall, 2) for k in cpu_before}
-        results.raw.setdefault("stamps_cpu_cores_busy", []).append({"previews": previews, **cpu})
+        if renderer == "fast":
+            results.raw.setdefault("stamps_cpu_cores_busy", []).append({"previews": previews, **cpu})
     finally:
         conn.close()
     # The home stays until the section ends: a bulk delete slows the next run's file creation (see bench.ingest).

@@ -62,6 +62,11 @@ def test_environment_overrides(tmp_path: Path) -> None:
     assert cfg.masked()["kafka"]["options"]["sasl.password"] == "***"
 
 
+def test_log_level_short_form_wins(tmp_path: Path) -> None:
+    env = {"ZTFD_LOGGING_LEVEL": "WARNING", "ZTFD_LOG_LEVEL": "debug"}
+    assert config.load(write(tmp_path, MINIMAL), environ=env).logging.level == "debug"
+
+
 @pytest.mark.parametrize(
     ("text", "env", "message"),
     [
@@ -78,6 +83,10 @@ def test_environment_overrides(tmp_path: Path) -> None:
         (MINIMAL, {"ZTFD_STAMPS_TIMEOUT": "soon"}, "stamps.timeout must be a number"),
         ("[kafka\n", {}, "is not valid TOML"),
         (MINIMAL.replace("lasair_1Lightweight", "../x"), {}, "kafka.topics holds a name that is not a Kafka topic"),
+        (MINIMAL + '[stamps]\npreview_renderer = "pyplot"\n', {},
+         "stamps.preview_renderer must be one of fast, matplotlib"),
+        (MINIMAL, {"ZTFD_LOGGING_LEVEL": "LOUD"}, "logging.level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+        (MINIMAL, {"ZTFD_LOG_LEVEL": "LOUD"}, "logging.level must be one of"),
     ],
 )
 def test_bad_configuration_names_the_key(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:

@@ -80,3 +80,22 @@ def test_render_shows_each_stamp_enlarged_under_its_title_and_a_header():
     other = decode(preview.render("ZTF99zzzzzzz", 1, None, images))
     assert not np.array_equal(other[: preview.HEADER], header)
     assert np.array_equal(other[preview.HEADER:], pixels[preview.HEADER:])
+
+
+def test_the_matplotlib_renderer_draws_the_same_stamps_with_the_agg_backend():
+    packet = ZTF_PACKETS[1]
+    images = {kind: preview.stamp_array(packet.cutouts[kind]) for kind in preview.STAMP_TYPES}
+    figure = preview.matplotlib_figure(packet.object_id, packet.candid, packet.mjd, images)
+    assert type(figure.canvas).__name__ == "FigureCanvasAgg"
+    texts = [t.get_text() for t in figure.texts]
+    assert texts == [f"{packet.object_id}   candid {packet.candid}", preview._when(packet.mjd)]
+    for ax, kind in zip(figure.axes, preview.STAMP_TYPES, strict=True):
+        assert ax.get_title() == kind
+        (shown,) = ax.get_images()
+        assert np.array_equal(shown.get_array(), preview.stretch(images[kind]))
+        assert shown.origin == "lower"  # north up: FITS row 0 at the bottom
+    png = preview.RENDERERS["matplotlib"](packet.object_id, packet.candid, packet.mjd, images)
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.format == "PNG" and image.size == (810, 345)
+        grey = np.asarray(image.convert("L"))
+    assert len(np.unique(grey)) > 100  # the stamps were drawn, not a blank canvas

@@ -59,6 +59,19 @@ def test_every_alert_gets_the_served_bytes_a_preview_and_manifest_rows(make_conf
     assert (heartbeat["role"], heartbeat["pid"]) == ("fetcher", worker_pid)
 
 
+def test_the_matplotlib_renderer_draws_previews_in_the_worker(make_config, stamp_service, tmp_path):
+    chosen = packets()[:2]
+    cfg_path = stamps_config(make_config, stamp_service.url, preview_renderer="matplotlib")
+    cfg = config.load(cfg_path)
+    conn = store.connect(cfg.db_path)
+    add_alerts(conn, chosen)
+    fetch_until_final(cfg_path, conn, tmp_path / "worker.log", what="all stamp jobs done")
+    for job, packet in zip(jobs(conn), chosen, strict=True):
+        assert job["state"] == "done" and job["result"]["preview"] is True, job
+        png = preview_path(cfg.images_dir, job["payload"]["date"], packet.object_id, packet.candid).read_bytes()
+        assert png.startswith(PNG_MAGIC) and b"Matplotlib" in png  # matplotlib's PNG carries its Software tag
+
+
 def test_candid_is_the_detection_nearest_the_alert_time():
     rows = [Detection(1, 59458.22745, True), Detection(2, 59458.26448, True), Detection(3, 59458.30, False),
             Detection(4, 59400.0, True)]

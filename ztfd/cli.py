@@ -52,9 +52,8 @@ def setup_logging(cfg: config.Config, main_file: str = "ztfd.log", console: bool
     The supervisor sets ``ZTFD_LOG_CONSOLE=0`` for its children: their stderr goes to logs/supervisor.out, which
     should hold tracebacks of crashes, not a second unrotated copy of every log line.
     """
-    level = os.environ.get("ZTFD_LOG_LEVEL") or cfg.logging.level
     console = console and os.environ.get("ZTFD_LOG_CONSOLE", "1") != "0"
-    logs.setup(cfg.logs_dir, level, cfg.logging.max_bytes, cfg.logging.backup_count, main_file, console)
+    logs.setup(cfg.logs_dir, cfg.logging.level, cfg.logging.max_bytes, cfg.logging.backup_count, main_file, console)
 
 
 def process_name(default: str) -> str:

@@ -47,6 +47,7 @@ class StampsConfig:
     timeout: float = 30.0
     max_attempts: int = 8
     previews: bool = True
+    preview_renderer: str = "fast"
     retry_base: float = 2.0
     retry_max: float = 300.0
     unavailable_retry_base: float = 300.0
@@ -146,6 +147,11 @@ SECTIONS: dict[str, type] = {
     "logging": LoggingConfig,
 }
 REQUIRED = {("kafka", "group_id"), ("kafka", "topics")}
+# Keys whose value is one of a few words (compared case-insensitively for the log level).
+CHOICES = {
+    ("stamps", "preview_renderer"): ("fast", "matplotlib"),
+    ("logging", "level"): ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+}
 POSITIVE = {
     ("kafka", "max_message_bytes"), ("kafka", "batch_size"), ("stamps", "workers"), ("stamps", "timeout"),
     ("stamps", "max_attempts"), ("stamps", "concurrency"), ("stamps", "lease_seconds"), ("s3", "interval"),
@@ -194,6 +200,9 @@ def apply_environment(raw: dict[str, Any], environ: dict[str, str]) -> None:
         rest = name[len(ENV_PREFIX):].lower()
         if rest == "home":
             raw["home"] = value
+            continue
+        if rest == "log_level":  # the short form of ZTFD_LOGGING_LEVEL, and the one that wins
+            raw.setdefault("logging", {})["level"] = value
             continue
         if rest.startswith("kafka_options_"):
             option = rest[len("kafka_options_"):].replace("_", ".")
@@ -261,6 +270,9 @@ def _check_type(section: str, key: str, fld: dataclasses.Field[Any], value: Any)
     elif kind == "str":
         if not isinstance(value, str):
             raise ConfigError(f"config: {where} must be a string")
+        choices = CHOICES.get((section, key))
+        if choices is not None and value.upper() not in {c.upper() for c in choices}:
+            raise ConfigError(f"config: {where} must be one of {', '.join(choices)}")
         result = value
     elif kind == "tuple[str, ...]":
         if isinstance(value, str):

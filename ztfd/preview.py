@@ -4,12 +4,15 @@ Each stamp is stretched with the IRAF/astropy ZScale (robust to the bright cores
 shown with north-up FITS orientation (row 0 at the bottom), enlarged without smoothing so pixels stay visible,
 titled, under a header with the objectId, candid and the UTC time of the detection.
 
-Why not a matplotlib figure: previews must cost at most a quarter of the fetch rate, and a pool fetching without
-them spends ~4 ms of CPU per triplet. A 3-panel figure costs ~84 ms per PNG (~43 ms reusing one figure), and even
-matplotlib's Agg renderer driven directly costs ~5.6 ms (it renders text glyph by glyph). So the image is composed
-as a numpy array, its text drawn with Pillow (a matplotlib dependency) in matplotlib's bundled DejaVu Sans, and
-written by ``png_bytes``; ``zscale_limits`` is astropy's algorithm with the line fit in closed form (same limits,
-a quarter of the time). The whole preview costs about 1 ms.
+Two renderers draw that same layout (``stamps.preview_renderer``):
+
+- ``fast`` (the default) composes the image as a numpy array, draws its text with Pillow (a matplotlib
+  dependency) in matplotlib's bundled DejaVu Sans and writes the PNG itself (``png_bytes``): about 1.7 ms.
+  ``zscale_limits`` is astropy's algorithm with the line fit in closed form (same limits, a third of the time).
+- ``matplotlib`` draws a matplotlib figure with the Agg backend: ~40-80 ms. Previews may cost at most a quarter
+  of the fetch rate, and an unthrottled pool fetches a triplet for ~4 ms of CPU, so this renderer only keeps up
+  when ALeRCE's rate limit is the bottleneck (the default 10 requests/s is 2.5 triplets/s). matplotlib's Agg
+  renderer driven directly is no way out: ~5.6 ms, as it draws text glyph by glyph.
 """
 
 from __future__ import annotations
@@ -161,9 +164,12 @@ def _header(width: int, object_id: str, candid: int | str, mjd: float | None) ->
     band = Image.new("L", (width, HEADER), BACKGROUND)
     draw = ImageDraw.Draw(band)
     draw.text((PAD, 8), f"{object_id}   candid {candid}", font=_font(18), fill=INK)
-    when = mjd_to_utc(mjd) + f"   (MJD {mjd:.5f})" if mjd is not None else "time unknown"
-    draw.text((PAD, 30), when, font=_font(14), fill=MUTED)
+    draw.text((PAD, 30), _when(mjd), font=_font(14), fill=MUTED)
     return np.asarray(band)
+
+
+def _when(mjd: float | None) -> str:
+    return mjd_to_utc(mjd) + f"   (MJD {mjd:.5f})" if mjd is not None else "time unknown"
 
 
 def render(object_id: str, candid: int | str, mjd: float | None, images: Mapping[str, np.ndarray]) -> bytes:
@@ -179,6 +185,35 @@ def render(object_id: str, candid: int | str, mjd: float | None, images: Mapping
         canvas[top:top + height, left:left + width].reshape(pixels.shape[0], SCALE, pixels.shape[1], SCALE)[:] = (
             pixels[:, None, :, None])
     return png_bytes(canvas)
+
+
+def render_matplotlib(object_id: str, candid: int | str, mjd: float | None, images: Mapping[str, np.ndarray]) -> bytes:
+    """``render``'s layout as a matplotlib figure drawn by the Agg backend."""
+    out = io.BytesIO()
+    matplotlib_figure(object_id, candid, mjd, images).savefig(out, format="png", facecolor="white")
+    return out.getvalue()
+
+
+def matplotlib_figure(object_id: str, candid: int | str, mjd: float | None, images: Mapping[str, np.ndarray]) -> Any:
+    """The preview as a ``Figure`` on an Agg canvas: a new one each time, without pyplot, so that no state is
+    kept between previews."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8.1, 3.45), dpi=100, facecolor="white")
+    FigureCanvasAgg(figure)
+    figure.text(0.017, 0.94, f"{object_id}   candid {candid}", fontsize=13, color=f"{INK / 255:.3f}")
+    figure.text(0.017, 0.87, _when(mjd), fontsize=10, color=f"{MUTED / 255:.3f}")
+    axes = figure.subplots(1, len(STAMP_TYPES), gridspec_kw={"left": 0.017, "right": 0.983, "bottom": 0.04,
+                                                             "top": 0.74, "wspace": 0.06})
+    for ax, kind in zip(axes, STAMP_TYPES, strict=True):
+        ax.imshow(stretch(images[kind]), cmap="gray", vmin=0, vmax=255, origin="lower", interpolation="nearest")
+        ax.set_title(kind, fontsize=11)
+        ax.set_axis_off()
+    return figure
+
+
+RENDERERS = {"fast": render, "matplotlib": render_matplotlib}
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -204,9 +239,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def warm_up() -> None:
-    """Load what the first ``render`` would (Pillow, the fonts) ahead of time."""
+def warm_up(renderer: str = "fast") -> None:
+    """Load what the first preview would (Pillow and the fonts, or matplotlib) ahead of time."""
     from PIL import Image, ImageDraw  # noqa: F401
 
     for size in (14, 15, 18):
         _font(size)
+    if renderer == "matplotlib":
+        import matplotlib.backends.backend_agg
+        import matplotlib.figure  # noqa: F401

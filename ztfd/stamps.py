@@ -229,14 +229,14 @@ def _record(conn: sqlite3.Connection, rows: list[tuple[str, int, str]]) -> None:
             store.record_files(conn, rows)
 
 
-def _warm_up(previews: bool) -> None:
+def _warm_up(settings: StampsConfig) -> None:
     """Import the heavy modules before the first job, so that no request times out waiting for an import."""
     import astropy.io.fits  # noqa: F401
 
-    if previews:
+    if settings.previews:
         from ztfd import preview
 
-        preview.warm_up()
+        preview.warm_up(settings.preview_renderer)
 
 
 # --- the worker -------------------------------------------------------------------------------------------------
@@ -409,7 +409,8 @@ class Worker:
             if force or outcome.fetched or not png.exists():
                 from ztfd import preview
 
-                data = preview.render(object_id, candid, mjd, {k: image for k, (_, image) in triplet.items()})
+                draw = preview.RENDERERS[self.settings.preview_renderer]
+                data = draw(object_id, candid, mjd, {k: image for k, (_, image) in triplet.items()})
                 atomic_write(png, data)
                 outcome.preview = True
             else:
@@ -505,7 +506,7 @@ class Worker:
             loop.add_signal_handler(signum, self.stopping.set)
         if self.heartbeat:
             await self._db(store.heartbeat, self.name, "fetcher")
-        await self._cpu(_warm_up, self.settings.previews)
+        await self._cpu(_warm_up, self.settings)
         concurrency = self.settings.concurrency
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout)
         connector = aiohttp.TCPConnector(limit=concurrency * len(STAMP_TYPES) + 2)

@@ -585,8 +585,7 @@ def _serve(cfg: config.Config, console: bool, report_fd: int | None) -> int:
         elif not text.startswith("ok "):
             click.echo(f"ztfd: {text}", err=True)
 
-    level = os.environ.get("ZTFD_LOG_LEVEL") or cfg.logging.level
-    logs.setup(cfg.logs_dir, level, cfg.logging.max_bytes, cfg.logging.backup_count, "ztfd.log", console)
+    logs.setup(cfg.logs_dir, cfg.logging.level, cfg.logging.max_bytes, cfg.logging.backup_count, "ztfd.log", console)
     try:
         lock_fd = acquire_pidfile(cfg)
     except AlreadyRunningError as exc:
