@@ -119,6 +119,16 @@ def role_of(proc: psutil.Process) -> str | None:
     return None
 
 
+def helpers_rss_mb(proc: psutil.Process) -> float:
+    """The RSS of a ztfd process's helper children (a consumer's ``ztfd.filewriter``), counted as its own."""
+    total = 0.0
+    for child in proc.children():
+        with contextlib.suppress(psutil.Error):
+            if "ztfd.filewriter" in child.cmdline():
+                total += child.memory_info().rss / 2**20
+    return total
+
+
 class RssSampler:
     """Samples the RSS of given root processes and all their descendants by role, in a thread."""
 
@@ -154,7 +164,7 @@ class RssSampler:
                 if role is None:
                     continue
                 try:
-                    rss = proc.memory_info().rss / 2**20
+                    rss = proc.memory_info().rss / 2**20 + helpers_rss_mb(proc)
                 except psutil.Error:
                     continue
                 by_role[role] = max(by_role.get(role, 0.0), rss)

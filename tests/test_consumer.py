@@ -265,6 +265,9 @@ class NoKafka:
     def commit(self, **_: object) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 def test_a_crash_between_the_files_and_the_store_writes_the_same_files_again(
     make_config: Callable[..., Path],
@@ -284,6 +287,7 @@ def test_a_crash_between_the_files_and_the_store_writes_the_same_files_again(
         patch.setattr(crashed, "_store", die)
         with pytest.raises(SystemExit):
             crashed.handle_batch(batch)
+    crashed.close()
     written_before = sorted(alert_files(cfg.home))
     assert len(written_before) == 12
     assert count(cfg.db_path, "SELECT count(*) FROM alerts") == 0
@@ -293,6 +297,7 @@ def test_a_crash_between_the_files_and_the_store_writes_the_same_files_again(
         restarted = TopicConsumer(cfg, "t", "consumer:t")
         restarted.consumer = NoKafka()
         restarted.handle_batch(batch)
+        restarted.close()
     assert sorted(alert_files(cfg.home)) == written_before
     assert sorted(seqs_on_disk(cfg.home)) == list(range(12))
     assert count(cfg.db_path, "SELECT count(*) FROM alerts") == 12
@@ -368,13 +373,15 @@ def test_a_second_consumer_of_the_same_topic_stores_nothing_twice(make_config: C
     first = TopicConsumer(cfg, "t", "consumer:t")
     first.consumer = NoKafka()
     first.handle_batch(batch[:5])
+    first.close()
     second = TopicConsumer(cfg, "t", "consumer:t#2")
     second.consumer = NoKafka()
     with pytest.MonkeyPatch.context() as patch:  # as if it had read the batch before the first one stored it
         patch.setattr(second, "_not_yet_stored", lambda valid: valid)
         prepared = second.prepare(batch)
         assert prepared is not None and len(prepared.documents) == 12
-        accepted = second.commit(prepared)
+        accepted = second.store(prepared)
+    second.close()
     assert sorted(entry.item.offset for entry in accepted) == list(range(5, 12))
     assert count(cfg.db_path, "SELECT count(*) FROM alerts") == 12
     assert count(cfg.db_path, "SELECT count(DISTINCT alert_id) FROM (SELECT json_extract(payload, '$.alert_id') "

@@ -8,8 +8,11 @@ does it: data first, offsets after):
 3. one store transaction inserts the alerts, the rejected messages, the stamp jobs, the files' manifest rows and
    the partitions' next offsets. Alerts are keyed by their identity, so a message is never stored twice;
 4. the offsets are committed to Kafka too, for lag tools; ztfd itself never reads them back.
-A kill -9 before (3) commits loses nothing: the store still holds the old offsets, Kafka redelivers the batch and
-its files are written again under the same names. Once (3) commits, every stored alert already has its file.
+Step 2 runs in a child process (``ztfd.filewriter``: a thread would have to fight the main thread for the GIL
+after every system call), overlapping step 1 of the next batch; steps 3 and 4 run on the main thread once the
+child has answered. A kill -9 before (3) commits loses nothing: the store still holds the old offsets, Kafka
+redelivers the batch and its files are written again under the same names. Once (3) commits, every stored alert
+already has its file.
 The consumer assigns itself the topic's partitions (no consumer-group membership, see ``_look_at_topic``)
 starting at the stored offsets. ``enable.auto.commit`` is off; the lasair package's ``lasair_consumer``
 auto-commits (an alert could be acknowledged before it is stored), so it is not used.
@@ -26,13 +29,14 @@ import datetime as dt
 import logging
 import signal
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from ztfd import alerts, jobqueue, store
 from ztfd.config import Config
-from ztfd.files import atomic_write, md5_hex, remove_stale_temporaries
+from ztfd.files import md5_hex, remove_stale_temporaries
+from ztfd.filewriter import FileWriter
 from ztfd.logs import AlertLog
 
 log = logging.getLogger(__name__)
@@ -82,12 +86,17 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Batch:
-    """A prepared batch handed from the main thread to the writer thread."""
+    """A prepared batch: its alert files go to the file writer, then the rest to the store."""
 
     documents: list[Accepted]
     rejected: list[tuple[Incoming, str]]
     resume_at: dict[int, tuple[int, int]]
     received: dt.datetime
+    home: str
+
+    def files(self) -> list[tuple[str, bytes]]:
+        """What the file writer gets: each alert file's absolute path and bytes."""
+        return [(f"{self.home}/{entry.path}", entry.body) for entry in self.documents]
 
 
 class RateLimitedLog:
@@ -115,9 +124,7 @@ class TopicConsumer:
         self.name = name
         self.stopping = False
         self.conn = store.connect(cfg.db_path)
-        # The writer thread's own connection: the main thread reads and heartbeats while a batch commits.
-        self.writer_conn = store.connect(cfg.db_path)
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="alert-writer")
+        self.files = FileWriter()
         self.alert_log = AlertLog(cfg.logs_dir, topic, cfg.logging.max_bytes, cfg.logging.backup_count)
         self.throttled = RateLimitedLog()
         # Per partition: the generation and the next offset this process expects (set on assignment).
@@ -140,24 +147,29 @@ class TopicConsumer:
         self._look_at_topic(force=True)
         log.info("consuming %s from %s as group %s", self.topic, self.cfg.kafka.bootstrap_servers,
                  self.cfg.kafka.group_id)
-        # A pipeline one batch deep: while the writer thread writes batch k's files and commits it, the main
-        # thread polls and prepares batch k+1 (the file system calls release the GIL). Batches commit in order.
-        in_flight: tuple[Batch, Future[list[Accepted]]] | None = None
+        # A pipeline one batch deep: while the file writer writes batch k+1's files, the main thread stores batch
+        # k, then polls and prepares batch k+2. Batches are stored in order, each after its files are on disk.
+        in_flight: deque[Batch] = deque()
         try:
             while not self.stopping:
                 messages = self._next_batch()
                 self._heartbeat()
                 batch = self.prepare(messages) if messages else None
-                if in_flight is not None and (batch is not None or in_flight[1].done()):
-                    self.finish(in_flight[0], in_flight[1].result())
-                    in_flight = None
                 if batch is not None:
-                    in_flight = (batch, self.writer.submit(self.commit, batch))
+                    self.files.submit(batch.files())
+                    in_flight.append(batch)
+                # Store the older batch once a newer one is being written; at a trickle (Kafka had no more
+                # waiting) or when idle, store at once rather than after the next poll.
+                caught_up = len(messages) < self.cfg.kafka.batch_size
+                while in_flight and (len(in_flight) > 1 or caught_up or self.files.answered()):
+                    self.files.wait()
+                    self.store(in_flight.popleft())
                 self._look_at_topic()
-            if in_flight is not None:
-                self.finish(in_flight[0], in_flight[1].result())
+            while in_flight:
+                self.files.wait()
+                self.store(in_flight.popleft())
         finally:
-            self._close()
+            self.close()
         log.info("stopped consuming %s after storing %d alerts", self.topic, self.stored_total)
         return 0
 
@@ -179,16 +191,15 @@ class TopicConsumer:
         log.info("received %s: finishing the current batch", signal.Signals(signum).name)
         self.stopping = True
 
-    def _close(self) -> None:
+    def close(self) -> None:
         if self.consumer is not None:
             try:
                 self.consumer.close()
             except Exception as exc:  # closing must not turn a clean stop into a crash
                 log.warning("closing the Kafka consumer failed: %s", exc)
             self.consumer = None
-        self.writer.shutdown(wait=True)
+        self.files.close()
         self.alert_log.close()
-        self.writer_conn.close()
         self.conn.close()
 
     def _new_consumer(self) -> Any:
@@ -300,13 +311,15 @@ class TopicConsumer:
     # --- the batch ---------------------------------------------------------------------------------------------
 
     def handle_batch(self, messages: list[Any]) -> None:
-        """Store one batch start to end (what the pipeline in ``run`` does in two overlapping halves)."""
+        """Store one batch start to end (what the pipeline in ``run`` does with batches overlapping)."""
         batch = self.prepare(messages)
         if batch is not None:
-            self.finish(batch, self.commit(batch))
+            self.files.submit(batch.files())
+            self.files.wait()
+            self.store(batch)
 
     def prepare(self, messages: list[Any]) -> Batch | None:
-        """First half, on the main thread: validate, convert times, build each alert file's bytes."""
+        """Step 1: validate, set aside what is stored already, convert times, build each alert file's bytes."""
         from confluent_kafka import KafkaError
 
         received = dt.datetime.now(dt.UTC)
@@ -331,22 +344,17 @@ class TopicConsumer:
         resume_at = next_offsets([item for item, _ in valid] + [item for item, _ in rejected])
         fresh = self._not_yet_stored(valid)
         alerts.convert_times([message for _, message in fresh])
-        return Batch(self._documents(fresh, received), rejected, resume_at, received)
+        return Batch(self._documents(fresh, received), rejected, resume_at, received, str(self.cfg.home))
 
-    def commit(self, batch: Batch) -> list[Accepted]:
-        """Second half, on the writer thread: files on disk, then the store transaction (steps 2 and 3)."""
-        home = str(self.cfg.home)
-        for entry in batch.documents:
-            atomic_write(f"{home}/{entry.path}", entry.body)
-        return self._store(batch.documents, batch.rejected, batch.resume_at, batch.received)
-
-    def finish(self, batch: Batch, accepted: list[Accepted]) -> None:
-        """After the store committed: tell Kafka (step 4) and the logs."""
+    def store(self, batch: Batch) -> list[Accepted]:
+        """Steps 3 and 4, once the batch's files are on disk: the store transaction, then Kafka and the logs."""
+        accepted = self._store(batch)
         self._commit_to_kafka(batch.resume_at)
         for item, reason in batch.rejected:
             log.warning("rejected %s[%d]@%d: %s", self.topic, item.partition, item.offset, reason)
         self.alert_log.write(log_lines(self.topic, accepted))
         self.stored_total += len(accepted)
+        return accepted
 
     def _follow_generation(self, partition: int, offset: int) -> int:
         """The generation of a message just read; an offset below the expected one starts a new generation."""
@@ -405,36 +413,30 @@ class TopicConsumer:
             documents.append(Accepted(item, message, date, f"data/{date}/{self.topic}/{name}", body, md5_hex(body)))
         return documents
 
-    def _store(
-        self,
-        written: list[Accepted],
-        rejected: list[tuple[Incoming, str]],
-        resume_at: dict[int, tuple[int, int]],
-        received: dt.datetime,
-    ) -> list[Accepted]:
+    def _store(self, batch: Batch) -> list[Accepted]:
         """Step 3: alerts, rejected messages, stamp jobs, manifest rows and next offsets, all or nothing."""
-        now = received.timestamp()
+        now = batch.received.timestamp()
         accepted: list[Accepted] = []
         jobs: list[dict[str, Any]] = []
-        with store.transaction(self.writer_conn):
-            for entry, alert_id in zip(written, self._insert_alerts(written, now), strict=True):
+        with store.transaction(self.conn):
+            for entry, alert_id in zip(batch.documents, self._insert_alerts(batch.documents, now), strict=True):
                 if alert_id is None:
                     continue  # stored by another consumer of the same topic meanwhile
                 accepted.append(entry)
                 if self.cfg.stamps.enabled and entry.message.is_ztf:
                     jobs.append({"alert_id": alert_id, "object_id": entry.message.object_id, "topic": self.topic,
                                  "date": entry.date, "obs_mjd": entry.message.newest_mjd})
-            self.writer_conn.executemany(
+            self.conn.executemany(
                 "INSERT OR IGNORE INTO rejected (topic, partition, generation, kafka_offset, received_at, reason, raw) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(self.topic, item.partition, item.generation, item.offset, now, reason, item.msg.value())
-                 for item, reason in rejected],
+                 for item, reason in batch.rejected],
             )
-            store.record_files(self.writer_conn, [(entry.path, len(entry.body), entry.md5) for entry in accepted])
+            store.record_files(self.conn, [(entry.path, len(entry.body), entry.md5) for entry in accepted])
             if jobs:
-                jobqueue.enqueue(self.writer_conn, jobqueue.STAMPS, jobs, now=now, dedupe_key=stamp_job_key)
-            for partition, (generation, next_offset) in resume_at.items():
-                store.save_offset(self.writer_conn, self.topic, partition, generation, next_offset)
+                jobqueue.enqueue(self.conn, jobqueue.STAMPS, jobs, now=now, dedupe_key=stamp_job_key)
+            for partition, (generation, next_offset) in batch.resume_at.items():
+                store.save_offset(self.conn, self.topic, partition, generation, next_offset)
         return accepted
 
     def _insert_alerts(self, written: list[Accepted], now: float) -> list[int | None]:
@@ -444,7 +446,7 @@ class TopicConsumer:
         ids, so when every row went in, the ids follow from the last one. Only a conflict (a second consumer of
         the same topic) falls back to a statement per row.
         """
-        conn = self.writer_conn
+        conn = self.conn
         rows = [(self.topic, e.item.partition, e.item.generation, e.item.offset, e.message.object_id, e.date,
                  e.message.newest_mjd, e.path, now) for e in written]
         if not rows:
