@@ -88,14 +88,15 @@ class FileWriter:
         self.pending = 0
         if child is None:
             return
-        for stream in (child.stdin, child.stdout):
-            if stream is not None:
-                stream.close()
+        if child.stdin is not None:
+            child.stdin.close()  # the child's end of input: it answers what it holds, then exits
         try:
             child.wait(timeout=30)
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
 
     def _start(self) -> subprocess.Popen[bytes]:
         self._child = subprocess.Popen(
@@ -159,7 +160,10 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
         except OSError as exc:
             error = f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc)
         answer = pickle.dumps(error)
-        _write_all(answers, HEADER.pack(len(answer)) + answer)
+        try:
+            _write_all(answers, HEADER.pack(len(answer)) + answer)
+        except BrokenPipeError:  # the consumer is gone and wants no answer
+            return
 
 
 def main() -> None:
