@@ -92,11 +92,6 @@ class Batch:
     rejected: list[tuple[Incoming, str]]
     resume_at: dict[int, tuple[int, int]]
     received: dt.datetime
-    home: str
-
-    def files(self) -> list[tuple[str, bytes]]:
-        """What the file writer gets: each alert file's absolute path and bytes."""
-        return [(f"{self.home}/{entry.path}", entry.body) for entry in self.documents]
 
 
 class RateLimitedLog:
@@ -156,7 +151,7 @@ class TopicConsumer:
                 self._heartbeat()
                 batch = self.prepare(messages) if messages else None
                 if batch is not None:
-                    self.files.submit(batch.files())
+                    self._write_files(batch)
                     in_flight.append(batch)
                 # Store the older batch once a newer one is being written; at a trickle (Kafka had no more
                 # waiting) or when idle, store at once rather than after the next poll.
@@ -314,7 +309,7 @@ class TopicConsumer:
         """Store one batch start to end (what the pipeline in ``run`` does with batches overlapping)."""
         batch = self.prepare(messages)
         if batch is not None:
-            self.files.submit(batch.files())
+            self._write_files(batch)
             self.files.wait()
             self.store(batch)
 
@@ -344,7 +339,12 @@ class TopicConsumer:
         resume_at = next_offsets([item for item, _ in valid] + [item for item, _ in rejected])
         fresh = self._not_yet_stored(valid)
         alerts.convert_times([message for _, message in fresh])
-        return Batch(self._documents(fresh, received), rejected, resume_at, received, str(self.cfg.home))
+        return Batch(self._documents(fresh, received), rejected, resume_at, received)
+
+    def _write_files(self, batch: Batch) -> None:
+        """Step 2: hand the batch's alert files (absolute path, bytes) to the file writer."""
+        home = str(self.cfg.home)
+        self.files.submit([(f"{home}/{entry.path}", entry.body) for entry in batch.documents])
 
     def store(self, batch: Batch) -> list[Accepted]:
         """Steps 3 and 4, once the batch's files are on disk: the store transaction, then Kafka and the logs."""

@@ -37,9 +37,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, fsync: bool = False)
         fd = os.open(tmp, flags, 0o644)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             if fsync:
                 os.fsync(fd)
         finally:
@@ -49,6 +47,13 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, fsync: bool = False)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a single call may write fewer)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def remove_stale_temporaries(folder: Path, name: str | None = None) -> int:

@@ -27,10 +27,10 @@ import subprocess
 import sys
 from typing import IO
 
-from ztfd.files import atomic_write
+from ztfd.files import atomic_write, write_all
+from ztfd.procs import die_with_parent
 
 HEADER = struct.Struct(">Q")
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class FileWriterError(RuntimeError):
@@ -58,7 +58,7 @@ class FileWriter:
         assert child.stdin is not None
         payload = pickle.dumps(files, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            _write_all(child.stdin, HEADER.pack(len(payload)) + payload)
+            write_all(child.stdin.fileno(), HEADER.pack(len(payload)) + payload)
         except BrokenPipeError:
             raise self._gone() from None
         self.pending += 1
@@ -112,13 +112,6 @@ class FileWriter:
         return FileWriterError(f"the alert-file writer (pid {pid}) has exited (code {code})")
 
 
-def _write_all(stream: IO[bytes], data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = stream.write(view)
-        view = view[written or 0:]
-
-
 def _read_frame(stream: IO[bytes]) -> bytes | None:
     """One length-prefixed frame, or None at the end of the stream."""
     header = _read_exactly(stream, HEADER.size)
@@ -138,18 +131,6 @@ def _read_exactly(stream: IO[bytes], size: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _die_with_parent(parent: int) -> None:
-    """Ask Linux to SIGKILL this process when its parent dies; elsewhere the end of input stops it."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(0)
-
-
 def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
     """The child's loop: write each batch, answer, until the end of input."""
     while (frame := _read_frame(requests)) is not None:
@@ -161,7 +142,7 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
             error = f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc)
         answer = pickle.dumps(error)
         try:
-            _write_all(answers, HEADER.pack(len(answer)) + answer)
+            write_all(answers.fileno(), HEADER.pack(len(answer)) + answer)
         except BrokenPipeError:  # the consumer is gone and wants no answer
             return
 
@@ -169,7 +150,8 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent(int(sys.argv[1]))
+    if not die_with_parent(int(sys.argv[1]), signal.SIGKILL):  # the consumer is already gone
+        os._exit(0)
     with open(0, "rb", buffering=0, closefd=False) as requests, open(1, "wb", buffering=0, closefd=False) as answers:
         serve(requests, answers)
 

@@ -19,7 +19,6 @@ to the pidfile atomically; a pidfile whose lock is free or whose pid is dead is 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
@@ -35,7 +34,7 @@ from pathlib import Path
 import click
 
 from ztfd import config, files, logs, store
-from ztfd.procs import pid_alive
+from ztfd.procs import die_with_parent, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,6 @@ CHECK_INTERVAL = 1.0
 # Marks a child in its environment (value: the pidfile) so a later start can find leftovers of a crashed run.
 MARKER_ENV = "ZTFD_PROCESS_SUPERVISOR"
 SUPERVISOR_NAME = "supervisor"
-PR_SET_PDEATHSIG = 1
 
 EXIT_ALREADY_RUNNING = 1
 
@@ -177,15 +175,9 @@ def describe_status(status: int) -> str:
 
 
 def _set_pdeathsig(parent: int) -> None:
-    """In the forked child, before exec: SIGTERM when the supervisor dies (even by kill -9).
-
-    The kernel sends it when the *thread* that forked dies, so the supervisor forks only from its main thread.
-    If the supervisor died between fork and this call, nobody would send it: check and leave at once.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        os._exit(125)
-    if os.getppid() != parent:
+    """In the forked child, before exec: SIGTERM when the supervisor dies (even by kill -9). The supervisor
+    forks only from its main thread (see ``die_with_parent``)."""
+    if not die_with_parent(parent, signal.SIGTERM):
         os._exit(125)
 
 
