@@ -1,0 +1,120 @@
+"""The store's tables: the one place their shape is written down."""
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+
+-- One row per accepted Kafka message, inserted once its file is on disk. (topic, partition, generation, offset)
+-- is the message's identity: generation counts how often the partition's offsets restarted (Lasair deletes and
+-- recreates a topic when its filter is edited).
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    kafka_offset INTEGER NOT NULL,
+    object_id TEXT NOT NULL,
+    date TEXT NOT NULL,
+    obs_mjd REAL,
+    path TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    UNIQUE (topic, partition, generation, kafka_offset)
+);
+CREATE INDEX IF NOT EXISTS alerts_date ON alerts (date, topic);
+CREATE INDEX IF NOT EXISTS alerts_received ON alerts (topic, received_at);
+
+-- Messages that could not be accepted, kept with their raw bytes and the reason.
+CREATE TABLE IF NOT EXISTS rejected (
+    id INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    kafka_offset INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    raw BLOB,
+    UNIQUE (topic, partition, generation, kafka_offset)
+);
+
+-- The next offset to read per partition, written in the same transaction as the alerts it follows.
+CREATE TABLE IF NOT EXISTS offsets (
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0,
+    next_offset INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
+
+-- The work queue (see ztfd.jobqueue). state: ready | leased | done | failed. waiting says why a ready job has a
+-- not_before in the future: 'retry' after a failure, 'unavailable' while ALeRCE does not have the alert yet.
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'ready',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0,
+    waiting TEXT,
+    unavailable_since REAL,
+    lease_until REAL,
+    owner TEXT,
+    last_error TEXT,
+    result TEXT,
+    batch TEXT,
+    dedupe_key TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (kind, not_before, id) WHERE state = 'ready';
+CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until) WHERE state = 'leased';
+CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch) WHERE batch IS NOT NULL;
+-- At most one waiting or running job per dedupe key (see jobqueue.enqueue).
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedupe ON jobs (kind, dedupe_key)
+    WHERE dedupe_key IS NOT NULL AND state IN ('ready', 'leased');
+
+-- The sync manifest: every file ztfd writes under data/ and images/. state: pending | done.
+CREATE TABLE IF NOT EXISTS manifest (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    md5 TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    recorded_at REAL NOT NULL,
+    uploaded_at REAL,
+    etag TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS manifest_pending ON manifest (path) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS manifest_uploaded ON manifest (uploaded_at, path) WHERE state = 'done';
+
+-- Liveness of every ztfd process, written by the processes themselves and read by the supervisor and status.
+CREATE TABLE IF NOT EXISTS processes (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    topic TEXT,
+    pid INTEGER,
+    started_at REAL,
+    heartbeat_at REAL,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'starting',
+    last_exit TEXT
+);
+
+-- Shared politeness limits (ztfd.ratelimit): the time from which the next request may go, per limit name.
+CREATE TABLE IF NOT EXISTS rate_limits (
+    name TEXT PRIMARY KEY,
+    next_at REAL NOT NULL
+);
+
+-- Small named facts: last sync pass, last sync error, and similar.
+CREATE TABLE IF NOT EXISTS status (
+    key TEXT PRIMARY KEY,
+    value TEXT,
+    updated_at REAL NOT NULL
+);
+"""
