@@ -33,11 +33,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from ztfd import alerts, jobqueue, store
+from ztfd import jobqueue, nights, store
 from ztfd.config import Config
 from ztfd.files import md5_hex, remove_stale_temporaries
 from ztfd.filewriter import FileWriter
 from ztfd.logs import AlertLog
+from ztfd.sources import ZTF, Alert, InvalidMessageError, lasair
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class Accepted:
     """An alert file to write and store: where it goes, its bytes and their MD5 (for the sync manifest)."""
 
     item: Incoming
-    message: alerts.Message
+    message: Alert
     date: str
     path: str
     body: bytes
@@ -119,6 +120,7 @@ class TopicConsumer:
         self.name = name
         self.stopping = False
         self.conn = store.connect(cfg.db_path)
+        self.source = lasair.LasairSource(cfg.kafka.max_message_bytes)
         self.files = FileWriter()
         self.alert_log = AlertLog(cfg.logs_dir, topic, cfg.logging.max_bytes, cfg.logging.backup_count)
         self.throttled = RateLimitedLog()
@@ -318,7 +320,7 @@ class TopicConsumer:
         from confluent_kafka import KafkaError
 
         received = dt.datetime.now(dt.UTC)
-        valid: list[tuple[Incoming, alerts.Message]] = []
+        valid: list[tuple[Incoming, Alert]] = []
         rejected: list[tuple[Incoming, str]] = []
         for msg in messages:
             error = msg.error()
@@ -331,14 +333,14 @@ class TopicConsumer:
                 continue
             item = Incoming(msg, msg.partition(), msg.offset(), self._follow_generation(msg.partition(), msg.offset()))
             try:
-                valid.append((item, alerts.parse(msg.value(), self.cfg.kafka.max_message_bytes)))
-            except alerts.InvalidMessageError as exc:
-                rejected.append((item, str(exc)[: alerts.MAX_REASON]))
+                valid.append((item, self.source.decode(msg.value(), msg.key())))
+            except InvalidMessageError as exc:
+                rejected.append((item, str(exc)[: lasair.MAX_REASON]))
         if not valid and not rejected:
             return None
         resume_at = next_offsets([item for item, _ in valid] + [item for item, _ in rejected])
         fresh = self._not_yet_stored(valid)
-        alerts.convert_times([message for _, message in fresh])
+        nights.convert_times([message for _, message in fresh])
         return Batch(self._documents(fresh, received), rejected, resume_at, received)
 
     def _write_files(self, batch: Batch) -> None:
@@ -367,23 +369,28 @@ class TopicConsumer:
         return self.generation.get(partition, 0)
 
     def _metadata(
-        self, item: Incoming, message: alerts.Message, date: str, when: dt.datetime | None, received_iso: str
+        self, item: Incoming, message: Alert, dating: nights.Dating, when: dt.datetime | None, received_iso: str
     ) -> dict[str, Any]:
         meta: dict[str, Any] = {
             "topic": self.topic,
             "partition": item.partition,
             "offset": item.offset,
-            "kafka_timestamp": alerts.iso_utc(when) if when else None,
+            "kafka_timestamp": nights.iso_utc(when) if when else None,
             "received_at": received_iso,
-            "date": date,
+            "date": dating.date,
+            "date_rule": dating.rule,
+            "dated_by": dating.dated_by,
+            "survey": message.survey,
             "object_id": message.object_id,
             "times_utc": message.times_utc,
         }
+        if message.detection_id is not None:
+            meta["detection_id"] = message.detection_id
         if item.generation:
             meta["generation"] = item.generation
         return meta
 
-    def _not_yet_stored(self, valid: list[tuple[Incoming, alerts.Message]]) -> list[tuple[Incoming, alerts.Message]]:
+    def _not_yet_stored(self, valid: list[tuple[Incoming, Alert]]) -> list[tuple[Incoming, Alert]]:
         """Drop messages already in the store (a redelivery after lost offsets): one indexed query per batch."""
         if not valid:
             return valid
@@ -401,15 +408,16 @@ class TopicConsumer:
         return [(item, message) for item, message in valid
                 if (item.partition, item.generation, item.offset) not in stored]
 
-    def _documents(self, fresh: list[tuple[Incoming, alerts.Message]], received: dt.datetime) -> list[Accepted]:
+    def _documents(self, fresh: list[tuple[Incoming, Alert]], received: dt.datetime) -> list[Accepted]:
         """Each alert's file: where it goes and what it holds (written by ``commit``)."""
         documents = []
-        received_iso = alerts.iso_utc(received)  # one batch, one receive time
+        received_iso = nights.iso_utc(received)  # one batch, one receive time
         for item, message in fresh:
             when = kafka_time(item.msg)
-            date = message.partition_date(when or received)
-            name = alerts.file_name(message.object_id, item.partition, item.offset, item.generation)
-            body = alerts.document(message, self._metadata(item, message, date, when, received_iso))
+            dating = nights.date_of(message, when, received)
+            date = dating.date
+            name = lasair.file_name(message.object_id, item.partition, item.offset, item.generation)
+            body = lasair.document(message, self._metadata(item, message, dating, when, received_iso))
             documents.append(Accepted(item, message, date, f"data/{date}/{self.topic}/{name}", body, md5_hex(body)))
         return documents
 
@@ -423,9 +431,10 @@ class TopicConsumer:
                 if alert_id is None:
                     continue  # stored by another consumer of the same topic meanwhile
                 accepted.append(entry)
-                if self.cfg.stamps.enabled and entry.message.is_ztf:
-                    jobs.append({"alert_id": alert_id, "object_id": entry.message.object_id, "topic": self.topic,
-                                 "date": entry.date, "obs_mjd": entry.message.newest_mjd})
+                alert = entry.message
+                if self.cfg.stamps.enabled and alert.survey == ZTF and lasair.is_ztf_object_id(alert.object_id):
+                    jobs.append({"alert_id": alert_id, "object_id": alert.object_id, "topic": self.topic,
+                                 "date": entry.date, "obs_mjd": alert.obs_mjd})
             self.conn.executemany(
                 "INSERT OR IGNORE INTO rejected (topic, partition, generation, kafka_offset, received_at, reason, raw) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -448,7 +457,7 @@ class TopicConsumer:
         """
         conn = self.conn
         rows = [(self.topic, e.item.partition, e.item.generation, e.item.offset, e.message.object_id, e.date,
-                 e.message.newest_mjd, e.path, now) for e in written]
+                 e.message.obs_mjd, e.path, now) for e in written]
         if not rows:
             return []
         insert = ("INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, "
@@ -559,7 +568,7 @@ def describe_rejected(cfg: Config, topic: str | None, limit: int) -> list[str]:
     conn.close()
     lines = []
     for row in rows:
-        when = alerts.iso_utc(dt.datetime.fromtimestamp(row["received_at"], dt.UTC))
+        when = nights.iso_utc(dt.datetime.fromtimestamp(row["received_at"], dt.UTC))
         raw = bytes(row["raw"] or b"")[:120]
         lines.append(f"{when} {row['topic']}[{row['partition']}]@{row['kafka_offset']}: {row['reason']} | {raw!r}")
     return lines

@@ -64,10 +64,13 @@ class Alert:
     view: dict[str, Any] | None = None  # a rendering for people when ``raw`` is not JSON (Avro), cutouts left out
     suffix: str = ".json"  # of the alert file that keeps ``raw``
     body: dict[str, Any] | None = None  # the decoded message, for the columns reports show
-    # Filled by ``convert_times`` a batch at a time: ISO 8601 UTC per time field, the observation time (MJD UTC).
+    band: str | None = None  # the observation's band (LSST: the triggering diaSource's), for the preview
+    # Filled by ``nights.convert_times`` a batch at a time: ISO 8601 UTC per time field, the observation time
+    # (MJD UTC, ISO UTC) and its day under ``date_rule`` (YYYY-MM-DD).
     times_utc: dict[str, str] = field(default_factory=dict)
     obs_mjd: float | None = None
     obs_iso: str | None = None
+    obs_day: str | None = None
 
 
 class Source(Protocol):
