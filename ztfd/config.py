@@ -34,8 +34,9 @@ class KafkaConfig:
     topics: tuple[str, ...]
     bootstrap_servers: str = "kafka.lsst.ac.uk:9092"
     options: dict[str, Any] = field(default_factory=dict)
-    max_message_bytes: int = 1_048_576
+    max_message_bytes: int = 10 * 1024 * 1024  # what Lasair-LSST's broker takes (full-alert messages)
     batch_size: int = 1000
+    lasair_byte_quota: int = 100_000_000  # Lasair-LSST's default per-filter bytes per day; 0: no warning
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class StampsConfig:
     concurrency: int = 8
     lease_seconds: float = 120.0
     match_tolerance: float = 60.0
+    lsst_provider: str = "alerce"  # where LSST stamps come from: alerce, lasair or none
+    alerce_lsst_url: str = "https://api-lsst.alerce.online"
+    lasair_lsst_url: str = "https://lasair-lsst.lsst.ac.uk"
 
 
 @dataclass(frozen=True)
@@ -150,8 +154,15 @@ REQUIRED = {("kafka", "group_id"), ("kafka", "topics")}
 # Keys whose value is one of a few words (compared case-insensitively for the log level).
 CHOICES = {
     ("stamps", "preview_renderer"): ("fast", "matplotlib"),
+    ("stamps", "lsst_provider"): ("alerce", "lasair", "none"),
     ("logging", "level"): ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
 }
+# Base URLs of services: an http(s) URL, so that a typo fails at start and not at the first request.
+URLS = {
+    ("stamps", "alerce_stamp_url"), ("stamps", "alerce_api_url"), ("stamps", "alerce_lsst_url"),
+    ("stamps", "lasair_lsst_url"),
+}
+HTTP_URL = re.compile(r"^https?://[^\s/?#]+(/\S*)?$")
 POSITIVE = {
     ("kafka", "max_message_bytes"), ("kafka", "batch_size"), ("stamps", "workers"), ("stamps", "timeout"),
     ("stamps", "max_attempts"), ("stamps", "concurrency"), ("stamps", "lease_seconds"), ("s3", "interval"),
@@ -273,6 +284,8 @@ def _check_type(section: str, key: str, fld: dataclasses.Field[Any], value: Any)
         choices = CHOICES.get((section, key))
         if choices is not None and value.upper() not in {c.upper() for c in choices}:
             raise ConfigError(f"config: {where} must be one of {', '.join(choices)}")
+        if (section, key) in URLS and not HTTP_URL.match(value):
+            raise ConfigError(f"config: {where} must be an http:// or https:// URL")
         result = value
     elif kind == "tuple[str, ...]":
         if isinstance(value, str):
