@@ -38,7 +38,9 @@ from ztfd.config import Config
 from ztfd.files import md5_hex, remove_stale_temporaries
 from ztfd.filewriter import FileWriter
 from ztfd.logs import AlertLog
+from ztfd.quota import QuotaWatch
 from ztfd.sources import ZTF, Alert, InvalidMessageError, lasair
+from ztfd.store import quota as store_quota
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,8 @@ class Batch:
     rejected: list[tuple[Incoming, str]]
     resume_at: dict[int, tuple[int, int]]
     received: dt.datetime
+    traffic: list[tuple[int, str | None, int, int]]  # (Lasair nid, survey, bytes, messages) received
+
 
 
 class RateLimitedLog:
@@ -121,6 +125,7 @@ class TopicConsumer:
         self.stopping = False
         self.conn = store.connect(cfg.db_path)
         self.source = lasair.LasairSource(cfg.kafka.max_message_bytes)
+        self.quota = QuotaWatch(topic, cfg.kafka.lasair_byte_quota)
         self.files = FileWriter()
         self.alert_log = AlertLog(cfg.logs_dir, topic, cfg.logging.max_bytes, cfg.logging.backup_count)
         self.throttled = RateLimitedLog()
@@ -341,7 +346,10 @@ class TopicConsumer:
         resume_at = next_offsets([item for item, _ in valid] + [item for item, _ in rejected])
         fresh = self._not_yet_stored(valid)
         nights.convert_times([message for _, message in fresh])
-        return Batch(self._documents(fresh, received), rejected, resume_at, received)
+        traffic = QuotaWatch.count(
+            [(kafka_time(item.msg) or received, len(item.msg.value() or b""), alert.survey) for item, alert in fresh]
+            + [(kafka_time(item.msg) or received, len(item.msg.value() or b""), None) for item, _ in rejected])
+        return Batch(self._documents(fresh, received), rejected, resume_at, received, traffic)
 
     def _write_files(self, batch: Batch) -> None:
         """Step 2: hand the batch's alert files (absolute path, bytes) to the file writer."""
@@ -350,8 +358,9 @@ class TopicConsumer:
 
     def store(self, batch: Batch) -> list[Accepted]:
         """Steps 3 and 4, once the batch's files are on disk: the store transaction, then Kafka and the logs."""
-        accepted = self._store(batch)
+        accepted, days = self._store(batch)
         self._commit_to_kafka(batch.resume_at)
+        self.quota.check(days)
         for item, reason in batch.rejected:
             log.warning("rejected %s[%d]@%d: %s", self.topic, item.partition, item.offset, reason)
         self.alert_log.write(log_lines(self.topic, accepted))
@@ -421,8 +430,9 @@ class TopicConsumer:
             documents.append(Accepted(item, message, date, f"data/{date}/{self.topic}/{name}", body, md5_hex(body)))
         return documents
 
-    def _store(self, batch: Batch) -> list[Accepted]:
-        """Step 3: alerts, rejected messages, stamp jobs, manifest rows and next offsets, all or nothing."""
+    def _store(self, batch: Batch) -> tuple[list[Accepted], list[store_quota.DayBytes]]:
+        """Step 3: alerts, rejected messages, stamp jobs, manifest rows, next offsets and the bytes received, all
+        or nothing."""
         now = batch.received.timestamp()
         accepted: list[Accepted] = []
         jobs: list[dict[str, Any]] = []
@@ -446,7 +456,8 @@ class TopicConsumer:
                 jobqueue.enqueue(self.conn, jobqueue.STAMPS, jobs, now=now, dedupe_key=stamp_job_key)
             for partition, (generation, next_offset) in batch.resume_at.items():
                 store.save_offset(self.conn, self.topic, partition, generation, next_offset)
-        return accepted
+            days = store_quota.add_bytes(self.conn, self.topic, batch.traffic)
+        return accepted, days
 
     def _insert_alerts(self, written: list[Accepted], now: float) -> list[int | None]:
         """Insert the alerts of a batch (inside the caller's transaction); each one's id, None if already stored.

@@ -118,3 +118,18 @@ CREATE TABLE IF NOT EXISTS status (
     updated_at REAL NOT NULL
 );
 """
+
+# --- Lasair-LSST byte quota (ztfd.store.quota; written by the consumers, read by status) ---------------------------
+# Kept apart from the tables above: added by the LSST work (issue 13). One row per topic per Lasair quota day (nid:
+# days since 2017-01-01 of UTC + 4 h); ``survey`` is that of the topic's alerts (what ``ztfd status`` shows).
+SCHEMA += """
+CREATE TABLE IF NOT EXISTS topic_bytes (
+    topic TEXT NOT NULL,
+    nid INTEGER NOT NULL,
+    survey TEXT,
+    bytes INTEGER NOT NULL,
+    messages INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (topic, nid)
+);
+"""
