@@ -16,10 +16,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import multiprocessing.process
 import os
 import random
 import signal
@@ -30,9 +28,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from ztfd.procs import pid_alive
+
+if TYPE_CHECKING:  # not imported at run time: the file writer child starts with this module and must start fast
+    import asyncio
+    import multiprocessing.process
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +192,7 @@ def restore_defaults(signals: Iterable[int] = (*STOP_SIGNALS, signal.SIGHUP)) ->
 
 # --- stopping other processes --------------------------------------------------------------------------------
 
-Process = Union[int, "subprocess.Popen[Any]", multiprocessing.process.BaseProcess]
+Process = Union[int, "subprocess.Popen[Any]", "multiprocessing.process.BaseProcess"]
 
 
 class _Target:
@@ -219,7 +221,7 @@ class _Target:
         if isinstance(process, subprocess.Popen):
             self.code = process.poll()
             self.done = self.code is not None
-        elif isinstance(process, multiprocessing.process.BaseProcess):
+        elif not isinstance(process, int):  # a multiprocessing process
             self.code = process.exitcode
             self.done = self.code is not None
         elif self.ours:
