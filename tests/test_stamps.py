@@ -25,7 +25,9 @@ from ztfd import config, store
 from ztfd.embedded.alerce import DETECTIONS, STAMP
 from ztfd.embedded.samples import packets
 from ztfd.files import md5_hex
-from ztfd.stamps import Detection, NotYetAvailableError, choose_candid, preview_path, stamp_path
+from ztfd.providers import NotYetAvailableError
+from ztfd.providers.alerce_ztf import Listed, choose_candid
+from ztfd.stamps import preview_path, stamp_path
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TWINS = [p for p in packets() if p.object_id == "ZTF21abvawaj"]  # one object, two alerts, two candids
@@ -73,15 +75,15 @@ def test_the_matplotlib_renderer_draws_previews_in_the_worker(make_config, stamp
 
 
 def test_candid_is_the_detection_nearest_the_alert_time():
-    rows = [Detection(1, 59458.22745, True), Detection(2, 59458.26448, True), Detection(3, 59458.30, False),
-            Detection(4, 59400.0, True)]
+    rows = [Listed(1, 59458.22745, True), Listed(2, 59458.26448, True), Listed(3, 59458.30, False),
+            Listed(4, 59400.0, True)]
     assert choose_candid(rows, 59458.22745, 60).candid == 1
     assert choose_candid(rows, 59458.26448 + 30 / 86400, 60).candid == 2
     assert choose_candid(rows, None, 60).candid == 2  # no alert time: the newest with stamps
     with pytest.raises(NotYetAvailableError, match=r"nearest MJD 59458\.26448"):
         choose_candid(rows, 59458.30, 60)  # only a detection without stamps there: ALeRCE is behind
     with pytest.raises(NotYetAvailableError):
-        choose_candid([Detection(3, 59458.30, False)], None, 60)
+        choose_candid([Listed(3, 59458.30, False)], None, 60)
 
 
 def test_two_alerts_of_one_object_get_their_own_candids(make_config, stamp_service, tmp_path):

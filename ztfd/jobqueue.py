@@ -136,14 +136,22 @@ def claim(
     return sorted(jobs, key=lambda job: job.id)
 
 
-def extend(conn: sqlite3.Connection, owner: str, lease_seconds: float, now: float | None = None) -> int:
-    """Renew every lease ``owner`` holds (a worker's heartbeat while it is busy)."""
+def extend(
+    conn: sqlite3.Connection, owner: str, lease_seconds: float, now: float | None = None,
+    job_ids: Iterable[int] | None = None,
+) -> int:
+    """Renew the leases ``owner`` holds (a worker's heartbeat while it is busy): of ``job_ids`` only, when given
+    (the jobs a worker is still working on: one whose task died must not be kept from the others)."""
     now = time.time() if now is None else now
-    cur = conn.execute(
-        "UPDATE jobs SET lease_until = ?, updated_at = ? WHERE state = 'leased' AND owner = ?",
-        (now + lease_seconds, now, owner),
-    )
-    return cur.rowcount
+    if job_ids is None:
+        return conn.execute(
+            "UPDATE jobs SET lease_until = ?, updated_at = ? WHERE state = 'leased' AND owner = ?",
+            (now + lease_seconds, now, owner),
+        ).rowcount
+    return conn.executemany(
+        "UPDATE jobs SET lease_until = ?, updated_at = ? WHERE state = 'leased' AND owner = ? AND id = ?",
+        [(now + lease_seconds, now, owner, job_id) for job_id in job_ids],
+    ).rowcount
 
 
 def complete(conn: sqlite3.Connection, job_id: int, owner: str, result: dict[str, Any] | None = None) -> bool:
