@@ -24,9 +24,11 @@ from dataclasses import dataclass
 
 import click
 
-from ztfd import jobqueue, store
+from ztfd import jobqueue, providers, store
 from ztfd.config import Config
+from ztfd.sources import ZTF
 from ztfd.stamps import STAMP_TYPES, preview_path, read_valid, run_worker, stamp_path
+from ztfd.store import quota
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +80,24 @@ def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None,
         click.echo(f"replay {scope}: no stored alerts")
         return EXIT_OK
     known = _known_candids(conn, date)
+    topic_surveys = quota.surveys(conn)  # an alert never queued for stamps has its topic's survey
+    stamp_providers = providers.providers_for(cfg.stamps)
     payloads = []
     for alert in alerts:
         previous = known.get(alert["id"])
-        if not force and previous is not None and triplet_complete(cfg, alert["date"], alert["object_id"], previous[0]):
+        survey = previous.survey if previous is not None else topic_surveys.get(alert["topic"], ZTF)
+        provider = stamp_providers.get(survey)
+        if provider is None:
+            continue  # no stamps for this survey (stamps.<survey>_provider = "none")
+        if not force and previous is not None and triplet_complete(cfg, alert["date"], alert["object_id"],
+                                                                   previous.candid, provider):
             continue
         payload = {"alert_id": alert["id"], "object_id": alert["object_id"], "topic": alert["topic"],
-                   "date": alert["date"], "obs_mjd": alert["obs_mjd"]}
+                   "date": alert["date"], "obs_mjd": alert["obs_mjd"], "survey": survey}
         if previous is not None:
-            payload["candid"], payload["candid_mjd"] = previous
+            payload["candid"], payload["candid_mjd"] = previous.candid, previous.mjd
+            if previous.band is not None:
+                payload["band"] = previous.band
         if force:
             payload["force"] = True
         payloads.append(payload)
@@ -115,8 +126,18 @@ def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None,
     return _summarise(conn, scope, batch, progress, len(payloads))
 
 
-def _known_candids(conn: sqlite3.Connection, date: str) -> dict[int, tuple[int, float | None]]:
-    """alert id -> (candid, its MJD) chosen by the latest completed stamp job of that alert."""
+@dataclass(frozen=True)
+class Chosen:
+    """What the latest completed stamp job of an alert chose: the detection (exact text), its MJD, the survey."""
+
+    candid: str
+    mjd: float | None
+    survey: str
+    band: str | None
+
+
+def _known_candids(conn: sqlite3.Connection, date: str) -> dict[int, Chosen]:
+    """alert id -> the detection chosen by the latest completed stamp job of that alert."""
     rows = conn.execute(
         "SELECT payload, result FROM jobs WHERE kind = ? AND state = 'done' AND result IS NOT NULL "
         "AND json_extract(payload, '$.date') = ? ORDER BY id",
@@ -126,14 +147,16 @@ def _known_candids(conn: sqlite3.Connection, date: str) -> dict[int, tuple[int, 
     for row in rows:
         with contextlib.suppress(ValueError, TypeError, KeyError):
             payload, result = json.loads(row["payload"]), json.loads(row["result"])
-            known[int(payload["alert_id"])] = (int(result["candid"]), result.get("mjd"))
+            known[int(payload["alert_id"])] = Chosen(str(int(result["candid"])), result.get("mjd"),
+                                                     payload.get("survey", ZTF), payload.get("band"))
     return known
 
 
-def triplet_complete(cfg: Config, date: str, object_id: str, candid: int) -> bool:
+def triplet_complete(cfg: Config, date: str, object_id: str, candid: int | str,
+                     provider: providers.StampProvider | None = None) -> bool:
     """All three stamps valid on disk (and the preview present when previews are on)."""
     for kind in STAMP_TYPES:
-        if read_valid(stamp_path(cfg.images_dir, date, object_id, candid, kind)) is None:
+        if read_valid(stamp_path(cfg.images_dir, date, object_id, candid, kind, provider), provider) is None:
             return False
     return not cfg.stamps.previews or preview_path(cfg.images_dir, date, object_id, candid).exists()
 

@@ -35,7 +35,6 @@ from ztfd.nights import JD_MJD_OFFSET, is_number
 from ztfd.sources import DAY_OBS, LSST, PLAIN_ID, UTC_DATE, ZTF, Alert, InvalidMessageError, TimeField, register
 
 ID_FIELDS = ("objectId", "diaObjectId")
-ZTF_OBJECT_ID = re.compile(r"^ZTF\d{2}[a-z]{7}$")
 BAND = re.compile(r"^[A-Za-z]{1,8}$")
 INT64_LIMIT = 2**63  # Rubin's ids are positive int64
 # Accepted observation times: 1900-01-01 to 2100-01-01 (anything else is a broken value, not an alert).
@@ -59,11 +58,6 @@ JD_NAME = re.compile(r"^m?jd(min|max|[ugrizy]max|[ugrizy]min|starthist|endhist|_
 TAI_NAME = re.compile(r"mjdtai$", re.IGNORECASE)
 # Lasair-LSST's derived and model times (objects.u_latestMJD…, latestPairMJD, absMagMJD, BBBPeakMJD): MJD, TAI.
 LSST_MJD_NAME = re.compile(r"[a-z_]MJD$")
-
-
-def is_ztf_object_id(object_id: str) -> bool:
-    """A ZTF object name (``ZTF`` + 2 digits + 7 letters): the alerts ALeRCE's ZTF stamp service knows."""
-    return bool(ZTF_OBJECT_ID.match(object_id))
 
 
 @functools.lru_cache(maxsize=4096)
