@@ -20,6 +20,7 @@ from typing import Any
 from ztfd import config, jobqueue, store, supervisor
 from ztfd.procs import pid_alive
 from ztfd.quota import near_quota
+from ztfd.sources import LSST
 from ztfd.store import quota as store_quota
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ def _lasair_day(day: store_quota.DayBytes | None, quota: int, now: float) -> dic
     nid = store_quota.nid_of(dt.datetime.fromtimestamp(now, dt.UTC))
     if day is None or day.nid != nid:
         day = store_quota.DayBytes("", nid, day.survey if day else None, 0, 0, now)
+    quota = quota if day.survey == LSST else 0  # Lasair-LSST's filters have a byte quota, Lasair-ZTF's none
     return {"day": day.day, "nid": nid, "bytes": day.bytes, "messages": day.messages, "quota": quota or None,
             "percent": round(100.0 * day.bytes / quota, 1) if quota else None, "warning": near_quota(day, quota)}
 
