@@ -24,7 +24,6 @@ def connect(db_path: Path, timeout: float = 60.0) -> sqlite3.Connection:
     # NORMAL in WAL mode is durable across process crashes (what the promise is about); a power cut can lose
     # the last transactions but never corrupts, and Kafka then redelivers what the lost ones had acknowledged.
     conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("PRAGMA foreign_keys = ON")
     _migrate(conn)
     return conn
 
@@ -70,3 +69,13 @@ def transaction(conn: sqlite3.Connection, immediate: bool = True) -> Iterator[sq
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def atomic(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """All or nothing: joins the caller's transaction when there is one, else opens its own."""
+    if conn.in_transaction:
+        yield conn
+        return
+    with transaction(conn):
+        yield conn
