@@ -258,6 +258,9 @@ class FakeMessage:
     def value(self) -> bytes:
         return self._value
 
+    def key(self) -> None:
+        return None
+
     def partition(self) -> int:
         return self._partition
 
@@ -266,9 +269,6 @@ class FakeMessage:
 
     def timestamp(self) -> tuple[int, int]:
         return (1, 1630475000000)
-
-    def key(self) -> None:
-        return None
 
 
 class NoKafka:
