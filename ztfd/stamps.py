@@ -570,9 +570,11 @@ class Worker:
         raise AssertionError("unreachable")
 
     async def _give_back(self, run: JobRun, reason: str) -> None:
-        """Local trouble is not the job's fault: hand it back without counting an attempt, and pause claiming."""
-        pause = await self._db(self.trouble.failed, reason)
-        self.paused_until = max(self.paused_until, time.monotonic() + pause)
+        """Local trouble is not the job's fault: hand it back without counting an attempt, and pause claiming
+        (the jobs in flight that hit the same trouble meanwhile share the pause; the next one after it doubles)."""
+        if self.paused_until <= time.monotonic():
+            self.paused_until = time.monotonic() + await self._db(self.trouble.failed, reason)
+        pause = max(self.paused_until - time.monotonic(), 0.0)
         self.stats["given back"] += 1
         await self._settle(run.label, jobs.release, self.owner, [run.job.id], pause, f"local trouble: {reason}")
 

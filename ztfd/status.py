@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from ztfd import config, store, supervisor
+from ztfd.localtrouble import STATUS_PREFIX as LOCAL_TROUBLE_PREFIX
 from ztfd.procs import pid_alive
 from ztfd.quota import near_quota
 from ztfd.store import jobs
 from ztfd.store import quota as store_quota
 from ztfd.store.alerts import topic_totals
+from ztfd.store.facts import statuses_with_prefix
 from ztfd.store.processes import process, processes
 from ztfd.store.rejected import rejected_counts
 
@@ -47,6 +49,7 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[st
         "sync": {"enabled": bool(cfg.s3.bucket), "bucket": cfg.s3.bucket or None, "pending": 0, "pending_bytes": 0,
                  "done": 0, "last_pass": None, "last_error": None},
         "rejected": {},
+        "local_trouble": {},
         "disk": _disk(cfg.home),
         "store": str(cfg.db_path) if cfg.db_path.exists() else None,
     }
@@ -59,6 +62,9 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[st
             report["failures"] = _failures(conn)
             report["sync"].update(_sync(conn))
             report["rejected"] = _rejected(conn, cfg)
+            report["local_trouble"] = {
+                name: {"reason": reason, "at": _iso(at)}
+                for name, (reason, at) in statuses_with_prefix(conn, LOCAL_TROUBLE_PREFIX).items()}
             for info in report["topics"]:
                 info["rejected"] = report["rejected"].get(info["topic"], 0)
             row = process(conn, supervisor.SUPERVISOR_NAME)
@@ -366,4 +372,6 @@ def render(report: dict[str, Any]) -> str:
     d = report["disk"]
     out.append(f"Disk: {_size(d['free_bytes'])} free of {_size(d['total_bytes'])} ({d['free_percent']}%) "
                f"under {d['path']}")
+    for name, trouble in report.get("local_trouble", {}).items():
+        out.append(f"Local trouble: {name} cannot write, paused (last try {trouble['at']}): {trouble['reason']}")
     return "\n".join(out)
