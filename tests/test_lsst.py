@@ -17,9 +17,14 @@ import pytest
 
 from tests.conftest import FAST_KAFKA_OPTIONS, child_env, wait_until, write_config, ztfd_command
 from tests.stamp_support import FAST_STAMPS, all_final, jobs, start_worker, stop_worker
+from ztfd import store
 from ztfd.embedded import lsst_samples
 from ztfd.embedded.alerce import LASAIR_FITS, LSST_DETECTIONS, LSST_STAMP, StampService
 from ztfd.embedded.kafka import KafkaBroker
+from ztfd.store import jobs as store_jobs
+from ztfd.store.alerts import count_alerts, iter_alerts
+from ztfd.store.manifest import manifest_files
+from ztfd.store.rejected import latest_rejected, rejected_counts
 
 FIXTURE_OBJECT = "313637921267122191"  # Lasair's own sample: dayObs 2025-11-03, newest diaSource below
 FIXTURE_SOURCE = "313673107864813598"
@@ -73,12 +78,13 @@ def consume(config: Path, topic: str, log_path: Path) -> subprocess.Popen[bytes]
                             stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
 
 
-def count(db: Path, sql: str) -> int:
+def received(db: Path) -> int:
+    """Messages stored or rejected so far (0 before the consumer made the store)."""
     if not db.exists():
         return 0
-    conn = sqlite3.connect(db, timeout=30)
+    conn = store.connect(db)
     try:
-        return conn.execute(sql).fetchone()[0]
+        return count_alerts(conn) + sum(rejected_counts(conn).values())
     except sqlite3.OperationalError:
         return 0
     finally:
@@ -118,8 +124,7 @@ def ingested(kafka: KafkaBroker, tmp_path_factory: pytest.TempPathFactory) -> It
     db = home / "state" / "ztfd.sqlite3"
     proc = consume(config, topic, home / "consume.log")
     try:
-        wait_until(lambda: count(db, "SELECT count(*) FROM alerts") + count(db, "SELECT count(*) FROM rejected")
-                   >= len(stream), 90, "every message stored or rejected")
+        wait_until(lambda: received(db) >= len(stream), 90, "every message stored or rejected")
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
@@ -135,8 +140,8 @@ def test_every_good_message_is_stored_once_and_every_hostile_one_rejected_with_i
     assert sorted(ingested.files) == list(range(len(ingested.produced)))
     for seq, message in enumerate(ingested.produced):
         assert message in ingested.raw_files[seq].read_bytes()  # byte for byte, NaN included
-    conn = sqlite3.connect(ingested.home / "state" / "ztfd.sqlite3")
-    reasons = [row[0] for row in conn.execute("SELECT reason FROM rejected ORDER BY kafka_offset")]
+    conn = store.connect(ingested.home / "state" / "ztfd.sqlite3")
+    reasons = [row.reason for row in sorted(latest_rejected(conn, None, 100), key=lambda r: r.kafka_offset)]
     assert len(reasons) == len(HOSTILE)
     for reason, (_, expected) in zip(reasons, HOSTILE, strict=True):
         assert expected in reason
@@ -167,22 +172,23 @@ def test_one_chilean_night_is_one_folder(ingested: Ingested):
 
 
 def test_ids_beyond_2_to_the_53_are_exact_in_names_metadata_and_store(ingested: Ingested):
-    conn = sqlite3.connect(ingested.home / "state" / "ztfd.sqlite3")
-    stored = {row[0]: (row[1], row[2]) for row in conn.execute("SELECT path, object_id, typeof(object_id) FROM alerts")}
+    conn = store.connect(ingested.home / "state" / "ztfd.sqlite3")
+    stored = {alert.path: alert for alert in iter_alerts(conn)}
     for seq in range(3, 18):
         alert = lsst_samples.object_alerts()[(seq - 3) % 5]
         path, meta = ingested.raw_files[seq], ingested.files[seq]["ztfd"]
         exact = str(alert.dia_object_id)
         assert alert.dia_object_id > 2**53  # beyond what a float64 holds for every integer
         assert path.name.startswith(f"{exact}_p0-o") and meta["object_id"] == exact
-        assert stored[path.relative_to(ingested.home).as_posix()] == (exact, "text")
-        if seq >= 13:  # full output names the triggering diaSource
-            assert meta["detection_id"] == str(alert.dia_source_id)
+        row = stored[path.relative_to(ingested.home).as_posix()]
+        assert (row.object_id, row.survey) == (exact, "lsst")  # TEXT in the store, never a number
+        if seq >= 13:  # full output names the triggering diaSource, and its band
+            assert meta["detection_id"] == row.detection_id == str(alert.dia_source_id)
+            assert row.band == "i"
     inexact = [a.dia_object_id for a in lsst_samples.object_alerts() if int(float(a.dia_object_id)) != a.dia_object_id]
     assert inexact, "some sample ids change when read as a float: those prove the ids never were"
     # One stamp job per object and observation time, whichever output mode brought it first.
-    payloads = [json.loads(row[0]) for row in conn.execute("SELECT payload FROM jobs")]
-    assert len(payloads) == 1 + 5 + 3 + 1 and all(p["survey"] == "lsst" for p in payloads)
+    assert len(store_jobs.list_jobs(conn)) == 1 + 5 + 3 + 1
 
 
 def test_status_shows_the_survey_and_the_lasair_day_near_its_quota(ingested: Ingested):
@@ -219,13 +225,11 @@ def stamps_home(kafka: KafkaBroker, service: StampService, tmp_path: Path, provi
     db = home / "state" / "ztfd.sqlite3"
     proc = consume(config, topic, tmp_path / "consume.log")
     try:
-        wait_until(lambda: count(db, "SELECT count(*) FROM alerts") >= len(messages), 90, "the alerts stored")
+        wait_until(lambda: received(db) >= len(messages), 90, "the alerts stored")
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-    conn = sqlite3.connect(db, timeout=30)
-    conn.row_factory = sqlite3.Row
-    return home, config, conn
+    return home, config, store.connect(db)
 
 
 def stamp_messages() -> list[bytes]:
@@ -267,11 +271,12 @@ def test_lsst_stamps_are_the_served_bytes_through_faults_and_a_killed_worker(
         assert stop_worker(second) == 0
     suffix = ".fits.gz" if provider == "alerce" else ".fits"
     done = {job["payload"]["object_id"]: job for job in jobs(conn) if job["state"] == "done"}
-    manifest = {row[0] for row in conn.execute("SELECT path FROM manifest")}
+    manifest = {row.path for row in manifest_files(conn)}
+    named = {row.object_id: row.detection_id for row in iter_alerts(conn)}
     for index, alert in enumerate(alerts):
         job = done[str(alert.dia_object_id)]
         assert job["result"]["candid"] == str(alert.dia_source_id)  # exact, and the triggering diaSource
-        assert job["payload"].get("candid") == (str(alert.dia_source_id) if index < 3 else None)  # full output
+        assert named[str(alert.dia_object_id)] == (str(alert.dia_source_id) if index < 3 else None)  # full output
         folder = home / "images" / FINK_DAY / str(alert.dia_object_id)
         for kind in ("science", "template", "difference"):
             served = (stamp_service.alerce_lsst_stamp if provider == "alerce" else stamp_service.lasair_lsst_stamp)(

@@ -13,7 +13,7 @@ import pytest
 from ztfd.config import StampsConfig
 from ztfd.embedded import lsst_samples
 from ztfd.embedded.alerce import first_hdu
-from ztfd.providers import PROVIDERS, Detection, FetchError, NotYetAvailableError, StampRequest, configured
+from ztfd.providers import PROVIDERS, Detection, FetchError, NotYetAvailableError, StampRequest, configured_surveys
 from ztfd.providers.alerce_lsst import AlerceLsst, parse_detections
 from ztfd.providers.lasair_lsst import LasairLsst
 from ztfd.sources import LSST, ZTF
@@ -45,8 +45,8 @@ def detection_rows(*rows: tuple[object, object, object]) -> bytes:
 def test_providers_are_registered_per_survey_and_none_means_no_stamps() -> None:
     assert PROVIDERS[(LSST, "alerce")] is AlerceLsst and PROVIDERS[(LSST, "lasair")] is LasairLsst
     assert PROVIDERS[(ZTF, "alerce")] is not AlerceLsst
-    assert configured(StampsConfig(lsst_provider="none"), LSST) is None
-    assert configured(StampsConfig(), LSST) == "alerce"
+    assert LSST not in configured_surveys(StampsConfig(lsst_provider="none"))
+    assert configured_surveys(StampsConfig())[LSST] == "alerce"
 
 
 def test_alerce_detections_are_tai_and_converted_before_matching() -> None:

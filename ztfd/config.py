@@ -36,8 +36,8 @@ class KafkaConfig:
     options: dict[str, Any] = field(default_factory=dict)
     max_message_bytes: int = 10 * 1024 * 1024  # what Lasair-LSST's broker takes (full-alert messages)
     batch_size: int = 1000
-    lasair_byte_quota: int = 100_000_000  # Lasair-LSST's default per-filter bytes per day; 0: no warning
     formats: dict[str, Any] = field(default_factory=dict)  # topic -> source name (ztfd.sources); else "lasair"
+    lasair_byte_quota: int = 100_000_000  # Lasair-LSST's default per-filter bytes per day; 0: no warning
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,13 @@ class StampsConfig:
     concurrency: int = 8
     lease_seconds: float = 120.0
     match_tolerance: float = 60.0
-    lsst_provider: str = "alerce"  # where LSST stamps come from: alerce, lasair or none
-    alerce_lsst_url: str = "https://api-lsst.alerce.online"
-    lasair_lsst_url: str = "https://lasair-lsst.lsst.ac.uk"
-    ztf_provider: str = "alerce"  # ztfd.providers name for ZTF alerts; "" = none
+    ztf_provider: str = "alerce"  # where ZTF stamps come from (a ztfd.providers name) or none
     max_stamp_bytes: int = 8 * 1024 * 1024  # a stamp's FITS, decompressed
     max_stamp_side: int = 512  # pixels per side of a stamp's image
     step_timeout: float = 60.0  # seconds a job's FITS checks, writes and preview may take together
+    lsst_provider: str = "alerce"  # where LSST stamps come from: alerce, lasair or none
+    alerce_lsst_url: str = "https://api-lsst.alerce.online"
+    lasair_lsst_url: str = "https://lasair-lsst.lsst.ac.uk"
 
 
 @dataclass(frozen=True)
@@ -331,10 +331,10 @@ def _check_type(section: str, key: str, fld: dataclasses.Field[Any], value: Any)
         raise ConfigError(f"config: {where} must not be negative")
     if section == "kafka" and key == "group_id" and not result:
         raise ConfigError(f"config: {where} must not be empty")
-    if section == "stamps" and key.endswith("_provider") and result.lower() not in ("", "none"):
+    if section == "stamps" and key.endswith("_provider") and (section, key) not in CHOICES:
         from ztfd import providers
 
-        known = providers.names(key[: -len("_provider")])
-        if result.lower() not in known:
-            raise ConfigError(f"config: {where} must name a stamp provider ({', '.join(known)}) or be none")
+        names = providers.names_for(key.removesuffix("_provider"))
+        if result not in (*names, *providers.NO_PROVIDER):
+            raise ConfigError(f"config: {where} must be one of {', '.join((*names, 'none'))}")
     return result

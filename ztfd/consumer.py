@@ -44,7 +44,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from ztfd import jobqueue, lifecycle, nights, providers, sources, store
+from ztfd import lifecycle, nights, providers, sources, store
 from ztfd.config import Config
 from ztfd.files import md5_hex, remove_stale_temporaries
 from ztfd.filewriter import FileWriter
@@ -52,6 +52,9 @@ from ztfd.localtrouble import Condition, describe, is_local
 from ztfd.logs import AlertLog
 from ztfd.quota import QuotaWatch
 from ztfd.store import quota as store_quota
+from ztfd.store.alerts import NewAlert, dates_received_since, insert_alerts, stored_offsets_between
+from ztfd.store.jobs import NewStampJob, detection_key, enqueue
+from ztfd.store.rejected import NewRejected, add_rejected, latest_rejected
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +124,6 @@ class Batch:
     traffic: list[tuple[int, str | None, int, int]]  # (Lasair nid, survey, bytes, messages) received
 
 
-
 class RateLimitedLog:
     """Log a recurring condition at most once per ``every`` seconds (librdkafka repeats errors every ~50 ms)."""
 
@@ -145,9 +147,11 @@ class TopicConsumer:
         self.cfg = cfg
         self.topic = topic
         self.name = name
-        self.source = sources.source_for(cfg.kafka.formats.get(topic, sources.DEFAULT_FORMAT))
-        self.quota = QuotaWatch(topic, cfg.kafka.lasair_byte_quota)
+        self.source = sources.source_for(cfg.kafka.formats.get(topic, sources.DEFAULT_FORMAT),
+                                         max_message_bytes=cfg.kafka.max_message_bytes)
+        self.stamp_providers = providers.providers_for(cfg.stamps) if cfg.stamps.enabled else {}
         self.trouble = Condition(name)
+        self.quota = QuotaWatch(topic, cfg.kafka.lasair_byte_quota)
         self.stopping = lifecycle.Stop()  # set by SIGTERM/SIGINT: the batch in hand is finished and stored
         self.conn = store.connect(cfg.db_path)
         self.files = FileWriter()
@@ -395,28 +399,17 @@ class TopicConsumer:
             return None
         resume_at = next_offsets([item for item, _ in decoded] + [item for item, _ in rejected])
         fresh = self._dated(self._not_yet_stored(decoded), rejected)
-        received_iso = sources.iso_utc(received)  # one batch, one receive time
+        received_iso = nights.iso_utc(received)  # one batch, one receive time
         documents = []
         for item, alert in fresh:
             try:
                 documents.append(self._document(item, alert, received, received_iso))
             except Exception as exc:
                 rejected.append((item, rejection_reason(exc)))
-        return Batch(documents, rejected, resume_at, received, self._traffic(fresh, rejected, received))
-
-    @staticmethod
-    def _traffic(fresh: list[tuple[Incoming, sources.Alert]], rejected: list[tuple[Incoming, str]],
-                 received: dt.datetime) -> list[tuple[int, str | None, int, int]]:
-        """The batch's bytes per Lasair quota day (of each message's Kafka timestamp: when Lasair produced it)."""
-        def produced(item: Incoming) -> dt.datetime:
-            try:
-                return kafka_time(item.msg) or received
-            except ValueError:  # a timestamp past year 9999: the message is rejected for it already
-                return received
-
-        return QuotaWatch.count(
-            [(produced(item), len(item.msg.value() or b""), alert.survey) for item, alert in fresh]
-            + [(produced(item), len(item.msg.value() or b""), None) for item, _ in rejected])
+        traffic = QuotaWatch.count(
+            [(produced_at(e.item.msg, received), len(e.item.msg.value() or b""), e.alert.survey) for e in documents]
+            + [(produced_at(item.msg, received), len(item.msg.value() or b""), None) for item, _ in rejected])
+        return Batch(documents, rejected, resume_at, received, traffic)
 
     def _is_kafka_error(self, msg: Any) -> bool:
         """True for an error event in place of a message (logged, throttled)."""
@@ -507,14 +500,13 @@ class TopicConsumer:
         return self.generation.get(partition, 0)
 
     def _metadata(
-        self, item: Incoming, alert: sources.Alert, dating: nights.Dating, when: dt.datetime | None,
-        received_iso: str,
+        self, item: Incoming, alert: sources.Alert, dating: nights.Dating, when: dt.datetime | None, received_iso: str
     ) -> dict[str, Any]:
         meta: dict[str, Any] = {
             "topic": self.topic,
             "partition": item.partition,
             "offset": item.offset,
-            "kafka_timestamp": sources.iso_utc(when) if when else None,
+            "kafka_timestamp": nights.iso_utc(when) if when else None,
             "received_at": received_iso,
             "date": dating.date,
             "date_rule": dating.rule,
@@ -523,10 +515,10 @@ class TopicConsumer:
             "object_id": alert.object_id,
             "times_utc": alert.times_utc,
         }
-        if item.generation:
-            meta["generation"] = item.generation
         if alert.detection_id is not None:
             meta["detection_id"] = alert.detection_id
+        if item.generation:
+            meta["generation"] = item.generation
         return meta
 
     def _not_yet_stored(self, valid: list[tuple[Incoming, sources.Alert]]) -> list[tuple[Incoming, sources.Alert]]:
@@ -539,10 +531,8 @@ class TopicConsumer:
             spans.setdefault((item.partition, item.generation), []).append(item.offset)
         for (partition, generation), offsets in spans.items():
             stored.update(
-                (partition, generation, row[0]) for row in self.conn.execute(
-                    "SELECT kafka_offset FROM alerts WHERE topic = ? AND partition = ? AND generation = ? "
-                    "AND kafka_offset BETWEEN ? AND ?", (self.topic, partition, generation, min(offsets), max(offsets)),
-                )
+                (partition, generation, offset) for offset in stored_offsets_between(
+                    self.conn, self.topic, partition, generation, min(offsets), max(offsets))
             )
         return [(item, message) for item, message in valid
                 if (item.partition, item.generation, item.offset) not in stored]
@@ -552,59 +542,36 @@ class TopicConsumer:
         or nothing."""
         now = batch.received.timestamp()
         accepted: list[Accepted] = []
-        jobs: list[dict[str, Any]] = []
+        jobs: list[NewStampJob] = []
         with store.transaction(self.conn):
             for entry, alert_id in zip(batch.documents, self._insert_alerts(batch.documents, now), strict=True):
                 if alert_id is None:
                     continue  # stored by another consumer of the same topic meanwhile
                 accepted.append(entry)
                 if self._wants_stamps(entry.alert):
-                    jobs.append(stamp_job(alert_id, entry.alert, self.topic, entry.date))
-            self.conn.executemany(
-                "INSERT OR IGNORE INTO rejected (topic, partition, generation, kafka_offset, received_at, reason, raw) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(self.topic, item.partition, item.generation, item.offset, now, reason, item.msg.value())
-                 for item, reason in batch.rejected],
-            )
+                    key = detection_key(entry.alert.object_id, entry.alert.obs_mjd, entry.date)
+                    jobs.append(NewStampJob(alert_id, dedupe_key=key))
+            add_rejected(self.conn, self.topic, [
+                NewRejected(item.partition, item.generation, item.offset, reason, item.msg.value())
+                for item, reason in batch.rejected], now)
             store.record_files(self.conn, [(f.path, len(f.data), f.md5) for entry in accepted for f in entry.files])
             if jobs:
-                jobqueue.enqueue(self.conn, jobqueue.STAMPS, jobs, now=now, dedupe_key=stamp_job_key)
+                enqueue(self.conn, jobs, now=now)
             for partition, (generation, next_offset) in batch.resume_at.items():
                 store.save_offset(self.conn, self.topic, partition, generation, next_offset)
             days = store_quota.add_bytes(self.conn, self.topic, batch.traffic)
         return accepted, days
 
     def _insert_alerts(self, written: list[Accepted], now: float) -> list[int | None]:
-        """Insert the alerts of a batch (inside the caller's transaction); each one's id, None if already stored.
-
-        One ``executemany`` for the whole batch: holding the write lock, SQLite gives the new rows consecutive
-        ids, so when every row went in, the ids follow from the last one. Only a conflict (a second consumer of
-        the same topic) falls back to a statement per row.
-        """
-        conn = self.conn
-        rows = [(self.topic, e.item.partition, e.item.generation, e.item.offset, e.alert.object_id, e.date,
-                 e.alert.obs_mjd, e.path, now) for e in written]
-        if not rows:
-            return []
-        insert = ("INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, "
-                  "received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
-        highest_before = conn.execute("SELECT coalesce(max(id), 0) FROM alerts").fetchone()[0]
-        changes_before = conn.total_changes
-        conn.executemany(insert, rows)
-        if conn.total_changes - changes_before == len(rows):
-            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-            return list(range(last - len(rows) + 1, last + 1))
-        ids: list[int | None] = []
-        for row in rows:  # rows inserted by this statement are the ones above the highest id before it
-            found = conn.execute(
-                "SELECT id FROM alerts WHERE topic = ? AND partition = ? AND generation = ? AND kafka_offset = ?",
-                row[:4]).fetchone()
-            ids.append(found[0] if found is not None and found[0] > highest_before else None)
-        return ids
+        """Insert the alerts of a batch (inside the caller's transaction); each one's id, None if already stored."""
+        return insert_alerts(self.conn, self.topic, [
+            NewAlert(e.item.partition, e.item.generation, e.item.offset, e.alert.object_id, e.date, e.alert.obs_mjd,
+                     e.path, e.alert.survey, e.alert.detection_id, e.alert.band) for e in written], now)
 
     def _wants_stamps(self, alert: sources.Alert) -> bool:
-        """A stamp job for alerts of a survey with a stamp provider configured (``stamps.<survey>_provider``)."""
-        return self.cfg.stamps.enabled and providers.configured(self.cfg.stamps, alert.survey) is not None
+        """A stamp job for the alerts the provider of their survey (``stamps.<survey>_provider``) can serve."""
+        provider = self.stamp_providers.get(alert.survey)
+        return provider is not None and provider.serves(alert)
 
     def _commit_to_kafka(self, resume_at: dict[int, tuple[int, int]]) -> None:
         from confluent_kafka import TopicPartition
@@ -626,9 +593,7 @@ class TopicConsumer:
         redelivered and written again), so those are the folders to look in, not the whole tree.
         """
         since = time.time() - RECENT_DATES_WINDOW
-        dates = {row[0] for row in self.conn.execute(
-            "SELECT DISTINCT date FROM alerts WHERE topic = ? AND received_at > ?", (self.topic, since))}
-        for date in dates:
+        for date in dates_received_since(self.conn, self.topic, since):
             remove_stale_temporaries(self.cfg.data_dir / date / self.topic)
 
 
@@ -660,26 +625,6 @@ def librdkafka_logger() -> logging.Logger:
     return logger
 
 
-def stamp_job(alert_id: int, alert: sources.Alert, topic: str, date: str) -> dict[str, Any]:
-    """The stamp job of a stored alert: what its worker needs (the detection too when the message named it, as
-    Lasair-LSST's full output does, so that no lookup is needed)."""
-    payload: dict[str, Any] = {"alert_id": alert_id, "object_id": alert.object_id, "topic": topic, "date": date,
-                               "obs_mjd": alert.obs_mjd, "survey": alert.survey}
-    if alert.detection_id is not None:
-        payload["candid"] = alert.detection_id
-    if alert.band is not None:
-        payload["band"] = alert.band
-    return payload
-
-
-def stamp_job_key(payload: dict[str, Any]) -> str:
-    """One stamp job per object and observation time: Lasair resends an object whenever a selected column
-    changes, and the triplet of the same detection needs fetching once."""
-    # Rounded to ~0.1 s: the same detection time reaches ztfd as a JD in one filter and an MJD in another.
-    when = f"{payload['obs_mjd']:.6f}" if payload["obs_mjd"] is not None else payload["date"]
-    return f"{payload['object_id']}@{when}"
-
-
 def kafka_time(msg: Any) -> dt.datetime | None:
     """The message's Kafka timestamp: the same at every redelivery, unlike ztfd's own clock. A producer may set
     any 64-bit value; one that is no date (beyond year 9999) rejects the message."""
@@ -690,6 +635,14 @@ def kafka_time(msg: Any) -> dt.datetime | None:
         return dt.datetime.fromtimestamp(stamp / 1000, dt.UTC)
     except (ValueError, OverflowError, OSError):
         raise sources.InvalidMessageError(f"Kafka timestamp {stamp} ms is not a date") from None
+
+
+def produced_at(msg: Any, received: dt.datetime) -> dt.datetime:
+    """When the message was produced, for counting its bytes: its Kafka timestamp, else the receive time."""
+    try:
+        return kafka_time(msg) or received
+    except sources.InvalidMessageError:
+        return received
 
 
 def rejection_reason(exc: BaseException) -> str:
@@ -718,17 +671,12 @@ def run(cfg: Config, topic: str, name: str) -> int:
 def describe_rejected(cfg: Config, topic: str | None, limit: int) -> list[str]:
     """Lines for ``ztfd rejected``: newest first, with the reason and the start of the raw bytes."""
     conn = store.connect(cfg.db_path)
-    where, args = ("WHERE topic = ?", (topic,)) if topic else ("", ())
-    rows = conn.execute(
-        f"SELECT topic, partition, kafka_offset, received_at, reason, raw FROM rejected {where} "
-        "ORDER BY id DESC LIMIT ?", (*args, limit)
-    ).fetchall()
+    rows = latest_rejected(conn, topic, limit)
     conn.close()
     lines = []
     for row in rows:
-        when = sources.iso_utc(dt.datetime.fromtimestamp(row["received_at"], dt.UTC))
-        raw = bytes(row["raw"] or b"")[:120]
-        lines.append(f"{when} {row['topic']}[{row['partition']}]@{row['kafka_offset']}: {row['reason']} | {raw!r}")
+        when = nights.iso_utc(dt.datetime.fromtimestamp(row.received_at, dt.UTC))
+        lines.append(f"{when} {row.topic}[{row.partition}]@{row.kafka_offset}: {row.reason} | {row.raw[:120]!r}")
     return lines
 
 

@@ -47,6 +47,11 @@ class Dating:
     dated_by: str  # a time field's key, "UTC", "kafka_timestamp" or "received_at"
 
 
+def iso_utc(moment: dt.datetime) -> str:
+    """ISO 8601 in UTC with milliseconds and a ``Z``: how ztfd writes every time it adds."""
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
 def is_number(value: Any) -> bool:
     """A JSON number usable as a value: not a bool, not NaN or ±Infinity (Lasair writes those bare)."""
     return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)

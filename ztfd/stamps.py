@@ -7,7 +7,7 @@ provider:
 
 - one asyncio loop with ``stamps.concurrency`` jobs in flight (each fetching its missing stamps at once), which
   lets a handful of processes saturate a slow service without hundreds of threads;
-- jobs are claimed with a lease (``ztfd.jobqueue``) that a background task renews for the jobs of live tasks
+- jobs are claimed with a lease (``ztfd.store.jobs``) that a background task renews for the jobs of live tasks
   only; a worker killed with -9 renews nothing, and its jobs go back when the lease runs out;
 - every request first takes a slot of the pool-wide politeness limit (``ztfd.ratelimit``, ``stamps.rate_limit``)
   and has the ``timeout``; a body over ``MAX_BODY_BYTES`` is cut off;
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ztfd import jobqueue, lifecycle, ratelimit, store
+from ztfd import lifecycle, ratelimit, store
 from ztfd.config import Config, StampsConfig
 from ztfd.files import atomic_write, md5_hex, relative_to_home, remove_stale_temporaries
 from ztfd.localtrouble import Condition, describe, is_local
@@ -60,7 +60,8 @@ from ztfd.providers import (
     providers_for,
 )
 from ztfd.providers.alerce_ztf import AlerceZtf
-from ztfd.sources import PLAIN_ID, STAMP_TYPES, ZTF
+from ztfd.sources import PLAIN_ID, STAMP_TYPES
+from ztfd.store import jobs
 
 log = logging.getLogger(__name__)
 FETCHER_NICENESS = 5
@@ -116,7 +117,7 @@ class JobRun:
     """One job's way through the worker: what it asks, the detection, what was on disk, fetched, written, and
     what went wrong. The steps of ``Worker.process`` fill it in turn; ``Worker.settle`` reads it."""
 
-    job: jobqueue.Job
+    job: jobs.StampJob
     request: StampRequest
     provider: StampProvider
     folder: Path
@@ -159,18 +160,19 @@ class JobRun:
         failures = [p for p in self.problems if isinstance(p, FetchError)]
         return failures[0] if failures else (self.problems[0] if self.problems else None)
 
-    def result(self, worker: str) -> dict[str, Any]:
-        """What the job learned, kept as its result (``ztfd replay`` reuses the detection)."""
+    def result(self, worker: str) -> jobs.StampResult:
+        """What the job learned, kept with its alert (``ztfd replay`` reuses the detection)."""
         assert self.detection is not None
-        return {"candid": self.detection.detection_id, "mjd": self.detection.mjd, "fetched": self.written,
-                "preview": self.preview, "worker": worker}
+        return jobs.StampResult(self.detection.detection_id, self.detection.mjd, tuple(self.written), self.preview,
+                                worker)
 
 
 class SideThread:
-    """One daemon thread running steps one at a time off the event loop (FITS checks, writes, previews).
+    """One daemon thread running steps off the event loop (FITS checks, writes, previews).
 
     Daemon and replaceable: a step that hangs (a write to a dead network disk, a stuck library) is abandoned with
-    its thread, so it can block neither the worker's other jobs nor the process's exit.
+    its thread, so it can block neither the worker's other jobs nor the process's exit. The worker hands it one
+    step at a time, so a step's timeout counts from its start, not from its place in a queue.
     """
 
     def __init__(self) -> None:
@@ -188,13 +190,6 @@ class SideThread:
         """End the thread after the steps submitted so far; the future is done once it has."""
         self._steps.put(None)
         return self.finished
-
-    def hand_over(self, successor: SideThread) -> None:
-        """Give the steps still waiting to ``successor`` and end this thread (if its current step ever returns)."""
-        with contextlib.suppress(queue.Empty):
-            while (step := self._steps.get_nowait()) is not None:
-                successor._steps.put(step)
-        self.close()
 
     def _serve(self) -> None:
         while (step := self._steps.get()) is not None:
@@ -273,24 +268,6 @@ def valid_file(path: Path, provider: StampProvider) -> Stamp | None:
         return None
 
 
-def next_due(conn: sqlite3.Connection, kind: str, batch: str | None = None) -> float | None:
-    """When the queue next has something for a claim: the earliest ready job's ``not_before`` or leased job's
-    ``lease_until`` (an expired lease is requeued by the next claim); None when there is neither.
-
-    Two plain reads on partial indexes: an idle worker asks this instead of running a claim (a write
-    transaction) several times a second.
-    """
-    only_batch, args = ("AND batch = ?", (batch,)) if batch is not None else ("", ())
-    ready = conn.execute(
-        f"SELECT min(not_before) FROM jobs WHERE state = 'ready' AND kind = ? {only_batch}", (kind, *args)
-    ).fetchone()[0]
-    lease = conn.execute(
-        f"SELECT min(lease_until) FROM jobs WHERE state = 'leased' AND kind = ? {only_batch}", (kind, *args)
-    ).fetchone()[0]
-    due = [t for t in (ready, lease) if t is not None]
-    return min(due) if due else None
-
-
 # --- the worker -------------------------------------------------------------------------------------------------
 
 
@@ -307,15 +284,16 @@ class Worker:
         self.name = name
         self.batch = batch
         self.exit_when_idle = exit_when_idle
-        self.owner = jobqueue.new_owner()
+        self.owner = jobs.new_owner()
         self.providers = providers_for(cfg.stamps)  # survey -> its stamp provider
         self.conn: sqlite3.Connection | None = None
         self.db = ThreadPoolExecutor(1, thread_name_prefix="db")  # one connection, used from one thread
         self.side = SideThread()  # FITS checks, writes, previews
+        self.side_turn = asyncio.Lock()  # one step at a time on it
         self.stopping: asyncio.Event | None = None
         self.signals: lifecycle.Stop | None = None  # set by run_worker: SIGTERM/SIGINT set ``stopping``
         self.session: Any = None
-        self.tasks: dict[asyncio.Task[None], jobqueue.Job] = {}  # the jobs in flight
+        self.tasks: dict[asyncio.Task[None], jobs.StampJob] = {}  # the jobs in flight
         self.more = True  # the last claim got all it asked for: claim again as soon as there is room
         self.last_claim = 0.0
         self.paused_until = 0.0  # time.monotonic() before which nothing is claimed (local trouble)
@@ -364,16 +342,16 @@ class Worker:
     async def _claim(self, room: int) -> float | None:
         """Claim up to ``room`` jobs if any can be due (a write); return when the next one is due (a read)."""
         now = time.time()
-        due = None if self.more else await self._db(next_due, jobqueue.STAMPS, self.batch)
+        due = None if self.more else await self._db(jobs.next_due, self.batch)
         if self.more or (due is not None and due <= now) or now - self.last_claim >= IDLE_CLAIM_EVERY:
-            claimed = await self._db(jobqueue.claim, jobqueue.STAMPS, self.owner, self.settings.lease_seconds, room,
-                                     batch=self.batch, max_attempts=self.settings.max_attempts)
+            claimed = await self._db(jobs.claim, self.owner, self.settings.lease_seconds, room, batch=self.batch,
+                                     max_attempts=self.settings.max_attempts)
             self.last_claim = now
             self.more = len(claimed) == room
             for job in claimed:
                 self.tasks[asyncio.create_task(self.run_job(job))] = job
             if not self.more:
-                due = await self._db(next_due, jobqueue.STAMPS, self.batch)
+                due = await self._db(jobs.next_due, self.batch)
         return due
 
     async def _wait_for_any(self, wait: float | None) -> None:
@@ -396,7 +374,7 @@ class Worker:
                 if self.heartbeat:
                     await self._db(store.heartbeat, self.name, "fetcher")
                 live = [job.id for task, job in self.tasks.items() if not task.done()]
-                await self._db(jobqueue.extend, self.owner, self.settings.lease_seconds, job_ids=live)
+                await self._db(jobs.extend, self.owner, self.settings.lease_seconds, job_ids=live)
             except sqlite3.Error as exc:
                 log.warning("heartbeat failed: %s", exc)
             with contextlib.suppress(TimeoutError):
@@ -434,7 +412,7 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self.side.close())), self.settings.step_timeout)
         try:
-            released = await self._db(jobqueue.release, self.owner)
+            released = await self._db(jobs.release, self.owner)
         except sqlite3.Error as exc:
             log.warning("could not hand back the jobs in flight (%s): their leases will run out", exc)
             return
@@ -446,23 +424,18 @@ class Worker:
 
     def _batch_has_work(self, conn: sqlite3.Connection) -> bool:
         """True while the batch has jobs leased or to be tried again soon (not the ones waiting for ALeRCE)."""
-        row = conn.execute(
-            "SELECT count(*) FROM jobs WHERE batch = ? AND (state = 'leased' OR (state = 'ready' "
-            "AND NOT (waiting = 'unavailable' AND not_before > ?)))",
-            (self.batch, time.time()),
-        ).fetchone()
-        return bool(row[0])
+        return jobs.counts(conn, batch=self.batch).busy > 0
 
     # --- one job -----------------------------------------------------------------------------------------
 
-    async def run_job(self, job: jobqueue.Job) -> None:
+    async def run_job(self, job: jobs.StampJob) -> None:
         """Process one job and settle it."""
         try:
             run = self._run_of(job)
         except BadPayloadError as exc:
             log.error("job %d failed: %s", job.id, exc)
             self.stats["failed"] += 1
-            await self._settle(f"job {job.id}", jobqueue.fail, job.id, self.owner, str(exc))
+            await self._settle(f"job {job.id}", jobs.fail, job.id, self.owner, str(exc))
             return
         try:
             await self.process(run)
@@ -473,27 +446,25 @@ class Worker:
         else:
             await self.settle(run, None)
 
-    def _run_of(self, job: jobqueue.Job) -> JobRun:
+    def _run_of(self, job: jobs.StampJob) -> JobRun:
         """The job's request, checked: what becomes a folder or file name must be plain, the survey must have a
-        provider; a detection an earlier run chose (replay) is reused without a lookup."""
-        payload = job.payload
-        object_id, date, survey = payload.get("object_id"), payload.get("date"), payload.get("survey", ZTF)
-        if not isinstance(object_id, str) or not PLAIN_ID.match(object_id):
-            raise BadPayloadError(f"bad object_id {object_id!r}")
-        if not isinstance(date, str) or not DATE.match(date):
-            raise BadPayloadError(f"bad date {date!r}")
-        provider = self.providers.get(survey)
+        provider. A detection the message named, or an earlier run chose (replay), is used without a lookup."""
+        alert = job.alert
+        if not PLAIN_ID.match(alert.object_id):
+            raise BadPayloadError(f"bad object_id {alert.object_id!r}")
+        if not DATE.match(alert.date):
+            raise BadPayloadError(f"bad date {alert.date!r}")
+        provider = self.providers.get(alert.survey)
         if provider is None:
-            raise BadPayloadError(f"no stamp provider for survey {survey!r} (stamps.{survey}_provider)")
-        known = None if payload.get("candid") is None else str(payload["candid"])
+            raise BadPayloadError(f"no stamp provider for survey {alert.survey!r} (stamps.{alert.survey}_provider)")
+        known, known_mjd = (alert.detection_id, None) if job.known is None else (job.known.detection_id,
+                                                                                 job.known.detection_mjd)
         if known is not None and not PLAIN_ID.match(known):
             raise BadPayloadError(f"bad detection id {known!r}")
-        band = payload.get("band") if isinstance(payload.get("band"), str) else None
-        request = StampRequest(survey, object_id, date, payload.get("obs_mjd"), known, payload.get("candid_mjd"), band)
-        run = JobRun(job, request, provider, self.cfg.images_dir / date / object_id, force=bool(payload.get("force")))
+        request = StampRequest(alert.survey, alert.object_id, alert.date, alert.obs_mjd, known, known_mjd, alert.band)
+        run = JobRun(job, request, provider, self.cfg.images_dir / alert.date / alert.object_id, force=job.force)
         if known is not None:
-            mjd = request.obs_mjd if request.detection_mjd is None else request.detection_mjd
-            run.detection = Detection(known, mjd)
+            run.detection = Detection(known, alert.obs_mjd if known_mjd is None else known_mjd)
         return run
 
     async def process(self, run: JobRun) -> None:
@@ -575,7 +546,7 @@ class Worker:
         if problem is None:
             self.stats["done"] += 1
             log.debug("%s done: detection %s, fetched %s", run.label, run.detection, run.written or "nothing")
-            if not await self._settle(run.label, jobqueue.complete, run.job.id, self.owner, run.result(self.name)):
+            if not await self._settle(run.label, jobs.complete, run.job.id, self.owner, run.result(self.name)):
                 log.warning("%s finished after its lease was lost; another worker has it", run.label)
         elif is_local(problem):
             await self._give_back(run, describe(problem))
@@ -600,24 +571,26 @@ class Worker:
         raise AssertionError("unreachable")
 
     async def _give_back(self, run: JobRun, reason: str) -> None:
-        """Local trouble is not the job's fault: hand it back without counting an attempt, and pause claiming."""
-        pause = await self._db(self.trouble.failed, reason)
-        self.paused_until = max(self.paused_until, time.monotonic() + pause)
+        """Local trouble is not the job's fault: hand it back without counting an attempt, and pause claiming
+        (the jobs in flight that hit the same trouble meanwhile share the pause; the next one after it doubles)."""
+        if self.paused_until <= time.monotonic():
+            self.paused_until = time.monotonic() + await self._db(self.trouble.failed, reason)
+        pause = max(self.paused_until - time.monotonic(), 0.0)
         self.stats["given back"] += 1
-        await self._settle(run.label, jobqueue.release, self.owner, [run.job.id])
+        await self._settle(run.label, jobs.release, self.owner, [run.job.id], pause, f"local trouble: {reason}")
 
     async def _failed_attempt(self, run: JobRun, reason: str) -> None:
         job = run.job
         if job.attempts >= self.settings.max_attempts:
             log.error("%s failed after %d attempts: %s", run.label, job.attempts, reason)
             self.stats["failed"] += 1
-            await self._settle(run.label, jobqueue.fail, job.id, self.owner, reason)
+            await self._settle(run.label, jobs.fail, job.id, self.owner, reason)
             return
         delay = failure_delay(self.settings, job.attempts)
         log.warning("%s attempt %d/%d: %s; retrying in %.1fs", run.label, job.attempts, self.settings.max_attempts,
                     reason, delay)
         self.stats["retried"] += 1
-        await self._settle(run.label, jobqueue.retry, job.id, self.owner, delay, reason)
+        await self._settle(run.label, jobs.retry, job.id, self.owner, delay, reason)
 
     async def _not_yet(self, run: JobRun, reason: str) -> None:
         job = run.job
@@ -626,12 +599,12 @@ class Worker:
             reason = f"not available at {run.provider.service} after {waited:.0f}s: {reason}"
             log.error("%s failed: %s", run.label, reason)
             self.stats["failed"] += 1
-            await self._settle(run.label, jobqueue.fail, job.id, self.owner, reason)
+            await self._settle(run.label, jobs.fail, job.id, self.owner, reason)
             return
         delay = unavailable_delay(self.settings, waited)
         log.info("%s not yet available (%s); looking again in %.0fs", run.label, reason, delay)
         self.stats["unavailable"] += 1
-        await self._settle(run.label, jobqueue.retry, job.id, self.owner, delay, reason, "unavailable")
+        await self._settle(run.label, jobs.retry, job.id, self.owner, delay, reason, jobs.Waiting.UNAVAILABLE)
 
     # --- plumbing ----------------------------------------------------------------------------------------
 
@@ -644,19 +617,18 @@ class Worker:
         return await asyncio.get_running_loop().run_in_executor(self.db, call)
 
     async def _side(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn`` on the side thread; if it hangs past ``stamps.step_timeout``, abandon the thread (a new one
-        takes the steps still waiting) and raise ``StepTimeoutError``."""
-        side, timeout = self.side, self.settings.step_timeout
-        future = side.submit(fn, *args)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
-        except TimeoutError:
-            future.cancel()
-            if self.side is side:
+        """Run ``fn`` on the side thread, one step at a time; if it hangs past ``stamps.step_timeout``, leave the
+        thread behind (a new one takes the next steps) and raise ``StepTimeoutError``."""
+        timeout = self.settings.step_timeout
+        async with self.side_turn:
+            future = self.side.submit(fn, *args)
+            try:
+                return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
+            except TimeoutError:
                 log.error("a side step (%s) hung for %gs: leaving its thread behind", fn.__name__, timeout)
+                self.side.close()
                 self.side = SideThread()
-                side.hand_over(self.side)
-            raise StepTimeoutError(f"{fn.__name__} did not finish within {timeout:g}s (stamps.step_timeout)") from None
+        raise StepTimeoutError(f"{fn.__name__} did not finish within {timeout:g}s (stamps.step_timeout)")
 
     def _http(self, provider: StampProvider, slot: float) -> HttpGet:
         """The GET a provider makes its requests with: the first at ``slot``, any further one at a new slot."""

@@ -30,6 +30,7 @@ count what a client really did. Run it standalone with ``python -m ztfd.embedded
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import logging
@@ -38,6 +39,7 @@ import re
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -61,7 +63,9 @@ STAMP_ENDPOINTS = (STAMP, LSST_STAMP, LASAIR_FITS)
 DETECTION_ENDPOINTS = (DETECTIONS, LSST_DETECTIONS)
 # "not_found" is each service's own "I do not have it": ZTF 404, ALeRCE LSST 500, Lasair 200 with "None".
 FAULT_KINDS = ("not_found", "server_error", "garbage", "truncated", "slow", "unknown_object", "empty_detections",
-               "oversized", "empty_body")
+               "oversized", "empty_body", "bomb", "huge_image")
+BOMB_INFLATED_BYTES = 64 * 1024 * 1024  # a "bomb": the stamp followed by zeros, gzipped to about 65 kB
+HUGE_IMAGE_SIDE = 4000  # a "huge_image": a valid gzipped FITS of 4000x4000 float32 (64 MB of pixels, ~60 kB)
 OVERSIZED_BYTES = 20 * 1024 * 1024  # an "oversized" answer: chunked (no Content-Length), larger than any stamp
 DETECTIONS_PREFIX = "/ztf/v1/objects/"
 DETECTIONS_SUFFIX = "/detections"
@@ -675,12 +679,43 @@ def _json(value: Any) -> bytes:
 
 
 def _damaged(data: bytes, fault: str | None) -> bytes:
-    """A served body as a "garbage" or "truncated" fault spoils it (or unchanged)."""
+    """A served body as a "garbage", "truncated", "bomb" or "huge_image" fault makes it (or unchanged)."""
     if fault == "garbage":
         return b"<html>oops, not a stamp</html>" + bytes(64)
     if fault == "truncated":
         return data[: len(data) // 2]
+    if fault == "bomb":
+        return _bomb(data)
+    if fault == "huge_image":
+        return _huge_image()
     return data
+
+
+@functools.lru_cache(maxsize=8)
+def _bomb(stamp: bytes) -> bytes:
+    return _gzipped(gzip.decompress(stamp), BOMB_INFLATED_BYTES)
+
+
+def _gzipped(head: bytes, zeros: int) -> bytes:
+    """gzip of ``head`` followed by ``zeros`` zero bytes, compressed a block at a time (never all in memory)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    parts = [packer.compress(head)]
+    block = bytes(1 << 20)
+    for start in range(0, zeros, len(block)):
+        parts.append(packer.compress(block[: zeros - start]))
+    parts.append(packer.flush())
+    return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=1)
+def _huge_image() -> bytes:
+    side = HUGE_IMAGE_SIDE
+    cards = ["SIMPLE  =                    T", "BITPIX  =                  -32", "NAXIS   =                    2",
+             f"NAXIS1  = {side:20d}", f"NAXIS2  = {side:20d}", "END"]
+    header = "".join(card.ljust(80) for card in cards).encode()
+    header += b" " * (-len(header) % 2880)
+    pixels = side * side * 4
+    return _gzipped(header, pixels + (-pixels % 2880))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,6 +75,10 @@ class AlerceLsst:
         self.tolerance = settings.match_tolerance
         self.limits = StampLimits(settings.max_stamp_bytes, settings.max_stamp_side)
 
+    def serves(self, alert: Any) -> bool:
+        """Every Lasair-LSST alert: it names its diaObject (Lasair sends none without one)."""
+        return True
+
     async def find_detection(self, get: HttpGet, request: StampRequest) -> Detection:
         status, body = await get(self.url + DETECTIONS_PATH, {"survey_id": "lsst", "oid": request.object_id})
         if status != 200:

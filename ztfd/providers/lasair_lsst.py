@@ -39,6 +39,10 @@ class LasairLsst:
         self.lookup = AlerceLsst(settings)
         self.limits = StampLimits(settings.max_stamp_bytes, settings.max_stamp_side)
 
+    def serves(self, alert: Any) -> bool:
+        """Every Lasair-LSST alert: it names its diaObject (Lasair sends none without one)."""
+        return True
+
     async def find_detection(self, get: HttpGet, request: StampRequest) -> Detection:
         return await self.lookup.find_detection(get, request)
 

@@ -9,15 +9,14 @@ stores what comes back. Adding a format means adding a module here and one entry
 What the consumer does with an ``Alert`` (its whole contract with a source):
 - names it: ``object_id`` must be a ``PLAIN_ID`` (it becomes a folder and file name), else the message is
   rejected;
-- dates it (``ztfd.nights``): ``convert_times`` (one astropy call per kind of time field for a batch) fills
-  ``times_utc`` and the observation time (the field ``observation_key`` names; for a UTC-dated alert that names
-  none, the newest), and ``date_of`` applies the alert's ``date_rule`` (UTC date, or Rubin's dayObs) to it, else
-  to ``utc_field``, else to the Kafka timestamp, else to the receive time;
+- dates it: ``ztfd.nights.convert_times`` (one astropy call per kind of time field for a batch) fills
+  ``times_utc`` and the observation time (the field ``observation_key`` names), and ``ztfd.nights.date_of``
+  applies the alert's ``date_rule`` to it, else to ``utc_field``, else to the Kafka timestamp;
 - writes ``alert_files``: the file keeping ``raw`` (``raw`` embedded in JSON when ``suffix`` is ``.json``; else
   ``raw`` verbatim and a ``.json`` companion with ``view``), then every cutout under
   ``images/<date>/<object_id>/<detection_id>_<kind><suffix>`` (the names stamp providers use), all in the same
   batch and the same store transaction;
-- queues a stamp job when ``stamps.<survey>_provider`` names a provider for ``survey``.
+- queues a stamp job when ``stamps.<survey>_provider`` names a provider for ``survey`` that ``serves`` the alert.
 Whatever a source raises for one message (``InvalidMessageError`` or anything else) rejects that message only.
 
 Contract names (README "Configuration"): ``lasair`` (Lasair JSON, ZTF and LSST), ``ztf-avro``, ``fink``,
@@ -26,7 +25,6 @@ Contract names (README "Configuration"): ``lasair`` (Lasair JSON, ZTF and LSST),
 
 from __future__ import annotations
 
-import datetime as dt
 import importlib
 import json
 import pkgutil
@@ -120,14 +118,15 @@ def register(name: str) -> Callable[[Callable[..., Source]], Callable[..., Sourc
     return add
 
 
-def source_for(name: str) -> Source:
-    """A new source of format ``name`` (``kafka.formats``; ``lasair`` by default)."""
+def source_for(name: str, **settings: Any) -> Source:
+    """A new source of format ``name`` (``kafka.formats``; ``lasair`` by default). ``settings`` are the consumer's
+    (``max_message_bytes``); a source takes what it needs and ignores the rest."""
     load_all()
     try:
         factory = SOURCES[name]
     except KeyError:
         raise KeyError(f"no source for format {name!r} (known: {', '.join(sorted(SOURCES))})") from None
-    return factory()
+    return factory(**settings)
 
 
 def load_all() -> None:
@@ -162,8 +161,3 @@ def alert_files(alert: Alert, folder: str, stem: str, images: str, metadata: dic
     files.extend((f"{images}/{named}_{cutout.kind}{cutout.suffix}", cutout.data)
                  for cutout in alert.cutouts if cutout.data is not None)
     return files
-
-
-def iso_utc(moment: dt.datetime) -> str:
-    """ISO 8601 in UTC with milliseconds and a ``Z``: how ztfd writes every time it adds."""
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"

@@ -35,6 +35,7 @@ from ztfd.nights import JD_MJD_OFFSET, is_number
 from ztfd.sources import DAY_OBS, LSST, PLAIN_ID, UTC_DATE, ZTF, Alert, InvalidMessageError, TimeField, register
 
 ID_FIELDS = ("objectId", "diaObjectId")
+ZTF_OBJECT_ID = re.compile(r"^ZTF\d{2}[a-z]{7}$")
 BAND = re.compile(r"^[A-Za-z]{1,8}$")
 INT64_LIMIT = 2**63  # Rubin's ids are positive int64
 # Accepted observation times: 1900-01-01 to 2100-01-01 (anything else is a broken value, not an alert).
@@ -60,6 +61,11 @@ TAI_NAME = re.compile(r"mjdtai$", re.IGNORECASE)
 LSST_MJD_NAME = re.compile(r"[a-z_]MJD$")
 
 
+def is_ztf_object_id(object_id: str) -> bool:
+    """A ZTF object name (``ZTF`` + 2 digits + 7 letters): the alerts ALeRCE's ZTF stamp service knows."""
+    return bool(ZTF_OBJECT_ID.match(object_id))
+
+
 @functools.lru_cache(maxsize=4096)
 def time_kind(key: str, survey: str = ZTF) -> tuple[str, str] | None:
     """(kind, scale) when ``key`` names a JD or MJD field, else None.
@@ -80,6 +86,9 @@ class LasairSource:
     """Lasair's JSON messages, ZTF and LSST alike (the survey follows from the id field)."""
 
     format = "lasair"
+
+    def __init__(self, **_settings: Any) -> None:
+        """Nothing to set: the consumer applies ``kafka.max_message_bytes`` before decoding."""
 
     def decode(self, value: bytes | None, key: bytes | None = None) -> Alert:
         """Check one Kafka message value (Lasair sends no key); ``InvalidMessageError`` with a one-line reason.
