@@ -198,21 +198,26 @@ def _time_fields(body: dict[str, Any], survey: str) -> list[TimeField]:
 
 
 def _nested_time_fields(path: str, value: Any, survey: str, depth: int = 0) -> list[TimeField]:
+    """Valid time fields inside objects and lists. Written for speed (a Lasair-LSST full-output message holds
+    over a thousand nested values): a path is built only for a container or a time, and only numbers are named."""
     if depth > MAX_NESTING:
         return []
     found: list[TimeField] = []
-    children = value.items() if isinstance(value, dict) else ((f"[{i}]", v) for i, v in enumerate(value))
-    for key, child in children:
-        child_path = f"{path}{key}" if key.startswith("[") else f"{path}.{key}"
-        if isinstance(child, dict | list):
-            found.extend(_nested_time_fields(child_path, child, survey, depth + 1))
-            continue
-        kind_scale = time_kind(key, survey) if isinstance(value, dict) else None
-        if kind_scale is None or not is_number(child):
-            continue
-        low, high = JD_RANGE if kind_scale[0] == "jd" else MJD_RANGE
-        if low <= child <= high:
-            found.append(TimeField(child_path, float(child), *kind_scale))
+    if isinstance(value, dict):
+        for key, child in value.items():
+            kind = type(child)
+            if kind is float or kind is int:  # not bool (a subclass of int), not NaN or out of range
+                kind_scale = time_kind(key, survey)
+                if kind_scale is not None:
+                    low, high = JD_RANGE if kind_scale[0] == "jd" else MJD_RANGE
+                    if low <= child <= high:  # False for NaN
+                        found.append(TimeField(f"{path}.{key}", float(child), *kind_scale))
+            elif kind is dict or kind is list:
+                found.extend(_nested_time_fields(f"{path}.{key}", child, survey, depth + 1))
+    else:
+        for index, child in enumerate(value):
+            if type(child) is dict or type(child) is list:
+                found.extend(_nested_time_fields(f"{path}[{index}]", child, survey, depth + 1))
     return found
 
 
