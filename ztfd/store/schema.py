@@ -1,6 +1,14 @@
-"""The store's tables: the one place their shape is written down."""
+"""The store's tables: the one place their shape is written down.
 
-SCHEMA_VERSION = 1
+``SCHEMA`` is the current layout, created as a whole in a new store. A store records the version of its layout
+in ``meta``; opening an older one runs the steps of ``ztfd.store.migrations`` up to ``SCHEMA_VERSION`` and then
+``SCHEMA`` (which creates what is new), all in one transaction. To change the layout: edit ``SCHEMA``, bump
+``SCHEMA_VERSION``, and add the step that turns the previous layout into the new one (new tables and indexes
+need no step: ``SCHEMA`` adds them). Version 1 is the layout before the store owned its schema (jobs carried
+JSON payloads and results).
+"""
+
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
