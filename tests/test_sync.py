@@ -24,6 +24,9 @@ import pytest
 from tests.conftest import child_env, wait_until, ztfd_command
 from ztfd import config, files, store, sync
 from ztfd.embedded.s3 import S3Server
+from ztfd.store import manifest
+from ztfd.sync import pending, reconcile, retention, upload
+from ztfd.sync.s3 import make_client
 
 _bucket_numbers = itertools.count()
 
@@ -231,8 +234,8 @@ def test_mark_uploaded_keeps_a_row_pending_when_new_content_was_recorded_meanwhi
     with store.transaction(conn):
         store.record_files(conn, [("data/a.json", 1, "a" * 32), ("data/b.json", 1, "b" * 32)])
         store.record_files(conn, [("data/a.json", 2, "c" * 32)])  # a writer recorded new content
-    sync.mark_uploaded(conn, [sync.Uploaded("data/a.json", "a" * 32, 1, "a" * 32, "a" * 32),
-                              sync.Uploaded("data/b.json", "b" * 32, 1, "b" * 32, "b" * 32)], [])
+    manifest.mark_uploaded(conn, [manifest.UploadedFile("data/a.json", "a" * 32, 1, "a" * 32, "a" * 32),
+                                  manifest.UploadedFile("data/b.json", "b" * 32, 1, "b" * 32, "b" * 32)], [])
     states = dict(conn.execute("SELECT path, state FROM manifest").fetchall())
     assert states == {"data/a.json": "pending", "data/b.json": "done"}
 
@@ -475,18 +478,18 @@ def test_retention_never_deletes_content_rewritten_while_it_runs(make_home: Call
     with store.transaction(home.conn):
         home.conn.execute("UPDATE manifest SET uploaded_at = ?", (time.time() - 2 * 86400,))
     victim = sorted(written)[0]
-    checked = sync._may_delete
+    checked = retention.Retention.may_delete
 
-    def then_rewritten(conn: sqlite3.Connection, cfg: config.Config, client: Any, row: sqlite3.Row) -> Any:
-        verdict = checked(conn, cfg, client, row)
-        if row["path"] == victim:  # replay --force rewrites it between the check and the archive/unlink
+    def then_rewritten(self: retention.Retention, row: manifest.OldUpload) -> Any:
+        verdict = checked(self, row)
+        if row.path == victim:  # replay --force rewrites it between the check and the archive/unlink
             home.write(victim, b"new content")
         return verdict
 
-    monkeypatch.setattr(sync, "_may_delete", then_rewritten)
+    monkeypatch.setattr(retention.Retention, "may_delete", then_rewritten)
     for key, value in home.server.env().items():
         monkeypatch.setenv(key, value)
-    deleted = sync.apply_retention(home.conn, home.cfg, sync.make_client(home.cfg), threading.Event())
+    deleted = retention.apply_retention(home.conn, home.cfg, make_client(home.cfg), threading.Event())
     assert deleted == 3
     assert (home.path / victim).read_bytes() == b"new content"  # before: unlinked although pending
     assert home.row(victim)["state"] == "pending"
@@ -500,17 +503,17 @@ def test_rewritten_after_archiving_but_before_recording_is_kept(make_home: Calla
     assert home.sync().returncode == 0
     with store.transaction(home.conn):
         home.conn.execute("UPDATE manifest SET uploaded_at = ?", (time.time() - 2 * 86400,))
-    checked = sync._may_delete
+    checked = retention.Retention.may_delete
 
-    def then_rewritten(conn: sqlite3.Connection, cfg: config.Config, client: Any, row: sqlite3.Row) -> Any:
-        verdict = checked(conn, cfg, client, row)
+    def then_rewritten(self: retention.Retention, row: manifest.OldUpload) -> Any:
+        verdict = checked(self, row)
         home.write(victim, b"new", record=False)  # on disk, not yet recorded: the row still says done
         return verdict
 
-    monkeypatch.setattr(sync, "_may_delete", then_rewritten)
+    monkeypatch.setattr(retention.Retention, "may_delete", then_rewritten)
     for key, value in home.server.env().items():
         monkeypatch.setenv(key, value)
-    assert sync.apply_retention(home.conn, home.cfg, sync.make_client(home.cfg), threading.Event()) == 0
+    assert retention.apply_retention(home.conn, home.cfg, make_client(home.cfg), threading.Event()) == 0
     assert (home.path / victim).read_bytes() == b"new"
     assert home.row(victim)["state"] == "done"  # the writer's record_files makes it pending next
 
@@ -518,9 +521,7 @@ def test_rewritten_after_archiving_but_before_recording_is_kept(make_home: Calla
 def test_retention_query_uses_its_index(tmp_path: Path) -> None:
     conn = store.connect(tmp_path / "ztfd.sqlite3")
     plan = " ".join(row[3] for row in conn.execute(
-        "EXPLAIN QUERY PLAN SELECT path, size, md5, uploaded_at FROM manifest WHERE state = 'done' "
-        "AND uploaded_at < ? AND (uploaded_at > ? OR (uploaded_at = ? AND path > ?)) "
-        "ORDER BY uploaded_at, path LIMIT ?", (1.0, 0.0, 0.0, "", 64)))
+        "EXPLAIN QUERY PLAN " + manifest.OLD_UPLOADS_QUERY, (1.0, 0.0, 0.0, "", 64)))
     assert "manifest_uploaded" in plan and "TEMP B-TREE" not in plan, plan
 
 
@@ -534,9 +535,9 @@ def test_full_applies_its_plan_in_short_transactions(tmp_path: Path, monkeypatch
         return real(connection, *args, **kwargs)
 
     monkeypatch.setattr(store, "transaction", counting)
-    monkeypatch.setattr(sync, "APPLY_CHUNK", 2)
-    plan = sync.Plan(added=[(f"data/{i}.json", 1, "a" * 32) for i in range(5)])
-    sync.apply_plan(conn, plan)
+    monkeypatch.setattr(reconcile, "APPLY_CHUNK", 2)
+    plan = reconcile.Plan(added=[(f"data/{i}.json", 1, "a" * 32) for i in range(5)])
+    reconcile.apply_plan(conn, plan)
     assert len(opened) == 3  # 2 + 2 + 1 rows
     assert conn.execute("SELECT count(*) FROM manifest").fetchone()[0] == 5
 
@@ -547,7 +548,7 @@ def test_larger_single_part_files_are_streamed_not_read_whole(make_home: Callabl
     big = os.urandom(3 * 1024 * 1024 + 5)
     small = b"x" * 100
     paths = [home.write("images/2024-05-01/o/1_science.fits.gz", big), home.write("data/2024-05-01/t/a.json", small)]
-    monkeypatch.setattr(sync, "IN_MEMORY_MAX", 1024 * 1024)
+    monkeypatch.setattr(upload, "IN_MEMORY_MAX", 1024 * 1024)
     reads: list[int] = []
     real_open = Path.open
 
@@ -566,9 +567,9 @@ def test_larger_single_part_files_are_streamed_not_read_whole(make_home: Callabl
     monkeypatch.setattr(Path, "open", watched_open)
     for key, value in home.server.env().items():
         monkeypatch.setenv(key, value)
-    uploader = sync.Uploader(home.cfg, sync.make_client(home.cfg), threading.Event())
+    uploader = upload.Uploader(home.cfg, make_client(home.cfg), threading.Event())
     for path, data in zip(paths, (big, small), strict=True):
-        uploaded = uploader.upload(sync.Item(path, len(data), hashlib.md5(data).hexdigest()))
+        uploaded = uploader.upload(manifest.FileRecord(path, len(data), hashlib.md5(data).hexdigest()))
         assert (uploaded.size, uploaded.md5) == (len(data), hashlib.md5(data).hexdigest())
     assert reads and max(reads) <= 1 << 20, reads  # hashed in blocks and streamed: never read whole
     assert home.objects() == {home.prefix + p: (len(d), hashlib.md5(d).hexdigest())
@@ -589,7 +590,7 @@ def test_persistent_5xx_is_an_outage_that_blames_no_file(make_home: Callable[...
     after = home.conn.execute("SELECT * FROM manifest ORDER BY path").fetchall()
     assert [tuple(r) for r in after] == [tuple(r) for r in before], "an outage must not bump every row's attempts"
     # It stopped after a few files instead of working through all 30 (2 botocore attempts each).
-    assert len(home.puts()) <= sync.OUTAGE_AFTER + 2 * 4, home.puts()
+    assert len(home.puts()) <= pending.OUTAGE_AFTER + 2 * 4, home.puts()
 
     result = home.sync()
     assert result.returncode == 0, result.stderr
