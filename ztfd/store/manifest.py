@@ -4,6 +4,7 @@ Writers (consumer, stamp fetchers, replay) call ``record_files``; everything els
 state (``FileState``) is ``pending`` (to upload), ``done`` (verified on S3) or ``archived`` (verified on S3 and
 deleted locally by retention). The reads a pass makes go through partial indexes and keyset pages
 (``manifest_pending`` for uploads, ``manifest_uploaded`` for retention), so none of them reads the whole table.
+``retention_checks`` holds, for the few files whose S3 copy retention could not verify, how many passes failed.
 """
 
 from __future__ import annotations
@@ -181,8 +182,11 @@ def old_uploads(conn: sqlite3.Connection, cutoff: float, after: tuple[float, str
 
 def archive(conn: sqlite3.Connection, path: str, md5: str) -> bool:
     """Mark a done row archived if it still describes ``md5`` (a writer may have recorded new bytes meanwhile)."""
-    return conn.execute("UPDATE manifest SET state = 'archived' WHERE path = ? AND state = 'done' "
-                        "AND md5 = ? RETURNING path", (path, md5)).fetchone() is not None
+    archived = conn.execute("UPDATE manifest SET state = 'archived' WHERE path = ? AND state = 'done' "
+                            "AND md5 = ? RETURNING path", (path, md5)).fetchone() is not None
+    if archived:
+        conn.execute("DELETE FROM retention_checks WHERE path = ?", (path,))
+    return archived
 
 
 def unarchive(conn: sqlite3.Connection, path: str, md5: str) -> None:
@@ -190,9 +194,30 @@ def unarchive(conn: sqlite3.Connection, path: str, md5: str) -> None:
     conn.execute("UPDATE manifest SET state = 'done' WHERE path = ? AND state = 'archived' AND md5 = ?", (path, md5))
 
 
-def requeue(conn: sqlite3.Connection, path: str) -> None:
-    """Queue a done file for upload again (S3 no longer holds it as uploaded)."""
-    conn.execute("UPDATE manifest SET state = 'pending' WHERE path = ? AND state = 'done'", (path,))
+def requeue(conn: sqlite3.Connection, path: str, reason: str) -> None:
+    """Queue a done file for upload again (S3 lost it, holds other bytes, or would not say for too long)."""
+    with transaction(conn):
+        conn.execute("UPDATE manifest SET state = 'pending', last_error = ? WHERE path = ? AND state = 'done'",
+                     (reason[:ERROR_CHARS], path))
+        conn.execute("DELETE FROM retention_checks WHERE path = ?", (path,))
+
+
+def note_unverified(conn: sqlite3.Connection, upload: OldUpload, error: str) -> int:
+    """Count one more retention pass that could not verify this upload's S3 copy; returns the count so far.
+
+    The count belongs to one upload (``uploaded_at``): a file uploaded again starts from one.
+    """
+    now = time.time()
+    row = conn.execute(
+        "INSERT INTO retention_checks (path, uploaded_at, passes, first_at, last_at, last_error) "
+        "VALUES (?, ?, 1, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET "
+        "passes = CASE WHEN retention_checks.uploaded_at = excluded.uploaded_at "
+        "THEN retention_checks.passes + 1 ELSE 1 END, "
+        "first_at = CASE WHEN retention_checks.uploaded_at = excluded.uploaded_at "
+        "THEN retention_checks.first_at ELSE excluded.first_at END, "
+        "uploaded_at = excluded.uploaded_at, last_at = excluded.last_at, last_error = excluded.last_error "
+        "RETURNING passes", (upload.path, upload.uploaded_at, now, now, error[:ERROR_CHARS])).fetchone()
+    return int(row[0])
 
 
 # --- status --------------------------------------------------------------------------------------------------
@@ -208,6 +233,19 @@ def state_totals(conn: sqlite3.Connection) -> dict[FileState, Totals]:
 def count_failing(conn: sqlite3.Connection) -> int:
     """Pending files whose last upload attempt failed."""
     return int(conn.execute("SELECT count(*) FROM manifest WHERE state = 'pending' AND attempts > 0").fetchone()[0])
+
+
+def count_unverified(conn: sqlite3.Connection) -> int:
+    """Done files whose current upload retention could not verify on S3 (kept, checked again next pass)."""
+    try:
+        row = conn.execute(
+            "SELECT count(*) FROM retention_checks AS c JOIN manifest AS m ON m.path = c.path "
+            "AND m.uploaded_at = c.uploaded_at AND m.state = 'done'").fetchone()
+    except sqlite3.OperationalError as exc:  # a store opened read-only before the table existed
+        if "no such table" not in str(exc):
+            raise
+        return 0
+    return int(row[0])
 
 
 # --- benchmarks ----------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch) WHERE batch IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedupe ON jobs (kind, dedupe_key)
     WHERE dedupe_key IS NOT NULL AND state IN ('ready', 'leased');
 
--- The sync manifest: every file ztfd writes under data/ and images/. state: pending | done.
+-- The sync manifest: every file ztfd writes under data/ and images/. state: pending | done | archived.
 CREATE TABLE IF NOT EXISTS manifest (
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -116,5 +116,20 @@ CREATE TABLE IF NOT EXISTS status (
     key TEXT PRIMARY KEY,
     value TEXT,
     updated_at REAL NOT NULL
+);
+
+-- === sync (retention) =====================================================================================
+-- Retention's S3 copies it could not verify (S3 answered 403, what it answers for a missing object to
+-- credentials without s3:ListBucket, or another error): passes counts the retention passes that failed for
+-- the upload of uploaded_at; after a few the file is uploaded again (ztfd.sync.retention). Only files in trouble
+-- have a row; it goes when the file is archived or queued again. New table, so no migration step: CREATE TABLE
+-- IF NOT EXISTS adds it to an older store when it is opened.
+CREATE TABLE IF NOT EXISTS retention_checks (
+    path TEXT PRIMARY KEY,
+    uploaded_at REAL NOT NULL,
+    passes INTEGER NOT NULL,
+    first_at REAL NOT NULL,
+    last_at REAL NOT NULL,
+    last_error TEXT NOT NULL
 );
 """

@@ -51,9 +51,12 @@ def one_pass(conn: sqlite3.Connection, cfg: Config, stop: threading.Event, full:
     client = _upload_pending(conn, cfg, stop, result, progress)
     if cfg.s3.delete_local_after_days > 0 and result.error is None and not stop.is_set():
         try:
-            result.deleted_local = retention.apply_retention(conn, cfg, client or make_client(cfg), stop)
+            kept = retention.apply_retention(conn, cfg, client or make_client(cfg), stop)
         except (FatalError, OutageError) as exc:
             result.error = f"retention: {exc}"
+        else:
+            result.deleted_local, result.unverified, result.requeued = kept.deleted, kept.unverified, kept.requeued
+            result.warning = kept.warning
     result.pending = manifest.count_pending(conn)
     result.interrupted = result.interrupted or (stop.is_set() and result.pending > 0)
     result.seconds = time.monotonic() - clock

@@ -41,6 +41,10 @@ def print_pass(result: PassResult) -> None:
                f"{result.failures} failed; {result.pending} pending")
     if result.deleted_local:
         summary += f"; {result.deleted_local} local files deleted (retention)"
+    if result.unverified:
+        summary += f"; {result.unverified} not verified on S3 (kept)"
+    if result.requeued:
+        summary += f"; {result.requeued} queued for upload again (retention)"
     click.echo(summary)
     if result.error:
         error(f"sync: {result.error}")

@@ -15,6 +15,9 @@ class PassResult:
     error: str | None = None
     interrupted: bool = False
     deleted_local: int = 0
+    unverified: int = 0  # files retention could not verify on S3 (kept)
+    requeued: int = 0  # files retention queued for upload again
+    warning: str | None = None  # a problem that loses nothing (so the pass may still be ok): sync.last_error
     reconciled: dict[str, int] = field(default_factory=dict)
 
     @property

@@ -3,7 +3,8 @@
 An error ends the pass for every file (``FatalError``: a missing bucket, refused credentials, denied access),
 ends it without blaming any file (``OutageError``: S3 unreachable), or is one file's (``FileError``; its
 ``ServerError`` kind, 5xx or throttling, becomes an outage when it persists). Messages name the bucket and the
-error code, never a credential.
+error code, never a credential. A 403 with no such code (``ForbiddenError``) is ambiguous: S3 answers it for a
+missing object to credentials without ``s3:ListBucket``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class FileError(Exception):
 
 class ServerError(FileError):
     """S3 answered 5xx or throttled even after botocore's retries: this file, or S3 as a whole if it persists."""
+
+
+class ForbiddenError(FileError):
+    """HTTP 403 without a code that names the cause (a HEAD has no body to carry one)."""
 
 
 class UploadInterruptedError(Exception):
@@ -110,6 +115,10 @@ def _classified(response: dict[str, Any], bucket: str) -> Exception:
         return FatalError(f"access denied to bucket {bucket!r} ({code}): the credentials need s3:PutObject on it")
     if code in ("PermanentRedirect", "IllegalLocationConstraintException") or status == 301:
         return FatalError(f"bucket {bucket!r} is in another region ({code}): set s3.region")
+    if status == 403:
+        what = "HTTP 403" if code == "403" else f"HTTP 403 {code}"
+        return ForbiddenError(f"{what}: S3 answers 403 for a missing object to credentials without s3:ListBucket, "
+                              "and for any object without s3:GetObject")
     message = f"S3 error {code} (HTTP {status}): {error.get('Message', '')}".strip()
     if code in THROTTLING_CODES or (isinstance(status, int) and status >= 500):
         return ServerError(message)

@@ -26,8 +26,9 @@ def record_pass(conn: sqlite3.Connection, result: PassResult, started: float, fu
     """Store ``sync.last_pass`` and ``sync.last_error`` (left as it was after an incomplete pass with no error)."""
     record = {"started_at": started, "finished_at": time.time(), "files": result.files, "bytes": result.bytes,
               "seconds": round(result.seconds, 3), "failures": result.failures, "pending": result.pending,
-              "deleted_local": result.deleted_local, "full": full, "ok": result.ok, "error": result.error}
-    problem = result.error or (f"{result.failures} files failed" if result.failures else None)
+              "deleted_local": result.deleted_local, "unverified": result.unverified, "requeued": result.requeued,
+              "full": full, "ok": result.ok, "error": result.error}
+    problem = result.error or (f"{result.failures} files failed" if result.failures else None) or result.warning
     try:
         with store.transaction(conn):
             store.set_status(conn, STATUS_LAST_PASS, json.dumps(record))
@@ -39,12 +40,13 @@ def record_pass(conn: sqlite3.Connection, result: PassResult, started: float, fu
 
 
 def summary(conn: sqlite3.Connection) -> dict[str, Any]:
-    """Pending files and bytes, done/archived counts, failing files, last pass, last error."""
+    """Pending files and bytes, done/archived counts, failing and unverified files, last pass, last error."""
     totals = manifest.state_totals(conn)
     return {
         "pending": totals[FileState.PENDING].files, "pending_bytes": totals[FileState.PENDING].bytes,
         "done": totals[FileState.DONE].files, "done_bytes": totals[FileState.DONE].bytes,
         "archived": totals[FileState.ARCHIVED].files, "failing": manifest.count_failing(conn),
+        "unverified": manifest.count_unverified(conn),
         "last_pass": _status_json(conn, STATUS_LAST_PASS), "last_error": _status_json(conn, STATUS_LAST_ERROR),
     }
 
