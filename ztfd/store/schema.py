@@ -101,7 +101,7 @@ CREATE TABLE IF NOT EXISTS stamps (
     done_at REAL NOT NULL
 );
 
--- The sync manifest: every file ztfd writes under data/ and images/. state: pending | done.
+-- The sync manifest: every file ztfd writes under data/ and images/. state: pending | done | archived.
 CREATE TABLE IF NOT EXISTS manifest (
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -140,5 +140,20 @@ CREATE TABLE IF NOT EXISTS status (
     key TEXT PRIMARY KEY,
     value TEXT,
     updated_at REAL NOT NULL
+);
+
+-- === sync (retention) =====================================================================================
+-- Retention's S3 copies it could not verify (S3 answered 403, what it answers for a missing object to
+-- credentials without s3:ListBucket, or another error): passes counts the retention passes that failed for
+-- the upload of uploaded_at; after a few the file is uploaded again (ztfd.sync.retention). Only files in trouble
+-- have a row; it goes when the file is archived or queued again. New table, so no migration step: SCHEMA
+-- creates it when an older store is migrated.
+CREATE TABLE IF NOT EXISTS retention_checks (
+    path TEXT PRIMARY KEY,
+    uploaded_at REAL NOT NULL,
+    passes INTEGER NOT NULL,
+    first_at REAL NOT NULL,
+    last_at REAL NOT NULL,
+    last_error TEXT NOT NULL
 );
 """
