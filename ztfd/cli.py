@@ -33,6 +33,7 @@ SHORT = {
     "config": "Print the effective configuration.",
     "rejected": "List rejected (poison) messages.",
     "demo": "Run the pipeline on embedded local services.",
+    "metrics": "Serve Prometheus metrics in the foreground.",
 }
 
 
@@ -184,6 +185,20 @@ def rejected(ctx: click.Context, topic: str | None, limit: int) -> None:
 
     for line in consumer.describe_rejected(cfg, topic, limit):
         click.echo(line)
+
+
+@main.command(short_help=SHORT["metrics"])
+@click.pass_context
+def metrics(ctx: click.Context) -> None:
+    """Serve Prometheus metrics at http://<metrics.listen>/metrics until SIGTERM (the supervisor's metrics child)."""
+    cfg = load_config(ctx)
+    if not cfg.metrics.listen:
+        click.echo("ztfd: config: metrics.listen is empty: nothing to serve", err=True)
+        ctx.exit(EXIT_CONFIG)
+    setup_logging(cfg)
+    from ztfd import metrics as metrics_module
+
+    ctx.exit(metrics_module.run(cfg, process_name("metrics")))
 
 
 @main.command(short_help=SHORT["demo"])
