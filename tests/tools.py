@@ -116,3 +116,131 @@ def run_tool(*args: str, timeout: float = 60, stdin: bytes | None = None) -> sub
     return subprocess.run(args, input=None if stdin is None else stdin.decode(), capture_output=True, text=True,
                           timeout=timeout)
 
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol (one page): load a URL, collect console errors,
+    check images, take a screenshot. ``with Chromium(workdir) as browser: browser.open(url)``."""
+
+    def __init__(self, workdir: Path, width: int = 1400, height: int = 1000) -> None:
+        self.workdir = workdir
+        self.width, self.height = width, height
+        self.process: subprocess.Popen[bytes] | None = None
+        self.socket: Any = None
+        self.session: str | None = None
+        self.next_id = 0
+        self.events: list[dict[str, Any]] = []
+
+    def __enter__(self) -> Chromium:
+        import websocket
+
+        binary = require("chromium")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log_path = self.workdir / "chromium.log"
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [binary, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
+                 "--remote-debugging-address=127.0.0.1", f"--user-data-dir={self.workdir / 'profile'}",
+                 f"--window-size={self.width},{self.height}", "--no-first-run", "--no-default-browser-check",
+                 "--disable-extensions", "--disable-background-networking", "--disable-sync",
+                 "--disable-component-update", "--disable-features=MediaRouter,OptimizationHints", "about:blank"],
+                stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            # Chromium writes the port it chose to <profile>/DevToolsActivePort (port, then the browser's path).
+            active = self.workdir / "profile" / "DevToolsActivePort"
+            deadline = time.monotonic() + 60
+            while not (active.exists() and len(active.read_text().split()) >= 2):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"chromium did not start; see {log_path}")
+                time.sleep(0.05)
+            port, path = active.read_text().split()[:2]
+            self.socket = websocket.create_connection(f"ws://127.0.0.1:{port}{path}", timeout=60,
+                                                      suppress_origin=True)
+            target = self.call("Target.createTarget", url="about:blank")["targetId"]
+            self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+            for domain in ("Page", "Runtime", "Log"):
+                self.call(f"{domain}.enable")
+            self.call("Emulation.setDeviceMetricsOverride", width=self.width, height=self.height,
+                      deviceScaleFactor=1, mobile=False)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.socket is not None:
+            with contextlib.suppress(Exception):
+                self.socket.close()
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        """Send one command (to the page's session once attached) and return its result; events are kept."""
+        self.next_id += 1
+        message: dict[str, Any] = {"id": self.next_id, "method": method, "params": params}
+        if self.session is not None:
+            message["sessionId"] = self.session
+        self.socket.send(json.dumps(message))
+        while True:
+            answer = json.loads(self.socket.recv())
+            if answer.get("id") == self.next_id:
+                if "error" in answer:
+                    raise AssertionError(f"{method}: {answer['error']}")
+                return answer.get("result", {})
+            self.events.append(answer)
+
+    def wait_event(self, method: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for event in self.events[seen:]:
+                if event.get("method") == method:
+                    return event
+            seen = len(self.events)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {method} within {timeout:.0f}s")
+            self.socket.settimeout(max(0.1, deadline - time.monotonic()))
+            self.events.append(json.loads(self.socket.recv()))
+
+    def open(self, url: str) -> None:
+        self.events.clear()
+        self.call("Page.navigate", url=url)
+        self.wait_event("Page.loadEventFired")
+
+    def evaluate(self, expression: str) -> Any:
+        result = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"script failed: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def images(self) -> list[dict[str, Any]]:
+        """Every <img> loaded in full (lazy ones too): its src and natural width (0: broken)."""
+        return self.evaluate(
+            "Promise.all(Array.from(document.images).map(img => { img.loading = 'eager'; "
+            "return img.decode().then(() => true, () => false).then(ok => "
+            "({src: img.currentSrc || img.src, ok: ok && img.complete, width: img.naturalWidth})); }))")
+
+    def console_errors(self) -> list[str]:
+        """Errors the page logged: console.error, uncaught exceptions, failed loads (Log domain)."""
+        errors = []
+        for event in self.events:
+            method, params = event.get("method"), event.get("params", {})
+            if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
+                errors.append(" ".join(str(a.get("value", a.get("description", ""))) for a in params["args"]))
+            elif method == "Runtime.exceptionThrown":
+                errors.append(params["exceptionDetails"].get("text", "exception"))
+            elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
+                errors.append(f"{params['entry'].get('text')} {params['entry'].get('url', '')}".strip())
+        return errors
+
+    def screenshot(self, path: Path) -> Path:
+        import base64
+
+        data = self.call("Page.captureScreenshot", format="png")["data"]
+        path.write_bytes(base64.b64decode(data))
+        return path

@@ -34,6 +34,7 @@ SHORT = {
     "rejected": "List rejected (poison) messages.",
     "demo": "Run the pipeline on embedded local services.",
     "metrics": "Serve Prometheus metrics in the foreground.",
+    "report": "Write a night's HTML report.",
 }
 
 
@@ -199,6 +200,36 @@ def metrics(ctx: click.Context) -> None:
     from ztfd import metrics as metrics_module
 
     ctx.exit(metrics_module.run(cfg, process_name("metrics")))
+
+
+@main.command(short_help=SHORT["report"])
+@click.option("--date", "date", default=None, help="The night (partition date), YYYY-MM-DD.")
+@click.option("--topic", default=None, help="Only alerts of this topic (written under reports/<date>/<topic>/).")
+@click.option("--watch", is_flag=True, help="Rewrite reports of nights gone quiet, until SIGTERM (the daemon's).")
+@click.pass_context
+def report(ctx: click.Context, date: str | None, topic: str | None, watch: bool) -> None:
+    """Write <home>/reports/DATE/index.html: one card per object of the night, with stamps and light curve."""
+    cfg = load_config(ctx)
+    if watch == (date is not None):
+        click.echo("ztfd: report needs --date YYYY-MM-DD (or --watch, without --date)", err=True)
+        ctx.exit(EXIT_CONFIG)
+    setup_logging(cfg, console=watch)
+    from ztfd import report as report_module
+
+    if watch:
+        ctx.exit(report_module.run_watch(cfg, process_name("reporter")))
+    from ztfd import store
+
+    conn = store.connect(cfg.db_path)
+    try:
+        written = report_module.build(cfg, conn, str(date), topic)
+    except report_module.ReportError as exc:
+        click.echo(f"ztfd: report: {exc}", err=True)
+        ctx.exit(EXIT_CONFIG)
+    finally:
+        conn.close()
+    click.echo(f"ztfd report: {written.index} ({written.cards} objects, {written.pages} "
+               f"page{'s' if written.pages != 1 else ''})")
 
 
 @main.command(short_help=SHORT["demo"])
