@@ -149,3 +149,10 @@ def mark_report(conn: sqlite3.Connection, date: str, topic: str | None, changed_
         "ON CONFLICT (date, topic) DO UPDATE SET generated_at = excluded.generated_at, "
         "changed_at = excluded.changed_at, pages = excluded.pages",
         (date, topic or WHOLE_NIGHT, time.time(), changed_at, pages))
+
+
+def busiest_night(conn: sqlite3.Connection) -> str | None:
+    """The date with the most alerts stored (``ztfd demo`` points at its report)."""
+    row = conn.execute("SELECT date FROM counter_alerts GROUP BY date ORDER BY sum(alerts) DESC, date LIMIT 1")
+    found = row.fetchone()
+    return None if found is None else found[0]
