@@ -212,6 +212,13 @@ def _record(conn: sqlite3.Connection, rows: list[tuple[str, int, str]]) -> None:
             store.record_files(conn, rows)
 
 
+def _keep_detections(conn: sqlite3.Connection, object_id: str, body: bytes) -> None:
+    from ztfd.lightcurve import alerce_points
+    from ztfd.store.report import save_detections
+
+    save_detections(conn, "ztf", object_id, alerce_points(body))
+
+
 def _warm_up(settings: StampsConfig) -> None:
     """Import the heavy modules before the first job, so that no request times out waiting for an import."""
     import astropy.io.fits  # noqa: F401
@@ -292,7 +299,9 @@ class Worker:
             raise NotYetAvailableError("ALeRCE does not know the object yet (detections: 404)")
         if status != 200:
             raise FetchError(f"detections: HTTP {status}")
-        return choose_candid(parse_detections(body), obs_mjd, self.settings.match_tolerance)
+        detections = parse_detections(body)
+        await self._db(_keep_detections, object_id, body)  # the light curve, for night reports
+        return choose_candid(detections, obs_mjd, self.settings.match_tolerance)
 
     async def _fetch_stamp(self, object_id: str, candid: int, kind: str, slot: float) -> bytes:
         url = self.settings.alerce_stamp_url.rstrip("/") + STAMP_PATH

@@ -133,10 +133,16 @@ def _migrate(conn: sqlite3.Connection, db_path: Path) -> None:
 
 
 def _statements(script: str) -> Iterator[str]:
+    """The script's statements, whole: a trigger's body holds semicolons of its own (``sqlite3.complete_statement``
+    says where a statement really ends)."""
     lines = [line for line in script.splitlines() if not line.strip().startswith("--")]
-    for statement in "\n".join(lines).split(";"):
-        if statement.strip():
-            yield statement
+    pending = ""
+    for piece in "\n".join(lines).split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""
 
 
 @contextlib.contextmanager

@@ -170,13 +170,11 @@ def enqueue(
     """
     now = time.time() if now is None else now
     rows = [(job.alert_id, int(job.force), now, batch, job.dedupe_key, now, now) for job in jobs]
-    before = conn.total_changes
-    conn.executemany(
+    return conn.executemany(  # rowcount: rows inserted by the statement itself, not by triggers
         "INSERT INTO jobs (alert_id, force, not_before, batch, dedupe_key, created_at, updated_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         rows,
-    )
-    return conn.total_changes - before
+    ).rowcount
 
 
 def requeue_expired(conn: sqlite3.Connection, max_attempts: int | None = None, now: float | None = None) -> int:
