@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ztfd.config import StampsConfig
+from ztfd.lightcurve import MAG, alerce_points
 from ztfd.providers import Detection, FetchError, HttpGet, NotYetAvailableError, StampRequest, register
 from ztfd.sources import ZTF, Alert
 from ztfd.sources.lasair import is_ztf_object_id
@@ -101,7 +102,7 @@ class AlerceZtf:
         if status != 200:
             raise FetchError(f"detections: HTTP {status}")
         chosen = choose_candid(parse_detections(body), request.obs_mjd, self.tolerance)
-        return Detection(str(chosen.candid), chosen.mjd)
+        return Detection(str(chosen.candid), chosen.mjd, tuple(alerce_points(body)), MAG)
 
     async def fetch(self, get: HttpGet, request: StampRequest, detection: Detection, kind: str) -> bytes:
         params = {"oid": request.object_id, "candid": detection.detection_id, "type": kind, "format": "fits"}
