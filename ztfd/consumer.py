@@ -550,7 +550,7 @@ class TopicConsumer:
                 accepted.append(entry)
                 alert = entry.alert
                 if self._wants_stamps(alert):
-                    key = detection_key(alert.object_id, alert.obs_mjd, entry.date, alert.detection_id)
+                    key = detection_key(alert.object_id, alert.obs_mjd, entry.date)
                     jobs.append(NewStampJob(alert_id, dedupe_key=key))
             add_rejected(self.conn, self.topic, [
                 NewRejected(item.partition, item.generation, item.offset, reason, item.msg.value())
@@ -566,8 +566,8 @@ class TopicConsumer:
     def _insert_alerts(self, written: list[Accepted], now: float) -> list[int | None]:
         """Insert the alerts of a batch (inside the caller's transaction); each one's id, None if already stored."""
         return insert_alerts(self.conn, self.topic, [
-            NewAlert(e.item.partition, e.item.generation, e.item.offset, e.alert.object_id, e.date,
-                     e.alert.obs_mjd, e.path, e.alert.survey, e.alert.detection_id) for e in written], now)
+            NewAlert(e.item.partition, e.item.generation, e.item.offset, e.alert.object_id, e.date, e.alert.obs_mjd,
+                     e.path, e.alert.survey, e.alert.detection_id, e.alert.band) for e in written], now)
 
     def _wants_stamps(self, alert: sources.Alert) -> bool:
         """A stamp job for the alerts the provider of their survey (``stamps.<survey>_provider``) can serve."""

@@ -50,6 +50,8 @@ LOCAL_AWS_ENV = {
 }
 SN_TOPIC = "lasair_2SN-likecandidates"
 HEARTBEAT_TOPIC = "lasair_1Lightweight"
+LSST_TOPIC = "lasair_3LSST-transients"  # a Lasair-LSST filter: real Rubin alerts in full, lite and plain output
+LSST_MODES = ("full", "lite", "plain")  # full first: its jobs know the diaSourceId; the others ask ALeRCE
 BUCKET = "ztfd-demo"
 DEADLINE_SECONDS = 110.0
 
@@ -232,9 +234,11 @@ def _alive(proc: Any) -> bool:
 
 
 def demo_messages(sn_count: int, heartbeat_count: int) -> dict[str, list[bytes]]:
-    """The demo's two topics: SN-like rows (with nulls) and topic_refresh rows, and a heartbeat topic; plus poison."""
+    """The demo's topics: SN-like rows (with nulls) and topic_refresh rows, a heartbeat topic, plus poison; and a
+    Lasair-LSST topic of the real Rubin samples in the three output modes (bare NaN included)."""
     import json
 
+    from ztfd.embedded import lsst_samples
     from ztfd.embedded.samples import message_stream
 
     sn = [json.dumps(m).encode() for m in message_stream(sn_count, shapes=("sn", "sn", "refresh"))]
@@ -242,7 +246,8 @@ def demo_messages(sn_count: int, heartbeat_count: int) -> dict[str, list[bytes]]
     # Two poison messages: kept in the rejected store with a reason, and the stream goes on.
     sn.insert(len(sn) // 3, b"{this is not json")
     heartbeat.insert(len(heartbeat) // 2, json.dumps({"objectId": "../../etc/passwd", "UTC": "2021-09-01"}).encode())
-    return {SN_TOPIC: sn, HEARTBEAT_TOPIC: heartbeat}
+    lsst = lsst_samples.message_stream(len(lsst_samples.object_alerts()) * len(LSST_MODES), LSST_MODES)
+    return {SN_TOPIC: sn, HEARTBEAT_TOPIC: heartbeat, LSST_TOPIC: lsst}
 
 
 def produce_steadily(bootstrap: str, topic: str, values: Sequence[bytes], per_second: float) -> None:
@@ -358,16 +363,19 @@ def _fallback_argvs() -> list[list[str]]:
     """Until ``ztfd start`` exists, the same roles run as direct children."""
     if has_supervisor():
         return []
-    return [["consume", "--topic", SN_TOPIC], ["consume", "--topic", HEARTBEAT_TOPIC], ["fetch"], ["fetch"], ["sync"]]
+    return [["consume", "--topic", topic] for topic in (SN_TOPIC, HEARTBEAT_TOPIC, LSST_TOPIC)] + [
+        ["fetch"], ["fetch"], ["sync"]]
 
 
 def demo_sections(services: EmbeddedServices, **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     sections: dict[str, dict[str, Any]] = {
         "kafka": {"bootstrap_servers": services.kafka.bootstrap, "group_id": "ztfd-demo",
-                  "topics": [SN_TOPIC, HEARTBEAT_TOPIC]},
+                  "topics": [SN_TOPIC, HEARTBEAT_TOPIC, LSST_TOPIC]},
         "kafka.options": dict(FAST_KAFKA_OPTIONS),
         "stamps": {"enabled": True, "workers": 2, "previews": True, "alerce_stamp_url": services.stamps.url,
-                   "alerce_api_url": services.stamps.url, "timeout": 10.0, "rate_limit": 0.0},
+                   "alerce_api_url": services.stamps.url, "timeout": 10.0, "rate_limit": 0.0,
+                   "lsst_provider": "alerce", "alerce_lsst_url": services.stamps.url,
+                   "lasair_lsst_url": services.stamps.url},
         "s3": {"bucket": BUCKET, "prefix": "ztf/", "endpoint_url": services.s3.endpoint_url,
                "region": LOCAL_AWS_ENV["AWS_DEFAULT_REGION"], "interval": 2.0},
         "supervisor": {"heartbeat_timeout": 60.0, "stop_timeout": 20.0},
@@ -395,7 +403,8 @@ def _flow(services: EmbeddedServices, daemon: Daemon, config_path: Path, message
 
     producer = threading.Thread(target=produce_all, name="demo-producer", daemon=True)
     producer.start()
-    click.echo(f"  producing {produced} Lasair-shaped messages (SN-like, topic_refresh, heartbeat, 2 poison)")
+    click.echo(f"  producing {produced} Lasair-shaped messages (ZTF: SN-like, topic_refresh, heartbeat, 2 poison; "
+               f"LSST: real Rubin alerts in full, lite and plain output)")
     conn = store.connect(cfg.db_path)
     interactive = sys.stdout.isatty()
     last_line, last_print = "", 0.0
@@ -448,6 +457,7 @@ def _report(services: EmbeddedServices, config_path: Path, home: Path) -> None:
     previews = sorted((home / "images").rglob("*.png"))
     if previews:
         click.echo(f"\na preview: {previews[0]}")
+    _echo_lsst(home)
     _show_metrics_and_report(config_path)
 
 
@@ -486,6 +496,24 @@ def _show_metrics_and_report(config_path: Path) -> None:
                             env=child_env(), timeout=120)
     click.echo(f"\nthe night report of {date} (open it in a browser): "
                + (result.stdout.strip().removeprefix("ztfd report: ") or result.stderr.strip()))
+
+
+def _echo_lsst(home: Path) -> None:
+    """The Lasair-LSST topic beside the ZTF ones: its alerts under their dayObs, their Rubin cutouts and a preview."""
+    alerts = sorted((home / "data").glob(f"*/{LSST_TOPIC}/*.json"))
+    if not alerts:
+        return
+    days = sorted({path.parent.parent.name for path in alerts})
+    where = days[0] if len(days) == 1 else "{" + ",".join(days) + "}"
+    click.echo(f"\nLasair-LSST topic {LSST_TOPIC}: {len(alerts)} alerts under data/{where}/ "
+               "(Rubin's dayObs: the TAI date 12 h before the observation)")
+    objects = sorted({path.name.split("_")[0] for path in alerts})
+    folders = [folder for day in days for name in objects if (folder := home / "images" / day / name).is_dir()]
+    for folder in folders[:3]:
+        click.echo(f"  {folder.relative_to(home)}/  " + "  ".join(sorted(p.name for p in folder.iterdir())))
+    lsst_previews = sorted(png for folder in folders for png in folder.glob("*.png"))
+    if lsst_previews:
+        click.echo(f"  an LSST preview: {lsst_previews[0]}")
 
 
 def _echo_tree(root: Path, home: Path) -> None:

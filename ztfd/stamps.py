@@ -462,7 +462,7 @@ class Worker:
                                                                                  job.known.detection_mjd)
         if known is not None and not PLAIN_ID.match(known):
             raise BadPayloadError(f"bad detection id {known!r}")
-        request = StampRequest(alert.survey, alert.object_id, alert.date, alert.obs_mjd, known, known_mjd)
+        request = StampRequest(alert.survey, alert.object_id, alert.date, alert.obs_mjd, known, known_mjd, alert.band)
         run = JobRun(job, request, provider, self.cfg.images_dir / alert.date / alert.object_id, force=job.force)
         if known is not None:
             run.detection = Detection(known, alert.obs_mjd if known_mjd is None else known_mjd)
@@ -532,7 +532,8 @@ class Worker:
 
             draw = preview.RENDERERS[self.settings.preview_renderer]
             data = draw(run.request.object_id, detection.detection_id, detection.mjd,
-                        {kind: stamp.image for kind, stamp in triplet.items()})
+                        {kind: stamp.image for kind, stamp in triplet.items()}, band=run.request.band,
+                        label=run.provider.detection_label)
             atomic_write(png, data)
             run.preview = True
         else:

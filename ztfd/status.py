@@ -21,6 +21,7 @@ from ztfd import config, store, supervisor
 from ztfd.localtrouble import STATUS_PREFIX as LOCAL_TROUBLE_PREFIX
 from ztfd.procs import pid_alive
 from ztfd.quota import near_quota
+from ztfd.sources import LSST
 from ztfd.store import jobs
 from ztfd.store import quota as store_quota
 from ztfd.store.alerts import topic_totals
@@ -141,6 +142,7 @@ def _lasair_day(day: store_quota.DayBytes | None, quota: int, now: float) -> dic
     nid = store_quota.nid_of(dt.datetime.fromtimestamp(now, dt.UTC))
     if day is None or day.nid != nid:
         day = store_quota.DayBytes("", nid, day.survey if day else None, 0, 0, now)
+    quota = quota if day.survey == LSST else 0  # Lasair-LSST's filters have a byte quota, Lasair-ZTF's none
     return {"day": day.day, "nid": nid, "bytes": day.bytes, "messages": day.messages, "quota": quota or None,
             "percent": round(100.0 * day.bytes / quota, 1) if quota else None, "warning": near_quota(day, quota)}
 

@@ -54,6 +54,7 @@ class StampRequest:
     obs_mjd: float | None  # the alert's observation time, MJD UTC
     detection_id: str | None  # known from the message or an earlier run: no lookup needed
     detection_mjd: float | None = None  # that detection's time, when known (else the alert's is shown)
+    band: str | None = None  # the detection's band when the message says it (LSST), for the preview
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class StampProvider(Protocol):
     name: str  # the configuration name (also the name of its pool-wide rate limit)
     survey: str
     service: str  # who serves the stamps, for people ("ALeRCE")
+    detection_label: str  # what the survey calls a detection id, for the preview ("candid", "diaSourceId")
 
     def serves(self, alert: Any) -> bool:
         """True when this provider can have stamps of ``alert`` (a ``ztfd.sources.Alert`` of its survey)."""

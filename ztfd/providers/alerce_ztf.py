@@ -84,6 +84,7 @@ class AlerceZtf:
     name = "alerce"
     survey = ZTF
     service = "ALeRCE"
+    detection_label = "candid"
 
     def __init__(self, settings: StampsConfig) -> None:
         self.api_url = settings.alerce_api_url.rstrip("/")

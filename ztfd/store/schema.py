@@ -374,4 +374,6 @@ ADDED_COLUMNS = (
     # names (Avro packets name their candid; Lasair rows none): what a stamp job needs beyond the columns above.
     ("alerts", "survey", "TEXT NOT NULL DEFAULT 'ztf'"),
     ("alerts", "detection_id", "TEXT"),
+    # LSST (issue 13): the band of the detection the message names (Lasair's lite and full output), for previews.
+    ("alerts", "band", "TEXT"),
 )
