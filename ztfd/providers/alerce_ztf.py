@@ -22,7 +22,7 @@ from ztfd.lightcurve import MAG, alerce_points
 from ztfd.providers import Detection, FetchError, HttpGet, NotYetAvailableError, StampRequest, register
 from ztfd.sources import ZTF, Alert
 from ztfd.sources.lasair import is_ztf_object_id
-from ztfd.stampimage import GZIP_MAGIC, StampLimits, read_image
+from ztfd.stampimage import StampLimits, read_gzipped_image
 
 DETECTIONS_PATH = "/ztf/v1/objects/{oid}/detections"
 STAMP_PATH = "/get_stamp"
@@ -115,9 +115,7 @@ class AlerceZtf:
         return body
 
     def check(self, data: bytes) -> Any:
-        if not data.startswith(GZIP_MAGIC):
-            raise ValueError(f"not gzip (starts with {data[:8]!r})")
-        return read_image(data, self.limits)
+        return read_gzipped_image(data, self.limits)
 
     def file_name(self, detection_id: str, kind: str) -> str:
         return f"{detection_id}_{kind}.fits.gz"
