@@ -566,8 +566,9 @@ class TopicConsumer:
                 if alert_id is None:
                     continue  # stored by another consumer of the same topic meanwhile
                 accepted.append(entry)
-                if self._wants_stamps(entry.alert):
-                    key = detection_key(entry.alert.object_id, entry.alert.obs_mjd, entry.date)
+                alert = entry.alert
+                if self._wants_stamps(alert):
+                    key = detection_key(alert.object_id, alert.obs_mjd, entry.date)
                     jobs.append(NewStampJob(alert_id, dedupe_key=key))
             add_rejected(self.conn, self.topic, [
                 NewRejected(item.partition, item.generation, item.offset, reason, item.msg.value())

@@ -30,9 +30,10 @@ from typing import Any
 import click
 
 from ztfd import store
+from ztfd.embedded.net import free_port
 from ztfd.store import jobs
 from ztfd.store.alerts import count_alerts
-from ztfd.store.manifest import file_counts
+from ztfd.store.manifest import FileState, state_totals
 from ztfd.store.rejected import rejected_counts
 
 # Options for local brokers: a short metadata refresh notices new topics fast (see README "Testing").
@@ -284,15 +285,15 @@ class Progress:
 
 def read_progress(conn: sqlite3.Connection) -> Progress:
     queue = jobs.counts(conn)
-    files = file_counts(conn)
+    files = state_totals(conn)
     return Progress(
         alerts=count_alerts(conn),
         rejected=sum(rejected_counts(conn).values()),
         jobs_total=queue.total,
         jobs_finished=queue.finished,
         jobs_failed=queue.failed,
-        files=files.total,
-        files_uploaded=files.done,
+        files=sum(t.files for t in files.values()),
+        files_uploaded=files[FileState.DONE].files,
     )
 
 
@@ -339,8 +340,11 @@ def run(keep: bool = False, home: Path | None = None, sn_count: int = 150, heart
             daemon = Daemon(config_path, home / "services", argvs=_fallback_argvs()).start()
             how = "ztfd start --foreground" if not daemon.argvs else "consume/fetch/sync children (no supervisor yet)"
             click.echo(f"  daemon: {how} (config {config_path})")
+            click.echo(f"  metrics: {metrics_url(config_path)} (Prometheus text format, while the demo runs)")
             ok = _flow(services, daemon, config_path, messages, started)
             _report(services, config_path, home)
+            if not keep:
+                click.echo("  (the demo home goes at the end; `ztfd demo --keep` keeps the report to browse)")
             return 0 if ok else 1
     except DemoInterruptedError as exc:
         click.echo(f"\nztfd demo: interrupted ({exc}), stopping everything", err=True)
@@ -375,6 +379,7 @@ def demo_sections(services: EmbeddedServices, **overrides: dict[str, Any]) -> di
         "s3": {"bucket": BUCKET, "prefix": "ztf/", "endpoint_url": services.s3.endpoint_url,
                "region": LOCAL_AWS_ENV["AWS_DEFAULT_REGION"], "interval": 2.0},
         "supervisor": {"heartbeat_timeout": 60.0, "stop_timeout": 20.0},
+        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
     }
     for name, values in overrides.items():
         sections.setdefault(name.replace("__", "."), {}).update(values)
@@ -453,6 +458,44 @@ def _report(services: EmbeddedServices, config_path: Path, home: Path) -> None:
     if previews:
         click.echo(f"\na preview: {previews[0]}")
     _echo_lsst(home)
+    _show_metrics_and_report(config_path)
+
+
+def metrics_url(config_path: Path) -> str:
+    from ztfd import config
+
+    return f"http://{config.load(config_path).metrics.listen}/metrics"
+
+
+def _show_metrics_and_report(config_path: Path) -> None:
+    """A few lines of the running daemon's /metrics, then the report of the demo's busiest night."""
+    import urllib.request
+
+    from ztfd import config
+    from ztfd.store import report as night
+
+    url = metrics_url(config_path)
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            lines = response.read().decode().splitlines()
+    except OSError as exc:
+        lines = [f"(not answering: {exc})"]
+    click.echo(f"\n$ curl {url}   (excerpt)")
+    for line in lines:
+        if line.startswith(("ztfd_alerts_stored_total", "ztfd_stamp_jobs{state=\"done\"}", "ztfd_sync_pending_files",
+                            "ztfd_process_up{name=\"consumer")) or line.startswith("(not"):
+            click.echo(f"  {line}")
+    conn = store.connect(config.load(config_path).db_path)
+    try:
+        date = night.busiest_night(conn)
+    finally:
+        conn.close()
+    if date is None:
+        return
+    result = subprocess.run(ztfd_argv(config_path, "report", "--date", date), capture_output=True, text=True,
+                            env=child_env(), timeout=120)
+    click.echo(f"\nthe night report of {date} (open it in a browser): "
+               + (result.stdout.strip().removeprefix("ztfd report: ") or result.stderr.strip()))
 
 
 def _echo_lsst(home: Path) -> None:

@@ -62,6 +62,7 @@ from ztfd.providers import (
 from ztfd.providers.alerce_ztf import AlerceZtf
 from ztfd.sources import PLAIN_ID, STAMP_TYPES
 from ztfd.store import jobs
+from ztfd.store.report import save_detections
 
 log = logging.getLogger(__name__)
 FETCHER_NICENESS = 5
@@ -474,6 +475,9 @@ class Worker:
             run.detection = await run.provider.find_detection(self._http(run.provider, slot), run.request)
             if not PLAIN_ID.match(run.detection.detection_id):
                 raise FetchError(f"{run.provider.name} named detection {run.detection.detection_id[:80]!r}")
+            if run.detection.light_curve:  # what the lookup said of the object's history, for night reports
+                await self._db(save_detections, run.request.survey, run.request.object_id,
+                               run.detection.light_curve, run.detection.light_curve_unit)
         if not run.force:
             await self._side(self._existing, run)
         missing = run.missing
@@ -577,7 +581,7 @@ class Worker:
             self.paused_until = time.monotonic() + await self._db(self.trouble.failed, reason)
         pause = max(self.paused_until - time.monotonic(), 0.0)
         self.stats["given back"] += 1
-        await self._settle(run.label, jobs.release, self.owner, [run.job.id], pause, f"local trouble: {reason}")
+        await self._settle(run.label, jobs.release, self.owner, [run.job.id], pause)
 
     async def _failed_attempt(self, run: JobRun, reason: str) -> None:
         job = run.job

@@ -2,8 +2,9 @@
 
 ``collect`` builds one JSON-ready dict (``ztfd status --json``; the README "Status" section documents its fields);
 ``render`` turns it into the table a person reads. Both work when nothing runs and when the store does not exist
-yet. Nothing here writes to the store or to Kafka: the Kafka lag is read with a throwaway consumer that never
-joins the group or commits.
+yet. Nothing here writes to the store or to Kafka: the store is opened read-only (``connect_readonly``: no
+migration, no wait for a writer's lock, fine for a user who may only read home) and the Kafka lag is read with a
+throwaway consumer that never joins the group or commits.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ztfd.sources import LSST
 from ztfd.store import jobs
 from ztfd.store import quota as store_quota
 from ztfd.store.alerts import topic_totals
+from ztfd.store.db import connect_readonly
 from ztfd.store.facts import statuses_with_prefix
 from ztfd.store.processes import process, processes
 from ztfd.store.rejected import rejected_counts
@@ -94,7 +96,7 @@ def _open_store(cfg: config.Config) -> sqlite3.Connection | None:
     if not cfg.db_path.exists():
         return None
     try:
-        return store.connect(cfg.db_path, timeout=5)
+        return connect_readonly(cfg.db_path)
     except sqlite3.Error as exc:
         log.warning("cannot open the store %s: %s", cfg.db_path, exc)
         return None

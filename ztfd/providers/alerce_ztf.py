@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ztfd.config import StampsConfig
+from ztfd.lightcurve import MAG, alerce_points
 from ztfd.providers import Detection, FetchError, HttpGet, NotYetAvailableError, StampRequest, register
 from ztfd.sources import ZTF, Alert
 from ztfd.sources.lasair import is_ztf_object_id
-from ztfd.stampimage import GZIP_MAGIC, StampLimits, read_image
+from ztfd.stampimage import StampLimits, read_gzipped_image
 
 DETECTIONS_PATH = "/ztf/v1/objects/{oid}/detections"
 STAMP_PATH = "/get_stamp"
@@ -102,7 +103,7 @@ class AlerceZtf:
         if status != 200:
             raise FetchError(f"detections: HTTP {status}")
         chosen = choose_candid(parse_detections(body), request.obs_mjd, self.tolerance)
-        return Detection(str(chosen.candid), chosen.mjd)
+        return Detection(str(chosen.candid), chosen.mjd, tuple(alerce_points(body)), MAG)
 
     async def fetch(self, get: HttpGet, request: StampRequest, detection: Detection, kind: str) -> bytes:
         params = {"oid": request.object_id, "candid": detection.detection_id, "type": kind, "format": "fits"}
@@ -114,9 +115,7 @@ class AlerceZtf:
         return body
 
     def check(self, data: bytes) -> Any:
-        if not data.startswith(GZIP_MAGIC):
-            raise ValueError(f"not gzip (starts with {data[:8]!r})")
-        return read_image(data, self.limits)
+        return read_gzipped_image(data, self.limits)
 
     def file_name(self, detection_id: str, kind: str) -> str:
         return f"{detection_id}_{kind}.fits.gz"

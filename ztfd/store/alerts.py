@@ -67,13 +67,12 @@ def insert_alerts(conn: sqlite3.Connection, topic: str, alerts: list[NewAlert], 
     if not rows:
         return []
     highest_before = conn.execute("SELECT coalesce(max(id), 0) FROM alerts").fetchone()[0]
-    changes_before = conn.total_changes
-    conn.executemany(
+    inserted = conn.executemany(  # rowcount: rows this statement inserted (the counters' triggers not included)
         "INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, "
         "received_at, survey, detection_id, band) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         rows,
-    )
-    if conn.total_changes - changes_before == len(rows):
+    ).rowcount
+    if inserted == len(rows):
         last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
         return list(range(last - len(rows) + 1, last + 1))
     ids: list[int | None] = []

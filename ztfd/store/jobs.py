@@ -170,13 +170,11 @@ def enqueue(
     """
     now = time.time() if now is None else now
     rows = [(job.alert_id, int(job.force), now, batch, job.dedupe_key, now, now) for job in jobs]
-    before = conn.total_changes
-    conn.executemany(
+    return conn.executemany(  # rowcount: rows inserted by the statement itself, not by triggers
         "INSERT INTO jobs (alert_id, force, not_before, batch, dedupe_key, created_at, updated_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         rows,
-    )
-    return conn.total_changes - before
+    ).rowcount
 
 
 def requeue_expired(conn: sqlite3.Connection, max_attempts: int | None = None, now: float | None = None) -> int:
@@ -315,10 +313,10 @@ def fail(conn: sqlite3.Connection, job_id: int, owner: str, reason: str) -> bool
 
 def release(
     conn: sqlite3.Connection, owner: str, job_ids: Iterable[int] | None = None, delay: float = 0.0,
-    reason: str | None = None, now: float | None = None,
+    now: float | None = None,
 ) -> int:
-    """Hand leased jobs back untouched, the claim not counted as an attempt: ready at once (on SIGTERM), or after
-    ``delay`` seconds with ``reason`` (local trouble: the worker's disk is full, not the job's fault)."""
+    """Hand leased jobs back untouched, the claim not counted as an attempt (nor as a failure): ready at once (on
+    SIGTERM), or after ``delay`` seconds (local trouble: the worker's disk is full, not the job's fault)."""
     only = "" if job_ids is None else " AND id = ?"
     ids = [()] if job_ids is None else [(job_id,) for job_id in job_ids]
     now = time.time() if now is None else now
@@ -326,9 +324,9 @@ def release(
     for id_args in ids:
         total += conn.execute(
             "UPDATE jobs SET state = 'ready', owner = NULL, lease_until = NULL, attempts = max(attempts - 1, 0), "
-            "not_before = CASE WHEN ? > 0 THEN max(not_before, ?) ELSE not_before END, "
-            "last_error = coalesce(?, last_error), updated_at = ? WHERE state = 'leased' AND owner = ?" + only,
-            (delay, now + delay, reason, now, owner, *id_args),
+            "not_before = CASE WHEN ? > 0 THEN max(not_before, ?) ELSE not_before END, updated_at = ? "
+            "WHERE state = 'leased' AND owner = ?" + only,
+            (delay, now + delay, now, owner, *id_args),
         ).rowcount
     return total
 
