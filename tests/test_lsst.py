@@ -258,12 +258,12 @@ def test_lsst_stamps_are_the_served_bytes_through_faults_and_a_killed_worker(
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     stamp_service.latency = 0.0
-    # Then faults: 5xx (failed attempts), the service's "not there" (ALeRCE's 500, Lasair's None body: not yet
-    # available) and Lasair's empty body.
-    stamp_service.server_errors(2, status=503, endpoint=route)
-    stamp_service.not_found_then_available(3, endpoint=route)
+    # Then faults, each on its own alert (a job's attempt reports its most telling problem): 5xx (failed attempts),
+    # the service's "not there" (ALeRCE's 500, Lasair's None body: not yet available) and Lasair's empty body.
+    stamp_service.server_errors(2, status=503, endpoint=route, candid=alerts[1].dia_source_id)
+    stamp_service.not_found_then_available(3, endpoint=route, candid=alerts[2].dia_source_id)
     if provider == "lasair":
-        stamp_service.inject("empty_body", 2)
+        stamp_service.inject("empty_body", 2, candid=alerts[3].dia_source_id)
     second = start_worker(config, "fetcher-2", tmp_path / "second.log")
     try:
         wait_until(lambda: all_final(conn), timeout=120, what="every stamp job final")
