@@ -17,8 +17,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import child_env, wait_until, ztfd_command
+from ztfd import store
 from ztfd.embedded import samples
 from ztfd.embedded.kafka import KafkaBroker
+from ztfd.store import jobs as store_jobs
+from ztfd.store.alerts import alerts_by_id
 
 
 def count(db: Path, sql: str, *args: object) -> int:
@@ -139,10 +142,13 @@ def test_two_topics_at_once_and_stamp_jobs_queued(
 
     distinct = {(m["objectId"], observed(m)) for m in messages}
     assert 10 < len(distinct) < 40, "the sample stream should repeat objects"
-    assert count(db, "SELECT count(*) FROM jobs WHERE kind = 'stamps' AND state = 'ready'") == len(distinct)
-    conn = sqlite3.connect(db)
-    payload = json.loads(conn.execute("SELECT payload FROM jobs ORDER BY id LIMIT 1").fetchone()[0])
-    assert set(payload) == {"alert_id", "object_id", "topic", "date", "obs_mjd"}
+    conn = store.connect(db)
+    queued = store_jobs.list_jobs(conn)
+    assert [job.state for job in queued] == ["ready"] * len(distinct)
+    # Each job refers to its stored alert, which carries what the fetcher needs.
+    alerts = alerts_by_id(conn, (job.alert_id for job in queued))
+    assert sorted(alerts) == sorted(job.alert_id for job in queued)
+    assert all(a.object_id.startswith("ZTF") and a.date for a in alerts.values())
     # A file's partition date is the UTC date of its newest observation time.
     sample = json.loads(alert_files(home)[0].read_bytes())
     assert sample["ztfd"]["date"] == alert_files(home)[0].parent.parent.name
@@ -384,6 +390,6 @@ def test_a_second_consumer_of_the_same_topic_stores_nothing_twice(make_config: C
     second.close()
     assert sorted(entry.item.offset for entry in accepted) == list(range(5, 12))
     assert count(cfg.db_path, "SELECT count(*) FROM alerts") == 12
-    assert count(cfg.db_path, "SELECT count(DISTINCT alert_id) FROM (SELECT json_extract(payload, '$.alert_id') "
-                 "AS alert_id FROM jobs)") == count(cfg.db_path, "SELECT count(*) FROM jobs")
+    assert count(cfg.db_path, "SELECT count(DISTINCT alert_id) FROM jobs") == count(cfg.db_path,
+                                                                                  "SELECT count(*) FROM jobs")
     assert count(cfg.db_path, "SELECT count(*) FROM manifest") == 12

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ztfd import jobqueue, store
-from ztfd.store import counters
-
-KIND = jobqueue.STAMPS
+from ztfd import store
+from ztfd.store import counters, jobs
+from ztfd.store.jobs import NewStampJob, Waiting
 
 
 def counted_jobs(conn: sqlite3.Connection) -> dict[str, int]:
@@ -20,7 +19,7 @@ def counted_jobs(conn: sqlite3.Connection) -> dict[str, int]:
     for row in conn.execute(
         "SELECT CASE WHEN state = 'ready' AND waiting = 'unavailable' THEN 'unavailable' "
         "WHEN state = 'ready' AND waiting = 'retry' THEN 'retry_waiting' ELSE state END AS s, count(*) AS n "
-        "FROM jobs WHERE kind = ? GROUP BY s", (KIND,)
+        "FROM jobs GROUP BY s"
     ):
         result[row["s"]] = row["n"]
     return result
@@ -35,37 +34,43 @@ def add_alerts(conn: sqlite3.Connection, topic: str, date: str, offsets: range, 
         )
 
 
+def queue_jobs(conn: sqlite3.Connection, count: int) -> None:
+    """``count`` stamp jobs, each for an alert of its own."""
+    start = conn.execute("SELECT coalesce(max(kafka_offset) + 1, 0) FROM alerts").fetchone()[0]
+    add_alerts(conn, "t", "2021-09-01", range(start, start + count), 1_630_470_000.0)
+    ids = [row[0] for row in conn.execute("SELECT id FROM alerts WHERE kafka_offset >= ?", (start,))]
+    with store.transaction(conn):
+        jobs.enqueue(conn, (NewStampJob(alert_id) for alert_id in ids))
+
+
 def test_job_counters_follow_every_queue_operation(tmp_path: Path) -> None:
     conn = store.connect(tmp_path / "s.sqlite3")
     rng = random.Random(15)
-    with store.transaction(conn):
-        jobqueue.enqueue(conn, KIND, ({"n": n} for n in range(60)))
-        jobqueue.enqueue(conn, "other", ({"n": n} for n in range(5)))  # not stamps: not counted
-    owner = jobqueue.new_owner()
+    queue_jobs(conn, 60)
+    owner = jobs.new_owner()
     failures_expected = 0
     for round_number in range(6):
         now = 1e12 + round_number  # a retry's not_before moves on, as time.time() does
-        jobs = jobqueue.claim(conn, KIND, owner, lease_seconds=60, limit=12, now=now)
-        for job in jobs:
+        for job in jobs.claim(conn, owner, lease_seconds=60, limit=12, now=now):
             action = rng.choice(["complete", "retry", "unavailable", "fail", "release", "keep"])
             if action == "complete":
-                assert jobqueue.complete(conn, job.id, owner, {"candid": "1"})
+                assert jobs.complete(conn, job.id, owner, jobs.StampResult("1", None))
             elif action == "retry":
-                assert jobqueue.retry(conn, job.id, owner, 0.0, "HTTP 503 from get_stamp", now=now)
+                assert jobs.retry(conn, job.id, owner, 0.0, "HTTP 503 from get_stamp", now=now)
                 failures_expected += 1
             elif action == "unavailable":
-                assert jobqueue.retry(conn, job.id, owner, 0.0, "not yet", waiting="unavailable", now=now)
+                assert jobs.retry(conn, job.id, owner, 0.0, "not yet", waiting=Waiting.UNAVAILABLE, now=now)
             elif action == "fail":
-                assert jobqueue.fail(conn, job.id, owner, "detections: HTTP 500")
+                assert jobs.fail(conn, job.id, owner, "detections: HTTP 500")
                 failures_expected += 1
             elif action == "release":
-                assert jobqueue.release(conn, owner, [job.id]) == 1
+                assert jobs.release(conn, owner, [job.id]) == 1
         assert counters.job_states(conn) == counted_jobs(conn)
     # Leases that run out: the jobs come back (or fail) and each counts as a lost worker.
     leased = conn.execute("SELECT count(*) FROM jobs WHERE state = 'leased'").fetchone()[0]
     assert leased > 0
     with store.transaction(conn):
-        jobqueue.requeue_expired(conn, max_attempts=3, now=2e12)
+        jobs.requeue_expired(conn, max_attempts=3, now=2e12)
     assert counters.job_states(conn) == counted_jobs(conn)
     failures = counters.stamp_failures(conn)
     assert failures["worker_lost"] == leased
@@ -77,7 +82,7 @@ def test_job_counters_follow_every_queue_operation(tmp_path: Path) -> None:
         conn.execute("DELETE FROM jobs WHERE state IN ('done', 'failed')")
     assert counters.job_states(conn) == before
     with store.transaction(conn):
-        conn.execute("DELETE FROM jobs WHERE state = 'ready' AND kind = ?", (KIND,))
+        conn.execute("DELETE FROM jobs WHERE state = 'ready'")
     after = counters.job_states(conn)
     assert after["ready"] == after["retry_waiting"] == after["unavailable"] == 0
     assert (after["done"], after["failed"]) == (before["done"], before["failed"])
@@ -102,11 +107,10 @@ def test_job_counters_follow_every_queue_operation(tmp_path: Path) -> None:
 ])
 def test_failure_reasons_fall_in_fixed_classes(tmp_path: Path, reason: str, expected: str) -> None:
     conn = store.connect(tmp_path / "s.sqlite3")
-    with store.transaction(conn):
-        jobqueue.enqueue(conn, KIND, [{"n": 1}])
-    owner = jobqueue.new_owner()
-    (job,) = jobqueue.claim(conn, KIND, owner, lease_seconds=60)
-    assert jobqueue.fail(conn, job.id, owner, reason)
+    queue_jobs(conn, 1)
+    owner = jobs.new_owner()
+    (job,) = jobs.claim(conn, owner, lease_seconds=60)
+    assert jobs.fail(conn, job.id, owner, reason)
     failures = counters.stamp_failures(conn)
     assert expected in counters.FAILURE_REASONS
     assert failures[expected] == 1 and sum(failures.values()) == 1
@@ -150,23 +154,25 @@ def test_alert_rejected_and_file_counters(tmp_path: Path) -> None:
     assert counters.uploaded(conn) == counters.FileTotals(6, sum(size for _, size, _ in files[4:]))
 
 
-def test_counters_of_an_older_store_are_seeded_once(tmp_path: Path) -> None:
+def test_counters_of_an_older_store_are_seeded_by_its_migration(tmp_path: Path) -> None:
+    """A store written by older code (tests/fixtures/store-v1.sql) gets its counters from the rows it holds."""
     db = tmp_path / "s.sqlite3"
-    conn = store.connect(db)
-    add_alerts(conn, "a", "2021-09-01", range(0, 25), 1_630_470_000.0)
-    with store.transaction(conn):
-        jobqueue.enqueue(conn, KIND, ({"n": n} for n in range(7)))
-        store.record_files(conn, [(f"data/x{n}.json", 10, f"m{n}") for n in range(4)])
-    # A store from before the counters: the tables empty and the seeding never done.
-    with store.transaction(conn):
-        for table in ("counter_alerts", "counter_jobs", "counter_files", "counter_images"):
-            conn.execute(f"DELETE FROM {table}")
-        conn.execute("DELETE FROM meta WHERE key = 'counters_seeded'")
+    old = sqlite3.connect(db)
+    old.executescript((Path(__file__).parent / "fixtures" / "store-v1.sql").read_text())
+    old.close()
+    conn = store.connect(db)  # migrates, creating and seeding the counters
+    totals = counters.topic_totals(conn)
+    for row in conn.execute("SELECT topic, count(*) AS n, max(received_at) AS last FROM alerts GROUP BY topic"):
+        assert (totals[row["topic"]].stored, totals[row["topic"]].last_alert_at) == (row["n"], row["last"])
+    for row in conn.execute("SELECT topic, count(*) AS n FROM rejected GROUP BY topic"):
+        assert totals[row["topic"]].rejected == row["n"]
+    assert counters.job_states(conn) == counted_jobs(conn)
+    assert sum(counters.job_states(conn).values()) > 0
+    by_state = counters.files_by_state(conn)
+    for row in conn.execute("SELECT state, count(*) AS n, sum(size) AS b FROM manifest GROUP BY state"):
+        assert by_state[row["state"]] == counters.FileTotals(row["n"], row["b"])
+    stored = sum(t.stored for t in totals.values())
+    add_alerts(conn, "lasair_fixture", "2021-09-01", range(10_000, 10_003), 1.8e9)  # counted from now on
     conn.close()
-    conn = store.connect(db)
-    assert counters.topic_totals(conn)["a"].stored == 25
-    assert counters.job_states(conn)["ready"] == 7
-    assert counters.files_by_state(conn)["pending"] == counters.FileTotals(4, 40)
-    conn.close()
-    conn = store.connect(db)  # seeded already: not counted twice
-    assert counters.topic_totals(conn)["a"].stored == 25
+    conn = store.connect(db)  # a current store: nothing seeded again
+    assert sum(t.stored for t in counters.topic_totals(conn).values()) == stored + 3

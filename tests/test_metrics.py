@@ -140,7 +140,7 @@ def store_view(run: Running) -> dict[str, Any]:
         for row in conn.execute(
             "SELECT CASE WHEN state = 'ready' AND waiting = 'unavailable' THEN 'unavailable' "
             "WHEN state = 'ready' AND waiting = 'retry' THEN 'retry_waiting' ELSE state END AS s, count(*) AS n "
-            "FROM jobs WHERE kind = 'stamps' GROUP BY s"
+            "FROM jobs GROUP BY s"
         ):
             jobs[row["s"]] = float(row["n"])
         pending = conn.execute(

@@ -1,7 +1,8 @@
 """The ``ztfd`` command. Each subcommand loads the configuration, sets up logging, and calls one module.
 
-Exit codes: 0 success; 1 the work did not complete (failed stamps, failed uploads); 2 bad usage or a bad
-configuration (one line naming the key); 3 ``status`` when ztfd is not running (LSB convention).
+Exit codes: 0 success; 1 the work did not complete (failed stamps, failed uploads); 2 bad usage, a bad
+configuration (one line naming the key) or a store of a newer ztfd (one line); 3 ``status`` when ztfd is not
+running (LSB convention).
 """
 
 from __future__ import annotations
@@ -63,7 +64,20 @@ def process_name(default: str) -> str:
     return os.environ.get("ZTFD_PROCESS_NAME") or default
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Main(click.Group):
+    """The command group; a store this ztfd cannot read ends any command with one line and exit 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from ztfd.store.db import StoreVersionError
+
+        try:
+            return super().invoke(ctx)
+        except StoreVersionError as exc:
+            click.echo(f"ztfd: {exc}", err=True)
+            ctx.exit(EXIT_CONFIG)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option(
     "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
     help="Configuration file (default: $ZTFD_CONFIG, else etc/ztfd.toml).",

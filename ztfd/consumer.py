@@ -33,11 +33,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from ztfd import alerts, jobqueue, store
+from ztfd import alerts, store
 from ztfd.config import Config
 from ztfd.files import md5_hex, remove_stale_temporaries
 from ztfd.filewriter import FileWriter
 from ztfd.logs import AlertLog
+from ztfd.store.alerts import NewAlert, dates_received_since, insert_alerts, stored_offsets_between
+from ztfd.store.jobs import NewStampJob, detection_key, enqueue
+from ztfd.store.rejected import NewRejected, add_rejected, latest_rejected
 
 log = logging.getLogger(__name__)
 
@@ -393,10 +396,8 @@ class TopicConsumer:
             spans.setdefault((item.partition, item.generation), []).append(item.offset)
         for (partition, generation), offsets in spans.items():
             stored.update(
-                (partition, generation, row[0]) for row in self.conn.execute(
-                    "SELECT kafka_offset FROM alerts WHERE topic = ? AND partition = ? AND generation = ? "
-                    "AND kafka_offset BETWEEN ? AND ?", (self.topic, partition, generation, min(offsets), max(offsets)),
-                )
+                (partition, generation, offset) for offset in stored_offsets_between(
+                    self.conn, self.topic, partition, generation, min(offsets), max(offsets))
             )
         return [(item, message) for item, message in valid
                 if (item.partition, item.generation, item.offset) not in stored]
@@ -417,55 +418,30 @@ class TopicConsumer:
         """Step 3: alerts, rejected messages, stamp jobs, manifest rows and next offsets, all or nothing."""
         now = batch.received.timestamp()
         accepted: list[Accepted] = []
-        jobs: list[dict[str, Any]] = []
+        jobs: list[NewStampJob] = []
         with store.transaction(self.conn):
             for entry, alert_id in zip(batch.documents, self._insert_alerts(batch.documents, now), strict=True):
                 if alert_id is None:
                     continue  # stored by another consumer of the same topic meanwhile
                 accepted.append(entry)
                 if self.cfg.stamps.enabled and entry.message.is_ztf:
-                    jobs.append({"alert_id": alert_id, "object_id": entry.message.object_id, "topic": self.topic,
-                                 "date": entry.date, "obs_mjd": entry.message.newest_mjd})
-            self.conn.executemany(
-                "INSERT OR IGNORE INTO rejected (topic, partition, generation, kafka_offset, received_at, reason, raw) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(self.topic, item.partition, item.generation, item.offset, now, reason, item.msg.value())
-                 for item, reason in batch.rejected],
-            )
+                    key = detection_key(entry.message.object_id, entry.message.newest_mjd, entry.date)
+                    jobs.append(NewStampJob(alert_id, dedupe_key=key))
+            add_rejected(self.conn, self.topic, [
+                NewRejected(item.partition, item.generation, item.offset, reason, item.msg.value())
+                for item, reason in batch.rejected], now)
             store.record_files(self.conn, [(entry.path, len(entry.body), entry.md5) for entry in accepted])
             if jobs:
-                jobqueue.enqueue(self.conn, jobqueue.STAMPS, jobs, now=now, dedupe_key=stamp_job_key)
+                enqueue(self.conn, jobs, now=now)
             for partition, (generation, next_offset) in batch.resume_at.items():
                 store.save_offset(self.conn, self.topic, partition, generation, next_offset)
         return accepted
 
     def _insert_alerts(self, written: list[Accepted], now: float) -> list[int | None]:
-        """Insert the alerts of a batch (inside the caller's transaction); each one's id, None if already stored.
-
-        One ``executemany`` for the whole batch: holding the write lock, SQLite gives the new rows consecutive
-        ids, so when every row went in, the ids follow from the last one. Only a conflict (a second consumer of
-        the same topic) falls back to a statement per row.
-        """
-        conn = self.conn
-        rows = [(self.topic, e.item.partition, e.item.generation, e.item.offset, e.message.object_id, e.date,
-                 e.message.newest_mjd, e.path, now) for e in written]
-        if not rows:
-            return []
-        insert = ("INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, "
-                  "received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
-        highest_before = conn.execute("SELECT coalesce(max(id), 0) FROM alerts").fetchone()[0]
-        changes_before = conn.total_changes
-        conn.executemany(insert, rows)
-        if conn.total_changes - changes_before == len(rows):
-            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-            return list(range(last - len(rows) + 1, last + 1))
-        ids: list[int | None] = []
-        for row in rows:  # rows inserted by this statement are the ones above the highest id before it
-            found = conn.execute(
-                "SELECT id FROM alerts WHERE topic = ? AND partition = ? AND generation = ? AND kafka_offset = ?",
-                row[:4]).fetchone()
-            ids.append(found[0] if found is not None and found[0] > highest_before else None)
-        return ids
+        """Insert the alerts of a batch (inside the caller's transaction); each one's id, None if already stored."""
+        return insert_alerts(self.conn, self.topic, [
+            NewAlert(e.item.partition, e.item.generation, e.item.offset, e.message.object_id, e.date,
+                     e.message.newest_mjd, e.path) for e in written], now)
 
     def _commit_to_kafka(self, resume_at: dict[int, tuple[int, int]]) -> None:
         from confluent_kafka import TopicPartition
@@ -487,9 +463,7 @@ class TopicConsumer:
         redelivered and written again), so those are the folders to look in, not the whole tree.
         """
         since = time.time() - RECENT_DATES_WINDOW
-        dates = {row[0] for row in self.conn.execute(
-            "SELECT DISTINCT date FROM alerts WHERE topic = ? AND received_at > ?", (self.topic, since))}
-        for date in dates:
+        for date in dates_received_since(self.conn, self.topic, since):
             remove_stale_temporaries(self.cfg.data_dir / date / self.topic)
 
 
@@ -521,14 +495,6 @@ def librdkafka_logger() -> logging.Logger:
     return logger
 
 
-def stamp_job_key(payload: dict[str, Any]) -> str:
-    """One stamp job per object and observation time: Lasair resends an object whenever a selected column
-    changes, and the triplet of the same detection needs fetching once."""
-    # Rounded to ~0.1 s: the same detection time reaches ztfd as a JD in one filter and an MJD in another.
-    when = f"{payload['obs_mjd']:.6f}" if payload["obs_mjd"] is not None else payload["date"]
-    return f"{payload['object_id']}@{when}"
-
-
 def kafka_time(msg: Any) -> dt.datetime | None:
     """The message's Kafka timestamp: the same at every redelivery, unlike ztfd's own clock."""
     kind, stamp = msg.timestamp()
@@ -551,17 +517,12 @@ def run(cfg: Config, topic: str, name: str) -> int:
 def describe_rejected(cfg: Config, topic: str | None, limit: int) -> list[str]:
     """Lines for ``ztfd rejected``: newest first, with the reason and the start of the raw bytes."""
     conn = store.connect(cfg.db_path)
-    where, args = ("WHERE topic = ?", (topic,)) if topic else ("", ())
-    rows = conn.execute(
-        f"SELECT topic, partition, kafka_offset, received_at, reason, raw FROM rejected {where} "
-        "ORDER BY id DESC LIMIT ?", (*args, limit)
-    ).fetchall()
+    rows = latest_rejected(conn, topic, limit)
     conn.close()
     lines = []
     for row in rows:
-        when = alerts.iso_utc(dt.datetime.fromtimestamp(row["received_at"], dt.UTC))
-        raw = bytes(row["raw"] or b"")[:120]
-        lines.append(f"{when} {row['topic']}[{row['partition']}]@{row['kafka_offset']}: {row['reason']} | {raw!r}")
+        when = alerts.iso_utc(dt.datetime.fromtimestamp(row.received_at, dt.UTC))
+        lines.append(f"{when} {row.topic}[{row.partition}]@{row.kafka_offset}: {row.reason} | {row.raw[:120]!r}")
     return lines
 
 

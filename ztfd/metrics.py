@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from ztfd import config, store
 from ztfd.procs import pid_alive
 from ztfd.store import counters
+from ztfd.store.processes import ProcessRow, processes
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class StoreCollector(Collector):
             failures = counters.stamp_failures(self.conn)
             files = counters.files_by_state(self.conn)
             uploaded = counters.uploaded(self.conn)
-            processes = counters.processes(self.conn)
+            rows = processes(self.conn)
         names = sorted(set(self.cfg.kafka.topics) | set(topics))
         empty = counters.TopicTotals(0, 0, None)
 
@@ -134,10 +135,10 @@ class StoreCollector(Collector):
         yield CounterMetricFamily("ztfd_sync_uploaded_files", "Files uploaded to S3 and verified.",
                                   value=uploaded.files)
 
-        yield from self._processes(processes, now)
+        yield from self._processes(rows, now)
         yield from self._disk()
 
-    def _processes(self, rows: list[counters.ProcessRow], now: float) -> Iterator[Metric]:
+    def _processes(self, rows: list[ProcessRow], now: float) -> Iterator[Metric]:
         up = GaugeMetricFamily("ztfd_process_up", "1 while the process runs and heartbeats in time.",
                                labels=["name", "role"])
         restarts = CounterMetricFamily("ztfd_process_restarts", "Restarts by the supervisor since `ztfd start`.",

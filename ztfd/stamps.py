@@ -3,7 +3,7 @@
 One worker process runs an asyncio loop with ``stamps.concurrency`` alerts in flight (three stamp requests each),
 which is what lets a handful of processes saturate a slow service without hundreds of threads. Around it:
 
-- jobs are claimed with a lease (``ztfd.jobqueue``) that a background task keeps extending while the worker is
+- jobs are claimed with a lease (``ztfd.store.jobs``) that a background task keeps extending while the worker is
   alive; a worker killed with -9 stops extending, and its jobs go back to the queue when the lease runs out.
 - the candid is chosen from ALeRCE's detections list (Lasair messages carry none): the detection with stamps
   whose MJD is closest to the alert's newest observation time, within ``stamps.match_tolerance`` seconds; the
@@ -43,11 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ztfd import jobqueue, ratelimit, store
+from ztfd import ratelimit, store
 from ztfd.alerts import PLAIN_ID
 from ztfd.config import Config, StampsConfig
 from ztfd.files import atomic_write, md5_hex, relative_to_home, remove_stale_temporaries
 from ztfd.preview import STAMP_TYPES
+from ztfd.store import jobs
 
 log = logging.getLogger(__name__)
 FETCHER_NICENESS = 5
@@ -191,24 +192,6 @@ def _remove_stale_temporaries(folder: Path) -> None:
         remove_stale_temporaries(folder)
 
 
-def next_due(conn: sqlite3.Connection, kind: str, batch: str | None = None) -> float | None:
-    """When the queue next has something for a claim: the earliest ready job's ``not_before`` or leased job's
-    ``lease_until`` (an expired lease is requeued by the next claim); None when there is neither.
-
-    Two plain reads on partial indexes: an idle worker asks this instead of running a claim (a write
-    transaction) several times a second.
-    """
-    only_batch, args = ("AND batch = ?", (batch,)) if batch is not None else ("", ())
-    ready = conn.execute(
-        f"SELECT min(not_before) FROM jobs WHERE state = 'ready' AND kind = ? {only_batch}", (kind, *args)
-    ).fetchone()[0]
-    lease = conn.execute(
-        f"SELECT min(lease_until) FROM jobs WHERE state = 'leased' AND kind = ? {only_batch}", (kind, *args)
-    ).fetchone()[0]
-    due = [t for t in (ready, lease) if t is not None]
-    return min(due) if due else None
-
-
 async def _read_capped(response: Any) -> bytes:
     """The body, read to at most ``MAX_BODY_BYTES`` (+1 to tell "too large"): a chunked answer has no
     Content-Length to check first, and an endless one must not fill the worker's memory."""
@@ -262,7 +245,7 @@ class Worker:
         self.name = name
         self.batch = batch
         self.exit_when_idle = exit_when_idle
-        self.owner = jobqueue.new_owner()
+        self.owner = jobs.new_owner()
         self.conn: sqlite3.Connection | None = None
         self.db = ThreadPoolExecutor(1, thread_name_prefix="db")  # one connection, used from one thread
         self.cpu = ThreadPoolExecutor(1, thread_name_prefix="cpu")  # FITS checks, writes, previews
@@ -330,18 +313,17 @@ class Worker:
             raise FetchError(f"{kind} stamp: HTTP {status}")
         return body
 
-    async def process(self, job: jobqueue.Job) -> Outcome:
-        payload = job.payload
-        object_id, date = payload.get("object_id"), payload.get("date")
+    async def process(self, job: jobs.StampJob) -> Outcome:
+        object_id, date = job.alert.object_id, job.alert.date
         if not isinstance(object_id, str) or not PLAIN_ID.match(object_id):
             raise BadPayloadError(f"bad object_id {object_id!r}")
         if not isinstance(date, str) or not DATE.match(date):
             raise BadPayloadError(f"bad date {date!r}")
-        force = bool(payload.get("force"))
-        if payload.get("candid") is not None:  # replay knows it from an earlier run: no detections request
-            candid, mjd = int(payload["candid"]), payload.get("candid_mjd")
+        force = job.force
+        if job.known is not None:  # an earlier run chose it (replay): no detections request
+            candid, mjd = int(job.known.detection_id), job.known.detection_mjd
         else:
-            detection = await self._detection(object_id, payload.get("obs_mjd"))
+            detection = await self._detection(object_id, job.alert.obs_mjd)
             candid, mjd = detection.candid, detection.mjd
         paths = {kind: stamp_path(self.cfg.images_dir, date, object_id, candid, kind) for kind in STAMP_TYPES}
         have = {} if force else await self._cpu(self._existing, paths)
@@ -427,15 +409,14 @@ class Worker:
             rows.append((relative_to_home(home, png), len(data), md5_hex(data)))
         return rows
 
-    def _finish(self, conn: sqlite3.Connection, job: jobqueue.Job, outcome: Outcome) -> None:
-        result = {"candid": str(outcome.candid), "mjd": outcome.mjd, "fetched": outcome.fetched,
-                  "preview": outcome.preview, "worker": self.name}
-        if not jobqueue.complete(conn, job.id, self.owner, result):
+    def _finish(self, conn: sqlite3.Connection, job: jobs.StampJob, outcome: Outcome) -> None:
+        result = jobs.StampResult(str(outcome.candid), outcome.mjd, tuple(outcome.fetched), outcome.preview, self.name)
+        if not jobs.complete(conn, job.id, self.owner, result):
             log.warning("job %d finished after its lease was lost; another worker has it", job.id)
 
-    async def run_job(self, job: jobqueue.Job) -> None:
+    async def run_job(self, job: jobs.StampJob) -> None:
         """Process one job and settle it: done, retry, not yet available, or failed."""
-        label = f"job {job.id} {job.payload.get('object_id')}"
+        label = f"job {job.id} {job.alert.object_id}"
         try:
             outcome = await self.process(job)
         except asyncio.CancelledError:
@@ -445,7 +426,7 @@ class Worker:
         except BadPayloadError as exc:
             log.error("%s failed: %s", label, exc)
             self.stats["failed"] += 1
-            await self._db(jobqueue.fail, job.id, self.owner, str(exc))
+            await self._db(jobs.fail, job.id, self.owner, str(exc))
         except Exception as exc:
             if not isinstance(exc, FetchError):
                 log.exception("%s: unexpected error", label)
@@ -455,31 +436,31 @@ class Worker:
             self.stats["done"] += 1
             log.debug("%s done: candid %d, fetched %s", label, outcome.candid, outcome.fetched or "nothing")
 
-    async def _failed_attempt(self, job: jobqueue.Job, label: str, reason: str) -> None:
+    async def _failed_attempt(self, job: jobs.StampJob, label: str, reason: str) -> None:
         if job.attempts >= self.settings.max_attempts:
             log.error("%s failed after %d attempts: %s", label, job.attempts, reason)
             self.stats["failed"] += 1
-            await self._db(jobqueue.fail, job.id, self.owner, reason)
+            await self._db(jobs.fail, job.id, self.owner, reason)
             return
         delay = failure_delay(self.settings, job.attempts)
         log.warning("%s attempt %d/%d: %s; retrying in %.1fs", label, job.attempts, self.settings.max_attempts,
                     reason, delay)
         self.stats["retried"] += 1
-        await self._db(jobqueue.retry, job.id, self.owner, delay, reason)
+        await self._db(jobs.retry, job.id, self.owner, delay, reason)
 
-    async def _not_yet(self, job: jobqueue.Job, label: str, reason: str) -> None:
+    async def _not_yet(self, job: jobs.StampJob, label: str, reason: str) -> None:
         now = time.time()
         waited = now - job.unavailable_since if job.unavailable_since is not None else 0.0
         if waited >= self.settings.unavailable_give_up:
             reason = f"not available at ALeRCE after {waited:.0f}s: {reason}"
             log.error("%s failed: %s", label, reason)
             self.stats["failed"] += 1
-            await self._db(jobqueue.fail, job.id, self.owner, reason)
+            await self._db(jobs.fail, job.id, self.owner, reason)
             return
         delay = unavailable_delay(self.settings, waited)
         log.info("%s not yet available (%s); looking again in %.0fs", label, reason, delay)
         self.stats["unavailable"] += 1
-        await self._db(jobqueue.retry, job.id, self.owner, delay, reason, waiting="unavailable")
+        await self._db(jobs.retry, job.id, self.owner, delay, reason, waiting=jobs.Waiting.UNAVAILABLE)
 
     # --- the loop ----------------------------------------------------------------------------------------
 
@@ -491,7 +472,7 @@ class Worker:
             try:
                 if self.heartbeat:
                     await self._db(store.heartbeat, self.name, "fetcher")
-                await self._db(jobqueue.extend, self.owner, self.settings.lease_seconds)
+                await self._db(jobs.extend, self.owner, self.settings.lease_seconds)
             except sqlite3.Error as exc:
                 log.warning("heartbeat failed: %s", exc)
             with contextlib.suppress(TimeoutError):
@@ -499,12 +480,7 @@ class Worker:
 
     def _batch_has_work(self, conn: sqlite3.Connection) -> bool:
         """True while the batch has jobs leased or to be tried again soon (not the ones waiting for ALeRCE)."""
-        row = conn.execute(
-            "SELECT count(*) FROM jobs WHERE batch = ? AND (state = 'leased' OR (state = 'ready' "
-            "AND NOT (waiting = 'unavailable' AND not_before > ?)))",
-            (self.batch, time.time()),
-        ).fetchone()
-        return bool(row[0])
+        return jobs.counts(conn, batch=self.batch).busy > 0
 
     async def run(self) -> int:
         import aiohttp
@@ -521,7 +497,7 @@ class Worker:
         connector = aiohttp.TCPConnector(limit=concurrency * len(STAMP_TYPES) + 2)
         log.info("stamp worker %s started (concurrency %d, rate limit %s/s for the pool%s)", self.name, concurrency,
                  self.settings.rate_limit or "no", f", batch {self.batch}" if self.batch else "")
-        tasks: dict[asyncio.Task[None], jobqueue.Job] = {}
+        tasks: dict[asyncio.Task[None], jobs.StampJob] = {}
         keep_alive = asyncio.create_task(self._keep_alive())
         more = True  # the last claim got all it asked for: claim again as soon as there is room
         last_claim = 0.0
@@ -533,10 +509,10 @@ class Worker:
                     wait: float | None = None
                     if len(tasks) < concurrency:
                         now = time.time()
-                        due = None if more else await self._db(next_due, jobqueue.STAMPS, self.batch)
+                        due = None if more else await self._db(jobs.next_due, self.batch)
                         if more or (due is not None and due <= now) or now - last_claim >= IDLE_CLAIM_EVERY:
                             want = concurrency - len(tasks)
-                            claimed = await self._db(jobqueue.claim, jobqueue.STAMPS, self.owner,
+                            claimed = await self._db(jobs.claim, self.owner,
                                                      self.settings.lease_seconds, want, batch=self.batch,
                                                      max_attempts=self.settings.max_attempts)
                             last_claim = now
@@ -544,7 +520,7 @@ class Worker:
                             for job in claimed:
                                 tasks[asyncio.create_task(self.run_job(job))] = job
                             if not more:
-                                due = await self._db(next_due, jobqueue.STAMPS, self.batch)
+                                due = await self._db(jobs.next_due, self.batch)
                         if not more:
                             if not tasks and self.exit_when_idle and not await self._db(self._batch_has_work):
                                 break
@@ -567,7 +543,7 @@ class Worker:
         log.info("stamp worker %s stopped: %s", self.name, ", ".join(f"{k} {v}" for k, v in self.stats.items()))
         return 0
 
-    async def _shut_down(self, tasks: dict[asyncio.Task[None], jobqueue.Job], keep_alive: asyncio.Task[None]) -> None:
+    async def _shut_down(self, tasks: dict[asyncio.Task[None], jobs.StampJob], keep_alive: asyncio.Task[None]) -> None:
         """Cancel what is in flight and hand its jobs back at once (files already written stay: they are valid)."""
         assert self.stopping is not None
         self.stopping.set()
@@ -575,7 +551,7 @@ class Worker:
             task.cancel()
         await asyncio.gather(*tasks, keep_alive, return_exceptions=True)
         self.cpu.shutdown(wait=True)  # a write in progress finishes (atomically) before the lease is released
-        released = await self._db(jobqueue.release, self.owner)
+        released = await self._db(jobs.release, self.owner)
         if released:
             log.info("released %d stamp jobs", released)
 

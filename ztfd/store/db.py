@@ -1,17 +1,27 @@
 """Opening the store and its transactions.
 
-Every process opens its own connection (``connect``); SQLite serialises writers with ``busy_timeout``.
+Every process opens its own connection (``connect``); SQLite serialises writers with ``busy_timeout``. Opening
+reads the store's schema version: an older store is migrated (one transaction), a newer one refused
+(``StoreVersionError``), a current one used as it is, without taking the write lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ztfd.store.migrations import STEPS
 from ztfd.store.schema import SCHEMA, SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
+
+
+class StoreVersionError(Exception):
+    """The store's layout is not the one this ztfd reads (``str()`` is the one line to show)."""
 
 
 def connect(db_path: Path, timeout: float = 60.0) -> sqlite3.Connection:
@@ -24,8 +34,11 @@ def connect(db_path: Path, timeout: float = 60.0) -> sqlite3.Connection:
     # NORMAL in WAL mode is durable across process crashes (what the promise is about); a power cut can lose
     # the last transactions but never corrupts, and Kafka then redelivers what the lost ones had acknowledged.
     conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("PRAGMA foreign_keys = ON")
-    _migrate(conn)
+    try:
+        _migrate(conn, db_path)
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -44,12 +57,44 @@ def _enable_wal(conn: sqlite3.Connection, timeout: float) -> None:
             time.sleep(0.01)
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The layout version the store records; 0 for a new (empty) store."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+        return 0
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def too_new(db_path: Path, version: int) -> StoreVersionError:
+    return StoreVersionError(
+        f"store: {db_path} has schema version {version}, newer than this ztfd reads ({SCHEMA_VERSION}); "
+        "run the ztfd that wrote it, or a newer one")
+
+
+def _migrate(conn: sqlite3.Connection, db_path: Path) -> None:
+    """Bring the store to ``SCHEMA_VERSION``: nothing to do (a read) when it is there already; otherwise every
+    step from its version on, then ``SCHEMA``, in one write transaction (another process may have migrated it
+    while this one waited for the lock: the version is read again inside)."""
+    version = schema_version(conn)
+    if version == SCHEMA_VERSION:
+        return
+    if version > SCHEMA_VERSION:
+        raise too_new(db_path, version)
     with transaction(conn):
+        version = schema_version(conn)
+        if version > SCHEMA_VERSION:
+            raise too_new(db_path, version)
+        if version == SCHEMA_VERSION:
+            return
+        if version:
+            log.warning("migrating the store %s from schema version %d to %d", db_path, version, SCHEMA_VERSION)
+            for step in range(version, SCHEMA_VERSION):
+                STEPS[step](conn)
         for statement in _statements(SCHEMA):
             conn.execute(statement)
         conn.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),)
         )
 
 
@@ -76,3 +121,13 @@ def transaction(conn: sqlite3.Connection, immediate: bool = True) -> Iterator[sq
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def atomic(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """All or nothing: joins the caller's transaction when there is one, else opens its own."""
+    if conn.in_transaction:
+        yield conn
+        return
+    with transaction(conn):
+        yield conn

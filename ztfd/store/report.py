@@ -9,12 +9,10 @@ for a new report reads a few rows per night.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from ztfd.lightcurve import MAG, Point, decode, encode
 
@@ -92,24 +90,31 @@ def night_rejected(conn: sqlite3.Connection, date: str, topic: str | None = None
 
 
 def night_stamps(conn: sqlite3.Connection, date: str) -> dict[str, StampOutcome]:
-    """object_id -> the outcome of its most recently settled stamp job of that night (done wins over others)."""
-    rows = conn.execute(
-        "SELECT json_extract(payload, '$.object_id') AS object_id, state, waiting, last_error, result, updated_at "
-        "FROM jobs WHERE kind = 'stamps' AND json_extract(payload, '$.date') = ? ORDER BY updated_at, id",
-        (date,))
+    """object_id -> what became of its stamps that night: a stamp record (done) wins, else its latest job.
+
+    Reads the night's stamp records through ``alerts_date``, and only open jobs and the jobs failed since the
+    night's first alert arrived (partial indexes), never the whole queue.
+    """
     outcomes: dict[str, StampOutcome] = {}
-    for row in rows:
-        candid = None
-        if row["result"]:
-            try:
-                result: Any = json.loads(row["result"])
-                candid = str(result.get("candid")) if isinstance(result, dict) and result.get("candid") else None
-            except ValueError:
-                candid = None
-        outcome = StampOutcome(row["state"], row["waiting"], row["last_error"], candid, row["updated_at"])
-        previous = outcomes.get(row["object_id"])
-        if previous is None or previous.state != "done" or outcome.state == "done":
-            outcomes[row["object_id"]] = outcome
+    first = conn.execute("SELECT min(received_at) FROM alerts WHERE date = ?", (date,)).fetchone()[0]
+    if first is None:
+        return outcomes
+    for state, since in (("ready", None), ("leased", None), ("failed", first)):
+        after = "AND j.updated_at >= ?" if since is not None else ""
+        rows = conn.execute(
+            "SELECT a.object_id, j.state, j.waiting, j.last_error, j.updated_at FROM jobs j "
+            f"JOIN alerts a ON a.id = j.alert_id WHERE j.state = ? {after} AND a.date = ? ORDER BY j.updated_at",
+            (state, *((since,) if since is not None else ()), date))
+        for row in rows:
+            previous = outcomes.get(row["object_id"])
+            if previous is None or previous.updated_at <= row["updated_at"]:
+                outcomes[row["object_id"]] = StampOutcome(row["state"], row["waiting"], row["last_error"], None,
+                                                          row["updated_at"])
+    done = conn.execute(
+        "SELECT a.object_id, s.detection_id, s.done_at FROM alerts a JOIN stamps s ON s.alert_id = a.id "
+        "WHERE a.date = ? ORDER BY s.done_at", (date,))
+    for row in done:
+        outcomes[row["object_id"]] = StampOutcome("done", None, None, row["detection_id"], row["done_at"])
     return outcomes
 
 

@@ -1,6 +1,14 @@
-"""The store's tables: the one place their shape is written down."""
+"""The store's tables: the one place their shape is written down.
 
-SCHEMA_VERSION = 1
+``SCHEMA`` is the current layout, created as a whole in a new store. A store records the version of its layout
+in ``meta``; opening an older one runs the steps of ``ztfd.store.migrations`` up to ``SCHEMA_VERSION`` and then
+``SCHEMA`` (which creates what is new), all in one transaction. To change the layout: edit ``SCHEMA``, bump
+``SCHEMA_VERSION``, and add the step that turns the previous layout into the new one (new tables and indexes
+need no step: ``SCHEMA`` adds them). Version 1 is the layout before the store owned its schema (jobs carried
+JSON payloads and results).
+"""
+
+SCHEMA_VERSION = 3  # 3: the observability block at the end (counters, detections, reports)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -50,12 +58,14 @@ CREATE TABLE IF NOT EXISTS offsets (
     PRIMARY KEY (topic, partition)
 );
 
--- The work queue (see ztfd.jobqueue). state: ready | leased | done | failed. waiting says why a ready job has a
--- not_before in the future: 'retry' after a failure, 'unavailable' while ALeRCE does not have the alert yet.
+-- The stamp job queue (see ztfd.store.jobs). A job refers to its alert; what a finished job learned is kept with
+-- the alert (``stamps``). state: ready | leased | done | failed (store.jobs.JobState). waiting says why a ready
+-- job has a not_before in the future: 'retry' after a failure, 'unavailable' while the service does not have
+-- the alert yet. force: refetch files already valid on disk (``ztfd replay --force``).
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,
-    payload TEXT NOT NULL,
+    alert_id INTEGER NOT NULL,
+    force INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL DEFAULT 'ready',
     attempts INTEGER NOT NULL DEFAULT 0,
     not_before REAL NOT NULL DEFAULT 0,
@@ -64,18 +74,32 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_until REAL,
     owner TEXT,
     last_error TEXT,
-    result TEXT,
     batch TEXT,
     dedupe_key TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (kind, not_before, id) WHERE state = 'ready';
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (not_before, id) WHERE state = 'ready';
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until) WHERE state = 'leased';
+CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (updated_at) WHERE state = 'failed';
 CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch) WHERE batch IS NOT NULL;
--- At most one waiting or running job per dedupe key (see jobqueue.enqueue).
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedupe ON jobs (kind, dedupe_key)
+-- At most one waiting or running job per dedupe key (see store.jobs.enqueue).
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedupe ON jobs (dedupe_key)
     WHERE dedupe_key IS NOT NULL AND state IN ('ready', 'leased');
+
+-- What is known about an alert's stamps, written when its stamp job finishes: the survey's id of the detection
+-- chosen (ZTF candid, LSST diaSourceId; TEXT so that 64-bit ids stay exact) and its MJD, when, which stamp kinds
+-- that run fetched (bit i = store.stamps.KINDS[i]), whether it drew the preview, and which worker. ``ztfd replay``
+-- reuses the detection id (no lookup) and checks the files it names; nothing reads job rows for it.
+CREATE TABLE IF NOT EXISTS stamps (
+    alert_id INTEGER PRIMARY KEY,
+    detection_id TEXT NOT NULL,
+    detection_mjd REAL,
+    fetched INTEGER NOT NULL DEFAULT 0,
+    preview INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    done_at REAL NOT NULL
+);
 
 -- The sync manifest: every file ztfd writes under data/ and images/. state: pending | done.
 CREATE TABLE IF NOT EXISTS manifest (
@@ -231,27 +255,27 @@ CREATE TRIGGER IF NOT EXISTS count_rejected AFTER INSERT ON rejected BEGIN
     ON CONFLICT (date, topic) DO UPDATE SET rejected = rejected + 1;
 END;
 
-CREATE TRIGGER IF NOT EXISTS count_job_insert AFTER INSERT ON jobs WHEN NEW.kind = 'stamps' BEGIN
+CREATE TRIGGER IF NOT EXISTS count_job_insert AFTER INSERT ON jobs BEGIN
     INSERT INTO counter_jobs (state, jobs) VALUES ({_JOB_BUCKET.format(row="NEW")}, 1)
     ON CONFLICT (state) DO UPDATE SET jobs = jobs + 1;
 END;
 
 CREATE TRIGGER IF NOT EXISTS count_job_update AFTER UPDATE OF state, waiting ON jobs
-WHEN NEW.kind = 'stamps' AND {_JOB_BUCKET.format(row="OLD")} IS NOT {_JOB_BUCKET.format(row="NEW")} BEGIN
+WHEN {_JOB_BUCKET.format(row="OLD")} IS NOT {_JOB_BUCKET.format(row="NEW")} BEGIN
     UPDATE counter_jobs SET jobs = jobs - 1 WHERE state = {_JOB_BUCKET.format(row="OLD")};
     INSERT INTO counter_jobs (state, jobs) VALUES ({_JOB_BUCKET.format(row="NEW")}, 1)
     ON CONFLICT (state) DO UPDATE SET jobs = jobs + 1;
 END;
 
 CREATE TRIGGER IF NOT EXISTS count_job_delete AFTER DELETE ON jobs
-WHEN OLD.kind = 'stamps' AND OLD.state NOT IN ('done', 'failed') BEGIN
+WHEN OLD.state NOT IN ('done', 'failed') BEGIN
     UPDATE counter_jobs SET jobs = jobs - 1 WHERE state = {_JOB_BUCKET.format(row="OLD")};
 END;
 
 -- A failed attempt: a leased job given back to retry after a failure (waiting 'retry'), failed for good, or put
 -- back because its lease ran out (its worker died or hung). Waiting for ALeRCE to catch up is no failure.
 CREATE TRIGGER IF NOT EXISTS count_stamp_failure AFTER UPDATE OF last_error ON jobs
-WHEN NEW.kind = 'stamps' AND OLD.state = 'leased' AND NEW.last_error IS NOT NULL
+WHEN OLD.state = 'leased' AND NEW.last_error IS NOT NULL
     AND (NEW.state = 'failed' OR (NEW.state = 'ready'
          AND (NEW.waiting IS NOT 'unavailable' OR NEW.not_before = OLD.not_before))) BEGIN
     INSERT INTO counter_stamp_failures (reason, failures) VALUES ({_FAILURE_CLASS}, 1)
@@ -300,7 +324,7 @@ INSERT OR IGNORE INTO counter_alerts (date, topic, alerts, last_received_at)
 INSERT OR IGNORE INTO counter_rejected (date, topic, rejected)
     SELECT date(received_at, 'unixepoch'), topic, count(*) FROM {_ONCE} CROSS JOIN rejected GROUP BY 1, 2;
 INSERT OR IGNORE INTO counter_jobs (state, jobs)
-    SELECT {_JOB_BUCKET.format(row="jobs")}, count(*) FROM {_ONCE} CROSS JOIN jobs WHERE kind = 'stamps' GROUP BY 1;
+    SELECT {_JOB_BUCKET.format(row="jobs")}, count(*) FROM {_ONCE} CROSS JOIN jobs GROUP BY 1;
 INSERT OR IGNORE INTO counter_files (state, files, bytes)
     SELECT state, count(*), coalesce(sum(size), 0) FROM {_ONCE} CROSS JOIN manifest GROUP BY state;
 INSERT OR IGNORE INTO counter_images (date, last_recorded_at)
