@@ -23,7 +23,6 @@ import os
 import re
 import signal
 import sqlite3
-import threading
 import time
 import urllib.parse
 from collections import Counter
@@ -462,8 +461,8 @@ def watch(cfg: config.Config, name: str, stop: Callable[[], bool]) -> int:
 
 def run_watch(cfg: config.Config, name: str) -> int:
     """``ztfd report --watch`` (the supervisor's ``reporter``): ``watch`` until SIGTERM, at a low CPU priority."""
-    stopping = threading.Event()
+    signalled: list[int] = []  # a handler only appends: setting an Event there could deadlock on its lock
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
+        signal.signal(signum, lambda number, _frame: signalled.append(number))
     os.nice(REPORTER_NICENESS)  # reports can wait; storing alerts and fetching stamps cannot
-    return watch(cfg, name, stopping.is_set)
+    return watch(cfg, name, lambda: bool(signalled))
