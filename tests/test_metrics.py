@@ -50,6 +50,15 @@ def test_listen_addresses(listen: str, expected: tuple[str, int]) -> None:
     assert config.listen_address(listen) == expected
 
 
+def test_a_missing_program_skips_but_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        tools.require("ztfd-no-such-program")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run this test"):
+        tools.require("ztfd-no-such-program")
+
+
 def test_alerting_rules_pass_promtool() -> None:
     promtool = tools.require("promtool")
     checked = tools.run_tool(promtool, "check", "rules", str(RULES))

@@ -25,7 +25,7 @@ from ztfd.store.rejected import rejected_counts
 
 log = logging.getLogger(__name__)
 
-CHILD_ROLES = ("consumer", "fetcher", "syncer")
+CHILD_ROLES = ("consumer", "fetcher", "syncer", "metrics", "reporter")
 KAFKA_TIMEOUT = 3.0
 LAST_FAILURES = 5
 
