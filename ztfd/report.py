@@ -34,6 +34,8 @@ from typing import Any
 from ztfd import config, files, lightcurve, store
 from ztfd.sources import LSST, STAMP_TYPES, ZTF
 from ztfd.store import report as night
+from ztfd.store.alerts import StoredAlert, alerts_on
+from ztfd.store.stamps import stamp_records_on
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +163,11 @@ def _short_reason(text: str) -> str:
 
 def gather(cfg: config.Config, conn: sqlite3.Connection, date: str, topic: str | None) -> tuple[list[Card], dict]:
     """The night's cards, sorted by time, and the counts for the top of the page."""
-    alerts = night.night_alerts(conn, date, topic)
-    by_object: dict[str, list[night.NightAlert]] = {}
+    alerts = alerts_on(conn, date, topic)
+    by_object: dict[str, list[StoredAlert]] = {}
     for alert in alerts:  # in id order: the last of each object is its newest
         by_object.setdefault(alert.object_id, []).append(alert)
-    outcomes = night.night_stamps(conn, date)
+    outcomes = _stamp_outcomes(conn, date, topic, by_object)
     images: dict[str, list[str]] = {}
     for path in night.night_images(conn, date):
         images.setdefault(path.split("/")[2], []).append(path)
@@ -196,6 +198,24 @@ def gather(cfg: config.Config, conn: sqlite3.Connection, date: str, topic: str |
               "with_stamps": sum(1 for c in cards if c.preview), "missing": dict(missing.most_common()),
               "topics": dict(Counter(a.topic for a in alerts).most_common())}
     return cards, counts
+
+
+def _stamp_outcomes(conn: sqlite3.Connection, date: str, topic: str | None,
+                    by_object: dict[str, list[StoredAlert]]) -> dict[str, night.StampOutcome]:
+    """object_id -> what became of its stamps: its newest stamp record (done) if any, else its latest job."""
+    records = stamp_records_on(conn, date, topic)
+    jobs = night.jobs_on(conn, date)
+    outcomes = {}
+    for object_id, seen in by_object.items():
+        done = [records[a.id] for a in seen if a.id in records]
+        if done:
+            newest = max(done, key=lambda r: r.done_at)
+            outcomes[object_id] = night.StampOutcome("done", None, None, newest.detection_id, newest.done_at)
+            continue
+        waiting = [jobs[a.id] for a in seen if a.id in jobs]
+        if waiting:
+            outcomes[object_id] = max(waiting, key=lambda o: o.updated_at)
+    return outcomes
 
 
 def _choose_stamps(card: Card, paths: list[str], outcome: night.StampOutcome | None) -> None:

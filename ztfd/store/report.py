@@ -1,6 +1,6 @@
 """What a night report reads from the store, the detections kept for its light curves, and which nights are due.
 
-A night is one partition date. Its report needs the night's alerts (index ``alerts_date``), the outcome of their
+A night is one partition date. Its report needs the night's alerts (``store.alerts.alerts_on``), the outcome of their
 stamp jobs, the image files recorded under ``images/<date>/`` (a range of the manifest's primary key), the
 rejected count (``counter_rejected``) and, per object, the detections its stamp job fetched. When a night was last
 busy comes from the counters the triggers keep (``counter_alerts``, ``counter_images``), so finding the nights due
@@ -18,16 +18,6 @@ from ztfd.lightcurve import MAG, Point, decode, encode
 
 # The tag every row of the whole night's report carries in ``reports.topic`` (a topic's own report: its name).
 WHOLE_NIGHT = ""
-
-
-@dataclass(frozen=True)
-class NightAlert:
-    id: int
-    topic: str
-    object_id: str
-    obs_mjd: float | None
-    path: str
-    received_at: float
 
 
 @dataclass(frozen=True)
@@ -73,14 +63,6 @@ def load_detections(
     return found
 
 
-def night_alerts(conn: sqlite3.Connection, date: str, topic: str | None = None) -> list[NightAlert]:
-    only, args = ("AND topic = ?", (topic,)) if topic else ("", ())
-    rows = conn.execute(
-        f"SELECT id, topic, object_id, obs_mjd, path, received_at FROM alerts WHERE date = ? {only} ORDER BY id",
-        (date, *args))
-    return [NightAlert(r["id"], r["topic"], r["object_id"], r["obs_mjd"], r["path"], r["received_at"]) for r in rows]
-
-
 def night_rejected(conn: sqlite3.Connection, date: str, topic: str | None = None) -> int:
     """Messages rejected on that UTC day (a rejected message has no partition date of its own)."""
     only, args = ("AND topic = ?", (topic,)) if topic else ("", ())
@@ -89,32 +71,27 @@ def night_rejected(conn: sqlite3.Connection, date: str, topic: str | None = None
     return int(row[0])
 
 
-def night_stamps(conn: sqlite3.Connection, date: str) -> dict[str, StampOutcome]:
-    """object_id -> what became of its stamps that night: a stamp record (done) wins, else its latest job.
+def jobs_on(conn: sqlite3.Connection, date: str) -> dict[int, StampOutcome]:
+    """alert_id -> its latest job that is still open or failed since the night's first alert arrived.
 
-    Reads the night's stamp records through ``alerts_date``, and only open jobs and the jobs failed since the
-    night's first alert arrived (partial indexes), never the whole queue.
+    What finished well is in the alerts' stamp records (``store.stamps.stamp_records_on``); this reads only
+    the open jobs and the recently failed ones (partial indexes), never the whole queue.
     """
-    outcomes: dict[str, StampOutcome] = {}
+    outcomes: dict[int, StampOutcome] = {}
     first = conn.execute("SELECT min(received_at) FROM alerts WHERE date = ?", (date,)).fetchone()[0]
     if first is None:
         return outcomes
     for state, since in (("ready", None), ("leased", None), ("failed", first)):
         after = "AND j.updated_at >= ?" if since is not None else ""
         rows = conn.execute(
-            "SELECT a.object_id, j.state, j.waiting, j.last_error, j.updated_at FROM jobs j "
+            "SELECT j.alert_id, j.state, j.waiting, j.last_error, j.updated_at FROM jobs j "
             f"JOIN alerts a ON a.id = j.alert_id WHERE j.state = ? {after} AND a.date = ? ORDER BY j.updated_at",
             (state, *((since,) if since is not None else ()), date))
         for row in rows:
-            previous = outcomes.get(row["object_id"])
+            previous = outcomes.get(row["alert_id"])
             if previous is None or previous.updated_at <= row["updated_at"]:
-                outcomes[row["object_id"]] = StampOutcome(row["state"], row["waiting"], row["last_error"], None,
-                                                          row["updated_at"])
-    done = conn.execute(
-        "SELECT a.object_id, s.detection_id, s.done_at FROM alerts a JOIN stamps s ON s.alert_id = a.id "
-        "WHERE a.date = ? ORDER BY s.done_at", (date,))
-    for row in done:
-        outcomes[row["object_id"]] = StampOutcome("done", None, None, row["detection_id"], row["done_at"])
+                outcomes[row["alert_id"]] = StampOutcome(row["state"], row["waiting"], row["last_error"], None,
+                                                         row["updated_at"])
     return outcomes
 
 
