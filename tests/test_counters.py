@@ -176,3 +176,25 @@ def test_counters_of_an_older_store_are_seeded_by_its_migration(tmp_path: Path) 
     conn.close()
     conn = store.connect(db)  # a current store: nothing seeded again
     assert sum(t.stored for t in counters.topic_totals(conn).values()) == stored + 3
+
+
+def test_nights_are_due_for_a_report_once_quiet_and_changed_since(tmp_path: Path) -> None:
+    from ztfd.store import report
+
+    conn = store.connect(tmp_path / "s.sqlite3")
+    add_alerts(conn, "a", "2021-09-01", range(0, 5), 1000.0)  # received at 1000..1004
+    add_alerts(conn, "a", "2021-09-02", range(5, 8), 2000.0)  # received at 2005..2007
+    with store.transaction(conn):
+        store.record_files(conn, [("images/2021-09-01/ZTF21abcdefg/1_science.fits.gz", 10, "m")])
+    image_at = conn.execute("SELECT recorded_at FROM manifest").fetchone()[0]
+    assert report.night_changed_at(conn, "2021-09-01") == image_at  # a stamp file after the alerts
+    assert report.night_changed_at(conn, "2021-09-02") == 2007.0
+    # Quiet since 3000, busy after 0: only 09-02 (09-01 had a stamp file just now).
+    assert report.reports_due(conn, quiet_since=3000.0, busy_since=0.0) == [("2021-09-02", 2007.0)]
+    assert report.reports_due(conn, quiet_since=3000.0, busy_since=2010.0) == []  # too long ago
+    with store.transaction(conn):
+        report.mark_report(conn, "2021-09-02", None, 2007.0, 1)
+    assert report.reports_due(conn, quiet_since=3000.0, busy_since=0.0) == []  # written from the night as it is
+    add_alerts(conn, "a", "2021-09-02", range(8, 9), 2500.0)  # a late alert: due again once quiet
+    assert report.reports_due(conn, quiet_since=3000.0, busy_since=0.0) == [("2021-09-02", 2508.0)]
+    assert report.reports_due(conn, quiet_since=image_at + 1, busy_since=0.0)[0][0] == "2021-09-01"
