@@ -452,6 +452,7 @@ def watch(cfg: config.Config, name: str, stop: Callable[[], bool]) -> int:
     ``report.after_quiet`` s that changed since their last report; heartbeat throughout."""
     conn = store.connect(cfg.db_path)
     last_beat = 0.0
+    failed: dict[str, float] = {}  # date -> the change a report failed on: tried again only after a new one
 
     def beat() -> None:
         nonlocal last_beat
@@ -463,13 +464,19 @@ def watch(cfg: config.Config, name: str, stop: Callable[[], bool]) -> int:
         while not stop():
             beat()
             now = time.time()
-            for date, _changed in night.reports_due(conn, now - cfg.report.after_quiet, now - LOOKBACK_DAYS * 86400):
+            for date, changed in night.reports_due(conn, now - cfg.report.after_quiet, now - LOOKBACK_DAYS * 86400):
                 if stop():
                     break
+                if failed.get(date) == changed:
+                    continue
                 try:
                     build(cfg, conn, date, beat=beat)
                 except (OSError, sqlite3.Error) as exc:
-                    log.error("report %s failed: %s", date, exc)
+                    log.error("report %s failed: %s (tried again when the night changes)", date, exc)
+                    failed[date] = changed
+                except Exception:  # one night's bad data must not stop the reports of the others
+                    log.exception("report %s failed (tried again when the night changes)", date)
+                    failed[date] = changed
             deadline = time.monotonic() + min(WATCH_INTERVAL, max(1.0, cfg.report.after_quiet / 4))
             while not stop() and time.monotonic() < deadline:
                 beat()
