@@ -418,7 +418,7 @@ def build(cfg: config.Config, conn: sqlite3.Connection, date: str, topic: str | 
         dt.date.fromisoformat(date)
     except ValueError:
         raise ReportError(f"--date {date} is not a date") from None
-    if topic is not None and not config.KAFKA_TOPIC.match(topic):
+    if topic is not None and (not config.KAFKA_TOPIC.match(topic) or topic in (".", "..")):
         raise ReportError(f"--topic {topic!r} is not a topic name")
     changed_at = night.night_changed_at(conn, date) or 0.0
     folder = report_dir(cfg, date, topic)
