@@ -33,7 +33,7 @@ from ztfd import store
 from ztfd.embedded.net import free_port
 from ztfd.store import jobs
 from ztfd.store.alerts import count_alerts
-from ztfd.store.manifest import file_counts
+from ztfd.store.manifest import FileState, state_totals
 from ztfd.store.rejected import rejected_counts
 
 # Options for local brokers: a short metadata refresh notices new topics fast (see README "Testing").
@@ -280,15 +280,15 @@ class Progress:
 
 def read_progress(conn: sqlite3.Connection) -> Progress:
     queue = jobs.counts(conn)
-    files = file_counts(conn)
+    files = state_totals(conn)
     return Progress(
         alerts=count_alerts(conn),
         rejected=sum(rejected_counts(conn).values()),
         jobs_total=queue.total,
         jobs_finished=queue.finished,
         jobs_failed=queue.failed,
-        files=files.total,
-        files_uploaded=files.done,
+        files=sum(t.files for t in files.values()),
+        files_uploaded=files[FileState.DONE].files,
     )
 
 

@@ -133,9 +133,12 @@ def running_fetchers(conn: sqlite3.Connection, cfg: Config) -> list[str]:
     return alive
 
 
-def batch_progress(conn: sqlite3.Connection, batch: str) -> Progress:
+def batch_progress(conn: sqlite3.Connection, batch: str, total: int) -> Progress:
+    """What became of a batch of ``total`` jobs: done ones may be forgotten meanwhile (``jobs.forget_done``), so
+    done is what is neither open nor failed."""
     counts = jobs.counts(conn, batch=batch)
-    return Progress(done=counts.done, failed=counts.failed, unavailable=counts.unavailable)
+    return Progress(done=total - counts.unfinished - counts.failed, failed=counts.failed,
+                    unavailable=counts.unavailable)
 
 
 def _replay_worker(cfg: Config, name: str, batch: str) -> None:
@@ -178,14 +181,14 @@ def _wait(conn: sqlite3.Connection, batch: str, total: int, processes: list | No
     Waiting on the daemon (``processes`` None), returns None when no daemon fetcher has been alive for
     ``_daemon_grace``: the caller then fetches in the foreground instead of waiting forever.
     """
-    progress = batch_progress(conn, batch)
+    progress = batch_progress(conn, batch, total)
     shown = 0
     last_report = time.monotonic()
     last_check = last_seen = time.monotonic()
     try:
         with _progress_bar(total) as bar:
             while True:
-                progress = batch_progress(conn, batch)
+                progress = batch_progress(conn, batch, total)
                 if bar is not None:
                     bar.update(progress.settled - shown)
                 elif time.monotonic() - last_report >= REPORT_EVERY:
@@ -196,7 +199,7 @@ def _wait(conn: sqlite3.Connection, batch: str, total: int, processes: list | No
                 if progress.settled >= total:
                     break
                 if processes is not None and not any(p.is_alive() for p in processes):
-                    progress = batch_progress(conn, batch)
+                    progress = batch_progress(conn, batch, total)
                     break
                 if processes is None and cfg is not None and time.monotonic() - last_check >= FETCHER_CHECK_SECONDS:
                     last_check = time.monotonic()

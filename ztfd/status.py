@@ -2,8 +2,9 @@
 
 ``collect`` builds one JSON-ready dict (``ztfd status --json``; the README "Status" section documents its fields);
 ``render`` turns it into the table a person reads. Both work when nothing runs and when the store does not exist
-yet. Nothing here writes to the store or to Kafka: the Kafka lag is read with a throwaway consumer that never
-joins the group or commits.
+yet. Nothing here writes to the store or to Kafka: the store is opened read-only (``connect_readonly``: no
+migration, no wait for a writer's lock, fine for a user who may only read home) and the Kafka lag is read with a
+throwaway consumer that never joins the group or commits.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from typing import Any
 
 from ztfd import config, store, supervisor
 from ztfd.procs import pid_alive
-from ztfd.store import jobs
-from ztfd.store.alerts import topic_totals
+from ztfd.store import counters, jobs
+from ztfd.store.alerts import count_received_since
+from ztfd.store.db import connect_readonly
 from ztfd.store.processes import process, processes
-from ztfd.store.rejected import rejected_counts
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def _open_store(cfg: config.Config) -> sqlite3.Connection | None:
     if not cfg.db_path.exists():
         return None
     try:
-        return store.connect(cfg.db_path, timeout=5)
+        return connect_readonly(cfg.db_path)
     except sqlite3.Error as exc:
         log.warning("cannot open the store %s: %s", cfg.db_path, exc)
         return None
@@ -128,15 +129,16 @@ def _empty_topic(topic: str) -> dict[str, Any]:
 
 def _topics(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[dict[str, Any]]:
     midnight = dt.datetime.fromtimestamp(now, dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    everything = counters.topic_totals(conn)
     result = []
     for topic in cfg.kafka.topics:
         info = _empty_topic(topic)
-        totals = topic_totals(conn, topic, midnight)
-        last = totals.last_received_at
-        info["alerts_total"] = totals.total
+        totals = everything.get(topic, counters.TopicTotals(0, 0, None))
+        last = totals.last_alert_at
+        info["alerts_total"] = totals.stored
         info["last_alert"] = _iso(last)
         info["last_alert_age"] = None if last is None else round(now - last, 1)
-        info["alerts_today"] = totals.since
+        info["alerts_today"] = count_received_since(conn, topic, midnight)
         info["partitions"] = {
             str(p): {"next_offset": o.next_offset, "generation": o.generation}
             for p, o in sorted(store.stored_offsets(conn, topic).items())
@@ -160,7 +162,9 @@ def _sync(conn: sqlite3.Connection) -> dict[str, Any]:
 
 
 def _rejected(conn: sqlite3.Connection, cfg: config.Config) -> dict[str, int]:
-    return {**{t: 0 for t in cfg.kafka.topics}, **rejected_counts(conn)}
+    """Rejected messages per topic, all there ever were (also those exported and forgotten)."""
+    found = {topic: totals.rejected for topic, totals in counters.topic_totals(conn).items() if totals.rejected}
+    return {**{t: 0 for t in cfg.kafka.topics}, **found}
 
 
 def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -> None:

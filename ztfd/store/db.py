@@ -42,6 +42,40 @@ def connect(db_path: Path, timeout: float = 60.0) -> sqlite3.Connection:
     return conn
 
 
+def connect_readonly(db_path: Path, timeout: float = 2.0) -> sqlite3.Connection:
+    """Open an existing store for reading only (``ztfd status``): never creates, migrates or takes a lock that
+    waits for writers, and works for a user who may only read home.
+
+    ``mode=ro`` reads the live store, WAL included, while a writer holds its lock (WAL readers do not wait) and
+    even when the -wal and -shm files are not writable. Only when they do not exist (every writer closed, so the
+    database file holds everything) and cannot be created by this user is the file opened ``immutable``.
+    Raises ``StoreVersionError`` unless the store has this ztfd's layout.
+    """
+    uri = db_path.resolve().as_uri()
+    try:
+        conn = _open_uri(f"{uri}?mode=ro", timeout)
+        version = schema_version(conn)
+    except sqlite3.OperationalError:
+        if Path(f"{db_path}-wal").exists():
+            raise
+        conn = _open_uri(f"{uri}?immutable=1", timeout)
+        version = schema_version(conn)
+    if version != SCHEMA_VERSION:
+        conn.close()
+        if version > SCHEMA_VERSION:
+            raise too_new(db_path, version)
+        raise StoreVersionError(
+            f"store: {db_path} has schema version {version}, older than this ztfd's ({SCHEMA_VERSION}); it is "
+            "migrated when a ztfd process that writes opens it (start, consume, fetch, sync); this command only reads")
+    return conn
+
+
+def _open_uri(uri: str, timeout: float) -> sqlite3.Connection:
+    conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
 def _enable_wal(conn: sqlite3.Connection, timeout: float) -> None:
     """Switch to WAL, waiting for other processes: the switch can answer "database is locked" at once, without
     the busy handler, when several processes open a new store together (the supervisor starts all its children

@@ -82,6 +82,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (not_before, id) WHERE state = 'ready';
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until) WHERE state = 'leased';
 CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (updated_at) WHERE state = 'failed';
+-- Done jobs are forgotten a day after they finished (ztfd.housekeeping): what they learned is in ``stamps``.
+CREATE INDEX IF NOT EXISTS jobs_done ON jobs (updated_at) WHERE state = 'done';
 CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch) WHERE batch IS NOT NULL;
 -- At most one waiting or running job per dedupe key (see store.jobs.enqueue).
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedupe ON jobs (dedupe_key)
@@ -101,7 +103,8 @@ CREATE TABLE IF NOT EXISTS stamps (
     done_at REAL NOT NULL
 );
 
--- The sync manifest: every file ztfd writes under data/ and images/. state: pending | done.
+-- The sync manifest: every file ztfd writes under data/ and images/. state: pending | done | archived.
+-- WITHOUT ROWID: the path, its key, is stored once (a rowid table kept it twice, in the table and in its index).
 CREATE TABLE IF NOT EXISTS manifest (
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -112,7 +115,7 @@ CREATE TABLE IF NOT EXISTS manifest (
     etag TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT
-);
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS manifest_pending ON manifest (path) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS manifest_uploaded ON manifest (uploaded_at, path) WHERE state = 'done';
 
@@ -140,6 +143,21 @@ CREATE TABLE IF NOT EXISTS status (
     key TEXT PRIMARY KEY,
     value TEXT,
     updated_at REAL NOT NULL
+);
+
+-- === sync (retention) =====================================================================================
+-- Retention's S3 copies it could not verify (S3 answered 403, what it answers for a missing object to
+-- credentials without s3:ListBucket, or another error): passes counts the retention passes that failed for
+-- the upload of uploaded_at; after a few the file is uploaded again (ztfd.sync.retention). Only files in trouble
+-- have a row; it goes when the file is archived or queued again. New table, so no migration step: SCHEMA
+-- creates it when an older store is migrated.
+CREATE TABLE IF NOT EXISTS retention_checks (
+    path TEXT PRIMARY KEY,
+    uploaded_at REAL NOT NULL,
+    passes INTEGER NOT NULL,
+    first_at REAL NOT NULL,
+    last_at REAL NOT NULL,
+    last_error TEXT NOT NULL
 );
 """
 
