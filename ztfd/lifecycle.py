@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -70,6 +71,7 @@ class Stop(threading.Event):
         self._requested = False
         self.signum: int | None = None  # the signal that asked for the stop, if one did
         self._announced = False
+        self._announcing = threading.Lock()  # never taken by the handler: only by threads that saw the stop
         self.on_cold_stop: Callable[[], None] | None = None
         self._previous: dict[int, Any] = {}
 
@@ -91,8 +93,6 @@ class Stop(threading.Event):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the stop is asked for or ``timeout`` seconds pass; True if it was asked for."""
-        import select
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._requested:
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -117,11 +117,12 @@ class Stop(threading.Event):
         loop.add_reader(self._read_fd, ready)
 
     def _announce(self) -> None:
-        if not self._announced:
+        with self._announcing:
+            if self._announced:
+                return
             self._announced = True
-            if self.signum is not None:
-                log.info("received %s: stopping (a second SIGTERM or SIGINT stops at once)",
-                         signal_name(self.signum))
+        if self.signum is not None:
+            log.info("received %s: stopping (a second SIGTERM or SIGINT stops at once)", signal_name(self.signum))
 
     # --- signals -------------------------------------------------------------------------------------------
 
