@@ -25,7 +25,13 @@ from ztfd import config, store
 from ztfd.embedded.alerce import DETECTIONS, STAMP
 from ztfd.embedded.samples import packets
 from ztfd.files import md5_hex
-from ztfd.stamps import Detection, NotYetAvailableError, choose_candid, preview_path, stamp_path
+from ztfd.providers import NotYetAvailableError
+from ztfd.providers.alerce_ztf import Listed, choose_candid
+from ztfd.stamps import preview_path, stamp_path
+from ztfd.store import jobs as store_jobs
+from ztfd.store.manifest import manifest_files
+from ztfd.store.processes import process
+from ztfd.store.ratelimits import next_free
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TWINS = [p for p in packets() if p.object_id == "ZTF21abvawaj"]  # one object, two alerts, two candids
@@ -37,7 +43,7 @@ def test_every_alert_gets_the_served_bytes_a_preview_and_manifest_rows(make_conf
     conn = store.connect(cfg.db_path)
     add_alerts(conn, packets())
     worker_pid = fetch_until_final(cfg_path, conn, tmp_path / "worker.log", what="all stamp jobs done")
-    manifest = {row["path"]: row for row in conn.execute("SELECT * FROM manifest")}
+    manifest = {row.path: row for row in manifest_files(conn)}
     for job, packet in zip(jobs(conn), packets(), strict=True):
         assert job["state"] == "done", job
         assert int(job["result"]["candid"]) == packet.candid
@@ -46,7 +52,7 @@ def test_every_alert_gets_the_served_bytes_a_preview_and_manifest_rows(make_conf
             path = stamp_path(cfg.images_dir, date, packet.object_id, packet.candid, kind)
             assert path.read_bytes() == served  # exactly ALeRCE's bytes, not re-encoded
             row = manifest[path.relative_to(cfg.home).as_posix()]
-            assert (row["size"], row["md5"], row["state"]) == (len(served), md5_hex(served), "pending")
+            assert (row.size, row.md5, row.state) == (len(served), md5_hex(served), "pending")
         png = preview_path(cfg.images_dir, date, packet.object_id, packet.candid)
         assert png.read_bytes().startswith(PNG_MAGIC)
         assert png.relative_to(cfg.home).as_posix() in manifest
@@ -55,8 +61,8 @@ def test_every_alert_gets_the_served_bytes_a_preview_and_manifest_rows(make_conf
     assert stamp_service.count(DETECTIONS) == len(packets())
     assert stamp_service.count(STAMP) == 3 * len(packets())
     assert temporaries(cfg.images_dir) == []
-    heartbeat = conn.execute("SELECT role, pid FROM processes WHERE name = 'fetcher-1'").fetchone()
-    assert (heartbeat["role"], heartbeat["pid"]) == ("fetcher", worker_pid)
+    heartbeat = process(conn, "fetcher-1")
+    assert heartbeat is not None and (heartbeat.role, heartbeat.pid) == ("fetcher", worker_pid)
 
 
 def test_the_matplotlib_renderer_draws_previews_in_the_worker(make_config, stamp_service, tmp_path):
@@ -73,15 +79,15 @@ def test_the_matplotlib_renderer_draws_previews_in_the_worker(make_config, stamp
 
 
 def test_candid_is_the_detection_nearest_the_alert_time():
-    rows = [Detection(1, 59458.22745, True), Detection(2, 59458.26448, True), Detection(3, 59458.30, False),
-            Detection(4, 59400.0, True)]
+    rows = [Listed(1, 59458.22745, True), Listed(2, 59458.26448, True), Listed(3, 59458.30, False),
+            Listed(4, 59400.0, True)]
     assert choose_candid(rows, 59458.22745, 60).candid == 1
     assert choose_candid(rows, 59458.26448 + 30 / 86400, 60).candid == 2
     assert choose_candid(rows, None, 60).candid == 2  # no alert time: the newest with stamps
     with pytest.raises(NotYetAvailableError, match=r"nearest MJD 59458\.26448"):
         choose_candid(rows, 59458.30, 60)  # only a detection without stamps there: ALeRCE is behind
     with pytest.raises(NotYetAvailableError):
-        choose_candid([Detection(3, 59458.30, False)], None, 60)
+        choose_candid([Listed(3, 59458.30, False)], None, 60)
 
 
 def test_two_alerts_of_one_object_get_their_own_candids(make_config, stamp_service, tmp_path):
@@ -201,7 +207,7 @@ def test_worker_killed_mid_request_loses_nothing(make_config, stamp_service, tmp
     add_alerts(conn, packets()[:3])
     first = start_worker(cfg_path, "fetcher-1", tmp_path / "first.log")
     wait_until(lambda: stamp_service.arrivals() >= 3, what="requests in flight")
-    assert conn.execute("SELECT count(*) FROM jobs WHERE state = 'leased'").fetchone()[0] == 3
+    assert store_jobs.counts(conn).leased == 3
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     stamp_service.latency = 0.0
@@ -259,7 +265,7 @@ def test_rate_limit_holds_across_worker_processes(make_config, stamp_service, tm
     # and slots are 1/rate apart, so the k-th arrival (0-based) can be no earlier than first + k/rate, however
     # loaded the machine (a late request only makes later arrivals later). Without the shared limit, 3 workers
     # with 8 alerts in flight each send all 60 in well under a second and break this at once.
-    (next_at,) = conn.execute("SELECT next_at FROM rate_limits WHERE name = 'alerce'").fetchone()
+    next_at = next_free(conn, "alerce")
     first_slot = next_at - len(times) / rate
     early = [(k, t - (first_slot + k / rate)) for k, t in enumerate(times) if t < first_slot + k / rate - 0.002]
     assert not early, early
@@ -274,7 +280,7 @@ def test_sigterm_releases_leases_and_exits_zero(make_config, stamp_service, tmp_
     add_alerts(conn, packets()[:6])
     worker = start_worker(cfg_path, "fetcher-1", tmp_path / "worker.log")
     wait_until(lambda: stamp_service.arrivals() >= 4, what="requests in flight")
-    assert conn.execute("SELECT count(*) FROM jobs WHERE state = 'leased'").fetchone()[0] == 4
+    assert store_jobs.counts(conn).leased == 4
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(15) == 0
     for job in jobs(conn):
@@ -330,7 +336,7 @@ def test_a_partly_fetched_triplet_still_reaches_the_manifest(make_config, stamp_
     fetch_until_final(cfg_path, conn, tmp_path / "worker.log", what="the job to fail")
     (job,) = jobs(conn)
     assert job["state"] == "failed" and "template stamp: not gzip" in job["last_error"]
-    manifest = {row["path"]: (row["size"], row["md5"]) for row in conn.execute("SELECT * FROM manifest")}
+    manifest = {row.path: (row.size, row.md5) for row in manifest_files(conn)}
     written = {}
     for kind in ("science", "difference"):
         path = stamp_path(cfg.images_dir, job["payload"]["date"], packet.object_id, packet.candid, kind)
@@ -404,8 +410,8 @@ def test_an_idle_worker_sleeps_until_the_next_job_is_due(make_config, stamp_serv
     import asyncio
     import time
 
-    from ztfd import jobqueue
-    from ztfd.stamps import Worker, next_due
+    from ztfd.stamps import Worker
+    from ztfd.store import jobs as jobqueue
 
     cfg = config.load(stamps_config(make_config, stamp_service.url, previews=False))
     conn = store.connect(cfg.db_path)
@@ -413,8 +419,8 @@ def test_an_idle_worker_sleeps_until_the_next_job_is_due(make_config, stamp_serv
     due_at = time.time() + 1.5
     conn.execute("UPDATE jobs SET not_before = ? WHERE id = (SELECT min(id) FROM jobs)", (due_at,))
     conn.execute("UPDATE jobs SET not_before = ? WHERE id = (SELECT max(id) FROM jobs)", (due_at + 3600,))
-    assert next_due(conn, jobqueue.STAMPS) == due_at
-    assert next_due(conn, jobqueue.STAMPS, batch="other") is None
+    assert jobqueue.next_due(conn) == due_at
+    assert jobqueue.next_due(conn, batch="other") is None
 
     claims = []
     real_claim = jobqueue.claim
@@ -429,7 +435,7 @@ def test_an_idle_worker_sleeps_until_the_next_job_is_due(make_config, stamp_serv
     async def drive() -> None:
         running = asyncio.create_task(worker.run())
         deadline = time.monotonic() + 30
-        while conn.execute("SELECT count(*) FROM jobs WHERE state = 'done'").fetchone()[0] < 1:
+        while jobqueue.counts(conn).done < 1:
             assert time.monotonic() < deadline, "the due job was never done"
             await asyncio.sleep(0.05)
         worker.stopping.set()
@@ -443,5 +449,5 @@ def test_an_idle_worker_sleeps_until_the_next_job_is_due(make_config, stamp_serv
     # Now: once at start, once when the job fell due (and perhaps once more as it finished).
     assert 2 <= len(claims) <= 3, claims
     assert any(t >= due_at for t in claims)
-    states = [row[0] for row in conn.execute("SELECT state FROM jobs ORDER BY id")]
+    states = [job.state for job in jobqueue.list_jobs(conn)]
     assert states == ["done", "ready"]

@@ -36,6 +36,7 @@ class KafkaConfig:
     options: dict[str, Any] = field(default_factory=dict)
     max_message_bytes: int = 1_048_576
     batch_size: int = 1000
+    formats: dict[str, Any] = field(default_factory=dict)  # topic -> source name (ztfd.sources); else "lasair"
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ class StampsConfig:
     concurrency: int = 8
     lease_seconds: float = 120.0
     match_tolerance: float = 60.0
+    ztf_provider: str = "alerce"  # ztfd.providers name for ZTF alerts; "" = none
+    max_stamp_bytes: int = 8 * 1024 * 1024  # a stamp's FITS, decompressed
+    max_stamp_side: int = 512  # pixels per side of a stamp's image
+    step_timeout: float = 60.0  # seconds a job's FITS checks, writes and preview may take together
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,7 @@ CHOICES = {
 POSITIVE = {
     ("kafka", "max_message_bytes"), ("kafka", "batch_size"), ("stamps", "workers"), ("stamps", "timeout"),
     ("stamps", "max_attempts"), ("stamps", "concurrency"), ("stamps", "lease_seconds"), ("s3", "interval"),
+    ("stamps", "max_stamp_bytes"), ("stamps", "max_stamp_side"), ("stamps", "step_timeout"),
     ("s3", "concurrency"), ("s3", "multipart_threshold"), ("s3", "max_attempts"),
     ("supervisor", "heartbeat_timeout"), ("supervisor", "stop_timeout"),
 }
@@ -252,6 +258,17 @@ def _build_section(name: str, cls: type, values: Any) -> Any:
     return cls(**kwargs)
 
 
+def _check_formats(where: str, formats: dict[str, Any]) -> None:
+    """Every topic's format must name a source (``ztfd.sources``)."""
+    from ztfd import sources
+
+    sources.load_all()
+    for topic, name in formats.items():
+        if name not in sources.SOURCES:
+            raise ConfigError(f"config: {where}.{topic} must name a message format "
+                              f"({', '.join(sorted(sources.SOURCES))})")
+
+
 def _check_type(section: str, key: str, fld: dataclasses.Field[Any], value: Any) -> Any:
     where = f"{section}.{key}"
     kind = fld.type if isinstance(fld.type, str) else getattr(fld.type, "__name__", str(fld.type))
@@ -290,6 +307,8 @@ def _check_type(section: str, key: str, fld: dataclasses.Field[Any], value: Any)
         for option, option_value in value.items():
             if not isinstance(option_value, str | int | float | bool):
                 raise ConfigError(f"config: {where}.{option} must be a string, number or boolean")
+        if (section, key) == ("kafka", "formats"):
+            _check_formats(where, value)
         return dict(value)
     else:  # pragma: no cover - a new field type without a rule is a programming error
         raise AssertionError(f"no type rule for {where}: {kind}")
@@ -299,4 +318,11 @@ def _check_type(section: str, key: str, fld: dataclasses.Field[Any], value: Any)
         raise ConfigError(f"config: {where} must not be negative")
     if section == "kafka" and key == "group_id" and not result:
         raise ConfigError(f"config: {where} must not be empty")
+    if section == "stamps" and key.endswith("_provider") and result:
+        from ztfd import providers
+
+        providers.load_all()
+        if result not in providers.PROVIDERS:
+            raise ConfigError(f"config: {where} must name a stamp provider ({', '.join(sorted(providers.PROVIDERS))}) "
+                              "or be empty")
     return result

@@ -30,6 +30,10 @@ from typing import Any
 import click
 
 from ztfd import store
+from ztfd.store import jobs
+from ztfd.store.alerts import count_alerts
+from ztfd.store.manifest import file_counts
+from ztfd.store.rejected import rejected_counts
 
 # Options for local brokers: a short metadata refresh notices new topics fast (see README "Testing").
 FAST_KAFKA_OPTIONS: dict[str, Any] = {
@@ -274,17 +278,16 @@ class Progress:
 
 
 def read_progress(conn: sqlite3.Connection) -> Progress:
-    def one(sql: str) -> int:
-        return int(conn.execute(sql).fetchone()[0] or 0)
-
+    queue = jobs.counts(conn)
+    files = file_counts(conn)
     return Progress(
-        alerts=one("SELECT count(*) FROM alerts"),
-        rejected=one("SELECT count(*) FROM rejected"),
-        jobs_total=one("SELECT count(*) FROM jobs"),
-        jobs_finished=one("SELECT count(*) FROM jobs WHERE state IN ('done', 'failed')"),
-        jobs_failed=one("SELECT count(*) FROM jobs WHERE state = 'failed'"),
-        files=one("SELECT count(*) FROM manifest"),
-        files_uploaded=one("SELECT count(*) FROM manifest WHERE state = 'done'"),
+        alerts=count_alerts(conn),
+        rejected=sum(rejected_counts(conn).values()),
+        jobs_total=queue.total,
+        jobs_finished=queue.finished,
+        jobs_failed=queue.failed,
+        files=files.total,
+        files_uploaded=files.done,
     )
 
 

@@ -9,7 +9,6 @@ joins the group or commits.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import shutil
 import sqlite3
@@ -17,8 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ztfd import config, jobqueue, store, supervisor
+from ztfd import config, store, supervisor
 from ztfd.procs import pid_alive
+from ztfd.store import jobs
+from ztfd.store.alerts import topic_totals
+from ztfd.store.processes import process, processes
+from ztfd.store.rejected import rejected_counts
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[st
         "supervisor": {"running": sup_pid is not None, "pid": sup_pid},
         "processes": [],
         "topics": [],
-        "queue": dict.fromkeys(("ready", "leased", "retry_waiting", "unavailable", "failed", "done"), 0),
+        "queue": jobs.JobCounts().as_dict(),
         "failures": [],
         "sync": {"enabled": bool(cfg.s3.bucket), "bucket": cfg.s3.bucket or None, "pending": 0, "pending_bytes": 0,
                  "done": 0, "last_pass": None, "last_error": None},
@@ -50,16 +53,15 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[st
         if conn is not None:
             report["processes"] = _processes(conn, cfg, now)
             report["topics"] = _topics(conn, cfg, now)
-            report["queue"] = jobqueue.counts(conn, jobqueue.STAMPS, now)
+            report["queue"] = jobs.counts(conn, now).as_dict()
             report["failures"] = _failures(conn)
             report["sync"].update(_sync(conn))
             report["rejected"] = _rejected(conn, cfg)
             for info in report["topics"]:
                 info["rejected"] = report["rejected"].get(info["topic"], 0)
-            started = conn.execute("SELECT started_at FROM processes WHERE name = ?", (supervisor.SUPERVISOR_NAME,))
-            row = started.fetchone()
-            if row is not None and sup_pid is not None and row["started_at"]:
-                report["supervisor"]["uptime"] = round(now - row["started_at"], 1)
+            row = process(conn, supervisor.SUPERVISOR_NAME)
+            if row is not None and sup_pid is not None and row.started_at:
+                report["supervisor"]["uptime"] = round(now - row.started_at, 1)
         else:
             report["topics"] = [_empty_topic(t) for t in cfg.kafka.topics]
     finally:
@@ -99,27 +101,22 @@ def _disk(home: Path) -> dict[str, Any]:
 
 
 def _processes(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        "SELECT name, role, topic, pid, started_at, heartbeat_at, restarts, state, last_exit FROM processes "
-        "WHERE role IN (?, ?, ?) ORDER BY CASE role WHEN 'consumer' THEN 0 WHEN 'fetcher' THEN 1 ELSE 2 END, name",
-        CHILD_ROLES,
-    ).fetchall()
     result = []
-    for row in rows:
-        alive = row["pid"] is not None and pid_alive(row["pid"])
-        age = None if row["heartbeat_at"] is None else round(now - row["heartbeat_at"], 1)
+    for row in processes(conn, CHILD_ROLES):
+        alive = row.pid is not None and pid_alive(row.pid)
+        age = None if row.heartbeat_at is None else round(now - row.heartbeat_at, 1)
         result.append({
-            "name": row["name"],
-            "role": row["role"],
-            "topic": row["topic"],
-            "pid": row["pid"],
+            "name": row.name,
+            "role": row.role,
+            "topic": row.topic,
+            "pid": row.pid,
             "alive": alive,
-            "state": row["state"] if alive or row["state"] in ("backoff", "stopped") else "dead",
-            "uptime": round(now - row["started_at"], 1) if alive and row["started_at"] else None,
-            "restarts": row["restarts"],
+            "state": row.state if alive or row.state in ("backoff", "stopped") else "dead",
+            "uptime": round(now - row.started_at, 1) if alive and row.started_at else None,
+            "restarts": row.restarts,
             "heartbeat_age": age,
             "fresh": age is not None and age <= cfg.supervisor.heartbeat_timeout,
-            "last_exit": row["last_exit"],
+            "last_exit": row.last_exit,
         })
     return result
 
@@ -134,15 +131,12 @@ def _topics(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[di
     result = []
     for topic in cfg.kafka.topics:
         info = _empty_topic(topic)
-        row = conn.execute(
-            "SELECT count(*) AS n, max(received_at) AS last FROM alerts WHERE topic = ?", (topic,)
-        ).fetchone()
-        info["alerts_total"] = row["n"]
-        info["last_alert"] = _iso(row["last"])
-        info["last_alert_age"] = None if row["last"] is None else round(now - row["last"], 1)
-        info["alerts_today"] = conn.execute(
-            "SELECT count(*) FROM alerts WHERE topic = ? AND received_at >= ?", (topic, midnight)
-        ).fetchone()[0]
+        totals = topic_totals(conn, topic, midnight)
+        last = totals.last_received_at
+        info["alerts_total"] = totals.total
+        info["last_alert"] = _iso(last)
+        info["last_alert_age"] = None if last is None else round(now - last, 1)
+        info["alerts_today"] = totals.since
         info["partitions"] = {
             str(p): {"next_offset": o.next_offset, "generation": o.generation}
             for p, o in sorted(store.stored_offsets(conn, topic).items())
@@ -152,44 +146,21 @@ def _topics(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[di
 
 
 def _failures(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        "SELECT id, payload, attempts, last_error, updated_at FROM jobs WHERE state = 'failed' AND kind = ? "
-        "ORDER BY updated_at DESC LIMIT ?",
-        (jobqueue.STAMPS, LAST_FAILURES),
-    ).fetchall()
-    result = []
-    for row in rows:
-        try:
-            payload = json.loads(row["payload"])
-        except ValueError:
-            payload = {}
-        result.append({"job": row["id"], "object_id": payload.get("object_id"), "date": payload.get("date"),
-                       "attempts": row["attempts"], "reason": row["last_error"], "at": _iso(row["updated_at"])})
-    return result
+    return [{"job": f.id, "object_id": f.object_id, "date": f.date, "attempts": f.attempts, "reason": f.reason,
+             "at": _iso(f.at)} for f in jobs.failures(conn, LAST_FAILURES)]
 
 
 def _sync(conn: sqlite3.Connection) -> dict[str, Any]:
-    """Pending files and bytes, last pass and last error: ``ztfd.sync.summary`` when sync is installed."""
-    try:
-        from ztfd import sync
-    except ImportError:
-        sync = None  # type: ignore[assignment]
-    if sync is not None and hasattr(sync, "summary"):
-        summary = dict(sync.summary(conn))
-        summary.setdefault("pending", 0)
-        return summary
-    row = conn.execute(
-        "SELECT count(*) AS n, coalesce(sum(size), 0) AS bytes FROM manifest WHERE state = 'pending'"
-    ).fetchone()
-    done = conn.execute("SELECT count(*) FROM manifest WHERE state = 'done'").fetchone()[0]
-    return {"pending": row["n"], "pending_bytes": row["bytes"], "done": done}
+    """Pending files and bytes, last pass and last error (``ztfd.sync.summary``)."""
+    from ztfd import sync
+
+    summary = dict(sync.summary(conn))
+    summary.setdefault("pending", 0)
+    return summary
 
 
 def _rejected(conn: sqlite3.Connection, cfg: config.Config) -> dict[str, int]:
-    counts = {t: 0 for t in cfg.kafka.topics}
-    for row in conn.execute("SELECT topic, count(*) AS n FROM rejected GROUP BY topic"):
-        counts[row["topic"]] = row["n"]
-    return counts
+    return {**{t: 0 for t in cfg.kafka.topics}, **rejected_counts(conn)}
 
 
 def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -> None:

@@ -29,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from ztfd import lifecycle
 from ztfd.embedded.net import free_port, wait_for_port
 
 log = logging.getLogger(__name__)
@@ -271,12 +272,7 @@ class S3Server:
         if self.proxy is not None:
             self.proxy.stop()
         if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+            lifecycle.terminate([self._process], 10, group=True)
             self._process = None
         if self._thread_server is not None:
             self._thread_server.stop()

@@ -3,7 +3,19 @@
 A provider knows one service: how to find the detection whose stamps to fetch (when the message did not name it),
 which requests fetch each stamp, what a served body must look like to be kept, and what the files are called.
 The stamp worker knows none of this: it claims a job, asks the provider configured for the alert's survey, and
-writes, records and settles what comes back. Adding a provider means a module here and one entry in ``PROVIDERS``.
+writes, records and settles what comes back. Adding a provider means a module here and one entry in ``PROVIDERS``
+(the ``register`` decorator; every module of this package is imported by ``load_all``). Which provider serves a
+survey is configuration: ``stamps.<survey>_provider`` (``ztf_provider = "alerce"``; empty: no stamps for it).
+A provider is made once per worker as ``PROVIDERS[name](settings)`` with the ``[stamps]`` settings.
+
+What the worker does with a provider (its whole contract):
+- ``find_detection`` when the job knows no detection yet (one lookup request); a detection id must be a plain
+  name (letters, digits, ``_``, ``-``): it becomes part of file names;
+- ``fetch`` once per stamp kind missing on disk (``STAMP_TYPES``), the three at once;
+- ``check`` every fetched body and every file found on disk (an invalid file is fetched again); a ``ValueError``
+  from it is a failed attempt with its reason. Bounds (``ztfd.stampimage``) are the provider's to apply;
+- files go to ``images/<date>/<object_id>/<file_name(detection_id, kind)>``, the preview beside them as
+  ``<detection_id>.png``.
 
 Politeness (the shared rate limit), timeouts and body caps belong to the worker: a provider makes its requests
 only through the ``HttpGet`` it is given, and each call costs one request slot.
@@ -11,8 +23,10 @@ only through the ``HttpGet`` it is given, and each call costs one request slot.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 # get(url, params) -> (HTTP status, body); redirects followed, body capped, one rate-limit slot per call.
@@ -36,6 +50,7 @@ class StampRequest:
     date: str  # the alert's partition date: the folder under images/
     obs_mjd: float | None  # the alert's observation time, MJD UTC
     detection_id: str | None  # known from the message or an earlier run: no lookup needed
+    detection_mjd: float | None = None  # that detection's time, when known (else the alert's is shown)
 
 
 @dataclass(frozen=True)
@@ -47,8 +62,9 @@ class Detection:
 
 
 class StampProvider(Protocol):
-    name: str
+    name: str  # the configuration name (also the name of its pool-wide rate limit)
     survey: str
+    service: str  # who serves the stamps, for people ("ALeRCE")
 
     async def find_detection(self, get: HttpGet, request: StampRequest) -> Detection:
         """The detection to fetch, when ``request.detection_id`` is None."""
@@ -62,8 +78,8 @@ class StampProvider(Protocol):
         """The image to preview (a 2-D array) if ``data`` is a stamp worth keeping; ValueError with a reason."""
         ...
 
-    def file_name(self, detection_id: str, kind: str, data: bytes) -> str:
-        """The stamp's file name in its object's folder (the suffix may depend on the served bytes)."""
+    def file_name(self, detection_id: str, kind: str) -> str:
+        """The stamp's file name in its object's folder (fixed per provider: files on disk are looked up by it)."""
         ...
 
 
@@ -78,3 +94,29 @@ def register(name: str) -> Callable[[Callable[..., StampProvider]], Callable[...
         return factory
 
     return add
+
+
+PROVIDER_SUFFIX = "_provider"
+
+
+def load_all() -> None:
+    """Import every module of this package, so that each registers its providers."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+def configured(settings: Any, survey: str) -> str | None:
+    """The provider named for ``survey`` by ``stamps.<survey>_provider``, None when there is none."""
+    return getattr(settings, survey + PROVIDER_SUFFIX, "") or None
+
+
+def configured_surveys(settings: Any) -> dict[str, str]:
+    """survey -> provider name, for every ``stamps.<survey>_provider`` that names one."""
+    return {f.name[: -len(PROVIDER_SUFFIX)]: getattr(settings, f.name) for f in fields(settings)
+            if f.name.endswith(PROVIDER_SUFFIX) and getattr(settings, f.name)}
+
+
+def providers_for(settings: Any) -> dict[str, StampProvider]:
+    """survey -> its provider, made from the ``[stamps]`` settings (a worker makes them once)."""
+    load_all()
+    return {survey: PROVIDERS[name](settings) for survey, name in configured_surveys(settings).items()}

@@ -3,7 +3,21 @@
 A source knows one message format (``kafka.formats`` names it per topic): how to check the bytes, which survey
 the alert belongs to, its identity, its observation time and time scale, which rule dates it, which bytes to keep
 and the cutouts it carries, if any. The consumer knows none of this: it asks ``source_for(format).decode`` and
-stores what comes back. Adding a format means adding a module here and one entry in ``SOURCES``.
+stores what comes back. Adding a format means adding a module here and one entry in ``SOURCES`` (the
+``register`` decorator; every module of this package is imported by ``source_for``, so nothing else changes).
+
+What the consumer does with an ``Alert`` (its whole contract with a source):
+- names it: ``object_id`` must be a ``PLAIN_ID`` (it becomes a folder and file name), else the message is
+  rejected;
+- dates it: ``convert_times`` (one astropy call per kind of time field for a batch) fills ``times_utc`` and the
+  observation time (the field ``observation_key`` names, else the newest), and ``partition_date`` applies the
+  alert's ``date_rule`` (``DATE_RULES``) to it, else to ``utc_field``, else to the Kafka timestamp;
+- writes ``alert_files``: the file keeping ``raw`` (``raw`` embedded in JSON when ``suffix`` is ``.json``; else
+  ``raw`` verbatim and a ``.json`` companion with ``view``), then every cutout under
+  ``images/<date>/<object_id>/<detection_id>_<kind><suffix>`` (the names stamp providers use), all in the same
+  batch and the same store transaction;
+- queues a stamp job when ``stamps.<survey>_provider`` names a provider for ``survey``.
+Whatever a source raises for one message (``InvalidMessageError`` or anything else) rejects that message only.
 
 Contract names (README "Configuration"): ``lasair`` (Lasair JSON, ZTF and LSST), ``ztf-avro``, ``fink``,
 ``confluent-avro``, ``avro``.
@@ -11,7 +25,14 @@ Contract names (README "Configuration"): ``lasair`` (Lasair JSON, ZTF and LSST),
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import datetime as dt
+import importlib
+import json
+import pkgutil
+import re
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,6 +44,10 @@ LSST = "lsst"
 # How an alert's partition date is chosen (written into the alert file as ``date_rule``).
 UTC_DATE = "utc"  # ZTF: the UTC date of the observation
 DAY_OBS = "dayobs"  # Rubin: the TAI date of the observation minus 12 h (see ztfd.nights)
+DEFAULT_FORMAT = "lasair"
+# What an alert's object id (and a detection id) must look like: it becomes a folder and a file name.
+PLAIN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_REASON = 300  # characters of a rejection reason kept
 
 
 class InvalidMessageError(ValueError):
@@ -91,3 +116,105 @@ def register(name: str) -> Callable[[Callable[..., Source]], Callable[..., Sourc
         return factory
 
     return add
+
+
+def source_for(name: str) -> Source:
+    """A new source of format ``name`` (``kafka.formats``; ``lasair`` by default)."""
+    load_all()
+    try:
+        factory = SOURCES[name]
+    except KeyError:
+        raise KeyError(f"no source for format {name!r} (known: {', '.join(sorted(SOURCES))})") from None
+    return factory()
+
+
+def load_all() -> None:
+    """Import every module of this package, so that each registers its sources."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+# --- what the consumer does with every alert, whatever its source ------------------------------------------------
+
+
+def utc_date(moment: dt.datetime) -> str:
+    return moment.date().isoformat()
+
+
+# Date rule -> the partition date of a moment (a UTC datetime). ztfd.nights adds DAY_OBS.
+DATE_RULES: dict[str, Callable[[dt.datetime], str]] = {UTC_DATE: utc_date}
+
+
+def convert_times(alerts: Sequence[Alert]) -> None:
+    """Fill ``times_utc``, ``obs_mjd`` and ``obs_iso`` for a batch, one astropy call per kind of time field.
+
+    The observation time is the field ``observation_key`` names, else the newest of all (Lasair messages name
+    none: their newest time is the detection's).
+    """
+    groups: dict[tuple[str, str], list[tuple[Alert, TimeField]]] = defaultdict(list)
+    for alert in alerts:
+        for time_field in alert.times:
+            groups[(time_field.kind, time_field.scale)].append((alert, time_field))
+    if not groups:
+        return
+    from astropy.time import Time
+
+    for (kind, scale), members in groups.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ERFA "dubious year" for future dates; leap-second table age
+            utc = Time([tf.value for _, tf in members], format=kind, scale=scale).utc
+            isots = utc.isot
+            mjds = utc.mjd
+        for (alert, time_field), iso, mjd in zip(members, isots, mjds, strict=True):
+            alert.times_utc[time_field.key] = f"{iso}Z"
+            chosen = alert.observation_key == time_field.key
+            if chosen or (alert.observation_key is None and (alert.obs_mjd is None or mjd > alert.obs_mjd)):
+                alert.obs_mjd = float(mjd)
+                alert.obs_iso = str(iso)
+
+
+def partition_date(alert: Alert, fallback: dt.datetime) -> str:
+    """The alert's folder date by its date rule: of its observation time; else of its ``utc_field``; else of
+    ``fallback`` (the consumer passes the Kafka timestamp when there is one, which a redelivery keeps)."""
+    if alert.obs_iso is not None:
+        moment = dt.datetime.fromisoformat(alert.obs_iso).replace(tzinfo=dt.UTC)
+    elif isinstance(alert.utc_field, dt.datetime):
+        utc_field = alert.utc_field
+        moment = utc_field.replace(tzinfo=dt.UTC) if utc_field.tzinfo is None else utc_field.astimezone(dt.UTC)
+    else:
+        moment = fallback.astimezone(dt.UTC)
+    try:
+        rule = DATE_RULES[alert.date_rule]
+    except KeyError:
+        raise InvalidMessageError(f"no date rule {alert.date_rule!r}") from None
+    return rule(moment)
+
+
+def file_stem(object_id: str, partition: int, offset: int, generation: int) -> str:
+    """Stable under redelivery: the same Kafka message always gets the same name."""
+    prefix = f"g{generation}-" if generation else ""
+    return f"{object_id}_{prefix}p{partition}-o{offset}"
+
+
+def alert_files(alert: Alert, folder: str, stem: str, images: str, metadata: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """Every file of one alert as (path, bytes): the one keeping ``raw`` first (in ``folder``), then its cutouts
+    (in ``images``, the object's stamp folder).
+
+    ``raw`` is never re-serialised: large integers and float digits stay exactly as sent.
+    """
+    meta = json.dumps(metadata).encode()
+    if alert.suffix == ".json":
+        files = [(f"{folder}/{stem}.json", b'{"message": ' + alert.raw + b', "ztfd": ' + meta + b"}\n")]
+    else:
+        view = json.dumps(alert.view).encode()
+        files = [(f"{folder}/{stem}{alert.suffix}", alert.raw),
+                 (f"{folder}/{stem}.json", b'{"message": ' + view + b', "ztfd": ' + meta + b"}\n")]
+    named = alert.detection_id or stem
+    files.extend((f"{images}/{named}_{cutout.kind}{cutout.suffix}", cutout.data)
+                 for cutout in alert.cutouts if cutout.data is not None)
+    return files
+
+
+def iso_utc(moment: dt.datetime) -> str:
+    """ISO 8601 in UTC with milliseconds and a ``Z``: how ztfd writes every time it adds."""
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ztfd.store.schema import SCHEMA, SCHEMA_VERSION
+from ztfd.store.schema import ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION
 
 
 def connect(db_path: Path, timeout: float = 60.0) -> sqlite3.Connection:
@@ -24,7 +24,6 @@ def connect(db_path: Path, timeout: float = 60.0) -> sqlite3.Connection:
     # NORMAL in WAL mode is durable across process crashes (what the promise is about); a power cut can lose
     # the last transactions but never corrupts, and Kafka then redelivers what the lost ones had acknowledged.
     conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("PRAGMA foreign_keys = ON")
     _migrate(conn)
     return conn
 
@@ -48,6 +47,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
     with transaction(conn):
         for statement in _statements(SCHEMA):
             conn.execute(statement)
+        for table, column, declaration in ADDED_COLUMNS:
+            if column not in {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
@@ -66,7 +68,18 @@ def transaction(conn: sqlite3.Connection, immediate: bool = True) -> Iterator[sq
     conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
     try:
         yield conn
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # also after a COMMIT that failed (disk full, I/O error): SQLite keeps it open
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def atomic(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """All or nothing: joins the caller's transaction when there is one, else opens its own."""
+    if conn.in_transaction:
+        yield conn
+        return
+    with transaction(conn):
+        yield conn

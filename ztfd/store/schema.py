@@ -50,12 +50,14 @@ CREATE TABLE IF NOT EXISTS offsets (
     PRIMARY KEY (topic, partition)
 );
 
--- The work queue (see ztfd.jobqueue). state: ready | leased | done | failed. waiting says why a ready job has a
--- not_before in the future: 'retry' after a failure, 'unavailable' while ALeRCE does not have the alert yet.
+-- The stamp job queue (see ztfd.store.jobs). A job refers to its alert; what a finished job learned is kept with
+-- the alert (``stamps``). state: ready | leased | done | failed (store.jobs.JobState). waiting says why a ready
+-- job has a not_before in the future: 'retry' after a failure, 'unavailable' while the service does not have
+-- the alert yet. force: refetch files already valid on disk (``ztfd replay --force``).
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,
-    payload TEXT NOT NULL,
+    alert_id INTEGER NOT NULL,
+    force INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL DEFAULT 'ready',
     attempts INTEGER NOT NULL DEFAULT 0,
     not_before REAL NOT NULL DEFAULT 0,
@@ -64,18 +66,32 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_until REAL,
     owner TEXT,
     last_error TEXT,
-    result TEXT,
     batch TEXT,
     dedupe_key TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (kind, not_before, id) WHERE state = 'ready';
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (not_before, id) WHERE state = 'ready';
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until) WHERE state = 'leased';
+CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (updated_at) WHERE state = 'failed';
 CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch) WHERE batch IS NOT NULL;
--- At most one waiting or running job per dedupe key (see jobqueue.enqueue).
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedupe ON jobs (kind, dedupe_key)
+-- At most one waiting or running job per dedupe key (see store.jobs.enqueue).
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedupe ON jobs (dedupe_key)
     WHERE dedupe_key IS NOT NULL AND state IN ('ready', 'leased');
+
+-- What is known about an alert's stamps, written when its stamp job finishes: the survey's id of the detection
+-- chosen (ZTF candid, LSST diaSourceId; TEXT so that 64-bit ids stay exact) and its MJD, when, which stamp kinds
+-- that run fetched (bit i = store.stamps.KINDS[i]), whether it drew the preview, and which worker. ``ztfd replay``
+-- reuses the detection id (no lookup) and checks the files it names; nothing reads job rows for it.
+CREATE TABLE IF NOT EXISTS stamps (
+    alert_id INTEGER PRIMARY KEY,
+    detection_id TEXT NOT NULL,
+    detection_mjd REAL,
+    fetched INTEGER NOT NULL DEFAULT 0,
+    preview INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    done_at REAL NOT NULL
+);
 
 -- The sync manifest: every file ztfd writes under data/ and images/. state: pending | done.
 CREATE TABLE IF NOT EXISTS manifest (
@@ -143,3 +159,12 @@ CREATE TABLE IF NOT EXISTS topic_ids (
 );
 """
 SCHEMA += PARTITIONS_SCHEMA
+# --- added by the seams change (sources and stamp providers) ---------------------------------------------------------
+# Columns added to existing tables, applied after SCHEMA by ``db._migrate`` when a table lacks them (idempotent, so
+# a store created before them gains them on its next open). For the store's migration mechanism to take over.
+ADDED_COLUMNS = (
+    # The survey of the alert (its stamp provider is ``stamps.<survey>_provider``) and the detection its message
+    # names (Avro packets name their candid; Lasair rows none): what a stamp job needs beyond the columns above.
+    ("alerts", "survey", "TEXT NOT NULL DEFAULT 'ztf'"),
+    ("alerts", "detection_id", "TEXT"),
+)
