@@ -366,6 +366,30 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('counters_seeded', '1');
 
 SCHEMA += OBS_SCHEMA
 
+# --- Kafka partitions: alerts lost upstream, and the identity of each topic (ztfd.partitions) -------------------
+PARTITIONS_SCHEMA = """
+-- Offsets the broker no longer had when ztfd came to read them (retention passed them): lost upstream, recorded
+-- once each (the unique key makes a re-detection after a restart a no-op).
+CREATE TABLE IF NOT EXISTS gaps (
+    id INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    first_offset INTEGER NOT NULL,
+    last_offset INTEGER NOT NULL,
+    missing INTEGER NOT NULL,
+    detected_at REAL NOT NULL,
+    UNIQUE (topic, partition, generation, first_offset)
+);
+
+-- The Kafka topic id (KIP-516) ztfd last read each topic under: a different id is proof of recreation.
+CREATE TABLE IF NOT EXISTS topic_ids (
+    topic TEXT PRIMARY KEY,
+    topic_id TEXT NOT NULL,
+    seen_at REAL NOT NULL
+);
+"""
+SCHEMA += PARTITIONS_SCHEMA
 # --- added by the seams change (sources and stamp providers) ---------------------------------------------------------
 # Columns added to existing tables (schema version 3): ``migrations.add_missing_columns`` adds each one a table
 # lacks, after SCHEMA in a new store and as the step from version 2 in an older one.
