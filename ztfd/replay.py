@@ -71,12 +71,12 @@ def run(cfg: Config, date: str, topic: str | None = None, force: bool = False, w
         conn.close()
 
 
-def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None, force: bool, workers: int) -> int:
+def plan(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None, force: bool
+         ) -> tuple[int, list[jobs.NewStampJob]]:
+    """How many alerts the date has, and the stamp jobs to queue: one per alert whose files are not all valid on
+    disk under the detection an earlier run chose (every alert with ``force``). Two indexed reads (the date's
+    alerts, their stamp records), then the files."""
     alerts = alerts_on(conn, date, topic)
-    scope = f"{date}" + (f" topic {topic}" if topic else "")
-    if not alerts:
-        click.echo(f"replay {scope}: no stored alerts")
-        return EXIT_OK
     known = stamp_records_on(conn, date, topic)
     payloads = []
     for alert in alerts:
@@ -85,11 +85,20 @@ def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None,
                 and triplet_complete(cfg, alert.date, alert.object_id, int(previous.detection_id))):
             continue
         payloads.append(jobs.NewStampJob(alert.id, force=force))  # the worker reuses the detection of ``known``
-    complete = len(alerts) - len(payloads)
+    return len(alerts), payloads
+
+
+def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None, force: bool, workers: int) -> int:
+    scope = f"{date}" + (f" topic {topic}" if topic else "")
+    count, payloads = plan(conn, cfg, date, topic, force)
+    if not count:
+        click.echo(f"replay {scope}: no stored alerts")
+        return EXIT_OK
+    complete = count - len(payloads)
     if force:
-        click.echo(f"replay {scope}: {len(alerts)} alerts, all {len(payloads)} to fetch again (--force)")
+        click.echo(f"replay {scope}: {count} alerts, all {len(payloads)} to fetch again (--force)")
     else:
-        click.echo(f"replay {scope}: {len(alerts)} alerts, {complete} complete on disk, {len(payloads)} to fetch")
+        click.echo(f"replay {scope}: {count} alerts, {complete} complete on disk, {len(payloads)} to fetch")
     if not payloads:
         return EXIT_OK
     batch = f"replay:{date}:{uuid.uuid4().hex[:12]}"

@@ -31,7 +31,8 @@ KAFKA_TIMEOUT = 3.0
 LAST_FAILURES = 5
 
 
-def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[str, Any]:
+def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool = True) -> dict[str, Any]:
+    """The report; ``lag=False`` leaves out the Kafka lag (what ``bin/bench store`` times: the store's part)."""
     now = time.time()
     sup_pid = supervisor.running_pid(cfg)
     report: dict[str, Any] = {
@@ -68,7 +69,8 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[st
     finally:
         if conn is not None:
             conn.close()
-    _add_lag(cfg, report["topics"], kafka_timeout)
+    if lag:
+        _add_lag(cfg, report["topics"], kafka_timeout)
     # Running: our supervisor, or (under supervisord or systemd units of the single roles) live consumers.
     externally = any(p["alive"] and p["role"] == "consumer" and p["fresh"] for p in report["processes"])
     report["running"] = sup_pid is not None or externally

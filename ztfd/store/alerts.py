@@ -6,6 +6,8 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from ztfd.store.db import id_chunks
+
 
 @dataclass(frozen=True)
 class NewAlert:
@@ -95,11 +97,8 @@ def alerts_on(conn: sqlite3.Connection, date: str, topic: str | None = None) -> 
 
 
 def alerts_by_id(conn: sqlite3.Connection, ids: Iterable[int]) -> dict[int, StoredAlert]:
-    wanted = sorted(set(ids))
     found: dict[int, StoredAlert] = {}
-    for start in range(0, len(wanted), 500):
-        chunk = wanted[start:start + 500]
-        marks = ",".join("?" * len(chunk))
+    for chunk, marks in id_chunks(ids):
         for row in conn.execute(f"SELECT {_COLUMNS} FROM alerts WHERE id IN ({marks})", chunk):
             found[row["id"]] = _stored(row)
     return found
