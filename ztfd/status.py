@@ -220,7 +220,10 @@ def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -
             consumer.assign(assigned)
             pending = {(tp.topic, tp.partition) for tp in assigned}
             while pending and time.monotonic() < deadline:
-                for message in consumer.consume(100, min(0.5, max(0.05, deadline - time.monotonic()))):
+                # As many as there are partitions still to hear from (a message or the end of an empty one):
+                # consume() waits for that many or for its timeout, whichever comes first.
+                wait = min(0.5, max(0.05, deadline - time.monotonic()))
+                for message in consumer.consume(len(pending), wait):
                     pending.discard((message.topic(), message.partition()))
         by_topic: dict[str, int | None] = {}
         for tp in assigned:
