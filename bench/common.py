@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -218,10 +217,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what or predicate}")
         time.sleep(interval)
-
-
-def scalar(conn: sqlite3.Connection, sql: str, *params: Any) -> Any:
-    return conn.execute(sql, params).fetchone()[0]
 
 
 def machine() -> dict[str, Any]:

@@ -74,12 +74,12 @@ def run(cfg: Config, date: str, topic: str | None = None, force: bool = False, w
         conn.close()
 
 
-def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None, force: bool, workers: int) -> int:
+def plan(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None, force: bool
+         ) -> tuple[int, list[jobs.NewStampJob]]:
+    """How many alerts the date has, and the stamp jobs to queue: one per alert whose files are not all valid on
+    disk under the detection an earlier run chose (every alert with ``force``). Two indexed reads (the date's
+    alerts, their stamp records), then the files."""
     alerts = alerts_on(conn, date, topic)
-    scope = f"{date}" + (f" topic {topic}" if topic else "")
-    if not alerts:
-        click.echo(f"replay {scope}: no stored alerts")
-        return EXIT_OK
     known = stamp_records_on(conn, date, topic)
     stamp_providers = providers.providers_for(cfg.stamps)
     payloads = []
@@ -92,11 +92,20 @@ def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None,
                 and triplet_complete(cfg, alert.date, alert.object_id, previous.detection_id, provider)):
             continue
         payloads.append(jobs.NewStampJob(alert.id, force=force))  # the worker reuses the detection of ``known``
-    complete = len(alerts) - len(payloads)
+    return len(alerts), payloads
+
+
+def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None, force: bool, workers: int) -> int:
+    scope = f"{date}" + (f" topic {topic}" if topic else "")
+    count, payloads = plan(conn, cfg, date, topic, force)
+    if not count:
+        click.echo(f"replay {scope}: no stored alerts")
+        return EXIT_OK
+    complete = count - len(payloads)
     if force:
-        click.echo(f"replay {scope}: {len(alerts)} alerts, all {len(payloads)} to fetch again (--force)")
+        click.echo(f"replay {scope}: {count} alerts, all {len(payloads)} to fetch again (--force)")
     else:
-        click.echo(f"replay {scope}: {len(alerts)} alerts, {complete} complete on disk, {len(payloads)} to fetch")
+        click.echo(f"replay {scope}: {count} alerts, {complete} complete on disk, {len(payloads)} to fetch")
     if not payloads:
         return EXIT_OK
     batch = f"replay:{date}:{uuid.uuid4().hex[:12]}"
@@ -143,9 +152,12 @@ def running_fetchers(conn: sqlite3.Connection, cfg: Config) -> list[str]:
     return alive
 
 
-def batch_progress(conn: sqlite3.Connection, batch: str) -> Progress:
+def batch_progress(conn: sqlite3.Connection, batch: str, total: int) -> Progress:
+    """What became of a batch of ``total`` jobs: done ones may be forgotten meanwhile (``jobs.forget_done``), so
+    done is what is neither open nor failed."""
     counts = jobs.counts(conn, batch=batch)
-    return Progress(done=counts.done, failed=counts.failed, unavailable=counts.unavailable)
+    return Progress(done=total - counts.unfinished - counts.failed, failed=counts.failed,
+                    unavailable=counts.unavailable)
 
 
 def _replay_worker(cfg: Config, name: str, batch: str) -> None:
@@ -184,13 +196,13 @@ def _wait(conn: sqlite3.Connection, batch: str, total: int, stop: lifecycle.Stop
     Waiting on the daemon (``processes`` None), returns None when no daemon fetcher has been alive for
     ``_daemon_grace``: the caller then fetches in the foreground instead of waiting forever.
     """
-    progress = batch_progress(conn, batch)
+    progress = batch_progress(conn, batch, total)
     shown = 0
     last_report = time.monotonic()
     last_check = last_seen = time.monotonic()
     with _progress_bar(total) as bar:
         while not stop.is_set():
-            progress = batch_progress(conn, batch)
+            progress = batch_progress(conn, batch, total)
             if bar is not None:
                 bar.update(progress.settled - shown)
             elif time.monotonic() - last_report >= REPORT_EVERY:
@@ -201,7 +213,7 @@ def _wait(conn: sqlite3.Connection, batch: str, total: int, stop: lifecycle.Stop
             if progress.settled >= total:
                 break
             if processes is not None and not any(p.is_alive() for p in processes):
-                progress = batch_progress(conn, batch)
+                progress = batch_progress(conn, batch, total)
                 break
             if processes is None and cfg is not None and time.monotonic() - last_check >= FETCHER_CHECK_SECONDS:
                 last_check = time.monotonic()

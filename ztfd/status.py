@@ -22,13 +22,12 @@ from ztfd.localtrouble import STATUS_PREFIX as LOCAL_TROUBLE_PREFIX
 from ztfd.procs import pid_alive
 from ztfd.quota import near_quota
 from ztfd.sources import LSST
-from ztfd.store import jobs
+from ztfd.store import counters, jobs
 from ztfd.store import quota as store_quota
-from ztfd.store.alerts import topic_totals
+from ztfd.store.alerts import count_received_since
 from ztfd.store.db import connect_readonly
 from ztfd.store.facts import statuses_with_prefix
 from ztfd.store.processes import process, processes
-from ztfd.store.rejected import rejected_counts
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,8 @@ KAFKA_TIMEOUT = 3.0
 LAST_FAILURES = 5
 
 
-def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[str, Any]:
+def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool = True) -> dict[str, Any]:
+    """The report; ``lag=False`` leaves out the Kafka lag (what ``bin/bench store`` times: the store's part)."""
     now = time.time()
     sup_pid = supervisor.running_pid(cfg)
     report: dict[str, Any] = {
@@ -78,7 +78,8 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[st
     finally:
         if conn is not None:
             conn.close()
-    _add_lag(cfg, report["topics"], kafka_timeout)
+    if lag:
+        _add_lag(cfg, report["topics"], kafka_timeout)
     # Running: our supervisor, or (under supervisord or systemd units of the single roles) live consumers.
     externally = any(p["alive"] and p["role"] == "consumer" and p["fresh"] for p in report["processes"])
     report["running"] = sup_pid is not None or externally
@@ -149,18 +150,19 @@ def _lasair_day(day: store_quota.DayBytes | None, quota: int, now: float) -> dic
 
 def _topics(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[dict[str, Any]]:
     midnight = dt.datetime.fromtimestamp(now, dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    everything = counters.topic_totals(conn)
     result = []
     days, surveys = store_quota.latest_days(conn), store_quota.surveys(conn)
     for topic in cfg.kafka.topics:
         info = _empty_topic(topic)
         info["survey"] = surveys.get(topic)
         info["lasair_day"] = _lasair_day(days.get(topic), cfg.kafka.lasair_byte_quota, now)
-        totals = topic_totals(conn, topic, midnight)
-        last = totals.last_received_at
-        info["alerts_total"] = totals.total
+        totals = everything.get(topic, counters.TopicTotals(0, 0, None))
+        last = totals.last_alert_at
+        info["alerts_total"] = totals.stored
         info["last_alert"] = _iso(last)
         info["last_alert_age"] = None if last is None else round(now - last, 1)
-        info["alerts_today"] = totals.since
+        info["alerts_today"] = count_received_since(conn, topic, midnight)
         info["partitions"] = {
             str(p): {"next_offset": o.next_offset, "generation": o.generation}
             for p, o in sorted(store.stored_offsets(conn, topic).items())
@@ -184,7 +186,9 @@ def _sync(conn: sqlite3.Connection) -> dict[str, Any]:
 
 
 def _rejected(conn: sqlite3.Connection, cfg: config.Config) -> dict[str, int]:
-    return {**{t: 0 for t in cfg.kafka.topics}, **rejected_counts(conn)}
+    """Rejected messages per topic, all there ever were (also those exported and forgotten)."""
+    found = {topic: totals.rejected for topic, totals in counters.topic_totals(conn).items() if totals.rejected}
+    return {**{t: 0 for t in cfg.kafka.topics}, **found}
 
 
 def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -> None:
@@ -238,7 +242,10 @@ def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -
             consumer.assign(assigned)
             pending = {(tp.topic, tp.partition) for tp in assigned}
             while pending and time.monotonic() < deadline:
-                for message in consumer.consume(100, min(0.5, max(0.05, deadline - time.monotonic()))):
+                # As many as there are partitions still to hear from (a message or the end of an empty one):
+                # consume() waits for that many or for its timeout, whichever comes first.
+                wait = min(0.5, max(0.05, deadline - time.monotonic()))
+                for message in consumer.consume(len(pending), wait):
                     pending.discard((message.topic(), message.partition()))
         by_topic: dict[str, int | None] = {}
         for tp in assigned:

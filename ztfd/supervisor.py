@@ -41,7 +41,7 @@ from pathlib import Path
 
 import click
 
-from ztfd import config, files, lifecycle, logs, store
+from ztfd import config, files, housekeeping, lifecycle, logs, store
 from ztfd.procs import die_with_parent, pid_alive
 from ztfd.store.processes import processes, record_child, reset_processes, set_process_state
 
@@ -281,6 +281,7 @@ class Supervisor:
     @property
     def restart_backoff(self) -> lifecycle.Backoff:
         return lifecycle.Backoff(FIRST_BACKOFF, max(self.cfg.supervisor.restart_backoff_max, 0.1))
+    last_prune: float = field(default_factory=time.monotonic)  # the first prune an interval after start
 
     def run(self) -> int:
         self.stop.install()
@@ -306,6 +307,9 @@ class Supervisor:
                 last_check = now
                 self._heartbeat()
                 self._check_heartbeats()
+            if now - self.last_prune >= housekeeping.PRUNE_EVERY:
+                self.last_prune = now
+                self._prune()
         self._shutdown()
         return 0
 
@@ -432,6 +436,13 @@ class Supervisor:
     def _reset_table(self) -> None:
         """Forget the processes of earlier runs and record ourselves."""
         reset_processes(self.conn, SUPERVISOR_NAME)
+
+    def _prune(self) -> None:
+        """What ``ztfd prune`` does (ztfd.housekeeping), in the supervisor's loop: a few short transactions."""
+        try:
+            housekeeping.prune(self.conn, self.cfg)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("pruning the store failed (tried again in %.0fs): %s", housekeeping.PRUNE_EVERY, exc)
 
     def _heartbeat(self) -> None:
         try:

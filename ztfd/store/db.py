@@ -11,7 +11,8 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ztfd.store.migrations import STEPS, add_missing_columns
@@ -144,6 +145,34 @@ def _statements(script: str) -> Iterator[str]:
             if pending.strip(" \n;"):
                 yield pending
             pending = ""
+
+
+@dataclass(frozen=True)
+class StoreSize:
+    used_bytes: int  # pages holding data
+    free_bytes: int  # pages freed by deletions, reused before the file grows
+    tables: dict[str, int]  # bytes per table and index (empty when SQLite lacks the dbstat table)
+
+
+def id_chunks(ids: Iterable[int], size: int = 500) -> Iterator[tuple[list[int], str]]:
+    """Distinct ids in chunks small enough for one ``IN (…)`` each: (the chunk, its ``?, ?, …`` placeholders)."""
+    wanted = sorted(set(ids))
+    for start in range(0, len(wanted), size):
+        chunk = wanted[start:start + size]
+        yield chunk, ",".join("?" * len(chunk))
+
+
+def store_size(conn: sqlite3.Connection) -> StoreSize:
+    """What the store occupies, after moving the WAL into the database file (``bin/bench store``)."""
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    try:
+        tables = {row[0]: row[1] for row in conn.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name")}
+    except sqlite3.OperationalError:
+        tables = {}
+    return StoreSize((pages - free) * page, free * page, tables)
 
 
 @contextlib.contextmanager

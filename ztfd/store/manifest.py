@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ztfd.store.counters import files_by_state
 from ztfd.store.db import transaction
 
 PAGE_ROWS = 2000  # rows read per keyset page
@@ -224,9 +225,11 @@ def note_unverified(conn: sqlite3.Connection, upload: OldUpload, error: str) -> 
 
 
 def state_totals(conn: sqlite3.Connection) -> dict[FileState, Totals]:
+    """Files and bytes per state: the counters the manifest's triggers keep (a few rows, never a count of a
+    year of files)."""
     totals = {state: Totals(0, 0) for state in FileState}
-    for row in conn.execute("SELECT state, count(*) AS n, coalesce(sum(size), 0) AS b FROM manifest GROUP BY state"):
-        totals[FileState(row["state"])] = Totals(row["n"], row["b"])
+    for state, found in files_by_state(conn).items():
+        totals[FileState(state)] = Totals(found.files, found.bytes)
     return totals
 
 

@@ -82,6 +82,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (not_before, id) WHERE state = 'ready';
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until) WHERE state = 'leased';
 CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (updated_at) WHERE state = 'failed';
+-- Done jobs are forgotten a day after they finished (ztfd.housekeeping): what they learned is in ``stamps``.
+CREATE INDEX IF NOT EXISTS jobs_done ON jobs (updated_at) WHERE state = 'done';
 CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch) WHERE batch IS NOT NULL;
 -- At most one waiting or running job per dedupe key (see store.jobs.enqueue).
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedupe ON jobs (dedupe_key)
@@ -102,6 +104,7 @@ CREATE TABLE IF NOT EXISTS stamps (
 );
 
 -- The sync manifest: every file ztfd writes under data/ and images/. state: pending | done | archived.
+-- WITHOUT ROWID: the path, its key, is stored once (a rowid table kept it twice, in the table and in its index).
 CREATE TABLE IF NOT EXISTS manifest (
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -112,7 +115,7 @@ CREATE TABLE IF NOT EXISTS manifest (
     etag TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT
-);
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS manifest_pending ON manifest (path) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS manifest_uploaded ON manifest (uploaded_at, path) WHERE state = 'done';
 
