@@ -9,16 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import child_env, wait_until, ztfd_command
+from tests.kafka_fakes import FakeMessage, NoKafka
 from tests.test_consumer import (
     Consumers,
-    FakeMessage,
-    NoKafka,
     alert_files,
     count,
     seqs_on_disk,
@@ -112,7 +112,8 @@ class BrokerPastTheStoredOffset:
 def test_offsets_gone_from_the_broker_are_recorded_once_as_a_gap_and_logged(
     make_config: Callable[..., Path], caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = config.load(make_config(kafka={"topics": ["t"]}))
+    config_path = make_config(kafka={"topics": ["t"]})
+    cfg = config.load(config_path)
     messages = [FakeMessage(json.dumps(m).encode(), offset) for offset, m in enumerate(samples.message_stream(60))]
     consumer = TopicConsumer(cfg, "t", "consumer:t")
     consumer.consumer = NoKafka()
@@ -140,3 +141,12 @@ def test_offsets_gone_from_the_broker_are_recorded_once_as_a_gap_and_logged(
     conn.close()
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "10..39 (30 alerts)" in errors[0]
+    shown = subprocess.run(ztfd_command(config_path, "status", "--json"), env=child_env(), capture_output=True,
+                           text=True, timeout=60)
+    report = json.loads(shown.stdout)
+    assert [(g["topic"], g["first_offset"], g["last_offset"], g["missing"]) for g in report["gaps"]] == [
+        ("t", 10, 39, 30)]
+    assert [t["lost_upstream"] for t in report["topics"] if t["topic"] == "t"] == [30]
+    table = subprocess.run(ztfd_command(config_path, "status"), env=child_env(), capture_output=True, text=True,
+                           timeout=60).stdout
+    assert "LOST UPSTREAM t[0]: offsets 10..39 (30 alerts)" in table

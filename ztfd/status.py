@@ -23,6 +23,7 @@ from ztfd.procs import pid_alive
 from ztfd.quota import near_quota
 from ztfd.sources import LSST
 from ztfd.store import counters, jobs
+from ztfd.store import gaps as store_gaps
 from ztfd.store import quota as store_quota
 from ztfd.store.alerts import count_received_since
 from ztfd.store.db import connect_readonly
@@ -52,6 +53,7 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
         "sync": {"enabled": bool(cfg.s3.bucket), "bucket": cfg.s3.bucket or None, "pending": 0, "pending_bytes": 0,
                  "done": 0, "last_pass": None, "last_error": None},
         "rejected": {},
+        "gaps": [],
         "local_trouble": {},
         "disk": _disk(cfg.home),
         "store": str(cfg.db_path) if cfg.db_path.exists() else None,
@@ -65,11 +67,14 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
             report["failures"] = _failures(conn)
             report["sync"].update(_sync(conn))
             report["rejected"] = _rejected(conn, cfg)
+            report["gaps"] = _gaps(conn)
             report["local_trouble"] = {
                 name: {"reason": reason, "at": _iso(at)}
                 for name, (reason, at) in statuses_with_prefix(conn, LOCAL_TROUBLE_PREFIX).items()}
+            lost = store_gaps.missing_by_topic(conn)
             for info in report["topics"]:
                 info["rejected"] = report["rejected"].get(info["topic"], 0)
+                info["lost_upstream"] = lost.get(info["topic"], 0)
             row = process(conn, supervisor.SUPERVISOR_NAME)
             if row is not None and sup_pid is not None and row.started_at:
                 report["supervisor"]["uptime"] = round(now - row.started_at, 1)
@@ -135,7 +140,8 @@ def _processes(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list
 
 def _empty_topic(topic: str) -> dict[str, Any]:
     return {"topic": topic, "survey": None, "alerts_today": 0, "alerts_total": 0, "last_alert": None,
-            "last_alert_age": None, "rejected": 0, "partitions": {}, "lag": None, "lasair_day": None}
+            "last_alert_age": None, "rejected": 0, "lost_upstream": 0, "partitions": {}, "lag": None,
+            "lasair_day": None}
 
 
 def _lasair_day(day: store_quota.DayBytes | None, quota: int, now: float) -> dict[str, Any]:
@@ -189,6 +195,13 @@ def _rejected(conn: sqlite3.Connection, cfg: config.Config) -> dict[str, int]:
     """Rejected messages per topic, all there ever were (also those exported and forgotten)."""
     found = {topic: totals.rejected for topic, totals in counters.topic_totals(conn).items() if totals.rejected}
     return {**{t: 0 for t in cfg.kafka.topics}, **found}
+
+
+def _gaps(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """The newest gaps: offsets the broker no longer had when ztfd came to read them (see ztfd.partitions)."""
+    return [{"topic": g.topic, "partition": g.partition, "generation": g.generation, "first_offset": g.first_offset,
+             "last_offset": g.last_offset, "missing": g.missing, "detected_at": _iso(g.detected_at)}
+            for g in store_gaps.recent_gaps(conn)]
 
 
 def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -> None:
@@ -359,6 +372,10 @@ def render(report: dict[str, Any]) -> str:
             out.append(f"  WARNING {t['topic']}: {_size(day['bytes'])} received on Lasair day {day['day']}, "
                        f"{day['percent']:.0f}% of kafka.lasair_byte_quota ({_size(day['quota'])}); Lasair stops "
                        "sending this filter's messages at 100% until the day ends (20:00 UTC)")
+    for gap in report.get("gaps", []):
+        out.append(f"  LOST UPSTREAM {gap['topic']}[{gap['partition']}]: offsets {gap['first_offset']}.."
+                   f"{gap['last_offset']} ({gap['missing']} alerts) were gone from the broker when ztfd came to "
+                   f"read them (found {gap['detected_at']})")
     out.append("")
 
     q = report["queue"]
