@@ -64,7 +64,7 @@ def connect_readonly(db_path: Path, timeout: float = 2.0) -> sqlite3.Connection:
     if version != SCHEMA_VERSION:
         conn.close()
         if version > SCHEMA_VERSION:
-            raise too_new(db_path, version)
+            raise _too_new(db_path, version)
         raise StoreVersionError(
             f"store: {db_path} has schema version {version}, older than this ztfd's ({SCHEMA_VERSION}); it is "
             "migrated when a ztfd process that writes opens it (start, consume, fetch, sync); this command only reads")
@@ -100,7 +100,7 @@ def schema_version(conn: sqlite3.Connection) -> int:
     return 0 if row is None else int(row[0])
 
 
-def too_new(db_path: Path, version: int) -> StoreVersionError:
+def _too_new(db_path: Path, version: int) -> StoreVersionError:
     return StoreVersionError(
         f"store: {db_path} has schema version {version}, newer than this ztfd reads ({SCHEMA_VERSION}); "
         "run the ztfd that wrote it, or a newer one")
@@ -114,11 +114,11 @@ def _migrate(conn: sqlite3.Connection, db_path: Path) -> None:
     if version == SCHEMA_VERSION:
         return
     if version > SCHEMA_VERSION:
-        raise too_new(db_path, version)
+        raise _too_new(db_path, version)
     with transaction(conn):
         version = schema_version(conn)
         if version > SCHEMA_VERSION:
-            raise too_new(db_path, version)
+            raise _too_new(db_path, version)
         if version == SCHEMA_VERSION:
             return
         if version:
