@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 
 POLL_TIMEOUT = 0.5
 DRAIN_TIMEOUT = 0.005
+BATCH_MAX_BYTES = 4 * 1024 * 1024  # a batch stops growing past this many bytes of messages (kafka.batch_size: count)
+BATCH_CHUNK = 250  # messages taken from librdkafka's queue at a time while a batch fills
+PREFETCH_KBYTES = 8192  # librdkafka's queued.max.messages.kbytes unless kafka.options sets it
 HEARTBEAT_EVERY = 5.0
 METADATA_EVERY = 10.0  # seconds between looks at the topic's partitions (new topic, new partitions, recreation)
 RECENT_DATES_WINDOW = 2 * 86400.0
@@ -228,9 +231,16 @@ class TopicConsumer:
         first = self.consumer.poll(POLL_TIMEOUT)
         if first is None:
             return []
-        if self.cfg.kafka.batch_size == 1:
-            return [first]
-        return [first, *self.consumer.consume(self.cfg.kafka.batch_size - 1, DRAIN_TIMEOUT)]
+        batch, size, limit = [first], _size(first), self.cfg.kafka.batch_size
+        # Bounded in bytes too: a batch of 1000 Lasair-LSST full-output messages (~40 kB each) held twice over
+        # (the one being written, the one being prepared) took the consumer past 400 MB.
+        while len(batch) < limit and size < BATCH_MAX_BYTES:
+            more = self.consumer.consume(min(limit - len(batch), BATCH_CHUNK), DRAIN_TIMEOUT)
+            if not more:
+                break
+            batch.extend(more)
+            size += sum(_size(msg) for msg in more)
+        return batch
 
     def _store_oldest(self, in_flight: deque[Batch]) -> None:
         """Wait for the oldest batch's files, then store it; through local trouble, pause and redo every batch in
@@ -293,6 +303,9 @@ class TopicConsumer:
             "group.id": self.cfg.kafka.group_id,
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
+            # librdkafka prefetches up to 64 MB a partition by default: with Lasair-LSST's ~40 kB messages that
+            # alone was a third of the consumer's memory. 8 MB is still 16,000 ZTF rows. kafka.options may raise it.
+            "queued.max.messages.kbytes": PREFETCH_KBYTES,
             "error_cb": self._on_kafka_error,
             "logger": librdkafka_logger(),
         }
@@ -680,6 +693,11 @@ def librdkafka_logger() -> logging.Logger:
     if not any(isinstance(f, ThrottleFilter) for f in logger.filters):
         logger.addFilter(ThrottleFilter())
     return logger
+
+
+def _size(msg: Any) -> int:
+    value = msg.value()
+    return len(value) if value else 0
 
 
 def kafka_time(msg: Any) -> dt.datetime | None:

@@ -85,7 +85,7 @@ def convert_times(alerts: Sequence[Alert]) -> None:
         with _quiet():
             times = Time([tf.value for _, tf in members], format=kind, scale=scale)
             utc = times.utc
-            isots, mjds = utc.isot, utc.mjd
+            isots, mjds = isot_strings(utc), utc.mjd
         rubin = []
         for index, ((alert, time_field), iso, mjd) in enumerate(zip(members, isots, mjds, strict=True)):
             alert.times_utc[time_field.key] = f"{iso}Z"
@@ -104,6 +104,35 @@ def convert_times(alerts: Sequence[Alert]) -> None:
                 members[index][0].obs_day = day
     for alert, key in newest_keys.values():
         alert.observation_key = key  # what dated it, for the alert file
+
+
+def isot_strings(utc: Any) -> list[str]:
+    """``utc.isot`` (milliseconds), formatted by numpy from astropy's UTC times.
+
+    astropy's formatter took a quarter of the consumer's time on Lasair-LSST full output (45 time fields per
+    alert); numpy writes the same strings ~15x faster. Days with a leap second, whose UTC day fractions count
+    86,401 seconds, go through astropy's formatter."""
+    import numpy as np
+
+    day_start = np.floor(utc.jd1 - JD_MJD_OFFSET) + np.floor(utc.jd2)
+    if _has_leap_second(np.unique(day_start)):
+        return [str(iso) for iso in utc.isot]
+    millis = np.round((utc.jd1 - JD_MJD_OFFSET - MJD_EPOCH_OFFSET + utc.jd2) * 86_400_000.0).astype("int64")
+    return list(np.datetime_as_string(millis.astype("datetime64[ms]"), unit="ms"))
+
+
+MJD_EPOCH_OFFSET = 40587.0  # MJD of 1970-01-01, numpy's epoch
+
+
+def _has_leap_second(days: Any) -> bool:
+    """True if any of these UTC days (MJD) ends with a leap second (TAI - UTC grows overnight)."""
+    from astropy.time import Time
+
+    with _quiet():
+        start = Time(days, format="mjd", scale="utc")
+        end = Time(days + 1, format="mjd", scale="utc")
+        step = (end.tai.jd1 - end.jd1 + end.tai.jd2 - end.jd2) - (start.tai.jd1 - start.jd1 + start.tai.jd2 - start.jd2)
+    return bool((abs(step) * 86400.0 > 0.5).any())
 
 
 def _day_obs_of(times: Any) -> list[str]:

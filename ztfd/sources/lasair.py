@@ -106,8 +106,7 @@ class LasairSource:
             observation_key=None,
             date_rule=DAY_OBS if survey == LSST else UTC_DATE,
             utc_field=_utc_field(body),
-            body=body,
-        )
+        )  # no ``body``: nothing reads it, and a full-output message parsed is ~70 kB of objects per alert
         if survey == LSST:
             _find_lsst_observation(alert, body)
         else:
@@ -198,22 +197,39 @@ def _time_fields(body: dict[str, Any], survey: str) -> list[TimeField]:
 
 
 def _nested_time_fields(path: str, value: Any, survey: str, depth: int = 0) -> list[TimeField]:
+    """Valid time fields inside objects and lists.
+
+    Written for speed: a Lasair-LSST full-output message holds over a thousand nested values (eleven diaSources
+    of a hundred fields each), and a walk that asked every one whether it is a time cost as much as parsing the
+    JSON. Objects of one shape (the same keys in the same order) share the list of their time-named keys
+    (``_time_keys``), the types of an object's values are gathered in one pass at C speed, and only an object
+    that holds containers has its values looked at one by one."""
     if depth > MAX_NESTING:
         return []
     found: list[TimeField] = []
-    children = value.items() if isinstance(value, dict) else ((f"[{i}]", v) for i, v in enumerate(value))
-    for key, child in children:
-        child_path = f"{path}{key}" if key.startswith("[") else f"{path}.{key}"
-        if isinstance(child, dict | list):
-            found.extend(_nested_time_fields(child_path, child, survey, depth + 1))
-            continue
-        kind_scale = time_kind(key, survey) if isinstance(value, dict) else None
-        if kind_scale is None or not is_number(child):
-            continue
-        low, high = JD_RANGE if kind_scale[0] == "jd" else MJD_RANGE
-        if low <= child <= high:
-            found.append(TimeField(child_path, float(child), *kind_scale))
+    if isinstance(value, dict):
+        for key, kind_scale in _time_keys(tuple(value), survey):
+            child = value[key]
+            if type(child) is float or type(child) is int:  # not bool (a subclass of int), NaN fails the range
+                low, high = JD_RANGE if kind_scale[0] == "jd" else MJD_RANGE
+                if low <= child <= high:
+                    found.append(TimeField(f"{path}.{key}", float(child), *kind_scale))
+        kinds = set(map(type, value.values()))
+        if dict in kinds or list in kinds:
+            for key, child in value.items():
+                if type(child) is dict or type(child) is list:
+                    found.extend(_nested_time_fields(f"{path}.{key}", child, survey, depth + 1))
+    else:
+        for index, child in enumerate(value):
+            if type(child) is dict or type(child) is list:
+                found.extend(_nested_time_fields(f"{path}[{index}]", child, survey, depth + 1))
     return found
+
+
+@functools.lru_cache(maxsize=1024)
+def _time_keys(keys: tuple[str, ...], survey: str) -> tuple[tuple[str, tuple[str, str]], ...]:
+    """The time-named keys of an object of this shape, with their kind and scale."""
+    return tuple((key, kind_scale) for key in keys if (kind_scale := time_kind(key, survey)) is not None)
 
 
 def _as_utc_mjd(time_field: TimeField) -> float:
