@@ -18,10 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from ztfd import config, store, supervisor
+from ztfd.localtrouble import STATUS_PREFIX as LOCAL_TROUBLE_PREFIX
 from ztfd.procs import pid_alive
+from ztfd.quota import near_quota
+from ztfd.sources import LSST
 from ztfd.store import counters, jobs
+from ztfd.store import gaps as store_gaps
+from ztfd.store import quota as store_quota
 from ztfd.store.alerts import count_received_since
 from ztfd.store.db import connect_readonly
+from ztfd.store.facts import statuses_with_prefix
 from ztfd.store.processes import process, processes
 
 log = logging.getLogger(__name__)
@@ -31,7 +37,8 @@ KAFKA_TIMEOUT = 3.0
 LAST_FAILURES = 5
 
 
-def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[str, Any]:
+def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool = True) -> dict[str, Any]:
+    """The report; ``lag=False`` leaves out the Kafka lag (what ``bin/bench store`` times: the store's part)."""
     now = time.time()
     sup_pid = supervisor.running_pid(cfg)
     report: dict[str, Any] = {
@@ -46,6 +53,8 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[st
         "sync": {"enabled": bool(cfg.s3.bucket), "bucket": cfg.s3.bucket or None, "pending": 0, "pending_bytes": 0,
                  "done": 0, "last_pass": None, "last_error": None},
         "rejected": {},
+        "gaps": [],
+        "local_trouble": {},
         "disk": _disk(cfg.home),
         "store": str(cfg.db_path) if cfg.db_path.exists() else None,
     }
@@ -58,8 +67,14 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[st
             report["failures"] = _failures(conn)
             report["sync"].update(_sync(conn))
             report["rejected"] = _rejected(conn, cfg)
+            report["gaps"] = _gaps(conn)
+            report["local_trouble"] = {
+                name: {"reason": reason, "at": _iso(at)}
+                for name, (reason, at) in statuses_with_prefix(conn, LOCAL_TROUBLE_PREFIX).items()}
+            lost = store_gaps.missing_by_topic(conn)
             for info in report["topics"]:
                 info["rejected"] = report["rejected"].get(info["topic"], 0)
+                info["lost_upstream"] = lost.get(info["topic"], 0)
             row = process(conn, supervisor.SUPERVISOR_NAME)
             if row is not None and sup_pid is not None and row.started_at:
                 report["supervisor"]["uptime"] = round(now - row.started_at, 1)
@@ -68,7 +83,8 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[st
     finally:
         if conn is not None:
             conn.close()
-    _add_lag(cfg, report["topics"], kafka_timeout)
+    if lag:
+        _add_lag(cfg, report["topics"], kafka_timeout)
     # Running: our supervisor, or (under supervisord or systemd units of the single roles) live consumers.
     externally = any(p["alive"] and p["role"] == "consumer" and p["fresh"] for p in report["processes"])
     report["running"] = sup_pid is not None or externally
@@ -123,16 +139,30 @@ def _processes(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list
 
 
 def _empty_topic(topic: str) -> dict[str, Any]:
-    return {"topic": topic, "alerts_today": 0, "alerts_total": 0, "last_alert": None, "last_alert_age": None,
-            "rejected": 0, "partitions": {}, "lag": None}
+    return {"topic": topic, "survey": None, "alerts_today": 0, "alerts_total": 0, "last_alert": None,
+            "last_alert_age": None, "rejected": 0, "lost_upstream": 0, "partitions": {}, "lag": None,
+            "lasair_day": None}
+
+
+def _lasair_day(day: store_quota.DayBytes | None, quota: int, now: float) -> dict[str, Any]:
+    """The topic's traffic on the current Lasair quota day, against ``kafka.lasair_byte_quota``."""
+    nid = store_quota.nid_of(dt.datetime.fromtimestamp(now, dt.UTC))
+    if day is None or day.nid != nid:
+        day = store_quota.DayBytes("", nid, day.survey if day else None, 0, 0, now)
+    quota = quota if day.survey == LSST else 0  # Lasair-LSST's filters have a byte quota, Lasair-ZTF's none
+    return {"day": day.day, "nid": nid, "bytes": day.bytes, "messages": day.messages, "quota": quota or None,
+            "percent": round(100.0 * day.bytes / quota, 1) if quota else None, "warning": near_quota(day, quota)}
 
 
 def _topics(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[dict[str, Any]]:
     midnight = dt.datetime.fromtimestamp(now, dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
     everything = counters.topic_totals(conn)
     result = []
+    days, surveys = store_quota.latest_days(conn), store_quota.surveys(conn)
     for topic in cfg.kafka.topics:
         info = _empty_topic(topic)
+        info["survey"] = surveys.get(topic)
+        info["lasair_day"] = _lasair_day(days.get(topic), cfg.kafka.lasair_byte_quota, now)
         totals = everything.get(topic, counters.TopicTotals(0, 0, None))
         last = totals.last_alert_at
         info["alerts_total"] = totals.stored
@@ -165,6 +195,13 @@ def _rejected(conn: sqlite3.Connection, cfg: config.Config) -> dict[str, int]:
     """Rejected messages per topic, all there ever were (also those exported and forgotten)."""
     found = {topic: totals.rejected for topic, totals in counters.topic_totals(conn).items() if totals.rejected}
     return {**{t: 0 for t in cfg.kafka.topics}, **found}
+
+
+def _gaps(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """The newest gaps: offsets the broker no longer had when ztfd came to read them (see ztfd.partitions)."""
+    return [{"topic": g.topic, "partition": g.partition, "generation": g.generation, "first_offset": g.first_offset,
+             "last_offset": g.last_offset, "missing": g.missing, "detected_at": _iso(g.detected_at)}
+            for g in store_gaps.recent_gaps(conn)]
 
 
 def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -> None:
@@ -218,7 +255,10 @@ def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -
             consumer.assign(assigned)
             pending = {(tp.topic, tp.partition) for tp in assigned}
             while pending and time.monotonic() < deadline:
-                for message in consumer.consume(100, min(0.5, max(0.05, deadline - time.monotonic()))):
+                # As many as there are partitions still to hear from (a message or the end of an empty one):
+                # consume() waits for that many or for its timeout, whichever comes first.
+                wait = min(0.5, max(0.05, deadline - time.monotonic()))
+                for message in consumer.consume(len(pending), wait):
                     pending.discard((message.topic(), message.partition()))
         by_topic: dict[str, int | None] = {}
         for tp in assigned:
@@ -272,6 +312,14 @@ def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     return ["  " + line for line in lines]
 
 
+def _describe_day(day: dict[str, Any] | None) -> str:
+    """Bytes received on the current Lasair day, with the share of the quota for LSST topics."""
+    if not day:
+        return "-"
+    share = f" ({day['percent']:.0f}%)" if day.get("percent") is not None and day["bytes"] else ""
+    return _size(day["bytes"]) + share
+
+
 def _describe_pass(last: Any) -> str:
     if not isinstance(last, dict):
         return str(last) if last else "-"
@@ -311,13 +359,23 @@ def render(report: dict[str, Any]) -> str:
 
     out.append("Topics")
     out += _table(
-        ["topic", "today", "total", "last alert", "lag", "rejected"],
-        [[t["topic"], t["alerts_today"], t["alerts_total"],
+        ["topic", "survey", "today", "total", "last alert", "lag", "rejected", "Lasair day"],
+        [[t["topic"], t.get("survey") or "-", t["alerts_today"], t["alerts_total"],
           f"{t['last_alert']} ({_age(t['last_alert_age'])} ago)" if t["last_alert"] else "-",
           t["lag"] if t["lag"] is not None else f"? ({t.get('broker', 'unknown')})",
-          report["rejected"].get(t["topic"], 0)]
+          report["rejected"].get(t["topic"], 0), _describe_day(t.get("lasair_day"))]
          for t in report["topics"]],
     )
+    for t in report["topics"]:
+        day = t.get("lasair_day") or {}
+        if day.get("warning"):
+            out.append(f"  WARNING {t['topic']}: {_size(day['bytes'])} received on Lasair day {day['day']}, "
+                       f"{day['percent']:.0f}% of kafka.lasair_byte_quota ({_size(day['quota'])}); Lasair stops "
+                       "sending this filter's messages at 100% until the day ends (20:00 UTC)")
+    for gap in report.get("gaps", []):
+        out.append(f"  LOST UPSTREAM {gap['topic']}[{gap['partition']}]: offsets {gap['first_offset']}.."
+                   f"{gap['last_offset']} ({gap['missing']} alerts) were gone from the broker when ztfd came to "
+                   f"read them (found {gap['detected_at']})")
     out.append("")
 
     q = report["queue"]
@@ -342,4 +400,6 @@ def render(report: dict[str, Any]) -> str:
     d = report["disk"]
     out.append(f"Disk: {_size(d['free_bytes'])} free of {_size(d['total_bytes'])} ({d['free_percent']}%) "
                f"under {d['path']}")
+    for name, trouble in report.get("local_trouble", {}).items():
+        out.append(f"Local trouble: {name} cannot write, paused (last try {trouble['at']}): {trouble['reason']}")
     return "\n".join(out)

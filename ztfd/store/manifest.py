@@ -242,7 +242,9 @@ def count_unverified(conn: sqlite3.Connection) -> int:
     """Done files whose current upload retention could not verify on S3 (kept, checked again next pass)."""
     try:
         row = conn.execute(
-            "SELECT count(*) FROM retention_checks AS c JOIN manifest AS m ON m.path = c.path "
+            # CROSS JOIN keeps the few retention_checks rows outside: left to itself the planner scanned the
+            # manifest's done rows (a year of files) looking for them.
+            "SELECT count(*) FROM retention_checks AS c CROSS JOIN manifest AS m ON m.path = c.path "
             "AND m.uploaded_at = c.uploaded_at AND m.state = 'done'").fetchone()
     except sqlite3.OperationalError as exc:  # a store opened read-only before the table existed
         if "no such table" not in str(exc):
