@@ -13,7 +13,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import signal
 import sqlite3
 import threading
 import time
@@ -24,7 +23,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from ztfd import config, store
+from ztfd import config, lifecycle, store
 from ztfd.procs import pid_alive
 from ztfd.store import counters
 from ztfd.store.processes import ProcessRow, processes
@@ -175,8 +174,6 @@ class StoreCollector(Collector):
 
 def run(cfg: config.Config, name: str) -> int:
     """Serve ``/metrics`` on ``metrics.listen`` until SIGTERM; heartbeat as role ``metrics``."""
-    from prometheus_client import start_http_server
-
     if not cfg.metrics.listen:
         log.error("metrics.listen is empty: nothing to serve")
         return 2
@@ -184,9 +181,13 @@ def run(cfg: config.Config, name: str) -> int:
     if not is_loopback(host):
         log.warning("metrics listen on %s, which other machines can reach (metrics.listen; 127.0.0.1 keeps it local)",
                     cfg.metrics.listen)
-    signalled: list[int] = []  # a handler only appends: setting an Event there could deadlock on its lock
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda number, _frame: signalled.append(number))
+    with lifecycle.stop_on_signals() as stop:
+        return _serve(cfg, name, host, port, stop)
+
+
+def _serve(cfg: config.Config, name: str, host: str, port: int, stop: lifecycle.Stop) -> int:
+    from prometheus_client import start_http_server
+
     conn = store.connect(cfg.db_path)
     lock = threading.Lock()
     collector = StoreCollector(cfg, conn, lock)
@@ -201,7 +202,7 @@ def run(cfg: config.Config, name: str) -> int:
     log.info("metrics at http://%s/metrics", cfg.metrics.listen)
     next_lag = 0.0
     try:
-        while not signalled:
+        while not stop.is_set():
             with lock:
                 store.heartbeat(conn, name, "metrics")
             if time.monotonic() >= next_lag:
@@ -209,9 +210,7 @@ def run(cfg: config.Config, name: str) -> int:
                     offsets = {topic: store.stored_offsets(conn, topic) for topic in cfg.kafka.topics}
                 collector.kafka = read_kafka(cfg, offsets)  # outside the lock: the broker may take seconds
                 next_lag = time.monotonic() + LAG_INTERVAL
-            until = time.monotonic() + HEARTBEAT_INTERVAL
-            while not signalled and time.monotonic() < until:
-                time.sleep(0.2)
+            stop.wait(HEARTBEAT_INTERVAL)
     except sqlite3.Error as exc:
         log.error("metrics: store error: %s", exc)
         return 1

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import signal
 import sqlite3
 import time
 import urllib.parse
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ztfd import config, files, lightcurve, store
+from ztfd import config, files, lifecycle, lightcurve, store
 from ztfd.sources import LSST, STAMP_TYPES, ZTF
 from ztfd.store import report as night
 from ztfd.store.alerts import StoredAlert, alerts_on
@@ -447,7 +446,7 @@ def _record(home: Path, conn: sqlite3.Connection, paths: Iterable[str]) -> None:
             store.record_files(conn, rows[start:start + 500])
 
 
-def watch(cfg: config.Config, name: str, stop: Callable[[], bool]) -> int:
+def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
     """The daemon's reporter: every ``WATCH_INTERVAL`` s, rewrite the reports of nights quiet for
     ``report.after_quiet`` s that changed since their last report; heartbeat throughout."""
     conn = store.connect(cfg.db_path)
@@ -461,11 +460,11 @@ def watch(cfg: config.Config, name: str, stop: Callable[[], bool]) -> int:
             last_beat = time.monotonic()
 
     try:
-        while not stop():
+        while not stop.is_set():
             beat()
             now = time.time()
             for date, changed in night.reports_due(conn, now - cfg.report.after_quiet, now - LOOKBACK_DAYS * 86400):
-                if stop():
+                if stop.is_set():
                     break
                 if failed.get(date) == changed:
                     continue
@@ -478,9 +477,8 @@ def watch(cfg: config.Config, name: str, stop: Callable[[], bool]) -> int:
                     log.exception("report %s failed (tried again when the night changes)", date)
                     failed[date] = changed
             deadline = time.monotonic() + min(WATCH_INTERVAL, max(1.0, cfg.report.after_quiet / 4))
-            while not stop() and time.monotonic() < deadline:
+            while time.monotonic() < deadline and not stop.wait(min(HEARTBEAT_EVERY, deadline - time.monotonic())):
                 beat()
-                time.sleep(0.2)
     finally:
         conn.close()
     return 0
@@ -488,8 +486,6 @@ def watch(cfg: config.Config, name: str, stop: Callable[[], bool]) -> int:
 
 def run_watch(cfg: config.Config, name: str) -> int:
     """``ztfd report --watch`` (the supervisor's ``reporter``): ``watch`` until SIGTERM, at a low CPU priority."""
-    signalled: list[int] = []  # a handler only appends: setting an Event there could deadlock on its lock
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda number, _frame: signalled.append(number))
     os.nice(REPORTER_NICENESS)  # reports can wait; storing alerts and fetching stamps cannot
-    return watch(cfg, name, lambda: bool(signalled))
+    with lifecycle.stop_on_signals() as stop:
+        return watch(cfg, name, stop)
