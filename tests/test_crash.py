@@ -218,7 +218,7 @@ def test_nothing_lost_or_duplicated_under_kill9_and_outages(broker: ProxiedBroke
             def all_back() -> dict[str, Any] | None:
                 report = json.loads(cli(cfg_path, "status", "--json", env=env).stdout)
                 alive = sorted(p["role"] for p in report["processes"] if p["alive"])
-                return report if alive == ["consumer", "consumer", "fetcher", "fetcher", "syncer"] else None
+                return report if alive == ["consumer", "consumer", "fetcher", "fetcher", "reporter", "syncer"] else None
 
             report = wait_until(all_back, 30, "every role running again after the chaos")
             assert report["running"] is True
