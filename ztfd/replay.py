@@ -26,7 +26,8 @@ import click
 
 from ztfd import jobqueue, store
 from ztfd.config import Config
-from ztfd.stamps import STAMP_TYPES, preview_path, read_valid, run_worker, stamp_path
+from ztfd.sources import STAMP_TYPES
+from ztfd.stamps import preview_path, read_valid, run_worker, stamp_path
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ from ztfd import jobqueue, ratelimit, store
 from ztfd.alerts import PLAIN_ID
 from ztfd.config import Config, StampsConfig
 from ztfd.files import atomic_write, md5_hex, relative_to_home, remove_stale_temporaries
-from ztfd.preview import STAMP_TYPES
+from ztfd.sources import STAMP_TYPES
 
 log = logging.getLogger(__name__)
 FETCHER_NICENESS = 5
