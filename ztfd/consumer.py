@@ -37,7 +37,7 @@ from ztfd import alerts, jobqueue, store
 from ztfd.config import Config
 from ztfd.files import md5_hex, remove_stale_temporaries
 from ztfd.filewriter import FileWriter
-from ztfd.logs import AlertLog
+from ztfd.logs import AlertLog, Throttle
 
 log = logging.getLogger(__name__)
 
@@ -94,24 +94,6 @@ class Batch:
     received: dt.datetime
 
 
-class RateLimitedLog:
-    """Log a recurring condition at most once per ``every`` seconds (librdkafka repeats errors every ~50 ms)."""
-
-    def __init__(self, every: float = 30.0) -> None:
-        self.every = every
-        self.last: dict[str, float] = {}
-        self.suppressed: dict[str, int] = {}
-
-    def __call__(self, key: str, level: int, text: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self.last.get(key, -self.every) < self.every:
-            self.suppressed[key] = self.suppressed.get(key, 0) + 1
-            return
-        skipped = self.suppressed.pop(key, 0)
-        self.last[key] = now
-        log.log(level, text + (f" ({skipped} repeats not shown)" if skipped else ""), *args)
-
-
 class TopicConsumer:
     def __init__(self, cfg: Config, topic: str, name: str) -> None:
         self.cfg = cfg
@@ -121,7 +103,7 @@ class TopicConsumer:
         self.conn = store.connect(cfg.db_path)
         self.files = FileWriter()
         self.alert_log = AlertLog(cfg.logs_dir, topic, cfg.logging.max_bytes, cfg.logging.backup_count)
-        self.throttled = RateLimitedLog()
+        self.throttled = Throttle(log)
         # Per partition: the generation and the next offset this process expects (set on assignment).
         self.generation: dict[int, int] = {}
         self.expected: dict[int, int | None] = {}
@@ -305,14 +287,6 @@ class TopicConsumer:
 
     # --- the batch ---------------------------------------------------------------------------------------------
 
-    def handle_batch(self, messages: list[Any]) -> None:
-        """Store one batch start to end (what the pipeline in ``run`` does with batches overlapping)."""
-        batch = self.prepare(messages)
-        if batch is not None:
-            self._write_files(batch)
-            self.files.wait()
-            self.store(batch)
-
     def prepare(self, messages: list[Any]) -> Batch | None:
         """Step 1: validate, set aside what is stored already, convert times, build each alert file's bytes."""
         from confluent_kafka import KafkaError
@@ -402,7 +376,7 @@ class TopicConsumer:
                 if (item.partition, item.generation, item.offset) not in stored]
 
     def _documents(self, fresh: list[tuple[Incoming, alerts.Message]], received: dt.datetime) -> list[Accepted]:
-        """Each alert's file: where it goes and what it holds (written by ``commit``)."""
+        """Each alert's file: where it goes and what it holds (written by the file writer, ``_write_files``)."""
         documents = []
         received_iso = alerts.iso_utc(received)  # one batch, one receive time
         for item, message in fresh:
@@ -493,31 +467,11 @@ class TopicConsumer:
             remove_stale_temporaries(self.cfg.data_dir / date / self.topic)
 
 
-class ThrottleFilter(logging.Filter):
-    """Let each kind of librdkafka log line through at most once per ``every`` seconds.
-
-    While a broker is down librdkafka reports the same failure about every 50 ms; without this a day's outage
-    would fill the logs.
-    """
-
-    def __init__(self, every: float = 30.0) -> None:
-        super().__init__()
-        self.every = every
-        self.last: dict[str, float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = str(record.args[0]) if isinstance(record.args, tuple) and record.args else record.msg
-        now = time.monotonic()
-        if now - self.last.get(key, -self.every) < self.every:
-            return False
-        self.last[key] = now
-        return True
-
-
 def librdkafka_logger() -> logging.Logger:
+    """The logger librdkafka's own lines go to, each kind at most once per 30 s."""
     logger = logging.getLogger("ztfd.librdkafka")
-    if not any(isinstance(f, ThrottleFilter) for f in logger.filters):
-        logger.addFilter(ThrottleFilter())
+    if not any(isinstance(f, Throttle) for f in logger.filters):
+        logger.addFilter(Throttle(logger))
     return logger
 
 

@@ -564,7 +564,7 @@ def _open_output(cfg: config.Config) -> int:
     path = cfg.logs_dir / "supervisor.out"
     with contextlib.suppress(FileNotFoundError):
         if path.stat().st_size > cfg.logging.max_bytes:
-            os.replace(path, path.with_name(path.name + ".1"))
+            logs.rotate(path, backup_count=1)
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
 
