@@ -42,6 +42,7 @@ import click
 
 from ztfd import __version__, files, store
 from ztfd.config import Config
+from ztfd.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ def _heartbeat_loop(db_path: Path, name: str, stop: threading.Event) -> None:
 
 
 def _report_once(result: PassResult) -> None:
-    summary = (f"ztfd sync: {result.files} files, {_human(result.bytes)} uploaded in {result.seconds:.1f} s; "
+    summary = (f"ztfd sync: {result.files} files, {human_bytes(result.bytes)} uploaded in {result.seconds:.1f} s; "
                f"{result.failures} failed; {result.pending} pending")
     if result.deleted_local:
         summary += f"; {result.deleted_local} local files deleted (retention)"
@@ -204,15 +205,6 @@ def _report_once(result: PassResult) -> None:
     elif result.failures:
         click.echo(f"ztfd: sync: {result.failures} files failed; see logs/sync.log (they are retried next pass)",
                    err=True)
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
 
 
 # --- one pass ------------------------------------------------------------------------------------------------
@@ -279,7 +271,7 @@ def one_pass(conn: sqlite3.Connection, cfg: Config, stop: threading.Event, full:
         "SELECT count(*), coalesce(sum(size), 0) FROM manifest WHERE state = 'pending'").fetchone()
     client = None
     if count:
-        log.info("sync: %d files (%s) pending", count, _human(size))
+        log.info("sync: %d files (%s) pending", count, human_bytes(size))
         try:
             client = make_client(cfg)
             upload_pending(conn, cfg, client, stop, result, count, show_progress)
@@ -706,7 +698,7 @@ def dry_run_listing(conn: sqlite3.Connection, cfg: Config, full: bool) -> int:
     pending.update({path: size for path, size, _ in extra})
     for path in sorted(pending):
         click.echo(f"{s3_key(cfg, path)}\t{pending[path]}")
-    click.echo(f"ztfd sync --dry-run: {len(pending)} files, {_human(sum(pending.values()))} would be uploaded "
+    click.echo(f"ztfd sync --dry-run: {len(pending)} files, {human_bytes(sum(pending.values()))} would be uploaded "
                f"to s3://{cfg.s3.bucket}/{cfg.s3.prefix}")
     return 0
 
