@@ -24,10 +24,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ztfd.sources import JD_MJD_OFFSET
+
 ID_FIELDS = ("objectId", "diaObjectId")
 PLAIN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ZTF_OBJECT_ID = re.compile(r"^ZTF\d{2}[a-z]{7}$")
-JD_MJD_OFFSET = 2400000.5
 # Accepted observation times: 1900-01-01 to 2100-01-01 (anything else is a broken value, not an alert).
 MJD_RANGE = (15020.0, 88069.0)
 JD_RANGE = (MJD_RANGE[0] + JD_MJD_OFFSET, MJD_RANGE[1] + JD_MJD_OFFSET)

@@ -30,8 +30,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ztfd.embedded.net import free_port
-from ztfd.embedded.samples import JD_MJD_OFFSET, STAMP_TYPES, SamplePacket
+from ztfd.embedded.samples import SamplePacket
 from ztfd.embedded.samples import packets as sample_packets
+from ztfd.sources import JD_MJD_OFFSET, STAMP_TYPES
 
 log = logging.getLogger(__name__)
 
