@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import signal
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from ztfd import alerts, jobqueue, store
+from ztfd import alerts, jobqueue, lifecycle, store
 from ztfd.config import Config
 from ztfd.files import md5_hex, remove_stale_temporaries
 from ztfd.filewriter import FileWriter
@@ -99,7 +98,7 @@ class TopicConsumer:
         self.cfg = cfg
         self.topic = topic
         self.name = name
-        self.stopping = False
+        self.stopping = lifecycle.Stop()  # set by SIGTERM/SIGINT: the batch in hand is finished and stored
         self.conn = store.connect(cfg.db_path)
         self.files = FileWriter()
         self.alert_log = AlertLog(cfg.logs_dir, topic, cfg.logging.max_bytes, cfg.logging.backup_count)
@@ -116,8 +115,7 @@ class TopicConsumer:
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self._request_stop)
-        signal.signal(signal.SIGINT, self._request_stop)
+        self.stopping.install()
         self._heartbeat(force=True)
         self.sweep_temporaries()
         self.consumer = self._new_consumer()
@@ -128,7 +126,7 @@ class TopicConsumer:
         # k, then polls and prepares batch k+2. Batches are stored in order, each after its files are on disk.
         in_flight: deque[Batch] = deque()
         try:
-            while not self.stopping:
+            while not self.stopping.is_set():
                 messages = self._next_batch()
                 self._heartbeat()
                 batch = self.prepare(messages) if messages else None
@@ -163,10 +161,6 @@ class TopicConsumer:
         if self.cfg.kafka.batch_size == 1:
             return [first]
         return [first, *self.consumer.consume(self.cfg.kafka.batch_size - 1, DRAIN_TIMEOUT)]
-
-    def _request_stop(self, signum: int, _frame: object) -> None:
-        log.info("received %s: finishing the current batch", signal.Signals(signum).name)
-        self.stopping = True
 
     def close(self) -> None:
         if self.consumer is not None:

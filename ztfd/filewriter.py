@@ -27,10 +27,12 @@ import subprocess
 import sys
 from typing import IO
 
+from ztfd import lifecycle
 from ztfd.files import atomic_write, write_all
 from ztfd.procs import die_with_parent
 
 HEADER = struct.Struct(">Q")
+CLOSE_TIMEOUT = 30.0  # seconds the child may take to finish what it was given once its input is closed
 
 
 class FileWriterError(RuntimeError):
@@ -90,11 +92,7 @@ class FileWriter:
             return
         if child.stdin is not None:
             child.stdin.close()  # the child's end of input: it answers what it holds, then exits
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        lifecycle.terminate([child], CLOSE_TIMEOUT)  # it ignores the SIGTERM: only a hung child is killed
         if child.stdout is not None:
             child.stdout.close()
 
@@ -148,8 +146,7 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    lifecycle.ignore(lifecycle.STOP_SIGNALS)  # the consumer's stop needs us: we end at the end of input
     if not die_with_parent(int(sys.argv[1]), signal.SIGKILL):  # the consumer is already gone
         os._exit(0)
     with open(0, "rb", buffering=0, closefd=False) as requests, open(1, "wb", buffering=0, closefd=False) as answers:

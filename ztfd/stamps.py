@@ -31,9 +31,7 @@ import contextlib
 import json
 import logging
 import os
-import random
 import re
-import signal
 import sqlite3
 import time
 import zlib
@@ -43,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ztfd import jobqueue, ratelimit, store
+from ztfd import jobqueue, lifecycle, ratelimit, store
 from ztfd.alerts import PLAIN_ID
 from ztfd.config import Config, StampsConfig
 from ztfd.files import atomic_write, md5_hex, relative_to_home, remove_stale_temporaries
@@ -173,15 +171,13 @@ def read_valid(path: Path) -> tuple[bytes, Any] | None:
 
 def failure_delay(cfg: StampsConfig, attempts: int) -> float:
     """Exponential backoff with jitter: base·2^(n-1) capped at retry_max, then scaled by 0.5–1.0."""
-    ceiling = min(cfg.retry_max, cfg.retry_base * 2 ** max(attempts - 1, 0))
-    return ceiling * random.uniform(0.5, 1.0)
+    return lifecycle.Backoff(cfg.retry_base, cfg.retry_max, jitter=0.5).delay(attempts)
 
 
 def unavailable_delay(cfg: StampsConfig, waited: float) -> float:
     """Wait about as long again as already waited (doubling), between the unavailable base and max."""
-    delay = min(cfg.unavailable_retry_max, max(cfg.unavailable_retry_base, waited))
-    delay = min(delay, max(cfg.unavailable_give_up - waited, 0.0))  # look once more right at the give-up time
-    return delay * random.uniform(0.9, 1.1)
+    delay = lifecycle.Backoff(cfg.unavailable_retry_base, cfg.unavailable_retry_max, jitter=0.1).delay_after(waited)
+    return min(delay, max(cfg.unavailable_give_up - waited, 0.0))  # look once more right at the give-up time
 
 
 def _remove_stale_temporaries(folder: Path) -> None:
@@ -260,6 +256,7 @@ class Worker:
         self.db = ThreadPoolExecutor(1, thread_name_prefix="db")  # one connection, used from one thread
         self.cpu = ThreadPoolExecutor(1, thread_name_prefix="cpu")  # FITS checks, writes, previews
         self.stopping: asyncio.Event | None = None
+        self.signals: lifecycle.Stop | None = None  # set by run_worker: SIGTERM/SIGINT set ``stopping``
         self.session: Any = None
         self.stats = {"done": 0, "retried": 0, "unavailable": 0, "failed": 0}
 
@@ -502,8 +499,8 @@ class Worker:
 
         loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stopping.set)
+        if self.signals is not None:
+            self.signals.call_in(loop, self.stopping.set)
         if self.heartbeat:
             await self._db(store.heartbeat, self.name, "fetcher")
         await self._cpu(_warm_up, self.settings)
@@ -580,7 +577,9 @@ def run_worker(cfg: Config, name: str, batch: str | None = None) -> int:
     os.nice(FETCHER_NICENESS)
     worker = Worker(cfg, name, batch=batch, exit_when_idle=batch is not None, heartbeat=batch is None)
     try:
-        return asyncio.run(worker.run())
+        with lifecycle.stop_on_signals() as signals:
+            worker.signals = signals
+            return asyncio.run(worker.run())
     finally:
         worker.db.shutdown(wait=True)
         if worker.conn is not None:

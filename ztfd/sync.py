@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import sqlite3
 import sys
 import threading
@@ -40,7 +39,7 @@ from typing import Any
 
 import click
 
-from ztfd import __version__, files, store
+from ztfd import __version__, files, lifecycle, store
 from ztfd.config import Config
 from ztfd.units import human_bytes
 
@@ -134,23 +133,12 @@ def run(cfg: Config, once: bool, dry_run: bool, full: bool, name: str) -> int:
     conn = store.connect(cfg.db_path)
     if dry_run:
         return dry_run_listing(conn, cfg, full)
-    stop = threading.Event()
-    _install_signal_handlers(stop)
+    stop = lifecycle.Stop().install()  # the first SIGTERM finishes the uploads in flight; a second exits at once
     if once:
         result = locked_pass(conn, cfg, stop, full=full, wait=cfg.s3.lock_timeout, show_progress=True)
         _report_once(result)
         return 0 if result.ok else 1
     return run_daemon(conn, cfg, stop, name, full)
-
-
-def _install_signal_handlers(stop: threading.Event) -> None:
-    def handler(signum: int, _frame: Any) -> None:
-        log.info("sync: %s received, finishing the uploads in flight", signal.Signals(signum).name)
-        stop.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
 
 
 def run_daemon(conn: sqlite3.Connection, cfg: Config, stop: threading.Event, name: str, full: bool) -> int:
@@ -160,6 +148,7 @@ def run_daemon(conn: sqlite3.Connection, cfg: Config, stop: threading.Event, nam
     beat.start()
     log.info("syncer %s started: bucket %s, every %.0f s", name, cfg.s3.bucket, cfg.s3.interval)
     failed_in_a_row = 0
+    after_failure = lifecycle.Backoff(RETRY_AFTER_FAILURE, cfg.s3.interval)
     try:
         while not stop.is_set():
             result = locked_pass(conn, cfg, stop, full=full, wait=None, show_progress=False)
@@ -167,7 +156,7 @@ def run_daemon(conn: sqlite3.Connection, cfg: Config, stop: threading.Event, nam
             failed_in_a_row = 0 if result.ok or result.interrupted else failed_in_a_row + 1
             delay = cfg.s3.interval
             if failed_in_a_row:
-                delay = min(cfg.s3.interval, RETRY_AFTER_FAILURE * 2 ** (failed_in_a_row - 1))
+                delay = after_failure.delay(failed_in_a_row)
                 log.info("sync: next pass in %.0f s after a failed pass", delay)
             stop.wait(delay)
     finally:

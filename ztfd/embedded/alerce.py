@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import random
-import signal
 import threading
 import time
 from collections.abc import Iterable
@@ -29,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from ztfd import lifecycle
 from ztfd.embedded.net import free_port
 from ztfd.embedded.samples import SamplePacket
 from ztfd.embedded.samples import packets as sample_packets
@@ -440,10 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = StampService(latency=args.latency, port=args.port or None)
     service.error_rate = args.error_rate
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with service:
+    with lifecycle.stop_on_signals() as stop, service:
         print(service.url, flush=True)
         stop.wait()
     return 0

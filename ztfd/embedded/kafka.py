@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ztfd import lifecycle
 from ztfd.embedded.net import free_port, wait_for_port
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,7 @@ class KafkaBroker:
     def stop(self) -> None:
         if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        lifecycle.terminate([self.process], 10, group=True)
         self.process = None
 
     def __enter__(self) -> KafkaBroker:
