@@ -18,12 +18,16 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import Results, Row, RssSampler, Settings, scalar, wait_until
+from bench.common import Results, Row, RssSampler, Settings, wait_until
 from bench.stamps import synthetic_packets
 from ztfd import store
 from ztfd.demo import FAST_KAFKA_OPTIONS, LOCAL_AWS_ENV, Daemon, write_config
+from ztfd.store import jobs
+from ztfd.store.alerts import count_alerts, iter_alerts
+from ztfd.store.manifest import ManifestFile, count_pending, manifest_files
 
 TOPIC = "lasair_bench-e2e"
+PROBE = "ZTF00probe"  # the first message: produced and stored before the measured stream
 RATE = 200.0
 LATENCY = 0.05
 SOAK_SECONDS = 600.0
@@ -105,12 +109,12 @@ def _wait_for_consumer(conn: sqlite3.Connection, daemon: Daemon) -> None:
     """Produce only once the consumer reads (a probe message is stored), so the group join is not latency."""
     from ztfd.embedded.kafka import produce
 
-    produce(daemon_bootstrap(daemon), TOPIC, [json.dumps({"objectId": "ZTF00probe", "UTC": "2021-09-01 00:00:00"})])
+    produce(daemon_bootstrap(daemon), TOPIC, [json.dumps({"objectId": PROBE, "UTC": "2021-09-01 00:00:00"})])
 
     def probe_stored() -> bool:
         if daemon.exited():
             raise RuntimeError(f"the daemon exited: {daemon.exited()}; see {daemon.log_dir}")
-        return bool(scalar(conn, "SELECT count(*) FROM alerts WHERE object_id = 'ZTF00probe'"))
+        return count_alerts(conn, PROBE) > 0
 
     wait_until(probe_stored, timeout=120, what="the probe alert to be stored")
 
@@ -150,29 +154,32 @@ def _produce(bootstrap: str, packets: list, count: int, settings: Settings) -> d
 
 
 def _finished(conn: sqlite3.Connection, count: int) -> bool:
-    stored = scalar(conn, "SELECT count(*) FROM alerts WHERE object_id != 'ZTF00probe'")
-    open_jobs = scalar(conn, "SELECT count(*) FROM jobs WHERE state IN ('ready', 'leased')")
-    pending = scalar(conn, "SELECT count(*) FROM manifest WHERE state = 'pending'")
+    stored = count_alerts(conn) - count_alerts(conn, PROBE)
+    open_jobs = jobs.counts(conn).unfinished
+    pending = count_pending(conn)
     return stored >= count and open_jobs == 0 and pending == 0
 
 
 def _latencies(conn: sqlite3.Connection, produced: dict[str, float]) -> dict[str, list[float]]:
     """Per object (its first alert): produce -> alert file, -> stamp triplet, -> alert file in S3."""
-    first_alert = {row["object_id"]: row for row in conn.execute(
-        "SELECT a.object_id, m.recorded_at, m.uploaded_at FROM alerts a JOIN manifest m ON m.path = a.path "
-        "WHERE a.id IN (SELECT min(id) FROM alerts GROUP BY object_id)")}
+    files = {row.path: row for row in manifest_files(conn)}
+    first_alert: dict[str, ManifestFile] = {}
+    for alert in iter_alerts(conn):  # oldest first: the first alert of each object
+        if alert.object_id not in first_alert and alert.path in files:
+            first_alert[alert.object_id] = files[alert.path]
     triplet: dict[str, float] = {}
-    for row in conn.execute("SELECT path, recorded_at FROM manifest WHERE path LIKE 'images/%.fits.gz'"):
-        object_id = Path(row["path"]).parent.name
-        triplet[object_id] = max(triplet.get(object_id, 0.0), row["recorded_at"])
+    for path, row in files.items():
+        if path.startswith("images/") and path.endswith(".fits.gz"):
+            object_id = Path(path).parent.name
+            triplet[object_id] = max(triplet.get(object_id, 0.0), row.recorded_at)
     result: dict[str, list[float]] = {"alert file": [], "stamp triplet": [], "object in S3": []}
     for object_id, sent in produced.items():
         row = first_alert.get(object_id)
         if row is None:
             continue
-        result["alert file"].append(row["recorded_at"] - sent)
-        if row["uploaded_at"] is not None:
-            result["object in S3"].append(row["uploaded_at"] - sent)
+        result["alert file"].append(row.recorded_at - sent)
+        if row.uploaded_at is not None:
+            result["object in S3"].append(row.uploaded_at - sent)
         if object_id in triplet:
             result["stamp triplet"].append(triplet[object_id] - sent)
     return result

@@ -16,9 +16,12 @@ import os
 import time
 from pathlib import Path
 
-from bench.common import Results, Row, RssSampler, Settings, median, python_child, ratio, scalar, wait_until, ztfd_child
+from bench.common import Results, Row, RssSampler, Settings, median, python_child, ratio, wait_until, ztfd_child
 from ztfd import store
 from ztfd.demo import FAST_KAFKA_OPTIONS, EmbeddedServices, write_config
+from ztfd.store.alerts import count_alerts, iter_alerts
+from ztfd.store.manifest import manifest_files
+from ztfd.store.rejected import rejected_counts
 
 TOPIC = "bench-ingest"
 ZTF_PEAK = 1333.0
@@ -78,13 +81,12 @@ def _ztfd(bootstrap: str, count: int, home: Path, results: Results) -> float:
     try:
         with RssSampler() as sampler, ztfd_child(config_path, "consume", "--topic", TOPIC,
                                                  log_path=home / "consume.out", sampler=sampler):
-            wait_until(lambda: scalar(conn, "SELECT count(*) FROM alerts")
-                       + scalar(conn, "SELECT count(*) FROM rejected") >= count,
+            wait_until(lambda: count_alerts(conn) + sum(rejected_counts(conn).values()) >= count,
                        timeout=900, interval=0.2, what=f"{count} alerts stored by ztfd consume")
         results.note_rss(sampler)
-        first = scalar(conn, "SELECT min(received_at) FROM alerts")
-        last = scalar(conn, "SELECT max(recorded_at) FROM manifest WHERE path LIKE 'data/%'")
-        stored = scalar(conn, "SELECT count(*) FROM alerts")
+        first = min(alert.received_at for alert in iter_alerts(conn))
+        last = max(row.recorded_at for row in manifest_files(conn, "data/"))
+        stored = count_alerts(conn)
     finally:
         conn.close()
     return stored / max(1e-9, last - first)

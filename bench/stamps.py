@@ -14,9 +14,12 @@ import json
 import time
 from pathlib import Path
 
-from bench.common import Results, Row, RssSampler, Settings, median, python_child, ratio, scalar, wait_until, ztfd_child
-from ztfd import jobqueue, store
+from bench.common import Results, Row, RssSampler, Settings, median, python_child, ratio, wait_until, ztfd_child
+from ztfd import store
 from ztfd.demo import write_config
+from ztfd.store import jobs
+from ztfd.store.alerts import NewAlert, insert_alerts
+from ztfd.store.processes import processes
 
 LATENCY = 0.05
 WORKERS = 4
@@ -117,30 +120,24 @@ def _pool(
             for index in range(WORKERS):  # as the supervisor would fork them
                 workers.append(fetchers.enter_context(
                     ztfd_child(config_path, "fetch", log_path=home / f"fetch-{index}.out", sampler=sampler)))
-            wait_until(lambda: scalar(conn, "SELECT count(*) FROM processes WHERE role = 'fetcher'") >= WORKERS,
+            wait_until(lambda: len(processes(conn, ["fetcher"])) >= WORKERS,
                        timeout=60, what="4 fetchers to heartbeat")
             cpu_before = _cpu_seconds(workers)
             started = time.time()
             with store.transaction(conn):
-                payloads = []
-                for offset, packet in enumerate(packets):
-                    alert_id = conn.execute(
-                        "INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, "
-                        "path, received_at) VALUES (?, 0, 0, ?, ?, ?, ?, ?, ?) RETURNING id",
-                        (TOPIC, offset, packet.object_id, date, packet.mjd,
-                         f"data/{date}/{TOPIC}/{packet.object_id}_p0-o{offset}.json", started),
-                    ).fetchone()[0]
-                    payloads.append({"alert_id": alert_id, "object_id": packet.object_id, "topic": TOPIC,
-                                     "date": date, "obs_mjd": packet.mjd})
-                jobqueue.enqueue(conn, jobqueue.STAMPS, payloads)
-            wait_until(lambda: scalar(conn, "SELECT count(*) FROM jobs WHERE state IN ('done', 'failed')")
-                       >= len(packets), timeout=900, interval=0.1, what="every stamp job to finish")
+                ids = insert_alerts(conn, TOPIC, [
+                    NewAlert(0, 0, offset, packet.object_id, date, packet.mjd,
+                             f"data/{date}/{TOPIC}/{packet.object_id}_p0-o{offset}.json")
+                    for offset, packet in enumerate(packets)], started)
+                jobs.enqueue(conn, [jobs.NewStampJob(alert_id) for alert_id in ids if alert_id is not None])
+            wait_until(lambda: jobs.counts(conn).finished >= len(packets), timeout=900, interval=0.1,
+                       what="every stamp job to finish")
             cpu_after = _cpu_seconds(workers)
         results.note_rss(sampler)
-        failed = scalar(conn, "SELECT count(*) FROM jobs WHERE state = 'failed'")
+        failed = jobs.counts(conn).failed
         if failed:
             results.notes.append(f"stamps: {failed} jobs failed in {home.name}")
-        finished = scalar(conn, "SELECT max(updated_at) FROM jobs")
+        finished = max(job.updated_at for job in jobs.list_jobs(conn))
         # Where the CPU went (2 cores shared by the workers and the stamp service in this process).
         wall = finished - started
         cpu = {k: round((cpu_after[k] - cpu_before[k]) / wall, 2) for k in cpu_before}

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-import json
 import signal
 import sqlite3
 import subprocess
@@ -15,8 +15,11 @@ from typing import Any
 
 from tests.conftest import child_env, ztfd_command
 from tests.conftest import wait_until as wait_until  # re-exported for the stamp tests
-from ztfd import jobqueue, store
+from ztfd import store
 from ztfd.embedded.samples import SamplePacket
+from ztfd.store import jobs as store_jobs
+from ztfd.store.alerts import NewAlert, alerts_by_id, insert_alerts
+from ztfd.store.stamps import stamp_records
 
 FAST_STAMPS = {
     "enabled": True, "workers": 2, "timeout": 2.0, "max_attempts": 4, "previews": True,
@@ -45,48 +48,46 @@ def add_alerts(
     queue: bool = True,
 ) -> list[int]:
     """Store one alert per packet (as the consumer would) and queue its stamp job; return the alert ids."""
-    ids = []
+    rows = []
+    for packet in packets:
+        offset = next(_offsets)
+        alert_date = date or utc_date(packet.mjd)
+        rows.append(NewAlert(0, 0, offset, packet.object_id, alert_date, obs_mjd(packet),
+                             f"data/{alert_date}/{topic}/{packet.object_id}_p0-o{offset}.json"))
     with store.transaction(conn):
-        for packet in packets:
-            offset = next(_offsets)
-            alert_date = date or utc_date(packet.mjd)
-            row = conn.execute(
-                "INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, "
-                "received_at) VALUES (?, 0, 0, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (topic, offset, packet.object_id, alert_date, obs_mjd(packet),
-                 f"data/{alert_date}/{topic}/{packet.object_id}_p0-o{offset}.json", time.time()),
-            ).fetchone()
-            ids.append(row["id"])
-            if queue:
-                payload = {"alert_id": row["id"], "object_id": packet.object_id, "topic": topic,
-                           "date": alert_date, "obs_mjd": obs_mjd(packet)}
-                jobqueue.enqueue(conn, jobqueue.STAMPS, [payload])
+        ids = [alert_id for alert_id in insert_alerts(conn, topic, rows, time.time()) if alert_id is not None]
+        if queue:
+            store_jobs.enqueue(conn, [store_jobs.NewStampJob(alert_id) for alert_id in ids])
     return ids
 
 
 def jobs(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    rows = conn.execute("SELECT * FROM jobs WHERE kind = ? ORDER BY id", (jobqueue.STAMPS,)).fetchall()
+    """Every stamp job as a dict: its row, its alert (``payload``) and what is known of the alert's stamps
+    (``result``, None until a job of that alert finished)."""
+    rows = store_jobs.list_jobs(conn)
+    alerts = alerts_by_id(conn, (row.alert_id for row in rows))
+    known = stamp_records(conn, alerts)
     result = []
     for row in rows:
-        item = dict(row)
-        item["payload"] = json.loads(item["payload"])
-        item["result"] = json.loads(item["result"]) if item["result"] else None
+        alert, stamps = alerts[row.alert_id], known.get(row.alert_id)
+        item = dataclasses.asdict(row)
+        item["payload"] = {"alert_id": alert.id, "object_id": alert.object_id, "topic": alert.topic,
+                           "date": alert.date, "obs_mjd": alert.obs_mjd}
+        item["result"] = None if stamps is None else {
+            "candid": stamps.detection_id, "mjd": stamps.detection_mjd, "fetched": list(stamps.fetched),
+            "preview": stamps.preview, "worker": stamps.worker}
         result.append(item)
     return result
 
 
 def settled(conn: sqlite3.Connection) -> bool:
     """No stamp job is ready-and-due or leased (done, failed or waiting in the future)."""
-    row = conn.execute(
-        "SELECT count(*) FROM jobs WHERE kind = ? AND (state = 'leased' OR (state = 'ready' AND not_before <= ?))",
-        (jobqueue.STAMPS, time.time()),
-    ).fetchone()
-    return row[0] == 0
+    counts = store_jobs.counts(conn)
+    return counts.ready + counts.leased == 0
 
 
 def all_final(conn: sqlite3.Connection) -> bool:
-    row = conn.execute("SELECT count(*) FROM jobs WHERE state NOT IN ('done', 'failed')").fetchone()
-    return row[0] == 0
+    return store_jobs.counts(conn).unfinished == 0
 
 
 def start_worker(config: Path, name: str, log_path: Path) -> subprocess.Popen[bytes]:
@@ -115,3 +116,30 @@ def fetch_until_final(config: Path, conn: sqlite3.Connection, log_path: Path, wh
 
 def temporaries(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
+
+
+def drive_worker(worker: Any, condition: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
+    """Run ``worker`` (a ``ztfd.stamps.Worker``) in this process until ``condition`` holds, then stop it."""
+    import asyncio
+
+    async def drive() -> None:
+        running = asyncio.create_task(worker.run())
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if running.done():
+                running.result()  # the worker's own error, if it died
+                raise AssertionError(f"the worker stopped before {what}")
+            if time.monotonic() > deadline:
+                worker.stopping.set()
+                await running
+                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+            await asyncio.sleep(0.05)
+        worker.stopping.set()
+        await running
+
+    try:
+        asyncio.run(drive())
+    finally:
+        worker.db.shutdown(wait=True)
+        if worker.conn is not None:
+            worker.conn.close()

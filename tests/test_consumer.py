@@ -13,13 +13,17 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.conftest import child_env, wait_until, ztfd_command
+from ztfd import sources, store
+from ztfd.consumer import TopicConsumer
 from ztfd.embedded import samples
 from ztfd.embedded.kafka import KafkaBroker
+from ztfd.store import jobs as store_jobs
+from ztfd.store.alerts import alerts_by_id
+from ztfd.store.manifest import manifest_files
 
 
 def count(db: Path, sql: str, *args: object) -> int:
@@ -140,10 +144,13 @@ def test_two_topics_at_once_and_stamp_jobs_queued(
 
     distinct = {(m["objectId"], observed(m)) for m in messages}
     assert 10 < len(distinct) < 40, "the sample stream should repeat objects"
-    assert count(db, "SELECT count(*) FROM jobs WHERE kind = 'stamps' AND state = 'ready'") == len(distinct)
-    conn = sqlite3.connect(db)
-    payload = json.loads(conn.execute("SELECT payload FROM jobs ORDER BY id LIMIT 1").fetchone()[0])
-    assert set(payload) == {"alert_id", "object_id", "topic", "date", "obs_mjd"}
+    conn = store.connect(db)
+    queued = store_jobs.list_jobs(conn)
+    assert [job.state for job in queued] == ["ready"] * len(distinct)
+    # Each job refers to its stored alert, which carries what the fetcher needs.
+    alerts = alerts_by_id(conn, (job.alert_id for job in queued))
+    assert sorted(alerts) == sorted(job.alert_id for job in queued)
+    assert all(a.object_id.startswith("ZTF") and a.date for a in alerts.values())
     # A file's partition date is the UTC date of its newest observation time.
     sample = json.loads(alert_files(home)[0].read_bytes())
     assert sample["ztfd"]["date"] == alert_files(home)[0].parent.parent.name
@@ -252,6 +259,9 @@ class FakeMessage:
     def value(self) -> bytes:
         return self._value
 
+    def key(self) -> None:
+        return None
+
     def partition(self) -> int:
         return self._partition
 
@@ -270,8 +280,8 @@ class NoKafka:
         pass
 
 
-def store_batch(consumer: Any, messages: list[FakeMessage]) -> None:
-    """One batch start to end, as the consumer's pipeline does it with batches overlapping."""
+def store_batch(consumer: TopicConsumer, messages: list[FakeMessage]) -> None:
+    """One batch start to end, as the pipeline in ``TopicConsumer.run`` does it with batches overlapping."""
     batch = consumer.prepare(messages)
     if batch is not None:
         consumer._write_files(batch)
@@ -285,7 +295,6 @@ def test_a_crash_between_the_files_and_the_store_writes_the_same_files_again(
     """A kill -9 after the files are written but before the store commits: the redelivered batch replaces
     the same files and is stored once."""
     from ztfd import config
-    from ztfd.consumer import TopicConsumer
 
     cfg = config.load(make_config(kafka={"topics": ["t"]}))
     batch = [FakeMessage(json.dumps(m).encode(), offset) for offset, m in enumerate(samples.message_stream(12))]
@@ -376,7 +385,6 @@ def test_a_second_consumer_of_the_same_topic_stores_nothing_twice(make_config: C
     """Two consumers racing on one topic (a misconfiguration): the store's key keeps each alert once, and only
     the consumer that stored an alert queues its stamp job and records its file."""
     from ztfd import config
-    from ztfd.consumer import TopicConsumer
 
     cfg = config.load(make_config(kafka={"topics": ["t"]}, stamps={"enabled": True}))
     batch = [FakeMessage(json.dumps(m).encode(), offset) for offset, m in enumerate(samples.message_stream(12))]
@@ -394,6 +402,114 @@ def test_a_second_consumer_of_the_same_topic_stores_nothing_twice(make_config: C
     second.close()
     assert sorted(entry.item.offset for entry in accepted) == list(range(5, 12))
     assert count(cfg.db_path, "SELECT count(*) FROM alerts") == 12
-    assert count(cfg.db_path, "SELECT count(DISTINCT alert_id) FROM (SELECT json_extract(payload, '$.alert_id') "
-                 "AS alert_id FROM jobs)") == count(cfg.db_path, "SELECT count(*) FROM jobs")
+    assert count(cfg.db_path, "SELECT count(DISTINCT alert_id) FROM jobs") == count(cfg.db_path,
+                                                                                  "SELECT count(*) FROM jobs")
     assert count(cfg.db_path, "SELECT count(*) FROM manifest") == 12
+
+
+# --- no message can stop a partition (issue 12, item 1) ---------------------------------------------------------------
+
+BEYOND_YEAR_9999_MS = 300_000_000_000_000  # a Kafka timestamp a producer may set (int64 ms) that is no date
+HOSTILE = [  # (value, Kafka timestamp or None, what the reason says)
+    (b'{"objectId":"ZTF21abcdefh","x":' + b"1" * 5000 + b"}", None, "more than 4300 digits"),
+    (b'{"objectId":"ZTF21abcdefh","UTC":"0001-01-01T00:00:00+01:00"}', None, "UTC"),
+    (b'{"objectId":"ZTF21abvawaj","mjdmax":59458.2}', BEYOND_YEAR_9999_MS, "Kafka timestamp"),
+    (b"[" * 100_000 + b"]" * 100_000, None, "nested too deeply"),
+    (b'{"objectId":"ZTF21ab\\ud800x"}', None, "not a plain identifier"),
+    (b'{"diaObjectId":99999999999999999999999999999999}', None, "64-bit"),
+    (b'{"objectId":"ZTF21abvawaj","jdmax":1e308}', None, "out of range"),
+]
+
+
+def produce_with_timestamps(bootstrap: str, topic: str, messages: list[tuple[bytes, int | None]]) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": False})
+    for value, timestamp in messages:
+        producer.produce(topic, value=value, **({"timestamp": timestamp} if timestamp is not None else {}))
+    assert producer.flush(60) == 0
+
+
+def test_hostile_messages_between_good_ones_are_rejected_and_every_good_one_stored(
+    kafka: KafkaBroker, make_config: Callable[..., Path], consumers: Consumers
+) -> None:
+    """Each of these once stopped its topic for good (the consumer died before storing the batch, restarted at
+    the same offset and died again): now each is rejected with its reason and the stream goes on."""
+    topic = unique("lasair_hostile")
+    kafka.create_topic(topic)
+    good = [json.dumps(m).encode() for m in samples.message_stream(len(HOSTILE) + 1)]
+    interleaved: list[tuple[bytes, int | None]] = [(good[0], None)]
+    for (value, timestamp, _), after in zip(HOSTILE, good[1:], strict=True):
+        interleaved += [(value, timestamp), (after, None)]
+    produce_with_timestamps(kafka.bootstrap, topic, interleaved)
+    config_path = make_config(kafka={"bootstrap_servers": kafka.bootstrap, "group_id": unique("g"), "topics": [topic]})
+    db = config_path.parent / "state" / "ztfd.sqlite3"
+    proc = consumers.start(config_path, topic)
+    wait_until(lambda: count(db, "SELECT count(*) FROM alerts") >= len(good), 90, "every good message stored")
+    wait_until(lambda: count(db, "SELECT count(*) FROM rejected") >= len(HOSTILE), 30, "every hostile one rejected")
+    assert proc.poll() is None, "no message may stop the consumer"
+    assert terminate(proc) == 0
+    assert sorted(seqs_on_disk(config_path.parent)) == list(range(len(good)))
+    conn = sqlite3.connect(db)
+    rows = conn.execute("SELECT raw, reason FROM rejected ORDER BY kafka_offset").fetchall()
+    assert [bytes(raw) for raw, _ in rows] == [value for value, _, _ in HOSTILE]
+    for (_, reason), (_, _, expected) in zip(rows, HOSTILE, strict=True):
+        assert expected in reason, reason
+    assert count(db, "SELECT next_offset FROM offsets") == len(interleaved)
+
+
+class FakeCutoutSource:
+    """A source whose packets carry their stamps (as Avro alerts do), and one that breaks on ``b"boom"``."""
+
+    format = "test-cutouts"
+
+    def __init__(self, **_settings: object) -> None:
+        pass
+
+    def decode(self, value: bytes | None, key: bytes | None) -> sources.Alert:
+        if value == b"boom":
+            raise RuntimeError("a bug in a source")
+        candid = value.decode()  # type: ignore[union-attr]
+        jd = 2459458.76448 + int(candid[-3:]) / 86400  # each detection at its own time
+        return sources.Alert(
+            raw=b"\x00avro\x01" + value, survey=sources.ZTF, object_id="ZTF21abvawaj",  # type: ignore[operator]
+            detection_id=candid, times=[sources.TimeField("jd", jd, "jd", "utc")],
+            observation_key="jd", date_rule=sources.UTC_DATE, suffix=".avro", view={"candid": candid},
+            cutouts=tuple(sources.Cutout(kind, f"{kind} of {candid}".encode(), ".fits.gz")
+                          for kind in sources.STAMP_TYPES),
+        )
+
+
+def test_a_source_with_cutouts_gets_them_written_and_recorded_with_its_alert(
+    make_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ztfd import config
+
+    monkeypatch.setitem(sources.SOURCES, FakeCutoutSource.format, FakeCutoutSource)
+    cfg = config.load(make_config(kafka={"topics": ["t"]}, kafka__formats={"t": FakeCutoutSource.format},
+                                  stamps={"enabled": True}))
+    consumer = TopicConsumer(cfg, "t", "consumer:t")
+    consumer.consumer = NoKafka()
+    store_batch(consumer, [FakeMessage(b"1704217901015015001", 0), FakeMessage(b"boom", 1),
+                           FakeMessage(b"1704174284215015008", 2)])
+    consumer.close()
+    home, date = cfg.home, "2021-09-01"
+    for offset, candid in ((0, "1704217901015015001"), (2, "1704174284215015008")):
+        raw = (home / f"data/{date}/t/ZTF21abvawaj_p0-o{offset}.avro").read_bytes()
+        assert raw == b"\x00avro\x01" + candid.encode()
+        companion = json.loads((home / f"data/{date}/t/ZTF21abvawaj_p0-o{offset}.json").read_bytes())
+        assert companion["message"] == {"candid": candid} and companion["ztfd"]["detection_id"] == candid
+        for kind in sources.STAMP_TYPES:
+            path = home / f"images/{date}/ZTF21abvawaj/{candid}_{kind}.fits.gz"
+            assert path.read_bytes() == f"{kind} of {candid}".encode()
+    conn = store.connect(cfg.db_path)
+    recorded = {row.path for row in manifest_files(conn)}
+    assert len(recorded) == 2 * (2 + 3)  # per alert: its raw file, its companion, three cutouts: one transaction
+    assert all(path in recorded for path in (f"images/{date}/ZTF21abvawaj/1704217901015015001_science.fits.gz",
+                                            f"data/{date}/t/ZTF21abvawaj_p0-o0.avro"))
+    stored = alerts_by_id(conn, [1, 2])
+    assert [(a.kafka_offset, a.survey, a.detection_id) for a in stored.values()] == [
+        (0, "ztf", "1704217901015015001"), (2, "ztf", "1704174284215015008")]
+    ((reason,),) = conn.execute("SELECT reason FROM rejected").fetchall()
+    assert reason == "cannot be stored: RuntimeError: a bug in a source"
+    assert len(store_jobs.list_jobs(conn)) == 2  # the worker will find the stamps there and draw the previews

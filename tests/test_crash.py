@@ -34,6 +34,12 @@ from ztfd.embedded.net import wait_for_port
 from ztfd.embedded.s3 import S3Server
 from ztfd.embedded.samples import message_stream, packets
 from ztfd.sources import STAMP_TYPES
+from ztfd.store import jobs as store_jobs
+from ztfd.store.alerts import count_alerts, iter_alerts
+from ztfd.store.manifest import FileState, count_pending, state_totals
+from ztfd.store.processes import processes
+from ztfd.store.rejected import rejected_counts
+from ztfd.store.stamps import stamp_records
 from ztfd.supervisor import is_our_child, pid_alive, proc_environ
 
 ALERTS = 2200
@@ -91,10 +97,8 @@ def cli(cfg_path: Path, *args: str, env: dict[str, str], timeout: float = 120) -
 
 
 def live_children(conn: sqlite3.Connection, cfg: config.Config) -> list[tuple[str, int]]:
-    rows = conn.execute(
-        "SELECT name, pid FROM processes WHERE role IN (?, ?, ?) AND pid IS NOT NULL", CHILD_ROLES
-    ).fetchall()
-    return [(row["name"], row["pid"]) for row in rows if is_our_child(cfg, row["pid"])]
+    return [(row.name, row.pid) for row in processes(conn, CHILD_ROLES)
+            if row.pid is not None and is_our_child(cfg, row.pid)]
 
 
 def synced_files(home: Path) -> dict[str, Path]:
@@ -205,10 +209,9 @@ def test_nothing_lost_or_duplicated_under_kill9_and_outages(broker: ProxiedBroke
             assert kills["consumer"] >= 2 and kills["fetcher"] and kills["syncer"] and kills["supervisor"] == 1, kills
 
             def settled() -> bool:
-                stored = conn.execute("SELECT count(*) FROM alerts").fetchone()[0]
-                open_jobs = conn.execute(
-                    "SELECT count(*) FROM jobs WHERE state NOT IN ('done', 'failed')").fetchone()[0]
-                pending = conn.execute("SELECT count(*) FROM manifest WHERE state = 'pending'").fetchone()[0]
+                stored = count_alerts(conn)
+                open_jobs = store_jobs.counts(conn).unfinished
+                pending = count_pending(conn)
                 return stored == ALERTS and open_jobs == 0 and pending == 0
 
             wait_until(settled, 150, "every alert stored, every stamp job finished and every file uploaded")
@@ -234,10 +237,10 @@ def test_nothing_lost_or_duplicated_under_kill9_and_outages(broker: ProxiedBroke
                     os.kill(pid, signal.SIGKILL)
 
     # Every alert stored exactly once: in the store, and on disk (each produced seq in exactly one file).
-    rows = conn.execute("SELECT topic, path FROM alerts").fetchall()
+    rows = list(iter_alerts(conn))
     assert len(rows) == ALERTS
-    assert all((cfg.home / row["path"]).is_file() for row in rows)
-    assert conn.execute("SELECT count(*) FROM rejected").fetchone()[0] == 0
+    assert all((cfg.home / row.path).is_file() for row in rows)
+    assert rejected_counts(conn) == {}
     seen: collections.Counter[tuple[str, int]] = collections.Counter()
     alert_files = [p for p in synced_files(cfg.home).values() if p.suffix == ".json"]
     for path in alert_files:
@@ -246,32 +249,36 @@ def test_nothing_lost_or_duplicated_under_kill9_and_outages(broker: ProxiedBroke
     expected = {(topics[m["seq"] % 2], m["seq"]) for m in messages}
     assert set(seen) == expected
     assert max(seen.values()) == 1
-    assert {row["path"] for row in rows} == {p.relative_to(cfg.home).as_posix() for p in alert_files}
+    assert {row.path for row in rows} == {p.relative_to(cfg.home).as_posix() for p in alert_files}
 
     # Every alert's stamp triplet present and byte-identical to the packet's cutouts (one job per object and
     # observation time: Lasair resends objects, their stamps are fetched once); no job left leased or failed.
     by_candid = {p.candid: p for p in packets()}
-    jobs = conn.execute("SELECT state, payload, result FROM jobs").fetchall()
-    assert collections.Counter(job["state"] for job in jobs) == {"done": len(jobs)}
+    jobs = store_jobs.list_jobs(conn)
+    assert collections.Counter(job.state for job in jobs) == {"done": len(jobs)}
+    by_id = {row.id: row for row in rows}
+    known = stamp_records(conn, (job.alert_id for job in jobs))
+    assert sorted(known) == sorted(job.alert_id for job in jobs), "a done job left no stamp record"
     candid_of: dict[tuple[str, Any], int] = {}
-    for job in jobs:
-        payload, result = json.loads(job["payload"]), json.loads(job["result"])
-        candid_of[(payload["object_id"], payload["obs_mjd"] if payload["obs_mjd"] is not None else payload["date"])] = (
-            int(result["candid"]))
-    for alert in conn.execute("SELECT object_id, date, obs_mjd FROM alerts"):
-        key = (alert["object_id"], alert["obs_mjd"] if alert["obs_mjd"] is not None else alert["date"])
+    for alert_id, record in known.items():
+        alert = by_id[alert_id]
+        candid_of[(alert.object_id, alert.obs_mjd if alert.obs_mjd is not None else alert.date)] = (
+            int(record.detection_id))
+    for alert in rows:
+        key = (alert.object_id, alert.obs_mjd if alert.obs_mjd is not None else alert.date)
         assert key in candid_of, f"no stamp job for {key}"
         packet = by_candid[candid_of[key]]
-        assert packet.object_id == alert["object_id"]
+        assert packet.object_id == alert.object_id
         for kind in STAMP_TYPES:
-            stamp = cfg.images_dir / alert["date"] / packet.object_id / f"{packet.candid}_{kind}.fits.gz"
+            stamp = cfg.images_dir / alert.date / packet.object_id / f"{packet.candid}_{kind}.fits.gz"
             assert stamp.read_bytes() == packet.cutouts[kind], stamp
 
     # The bucket equals the disk, key for key and MD5 for MD5, and the manifest agrees.
     on_disk = {f"archive/{rel}": files.md5_file(path) for rel, path in synced_files(cfg.home).items()}
     in_bucket = {key: etag for key, (_size, etag) in s3.objects(bucket).items()}
     assert in_bucket == on_disk
-    assert conn.execute("SELECT count(*) FROM manifest WHERE state != 'done'").fetchone()[0] == 0
+    files_known = state_totals(conn)
+    assert files_known[FileState.DONE].files == sum(t.files for t in files_known.values())
 
     # Nothing running: no supervisor, no child, no pidfile.
     assert not cfg.pidfile.exists()

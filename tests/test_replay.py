@@ -21,6 +21,7 @@ from ztfd import config, store
 from ztfd.embedded.alerce import DETECTIONS, STAMP
 from ztfd.embedded.samples import packets
 from ztfd.stamps import preview_path, stamp_path
+from ztfd.store.processes import process, processes
 
 DATE = "2021-09-01"
 ON_DATE = [p for p in packets() if utc_date(p.mjd) == DATE]  # 6 alerts, ZTF21abvawaj twice
@@ -58,7 +59,7 @@ def test_replay_without_daemon_fetches_then_restores_only_what_is_missing(make_c
     assert_all_on_disk(cfg)
     assert len(list(cfg.images_dir.iterdir())) == 1  # only that date
     assert {job["result"]["worker"] for job in jobs(conn)} <= {"replay:0", "replay:1"}
-    assert conn.execute("SELECT count(*) FROM processes").fetchone()[0] == 0  # replay workers are not daemons
+    assert processes(conn) == []  # replay workers are not daemons
 
     # Lose a stamp, a preview, and corrupt another stamp: the next replay restores exactly those.
     victim, other = ON_DATE[0], ON_DATE[1]
@@ -107,7 +108,7 @@ def test_replay_while_the_daemon_runs_queues_and_waits(make_config, stamp_servic
     add_alerts(conn, ON_DATE, queue=False)
     daemon = start_worker(cfg_path, "fetcher-daemon", tmp_path / "daemon.log")
     try:
-        wait_until(lambda: conn.execute("SELECT 1 FROM processes WHERE name = 'fetcher-daemon'").fetchone(),
+        wait_until(lambda: process(conn, "fetcher-daemon"),
                    what="the daemon fetcher's heartbeat")
         result = replay(cfg_path, "--date", DATE, "--workers", "3")
         assert result.returncode == 0, result.stdout + result.stderr
@@ -157,7 +158,7 @@ def test_replay_fetches_itself_when_the_daemon_fetchers_die(make_config, stamp_s
     add_alerts(conn, ON_DATE, queue=False)
     daemon = start_worker(cfg_path, "fetcher-daemon", tmp_path / "daemon.log")
     try:
-        wait_until(lambda: conn.execute("SELECT 1 FROM processes WHERE name = 'fetcher-daemon'").fetchone(),
+        wait_until(lambda: process(conn, "fetcher-daemon"),
                    what="the daemon fetcher's heartbeat")
         waiting = subprocess.Popen(ztfd_command(cfg_path, "replay", "--date", DATE, "--workers", "2"),
                                    env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

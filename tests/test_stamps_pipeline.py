@@ -10,6 +10,7 @@ from tests.stamp_support import FAST_STAMPS, all_final, jobs, start_worker, stop
 from ztfd import config, store
 from ztfd.embedded.samples import lasair_message, packets
 from ztfd.stamps import preview_path, stamp_path
+from ztfd.store.alerts import count_alerts
 
 
 def test_consumed_alerts_get_byte_identical_stamps(kafka, make_config, stamp_service, tmp_path):
@@ -31,7 +32,7 @@ def test_consumed_alerts_get_byte_identical_stamps(kafka, make_config, stamp_ser
         conn = store.connect(cfg.db_path)
         # The sn and refresh rows of a packet carry the same detection time: one job fetches both alerts' stamps
         # (a second job appears only if the first had already finished when the resend arrived).
-        stored = lambda: conn.execute("SELECT count(*) FROM alerts").fetchone()[0]  # noqa: E731
+        stored = lambda: count_alerts(conn)  # noqa: E731
         wait_until(lambda: stored() == len(messages) and len(jobs(conn)) >= len(packets()) and all_final(conn),
                    timeout=90, what="every consumed alert's stamp job to finish")
     finally:

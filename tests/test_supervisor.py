@@ -22,6 +22,7 @@ from tests.conftest import child_env, wait_until, ztfd_command
 from ztfd import config, store
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.samples import message_stream
+from ztfd.store.processes import record_child
 from ztfd.supervisor import STABLE_AFTER, pid_alive, proc_environ
 
 
@@ -209,10 +210,10 @@ def test_leftovers_of_a_crashed_supervisor_are_terminated(daemon_config: tuple[P
     try:
         assert hung.stdout is not None and hung.stdout.readline().strip() == "ready"
         conn = store.connect(cfg.db_path)
-        store.heartbeat(conn, "fetcher:1", "fetcher")
-        conn.execute("UPDATE processes SET pid = ? WHERE name = 'fetcher:1'", (hung.pid,))
-        store.heartbeat(conn, f"consumer:{topics[0]}", "consumer", topics[0])
-        conn.execute("UPDATE processes SET pid = ? WHERE role = 'consumer'", (innocent.pid,))  # a reused pid
+        # What a supervisor killed with -9 leaves behind: its children's rows.
+        record_child(conn, "fetcher:1", "fetcher", None, hung.pid, 0, "running", None, started=True)
+        record_child(conn, f"consumer:{topics[0]}", "consumer", topics[0], innocent.pid, 0, "running", None,
+                     started=True)  # a reused pid
         conn.close()
         started = run(cfg_path, "start")  # returns once the daemon has cleaned up and holds the pidfile
         assert started.returncode == 0, started.stderr

@@ -13,6 +13,15 @@ after every system call), overlapping step 1 of the next batch; steps 3 and 4 ru
 child has answered. A kill -9 before (3) commits loses nothing: the store still holds the old offsets, Kafka
 redelivers the batch and its files are written again under the same names. Once (3) commits, every stored alert
 already has its file.
+What a message *is* (its identity, survey, observation time, date rule, the bytes to keep, embedded cutouts) is
+the topic's *source*'s business (``ztfd.sources``, chosen by ``kafka.formats``): the consumer only stores what the
+source makes of it. Whatever one message makes the code raise, in the source or here (dating, naming, its
+metadata), rejects that message alone, with its raw bytes and the reason; the stream goes on.
+
+When ztfd's own writes fail for a local reason (disk full, I/O error, read-only file system, out of file
+descriptors, the store locked: ``ztfd.localtrouble``), the consumer pauses with its batches in hand, nothing stored
+and no offset moved, and writes and stores the same batches again once it can.
+
 The consumer assigns itself the topic's partitions (no consumer-group membership, see ``_look_at_topic``)
 starting at the stored offsets. ``enable.auto.commit`` is off; the lasair package's ``lasair_consumer``
 auto-commits (an alert could be acknowledged before it is stored), so it is not used.
@@ -25,18 +34,27 @@ below the one it expected: it starts a new *generation* of that partition, so th
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import json
 import logging
+import sqlite3
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from ztfd import alerts, jobqueue, lifecycle, store
+from ztfd import lifecycle, nights, providers, sources, store
 from ztfd.config import Config
 from ztfd.files import md5_hex, remove_stale_temporaries
 from ztfd.filewriter import FileWriter
+from ztfd.localtrouble import Condition, describe, is_local
 from ztfd.logs import AlertLog, Throttle
+from ztfd.quota import QuotaWatch
+from ztfd.store import quota as store_quota
+from ztfd.store.alerts import NewAlert, dates_received_since, insert_alerts, stored_offsets_between
+from ztfd.store.jobs import NewStampJob, detection_key, enqueue
+from ztfd.store.rejected import NewRejected, add_rejected, latest_rejected
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +90,27 @@ def next_offsets(items: list[Incoming]) -> dict[int, tuple[int, int]]:
 
 
 @dataclass(frozen=True)
+class AlertFile:
+    """One file of an alert: its path under home, its bytes and their MD5 (for the sync manifest)."""
+
+    path: str
+    data: bytes
+    md5: str
+
+
+@dataclass(frozen=True)
 class Accepted:
-    """An alert file to write and store: where it goes, its bytes and their MD5 (for the sync manifest)."""
+    """An alert to write and store: its files (the one keeping the message first, then embedded cutouts)."""
 
     item: Incoming
-    message: alerts.Message
+    alert: sources.Alert
     date: str
-    path: str
-    body: bytes
-    md5: str
+    files: list[AlertFile]
+
+    @property
+    def path(self) -> str:
+        """The file that keeps the message (``alerts.path``)."""
+        return self.files[0].path
 
 
 @dataclass(frozen=True)
@@ -91,6 +121,7 @@ class Batch:
     rejected: list[tuple[Incoming, str]]
     resume_at: dict[int, tuple[int, int]]
     received: dt.datetime
+    traffic: list[tuple[int, str | None, int, int]]  # (Lasair nid, survey, bytes, messages) received
 
 
 class TopicConsumer:
@@ -98,6 +129,11 @@ class TopicConsumer:
         self.cfg = cfg
         self.topic = topic
         self.name = name
+        self.source = sources.source_for(cfg.kafka.formats.get(topic, sources.DEFAULT_FORMAT),
+                                         max_message_bytes=cfg.kafka.max_message_bytes)
+        self.stamp_providers = providers.providers_for(cfg.stamps) if cfg.stamps.enabled else {}
+        self.trouble = Condition(name)
+        self.quota = QuotaWatch(topic, cfg.kafka.lasair_byte_quota)
         self.stopping = lifecycle.Stop()  # set by SIGTERM/SIGINT: the batch in hand is finished and stored
         self.conn = store.connect(cfg.db_path)
         self.files = FileWriter()
@@ -137,12 +173,10 @@ class TopicConsumer:
                 # waiting) or when idle, store at once rather than after the next poll.
                 caught_up = len(messages) < self.cfg.kafka.batch_size
                 while in_flight and (len(in_flight) > 1 or caught_up or self.files.answered()):
-                    self.files.wait()
-                    self.store(in_flight.popleft())
+                    self._store_oldest(in_flight)
                 self._look_at_topic()
             while in_flight:
-                self.files.wait()
-                self.store(in_flight.popleft())
+                self._store_oldest(in_flight)
         finally:
             self.close()
         log.info("stopped consuming %s after storing %d alerts", self.topic, self.stored_total)
@@ -161,6 +195,48 @@ class TopicConsumer:
         if self.cfg.kafka.batch_size == 1:
             return [first]
         return [first, *self.consumer.consume(self.cfg.kafka.batch_size - 1, DRAIN_TIMEOUT)]
+
+    def _store_oldest(self, in_flight: deque[Batch]) -> None:
+        """Wait for the oldest batch's files, then store it; through local trouble, pause and redo every batch in
+        hand, in order (a stop during the pause leaves them unstored: Kafka redelivers them)."""
+        try:
+            self.files.wait()
+            self.store(in_flight[0])
+        except Exception as exc:
+            if not is_local(exc):
+                raise
+            self._ride_out(in_flight, exc)
+        else:
+            in_flight.popleft()
+
+    def _ride_out(self, in_flight: deque[Batch], trouble: BaseException) -> None:
+        """Pause, then write and store each batch in hand again until that works or a stop is asked for.
+
+        Nothing is stored and no offset moves meanwhile; rewriting a file that is already there is harmless (same
+        name, same bytes, atomic)."""
+        while self.files.pending:  # the answers about the later batches: those are written again below
+            with contextlib.suppress(Exception):
+                self.files.wait()
+        pause = self.trouble.failed(self.conn, describe(trouble))
+        while in_flight and not self.stopping.wait(pause):
+            self._heartbeat()
+            try:
+                self._write_files(in_flight[0])
+                self.files.wait()
+                self.store(in_flight[0])
+            except Exception as exc:
+                if not is_local(exc):
+                    raise
+                pause = self.trouble.failed(self.conn, describe(exc))
+                continue
+            in_flight.popleft()
+            pause = 0.0
+        if in_flight:
+            log.info("stopping during local trouble: %d batches not stored, Kafka delivers them again",
+                     len(in_flight))
+            in_flight.clear()
+        else:
+            self.trouble.recovered(self.conn)
 
     def close(self) -> None:
         if self.consumer is not None:
@@ -198,7 +274,11 @@ class TopicConsumer:
     def _heartbeat(self, force: bool = False) -> None:
         now = time.monotonic()
         if force or now - self.last_heartbeat >= HEARTBEAT_EVERY:
-            store.heartbeat(self.conn, self.name, "consumer", self.topic)
+            try:
+                store.heartbeat(self.conn, self.name, "consumer", self.topic)
+            except sqlite3.Error as exc:  # a store locked or full: the batches say so; the stream must go on
+                self.throttled("heartbeat", logging.WARNING, "heartbeat failed: %s", exc)
+                return
             self.last_heartbeat = now
 
     # --- partitions --------------------------------------------------------------------------------------------
@@ -282,45 +362,112 @@ class TopicConsumer:
     # --- the batch ---------------------------------------------------------------------------------------------
 
     def prepare(self, messages: list[Any]) -> Batch | None:
-        """Step 1: validate, set aside what is stored already, convert times, build each alert file's bytes."""
-        from confluent_kafka import KafkaError
+        """Step 1: decode, set aside what is stored already, date, build each alert's files.
 
+        Each message is decoded, dated, named and described on its own: whatever it makes the code raise rejects
+        it (with its raw bytes and the reason) and no other."""
         received = dt.datetime.now(dt.UTC)
-        valid: list[tuple[Incoming, alerts.Message]] = []
+        decoded: list[tuple[Incoming, sources.Alert]] = []
         rejected: list[tuple[Incoming, str]] = []
         for msg in messages:
-            error = msg.error()
-            if error is not None:
-                if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                    self.throttled("missing-topic", logging.INFO, "topic %s does not exist (yet): waiting for it",
-                                   self.topic)
-                elif error.code() != KafkaError._PARTITION_EOF:
-                    self.throttled(f"msg:{error.code()}", logging.WARNING, "kafka: %s", error.str())
+            if self._is_kafka_error(msg):
                 continue
             item = Incoming(msg, msg.partition(), msg.offset(), self._follow_generation(msg.partition(), msg.offset()))
             try:
-                valid.append((item, alerts.parse(msg.value(), self.cfg.kafka.max_message_bytes)))
-            except alerts.InvalidMessageError as exc:
-                rejected.append((item, str(exc)[: alerts.MAX_REASON]))
-        if not valid and not rejected:
+                decoded.append((item, self._decode(msg)))
+            except Exception as exc:
+                rejected.append((item, rejection_reason(exc)))
+        if not decoded and not rejected:
             return None
-        resume_at = next_offsets([item for item, _ in valid] + [item for item, _ in rejected])
-        fresh = self._not_yet_stored(valid)
-        alerts.convert_times([message for _, message in fresh])
-        return Batch(self._documents(fresh, received), rejected, resume_at, received)
+        resume_at = next_offsets([item for item, _ in decoded] + [item for item, _ in rejected])
+        fresh = self._dated(self._not_yet_stored(decoded), rejected)
+        received_iso = nights.iso_utc(received)  # one batch, one receive time
+        documents = []
+        for item, alert in fresh:
+            try:
+                documents.append(self._document(item, alert, received, received_iso))
+            except Exception as exc:
+                rejected.append((item, rejection_reason(exc)))
+        traffic = QuotaWatch.count(
+            [(produced_at(e.item.msg, received), len(e.item.msg.value() or b""), e.alert.survey) for e in documents]
+            + [(produced_at(item.msg, received), len(item.msg.value() or b""), None) for item, _ in rejected])
+        return Batch(documents, rejected, resume_at, received, traffic)
+
+    def _is_kafka_error(self, msg: Any) -> bool:
+        """True for an error event in place of a message (logged, throttled)."""
+        from confluent_kafka import KafkaError
+
+        error = msg.error()
+        if error is None:
+            return False
+        if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            self.throttled("missing-topic", logging.INFO, "topic %s does not exist (yet): waiting for it", self.topic)
+        elif error.code() != KafkaError._PARTITION_EOF:
+            self.throttled(f"msg:{error.code()}", logging.WARNING, "kafka: %s", error.str())
+        return True
+
+    def _decode(self, msg: Any) -> sources.Alert:
+        """The topic's source makes an alert of the message; its id must be safe as a folder and file name."""
+        value = msg.value()
+        limit = self.cfg.kafka.max_message_bytes
+        if value is not None and len(value) > limit:
+            raise sources.InvalidMessageError(
+                f"message of {len(value)} bytes exceeds kafka.max_message_bytes ({limit})")
+        alert = self.source.decode(value, msg.key())
+        for name, value in (("object id", alert.object_id), ("detection id", alert.detection_id)):
+            if value is not None and not sources.PLAIN_ID.match(value):
+                raise sources.InvalidMessageError(
+                    f"{name} {json.dumps(value[:80])} is not a plain identifier (letters, digits, _ and - only)")
+        return alert
+
+    def _dated(
+        self, fresh: list[tuple[Incoming, sources.Alert]], rejected: list[tuple[Incoming, str]]
+    ) -> list[tuple[Incoming, sources.Alert]]:
+        """Convert the batch's time fields in one go; if that fails, alert by alert, rejecting those that fail."""
+        try:
+            nights.convert_times([alert for _, alert in fresh])
+            return fresh
+        except Exception:
+            log.debug("converting a batch's times failed; converting alert by alert", exc_info=True)
+        kept = []
+        for item, alert in fresh:
+            alert.times_utc.clear()
+            alert.obs_mjd = alert.obs_iso = alert.obs_day = None
+            try:
+                nights.convert_times([alert])
+            except Exception as exc:
+                rejected.append((item, rejection_reason(exc)))
+            else:
+                kept.append((item, alert))
+        return kept
+
+    def _document(self, item: Incoming, alert: sources.Alert, received: dt.datetime, received_iso: str) -> Accepted:
+        """An alert's files: where they go and what they hold (written by the file writer)."""
+        when = kafka_time(item.msg)
+        dating = nights.date_of(alert, when, received)
+        date = dating.date
+        stem = sources.file_stem(alert.object_id, item.partition, item.offset, item.generation)
+        files = sources.alert_files(alert, f"data/{date}/{self.topic}", stem, f"images/{date}/{alert.object_id}",
+                                    self._metadata(item, alert, dating, when, received_iso))
+        return Accepted(item, alert, date, [AlertFile(path, data, md5_hex(data)) for path, data in files])
 
     def _write_files(self, batch: Batch) -> None:
         """Step 2: hand the batch's alert files (absolute path, bytes) to the file writer."""
         home = str(self.cfg.home)
-        self.files.submit([(f"{home}/{entry.path}", entry.body) for entry in batch.documents])
+        self.files.submit([(f"{home}/{file.path}", file.data) for entry in batch.documents for file in entry.files])
 
     def store(self, batch: Batch) -> list[Accepted]:
         """Steps 3 and 4, once the batch's files are on disk: the store transaction, then Kafka and the logs."""
-        accepted = self._store(batch)
+        accepted, days = self._store(batch)
+        # Nothing below may raise: the batch is stored, and storing it again would only find it there.
         self._commit_to_kafka(batch.resume_at)
+        self.quota.check(days)
         for item, reason in batch.rejected:
             log.warning("rejected %s[%d]@%d: %s", self.topic, item.partition, item.offset, reason)
-        self.alert_log.write(log_lines(self.topic, accepted))
+        try:
+            self.alert_log.write(log_lines(self.topic, accepted))
+        except OSError as exc:
+            self.throttled("alert-log", logging.WARNING, "could not write %s.log: %s", self.topic, exc)
         self.stored_total += len(accepted)
         return accepted
 
@@ -335,23 +482,28 @@ class TopicConsumer:
         return self.generation.get(partition, 0)
 
     def _metadata(
-        self, item: Incoming, message: alerts.Message, date: str, when: dt.datetime | None, received_iso: str
+        self, item: Incoming, alert: sources.Alert, dating: nights.Dating, when: dt.datetime | None, received_iso: str
     ) -> dict[str, Any]:
         meta: dict[str, Any] = {
             "topic": self.topic,
             "partition": item.partition,
             "offset": item.offset,
-            "kafka_timestamp": alerts.iso_utc(when) if when else None,
+            "kafka_timestamp": nights.iso_utc(when) if when else None,
             "received_at": received_iso,
-            "date": date,
-            "object_id": message.object_id,
-            "times_utc": message.times_utc,
+            "date": dating.date,
+            "date_rule": dating.rule,
+            "dated_by": dating.dated_by,
+            "survey": alert.survey,
+            "object_id": alert.object_id,
+            "times_utc": alert.times_utc,
         }
+        if alert.detection_id is not None:
+            meta["detection_id"] = alert.detection_id
         if item.generation:
             meta["generation"] = item.generation
         return meta
 
-    def _not_yet_stored(self, valid: list[tuple[Incoming, alerts.Message]]) -> list[tuple[Incoming, alerts.Message]]:
+    def _not_yet_stored(self, valid: list[tuple[Incoming, sources.Alert]]) -> list[tuple[Incoming, sources.Alert]]:
         """Drop messages already in the store (a redelivery after lost offsets): one indexed query per batch."""
         if not valid:
             return valid
@@ -361,79 +513,48 @@ class TopicConsumer:
             spans.setdefault((item.partition, item.generation), []).append(item.offset)
         for (partition, generation), offsets in spans.items():
             stored.update(
-                (partition, generation, row[0]) for row in self.conn.execute(
-                    "SELECT kafka_offset FROM alerts WHERE topic = ? AND partition = ? AND generation = ? "
-                    "AND kafka_offset BETWEEN ? AND ?", (self.topic, partition, generation, min(offsets), max(offsets)),
-                )
+                (partition, generation, offset) for offset in stored_offsets_between(
+                    self.conn, self.topic, partition, generation, min(offsets), max(offsets))
             )
         return [(item, message) for item, message in valid
                 if (item.partition, item.generation, item.offset) not in stored]
 
-    def _documents(self, fresh: list[tuple[Incoming, alerts.Message]], received: dt.datetime) -> list[Accepted]:
-        """Each alert's file: where it goes and what it holds (written by the file writer, ``_write_files``)."""
-        documents = []
-        received_iso = alerts.iso_utc(received)  # one batch, one receive time
-        for item, message in fresh:
-            when = kafka_time(item.msg)
-            date = message.partition_date(when or received)
-            name = alerts.file_name(message.object_id, item.partition, item.offset, item.generation)
-            body = alerts.document(message, self._metadata(item, message, date, when, received_iso))
-            documents.append(Accepted(item, message, date, f"data/{date}/{self.topic}/{name}", body, md5_hex(body)))
-        return documents
-
-    def _store(self, batch: Batch) -> list[Accepted]:
-        """Step 3: alerts, rejected messages, stamp jobs, manifest rows and next offsets, all or nothing."""
+    def _store(self, batch: Batch) -> tuple[list[Accepted], list[store_quota.DayBytes]]:
+        """Step 3: alerts, rejected messages, stamp jobs, manifest rows, next offsets and the bytes received, all
+        or nothing."""
         now = batch.received.timestamp()
         accepted: list[Accepted] = []
-        jobs: list[dict[str, Any]] = []
+        jobs: list[NewStampJob] = []
         with store.transaction(self.conn):
             for entry, alert_id in zip(batch.documents, self._insert_alerts(batch.documents, now), strict=True):
                 if alert_id is None:
                     continue  # stored by another consumer of the same topic meanwhile
                 accepted.append(entry)
-                if self.cfg.stamps.enabled and entry.message.is_ztf:
-                    jobs.append({"alert_id": alert_id, "object_id": entry.message.object_id, "topic": self.topic,
-                                 "date": entry.date, "obs_mjd": entry.message.newest_mjd})
-            self.conn.executemany(
-                "INSERT OR IGNORE INTO rejected (topic, partition, generation, kafka_offset, received_at, reason, raw) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(self.topic, item.partition, item.generation, item.offset, now, reason, item.msg.value())
-                 for item, reason in batch.rejected],
-            )
-            store.record_files(self.conn, [(entry.path, len(entry.body), entry.md5) for entry in accepted])
+                alert = entry.alert
+                if self._wants_stamps(alert):
+                    key = detection_key(alert.object_id, alert.obs_mjd, entry.date)
+                    jobs.append(NewStampJob(alert_id, dedupe_key=key))
+            add_rejected(self.conn, self.topic, [
+                NewRejected(item.partition, item.generation, item.offset, reason, item.msg.value())
+                for item, reason in batch.rejected], now)
+            store.record_files(self.conn, [(f.path, len(f.data), f.md5) for entry in accepted for f in entry.files])
             if jobs:
-                jobqueue.enqueue(self.conn, jobqueue.STAMPS, jobs, now=now, dedupe_key=stamp_job_key)
+                enqueue(self.conn, jobs, now=now)
             for partition, (generation, next_offset) in batch.resume_at.items():
                 store.save_offset(self.conn, self.topic, partition, generation, next_offset)
-        return accepted
+            days = store_quota.add_bytes(self.conn, self.topic, batch.traffic)
+        return accepted, days
 
     def _insert_alerts(self, written: list[Accepted], now: float) -> list[int | None]:
-        """Insert the alerts of a batch (inside the caller's transaction); each one's id, None if already stored.
+        """Insert the alerts of a batch (inside the caller's transaction); each one's id, None if already stored."""
+        return insert_alerts(self.conn, self.topic, [
+            NewAlert(e.item.partition, e.item.generation, e.item.offset, e.alert.object_id, e.date, e.alert.obs_mjd,
+                     e.path, e.alert.survey, e.alert.detection_id, e.alert.band) for e in written], now)
 
-        One ``executemany`` for the whole batch: holding the write lock, SQLite gives the new rows consecutive
-        ids, so when every row went in, the ids follow from the last one. Only a conflict (a second consumer of
-        the same topic) falls back to a statement per row.
-        """
-        conn = self.conn
-        rows = [(self.topic, e.item.partition, e.item.generation, e.item.offset, e.message.object_id, e.date,
-                 e.message.newest_mjd, e.path, now) for e in written]
-        if not rows:
-            return []
-        insert = ("INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, "
-                  "received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
-        highest_before = conn.execute("SELECT coalesce(max(id), 0) FROM alerts").fetchone()[0]
-        changes_before = conn.total_changes
-        conn.executemany(insert, rows)
-        if conn.total_changes - changes_before == len(rows):
-            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-            return list(range(last - len(rows) + 1, last + 1))
-        ids: list[int | None] = []
-        for row in rows:  # rows inserted by this statement are the ones above the highest id before it
-            found = conn.execute(
-                "SELECT id FROM alerts WHERE topic = ? AND partition = ? AND generation = ? AND kafka_offset = ?",
-                row[:4]).fetchone()
-            ids.append(found[0] if found is not None and found[0] > highest_before else None)
-        return ids
+    def _wants_stamps(self, alert: sources.Alert) -> bool:
+        """A stamp job for the alerts the provider of their survey (``stamps.<survey>_provider``) can serve."""
+        provider = self.stamp_providers.get(alert.survey)
+        return provider is not None and provider.serves(alert)
 
     def _commit_to_kafka(self, resume_at: dict[int, tuple[int, int]]) -> None:
         from confluent_kafka import TopicPartition
@@ -455,9 +576,7 @@ class TopicConsumer:
         redelivered and written again), so those are the folders to look in, not the whole tree.
         """
         since = time.time() - RECENT_DATES_WINDOW
-        dates = {row[0] for row in self.conn.execute(
-            "SELECT DISTINCT date FROM alerts WHERE topic = ? AND received_at > ?", (self.topic, since))}
-        for date in dates:
+        for date in dates_received_since(self.conn, self.topic, since):
             remove_stale_temporaries(self.cfg.data_dir / date / self.topic)
 
 
@@ -469,23 +588,39 @@ def librdkafka_logger() -> logging.Logger:
     return logger
 
 
-def stamp_job_key(payload: dict[str, Any]) -> str:
-    """One stamp job per object and observation time: Lasair resends an object whenever a selected column
-    changes, and the triplet of the same detection needs fetching once."""
-    # Rounded to ~0.1 s: the same detection time reaches ztfd as a JD in one filter and an MJD in another.
-    when = f"{payload['obs_mjd']:.6f}" if payload["obs_mjd"] is not None else payload["date"]
-    return f"{payload['object_id']}@{when}"
-
-
 def kafka_time(msg: Any) -> dt.datetime | None:
-    """The message's Kafka timestamp: the same at every redelivery, unlike ztfd's own clock."""
+    """The message's Kafka timestamp: the same at every redelivery, unlike ztfd's own clock. A producer may set
+    any 64-bit value; one that is no date (beyond year 9999) rejects the message."""
     kind, stamp = msg.timestamp()
-    return dt.datetime.fromtimestamp(stamp / 1000, dt.UTC) if kind and stamp > 0 else None
+    if not kind or stamp <= 0:
+        return None
+    try:
+        return dt.datetime.fromtimestamp(stamp / 1000, dt.UTC)
+    except (ValueError, OverflowError, OSError):
+        raise sources.InvalidMessageError(f"Kafka timestamp {stamp} ms is not a date") from None
+
+
+def produced_at(msg: Any, received: dt.datetime) -> dt.datetime:
+    """When the message was produced, for counting its bytes: its Kafka timestamp, else the receive time."""
+    try:
+        return kafka_time(msg) or received
+    except sources.InvalidMessageError:
+        return received
+
+
+def rejection_reason(exc: BaseException) -> str:
+    """The reason kept beside a rejected message: a source's own words, else what went wrong where."""
+    if isinstance(exc, sources.InvalidMessageError):
+        text = str(exc)
+    else:
+        log.warning("a message raised %s in the consumer: rejected", exc.__class__.__name__, exc_info=exc)
+        text = f"cannot be stored: {exc.__class__.__name__}: {exc}"
+    return text[: sources.MAX_REASON]
 
 
 def log_lines(topic: str, accepted: list[Accepted]) -> list[str]:
     """The ``<topic>.log`` lines of stored alerts."""
-    return [f"{a.message.object_id} {a.date} {topic}[{a.item.partition}]@{a.item.offset} {a.path}" for a in accepted]
+    return [f"{a.alert.object_id} {a.date} {topic}[{a.item.partition}]@{a.item.offset} {a.path}" for a in accepted]
 
 
 def run(cfg: Config, topic: str, name: str) -> int:
@@ -499,17 +634,12 @@ def run(cfg: Config, topic: str, name: str) -> int:
 def describe_rejected(cfg: Config, topic: str | None, limit: int) -> list[str]:
     """Lines for ``ztfd rejected``: newest first, with the reason and the start of the raw bytes."""
     conn = store.connect(cfg.db_path)
-    where, args = ("WHERE topic = ?", (topic,)) if topic else ("", ())
-    rows = conn.execute(
-        f"SELECT topic, partition, kafka_offset, received_at, reason, raw FROM rejected {where} "
-        "ORDER BY id DESC LIMIT ?", (*args, limit)
-    ).fetchall()
+    rows = latest_rejected(conn, topic, limit)
     conn.close()
     lines = []
     for row in rows:
-        when = alerts.iso_utc(dt.datetime.fromtimestamp(row["received_at"], dt.UTC))
-        raw = bytes(row["raw"] or b"")[:120]
-        lines.append(f"{when} {row['topic']}[{row['partition']}]@{row['kafka_offset']}: {row['reason']} | {raw!r}")
+        when = nights.iso_utc(dt.datetime.fromtimestamp(row.received_at, dt.UTC))
+        lines.append(f"{when} {row.topic}[{row.partition}]@{row.kafka_offset}: {row.reason} | {row.raw[:120]!r}")
     return lines
 
 

@@ -2,7 +2,7 @@
 
 Each request takes the next free *slot* of a named limit: slots are ``1 / rate`` seconds apart, and the row in
 ``rate_limits`` holds the start of the first slot nobody has taken yet. Taking slots is one short
-``UPDATE … RETURNING`` in a write transaction, so every fetcher process (and ``ztfd replay``'s) draws from the
+write transaction (``store.ratelimits.take_slots``), so every fetcher process (and ``ztfd replay``'s) draws from the
 same sequence: across the whole pool no two requests start less than ``1 / rate`` apart, whatever the number of
 workers. There is no burst allowance: after an idle spell the first request goes at once, the next ones are
 spaced. A slot taken by a process that then dies is simply unused; nothing needs cleaning up.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import sqlite3
 import time
 
-from ztfd.store import transaction
+from ztfd.store.ratelimits import take_slots
 
 
 def reserve(conn: sqlite3.Connection, name: str, rate: float, count: int = 1, now: float | None = None) -> list[float]:
@@ -26,11 +26,5 @@ def reserve(conn: sqlite3.Connection, name: str, rate: float, count: int = 1, no
     if rate <= 0 or count <= 0:
         return [now] * max(count, 0)
     interval = 1.0 / rate
-    with transaction(conn):
-        conn.execute("INSERT OR IGNORE INTO rate_limits (name, next_at) VALUES (?, ?)", (name, now))
-        row = conn.execute(
-            "UPDATE rate_limits SET next_at = max(next_at, ?) + ? WHERE name = ? RETURNING next_at",
-            (now, count * interval, name),
-        ).fetchone()
-    first = row["next_at"] - count * interval
+    first = take_slots(conn, name, now, count * interval)
     return [first + index * interval for index in range(count)]

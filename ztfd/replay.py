@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import logging
 import multiprocessing
 import os
@@ -25,10 +24,15 @@ from dataclasses import dataclass
 
 import click
 
-from ztfd import jobqueue, lifecycle, store
+from ztfd import lifecycle, providers, store
 from ztfd.config import Config
+from ztfd.providers import StampProvider
 from ztfd.sources import STAMP_TYPES
 from ztfd.stamps import preview_path, read_valid, run_worker, stamp_path
+from ztfd.store import jobs
+from ztfd.store.alerts import alerts_on
+from ztfd.store.processes import processes
+from ztfd.store.stamps import stamp_records_on
 
 log = logging.getLogger(__name__)
 
@@ -72,27 +76,23 @@ def run(cfg: Config, date: str, topic: str | None = None, force: bool = False, w
 
 
 def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None, force: bool, workers: int) -> int:
-    where, args = ("date = ?", [date]) if topic is None else ("date = ? AND topic = ?", [date, topic])
-    alerts = conn.execute(
-        f"SELECT id, topic, object_id, date, obs_mjd FROM alerts WHERE {where} ORDER BY id", args
-    ).fetchall()
+    alerts = alerts_on(conn, date, topic)
     scope = f"{date}" + (f" topic {topic}" if topic else "")
     if not alerts:
         click.echo(f"replay {scope}: no stored alerts")
         return EXIT_OK
-    known = _known_candids(conn, date)
+    known = stamp_records_on(conn, date, topic)
+    stamp_providers = providers.providers_for(cfg.stamps)
     payloads = []
     for alert in alerts:
-        previous = known.get(alert["id"])
-        if not force and previous is not None and triplet_complete(cfg, alert["date"], alert["object_id"], previous[0]):
+        previous = known.get(alert.id)
+        provider = stamp_providers.get(alert.survey)
+        if provider is None:
+            continue  # no stamps for this survey (stamps.<survey>_provider = "none")
+        if (not force and previous is not None
+                and triplet_complete(cfg, alert.date, alert.object_id, previous.detection_id, provider)):
             continue
-        payload = {"alert_id": alert["id"], "object_id": alert["object_id"], "topic": alert["topic"],
-                   "date": alert["date"], "obs_mjd": alert["obs_mjd"]}
-        if previous is not None:
-            payload["candid"], payload["candid_mjd"] = previous
-        if force:
-            payload["force"] = True
-        payloads.append(payload)
+        payloads.append(jobs.NewStampJob(alert.id, force=force))  # the worker reuses the detection of ``known``
     complete = len(alerts) - len(payloads)
     if force:
         click.echo(f"replay {scope}: {len(alerts)} alerts, all {len(payloads)} to fetch again (--force)")
@@ -102,7 +102,7 @@ def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None,
         return EXIT_OK
     batch = f"replay:{date}:{uuid.uuid4().hex[:12]}"
     with store.transaction(conn):
-        jobqueue.enqueue(conn, jobqueue.STAMPS, payloads, batch=batch)
+        jobs.enqueue(conn, payloads, batch=batch)
     log.info("replay %s: queued %d stamp jobs as batch %s (force=%s)", scope, len(payloads), batch, force)
     stop = lifecycle.Stop().install()  # Ctrl-C: stop waiting, the rest stays queued; a second one exits at once
     fetchers = running_fetchers(conn, cfg)
@@ -119,25 +119,12 @@ def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None,
     return _summarise(conn, scope, batch, progress, len(payloads))
 
 
-def _known_candids(conn: sqlite3.Connection, date: str) -> dict[int, tuple[int, float | None]]:
-    """alert id -> (candid, its MJD) chosen by the latest completed stamp job of that alert."""
-    rows = conn.execute(
-        "SELECT payload, result FROM jobs WHERE kind = ? AND state = 'done' AND result IS NOT NULL "
-        "AND json_extract(payload, '$.date') = ? ORDER BY id",
-        (jobqueue.STAMPS, date),
-    ).fetchall()
-    known = {}
-    for row in rows:
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            payload, result = json.loads(row["payload"]), json.loads(row["result"])
-            known[int(payload["alert_id"])] = (int(result["candid"]), result.get("mjd"))
-    return known
-
-
-def triplet_complete(cfg: Config, date: str, object_id: str, candid: int) -> bool:
-    """All three stamps valid on disk (and the preview present when previews are on)."""
+def triplet_complete(cfg: Config, date: str, object_id: str, candid: int | str,
+                     provider: StampProvider | None = None) -> bool:
+    """All three stamps valid on disk, as the alert's provider names and checks them (and the preview present
+    when previews are on)."""
     for kind in STAMP_TYPES:
-        if read_valid(stamp_path(cfg.images_dir, date, object_id, candid, kind)) is None:
+        if read_valid(stamp_path(cfg.images_dir, date, object_id, candid, kind, provider), provider) is None:
             return False
     return not cfg.stamps.previews or preview_path(cfg.images_dir, date, object_id, candid).exists()
 
@@ -147,29 +134,19 @@ def running_fetchers(conn: sqlite3.Connection, cfg: Config) -> list[str]:
     import psutil
 
     fresh_since = time.time() - cfg.supervisor.heartbeat_timeout
-    rows = conn.execute(
-        "SELECT name, pid FROM processes WHERE role = 'fetcher' AND heartbeat_at >= ? AND pid IS NOT NULL",
-        (fresh_since,),
-    ).fetchall()
     alive = []
-    for row in rows:
+    for row in processes(conn, ["fetcher"]):
+        if row.pid is None or row.heartbeat_at is None or row.heartbeat_at < fresh_since:
+            continue
         with contextlib.suppress(psutil.Error):
-            if psutil.Process(row["pid"]).status() != psutil.STATUS_ZOMBIE:
-                alive.append(row["name"])
+            if psutil.Process(row.pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(row.name)
     return alive
 
 
 def batch_progress(conn: sqlite3.Connection, batch: str) -> Progress:
-    rows = conn.execute(
-        "SELECT CASE WHEN state = 'ready' AND waiting = 'unavailable' AND not_before > ? THEN 'unavailable' "
-        "ELSE state END AS bucket, count(*) AS n FROM jobs WHERE batch = ? GROUP BY bucket",
-        (time.time(), batch),
-    ).fetchall()
-    progress = Progress()
-    for row in rows:
-        if row["bucket"] in ("done", "failed", "unavailable"):
-            setattr(progress, row["bucket"], row["n"])
-    return progress
+    counts = jobs.counts(conn, batch=batch)
+    return Progress(done=counts.done, failed=counts.failed, unavailable=counts.unavailable)
 
 
 def _replay_worker(cfg: Config, name: str, batch: str) -> None:
@@ -257,11 +234,6 @@ def _summarise(conn: sqlite3.Connection, scope: str, batch: str, progress: Progr
     )
     if progress.unavailable:
         click.echo("  not-yet-available jobs stay queued: the daemon looks again on its schedule")
-    failures = conn.execute(
-        "SELECT json_extract(payload, '$.object_id') AS object_id, last_error FROM jobs "
-        "WHERE batch = ? AND state = 'failed' ORDER BY id LIMIT 10",
-        (batch,),
-    ).fetchall()
-    for row in failures:
-        click.echo(f"  failed {row['object_id']}: {row['last_error']}")
+    for failure in jobs.failures(conn, 10, batch=batch):
+        click.echo(f"  failed {failure.object_id}: {failure.reason}")
     return EXIT_FAILED if progress.failed or progress.settled < total else EXIT_OK

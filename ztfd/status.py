@@ -2,14 +2,14 @@
 
 ``collect`` builds one JSON-ready dict (``ztfd status --json``; the README "Status" section documents its fields);
 ``render`` turns it into the table a person reads. Both work when nothing runs and when the store does not exist
-yet. Nothing here writes to the store or to Kafka: the Kafka lag is read with a throwaway consumer that never
-joins the group or commits.
+yet. Nothing here writes to the store or to Kafka: the store is opened read-only (``connect_readonly``: no
+migration, no wait for a writer's lock, fine for a user who may only read home) and the Kafka lag is read with a
+throwaway consumer that never joins the group or commits.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import shutil
@@ -18,8 +18,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ztfd import config, jobqueue, store, supervisor
+from ztfd import config, store, supervisor
+from ztfd.localtrouble import STATUS_PREFIX as LOCAL_TROUBLE_PREFIX
 from ztfd.procs import pid_alive
+from ztfd.quota import near_quota
+from ztfd.sources import LSST
+from ztfd.store import jobs
+from ztfd.store import quota as store_quota
+from ztfd.store.alerts import topic_totals
+from ztfd.store.db import connect_readonly
+from ztfd.store.facts import statuses_with_prefix
+from ztfd.store.processes import process, processes
+from ztfd.store.rejected import rejected_counts
 from ztfd.units import human_bytes
 
 log = logging.getLogger(__name__)
@@ -39,11 +49,12 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[st
         "supervisor": {"running": sup_pid is not None, "pid": sup_pid},
         "processes": [],
         "topics": [],
-        "queue": dict.fromkeys(("ready", "leased", "retry_waiting", "unavailable", "failed", "done"), 0),
+        "queue": jobs.JobCounts().as_dict(),
         "failures": [],
         "sync": {"enabled": bool(cfg.s3.bucket), "bucket": cfg.s3.bucket or None, "pending": 0, "pending_bytes": 0,
                  "done": 0, "last_pass": None, "last_error": None},
         "rejected": {},
+        "local_trouble": {},
         "disk": _disk(cfg.home),
         "store": str(cfg.db_path) if cfg.db_path.exists() else None,
     }
@@ -52,16 +63,18 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[st
         if conn is not None:
             report["processes"] = _processes(conn, cfg, now)
             report["topics"] = _topics(conn, cfg, now)
-            report["queue"] = jobqueue.counts(conn, jobqueue.STAMPS, now)
+            report["queue"] = jobs.counts(conn, now).as_dict()
             report["failures"] = _failures(conn)
             report["sync"].update(_sync(conn))
             report["rejected"] = _rejected(conn, cfg)
+            report["local_trouble"] = {
+                name: {"reason": reason, "at": _iso(at)}
+                for name, (reason, at) in statuses_with_prefix(conn, LOCAL_TROUBLE_PREFIX).items()}
             for info in report["topics"]:
                 info["rejected"] = report["rejected"].get(info["topic"], 0)
-            started = conn.execute("SELECT started_at FROM processes WHERE name = ?", (supervisor.SUPERVISOR_NAME,))
-            row = started.fetchone()
-            if row is not None and sup_pid is not None and row["started_at"]:
-                report["supervisor"]["uptime"] = round(now - row["started_at"], 1)
+            row = process(conn, supervisor.SUPERVISOR_NAME)
+            if row is not None and sup_pid is not None and row.started_at:
+                report["supervisor"]["uptime"] = round(now - row.started_at, 1)
         else:
             report["topics"] = [_empty_topic(t) for t in cfg.kafka.topics]
     finally:
@@ -85,7 +98,7 @@ def _open_store(cfg: config.Config) -> sqlite3.Connection | None:
     if not cfg.db_path.exists():
         return None
     try:
-        return store.connect(cfg.db_path, timeout=5)
+        return connect_readonly(cfg.db_path)
     except sqlite3.Error as exc:
         log.warning("cannot open the store %s: %s", cfg.db_path, exc)
         return None
@@ -107,50 +120,55 @@ def _disk(home: Path) -> dict[str, Any]:
 
 
 def _processes(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        "SELECT name, role, topic, pid, started_at, heartbeat_at, restarts, state, last_exit FROM processes "
-        "WHERE role IN (?, ?, ?) ORDER BY CASE role WHEN 'consumer' THEN 0 WHEN 'fetcher' THEN 1 ELSE 2 END, name",
-        CHILD_ROLES,
-    ).fetchall()
     result = []
-    for row in rows:
-        alive = row["pid"] is not None and pid_alive(row["pid"])
-        age = None if row["heartbeat_at"] is None else round(now - row["heartbeat_at"], 1)
+    for row in processes(conn, CHILD_ROLES):
+        alive = row.pid is not None and pid_alive(row.pid)
+        age = None if row.heartbeat_at is None else round(now - row.heartbeat_at, 1)
         result.append({
-            "name": row["name"],
-            "role": row["role"],
-            "topic": row["topic"],
-            "pid": row["pid"],
+            "name": row.name,
+            "role": row.role,
+            "topic": row.topic,
+            "pid": row.pid,
             "alive": alive,
-            "state": row["state"] if alive or row["state"] in ("backoff", "stopped") else "dead",
-            "uptime": round(now - row["started_at"], 1) if alive and row["started_at"] else None,
-            "restarts": row["restarts"],
+            "state": row.state if alive or row.state in ("backoff", "stopped") else "dead",
+            "uptime": round(now - row.started_at, 1) if alive and row.started_at else None,
+            "restarts": row.restarts,
             "heartbeat_age": age,
             "fresh": age is not None and age <= cfg.supervisor.heartbeat_timeout,
-            "last_exit": row["last_exit"],
+            "last_exit": row.last_exit,
         })
     return result
 
 
 def _empty_topic(topic: str) -> dict[str, Any]:
-    return {"topic": topic, "alerts_today": 0, "alerts_total": 0, "last_alert": None, "last_alert_age": None,
-            "rejected": 0, "partitions": {}, "lag": None}
+    return {"topic": topic, "survey": None, "alerts_today": 0, "alerts_total": 0, "last_alert": None,
+            "last_alert_age": None, "rejected": 0, "partitions": {}, "lag": None, "lasair_day": None}
+
+
+def _lasair_day(day: store_quota.DayBytes | None, quota: int, now: float) -> dict[str, Any]:
+    """The topic's traffic on the current Lasair quota day, against ``kafka.lasair_byte_quota``."""
+    nid = store_quota.nid_of(dt.datetime.fromtimestamp(now, dt.UTC))
+    if day is None or day.nid != nid:
+        day = store_quota.DayBytes("", nid, day.survey if day else None, 0, 0, now)
+    quota = quota if day.survey == LSST else 0  # Lasair-LSST's filters have a byte quota, Lasair-ZTF's none
+    return {"day": day.day, "nid": nid, "bytes": day.bytes, "messages": day.messages, "quota": quota or None,
+            "percent": round(100.0 * day.bytes / quota, 1) if quota else None, "warning": near_quota(day, quota)}
 
 
 def _topics(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[dict[str, Any]]:
     midnight = dt.datetime.fromtimestamp(now, dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
     result = []
+    days, surveys = store_quota.latest_days(conn), store_quota.surveys(conn)
     for topic in cfg.kafka.topics:
         info = _empty_topic(topic)
-        row = conn.execute(
-            "SELECT count(*) AS n, max(received_at) AS last FROM alerts WHERE topic = ?", (topic,)
-        ).fetchone()
-        info["alerts_total"] = row["n"]
-        info["last_alert"] = _iso(row["last"])
-        info["last_alert_age"] = None if row["last"] is None else round(now - row["last"], 1)
-        info["alerts_today"] = conn.execute(
-            "SELECT count(*) FROM alerts WHERE topic = ? AND received_at >= ?", (topic, midnight)
-        ).fetchone()[0]
+        info["survey"] = surveys.get(topic)
+        info["lasair_day"] = _lasair_day(days.get(topic), cfg.kafka.lasair_byte_quota, now)
+        totals = topic_totals(conn, topic, midnight)
+        last = totals.last_received_at
+        info["alerts_total"] = totals.total
+        info["last_alert"] = _iso(last)
+        info["last_alert_age"] = None if last is None else round(now - last, 1)
+        info["alerts_today"] = totals.since
         info["partitions"] = {
             str(p): {"next_offset": o.next_offset, "generation": o.generation}
             for p, o in sorted(store.stored_offsets(conn, topic).items())
@@ -160,44 +178,21 @@ def _topics(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[di
 
 
 def _failures(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        "SELECT id, payload, attempts, last_error, updated_at FROM jobs WHERE state = 'failed' AND kind = ? "
-        "ORDER BY updated_at DESC LIMIT ?",
-        (jobqueue.STAMPS, LAST_FAILURES),
-    ).fetchall()
-    result = []
-    for row in rows:
-        try:
-            payload = json.loads(row["payload"])
-        except ValueError:
-            payload = {}
-        result.append({"job": row["id"], "object_id": payload.get("object_id"), "date": payload.get("date"),
-                       "attempts": row["attempts"], "reason": row["last_error"], "at": _iso(row["updated_at"])})
-    return result
+    return [{"job": f.id, "object_id": f.object_id, "date": f.date, "attempts": f.attempts, "reason": f.reason,
+             "at": _iso(f.at)} for f in jobs.failures(conn, LAST_FAILURES)]
 
 
 def _sync(conn: sqlite3.Connection) -> dict[str, Any]:
-    """Pending files and bytes, last pass and last error: ``ztfd.sync.summary`` when sync is installed."""
-    try:
-        from ztfd import sync
-    except ImportError:
-        sync = None  # type: ignore[assignment]
-    if sync is not None and hasattr(sync, "summary"):
-        summary = dict(sync.summary(conn))
-        summary.setdefault("pending", 0)
-        return summary
-    row = conn.execute(
-        "SELECT count(*) AS n, coalesce(sum(size), 0) AS bytes FROM manifest WHERE state = 'pending'"
-    ).fetchone()
-    done = conn.execute("SELECT count(*) FROM manifest WHERE state = 'done'").fetchone()[0]
-    return {"pending": row["n"], "pending_bytes": row["bytes"], "done": done}
+    """Pending files and bytes, last pass and last error (``ztfd.sync.summary``)."""
+    from ztfd import sync
+
+    summary = dict(sync.summary(conn))
+    summary.setdefault("pending", 0)
+    return summary
 
 
 def _rejected(conn: sqlite3.Connection, cfg: config.Config) -> dict[str, int]:
-    counts = {t: 0 for t in cfg.kafka.topics}
-    for row in conn.execute("SELECT topic, count(*) AS n FROM rejected GROUP BY topic"):
-        counts[row["topic"]] = row["n"]
-    return counts
+    return {**{t: 0 for t in cfg.kafka.topics}, **rejected_counts(conn)}
 
 
 def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -> None:
@@ -295,6 +290,14 @@ def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     return ["  " + line for line in lines]
 
 
+def _describe_day(day: dict[str, Any] | None) -> str:
+    """Bytes received on the current Lasair day, with the share of the quota for LSST topics."""
+    if not day:
+        return "-"
+    share = f" ({day['percent']:.0f}%)" if day.get("percent") is not None and day["bytes"] else ""
+    return human_bytes(day["bytes"]) + share
+
+
 def _describe_pass(last: Any) -> str:
     if not isinstance(last, dict):
         return str(last) if last else "-"
@@ -335,13 +338,19 @@ def render(report: dict[str, Any]) -> str:
 
     out.append("Topics")
     out += _table(
-        ["topic", "today", "total", "last alert", "lag", "rejected"],
-        [[t["topic"], t["alerts_today"], t["alerts_total"],
+        ["topic", "survey", "today", "total", "last alert", "lag", "rejected", "Lasair day"],
+        [[t["topic"], t.get("survey") or "-", t["alerts_today"], t["alerts_total"],
           f"{t['last_alert']} ({_age(t['last_alert_age'])} ago)" if t["last_alert"] else "-",
           t["lag"] if t["lag"] is not None else f"? ({t.get('broker', 'unknown')})",
-          report["rejected"].get(t["topic"], 0)]
+          report["rejected"].get(t["topic"], 0), _describe_day(t.get("lasair_day"))]
          for t in report["topics"]],
     )
+    for t in report["topics"]:
+        day = t.get("lasair_day") or {}
+        if day.get("warning"):
+            out.append(f"  WARNING {t['topic']}: {human_bytes(day['bytes'])} received on Lasair day {day['day']}, "
+                       f"{day['percent']:.0f}% of kafka.lasair_byte_quota ({human_bytes(day['quota'])}); Lasair stops "
+                       "sending this filter's messages at 100% until the day ends (20:00 UTC)")
     out.append("")
 
     q = report["queue"]
@@ -368,4 +377,6 @@ def render(report: dict[str, Any]) -> str:
               if d.get("total_inodes") else "")
     out.append(f"Disk: {human_bytes(d['free_bytes'])} free of {human_bytes(d['total_bytes'])} ({d['free_percent']}%)"
                f"{inodes} under {d['path']}")
+    for name, trouble in report.get("local_trouble", {}).items():
+        out.append(f"Local trouble: {name} cannot write, paused (last try {trouble['at']}): {trouble['reason']}")
     return "\n".join(out)

@@ -43,6 +43,7 @@ import click
 
 from ztfd import config, files, lifecycle, logs, store
 from ztfd.procs import die_with_parent, pid_alive
+from ztfd.store.processes import processes, record_child, reset_processes, set_process_state
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,10 @@ def child_specs(cfg: config.Config) -> list[Child]:
         children += [Child(f"fetcher:{n}", "fetcher", None, [*base, "fetch"]) for n in range(1, cfg.stamps.workers + 1)]
     if cfg.s3.bucket:
         children.append(Child("syncer", "syncer", None, [*base, "sync"]))
+    if cfg.metrics.listen:
+        children.append(Child("metrics", "metrics", None, [*base, "metrics"]))
+    if cfg.report.after_quiet > 0:
+        children.append(Child("reporter", "reporter", None, [*base, "report", "--watch"]))
     return children
 
 
@@ -210,8 +215,7 @@ def leftover_children(cfg: config.Config, conn: sqlite3.Connection | None) -> li
     """Processes left by a supervisor that died without stopping them (pids in the table + a /proc scan)."""
     candidates: set[int] = set()
     if conn is not None:
-        rows = conn.execute("SELECT pid FROM processes WHERE pid IS NOT NULL AND name != ?", (SUPERVISOR_NAME,))
-        candidates.update(int(row["pid"]) for row in rows)
+        candidates.update(row.pid for row in processes(conn) if row.pid is not None and row.name != SUPERVISOR_NAME)
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             pid = int(entry.name)
@@ -382,7 +386,7 @@ class Supervisor:
         timeout = self.cfg.supervisor.heartbeat_timeout
         now = time.monotonic()
         try:
-            rows = {r["name"]: r for r in self.conn.execute("SELECT name, pid, heartbeat_at FROM processes")}
+            rows = {r.name: r for r in processes(self.conn)}
         except sqlite3.Error as exc:
             log.warning("cannot read heartbeats: %s", exc)
             return
@@ -390,10 +394,10 @@ class Supervisor:
             if child.pid is None:
                 continue
             row = rows.get(child.name)
-            if row is not None and row["pid"] == child.pid and row["heartbeat_at"] != child.beat_value:
+            if row is not None and row.pid == child.pid and row.heartbeat_at != child.beat_value:
                 # A new heartbeat. Its age is measured on our monotonic clock from when we first saw it, so a
                 # wall-clock step (NTP) can neither make every child look silent nor hide a hung one.
-                child.beat_value, child.beat_seen = row["heartbeat_at"], now
+                child.beat_value, child.beat_seen = row.heartbeat_at, now
             silent = now - max(child.started_at, child.beat_seen)
             if silent > timeout:
                 reason = f"no heartbeat for {silent:.0f}s"
@@ -427,14 +431,7 @@ class Supervisor:
 
     def _reset_table(self) -> None:
         """Forget the processes of earlier runs and record ourselves."""
-        now = time.time()
-        with store.transaction(self.conn):
-            self.conn.execute("DELETE FROM processes")
-            self.conn.execute(
-                "INSERT INTO processes (name, role, pid, started_at, heartbeat_at, state) "
-                "VALUES (?, 'supervisor', ?, ?, ?, 'running')",
-                (SUPERVISOR_NAME, os.getpid(), now, now),
-            )
+        reset_processes(self.conn, SUPERVISOR_NAME)
 
     def _heartbeat(self) -> None:
         try:
@@ -444,21 +441,12 @@ class Supervisor:
 
     def _record_supervisor(self, state: str) -> None:
         with contextlib.suppress(sqlite3.Error):
-            self.conn.execute("UPDATE processes SET state = ? WHERE name = ?", (state, SUPERVISOR_NAME))
+            set_process_state(self.conn, SUPERVISOR_NAME, state)
 
     def _record(self, child: Child, started: bool = False) -> None:
-        now = time.time()
         try:
-            self.conn.execute(
-                "INSERT INTO processes (name, role, topic, pid, started_at, restarts, state, last_exit) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET role = excluded.role, "
-                "topic = excluded.topic, pid = excluded.pid, restarts = excluded.restarts, state = excluded.state, "
-                "last_exit = excluded.last_exit, "
-                "started_at = CASE WHEN ? THEN excluded.started_at ELSE processes.started_at END, "
-                "heartbeat_at = CASE WHEN ? THEN NULL ELSE processes.heartbeat_at END",
-                (child.name, child.role, child.topic, child.pid, now, child.restarts, child.state, child.last_exit,
-                 started, started),
-            )
+            record_child(self.conn, child.name, child.role, child.topic, child.pid, child.restarts, child.state,
+                         child.last_exit, started)
         except sqlite3.Error as exc:
             log.warning("cannot record %s: %s", child.name, exc)
 

@@ -1,0 +1,51 @@
+"""Rejected messages: what could not be accepted as an alert, kept with its raw bytes and the reason."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class NewRejected:
+    partition: int
+    generation: int
+    kafka_offset: int
+    reason: str
+    raw: bytes | None
+
+
+@dataclass(frozen=True)
+class Rejected:
+    id: int
+    topic: str
+    partition: int
+    generation: int
+    kafka_offset: int
+    received_at: float
+    reason: str
+    raw: bytes
+
+
+def add_rejected(conn: sqlite3.Connection, topic: str, rejected: list[NewRejected], received_at: float) -> None:
+    """Keep rejected messages (inside the batch's transaction); a redelivered one is kept once."""
+    conn.executemany(
+        "INSERT OR IGNORE INTO rejected (topic, partition, generation, kafka_offset, received_at, reason, raw) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(topic, r.partition, r.generation, r.kafka_offset, received_at, r.reason, r.raw) for r in rejected],
+    )
+
+
+def latest_rejected(conn: sqlite3.Connection, topic: str | None, limit: int) -> list[Rejected]:
+    """Rejected messages, newest first (of one topic)."""
+    where, args = ("WHERE topic = ?", (topic,)) if topic else ("", ())
+    rows = conn.execute(
+        "SELECT id, topic, partition, generation, kafka_offset, received_at, reason, raw FROM rejected "
+        f"{where} ORDER BY id DESC LIMIT ?", (*args, limit),
+    ).fetchall()
+    return [Rejected(*row[:7], bytes(row[7] or b"")) for row in rows]
+
+
+def rejected_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """Rejected messages per topic."""
+    return {row[0]: row[1] for row in conn.execute("SELECT topic, count(*) FROM rejected GROUP BY topic")}
