@@ -105,7 +105,7 @@ def test_start_status_second_start_and_stop(daemon_config: tuple[Path, list[str]
     assert code == 0 and report["running"] is True
     assert report["supervisor"] == {"running": True, "pid": pid, "uptime": report["supervisor"]["uptime"]}
     roles = sorted((p["role"], p["topic"]) for p in report["processes"])
-    assert roles == [("consumer", topics[0]), ("consumer", topics[1])]
+    assert roles == [("consumer", topics[0]), ("consumer", topics[1]), ("reporter", None)]  # report.after_quiet on
     assert all(p["alive"] and p["restarts"] == 0 and isinstance(p["pid"], int) for p in report["processes"])
     first, second = report["topics"]
     assert (first["alerts_today"], first["alerts_total"], second["alerts_total"]) == (30, 30, 0)

@@ -34,7 +34,7 @@ from ztfd.units import human_bytes
 
 log = logging.getLogger(__name__)
 
-CHILD_ROLES = ("consumer", "fetcher", "syncer")
+CHILD_ROLES = ("consumer", "fetcher", "syncer", "metrics", "reporter")
 KAFKA_TIMEOUT = 3.0
 LAST_FAILURES = 5
 

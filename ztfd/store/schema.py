@@ -8,7 +8,7 @@ need no step: ``SCHEMA`` adds them). Version 1 is the layout before the store ow
 JSON payloads and results).
 """
 
-SCHEMA_VERSION = 3  # 3: alerts.survey and alerts.detection_id (ADDED_COLUMNS, at the end)
+SCHEMA_VERSION = 3  # 3: alerts.survey and alerts.detection_id (ADDED_COLUMNS), the observability block
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -315,9 +315,13 @@ WHEN OLD.state = 'leased' AND NEW.last_error IS NOT NULL
     ON CONFLICT (reason) DO UPDATE SET failures = failures + 1;
 END;
 
+-- One trigger per manifest insert, not two: a trigger's call costs about as much as its statement.
 CREATE TRIGGER IF NOT EXISTS count_file_insert AFTER INSERT ON manifest BEGIN
     INSERT INTO counter_files (state, files, bytes) VALUES (NEW.state, 1, NEW.size)
     ON CONFLICT (state) DO UPDATE SET files = files + 1, bytes = bytes + excluded.bytes;
+    INSERT INTO counter_images (date, last_recorded_at)
+    SELECT substr(NEW.path, 8, 10), NEW.recorded_at WHERE substr(NEW.path, 1, 7) = 'images/'
+    ON CONFLICT (date) DO UPDATE SET last_recorded_at = max(last_recorded_at, excluded.last_recorded_at);
 END;
 
 CREATE TRIGGER IF NOT EXISTS count_file_update AFTER UPDATE OF state, size ON manifest
@@ -335,12 +339,6 @@ CREATE TRIGGER IF NOT EXISTS count_upload AFTER UPDATE OF state, uploaded_at ON 
 WHEN NEW.state = 'done' AND (OLD.state IS NOT 'done' OR NEW.uploaded_at IS NOT OLD.uploaded_at) BEGIN
     INSERT INTO counter_uploads (id, files, bytes) VALUES (1, 1, NEW.size)
     ON CONFLICT (id) DO UPDATE SET files = files + 1, bytes = bytes + excluded.bytes;
-END;
-
-CREATE TRIGGER IF NOT EXISTS count_image_insert AFTER INSERT ON manifest
-WHEN substr(NEW.path, 1, 7) = 'images/' BEGIN
-    INSERT INTO counter_images (date, last_recorded_at) VALUES (substr(NEW.path, 8, 10), NEW.recorded_at)
-    ON CONFLICT (date) DO UPDATE SET last_recorded_at = max(last_recorded_at, excluded.last_recorded_at);
 END;
 
 CREATE TRIGGER IF NOT EXISTS count_image_update AFTER UPDATE OF recorded_at ON manifest
