@@ -49,7 +49,7 @@ from ztfd.config import Config
 from ztfd.files import md5_hex, remove_stale_temporaries
 from ztfd.filewriter import FileWriter
 from ztfd.localtrouble import Condition, describe, is_local
-from ztfd.logs import AlertLog
+from ztfd.logs import AlertLog, Throttle
 from ztfd.partitions import KafkaView, Partition, PartitionWatch
 from ztfd.quota import QuotaWatch
 from ztfd.store import gaps as store_gaps
@@ -129,24 +129,6 @@ class Batch:
     traffic: list[tuple[int, str | None, int, int]]  # (Lasair nid, survey, bytes, messages) received
 
 
-class RateLimitedLog:
-    """Log a recurring condition at most once per ``every`` seconds (librdkafka repeats errors every ~50 ms)."""
-
-    def __init__(self, every: float = 30.0) -> None:
-        self.every = every
-        self.last: dict[str, float] = {}
-        self.suppressed: dict[str, int] = {}
-
-    def __call__(self, key: str, level: int, text: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self.last.get(key, -self.every) < self.every:
-            self.suppressed[key] = self.suppressed.get(key, 0) + 1
-            return
-        skipped = self.suppressed.pop(key, 0)
-        self.last[key] = now
-        log.log(level, text + (f" ({skipped} repeats not shown)" if skipped else ""), *args)
-
-
 # Consumer settings the admin client (which shares ``kafka.options``) does not take.
 CONSUMER_ONLY = frozenset({"group.id", "auto.offset.reset", "enable.auto.commit", "enable.auto.offset.store",
                            "enable.partition.eof", "session.timeout.ms", "max.poll.interval.ms",
@@ -177,7 +159,7 @@ class TopicConsumer:
         self.conn = store.connect(cfg.db_path)
         self.files = FileWriter()
         self.alert_log = AlertLog(cfg.logs_dir, topic, cfg.logging.max_bytes, cfg.logging.backup_count)
-        self.throttled = RateLimitedLog()
+        self.throttled = Throttle(log)
         self.consumer: Any = None
         # Per partition: its generation and the next offset expected (set on assignment), judged on evidence.
         self.watch = PartitionWatch(topic, _NoBroker(), store_gaps.topic_id(self.conn, topic))
@@ -667,31 +649,11 @@ class TopicConsumer:
             remove_stale_temporaries(self.cfg.data_dir / date / self.topic)
 
 
-class ThrottleFilter(logging.Filter):
-    """Let each kind of librdkafka log line through at most once per ``every`` seconds.
-
-    While a broker is down librdkafka reports the same failure about every 50 ms; without this a day's outage
-    would fill the logs.
-    """
-
-    def __init__(self, every: float = 30.0) -> None:
-        super().__init__()
-        self.every = every
-        self.last: dict[str, float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = str(record.args[0]) if isinstance(record.args, tuple) and record.args else record.msg
-        now = time.monotonic()
-        if now - self.last.get(key, -self.every) < self.every:
-            return False
-        self.last[key] = now
-        return True
-
-
 def librdkafka_logger() -> logging.Logger:
+    """The logger librdkafka's own lines go to, each kind at most once per 30 s."""
     logger = logging.getLogger("ztfd.librdkafka")
-    if not any(isinstance(f, ThrottleFilter) for f in logger.filters):
-        logger.addFilter(ThrottleFilter())
+    if not any(isinstance(f, Throttle) for f in logger.filters):
+        logger.addFilter(Throttle(logger))
     return logger
 
 

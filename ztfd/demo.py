@@ -12,7 +12,6 @@ The pieces (``EmbeddedServices``, ``write_config``, ``Daemon``) are also what ``
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import signal
@@ -139,10 +138,6 @@ class EmbeddedServices(contextlib.ExitStack):
 # --- the daemon ----------------------------------------------------------------------------------------------
 
 
-def has_supervisor() -> bool:
-    return importlib.util.find_spec("ztfd.supervisor") is not None
-
-
 def ztfd_argv(config_path: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "ztfd", "--config", str(config_path), *args]
 
@@ -157,28 +152,20 @@ def child_env(**extra: str) -> dict[str, str]:
 
 @dataclass
 class Daemon:
-    """ztfd processes started as children, each in its own session; ``stop`` leaves nothing running.
-
-    With ``argvs`` given, those commands run directly (e.g. one ``ztfd consume`` for a benchmark); otherwise the
-    daemon is ``ztfd start --foreground``.
-    """
+    """``ztfd start --foreground`` as a child in its own session; ``stop`` leaves nothing of it running."""
 
     config_path: Path
     log_dir: Path
-    argvs: Sequence[Sequence[str]] = ()
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     seen: dict[int, Any] = field(default_factory=dict)  # pid -> psutil.Process, every descendant ever seen
 
     def start(self) -> Daemon:
-        argvs = list(self.argvs) or [["start", "--foreground"]]
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for index, args in enumerate(argvs):
-            output = (self.log_dir / f"child-{index}.out").open("ab")
+        with (self.log_dir / "child-0.out").open("ab") as output:
             self.processes.append(subprocess.Popen(
-                ztfd_argv(self.config_path, *args), stdout=output, stderr=subprocess.STDOUT,
+                ztfd_argv(self.config_path, "start", "--foreground"), stdout=output, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, env=child_env(), start_new_session=True,
             ))
-            output.close()
         return self
 
     def tree(self) -> list[Any]:
@@ -342,10 +329,9 @@ def run(keep: bool = False, home: Path | None = None, sn_count: int = 150, heart
                 services.kafka.create_topic(topic)
             config_path = write_config(home / "ztfd.toml", home, demo_sections(services))
             _check(stop)
-            daemon = Daemon(config_path, home / "services", argvs=_fallback_argvs()).start()
+            daemon = Daemon(config_path, home / "services").start()
             services.callback(daemon.stop)  # the daemon stops first, while the services it talks to still run
-            how = "ztfd start --foreground" if not daemon.argvs else "consume/fetch/sync children (no supervisor yet)"
-            click.echo(f"  daemon: {how} (config {config_path})")
+            click.echo(f"  daemon: ztfd start --foreground (config {config_path})")
             click.echo(f"  metrics: {metrics_url(config_path)} (Prometheus text format, while the demo runs)")
             ok = _flow(services, daemon, config_path, messages, started, stop)
             _report(services, config_path, home)
@@ -360,14 +346,6 @@ def run(keep: bool = False, home: Path | None = None, sn_count: int = 150, heart
         elif made_home:
             shutil.rmtree(home, ignore_errors=True)
         click.echo(f"ztfd demo: done in {time.monotonic() - started:.0f}s, everything it started is stopped")
-
-
-def _fallback_argvs() -> list[list[str]]:
-    """Until ``ztfd start`` exists, the same roles run as direct children."""
-    if has_supervisor():
-        return []
-    return [["consume", "--topic", topic] for topic in (SN_TOPIC, HEARTBEAT_TOPIC, LSST_TOPIC)] + [
-        ["fetch"], ["fetch"], ["sync"]]
 
 
 def demo_sections(services: EmbeddedServices, **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -444,11 +422,10 @@ def _flow(services: EmbeddedServices, daemon: Daemon, config_path: Path, message
 
 
 def _report(services: EmbeddedServices, config_path: Path, home: Path) -> None:
-    if has_supervisor():
-        click.echo("\n$ ztfd status")
-        result = subprocess.run(ztfd_argv(config_path, "status"), capture_output=True, text=True, env=child_env(),
-                                timeout=60)
-        click.echo(result.stdout.rstrip() or result.stderr.rstrip())
+    click.echo("\n$ ztfd status")
+    result = subprocess.run(ztfd_argv(config_path, "status"), capture_output=True, text=True, env=child_env(),
+                            timeout=60)
+    click.echo(result.stdout.rstrip() or result.stderr.rstrip())
     click.echo("\nwritten under " + str(home))
     for top in ("data", "images"):
         _echo_tree(home / top, home)

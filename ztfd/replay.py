@@ -27,7 +27,8 @@ import click
 from ztfd import lifecycle, providers, store
 from ztfd.config import Config
 from ztfd.providers import StampProvider
-from ztfd.stamps import STAMP_TYPES, preview_path, read_valid, run_worker, stamp_path
+from ztfd.sources import STAMP_TYPES
+from ztfd.stamps import preview_path, read_valid, run_worker, stamp_path
 from ztfd.store import jobs
 from ztfd.store.alerts import alerts_on
 from ztfd.store.processes import processes

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import shutil
 import sqlite3
 import time
@@ -29,6 +30,7 @@ from ztfd.store.alerts import count_received_since
 from ztfd.store.db import connect_readonly
 from ztfd.store.facts import statuses_with_prefix
 from ztfd.store.processes import process, processes
+from ztfd.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +115,14 @@ def _disk(home: Path) -> dict[str, Any]:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     usage = shutil.disk_usage(probe)
+    # A year of small files can run out of inodes before bytes. Some file systems (btrfs) have no fixed number
+    # and report 0: then the inode fields are null.
+    fs = os.statvfs(probe)
+    free_inodes, total_inodes = (fs.f_favail, fs.f_files) if fs.f_files else (None, None)
     return {"path": str(probe), "free_bytes": usage.free, "total_bytes": usage.total,
-            "free_percent": round(100 * usage.free / usage.total, 1) if usage.total else None}
+            "free_percent": round(100 * usage.free / usage.total, 1) if usage.total else None,
+            "free_inodes": free_inodes, "total_inodes": total_inodes,
+            "free_inodes_percent": round(100 * fs.f_favail / fs.f_files, 1) if fs.f_files else None}
 
 
 def _processes(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[dict[str, Any]]:
@@ -294,16 +302,6 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f}d"
 
 
-def _size(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
 def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     cells = [[str("-" if v is None else v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
@@ -317,7 +315,7 @@ def _describe_day(day: dict[str, Any] | None) -> str:
     if not day:
         return "-"
     share = f" ({day['percent']:.0f}%)" if day.get("percent") is not None and day["bytes"] else ""
-    return _size(day["bytes"]) + share
+    return human_bytes(day["bytes"]) + share
 
 
 def _describe_pass(last: Any) -> str:
@@ -325,7 +323,8 @@ def _describe_pass(last: Any) -> str:
         return str(last) if last else "-"
     when = _iso(last.get("finished_at")) or "?"
     outcome = "ok" if last.get("ok") else "incomplete"
-    return f"{when}: {last.get('files', 0)} files, {_size(last.get('bytes'))} in {last.get('seconds', 0)} s, {outcome}"
+    size = human_bytes(last.get("bytes"))
+    return f"{when}: {last.get('files', 0)} files, {size} in {last.get('seconds', 0)} s, {outcome}"
 
 
 def _describe_error(error: Any) -> str:
@@ -369,8 +368,8 @@ def render(report: dict[str, Any]) -> str:
     for t in report["topics"]:
         day = t.get("lasair_day") or {}
         if day.get("warning"):
-            out.append(f"  WARNING {t['topic']}: {_size(day['bytes'])} received on Lasair day {day['day']}, "
-                       f"{day['percent']:.0f}% of kafka.lasair_byte_quota ({_size(day['quota'])}); Lasair stops "
+            out.append(f"  WARNING {t['topic']}: {human_bytes(day['bytes'])} received on Lasair day {day['day']}, "
+                       f"{day['percent']:.0f}% of kafka.lasair_byte_quota ({human_bytes(day['quota'])}); Lasair stops "
                        "sending this filter's messages at 100% until the day ends (20:00 UTC)")
     for gap in report.get("gaps", []):
         out.append(f"  LOST UPSTREAM {gap['topic']}[{gap['partition']}]: offsets {gap['first_offset']}.."
@@ -392,14 +391,16 @@ def render(report: dict[str, Any]) -> str:
     if not s.get("enabled"):
         out.append("  off (s3.bucket is not set)")
     else:
-        out.append(f"  bucket {s.get('bucket')}: pending {s['pending']} files ({_size(s.get('pending_bytes'))}), "
+        out.append(f"  bucket {s.get('bucket')}: pending {s['pending']} files ({human_bytes(s.get('pending_bytes'))}), "
                    f"uploaded {s.get('done', '-')}")
     out.append(f"  last pass {_describe_pass(s.get('last_pass'))}; last error {_describe_error(s.get('last_error'))}")
     out.append("")
 
     d = report["disk"]
-    out.append(f"Disk: {_size(d['free_bytes'])} free of {_size(d['total_bytes'])} ({d['free_percent']}%) "
-               f"under {d['path']}")
+    inodes = (f", {d['free_inodes']:,} of {d['total_inodes']:,} inodes free ({d['free_inodes_percent']}%)"
+              if d.get("total_inodes") else "")
+    out.append(f"Disk: {human_bytes(d['free_bytes'])} free of {human_bytes(d['total_bytes'])} ({d['free_percent']}%)"
+               f"{inodes} under {d['path']}")
     for name, trouble in report.get("local_trouble", {}).items():
         out.append(f"Local trouble: {name} cannot write, paused (last try {trouble['at']}): {trouble['reason']}")
     return "\n".join(out)
