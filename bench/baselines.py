@@ -70,9 +70,28 @@ def alerce_client(url: str, pairs: list[tuple[str, int]]) -> dict[str, float]:
     return {"first": first, "last": time.time(), "count": len(pairs)}
 
 
+def alerce_lsst_client(url: str, pairs: list[tuple[int, int]]) -> dict[str, float]:
+    """The alerce client's way for Rubin: ``multisurvey_get_stamps("lsst", diaObjectId, diaSourceId)``, one alert
+    after the other (three requests each, gunzipped and opened as FITS), pointed at ``url`` as the facts describe
+    (the sub-client's ``STAMP_URL``)."""
+    import warnings
+
+    from alerce.core import Alerce
+
+    warnings.simplefilter("ignore")
+    client = Alerce().multisurvey_stamps_client
+    client.load_config_from_object({"STAMP_URL": url.rstrip("/") + "/stamps_api"})
+    first = time.time()
+    for object_id, source_id in pairs:
+        stamps = client.multisurvey_get_stamps("lsst", object_id, candid=source_id)
+        if not stamps or len(stamps) != 3:
+            raise RuntimeError(f"alerce client returned {stamps!r} for {object_id} {source_id}")
+    return {"first": first, "last": time.time(), "count": len(pairs)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["bare", "naive", "alerce"])
+    parser.add_argument("kind", choices=["bare", "naive", "alerce", "alerce-lsst"])
     parser.add_argument("--bootstrap")
     parser.add_argument("--topic")
     parser.add_argument("--group")
@@ -83,6 +102,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.kind == "alerce":
         result = alerce_client(args.url, json.loads(args.pairs.read_text()))
+    elif args.kind == "alerce-lsst":
+        result = alerce_lsst_client(args.url, json.loads(args.pairs.read_text()))
     else:
         result = kafka_loop(args.bootstrap, args.topic, args.group, args.count,
                             args.out if args.kind == "naive" else None)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from bench.common import Results, Row, RssSampler, Settings, median, python_child, ratio, wait_until, ztfd_child
 from ztfd import store
@@ -33,22 +35,8 @@ def run(settings: Settings, results: Results) -> None:
     with EmbeddedServices(work / "services", s3=False, stamps=False) as services:
         from ztfd.embedded.samples import message_stream
 
-        services.kafka.create_topic(TOPIC)
-        started = time.monotonic()
-        services.kafka.produce(TOPIC, (json.dumps(m).encode() for m in message_stream(count)))
-        print(f"  produced {count} messages in {time.monotonic() - started:.1f}s", flush=True)
-        rates: dict[str, list[float]] = {"bare": [], "naive": [], "ztfd": []}
-        for run_index in range(settings.runs):
-            # Each measurement starts from a flushed disk (os.sync), and the order alternates, so that no loop
-            # pays for the writeback of the 50,000 files the one before it left in the page cache.
-            order = ("bare", "naive", "ztfd") if run_index % 2 == 0 else ("ztfd", "naive", "bare")
-            for kind in order:
-                os.sync()
-                if kind == "ztfd":
-                    rates[kind].append(_ztfd(services.kafka.bootstrap, count, work / f"ztfd-{run_index}", results))
-                else:
-                    rates[kind].append(_baseline(services.kafka.bootstrap, kind, count, work / f"{kind}-{run_index}"))
-            print(f"  run {run_index + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()), flush=True)
+        rates = compare(settings, services.kafka, TOPIC, (json.dumps(m).encode() for m in message_stream(count)),
+                        count, work, results)
     results.raw["ingest"] = {"messages": count, "alerts_per_s": rates}
     bare, naive, ztfd = (median(rates[k]) for k in ("bare", "naive", "ztfd"))
     results.add(
@@ -60,9 +48,31 @@ def run(settings: Settings, results: Results) -> None:
     )
 
 
-def _baseline(bootstrap: str, kind: str, count: int, out: Path) -> float:
+def compare(settings: Settings, kafka: Any, topic: str, messages: Iterable[bytes], count: int, work: Path,
+            results: Results) -> dict[str, list[float]]:
+    """Produce ``messages`` into ``topic``, then alerts/s of the bare loop, the naive loop and ``ztfd consume``."""
+    kafka.create_topic(topic)
+    started = time.monotonic()
+    kafka.produce(topic, messages)
+    print(f"  produced {count} messages in {time.monotonic() - started:.1f}s", flush=True)
+    rates: dict[str, list[float]] = {"bare": [], "naive": [], "ztfd": []}
+    for run_index in range(settings.runs):
+        # Each measurement starts from a flushed disk (os.sync), and the order alternates, so that no loop
+        # pays for the writeback of the 50,000 files the one before it left in the page cache.
+        order = ("bare", "naive", "ztfd") if run_index % 2 == 0 else ("ztfd", "naive", "bare")
+        for kind in order:
+            os.sync()
+            if kind == "ztfd":
+                rates[kind].append(_ztfd(kafka.bootstrap, topic, count, work / f"ztfd-{run_index}", results))
+            else:
+                rates[kind].append(_baseline(kafka.bootstrap, topic, kind, count, work / f"{kind}-{run_index}"))
+        print(f"  run {run_index + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()), flush=True)
+    return rates
+
+
+def _baseline(bootstrap: str, topic: str, kind: str, count: int, out: Path) -> float:
     group = f"bench-{kind}-{time.time_ns()}"
-    child = python_child("bench.baselines", kind, "--bootstrap", bootstrap, "--topic", TOPIC, "--group", group,
+    child = python_child("bench.baselines", kind, "--bootstrap", bootstrap, "--topic", topic, "--group", group,
                          "--count", str(count), "--out", str(out), log_path=out.parent / f"{out.name}.log")
     stdout, _ = child.communicate(timeout=600)
     if child.returncode != 0:
@@ -71,15 +81,15 @@ def _baseline(bootstrap: str, kind: str, count: int, out: Path) -> float:
     return timing["count"] / max(1e-9, timing["last"] - timing["first"])
 
 
-def _ztfd(bootstrap: str, count: int, home: Path, results: Results) -> float:
+def _ztfd(bootstrap: str, topic: str, count: int, home: Path, results: Results) -> float:
     config_path = write_config(home / "ztfd.toml", home, {
-        "kafka": {"bootstrap_servers": bootstrap, "group_id": f"bench-ztfd-{time.time_ns()}", "topics": [TOPIC]},
+        "kafka": {"bootstrap_servers": bootstrap, "group_id": f"bench-ztfd-{time.time_ns()}", "topics": [topic]},
         "kafka.options": {**FAST_KAFKA_OPTIONS, "auto.offset.reset": "earliest"},
         "stamps": {"enabled": False},
     })
     conn = store.connect(home / "state" / "ztfd.sqlite3")
     try:
-        with RssSampler() as sampler, ztfd_child(config_path, "consume", "--topic", TOPIC,
+        with RssSampler() as sampler, ztfd_child(config_path, "consume", "--topic", topic,
                                                  log_path=home / "consume.out", sampler=sampler):
             wait_until(lambda: count_alerts(conn) + sum(rejected_counts(conn).values()) >= count,
                        timeout=900, interval=0.2, what=f"{count} alerts stored by ztfd consume")

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import Results, Row, RssSampler, Settings, median, python_child, ratio, wait_until, ztfd_child
 from ztfd import store
@@ -24,6 +25,7 @@ from ztfd.store.processes import processes
 LATENCY = 0.05
 WORKERS = 4
 TOPIC = "bench-stamps"
+DATE = "2021-09-01"
 
 
 def synthetic_packets(count: int) -> list:
@@ -50,15 +52,20 @@ def run(settings: Settings, results: Results) -> None:
     alerce_count = settings.size(100, 20)
     work = settings.workdir / "stamps"
     packets = synthetic_packets(count)
+    alerts = [NewAlert(0, 0, offset, p.object_id, DATE, p.mjd, f"data/{DATE}/{TOPIC}/{p.object_id}_p0-o{offset}.json")
+              for offset, p in enumerate(packets)]
     rates: dict[str, list[float]] = {"alerce": [], "previews off": [], "previews on": [], "matplotlib previews": []}
     concurrency = rate_limit = None
     with StampService(packets=packets, latency=LATENCY, include_previous=False) as service:
         for run_index in range(settings.runs):
-            rates["alerce"].append(_alerce(service.url, packets[:alerce_count], work / f"alerce-{run_index}"))
+            rates["alerce"].append(alerce_rate("alerce", service.url, [[p.object_id, p.candid]
+                                                                        for p in packets[:alerce_count]],
+                                               work / f"alerce-{run_index}"))
             for key, previews, renderer in (("previews off", False, "fast"), ("previews on", True, "fast"),
                                             ("matplotlib previews", True, "matplotlib")):
-                rate, concurrency, rate_limit = _pool(service.url, packets, previews, renderer,
-                                                      work / f"pool-{run_index}-{key.replace(' ', '-')}", results)
+                rate, concurrency, rate_limit = pool_rate(
+                    {"alerce_stamp_url": service.url, "alerce_api_url": service.url}, alerts, previews, renderer,
+                    work / f"pool-{run_index}-{key.replace(' ', '-')}", results)
                 rates[key].append(rate)
             print(f"  run {run_index + 1}: " + ", ".join(f"{k} {v[-1]:,.1f}/s" for k, v in rates.items()), flush=True)
     alerce, off, on, matplotlib_on = (median(rates[k]) for k in rates)
@@ -88,11 +95,14 @@ def run(settings: Settings, results: Results) -> None:
                             f"{median([c['stamp_service'] for c in busy]):.2f}"))
 
 
-def _alerce(url: str, packets: list, out: Path) -> float:
+def alerce_rate(kind: str, url: str, pairs: list[list[Any]], out: Path) -> float:
+    """Triplets/s of the alerce client (baseline ``kind``: ZTF ``get_stamps`` or LSST ``multisurvey_get_stamps``)
+    fetching the (object, detection) ``pairs`` one after the other."""
     out.mkdir(parents=True, exist_ok=True)
-    pairs = out / "pairs.json"
-    pairs.write_text(json.dumps([[p.object_id, p.candid] for p in packets]))
-    child = python_child("bench.baselines", "alerce", "--url", url, "--pairs", str(pairs), log_path=out / "alerce.log")
+    pairs_path = out / "pairs.json"
+    pairs_path.write_text(json.dumps(pairs))
+    child = python_child("bench.baselines", kind, "--url", url, "--pairs", str(pairs_path),
+                         log_path=out / "alerce.log")
     stdout, _ = child.communicate(timeout=900)
     if child.returncode != 0:
         raise RuntimeError(f"alerce baseline failed; see {out / 'alerce.log'}")
@@ -100,20 +110,21 @@ def _alerce(url: str, packets: list, out: Path) -> float:
     return timing["count"] / (timing["last"] - timing["first"])
 
 
-def _pool(
-    url: str, packets: list, previews: bool, renderer: str, home: Path, results: Results
+def pool_rate(
+    urls: dict[str, str], alerts: list[NewAlert], previews: bool, renderer: str, home: Path, results: Results,
+    cpu_key: str = "stamps_cpu_cores_busy",
 ) -> tuple[float, int, float]:
+    """Triplets/s of ``WORKERS`` ``ztfd fetch`` processes on a stamp job for each of ``alerts`` (the stamp service's
+    base URLs in ``urls``, as ``[stamps]`` keys)."""
     from ztfd import config
 
     config_path = write_config(home / "ztfd.toml", home, {
         "kafka": {"bootstrap_servers": "127.0.0.1:1", "group_id": "bench", "topics": [TOPIC]},
         "stamps": {"enabled": True, "workers": WORKERS, "previews": previews, "preview_renderer": renderer,
-                   "alerce_stamp_url": url,
-                   "alerce_api_url": url, "rate_limit": 0.0, "timeout": 30.0},
+                   **urls, "rate_limit": 0.0, "timeout": 30.0},
     })
     cfg = config.load(config_path)
     conn = store.connect(cfg.db_path)
-    date = "2021-09-01"
     workers: list = []
     try:
         with RssSampler() as sampler, contextlib.ExitStack() as fetchers:
@@ -125,12 +136,9 @@ def _pool(
             cpu_before = _cpu_seconds(workers)
             started = time.time()
             with store.transaction(conn):
-                ids = insert_alerts(conn, TOPIC, [
-                    NewAlert(0, 0, offset, packet.object_id, date, packet.mjd,
-                             f"data/{date}/{TOPIC}/{packet.object_id}_p0-o{offset}.json")
-                    for offset, packet in enumerate(packets)], started)
+                ids = insert_alerts(conn, TOPIC, alerts, started)
                 jobs.enqueue(conn, [jobs.NewStampJob(alert_id) for alert_id in ids if alert_id is not None])
-            wait_until(lambda: jobs.counts(conn).finished >= len(packets), timeout=900, interval=0.1,
+            wait_until(lambda: jobs.counts(conn).finished >= len(alerts), timeout=900, interval=0.1,
                        what="every stamp job to finish")
             cpu_after = _cpu_seconds(workers)
         results.note_rss(sampler)
@@ -142,11 +150,11 @@ def _pool(
         wall = finished - started
         cpu = {k: round((cpu_after[k] - cpu_before[k]) / wall, 2) for k in cpu_before}
         if renderer == "fast":
-            results.raw.setdefault("stamps_cpu_cores_busy", []).append({"previews": previews, **cpu})
+            results.raw.setdefault(cpu_key, []).append({"previews": previews, **cpu})
     finally:
         conn.close()
     # The home stays until the section ends: a bulk delete slows the next run's file creation (see bench.ingest).
-    return len(packets) / (finished - started), cfg.stamps.concurrency, cfg.stamps.rate_limit
+    return len(alerts) / (finished - started), cfg.stamps.concurrency, cfg.stamps.rate_limit
 
 
 def _cpu_seconds(workers: list) -> dict[str, float]:

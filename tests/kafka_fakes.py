@@ -18,6 +18,9 @@ class FakeMessage:
     def value(self) -> bytes:
         return self._value
 
+    def key(self) -> None:
+        return None
+
     def partition(self) -> int:
         return self._partition
 

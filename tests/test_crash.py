@@ -32,7 +32,8 @@ from ztfd.embedded.alerce import StampService
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.net import wait_for_port
 from ztfd.embedded.s3 import S3Server
-from ztfd.embedded.samples import STAMP_TYPES, message_stream, packets
+from ztfd.embedded.samples import message_stream, packets
+from ztfd.sources import STAMP_TYPES
 from ztfd.store import jobs as store_jobs
 from ztfd.store.alerts import count_alerts, iter_alerts
 from ztfd.store.manifest import FileState, count_pending, state_totals

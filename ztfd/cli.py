@@ -10,15 +10,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from ztfd import __version__, config, logs
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_CONFIG = 2
 

@@ -34,8 +34,10 @@ class KafkaConfig:
     topics: tuple[str, ...]
     bootstrap_servers: str = "kafka.lsst.ac.uk:9092"
     options: dict[str, Any] = field(default_factory=dict)
-    max_message_bytes: int = 1_048_576
+    max_message_bytes: int = 10 * 1024 * 1024  # what Lasair-LSST's broker takes (full-alert messages)
     batch_size: int = 1000
+    formats: dict[str, Any] = field(default_factory=dict)  # topic -> source name (ztfd.sources); else "lasair"
+    lasair_byte_quota: int = 100_000_000  # Lasair-LSST's default per-filter bytes per day; 0: no warning
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,13 @@ class StampsConfig:
     concurrency: int = 8
     lease_seconds: float = 120.0
     match_tolerance: float = 60.0
+    ztf_provider: str = "alerce"  # where ZTF stamps come from (a ztfd.providers name) or none
+    max_stamp_bytes: int = 8 * 1024 * 1024  # a stamp's FITS, decompressed
+    max_stamp_side: int = 512  # pixels per side of a stamp's image
+    step_timeout: float = 60.0  # seconds a job's FITS checks, writes and preview may take together
+    lsst_provider: str = "alerce"  # where LSST stamps come from: alerce, lasair or none
+    alerce_lsst_url: str = "https://api-lsst.alerce.online"
+    lasair_lsst_url: str = "https://lasair-lsst.lsst.ac.uk"
 
 
 @dataclass(frozen=True)
@@ -177,11 +186,19 @@ REQUIRED = {("kafka", "group_id"), ("kafka", "topics")}
 # Keys whose value is one of a few words (compared case-insensitively for the log level).
 CHOICES = {
     ("stamps", "preview_renderer"): ("fast", "matplotlib"),
+    ("stamps", "lsst_provider"): ("alerce", "lasair", "none"),
     ("logging", "level"): ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
 }
+# Base URLs of services: an http(s) URL, so that a typo fails at start and not at the first request.
+URLS = {
+    ("stamps", "alerce_stamp_url"), ("stamps", "alerce_api_url"), ("stamps", "alerce_lsst_url"),
+    ("stamps", "lasair_lsst_url"),
+}
+HTTP_URL = re.compile(r"^https?://[^\s/?#]+(/\S*)?$")
 POSITIVE = {
     ("kafka", "max_message_bytes"), ("kafka", "batch_size"), ("stamps", "workers"), ("stamps", "timeout"),
     ("stamps", "max_attempts"), ("stamps", "concurrency"), ("stamps", "lease_seconds"), ("s3", "interval"),
+    ("stamps", "max_stamp_bytes"), ("stamps", "max_stamp_side"), ("stamps", "step_timeout"),
     ("s3", "concurrency"), ("s3", "multipart_threshold"), ("s3", "max_attempts"),
     ("supervisor", "heartbeat_timeout"), ("supervisor", "stop_timeout"),
 }
@@ -279,6 +296,17 @@ def _build_section(name: str, cls: type, values: Any) -> Any:
     return cls(**kwargs)
 
 
+def _check_formats(where: str, formats: dict[str, Any]) -> None:
+    """Every topic's format must name a source (``ztfd.sources``)."""
+    from ztfd import sources
+
+    sources.load_all()
+    for topic, name in formats.items():
+        if name not in sources.SOURCES:
+            raise ConfigError(f"config: {where}.{topic} must name a message format "
+                              f"({', '.join(sorted(sources.SOURCES))})")
+
+
 def _check_type(section: str, key: str, fld: dataclasses.Field[Any], value: Any) -> Any:
     where = f"{section}.{key}"
     kind = fld.type if isinstance(fld.type, str) else getattr(fld.type, "__name__", str(fld.type))
@@ -300,6 +328,8 @@ def _check_type(section: str, key: str, fld: dataclasses.Field[Any], value: Any)
         choices = CHOICES.get((section, key))
         if choices is not None and value.upper() not in {c.upper() for c in choices}:
             raise ConfigError(f"config: {where} must be one of {', '.join(choices)}")
+        if (section, key) in URLS and not HTTP_URL.match(value):
+            raise ConfigError(f"config: {where} must be an http:// or https:// URL")
         result = value
     elif kind == "tuple[str, ...]":
         if isinstance(value, str):
@@ -317,6 +347,8 @@ def _check_type(section: str, key: str, fld: dataclasses.Field[Any], value: Any)
         for option, option_value in value.items():
             if not isinstance(option_value, str | int | float | bool):
                 raise ConfigError(f"config: {where}.{option} must be a string, number or boolean")
+        if (section, key) == ("kafka", "formats"):
+            _check_formats(where, value)
         return dict(value)
     else:  # pragma: no cover - a new field type without a rule is a programming error
         raise AssertionError(f"no type rule for {where}: {kind}")
@@ -326,6 +358,12 @@ def _check_type(section: str, key: str, fld: dataclasses.Field[Any], value: Any)
         raise ConfigError(f"config: {where} must not be negative")
     if section == "kafka" and key == "group_id" and not result:
         raise ConfigError(f"config: {where} must not be empty")
+    if section == "stamps" and key.endswith("_provider") and (section, key) not in CHOICES:
+        from ztfd import providers
+
+        names = providers.names_for(key.removesuffix("_provider"))
+        if result not in (*names, *providers.NO_PROVIDER):
+            raise ConfigError(f"config: {where} must be one of {', '.join((*names, 'none'))}")
     if (section, key) == ("metrics", "listen") and result:
         listen_address(result, where)
     return result

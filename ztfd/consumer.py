@@ -13,6 +13,15 @@ after every system call), overlapping step 1 of the next batch; steps 3 and 4 ru
 child has answered. A kill -9 before (3) commits loses nothing: the store still holds the old offsets, Kafka
 redelivers the batch and its files are written again under the same names. Once (3) commits, every stored alert
 already has its file.
+What a message *is* (its identity, survey, observation time, date rule, the bytes to keep, embedded cutouts) is
+the topic's *source*'s business (``ztfd.sources``, chosen by ``kafka.formats``): the consumer only stores what the
+source makes of it. Whatever one message makes the code raise, in the source or here (dating, naming, its
+metadata), rejects that message alone, with its raw bytes and the reason; the stream goes on.
+
+When ztfd's own writes fail for a local reason (disk full, I/O error, read-only file system, out of file
+descriptors, the store locked: ``ztfd.localtrouble``), the consumer pauses with its batches in hand, nothing stored
+and no offset moved, and writes and stores the same batches again once it can.
+
 The consumer assigns itself the topic's partitions (no consumer-group membership, see ``_look_at_topic``)
 starting at the stored offsets. ``enable.auto.commit`` is off; the lasair package's ``lasair_consumer``
 auto-commits (an alert could be acknowledged before it is stored), so it is not used.
@@ -25,19 +34,26 @@ below the one it expected: it starts a new *generation* of that partition, so th
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import json
 import logging
-import signal
+import sqlite3
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from ztfd import alerts, store
+from ztfd import lifecycle, nights, providers, sources, store
 from ztfd.config import Config
 from ztfd.files import md5_hex, remove_stale_temporaries
 from ztfd.filewriter import FileWriter
-from ztfd.logs import AlertLog
+from ztfd.localtrouble import Condition, describe, is_local
+from ztfd.logs import AlertLog, Throttle
+from ztfd.partitions import KafkaView, Partition, PartitionWatch
+from ztfd.quota import QuotaWatch
+from ztfd.store import gaps as store_gaps
+from ztfd.store import quota as store_quota
 from ztfd.store.alerts import NewAlert, dates_received_since, insert_alerts, stored_offsets_between
 from ztfd.store.jobs import NewStampJob, detection_key, enqueue
 from ztfd.store.rejected import NewRejected, add_rejected, latest_rejected
@@ -46,6 +62,9 @@ log = logging.getLogger(__name__)
 
 POLL_TIMEOUT = 0.5
 DRAIN_TIMEOUT = 0.005
+BATCH_MAX_BYTES = 4 * 1024 * 1024  # a batch stops growing past this many bytes of messages (kafka.batch_size: count)
+BATCH_CHUNK = 250  # messages taken from librdkafka's queue at a time while a batch fills
+PREFETCH_KBYTES = 8192  # librdkafka's queued.max.messages.kbytes unless kafka.options sets it
 HEARTBEAT_EVERY = 5.0
 METADATA_EVERY = 10.0  # seconds between looks at the topic's partitions (new topic, new partitions, recreation)
 RECENT_DATES_WINDOW = 2 * 86400.0
@@ -76,15 +95,27 @@ def next_offsets(items: list[Incoming]) -> dict[int, tuple[int, int]]:
 
 
 @dataclass(frozen=True)
+class AlertFile:
+    """One file of an alert: its path under home, its bytes and their MD5 (for the sync manifest)."""
+
+    path: str
+    data: bytes
+    md5: str
+
+
+@dataclass(frozen=True)
 class Accepted:
-    """An alert file to write and store: where it goes, its bytes and their MD5 (for the sync manifest)."""
+    """An alert to write and store: its files (the one keeping the message first, then embedded cutouts)."""
 
     item: Incoming
-    message: alerts.Message
+    alert: sources.Alert
     date: str
-    path: str
-    body: bytes
-    md5: str
+    files: list[AlertFile]
+
+    @property
+    def path(self) -> str:
+        """The file that keeps the message (``alerts.path``)."""
+        return self.files[0].path
 
 
 @dataclass(frozen=True)
@@ -95,24 +126,23 @@ class Batch:
     rejected: list[tuple[Incoming, str]]
     resume_at: dict[int, tuple[int, int]]
     received: dt.datetime
+    traffic: list[tuple[int, str | None, int, int]]  # (Lasair nid, survey, bytes, messages) received
 
 
-class RateLimitedLog:
-    """Log a recurring condition at most once per ``every`` seconds (librdkafka repeats errors every ~50 ms)."""
+# Consumer settings the admin client (which shares ``kafka.options``) does not take.
+CONSUMER_ONLY = frozenset({"group.id", "auto.offset.reset", "enable.auto.commit", "enable.auto.offset.store",
+                           "enable.partition.eof", "session.timeout.ms", "max.poll.interval.ms",
+                           "fetch.max.bytes", "max.partition.fetch.bytes", "isolation.level"})
 
-    def __init__(self, every: float = 30.0) -> None:
-        self.every = every
-        self.last: dict[str, float] = {}
-        self.suppressed: dict[str, int] = {}
 
-    def __call__(self, key: str, level: int, text: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self.last.get(key, -self.every) < self.every:
-            self.suppressed[key] = self.suppressed.get(key, 0) + 1
-            return
-        skipped = self.suppressed.pop(key, 0)
-        self.last[key] = now
-        log.log(level, text + (f" ({skipped} repeats not shown)" if skipped else ""), *args)
+class _NoBroker:
+    """The broker before the consumer connects: it says nothing, so nothing is judged on it."""
+
+    def topic_id(self) -> str | None:
+        return None
+
+    def watermarks(self, partition: int) -> tuple[int, int] | None:
+        return None
 
 
 class TopicConsumer:
@@ -120,15 +150,19 @@ class TopicConsumer:
         self.cfg = cfg
         self.topic = topic
         self.name = name
-        self.stopping = False
+        self.source = sources.source_for(cfg.kafka.formats.get(topic, sources.DEFAULT_FORMAT),
+                                         max_message_bytes=cfg.kafka.max_message_bytes)
+        self.stamp_providers = providers.providers_for(cfg.stamps) if cfg.stamps.enabled else {}
+        self.trouble = Condition(name)
+        self.quota = QuotaWatch(topic, cfg.kafka.lasair_byte_quota)
+        self.stopping = lifecycle.Stop()  # set by SIGTERM/SIGINT: the batch in hand is finished and stored
         self.conn = store.connect(cfg.db_path)
         self.files = FileWriter()
         self.alert_log = AlertLog(cfg.logs_dir, topic, cfg.logging.max_bytes, cfg.logging.backup_count)
-        self.throttled = RateLimitedLog()
-        # Per partition: the generation and the next offset this process expects (set on assignment).
-        self.generation: dict[int, int] = {}
-        self.expected: dict[int, int | None] = {}
+        self.throttled = Throttle(log)
         self.consumer: Any = None
+        # Per partition: its generation and the next offset expected (set on assignment), judged on evidence.
+        self.watch = PartitionWatch(topic, _NoBroker(), store_gaps.topic_id(self.conn, topic))
         self.last_heartbeat = 0.0
         self.assigned: set[int] = set()
         self.last_metadata_check = -METADATA_EVERY
@@ -137,11 +171,11 @@ class TopicConsumer:
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self._request_stop)
-        signal.signal(signal.SIGINT, self._request_stop)
+        self.stopping.install()
         self._heartbeat(force=True)
         self.sweep_temporaries()
         self.consumer = self._new_consumer()
+        self.watch.view = KafkaView(self.consumer, self._new_admin(), self.topic)
         self._look_at_topic(force=True)
         log.info("consuming %s from %s as group %s", self.topic, self.cfg.kafka.bootstrap_servers,
                  self.cfg.kafka.group_id)
@@ -149,7 +183,7 @@ class TopicConsumer:
         # k, then polls and prepares batch k+2. Batches are stored in order, each after its files are on disk.
         in_flight: deque[Batch] = deque()
         try:
-            while not self.stopping:
+            while not self.stopping.is_set():
                 messages = self._next_batch()
                 self._heartbeat()
                 batch = self.prepare(messages) if messages else None
@@ -160,12 +194,10 @@ class TopicConsumer:
                 # waiting) or when idle, store at once rather than after the next poll.
                 caught_up = len(messages) < self.cfg.kafka.batch_size
                 while in_flight and (len(in_flight) > 1 or caught_up or self.files.answered()):
-                    self.files.wait()
-                    self.store(in_flight.popleft())
+                    self._store_oldest(in_flight)
                 self._look_at_topic()
             while in_flight:
-                self.files.wait()
-                self.store(in_flight.popleft())
+                self._store_oldest(in_flight)
         finally:
             self.close()
         log.info("stopped consuming %s after storing %d alerts", self.topic, self.stored_total)
@@ -181,13 +213,58 @@ class TopicConsumer:
         first = self.consumer.poll(POLL_TIMEOUT)
         if first is None:
             return []
-        if self.cfg.kafka.batch_size == 1:
-            return [first]
-        return [first, *self.consumer.consume(self.cfg.kafka.batch_size - 1, DRAIN_TIMEOUT)]
+        batch, size, limit = [first], _size(first), self.cfg.kafka.batch_size
+        # Bounded in bytes too: a batch of 1000 Lasair-LSST full-output messages (~40 kB each) held twice over
+        # (the one being written, the one being prepared) took the consumer past 400 MB.
+        while len(batch) < limit and size < BATCH_MAX_BYTES:
+            more = self.consumer.consume(min(limit - len(batch), BATCH_CHUNK), DRAIN_TIMEOUT)
+            if not more:
+                break
+            batch.extend(more)
+            size += sum(_size(msg) for msg in more)
+        return batch
 
-    def _request_stop(self, signum: int, _frame: object) -> None:
-        log.info("received %s: finishing the current batch", signal.Signals(signum).name)
-        self.stopping = True
+    def _store_oldest(self, in_flight: deque[Batch]) -> None:
+        """Wait for the oldest batch's files, then store it; through local trouble, pause and redo every batch in
+        hand, in order (a stop during the pause leaves them unstored: Kafka redelivers them)."""
+        try:
+            self.files.wait()
+            self.store(in_flight[0])
+        except Exception as exc:
+            if not is_local(exc):
+                raise
+            self._ride_out(in_flight, exc)
+        else:
+            in_flight.popleft()
+
+    def _ride_out(self, in_flight: deque[Batch], trouble: BaseException) -> None:
+        """Pause, then write and store each batch in hand again until that works or a stop is asked for.
+
+        Nothing is stored and no offset moves meanwhile; rewriting a file that is already there is harmless (same
+        name, same bytes, atomic)."""
+        while self.files.pending:  # the answers about the later batches: those are written again below
+            with contextlib.suppress(Exception):
+                self.files.wait()
+        pause = self.trouble.failed(self.conn, describe(trouble))
+        while in_flight and not self.stopping.wait(pause):
+            self._heartbeat()
+            try:
+                self._write_files(in_flight[0])
+                self.files.wait()
+                self.store(in_flight[0])
+            except Exception as exc:
+                if not is_local(exc):
+                    raise
+                pause = self.trouble.failed(self.conn, describe(exc))
+                continue
+            in_flight.popleft()
+            pause = 0.0
+        if in_flight:
+            log.info("stopping during local trouble: %d batches not stored, Kafka delivers them again",
+                     len(in_flight))
+            in_flight.clear()
+        else:
+            self.trouble.recovered(self.conn)
 
     def close(self) -> None:
         if self.consumer is not None:
@@ -208,6 +285,9 @@ class TopicConsumer:
             "group.id": self.cfg.kafka.group_id,
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
+            # librdkafka prefetches up to 64 MB a partition by default: with Lasair-LSST's ~40 kB messages that
+            # alone was a third of the consumer's memory. 8 MB is still 16,000 ZTF rows. kafka.options may raise it.
+            "queued.max.messages.kbytes": PREFETCH_KBYTES,
             "error_cb": self._on_kafka_error,
             "logger": librdkafka_logger(),
         }
@@ -219,13 +299,26 @@ class TopicConsumer:
         self.assigned.clear()
         return consumer
 
+    def _new_admin(self) -> Any:
+        """An admin client on the same brokers and credentials: it asks for the topic's id (recreation evidence)."""
+        from confluent_kafka.admin import AdminClient
+
+        settings: dict[str, Any] = {"bootstrap.servers": self.cfg.kafka.bootstrap_servers,
+                                    "error_cb": self._on_kafka_error, "logger": librdkafka_logger()}
+        settings.update({key: value for key, value in self.cfg.kafka.options.items() if key not in CONSUMER_ONLY})
+        return AdminClient(settings)
+
     def _on_kafka_error(self, error: Any) -> None:
         self.throttled(f"kafka:{error.code()}", logging.WARNING, "kafka: %s", error.str())
 
     def _heartbeat(self, force: bool = False) -> None:
         now = time.monotonic()
         if force or now - self.last_heartbeat >= HEARTBEAT_EVERY:
-            store.heartbeat(self.conn, self.name, "consumer", self.topic)
+            try:
+                store.heartbeat(self.conn, self.name, "consumer", self.topic)
+            except sqlite3.Error as exc:  # a store locked or full: the batches say so; the stream must go on
+                self.throttled("heartbeat", logging.WARNING, "heartbeat failed: %s", exc)
+                return
             self.last_heartbeat = now
 
     # --- partitions --------------------------------------------------------------------------------------------
@@ -252,6 +345,12 @@ class TopicConsumer:
         if info is None or info.error is not None or not info.partitions:
             self.throttled("missing-topic", logging.INFO, "topic %s does not exist (yet): waiting for it", self.topic)
             return
+        if self.watch.topic_recreated():
+            self._recreated(sorted(set(info.partitions) | set(store.stored_offsets(self.conn, self.topic))),
+                            "its topic id changed")
+        elif self.watch.known_id is not None and store_gaps.topic_id(self.conn, self.topic) is None:
+            with store.transaction(self.conn):
+                store_gaps.save_topic_id(self.conn, self.topic, self.watch.known_id)
         new = sorted(set(info.partitions) - self.assigned)
         if new:
             self._assign(new)
@@ -266,8 +365,8 @@ class TopicConsumer:
         assignment = []
         for partition in partitions:
             known = stored.get(partition)
-            self.generation[partition] = known.generation if known else 0
-            self.expected[partition] = known.next_offset if known else None
+            self.watch.partitions[partition] = Partition(known.generation if known else 0,
+                                                         known.next_offset if known else None)
             offset = known.next_offset if known else OFFSET_STORED
             assignment.append(TopicPartition(self.topic, partition, offset))
         self.consumer.incremental_assign(assignment)
@@ -281,112 +380,199 @@ class TopicConsumer:
                 self.throttled("commit", logging.WARNING, "could not commit offsets to Kafka: %s", exc)
 
     def _detect_restarted_offsets(self) -> None:
-        """Notice a partition whose end is now below the offset we expect next: its topic was recreated.
+        """Notice an idle partition whose end is now below the offset expected next: perhaps a recreated topic.
 
-        A broker should answer such a fetch with OFFSET_OUT_OF_RANGE (and librdkafka would reset to the earliest
-        offset, which ``_follow_generation`` notices); Tansu answers with nothing, so an idle consumer compares its
-        position with the high watermark cached from its fetches (the one that is right on Tansu).
+        A broker should answer such a fetch with OFFSET_OUT_OF_RANGE (librdkafka then resets to the earliest
+        offset, which ``_follow_generation`` judges); Tansu answers with nothing, so an idle consumer compares its
+        position with the high watermark cached from its fetches, and ``ztfd.partitions`` asks for evidence.
         """
-        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+        from confluent_kafka import TopicPartition
 
         for partition in sorted(self.assigned):
-            tp = TopicPartition(self.topic, partition)
-            expected = self.expected.get(partition)
-            if expected is None:
-                continue
             try:
-                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                _low, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, partition), cached=True)
             except Exception:
                 continue
-            if 0 <= high < expected:
-                self.generation[tp.partition] = self.generation.get(tp.partition, 0) + 1
-                self.expected[tp.partition] = None
-                log.warning("%s[%d] ends at %d, before the expected offset %d: the topic was recreated; "
-                            "reading it from the beginning as generation %d", self.topic, tp.partition, high,
-                            expected, self.generation[tp.partition])
-                self.consumer.seek(TopicPartition(self.topic, tp.partition, OFFSET_BEGINNING))
+            if self.watch.idle_partition_ended_early(partition, high):
+                self._recreated([partition], f"it ends at {high}, before the expected offset, on evidence")
+
+    def _recreated(self, partitions: list[int], why: str) -> None:
+        """Start a new generation of ``partitions``, read from the beginning: recorded at once with the topic's id
+        (one transaction), so a restart resumes in the new generation instead of taking its messages for
+        redeliveries of the old one."""
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+        generations = []
+        for partition in partitions:
+            state = self.watch.partitions.setdefault(partition, Partition(0, None))
+            state.generation += 1
+            state.expected = None
+            generations.append((partition, state.generation))
+        with store.transaction(self.conn):
+            store_gaps.start_generation(self.conn, self.topic, self.watch.view.topic_id(), generations)
+        self.watch.known_id = store_gaps.topic_id(self.conn, self.topic) or self.watch.known_id
+        log.warning("%s was recreated (%s): reading %s from the beginning", self.topic, why,
+                    ", ".join(f"[{p}] as generation {g}" for p, g in generations))
+        for partition in partitions:
+            if partition in self.assigned:
+                self.consumer.seek(TopicPartition(self.topic, partition, OFFSET_BEGINNING))
 
     # --- the batch ---------------------------------------------------------------------------------------------
 
-    def handle_batch(self, messages: list[Any]) -> None:
-        """Store one batch start to end (what the pipeline in ``run`` does with batches overlapping)."""
-        batch = self.prepare(messages)
-        if batch is not None:
-            self._write_files(batch)
-            self.files.wait()
-            self.store(batch)
-
     def prepare(self, messages: list[Any]) -> Batch | None:
-        """Step 1: validate, set aside what is stored already, convert times, build each alert file's bytes."""
-        from confluent_kafka import KafkaError
+        """Step 1: decode, set aside what is stored already, date, build each alert's files.
 
+        Each message is decoded, dated, named and described on its own: whatever it makes the code raise rejects
+        it (with its raw bytes and the reason) and no other."""
         received = dt.datetime.now(dt.UTC)
-        valid: list[tuple[Incoming, alerts.Message]] = []
+        decoded: list[tuple[Incoming, sources.Alert]] = []
         rejected: list[tuple[Incoming, str]] = []
         for msg in messages:
-            error = msg.error()
-            if error is not None:
-                if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                    self.throttled("missing-topic", logging.INFO, "topic %s does not exist (yet): waiting for it",
-                                   self.topic)
-                elif error.code() != KafkaError._PARTITION_EOF:
-                    self.throttled(f"msg:{error.code()}", logging.WARNING, "kafka: %s", error.str())
+            if self._is_kafka_error(msg):
                 continue
             item = Incoming(msg, msg.partition(), msg.offset(), self._follow_generation(msg.partition(), msg.offset()))
             try:
-                valid.append((item, alerts.parse(msg.value(), self.cfg.kafka.max_message_bytes)))
-            except alerts.InvalidMessageError as exc:
-                rejected.append((item, str(exc)[: alerts.MAX_REASON]))
-        if not valid and not rejected:
+                decoded.append((item, self._decode(msg)))
+            except Exception as exc:
+                rejected.append((item, rejection_reason(exc)))
+        if not decoded and not rejected:
             return None
-        resume_at = next_offsets([item for item, _ in valid] + [item for item, _ in rejected])
-        fresh = self._not_yet_stored(valid)
-        alerts.convert_times([message for _, message in fresh])
-        return Batch(self._documents(fresh, received), rejected, resume_at, received)
+        resume_at = next_offsets([item for item, _ in decoded] + [item for item, _ in rejected])
+        fresh = self._dated(self._not_yet_stored(decoded), rejected)
+        received_iso = nights.iso_utc(received)  # one batch, one receive time
+        documents = []
+        for item, alert in fresh:
+            try:
+                documents.append(self._document(item, alert, received, received_iso))
+            except Exception as exc:
+                rejected.append((item, rejection_reason(exc)))
+        traffic = QuotaWatch.count(
+            [(produced_at(e.item.msg, received), len(e.item.msg.value() or b""), e.alert.survey) for e in documents]
+            + [(produced_at(item.msg, received), len(item.msg.value() or b""), None) for item, _ in rejected])
+        return Batch(documents, rejected, resume_at, received, traffic)
+
+    def _is_kafka_error(self, msg: Any) -> bool:
+        """True for an error event in place of a message (logged, throttled)."""
+        from confluent_kafka import KafkaError
+
+        error = msg.error()
+        if error is None:
+            return False
+        if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            self.throttled("missing-topic", logging.INFO, "topic %s does not exist (yet): waiting for it", self.topic)
+        elif error.code() != KafkaError._PARTITION_EOF:
+            self.throttled(f"msg:{error.code()}", logging.WARNING, "kafka: %s", error.str())
+        return True
+
+    def _decode(self, msg: Any) -> sources.Alert:
+        """The topic's source makes an alert of the message; its id must be safe as a folder and file name."""
+        value = msg.value()
+        limit = self.cfg.kafka.max_message_bytes
+        if value is not None and len(value) > limit:
+            raise sources.InvalidMessageError(
+                f"message of {len(value)} bytes exceeds kafka.max_message_bytes ({limit})")
+        alert = self.source.decode(value, msg.key())
+        for name, value in (("object id", alert.object_id), ("detection id", alert.detection_id)):
+            if value is not None and not sources.PLAIN_ID.match(value):
+                raise sources.InvalidMessageError(
+                    f"{name} {json.dumps(value[:80])} is not a plain identifier (letters, digits, _ and - only)")
+        return alert
+
+    def _dated(
+        self, fresh: list[tuple[Incoming, sources.Alert]], rejected: list[tuple[Incoming, str]]
+    ) -> list[tuple[Incoming, sources.Alert]]:
+        """Convert the batch's time fields in one go; if that fails, alert by alert, rejecting those that fail."""
+        try:
+            nights.convert_times([alert for _, alert in fresh])
+            return fresh
+        except Exception:
+            log.debug("converting a batch's times failed; converting alert by alert", exc_info=True)
+        kept = []
+        for item, alert in fresh:
+            alert.times_utc.clear()
+            alert.obs_mjd = alert.obs_iso = alert.obs_day = None
+            try:
+                nights.convert_times([alert])
+            except Exception as exc:
+                rejected.append((item, rejection_reason(exc)))
+            else:
+                kept.append((item, alert))
+        return kept
+
+    def _document(self, item: Incoming, alert: sources.Alert, received: dt.datetime, received_iso: str) -> Accepted:
+        """An alert's files: where they go and what they hold (written by the file writer)."""
+        when = kafka_time(item.msg)
+        dating = nights.date_of(alert, when, received)
+        date = dating.date
+        stem = sources.file_stem(alert.object_id, item.partition, item.offset, item.generation)
+        files = sources.alert_files(alert, f"data/{date}/{self.topic}", stem, f"images/{date}/{alert.object_id}",
+                                    self._metadata(item, alert, dating, when, received_iso))
+        return Accepted(item, alert, date, [AlertFile(path, data, md5_hex(data)) for path, data in files])
 
     def _write_files(self, batch: Batch) -> None:
         """Step 2: hand the batch's alert files (absolute path, bytes) to the file writer."""
         home = str(self.cfg.home)
-        self.files.submit([(f"{home}/{entry.path}", entry.body) for entry in batch.documents])
+        self.files.submit([(f"{home}/{file.path}", file.data) for entry in batch.documents for file in entry.files])
 
     def store(self, batch: Batch) -> list[Accepted]:
         """Steps 3 and 4, once the batch's files are on disk: the store transaction, then Kafka and the logs."""
-        accepted = self._store(batch)
+        accepted, days = self._store(batch)
+        # Nothing below may raise: the batch is stored, and storing it again would only find it there.
         self._commit_to_kafka(batch.resume_at)
+        self.quota.check(days)
         for item, reason in batch.rejected:
             log.warning("rejected %s[%d]@%d: %s", self.topic, item.partition, item.offset, reason)
-        self.alert_log.write(log_lines(self.topic, accepted))
+        try:
+            self.alert_log.write(log_lines(self.topic, accepted))
+        except OSError as exc:
+            self.throttled("alert-log", logging.WARNING, "could not write %s.log: %s", self.topic, exc)
         self.stored_total += len(accepted)
         return accepted
 
     def _follow_generation(self, partition: int, offset: int) -> int:
-        """The generation of a message just read; an offset below the expected one starts a new generation."""
-        expected = self.expected.get(partition)
-        if expected is not None and offset < expected:
-            self.generation[partition] = self.generation.get(partition, 0) + 1
-            log.warning("offsets of %s[%d] restarted (%d after %d): the topic was recreated; generation %d begins",
-                        self.topic, partition, offset, expected, self.generation[partition])
-        self.expected[partition] = offset + 1
-        return self.generation.get(partition, 0)
+        """The generation of a message just read. An offset off the expected one is judged on evidence: below it,
+        a recreated topic or a redelivery; past it, alerts lost upstream (a gap, recorded and logged) or not."""
+        state = self.watch.partitions.setdefault(partition, Partition(0, None))
+        verdict = self.watch.offset_seen(partition, offset)
+        if verdict.kind == "recreated":
+            self._recreated([partition], f"offset {offset} came after {state.expected}")
+            # The message itself is the new topic's: the seek to the beginning redelivers any before it.
+        elif verdict.gap is not None:
+            self._record_gap(verdict.gap)
+        state.expected = offset + 1
+        return state.generation
+
+    def _record_gap(self, gap: store_gaps.Gap) -> None:
+        with store.transaction(self.conn):
+            new = store_gaps.record_gap(self.conn, gap)
+        if new:
+            log.error("%s[%d] generation %d: offsets %d..%d (%d alerts) are gone from the broker (retention passed "
+                      "them before ztfd read them): lost upstream, recorded as a gap", gap.topic, gap.partition,
+                      gap.generation, gap.first_offset, gap.last_offset, gap.missing)
 
     def _metadata(
-        self, item: Incoming, message: alerts.Message, date: str, when: dt.datetime | None, received_iso: str
+        self, item: Incoming, alert: sources.Alert, dating: nights.Dating, when: dt.datetime | None, received_iso: str
     ) -> dict[str, Any]:
         meta: dict[str, Any] = {
             "topic": self.topic,
             "partition": item.partition,
             "offset": item.offset,
-            "kafka_timestamp": alerts.iso_utc(when) if when else None,
+            "kafka_timestamp": nights.iso_utc(when) if when else None,
             "received_at": received_iso,
-            "date": date,
-            "object_id": message.object_id,
-            "times_utc": message.times_utc,
+            "date": dating.date,
+            "date_rule": dating.rule,
+            "dated_by": dating.dated_by,
+            "survey": alert.survey,
+            "object_id": alert.object_id,
+            "times_utc": alert.times_utc,
         }
+        if alert.detection_id is not None:
+            meta["detection_id"] = alert.detection_id
         if item.generation:
             meta["generation"] = item.generation
         return meta
 
-    def _not_yet_stored(self, valid: list[tuple[Incoming, alerts.Message]]) -> list[tuple[Incoming, alerts.Message]]:
+    def _not_yet_stored(self, valid: list[tuple[Incoming, sources.Alert]]) -> list[tuple[Incoming, sources.Alert]]:
         """Drop messages already in the store (a redelivery after lost offsets): one indexed query per batch."""
         if not valid:
             return valid
@@ -402,20 +588,9 @@ class TopicConsumer:
         return [(item, message) for item, message in valid
                 if (item.partition, item.generation, item.offset) not in stored]
 
-    def _documents(self, fresh: list[tuple[Incoming, alerts.Message]], received: dt.datetime) -> list[Accepted]:
-        """Each alert's file: where it goes and what it holds (written by ``commit``)."""
-        documents = []
-        received_iso = alerts.iso_utc(received)  # one batch, one receive time
-        for item, message in fresh:
-            when = kafka_time(item.msg)
-            date = message.partition_date(when or received)
-            name = alerts.file_name(message.object_id, item.partition, item.offset, item.generation)
-            body = alerts.document(message, self._metadata(item, message, date, when, received_iso))
-            documents.append(Accepted(item, message, date, f"data/{date}/{self.topic}/{name}", body, md5_hex(body)))
-        return documents
-
-    def _store(self, batch: Batch) -> list[Accepted]:
-        """Step 3: alerts, rejected messages, stamp jobs, manifest rows and next offsets, all or nothing."""
+    def _store(self, batch: Batch) -> tuple[list[Accepted], list[store_quota.DayBytes]]:
+        """Step 3: alerts, rejected messages, stamp jobs, manifest rows, next offsets and the bytes received, all
+        or nothing."""
         now = batch.received.timestamp()
         accepted: list[Accepted] = []
         jobs: list[NewStampJob] = []
@@ -424,24 +599,31 @@ class TopicConsumer:
                 if alert_id is None:
                     continue  # stored by another consumer of the same topic meanwhile
                 accepted.append(entry)
-                if self.cfg.stamps.enabled and entry.message.is_ztf:
-                    key = detection_key(entry.message.object_id, entry.message.newest_mjd, entry.date)
+                alert = entry.alert
+                if self._wants_stamps(alert):
+                    key = detection_key(alert.object_id, alert.obs_mjd, entry.date)
                     jobs.append(NewStampJob(alert_id, dedupe_key=key))
             add_rejected(self.conn, self.topic, [
                 NewRejected(item.partition, item.generation, item.offset, reason, item.msg.value())
                 for item, reason in batch.rejected], now)
-            store.record_files(self.conn, [(entry.path, len(entry.body), entry.md5) for entry in accepted])
+            store.record_files(self.conn, [(f.path, len(f.data), f.md5) for entry in accepted for f in entry.files])
             if jobs:
                 enqueue(self.conn, jobs, now=now)
             for partition, (generation, next_offset) in batch.resume_at.items():
                 store.save_offset(self.conn, self.topic, partition, generation, next_offset)
-        return accepted
+            days = store_quota.add_bytes(self.conn, self.topic, batch.traffic)
+        return accepted, days
 
     def _insert_alerts(self, written: list[Accepted], now: float) -> list[int | None]:
         """Insert the alerts of a batch (inside the caller's transaction); each one's id, None if already stored."""
         return insert_alerts(self.conn, self.topic, [
-            NewAlert(e.item.partition, e.item.generation, e.item.offset, e.message.object_id, e.date,
-                     e.message.newest_mjd, e.path) for e in written], now)
+            NewAlert(e.item.partition, e.item.generation, e.item.offset, e.alert.object_id, e.date, e.alert.obs_mjd,
+                     e.path, e.alert.survey, e.alert.detection_id, e.alert.band) for e in written], now)
+
+    def _wants_stamps(self, alert: sources.Alert) -> bool:
+        """A stamp job for the alerts the provider of their survey (``stamps.<survey>_provider``) can serve."""
+        provider = self.stamp_providers.get(alert.survey)
+        return provider is not None and provider.serves(alert)
 
     def _commit_to_kafka(self, resume_at: dict[int, tuple[int, int]]) -> None:
         from confluent_kafka import TopicPartition
@@ -467,43 +649,52 @@ class TopicConsumer:
             remove_stale_temporaries(self.cfg.data_dir / date / self.topic)
 
 
-class ThrottleFilter(logging.Filter):
-    """Let each kind of librdkafka log line through at most once per ``every`` seconds.
-
-    While a broker is down librdkafka reports the same failure about every 50 ms; without this a day's outage
-    would fill the logs.
-    """
-
-    def __init__(self, every: float = 30.0) -> None:
-        super().__init__()
-        self.every = every
-        self.last: dict[str, float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = str(record.args[0]) if isinstance(record.args, tuple) and record.args else record.msg
-        now = time.monotonic()
-        if now - self.last.get(key, -self.every) < self.every:
-            return False
-        self.last[key] = now
-        return True
-
-
 def librdkafka_logger() -> logging.Logger:
+    """The logger librdkafka's own lines go to, each kind at most once per 30 s."""
     logger = logging.getLogger("ztfd.librdkafka")
-    if not any(isinstance(f, ThrottleFilter) for f in logger.filters):
-        logger.addFilter(ThrottleFilter())
+    if not any(isinstance(f, Throttle) for f in logger.filters):
+        logger.addFilter(Throttle(logger))
     return logger
 
 
+def _size(msg: Any) -> int:
+    value = msg.value()
+    return len(value) if value else 0
+
+
 def kafka_time(msg: Any) -> dt.datetime | None:
-    """The message's Kafka timestamp: the same at every redelivery, unlike ztfd's own clock."""
+    """The message's Kafka timestamp: the same at every redelivery, unlike ztfd's own clock. A producer may set
+    any 64-bit value; one that is no date (beyond year 9999) rejects the message."""
     kind, stamp = msg.timestamp()
-    return dt.datetime.fromtimestamp(stamp / 1000, dt.UTC) if kind and stamp > 0 else None
+    if not kind or stamp <= 0:
+        return None
+    try:
+        return dt.datetime.fromtimestamp(stamp / 1000, dt.UTC)
+    except (ValueError, OverflowError, OSError):
+        raise sources.InvalidMessageError(f"Kafka timestamp {stamp} ms is not a date") from None
+
+
+def produced_at(msg: Any, received: dt.datetime) -> dt.datetime:
+    """When the message was produced, for counting its bytes: its Kafka timestamp, else the receive time."""
+    try:
+        return kafka_time(msg) or received
+    except sources.InvalidMessageError:
+        return received
+
+
+def rejection_reason(exc: BaseException) -> str:
+    """The reason kept beside a rejected message: a source's own words, else what went wrong where."""
+    if isinstance(exc, sources.InvalidMessageError):
+        text = str(exc)
+    else:
+        log.warning("a message raised %s in the consumer: rejected", exc.__class__.__name__, exc_info=exc)
+        text = f"cannot be stored: {exc.__class__.__name__}: {exc}"
+    return text[: sources.MAX_REASON]
 
 
 def log_lines(topic: str, accepted: list[Accepted]) -> list[str]:
     """The ``<topic>.log`` lines of stored alerts."""
-    return [f"{a.message.object_id} {a.date} {topic}[{a.item.partition}]@{a.item.offset} {a.path}" for a in accepted]
+    return [f"{a.alert.object_id} {a.date} {topic}[{a.item.partition}]@{a.item.offset} {a.path}" for a in accepted]
 
 
 def run(cfg: Config, topic: str, name: str) -> int:
@@ -521,7 +712,7 @@ def describe_rejected(cfg: Config, topic: str | None, limit: int) -> list[str]:
     conn.close()
     lines = []
     for row in rows:
-        when = alerts.iso_utc(dt.datetime.fromtimestamp(row.received_at, dt.UTC))
+        when = nights.iso_utc(dt.datetime.fromtimestamp(row.received_at, dt.UTC))
         lines.append(f"{when} {row.topic}[{row.partition}]@{row.kafka_offset}: {row.reason} | {row.raw[:120]!r}")
     return lines
 

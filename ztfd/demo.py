@@ -12,7 +12,6 @@ The pieces (``EmbeddedServices``, ``write_config``, ``Daemon``) are also what ``
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import signal
@@ -22,14 +21,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ztfd import store
+from ztfd import lifecycle, store
 from ztfd.embedded.net import free_port
 from ztfd.store import jobs
 from ztfd.store.alerts import count_alerts
@@ -50,6 +49,8 @@ LOCAL_AWS_ENV = {
 }
 SN_TOPIC = "lasair_2SN-likecandidates"
 HEARTBEAT_TOPIC = "lasair_1Lightweight"
+LSST_TOPIC = "lasair_3LSST-transients"  # a Lasair-LSST filter: real Rubin alerts in full, lite and plain output
+LSST_MODES = ("full", "lite", "plain")  # full first: its jobs know the diaSourceId; the others ask ALeRCE
 BUCKET = "ztfd-demo"
 DEADLINE_SECONDS = 110.0
 
@@ -119,6 +120,11 @@ class EmbeddedServices(contextlib.ExitStack):
             raise
         return self
 
+    def kill_now(self) -> None:
+        """For a cold stop: SIGKILL the services that run as processes (the stamp service is a thread of ours)."""
+        processes = [self.kafka.process if self.kafka else None, self.s3.process if self.s3 else None]
+        lifecycle.kill_now([p for p in processes if p is not None], group=True)
+
     def s3_client(self) -> Any:
         import boto3
 
@@ -130,10 +136,6 @@ class EmbeddedServices(contextlib.ExitStack):
 
 
 # --- the daemon ----------------------------------------------------------------------------------------------
-
-
-def has_supervisor() -> bool:
-    return importlib.util.find_spec("ztfd.supervisor") is not None
 
 
 def ztfd_argv(config_path: Path, *args: str) -> list[str]:
@@ -150,28 +152,20 @@ def child_env(**extra: str) -> dict[str, str]:
 
 @dataclass
 class Daemon:
-    """ztfd processes started as children, each in its own session; ``stop`` leaves nothing running.
-
-    With ``argvs`` given, those commands run directly (e.g. one ``ztfd consume`` for a benchmark); otherwise the
-    daemon is ``ztfd start --foreground``.
-    """
+    """``ztfd start --foreground`` as a child in its own session; ``stop`` leaves nothing of it running."""
 
     config_path: Path
     log_dir: Path
-    argvs: Sequence[Sequence[str]] = ()
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     seen: dict[int, Any] = field(default_factory=dict)  # pid -> psutil.Process, every descendant ever seen
 
     def start(self) -> Daemon:
-        argvs = list(self.argvs) or [["start", "--foreground"]]
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for index, args in enumerate(argvs):
-            output = (self.log_dir / f"child-{index}.out").open("ab")
+        with (self.log_dir / "child-0.out").open("ab") as output:
             self.processes.append(subprocess.Popen(
-                ztfd_argv(self.config_path, *args), stdout=output, stderr=subprocess.STDOUT,
+                ztfd_argv(self.config_path, "start", "--foreground"), stdout=output, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, env=child_env(), start_new_session=True,
             ))
-            output.close()
         return self
 
     def tree(self) -> list[Any]:
@@ -195,28 +189,24 @@ class Daemon:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the children, wait, then SIGKILL whatever of the whole tree is still alive."""
-        import psutil
-
         self.tree()
-        for popen in self.processes:
-            if popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for popen in self.processes:
-            try:
-                popen.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(popen.pid, signal.SIGKILL)
-                popen.wait()
-        # Grandchildren (the supervisor's children) must be gone too: give them the rest of the timeout.
-        leftovers = [p for p in self.seen.values() if _alive(p)]
-        _gone, alive = psutil.wait_procs(leftovers, timeout=max(0.5, deadline - time.monotonic()))
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=5)
+        stop_tree(self.processes, list(self.seen.values()), timeout)
+
+    def kill_now(self) -> None:
+        """For a cold stop: SIGKILL every child's process group, waiting for nothing. (The supervisor's own
+        children get their SIGTERM from its death.)"""
+        lifecycle.kill_now(self.processes, group=True)
+
+
+def stop_tree(children: Sequence[subprocess.Popen[bytes]], descendants: Sequence[Any], timeout: float) -> None:
+    """Terminate children started in sessions of their own (their process groups), then whatever of their
+    ``descendants`` (``psutil.Process`` objects seen while they ran) outlived them, within ``timeout`` in all."""
+    deadline = time.monotonic() + timeout
+    lifecycle.terminate(children, timeout, group=True)
+    # Grandchildren (the supervisor's children) must be gone too: they had their SIGTERM from the supervisor or
+    # its death; what is still there after the rest of the timeout is killed.
+    leftovers = [proc.pid for proc in descendants if _alive(proc)]
+    lifecycle.terminate(leftovers, max(0.5, deadline - time.monotonic()))
 
 
 def _alive(proc: Any) -> bool:
@@ -232,9 +222,11 @@ def _alive(proc: Any) -> bool:
 
 
 def demo_messages(sn_count: int, heartbeat_count: int) -> dict[str, list[bytes]]:
-    """The demo's two topics: SN-like rows (with nulls) and topic_refresh rows, and a heartbeat topic; plus poison."""
+    """The demo's topics: SN-like rows (with nulls) and topic_refresh rows, a heartbeat topic, plus poison; and a
+    Lasair-LSST topic of the real Rubin samples in the three output modes (bare NaN included)."""
     import json
 
+    from ztfd.embedded import lsst_samples
     from ztfd.embedded.samples import message_stream
 
     sn = [json.dumps(m).encode() for m in message_stream(sn_count, shapes=("sn", "sn", "refresh"))]
@@ -242,7 +234,8 @@ def demo_messages(sn_count: int, heartbeat_count: int) -> dict[str, list[bytes]]
     # Two poison messages: kept in the rejected store with a reason, and the stream goes on.
     sn.insert(len(sn) // 3, b"{this is not json")
     heartbeat.insert(len(heartbeat) // 2, json.dumps({"objectId": "../../etc/passwd", "UTC": "2021-09-01"}).encode())
-    return {SN_TOPIC: sn, HEARTBEAT_TOPIC: heartbeat}
+    lsst = lsst_samples.message_stream(len(lsst_samples.object_alerts()) * len(LSST_MODES), LSST_MODES)
+    return {SN_TOPIC: sn, HEARTBEAT_TOPIC: heartbeat, LSST_TOPIC: lsst}
 
 
 def produce_steadily(bootstrap: str, topic: str, values: Sequence[bytes], per_second: float) -> None:
@@ -299,17 +292,12 @@ class DemoInterruptedError(Exception):
     """SIGTERM or SIGINT arrived: stop everything and exit 130."""
 
 
-@contextlib.contextmanager
-def _interruptible() -> Iterator[None]:
-    def raise_interrupted(signum: int, _frame: object) -> None:
-        raise DemoInterruptedError(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def _check(stop: lifecycle.Stop) -> None:
+    """Between two steps of the demo: leave (stopping everything) if a signal asked for it."""
+    if stop.is_set():
+        name = lifecycle.signal_name(stop.signum or signal.SIGINT)
+        click.echo(f"\nztfd demo: interrupted ({name}), stopping everything (again to stop at once)", err=True)
+        raise DemoInterruptedError(name)
 
 
 def run(keep: bool = False, home: Path | None = None, sn_count: int = 150, heartbeat_count: int = 60) -> int:
@@ -323,8 +311,16 @@ def run(keep: bool = False, home: Path | None = None, sn_count: int = 150, heart
     home.mkdir(parents=True, exist_ok=True)
     click.echo(f"ztfd demo: home {home}")
     daemon: Daemon | None = None
+    services = EmbeddedServices(home / "services", stamp_latency=0.05)
+
+    def kill_now() -> None:  # a second Ctrl-C: nothing the demo started may outlive it
+        if daemon is not None:
+            daemon.kill_now()
+        services.kill_now()
+
     try:
-        with _interruptible(), EmbeddedServices(home / "services", stamp_latency=0.05) as services:
+        with lifecycle.stop_on_signals(on_cold_stop=kill_now) as stop, services:
+            _check(stop)
             click.echo(f"  kafka (tansu) {services.kafka.bootstrap}   s3 (moto) {services.s3.endpoint_url}"
                        f"   stamps (local ALeRCE) {services.stamps.url}")
             services.s3_client().create_bucket(Bucket=BUCKET)
@@ -332,21 +328,19 @@ def run(keep: bool = False, home: Path | None = None, sn_count: int = 150, heart
             for topic in messages:
                 services.kafka.create_topic(topic)
             config_path = write_config(home / "ztfd.toml", home, demo_sections(services))
-            daemon = Daemon(config_path, home / "services", argvs=_fallback_argvs()).start()
-            how = "ztfd start --foreground" if not daemon.argvs else "consume/fetch/sync children (no supervisor yet)"
-            click.echo(f"  daemon: {how} (config {config_path})")
+            _check(stop)
+            daemon = Daemon(config_path, home / "services").start()
+            services.callback(daemon.stop)  # the daemon stops first, while the services it talks to still run
+            click.echo(f"  daemon: ztfd start --foreground (config {config_path})")
             click.echo(f"  metrics: {metrics_url(config_path)} (Prometheus text format, while the demo runs)")
-            ok = _flow(services, daemon, config_path, messages, started)
+            ok = _flow(services, daemon, config_path, messages, started, stop)
             _report(services, config_path, home)
             if not keep:
                 click.echo("  (the demo home goes at the end; `ztfd demo --keep` keeps the report to browse)")
             return 0 if ok else 1
-    except DemoInterruptedError as exc:
-        click.echo(f"\nztfd demo: interrupted ({exc}), stopping everything", err=True)
+    except DemoInterruptedError:
         return 130
     finally:
-        if daemon is not None:
-            daemon.stop()
         if keep:
             click.echo(f"ztfd demo: kept the demo home to browse: {home}")
         elif made_home:
@@ -354,20 +348,15 @@ def run(keep: bool = False, home: Path | None = None, sn_count: int = 150, heart
         click.echo(f"ztfd demo: done in {time.monotonic() - started:.0f}s, everything it started is stopped")
 
 
-def _fallback_argvs() -> list[list[str]]:
-    """Until ``ztfd start`` exists, the same roles run as direct children."""
-    if has_supervisor():
-        return []
-    return [["consume", "--topic", SN_TOPIC], ["consume", "--topic", HEARTBEAT_TOPIC], ["fetch"], ["fetch"], ["sync"]]
-
-
 def demo_sections(services: EmbeddedServices, **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     sections: dict[str, dict[str, Any]] = {
         "kafka": {"bootstrap_servers": services.kafka.bootstrap, "group_id": "ztfd-demo",
-                  "topics": [SN_TOPIC, HEARTBEAT_TOPIC]},
+                  "topics": [SN_TOPIC, HEARTBEAT_TOPIC, LSST_TOPIC]},
         "kafka.options": dict(FAST_KAFKA_OPTIONS),
         "stamps": {"enabled": True, "workers": 2, "previews": True, "alerce_stamp_url": services.stamps.url,
-                   "alerce_api_url": services.stamps.url, "timeout": 10.0, "rate_limit": 0.0},
+                   "alerce_api_url": services.stamps.url, "timeout": 10.0, "rate_limit": 0.0,
+                   "lsst_provider": "alerce", "alerce_lsst_url": services.stamps.url,
+                   "lasair_lsst_url": services.stamps.url},
         "s3": {"bucket": BUCKET, "prefix": "ztf/", "endpoint_url": services.s3.endpoint_url,
                "region": LOCAL_AWS_ENV["AWS_DEFAULT_REGION"], "interval": 2.0},
         "supervisor": {"heartbeat_timeout": 60.0, "stop_timeout": 20.0},
@@ -379,7 +368,7 @@ def demo_sections(services: EmbeddedServices, **overrides: dict[str, Any]) -> di
 
 
 def _flow(services: EmbeddedServices, daemon: Daemon, config_path: Path, messages: dict[str, list[bytes]],
-          started: float) -> bool:
+          started: float, stop: lifecycle.Stop) -> bool:
     from ztfd import config
 
     cfg = config.load(config_path)
@@ -395,7 +384,8 @@ def _flow(services: EmbeddedServices, daemon: Daemon, config_path: Path, message
 
     producer = threading.Thread(target=produce_all, name="demo-producer", daemon=True)
     producer.start()
-    click.echo(f"  producing {produced} Lasair-shaped messages (SN-like, topic_refresh, heartbeat, 2 poison)")
+    click.echo(f"  producing {produced} Lasair-shaped messages (ZTF: SN-like, topic_refresh, heartbeat, 2 poison; "
+               f"LSST: real Rubin alerts in full, lite and plain output)")
     conn = store.connect(cfg.db_path)
     interactive = sys.stdout.isatty()
     last_line, last_print = "", 0.0
@@ -425,17 +415,17 @@ def _flow(services: EmbeddedServices, daemon: Daemon, config_path: Path, message
             if now > deadline:
                 click.echo(f"\nztfd demo: not finished after {DEADLINE_SECONDS:.0f}s", err=True)
                 return False
-            time.sleep(0.25)
+            stop.wait(0.25)
+            _check(stop)
     finally:
         conn.close()
 
 
 def _report(services: EmbeddedServices, config_path: Path, home: Path) -> None:
-    if has_supervisor():
-        click.echo("\n$ ztfd status")
-        result = subprocess.run(ztfd_argv(config_path, "status"), capture_output=True, text=True, env=child_env(),
-                                timeout=60)
-        click.echo(result.stdout.rstrip() or result.stderr.rstrip())
+    click.echo("\n$ ztfd status")
+    result = subprocess.run(ztfd_argv(config_path, "status"), capture_output=True, text=True, env=child_env(),
+                            timeout=60)
+    click.echo(result.stdout.rstrip() or result.stderr.rstrip())
     click.echo("\nwritten under " + str(home))
     for top in ("data", "images"):
         _echo_tree(home / top, home)
@@ -448,6 +438,7 @@ def _report(services: EmbeddedServices, config_path: Path, home: Path) -> None:
     previews = sorted((home / "images").rglob("*.png"))
     if previews:
         click.echo(f"\na preview: {previews[0]}")
+    _echo_lsst(home)
     _show_metrics_and_report(config_path)
 
 
@@ -486,6 +477,24 @@ def _show_metrics_and_report(config_path: Path) -> None:
                             env=child_env(), timeout=120)
     click.echo(f"\nthe night report of {date} (open it in a browser): "
                + (result.stdout.strip().removeprefix("ztfd report: ") or result.stderr.strip()))
+
+
+def _echo_lsst(home: Path) -> None:
+    """The Lasair-LSST topic beside the ZTF ones: its alerts under their dayObs, their Rubin cutouts and a preview."""
+    alerts = sorted((home / "data").glob(f"*/{LSST_TOPIC}/*.json"))
+    if not alerts:
+        return
+    days = sorted({path.parent.parent.name for path in alerts})
+    where = days[0] if len(days) == 1 else "{" + ",".join(days) + "}"
+    click.echo(f"\nLasair-LSST topic {LSST_TOPIC}: {len(alerts)} alerts under data/{where}/ "
+               "(Rubin's dayObs: the TAI date 12 h before the observation)")
+    objects = sorted({path.name.split("_")[0] for path in alerts})
+    folders = [folder for day in days for name in objects if (folder := home / "images" / day / name).is_dir()]
+    for folder in folders[:3]:
+        click.echo(f"  {folder.relative_to(home)}/  " + "  ".join(sorted(p.name for p in folder.iterdir())))
+    lsst_previews = sorted(png for folder in folders for png in folder.glob("*.png"))
+    if lsst_previews:
+        click.echo(f"  an LSST preview: {lsst_previews[0]}")
 
 
 def _echo_tree(root: Path, home: Path) -> None:

@@ -9,11 +9,12 @@ two cores. (The stamp fetchers need none of this: they are processes already.)
 
 The protocol, over the child's stdin and stdout: each request is a length-prefixed pickle of ``[(path, bytes),
 ...]``; the child writes the files in order with ``atomic_write`` and answers with a length-prefixed pickle of
-``None`` (all on disk) or the error's text. Answers come in the order of the requests. The child ignores SIGINT
-and SIGTERM (on those the consumer finishes its batch, which needs the child, then closes the pipe), exits at the
-end of its input, and is killed with its parent (``PR_SET_PDEATHSIG``), so that no file of a consumer killed with
--9 is written after its successor started. Its temporary files carry its own pid, which
-``remove_stale_temporaries`` checks like any other.
+``None`` (all on disk) or ``(errno, text)`` of the error (``wait`` raises ``LocalTroubleError`` for a full disk
+and the like, which the consumer waits out, ``FileWriterError`` otherwise). Answers come in the order of the
+requests. The child ignores SIGINT and SIGTERM (on those the consumer finishes its batch, which needs the child,
+then closes the pipe), exits at the end of its input, and is killed with its parent (``PR_SET_PDEATHSIG``), so
+that no file of a consumer killed with -9 is written after its successor started. Its temporary files carry its
+own pid, which ``remove_stale_temporaries`` checks like any other.
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ import subprocess
 import sys
 from typing import IO
 
+from ztfd import lifecycle
 from ztfd.files import atomic_write, write_all
+from ztfd.localtrouble import LOCAL_ERRNOS, LocalTroubleError
 from ztfd.procs import die_with_parent
 
 HEADER = struct.Struct(">Q")
+CLOSE_TIMEOUT = 30.0  # seconds the child may take to finish what it was given once its input is closed
 
 
 class FileWriterError(RuntimeError):
@@ -80,7 +84,10 @@ class FileWriter:
         self.pending -= 1
         error = pickle.loads(answer)
         if error is not None:
-            raise FileWriterError(f"writing alert files failed: {error}")
+            code, text = error
+            if code in LOCAL_ERRNOS:
+                raise LocalTroubleError(f"writing alert files failed: {text}")
+            raise FileWriterError(f"writing alert files failed: {text}")
 
     def close(self) -> None:
         """End the child (it finishes what it was given first). Safe to call more than once."""
@@ -90,11 +97,7 @@ class FileWriter:
             return
         if child.stdin is not None:
             child.stdin.close()  # the child's end of input: it answers what it holds, then exits
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        lifecycle.terminate([child], CLOSE_TIMEOUT)  # it ignores the SIGTERM: only a hung child is killed
         if child.stdout is not None:
             child.stdout.close()
 
@@ -139,7 +142,7 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
                 atomic_write(path, data)
             error = None
         except OSError as exc:
-            error = f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc)
+            error = (exc.errno, f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc))
         answer = pickle.dumps(error)
         try:
             write_all(answers.fileno(), HEADER.pack(len(answer)) + answer)
@@ -148,8 +151,7 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    lifecycle.ignore(lifecycle.STOP_SIGNALS)  # the consumer's stop needs us: we end at the end of input
     if not die_with_parent(int(sys.argv[1]), signal.SIGKILL):  # the consumer is already gone
         os._exit(0)
     with open(0, "rb", buffering=0, closefd=False) as requests, open(1, "wb", buffering=0, closefd=False) as answers:

@@ -1,195 +1,223 @@
-"""The stamp worker (``ztfd fetch``): drains the stamp queue, fetching each alert's three ZTF cutouts from ALeRCE.
+"""The stamp worker (``ztfd fetch``): drains the stamp queue, writing each alert's three stamps and a preview.
 
-One worker process runs an asyncio loop with ``stamps.concurrency`` alerts in flight (three stamp requests each),
-which is what lets a handful of processes saturate a slow service without hundreds of threads. Around it:
+What a stamp *is* and where it comes from is the business of the alert survey's stamp provider
+(``ztfd.providers``, chosen by ``stamps.<survey>_provider``; ALeRCE's ZTF ``get_stamp`` by default): how to find
+the detection, the requests, what a valid body is, the file names. The worker does the rest, the same for every
+provider:
 
-- jobs are claimed with a lease (``ztfd.store.jobs``) that a background task keeps extending while the worker is
-  alive; a worker killed with -9 stops extending, and its jobs go back to the queue when the lease runs out.
-- the candid is chosen from ALeRCE's detections list (Lasair messages carry none): the detection with stamps
-  whose MJD is closest to the alert's newest observation time, within ``stamps.match_tolerance`` seconds; the
-  newest detection with stamps when the alert has no time. An object ALeRCE does not know yet, or nothing near
-  the alert's time, or a 404 for a listed candid, means *not yet available*: retried after a delay that grows
-  from ``unavailable_retry_base`` to ``unavailable_retry_max``, failed after ``unavailable_give_up``.
-- each stamp is checked (HTTP 200, gzip, opens as FITS with a 2-D image) and exactly the served bytes are written
-  atomically to ``images/<date>/<objectId>/<candid>_<type>.fits.gz``; a valid file already there is never fetched
-  again (stamps never change) unless the job says ``force``.
-- failures (5xx, timeouts, connection errors, garbage, truncated bodies) back off exponentially with jitter from
-  ``retry_base`` to ``retry_max``; after ``max_attempts`` the job fails with the last reason.
-- every request first takes a slot of the pool-wide politeness limit (``ztfd.ratelimit``, ``stamps.rate_limit``).
-- every file is recorded in the sync manifest as soon as it is on disk, whatever becomes of the job (a triplet
-  whose third stamp keeps failing still gets its two good files synced).
+- one asyncio loop with ``stamps.concurrency`` jobs in flight (each fetching its missing stamps at once), which
+  lets a handful of processes saturate a slow service without hundreds of threads;
+- jobs are claimed with a lease (``ztfd.store.jobs``) that a background task renews for the jobs of live tasks
+  only; a worker killed with -9 renews nothing, and its jobs go back when the lease runs out;
+- every request first takes a slot of the pool-wide politeness limit (``ztfd.ratelimit``, ``stamps.rate_limit``)
+  and has the ``timeout``; a body over ``MAX_BODY_BYTES`` is cut off;
+- exactly the served bytes are written atomically; a valid file already there is never fetched again (stamps
+  never change) unless the job says ``force``; every file is recorded in the sync manifest as soon as it is on
+  disk, whatever becomes of the job;
+- a job ends in one of: done; *not yet available* (the service does not have it yet: retried on a slow schedule,
+  not an attempt, failed after ``unavailable_give_up``); a failed attempt (retried with backoff, failed after
+  ``max_attempts``); *local trouble* (ztfd's own write failed: disk full, I/O error…; given back without counting
+  an attempt while the worker backs off, see ``ztfd.localtrouble``). Writing that outcome to the store is retried
+  until it succeeds: a job left leased by a failed write would never come back while the worker lives;
 - an idle worker does not poll the queue with write transactions: it reads when the next job is due (or a lease
   runs out) and sleeps until then, at most ``IDLE_MAX_SLEEP`` so new jobs start at once.
 
-CPU work (FITS checks, file writes, previews) runs on one side thread so the loop keeps requests flowing.
+CPU and file work (FITS checks, writes, previews) runs on a side thread so the loop keeps requests flowing; a step
+that hangs there for ``stamps.step_timeout`` is abandoned with its thread (a new one takes over) and the job is a
+failed attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
-import json
+import itertools
 import logging
 import os
-import random
+import queue
 import re
-import signal
 import sqlite3
+import threading
 import time
-import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ztfd import ratelimit, store
-from ztfd.alerts import PLAIN_ID
+from ztfd import lifecycle, ratelimit, store
 from ztfd.config import Config, StampsConfig
 from ztfd.files import atomic_write, md5_hex, relative_to_home, remove_stale_temporaries
-from ztfd.preview import STAMP_TYPES
+from ztfd.localtrouble import Condition, describe, is_local
+from ztfd.providers import (
+    Detection,
+    FetchError,
+    HttpGet,
+    NotYetAvailableError,
+    StampProvider,
+    StampRequest,
+    providers_for,
+)
+from ztfd.providers.alerce_ztf import AlerceZtf
+from ztfd.sources import PLAIN_ID, STAMP_TYPES
 from ztfd.store import jobs
+from ztfd.store.report import save_detections
 
 log = logging.getLogger(__name__)
 FETCHER_NICENESS = 5
 
-RATE_LIMIT_NAME = "alerce"
-GZIP_MAGIC = b"\x1f\x8b"
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a ZTF cutout is ~15 kB; anything near this is not a stamp
 IDLE_MAX_SLEEP = 1.0  # an idle worker looks (with a read) at least this often for new jobs
 IDLE_CLAIM_EVERY = 5.0  # and claims (a write, which also requeues expired leases) at least this often
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-DETECTIONS_PATH = "/ztf/v1/objects/{oid}/detections"
-STAMP_PATH = "/get_stamp"
+SETTLE_BACKOFF = lifecycle.Backoff(base=0.5, cap=30.0, jitter=0.5)  # writing a job's outcome again
 
 T = TypeVar("T")
-
-
-class NotYetAvailableError(Exception):
-    """ALeRCE does not have this alert (yet): retry later, it is not a failure."""
-
-
-class FetchError(Exception):
-    """A failed attempt (server error, timeout, connection, bad body): back off and retry."""
+ManifestRow = tuple[str, int, str]  # path under home, size, MD5
 
 
 class BadPayloadError(Exception):
     """A job that can never succeed as written (e.g. an objectId that could leave its folder)."""
 
 
+class StepTimeoutError(FetchError):
+    """A side step (FITS check, write, preview) hung: the job is a failed attempt, its thread is abandoned."""
+
+
 @dataclass(frozen=True)
-class Detection:
-    candid: int
-    mjd: float
-    has_stamp: bool
+class Stamp:
+    """A stamp's bytes and the image they hold (for the preview)."""
+
+    data: bytes
+    image: Any
+
+
+@dataclass(frozen=True)
+class StampFiles:
+    """Where one detection's files live: ``images/<date>/<object_id>/``, named by the provider."""
+
+    folder: Path
+    provider: StampProvider
+    detection_id: str
+
+    def stamp(self, kind: str) -> Path:
+        return self.folder / self.provider.file_name(self.detection_id, kind)
+
+    @property
+    def preview(self) -> Path:
+        return self.folder / f"{self.detection_id}.png"
+
+    def valid(self, kind: str) -> Stamp | None:
+        """The stamp on disk if it is there and valid (an invalid one is logged and will be replaced)."""
+        return valid_file(self.stamp(kind), self.provider)
 
 
 @dataclass
-class Outcome:
-    """What one job did, kept as the job's result (``ztfd replay`` reuses the candid)."""
+class JobRun:
+    """One job's way through the worker: what it asks, the detection, what was on disk, fetched, written, and
+    what went wrong. The steps of ``Worker.process`` fill it in turn; ``Worker.settle`` reads it."""
 
-    candid: int
-    mjd: float | None
-    fetched: list[str] = field(default_factory=list)
-    preview: bool = False
+    job: jobs.StampJob
+    request: StampRequest
+    provider: StampProvider
+    folder: Path
+    force: bool = False
+    detection: Detection | None = None
+    have: dict[str, Stamp] = field(default_factory=dict)  # valid on disk before this run
+    fetched: dict[str, bytes] = field(default_factory=dict)  # served bodies, not yet checked
+    problems: list[BaseException] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)  # kinds written by this run
+    preview: bool = False  # drawn by this run
+    files: list[ManifestRow] = field(default_factory=list)  # every file of the job on disk now
+
+    @property
+    def label(self) -> str:
+        return f"job {self.job.id} {self.request.object_id}"
+
+    @property
+    def paths(self) -> StampFiles:
+        assert self.detection is not None
+        return StampFiles(self.folder, self.provider, self.detection.detection_id)
+
+    @property
+    def missing(self) -> list[str]:
+        return [kind for kind in STAMP_TYPES if kind not in self.have]
+
+    def take(self, kinds: list[str], results: list[Any]) -> None:
+        """Sort the answers of the fetches of ``kinds`` into bodies and problems."""
+        for kind, result in zip(kinds, results, strict=True):
+            if isinstance(result, BaseException):
+                self.problems.append(result)
+            else:
+                self.fetched[kind] = result
+
+    def verdict(self) -> BaseException | None:
+        """The problem the job is settled by: a programming error first, then a failure (retried on the failure
+        schedule), else "not yet" (the slower one); None when there was none."""
+        for problem in self.problems:
+            if not isinstance(problem, NotYetAvailableError | FetchError):
+                return problem
+        failures = [p for p in self.problems if isinstance(p, FetchError)]
+        return failures[0] if failures else (self.problems[0] if self.problems else None)
+
+    def result(self, worker: str) -> jobs.StampResult:
+        """What the job learned, kept with its alert (``ztfd replay`` reuses the detection)."""
+        assert self.detection is not None
+        return jobs.StampResult(self.detection.detection_id, self.detection.mjd, tuple(self.written), self.preview,
+                                worker)
 
 
-# --- pure helpers -----------------------------------------------------------------------------------------------
+class SideThread:
+    """One daemon thread running steps off the event loop (FITS checks, writes, previews).
 
-
-def stamp_path(images_dir: Path, date: str, object_id: str, candid: int, kind: str) -> Path:
-    return images_dir / date / object_id / f"{candid}_{kind}.fits.gz"
-
-
-def preview_path(images_dir: Path, date: str, object_id: str, candid: int) -> Path:
-    return images_dir / date / object_id / f"{candid}.png"
-
-
-def parse_detections(body: bytes) -> list[Detection]:
-    """ALeRCE's detections JSON as ``Detection``s; rows without a usable candid or mjd are skipped."""
-    try:
-        rows = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FetchError(f"detections: not JSON ({exc.__class__.__name__})") from None
-    if isinstance(rows, dict) and isinstance(rows.get("items"), list):  # a paginated shape, should ALeRCE use one
-        rows = rows["items"]
-    if not isinstance(rows, list):
-        raise FetchError("detections: not a JSON list")
-    found = []
-    for row in rows:
-        if not isinstance(row, dict):
-            continue
-        try:
-            found.append(Detection(int(row["candid"]), float(row["mjd"]), bool(row.get("has_stamp"))))
-        except (KeyError, TypeError, ValueError):
-            continue
-    return found
-
-
-def choose_candid(detections: Iterable[Detection], obs_mjd: float | None, tolerance_seconds: float) -> Detection:
-    """The detection whose stamps belong to the alert, or ``NotYetAvailableError``.
-
-    ALeRCE's own client takes the *oldest* detection with stamps, which is the wrong one for a new alert.
+    Daemon and replaceable: a step that hangs (a write to a dead network disk, a stuck library) is abandoned with
+    its thread, so it can block neither the worker's other jobs nor the process's exit. The worker hands it one
+    step at a time, so a step's timeout counts from its start, not from its place in a queue.
     """
-    stamped = [d for d in detections if d.has_stamp]
-    if not stamped:
-        raise NotYetAvailableError("ALeRCE lists no detection with stamps for this object")
-    if obs_mjd is None:
-        return max(stamped, key=lambda d: (d.mjd, d.candid))
-    nearest = min(stamped, key=lambda d: (abs(d.mjd - obs_mjd), -d.candid))
-    if abs(nearest.mjd - obs_mjd) * 86400.0 <= tolerance_seconds:
-        return nearest
-    raise NotYetAvailableError(
-        f"no detection with stamps within {tolerance_seconds:g}s of MJD {obs_mjd:.5f} "
-        f"(nearest MJD {nearest.mjd:.5f})"
-    )
+
+    def __init__(self) -> None:
+        self._steps: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]]
+                                       | None] = queue.SimpleQueue()
+        self.finished: concurrent.futures.Future[None] = concurrent.futures.Future()
+        threading.Thread(target=self._serve, name="side", daemon=True).start()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._steps.put((future, fn, args))
+        return future
+
+    def close(self) -> concurrent.futures.Future[None]:
+        """End the thread after the steps submitted so far; the future is done once it has."""
+        self._steps.put(None)
+        return self.finished
+
+    def _serve(self) -> None:
+        while (step := self._steps.get()) is not None:
+            future, fn, args = step
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+        self.finished.set_result(None)
 
 
-def check_stamp(data: bytes) -> Any:
-    """The image of a gzipped FITS cutout, or ``ValueError`` saying why the bytes are not one."""
-    from ztfd.preview import stamp_array
-
-    if not data.startswith(GZIP_MAGIC):
-        raise ValueError(f"not gzip (starts with {data[:8]!r})")
-    try:
-        return stamp_array(data)
-    except (EOFError, OSError, zlib.error) as exc:  # truncated or corrupt gzip
-        raise ValueError(f"bad gzip: {exc}") from None
-    except Exception as exc:  # astropy raises many kinds for a non-FITS payload
-        raise ValueError(f"not FITS: {exc.__class__.__name__}: {exc}") from None
+def _record(conn: sqlite3.Connection, rows: list[ManifestRow]) -> None:
+    if rows:
+        with store.transaction(conn):
+            store.record_files(conn, rows)
 
 
-def read_valid(path: Path) -> tuple[bytes, Any] | None:
-    """The bytes and image of a stamp file already on disk, or None when missing or invalid."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        return data, check_stamp(data)
-    except ValueError as exc:
-        log.warning("replacing invalid stamp %s: %s", path, exc)
-        return None
+def _warm_up(settings: StampsConfig) -> None:
+    """Import the heavy modules before the first job, so that no request times out waiting for an import."""
+    import astropy.io.fits  # noqa: F401
 
+    if settings.previews:
+        from ztfd import preview
 
-def failure_delay(cfg: StampsConfig, attempts: int) -> float:
-    """Exponential backoff with jitter: base·2^(n-1) capped at retry_max, then scaled by 0.5–1.0."""
-    ceiling = min(cfg.retry_max, cfg.retry_base * 2 ** max(attempts - 1, 0))
-    return ceiling * random.uniform(0.5, 1.0)
-
-
-def unavailable_delay(cfg: StampsConfig, waited: float) -> float:
-    """Wait about as long again as already waited (doubling), between the unavailable base and max."""
-    delay = min(cfg.unavailable_retry_max, max(cfg.unavailable_retry_base, waited))
-    delay = min(delay, max(cfg.unavailable_give_up - waited, 0.0))  # look once more right at the give-up time
-    return delay * random.uniform(0.9, 1.1)
-
-
-def _remove_stale_temporaries(folder: Path) -> None:
-    """Temporaries in an object's folder left by a writer killed with -9; a live writer's (another job fetching
-    the same stamp, e.g. a replay beside the daemon) is left alone. One folder scan per job, before its writes."""
-    if folder.is_dir():
-        remove_stale_temporaries(folder)
+        preview.warm_up(settings.preview_renderer)
 
 
 async def _read_capped(response: Any) -> bytes:
@@ -206,27 +234,39 @@ async def _read_capped(response: Any) -> bytes:
     raise FetchError(f"HTTP {response.status}: body larger than {MAX_BODY_BYTES} bytes")
 
 
-def _record(conn: sqlite3.Connection, rows: list[tuple[str, int, str]]) -> None:
-    if rows:
-        with store.transaction(conn):
-            store.record_files(conn, rows)
+# --- the files of a detection, for ``ztfd replay`` and tests (ALeRCE's ZTF names unless a provider is given) --------
 
 
-def _keep_detections(conn: sqlite3.Connection, object_id: str, body: bytes) -> None:
-    from ztfd.lightcurve import alerce_points
-    from ztfd.store.report import save_detections
-
-    save_detections(conn, "ztf", object_id, alerce_points(body))
+def _default_provider() -> StampProvider:
+    return AlerceZtf(StampsConfig())
 
 
-def _warm_up(settings: StampsConfig) -> None:
-    """Import the heavy modules before the first job, so that no request times out waiting for an import."""
-    import astropy.io.fits  # noqa: F401
+def stamp_path(images_dir: Path, date: str, object_id: str, detection_id: int | str, kind: str,
+               provider: StampProvider | None = None) -> Path:
+    return StampFiles(images_dir / date / object_id, provider or _default_provider(), str(detection_id)).stamp(kind)
 
-    if settings.previews:
-        from ztfd import preview
 
-        preview.warm_up(settings.preview_renderer)
+def preview_path(images_dir: Path, date: str, object_id: str, detection_id: int | str) -> Path:
+    return images_dir / date / object_id / f"{detection_id}.png"
+
+
+def read_valid(path: Path, provider: StampProvider | None = None) -> tuple[bytes, Any] | None:
+    """The bytes and image of a stamp file already on disk, or None when missing or invalid."""
+    found = valid_file(path, provider or _default_provider())
+    return None if found is None else (found.data, found.image)
+
+
+def valid_file(path: Path, provider: StampProvider) -> Stamp | None:
+    """The stamp at ``path`` if it is there and ``provider`` finds it valid; an invalid one is logged."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        return Stamp(data, provider.check(data))
+    except ValueError as exc:
+        log.warning("replacing invalid stamp %s: %s", path, exc)
+        return None
 
 
 # --- the worker -------------------------------------------------------------------------------------------------
@@ -234,7 +274,7 @@ def _warm_up(settings: StampsConfig) -> None:
 
 class Worker:
     """One ``ztfd fetch`` process. ``batch`` limits it to one replay batch, and ``exit_when_idle`` ends it when
-    that batch has nothing left to do now (jobs waiting for ALeRCE to catch up are left for the daemon)."""
+    that batch has nothing left to do now (jobs waiting for the service to catch up are left for the daemon)."""
 
     def __init__(
         self, cfg: Config, name: str, batch: str | None = None, exit_when_idle: bool = False, heartbeat: bool = True
@@ -246,12 +286,329 @@ class Worker:
         self.batch = batch
         self.exit_when_idle = exit_when_idle
         self.owner = jobs.new_owner()
+        self.providers = providers_for(cfg.stamps)  # survey -> its stamp provider
         self.conn: sqlite3.Connection | None = None
         self.db = ThreadPoolExecutor(1, thread_name_prefix="db")  # one connection, used from one thread
-        self.cpu = ThreadPoolExecutor(1, thread_name_prefix="cpu")  # FITS checks, writes, previews
+        self.side = SideThread()  # FITS checks, writes, previews
+        self.side_turn = asyncio.Lock()  # one step at a time on it
         self.stopping: asyncio.Event | None = None
+        self.signals: lifecycle.Stop | None = None  # set by run_worker: SIGTERM/SIGINT set ``stopping``
         self.session: Any = None
-        self.stats = {"done": 0, "retried": 0, "unavailable": 0, "failed": 0}
+        self.tasks: dict[asyncio.Task[None], jobs.StampJob] = {}  # the jobs in flight
+        self.more = True  # the last claim got all it asked for: claim again as soon as there is room
+        self.last_claim = 0.0
+        self.paused_until = 0.0  # time.monotonic() before which nothing is claimed (local trouble)
+        self.trouble = Condition(name)
+        self.stats = {"done": 0, "retried": 0, "unavailable": 0, "failed": 0, "given back": 0}
+
+    # --- the loop ----------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        await self._start()
+        async with self._http_session() as self.session:
+            keep_alive = asyncio.create_task(self._keep_alive())
+            try:
+                while not self.stopping.is_set():  # type: ignore[union-attr]
+                    wait = await self._fill()
+                    if wait is not None and not self.tasks and self.exit_when_idle and not await self._batch_busy():
+                        break
+                    await self._wait_for_any(wait)
+            finally:
+                await self._shut_down(keep_alive)
+        log.info("stamp worker %s stopped: %s", self.name, ", ".join(f"{k} {v}" for k, v in self.stats.items()))
+        return 0
+
+    async def _fill(self) -> float | None:
+        """Claim jobs while there is room; return how long to wait before looking again (None: until a job ends).
+
+        Idle (or nearly), it sleeps until the next job is due, looking again (a read) at least every
+        IDLE_MAX_SLEEP for new jobs; after local trouble it claims nothing until the backoff has passed."""
+        room = self.settings.concurrency - len(self.tasks)
+        paused = self.paused_until - time.monotonic()
+        if room <= 0:
+            return None
+        if paused > 0:
+            return paused
+        try:
+            due = await self._claim(room)
+        except sqlite3.Error as exc:
+            if not is_local(exc):
+                raise
+            self.paused_until = time.monotonic() + await self._db(self.trouble.failed, describe(exc))
+            return self.paused_until - time.monotonic()
+        if self.more:
+            return None
+        return max(IDLE_MAX_SLEEP if due is None else min(IDLE_MAX_SLEEP, due - time.time()), 0.02)
+
+    async def _claim(self, room: int) -> float | None:
+        """Claim up to ``room`` jobs if any can be due (a write); return when the next one is due (a read)."""
+        now = time.time()
+        due = None if self.more else await self._db(jobs.next_due, self.batch)
+        if self.more or (due is not None and due <= now) or now - self.last_claim >= IDLE_CLAIM_EVERY:
+            claimed = await self._db(jobs.claim, self.owner, self.settings.lease_seconds, room, batch=self.batch,
+                                     max_attempts=self.settings.max_attempts)
+            self.last_claim = now
+            self.more = len(claimed) == room
+            for job in claimed:
+                self.tasks[asyncio.create_task(self.run_job(job))] = job
+            if not self.more:
+                due = await self._db(jobs.next_due, self.batch)
+        return due
+
+    async def _wait_for_any(self, wait: float | None) -> None:
+        """Until a job ends, a stop is asked for, or ``wait`` seconds pass."""
+        assert self.stopping is not None
+        stop_wait = asyncio.ensure_future(self.stopping.wait())
+        done, _ = await asyncio.wait({*self.tasks, stop_wait}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        for task in done:
+            if self.tasks.pop(task, None) is not None and not task.cancelled() and task.exception() is not None:
+                # Its job is no longer renewed: its lease runs out and it goes back to the queue.
+                log.error("stamp task crashed", exc_info=task.exception())
+
+    async def _keep_alive(self) -> None:
+        """Heartbeat, and renew the leases of the jobs whose tasks are alive, more often than they could expire."""
+        assert self.stopping is not None
+        period = max(0.2, min(5.0, self.settings.lease_seconds / 3))
+        while not self.stopping.is_set():
+            try:
+                if self.heartbeat:
+                    await self._db(store.heartbeat, self.name, "fetcher")
+                live = [job.id for task, job in self.tasks.items() if not task.done()]
+                await self._db(jobs.extend, self.owner, self.settings.lease_seconds, job_ids=live)
+            except sqlite3.Error as exc:
+                log.warning("heartbeat failed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), period)
+
+    async def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        if self.signals is not None:
+            self.signals.call_in(loop, self.stopping.set)
+        if self.heartbeat:
+            await self._db(store.heartbeat, self.name, "fetcher")
+        await asyncio.wrap_future(self.side.submit(_warm_up, self.settings))
+        log.info("stamp worker %s started (concurrency %d, rate limit %s/s for the pool%s; providers %s)", self.name,
+                 self.settings.concurrency, self.settings.rate_limit or "no",
+                 f", batch {self.batch}" if self.batch else "",
+                 ", ".join(f"{survey}: {p.name}" for survey, p in self.providers.items()) or "none")
+
+    def _http_session(self) -> Any:
+        import aiohttp
+
+        return aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.settings.timeout),
+            connector=aiohttp.TCPConnector(limit=self.settings.concurrency * len(STAMP_TYPES) + 2),
+            auto_decompress=False, raise_for_status=False)
+
+    async def _shut_down(self, keep_alive: asyncio.Task[None]) -> None:
+        """Cancel what is in flight and hand its jobs back at once (files already written stay: they are valid)."""
+        assert self.stopping is not None
+        self.stopping.set()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, keep_alive, return_exceptions=True)
+        # A write in progress finishes (atomically) before the lease is released, unless it hangs.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self.side.close())), self.settings.step_timeout)
+        try:
+            released = await self._db(jobs.release, self.owner)
+        except sqlite3.Error as exc:
+            log.warning("could not hand back the jobs in flight (%s): their leases will run out", exc)
+            return
+        if released:
+            log.info("released %d stamp jobs", released)
+
+    async def _batch_busy(self) -> bool:
+        return await self._db(self._batch_has_work)
+
+    def _batch_has_work(self, conn: sqlite3.Connection) -> bool:
+        """True while the batch has jobs leased or to be tried again soon (not the ones waiting for ALeRCE)."""
+        return jobs.counts(conn, batch=self.batch).busy > 0
+
+    # --- one job -----------------------------------------------------------------------------------------
+
+    async def run_job(self, job: jobs.StampJob) -> None:
+        """Process one job and settle it."""
+        try:
+            run = self._run_of(job)
+        except BadPayloadError as exc:
+            log.error("job %d failed: %s", job.id, exc)
+            self.stats["failed"] += 1
+            await self._settle(f"job {job.id}", jobs.fail, job.id, self.owner, str(exc))
+            return
+        try:
+            await self.process(run)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self.settle(run, exc)
+        else:
+            await self.settle(run, None)
+
+    def _run_of(self, job: jobs.StampJob) -> JobRun:
+        """The job's request, checked: what becomes a folder or file name must be plain, the survey must have a
+        provider. A detection the message named, or an earlier run chose (replay), is used without a lookup."""
+        alert = job.alert
+        if not PLAIN_ID.match(alert.object_id):
+            raise BadPayloadError(f"bad object_id {alert.object_id!r}")
+        if not DATE.match(alert.date):
+            raise BadPayloadError(f"bad date {alert.date!r}")
+        provider = self.providers.get(alert.survey)
+        if provider is None:
+            raise BadPayloadError(f"no stamp provider for survey {alert.survey!r} (stamps.{alert.survey}_provider)")
+        known, known_mjd = (alert.detection_id, None) if job.known is None else (job.known.detection_id,
+                                                                                 job.known.detection_mjd)
+        if known is not None and not PLAIN_ID.match(known):
+            raise BadPayloadError(f"bad detection id {known!r}")
+        request = StampRequest(alert.survey, alert.object_id, alert.date, alert.obs_mjd, known, known_mjd, alert.band)
+        run = JobRun(job, request, provider, self.cfg.images_dir / alert.date / alert.object_id, force=job.force)
+        if known is not None:
+            run.detection = Detection(known, alert.obs_mjd if known_mjd is None else known_mjd)
+        return run
+
+    async def process(self, run: JobRun) -> None:
+        """Find the detection, fetch what is missing, write and record it; raise what settles the job, if any."""
+        if run.detection is None:
+            (slot,) = await self._slots(run.provider, 1)
+            run.detection = await run.provider.find_detection(self._http(run.provider, slot), run.request)
+            if not PLAIN_ID.match(run.detection.detection_id):
+                raise FetchError(f"{run.provider.name} named detection {run.detection.detection_id[:80]!r}")
+            if run.detection.light_curve:  # what the lookup said of the object's history, for night reports
+                await self._db(save_detections, run.request.survey, run.request.object_id,
+                               run.detection.light_curve, run.detection.light_curve_unit)
+        if not run.force:
+            await self._side(self._existing, run)
+        missing = run.missing
+        slots = await self._slots(run.provider, len(missing))
+        run.take(missing, await asyncio.gather(
+            *(run.provider.fetch(self._http(run.provider, slot), run.request, run.detection, kind)
+              for kind, slot in zip(missing, slots, strict=True)),
+            return_exceptions=True,
+        ))
+        await self._side(self._write, run)
+        # Record what is on disk now, whatever the outcome: a job that is retried, fails or gives up still
+        # leaves valid files, and every file under images/ must reach the manifest.
+        await self._db(_record, run.files)
+        if self.trouble.active:
+            await self._db(self.trouble.recovered)
+        verdict = run.verdict()
+        if verdict is not None:
+            raise verdict
+
+    def _existing(self, run: JobRun) -> None:
+        for kind in STAMP_TYPES:
+            found = run.paths.valid(kind)
+            if found is not None:
+                run.have[kind] = found
+
+    def _write(self, run: JobRun) -> None:
+        """Check and write the fetched stamps, then the preview; list in ``run.files`` every file of the job on
+        disk (written now or valid already), even when a stamp failed."""
+        paths = run.paths
+        if paths.folder.is_dir():  # temporaries of a writer killed with -9 (a live one's are left alone)
+            remove_stale_temporaries(paths.folder)
+        triplet = dict(run.have)
+        for kind, data in run.fetched.items():
+            try:
+                image = run.provider.check(data)
+            except ValueError as exc:
+                run.problems.append(FetchError(f"{kind} stamp: {exc}"))
+                continue
+            atomic_write(paths.stamp(kind), data)
+            triplet[kind] = Stamp(data, image)
+            run.written.append(kind)
+        run.files = [self._manifest_row(paths.stamp(kind), stamp.data) for kind, stamp in sorted(triplet.items())]
+        if len(triplet) == len(STAMP_TYPES) and self.settings.previews:
+            run.files.append(self._preview(run, triplet))
+
+    def _preview(self, run: JobRun, triplet: dict[str, Stamp]) -> ManifestRow:
+        """Draw the preview when something changed (or it is missing); its manifest row either way."""
+        png, detection = run.paths.preview, run.detection
+        assert detection is not None
+        if run.force or run.written or not png.exists():
+            from ztfd import preview
+
+            draw = preview.RENDERERS[self.settings.preview_renderer]
+            data = draw(run.request.object_id, detection.detection_id, detection.mjd,
+                        {kind: stamp.image for kind, stamp in triplet.items()}, band=run.request.band,
+                        label=run.provider.detection_label)
+            atomic_write(png, data)
+            run.preview = True
+        else:
+            data = png.read_bytes()
+        return self._manifest_row(png, data)
+
+    def _manifest_row(self, path: Path, data: bytes) -> ManifestRow:
+        return relative_to_home(self.cfg.home, path), len(data), md5_hex(data)
+
+    # --- settling a job ----------------------------------------------------------------------------------
+
+    async def settle(self, run: JobRun, problem: BaseException | None) -> None:
+        """Write the job's outcome: done, not yet available, given back (local trouble), retried or failed."""
+        if problem is None:
+            self.stats["done"] += 1
+            log.debug("%s done: detection %s, fetched %s", run.label, run.detection, run.written or "nothing")
+            if not await self._settle(run.label, jobs.complete, run.job.id, self.owner, run.result(self.name)):
+                log.warning("%s finished after its lease was lost; another worker has it", run.label)
+        elif is_local(problem):
+            await self._give_back(run, describe(problem))
+        elif isinstance(problem, NotYetAvailableError):
+            await self._not_yet(run, str(problem))
+        elif isinstance(problem, FetchError):
+            await self._failed_attempt(run, str(problem))
+        else:
+            log.error("%s: unexpected error", run.label, exc_info=problem)
+            await self._failed_attempt(run, f"{problem.__class__.__name__}: {problem}")
+
+    async def _settle(self, label: str, write: Callable[..., T], *args: Any) -> T:
+        """Write a job's outcome, trying until the store takes it: a job left leased by a failed write would never
+        come back while this worker lives (its task renews the lease meanwhile, so nobody else takes it)."""
+        for attempt in itertools.count(1):
+            try:
+                return await self._db(write, *args)
+            except sqlite3.Error as exc:
+                delay = SETTLE_BACKOFF.delay(attempt)
+                log.warning("%s: could not write its outcome (%s); trying again in %.1fs", label, exc, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _give_back(self, run: JobRun, reason: str) -> None:
+        """Local trouble is not the job's fault: hand it back without counting an attempt, and pause claiming
+        (the jobs in flight that hit the same trouble meanwhile share the pause; the next one after it doubles)."""
+        if self.paused_until <= time.monotonic():
+            self.paused_until = time.monotonic() + await self._db(self.trouble.failed, reason)
+        pause = max(self.paused_until - time.monotonic(), 0.0)
+        self.stats["given back"] += 1
+        await self._settle(run.label, jobs.release, self.owner, [run.job.id], pause)
+
+    async def _failed_attempt(self, run: JobRun, reason: str) -> None:
+        job = run.job
+        if job.attempts >= self.settings.max_attempts:
+            log.error("%s failed after %d attempts: %s", run.label, job.attempts, reason)
+            self.stats["failed"] += 1
+            await self._settle(run.label, jobs.fail, job.id, self.owner, reason)
+            return
+        delay = failure_delay(self.settings, job.attempts)
+        log.warning("%s attempt %d/%d: %s; retrying in %.1fs", run.label, job.attempts, self.settings.max_attempts,
+                    reason, delay)
+        self.stats["retried"] += 1
+        await self._settle(run.label, jobs.retry, job.id, self.owner, delay, reason)
+
+    async def _not_yet(self, run: JobRun, reason: str) -> None:
+        job = run.job
+        waited = time.time() - job.unavailable_since if job.unavailable_since is not None else 0.0
+        if waited >= self.settings.unavailable_give_up:
+            reason = f"not available at {run.provider.service} after {waited:.0f}s: {reason}"
+            log.error("%s failed: %s", run.label, reason)
+            self.stats["failed"] += 1
+            await self._settle(run.label, jobs.fail, job.id, self.owner, reason)
+            return
+        delay = unavailable_delay(self.settings, waited)
+        log.info("%s not yet available (%s); looking again in %.0fs", run.label, reason, delay)
+        self.stats["unavailable"] += 1
+        await self._settle(run.label, jobs.retry, job.id, self.owner, delay, reason, jobs.Waiting.UNAVAILABLE)
 
     # --- plumbing ----------------------------------------------------------------------------------------
 
@@ -263,11 +620,39 @@ class Worker:
 
         return await asyncio.get_running_loop().run_in_executor(self.db, call)
 
-    async def _cpu(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
+    async def _side(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` on the side thread, one step at a time; if it hangs past ``stamps.step_timeout``, leave the
+        thread behind (a new one takes the next steps) and raise ``StepTimeoutError``."""
+        timeout = self.settings.step_timeout
+        async with self.side_turn:
+            future = self.side.submit(fn, *args)
+            try:
+                return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
+            except TimeoutError:
+                log.error("a side step (%s) hung for %gs: leaving its thread behind", fn.__name__, timeout)
+                self.side.close()
+                self.side = SideThread()
+        raise StepTimeoutError(f"{fn.__name__} did not finish within {timeout:g}s (stamps.step_timeout)")
+
+    def _http(self, provider: StampProvider, slot: float) -> HttpGet:
+        """The GET a provider makes its requests with: the first at ``slot``, any further one at a new slot."""
+        slots = [slot]
+
+        async def get(url: str, params: dict[str, str] | None) -> tuple[int, bytes]:
+            at = slots.pop() if slots else (await self._slots(provider, 1))[0]
+            return await self._get(url, params, at)
+
+        return get
+
+    async def _slots(self, provider: StampProvider, count: int) -> list[float]:
+        """``count`` slots of the provider's pool-wide politeness limit (``stamps.rate_limit``)."""
+        if self.settings.rate_limit <= 0:
+            return [0.0] * count
+        return await self._db(ratelimit.reserve, provider.name, self.settings.rate_limit, count)
 
     async def _get(self, url: str, params: dict[str, str] | None, slot: float) -> tuple[int, bytes]:
-        """One GET at its rate-limit slot, with the configured timeout; connection problems are FetchErrors."""
+        """One GET at its rate-limit slot, with the configured timeout; connection problems are FetchErrors (or
+        local trouble: out of file descriptors)."""
         import aiohttp
 
         delay = slot - time.time()
@@ -282,278 +667,20 @@ class Worker:
         except TimeoutError:
             raise FetchError(f"timed out after {self.settings.timeout:g}s") from None
         except aiohttp.ClientError as exc:
+            if is_local(exc):
+                raise
             raise FetchError(f"{exc.__class__.__name__}: {exc}") from None
 
-    async def _slots(self, count: int) -> list[float]:
-        if self.settings.rate_limit <= 0:
-            return [0.0] * count
-        return await self._db(ratelimit.reserve, RATE_LIMIT_NAME, self.settings.rate_limit, count)
 
-    # --- one job -----------------------------------------------------------------------------------------
+def failure_delay(cfg: StampsConfig, attempts: int) -> float:
+    """Exponential backoff with jitter: base·2^(n-1) capped at retry_max, then scaled by 0.5–1.0."""
+    return lifecycle.Backoff(cfg.retry_base, cfg.retry_max, jitter=0.5).delay(attempts)
 
-    async def _detection(self, object_id: str, obs_mjd: float | None) -> Detection:
-        (slot,) = await self._slots(1)
-        url = self.settings.alerce_api_url.rstrip("/") + DETECTIONS_PATH.format(oid=object_id)
-        status, body = await self._get(url, None, slot)
-        if status == 404:
-            raise NotYetAvailableError("ALeRCE does not know the object yet (detections: 404)")
-        if status != 200:
-            raise FetchError(f"detections: HTTP {status}")
-        detections = parse_detections(body)
-        await self._db(_keep_detections, object_id, body)  # the light curve, for night reports
-        return choose_candid(detections, obs_mjd, self.settings.match_tolerance)
 
-    async def _fetch_stamp(self, object_id: str, candid: int, kind: str, slot: float) -> bytes:
-        url = self.settings.alerce_stamp_url.rstrip("/") + STAMP_PATH
-        params = {"oid": object_id, "candid": str(candid), "type": kind, "format": "fits"}
-        status, body = await self._get(url, params, slot)
-        if status == 404:
-            raise NotYetAvailableError(f"{kind} stamp of listed candid {candid}: HTTP 404")
-        if status != 200:
-            raise FetchError(f"{kind} stamp: HTTP {status}")
-        return body
-
-    async def process(self, job: jobs.StampJob) -> Outcome:
-        object_id, date = job.alert.object_id, job.alert.date
-        if not isinstance(object_id, str) or not PLAIN_ID.match(object_id):
-            raise BadPayloadError(f"bad object_id {object_id!r}")
-        if not isinstance(date, str) or not DATE.match(date):
-            raise BadPayloadError(f"bad date {date!r}")
-        force = job.force
-        if job.known is not None:  # an earlier run chose it (replay): no detections request
-            candid, mjd = int(job.known.detection_id), job.known.detection_mjd
-        else:
-            detection = await self._detection(object_id, job.alert.obs_mjd)
-            candid, mjd = detection.candid, detection.mjd
-        paths = {kind: stamp_path(self.cfg.images_dir, date, object_id, candid, kind) for kind in STAMP_TYPES}
-        have = {} if force else await self._cpu(self._existing, paths)
-        missing = [kind for kind in STAMP_TYPES if kind not in have]
-        slots = await self._slots(len(missing))
-        results = await asyncio.gather(
-            *(self._fetch_stamp(object_id, candid, kind, slot) for kind, slot in zip(missing, slots, strict=True)),
-            return_exceptions=True,
-        )
-        fetched = {}
-        problems: list[BaseException] = []
-        for kind, result in zip(missing, results, strict=True):
-            if isinstance(result, BaseException):
-                problems.append(result)
-            else:
-                fetched[kind] = result
-        outcome = Outcome(candid, mjd)
-        png = preview_path(self.cfg.images_dir, date, object_id, candid)
-        written = await self._cpu(
-            self._write, object_id, candid, mjd, paths, png, have, fetched, force, problems, outcome
-        )
-        # Record what is on disk now, whatever the outcome: a job that is retried, fails or gives up still
-        # leaves valid files, and every file under images/ must reach the manifest.
-        await self._db(_record, written)
-        for problem in problems:
-            if isinstance(problem, NotYetAvailableError | FetchError):
-                continue
-            raise problem  # a programming error: let the generic handler log it with its traceback
-        if problems:
-            # Keep what was written (valid stamps are never refetched) and report the most telling problem:
-            # a failure is retried on the failure schedule, "not yet" on the slower one.
-            failures = [p for p in problems if isinstance(p, FetchError)]
-            raise failures[0] if failures else problems[0]
-        await self._db(self._finish, job, outcome)
-        return outcome
-
-    def _existing(self, paths: dict[str, Path]) -> dict[str, tuple[bytes, Any]]:
-        found = {}
-        for kind, path in paths.items():
-            valid = read_valid(path)
-            if valid is not None:
-                found[kind] = valid
-        return found
-
-    def _write(
-        self,
-        object_id: str,
-        candid: int,
-        mjd: float | None,
-        paths: dict[str, Path],
-        png: Path,
-        have: dict[str, tuple[bytes, Any]],
-        fetched: dict[str, bytes],
-        force: bool,
-        problems: list[BaseException],
-        outcome: Outcome,
-    ) -> list[tuple[str, int, str]]:
-        """Check and write the fetched stamps, then the preview; return manifest rows for every file of the job on
-        disk (written now or valid already), even when a stamp failed."""
-        triplet = dict(have)
-        _remove_stale_temporaries(png.parent)
-        for kind, data in fetched.items():
-            try:
-                image = check_stamp(data)
-            except ValueError as exc:
-                problems.append(FetchError(f"{kind} stamp: {exc}"))
-                continue
-            atomic_write(paths[kind], data)
-            triplet[kind] = (data, image)
-            outcome.fetched.append(kind)
-        home = self.cfg.home
-        rows = [(relative_to_home(home, paths[k]), len(d), md5_hex(d)) for k, (d, _) in sorted(triplet.items())]
-        if len(triplet) == len(STAMP_TYPES) and self.settings.previews:
-            if force or outcome.fetched or not png.exists():
-                from ztfd import preview
-
-                draw = preview.RENDERERS[self.settings.preview_renderer]
-                data = draw(object_id, candid, mjd, {k: image for k, (_, image) in triplet.items()})
-                atomic_write(png, data)
-                outcome.preview = True
-            else:
-                data = png.read_bytes()
-            rows.append((relative_to_home(home, png), len(data), md5_hex(data)))
-        return rows
-
-    def _finish(self, conn: sqlite3.Connection, job: jobs.StampJob, outcome: Outcome) -> None:
-        result = jobs.StampResult(str(outcome.candid), outcome.mjd, tuple(outcome.fetched), outcome.preview, self.name)
-        if not jobs.complete(conn, job.id, self.owner, result):
-            log.warning("job %d finished after its lease was lost; another worker has it", job.id)
-
-    async def run_job(self, job: jobs.StampJob) -> None:
-        """Process one job and settle it: done, retry, not yet available, or failed."""
-        label = f"job {job.id} {job.alert.object_id}"
-        try:
-            outcome = await self.process(job)
-        except asyncio.CancelledError:
-            raise
-        except NotYetAvailableError as exc:
-            await self._not_yet(job, label, str(exc))
-        except BadPayloadError as exc:
-            log.error("%s failed: %s", label, exc)
-            self.stats["failed"] += 1
-            await self._db(jobs.fail, job.id, self.owner, str(exc))
-        except Exception as exc:
-            if not isinstance(exc, FetchError):
-                log.exception("%s: unexpected error", label)
-            await self._failed_attempt(job, label, f"{exc.__class__.__name__}: {exc}"
-                                       if not isinstance(exc, FetchError) else str(exc))
-        else:
-            self.stats["done"] += 1
-            log.debug("%s done: candid %d, fetched %s", label, outcome.candid, outcome.fetched or "nothing")
-
-    async def _failed_attempt(self, job: jobs.StampJob, label: str, reason: str) -> None:
-        if job.attempts >= self.settings.max_attempts:
-            log.error("%s failed after %d attempts: %s", label, job.attempts, reason)
-            self.stats["failed"] += 1
-            await self._db(jobs.fail, job.id, self.owner, reason)
-            return
-        delay = failure_delay(self.settings, job.attempts)
-        log.warning("%s attempt %d/%d: %s; retrying in %.1fs", label, job.attempts, self.settings.max_attempts,
-                    reason, delay)
-        self.stats["retried"] += 1
-        await self._db(jobs.retry, job.id, self.owner, delay, reason)
-
-    async def _not_yet(self, job: jobs.StampJob, label: str, reason: str) -> None:
-        now = time.time()
-        waited = now - job.unavailable_since if job.unavailable_since is not None else 0.0
-        if waited >= self.settings.unavailable_give_up:
-            reason = f"not available at ALeRCE after {waited:.0f}s: {reason}"
-            log.error("%s failed: %s", label, reason)
-            self.stats["failed"] += 1
-            await self._db(jobs.fail, job.id, self.owner, reason)
-            return
-        delay = unavailable_delay(self.settings, waited)
-        log.info("%s not yet available (%s); looking again in %.0fs", label, reason, delay)
-        self.stats["unavailable"] += 1
-        await self._db(jobs.retry, job.id, self.owner, delay, reason, waiting=jobs.Waiting.UNAVAILABLE)
-
-    # --- the loop ----------------------------------------------------------------------------------------
-
-    async def _keep_alive(self) -> None:
-        """Heartbeat and extend this worker's leases, more often than they could expire."""
-        assert self.stopping is not None
-        period = max(0.2, min(5.0, self.settings.lease_seconds / 3))
-        while not self.stopping.is_set():
-            try:
-                if self.heartbeat:
-                    await self._db(store.heartbeat, self.name, "fetcher")
-                await self._db(jobs.extend, self.owner, self.settings.lease_seconds)
-            except sqlite3.Error as exc:
-                log.warning("heartbeat failed: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), period)
-
-    def _batch_has_work(self, conn: sqlite3.Connection) -> bool:
-        """True while the batch has jobs leased or to be tried again soon (not the ones waiting for ALeRCE)."""
-        return jobs.counts(conn, batch=self.batch).busy > 0
-
-    async def run(self) -> int:
-        import aiohttp
-
-        loop = asyncio.get_running_loop()
-        self.stopping = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stopping.set)
-        if self.heartbeat:
-            await self._db(store.heartbeat, self.name, "fetcher")
-        await self._cpu(_warm_up, self.settings)
-        concurrency = self.settings.concurrency
-        timeout = aiohttp.ClientTimeout(total=self.settings.timeout)
-        connector = aiohttp.TCPConnector(limit=concurrency * len(STAMP_TYPES) + 2)
-        log.info("stamp worker %s started (concurrency %d, rate limit %s/s for the pool%s)", self.name, concurrency,
-                 self.settings.rate_limit or "no", f", batch {self.batch}" if self.batch else "")
-        tasks: dict[asyncio.Task[None], jobs.StampJob] = {}
-        keep_alive = asyncio.create_task(self._keep_alive())
-        more = True  # the last claim got all it asked for: claim again as soon as there is room
-        last_claim = 0.0
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False,
-                                         raise_for_status=False) as session:
-            self.session = session
-            try:
-                while not self.stopping.is_set():
-                    wait: float | None = None
-                    if len(tasks) < concurrency:
-                        now = time.time()
-                        due = None if more else await self._db(jobs.next_due, self.batch)
-                        if more or (due is not None and due <= now) or now - last_claim >= IDLE_CLAIM_EVERY:
-                            want = concurrency - len(tasks)
-                            claimed = await self._db(jobs.claim, self.owner,
-                                                     self.settings.lease_seconds, want, batch=self.batch,
-                                                     max_attempts=self.settings.max_attempts)
-                            last_claim = now
-                            more = len(claimed) == want
-                            for job in claimed:
-                                tasks[asyncio.create_task(self.run_job(job))] = job
-                            if not more:
-                                due = await self._db(jobs.next_due, self.batch)
-                        if not more:
-                            if not tasks and self.exit_when_idle and not await self._db(self._batch_has_work):
-                                break
-                            # Idle (or nearly): sleep until the next job is due, looking again (a read) at
-                            # least every IDLE_MAX_SLEEP for new jobs.
-                            wait = IDLE_MAX_SLEEP if due is None else min(IDLE_MAX_SLEEP, due - time.time())
-                            wait = max(wait, 0.02)
-                    waiters: set[asyncio.Future[Any]] = set(tasks)
-                    stop_wait = asyncio.ensure_future(self.stopping.wait())
-                    waiters.add(stop_wait)
-                    done, _ = await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-                    stop_wait.cancel()
-                    for task in done:
-                        if task in tasks:
-                            del tasks[task]
-                            if not task.cancelled() and task.exception() is not None:
-                                log.error("stamp task crashed", exc_info=task.exception())
-            finally:
-                await self._shut_down(tasks, keep_alive)
-        log.info("stamp worker %s stopped: %s", self.name, ", ".join(f"{k} {v}" for k, v in self.stats.items()))
-        return 0
-
-    async def _shut_down(self, tasks: dict[asyncio.Task[None], jobs.StampJob], keep_alive: asyncio.Task[None]) -> None:
-        """Cancel what is in flight and hand its jobs back at once (files already written stay: they are valid)."""
-        assert self.stopping is not None
-        self.stopping.set()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, keep_alive, return_exceptions=True)
-        self.cpu.shutdown(wait=True)  # a write in progress finishes (atomically) before the lease is released
-        released = await self._db(jobs.release, self.owner)
-        if released:
-            log.info("released %d stamp jobs", released)
+def unavailable_delay(cfg: StampsConfig, waited: float) -> float:
+    """Wait about as long again as already waited (doubling), between the unavailable base and max."""
+    delay = lifecycle.Backoff(cfg.unavailable_retry_base, cfg.unavailable_retry_max, jitter=0.1).delay_after(waited)
+    return min(delay, max(cfg.unavailable_give_up - waited, 0.0))  # look once more right at the give-up time
 
 
 def run_worker(cfg: Config, name: str, batch: str | None = None) -> int:
@@ -565,7 +692,9 @@ def run_worker(cfg: Config, name: str, batch: str | None = None) -> int:
     os.nice(FETCHER_NICENESS)
     worker = Worker(cfg, name, batch=batch, exit_when_idle=batch is not None, heartbeat=batch is None)
     try:
-        return asyncio.run(worker.run())
+        with lifecycle.stop_on_signals() as signals:
+            worker.signals = signals
+            return asyncio.run(worker.run())
     finally:
         worker.db.shutdown(wait=True)
         if worker.conn is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import shutil
 import sqlite3
 import time
@@ -18,15 +19,22 @@ from pathlib import Path
 from typing import Any
 
 from ztfd import config, store, supervisor
+from ztfd.localtrouble import STATUS_PREFIX as LOCAL_TROUBLE_PREFIX
 from ztfd.procs import pid_alive
+from ztfd.quota import near_quota
+from ztfd.sources import LSST
 from ztfd.store import counters, jobs
+from ztfd.store import gaps as store_gaps
+from ztfd.store import quota as store_quota
 from ztfd.store.alerts import count_received_since
 from ztfd.store.db import connect_readonly
+from ztfd.store.facts import statuses_with_prefix
 from ztfd.store.processes import process, processes
+from ztfd.units import human_bytes
 
 log = logging.getLogger(__name__)
 
-CHILD_ROLES = ("consumer", "fetcher", "syncer")
+CHILD_ROLES = ("consumer", "fetcher", "syncer", "metrics", "reporter")
 KAFKA_TIMEOUT = 3.0
 LAST_FAILURES = 5
 
@@ -47,6 +55,8 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
         "sync": {"enabled": bool(cfg.s3.bucket), "bucket": cfg.s3.bucket or None, "pending": 0, "pending_bytes": 0,
                  "done": 0, "last_pass": None, "last_error": None},
         "rejected": {},
+        "gaps": [],
+        "local_trouble": {},
         "disk": _disk(cfg.home),
         "store": str(cfg.db_path) if cfg.db_path.exists() else None,
     }
@@ -59,8 +69,14 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
             report["failures"] = _failures(conn)
             report["sync"].update(_sync(conn))
             report["rejected"] = _rejected(conn, cfg)
+            report["gaps"] = _gaps(conn)
+            report["local_trouble"] = {
+                name: {"reason": reason, "at": _iso(at)}
+                for name, (reason, at) in statuses_with_prefix(conn, LOCAL_TROUBLE_PREFIX).items()}
+            lost = store_gaps.missing_by_topic(conn)
             for info in report["topics"]:
                 info["rejected"] = report["rejected"].get(info["topic"], 0)
+                info["lost_upstream"] = lost.get(info["topic"], 0)
             row = process(conn, supervisor.SUPERVISOR_NAME)
             if row is not None and sup_pid is not None and row.started_at:
                 report["supervisor"]["uptime"] = round(now - row.started_at, 1)
@@ -99,8 +115,14 @@ def _disk(home: Path) -> dict[str, Any]:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     usage = shutil.disk_usage(probe)
+    # A year of small files can run out of inodes before bytes. Some file systems (btrfs) have no fixed number
+    # and report 0: then the inode fields are null.
+    fs = os.statvfs(probe)
+    free_inodes, total_inodes = (fs.f_favail, fs.f_files) if fs.f_files else (None, None)
     return {"path": str(probe), "free_bytes": usage.free, "total_bytes": usage.total,
-            "free_percent": round(100 * usage.free / usage.total, 1) if usage.total else None}
+            "free_percent": round(100 * usage.free / usage.total, 1) if usage.total else None,
+            "free_inodes": free_inodes, "total_inodes": total_inodes,
+            "free_inodes_percent": round(100 * fs.f_favail / fs.f_files, 1) if fs.f_files else None}
 
 
 def _processes(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[dict[str, Any]]:
@@ -125,16 +147,30 @@ def _processes(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list
 
 
 def _empty_topic(topic: str) -> dict[str, Any]:
-    return {"topic": topic, "alerts_today": 0, "alerts_total": 0, "last_alert": None, "last_alert_age": None,
-            "rejected": 0, "partitions": {}, "lag": None}
+    return {"topic": topic, "survey": None, "alerts_today": 0, "alerts_total": 0, "last_alert": None,
+            "last_alert_age": None, "rejected": 0, "lost_upstream": 0, "partitions": {}, "lag": None,
+            "lasair_day": None}
+
+
+def _lasair_day(day: store_quota.DayBytes | None, quota: int, now: float) -> dict[str, Any]:
+    """The topic's traffic on the current Lasair quota day, against ``kafka.lasair_byte_quota``."""
+    nid = store_quota.nid_of(dt.datetime.fromtimestamp(now, dt.UTC))
+    if day is None or day.nid != nid:
+        day = store_quota.DayBytes("", nid, day.survey if day else None, 0, 0, now)
+    quota = quota if day.survey == LSST else 0  # Lasair-LSST's filters have a byte quota, Lasair-ZTF's none
+    return {"day": day.day, "nid": nid, "bytes": day.bytes, "messages": day.messages, "quota": quota or None,
+            "percent": round(100.0 * day.bytes / quota, 1) if quota else None, "warning": near_quota(day, quota)}
 
 
 def _topics(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[dict[str, Any]]:
     midnight = dt.datetime.fromtimestamp(now, dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
     everything = counters.topic_totals(conn)
     result = []
+    days, surveys = store_quota.latest_days(conn), store_quota.surveys(conn)
     for topic in cfg.kafka.topics:
         info = _empty_topic(topic)
+        info["survey"] = surveys.get(topic)
+        info["lasair_day"] = _lasair_day(days.get(topic), cfg.kafka.lasair_byte_quota, now)
         totals = everything.get(topic, counters.TopicTotals(0, 0, None))
         last = totals.last_alert_at
         info["alerts_total"] = totals.stored
@@ -167,6 +203,13 @@ def _rejected(conn: sqlite3.Connection, cfg: config.Config) -> dict[str, int]:
     """Rejected messages per topic, all there ever were (also those exported and forgotten)."""
     found = {topic: totals.rejected for topic, totals in counters.topic_totals(conn).items() if totals.rejected}
     return {**{t: 0 for t in cfg.kafka.topics}, **found}
+
+
+def _gaps(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """The newest gaps: offsets the broker no longer had when ztfd came to read them (see ztfd.partitions)."""
+    return [{"topic": g.topic, "partition": g.partition, "generation": g.generation, "first_offset": g.first_offset,
+             "last_offset": g.last_offset, "missing": g.missing, "detected_at": _iso(g.detected_at)}
+            for g in store_gaps.recent_gaps(conn)]
 
 
 def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -> None:
@@ -259,16 +302,6 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f}d"
 
 
-def _size(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
 def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     cells = [[str("-" if v is None else v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
@@ -277,12 +310,21 @@ def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     return ["  " + line for line in lines]
 
 
+def _describe_day(day: dict[str, Any] | None) -> str:
+    """Bytes received on the current Lasair day, with the share of the quota for LSST topics."""
+    if not day:
+        return "-"
+    share = f" ({day['percent']:.0f}%)" if day.get("percent") is not None and day["bytes"] else ""
+    return human_bytes(day["bytes"]) + share
+
+
 def _describe_pass(last: Any) -> str:
     if not isinstance(last, dict):
         return str(last) if last else "-"
     when = _iso(last.get("finished_at")) or "?"
     outcome = "ok" if last.get("ok") else "incomplete"
-    return f"{when}: {last.get('files', 0)} files, {_size(last.get('bytes'))} in {last.get('seconds', 0)} s, {outcome}"
+    size = human_bytes(last.get("bytes"))
+    return f"{when}: {last.get('files', 0)} files, {size} in {last.get('seconds', 0)} s, {outcome}"
 
 
 def _describe_error(error: Any) -> str:
@@ -316,13 +358,23 @@ def render(report: dict[str, Any]) -> str:
 
     out.append("Topics")
     out += _table(
-        ["topic", "today", "total", "last alert", "lag", "rejected"],
-        [[t["topic"], t["alerts_today"], t["alerts_total"],
+        ["topic", "survey", "today", "total", "last alert", "lag", "rejected", "Lasair day"],
+        [[t["topic"], t.get("survey") or "-", t["alerts_today"], t["alerts_total"],
           f"{t['last_alert']} ({_age(t['last_alert_age'])} ago)" if t["last_alert"] else "-",
           t["lag"] if t["lag"] is not None else f"? ({t.get('broker', 'unknown')})",
-          report["rejected"].get(t["topic"], 0)]
+          report["rejected"].get(t["topic"], 0), _describe_day(t.get("lasair_day"))]
          for t in report["topics"]],
     )
+    for t in report["topics"]:
+        day = t.get("lasair_day") or {}
+        if day.get("warning"):
+            out.append(f"  WARNING {t['topic']}: {human_bytes(day['bytes'])} received on Lasair day {day['day']}, "
+                       f"{day['percent']:.0f}% of kafka.lasair_byte_quota ({human_bytes(day['quota'])}); Lasair stops "
+                       "sending this filter's messages at 100% until the day ends (20:00 UTC)")
+    for gap in report.get("gaps", []):
+        out.append(f"  LOST UPSTREAM {gap['topic']}[{gap['partition']}]: offsets {gap['first_offset']}.."
+                   f"{gap['last_offset']} ({gap['missing']} alerts) were gone from the broker when ztfd came to "
+                   f"read them (found {gap['detected_at']})")
     out.append("")
 
     q = report["queue"]
@@ -339,12 +391,16 @@ def render(report: dict[str, Any]) -> str:
     if not s.get("enabled"):
         out.append("  off (s3.bucket is not set)")
     else:
-        out.append(f"  bucket {s.get('bucket')}: pending {s['pending']} files ({_size(s.get('pending_bytes'))}), "
+        out.append(f"  bucket {s.get('bucket')}: pending {s['pending']} files ({human_bytes(s.get('pending_bytes'))}), "
                    f"uploaded {s.get('done', '-')}")
     out.append(f"  last pass {_describe_pass(s.get('last_pass'))}; last error {_describe_error(s.get('last_error'))}")
     out.append("")
 
     d = report["disk"]
-    out.append(f"Disk: {_size(d['free_bytes'])} free of {_size(d['total_bytes'])} ({d['free_percent']}%) "
-               f"under {d['path']}")
+    inodes = (f", {d['free_inodes']:,} of {d['total_inodes']:,} inodes free ({d['free_inodes_percent']}%)"
+              if d.get("total_inodes") else "")
+    out.append(f"Disk: {human_bytes(d['free_bytes'])} free of {human_bytes(d['total_bytes'])} ({d['free_percent']}%)"
+               f"{inodes} under {d['path']}")
+    for name, trouble in report.get("local_trouble", {}).items():
+        out.append(f"Local trouble: {name} cannot write, paused (last try {trouble['at']}): {trouble['reason']}")
     return "\n".join(out)

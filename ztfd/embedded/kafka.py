@@ -10,10 +10,11 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ztfd import lifecycle
 from ztfd.embedded.net import free_port, wait_for_port
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,7 @@ class KafkaBroker:
     def stop(self) -> None:
         if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        lifecycle.terminate([self.process], 10, group=True)
         self.process = None
 
     def __enter__(self) -> KafkaBroker:
@@ -114,12 +110,3 @@ def create_topic(bootstrap: str, topic: str, partitions: int = 1, timeout: float
             return
         time.sleep(0.1)
     raise TimeoutError(f"topic {topic} did not appear")
-
-
-@contextlib.contextmanager
-def running_broker(log_path: Path | None = None) -> Iterator[KafkaBroker]:
-    broker = KafkaBroker(log_path=log_path).start()
-    try:
-        yield broker
-    finally:
-        broker.stop()

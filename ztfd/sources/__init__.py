@@ -3,7 +3,21 @@
 A source knows one message format (``kafka.formats`` names it per topic): how to check the bytes, which survey
 the alert belongs to, its identity, its observation time and time scale, which rule dates it, which bytes to keep
 and the cutouts it carries, if any. The consumer knows none of this: it asks ``source_for(format).decode`` and
-stores what comes back. Adding a format means adding a module here and one entry in ``SOURCES``.
+stores what comes back. Adding a format means adding a module here and one entry in ``SOURCES`` (the
+``register`` decorator; every module of this package is imported by ``source_for``, so nothing else changes).
+
+What the consumer does with an ``Alert`` (its whole contract with a source):
+- names it: ``object_id`` must be a ``PLAIN_ID`` (it becomes a folder and file name), else the message is
+  rejected;
+- dates it: ``ztfd.nights.convert_times`` (one astropy call per kind of time field for a batch) fills
+  ``times_utc`` and the observation time (the field ``observation_key`` names), and ``ztfd.nights.date_of``
+  applies the alert's ``date_rule`` to it, else to ``utc_field``, else to the Kafka timestamp;
+- writes ``alert_files``: the file keeping ``raw`` (``raw`` embedded in JSON when ``suffix`` is ``.json``; else
+  ``raw`` verbatim and a ``.json`` companion with ``view``), then every cutout under
+  ``images/<date>/<object_id>/<detection_id>_<kind><suffix>`` (the names stamp providers use), all in the same
+  batch and the same store transaction;
+- queues a stamp job when ``stamps.<survey>_provider`` names a provider for ``survey`` that ``serves`` the alert.
+Whatever a source raises for one message (``InvalidMessageError`` or anything else) rejects that message only.
 
 Contract names (README "Configuration"): ``lasair`` (Lasair JSON, ZTF and LSST), ``ztf-avro``, ``fink``,
 ``confluent-avro``, ``avro``.
@@ -11,18 +25,28 @@ Contract names (README "Configuration"): ``lasair`` (Lasair JSON, ZTF and LSST),
 
 from __future__ import annotations
 
+import importlib
+import json
+import pkgutil
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 # The three stamps of an alert, in the order previews show them.
 STAMP_TYPES = ("science", "template", "difference")
+# MJD = JD - JD_MJD_OFFSET (the Modified Julian Date starts at 1858-11-17T00:00).
+JD_MJD_OFFSET = 2400000.5
 
 ZTF = "ztf"
 LSST = "lsst"
 # How an alert's partition date is chosen (written into the alert file as ``date_rule``).
 UTC_DATE = "utc"  # ZTF: the UTC date of the observation
 DAY_OBS = "dayobs"  # Rubin: the TAI date of the observation minus 12 h (see ztfd.nights)
+DEFAULT_FORMAT = "lasair"
+# What an alert's object id (and a detection id) must look like: it becomes a folder and a file name.
+PLAIN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_REASON = 300  # characters of a rejection reason kept
 
 
 class InvalidMessageError(ValueError):
@@ -64,10 +88,13 @@ class Alert:
     view: dict[str, Any] | None = None  # a rendering for people when ``raw`` is not JSON (Avro), cutouts left out
     suffix: str = ".json"  # of the alert file that keeps ``raw``
     body: dict[str, Any] | None = None  # the decoded message, for the columns reports show
-    # Filled by ``convert_times`` a batch at a time: ISO 8601 UTC per time field, the observation time (MJD UTC).
+    band: str | None = None  # the observation's band (LSST: the triggering diaSource's), for the preview
+    # Filled by ``nights.convert_times`` a batch at a time: ISO 8601 UTC per time field, the observation time
+    # (MJD UTC, ISO UTC) and its day under ``date_rule`` (YYYY-MM-DD).
     times_utc: dict[str, str] = field(default_factory=dict)
     obs_mjd: float | None = None
     obs_iso: str | None = None
+    obs_day: str | None = None
 
 
 class Source(Protocol):
@@ -91,3 +118,48 @@ def register(name: str) -> Callable[[Callable[..., Source]], Callable[..., Sourc
         return factory
 
     return add
+
+
+def source_for(name: str, **settings: Any) -> Source:
+    """A new source of format ``name`` (``kafka.formats``; ``lasair`` by default). ``settings`` are the consumer's
+    (``max_message_bytes``); a source takes what it needs and ignores the rest."""
+    load_all()
+    try:
+        factory = SOURCES[name]
+    except KeyError:
+        raise KeyError(f"no source for format {name!r} (known: {', '.join(sorted(SOURCES))})") from None
+    return factory(**settings)
+
+
+def load_all() -> None:
+    """Import every module of this package, so that each registers its sources."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+# --- what the consumer does with every alert, whatever its source ------------------------------------------------
+
+
+def file_stem(object_id: str, partition: int, offset: int, generation: int) -> str:
+    """Stable under redelivery: the same Kafka message always gets the same name."""
+    prefix = f"g{generation}-" if generation else ""
+    return f"{object_id}_{prefix}p{partition}-o{offset}"
+
+
+def alert_files(alert: Alert, folder: str, stem: str, images: str, metadata: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """Every file of one alert as (path, bytes): the one keeping ``raw`` first (in ``folder``), then its cutouts
+    (in ``images``, the object's stamp folder).
+
+    ``raw`` is never re-serialised: large integers and float digits stay exactly as sent.
+    """
+    meta = json.dumps(metadata).encode()
+    if alert.suffix == ".json":
+        files = [(f"{folder}/{stem}.json", b'{"message": ' + alert.raw + b', "ztfd": ' + meta + b"}\n")]
+    else:
+        view = json.dumps(alert.view).encode()
+        files = [(f"{folder}/{stem}{alert.suffix}", alert.raw),
+                 (f"{folder}/{stem}.json", b'{"message": ' + view + b', "ztfd": ' + meta + b"}\n")]
+    named = alert.detection_id or stem
+    files.extend((f"{images}/{named}_{cutout.kind}{cutout.suffix}", cutout.data)
+                 for cutout in alert.cutouts if cutout.data is not None)
+    return files

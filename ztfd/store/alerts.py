@@ -20,6 +20,9 @@ class NewAlert:
     date: str
     obs_mjd: float | None
     path: str
+    survey: str = "ztf"  # ztfd.sources.ZTF or LSST
+    detection_id: str | None = None  # the detection the message names (exact text), if it names one
+    band: str | None = None  # that detection's band, when the message says it (LSST)
 
 
 @dataclass(frozen=True)
@@ -34,9 +37,13 @@ class StoredAlert:
     obs_mjd: float | None  # the newest observation time of the message, MJD UTC
     path: str
     received_at: float
+    survey: str = "ztf"
+    detection_id: str | None = None
+    band: str | None = None
 
 
-_COLUMNS = "id, topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, received_at"
+_COLUMNS = ("id, topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, received_at, survey, "
+            "detection_id, band")
 
 
 def _stored(row: sqlite3.Row) -> StoredAlert:
@@ -50,14 +57,14 @@ def insert_alerts(conn: sqlite3.Connection, topic: str, alerts: list[NewAlert], 
     ids, so when every row went in, the ids follow from the last one. Only a conflict (a second consumer of
     the same topic) falls back to a statement per row.
     """
-    rows = [(topic, a.partition, a.generation, a.kafka_offset, a.object_id, a.date, a.obs_mjd, a.path, received_at)
-            for a in alerts]
+    rows = [(topic, a.partition, a.generation, a.kafka_offset, a.object_id, a.date, a.obs_mjd, a.path, received_at,
+             a.survey, a.detection_id, a.band) for a in alerts]
     if not rows:
         return []
     highest_before = conn.execute("SELECT coalesce(max(id), 0) FROM alerts").fetchone()[0]
     inserted = conn.executemany(  # rowcount: rows this statement inserted (the counters' triggers not included)
         "INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, "
-        "received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        "received_at, survey, detection_id, band) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         rows,
     ).rowcount
     if inserted == len(rows):

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ztfd.store.migrations import STEPS
+from ztfd.store.migrations import STEPS, add_missing_columns
 from ztfd.store.schema import SCHEMA, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ def _migrate(conn: sqlite3.Connection, db_path: Path) -> None:
                 STEPS[step](conn)
         for statement in _statements(SCHEMA):
             conn.execute(statement)
+        add_missing_columns(conn)
         conn.execute(
             "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),)
@@ -180,10 +181,11 @@ def transaction(conn: sqlite3.Connection, immediate: bool = True) -> Iterator[sq
     conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
     try:
         yield conn
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # also after a COMMIT that failed (disk full, I/O error): SQLite keeps it open
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 @contextlib.contextmanager

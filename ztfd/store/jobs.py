@@ -242,14 +242,22 @@ def claim(
     return sorted(jobs, key=lambda job: job.id)
 
 
-def extend(conn: sqlite3.Connection, owner: str, lease_seconds: float, now: float | None = None) -> int:
-    """Renew every lease ``owner`` holds (a worker's heartbeat while it is busy)."""
+def extend(
+    conn: sqlite3.Connection, owner: str, lease_seconds: float, now: float | None = None,
+    job_ids: Iterable[int] | None = None,
+) -> int:
+    """Renew the leases ``owner`` holds (a worker's heartbeat while it is busy): of ``job_ids`` only, when given
+    (the jobs a worker is still working on: one whose task died must go back to the queue, not be kept)."""
     now = time.time() if now is None else now
-    cur = conn.execute(
-        "UPDATE jobs SET lease_until = ?, updated_at = ? WHERE state = 'leased' AND owner = ?",
-        (now + lease_seconds, now, owner),
-    )
-    return cur.rowcount
+    if job_ids is None:
+        return conn.execute(
+            "UPDATE jobs SET lease_until = ?, updated_at = ? WHERE state = 'leased' AND owner = ?",
+            (now + lease_seconds, now, owner),
+        ).rowcount
+    return conn.executemany(
+        "UPDATE jobs SET lease_until = ?, updated_at = ? WHERE state = 'leased' AND owner = ? AND id = ?",
+        [(now + lease_seconds, now, owner, job_id) for job_id in job_ids],
+    ).rowcount
 
 
 def complete(conn: sqlite3.Connection, job_id: int, owner: str, result: StampResult | None = None) -> bool:
@@ -304,16 +312,22 @@ def fail(conn: sqlite3.Connection, job_id: int, owner: str, reason: str) -> bool
     return cur.rowcount == 1
 
 
-def release(conn: sqlite3.Connection, owner: str, job_ids: Iterable[int] | None = None) -> int:
-    """Hand leased jobs back untouched (on SIGTERM): ready at once, the claim not counted as an attempt."""
+def release(
+    conn: sqlite3.Connection, owner: str, job_ids: Iterable[int] | None = None, delay: float = 0.0,
+    now: float | None = None,
+) -> int:
+    """Hand leased jobs back untouched, the claim not counted as an attempt (nor as a failure): ready at once (on
+    SIGTERM), or after ``delay`` seconds (local trouble: the worker's disk is full, not the job's fault)."""
     only = "" if job_ids is None else " AND id = ?"
     ids = [()] if job_ids is None else [(job_id,) for job_id in job_ids]
+    now = time.time() if now is None else now
     total = 0
     for id_args in ids:
         total += conn.execute(
             "UPDATE jobs SET state = 'ready', owner = NULL, lease_until = NULL, attempts = max(attempts - 1, 0), "
-            "updated_at = ? WHERE state = 'leased' AND owner = ?" + only,
-            (time.time(), owner, *id_args),
+            "not_before = CASE WHEN ? > 0 THEN max(not_before, ?) ELSE not_before END, updated_at = ? "
+            "WHERE state = 'leased' AND owner = ?" + only,
+            (delay, now + delay, now, owner, *id_args),
         ).rowcount
     return total
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
+from ztfd.store.schema import ADDED_COLUMNS
+
 
 def _v1_to_v2(conn: sqlite3.Connection) -> None:
     """Jobs refer to their alert instead of carrying a JSON payload, and what a finished job learned moves from
@@ -58,6 +60,15 @@ def _v1_to_v2(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE manifest_v2 RENAME TO manifest")
 
 
+def add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Add each column of ``schema.ADDED_COLUMNS`` a table lacks (version 3: the alert's survey and the detection
+    its message names). Also run after ``SCHEMA`` in a new store, whose ``CREATE TABLE`` does not list them."""
+    for table, column, declaration in ADDED_COLUMNS:
+        if column not in {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+
 STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _v1_to_v2,
+    2: add_missing_columns,
 }

@@ -8,7 +8,7 @@ need no step: ``SCHEMA`` adds them). Version 1 is the layout before the store ow
 JSON payloads and results).
 """
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: alerts.survey and alerts.detection_id (ADDED_COLUMNS), the observability block
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -161,6 +161,21 @@ CREATE TABLE IF NOT EXISTS retention_checks (
 );
 """
 
+# --- Lasair-LSST byte quota (ztfd.store.quota; written by the consumers, read by status) ---------------------------
+# Kept apart from the tables above: added by the LSST work (issue 13). One row per topic per Lasair quota day (nid:
+# days since 2017-01-01 of UTC + 4 h); ``survey`` is that of the topic's alerts (what ``ztfd status`` shows).
+SCHEMA += """
+CREATE TABLE IF NOT EXISTS topic_bytes (
+    topic TEXT NOT NULL,
+    nid INTEGER NOT NULL,
+    survey TEXT,
+    bytes INTEGER NOT NULL,
+    messages INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (topic, nid)
+);
+"""
+
 
 # === Observability (issue 15: metrics and night reports; owned by the "obs" work) ================================
 # Counters kept incrementally by triggers, so that a Prometheus scrape and a night report read a few small rows
@@ -300,9 +315,13 @@ WHEN OLD.state = 'leased' AND NEW.last_error IS NOT NULL
     ON CONFLICT (reason) DO UPDATE SET failures = failures + 1;
 END;
 
+-- One trigger per manifest insert, not two: a trigger's call costs about as much as its statement.
 CREATE TRIGGER IF NOT EXISTS count_file_insert AFTER INSERT ON manifest BEGIN
     INSERT INTO counter_files (state, files, bytes) VALUES (NEW.state, 1, NEW.size)
     ON CONFLICT (state) DO UPDATE SET files = files + 1, bytes = bytes + excluded.bytes;
+    INSERT INTO counter_images (date, last_recorded_at)
+    SELECT substr(NEW.path, 8, 10), NEW.recorded_at WHERE substr(NEW.path, 1, 7) = 'images/'
+    ON CONFLICT (date) DO UPDATE SET last_recorded_at = max(last_recorded_at, excluded.last_recorded_at);
 END;
 
 CREATE TRIGGER IF NOT EXISTS count_file_update AFTER UPDATE OF state, size ON manifest
@@ -320,12 +339,6 @@ CREATE TRIGGER IF NOT EXISTS count_upload AFTER UPDATE OF state, uploaded_at ON 
 WHEN NEW.state = 'done' AND (OLD.state IS NOT 'done' OR NEW.uploaded_at IS NOT OLD.uploaded_at) BEGIN
     INSERT INTO counter_uploads (id, files, bytes) VALUES (1, 1, NEW.size)
     ON CONFLICT (id) DO UPDATE SET files = files + 1, bytes = bytes + excluded.bytes;
-END;
-
-CREATE TRIGGER IF NOT EXISTS count_image_insert AFTER INSERT ON manifest
-WHEN substr(NEW.path, 1, 7) = 'images/' BEGIN
-    INSERT INTO counter_images (date, last_recorded_at) VALUES (substr(NEW.path, 8, 10), NEW.recorded_at)
-    ON CONFLICT (date) DO UPDATE SET last_recorded_at = max(last_recorded_at, excluded.last_recorded_at);
 END;
 
 CREATE TRIGGER IF NOT EXISTS count_image_update AFTER UPDATE OF recorded_at ON manifest
@@ -353,3 +366,39 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('counters_seeded', '1');
 # === end of observability ========================================================================================
 
 SCHEMA += OBS_SCHEMA
+
+# --- Kafka partitions: alerts lost upstream, and the identity of each topic (ztfd.partitions) -------------------
+PARTITIONS_SCHEMA = """
+-- Offsets the broker no longer had when ztfd came to read them (retention passed them): lost upstream, recorded
+-- once each (the unique key makes a re-detection after a restart a no-op).
+CREATE TABLE IF NOT EXISTS gaps (
+    id INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    first_offset INTEGER NOT NULL,
+    last_offset INTEGER NOT NULL,
+    missing INTEGER NOT NULL,
+    detected_at REAL NOT NULL,
+    UNIQUE (topic, partition, generation, first_offset)
+);
+
+-- The Kafka topic id (KIP-516) ztfd last read each topic under: a different id is proof of recreation.
+CREATE TABLE IF NOT EXISTS topic_ids (
+    topic TEXT PRIMARY KEY,
+    topic_id TEXT NOT NULL,
+    seen_at REAL NOT NULL
+);
+"""
+SCHEMA += PARTITIONS_SCHEMA
+# --- added by the seams change (sources and stamp providers) ---------------------------------------------------------
+# Columns added to existing tables (schema version 3): ``migrations.add_missing_columns`` adds each one a table
+# lacks, after SCHEMA in a new store and as the step from version 2 in an older one.
+ADDED_COLUMNS = (
+    # The survey of the alert (its stamp provider is ``stamps.<survey>_provider``) and the detection its message
+    # names (Avro packets name their candid; Lasair rows none): what a stamp job needs beyond the columns above.
+    ("alerts", "survey", "TEXT NOT NULL DEFAULT 'ztf'"),
+    ("alerts", "detection_id", "TEXT"),
+    # LSST (issue 13): the band of the detection the message names (Lasair's lite and full output), for previews.
+    ("alerts", "band", "TEXT"),
+)
