@@ -63,8 +63,8 @@ log = logging.getLogger(__name__)
 POLL_TIMEOUT = 0.5
 DRAIN_TIMEOUT = 0.005
 BATCH_MAX_BYTES = 4 * 1024 * 1024  # a batch stops growing past this many bytes of messages (kafka.batch_size: count)
-BATCH_CHUNK = 250  # messages taken from librdkafka's queue at a time while a batch fills
-PREFETCH_KBYTES = 8192  # librdkafka's queued.max.messages.kbytes unless kafka.options sets it
+BATCH_CHUNK = 50  # messages taken from librdkafka's queue at a time while a batch fills
+PREFETCH_KBYTES = 32768  # librdkafka's queued.max.messages.kbytes unless kafka.options sets it
 HEARTBEAT_EVERY = 5.0
 METADATA_EVERY = 10.0  # seconds between looks at the topic's partitions (new topic, new partitions, recreation)
 RECENT_DATES_WINDOW = 2 * 86400.0
@@ -192,7 +192,7 @@ class TopicConsumer:
                     in_flight.append(batch)
                 # Store the older batch once a newer one is being written; at a trickle (Kafka had no more
                 # waiting) or when idle, store at once rather than after the next poll.
-                caught_up = len(messages) < self.cfg.kafka.batch_size
+                caught_up = not self._full(messages)
                 while in_flight and (len(in_flight) > 1 or caught_up or self.files.answered()):
                     self._store_oldest(in_flight)
                 self._look_at_topic()
@@ -202,6 +202,10 @@ class TopicConsumer:
             self.close()
         log.info("stopped consuming %s after storing %d alerts", self.topic, self.stored_total)
         return 0
+
+    def _full(self, messages: list[Any]) -> bool:
+        """The batch stopped at a limit (count or bytes), not because Kafka had no more waiting."""
+        return len(messages) >= self.cfg.kafka.batch_size or sum(map(_size, messages)) >= BATCH_MAX_BYTES
 
     def _next_batch(self) -> list[Any]:
         """Wait for one message, then take what is already fetched, up to a batch.
@@ -286,7 +290,8 @@ class TopicConsumer:
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
             # librdkafka prefetches up to 64 MB a partition by default: with Lasair-LSST's ~40 kB messages that
-            # alone was a third of the consumer's memory. 8 MB is still 16,000 ZTF rows. kafka.options may raise it.
+            # was a sixth of the consumer's memory. 32 MB still keeps fetching while a batch is prepared (8 MB
+            # did not: 0.6x the rate); kafka.options may set it.
             "queued.max.messages.kbytes": PREFETCH_KBYTES,
             "error_cb": self._on_kafka_error,
             "logger": librdkafka_logger(),
