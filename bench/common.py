@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 
 import psutil
 
+from ztfd import demo
 from ztfd.demo import child_env, ztfd_argv
 
 ROLE_BY_COMMAND = {"consume": "consumer", "fetch": "fetcher", "sync": "syncer", "start": "supervisor"}
@@ -198,21 +198,10 @@ def ztfd_child(config_path: Path, *args: str, log_path: Path, sampler: RssSample
 
 def stop_tree(proc: subprocess.Popen[bytes], timeout: float) -> None:
     try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        descendants = psutil.Process(proc.pid).children(recursive=True)
     except psutil.Error:
-        family = []
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)
-        proc.wait()
-    _gone, alive = psutil.wait_procs([p for p in family if p.pid != proc.pid], timeout=5)
-    for leftover in alive:
-        with contextlib.suppress(psutil.Error):
-            leftover.kill()
+        descendants = []
+    demo.stop_tree([proc], descendants, timeout)
 
 
 def python_child(module: str, *args: str, log_path: Path) -> subprocess.Popen[bytes]:
@@ -228,10 +217,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what or predicate}")
         time.sleep(interval)
-
-
-def scalar(conn: sqlite3.Connection, sql: str, *params: Any) -> Any:
-    return conn.execute(sql, params).fetchone()[0]
 
 
 def machine() -> dict[str, Any]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.common import Results, Row, RssSampler, Settings, wait_until
 from bench.stamps import synthetic_packets
 from ztfd import store
-from ztfd.demo import FAST_KAFKA_OPTIONS, LOCAL_AWS_ENV, Daemon, has_supervisor, write_config
+from ztfd.demo import FAST_KAFKA_OPTIONS, LOCAL_AWS_ENV, Daemon, write_config
 from ztfd.store import jobs
 from ztfd.store.alerts import count_alerts, iter_alerts
 from ztfd.store.manifest import ManifestFile, count_pending, manifest_files
@@ -88,10 +88,7 @@ def _run(count: int, work: Path, settings: Settings, results: Results) -> tuple[
             "s3": {"bucket": "bench-e2e", "endpoint_url": s3_server.endpoint_url, "region": "us-east-1",
                    "interval": 1.0},
         })
-        argvs = [] if has_supervisor() else [["consume", "--topic", TOPIC], *[["fetch"]] * 4, ["sync"]]
-        if argvs:
-            results.notes.append("e2e: no supervisor in this checkout: ran consume, 4 fetch and sync directly")
-        daemon = Daemon(config_path, work / "daemon", argvs=argvs).start()
+        daemon = Daemon(config_path, work / "daemon").start()
         sampler = stack.enter_context(RssSampler(interval=1.0 if settings.soak else 0.2))
         for popen in daemon.processes:
             sampler.watch(popen.pid)

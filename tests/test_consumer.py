@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import child_env, wait_until, ztfd_command
+from tests.kafka_fakes import FakeMessage, NoKafka
 from ztfd import sources, store
 from ztfd.consumer import TopicConsumer
 from ztfd.embedded import samples
@@ -245,39 +246,6 @@ def test_redelivery_writes_nothing_twice(
     assert {p: after[p] for p in before} == before, "a redelivered alert's file was rewritten"
     assert len(after) == 35
     assert count(db, "SELECT count(*) FROM manifest") == manifest_before + 5
-
-
-class FakeMessage:
-    """What confluent-kafka hands the consumer, for driving one batch by hand (no broker needed)."""
-
-    def __init__(self, value: bytes, offset: int, partition: int = 0) -> None:
-        self._value, self._offset, self._partition = value, offset, partition
-
-    def error(self) -> None:
-        return None
-
-    def value(self) -> bytes:
-        return self._value
-
-    def key(self) -> None:
-        return None
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def timestamp(self) -> tuple[int, int]:
-        return (1, 1630475000000)
-
-
-class NoKafka:
-    def commit(self, **_: object) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def store_batch(consumer: TopicConsumer, messages: list[FakeMessage]) -> None:

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_store import load_fixture
 from ztfd import store
-from ztfd.store import counters
-from ztfd.store import jobs as jobqueue
-from ztfd.store.alerts import NewAlert, insert_alerts
+from ztfd.store import counters, jobs
+from ztfd.store.jobs import NewStampJob, Waiting
 
 
 def counted_jobs(conn: sqlite3.Connection) -> dict[str, int]:
@@ -27,52 +25,52 @@ def counted_jobs(conn: sqlite3.Connection) -> dict[str, int]:
     return result
 
 
-def add_alerts(conn: sqlite3.Connection, topic: str, date: str, offsets: range, received_at: float) -> list[int]:
-    """One alert per offset (each received a second after the one before); the ids of those newly stored."""
-    ids = []
+def add_alerts(conn: sqlite3.Connection, topic: str, date: str, offsets: range, received_at: float) -> None:
     with store.transaction(conn):
-        for offset in offsets:
-            alert = NewAlert(0, 0, offset, "ZTF21abcdefg", date, None, f"data/{date}/{topic}/x-{offset}.json")
-            ids += [i for i in insert_alerts(conn, topic, [alert], received_at + offset) if i is not None]
-    return ids
+        conn.executemany(
+            "INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, "
+            "received_at) VALUES (?, 0, 0, ?, 'ZTF21abcdefg', ?, NULL, ?, ?) ON CONFLICT DO NOTHING",
+            [(topic, o, date, f"data/{date}/{topic}/x-{o}.json", received_at + o) for o in offsets],
+        )
 
 
-def queue(conn: sqlite3.Connection, count: int) -> None:
+def queue_jobs(conn: sqlite3.Connection, count: int) -> None:
     """``count`` stamp jobs, each for an alert of its own."""
-    ids = add_alerts(conn, "q", "2021-09-01", range(conn.total_changes, conn.total_changes + count), 0.0)
+    start = conn.execute("SELECT coalesce(max(kafka_offset) + 1, 0) FROM alerts").fetchone()[0]
+    add_alerts(conn, "t", "2021-09-01", range(start, start + count), 1_630_470_000.0)
+    ids = [row[0] for row in conn.execute("SELECT id FROM alerts WHERE kafka_offset >= ?", (start,))]
     with store.transaction(conn):
-        jobqueue.enqueue(conn, [jobqueue.NewStampJob(alert_id) for alert_id in ids])
+        jobs.enqueue(conn, (NewStampJob(alert_id) for alert_id in ids))
 
 
 def test_job_counters_follow_every_queue_operation(tmp_path: Path) -> None:
     conn = store.connect(tmp_path / "s.sqlite3")
     rng = random.Random(15)
-    queue(conn, 60)
-    owner = jobqueue.new_owner()
+    queue_jobs(conn, 60)
+    owner = jobs.new_owner()
     failures_expected = 0
     for round_number in range(6):
         now = 1e12 + round_number  # a retry's not_before moves on, as time.time() does
-        jobs = jobqueue.claim(conn, owner, lease_seconds=60, limit=12, now=now)
-        for job in jobs:
+        for job in jobs.claim(conn, owner, lease_seconds=60, limit=12, now=now):
             action = rng.choice(["complete", "retry", "unavailable", "fail", "release", "keep"])
             if action == "complete":
-                assert jobqueue.complete(conn, job.id, owner, jobqueue.StampResult("1", None))
+                assert jobs.complete(conn, job.id, owner, jobs.StampResult("1", None))
             elif action == "retry":
-                assert jobqueue.retry(conn, job.id, owner, 0.0, "HTTP 503 from get_stamp", now=now)
+                assert jobs.retry(conn, job.id, owner, 0.0, "HTTP 503 from get_stamp", now=now)
                 failures_expected += 1
             elif action == "unavailable":
-                assert jobqueue.retry(conn, job.id, owner, 0.0, "not yet", jobqueue.Waiting.UNAVAILABLE, now=now)
+                assert jobs.retry(conn, job.id, owner, 0.0, "not yet", waiting=Waiting.UNAVAILABLE, now=now)
             elif action == "fail":
-                assert jobqueue.fail(conn, job.id, owner, "detections: HTTP 500")
+                assert jobs.fail(conn, job.id, owner, "detections: HTTP 500")
                 failures_expected += 1
             elif action == "release":
-                assert jobqueue.release(conn, owner, [job.id]) == 1
+                assert jobs.release(conn, owner, [job.id]) == 1
         assert counters.job_states(conn) == counted_jobs(conn)
     # Leases that run out: the jobs come back (or fail) and each counts as a lost worker.
     leased = conn.execute("SELECT count(*) FROM jobs WHERE state = 'leased'").fetchone()[0]
     assert leased > 0
     with store.transaction(conn):
-        jobqueue.requeue_expired(conn, max_attempts=3, now=2e12)
+        jobs.requeue_expired(conn, max_attempts=3, now=2e12)
     assert counters.job_states(conn) == counted_jobs(conn)
     failures = counters.stamp_failures(conn)
     assert failures["worker_lost"] == leased
@@ -109,10 +107,10 @@ def test_job_counters_follow_every_queue_operation(tmp_path: Path) -> None:
 ])
 def test_failure_reasons_fall_in_fixed_classes(tmp_path: Path, reason: str, expected: str) -> None:
     conn = store.connect(tmp_path / "s.sqlite3")
-    queue(conn, 1)
-    owner = jobqueue.new_owner()
-    (job,) = jobqueue.claim(conn, owner, lease_seconds=60)
-    assert jobqueue.fail(conn, job.id, owner, reason)
+    queue_jobs(conn, 1)
+    owner = jobs.new_owner()
+    (job,) = jobs.claim(conn, owner, lease_seconds=60)
+    assert jobs.fail(conn, job.id, owner, reason)
     failures = counters.stamp_failures(conn)
     assert expected in counters.FAILURE_REASONS
     assert failures[expected] == 1 and sum(failures.values()) == 1
@@ -156,15 +154,47 @@ def test_alert_rejected_and_file_counters(tmp_path: Path) -> None:
     assert counters.uploaded(conn) == counters.FileTotals(6, sum(size for _, size, _ in files[4:]))
 
 
-def test_counters_of_an_older_store_are_seeded_once(tmp_path: Path) -> None:
-    """A store from before the counters (the v1 fixture): its migration seeds them from the rows."""
+def test_counters_of_an_older_store_are_seeded_by_its_migration(tmp_path: Path) -> None:
+    """A store written by older code (tests/fixtures/store-v1.sql) gets its counters from the rows it holds."""
     db = tmp_path / "s.sqlite3"
-    load_fixture(db)
-    conn = store.connect(db)
-    assert counters.topic_totals(conn)["lasair_fixture"].stored == 24
-    assert counters.topic_totals(conn)["lasair_fixture"].rejected == 2
+    old = sqlite3.connect(db)
+    old.executescript((Path(__file__).parent / "fixtures" / "store-v1.sql").read_text())
+    old.close()
+    conn = store.connect(db)  # migrates, creating and seeding the counters
+    totals = counters.topic_totals(conn)
+    for row in conn.execute("SELECT topic, count(*) AS n, max(received_at) AS last FROM alerts GROUP BY topic"):
+        assert (totals[row["topic"]].stored, totals[row["topic"]].last_alert_at) == (row["n"], row["last"])
+    for row in conn.execute("SELECT topic, count(*) AS n FROM rejected GROUP BY topic"):
+        assert totals[row["topic"]].rejected == row["n"]
     assert counters.job_states(conn) == counted_jobs(conn)
-    assert counters.files_by_state(conn)["pending"].files == 24
+    assert sum(counters.job_states(conn).values()) > 0
+    by_state = counters.files_by_state(conn)
+    for row in conn.execute("SELECT state, count(*) AS n, sum(size) AS b FROM manifest GROUP BY state"):
+        assert by_state[row["state"]] == counters.FileTotals(row["n"], row["b"])
+    stored = sum(t.stored for t in totals.values())
+    add_alerts(conn, "lasair_fixture", "2021-09-01", range(10_000, 10_003), 1.8e9)  # counted from now on
     conn.close()
-    conn = store.connect(db)  # seeded already: not counted twice
-    assert counters.topic_totals(conn)["lasair_fixture"].stored == 24
+    conn = store.connect(db)  # a current store: nothing seeded again
+    assert sum(t.stored for t in counters.topic_totals(conn).values()) == stored + 3
+
+
+def test_nights_are_due_for_a_report_once_quiet_and_changed_since(tmp_path: Path) -> None:
+    from ztfd.store import report
+
+    conn = store.connect(tmp_path / "s.sqlite3")
+    add_alerts(conn, "a", "2021-09-01", range(0, 5), 1000.0)  # received at 1000..1004
+    add_alerts(conn, "a", "2021-09-02", range(5, 8), 2000.0)  # received at 2005..2007
+    with store.transaction(conn):
+        store.record_files(conn, [("images/2021-09-01/ZTF21abcdefg/1_science.fits.gz", 10, "m")])
+    image_at = conn.execute("SELECT recorded_at FROM manifest").fetchone()[0]
+    assert report.night_changed_at(conn, "2021-09-01") == image_at  # a stamp file after the alerts
+    assert report.night_changed_at(conn, "2021-09-02") == 2007.0
+    # Quiet since 3000, busy after 0: only 09-02 (09-01 had a stamp file just now).
+    assert report.reports_due(conn, quiet_since=3000.0, busy_since=0.0) == [("2021-09-02", 2007.0)]
+    assert report.reports_due(conn, quiet_since=3000.0, busy_since=2010.0) == []  # too long ago
+    with store.transaction(conn):
+        report.mark_report(conn, "2021-09-02", None, 2007.0, 1)
+    assert report.reports_due(conn, quiet_since=3000.0, busy_since=0.0) == []  # written from the night as it is
+    add_alerts(conn, "a", "2021-09-02", range(8, 9), 2500.0)  # a late alert: due again once quiet
+    assert report.reports_due(conn, quiet_since=3000.0, busy_since=0.0) == [("2021-09-02", 2508.0)]
+    assert report.reports_due(conn, quiet_since=image_at + 1, busy_since=0.0)[0][0] == "2021-09-01"

@@ -32,7 +32,8 @@ from ztfd.embedded.alerce import StampService
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.net import wait_for_port
 from ztfd.embedded.s3 import S3Server
-from ztfd.embedded.samples import STAMP_TYPES, message_stream, packets
+from ztfd.embedded.samples import message_stream, packets
+from ztfd.sources import STAMP_TYPES
 from ztfd.store import jobs as store_jobs
 from ztfd.store.alerts import count_alerts, iter_alerts
 from ztfd.store.manifest import FileState, count_pending, state_totals
@@ -218,7 +219,7 @@ def test_nothing_lost_or_duplicated_under_kill9_and_outages(broker: ProxiedBroke
             def all_back() -> dict[str, Any] | None:
                 report = json.loads(cli(cfg_path, "status", "--json", env=env).stdout)
                 alive = sorted(p["role"] for p in report["processes"] if p["alive"])
-                return report if alive == ["consumer", "consumer", "fetcher", "fetcher", "syncer"] else None
+                return report if alive == ["consumer", "consumer", "fetcher", "fetcher", "reporter", "syncer"] else None
 
             report = wait_until(all_back, 30, "every role running again after the chaos")
             assert report["running"] is True

@@ -14,7 +14,6 @@ import psutil
 import pytest
 
 from tests.conftest import child_env
-from ztfd.demo import has_supervisor
 
 DEMO_TIMEOUT = 180
 
@@ -64,9 +63,8 @@ def test_demo_runs_the_pipeline_and_stops_everything(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "everything stored, fetched and uploaded" in output
-    # The status table (once the supervisor exists), what was written, the S3 keys and a preview PNG are shown.
-    if has_supervisor():
-        assert "$ ztfd status" in output and "consumer" in output and "fetcher" in output
+    # The status table, what was written, the S3 keys and a preview PNG are shown.
+    assert "$ ztfd status" in output and "consumer" in output and "fetcher" in output
     counts = re.search(r"alerts (\d+)/(\d+) received \((\d+) rejected\)\s+stamps (\d+)/(\d+) jobs\s+"
                        r"s3 (\d+)/(\d+) files uploaded\n\s+everything", output)
     assert counts, output

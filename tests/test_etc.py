@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import child_env, wait_until, ztfd_command
-from ztfd import config
+from ztfd import config, lifecycle
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.samples import message_stream
 from ztfd.supervisor import pid_alive
@@ -95,11 +95,6 @@ def test_real_supervisord_restarts_a_killed_program(kafka: KafkaBroker, make_con
         assert (home / "logs" / "supervisord.log").exists()
         assert "exited: consumer" in (home / "logs" / "supervisord.log").read_text()
     finally:
-        supervisord.send_signal(signal.SIGTERM)
-        try:
-            supervisord.wait(90)
-        except subprocess.TimeoutExpired:
-            supervisord.kill()
-            supervisord.wait()
+        lifecycle.terminate([supervisord], 90)
     assert supervisord.returncode == 0
     wait_until(lambda: not any(pid_alive(p) for p in pids), 30, "the programs to stop with supervisord")

@@ -1,10 +1,14 @@
-"""Many processes logging to the same files through rotation: no line lost, none interleaved."""
+"""Logs: many processes writing the same files through rotation (no line lost, none interleaved), rotation, and
+the throttle for conditions that repeat."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import re
 from pathlib import Path
+
+import pytest
 
 from ztfd import logs
 
@@ -18,8 +22,6 @@ LINE = re.compile(r"^w(\d+) (\d+) " + PADDING + "$")
 def write_lines(logs_dir: str, writer: int, start: multiprocessing.synchronize.Event) -> None:
     handler = logs.SharedRotatingFileHandler(Path(logs_dir) / "ztfd.log", max_bytes=20_000, backup_count=10_000)
     start.wait()
-    import logging
-
     logger = logging.getLogger(f"writer{writer}")
     logger.propagate = False
     logger.addHandler(handler)
@@ -58,3 +60,55 @@ def test_concurrent_writers_through_rotation_lose_and_interleave_nothing(tmp_pat
     # Rotation keeps files at max_bytes, but for at most one late write per other writer (to a file just rotated
     # away by another process, before this one noticed: late, not lost).
     assert max(f.stat().st_size for f in files) <= 20_000 + (WRITERS - 1) * BLOCK * 80
+
+
+def test_rotate_shifts_the_backups_and_keeps_backup_count(tmp_path: Path) -> None:
+    path = tmp_path / "supervisor.out"
+    for generation in range(4):
+        path.write_text(f"generation {generation}\n")
+        logs.rotate(path, backup_count=2)
+    assert not path.exists()
+    assert (tmp_path / "supervisor.out.1").read_text() == "generation 3\n"
+    assert (tmp_path / "supervisor.out.2").read_text() == "generation 2\n"
+    assert not (tmp_path / "supervisor.out.3").exists()
+    path.write_text("no backups\n")
+    logs.rotate(path, backup_count=0)
+    assert path.read_text() == ""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_throttle_logs_a_condition_once_per_period_and_counts_what_it_held_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    throttle = logs.Throttle(logging.getLogger("test.throttle"), every=30.0, clock=clock)
+    with caplog.at_level(logging.INFO, logger="test.throttle"):
+        for _ in range(5):
+            throttle("down", logging.WARNING, "broker %s is down", "b1")
+        throttle("other", logging.INFO, "another condition")
+        clock.now += 30.0
+        throttle("down", logging.WARNING, "broker %s is down", "b1")
+    assert [r.getMessage() for r in caplog.records] == [
+        "broker b1 is down", "another condition", "broker b1 is down (4 repeats not shown)"]
+
+
+def test_throttle_as_a_filter_lets_each_kind_of_line_through_once_per_period() -> None:
+    clock = Clock()
+    throttle = logs.Throttle(every=30.0, clock=clock)
+
+    def record(text: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord("ztfd.librdkafka", logging.WARNING, __file__, 1, text, args, None)
+
+    assert throttle.filter(record("%s: connection refused", "FAIL"))
+    assert not throttle.filter(record("%s: connection refused", "FAIL"))
+    assert throttle.filter(record("%s: broker up", "UP"))
+    clock.now += 31.0
+    late = record("%s: connection refused", "FAIL")
+    assert throttle.filter(late) and late.getMessage() == "FAIL: connection refused (1 repeats not shown)"

@@ -50,6 +50,65 @@ def test_listen_addresses(listen: str, expected: tuple[str, int]) -> None:
     assert config.listen_address(listen) == expected
 
 
+def test_a_missing_program_skips_but_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        tools.require("ztfd-no-such-program")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run this test"):
+        tools.require("ztfd-no-such-program")
+
+
+def test_loopback_addresses() -> None:
+    from ztfd.metrics import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.1.2.3", "::1", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.10", "metrics.example.org"))
+
+
+@pytest.mark.parametrize("command", [["metrics"], ["report", "--watch"]])
+def test_metrics_and_reporter_run_alone_and_stop_on_sigterm(make_config: Callable[..., Path],
+                                                            command: list[str]) -> None:
+    """``ztfd metrics`` (and the reporter) as supervisord or a unit would run them: they heartbeat, serve, and
+    exit 0 on SIGTERM."""
+    port = free_port()
+    cfg_path = make_config(metrics={"listen": f"127.0.0.1:{port}"}, report={"after_quiet": 1.0})
+    cfg = config.load(cfg_path)
+    child = subprocess.Popen(ztfd_command(cfg_path, *command), env=child_env(ZTFD_PROCESS_NAME="alone"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        role = "metrics" if command == ["metrics"] else "reporter"
+
+        def heartbeat() -> bool:
+            if not cfg.db_path.exists():
+                return False
+            conn = store.connect(cfg.db_path)
+            try:
+                return conn.execute("SELECT 1 FROM processes WHERE name = 'alone' AND role = ?",
+                                    (role,)).fetchone() is not None
+            finally:
+                conn.close()
+
+        wait_until(heartbeat, 60, f"the {role} to heartbeat")
+        if role == "metrics":
+            body = wait_until(lambda: _scrape(port), 30, "/metrics to answer")
+            assert 'ztfd_process_up{name="alone",role="metrics"} 1.0' in body
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(30) == 0, child.stderr.read() if child.stderr else ""
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def _scrape(port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return response.read().decode()
+    except OSError:
+        return None
+
+
 def test_alerting_rules_pass_promtool() -> None:
     promtool = tools.require("promtool")
     checked = tools.run_tool(promtool, "check", "rules", str(RULES))
@@ -98,8 +157,9 @@ class Running:
             conn.close()
 
     def scrape(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as response:
-            return response.read().decode()
+        body = _scrape(self.port)
+        assert body is not None, "/metrics does not answer"
+        return body
 
 
 @pytest.fixture

@@ -22,10 +22,12 @@ def decode(png: bytes) -> np.ndarray:
 
 
 def assert_same_limits(values: np.ndarray) -> None:
+    """Equal up to rounding: 1e-9 of the limits' span or of their magnitude, whichever is larger (a constant image
+    has a span of 0, and astropy's polyfit then lands a few ulps either side of the value)."""
     expected = ZScaleInterval().get_limits(values)
     got = preview.zscale_limits(values)
-    span = max(abs(expected[1] - expected[0]), 1e-12)
-    assert abs(got[0] - expected[0]) <= 1e-9 * span and abs(got[1] - expected[1]) <= 1e-9 * span, (got, expected)
+    tolerance = 1e-9 * max(abs(expected[1] - expected[0]), abs(expected[0]), abs(expected[1]), 1e-12)
+    assert abs(got[0] - expected[0]) <= tolerance and abs(got[1] - expected[1]) <= tolerance, (got, expected)
 
 
 @pytest.mark.parametrize("packet", ZTF_PACKETS, ids=lambda p: p.object_id)
@@ -43,6 +45,21 @@ def test_zscale_limits_are_astropys_on_awkward_inputs(size):
     assert_same_limits(noise)
     assert_same_limits(np.sort(noise))
     assert_same_limits(np.full(size, 3.0, dtype=np.float32))
+
+
+def test_stretch_is_zscale_saturated_cores_white_and_the_background_spread_out():
+    """ZScale, not min-max: a few saturated pixels must not squash the sky into black."""
+    rng = np.random.default_rng(7)
+    image = rng.normal(100.0, 5.0, (63, 63)).astype(np.float32)
+    image[30:33, 30:33] = 1e5  # a saturated core
+    image[0, :5] = np.nan  # a NaN edge
+    stretched = preview.stretch(image)
+    assert (stretched[30:33, 30:33] == 255).all()
+    assert (stretched[0, :5] == 0).all()
+    sky = stretched[1:30].astype(int)
+    assert 64 <= np.median(sky) <= 192  # the sky sits mid-grey ...
+    # ... over a good part of the grey levels (a min-max stretch would put all of it within 2 levels of black)
+    assert np.percentile(sky, 95) - np.percentile(sky, 5) >= 48
 
 
 def test_stretch_maps_nans_and_flat_images_to_black():

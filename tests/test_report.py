@@ -21,6 +21,7 @@ from tests.conftest import FAST_KAFKA_OPTIONS, child_env, wait_until, write_conf
 from ztfd import config, lightcurve, report, store
 from ztfd.embedded.alerce import StampService
 from ztfd.embedded.kafka import KafkaBroker
+from ztfd.embedded.s3 import S3Server
 from ztfd.embedded.samples import message_stream, packets
 
 NIGHT = "2021-09-01"  # five sample objects, one of them with two packets
@@ -213,7 +214,30 @@ def test_a_topic_report_and_pages_of_at_most_n_cards(home: Home) -> None:
     assert sorted(seen) == sorted(objects)
 
 
-@pytest.mark.parametrize("args", [["--date", "2021-13-01"], ["--date", "yesterday"], []])
+def test_report_files_sync_to_s3_like_any_other(home: Home, tmp_path: Path) -> None:
+    assert home.report("--date", NIGHT).returncode == 0
+    with S3Server(log_path=tmp_path / "moto.log") as s3:
+        s3.create_bucket("mirror")
+        cfg_path = write_config(tmp_path / "sync.toml", {
+            "kafka": {"group_id": "sync", "topics": [home.topic]},
+            "s3": {"bucket": "mirror", "prefix": "ztf/", "endpoint_url": s3.endpoint_url, "region": "us-east-1"},
+        }, home.cfg.home)
+        synced = subprocess.run(ztfd_command(cfg_path, "sync", "--once"), capture_output=True, text=True,
+                                env=child_env(**s3.env()), timeout=120)
+        assert synced.returncode == 0, synced.stdout + synced.stderr
+        keys = set(s3.objects("mirror"))
+    folder = home.cfg.reports_dir / NIGHT
+    page = Page(folder / "index.html")
+    assert f"ztf/reports/{NIGHT}/index.html" in keys
+    # What the page links to is in the mirror at the same relative place, so the page works from S3 too.
+    for src in page.images:
+        target = local_target(folder / "index.html", src).relative_to(home.cfg.home.resolve())
+        assert f"ztf/{target}" in keys, target
+    assert not any(key.endswith(report.DRAWN_INDEX) for key in keys)
+
+
+@pytest.mark.parametrize("args", [["--date", "2021-13-01"], ["--date", "yesterday"], [],
+                                  ["--date", NIGHT, "--topic", ".."], ["--date", NIGHT, "--topic", "a/b"]])
 def test_a_bad_date_exits_2(home: Home, args: list[str]) -> None:
     result = home.report(*args)
     assert result.returncode == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -19,6 +20,7 @@ from tests.stamp_support import add_alerts
 from tests.test_store import TOPIC, load_fixture
 from ztfd import config, status, store
 from ztfd.embedded.samples import packets
+from ztfd.store import db as store_db
 from ztfd.store import jobs
 from ztfd.store.db import schema_version
 
@@ -139,3 +141,39 @@ def test_status_never_migrates_an_older_store(make_config: Callable[..., Path]) 
     assert "schema version 1, older" in result.stderr and "only reads" in result.stderr
     with sqlite3.connect(cfg.db_path) as plain:
         assert schema_version(plain) == 1
+
+
+# Tables that grow with history, and the partial indexes over them that hold only open work (bounded).
+HISTORY = {"alerts", "manifest", "jobs", "stamps", "rejected"}
+OPEN_WORK = {"jobs_ready", "jobs_leased", "jobs_failed", "manifest_pending"}
+
+
+def test_status_reads_no_history_table_whole(make_config: Callable[..., Path],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every query ``ztfd status`` makes is answered from counters, small tables, indexed ranges or the partial
+    indexes of open work: none walks the alerts, jobs, stamps, rejected messages or files of all history."""
+    cfg = config.load(make_config(kafka={"topics": [TOPIC]}))
+    fill(cfg)
+    statements: list[str] = []
+    real_open = store_db._open_uri
+
+    def traced(uri: str, timeout: float) -> sqlite3.Connection:
+        conn = real_open(uri, timeout)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(store_db, "_open_uri", traced)
+    status.collect(cfg, lag=False)
+    assert statements
+    plain = sqlite3.connect(cfg.db_path)
+    aliases = {"a": "alerts", "m": "manifest", "j": "jobs", "s": "stamps", "c": "retention_checks"}
+    for statement in statements:
+        if not statement.lstrip().upper().startswith(("SELECT", "WITH")):
+            continue
+        for *_, detail in plain.execute(f"EXPLAIN QUERY PLAN {statement}"):
+            words = detail.split()
+            if words[0] != "SCAN":
+                continue
+            table = aliases.get(words[1], words[1])
+            index = re.search(r"USING (?:COVERING )?INDEX (\w+)", detail)
+            assert table not in HISTORY or (index is not None and index[1] in OPEN_WORK), (statement, detail)

@@ -41,6 +41,13 @@ def v1_jobs() -> dict[int, tuple[dict, dict | None, str]]:
     return found
 
 
+def fixture_time() -> float:
+    """When the fixture's consumer stored its batch (its offsets row): before any job was settled."""
+    match = re.search(r"INSERT INTO \"offsets\" VALUES\('[^']*',0,0,\d+,([0-9.e+]+)\);", FIXTURE.read_text())
+    assert match is not None
+    return float(match.group(1))
+
+
 def load_fixture(db: Path, replace: tuple[str, str] | None = None) -> None:
     script = FIXTURE.read_text()
     if replace is not None:
@@ -92,7 +99,7 @@ def test_a_v1_store_is_migrated_with_its_data(v1_config: config.Config) -> None:
     assert {row.path for row in manifest_files(conn)} == {a.path for a in alerts}
     assert process(conn, "fetcher:1") is not None
     # The queue works on the migrated jobs: a claim hands out a ready job with its alert.
-    counts = jobs.counts(conn)
+    counts = jobs.counts(conn, now=fixture_time())  # as the fixture's two waiting jobs still waited
     assert (counts.done, counts.failed, counts.retry_waiting, counts.unavailable) == (3, 1, 1, 1)
     [claimed] = jobs.claim(conn, jobs.new_owner(), 60)
     assert claimed.alert.id == before[claimed.id][0]["alert_id"]

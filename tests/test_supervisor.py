@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import select
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -19,7 +23,7 @@ from ztfd import config, store
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.samples import message_stream
 from ztfd.store.processes import record_child
-from ztfd.supervisor import pid_alive, proc_environ
+from ztfd.supervisor import STABLE_AFTER, pid_alive, proc_environ
 
 
 def run(cfg_path: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -101,7 +105,7 @@ def test_start_status_second_start_and_stop(daemon_config: tuple[Path, list[str]
     assert code == 0 and report["running"] is True
     assert report["supervisor"] == {"running": True, "pid": pid, "uptime": report["supervisor"]["uptime"]}
     roles = sorted((p["role"], p["topic"]) for p in report["processes"])
-    assert roles == [("consumer", topics[0]), ("consumer", topics[1])]
+    assert roles == [("consumer", topics[0]), ("consumer", topics[1]), ("reporter", None)]  # report.after_quiet on
     assert all(p["alive"] and p["restarts"] == 0 and isinstance(p["pid"], int) for p in report["processes"])
     first, second = report["topics"]
     assert (first["alerts_today"], first["alerts_total"], second["alerts_total"]) == (30, 30, 0)
@@ -288,3 +292,158 @@ def test_stop_kills_a_supervisor_that_does_not_stop_and_its_children(daemon_conf
     assert not pid_alive(pid) and not any(pid_alive(c) for c in children)
     assert not config.load(cfg_path).pidfile.exists()
     assert status(cfg_path)[0] == 3
+
+
+def one_topic_config(kafka: KafkaBroker, make_config: Callable[..., Path], **sections: dict[str, Any]) -> Path:
+    tag = uuid.uuid4().hex[:8]
+    topic = f"sup-one-{tag}"
+    kafka.create_topic(topic)
+    return make_config(kafka={"bootstrap_servers": kafka.bootstrap, "group_id": f"sup-{tag}", "topics": [topic]},
+                       **sections)
+
+
+def stop_and_check_nothing_left(cfg_path: Path) -> None:
+    run(cfg_path, "stop", "--timeout", "10")
+    leaked = marked_processes(config.load(cfg_path).pidfile)
+    for pid in leaked:
+        os.kill(pid, signal.SIGKILL)
+    assert not leaked, f"processes left behind: {leaked}"
+
+
+def removable_interpreter(root: Path) -> Path:
+    """This interpreter, with its packages, behind a path that can be removed (and put back) while a supervisor
+    started from it runs: the supervisor forks its children from ``sys.executable``, so their exec then fails."""
+    venv = root / "venv"
+    (venv / "bin").mkdir(parents=True)
+    real = Path(os.path.realpath(sys.executable))
+    in_venv = sys.prefix != sys.base_prefix
+    if in_venv:
+        (venv / "lib").symlink_to(Path(sys.prefix) / "lib")
+    (venv / "pyvenv.cfg").write_text(f"home = {real.parent}\n"
+                                     f"include-system-site-packages = {'false' if in_venv else 'true'}\n")
+    python = venv / "bin" / "python"
+    python.symlink_to(real)
+    return python
+
+
+def restart_delays(log_text: str, name: str) -> list[float]:
+    """The delays the supervisor announced for ``name``'s restarts, in order (``restart #N in Xs``)."""
+    pattern = rf"{re.escape(name)} exited after [\d.]+s \(.*\): restart #\d+ in ([\d.]+)s"
+    return [float(delay) for delay in re.findall(pattern, log_text)]
+
+
+def test_a_child_that_cannot_be_started_backs_off_instead_of_storming(
+    kafka: KafkaBroker, make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Before: a failed exec measured the child's "uptime" from its previous start, long ago, and restarted it
+    every second forever. Now every quick failure, a failed start included, doubles the delay, and only a child
+    that stayed up STABLE_AFTER seconds starts again from 1 s."""
+    cfg_path = one_topic_config(kafka, make_config,
+                                supervisor={"heartbeat_timeout": 120, "restart_backoff_max": 8, "stop_timeout": 10})
+    cfg = config.load(cfg_path)
+    topic = cfg.kafka.topics[0]
+    name = f"consumer:{topic}"
+    python = removable_interpreter(tmp_path)
+    target = python.readlink()
+    started = subprocess.run([str(python), "-m", "ztfd", "--config", str(cfg_path), "start"], capture_output=True,
+                             text=True, timeout=60, env=child_env())
+    assert started.returncode == 0, started.stderr
+    ztfd_log = cfg.logs_dir / "ztfd.log"
+    try:
+        def up_for(seconds: float) -> dict[str, Any] | None:
+            rows = all_consumers_up(cfg_path, [topic])
+            return rows[0] if rows and rows[0]["uptime"] > seconds else None
+
+        first = wait_until(lambda: up_for(STABLE_AFTER + 1), 60, "the consumer to stay up")
+        python.unlink()  # from now on every start of a child fails at exec
+        os.kill(first["pid"], signal.SIGKILL)
+        delays = wait_until(lambda: (d := restart_delays(ztfd_log.read_text(), name)) and len(d) >= 4 and d, 60,
+                            "three failed starts")
+        assert "cannot start" in ztfd_log.read_text()
+        assert delays[:4] == [1.0, 2.0, 4.0, 8.0]  # the kill after a long run, then three failed starts
+
+        python.symlink_to(target)  # it can start again: the 8 s delay runs out, and it stays up
+        second = wait_until(lambda: (row := up_for(STABLE_AFTER + 1)) and row["pid"] != first["pid"] and row, 60,
+                            "the consumer to start again and stay up")
+        os.kill(second["pid"], signal.SIGKILL)
+        delays = wait_until(lambda: (d := restart_delays(ztfd_log.read_text(), name)) and len(d) >= 5 and d, 30,
+                            "the restart after a stable run")
+        assert delays[4] == 1.0  # it had stayed up: back to the smallest delay
+    finally:
+        if not python.exists():
+            python.symlink_to(target)
+        stop_and_check_nothing_left(cfg_path)
+
+
+def test_supervisor_out_is_rotated_while_children_write_to_it(
+    kafka: KafkaBroker, make_config: Callable[..., Path]
+) -> None:
+    """Children write into a pipe the supervisor copies through the log files' handler: supervisor.out rotates at
+    logging.max_bytes while the daemon runs (before, only when it started), and no line is cut."""
+    cfg_path = one_topic_config(kafka, make_config, logging={"max_bytes": 600, "backup_count": 2},
+                                supervisor={"heartbeat_timeout": 120, "restart_backoff_max": 0.2, "stop_timeout": 10})
+    cfg = config.load(cfg_path)
+    topic = cfg.kafka.topics[0]
+    assert run(cfg_path, "start").returncode == 0
+    out = cfg.logs_dir / "supervisor.out"
+    try:
+        (consumer,) = wait_until(lambda: all_consumers_up(cfg_path, [topic]), 60, "the consumer up")
+        daemon = supervisor_pid(cfg_path)
+        # From now on every start of the child fails with one line on its stderr: a configuration gone bad.
+        cfg_path.write_text("bogus_key = 1\n" + cfg_path.read_text())
+        os.kill(consumer["pid"], signal.SIGKILL)
+        wait_until(lambda: out.with_name("supervisor.out.2").exists(), 90, "supervisor.out to rotate twice")
+        assert pid_alive(daemon)
+    finally:
+        cfg_path.write_text(cfg_path.read_text().replace("bogus_key = 1\n", ""))
+        stop_and_check_nothing_left(cfg_path)
+    expected = "ztfd: config: unknown key bogus_key"
+    for path in (out, out.with_name("supervisor.out.1"), out.with_name("supervisor.out.2")):
+        text = path.read_text()
+        assert len(text.encode()) <= 600, path
+        assert all(line == expected for line in text.splitlines() if "bogus" in line), text
+    assert expected in out.with_name("supervisor.out.1").read_text()
+
+
+def test_a_second_sigterm_stops_the_supervisor_and_its_children_at_once(
+    kafka: KafkaBroker, make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The first SIGTERM waits for a syncer whose upload hangs (an S3 endpoint that accepts and never answers);
+    the second makes the supervisor exit at once (143), and the syncer too: its second SIGTERM comes with the
+    supervisor's death. The file it was uploading is still pending, for the next pass."""
+    with socket.create_server(("127.0.0.1", 0)) as stalled:  # the kernel accepts connections; nobody answers
+        cfg_path = one_topic_config(
+            kafka, make_config,
+            s3={"bucket": "stalled", "endpoint_url": f"http://127.0.0.1:{stalled.getsockname()[1]}",
+                "region": "us-east-1", "interval": 3600},
+            supervisor={"heartbeat_timeout": 120, "stop_timeout": 120},
+        )
+        cfg = config.load(cfg_path)
+        pending = cfg.home / "data" / "pending.json"
+        pending.parent.mkdir(parents=True)
+        pending.write_bytes(b"{}")
+        conn = store.connect(cfg.db_path)
+        store.record_files(conn, [("data/pending.json", 2, hashlib.md5(b"{}").hexdigest())])
+        conn.close()
+        env = child_env(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
+        with (tmp_path / "foreground.out").open("wb") as output:
+            proc = subprocess.Popen(ztfd_command(cfg_path, "start", "--foreground"), env=env, stdout=output,
+                                    stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: select.select([stalled], [], [], 0)[0], 60, "the syncer's upload to reach S3")
+            syncer = wait_until(lambda: next((p["pid"] for p in status(cfg_path)[1]["processes"]
+                                              if p["role"] == "syncer" and p["alive"]), None), 30, "the syncer")
+            ztfd_log = cfg.logs_dir / "ztfd.log"
+            proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: re.search(r"stopping \d+ children", ztfd_log.read_text()), 30, "the stop forwarded")
+            assert proc.poll() is None and pid_alive(syncer)  # waiting for the upload in flight
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 128 + signal.SIGTERM
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert "received a second SIGTERM: stopping at once (exit 143)" in ztfd_log.read_text()
+        wait_until(lambda: not pid_alive(syncer), 30, "the syncer to stop at once too")
+        assert status(cfg_path)[1]["sync"]["pending"] == 1  # never marked uploaded: the next pass sends it
+        stop_and_check_nothing_left(cfg_path)

@@ -69,12 +69,11 @@ def prometheus_server(workdir: Path, targets: list[str], interval: float = 1.0) 
         server.wait_ready(deadline=time.monotonic() + 60)
         yield server
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        process.kill()  # a no-op once it has exited
+        process.wait()
 
 
 class PrometheusServer:

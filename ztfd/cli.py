@@ -10,15 +10,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from ztfd import __version__, config, logs
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_CONFIG = 2
 
@@ -33,6 +30,7 @@ SHORT = {
     "status": "Show what runs and how far it got.",
     "config": "Print the effective configuration.",
     "rejected": "List rejected (poison) messages.",
+    "prune": "Forget what the store no longer needs.",
     "demo": "Run the pipeline on embedded local services.",
     "metrics": "Serve Prometheus metrics in the foreground.",
     "report": "Write a night's HTML report.",
@@ -244,6 +242,26 @@ def report(ctx: click.Context, date: str | None, topic: str | None, watch: bool)
         conn.close()
     click.echo(f"ztfd report: {written.index} ({written.cards} objects, {written.pages} "
                f"page{'s' if written.pages != 1 else ''})")
+
+
+@main.command(short_help=SHORT["prune"])
+@click.pass_context
+def prune(ctx: click.Context) -> None:
+    """Forget done stamp jobs, rows of gone processes, and old rejected messages (exported to data/ first).
+
+    The supervisor does this every hour; run it from cron when the roles run under supervisord or systemd.
+    """
+    cfg = load_config(ctx)
+    setup_logging(cfg)
+    from ztfd import housekeeping, store
+
+    conn = store.connect(cfg.db_path)
+    try:
+        pruned = housekeeping.prune(conn, cfg)
+    finally:
+        conn.close()
+    click.echo(f"pruned {pruned.done_jobs} done jobs, {pruned.processes} rows of gone processes, "
+               f"{pruned.rejected} rejected messages (exported to {len(pruned.exports)} files)")
 
 
 @main.command(short_help=SHORT["demo"])

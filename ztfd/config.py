@@ -107,6 +107,13 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    # Rejected messages received more than this many days ago are exported to files under data/ (synced like
+    # every file there) and deleted from the store; 0: keep them in the store forever (README "The store").
+    rejected_keep_days: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     home: Path
@@ -117,6 +124,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     # The runtime layout under ``home``; everything a user touches is documented in README "File layout".
     @property
@@ -172,6 +180,7 @@ SECTIONS: dict[str, type] = {
     "logging": LoggingConfig,
     "metrics": MetricsConfig,
     "report": ReportConfig,
+    "store": StoreConfig,
 }
 REQUIRED = {("kafka", "group_id"), ("kafka", "topics")}
 # Keys whose value is one of a few words (compared case-insensitively for the log level).

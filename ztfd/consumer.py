@@ -49,8 +49,10 @@ from ztfd.config import Config
 from ztfd.files import md5_hex, remove_stale_temporaries
 from ztfd.filewriter import FileWriter
 from ztfd.localtrouble import Condition, describe, is_local
-from ztfd.logs import AlertLog
+from ztfd.logs import AlertLog, Throttle
+from ztfd.partitions import KafkaView, Partition, PartitionWatch
 from ztfd.quota import QuotaWatch
+from ztfd.store import gaps as store_gaps
 from ztfd.store import quota as store_quota
 from ztfd.store.alerts import NewAlert, dates_received_since, insert_alerts, stored_offsets_between
 from ztfd.store.jobs import NewStampJob, detection_key, enqueue
@@ -127,22 +129,20 @@ class Batch:
     traffic: list[tuple[int, str | None, int, int]]  # (Lasair nid, survey, bytes, messages) received
 
 
-class RateLimitedLog:
-    """Log a recurring condition at most once per ``every`` seconds (librdkafka repeats errors every ~50 ms)."""
+# Consumer settings the admin client (which shares ``kafka.options``) does not take.
+CONSUMER_ONLY = frozenset({"group.id", "auto.offset.reset", "enable.auto.commit", "enable.auto.offset.store",
+                           "enable.partition.eof", "session.timeout.ms", "max.poll.interval.ms",
+                           "fetch.max.bytes", "max.partition.fetch.bytes", "isolation.level"})
 
-    def __init__(self, every: float = 30.0) -> None:
-        self.every = every
-        self.last: dict[str, float] = {}
-        self.suppressed: dict[str, int] = {}
 
-    def __call__(self, key: str, level: int, text: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self.last.get(key, -self.every) < self.every:
-            self.suppressed[key] = self.suppressed.get(key, 0) + 1
-            return
-        skipped = self.suppressed.pop(key, 0)
-        self.last[key] = now
-        log.log(level, text + (f" ({skipped} repeats not shown)" if skipped else ""), *args)
+class _NoBroker:
+    """The broker before the consumer connects: it says nothing, so nothing is judged on it."""
+
+    def topic_id(self) -> str | None:
+        return None
+
+    def watermarks(self, partition: int) -> tuple[int, int] | None:
+        return None
 
 
 class TopicConsumer:
@@ -159,11 +159,10 @@ class TopicConsumer:
         self.conn = store.connect(cfg.db_path)
         self.files = FileWriter()
         self.alert_log = AlertLog(cfg.logs_dir, topic, cfg.logging.max_bytes, cfg.logging.backup_count)
-        self.throttled = RateLimitedLog()
-        # Per partition: the generation and the next offset this process expects (set on assignment).
-        self.generation: dict[int, int] = {}
-        self.expected: dict[int, int | None] = {}
+        self.throttled = Throttle(log)
         self.consumer: Any = None
+        # Per partition: its generation and the next offset expected (set on assignment), judged on evidence.
+        self.watch = PartitionWatch(topic, _NoBroker(), store_gaps.topic_id(self.conn, topic))
         self.last_heartbeat = 0.0
         self.assigned: set[int] = set()
         self.last_metadata_check = -METADATA_EVERY
@@ -176,6 +175,7 @@ class TopicConsumer:
         self._heartbeat(force=True)
         self.sweep_temporaries()
         self.consumer = self._new_consumer()
+        self.watch.view = KafkaView(self.consumer, self._new_admin(), self.topic)
         self._look_at_topic(force=True)
         log.info("consuming %s from %s as group %s", self.topic, self.cfg.kafka.bootstrap_servers,
                  self.cfg.kafka.group_id)
@@ -304,6 +304,15 @@ class TopicConsumer:
         self.assigned.clear()
         return consumer
 
+    def _new_admin(self) -> Any:
+        """An admin client on the same brokers and credentials: it asks for the topic's id (recreation evidence)."""
+        from confluent_kafka.admin import AdminClient
+
+        settings: dict[str, Any] = {"bootstrap.servers": self.cfg.kafka.bootstrap_servers,
+                                    "error_cb": self._on_kafka_error, "logger": librdkafka_logger()}
+        settings.update({key: value for key, value in self.cfg.kafka.options.items() if key not in CONSUMER_ONLY})
+        return AdminClient(settings)
+
     def _on_kafka_error(self, error: Any) -> None:
         self.throttled(f"kafka:{error.code()}", logging.WARNING, "kafka: %s", error.str())
 
@@ -341,6 +350,12 @@ class TopicConsumer:
         if info is None or info.error is not None or not info.partitions:
             self.throttled("missing-topic", logging.INFO, "topic %s does not exist (yet): waiting for it", self.topic)
             return
+        if self.watch.topic_recreated():
+            self._recreated(sorted(set(info.partitions) | set(store.stored_offsets(self.conn, self.topic))),
+                            "its topic id changed")
+        elif self.watch.known_id is not None and store_gaps.topic_id(self.conn, self.topic) is None:
+            with store.transaction(self.conn):
+                store_gaps.save_topic_id(self.conn, self.topic, self.watch.known_id)
         new = sorted(set(info.partitions) - self.assigned)
         if new:
             self._assign(new)
@@ -355,8 +370,8 @@ class TopicConsumer:
         assignment = []
         for partition in partitions:
             known = stored.get(partition)
-            self.generation[partition] = known.generation if known else 0
-            self.expected[partition] = known.next_offset if known else None
+            self.watch.partitions[partition] = Partition(known.generation if known else 0,
+                                                         known.next_offset if known else None)
             offset = known.next_offset if known else OFFSET_STORED
             assignment.append(TopicPartition(self.topic, partition, offset))
         self.consumer.incremental_assign(assignment)
@@ -370,30 +385,42 @@ class TopicConsumer:
                 self.throttled("commit", logging.WARNING, "could not commit offsets to Kafka: %s", exc)
 
     def _detect_restarted_offsets(self) -> None:
-        """Notice a partition whose end is now below the offset we expect next: its topic was recreated.
+        """Notice an idle partition whose end is now below the offset expected next: perhaps a recreated topic.
 
-        A broker should answer such a fetch with OFFSET_OUT_OF_RANGE (and librdkafka would reset to the earliest
-        offset, which ``_follow_generation`` notices); Tansu answers with nothing, so an idle consumer compares its
-        position with the high watermark cached from its fetches (the one that is right on Tansu).
+        A broker should answer such a fetch with OFFSET_OUT_OF_RANGE (librdkafka then resets to the earliest
+        offset, which ``_follow_generation`` judges); Tansu answers with nothing, so an idle consumer compares its
+        position with the high watermark cached from its fetches, and ``ztfd.partitions`` asks for evidence.
         """
-        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+        from confluent_kafka import TopicPartition
 
         for partition in sorted(self.assigned):
-            tp = TopicPartition(self.topic, partition)
-            expected = self.expected.get(partition)
-            if expected is None:
-                continue
             try:
-                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                _low, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, partition), cached=True)
             except Exception:
                 continue
-            if 0 <= high < expected:
-                self.generation[tp.partition] = self.generation.get(tp.partition, 0) + 1
-                self.expected[tp.partition] = None
-                log.warning("%s[%d] ends at %d, before the expected offset %d: the topic was recreated; "
-                            "reading it from the beginning as generation %d", self.topic, tp.partition, high,
-                            expected, self.generation[tp.partition])
-                self.consumer.seek(TopicPartition(self.topic, tp.partition, OFFSET_BEGINNING))
+            if self.watch.idle_partition_ended_early(partition, high):
+                self._recreated([partition], f"it ends at {high}, before the expected offset, on evidence")
+
+    def _recreated(self, partitions: list[int], why: str) -> None:
+        """Start a new generation of ``partitions``, read from the beginning: recorded at once with the topic's id
+        (one transaction), so a restart resumes in the new generation instead of taking its messages for
+        redeliveries of the old one."""
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+        generations = []
+        for partition in partitions:
+            state = self.watch.partitions.setdefault(partition, Partition(0, None))
+            state.generation += 1
+            state.expected = None
+            generations.append((partition, state.generation))
+        with store.transaction(self.conn):
+            store_gaps.start_generation(self.conn, self.topic, self.watch.view.topic_id(), generations)
+        self.watch.known_id = store_gaps.topic_id(self.conn, self.topic) or self.watch.known_id
+        log.warning("%s was recreated (%s): reading %s from the beginning", self.topic, why,
+                    ", ".join(f"[{p}] as generation {g}" for p, g in generations))
+        for partition in partitions:
+            if partition in self.assigned:
+                self.consumer.seek(TopicPartition(self.topic, partition, OFFSET_BEGINNING))
 
     # --- the batch ---------------------------------------------------------------------------------------------
 
@@ -508,14 +535,25 @@ class TopicConsumer:
         return accepted
 
     def _follow_generation(self, partition: int, offset: int) -> int:
-        """The generation of a message just read; an offset below the expected one starts a new generation."""
-        expected = self.expected.get(partition)
-        if expected is not None and offset < expected:
-            self.generation[partition] = self.generation.get(partition, 0) + 1
-            log.warning("offsets of %s[%d] restarted (%d after %d): the topic was recreated; generation %d begins",
-                        self.topic, partition, offset, expected, self.generation[partition])
-        self.expected[partition] = offset + 1
-        return self.generation.get(partition, 0)
+        """The generation of a message just read. An offset off the expected one is judged on evidence: below it,
+        a recreated topic or a redelivery; past it, alerts lost upstream (a gap, recorded and logged) or not."""
+        state = self.watch.partitions.setdefault(partition, Partition(0, None))
+        verdict = self.watch.offset_seen(partition, offset)
+        if verdict.kind == "recreated":
+            self._recreated([partition], f"offset {offset} came after {state.expected}")
+            # The message itself is the new topic's: the seek to the beginning redelivers any before it.
+        elif verdict.gap is not None:
+            self._record_gap(verdict.gap)
+        state.expected = offset + 1
+        return state.generation
+
+    def _record_gap(self, gap: store_gaps.Gap) -> None:
+        with store.transaction(self.conn):
+            new = store_gaps.record_gap(self.conn, gap)
+        if new:
+            log.error("%s[%d] generation %d: offsets %d..%d (%d alerts) are gone from the broker (retention passed "
+                      "them before ztfd read them): lost upstream, recorded as a gap", gap.topic, gap.partition,
+                      gap.generation, gap.first_offset, gap.last_offset, gap.missing)
 
     def _metadata(
         self, item: Incoming, alert: sources.Alert, dating: nights.Dating, when: dt.datetime | None, received_iso: str
@@ -616,31 +654,11 @@ class TopicConsumer:
             remove_stale_temporaries(self.cfg.data_dir / date / self.topic)
 
 
-class ThrottleFilter(logging.Filter):
-    """Let each kind of librdkafka log line through at most once per ``every`` seconds.
-
-    While a broker is down librdkafka reports the same failure about every 50 ms; without this a day's outage
-    would fill the logs.
-    """
-
-    def __init__(self, every: float = 30.0) -> None:
-        super().__init__()
-        self.every = every
-        self.last: dict[str, float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = str(record.args[0]) if isinstance(record.args, tuple) and record.args else record.msg
-        now = time.monotonic()
-        if now - self.last.get(key, -self.every) < self.every:
-            return False
-        self.last[key] = now
-        return True
-
-
 def librdkafka_logger() -> logging.Logger:
+    """The logger librdkafka's own lines go to, each kind at most once per 30 s."""
     logger = logging.getLogger("ztfd.librdkafka")
-    if not any(isinstance(f, ThrottleFilter) for f in logger.filters):
-        logger.addFilter(ThrottleFilter())
+    if not any(isinstance(f, Throttle) for f in logger.filters):
+        logger.addFilter(Throttle(logger))
     return logger
 
 

@@ -12,7 +12,6 @@ The pieces (``EmbeddedServices``, ``write_config``, ``Daemon``) are also what ``
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import signal
@@ -22,14 +21,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ztfd import store
+from ztfd import lifecycle, store
 from ztfd.embedded.net import free_port
 from ztfd.store import jobs
 from ztfd.store.alerts import count_alerts
@@ -121,6 +120,11 @@ class EmbeddedServices(contextlib.ExitStack):
             raise
         return self
 
+    def kill_now(self) -> None:
+        """For a cold stop: SIGKILL the services that run as processes (the stamp service is a thread of ours)."""
+        processes = [self.kafka.process if self.kafka else None, self.s3.process if self.s3 else None]
+        lifecycle.kill_now([p for p in processes if p is not None], group=True)
+
     def s3_client(self) -> Any:
         import boto3
 
@@ -132,10 +136,6 @@ class EmbeddedServices(contextlib.ExitStack):
 
 
 # --- the daemon ----------------------------------------------------------------------------------------------
-
-
-def has_supervisor() -> bool:
-    return importlib.util.find_spec("ztfd.supervisor") is not None
 
 
 def ztfd_argv(config_path: Path, *args: str) -> list[str]:
@@ -152,28 +152,20 @@ def child_env(**extra: str) -> dict[str, str]:
 
 @dataclass
 class Daemon:
-    """ztfd processes started as children, each in its own session; ``stop`` leaves nothing running.
-
-    With ``argvs`` given, those commands run directly (e.g. one ``ztfd consume`` for a benchmark); otherwise the
-    daemon is ``ztfd start --foreground``.
-    """
+    """``ztfd start --foreground`` as a child in its own session; ``stop`` leaves nothing of it running."""
 
     config_path: Path
     log_dir: Path
-    argvs: Sequence[Sequence[str]] = ()
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     seen: dict[int, Any] = field(default_factory=dict)  # pid -> psutil.Process, every descendant ever seen
 
     def start(self) -> Daemon:
-        argvs = list(self.argvs) or [["start", "--foreground"]]
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for index, args in enumerate(argvs):
-            output = (self.log_dir / f"child-{index}.out").open("ab")
+        with (self.log_dir / "child-0.out").open("ab") as output:
             self.processes.append(subprocess.Popen(
-                ztfd_argv(self.config_path, *args), stdout=output, stderr=subprocess.STDOUT,
+                ztfd_argv(self.config_path, "start", "--foreground"), stdout=output, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, env=child_env(), start_new_session=True,
             ))
-            output.close()
         return self
 
     def tree(self) -> list[Any]:
@@ -197,28 +189,24 @@ class Daemon:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the children, wait, then SIGKILL whatever of the whole tree is still alive."""
-        import psutil
-
         self.tree()
-        for popen in self.processes:
-            if popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for popen in self.processes:
-            try:
-                popen.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(popen.pid, signal.SIGKILL)
-                popen.wait()
-        # Grandchildren (the supervisor's children) must be gone too: give them the rest of the timeout.
-        leftovers = [p for p in self.seen.values() if _alive(p)]
-        _gone, alive = psutil.wait_procs(leftovers, timeout=max(0.5, deadline - time.monotonic()))
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=5)
+        stop_tree(self.processes, list(self.seen.values()), timeout)
+
+    def kill_now(self) -> None:
+        """For a cold stop: SIGKILL every child's process group, waiting for nothing. (The supervisor's own
+        children get their SIGTERM from its death.)"""
+        lifecycle.kill_now(self.processes, group=True)
+
+
+def stop_tree(children: Sequence[subprocess.Popen[bytes]], descendants: Sequence[Any], timeout: float) -> None:
+    """Terminate children started in sessions of their own (their process groups), then whatever of their
+    ``descendants`` (``psutil.Process`` objects seen while they ran) outlived them, within ``timeout`` in all."""
+    deadline = time.monotonic() + timeout
+    lifecycle.terminate(children, timeout, group=True)
+    # Grandchildren (the supervisor's children) must be gone too: they had their SIGTERM from the supervisor or
+    # its death; what is still there after the rest of the timeout is killed.
+    leftovers = [proc.pid for proc in descendants if _alive(proc)]
+    lifecycle.terminate(leftovers, max(0.5, deadline - time.monotonic()))
 
 
 def _alive(proc: Any) -> bool:
@@ -304,17 +292,12 @@ class DemoInterruptedError(Exception):
     """SIGTERM or SIGINT arrived: stop everything and exit 130."""
 
 
-@contextlib.contextmanager
-def _interruptible() -> Iterator[None]:
-    def raise_interrupted(signum: int, _frame: object) -> None:
-        raise DemoInterruptedError(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def _check(stop: lifecycle.Stop) -> None:
+    """Between two steps of the demo: leave (stopping everything) if a signal asked for it."""
+    if stop.is_set():
+        name = lifecycle.signal_name(stop.signum or signal.SIGINT)
+        click.echo(f"\nztfd demo: interrupted ({name}), stopping everything (again to stop at once)", err=True)
+        raise DemoInterruptedError(name)
 
 
 def run(keep: bool = False, home: Path | None = None, sn_count: int = 150, heartbeat_count: int = 60) -> int:
@@ -328,8 +311,16 @@ def run(keep: bool = False, home: Path | None = None, sn_count: int = 150, heart
     home.mkdir(parents=True, exist_ok=True)
     click.echo(f"ztfd demo: home {home}")
     daemon: Daemon | None = None
+    services = EmbeddedServices(home / "services", stamp_latency=0.05)
+
+    def kill_now() -> None:  # a second Ctrl-C: nothing the demo started may outlive it
+        if daemon is not None:
+            daemon.kill_now()
+        services.kill_now()
+
     try:
-        with _interruptible(), EmbeddedServices(home / "services", stamp_latency=0.05) as services:
+        with lifecycle.stop_on_signals(on_cold_stop=kill_now) as stop, services:
+            _check(stop)
             click.echo(f"  kafka (tansu) {services.kafka.bootstrap}   s3 (moto) {services.s3.endpoint_url}"
                        f"   stamps (local ALeRCE) {services.stamps.url}")
             services.s3_client().create_bucket(Bucket=BUCKET)
@@ -337,34 +328,24 @@ def run(keep: bool = False, home: Path | None = None, sn_count: int = 150, heart
             for topic in messages:
                 services.kafka.create_topic(topic)
             config_path = write_config(home / "ztfd.toml", home, demo_sections(services))
-            daemon = Daemon(config_path, home / "services", argvs=_fallback_argvs()).start()
-            how = "ztfd start --foreground" if not daemon.argvs else "consume/fetch/sync children (no supervisor yet)"
-            click.echo(f"  daemon: {how} (config {config_path})")
+            _check(stop)
+            daemon = Daemon(config_path, home / "services").start()
+            services.callback(daemon.stop)  # the daemon stops first, while the services it talks to still run
+            click.echo(f"  daemon: ztfd start --foreground (config {config_path})")
             click.echo(f"  metrics: {metrics_url(config_path)} (Prometheus text format, while the demo runs)")
-            ok = _flow(services, daemon, config_path, messages, started)
+            ok = _flow(services, daemon, config_path, messages, started, stop)
             _report(services, config_path, home)
             if not keep:
                 click.echo("  (the demo home goes at the end; `ztfd demo --keep` keeps the report to browse)")
             return 0 if ok else 1
-    except DemoInterruptedError as exc:
-        click.echo(f"\nztfd demo: interrupted ({exc}), stopping everything", err=True)
+    except DemoInterruptedError:
         return 130
     finally:
-        if daemon is not None:
-            daemon.stop()
         if keep:
             click.echo(f"ztfd demo: kept the demo home to browse: {home}")
         elif made_home:
             shutil.rmtree(home, ignore_errors=True)
         click.echo(f"ztfd demo: done in {time.monotonic() - started:.0f}s, everything it started is stopped")
-
-
-def _fallback_argvs() -> list[list[str]]:
-    """Until ``ztfd start`` exists, the same roles run as direct children."""
-    if has_supervisor():
-        return []
-    return [["consume", "--topic", topic] for topic in (SN_TOPIC, HEARTBEAT_TOPIC, LSST_TOPIC)] + [
-        ["fetch"], ["fetch"], ["sync"]]
 
 
 def demo_sections(services: EmbeddedServices, **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -387,7 +368,7 @@ def demo_sections(services: EmbeddedServices, **overrides: dict[str, Any]) -> di
 
 
 def _flow(services: EmbeddedServices, daemon: Daemon, config_path: Path, messages: dict[str, list[bytes]],
-          started: float) -> bool:
+          started: float, stop: lifecycle.Stop) -> bool:
     from ztfd import config
 
     cfg = config.load(config_path)
@@ -434,17 +415,17 @@ def _flow(services: EmbeddedServices, daemon: Daemon, config_path: Path, message
             if now > deadline:
                 click.echo(f"\nztfd demo: not finished after {DEADLINE_SECONDS:.0f}s", err=True)
                 return False
-            time.sleep(0.25)
+            stop.wait(0.25)
+            _check(stop)
     finally:
         conn.close()
 
 
 def _report(services: EmbeddedServices, config_path: Path, home: Path) -> None:
-    if has_supervisor():
-        click.echo("\n$ ztfd status")
-        result = subprocess.run(ztfd_argv(config_path, "status"), capture_output=True, text=True, env=child_env(),
-                                timeout=60)
-        click.echo(result.stdout.rstrip() or result.stderr.rstrip())
+    click.echo("\n$ ztfd status")
+    result = subprocess.run(ztfd_argv(config_path, "status"), capture_output=True, text=True, env=child_env(),
+                            timeout=60)
+    click.echo(result.stdout.rstrip() or result.stderr.rstrip())
     click.echo("\nwritten under " + str(home))
     for top in ("data", "images"):
         _echo_tree(home / top, home)

@@ -1,40 +1,42 @@
 """Files as ztfd writes them: atomically (temporary file + rename), so no reader ever sees half a file.
 
-Temporary files are named ``.<name>.<pid>-<thread id>.tmp`` in the target folder; the syncer and ``sync --full``
-skip anything that starts with a dot or ends in ``.tmp`` (see ``is_temporary``). A kill -9 in the middle of a write
-leaves its temporary behind; ``remove_stale_temporaries`` clears those of dead processes.
+Temporary files are named ``.<name>.<pid>-<thread id>.tmp`` in the target folder (``…-<random>.tmp`` when that
+name is taken); the syncer and ``sync --full`` skip anything that starts with a dot or ends in ``.tmp`` (see
+``is_temporary``). A kill -9 in the middle of a write leaves its temporary behind; ``remove_stale_temporaries``
+clears those of dead processes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import secrets
 import threading
 from pathlib import Path
 
 from ztfd.procs import pid_alive
 
 TMP_SUFFIX = ".tmp"
+# A temporary is always a new file, never one that was there (O_EXCL), and never reached through a symlink.
+TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+TMP_ATTEMPTS = 8
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, fsync: bool = False) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename.
 
     The temporary name carries the pid and thread id, so concurrent writers of the same path (two workers whose
-    leases overlapped) never share one; a leftover of a dead process with a reused pid is simply overwritten.
+    leases overlapped) never share one. It is created with ``O_EXCL | O_NOFOLLOW``: whatever already stands at
+    that name (a leftover of a dead process whose pid was reused, or a symlink planted there) is neither followed
+    nor overwritten; the write takes another name (``.<name>.<pid>-<thread>-<random>.tmp``) instead.
     Folders are created only when the open fails: the common case costs one open, write, close and rename.
     ``fsync`` also flushes the file to the disk before the rename; without it the write survives any process
     crash (the page cache keeps it) but not a power cut. The store remains the source of truth either way.
     """
     folder, name = os.path.split(os.fspath(path))  # plain strings: this runs once per alert and per stamp
-    tmp = f"{folder}/.{name}.{os.getpid()}-{threading.get_ident()}{TMP_SUFFIX}"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    try:
-        fd = os.open(tmp, flags, 0o644)
-    except FileNotFoundError:
-        os.makedirs(folder, exist_ok=True)
-        fd = os.open(tmp, flags, 0o644)
+    tmp, fd = _create_temporary(folder, name)
     try:
         try:
             write_all(fd, data)
@@ -47,6 +49,24 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, fsync: bool = False)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _create_temporary(folder: str, name: str) -> tuple[str, int]:
+    """A new temporary file for ``folder/name``: its path and a descriptor open for writing."""
+    folder = folder or "."
+    stem = f"{folder}/.{name}.{os.getpid()}-{threading.get_ident()}"
+    tmp = stem + TMP_SUFFIX
+    for _attempt in range(TMP_ATTEMPTS):
+        try:
+            return tmp, os.open(tmp, TMP_FLAGS, 0o644)
+        except FileNotFoundError:
+            os.makedirs(folder, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                return tmp, os.open(tmp, TMP_FLAGS, 0o644)
+        except FileExistsError:
+            pass
+        tmp = f"{stem}-{secrets.token_hex(4)}{TMP_SUFFIX}"  # the usual name is taken: one nobody can guess
+    raise FileExistsError(errno.EEXIST, f"no free temporary name after {TMP_ATTEMPTS} attempts", stem + TMP_SUFFIX)
 
 
 def write_all(fd: int, data: bytes) -> None:

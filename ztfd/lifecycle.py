@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -70,7 +71,8 @@ class Stop(threading.Event):
         self._requested = False
         self.signum: int | None = None  # the signal that asked for the stop, if one did
         self._announced = False
-        self._on_cold_stop: Callable[[], None] | None = None
+        self._announcing = threading.Lock()  # never taken by the handler: only by threads that saw the stop
+        self.on_cold_stop: Callable[[], None] | None = None
         self._previous: dict[int, Any] = {}
 
     # --- the event -----------------------------------------------------------------------------------------
@@ -91,8 +93,6 @@ class Stop(threading.Event):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the stop is asked for or ``timeout`` seconds pass; True if it was asked for."""
-        import select
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._requested:
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -117,11 +117,12 @@ class Stop(threading.Event):
         loop.add_reader(self._read_fd, ready)
 
     def _announce(self) -> None:
-        if not self._announced:
+        with self._announcing:
+            if self._announced:
+                return
             self._announced = True
-            if self.signum is not None:
-                log.info("received %s: stopping (a second SIGTERM or SIGINT stops at once)",
-                         signal_name(self.signum))
+        if self.signum is not None:
+            log.info("received %s: stopping (a second SIGTERM or SIGINT stops at once)", signal_name(self.signum))
 
     # --- signals -------------------------------------------------------------------------------------------
 
@@ -129,9 +130,9 @@ class Stop(threading.Event):
                 signals: Sequence[int] = STOP_SIGNALS) -> Stop:
         """Let ``signals`` set this stop, the second of them stop the process at once. Main thread only.
 
-        ``on_cold_stop`` runs just before a cold exit: it may signal children (never wait for them).
+        ``on_cold_stop`` (also settable later) runs just before a cold exit: it may signal children, never wait.
         """
-        self._on_cold_stop = on_cold_stop
+        self.on_cold_stop = on_cold_stop
         for signum in signals:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
@@ -152,8 +153,8 @@ class Stop(threading.Event):
         code = cold_exit_code(signum)
         try:
             log.warning("received a second %s: stopping at once (exit %d)", signal_name(signum), code)
-            if self._on_cold_stop is not None:
-                self._on_cold_stop()
+            if self.on_cold_stop is not None:
+                self.on_cold_stop()
             for stream in (sys.stdout, sys.stderr):
                 stream.flush()
         except BaseException:  # nothing may keep a cold stop from exiting
@@ -243,33 +244,44 @@ def terminate(
     timeout: float,
     *,
     group: bool = False,
+    wake: bool = True,
     on_exit: Callable[[Process, int | None], None] | None = None,
     before_kill: Callable[[list[Process]], None] | None = None,
+    while_waiting: Callable[[], None] | None = None,
 ) -> list[int | None]:
-    """SIGTERM (and SIGCONT) each process, or its process group with ``group``; wait up to ``timeout`` s for all
-    of them; SIGKILL what is left (``before_kill`` is told first) and wait for those too. Processes that are our
-    children are reaped. Returns each one's return code (``-9`` for a SIGKILL, as ``Popen`` does), ``None`` for a
-    process that is not our child; ``on_exit`` is called as each one ends.
+    """SIGTERM each process, or its process group with ``group`` (and SIGCONT unless ``wake`` is false, so that
+    a stopped one can act on it); wait up to ``timeout`` s for all of them; SIGKILL what is left (``before_kill``
+    is told first) and wait for those too. Processes that are our children are reaped.
+
+    Returns each one's return code (``-9`` for a SIGKILL, as ``Popen`` does; ``None`` for a process that is not
+    our child). ``on_exit`` is called as each one ends, ``while_waiting`` between two looks.
     """
     targets = [_Target(process, group) for process in processes]
     for target in targets:
         if not target.poll():
             target.send(signal.SIGTERM)
-            target.send(signal.SIGCONT)
-    left = _wait(targets, timeout, on_exit)
+            if wake:
+                target.send(signal.SIGCONT)
+    left = _wait(targets, timeout, on_exit, while_waiting)
     if left:
         if before_kill is not None:
             before_kill([t.process for t in left])
         for target in left:
             log.warning("pid %d did not stop within %gs: SIGKILL", target.pid, timeout)
             target.send(signal.SIGKILL)
-        for target in _wait(left, KILL_WAIT_SECONDS, on_exit):
+        for target in _wait(left, KILL_WAIT_SECONDS, on_exit, while_waiting):
             log.error("pid %d is still there %gs after SIGKILL", target.pid, KILL_WAIT_SECONDS)
     return [t.code for t in targets]
 
 
-def _wait(targets: list[_Target], timeout: float,
-          on_exit: Callable[[Process, int | None], None] | None) -> list[_Target]:
+def kill_now(processes: Iterable[Process], *, group: bool = False) -> None:
+    """SIGKILL, waiting for nothing: for a cold stop's ``on_cold_stop``, which must not outlive its children."""
+    for process in processes:
+        _Target(process, group).send(signal.SIGKILL)
+
+
+def _wait(targets: list[_Target], timeout: float, on_exit: Callable[[Process, int | None], None] | None,
+          while_waiting: Callable[[], None] | None) -> list[_Target]:
     """Poll until every target ended or ``timeout`` passed; returns those still running."""
     deadline = time.monotonic() + timeout
     left = list(targets)
@@ -280,6 +292,8 @@ def _wait(targets: list[_Target], timeout: float,
                 on_exit(target.process, target.code)
         if not left or time.monotonic() >= deadline:
             return left
+        if while_waiting is not None:
+            while_waiting()
         time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
 
 

@@ -13,7 +13,8 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
-JD_MJD_OFFSET = 2400000.5
+from ztfd.sources import JD_MJD_OFFSET
+
 MAG = "mag"
 FLUX = "flux"
 ZTF_BANDS = {1: "g", 2: "r", 3: "i"}

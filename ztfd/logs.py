@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s"
@@ -73,14 +74,7 @@ class SharedRotatingFileHandler(logging.Handler):
                 size = os.stat(self.path).st_size
                 if size == 0 or size + incoming <= self.max_bytes:
                     return
-                for index in range(self.backup_count - 1, 0, -1):
-                    older = self.path.with_name(f"{self.path.name}.{index}")
-                    if older.exists():
-                        os.replace(older, self.path.with_name(f"{self.path.name}.{index + 1}"))
-                if self.backup_count > 0:
-                    os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
-                else:
-                    os.truncate(self.path, 0)
+                rotate(self.path, self.backup_count)
             except FileNotFoundError:
                 pass
             finally:
@@ -92,6 +86,63 @@ class SharedRotatingFileHandler(logging.Handler):
                 os.close(self._fd)
                 self._fd = None
         super().close()
+
+
+def rotate(path: Path, backup_count: int) -> None:
+    """Shift ``path`` to ``<path>.1`` (``.1`` to ``.2`` and so on, keeping ``backup_count`` old files); with no
+    backups, empty it. The caller makes sure that no other process rotates ``path`` at the same time."""
+    for index in range(backup_count - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{index}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{index + 1}"))
+    if backup_count > 0:
+        os.replace(path, path.with_name(f"{path.name}.1"))
+    else:
+        os.truncate(path, 0)
+
+
+class Throttle(logging.Filter):
+    """A recurring condition logged at most once per ``every`` seconds, with the count of repeats held back.
+
+    librdkafka reports the same failure about every 50 ms while a broker is down: without this a day's outage
+    would fill the logs. Call it (``throttle(key, level, text, *args)``, logged through ``logger``), or add it to
+    a logger as a filter, where each distinct message (its first argument, if any) is a key of its own.
+    """
+
+    def __init__(self, logger: logging.Logger | None = None, every: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.logger = logger or logging.getLogger(__name__)
+        self.every = every
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def admit(self, key: str) -> int | None:
+        """How many repeats of ``key`` were held back since it last went through; None: hold this one too."""
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.every:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)
+
+    def __call__(self, key: str, level: int, text: str, *args: object) -> None:
+        held = self.admit(key)
+        if held is not None:
+            self.logger.log(level, text + _held_note(held), *args)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.args[0]) if isinstance(record.args, tuple) and record.args else str(record.msg)
+        held = self.admit(key)
+        if held:
+            record.msg = f"{record.msg}{_held_note(held)}"
+        return held is not None
+
+
+def _held_note(held: int) -> str:
+    return f" ({held} repeats not shown)" if held else ""
 
 
 def setup(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import signal
 import sqlite3
 import threading
 import time
@@ -24,9 +23,10 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from ztfd import config, store
+from ztfd import config, lifecycle, store
 from ztfd.procs import pid_alive
 from ztfd.store import counters
+from ztfd.store.processes import ProcessRow, processes
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,17 @@ def read_kafka(cfg: config.Config, offsets: dict[str, dict[int, store.StoredOffs
                      up={t["topic"]: t.get("broker") == "ok" for t in topics})
 
 
+# Per-topic families: name (``_total`` is added to counters) -> (kind, help).
+TOPIC_METRICS: dict[str, tuple[type[Metric], str]] = {
+    "ztfd_alerts_stored": (CounterMetricFamily, "Alerts stored (accepted messages), per topic."),
+    "ztfd_alerts_rejected": (CounterMetricFamily, "Messages rejected (kept with their reason), per topic."),
+    "ztfd_kafka_gap_alerts": (CounterMetricFamily, "Alerts lost upstream (offsets the broker no longer had)."),
+    "ztfd_last_alert_age_seconds": (GaugeMetricFamily, "Seconds since the topic's last alert was stored."),
+    "ztfd_kafka_lag": (GaugeMetricFamily, "Messages in the topic after ztfd's stored offsets."),
+    "ztfd_kafka_up": (GaugeMetricFamily, "1 when the broker answered the last lag query for the topic."),
+}
+
+
 class StoreCollector(Collector):
     """Every ztfd metric (README "Metrics"), read afresh at each scrape."""
 
@@ -84,34 +95,26 @@ class StoreCollector(Collector):
             failures = counters.stamp_failures(self.conn)
             files = counters.files_by_state(self.conn)
             uploaded = counters.uploaded(self.conn)
-            processes = counters.processes(self.conn)
+            rows = processes(self.conn)
         names = sorted(set(self.cfg.kafka.topics) | set(topics))
         empty = counters.TopicTotals(0, 0, None)
 
-        stored = CounterMetricFamily("ztfd_alerts_stored", "Alerts stored (accepted messages), per topic.",
-                                     labels=["topic"])
-        rejected = CounterMetricFamily("ztfd_alerts_rejected", "Messages rejected (kept with their reason), per topic.",
-                                       labels=["topic"])
-        lost = CounterMetricFamily("ztfd_kafka_gap_alerts", "Alerts lost upstream (offsets the broker no longer had).",
-                                   labels=["topic"])
-        age = GaugeMetricFamily("ztfd_last_alert_age_seconds", "Seconds since the topic's last alert was stored.",
-                                labels=["topic"])
-        lag = GaugeMetricFamily("ztfd_kafka_lag", "Messages in the topic after ztfd's stored offsets.",
-                                labels=["topic"])
-        up = GaugeMetricFamily("ztfd_kafka_up", "1 when the broker answered the last lag query for the topic.",
-                               labels=["topic"])
+        per_topic = {name: kind(name, text, labels=["topic"]) for name, (kind, text) in TOPIC_METRICS.items()}
         for topic in names:
             totals = topics.get(topic, empty)
-            stored.add_metric([topic], totals.stored)
-            rejected.add_metric([topic], totals.rejected)
-            lost.add_metric([topic], gaps.get(topic, 0))
-            if totals.last_alert_at is not None:
-                age.add_metric([topic], max(0.0, now - totals.last_alert_at))
-            if self.kafka.lag.get(topic) is not None:
-                lag.add_metric([topic], self.kafka.lag[topic])
-            if topic in self.kafka.up:
-                up.add_metric([topic], 1 if self.kafka.up[topic] else 0)
-        yield from (stored, rejected, lost, age, lag, up)
+            values: dict[str, float | None] = {
+                "ztfd_alerts_stored": totals.stored,
+                "ztfd_alerts_rejected": totals.rejected,
+                "ztfd_kafka_gap_alerts": gaps.get(topic, 0),
+                "ztfd_last_alert_age_seconds": None if totals.last_alert_at is None
+                else max(0.0, now - totals.last_alert_at),
+                "ztfd_kafka_lag": self.kafka.lag.get(topic),
+                "ztfd_kafka_up": None if topic not in self.kafka.up else float(self.kafka.up[topic]),
+            }
+            for name, value in values.items():
+                if value is not None:  # unknown: no sample (an absent series), not a made-up 0
+                    per_topic[name].add_metric([topic], value)
+        yield from per_topic.values()
 
         state = GaugeMetricFamily("ztfd_stamp_jobs", "Stamp jobs by state (done and failed: every job that ended so).",
                                   labels=["state"])
@@ -134,10 +137,10 @@ class StoreCollector(Collector):
         yield CounterMetricFamily("ztfd_sync_uploaded_files", "Files uploaded to S3 and verified.",
                                   value=uploaded.files)
 
-        yield from self._processes(processes, now)
+        yield from self._processes(rows, now)
         yield from self._disk()
 
-    def _processes(self, rows: list[counters.ProcessRow], now: float) -> Iterator[Metric]:
+    def _processes(self, rows: list[ProcessRow], now: float) -> Iterator[Metric]:
         up = GaugeMetricFamily("ztfd_process_up", "1 while the process runs and heartbeats in time.",
                                labels=["name", "role"])
         restarts = CounterMetricFamily("ztfd_process_restarts", "Restarts by the supervisor since `ztfd start`.",
@@ -171,8 +174,6 @@ class StoreCollector(Collector):
 
 def run(cfg: config.Config, name: str) -> int:
     """Serve ``/metrics`` on ``metrics.listen`` until SIGTERM; heartbeat as role ``metrics``."""
-    from prometheus_client import start_http_server
-
     if not cfg.metrics.listen:
         log.error("metrics.listen is empty: nothing to serve")
         return 2
@@ -180,9 +181,13 @@ def run(cfg: config.Config, name: str) -> int:
     if not is_loopback(host):
         log.warning("metrics listen on %s, which other machines can reach (metrics.listen; 127.0.0.1 keeps it local)",
                     cfg.metrics.listen)
-    stopping = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
+    with lifecycle.stop_on_signals() as stop:
+        return _serve(cfg, name, host, port, stop)
+
+
+def _serve(cfg: config.Config, name: str, host: str, port: int, stop: lifecycle.Stop) -> int:
+    from prometheus_client import start_http_server
+
     conn = store.connect(cfg.db_path)
     lock = threading.Lock()
     collector = StoreCollector(cfg, conn, lock)
@@ -197,7 +202,7 @@ def run(cfg: config.Config, name: str) -> int:
     log.info("metrics at http://%s/metrics", cfg.metrics.listen)
     next_lag = 0.0
     try:
-        while not stopping.is_set():
+        while not stop.is_set():
             with lock:
                 store.heartbeat(conn, name, "metrics")
             if time.monotonic() >= next_lag:
@@ -205,7 +210,7 @@ def run(cfg: config.Config, name: str) -> int:
                     offsets = {topic: store.stored_offsets(conn, topic) for topic in cfg.kafka.topics}
                 collector.kafka = read_kafka(cfg, offsets)  # outside the lock: the broker may take seconds
                 next_lag = time.monotonic() + LAG_INTERVAL
-            stopping.wait(HEARTBEAT_INTERVAL)
+            stop.wait(HEARTBEAT_INTERVAL)
     except sqlite3.Error as exc:
         log.error("metrics: store error: %s", exc)
         return 1

@@ -27,9 +27,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ztfd.sources import DAY_OBS, UTC_DATE, Alert, TimeField
+from ztfd.sources import DAY_OBS, JD_MJD_OFFSET, UTC_DATE, Alert, TimeField
 
-JD_MJD_OFFSET = 2400000.5
 # Rubin's observing day starts 12 h (TAI) after 00:00 TAI.
 DAY_OBS_ROLLOVER_DAYS = 0.5
 # What dated an alert when it carried no observation time (``Dating.dated_by``).

@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import logging
 import multiprocessing
+import os
 import sqlite3
 import sys
 import time
@@ -23,10 +24,11 @@ from dataclasses import dataclass
 
 import click
 
-from ztfd import providers, store
+from ztfd import lifecycle, providers, store
 from ztfd.config import Config
 from ztfd.providers import StampProvider
-from ztfd.stamps import STAMP_TYPES, preview_path, read_valid, run_worker, stamp_path
+from ztfd.sources import STAMP_TYPES
+from ztfd.stamps import preview_path, read_valid, run_worker, stamp_path
 from ztfd.store import jobs
 from ztfd.store.alerts import alerts_on
 from ztfd.store.processes import processes
@@ -39,6 +41,7 @@ POLL_SECONDS = 0.2
 FETCHER_CHECK_SECONDS = 1.0  # how often a replay waiting on the daemon checks that some fetcher is alive
 DAEMON_GRACE_MAX = 10.0  # at most this long without a live fetcher (a supervisor restarts one in seconds)
 REPORT_EVERY = 5.0  # seconds between progress lines when stdout is not a terminal
+WORKER_STOP_TIMEOUT = 30.0  # seconds a foreground worker may take to hand its jobs back before SIGKILL
 
 
 @dataclass
@@ -72,12 +75,12 @@ def run(cfg: Config, date: str, topic: str | None = None, force: bool = False, w
         conn.close()
 
 
-def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None, force: bool, workers: int) -> int:
+def plan(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None, force: bool
+         ) -> tuple[int, list[jobs.NewStampJob]]:
+    """How many alerts the date has, and the stamp jobs to queue: one per alert whose files are not all valid on
+    disk under the detection an earlier run chose (every alert with ``force``). Two indexed reads (the date's
+    alerts, their stamp records), then the files."""
     alerts = alerts_on(conn, date, topic)
-    scope = f"{date}" + (f" topic {topic}" if topic else "")
-    if not alerts:
-        click.echo(f"replay {scope}: no stored alerts")
-        return EXIT_OK
     known = stamp_records_on(conn, date, topic)
     stamp_providers = providers.providers_for(cfg.stamps)
     payloads = []
@@ -90,28 +93,38 @@ def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None,
                 and triplet_complete(cfg, alert.date, alert.object_id, previous.detection_id, provider)):
             continue
         payloads.append(jobs.NewStampJob(alert.id, force=force))  # the worker reuses the detection of ``known``
-    complete = len(alerts) - len(payloads)
+    return len(alerts), payloads
+
+
+def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None, force: bool, workers: int) -> int:
+    scope = f"{date}" + (f" topic {topic}" if topic else "")
+    count, payloads = plan(conn, cfg, date, topic, force)
+    if not count:
+        click.echo(f"replay {scope}: no stored alerts")
+        return EXIT_OK
+    complete = count - len(payloads)
     if force:
-        click.echo(f"replay {scope}: {len(alerts)} alerts, all {len(payloads)} to fetch again (--force)")
+        click.echo(f"replay {scope}: {count} alerts, all {len(payloads)} to fetch again (--force)")
     else:
-        click.echo(f"replay {scope}: {len(alerts)} alerts, {complete} complete on disk, {len(payloads)} to fetch")
+        click.echo(f"replay {scope}: {count} alerts, {complete} complete on disk, {len(payloads)} to fetch")
     if not payloads:
         return EXIT_OK
     batch = f"replay:{date}:{uuid.uuid4().hex[:12]}"
     with store.transaction(conn):
         jobs.enqueue(conn, payloads, batch=batch)
     log.info("replay %s: queued %d stamp jobs as batch %s (force=%s)", scope, len(payloads), batch, force)
+    stop = lifecycle.Stop().install()  # Ctrl-C: stop waiting, the rest stays queued; a second one exits at once
     fetchers = running_fetchers(conn, cfg)
     if fetchers:
         click.echo(f"the daemon is running ({len(fetchers)} fetchers): queued as batch {batch}, waiting for it")
-        progress = _wait(conn, batch, len(payloads), processes=None, cfg=cfg)
+        progress = _wait(conn, batch, len(payloads), stop, processes=None, cfg=cfg)
         if progress is None:  # the daemon's fetchers died: do the rest here rather than wait forever
             click.echo(f"no daemon fetcher alive for {_daemon_grace(cfg):.0f} s: fetching the rest with {workers} "
                        f"worker process{'es' if workers > 1 else ''}")
-            progress = _fetch_in_foreground(conn, cfg, batch, len(payloads), workers)
+            progress = _fetch_in_foreground(conn, cfg, batch, len(payloads), workers, stop)
     else:
         click.echo(f"the daemon is not running: fetching with {workers} worker process{'es' if workers > 1 else ''}")
-        progress = _fetch_in_foreground(conn, cfg, batch, len(payloads), workers)
+        progress = _fetch_in_foreground(conn, cfg, batch, len(payloads), workers, stop)
     return _summarise(conn, scope, batch, progress, len(payloads))
 
 
@@ -140,20 +153,25 @@ def running_fetchers(conn: sqlite3.Connection, cfg: Config) -> list[str]:
     return alive
 
 
-def batch_progress(conn: sqlite3.Connection, batch: str) -> Progress:
+def batch_progress(conn: sqlite3.Connection, batch: str, total: int) -> Progress:
+    """What became of a batch of ``total`` jobs: done ones may be forgotten meanwhile (``jobs.forget_done``), so
+    done is what is neither open nor failed."""
     counts = jobs.counts(conn, batch=batch)
-    return Progress(done=counts.done, failed=counts.failed, unavailable=counts.unavailable)
+    return Progress(done=total - counts.unfinished - counts.failed, failed=counts.failed,
+                    unavailable=counts.unavailable)
 
 
 def _replay_worker(cfg: Config, name: str, batch: str) -> None:
     """Entry point of one foreground worker process (spawned: a clean interpreter, its own store connection)."""
     from ztfd import logs
 
+    os.setpgid(0, 0)  # a terminal's Ctrl-C reaches replay only, which stops its workers with one SIGTERM
     logs.setup(cfg.logs_dir, cfg.logging.level, cfg.logging.max_bytes, cfg.logging.backup_count, console=False)
     sys.exit(run_worker(cfg, name, batch=batch))
 
 
-def _fetch_in_foreground(conn: sqlite3.Connection, cfg: Config, batch: str, total: int, workers: int) -> Progress:
+def _fetch_in_foreground(conn: sqlite3.Connection, cfg: Config, batch: str, total: int, workers: int,
+                         stop: lifecycle.Stop) -> Progress:
     context = multiprocessing.get_context("spawn")
     processes = [
         context.Process(target=_replay_worker, args=(cfg, f"replay:{index}", batch), name=f"replay-{index}")
@@ -161,60 +179,53 @@ def _fetch_in_foreground(conn: sqlite3.Connection, cfg: Config, batch: str, tota
     ]
     for process in processes:
         process.start()
+    stop.on_cold_stop = lambda: lifecycle.kill_now(processes)  # their leases expire: the jobs come back
     try:
-        return _wait(conn, batch, total, processes)
+        return _wait(conn, batch, total, stop, processes)
     finally:
-        for process in processes:
-            if process.is_alive():
-                process.terminate()  # SIGTERM: the worker releases its leases and exits 0
-        for process in processes:
-            process.join(30)
-            if process.is_alive():
-                process.kill()
-                process.join()
+        lifecycle.terminate(processes, WORKER_STOP_TIMEOUT)  # SIGTERM: a worker releases its leases and exits 0
 
 
 def _daemon_grace(cfg: Config) -> float:
     return min(cfg.supervisor.heartbeat_timeout, DAEMON_GRACE_MAX)
 
 
-def _wait(conn: sqlite3.Connection, batch: str, total: int, processes: list | None,
+def _wait(conn: sqlite3.Connection, batch: str, total: int, stop: lifecycle.Stop, processes: list | None,
           cfg: Config | None = None) -> Progress | None:
     """Poll the batch until every job is settled (or the foreground workers are gone), showing progress.
 
     Waiting on the daemon (``processes`` None), returns None when no daemon fetcher has been alive for
     ``_daemon_grace``: the caller then fetches in the foreground instead of waiting forever.
     """
-    progress = batch_progress(conn, batch)
+    progress = batch_progress(conn, batch, total)
     shown = 0
     last_report = time.monotonic()
     last_check = last_seen = time.monotonic()
-    try:
-        with _progress_bar(total) as bar:
-            while True:
-                progress = batch_progress(conn, batch)
-                if bar is not None:
-                    bar.update(progress.settled - shown)
-                elif time.monotonic() - last_report >= REPORT_EVERY:
-                    click.echo(f"  {progress.settled}/{total} settled: done {progress.done}, failed "
-                               f"{progress.failed}, not yet available {progress.unavailable}")
-                    last_report = time.monotonic()
-                shown = progress.settled
-                if progress.settled >= total:
-                    break
-                if processes is not None and not any(p.is_alive() for p in processes):
-                    progress = batch_progress(conn, batch)
-                    break
-                if processes is None and cfg is not None and time.monotonic() - last_check >= FETCHER_CHECK_SECONDS:
-                    last_check = time.monotonic()
-                    if running_fetchers(conn, cfg):
-                        last_seen = last_check
-                    elif last_check - last_seen >= _daemon_grace(cfg):
-                        log.warning("replay: no daemon fetcher alive for %.0f s; fetching batch %s here",
-                                    last_check - last_seen, batch)
-                        return None
-                time.sleep(POLL_SECONDS)
-    except KeyboardInterrupt:
+    with _progress_bar(total) as bar:
+        while not stop.is_set():
+            progress = batch_progress(conn, batch, total)
+            if bar is not None:
+                bar.update(progress.settled - shown)
+            elif time.monotonic() - last_report >= REPORT_EVERY:
+                click.echo(f"  {progress.settled}/{total} settled: done {progress.done}, failed "
+                           f"{progress.failed}, not yet available {progress.unavailable}")
+                last_report = time.monotonic()
+            shown = progress.settled
+            if progress.settled >= total:
+                break
+            if processes is not None and not any(p.is_alive() for p in processes):
+                progress = batch_progress(conn, batch, total)
+                break
+            if processes is None and cfg is not None and time.monotonic() - last_check >= FETCHER_CHECK_SECONDS:
+                last_check = time.monotonic()
+                if running_fetchers(conn, cfg):
+                    last_seen = last_check
+                elif last_check - last_seen >= _daemon_grace(cfg):
+                    log.warning("replay: no daemon fetcher alive for %.0f s; fetching batch %s here",
+                                last_check - last_seen, batch)
+                    return None
+            stop.wait(POLL_SECONDS)
+    if stop.is_set():
         click.echo("\ninterrupted: the batch's remaining jobs stay queued for the daemon", err=True)
     return progress
 

@@ -21,9 +21,7 @@ import json
 import logging
 import os
 import re
-import signal
 import sqlite3
-import threading
 import time
 import urllib.parse
 from collections import Counter
@@ -32,9 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ztfd import config, files, lightcurve, store
+from ztfd import config, files, lifecycle, lightcurve, store
 from ztfd.sources import LSST, STAMP_TYPES, ZTF
 from ztfd.store import report as night
+from ztfd.store.alerts import StoredAlert, alerts_on
+from ztfd.store.stamps import stamp_records_on
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +162,11 @@ def _short_reason(text: str) -> str:
 
 def gather(cfg: config.Config, conn: sqlite3.Connection, date: str, topic: str | None) -> tuple[list[Card], dict]:
     """The night's cards, sorted by time, and the counts for the top of the page."""
-    alerts = night.night_alerts(conn, date, topic)
-    by_object: dict[str, list[night.NightAlert]] = {}
+    alerts = alerts_on(conn, date, topic)
+    by_object: dict[str, list[StoredAlert]] = {}
     for alert in alerts:  # in id order: the last of each object is its newest
         by_object.setdefault(alert.object_id, []).append(alert)
-    outcomes = night.night_stamps(conn, date)
+    outcomes = _stamp_outcomes(conn, date, topic, by_object)
     images: dict[str, list[str]] = {}
     for path in night.night_images(conn, date):
         images.setdefault(path.split("/")[2], []).append(path)
@@ -197,6 +197,24 @@ def gather(cfg: config.Config, conn: sqlite3.Connection, date: str, topic: str |
               "with_stamps": sum(1 for c in cards if c.preview), "missing": dict(missing.most_common()),
               "topics": dict(Counter(a.topic for a in alerts).most_common())}
     return cards, counts
+
+
+def _stamp_outcomes(conn: sqlite3.Connection, date: str, topic: str | None,
+                    by_object: dict[str, list[StoredAlert]]) -> dict[str, night.StampOutcome]:
+    """object_id -> what became of its stamps: its newest stamp record (done) if any, else its latest job."""
+    records = stamp_records_on(conn, date, topic)
+    jobs = night.jobs_on(conn, date)
+    outcomes = {}
+    for object_id, seen in by_object.items():
+        done = [records[a.id] for a in seen if a.id in records]
+        if done:
+            newest = max(done, key=lambda r: r.done_at)
+            outcomes[object_id] = night.StampOutcome("done", None, None, newest.detection_id, newest.done_at)
+            continue
+        waiting = [jobs[a.id] for a in seen if a.id in jobs]
+        if waiting:
+            outcomes[object_id] = max(waiting, key=lambda o: o.updated_at)
+    return outcomes
 
 
 def _choose_stamps(card: Card, paths: list[str], outcome: night.StampOutcome | None) -> None:
@@ -399,7 +417,7 @@ def build(cfg: config.Config, conn: sqlite3.Connection, date: str, topic: str | 
         dt.date.fromisoformat(date)
     except ValueError:
         raise ReportError(f"--date {date} is not a date") from None
-    if topic is not None and not config.KAFKA_TOPIC.match(topic):
+    if topic is not None and (not config.KAFKA_TOPIC.match(topic) or topic in (".", "..")):
         raise ReportError(f"--topic {topic!r} is not a topic name")
     changed_at = night.night_changed_at(conn, date) or 0.0
     folder = report_dir(cfg, date, topic)
@@ -428,11 +446,12 @@ def _record(home: Path, conn: sqlite3.Connection, paths: Iterable[str]) -> None:
             store.record_files(conn, rows[start:start + 500])
 
 
-def watch(cfg: config.Config, name: str, stop: Callable[[], bool]) -> int:
+def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
     """The daemon's reporter: every ``WATCH_INTERVAL`` s, rewrite the reports of nights quiet for
     ``report.after_quiet`` s that changed since their last report; heartbeat throughout."""
     conn = store.connect(cfg.db_path)
     last_beat = 0.0
+    failed: dict[str, float] = {}  # date -> the change a report failed on: tried again only after a new one
 
     def beat() -> None:
         nonlocal last_beat
@@ -441,20 +460,25 @@ def watch(cfg: config.Config, name: str, stop: Callable[[], bool]) -> int:
             last_beat = time.monotonic()
 
     try:
-        while not stop():
+        while not stop.is_set():
             beat()
             now = time.time()
-            for date, _changed in night.reports_due(conn, now - cfg.report.after_quiet, now - LOOKBACK_DAYS * 86400):
-                if stop():
+            for date, changed in night.reports_due(conn, now - cfg.report.after_quiet, now - LOOKBACK_DAYS * 86400):
+                if stop.is_set():
                     break
+                if failed.get(date) == changed:
+                    continue
                 try:
                     build(cfg, conn, date, beat=beat)
                 except (OSError, sqlite3.Error) as exc:
-                    log.error("report %s failed: %s", date, exc)
+                    log.error("report %s failed: %s (tried again when the night changes)", date, exc)
+                    failed[date] = changed
+                except Exception:  # one night's bad data must not stop the reports of the others
+                    log.exception("report %s failed (tried again when the night changes)", date)
+                    failed[date] = changed
             deadline = time.monotonic() + min(WATCH_INTERVAL, max(1.0, cfg.report.after_quiet / 4))
-            while not stop() and time.monotonic() < deadline:
+            while time.monotonic() < deadline and not stop.wait(min(HEARTBEAT_EVERY, deadline - time.monotonic())):
                 beat()
-                time.sleep(0.2)
     finally:
         conn.close()
     return 0
@@ -462,8 +486,6 @@ def watch(cfg: config.Config, name: str, stop: Callable[[], bool]) -> int:
 
 def run_watch(cfg: config.Config, name: str) -> int:
     """``ztfd report --watch`` (the supervisor's ``reporter``): ``watch`` until SIGTERM, at a low CPU priority."""
-    stopping = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
     os.nice(REPORTER_NICENESS)  # reports can wait; storing alerts and fetching stamps cannot
-    return watch(cfg, name, stopping.is_set)
+    with lifecycle.stop_on_signals() as stop:
+        return watch(cfg, name, stop)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import shutil
 import sqlite3
 import time
@@ -22,22 +23,24 @@ from ztfd.localtrouble import STATUS_PREFIX as LOCAL_TROUBLE_PREFIX
 from ztfd.procs import pid_alive
 from ztfd.quota import near_quota
 from ztfd.sources import LSST
-from ztfd.store import jobs
+from ztfd.store import counters, jobs
+from ztfd.store import gaps as store_gaps
 from ztfd.store import quota as store_quota
-from ztfd.store.alerts import topic_totals
+from ztfd.store.alerts import count_received_since
 from ztfd.store.db import connect_readonly
 from ztfd.store.facts import statuses_with_prefix
 from ztfd.store.processes import process, processes
-from ztfd.store.rejected import rejected_counts
+from ztfd.units import human_bytes
 
 log = logging.getLogger(__name__)
 
-CHILD_ROLES = ("consumer", "fetcher", "syncer")
+CHILD_ROLES = ("consumer", "fetcher", "syncer", "metrics", "reporter")
 KAFKA_TIMEOUT = 3.0
 LAST_FAILURES = 5
 
 
-def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[str, Any]:
+def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool = True) -> dict[str, Any]:
+    """The report; ``lag=False`` leaves out the Kafka lag (what ``bin/bench store`` times: the store's part)."""
     now = time.time()
     sup_pid = supervisor.running_pid(cfg)
     report: dict[str, Any] = {
@@ -52,6 +55,7 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[st
         "sync": {"enabled": bool(cfg.s3.bucket), "bucket": cfg.s3.bucket or None, "pending": 0, "pending_bytes": 0,
                  "done": 0, "last_pass": None, "last_error": None},
         "rejected": {},
+        "gaps": [],
         "local_trouble": {},
         "disk": _disk(cfg.home),
         "store": str(cfg.db_path) if cfg.db_path.exists() else None,
@@ -65,11 +69,14 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[st
             report["failures"] = _failures(conn)
             report["sync"].update(_sync(conn))
             report["rejected"] = _rejected(conn, cfg)
+            report["gaps"] = _gaps(conn)
             report["local_trouble"] = {
                 name: {"reason": reason, "at": _iso(at)}
                 for name, (reason, at) in statuses_with_prefix(conn, LOCAL_TROUBLE_PREFIX).items()}
+            lost = store_gaps.missing_by_topic(conn)
             for info in report["topics"]:
                 info["rejected"] = report["rejected"].get(info["topic"], 0)
+                info["lost_upstream"] = lost.get(info["topic"], 0)
             row = process(conn, supervisor.SUPERVISOR_NAME)
             if row is not None and sup_pid is not None and row.started_at:
                 report["supervisor"]["uptime"] = round(now - row.started_at, 1)
@@ -78,7 +85,8 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[st
     finally:
         if conn is not None:
             conn.close()
-    _add_lag(cfg, report["topics"], kafka_timeout)
+    if lag:
+        _add_lag(cfg, report["topics"], kafka_timeout)
     # Running: our supervisor, or (under supervisord or systemd units of the single roles) live consumers.
     externally = any(p["alive"] and p["role"] == "consumer" and p["fresh"] for p in report["processes"])
     report["running"] = sup_pid is not None or externally
@@ -107,8 +115,14 @@ def _disk(home: Path) -> dict[str, Any]:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     usage = shutil.disk_usage(probe)
+    # A year of small files can run out of inodes before bytes. Some file systems (btrfs) have no fixed number
+    # and report 0: then the inode fields are null.
+    fs = os.statvfs(probe)
+    free_inodes, total_inodes = (fs.f_favail, fs.f_files) if fs.f_files else (None, None)
     return {"path": str(probe), "free_bytes": usage.free, "total_bytes": usage.total,
-            "free_percent": round(100 * usage.free / usage.total, 1) if usage.total else None}
+            "free_percent": round(100 * usage.free / usage.total, 1) if usage.total else None,
+            "free_inodes": free_inodes, "total_inodes": total_inodes,
+            "free_inodes_percent": round(100 * fs.f_favail / fs.f_files, 1) if fs.f_files else None}
 
 
 def _processes(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[dict[str, Any]]:
@@ -134,7 +148,8 @@ def _processes(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list
 
 def _empty_topic(topic: str) -> dict[str, Any]:
     return {"topic": topic, "survey": None, "alerts_today": 0, "alerts_total": 0, "last_alert": None,
-            "last_alert_age": None, "rejected": 0, "partitions": {}, "lag": None, "lasair_day": None}
+            "last_alert_age": None, "rejected": 0, "lost_upstream": 0, "partitions": {}, "lag": None,
+            "lasair_day": None}
 
 
 def _lasair_day(day: store_quota.DayBytes | None, quota: int, now: float) -> dict[str, Any]:
@@ -149,18 +164,19 @@ def _lasair_day(day: store_quota.DayBytes | None, quota: int, now: float) -> dic
 
 def _topics(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[dict[str, Any]]:
     midnight = dt.datetime.fromtimestamp(now, dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    everything = counters.topic_totals(conn)
     result = []
     days, surveys = store_quota.latest_days(conn), store_quota.surveys(conn)
     for topic in cfg.kafka.topics:
         info = _empty_topic(topic)
         info["survey"] = surveys.get(topic)
         info["lasair_day"] = _lasair_day(days.get(topic), cfg.kafka.lasair_byte_quota, now)
-        totals = topic_totals(conn, topic, midnight)
-        last = totals.last_received_at
-        info["alerts_total"] = totals.total
+        totals = everything.get(topic, counters.TopicTotals(0, 0, None))
+        last = totals.last_alert_at
+        info["alerts_total"] = totals.stored
         info["last_alert"] = _iso(last)
         info["last_alert_age"] = None if last is None else round(now - last, 1)
-        info["alerts_today"] = totals.since
+        info["alerts_today"] = count_received_since(conn, topic, midnight)
         info["partitions"] = {
             str(p): {"next_offset": o.next_offset, "generation": o.generation}
             for p, o in sorted(store.stored_offsets(conn, topic).items())
@@ -184,7 +200,16 @@ def _sync(conn: sqlite3.Connection) -> dict[str, Any]:
 
 
 def _rejected(conn: sqlite3.Connection, cfg: config.Config) -> dict[str, int]:
-    return {**{t: 0 for t in cfg.kafka.topics}, **rejected_counts(conn)}
+    """Rejected messages per topic, all there ever were (also those exported and forgotten)."""
+    found = {topic: totals.rejected for topic, totals in counters.topic_totals(conn).items() if totals.rejected}
+    return {**{t: 0 for t in cfg.kafka.topics}, **found}
+
+
+def _gaps(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """The newest gaps: offsets the broker no longer had when ztfd came to read them (see ztfd.partitions)."""
+    return [{"topic": g.topic, "partition": g.partition, "generation": g.generation, "first_offset": g.first_offset,
+             "last_offset": g.last_offset, "missing": g.missing, "detected_at": _iso(g.detected_at)}
+            for g in store_gaps.recent_gaps(conn)]
 
 
 def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -> None:
@@ -238,7 +263,10 @@ def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -
             consumer.assign(assigned)
             pending = {(tp.topic, tp.partition) for tp in assigned}
             while pending and time.monotonic() < deadline:
-                for message in consumer.consume(100, min(0.5, max(0.05, deadline - time.monotonic()))):
+                # As many as there are partitions still to hear from (a message or the end of an empty one):
+                # consume() waits for that many or for its timeout, whichever comes first.
+                wait = min(0.5, max(0.05, deadline - time.monotonic()))
+                for message in consumer.consume(len(pending), wait):
                     pending.discard((message.topic(), message.partition()))
         by_topic: dict[str, int | None] = {}
         for tp in assigned:
@@ -274,16 +302,6 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f}d"
 
 
-def _size(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
 def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     cells = [[str("-" if v is None else v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
@@ -297,7 +315,7 @@ def _describe_day(day: dict[str, Any] | None) -> str:
     if not day:
         return "-"
     share = f" ({day['percent']:.0f}%)" if day.get("percent") is not None and day["bytes"] else ""
-    return _size(day["bytes"]) + share
+    return human_bytes(day["bytes"]) + share
 
 
 def _describe_pass(last: Any) -> str:
@@ -305,7 +323,8 @@ def _describe_pass(last: Any) -> str:
         return str(last) if last else "-"
     when = _iso(last.get("finished_at")) or "?"
     outcome = "ok" if last.get("ok") else "incomplete"
-    return f"{when}: {last.get('files', 0)} files, {_size(last.get('bytes'))} in {last.get('seconds', 0)} s, {outcome}"
+    size = human_bytes(last.get("bytes"))
+    return f"{when}: {last.get('files', 0)} files, {size} in {last.get('seconds', 0)} s, {outcome}"
 
 
 def _describe_error(error: Any) -> str:
@@ -349,9 +368,13 @@ def render(report: dict[str, Any]) -> str:
     for t in report["topics"]:
         day = t.get("lasair_day") or {}
         if day.get("warning"):
-            out.append(f"  WARNING {t['topic']}: {_size(day['bytes'])} received on Lasair day {day['day']}, "
-                       f"{day['percent']:.0f}% of kafka.lasair_byte_quota ({_size(day['quota'])}); Lasair stops "
+            out.append(f"  WARNING {t['topic']}: {human_bytes(day['bytes'])} received on Lasair day {day['day']}, "
+                       f"{day['percent']:.0f}% of kafka.lasair_byte_quota ({human_bytes(day['quota'])}); Lasair stops "
                        "sending this filter's messages at 100% until the day ends (20:00 UTC)")
+    for gap in report.get("gaps", []):
+        out.append(f"  LOST UPSTREAM {gap['topic']}[{gap['partition']}]: offsets {gap['first_offset']}.."
+                   f"{gap['last_offset']} ({gap['missing']} alerts) were gone from the broker when ztfd came to "
+                   f"read them (found {gap['detected_at']})")
     out.append("")
 
     q = report["queue"]
@@ -368,14 +391,16 @@ def render(report: dict[str, Any]) -> str:
     if not s.get("enabled"):
         out.append("  off (s3.bucket is not set)")
     else:
-        out.append(f"  bucket {s.get('bucket')}: pending {s['pending']} files ({_size(s.get('pending_bytes'))}), "
+        out.append(f"  bucket {s.get('bucket')}: pending {s['pending']} files ({human_bytes(s.get('pending_bytes'))}), "
                    f"uploaded {s.get('done', '-')}")
     out.append(f"  last pass {_describe_pass(s.get('last_pass'))}; last error {_describe_error(s.get('last_error'))}")
     out.append("")
 
     d = report["disk"]
-    out.append(f"Disk: {_size(d['free_bytes'])} free of {_size(d['total_bytes'])} ({d['free_percent']}%) "
-               f"under {d['path']}")
+    inodes = (f", {d['free_inodes']:,} of {d['total_inodes']:,} inodes free ({d['free_inodes_percent']}%)"
+              if d.get("total_inodes") else "")
+    out.append(f"Disk: {human_bytes(d['free_bytes'])} free of {human_bytes(d['total_bytes'])} ({d['free_percent']}%)"
+               f"{inodes} under {d['path']}")
     for name, trouble in report.get("local_trouble", {}).items():
         out.append(f"Local trouble: {name} cannot write, paused (last try {trouble['at']}): {trouble['reason']}")
     return "\n".join(out)

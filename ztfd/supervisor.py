@@ -5,12 +5,20 @@ set), each with ``ZTFD_PROCESS_NAME`` so that its heartbeats land under a stable
 Why not supervisord alone (``etc/supervisord.conf`` still works)? It gives up on a program after a few quick
 failures (FATAL, never retried) and cannot tell a hung process from a busy one; here:
 
-- a child that exits is restarted forever, with capped exponential backoff reset once it has stayed up;
+- a child that exits (or cannot even be started) is restarted forever, with capped exponential backoff
+  (``lifecycle.Backoff``) that grows with every quick failure and starts again only once a child stayed up;
 - a child whose heartbeat is older than ``supervisor.heartbeat_timeout`` is killed (SIGTERM, then SIGKILL) and
   restarted: a hung consumer would otherwise hold its partitions and stamp leases indefinitely;
 - children are tied to the supervisor's life with ``PR_SET_PDEATHSIG``: if the supervisor is killed with -9 they
   get SIGTERM and exit cleanly; the next ``ztfd start`` also finds any leftover of a crashed supervisor (pids in
-  the ``processes`` table, a marker in their environment) and terminates it before forking new ones.
+  the ``processes`` table, a marker in their environment) and terminates it before forking new ones;
+- the daemon's children write their stdout and stderr into a pipe that the supervisor copies to
+  ``logs/supervisor.out``, so that file is rotated by size while they run (a child's own descriptor on the file
+  would keep writing to the rotated copy).
+
+Stopping follows ``ztfd.lifecycle``: the first SIGTERM/SIGINT forwards SIGTERM to every child and waits up to
+``supervisor.stop_timeout``; a second one exits at once (143/130), and the children, tied to the supervisor's
+life, get the SIGTERM that is their second.
 
 Exclusivity: the running supervisor holds an ``flock`` on ``<pidfile>.lock`` for its whole life and writes its pid
 to the pidfile atomically; a pidfile whose lock is free or whose pid is dead is stale and replaced.
@@ -33,7 +41,7 @@ from pathlib import Path
 
 import click
 
-from ztfd import config, files, logs, store
+from ztfd import config, files, housekeeping, lifecycle, logs, store
 from ztfd.procs import die_with_parent, pid_alive
 from ztfd.store.processes import processes, record_child, reset_processes, set_process_state
 
@@ -46,6 +54,8 @@ FIRST_BACKOFF = 1.0
 HUNG_GRACE = 5.0
 # How often the supervisor heartbeats and checks its children's heartbeats.
 CHECK_INTERVAL = 1.0
+# How often the loop looks for children that exited (it catches no SIGCHLD: signals only ever ask it to stop).
+REAP_INTERVAL = 0.2
 # Marks a child in its environment (value: the pidfile) so a later start can find leftovers of a crashed run.
 MARKER_ENV = "ZTFD_PROCESS_SUPERVISOR"
 SUPERVISOR_NAME = "supervisor"
@@ -143,10 +153,9 @@ class Child:
     pid: int | None = None
     started_at: float = 0.0
     restarts: int = 0
+    quick_failures: int = 0  # exits (or failed starts) in a row, each before the child had stayed up STABLE_AFTER
     backoff: float = 0.0
     next_start: float = 0.0
-    kill_deadline: float | None = None  # set while a hung child is being terminated
-    kill_reason: str | None = None
     beat_value: float | None = None  # the last heartbeat_at seen in the store for this pid
     beat_seen: float = 0.0  # monotonic time it was first seen
     state: str = "starting"
@@ -168,15 +177,11 @@ def child_specs(cfg: config.Config) -> list[Child]:
     return children
 
 
-def describe_status(status: int) -> str:
-    """``os.waitpid`` status as a person reads it: ``exit 1``, ``killed by SIGKILL``."""
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        try:
-            return f"killed by {signal.Signals(number).name}"
-        except ValueError:
-            return f"killed by signal {number}"
-    return f"exit {os.WEXITSTATUS(status)}"
+def describe_exit(code: int | None) -> str:
+    """A return code (negative: the signal that killed it) as a person reads it: ``exit 1``, ``killed by SIGKILL``."""
+    if code is None:
+        return "ended"
+    return f"killed by {lifecycle.signal_name(-code)}" if code < 0 else f"exit {code}"
 
 
 def _set_pdeathsig(parent: int) -> None:
@@ -219,23 +224,47 @@ def leftover_children(cfg: config.Config, conn: sqlite3.Connection | None) -> li
     return sorted(pid for pid in candidates if is_our_child(cfg, pid))
 
 
-def terminate_pids(pids: list[int], timeout: float) -> None:
-    """SIGTERM (and SIGCONT, for stopped ones), wait until ``timeout``, then SIGKILL what is left."""
-    for pid in pids:
-        for sig in (signal.SIGTERM, signal.SIGCONT):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-    deadline = time.monotonic() + timeout
-    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid in pids:
-        if pid_alive(pid):
-            log.warning("pid %d did not stop within %.0fs: SIGKILL", pid, timeout)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
+class ChildOutput:
+    """The daemon's children's stdout and stderr: a pipe the supervisor copies into ``logs/supervisor.out``.
+
+    Copied through the log files' own handler (``logs.SharedRotatingFileHandler``), so the file is rotated at
+    ``logging.max_bytes`` while children run; the daemon's own descriptors 1 and 2 follow each rotation.
+    """
+
+    def __init__(self, path: Path, max_bytes: int, backup_count: int) -> None:
+        self.path = path
+        self.file = logs.SharedRotatingFileHandler(path, max_bytes, backup_count)
+        self.read_fd, self.write_fd = os.pipe()  # neither is inherited: children get write_fd as their 1 and 2
+        os.set_blocking(self.read_fd, False)
+
+    def drain(self) -> None:
+        """Copy what the children wrote so far (never blocks)."""
+        while True:
+            try:
+                chunk = os.read(self.read_fd, 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                return
+            self.file.write_block(chunk)
+            self._follow_rotation()
+
+    def _follow_rotation(self) -> None:
+        try:
+            current = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return
+        if os.fstat(2).st_ino != current:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+
+    def close(self) -> None:
+        self.drain()
+        self.file.close()
+        for fd in (self.read_fd, self.write_fd):
+            os.close(fd)
 
 
 # --- the supervisor ------------------------------------------------------------------------------------------
@@ -245,13 +274,18 @@ def terminate_pids(pids: list[int], timeout: float) -> None:
 class Supervisor:
     cfg: config.Config
     conn: sqlite3.Connection
+    output: ChildOutput | None = None  # the daemon's; None in the foreground: children write where we do
     children: list[Child] = field(default_factory=list)
-    stopping: bool = False
-    wake_r: int = -1
-    wake_w: int = -1
+    stop: lifecycle.Stop = field(default_factory=lifecycle.Stop)
+
+    @property
+    def restart_backoff(self) -> lifecycle.Backoff:
+        return lifecycle.Backoff(FIRST_BACKOFF, max(self.cfg.supervisor.restart_backoff_max, 0.1))
+    last_prune: float = field(default_factory=time.monotonic)  # the first prune an interval after start
 
     def run(self) -> int:
-        self._install_signals()
+        self.stop.install()
+        lifecycle.ignore([signal.SIGHUP])  # a closed terminal does not stop a foreground supervisor
         self._reset_table()
         self.children = child_specs(self.cfg)
         log.info(
@@ -260,10 +294,10 @@ class Supervisor:
         for child in self.children:
             self._spawn(child)
         last_check = 0.0
-        while not self.stopping:
+        while not self.stop.is_set():
             self._wait(CHECK_INTERVAL)
             self._reap()
-            if self.stopping:
+            if self.stop.is_set():
                 break
             now = time.monotonic()
             for child in self.children:
@@ -273,53 +307,44 @@ class Supervisor:
                 last_check = now
                 self._heartbeat()
                 self._check_heartbeats()
+            if now - self.last_prune >= housekeeping.PRUNE_EVERY:
+                self.last_prune = now
+                self._prune()
         self._shutdown()
         return 0
 
-    # signals: handlers only set flags; a self-pipe wakes the select() of the main loop.
-    def _install_signals(self) -> None:
-        self.wake_r, self.wake_w = os.pipe()
-        for fd in (self.wake_r, self.wake_w):
-            os.set_blocking(fd, False)
-            os.set_inheritable(fd, False)
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-
-        def on_stop(signum: int, _frame: object) -> None:
-            if not self.stopping:
-                log.info("received %s: stopping", signal.Signals(signum).name)
-            self.stopping = True
-
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-
     def _wait(self, timeout: float) -> None:
-        due = [c.next_start for c in self.children if c.pid is None] + [
-            c.kill_deadline for c in self.children if c.kill_deadline is not None
-        ]
+        """Sleep until a stop is asked for, a child's output arrives, or the next restart or reap is due."""
+        timeout = min(timeout, REAP_INTERVAL)
+        due = [c.next_start for c in self.children if c.pid is None]
         if due:
             timeout = max(0.0, min(timeout, min(due) - time.monotonic()))
+        watched = [self.stop.fileno()] + ([self.output.read_fd] if self.output is not None else [])
         with contextlib.suppress(InterruptedError):
-            ready, _, _ = select.select([self.wake_r], [], [], timeout)
-            if ready:
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(self.wake_r, 512):
-                        pass
+            select.select(watched, [], [], timeout)
+        self._drain_output()
+
+    def _drain_output(self) -> None:
+        if self.output is not None:
+            try:
+                self.output.drain()
+            except OSError as exc:  # a full disk must not stop the supervisor
+                log.warning("cannot copy the children's output to %s: %s", self.output.path, exc)
 
     def _spawn(self, child: Child) -> None:
         env = dict(os.environ)
         env.update({"ZTFD_PROCESS_NAME": child.name, MARKER_ENV: str(self.cfg.pidfile), "ZTFD_LOG_CONSOLE": "0",
                     "PYTHONUNBUFFERED": "1"})
         parent = os.getpid()
+        output = self.output.write_fd if self.output is not None else None
         try:
-            pid = _fork_exec(child.args, env, parent)
+            pid = _fork_exec(child.args, env, parent, output)
         except OSError as exc:
             log.error("%s: cannot start: %s", child.name, exc)
-            self._schedule_restart(child, f"cannot start: {exc}")
+            self._schedule_restart(child, f"cannot start: {exc}", uptime=0.0)  # it never ran: a quick failure
             return
         child.pid, child.started_at, child.state = pid, time.monotonic(), "running"
-        child.kill_deadline = child.kill_reason = child.beat_value = None
+        child.beat_value = None
         child.beat_seen = 0.0
         self._record(child, started=True)
         log.info("%s started (pid %d)", child.name, pid)
@@ -333,27 +358,25 @@ class Supervisor:
             if pid == 0:
                 return
             child = next((c for c in self.children if c.pid == pid), None)
-            if child is None:
-                continue
-            how = describe_status(status)
-            if child.kill_reason:
-                how = f"{child.kill_reason}; {how}"
-            child.pid, child.kill_deadline, child.kill_reason = None, None, None
-            if self.stopping:
-                child.state, child.last_exit = "stopped", how
-                self._record(child)
-                log.info("%s stopped (%s)", child.name, how)
-            else:
-                self._schedule_restart(child, how)
+            if child is not None:
+                self._ended(child, describe_exit(os.waitstatus_to_exitcode(status)))
 
-    def _schedule_restart(self, child: Child, how: str) -> None:
-        now = time.monotonic()
-        uptime = now - child.started_at if child.started_at else 0.0
-        if uptime >= STABLE_AFTER or child.backoff == 0:
-            child.backoff = FIRST_BACKOFF
+    def _ended(self, child: Child, how: str) -> None:
+        """A child was reaped: record it stopped (while stopping) or schedule its restart."""
+        uptime = time.monotonic() - child.started_at
+        child.pid = None
+        if self.stop.is_set():
+            child.state, child.last_exit = "stopped", how
+            self._record(child)
+            log.info("%s stopped (%s)", child.name, how)
         else:
-            child.backoff = min(child.backoff * 2, self.cfg.supervisor.restart_backoff_max)
-        child.backoff = min(child.backoff, max(self.cfg.supervisor.restart_backoff_max, 0.1))
+            self._schedule_restart(child, how, uptime)
+
+    def _schedule_restart(self, child: Child, how: str, uptime: float) -> None:
+        """Restart after a delay that doubles with each quick failure in a row (a failed start is one too)."""
+        child.quick_failures = 1 if uptime >= STABLE_AFTER else child.quick_failures + 1
+        child.backoff = self.restart_backoff.delay(child.quick_failures)
+        now = time.monotonic()
         child.next_start = now + child.backoff
         child.restarts += 1
         child.state, child.last_exit = "backoff", how
@@ -363,7 +386,7 @@ class Supervisor:
         )
 
     def _check_heartbeats(self) -> None:
-        """Kill children whose heartbeat is older than heartbeat_timeout; SIGKILL those past their grace."""
+        """Terminate (SIGTERM, SIGKILL after a grace) and restart children silent for longer than heartbeat_timeout."""
         timeout = self.cfg.supervisor.heartbeat_timeout
         now = time.monotonic()
         try:
@@ -374,13 +397,6 @@ class Supervisor:
         for child in self.children:
             if child.pid is None:
                 continue
-            if child.kill_deadline is not None:
-                if now >= child.kill_deadline:
-                    log.warning("%s (pid %d) ignored SIGTERM: SIGKILL", child.name, child.pid)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(child.pid, signal.SIGKILL)
-                    child.kill_deadline = now + 3600  # reaped by _reap; do not signal again
-                continue
             row = rows.get(child.name)
             if row is not None and row.pid == child.pid and row.heartbeat_at != child.beat_value:
                 # A new heartbeat. Its age is measured on our monotonic clock from when we first saw it, so a
@@ -388,41 +404,31 @@ class Supervisor:
                 child.beat_value, child.beat_seen = row.heartbeat_at, now
             silent = now - max(child.started_at, child.beat_seen)
             if silent > timeout:
-                child.kill_reason = f"no heartbeat for {silent:.0f}s"
-                log.error("%s (pid %d): %s: terminating", child.name, child.pid, child.kill_reason)
-                for sig in (signal.SIGTERM, signal.SIGCONT):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(child.pid, sig)
-                child.kill_deadline = now + min(HUNG_GRACE, self.cfg.supervisor.stop_timeout)
+                reason = f"no heartbeat for {silent:.0f}s"
+                log.error("%s (pid %d): %s: terminating", child.name, child.pid, reason)
+                (code,) = lifecycle.terminate([child.pid], min(HUNG_GRACE, self.cfg.supervisor.stop_timeout),
+                                              while_waiting=self._drain_output)
+                self._ended(child, f"{reason}; {describe_exit(code)}")
 
     def _shutdown(self) -> None:
         """Forward SIGTERM, wait up to stop_timeout, SIGKILL leftovers, record everyone stopped."""
-        live = [c for c in self.children if c.pid is not None]
+        live = {c.pid: c for c in self.children if c.pid is not None}
         log.info("stopping %d children", len(live))
-        for child in live:
-            for sig in (signal.SIGTERM, signal.SIGCONT):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child.pid, sig)  # type: ignore[arg-type]
-        deadline = time.monotonic() + self.cfg.supervisor.stop_timeout
-        while any(c.pid is not None for c in self.children) and time.monotonic() < deadline:
-            self._wait(min(0.2, max(0.0, deadline - time.monotonic())))
-            self._reap()
-        for child in self.children:
-            if child.pid is not None:
-                log.warning("%s (pid %d) did not stop within %.0fs: SIGKILL", child.name, child.pid,
-                            self.cfg.supervisor.stop_timeout)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child.pid, signal.SIGKILL)
-                child.kill_reason = "did not stop in time"
-        deadline = time.monotonic() + 5
-        while any(c.pid is not None for c in self.children) and time.monotonic() < deadline:
-            self._wait(0.1)
-            self._reap()
+        late: set[int] = set()
+
+        def ended(pid: lifecycle.Process, code: int | None) -> None:
+            how = describe_exit(code)
+            self._ended(live[pid], f"did not stop in time; {how}" if pid in late else how)  # type: ignore[index]
+
+        lifecycle.terminate(list(live), self.cfg.supervisor.stop_timeout, on_exit=ended,
+                            before_kill=lambda left: late.update(left),  # type: ignore[arg-type]
+                            while_waiting=self._drain_output)
         for child in self.children:
             if child.state != "stopped":
                 child.state, child.pid = "stopped", None
                 self._record(child)
         self._record_supervisor("stopped")
+        self._drain_output()
         log.info("supervisor stopped")
 
     # --- the processes table ---------------------------------------------------------------------------------
@@ -430,6 +436,13 @@ class Supervisor:
     def _reset_table(self) -> None:
         """Forget the processes of earlier runs and record ourselves."""
         reset_processes(self.conn, SUPERVISOR_NAME)
+
+    def _prune(self) -> None:
+        """What ``ztfd prune`` does (ztfd.housekeeping), in the supervisor's loop: a few short transactions."""
+        try:
+            housekeeping.prune(self.conn, self.cfg)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("pruning the store failed (tried again in %.0fs): %s", housekeeping.PRUNE_EVERY, exc)
 
     def _heartbeat(self) -> None:
         try:
@@ -449,8 +462,9 @@ class Supervisor:
             log.warning("cannot record %s: %s", child.name, exc)
 
 
-def _fork_exec(args: list[str], env: dict[str, str], parent: int) -> int:
-    """Fork and exec one child in its own process group, with PDEATHSIG set; returns its pid.
+def _fork_exec(args: list[str], env: dict[str, str], parent: int, output: int | None = None) -> int:
+    """Fork and exec one child in its own process group, with PDEATHSIG set, its stdout and stderr on ``output``
+    if given; returns its pid.
 
     Not ``subprocess.Popen``: the supervisor reaps its children itself with ``waitpid(-1)``, which would race
     Popen's own bookkeeping.
@@ -462,12 +476,13 @@ def _fork_exec(args: list[str], env: dict[str, str], parent: int) -> int:
             os.close(err_r)
             fcntl.fcntl(err_w, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
             os.setpgid(0, 0)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.set_wakeup_fd(-1)
+            lifecycle.restore_defaults()
             _set_pdeathsig(parent)
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
+            if output is not None:
+                os.dup2(output, 1)
+                os.dup2(output, 2)
             os.execve(args[0], args, env)
         except BaseException as exc:  # report to the parent, never return into its code
             with contextlib.suppress(BaseException):
@@ -547,13 +562,13 @@ def _daemonize(cfg: config.Config) -> int:
     os._exit(code)
 
 
-def _open_output(cfg: config.Config) -> int:
+def output_path(cfg: config.Config) -> Path:
     """``logs/supervisor.out``: the daemon's and its children's stdout/stderr (tracebacks, nothing routine)."""
-    path = cfg.logs_dir / "supervisor.out"
-    with contextlib.suppress(FileNotFoundError):
-        if path.stat().st_size > cfg.logging.max_bytes:
-            os.replace(path, path.with_name(path.name + ".1"))
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    return cfg.logs_dir / "supervisor.out"
+
+
+def _open_output(cfg: config.Config) -> int:
+    return os.open(output_path(cfg), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
 
 def _serve(cfg: config.Config, console: bool, report_fd: int | None) -> int:
@@ -576,10 +591,15 @@ def _serve(cfg: config.Config, console: bool, report_fd: int | None) -> int:
         leftovers = leftover_children(cfg, conn)
         if leftovers:
             log.warning("terminating %d processes left by a supervisor that died: %s", len(leftovers), leftovers)
-            terminate_pids(leftovers, cfg.supervisor.stop_timeout)
-        supervisor = Supervisor(cfg, conn)
+            lifecycle.terminate(leftovers, cfg.supervisor.stop_timeout)
+        output = None if console else ChildOutput(output_path(cfg), cfg.logging.max_bytes, cfg.logging.backup_count)
+        supervisor = Supervisor(cfg, conn, output)
         report(f"ok {os.getpid()}")
-        return supervisor.run()
+        try:
+            return supervisor.run()
+        finally:
+            if output is not None:
+                output.close()
     except Exception as exc:
         log.exception("supervisor failed")
         report(f"supervisor failed: {exc}")
@@ -602,19 +622,14 @@ def stop(cfg: config.Config, timeout: float | None = None) -> int:
             click.echo("ztfd: not running")
         _kill_leftovers(cfg, timeout)
         return 0
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if pid_alive(pid):
+    def children_first(_hung: list[lifecycle.Process]) -> None:
         click.echo(f"ztfd: supervisor (pid {pid}) did not stop within {timeout:.0f}s: killing its children and it",
                    err=True)
         _kill_leftovers(cfg, 0)  # children first: a supervisor that is stopping restarts nothing
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        end = time.monotonic() + 5
-        while pid_alive(pid) and time.monotonic() < end:
-            time.sleep(0.05)
+
+    # No SIGCONT: a supervisor someone stopped is as hung as one that cannot stop.
+    lifecycle.terminate([pid], timeout, wake=False, before_kill=children_first)
+    if not pid_alive(pid):
         with contextlib.suppress(FileNotFoundError):
             if read_pid(cfg.pidfile) == pid:
                 cfg.pidfile.unlink()
@@ -635,4 +650,4 @@ def _kill_leftovers(cfg: config.Config, timeout: float) -> None:
             conn.close()
     if pids:
         click.echo(f"ztfd: terminating leftover processes {pids}", err=True)
-        terminate_pids(pids, timeout)
+        lifecycle.terminate(pids, timeout)

@@ -49,8 +49,9 @@ from urllib.parse import parse_qs, urlsplit
 from ztfd import lifecycle
 from ztfd.embedded.lsst_samples import RubinAlert, object_alerts
 from ztfd.embedded.net import free_port
-from ztfd.embedded.samples import JD_MJD_OFFSET, STAMP_TYPES, SamplePacket
+from ztfd.embedded.samples import SamplePacket
 from ztfd.embedded.samples import packets as sample_packets
+from ztfd.sources import JD_MJD_OFFSET, STAMP_TYPES
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +110,3 @@ def create_topic(bootstrap: str, topic: str, partitions: int = 1, timeout: float
             return
         time.sleep(0.1)
     raise TimeoutError(f"topic {topic} did not appear")
-
-
-@contextlib.contextmanager
-def running_broker(log_path: Path | None = None) -> Iterator[KafkaBroker]:
-    broker = KafkaBroker(log_path=log_path).start()
-    try:
-        yield broker
-    finally:
-        broker.stop()

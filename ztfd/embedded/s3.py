@@ -249,7 +249,7 @@ class S3Server:
         self.environ = dict(environ or {})
         self.backend_port = free_port()
         self.proxy: S3Proxy | None = None
-        self._process: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | None = None
         self._thread_server: Any = None
 
     @property
@@ -260,7 +260,7 @@ class S3Server:
     def start(self, timeout: float = 30.0) -> S3Server:
         if self.mode == "process":
             output = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
-            self._process = subprocess.Popen(
+            self.process = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.backend_port)],
                 stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **self.environ},
             )
@@ -282,9 +282,9 @@ class S3Server:
     def stop(self) -> None:
         if self.proxy is not None:
             self.proxy.stop()
-        if self._process is not None:
-            lifecycle.terminate([self._process], 10, group=True)
-            self._process = None
+        if self.process is not None:
+            lifecycle.terminate([self.process], 10, group=True)
+            self.process = None
         if self._thread_server is not None:
             self._thread_server.stop()
             self._thread_server = None

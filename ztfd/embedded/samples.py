@@ -17,9 +17,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-STAMP_TYPES = ("science", "template", "difference")
+from ztfd.sources import JD_MJD_OFFSET
+
 CUTOUT_FIELDS = {"science": "cutoutScience", "template": "cutoutTemplate", "difference": "cutoutDifference"}
-JD_MJD_OFFSET = 2400000.5
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ from typing import Any, Protocol
 
 # The three stamps of an alert, in the order previews show them.
 STAMP_TYPES = ("science", "template", "difference")
+# MJD = JD - JD_MJD_OFFSET (the Modified Julian Date starts at 1858-11-17T00:00).
+JD_MJD_OFFSET = 2400000.5
 
 ZTF = "ztf"
 LSST = "lsst"

@@ -31,8 +31,19 @@ import re
 import sys
 from typing import Any
 
-from ztfd.nights import JD_MJD_OFFSET, is_number
-from ztfd.sources import DAY_OBS, LSST, PLAIN_ID, UTC_DATE, ZTF, Alert, InvalidMessageError, TimeField, register
+from ztfd.nights import is_number
+from ztfd.sources import (
+    DAY_OBS,
+    JD_MJD_OFFSET,
+    LSST,
+    PLAIN_ID,
+    UTC_DATE,
+    ZTF,
+    Alert,
+    InvalidMessageError,
+    TimeField,
+    register,
+)
 
 ID_FIELDS = ("objectId", "diaObjectId")
 ZTF_OBJECT_ID = re.compile(r"^ZTF\d{2}[a-z]{7}$")

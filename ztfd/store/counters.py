@@ -29,16 +29,6 @@ class FileTotals:
     bytes: int
 
 
-@dataclass(frozen=True)
-class ProcessRow:
-    name: str
-    role: str
-    pid: int | None
-    state: str
-    restarts: int
-    heartbeat_at: float | None
-
-
 def topic_totals(conn: sqlite3.Connection) -> dict[str, TopicTotals]:
     """Alerts stored, messages rejected and the last receive time, per topic (summed over its nights)."""
     stored = {
@@ -86,16 +76,5 @@ def uploaded(conn: sqlite3.Connection) -> FileTotals:
 
 
 def gap_alerts(conn: sqlite3.Connection) -> dict[str, int]:
-    """Alerts lost upstream per topic, from a ``gaps`` table (topic, count) once the store records gaps."""
-    columns = {row["name"] for row in conn.execute("SELECT name FROM pragma_table_info('gaps')")}
-    if not {"topic", "count"} <= columns:
-        return {}
-    return {row["topic"]: row["n"] for row in conn.execute('SELECT topic, sum("count") AS n FROM gaps GROUP BY topic')}
-
-
-def processes(conn: sqlite3.Connection) -> list[ProcessRow]:
-    """Every process row (a few dozen at most): name, role, pid, state, restarts, last heartbeat."""
-    return [
-        ProcessRow(row["name"], row["role"], row["pid"], row["state"], row["restarts"], row["heartbeat_at"])
-        for row in conn.execute("SELECT name, role, pid, state, restarts, heartbeat_at FROM processes ORDER BY name")
-    ]
+    """Alerts lost upstream per topic: the ``missing`` offsets of the recorded gaps (few rows: gaps are rare)."""
+    return {row["topic"]: row["n"] for row in conn.execute("SELECT topic, sum(missing) AS n FROM gaps GROUP BY topic")}

@@ -11,7 +11,8 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ztfd.store.migrations import STEPS, add_missing_columns
@@ -63,7 +64,7 @@ def connect_readonly(db_path: Path, timeout: float = 2.0) -> sqlite3.Connection:
     if version != SCHEMA_VERSION:
         conn.close()
         if version > SCHEMA_VERSION:
-            raise too_new(db_path, version)
+            raise _too_new(db_path, version)
         raise StoreVersionError(
             f"store: {db_path} has schema version {version}, older than this ztfd's ({SCHEMA_VERSION}); it is "
             "migrated when a ztfd process that writes opens it (start, consume, fetch, sync); this command only reads")
@@ -99,7 +100,7 @@ def schema_version(conn: sqlite3.Connection) -> int:
     return 0 if row is None else int(row[0])
 
 
-def too_new(db_path: Path, version: int) -> StoreVersionError:
+def _too_new(db_path: Path, version: int) -> StoreVersionError:
     return StoreVersionError(
         f"store: {db_path} has schema version {version}, newer than this ztfd reads ({SCHEMA_VERSION}); "
         "run the ztfd that wrote it, or a newer one")
@@ -113,11 +114,11 @@ def _migrate(conn: sqlite3.Connection, db_path: Path) -> None:
     if version == SCHEMA_VERSION:
         return
     if version > SCHEMA_VERSION:
-        raise too_new(db_path, version)
+        raise _too_new(db_path, version)
     with transaction(conn):
         version = schema_version(conn)
         if version > SCHEMA_VERSION:
-            raise too_new(db_path, version)
+            raise _too_new(db_path, version)
         if version == SCHEMA_VERSION:
             return
         if version:
@@ -144,6 +145,34 @@ def _statements(script: str) -> Iterator[str]:
             if pending.strip(" \n;"):
                 yield pending
             pending = ""
+
+
+@dataclass(frozen=True)
+class StoreSize:
+    used_bytes: int  # pages holding data
+    free_bytes: int  # pages freed by deletions, reused before the file grows
+    tables: dict[str, int]  # bytes per table and index (empty when SQLite lacks the dbstat table)
+
+
+def id_chunks(ids: Iterable[int], size: int = 500) -> Iterator[tuple[list[int], str]]:
+    """Distinct ids in chunks small enough for one ``IN (…)`` each: (the chunk, its ``?, ?, …`` placeholders)."""
+    wanted = sorted(set(ids))
+    for start in range(0, len(wanted), size):
+        chunk = wanted[start:start + size]
+        yield chunk, ",".join("?" * len(chunk))
+
+
+def store_size(conn: sqlite3.Connection) -> StoreSize:
+    """What the store occupies, after moving the WAL into the database file (``bin/bench store``)."""
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    try:
+        tables = {row[0]: row[1] for row in conn.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name")}
+    except sqlite3.OperationalError:
+        tables = {}
+    return StoreSize((pages - free) * page, free * page, tables)
 
 
 @contextlib.contextmanager

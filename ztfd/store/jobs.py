@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from ztfd.store.alerts import StoredAlert, alerts_by_id
+from ztfd.store.counters import job_states
 from ztfd.store.db import atomic, transaction
 from ztfd.store.stamps import StampRecord, save_stamps, stamp_records
 
@@ -332,16 +333,33 @@ def release(
 
 
 def counts(conn: sqlite3.Connection, now: float | None = None, batch: str | None = None) -> JobCounts:
-    """Jobs by what they are doing now (see ``JobCounts``), of the whole queue or of one batch."""
+    """Jobs by what they are doing now (see ``JobCounts``), of the whole queue or of one batch.
+
+    The whole queue's done and failed jobs are the counters the triggers keep (every job that ever ended so,
+    also once forgotten: ``forget_done``); only open jobs are counted, a read of the few rows waiting or running.
+    A batch's jobs are counted from its rows (``jobs_batch``).
+    """
     now = time.time() if now is None else now
-    where, args = ("WHERE batch = ?", (batch,)) if batch is not None else ("", ())
-    rows = conn.execute(
-        "SELECT CASE WHEN state = 'ready' AND not_before > ? THEN "
-        "  CASE WHEN waiting = 'unavailable' THEN 'unavailable' ELSE 'retry_waiting' END "
-        "ELSE state END AS bucket, count(*) AS n FROM jobs " + where + " GROUP BY bucket",
-        (now, *args),
-    ).fetchall()
-    return JobCounts(**{row["bucket"]: row["n"] for row in rows})
+    bucket = ("CASE WHEN state = 'ready' AND not_before > ? THEN "
+              "CASE WHEN waiting = 'unavailable' THEN 'unavailable' ELSE 'retry_waiting' END ELSE state END")
+    if batch is not None:
+        rows = conn.execute(f"SELECT {bucket} AS bucket, count(*) AS n FROM jobs WHERE batch = ? GROUP BY bucket",
+                            (now, batch)).fetchall()
+    else:  # one partial index each (jobs_ready, jobs_leased): the done jobs of the last day are not read
+        rows = conn.execute(
+            f"SELECT {bucket} AS bucket, count(*) AS n FROM jobs WHERE state = 'ready' GROUP BY bucket "
+            "UNION ALL SELECT 'leased', count(*) FROM jobs WHERE state = 'leased'", (now,)).fetchall()
+    found = {row["bucket"]: row["n"] for row in rows}
+    if batch is None:
+        ended = job_states(conn)
+        found.update(done=ended[JobState.DONE], failed=ended[JobState.FAILED])
+    return JobCounts(**found)
+
+
+def forget_done(conn: sqlite3.Connection, before: float) -> int:
+    """Delete done jobs that finished before ``before``: their outcome is kept with the alert (``stamps``) and
+    in the counters; a replay waiting on its batch counts what is left (``JobCounts.unfinished``)."""
+    return conn.execute("DELETE FROM jobs WHERE state = 'done' AND updated_at < ?", (before,)).rowcount
 
 
 def next_due(conn: sqlite3.Connection, batch: str | None = None) -> float | None:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ztfd.store.counters import files_by_state
 from ztfd.store.db import transaction
 
 PAGE_ROWS = 2000  # rows read per keyset page
@@ -224,9 +225,11 @@ def note_unverified(conn: sqlite3.Connection, upload: OldUpload, error: str) -> 
 
 
 def state_totals(conn: sqlite3.Connection) -> dict[FileState, Totals]:
+    """Files and bytes per state: the counters the manifest's triggers keep (a few rows, never a count of a
+    year of files)."""
     totals = {state: Totals(0, 0) for state in FileState}
-    for row in conn.execute("SELECT state, count(*) AS n, coalesce(sum(size), 0) AS b FROM manifest GROUP BY state"):
-        totals[FileState(row["state"])] = Totals(row["n"], row["b"])
+    for state, found in files_by_state(conn).items():
+        totals[FileState(state)] = Totals(found.files, found.bytes)
     return totals
 
 
@@ -239,7 +242,9 @@ def count_unverified(conn: sqlite3.Connection) -> int:
     """Done files whose current upload retention could not verify on S3 (kept, checked again next pass)."""
     try:
         row = conn.execute(
-            "SELECT count(*) FROM retention_checks AS c JOIN manifest AS m ON m.path = c.path "
+            # CROSS JOIN keeps the few retention_checks rows outside: left to itself the planner scanned the
+            # manifest's done rows (a year of files) looking for them.
+            "SELECT count(*) FROM retention_checks AS c CROSS JOIN manifest AS m ON m.path = c.path "
             "AND m.uploaded_at = c.uploaded_at AND m.state = 'done'").fetchone()
     except sqlite3.OperationalError as exc:  # a store opened read-only before the table existed
         if "no such table" not in str(exc):

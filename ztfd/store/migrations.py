@@ -14,7 +14,8 @@ from ztfd.store.schema import ADDED_COLUMNS
 
 def _v1_to_v2(conn: sqlite3.Connection) -> None:
     """Jobs refer to their alert instead of carrying a JSON payload, and what a finished job learned moves from
-    its JSON result to the alert's stamp record (the latest done job of each alert wins, as replay read it)."""
+    its JSON result to the alert's stamp record (the latest done job of each alert wins, as replay read it); the
+    manifest becomes a WITHOUT ROWID table."""
     conn.execute(
         "CREATE TABLE stamps (alert_id INTEGER PRIMARY KEY, detection_id TEXT NOT NULL, detection_mjd REAL, "
         "fetched INTEGER NOT NULL DEFAULT 0, preview INTEGER NOT NULL DEFAULT 0, worker TEXT, done_at REAL NOT NULL)"
@@ -47,6 +48,16 @@ def _v1_to_v2(conn: sqlite3.Connection) -> None:
     )
     conn.execute("DROP TABLE jobs")
     conn.execute("ALTER TABLE jobs_v2 RENAME TO jobs")
+    # The manifest keeps its rows, now in a WITHOUT ROWID table (the path stored once, not also in an index).
+    conn.execute(
+        "CREATE TABLE manifest_v2 (path TEXT PRIMARY KEY, size INTEGER NOT NULL, md5 TEXT NOT NULL, "
+        "state TEXT NOT NULL DEFAULT 'pending', recorded_at REAL NOT NULL, uploaded_at REAL, etag TEXT, "
+        "attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT) WITHOUT ROWID"
+    )
+    conn.execute("INSERT INTO manifest_v2 SELECT path, size, md5, state, recorded_at, uploaded_at, etag, attempts, "
+                 "last_error FROM manifest")
+    conn.execute("DROP TABLE manifest")
+    conn.execute("ALTER TABLE manifest_v2 RENAME TO manifest")
 
 
 def add_missing_columns(conn: sqlite3.Connection) -> None:

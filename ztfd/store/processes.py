@@ -68,6 +68,11 @@ def reset_processes(conn: sqlite3.Connection, supervisor_name: str) -> None:
         )
 
 
+def forget_processes(conn: sqlite3.Connection, names: Iterable[str]) -> int:
+    """Drop the rows of processes that are gone (``ztfd.housekeeping`` decides which)."""
+    return conn.executemany("DELETE FROM processes WHERE name = ?", [(name,) for name in names]).rowcount
+
+
 def set_process_state(conn: sqlite3.Connection, name: str, state: str) -> None:
     conn.execute("UPDATE processes SET state = ? WHERE name = ?", (state, name))
 

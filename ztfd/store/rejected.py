@@ -46,6 +46,20 @@ def latest_rejected(conn: sqlite3.Connection, topic: str | None, limit: int) -> 
     return [Rejected(*row[:7], bytes(row[7] or b"")) for row in rows]
 
 
+def received_before(conn: sqlite3.Connection, before: float, limit: int) -> list[Rejected]:
+    """The oldest rejected messages received before ``before`` (to export), oldest first."""
+    rows = conn.execute(
+        "SELECT id, topic, partition, generation, kafka_offset, received_at, reason, raw FROM rejected "
+        "WHERE received_at < ? ORDER BY id LIMIT ?", (before, limit),
+    ).fetchall()
+    return [Rejected(*row[:7], bytes(row[7] or b"")) for row in rows]
+
+
+def forget_rejected(conn: sqlite3.Connection, ids: list[int]) -> int:
+    """Delete rejected messages (once exported; the counters keep how many there were)."""
+    return conn.executemany("DELETE FROM rejected WHERE id = ?", [(i,) for i in ids]).rowcount
+
+
 def rejected_counts(conn: sqlite3.Connection) -> dict[str, int]:
-    """Rejected messages per topic."""
+    """Rejected messages per topic still kept in the store (``counters.topic_totals``: all there ever were)."""
     return {row[0]: row[1] for row in conn.execute("SELECT topic, count(*) FROM rejected GROUP BY topic")}

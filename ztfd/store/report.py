@@ -1,6 +1,6 @@
 """What a night report reads from the store, the detections kept for its light curves, and which nights are due.
 
-A night is one partition date. Its report needs the night's alerts (index ``alerts_date``), the outcome of their
+A night is one partition date. Its report needs the night's alerts (``store.alerts.alerts_on``), the outcome of their
 stamp jobs, the image files recorded under ``images/<date>/`` (a range of the manifest's primary key), the
 rejected count (``counter_rejected``) and, per object, the detections its stamp job fetched. When a night was last
 busy comes from the counters the triggers keep (``counter_alerts``, ``counter_images``), so finding the nights due
@@ -18,16 +18,6 @@ from ztfd.lightcurve import MAG, Point, decode, encode
 
 # The tag every row of the whole night's report carries in ``reports.topic`` (a topic's own report: its name).
 WHOLE_NIGHT = ""
-
-
-@dataclass(frozen=True)
-class NightAlert:
-    id: int
-    topic: str
-    object_id: str
-    obs_mjd: float | None
-    path: str
-    received_at: float
 
 
 @dataclass(frozen=True)
@@ -73,14 +63,6 @@ def load_detections(
     return found
 
 
-def night_alerts(conn: sqlite3.Connection, date: str, topic: str | None = None) -> list[NightAlert]:
-    only, args = ("AND topic = ?", (topic,)) if topic else ("", ())
-    rows = conn.execute(
-        f"SELECT id, topic, object_id, obs_mjd, path, received_at FROM alerts WHERE date = ? {only} ORDER BY id",
-        (date, *args))
-    return [NightAlert(r["id"], r["topic"], r["object_id"], r["obs_mjd"], r["path"], r["received_at"]) for r in rows]
-
-
 def night_rejected(conn: sqlite3.Connection, date: str, topic: str | None = None) -> int:
     """Messages rejected on that UTC day (a rejected message has no partition date of its own)."""
     only, args = ("AND topic = ?", (topic,)) if topic else ("", ())
@@ -89,21 +71,27 @@ def night_rejected(conn: sqlite3.Connection, date: str, topic: str | None = None
     return int(row[0])
 
 
-def night_stamps(conn: sqlite3.Connection, date: str) -> dict[str, StampOutcome]:
-    """object_id -> the outcome of its most recently settled stamp job of that night (done wins over others):
-    open and failed jobs from the queue, done ones from the alerts' stamp records (done jobs are forgotten)."""
-    rows = conn.execute(
-        "SELECT a.object_id, j.state, j.waiting, j.last_error, NULL AS candid, j.updated_at FROM jobs j "
-        "JOIN alerts a ON a.id = j.alert_id WHERE a.date = ? AND j.state != 'done' "
-        "UNION ALL SELECT a.object_id, 'done', NULL, NULL, s.detection_id, s.done_at FROM stamps s "
-        "JOIN alerts a ON a.id = s.alert_id WHERE a.date = ? ORDER BY 6",
-        (date, date))
-    outcomes: dict[str, StampOutcome] = {}
-    for row in rows:
-        outcome = StampOutcome(row["state"], row["waiting"], row["last_error"], row["candid"], row["updated_at"])
-        previous = outcomes.get(row["object_id"])
-        if previous is None or previous.state != "done" or outcome.state == "done":
-            outcomes[row["object_id"]] = outcome
+def jobs_on(conn: sqlite3.Connection, date: str) -> dict[int, StampOutcome]:
+    """alert_id -> its latest job that is still open or failed since the night's first alert arrived.
+
+    What finished well is in the alerts' stamp records (``store.stamps.stamp_records_on``); this reads only
+    the open jobs and the recently failed ones (partial indexes), never the whole queue.
+    """
+    outcomes: dict[int, StampOutcome] = {}
+    first = conn.execute("SELECT min(received_at) FROM alerts WHERE date = ?", (date,)).fetchone()[0]
+    if first is None:
+        return outcomes
+    for state, since in (("ready", None), ("leased", None), ("failed", first)):
+        after = "AND j.updated_at >= ?" if since is not None else ""
+        rows = conn.execute(
+            "SELECT j.alert_id, j.state, j.waiting, j.last_error, j.updated_at FROM jobs j "
+            f"JOIN alerts a ON a.id = j.alert_id WHERE j.state = ? {after} AND a.date = ? ORDER BY j.updated_at",
+            (state, *((since,) if since is not None else ()), date))
+        for row in rows:
+            previous = outcomes.get(row["alert_id"])
+            if previous is None or previous.updated_at <= row["updated_at"]:
+                outcomes[row["alert_id"]] = StampOutcome(row["state"], row["waiting"], row["last_error"], None,
+                                                         row["updated_at"])
     return outcomes
 
 

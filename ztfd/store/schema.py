@@ -8,7 +8,7 @@ need no step: ``SCHEMA`` adds them). Version 1 is the layout before the store ow
 JSON payloads and results).
 """
 
-SCHEMA_VERSION = 3  # 3: alerts.survey and alerts.detection_id (ADDED_COLUMNS, at the end)
+SCHEMA_VERSION = 3  # 3: alerts.survey and alerts.detection_id (ADDED_COLUMNS), the observability block
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -82,6 +82,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (not_before, id) WHERE state = 'ready';
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until) WHERE state = 'leased';
 CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (updated_at) WHERE state = 'failed';
+-- Done jobs are forgotten a day after they finished (ztfd.housekeeping): what they learned is in ``stamps``.
+CREATE INDEX IF NOT EXISTS jobs_done ON jobs (updated_at) WHERE state = 'done';
 CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch) WHERE batch IS NOT NULL;
 -- At most one waiting or running job per dedupe key (see store.jobs.enqueue).
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedupe ON jobs (dedupe_key)
@@ -102,6 +104,7 @@ CREATE TABLE IF NOT EXISTS stamps (
 );
 
 -- The sync manifest: every file ztfd writes under data/ and images/. state: pending | done | archived.
+-- WITHOUT ROWID: the path, its key, is stored once (a rowid table kept it twice, in the table and in its index).
 CREATE TABLE IF NOT EXISTS manifest (
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -112,7 +115,7 @@ CREATE TABLE IF NOT EXISTS manifest (
     etag TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT
-);
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS manifest_pending ON manifest (path) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS manifest_uploaded ON manifest (uploaded_at, path) WHERE state = 'done';
 
@@ -312,9 +315,13 @@ WHEN OLD.state = 'leased' AND NEW.last_error IS NOT NULL
     ON CONFLICT (reason) DO UPDATE SET failures = failures + 1;
 END;
 
+-- One trigger per manifest insert, not two: a trigger's call costs about as much as its statement.
 CREATE TRIGGER IF NOT EXISTS count_file_insert AFTER INSERT ON manifest BEGIN
     INSERT INTO counter_files (state, files, bytes) VALUES (NEW.state, 1, NEW.size)
     ON CONFLICT (state) DO UPDATE SET files = files + 1, bytes = bytes + excluded.bytes;
+    INSERT INTO counter_images (date, last_recorded_at)
+    SELECT substr(NEW.path, 8, 10), NEW.recorded_at WHERE substr(NEW.path, 1, 7) = 'images/'
+    ON CONFLICT (date) DO UPDATE SET last_recorded_at = max(last_recorded_at, excluded.last_recorded_at);
 END;
 
 CREATE TRIGGER IF NOT EXISTS count_file_update AFTER UPDATE OF state, size ON manifest
@@ -332,12 +339,6 @@ CREATE TRIGGER IF NOT EXISTS count_upload AFTER UPDATE OF state, uploaded_at ON 
 WHEN NEW.state = 'done' AND (OLD.state IS NOT 'done' OR NEW.uploaded_at IS NOT OLD.uploaded_at) BEGIN
     INSERT INTO counter_uploads (id, files, bytes) VALUES (1, 1, NEW.size)
     ON CONFLICT (id) DO UPDATE SET files = files + 1, bytes = bytes + excluded.bytes;
-END;
-
-CREATE TRIGGER IF NOT EXISTS count_image_insert AFTER INSERT ON manifest
-WHEN substr(NEW.path, 1, 7) = 'images/' BEGIN
-    INSERT INTO counter_images (date, last_recorded_at) VALUES (substr(NEW.path, 8, 10), NEW.recorded_at)
-    ON CONFLICT (date) DO UPDATE SET last_recorded_at = max(last_recorded_at, excluded.last_recorded_at);
 END;
 
 CREATE TRIGGER IF NOT EXISTS count_image_update AFTER UPDATE OF recorded_at ON manifest
@@ -366,6 +367,30 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('counters_seeded', '1');
 
 SCHEMA += OBS_SCHEMA
 
+# --- Kafka partitions: alerts lost upstream, and the identity of each topic (ztfd.partitions) -------------------
+PARTITIONS_SCHEMA = """
+-- Offsets the broker no longer had when ztfd came to read them (retention passed them): lost upstream, recorded
+-- once each (the unique key makes a re-detection after a restart a no-op).
+CREATE TABLE IF NOT EXISTS gaps (
+    id INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    first_offset INTEGER NOT NULL,
+    last_offset INTEGER NOT NULL,
+    missing INTEGER NOT NULL,
+    detected_at REAL NOT NULL,
+    UNIQUE (topic, partition, generation, first_offset)
+);
+
+-- The Kafka topic id (KIP-516) ztfd last read each topic under: a different id is proof of recreation.
+CREATE TABLE IF NOT EXISTS topic_ids (
+    topic TEXT PRIMARY KEY,
+    topic_id TEXT NOT NULL,
+    seen_at REAL NOT NULL
+);
+"""
+SCHEMA += PARTITIONS_SCHEMA
 # --- added by the seams change (sources and stamp providers) ---------------------------------------------------------
 # Columns added to existing tables (schema version 3): ``migrations.add_missing_columns`` adds each one a table
 # lacks, after SCHEMA in a new store and as the step from version 2 in an older one.

@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ztfd.store.db import id_chunks
+
 # The stamp kinds a ``fetched`` bit mask counts, bit i for KINDS[i] (the order previews show them).
 KINDS = ("science", "template", "difference")
 
@@ -62,11 +64,8 @@ def save_stamps(
 
 def stamp_records(conn: sqlite3.Connection, alert_ids: Iterable[int]) -> dict[int, StampRecord]:
     """The stamp records of these alerts (those that have one), by alert id."""
-    wanted = sorted(set(alert_ids))
     found: dict[int, StampRecord] = {}
-    for start in range(0, len(wanted), 500):
-        chunk = wanted[start:start + 500]
-        marks = ",".join("?" * len(chunk))
+    for chunk, marks in id_chunks(alert_ids):
         for row in conn.execute(f"SELECT * FROM stamps WHERE alert_id IN ({marks})", chunk):
             found[row["alert_id"]] = _record(row)
     return found

@@ -1,7 +1,8 @@
 """The daemon's syncer (``ztfd sync``): a pass now, then every ``s3.interval`` seconds until SIGTERM.
 
-A failed pass is retried sooner (``RETRY_AFTER_FAILURE``, doubling up to ``s3.interval``). The heartbeat runs in a
-thread of its own, so that a long upload or a wait for the pass lock never looks like a hang to the supervisor.
+A failed pass is retried sooner (``lifecycle.Backoff``: ``RETRY_AFTER_FAILURE``, doubling up to
+``s3.interval``). The heartbeat runs in a thread of its own, so that a long upload or a wait for the pass lock
+never looks like a hang to the supervisor.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from ztfd import store
+from ztfd import lifecycle, store
 from ztfd.config import Config
 from ztfd.sync.passes import locked_pass
 
@@ -28,6 +29,7 @@ def run_daemon(conn: sqlite3.Connection, cfg: Config, stop: threading.Event, nam
     beat.start()
     log.info("syncer %s started: bucket %s, every %.0f s", name, cfg.s3.bucket, cfg.s3.interval)
     failed_in_a_row = 0
+    after_failure = lifecycle.Backoff(RETRY_AFTER_FAILURE, cfg.s3.interval)
     try:
         while not stop.is_set():
             result = locked_pass(conn, cfg, stop, full=full, wait=None)
@@ -35,7 +37,7 @@ def run_daemon(conn: sqlite3.Connection, cfg: Config, stop: threading.Event, nam
             failed_in_a_row = 0 if result.ok or result.interrupted else failed_in_a_row + 1
             delay = cfg.s3.interval
             if failed_in_a_row:
-                delay = min(cfg.s3.interval, RETRY_AFTER_FAILURE * 2 ** (failed_in_a_row - 1))
+                delay = after_failure.delay(failed_in_a_row)
                 log.info("sync: next pass in %.0f s after a failed pass", delay)
             stop.wait(delay)
     finally:

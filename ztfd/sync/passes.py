@@ -14,10 +14,10 @@ from ztfd.store import manifest
 from ztfd.sync import reconcile, retention
 from ztfd.sync.lock import pass_lock
 from ztfd.sync.pending import PendingUploads, Progress
-from ztfd.sync.report import human
 from ztfd.sync.result import PassResult
 from ztfd.sync.s3 import FatalError, OutageError, make_client
 from ztfd.sync.status import record_pass
+from ztfd.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _upload_pending(conn: sqlite3.Connection, cfg: Config, stop: threading.Event
     totals = manifest.pending_totals(conn)
     if not totals.files:
         return None
-    log.info("sync: %d files (%s) pending", totals.files, human(totals.bytes))
+    log.info("sync: %d files (%s) pending", totals.files, human_bytes(totals.bytes))
     client = None
     try:
         client = make_client(cfg)

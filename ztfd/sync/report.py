@@ -12,15 +12,7 @@ from ztfd.sync.dryrun import DryRun
 from ztfd.sync.pending import Progress
 from ztfd.sync.result import PassResult
 from ztfd.sync.s3 import s3_key
-
-
-def human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
+from ztfd.units import human_bytes
 
 
 def error(message: str) -> None:
@@ -37,7 +29,7 @@ def progress_bar(count: int) -> Progress | None:
 
 
 def print_pass(result: PassResult) -> None:
-    summary = (f"ztfd sync: {result.files} files, {human(result.bytes)} uploaded in {result.seconds:.1f} s; "
+    summary = (f"ztfd sync: {result.files} files, {human_bytes(result.bytes)} uploaded in {result.seconds:.1f} s; "
                f"{result.failures} failed; {result.pending} pending")
     if result.deleted_local:
         summary += f"; {result.deleted_local} local files deleted (retention)"
@@ -59,5 +51,5 @@ def print_dry_run(found: DryRun, cfg: Config) -> None:
         click.echo(f"{what}\t{path}")
     for path in sorted(found.uploads):
         click.echo(f"{s3_key(cfg, path)}\t{found.uploads[path]}")
-    click.echo(f"ztfd sync --dry-run: {len(found.uploads)} files, {human(sum(found.uploads.values()))} would be "
+    click.echo(f"ztfd sync --dry-run: {len(found.uploads)} files, {human_bytes(sum(found.uploads.values()))} would be "
                f"uploaded to s3://{cfg.s3.bucket}/{cfg.s3.prefix}")

@@ -1,0 +1,152 @@
+"""Recreated topics and lost offsets, judged on evidence (ztfd.partitions) by a consumer on a real broker (Tansu).
+
+Tansu reports topic ids (KIP-516) but supports neither retention nor DeleteRecords, so a gap cannot be made on it:
+the gap test drives the consumer's own code with a broker view that reports an earliest offset past the stored
+one, against a real store (tests/test_partitions.py has the rules themselves)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import child_env, wait_until, ztfd_command
+from tests.kafka_fakes import FakeMessage, NoKafka
+from tests.test_consumer import (
+    Consumers,
+    alert_files,
+    count,
+    seqs_on_disk,
+    store_batch,
+    terminate,
+    unique,
+)
+from ztfd import config, store
+from ztfd.consumer import TopicConsumer
+from ztfd.embedded import samples
+from ztfd.embedded.kafka import KafkaBroker
+from ztfd.store import gaps as store_gaps
+
+
+@pytest.fixture
+def consumers():
+    running = Consumers()
+    yield running
+    running.stop_all()
+
+
+def delete_topic(kafka: KafkaBroker, topic: str) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    admin.delete_topics([topic])[topic].result(30)
+
+
+def test_a_topic_recreated_while_ztfd_was_down_with_more_messages_is_told_apart_by_its_id(
+    kafka: KafkaBroker, make_config: Callable[..., Path], consumers: Consumers
+) -> None:
+    """The new topic already holds more messages than ztfd had read of the old one: offsets alone would take
+    its first 20 for redeliveries (lost); the changed topic id starts generation 1 instead."""
+    topic = unique("lasair_recreated")
+    kafka.create_topic(topic)
+    kafka.produce(topic, samples.message_stream(20))
+    config_path = make_config(kafka={"bootstrap_servers": kafka.bootstrap, "group_id": unique("g"), "topics": [topic]})
+    home = config_path.parent
+    db = home / "state" / "ztfd.sqlite3"
+    proc = consumers.start(config_path, topic)
+    wait_until(lambda: count(db, "SELECT count(*) FROM alerts") >= 20, 90, "the first topic stored")
+    assert terminate(proc) == 0
+    assert count(db, "SELECT count(*) FROM topic_ids WHERE topic = ?", topic) == 1
+
+    delete_topic(kafka, topic)
+    kafka.create_topic(topic)
+    kafka.produce(topic, [dict(m, seq=100 + m["seq"]) for m in samples.message_stream(30)])
+    proc = consumers.start(config_path, topic)
+    wait_until(lambda: count(db, "SELECT count(*) FROM alerts WHERE generation = 1") >= 30, 90, "the new topic")
+    assert terminate(proc) == 0
+    assert count(db, "SELECT count(*) FROM alerts") == 50
+    assert sorted(seqs_on_disk(home)) == [*range(20), *range(100, 130)]
+    assert count(db, "SELECT generation FROM offsets WHERE topic = ?", topic) == 1
+
+
+def test_the_same_topic_read_again_keeps_its_generation_whatever_its_watermarks_say(
+    kafka: KafkaBroker, make_config: Callable[..., Path], consumers: Consumers
+) -> None:
+    """Tansu's uncached high watermark is the base offset of the last batch + 1, below the real end (the kind of
+    low answer a new partition leader may give): with the topic id unchanged, no new generation, no duplicate."""
+    topic = unique("lasair_same")
+    kafka.create_topic(topic)
+    kafka.produce(topic, samples.message_stream(60))  # one producer batch: the uncached end reads low
+    config_path = make_config(kafka={"bootstrap_servers": kafka.bootstrap, "group_id": unique("g"), "topics": [topic]})
+    home = config_path.parent
+    db = home / "state" / "ztfd.sqlite3"
+    for _ in range(2):  # read it all, then resume at the end after a restart
+        proc = consumers.start(config_path, topic)
+        wait_until(lambda p=proc: count(db, "SELECT count(*) FROM processes WHERE pid = ?", p.pid) == 1, 60, "up")
+        wait_until(lambda: count(db, "SELECT count(*) FROM alerts") >= 60, 90, "every alert")
+        assert terminate(proc) == 0
+    kafka.produce(topic, [dict(m, seq=200 + m["seq"]) for m in samples.message_stream(5)])
+    proc = consumers.start(config_path, topic)
+    wait_until(lambda: count(db, "SELECT count(*) FROM alerts") >= 65, 90, "the new alerts")
+    assert terminate(proc) == 0
+    assert count(db, "SELECT count(*) FROM alerts WHERE generation > 0") == 0
+    on_disk = seqs_on_disk(home)
+    assert max(on_disk.values()) == 1 and len(alert_files(home)) == 65
+
+
+class BrokerPastTheStoredOffset:
+    """A broker whose retention has passed ztfd's stored offset: the earliest offset it still has is 40."""
+
+    def topic_id(self) -> str | None:
+        return "id-1"
+
+    def watermarks(self, partition: int) -> tuple[int, int] | None:
+        return (40, 60)
+
+
+def test_offsets_gone_from_the_broker_are_recorded_once_as_a_gap_and_logged(
+    make_config: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    config_path = make_config(kafka={"topics": ["t"]})
+    cfg = config.load(config_path)
+    messages = [FakeMessage(json.dumps(m).encode(), offset) for offset, m in enumerate(samples.message_stream(60))]
+    consumer = TopicConsumer(cfg, "t", "consumer:t")
+    consumer.consumer = NoKafka()
+    store_batch(consumer, messages[:10])  # ztfd read 0..9, then was down while retention deleted 10..39
+    consumer.watch.view = BrokerPastTheStoredOffset()
+    with caplog.at_level(logging.ERROR, logger="ztfd.consumer"):
+        store_batch(consumer, messages[40:50])
+    consumer.close()
+    again = TopicConsumer(cfg, "t", "consumer:t")  # a restart that reads the same offsets again
+    again.consumer = NoKafka()
+    again.watch.view = BrokerPastTheStoredOffset()
+    again._assign = lambda partitions: None  # type: ignore[method-assign]
+    from ztfd.partitions import Partition
+
+    again.watch.partitions[0] = Partition(0, 10)
+    store_batch(again, messages[40:60])
+    again.close()
+    conn = store.connect(cfg.db_path)
+    gaps = store_gaps.recent_gaps(conn)
+    assert [(g.topic, g.partition, g.generation, g.first_offset, g.last_offset, g.missing) for g in gaps] == [
+        ("t", 0, 0, 10, 39, 30)
+    ]
+    assert store_gaps.missing_by_topic(conn) == {"t": 30}
+    assert sqlite3.connect(cfg.db_path).execute("SELECT count(*) FROM alerts").fetchone()[0] == 30
+    conn.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "10..39 (30 alerts)" in errors[0]
+    shown = subprocess.run(ztfd_command(config_path, "status", "--json"), env=child_env(), capture_output=True,
+                           text=True, timeout=60)
+    report = json.loads(shown.stdout)
+    assert [(g["topic"], g["first_offset"], g["last_offset"], g["missing"]) for g in report["gaps"]] == [
+        ("t", 10, 39, 30)]
+    assert [t["lost_upstream"] for t in report["topics"] if t["topic"] == "t"] == [30]
+    table = subprocess.run(ztfd_command(config_path, "status"), env=child_env(), capture_output=True, text=True,
+                           timeout=60).stdout
+    assert "LOST UPSTREAM t[0]: offsets 10..39 (30 alerts)" in table

@@ -1,0 +1,109 @@
+"""What the store keeps, and for how long (README "The store"): ``ztfd prune``, which the supervisor also runs
+every ``PRUNE_EVERY`` seconds.
+
+The store keeps what ztfd needs to go on and what nothing else holds: every alert (the list of what should be on
+disk and in S3), what is known about its stamps, every file's sync state, the offsets, open and failed stamp jobs.
+It forgets what has been folded into those:
+
+- done stamp jobs, a day after they finished: what they learned is the alert's stamp record (``stamps``), how
+  many there were is a counter;
+- rows of processes that are gone (no live pid, no heartbeat for a day): the supervisor rewrites its own at start,
+  and ``ztfd fetch`` run by hand or by supervisord without a fixed name leaves one row per pid;
+- rejected messages received more than ``store.rejected_keep_days`` days ago: exported first, whole UTC days at a
+  time, as JSON lines (raw bytes in base64) to ``data/<date>/<topic>/rejected-<first id>.jsonl``, recorded in the
+  sync manifest and so uploaded like any alert file, then deleted. A crash between the file and the deletion
+  writes the same file again (same name, same bytes): nothing is lost, and nothing is uploaded twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass, field
+
+from ztfd.config import Config
+from ztfd.files import atomic_write, md5_hex
+from ztfd.procs import pid_alive
+from ztfd.store import jobs, record_files, transaction
+from ztfd.store.processes import forget_processes, processes
+from ztfd.store.rejected import Rejected, forget_rejected, received_before
+
+log = logging.getLogger(__name__)
+
+PRUNE_EVERY = 3600.0
+DONE_JOBS_KEEP = 86400.0
+GONE_PROCESSES_KEEP = 86400.0
+EXPORT_ROWS = 5000  # rejected messages per export transaction
+
+
+@dataclass
+class Pruned:
+    done_jobs: int = 0
+    processes: int = 0
+    rejected: int = 0
+    exports: list[str] = field(default_factory=list)  # files written, relative to home
+
+
+def prune(conn: sqlite3.Connection, cfg: Config, now: float | None = None) -> Pruned:
+    """Forget what the store no longer needs (see the module's docstring); each step its own short transaction."""
+    now = time.time() if now is None else now
+    pruned = Pruned()
+    with transaction(conn):
+        pruned.done_jobs = jobs.forget_done(conn, now - DONE_JOBS_KEEP)
+    gone = [row.name for row in processes(conn)
+            if row.role != "supervisor" and (row.heartbeat_at or row.started_at or 0.0) < now - GONE_PROCESSES_KEEP
+            and not (row.pid is not None and pid_alive(row.pid))]
+    with transaction(conn):
+        pruned.processes = forget_processes(conn, gone)
+    if cfg.store.rejected_keep_days > 0:
+        export_rejected(conn, cfg, _day_start(now - cfg.store.rejected_keep_days * 86400.0), pruned)
+    if pruned.done_jobs or pruned.processes or pruned.rejected:
+        log.info("pruned the store: %d done jobs, %d rows of gone processes, %d rejected messages exported to %d "
+                 "files", pruned.done_jobs, pruned.processes, pruned.rejected, len(pruned.exports))
+    return pruned
+
+
+def export_rejected(conn: sqlite3.Connection, cfg: Config, before: float, pruned: Pruned) -> None:
+    """Move rejected messages received before ``before`` out of the store into files under ``data/``."""
+    while True:
+        rows = received_before(conn, before, EXPORT_ROWS)
+        if not rows:
+            return
+        groups: dict[tuple[str, str], list[Rejected]] = {}
+        for row in rows:
+            groups.setdefault((_utc_date(row.received_at), row.topic), []).append(row)
+        written = []
+        for (date, topic), members in sorted(groups.items()):
+            relative = f"data/{date}/{topic}/rejected-{members[0].id}.jsonl"
+            body = b"".join(_line(row) for row in members)
+            atomic_write(cfg.home / relative, body)  # before the rows go: a crash here only writes it again
+            written.append((relative, len(body), md5_hex(body)))
+        with transaction(conn):
+            record_files(conn, written)
+            pruned.rejected += forget_rejected(conn, [row.id for row in rows])
+        pruned.exports += [path for path, _, _ in written]
+
+
+def _line(row: Rejected) -> bytes:
+    record = {"topic": row.topic, "partition": row.partition, "generation": row.generation,
+              "offset": row.kafka_offset, "received_at": _iso(row.received_at), "reason": row.reason,
+              "raw_base64": base64.b64encode(row.raw).decode("ascii")}
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+
+def _utc_date(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).date().isoformat()
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _day_start(ts: float) -> float:
+    """The start (00:00 UTC) of the day holding ``ts``: exports hold whole days."""
+    day = dt.datetime.fromtimestamp(ts, dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day.timestamp()
