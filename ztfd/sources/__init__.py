@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import json
+import math
 import pkgutil
 import re
 import warnings
@@ -54,6 +55,11 @@ class InvalidMessageError(ValueError):
     """A message that cannot be stored as an alert; ``str()`` is the reason kept beside its raw bytes."""
 
 
+class SourceUnavailableError(Exception):
+    """The message cannot be judged now, through no fault of its own (its schema registry is unreachable): the
+    consumer stops without storing its batch, so that its restart reads the same messages again."""
+
+
 @dataclass(frozen=True)
 class TimeField:
     """A time-like field found in a message: where (a dotted path), its value, JD or MJD, and its scale."""
@@ -71,6 +77,11 @@ class Cutout:
     kind: str  # one of STAMP_TYPES
     data: bytes | None
     suffix: str  # ".fits.gz" (ZTF's gzipped stampData) or ".fits" (Rubin's raw FITS)
+    problem: str | None = None  # why ``data`` is None: "null in the packet" or what is wrong with the bytes
+
+    @property
+    def carried(self) -> bool:
+        return self.data is not None
 
 
 @dataclass
@@ -105,27 +116,43 @@ class Source(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class SourceContext:
+    """What a source may need beyond the message, for one topic: given to factories registered with
+    ``wants_context`` (the Avro formats: their schema file, the schema registry and its cache in the store)."""
+
+    topic: str = ""
+    schema_file: str | None = None  # ``kafka.schemas`` for the topic (format ``avro``)
+    registry_url: str = ""  # ``kafka.schema_registry_url`` (format ``confluent-avro``)
+    schema_cache: Any = None  # ``ztfd.store.schemas.SchemaCache`` of the consumer's store, or None
+    timeout: float = 30.0  # seconds per request to the registry
+
+
 SOURCES: dict[str, Callable[..., Source]] = {}
+WANTS_CONTEXT: set[str] = set()
 
 
-def register(name: str) -> Callable[[Callable[..., Source]], Callable[..., Source]]:
-    """Class decorator: make a source available under its contract name."""
+def register(name: str, wants_context: bool = False) -> Callable[[Callable[..., Source]], Callable[..., Source]]:
+    """Class decorator: make a source available under its contract name; with ``wants_context`` it is made as
+    ``factory(context)`` (a ``SourceContext``), else as ``factory()``."""
 
     def add(factory: Callable[..., Source]) -> Callable[..., Source]:
         SOURCES[name] = factory
+        if wants_context:
+            WANTS_CONTEXT.add(name)
         return factory
 
     return add
 
 
-def source_for(name: str) -> Source:
+def source_for(name: str, context: SourceContext | None = None) -> Source:
     """A new source of format ``name`` (``kafka.formats``; ``lasair`` by default)."""
     load_all()
     try:
         factory = SOURCES[name]
     except KeyError:
         raise KeyError(f"no source for format {name!r} (known: {', '.join(sorted(SOURCES))})") from None
-    return factory()
+    return factory(context or SourceContext()) if name in WANTS_CONTEXT else factory()
 
 
 def load_all() -> None:
@@ -206,13 +233,39 @@ def alert_files(alert: Alert, folder: str, stem: str, images: str, metadata: dic
     if alert.suffix == ".json":
         files = [(f"{folder}/{stem}.json", b'{"message": ' + alert.raw + b', "ztfd": ' + meta + b"}\n")]
     else:
-        view = json.dumps(alert.view).encode()
+        view = view_json(alert.view)
         files = [(f"{folder}/{stem}{alert.suffix}", alert.raw),
                  (f"{folder}/{stem}.json", b'{"message": ' + view + b', "ztfd": ' + meta + b"}\n")]
     named = alert.detection_id or stem
     files.extend((f"{images}/{named}_{cutout.kind}{cutout.suffix}", cutout.data)
                  for cutout in alert.cutouts if cutout.data is not None)
     return files
+
+
+def view_json(view: Any) -> bytes:
+    """A view as strict JSON that ``jq`` reads: NaN and infinities become null, stray bytes their size.
+
+    The common case (no NaN) is one C-speed ``json.dumps``; only a view that holds NaN is walked in Python."""
+    try:
+        return json.dumps(view, allow_nan=False, default=_unencodable).encode()
+    except ValueError:
+        return json.dumps(_finite(view), allow_nan=False, default=_unencodable).encode()
+
+
+def _unencodable(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"bytes": len(value)}
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def iso_utc(moment: dt.datetime) -> str:

@@ -144,3 +144,26 @@ ADDED_COLUMNS = (
     ("alerts", "survey", "TEXT NOT NULL DEFAULT 'ztf'"),
     ("alerts", "detection_id", "TEXT"),
 )
+
+# --- Avro streams (issue 14): registry schemas, job kinds, the detections cache ---------------------------------
+# Kept apart from the tables above. ``avro_schemas`` (ztfd.store.schemas): the schemas a Confluent schema registry
+# served, by registry URL and schema id, so that each is fetched once, ever (Confluent ids are immutable).
+# ``detections`` (ztfd.store.detections): ALeRCE detections lists shared by the stamp workers for a short time (a
+# catch-up has several alerts of an object queued; one list serves them all). ``jobs.kind``: 'stamps' (fetch the
+# stamps, then draw the preview) or 'preview' (the stamps came in the alert packet: only draw the preview).
+SCHEMA += """
+CREATE TABLE IF NOT EXISTS avro_schemas (
+    registry TEXT NOT NULL,
+    schema_id INTEGER NOT NULL,
+    schema TEXT NOT NULL,
+    fetched_at REAL NOT NULL,
+    PRIMARY KEY (registry, schema_id)
+);
+
+CREATE TABLE IF NOT EXISTS detections (
+    object_id TEXT PRIMARY KEY,
+    body BLOB NOT NULL,
+    fetched_at REAL NOT NULL
+);
+"""
+ADDED_COLUMNS += (("jobs", "kind", "TEXT NOT NULL DEFAULT 'stamps'"),)
