@@ -116,3 +116,30 @@ def fetch_until_final(config: Path, conn: sqlite3.Connection, log_path: Path, wh
 
 def temporaries(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
+
+
+def drive_worker(worker: Any, condition: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
+    """Run ``worker`` (a ``ztfd.stamps.Worker``) in this process until ``condition`` holds, then stop it."""
+    import asyncio
+
+    async def drive() -> None:
+        running = asyncio.create_task(worker.run())
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if running.done():
+                running.result()  # the worker's own error, if it died
+                raise AssertionError(f"the worker stopped before {what}")
+            if time.monotonic() > deadline:
+                worker.stopping.set()
+                await running
+                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+            await asyncio.sleep(0.05)
+        worker.stopping.set()
+        await running
+
+    try:
+        asyncio.run(drive())
+    finally:
+        worker.db.shutdown(wait=True)
+        if worker.conn is not None:
+            worker.conn.close()

@@ -31,6 +31,10 @@ def test_defaults_and_relative_home(tmp_path: Path) -> None:
     assert (cfg.s3.bucket, cfg.s3.interval, cfg.s3.concurrency) == ("", 7200.0, 16)
     assert cfg.s3.multipart_threshold == 64 * 1024 * 1024
     assert cfg.db_path == cfg.home / "state" / "ztfd.sqlite3"
+    assert cfg.kafka.max_message_bytes == 10 * 1024 * 1024 and cfg.kafka.lasair_byte_quota == 100_000_000
+    assert cfg.stamps.lsst_provider == "alerce"
+    assert cfg.stamps.alerce_lsst_url == "https://api-lsst.alerce.online"
+    assert cfg.stamps.lasair_lsst_url == "https://lasair-lsst.lsst.ac.uk"
 
 
 def test_path_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,6 +91,18 @@ def test_log_level_short_form_wins(tmp_path: Path) -> None:
          "stamps.preview_renderer must be one of fast, matplotlib"),
         (MINIMAL, {"ZTFD_LOGGING_LEVEL": "LOUD"}, "logging.level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
         (MINIMAL, {"ZTFD_LOG_LEVEL": "LOUD"}, "logging.level must be one of"),
+        (MINIMAL + '[stamps]\nlsst_provider = "fink"\n', {},
+         "stamps.lsst_provider must be one of alerce, lasair, none"),
+        (MINIMAL, {"ZTFD_STAMPS_LSST_PROVIDER": "1"}, "stamps.lsst_provider must be a string"),
+        (MINIMAL + '[stamps]\nalerce_lsst_url = "api-lsst.alerce.online"\n', {},
+         "stamps.alerce_lsst_url must be an http:// or https:// URL"),
+        (MINIMAL, {"ZTFD_STAMPS_LASAIR_LSST_URL": "ftp://lasair"}, "stamps.lasair_lsst_url must be an http"),
+        (MINIMAL.replace("[kafka]\n", "[kafka]\nlasair_byte_quota = -1\n"), {},
+         "kafka.lasair_byte_quota must not be negative"),
+        (MINIMAL.replace("[kafka]\n", "[kafka]\nlasair_byte_quota = 1.5e8\n"), {},
+         "kafka.lasair_byte_quota must be an integer"),
+        (MINIMAL.replace("[kafka]\n", "[kafka]\nmax_message_bytes = 0\n"), {},
+         "kafka.max_message_bytes must be greater than 0"),
     ],
 )
 def test_bad_configuration_names_the_key(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import child_env, wait_until, ztfd_command
-from ztfd import store
+from ztfd import sources, store
 from ztfd.consumer import TopicConsumer
 from ztfd.embedded import samples
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.store import jobs as store_jobs
 from ztfd.store.alerts import alerts_by_id
+from ztfd.store.manifest import manifest_files
 
 
 def count(db: Path, sql: str, *args: object) -> int:
@@ -258,6 +259,9 @@ class FakeMessage:
     def value(self) -> bytes:
         return self._value
 
+    def key(self) -> None:
+        return None
+
     def partition(self) -> int:
         return self._partition
 
@@ -266,9 +270,6 @@ class FakeMessage:
 
     def timestamp(self) -> tuple[int, int]:
         return (1, 1630475000000)
-
-    def key(self) -> None:
-        return None
 
 
 class NoKafka:
@@ -404,3 +405,110 @@ def test_a_second_consumer_of_the_same_topic_stores_nothing_twice(make_config: C
     assert count(cfg.db_path, "SELECT count(DISTINCT alert_id) FROM jobs") == count(cfg.db_path,
                                                                                   "SELECT count(*) FROM jobs")
     assert count(cfg.db_path, "SELECT count(*) FROM manifest") == 12
+
+
+# --- no message can stop a partition (issue 12, item 1) ---------------------------------------------------------------
+
+BEYOND_YEAR_9999_MS = 300_000_000_000_000  # a Kafka timestamp a producer may set (int64 ms) that is no date
+HOSTILE = [  # (value, Kafka timestamp or None, what the reason says)
+    (b'{"objectId":"ZTF21abcdefh","x":' + b"1" * 5000 + b"}", None, "more than 4300 digits"),
+    (b'{"objectId":"ZTF21abcdefh","UTC":"0001-01-01T00:00:00+01:00"}', None, "UTC"),
+    (b'{"objectId":"ZTF21abvawaj","mjdmax":59458.2}', BEYOND_YEAR_9999_MS, "Kafka timestamp"),
+    (b"[" * 100_000 + b"]" * 100_000, None, "nested too deeply"),
+    (b'{"objectId":"ZTF21ab\\ud800x"}', None, "not a plain identifier"),
+    (b'{"diaObjectId":99999999999999999999999999999999}', None, "64-bit"),
+    (b'{"objectId":"ZTF21abvawaj","jdmax":1e308}', None, "out of range"),
+]
+
+
+def produce_with_timestamps(bootstrap: str, topic: str, messages: list[tuple[bytes, int | None]]) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": False})
+    for value, timestamp in messages:
+        producer.produce(topic, value=value, **({"timestamp": timestamp} if timestamp is not None else {}))
+    assert producer.flush(60) == 0
+
+
+def test_hostile_messages_between_good_ones_are_rejected_and_every_good_one_stored(
+    kafka: KafkaBroker, make_config: Callable[..., Path], consumers: Consumers
+) -> None:
+    """Each of these once stopped its topic for good (the consumer died before storing the batch, restarted at
+    the same offset and died again): now each is rejected with its reason and the stream goes on."""
+    topic = unique("lasair_hostile")
+    kafka.create_topic(topic)
+    good = [json.dumps(m).encode() for m in samples.message_stream(len(HOSTILE) + 1)]
+    interleaved: list[tuple[bytes, int | None]] = [(good[0], None)]
+    for (value, timestamp, _), after in zip(HOSTILE, good[1:], strict=True):
+        interleaved += [(value, timestamp), (after, None)]
+    produce_with_timestamps(kafka.bootstrap, topic, interleaved)
+    config_path = make_config(kafka={"bootstrap_servers": kafka.bootstrap, "group_id": unique("g"), "topics": [topic]})
+    db = config_path.parent / "state" / "ztfd.sqlite3"
+    proc = consumers.start(config_path, topic)
+    wait_until(lambda: count(db, "SELECT count(*) FROM alerts") >= len(good), 90, "every good message stored")
+    wait_until(lambda: count(db, "SELECT count(*) FROM rejected") >= len(HOSTILE), 30, "every hostile one rejected")
+    assert proc.poll() is None, "no message may stop the consumer"
+    assert terminate(proc) == 0
+    assert sorted(seqs_on_disk(config_path.parent)) == list(range(len(good)))
+    conn = sqlite3.connect(db)
+    rows = conn.execute("SELECT raw, reason FROM rejected ORDER BY kafka_offset").fetchall()
+    assert [bytes(raw) for raw, _ in rows] == [value for value, _, _ in HOSTILE]
+    for (_, reason), (_, _, expected) in zip(rows, HOSTILE, strict=True):
+        assert expected in reason, reason
+    assert count(db, "SELECT next_offset FROM offsets") == len(interleaved)
+
+
+class FakeCutoutSource:
+    """A source whose packets carry their stamps (as Avro alerts do), and one that breaks on ``b"boom"``."""
+
+    format = "test-cutouts"
+
+    def __init__(self, **_settings: object) -> None:
+        pass
+
+    def decode(self, value: bytes | None, key: bytes | None) -> sources.Alert:
+        if value == b"boom":
+            raise RuntimeError("a bug in a source")
+        candid = value.decode()  # type: ignore[union-attr]
+        return sources.Alert(
+            raw=b"\x00avro\x01" + value, survey=sources.ZTF, object_id="ZTF21abvawaj",  # type: ignore[operator]
+            detection_id=candid, times=[sources.TimeField("jd", 2459458.76448, "jd", "utc")],
+            observation_key="jd", date_rule=sources.UTC_DATE, suffix=".avro", view={"candid": candid},
+            cutouts=tuple(sources.Cutout(kind, f"{kind} of {candid}".encode(), ".fits.gz")
+                          for kind in sources.STAMP_TYPES),
+        )
+
+
+def test_a_source_with_cutouts_gets_them_written_and_recorded_with_its_alert(
+    make_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ztfd import config
+
+    monkeypatch.setitem(sources.SOURCES, FakeCutoutSource.format, FakeCutoutSource)
+    cfg = config.load(make_config(kafka={"topics": ["t"]}, kafka__formats={"t": FakeCutoutSource.format},
+                                  stamps={"enabled": True}))
+    consumer = TopicConsumer(cfg, "t", "consumer:t")
+    consumer.consumer = NoKafka()
+    store_batch(consumer, [FakeMessage(b"1704217901015015001", 0), FakeMessage(b"boom", 1),
+                           FakeMessage(b"1704174284215015008", 2)])
+    consumer.close()
+    home, date = cfg.home, "2021-09-01"
+    for offset, candid in ((0, "1704217901015015001"), (2, "1704174284215015008")):
+        raw = (home / f"data/{date}/t/ZTF21abvawaj_p0-o{offset}.avro").read_bytes()
+        assert raw == b"\x00avro\x01" + candid.encode()
+        companion = json.loads((home / f"data/{date}/t/ZTF21abvawaj_p0-o{offset}.json").read_bytes())
+        assert companion["message"] == {"candid": candid} and companion["ztfd"]["detection_id"] == candid
+        for kind in sources.STAMP_TYPES:
+            path = home / f"images/{date}/ZTF21abvawaj/{candid}_{kind}.fits.gz"
+            assert path.read_bytes() == f"{kind} of {candid}".encode()
+    conn = store.connect(cfg.db_path)
+    recorded = {row.path for row in manifest_files(conn)}
+    assert len(recorded) == 2 * (2 + 3)  # per alert: its raw file, its companion, three cutouts: one transaction
+    assert all(path in recorded for path in (f"images/{date}/ZTF21abvawaj/1704217901015015001_science.fits.gz",
+                                            f"data/{date}/t/ZTF21abvawaj_p0-o0.avro"))
+    stored = alerts_by_id(conn, [1, 2])
+    assert [(a.kafka_offset, a.survey, a.detection_id) for a in stored.values()] == [
+        (0, "ztf", "1704217901015015001"), (2, "ztf", "1704174284215015008")]
+    ((reason,),) = conn.execute("SELECT reason FROM rejected").fetchall()
+    assert reason == "cannot be stored: RuntimeError: a bug in a source"
+    assert len(store_jobs.list_jobs(conn)) == 2  # the worker will find the stamps there and draw the previews

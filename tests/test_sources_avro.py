@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from tests.avro_support import RUBIN_SCHEMA_ID, fink_lsst, rubin_alerts, rubin_schema
-from ztfd import sources, store
+from ztfd import nights, sources, store
 from ztfd.embedded import avro_samples
 from ztfd.embedded.registry import SchemaRegistry
 from ztfd.embedded.samples import JD_MJD_OFFSET, packets
-from ztfd.sources import InvalidMessageError, SourceContext, SourceUnavailableError
+from ztfd.sources import InvalidMessageError, SourceUnavailableError
 from ztfd.sources.packets import CUTOUT_FIELDS, NULL_IN_PACKET
 from ztfd.store.schemas import StoredSchemas
 
@@ -23,8 +23,8 @@ MJD_EPOCH = dt.datetime(1858, 11, 17, tzinfo=dt.UTC)
 
 
 def dated(alert: sources.Alert) -> str:
-    sources.convert_times([alert])
-    return sources.partition_date(alert, dt.datetime.now(dt.UTC))
+    nights.convert_times([alert])
+    return nights.date_of(alert, None, dt.datetime.now(dt.UTC)).date
 
 
 def test_ztf_avro_every_sample_packet_with_its_cutouts_byte_for_byte() -> None:
@@ -154,10 +154,10 @@ def test_confluent_rubin_alerts_schema_fetched_once_and_kept_in_the_store(
     registry: SchemaRegistry, tmp_path: Path
 ) -> None:
     conn = store.connect(tmp_path / "state" / "ztfd.sqlite3")
-    context = SourceContext("rubin", registry_url=registry.url, schema_cache=StoredSchemas(conn), timeout=5)
+    context = {"registry_url": registry.url, "schema_cache": StoredSchemas(conn), "registry_timeout": 5}
     alerts = rubin_alerts(4)
     messages = [avro_samples.confluent_message(rubin_schema(), RUBIN_SCHEMA_ID, a) for a in alerts]
-    source = sources.source_for("confluent-avro", context)
+    source = sources.source_for("confluent-avro", **context)
     for message, record in zip(messages, alerts, strict=True):
         alert = source.decode(message, None)
         assert alert.raw == message and alert.survey == "lsst"
@@ -166,14 +166,14 @@ def test_confluent_rubin_alerts_schema_fetched_once_and_kept_in_the_store(
         assert [c.data for c in alert.cutouts] == [record["cutoutScience"], record["cutoutTemplate"],
                                                   record["cutoutDifference"]]
     assert registry.requests(RUBIN_SCHEMA_ID) == 1
-    again = sources.source_for("confluent-avro", context)  # a restarted consumer: the store has it
+    again = sources.source_for("confluent-avro", **context)  # a restarted consumer: the store has it
     again.decode(messages[0], None)
     assert registry.requests() == 1
 
 
 def test_confluent_rejects_and_registry_trouble(registry: SchemaRegistry) -> None:
-    context = SourceContext("rubin", registry_url=registry.url, timeout=5)
-    source = sources.source_for("confluent-avro", context)
+    context = {"registry_url": registry.url, "registry_timeout": 5}
+    source = sources.source_for("confluent-avro", **context)
     record = rubin_alerts(1)[0]
     with pytest.raises(InvalidMessageError, match="unknown to the schema registry"):
         source.decode(avro_samples.confluent_message(rubin_schema(), 4242, record), None)
@@ -192,7 +192,7 @@ def test_confluent_rejects_and_registry_trouble(registry: SchemaRegistry) -> Non
 def test_avro_with_a_known_schema(tmp_path: Path) -> None:
     schema_file = tmp_path / "rubin.avsc"
     schema_file.write_text(avro_samples.schema_json(rubin_schema()))
-    source = sources.source_for("avro", SourceContext("t", schema_file=str(schema_file)))
+    source = sources.source_for("avro", schema_file=str(schema_file))
     record = rubin_alerts(1)[0]
     alert = source.decode(avro_samples.schemaless(rubin_schema(), record), None)
     assert alert.detection_id == str(record["diaSourceId"])

@@ -12,6 +12,7 @@ import pytest
 from tests.stamp_support import (
     add_alerts,
     all_final,
+    drive_worker,
     fetch_until_final,
     jobs,
     settled,
@@ -407,7 +408,6 @@ def test_a_job_that_kills_its_workers_ends_failed(make_config, stamp_service, tm
 
 
 def test_an_idle_worker_sleeps_until_the_next_job_is_due(make_config, stamp_service, monkeypatch):
-    import asyncio
     import time
 
     from ztfd.stamps import Worker
@@ -432,22 +432,162 @@ def test_an_idle_worker_sleeps_until_the_next_job_is_due(make_config, stamp_serv
     monkeypatch.setattr(jobqueue, "claim", counting_claim)
     worker = Worker(cfg, "fetcher-1", heartbeat=False)
 
-    async def drive() -> None:
-        running = asyncio.create_task(worker.run())
-        deadline = time.monotonic() + 30
-        while jobqueue.counts(conn).done < 1:
-            assert time.monotonic() < deadline, "the due job was never done"
-            await asyncio.sleep(0.05)
-        worker.stopping.set()
-        await running
-
-    try:
-        asyncio.run(drive())
-    finally:
-        worker.db.shutdown(wait=True)
+    drive_worker(worker, lambda: jobqueue.counts(conn).done >= 1, "the due job to be done")
     # Before the fix an idle worker claimed (a write transaction) every 0.05-0.5 s: about 6 times by then.
     # Now: once at start, once when the job fell due (and perhaps once more as it finished).
     assert 2 <= len(claims) <= 3, claims
     assert any(t >= due_at for t in claims)
     states = [job.state for job in jobqueue.list_jobs(conn)]
     assert states == ["done", "ready"]
+
+
+# --- bounded inputs, stuck jobs, hung steps (issue 12, items 4 and 6) -------------------------------------------------
+
+
+def test_a_gzip_bomb_and_a_huge_image_are_failed_attempts_with_their_reason(make_config, stamp_service, tmp_path):
+    bombed, huge, fine = packets()[:3]
+    stamp_service.inject("bomb", None, candid=bombed.candid, stamp_type="science")  # inflates to 64 MiB
+    stamp_service.inject("huge_image", None, candid=huge.candid, stamp_type="template")  # 4000x4000, 60 kB zipped
+    cfg_path = stamps_config(make_config, stamp_service.url, max_attempts=2)
+    cfg = config.load(cfg_path)
+    conn = store.connect(cfg.db_path)
+    add_alerts(conn, [bombed, huge, fine])
+    fetch_until_final(cfg_path, conn, tmp_path / "worker.log", what="jobs settled", timeout=60)
+    by_object = {job["payload"]["object_id"]: job for job in jobs(conn)}
+    assert by_object[bombed.object_id]["state"] == "failed" and by_object[bombed.object_id]["attempts"] == 2
+    assert "science stamp: gzip inflates to more than 8388608 bytes" in by_object[bombed.object_id]["last_error"]
+    assert by_object[huge.object_id]["state"] == "failed"
+    assert "template stamp: image of 4000×4000 pixels exceeds 512 per side" in by_object[huge.object_id]["last_error"]
+    assert by_object[fine.object_id]["state"] == "done"
+    date = by_object[bombed.object_id]["payload"]["date"]
+    assert not stamp_path(cfg.images_dir, date, bombed.object_id, bombed.candid, "science").exists()
+    assert stamp_path(cfg.images_dir, date, bombed.object_id, bombed.candid, "template").read_bytes() == \
+        bombed.cutouts["template"]  # the good stamps of the triplet are kept
+
+
+def test_reading_a_stamp_never_holds_much_more_than_its_cap():
+    """What "never an allocation" means, measured: the peak of Python's own allocations while a bomb or a huge
+    image is refused stays near the cap (8 MiB) or far below it, where inflating it all would take 64 MiB."""
+    import tracemalloc
+
+    from ztfd.embedded.alerce import _damaged
+    from ztfd.stampimage import StampLimits, StampTooLargeError, read_image
+
+    limits = StampLimits()
+    stamp = packets()[0].cutouts["science"]
+    for kind, ceiling in (("bomb", 2 * limits.max_bytes), ("huge_image", 1 << 20)):
+        body = _damaged(stamp, kind)
+        tracemalloc.start()
+        try:
+            with pytest.raises(StampTooLargeError):
+                read_image(body, limits)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < ceiling, (kind, peak)
+    assert read_image(stamp, limits).shape == (63, 63)
+
+
+LOCKER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("COMMIT")
+"""
+
+
+def test_a_store_locked_past_its_busy_timeout_while_a_job_settles_delays_the_job_only(
+    make_config, stamp_service, monkeypatch, tmp_path
+):
+    """Another process (an operator's VACUUM, say) holds the store's write lock for longer than the busy timeout
+    just when a job is to be marked done: the write is tried again until it goes through."""
+    import functools
+    import sqlite3
+    import sys
+
+    from ztfd.stamps import Worker
+
+    cfg = config.load(stamps_config(make_config, stamp_service.url, previews=False, lease_seconds=2.0))
+    conn = store.connect(cfg.db_path)
+    add_alerts(conn, packets()[:2])
+    monkeypatch.setattr(store, "connect", functools.partial(store.connect, timeout=0.5))  # the worker's busy timeout
+    lockers: list[subprocess.Popen[str]] = []
+    failed_writes: list[Exception] = []
+    real_complete = store_jobs.complete
+
+    def complete_under_a_lock(db, *args, **kwargs):
+        if not lockers:  # the first job to finish: lock the store for 3 s from another process, then settle
+            lockers.append(subprocess.Popen([sys.executable, "-c", LOCKER, str(cfg.db_path), "3"],
+                                            stdout=subprocess.PIPE, text=True))
+            assert lockers[0].stdout.readline().strip() == "locked"  # type: ignore[union-attr]
+        try:
+            return real_complete(db, *args, **kwargs)
+        except sqlite3.OperationalError as exc:
+            failed_writes.append(exc)
+            raise
+
+    monkeypatch.setattr(store_jobs, "complete", complete_under_a_lock)
+    worker = Worker(cfg, "fetcher-1", heartbeat=False)
+    drive_worker(worker, lambda: store_jobs.counts(conn).done == 2, "both jobs done", timeout=60)
+    assert lockers[0].wait(10) == 0
+    assert failed_writes and "locked" in str(failed_writes[0])  # the lock really outlasted the busy timeout
+    assert [(job["state"], job["attempts"]) for job in jobs(conn)] == [("done", 1), ("done", 1)]
+
+
+def test_a_crashed_task_does_not_keep_its_job_leased(make_config, stamp_service, monkeypatch):
+    """A task that dies without settling its job: the job's lease is no longer renewed, so it comes back."""
+    from ztfd.stamps import Worker
+
+    cfg = config.load(stamps_config(make_config, stamp_service.url, previews=False, lease_seconds=1.5))
+    conn = store.connect(cfg.db_path)
+    add_alerts(conn, packets()[:1])
+    worker = Worker(cfg, "fetcher-1", heartbeat=False)
+    real_settle = worker.settle
+    crashes = []
+
+    async def crash_once(run, problem):
+        if not crashes:
+            crashes.append(run.job.id)
+            raise RuntimeError("a bug between the work and its outcome")
+        await real_settle(run, problem)
+
+    monkeypatch.setattr(worker, "settle", crash_once)
+    drive_worker(worker, lambda: store_jobs.counts(conn).done == 1, "the job to come back and be done", timeout=60)
+    (job,) = jobs(conn)
+    assert crashes == [job["id"]] and job["attempts"] == 2  # the crashed claim counts, as a worker killed would
+
+
+def test_a_hung_side_step_times_out_and_its_job_goes_back(make_config, stamp_service, monkeypatch, caplog):
+    import threading
+
+    from ztfd import preview
+    from ztfd.stamps import Worker
+
+    cfg = config.load(stamps_config(make_config, stamp_service.url, step_timeout=1.0, concurrency=2))
+    conn = store.connect(cfg.db_path)
+    stuck, other = packets()[:2]
+    add_alerts(conn, [stuck, other])
+    release = threading.Event()
+    real_render = preview.RENDERERS["fast"]
+    hung = []
+
+    def render_hanging_once(object_id, *args):
+        if object_id == stuck.object_id and not hung:
+            hung.append(object_id)
+            release.wait(60)  # a renderer stuck in a library, a write to a dead disk
+        return real_render(object_id, *args)
+
+    monkeypatch.setitem(preview.RENDERERS, "fast", render_hanging_once)
+    worker = Worker(cfg, "fetcher-1", heartbeat=False)
+    try:
+        drive_worker(worker, lambda: store_jobs.counts(conn).done == 2, "both jobs done", timeout=60)
+    finally:
+        release.set()
+    by_object = {job["payload"]["object_id"]: job for job in jobs(conn)}
+    assert by_object[stuck.object_id]["attempts"] == 2  # the hung attempt counted, the next one drew it
+    assert by_object[other.object_id]["attempts"] == 1  # the other job did not wait for the hung thread
+    assert "did not finish within 1s (stamps.step_timeout)" in caplog.text
+    date = by_object[stuck.object_id]["payload"]["date"]
+    assert preview_path(cfg.images_dir, date, stuck.object_id, stuck.candid).read_bytes().startswith(PNG_MAGIC)

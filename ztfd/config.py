@@ -34,9 +34,10 @@ class KafkaConfig:
     topics: tuple[str, ...]
     bootstrap_servers: str = "kafka.lsst.ac.uk:9092"
     options: dict[str, Any] = field(default_factory=dict)
-    max_message_bytes: int = 1_048_576
+    max_message_bytes: int = 10 * 1024 * 1024  # what Lasair-LSST's broker takes (full-alert messages)
     batch_size: int = 1000
     formats: dict[str, Any] = field(default_factory=dict)  # topic -> source name (ztfd.sources); else "lasair"
+    lasair_byte_quota: int = 100_000_000  # Lasair-LSST's default per-filter bytes per day; 0: no warning
     schemas: dict[str, Any] = field(default_factory=dict)  # topic -> .avsc file (format "avro"), absolute once built
     schema_registry_url: str = ""  # Confluent schema registry (format "confluent-avro")
     idle_topic_seconds: float = 86400.0  # a pattern's topic drained and quiet this long: its consumer exits
@@ -62,11 +63,14 @@ class StampsConfig:
     concurrency: int = 8
     lease_seconds: float = 120.0
     match_tolerance: float = 60.0
+    ztf_provider: str = "alerce"  # where ZTF stamps come from (a ztfd.providers name) or none
     ztf_request: str = "get_avro"  # ALeRCE ZTF stamps: the whole packet in one request, or get_stamp per stamp
-    ztf_provider: str = "alerce"  # ztfd.providers name for ZTF alerts; "" = none
     max_stamp_bytes: int = 8 * 1024 * 1024  # a stamp's FITS, decompressed
     max_stamp_side: int = 512  # pixels per side of a stamp's image
     step_timeout: float = 60.0  # seconds a job's FITS checks, writes and preview may take together
+    lsst_provider: str = "alerce"  # where LSST stamps come from: alerce, lasair or none
+    alerce_lsst_url: str = "https://api-lsst.alerce.online"
+    lasair_lsst_url: str = "https://lasair-lsst.lsst.ac.uk"
 
 
 @dataclass(frozen=True)
@@ -161,8 +165,15 @@ REQUIRED = {("kafka", "group_id"), ("kafka", "topics")}
 CHOICES = {
     ("stamps", "ztf_request"): ("get_avro", "get_stamp"),
     ("stamps", "preview_renderer"): ("fast", "matplotlib"),
+    ("stamps", "lsst_provider"): ("alerce", "lasair", "none"),
     ("logging", "level"): ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
 }
+# Base URLs of services: an http(s) URL, so that a typo fails at start and not at the first request.
+URLS = {
+    ("stamps", "alerce_stamp_url"), ("stamps", "alerce_api_url"), ("stamps", "alerce_lsst_url"),
+    ("stamps", "lasair_lsst_url"),
+}
+HTTP_URL = re.compile(r"^https?://[^\s/?#]+(/\S*)?$")
 POSITIVE = {
     ("kafka", "max_message_bytes"), ("kafka", "batch_size"), ("stamps", "workers"), ("stamps", "timeout"),
     ("stamps", "max_attempts"), ("stamps", "concurrency"), ("stamps", "lease_seconds"), ("s3", "interval"),
@@ -299,7 +310,7 @@ def _check_kafka(kafka: KafkaConfig, config_path: Path) -> KafkaConfig:
         if name == "confluent-avro" and not kafka.schema_registry_url:
             raise ConfigError(f"config: kafka.formats.{entry} is confluent-avro but kafka.schema_registry_url is empty")
     url = kafka.schema_registry_url
-    if url and not re.match(r"^https?://[^/\s]+", url):
+    if url and not HTTP_URL.match(url):
         raise ConfigError("config: kafka.schema_registry_url must be an http:// or https:// URL")
     return dataclasses.replace(kafka, schemas=schemas)
 
@@ -349,6 +360,8 @@ def _check_type(section: str, key: str, fld: dataclasses.Field[Any], value: Any)
         choices = CHOICES.get((section, key))
         if choices is not None and value.upper() not in {c.upper() for c in choices}:
             raise ConfigError(f"config: {where} must be one of {', '.join(choices)}")
+        if (section, key) in URLS and not HTTP_URL.match(value):
+            raise ConfigError(f"config: {where} must be an http:// or https:// URL")
         result = value
     elif kind == "tuple[str, ...]":
         if isinstance(value, str):
@@ -380,11 +393,10 @@ def _check_type(section: str, key: str, fld: dataclasses.Field[Any], value: Any)
         raise ConfigError(f"config: {where} must not be negative")
     if section == "kafka" and key == "group_id" and not result:
         raise ConfigError(f"config: {where} must not be empty")
-    if section == "stamps" and key.endswith("_provider") and result:
+    if section == "stamps" and key.endswith("_provider") and (section, key) not in CHOICES:
         from ztfd import providers
 
-        providers.load_all()
-        if result not in providers.PROVIDERS:
-            raise ConfigError(f"config: {where} must name a stamp provider ({', '.join(sorted(providers.PROVIDERS))}) "
-                              "or be empty")
+        names = providers.names_for(key.removesuffix("_provider"))
+        if result not in (*names, *providers.NO_PROVIDER):
+            raise ConfigError(f"config: {where} must be one of {', '.join((*names, 'none'))}")
     return result

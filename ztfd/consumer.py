@@ -44,12 +44,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from ztfd import lifecycle, providers, sources, store
+from ztfd import lifecycle, nights, providers, sources, store
 from ztfd.config import Config
 from ztfd.files import md5_hex, remove_stale_temporaries
 from ztfd.filewriter import FileWriter
 from ztfd.localtrouble import Condition, describe, is_local
 from ztfd.logs import AlertLog
+from ztfd.quota import QuotaWatch
+from ztfd.store import quota as store_quota
 from ztfd.store.alerts import NewAlert, dates_received_since, insert_alerts, stored_offsets_between
 from ztfd.store.jobs import NewStampJob, detection_key, enqueue
 from ztfd.store.rejected import NewRejected, add_rejected, latest_rejected
@@ -119,6 +121,7 @@ class Batch:
     rejected: list[tuple[Incoming, str]]
     resume_at: dict[int, tuple[int, int]]
     received: dt.datetime
+    traffic: list[tuple[int, str | None, int, int]]  # (Lasair nid, survey, bytes, messages) received
 
 
 class RateLimitedLog:
@@ -144,8 +147,11 @@ class TopicConsumer:
         self.cfg = cfg
         self.topic = topic
         self.name = name
-        self.source = sources.source_for(cfg.kafka.formats.get(topic, sources.DEFAULT_FORMAT))
+        self.source = sources.source_for(cfg.kafka.formats.get(topic, sources.DEFAULT_FORMAT),
+                                         max_message_bytes=cfg.kafka.max_message_bytes)
+        self.stamp_providers = providers.providers_for(cfg.stamps) if cfg.stamps.enabled else {}
         self.trouble = Condition(name)
+        self.quota = QuotaWatch(topic, cfg.kafka.lasair_byte_quota)
         self.stopping = lifecycle.Stop()  # set by SIGTERM/SIGINT: the batch in hand is finished and stored
         self.conn = store.connect(cfg.db_path)
         self.files = FileWriter()
@@ -393,14 +399,17 @@ class TopicConsumer:
             return None
         resume_at = next_offsets([item for item, _ in decoded] + [item for item, _ in rejected])
         fresh = self._dated(self._not_yet_stored(decoded), rejected)
-        received_iso = sources.iso_utc(received)  # one batch, one receive time
+        received_iso = nights.iso_utc(received)  # one batch, one receive time
         documents = []
         for item, alert in fresh:
             try:
                 documents.append(self._document(item, alert, received, received_iso))
             except Exception as exc:
                 rejected.append((item, rejection_reason(exc)))
-        return Batch(documents, rejected, resume_at, received)
+        traffic = QuotaWatch.count(
+            [(produced_at(e.item.msg, received), len(e.item.msg.value() or b""), e.alert.survey) for e in documents]
+            + [(produced_at(item.msg, received), len(item.msg.value() or b""), None) for item, _ in rejected])
+        return Batch(documents, rejected, resume_at, received, traffic)
 
     def _is_kafka_error(self, msg: Any) -> bool:
         """True for an error event in place of a message (logged, throttled)."""
@@ -434,16 +443,16 @@ class TopicConsumer:
     ) -> list[tuple[Incoming, sources.Alert]]:
         """Convert the batch's time fields in one go; if that fails, alert by alert, rejecting those that fail."""
         try:
-            sources.convert_times([alert for _, alert in fresh])
+            nights.convert_times([alert for _, alert in fresh])
             return fresh
         except Exception:
             log.debug("converting a batch's times failed; converting alert by alert", exc_info=True)
         kept = []
         for item, alert in fresh:
             alert.times_utc.clear()
-            alert.obs_mjd = alert.obs_iso = None
+            alert.obs_mjd = alert.obs_iso = alert.obs_day = None
             try:
-                sources.convert_times([alert])
+                nights.convert_times([alert])
             except Exception as exc:
                 rejected.append((item, rejection_reason(exc)))
             else:
@@ -453,10 +462,11 @@ class TopicConsumer:
     def _document(self, item: Incoming, alert: sources.Alert, received: dt.datetime, received_iso: str) -> Accepted:
         """An alert's files: where they go and what they hold (written by the file writer)."""
         when = kafka_time(item.msg)
-        date = sources.partition_date(alert, when or received)
+        dating = nights.date_of(alert, when, received)
+        date = dating.date
         stem = sources.file_stem(alert.object_id, item.partition, item.offset, item.generation)
         files = sources.alert_files(alert, f"data/{date}/{self.topic}", stem, f"images/{date}/{alert.object_id}",
-                                    self._metadata(item, alert, date, when, received_iso))
+                                    self._metadata(item, alert, dating, when, received_iso))
         return Accepted(item, alert, date, [AlertFile(path, data, md5_hex(data)) for path, data in files])
 
     def _write_files(self, batch: Batch) -> None:
@@ -466,9 +476,10 @@ class TopicConsumer:
 
     def store(self, batch: Batch) -> list[Accepted]:
         """Steps 3 and 4, once the batch's files are on disk: the store transaction, then Kafka and the logs."""
-        accepted = self._store(batch)
+        accepted, days = self._store(batch)
         # Nothing below may raise: the batch is stored, and storing it again would only find it there.
         self._commit_to_kafka(batch.resume_at)
+        self.quota.check(days)
         for item, reason in batch.rejected:
             log.warning("rejected %s[%d]@%d: %s", self.topic, item.partition, item.offset, reason)
         try:
@@ -489,24 +500,25 @@ class TopicConsumer:
         return self.generation.get(partition, 0)
 
     def _metadata(
-        self, item: Incoming, alert: sources.Alert, date: str, when: dt.datetime | None, received_iso: str
+        self, item: Incoming, alert: sources.Alert, dating: nights.Dating, when: dt.datetime | None, received_iso: str
     ) -> dict[str, Any]:
         meta: dict[str, Any] = {
             "topic": self.topic,
             "partition": item.partition,
             "offset": item.offset,
-            "kafka_timestamp": sources.iso_utc(when) if when else None,
+            "kafka_timestamp": nights.iso_utc(when) if when else None,
             "received_at": received_iso,
-            "date": date,
+            "date": dating.date,
+            "date_rule": dating.rule,
+            "dated_by": dating.dated_by,
+            "survey": alert.survey,
             "object_id": alert.object_id,
             "times_utc": alert.times_utc,
         }
-        if item.generation:
-            meta["generation"] = item.generation
-        if alert.date_rule != sources.UTC_DATE:
-            meta["date_rule"] = alert.date_rule
         if alert.detection_id is not None:
             meta["detection_id"] = alert.detection_id
+        if item.generation:
+            meta["generation"] = item.generation
         return meta
 
     def _not_yet_stored(self, valid: list[tuple[Incoming, sources.Alert]]) -> list[tuple[Incoming, sources.Alert]]:
@@ -525,8 +537,9 @@ class TopicConsumer:
         return [(item, message) for item, message in valid
                 if (item.partition, item.generation, item.offset) not in stored]
 
-    def _store(self, batch: Batch) -> list[Accepted]:
-        """Step 3: alerts, rejected messages, stamp jobs, manifest rows and next offsets, all or nothing."""
+    def _store(self, batch: Batch) -> tuple[list[Accepted], list[store_quota.DayBytes]]:
+        """Step 3: alerts, rejected messages, stamp jobs, manifest rows, next offsets and the bytes received, all
+        or nothing."""
         now = batch.received.timestamp()
         accepted: list[Accepted] = []
         jobs: list[NewStampJob] = []
@@ -535,8 +548,9 @@ class TopicConsumer:
                 if alert_id is None:
                     continue  # stored by another consumer of the same topic meanwhile
                 accepted.append(entry)
-                if self._wants_stamps(entry.alert):
-                    key = detection_key(entry.alert.object_id, entry.alert.obs_mjd, entry.date)
+                alert = entry.alert
+                if self._wants_stamps(alert):
+                    key = detection_key(alert.object_id, alert.obs_mjd, entry.date, alert.detection_id)
                     jobs.append(NewStampJob(alert_id, dedupe_key=key))
             add_rejected(self.conn, self.topic, [
                 NewRejected(item.partition, item.generation, item.offset, reason, item.msg.value())
@@ -546,7 +560,8 @@ class TopicConsumer:
                 enqueue(self.conn, jobs, now=now)
             for partition, (generation, next_offset) in batch.resume_at.items():
                 store.save_offset(self.conn, self.topic, partition, generation, next_offset)
-        return accepted
+            days = store_quota.add_bytes(self.conn, self.topic, batch.traffic)
+        return accepted, days
 
     def _insert_alerts(self, written: list[Accepted], now: float) -> list[int | None]:
         """Insert the alerts of a batch (inside the caller's transaction); each one's id, None if already stored."""
@@ -555,8 +570,9 @@ class TopicConsumer:
                      e.alert.obs_mjd, e.path, e.alert.survey, e.alert.detection_id) for e in written], now)
 
     def _wants_stamps(self, alert: sources.Alert) -> bool:
-        """A stamp job for alerts of a survey with a stamp provider configured (``stamps.<survey>_provider``)."""
-        return self.cfg.stamps.enabled and providers.configured(self.cfg.stamps, alert.survey) is not None
+        """A stamp job for the alerts the provider of their survey (``stamps.<survey>_provider``) can serve."""
+        provider = self.stamp_providers.get(alert.survey)
+        return provider is not None and provider.serves(alert)
 
     def _commit_to_kafka(self, resume_at: dict[int, tuple[int, int]]) -> None:
         from confluent_kafka import TopicPartition
@@ -622,6 +638,14 @@ def kafka_time(msg: Any) -> dt.datetime | None:
         raise sources.InvalidMessageError(f"Kafka timestamp {stamp} ms is not a date") from None
 
 
+def produced_at(msg: Any, received: dt.datetime) -> dt.datetime:
+    """When the message was produced, for counting its bytes: its Kafka timestamp, else the receive time."""
+    try:
+        return kafka_time(msg) or received
+    except sources.InvalidMessageError:
+        return received
+
+
 def rejection_reason(exc: BaseException) -> str:
     """The reason kept beside a rejected message: a source's own words, else what went wrong where."""
     if isinstance(exc, sources.InvalidMessageError):
@@ -652,7 +676,7 @@ def describe_rejected(cfg: Config, topic: str | None, limit: int) -> list[str]:
     conn.close()
     lines = []
     for row in rows:
-        when = sources.iso_utc(dt.datetime.fromtimestamp(row.received_at, dt.UTC))
+        when = nights.iso_utc(dt.datetime.fromtimestamp(row.received_at, dt.UTC))
         lines.append(f"{when} {row.topic}[{row.partition}]@{row.kafka_offset}: {row.reason} | {row.raw[:120]!r}")
     return lines
 

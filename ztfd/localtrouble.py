@@ -52,6 +52,8 @@ def describe(exc: BaseException) -> str:
     """One line: what failed, e.g. ``No space left on device (images/2024-05-01/ZTF…/x.fits.gz)``."""
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror} ({exc.filename})" if exc.filename else exc.strerror
+    if isinstance(exc, LocalTroubleError):
+        return str(exc)
     return f"{exc.__class__.__name__}: {exc}"
 
 

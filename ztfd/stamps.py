@@ -168,10 +168,11 @@ class JobRun:
 
 
 class SideThread:
-    """One daemon thread running steps one at a time off the event loop (FITS checks, writes, previews).
+    """One daemon thread running steps off the event loop (FITS checks, writes, previews).
 
     Daemon and replaceable: a step that hangs (a write to a dead network disk, a stuck library) is abandoned with
-    its thread, so it can block neither the worker's other jobs nor the process's exit.
+    its thread, so it can block neither the worker's other jobs nor the process's exit. The worker hands it one
+    step at a time, so a step's timeout counts from its start, not from its place in a queue.
     """
 
     def __init__(self) -> None:
@@ -189,13 +190,6 @@ class SideThread:
         """End the thread after the steps submitted so far; the future is done once it has."""
         self._steps.put(None)
         return self.finished
-
-    def hand_over(self, successor: SideThread) -> None:
-        """Give the steps still waiting to ``successor`` and end this thread (if its current step ever returns)."""
-        with contextlib.suppress(queue.Empty):
-            while (step := self._steps.get_nowait()) is not None:
-                successor._steps.put(step)
-        self.close()
 
     def _serve(self) -> None:
         while (step := self._steps.get()) is not None:
@@ -295,6 +289,7 @@ class Worker:
         self.conn: sqlite3.Connection | None = None
         self.db = ThreadPoolExecutor(1, thread_name_prefix="db")  # one connection, used from one thread
         self.side = SideThread()  # FITS checks, writes, previews
+        self.side_turn = asyncio.Lock()  # one step at a time on it
         self.stopping: asyncio.Event | None = None
         self.signals: lifecycle.Stop | None = None  # set by run_worker: SIGTERM/SIGINT set ``stopping``
         self.session: Any = None
@@ -575,9 +570,11 @@ class Worker:
         raise AssertionError("unreachable")
 
     async def _give_back(self, run: JobRun, reason: str) -> None:
-        """Local trouble is not the job's fault: hand it back without counting an attempt, and pause claiming."""
-        pause = await self._db(self.trouble.failed, reason)
-        self.paused_until = max(self.paused_until, time.monotonic() + pause)
+        """Local trouble is not the job's fault: hand it back without counting an attempt, and pause claiming
+        (the jobs in flight that hit the same trouble meanwhile share the pause; the next one after it doubles)."""
+        if self.paused_until <= time.monotonic():
+            self.paused_until = time.monotonic() + await self._db(self.trouble.failed, reason)
+        pause = max(self.paused_until - time.monotonic(), 0.0)
         self.stats["given back"] += 1
         await self._settle(run.label, jobs.release, self.owner, [run.job.id], pause, f"local trouble: {reason}")
 
@@ -619,19 +616,18 @@ class Worker:
         return await asyncio.get_running_loop().run_in_executor(self.db, call)
 
     async def _side(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn`` on the side thread; if it hangs past ``stamps.step_timeout``, abandon the thread (a new one
-        takes the steps still waiting) and raise ``StepTimeoutError``."""
-        side, timeout = self.side, self.settings.step_timeout
-        future = side.submit(fn, *args)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
-        except TimeoutError:
-            future.cancel()
-            if self.side is side:
+        """Run ``fn`` on the side thread, one step at a time; if it hangs past ``stamps.step_timeout``, leave the
+        thread behind (a new one takes the next steps) and raise ``StepTimeoutError``."""
+        timeout = self.settings.step_timeout
+        async with self.side_turn:
+            future = self.side.submit(fn, *args)
+            try:
+                return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
+            except TimeoutError:
                 log.error("a side step (%s) hung for %gs: leaving its thread behind", fn.__name__, timeout)
+                self.side.close()
                 self.side = SideThread()
-                side.hand_over(self.side)
-            raise StepTimeoutError(f"{fn.__name__} did not finish within {timeout:g}s (stamps.step_timeout)") from None
+        raise StepTimeoutError(f"{fn.__name__} did not finish within {timeout:g}s (stamps.step_timeout)")
 
     def _http(self, provider: StampProvider, slot: float) -> HttpGet:
         """The GET a provider makes its requests with: the first at ``slot``, any further one at a new slot."""

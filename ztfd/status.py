@@ -17,9 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from ztfd import config, store, supervisor
+from ztfd.localtrouble import STATUS_PREFIX as LOCAL_TROUBLE_PREFIX
 from ztfd.procs import pid_alive
+from ztfd.quota import near_quota
 from ztfd.store import jobs
+from ztfd.store import quota as store_quota
 from ztfd.store.alerts import topic_totals
+from ztfd.store.facts import statuses_with_prefix
 from ztfd.store.processes import process, processes
 from ztfd.store.rejected import rejected_counts
 
@@ -45,6 +49,7 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[st
         "sync": {"enabled": bool(cfg.s3.bucket), "bucket": cfg.s3.bucket or None, "pending": 0, "pending_bytes": 0,
                  "done": 0, "last_pass": None, "last_error": None},
         "rejected": {},
+        "local_trouble": {},
         "disk": _disk(cfg.home),
         "store": str(cfg.db_path) if cfg.db_path.exists() else None,
     }
@@ -57,6 +62,9 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT) -> dict[st
             report["failures"] = _failures(conn)
             report["sync"].update(_sync(conn))
             report["rejected"] = _rejected(conn, cfg)
+            report["local_trouble"] = {
+                name: {"reason": reason, "at": _iso(at)}
+                for name, (reason, at) in statuses_with_prefix(conn, LOCAL_TROUBLE_PREFIX).items()}
             for info in report["topics"]:
                 info["rejected"] = report["rejected"].get(info["topic"], 0)
             row = process(conn, supervisor.SUPERVISOR_NAME)
@@ -122,15 +130,27 @@ def _processes(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list
 
 
 def _empty_topic(topic: str) -> dict[str, Any]:
-    return {"topic": topic, "alerts_today": 0, "alerts_total": 0, "last_alert": None, "last_alert_age": None,
-            "rejected": 0, "partitions": {}, "lag": None}
+    return {"topic": topic, "survey": None, "alerts_today": 0, "alerts_total": 0, "last_alert": None,
+            "last_alert_age": None, "rejected": 0, "partitions": {}, "lag": None, "lasair_day": None}
+
+
+def _lasair_day(day: store_quota.DayBytes | None, quota: int, now: float) -> dict[str, Any]:
+    """The topic's traffic on the current Lasair quota day, against ``kafka.lasair_byte_quota``."""
+    nid = store_quota.nid_of(dt.datetime.fromtimestamp(now, dt.UTC))
+    if day is None or day.nid != nid:
+        day = store_quota.DayBytes("", nid, day.survey if day else None, 0, 0, now)
+    return {"day": day.day, "nid": nid, "bytes": day.bytes, "messages": day.messages, "quota": quota or None,
+            "percent": round(100.0 * day.bytes / quota, 1) if quota else None, "warning": near_quota(day, quota)}
 
 
 def _topics(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[dict[str, Any]]:
     midnight = dt.datetime.fromtimestamp(now, dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
     result = []
+    days, surveys = store_quota.latest_days(conn), store_quota.surveys(conn)
     for topic in cfg.kafka.topics:
         info = _empty_topic(topic)
+        info["survey"] = surveys.get(topic)
+        info["lasair_day"] = _lasair_day(days.get(topic), cfg.kafka.lasair_byte_quota, now)
         totals = topic_totals(conn, topic, midnight)
         last = totals.last_received_at
         info["alerts_total"] = totals.total
@@ -268,6 +288,14 @@ def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     return ["  " + line for line in lines]
 
 
+def _describe_day(day: dict[str, Any] | None) -> str:
+    """Bytes received on the current Lasair day, with the share of the quota for LSST topics."""
+    if not day:
+        return "-"
+    share = f" ({day['percent']:.0f}%)" if day.get("percent") is not None and day["bytes"] else ""
+    return _size(day["bytes"]) + share
+
+
 def _describe_pass(last: Any) -> str:
     if not isinstance(last, dict):
         return str(last) if last else "-"
@@ -307,13 +335,19 @@ def render(report: dict[str, Any]) -> str:
 
     out.append("Topics")
     out += _table(
-        ["topic", "today", "total", "last alert", "lag", "rejected"],
-        [[t["topic"], t["alerts_today"], t["alerts_total"],
+        ["topic", "survey", "today", "total", "last alert", "lag", "rejected", "Lasair day"],
+        [[t["topic"], t.get("survey") or "-", t["alerts_today"], t["alerts_total"],
           f"{t['last_alert']} ({_age(t['last_alert_age'])} ago)" if t["last_alert"] else "-",
           t["lag"] if t["lag"] is not None else f"? ({t.get('broker', 'unknown')})",
-          report["rejected"].get(t["topic"], 0)]
+          report["rejected"].get(t["topic"], 0), _describe_day(t.get("lasair_day"))]
          for t in report["topics"]],
     )
+    for t in report["topics"]:
+        day = t.get("lasair_day") or {}
+        if day.get("warning"):
+            out.append(f"  WARNING {t['topic']}: {_size(day['bytes'])} received on Lasair day {day['day']}, "
+                       f"{day['percent']:.0f}% of kafka.lasair_byte_quota ({_size(day['quota'])}); Lasair stops "
+                       "sending this filter's messages at 100% until the day ends (20:00 UTC)")
     out.append("")
 
     q = report["queue"]
@@ -338,4 +372,6 @@ def render(report: dict[str, Any]) -> str:
     d = report["disk"]
     out.append(f"Disk: {_size(d['free_bytes'])} free of {_size(d['total_bytes'])} ({d['free_percent']}%) "
                f"under {d['path']}")
+    for name, trouble in report.get("local_trouble", {}).items():
+        out.append(f"Local trouble: {name} cannot write, paused (last try {trouble['at']}): {trouble['reason']}")
     return "\n".join(out)

@@ -1,6 +1,7 @@
 """An ALeRCE-like stamp service on 127.0.0.1 that serves the real cutouts of the sample packets, with faults.
 
-It answers the two routes ztfd uses, the way ALeRCE's services do (see README "Stamps"):
+It answers the routes ztfd uses, the way ALeRCE's and Lasair's services do (see README "Stamps"). ZTF, from the
+real ZTF packets:
 
 - ``GET /get_stamp?oid=&candid=&type=science|template|difference&format=fits`` -> the packet's ``stampData``
   bytes unchanged (gzipped FITS, ``application/fits+gzip``); 404 with a JSON body for an unknown candid; 400 for
@@ -8,6 +9,18 @@ It answers the two routes ztfd uses, the way ALeRCE's services do (see README "S
 - ``GET /ztf/v1/objects/<oid>/detections`` -> a JSON list of detections (``candid`` as a string, ``mjd``,
   ``fid``, ``has_stamp`` …): one per packet of the object (``has_stamp`` true) plus the packet's earlier
   detections from ``prv_candidates`` (``has_stamp`` false); 404 for an unknown object.
+
+LSST, from the real Rubin alerts and cutouts of ``ztfd.embedded.lsst_samples``:
+
+- ALeRCE's multisurvey API: ``GET /lightcurve_api/detections?survey_id=lsst&oid=<diaObjectId>`` -> a JSON list
+  of ``LsstDetection`` rows (``oid``, ``measurement_id`` = diaSourceId as JSON integers, ``mjd`` = midpointMjdTai,
+  TAI, ``has_stamp`` true for the alert's diaSource, false for its earlier ones …), ``[]`` for an unknown object;
+  ``GET /stamps_api/stamp?oid=&measurement_id=&stamp_type=cutoutScience|cutoutTemplate|cutoutDifference
+  &file_format=fits&survey_id=lsst`` -> gzip of the whole Rubin cutout (3 HDUs), ``application/gzip``; **500**
+  (``{"detail": "An error occurred"}``) when it has no such alert, as ALeRCE's handler does; 422 for a missing
+  parameter, 400 for another survey.
+- Lasair-LSST's ``GET /fits/<diaSourceId>_cutout<Science|Template|Difference>/`` (301 to it without the slash)
+  -> the cutout's first HDU only, plain FITS (``image/fits``); **200 with the body** ``None`` when it has none.
 
 Faults are injected at run time (``inject`` and the helpers around it) so that tests, ``ztfd demo`` and
 ``bin/bench`` can make it slow, wrong or behind, and every request is logged (``requests``) so that tests can
@@ -17,11 +30,15 @@ count what a client really did. Run it standalone with ``python -m ztfd.embedded
 from __future__ import annotations
 
 import argparse
+import functools
+import gzip
 import json
 import logging
 import random
+import re
 import threading
 import time
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +46,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ztfd import lifecycle
+from ztfd.embedded.lsst_samples import RubinAlert, object_alerts
 from ztfd.embedded.net import free_port
 from ztfd.embedded.samples import JD_MJD_OFFSET, STAMP_TYPES, SamplePacket
 from ztfd.embedded.samples import packets as sample_packets
@@ -37,11 +55,28 @@ log = logging.getLogger(__name__)
 
 STAMP = "stamp"
 DETECTIONS = "detections"
+LSST_STAMP = "lsst_stamp"  # ALeRCE's multisurvey /stamps_api/stamp
+LSST_DETECTIONS = "lsst_detections"  # ALeRCE's multisurvey /lightcurve_api/detections
+LASAIR_FITS = "lasair_fits"  # Lasair-LSST's /fits/<diaSourceId>_cutout<Type>/
+STAMP_ENDPOINTS = (STAMP, LSST_STAMP, LASAIR_FITS)
+DETECTION_ENDPOINTS = (DETECTIONS, LSST_DETECTIONS)
+# "not_found" is each service's own "I do not have it": ZTF 404, ALeRCE LSST 500, Lasair 200 with "None".
 FAULT_KINDS = ("not_found", "server_error", "garbage", "truncated", "slow", "unknown_object", "empty_detections",
-               "oversized")
+               "oversized", "empty_body", "bomb", "huge_image")
+BOMB_INFLATED_BYTES = 64 * 1024 * 1024  # a "bomb": the stamp followed by zeros, gzipped to about 65 kB
+HUGE_IMAGE_SIDE = 4000  # a "huge_image": a valid gzipped FITS of 4000x4000 float32 (64 MB of pixels, ~60 kB)
 OVERSIZED_BYTES = 20 * 1024 * 1024  # an "oversized" answer: chunked (no Content-Length), larger than any stamp
 DETECTIONS_PREFIX = "/ztf/v1/objects/"
 DETECTIONS_SUFFIX = "/detections"
+LSST_DETECTIONS_PATH = "/lightcurve_api/detections"
+LSST_STAMP_PATH = "/stamps_api/stamp"
+LASAIR_FITS_PREFIX = "/fits/"
+LSST_STAMP_TYPES = {"cutoutScience": "science", "cutoutTemplate": "template", "cutoutDifference": "difference"}
+LASAIR_CUTOUT = re.compile(r"^(\d{1,19})_cutout(Science|Template|Difference)$")
+ALERCE_LSST_ERROR = b'{"detail":"An error occurred"}'  # ALeRCE's answer to any exception, NoSuchKey included
+LASAIR_MISSING = b"None"  # Django's HttpResponse(None): what Lasair serves for a cutout it does not have
+FITS_BLOCK, FITS_CARD = 2880, 80
+FITS_INTEGER_CARD = re.compile(rb"^(BITPIX|NAXIS\d*) *= *([+-]?\d+)")
 
 
 @dataclass
@@ -84,6 +119,13 @@ class RequestRecord:
 class _Index:
     by_candid: dict[int, SamplePacket] = field(default_factory=dict)
     detections: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+@dataclass
+class _LsstIndex:
+    by_source: dict[int, RubinAlert] = field(default_factory=dict)  # diaSourceId -> alert with cutouts
+    detections: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # diaObjectId -> LsstDetection rows
+    served: dict[tuple[str, int, str], bytes] = field(default_factory=dict)  # (route, id, type) -> body, memoised
 
 
 def _build_index(packets: Iterable[SamplePacket], include_previous: bool) -> _Index:
@@ -130,6 +172,62 @@ def _detection(
     }
 
 
+def _build_lsst_index(alerts: Iterable[RubinAlert], include_previous: bool) -> _LsstIndex:
+    index = _LsstIndex()
+    for alert in alerts:
+        index.by_source[alert.dia_source_id] = alert
+    for alert in index.by_source.values():
+        if alert.dia_object_id is None:
+            continue  # a solar-system source: ALeRCE lists detections by diaObject
+        rows = index.detections.setdefault(alert.dia_object_id, [])
+        rows.append(_lsst_detection(alert.record["diaSource"], alert.dia_object_id, alert.dia_source_id,
+                                    alert.mjd_tai, True))
+        if include_previous:
+            rows.extend(
+                _lsst_detection(row, alert.dia_object_id, int(row["diaSourceId"]), float(row["midpointMjdTai"]), False)
+                for row in alert.record.get("prvDiaSources") or []
+                if row.get("diaSourceId") and int(row["diaSourceId"]) not in index.by_source
+            )
+    for object_id, rows in index.detections.items():
+        unique = {row["measurement_id"]: row for row in sorted(rows, key=lambda r: not r["has_stamp"])}
+        index.detections[object_id] = sorted(unique.values(), key=lambda r: r["mjd"], reverse=True)
+    return index
+
+
+def _lsst_detection(source: dict[str, Any], object_id: int, source_id: int, mjd_tai: float,
+                    has_stamp: bool) -> dict[str, Any]:
+    """One ``LsstDetection`` as ALeRCE's multisurvey API lists it: ``mjd`` is ``midpointMjdTai`` copied, TAI."""
+    bands = {"u": 0, "g": 1, "r": 2, "i": 3, "z": 4, "y": 5}  # ALeRCE's ingestion codes (do not trust "u")
+    return {
+        "oid": object_id, "measurement_id": source_id, "mjd": mjd_tai, "has_stamp": has_stamp,
+        "band": bands.get(source.get("band") or "", -1), "visit": source.get("visit"),
+        "detector": source.get("detector"), "diaObjectId": object_id, "parentDiaSourceId": None,
+        "ssObjectId": None, "psfFlux": source.get("psfFlux"), "psfFluxErr": source.get("psfFluxErr"),
+        "scienceFlux": source.get("scienceFlux"), "scienceFluxErr": source.get("scienceFluxErr"),
+        "ra": source.get("ra"), "dec": source.get("dec"), "reliability": source.get("reliability"),
+        "timeProcessedMjdTai": source.get("timeProcessedMjdTai"),
+    }
+
+
+def first_hdu(fits: bytes) -> bytes:
+    """The primary header and data of a FITS file, nothing after: what Lasair-LSST keeps of a Rubin cutout
+    (its ``trim_fits``), so the variance and PSF HDUs are dropped."""
+    values: dict[str, int] = {}
+    for start in range(0, len(fits) - FITS_CARD + 1, FITS_CARD):
+        card = fits[start:start + FITS_CARD]
+        if card.rstrip() == b"END":
+            header = -(-(start + FITS_CARD) // FITS_BLOCK) * FITS_BLOCK
+            pixels = 1
+            for axis in range(1, values.get("NAXIS", 0) + 1):
+                pixels *= values.get(f"NAXIS{axis}", 0)
+            size = pixels * abs(values.get("BITPIX", 8)) // 8 if values.get("NAXIS") else 0
+            return fits[:header + -(-size // FITS_BLOCK) * FITS_BLOCK]
+        match = FITS_INTEGER_CARD.match(card)
+        if match:
+            values.setdefault(match.group(1).decode(), int(match.group(2)))
+    raise ValueError("not FITS: no END card")
+
+
 class StampService:
     """The service: ``start()``/``stop()`` or a ``with`` block; ``url`` serves as both ALeRCE base URLs."""
 
@@ -141,12 +239,14 @@ class StampService:
         host: str = "127.0.0.1",
         include_previous: bool = True,
         seed: int = 0,
+        lsst_alerts: Iterable[RubinAlert] | None = None,
     ) -> None:
         self.latency = latency
         self.error_rate = 0.0  # share of stamp requests answered 503 at random (see also ``inject``)
         self.host = host
         self.port = port or free_port()
         self._index = _build_index(sample_packets() if packets is None else packets, include_previous)
+        self._lsst = _build_lsst_index(object_alerts() if lsst_alerts is None else lsst_alerts, include_previous)
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
         self._log: list[RequestRecord] = []
@@ -201,6 +301,34 @@ class StampService:
     def detections(self, object_id: str) -> list[dict[str, Any]]:
         return [dict(row) for row in self._index.detections.get(object_id, [])]
 
+    @property
+    def dia_source_ids(self) -> list[int]:
+        """The LSST alerts it has cutouts of."""
+        return sorted(self._lsst.by_source)
+
+    def lsst_alert(self, dia_source_id: int) -> RubinAlert:
+        return self._lsst.by_source[dia_source_id]
+
+    def lsst_detections(self, dia_object_id: int) -> list[dict[str, Any]]:
+        return [dict(row) for row in self._lsst.detections.get(dia_object_id, [])]
+
+    def alerce_lsst_stamp(self, dia_source_id: int, kind: str) -> bytes:
+        """The body ALeRCE's multisurvey stamp route serves for this cutout: gzip of the whole Rubin FITS."""
+        return self._served(LSST_STAMP, dia_source_id, kind)
+
+    def lasair_lsst_stamp(self, dia_source_id: int, kind: str) -> bytes:
+        """The body Lasair-LSST's /fits/ route serves for this cutout: its first HDU, plain FITS."""
+        return self._served(LASAIR_FITS, dia_source_id, kind)
+
+    def _served(self, route: str, dia_source_id: int, kind: str) -> bytes:
+        key = (route, dia_source_id, kind)
+        body = self._lsst.served.get(key)
+        if body is None:  # made once per cutout (gzip without a timestamp: the same bytes every time)
+            fits = self._lsst.by_source[dia_source_id].cutouts[kind]
+            body = gzip.compress(fits, mtime=0) if route == LSST_STAMP else first_hdu(fits)
+            self._lsst.served[key] = body
+        return body
+
     # --- faults ----------------------------------------------------------------------------------------------
 
     def inject(self, kind: str, times: int | None = 1, **match: Any) -> Fault:
@@ -213,6 +341,8 @@ class StampService:
             raise ValueError(f"unknown fault kind {kind!r}; expected one of {', '.join(FAULT_KINDS)}")
         if kind in ("unknown_object", "empty_detections"):
             match.setdefault("endpoint", DETECTIONS)
+        elif kind == "empty_body":
+            match.setdefault("endpoint", LASAIR_FITS)
         elif kind != "slow":
             match.setdefault("endpoint", STAMP)
         fault = Fault(kind=kind, remaining=times, **match)
@@ -220,18 +350,20 @@ class StampService:
             self._faults.append(fault)
         return fault
 
-    def not_found_then_available(self, times: int, candid: int | None = None) -> Fault:
-        """Answer 404 to the next ``times`` stamp requests (of ``candid``), then serve normally."""
-        return self.inject("not_found", times, candid=candid)
+    def not_found_then_available(self, times: int, candid: int | None = None, endpoint: str = STAMP) -> Fault:
+        """Answer "not there" to the next ``times`` stamp requests (of ``candid``), then serve normally: ZTF's
+        404, ALeRCE LSST's 500, Lasair's 200 with ``None`` (``endpoint`` STAMP, LSST_STAMP, LASAIR_FITS)."""
+        return self.inject("not_found", times, candid=candid, endpoint=endpoint)
 
-    def server_errors(self, times: int | None = 1, status: int = 503, candid: int | None = None) -> Fault:
-        return self.inject("server_error", times, status=status, candid=candid)
+    def server_errors(self, times: int | None = 1, status: int = 503, candid: int | None = None,
+                      endpoint: str = STAMP) -> Fault:
+        return self.inject("server_error", times, status=status, candid=candid, endpoint=endpoint)
 
-    def garbage(self, times: int | None = 1, candid: int | None = None) -> Fault:
-        return self.inject("garbage", times, candid=candid)
+    def garbage(self, times: int | None = 1, candid: int | None = None, endpoint: str = STAMP) -> Fault:
+        return self.inject("garbage", times, candid=candid, endpoint=endpoint)
 
-    def truncated(self, times: int | None = 1, candid: int | None = None) -> Fault:
-        return self.inject("truncated", times, candid=candid)
+    def truncated(self, times: int | None = 1, candid: int | None = None, endpoint: str = STAMP) -> Fault:
+        return self.inject("truncated", times, candid=candid, endpoint=endpoint)
 
     def slow(
         self, delay: float, times: int | None = 1, candid: int | None = None, endpoint: str | None = STAMP
@@ -258,7 +390,7 @@ class StampService:
                         fault.remaining -= 1
                     fault.hits += 1
                     return fault
-            if endpoint == STAMP and self.error_rate and self._random.random() < self.error_rate:
+            if endpoint in STAMP_ENDPOINTS and self.error_rate and self._random.random() < self.error_rate:
                 return Fault("server_error", remaining=None, status=503)
         return None
 
@@ -312,6 +444,12 @@ class _Handler(BaseHTTPRequestHandler):
         elif parts.path.startswith(DETECTIONS_PREFIX) and parts.path.endswith(DETECTIONS_SUFFIX):
             object_id = parts.path[len(DETECTIONS_PREFIX):-len(DETECTIONS_SUFFIX)]
             self._get_detections(arrived, object_id)
+        elif parts.path == LSST_DETECTIONS_PATH:
+            self._get_lsst_detections(arrived, parts.query)
+        elif parts.path == LSST_STAMP_PATH:
+            self._get_lsst_stamp(arrived, parts.query)
+        elif parts.path.startswith(LASAIR_FITS_PREFIX):
+            self._get_lasair_fits(arrived, parts.path, parts.query)
         else:
             self._respond(arrived, "other", 404, _json({"detail": "Not Found"}), "application/json")
 
@@ -350,11 +488,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif kind == "oversized":
             self._respond_chunked(arrived, STAMP, packet.cutouts[stamp_type], fault=kind, **context)  # type: ignore[index]
         else:
-            data = packet.cutouts[stamp_type]  # type: ignore[index]
-            if kind == "garbage":
-                data = b"<html>oops, not a stamp</html>" + bytes(64)
-            elif kind == "truncated":
-                data = data[: len(data) // 2]
+            data = _damaged(packet.cutouts[stamp_type], kind)  # type: ignore[index]
             name = f"{packet.object_id}_{candid}_{stamp_type}.fits.gz"
             headers = {"Content-Disposition": f'attachment; filename="{name}"'}
             self._respond(arrived, STAMP, 200, data, "application/fits+gzip", fault=kind, headers=headers, **context)
@@ -378,6 +512,111 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             body = _json([] if kind == "empty_detections" else rows)
             self._respond(arrived, DETECTIONS, 200, body, "application/json", fault=kind, object_id=object_id)
+
+    def _faulted(self, endpoint: str, object_id: str | None, candid: int | None,
+                 stamp_type: str | None) -> Fault | None:
+        """After the service's latency, the fault for this request (a "slow" one already waited out)."""
+        service = self.service
+        service._wait(service.latency)
+        fault = service._take_fault(endpoint, object_id, candid, stamp_type)
+        if fault is not None and fault.kind == "slow":
+            service._wait(fault.delay)
+        return fault
+
+    def _get_lsst_detections(self, arrived: float, query: str) -> None:
+        params = parse_qs(query)
+        object_ids = params.get("oid", [])
+        context: dict[str, Any] = {"object_id": object_ids[0] if object_ids else None}
+        if not params.get("survey_id") or not object_ids:
+            body = _json({"detail": [{"type": "missing", "loc": ["query", "survey_id" if object_ids else "oid"]}]})
+            self._respond(arrived, LSST_DETECTIONS, 422, body, "application/json", **context)
+            return
+        if params["survey_id"][-1] != "lsst":
+            self._respond(arrived, LSST_DETECTIONS, 400, _json({"detail": "Incorrect survey identifier"}),
+                          "application/json", **context)
+            return
+        fault = self._faulted(LSST_DETECTIONS, context["object_id"], None, None)
+        kind = fault.kind if isinstance(fault, Fault) else None
+        if kind == "server_error":
+            self._respond(arrived, LSST_DETECTIONS, fault.status, ALERCE_LSST_ERROR, "application/json",  # type: ignore[union-attr]
+                          fault=kind, **context)
+        elif kind == "garbage":
+            self._respond(arrived, LSST_DETECTIONS, 200, b"[{not json", "application/json", fault=kind, **context)
+        else:
+            rows: list[dict[str, Any]] = []
+            if kind not in ("unknown_object", "empty_detections"):
+                for object_id in object_ids:  # an unknown or malformed oid matches nothing: []
+                    rows.extend(self.service._lsst.detections.get(int(object_id), []) if object_id.isdigit() else [])
+            self._respond(arrived, LSST_DETECTIONS, 200, _json(rows), "application/json", fault=kind, **context)
+
+    def _get_lsst_stamp(self, arrived: float, query: str) -> None:
+        service = self.service
+        params = {key: values[-1] for key, values in parse_qs(query).items()}
+        missing = [name for name in ("oid", "measurement_id", "stamp_type", "file_format", "survey_id")
+                   if not params.get(name)]
+        object_id, stamp_type = params.get("oid"), LSST_STAMP_TYPES.get(params.get("stamp_type", ""))
+        source_id = int(params["measurement_id"]) if params.get("measurement_id", "").isdigit() else None
+        context: dict[str, Any] = {"object_id": object_id, "candid": source_id, "stamp_type": stamp_type}
+        if missing:
+            body = _json({"detail": [{"type": "missing", "loc": ["query", name]} for name in missing]})
+            self._respond(arrived, LSST_STAMP, 422, body, "application/json", **context)
+            return
+        if params["survey_id"] != "lsst":
+            body = _json({"detail": f"Incorrect survey identifier {params['survey_id']}"})
+            self._respond(arrived, LSST_STAMP, 400, body, "application/json", **context)
+            return
+        fault = self._faulted(LSST_STAMP, object_id, source_id, stamp_type)
+        kind = fault.kind if isinstance(fault, Fault) else None
+        alert = service._lsst.by_source.get(source_id) if source_id is not None else None
+        known = (alert is not None and str(alert.dia_object_id) == object_id and stamp_type is not None
+                 and params["file_format"] == "fits")
+        if kind == "not_found" or not known:  # ALeRCE's handler does not catch S3's NoSuchKey: a 500
+            self._respond(arrived, LSST_STAMP, 500, ALERCE_LSST_ERROR, "application/json", fault=kind, **context)
+        elif kind == "server_error":
+            self._respond(arrived, LSST_STAMP, fault.status, b"<html><body>Bad Gateway</body></html>",  # type: ignore[union-attr]
+                          "text/html", fault=kind, **context)
+        elif kind == "oversized":
+            body = service.alerce_lsst_stamp(source_id, stamp_type)  # type: ignore[arg-type]
+            self._respond_chunked(arrived, LSST_STAMP, body, "application/gzip", fault=kind, **context)
+        else:
+            compressed = params.get("is_compressed", "true").lower() != "false"
+            data = (service.alerce_lsst_stamp(source_id, stamp_type) if compressed  # type: ignore[arg-type]
+                    else alert.cutouts[stamp_type])  # type: ignore[union-attr,index]
+            self._respond(arrived, LSST_STAMP, 200, _damaged(data, kind),
+                          "application/gzip" if compressed else "application/fits", fault=kind, **context)
+
+    def _get_lasair_fits(self, arrived: float, path: str, query: str) -> None:
+        service = self.service
+        name = path[len(LASAIR_FITS_PREFIX):]
+        match = LASAIR_CUTOUT.match(name.rstrip("/"))
+        source_id = int(match.group(1)) if match else None
+        stamp_type = match.group(2).lower() if match else None
+        context: dict[str, Any] = {"candid": source_id, "stamp_type": stamp_type}
+        if match and not name.endswith("/"):  # Django's APPEND_SLASH: the URLs Lasair lists have no slash
+            location = path + "/" + (f"?{query}" if query else "")
+            self._respond(arrived, LASAIR_FITS, 301, b"", "text/html; charset=utf-8",
+                          headers={"Location": location}, **context)
+            return
+        if match is None or name.count("/") != 1:
+            self._respond(arrived, LASAIR_FITS, 404, b"<h1>Not Found</h1>", "text/html", **context)
+            return
+        fault = self._faulted(LASAIR_FITS, None, source_id, stamp_type)
+        kind = fault.kind if isinstance(fault, Fault) else None
+        have = source_id in service._lsst.by_source
+        if kind == "server_error":
+            self._respond(arrived, LASAIR_FITS, fault.status, b"<html><body>Bad Gateway</body></html>",  # type: ignore[union-attr]
+                          "text/html", fault=kind, **context)
+        elif kind in ("not_found", "empty_body") or not have:  # Lasair answers 200 all the same
+            body = b"" if kind == "empty_body" else LASAIR_MISSING
+            self._respond(arrived, LASAIR_FITS, 200, body, "text/html; charset=utf-8", fault=kind, **context)
+        elif kind == "oversized":
+            body = service.lasair_lsst_stamp(source_id, stamp_type)  # type: ignore[arg-type]
+            self._respond_chunked(arrived, LASAIR_FITS, body, "image/fits", fault=kind, **context)
+        else:
+            data = service.lasair_lsst_stamp(source_id, stamp_type)  # type: ignore[arg-type]
+            headers = {"Content-Disposition": f'attachment; filename="{name.rstrip("/")}.fits"'}
+            self._respond(arrived, LASAIR_FITS, 200, _damaged(data, kind), "image/fits", fault=kind,
+                          headers=headers, **context)
 
     def _respond(
         self,
@@ -406,15 +645,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the client gave up (its timeout); nothing to do
 
 
-    def _respond_chunked(self, arrived: float, endpoint: str, data: bytes, fault: str | None = None,
-                         object_id: str | None = None, candid: int | None = None,
+    def _respond_chunked(self, arrived: float, endpoint: str, data: bytes, content_type: str = "application/fits+gzip",
+                         fault: str | None = None, object_id: str | None = None, candid: int | None = None,
                          stamp_type: str | None = None) -> None:
         """A 200 without Content-Length (chunked) repeating ``data`` to OVERSIZED_BYTES: a body to be capped."""
         self.service._record(RequestRecord(arrived, endpoint, self.path, object_id, candid, stamp_type, 200, fault))
         self.close_connection = True
         try:
             self.send_response(200)
-            self.send_header("Content-Type", "application/fits+gzip")
+            self.send_header("Content-Type", content_type)
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             block = (data * (1 + (1 << 20) // max(len(data), 1)))[: 1 << 20]
@@ -427,6 +666,46 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _json(value: Any) -> bytes:
     return json.dumps(value).encode()
+
+
+def _damaged(data: bytes, fault: str | None) -> bytes:
+    """A served body as a "garbage", "truncated", "bomb" or "huge_image" fault makes it (or unchanged)."""
+    if fault == "garbage":
+        return b"<html>oops, not a stamp</html>" + bytes(64)
+    if fault == "truncated":
+        return data[: len(data) // 2]
+    if fault == "bomb":
+        return _bomb(data)
+    if fault == "huge_image":
+        return _huge_image()
+    return data
+
+
+@functools.lru_cache(maxsize=8)
+def _bomb(stamp: bytes) -> bytes:
+    return _gzipped(gzip.decompress(stamp), BOMB_INFLATED_BYTES)
+
+
+def _gzipped(head: bytes, zeros: int) -> bytes:
+    """gzip of ``head`` followed by ``zeros`` zero bytes, compressed a block at a time (never all in memory)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    parts = [packer.compress(head)]
+    block = bytes(1 << 20)
+    for start in range(0, zeros, len(block)):
+        parts.append(packer.compress(block[: zeros - start]))
+    parts.append(packer.flush())
+    return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=1)
+def _huge_image() -> bytes:
+    side = HUGE_IMAGE_SIDE
+    cards = ["SIMPLE  =                    T", "BITPIX  =                  -32", "NAXIS   =                    2",
+             f"NAXIS1  = {side:20d}", f"NAXIS2  = {side:20d}", "END"]
+    header = "".join(card.ljust(80) for card in cards).encode()
+    header += b" " * (-len(header) % 2880)
+    pixels = side * side * 4
+    return _gzipped(header, pixels + (-pixels % 2880))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,10 +5,12 @@ which requests fetch each stamp, what a served body must look like to be kept, a
 The stamp worker knows none of this: it claims a job, asks the provider configured for the alert's survey, and
 writes, records and settles what comes back. Adding a provider means a module here and one entry in ``PROVIDERS``
 (the ``register`` decorator; every module of this package is imported by ``load_all``). Which provider serves a
-survey is configuration: ``stamps.<survey>_provider`` (``ztf_provider = "alerce"``; empty: no stamps for it).
-A provider is made once per worker as ``PROVIDERS[name](settings)`` with the ``[stamps]`` settings.
+survey is configuration: ``stamps.<survey>_provider`` names it (``ztf_provider = "alerce"``; ``none``: no stamps),
+so names are per survey (``PROVIDERS[(survey, name)]``: ALeRCE can serve ZTF and LSST under "alerce"). A provider
+is made once per process as ``PROVIDERS[(survey, name)](settings)`` with the ``[stamps]`` settings.
 
-What the worker does with a provider (its whole contract):
+What the consumer and the worker do with a provider (its whole contract):
+- ``serves(alert)``: the consumer queues a stamp job only for alerts the provider can have stamps of;
 - ``find_detection`` when the job knows no detection yet (one lookup request); a detection id must be a plain
   name (letters, digits, ``_``, ``-``): it becomes part of file names;
 - ``fetch`` once per stamp kind missing on disk (``STAMP_TYPES``), the three at once;
@@ -24,6 +26,7 @@ only through the ``HttpGet`` it is given, and each call costs one request slot.
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
@@ -66,6 +69,10 @@ class StampProvider(Protocol):
     survey: str
     service: str  # who serves the stamps, for people ("ALeRCE")
 
+    def serves(self, alert: Any) -> bool:
+        """True when this provider can have stamps of ``alert`` (a ``ztfd.sources.Alert`` of its survey)."""
+        ...
+
     async def find_detection(self, get: HttpGet, request: StampRequest) -> Detection:
         """The detection to fetch, when ``request.detection_id`` is None."""
         ...
@@ -83,20 +90,22 @@ class StampProvider(Protocol):
         ...
 
 
-PROVIDERS: dict[str, Callable[..., StampProvider]] = {}
+PROVIDERS: dict[tuple[str, str], Callable[..., StampProvider]] = {}
+NO_PROVIDER = ("none", "")
 
 
-def register(name: str) -> Callable[[Callable[..., StampProvider]], Callable[..., StampProvider]]:
-    """Class decorator: make a provider available under its configuration name."""
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: make a provider available under its configuration name, for the survey it declares."""
 
-    def add(factory: Callable[..., StampProvider]) -> Callable[..., StampProvider]:
-        PROVIDERS[name] = factory
+    def add(factory: type) -> type:
+        PROVIDERS[(factory.survey, name)] = factory  # type: ignore[attr-defined]
         return factory
 
     return add
 
 
 PROVIDER_SUFFIX = "_provider"
+log = logging.getLogger(__name__)
 
 
 def load_all() -> None:
@@ -105,18 +114,29 @@ def load_all() -> None:
         importlib.import_module(f"{__name__}.{module.name}")
 
 
-def configured(settings: Any, survey: str) -> str | None:
-    """The provider named for ``survey`` by ``stamps.<survey>_provider``, None when there is none."""
-    return getattr(settings, survey + PROVIDER_SUFFIX, "") or None
+def names_for(survey: str) -> list[str]:
+    """The provider names registered for ``survey``."""
+    load_all()
+    return sorted(name for provider_survey, name in PROVIDERS if provider_survey == survey)
 
 
 def configured_surveys(settings: Any) -> dict[str, str]:
     """survey -> provider name, for every ``stamps.<survey>_provider`` that names one."""
-    return {f.name[: -len(PROVIDER_SUFFIX)]: getattr(settings, f.name) for f in fields(settings)
-            if f.name.endswith(PROVIDER_SUFFIX) and getattr(settings, f.name)}
+    named = {f.name.removesuffix(PROVIDER_SUFFIX): getattr(settings, f.name) for f in fields(settings)
+             if f.name.endswith(PROVIDER_SUFFIX)}
+    return {survey: name for survey, name in named.items() if name not in NO_PROVIDER}
 
 
 def providers_for(settings: Any) -> dict[str, StampProvider]:
-    """survey -> its provider, made from the ``[stamps]`` settings (a worker makes them once)."""
+    """survey -> its provider, made from the ``[stamps]`` settings (once per process). A name with no provider
+    registered for its survey (yet) is left out: that survey's alerts get no stamp jobs."""
     load_all()
-    return {survey: PROVIDERS[name](settings) for survey, name in configured_surveys(settings).items()}
+    made = {}
+    for survey, name in configured_surveys(settings).items():
+        factory = PROVIDERS.get((survey, name))
+        if factory is None:
+            log.info("no %s stamp provider %r (stamps.%s_provider): %s alerts get no stamps", survey, name, survey,
+                     survey)
+            continue
+        made[survey] = factory(settings)
+    return made

@@ -19,7 +19,8 @@ from typing import Any
 
 from ztfd.config import StampsConfig
 from ztfd.providers import Detection, FetchError, HttpGet, NotYetAvailableError, StampRequest, register
-from ztfd.sources import ZTF
+from ztfd.sources import ZTF, Alert
+from ztfd.sources.lasair import is_ztf_object_id
 from ztfd.stampimage import GZIP_MAGIC, StampLimits, read_image
 
 DETECTIONS_PATH = "/ztf/v1/objects/{oid}/detections"
@@ -88,6 +89,10 @@ class AlerceZtf:
         self.stamp_url = settings.alerce_stamp_url.rstrip("/")
         self.tolerance = settings.match_tolerance
         self.limits = StampLimits(settings.max_stamp_bytes, settings.max_stamp_side)
+
+    def serves(self, alert: Alert) -> bool:
+        """ZTF objects (``ZTF`` + 2 digits + 7 letters) only: ALeRCE knows no other names."""
+        return is_ztf_object_id(alert.object_id)
 
     async def find_detection(self, get: HttpGet, request: StampRequest) -> Detection:
         status, body = await get(self.api_url + DETECTIONS_PATH.format(oid=request.object_id), None)

@@ -9,14 +9,14 @@ stores what comes back. Adding a format means adding a module here and one entry
 What the consumer does with an ``Alert`` (its whole contract with a source):
 - names it: ``object_id`` must be a ``PLAIN_ID`` (it becomes a folder and file name), else the message is
   rejected;
-- dates it: ``convert_times`` (one astropy call per kind of time field for a batch) fills ``times_utc`` and the
-  observation time (the field ``observation_key`` names, else the newest), and ``partition_date`` applies the
-  alert's ``date_rule`` (``DATE_RULES``) to it, else to ``utc_field``, else to the Kafka timestamp;
+- dates it: ``ztfd.nights.convert_times`` (one astropy call per kind of time field for a batch) fills
+  ``times_utc`` and the observation time (the field ``observation_key`` names), and ``ztfd.nights.date_of``
+  applies the alert's ``date_rule`` to it, else to ``utc_field``, else to the Kafka timestamp;
 - writes ``alert_files``: the file keeping ``raw`` (``raw`` embedded in JSON when ``suffix`` is ``.json``; else
   ``raw`` verbatim and a ``.json`` companion with ``view``), then every cutout under
   ``images/<date>/<object_id>/<detection_id>_<kind><suffix>`` (the names stamp providers use), all in the same
   batch and the same store transaction;
-- queues a stamp job when ``stamps.<survey>_provider`` names a provider for ``survey``.
+- queues a stamp job when ``stamps.<survey>_provider`` names a provider for ``survey`` that ``serves`` the alert.
 Whatever a source raises for one message (``InvalidMessageError`` or anything else) rejects that message only.
 
 Contract names (README "Configuration"): ``lasair`` (Lasair JSON, ZTF and LSST), ``ztf-avro``, ``fink``,
@@ -25,15 +25,12 @@ Contract names (README "Configuration"): ``lasair`` (Lasair JSON, ZTF and LSST),
 
 from __future__ import annotations
 
-import datetime as dt
 import importlib
 import json
 import math
 import pkgutil
 import re
-import warnings
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -100,10 +97,13 @@ class Alert:
     view: dict[str, Any] | None = None  # a rendering for people when ``raw`` is not JSON (Avro), cutouts left out
     suffix: str = ".json"  # of the alert file that keeps ``raw``
     body: dict[str, Any] | None = None  # the decoded message, for the columns reports show
-    # Filled by ``convert_times`` a batch at a time: ISO 8601 UTC per time field, the observation time (MJD UTC).
+    band: str | None = None  # the observation's band (LSST: the triggering diaSource's), for the preview
+    # Filled by ``nights.convert_times`` a batch at a time: ISO 8601 UTC per time field, the observation time
+    # (MJD UTC, ISO UTC) and its day under ``date_rule`` (YYYY-MM-DD).
     times_utc: dict[str, str] = field(default_factory=dict)
     obs_mjd: float | None = None
     obs_iso: str | None = None
+    obs_day: str | None = None
 
 
 class Source(Protocol):
@@ -116,43 +116,29 @@ class Source(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class SourceContext:
-    """What a source may need beyond the message, for one topic: given to factories registered with
-    ``wants_context`` (the Avro formats: their schema file, the schema registry and its cache in the store)."""
-
-    topic: str = ""
-    schema_file: str | None = None  # ``kafka.schemas`` for the topic (format ``avro``)
-    registry_url: str = ""  # ``kafka.schema_registry_url`` (format ``confluent-avro``)
-    schema_cache: Any = None  # ``ztfd.store.schemas.SchemaCache`` of the consumer's store, or None
-    timeout: float = 30.0  # seconds per request to the registry
-
-
 SOURCES: dict[str, Callable[..., Source]] = {}
-WANTS_CONTEXT: set[str] = set()
 
 
-def register(name: str, wants_context: bool = False) -> Callable[[Callable[..., Source]], Callable[..., Source]]:
-    """Class decorator: make a source available under its contract name; with ``wants_context`` it is made as
-    ``factory(context)`` (a ``SourceContext``), else as ``factory()``."""
+def register(name: str) -> Callable[[Callable[..., Source]], Callable[..., Source]]:
+    """Class decorator: make a source available under its contract name."""
 
     def add(factory: Callable[..., Source]) -> Callable[..., Source]:
         SOURCES[name] = factory
-        if wants_context:
-            WANTS_CONTEXT.add(name)
         return factory
 
     return add
 
 
-def source_for(name: str, context: SourceContext | None = None) -> Source:
-    """A new source of format ``name`` (``kafka.formats``; ``lasair`` by default)."""
+def source_for(name: str, **settings: Any) -> Source:
+    """A new source of format ``name`` (``kafka.formats``; ``lasair`` by default). ``settings`` are the consumer's
+    (``max_message_bytes``; for the Avro formats the topic's ``schema_file``, the ``registry_url``, the store's
+    ``schema_cache`` and the ``registry_timeout``); a source takes what it needs and ignores the rest."""
     load_all()
     try:
         factory = SOURCES[name]
     except KeyError:
         raise KeyError(f"no source for format {name!r} (known: {', '.join(sorted(SOURCES))})") from None
-    return factory(context or SourceContext()) if name in WANTS_CONTEXT else factory()
+    return factory(**settings)
 
 
 def load_all() -> None:
@@ -162,59 +148,6 @@ def load_all() -> None:
 
 
 # --- what the consumer does with every alert, whatever its source ------------------------------------------------
-
-
-def utc_date(moment: dt.datetime) -> str:
-    return moment.date().isoformat()
-
-
-# Date rule -> the partition date of a moment (a UTC datetime). ztfd.nights adds DAY_OBS.
-DATE_RULES: dict[str, Callable[[dt.datetime], str]] = {UTC_DATE: utc_date}
-
-
-def convert_times(alerts: Sequence[Alert]) -> None:
-    """Fill ``times_utc``, ``obs_mjd`` and ``obs_iso`` for a batch, one astropy call per kind of time field.
-
-    The observation time is the field ``observation_key`` names, else the newest of all (Lasair messages name
-    none: their newest time is the detection's).
-    """
-    groups: dict[tuple[str, str], list[tuple[Alert, TimeField]]] = defaultdict(list)
-    for alert in alerts:
-        for time_field in alert.times:
-            groups[(time_field.kind, time_field.scale)].append((alert, time_field))
-    if not groups:
-        return
-    from astropy.time import Time
-
-    for (kind, scale), members in groups.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # ERFA "dubious year" for future dates; leap-second table age
-            utc = Time([tf.value for _, tf in members], format=kind, scale=scale).utc
-            isots = utc.isot
-            mjds = utc.mjd
-        for (alert, time_field), iso, mjd in zip(members, isots, mjds, strict=True):
-            alert.times_utc[time_field.key] = f"{iso}Z"
-            chosen = alert.observation_key == time_field.key
-            if chosen or (alert.observation_key is None and (alert.obs_mjd is None or mjd > alert.obs_mjd)):
-                alert.obs_mjd = float(mjd)
-                alert.obs_iso = str(iso)
-
-
-def partition_date(alert: Alert, fallback: dt.datetime) -> str:
-    """The alert's folder date by its date rule: of its observation time; else of its ``utc_field``; else of
-    ``fallback`` (the consumer passes the Kafka timestamp when there is one, which a redelivery keeps)."""
-    if alert.obs_iso is not None:
-        moment = dt.datetime.fromisoformat(alert.obs_iso).replace(tzinfo=dt.UTC)
-    elif isinstance(alert.utc_field, dt.datetime):
-        utc_field = alert.utc_field
-        moment = utc_field.replace(tzinfo=dt.UTC) if utc_field.tzinfo is None else utc_field.astimezone(dt.UTC)
-    else:
-        moment = fallback.astimezone(dt.UTC)
-    try:
-        rule = DATE_RULES[alert.date_rule]
-    except KeyError:
-        raise InvalidMessageError(f"no date rule {alert.date_rule!r}") from None
-    return rule(moment)
 
 
 def file_stem(object_id: str, partition: int, offset: int, generation: int) -> str:
@@ -266,8 +199,3 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(item) for item in value]
     return value
-
-
-def iso_utc(moment: dt.datetime) -> str:
-    """ISO 8601 in UTC with milliseconds and a ``Z``: how ztfd writes every time it adds."""
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"

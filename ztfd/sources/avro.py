@@ -19,7 +19,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from ztfd.sources import Alert, InvalidMessageError, SourceContext, register
+from ztfd.sources import Alert, InvalidMessageError, register
 from ztfd.sources.packets import alert_of
 
 CONTAINER_MAGIC = b"Obj\x01"
@@ -197,16 +197,16 @@ def _described(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
 
 
-@register("avro", wants_context=True)
+@register("avro")
 class SchemalessAvro:
     """``avro``: each message is one schemaless record of the schema ``[kafka.schemas]`` names for its topic."""
 
     format = "avro"
 
-    def __init__(self, context: SourceContext) -> None:
-        if not context.schema_file:
-            raise ValueError(f"format avro needs kafka.schemas for topic {context.topic}")
-        self.schema = schema_from_file(context.schema_file)
+    def __init__(self, schema_file: str | None = None, **_settings: Any) -> None:
+        if not schema_file:
+            raise ValueError("format avro needs the topic's schema (kafka.schemas)")
+        self.schema = schema_from_file(schema_file)
 
     def decode(self, value: bytes | None, key: bytes | None) -> Alert:
         return alert_of(read_schemaless(value or b"", self.schema), value or b"")

@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from ztfd.sources import Alert, InvalidMessageError, SourceContext, SourceUnavailableError, register
+from ztfd.sources import Alert, InvalidMessageError, SourceUnavailableError, register
 from ztfd.sources.avro import SchemaCache, read_schemaless
 from ztfd.sources.packets import alert_of
 
@@ -64,16 +64,17 @@ def _schema_text(body: bytes, schema_id: int) -> str:
     return answer["schema"]
 
 
-@register("confluent-avro", wants_context=True)
+@register("confluent-avro")
 class ConfluentAvro:
     format = "confluent-avro"
 
-    def __init__(self, context: SourceContext) -> None:
-        if not context.registry_url:
+    def __init__(self, registry_url: str = "", schema_cache: Any = None, registry_timeout: float = 30.0,
+                 **_settings: Any) -> None:
+        if not registry_url:
             raise ValueError("format confluent-avro needs kafka.schema_registry_url")
-        self.registry = context.registry_url.rstrip("/")
-        self.stored: Any = context.schema_cache  # ztfd.store.schemas.StoredSchemas, or None
-        self.timeout = context.timeout
+        self.registry = registry_url.rstrip("/")
+        self.stored: Any = schema_cache  # ztfd.store.schemas.StoredSchemas, or None
+        self.timeout = registry_timeout
         self.parsed = SchemaCache()
         self.by_id: dict[int, Any] = {}
 

@@ -8,6 +8,8 @@ A key is parsed once and kept (``SchemaCache``): every message of a topic carrie
 
 from __future__ import annotations
 
+from typing import Any
+
 from ztfd.sources import Alert, InvalidMessageError, register
 from ztfd.sources.avro import SchemaCache, read_schemaless
 from ztfd.sources.packets import alert_of
@@ -17,7 +19,7 @@ from ztfd.sources.packets import alert_of
 class Fink:
     format = "fink"
 
-    def __init__(self) -> None:
+    def __init__(self, **_settings: Any) -> None:
         self.schemas = SchemaCache()
 
     def decode(self, value: bytes | None, key: bytes | None) -> Alert:

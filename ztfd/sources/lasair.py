@@ -1,36 +1,293 @@
-"""Lasair JSON as a source: a thin adapter over ``ztfd.alerts`` until that module becomes this one.
+"""The Lasair JSON source (format ``lasair``): a message of a Lasair filter topic, ZTF or LSST, as an alert.
 
-(The lsst helper turns ``ztfd/alerts.py`` into this module, with the ZTF and LSST rules; this adapter only puts
-today's parser behind the ``Source`` protocol, so the consumer depends on nothing but the seam.)
+Lasair messages guarantee nothing (no candid, no key, nulls, the id only if selected, ``UTC`` absent from
+topic_refresh rows), so validation is strict about the little ztfd relies on and keeps the rest verbatim:
+
+- an identifier: ``objectId`` (Lasair-ZTF) or ``diaObjectId`` (Lasair-LSST, an int64 beyond 2^53, kept as its
+  exact decimal text), a plain name that cannot leave its folder. It also says the survey;
+- time fields: every top-level key that names a JD or MJD (``jd``, ``jdmax``, ``mjdmax``,
+  ``lastDiaSourceMjdTai``…, see ``JD_NAME``) must be a number in range or null; ``UTC`` must be a date-time in
+  range when present. Time fields nested in objects and lists are converted too when valid, otherwise ignored.
+  A field whose name ends in ``MjdTai`` is TAI (Rubin's convention), every other one UTC; in LSST messages the
+  ``…MJD`` columns Lasair computes from Rubin's times (``g_latestMJD``, ``latestPairMJD``, ``BBBPeakMJD``…)
+  are TAI times too, converted for the file and otherwise left alone (they are derived or model times).
+
+Lasair writes Rubin's NaN values with Python's ``json.dumps``, as bare ``NaN``/``Infinity``/``-Infinity``: they
+are accepted (the bytes are kept as sent) and count as missing wherever ztfd derives a value.
+
+The observation time (what dates the alert, see ``ztfd.nights``): for ZTF the newest time field (Lasair-ZTF
+sends ``jdmax``/``mjdmax``-like columns of the latest detection); for LSST the newest
+``alert.diaSourcesList[*].midpointMjdTai`` (full and lite output), else ``lastDiaSourceMjdTai`` when the filter
+selects it (plain output). Bookkeeping times (``validityStartMjdTai``, ``timeProcessedMjdTai``…) never date it.
+In full output the triggering diaSource's ``diaSourceId`` names the detection whose stamps to fetch.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
+import json
+import re
 import sys
+from typing import Any
 
-from ztfd import alerts
-from ztfd.sources import LSST, UTC_DATE, ZTF, Alert, InvalidMessageError, TimeField, register
+from ztfd.nights import JD_MJD_OFFSET, is_number
+from ztfd.sources import DAY_OBS, LSST, UTC_DATE, ZTF, Alert, InvalidMessageError, TimeField, register
+
+ID_FIELDS = ("objectId", "diaObjectId")
+PLAIN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ZTF_OBJECT_ID = re.compile(r"^ZTF\d{2}[a-z]{7}$")
+BAND = re.compile(r"^[A-Za-z]{1,8}$")
+INT64_LIMIT = 2**63  # Rubin's ids are positive int64
+# Accepted observation times: 1900-01-01 to 2100-01-01 (anything else is a broken value, not an alert).
+MJD_RANGE = (15020.0, 88069.0)
+JD_RANGE = (MJD_RANGE[0] + JD_MJD_OFFSET, MJD_RANGE[1] + JD_MJD_OFFSET)
+UTC_YEARS = (1900, 2100)
+TAI_MINUS_UTC_DAYS = 37 / 86400  # only to compare times of mixed scales before astropy converts them
+MAX_REASON = 300
+MAX_NESTING = 8
+DEFAULT_MAX_MESSAGE_BYTES = 10 * 1024 * 1024  # what Lasair-LSST's broker accepts
+
+# LSST: where the triggering diaSource's time is (full and lite output), and the plain-output column.
+DIA_SOURCES_PATH = ("alert", "diaSourcesList")
+OBSERVATION_FIELD = "midpointMjdTai"
+PLAIN_OBSERVATION_FIELD = "lastDiaSourceMjdTai"
+
+# Names of JD/MJD fields: Lasair-ZTF's objects columns (jd…, jdmin, jdmax, jdgmax, jdrmax, jdstarthist, jd_g_minus_r)
+# and the usual SELECT aliases (mjd, mjdmin, mjdmax, mjd_g…), and Rubin's …MjdTai fields. Deliberately narrow: a
+# field named like a time must hold a time, so a loose rule (any name containing "mjd") would reject good alerts
+# that select, say, an "mjd_span" of days.
+JD_NAME = re.compile(r"^m?jd(min|max|[ugrizy]max|[ugrizy]min|starthist|endhist|_[ugrizy]_minus_[ugrizy]|_[ugrizy])?$",
+                     re.IGNORECASE)
+TAI_NAME = re.compile(r"mjdtai$", re.IGNORECASE)
+# Lasair-LSST's derived and model times (objects.u_latestMJD…, latestPairMJD, absMagMJD, BBBPeakMJD): MJD, TAI.
+LSST_MJD_NAME = re.compile(r"[a-z_]MJD$")
+
+
+def is_ztf_object_id(object_id: str) -> bool:
+    """A ZTF object name (``ZTF`` + 2 digits + 7 letters): the alerts ALeRCE's ZTF stamp service knows."""
+    return bool(ZTF_OBJECT_ID.match(object_id))
+
+
+@functools.lru_cache(maxsize=4096)
+def time_kind(key: str, survey: str = ZTF) -> tuple[str, str] | None:
+    """(kind, scale) when ``key`` names a JD or MJD field, else None.
+
+    Cached: a topic's messages carry the same few dozen keys, and two regular expressions per key of every
+    message were a tenth of the consumer's time."""
+    if TAI_NAME.search(key):
+        return "mjd", "tai"
+    if JD_NAME.match(key):
+        return ("mjd" if key[0] in "mM" else "jd"), "utc"
+    if survey == LSST and LSST_MJD_NAME.search(key):
+        return "mjd", "tai"
+    return None
 
 
 @register("lasair")
-class LasairJson:
-    """Lasair filter rows: JSON objects with the filter's columns, ``objectId`` (ZTF) or ``diaObjectId``."""
+class LasairSource:
+    """Lasair's JSON messages, ZTF and LSST alike (the survey follows from the id field)."""
 
     format = "lasair"
 
-    def decode(self, value: bytes | None, key: bytes | None) -> Alert:
-        try:
-            message = alerts.parse(value, sys.maxsize)  # the consumer applies kafka.max_message_bytes
-        except alerts.InvalidMessageError as exc:
-            raise InvalidMessageError(str(exc)) from None
-        return Alert(
-            raw=message.raw,
-            survey=ZTF if message.is_ztf else LSST,
-            object_id=message.object_id,
-            detection_id=None,  # Lasair rows name no candid: the stamp provider looks it up
-            times=[TimeField(t.key, t.value, t.kind, t.scale) for t in message.times],
-            observation_key=None,  # the newest time field dates the alert
-            date_rule=UTC_DATE,
-            utc_field=message.utc_field,
-            body=message.body,
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, **_settings: Any) -> None:
+        self.max_message_bytes = max_message_bytes
+
+    def decode(self, value: bytes | None, key: bytes | None = None) -> Alert:
+        """Check one Kafka message value (Lasair sends no key); ``InvalidMessageError`` with a one-line reason."""
+        body = _parse(value, self.max_message_bytes)
+        name, object_id = _object_id(body)
+        survey = LSST if name == "diaObjectId" else ZTF
+        times = _time_fields(body, survey)
+        alert = Alert(
+            raw=value,  # type: ignore[arg-type]  # not empty: _parse checked it
+            survey=survey,
+            object_id=object_id,
+            detection_id=None,
+            times=times,
+            observation_key=None,
+            date_rule=DAY_OBS if survey == LSST else UTC_DATE,
+            utc_field=_utc_field(body),
+            body=body,
         )
+        if survey == LSST:
+            _find_lsst_observation(alert, body)
+        else:
+            alert.observation_key = _newest(times)
+        return alert
+
+
+def _parse(raw: bytes | None, max_bytes: int) -> dict[str, Any]:
+    if not raw:
+        raise InvalidMessageError("empty message")
+    if len(raw) > max_bytes:
+        raise InvalidMessageError(f"message of {len(raw)} bytes exceeds kafka.max_message_bytes ({max_bytes})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidMessageError(f"not UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        body = json.loads(text)  # bare NaN, Infinity and -Infinity become floats (what Lasair writes)
+    except json.JSONDecodeError as exc:
+        raise InvalidMessageError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise InvalidMessageError("not valid JSON: nested too deeply") from None
+    except ValueError:  # Python refuses to convert integers of more digits than its int-string limit
+        raise InvalidMessageError(
+            f"not valid JSON: an integer of more than {sys.get_int_max_str_digits()} digits") from None
+    if not isinstance(body, dict):
+        raise InvalidMessageError(f"not a JSON object but a JSON {_json_type(body)}")
+    return body
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
+def _shown(value: Any) -> str:
+    """A value for a reason: short, whatever it is (a 4,000-digit integer, a megabyte of text)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = json.dumps(value) if isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _object_id(body: dict[str, Any]) -> tuple[str, str]:
+    """(the field it came from, the id as text): exact digits for Rubin's int64 ids."""
+    for name in ID_FIELDS:
+        if name not in body or body[name] is None:
+            continue
+        value = body[name]
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise InvalidMessageError(f"{name} must be a string or an integer, not a JSON {_json_type(value)}")
+        if isinstance(value, int) and name == "diaObjectId" and not 0 < value < INT64_LIMIT:
+            raise InvalidMessageError(f"{name} {_shown(value)} is not a positive 64-bit integer")
+        text = str(value)
+        if not PLAIN_ID.match(text):
+            raise InvalidMessageError(
+                f"{name} {_shown(value)} is not a plain identifier (letters, digits, _ and - only)")
+        return name, text
+    raise InvalidMessageError("no objectId (nor diaObjectId) in the message")
+
+
+def _time_fields(body: dict[str, Any], survey: str) -> list[TimeField]:
+    """Top-level time fields are checked strictly (they may date the alert); nested ones (Lasair-LSST's
+    ``alert.diaSourcesList[…]``) and LSST's derived ``…MJD`` columns are converted when they hold a valid time
+    and otherwise left alone. NaN and ±Infinity count as missing, like null."""
+    found = []
+    for key, value in body.items():
+        kind_scale = time_kind(key, survey)
+        if kind_scale is None or value is None or (isinstance(value, float) and not is_number(value)):
+            continue
+        kind, scale = kind_scale
+        low, high = JD_RANGE if kind == "jd" else MJD_RANGE
+        lenient = survey == LSST and not TAI_NAME.search(key) and not JD_NAME.match(key)  # a derived …MJD
+        if lenient:
+            if is_number(value) and low <= value <= high:
+                found.append(TimeField(key, float(value), kind, scale))
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidMessageError(f"time field {key} must be a number, not a JSON {_json_type(value)}")
+        if not low <= value <= high:
+            raise InvalidMessageError(
+                f"time field {key} = {_shown(value)} is out of range for a {kind.upper()} ({low}..{high})"
+            )
+        found.append(TimeField(key, float(value), kind, scale))
+    for key, value in body.items():
+        if isinstance(value, dict | list):
+            found.extend(_nested_time_fields(key, value, survey))
+    return found
+
+
+def _nested_time_fields(path: str, value: Any, survey: str, depth: int = 0) -> list[TimeField]:
+    if depth > MAX_NESTING:
+        return []
+    found: list[TimeField] = []
+    children = value.items() if isinstance(value, dict) else ((f"[{i}]", v) for i, v in enumerate(value))
+    for key, child in children:
+        child_path = f"{path}{key}" if key.startswith("[") else f"{path}.{key}"
+        if isinstance(child, dict | list):
+            found.extend(_nested_time_fields(child_path, child, survey, depth + 1))
+            continue
+        kind_scale = time_kind(key, survey) if isinstance(value, dict) else None
+        if kind_scale is None or not is_number(child):
+            continue
+        low, high = JD_RANGE if kind_scale[0] == "jd" else MJD_RANGE
+        if low <= child <= high:
+            found.append(TimeField(child_path, float(child), *kind_scale))
+    return found
+
+
+def _as_utc_mjd(time_field: TimeField) -> float:
+    """Roughly the UTC MJD of a field, to compare fields of mixed kinds before astropy converts them."""
+    mjd = time_field.value - JD_MJD_OFFSET if time_field.kind == "jd" else time_field.value
+    return mjd - TAI_MINUS_UTC_DAYS if time_field.scale == "tai" else mjd
+
+
+def _newest(times: list[TimeField]) -> str | None:
+    """ZTF: the newest time field dates the alert (Lasair-ZTF's ``jdmax``/``mjdmax`` are the latest detection)."""
+    return max(times, key=_as_utc_mjd).key if times else None
+
+
+def _find_lsst_observation(alert: Alert, body: dict[str, Any]) -> None:
+    """The triggering diaSource: the newest of ``alert.diaSourcesList`` (Lasair sorts it newest first, but the
+    times decide), with its ``diaSourceId`` (full output) and band; else the plain column."""
+    sources: Any = body
+    for step in DIA_SOURCES_PATH:
+        sources = sources.get(step) if isinstance(sources, dict) else None
+    newest: tuple[float, int, dict[str, Any]] | None = None
+    if isinstance(sources, list):
+        low, high = MJD_RANGE
+        for index, source in enumerate(sources):
+            when = source.get(OBSERVATION_FIELD) if isinstance(source, dict) else None
+            if is_number(when) and low <= when <= high and (newest is None or when > newest[0]):
+                newest = (when, index, source)
+    if newest is not None:
+        _, index, source = newest
+        alert.observation_key = f"{'.'.join(DIA_SOURCES_PATH)}[{index}].{OBSERVATION_FIELD}"
+        alert.detection_id = _dia_source_id(source.get("diaSourceId"))
+        band = source.get("band")
+        alert.band = band if isinstance(band, str) and BAND.match(band) else None
+        return
+    if any(tf.key == PLAIN_OBSERVATION_FIELD for tf in alert.times):
+        alert.observation_key = PLAIN_OBSERVATION_FIELD
+
+
+def _dia_source_id(value: Any) -> str | None:
+    """A diaSourceId as exact text, or None when the message has no usable one (lite output has none)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < INT64_LIMIT:
+        return None
+    return str(value)
+
+
+def _utc_field(body: dict[str, Any]) -> dt.datetime | None:
+    value = body.get("UTC")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidMessageError(f"UTC must be a date-time string, not a JSON {_json_type(value)}")
+    try:
+        parsed = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        if parsed.tzinfo is not None:
+            parsed = parsed.astimezone(dt.UTC).replace(tzinfo=None)
+    except ValueError:
+        raise InvalidMessageError(f"UTC {_shown(value[:40])} is not a date-time") from None
+    except OverflowError:  # an offset that moves year 1 or 9999 out of what a datetime holds
+        raise InvalidMessageError(f"UTC {_shown(value[:40])} is out of range") from None
+    if not UTC_YEARS[0] <= parsed.year < UTC_YEARS[1]:
+        raise InvalidMessageError(f"UTC {_shown(value[:40])} is out of range ({UTC_YEARS[0]}..{UTC_YEARS[1]})")
+    return parsed
+
+
+def file_name(object_id: str, partition: int, offset: int, generation: int) -> str:
+    """Stable under redelivery: the same Kafka message always gets the same name."""
+    prefix = f"g{generation}-" if generation else ""
+    return f"{object_id}_{prefix}p{partition}-o{offset}.json"
+
+
+def document(alert: Alert, metadata: dict[str, Any]) -> bytes:
+    """The alert file: the message exactly as received under ``message`` (bare NaN included: Python's ``json``
+    reads it), ztfd's additions under ``ztfd``."""
+    return b'{"message": ' + alert.raw + b', "ztfd": ' + json.dumps(metadata).encode() + b"}\n"

@@ -18,12 +18,10 @@ alert is kept.
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import zlib
 from typing import Any
 
-from ztfd import sources
 from ztfd.sources import DAY_OBS, LSST, STAMP_TYPES, UTC_DATE, ZTF, Alert, Cutout, InvalidMessageError, TimeField
 
 FITS_START = b"SIMPLE  ="
@@ -117,9 +115,11 @@ def rubin_alert(record: dict[str, Any], raw: bytes) -> Alert:
     view = dict(record)
     for cutout in cutouts:
         view[CUTOUT_FIELDS[cutout.kind]] = _described(cutout, dia_source_id)
+    band = source.get("band")
     return Alert(raw=raw, survey=LSST, object_id=object_id, detection_id=dia_source_id, times=times,
                  observation_key="diaSource.midpointMjdTai" if times else None, date_rule=DAY_OBS,
-                 cutouts=cutouts, view=view, suffix=".avro", body=view)
+                 cutouts=cutouts, view=view, suffix=".avro", body=view,
+                 band=band if isinstance(band, str) and len(band) == 1 else None)
 
 
 def _rubin_cutout(kind: str, data: Any) -> Cutout:
@@ -173,18 +173,3 @@ def _described(cutout: Cutout, detection_id: str) -> dict[str, Any] | None:
         return None
     return {"problem": cutout.problem}
 
-
-def day_obs(moment: dt.datetime) -> str:
-    """Rubin's dayObs (``YYYY-MM-DD``) of a UTC moment: the TAI date 12 hours earlier (TAI = UTC + the leap
-    seconds of that day, from ERFA's table as astropy ships it)."""
-    import erfa
-
-    utc = moment.astimezone(dt.UTC)
-    leap = float(erfa.dat(utc.year, utc.month, utc.day, 0.0))
-    return (utc + dt.timedelta(seconds=leap) - dt.timedelta(hours=12)).date().isoformat()
-
-
-# The consumer dates an alert by ``sources.DATE_RULES[alert.date_rule]``; until ``ztfd.nights`` (the LSST change)
-# provides dayObs there, this does.
-if hasattr(sources, "DATE_RULES"):
-    sources.DATE_RULES.setdefault(DAY_OBS, day_obs)

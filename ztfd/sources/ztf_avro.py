@@ -7,6 +7,8 @@ view of the packet without its cutouts, and the cutouts become the alert's stamp
 
 from __future__ import annotations
 
+from typing import Any
+
 from ztfd.sources import Alert, InvalidMessageError, register
 from ztfd.sources.avro import ContainerReader
 from ztfd.sources.packets import alert_of
@@ -16,7 +18,7 @@ from ztfd.sources.packets import alert_of
 class ZtfAvro:
     format = "ztf-avro"
 
-    def __init__(self) -> None:
+    def __init__(self, **_settings: Any) -> None:
         self.reader = ContainerReader()
 
     def decode(self, value: bytes | None, key: bytes | None) -> Alert:

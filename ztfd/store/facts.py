@@ -17,3 +17,12 @@ def set_status(conn: sqlite3.Connection, key: str, value: str | None) -> None:
 def get_status(conn: sqlite3.Connection, key: str) -> tuple[str | None, float] | None:
     row = conn.execute("SELECT value, updated_at FROM status WHERE key = ?", (key,)).fetchone()
     return None if row is None else (row["value"], row["updated_at"])
+
+
+def statuses_with_prefix(conn: sqlite3.Connection, prefix: str) -> dict[str, tuple[str, float]]:
+    """The facts whose key starts with ``prefix`` and that hold a value: key without the prefix -> (value, when)."""
+    rows = conn.execute(
+        "SELECT key, value, updated_at FROM status WHERE substr(key, 1, ?) = ? AND value IS NOT NULL ORDER BY key",
+        (len(prefix), prefix),
+    )
+    return {row["key"][len(prefix):]: (row["value"], row["updated_at"]) for row in rows}

@@ -151,9 +151,11 @@ def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def detection_key(object_id: str, obs_mjd: float | None, date: str) -> str:
-    """One stamp job per object and observation time: Lasair resends an object whenever a selected column
-    changes, and the stamps of the same detection need fetching once."""
+def detection_key(object_id: str, obs_mjd: float | None, date: str, detection_id: str | None = None) -> str:
+    """One stamp job per object and observation time (per detection, when the message names it): Lasair resends
+    an object whenever a selected column changes, and the stamps of the same detection need fetching once."""
+    if detection_id is not None:
+        return f"{object_id}#{detection_id}"
     # Rounded to ~0.1 s: the same detection time reaches ztfd as a JD in one filter and an MJD in another.
     when = f"{obs_mjd:.6f}" if obs_mjd is not None else date
     return f"{object_id}@{when}"

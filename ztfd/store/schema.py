@@ -135,6 +135,21 @@ CREATE TABLE IF NOT EXISTS status (
 );
 """
 
+# --- Lasair-LSST byte quota (ztfd.store.quota; written by the consumers, read by status) ---------------------------
+# Kept apart from the tables above: added by the LSST work (issue 13). One row per topic per Lasair quota day (nid:
+# days since 2017-01-01 of UTC + 4 h); ``survey`` is that of the topic's alerts (what ``ztfd status`` shows).
+SCHEMA += """
+CREATE TABLE IF NOT EXISTS topic_bytes (
+    topic TEXT NOT NULL,
+    nid INTEGER NOT NULL,
+    survey TEXT,
+    bytes INTEGER NOT NULL,
+    messages INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (topic, nid)
+);
+"""
+
 # --- added by the seams change (sources and stamp providers) ---------------------------------------------------------
 # Columns added to existing tables, applied after SCHEMA by ``db._migrate`` when a table lacks them (idempotent, so
 # a store created before them gains them on its next open). For the store's migration mechanism to take over.
