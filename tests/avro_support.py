@@ -50,3 +50,15 @@ def rubin_alerts(count: int) -> list[dict[str, Any]]:
             alert[name] = real[index % len(real)][name]
         alerts.append(alert)
     return alerts
+
+
+def produce_keyed(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes | None]]) -> None:
+    """Produce (value, key) messages (Fink puts the schema in the key)."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": False})
+    for value, key in messages:
+        producer.produce(topic, value=value, key=key)
+        producer.poll(0)
+    if producer.flush(60):
+        raise RuntimeError(f"messages to {topic} were not delivered")

@@ -38,23 +38,26 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import re
 import sqlite3
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from ztfd import lifecycle, nights, providers, sources, store
-from ztfd.config import Config
+from ztfd import lifecycle, nights, providers, sources, store, topics
+from ztfd.config import Config, ConfigError
 from ztfd.files import md5_hex, remove_stale_temporaries
 from ztfd.filewriter import FileWriter
 from ztfd.localtrouble import Condition, describe, is_local
 from ztfd.logs import AlertLog
+from ztfd.providers.packet import PREVIEW_JOB, carries_stamps
 from ztfd.quota import QuotaWatch
 from ztfd.store import quota as store_quota
-from ztfd.store.alerts import NewAlert, dates_received_since, insert_alerts, stored_offsets_between
+from ztfd.store.alerts import NewAlert, dates_received_since, insert_alerts, last_received_at, stored_offsets_between
 from ztfd.store.jobs import NewStampJob, detection_key, enqueue
 from ztfd.store.rejected import NewRejected, add_rejected, latest_rejected
+from ztfd.store.schemas import StoredSchemas
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ DRAIN_TIMEOUT = 0.005
 HEARTBEAT_EVERY = 5.0
 METADATA_EVERY = 10.0  # seconds between looks at the topic's partitions (new topic, new partitions, recreation)
 RECENT_DATES_WINDOW = 2 * 86400.0
+REGISTRY_TIMEOUT = 30.0  # seconds per request to a schema registry
 
 
 @dataclass(frozen=True)
@@ -147,13 +151,15 @@ class TopicConsumer:
         self.cfg = cfg
         self.topic = topic
         self.name = name
-        self.source = sources.source_for(cfg.kafka.formats.get(topic, sources.DEFAULT_FORMAT),
-                                         max_message_bytes=cfg.kafka.max_message_bytes)
+        self.conn = store.connect(cfg.db_path)
+        self.source = topic_source(cfg, topic, StoredSchemas(self.conn))
         self.stamp_providers = providers.providers_for(cfg.stamps) if cfg.stamps.enabled else {}
         self.trouble = Condition(name)
         self.quota = QuotaWatch(topic, cfg.kafka.lasair_byte_quota)
         self.stopping = lifecycle.Stop()  # set by SIGTERM/SIGINT: the batch in hand is finished and stored
-        self.conn = store.connect(cfg.db_path)
+        # A topic found by a pattern: its consumer exits once it is drained and quiet (``topics.EXIT_IDLE``).
+        self.quiet = topics.QuietWatch(topics.from_pattern(cfg.kafka.topics, topic), cfg.kafka.idle_topic_seconds,
+                                       last_received_at(self.conn, topic))
         self.files = FileWriter()
         self.alert_log = AlertLog(cfg.logs_dir, topic, cfg.logging.max_bytes, cfg.logging.backup_count)
         self.throttled = RateLimitedLog()
@@ -179,10 +185,13 @@ class TopicConsumer:
         # A pipeline one batch deep: while the file writer writes batch k+1's files, the main thread stores batch
         # k, then polls and prepares batch k+2. Batches are stored in order, each after its files are on disk.
         in_flight: deque[Batch] = deque()
+        code = 0
         try:
             while not self.stopping.is_set():
                 messages = self._next_batch()
                 self._heartbeat()
+                if messages:
+                    self.quiet.saw_messages()
                 batch = self.prepare(messages) if messages else None
                 if batch is not None:
                     self._write_files(batch)
@@ -193,12 +202,20 @@ class TopicConsumer:
                 while in_flight and (len(in_flight) > 1 or caught_up or self.files.answered()):
                     self._store_oldest(in_flight)
                 self._look_at_topic()
+                if self.quiet.done(holding=bool(in_flight)):
+                    log.info("%s has been drained and quiet for %.0fs (kafka.idle_topic_seconds): exiting until "
+                             "it has messages again", self.topic, self.quiet.idle_seconds)
+                    code = topics.EXIT_IDLE
+                    break
             while in_flight:
                 self._store_oldest(in_flight)
+        except sources.SourceUnavailableError as exc:
+            log.error("%s; stopping without storing the batch in hand (read again at the restart)", exc)
+            code = 1
         finally:
             self.close()
         log.info("stopped consuming %s after storing %d alerts", self.topic, self.stored_total)
-        return 0
+        return code
 
     def _next_batch(self) -> list[Any]:
         """Wait for one message, then take what is already fetched, up to a batch.
@@ -282,7 +299,10 @@ class TopicConsumer:
         # Not negotiable: ztfd decides when an offset is done, after the alert is stored.
         settings["enable.auto.commit"] = False
         settings["enable.auto.offset.store"] = False
-        consumer = Consumer(settings)
+        try:
+            consumer = Consumer(settings)
+        except Exception as exc:  # librdkafka refuses an option: a configuration error, named without its value
+            raise ConfigError(f"config: kafka.options: {kafka_option_problem(exc)}") from None
         self.assigned.clear()
         return consumer
 
@@ -322,7 +342,9 @@ class TopicConsumer:
         info = metadata.topics.get(self.topic)
         if info is None or info.error is not None or not info.partitions:
             self.throttled("missing-topic", logging.INFO, "topic %s does not exist (yet): waiting for it", self.topic)
+            self.quiet.reading(True)  # a pattern's topic that is gone has nothing more to read
             return
+        self.quiet.reading(True)
         new = sorted(set(info.partitions) - self.assigned)
         if new:
             self._assign(new)
@@ -393,6 +415,8 @@ class TopicConsumer:
             item = Incoming(msg, msg.partition(), msg.offset(), self._follow_generation(msg.partition(), msg.offset()))
             try:
                 decoded.append((item, self._decode(msg)))
+            except sources.SourceUnavailableError:
+                raise  # not the message's fault: nothing of this batch is stored, and Kafka delivers it again
             except Exception as exc:
                 rejected.append((item, rejection_reason(exc)))
         if not decoded and not rejected:
@@ -548,10 +572,9 @@ class TopicConsumer:
                 if alert_id is None:
                     continue  # stored by another consumer of the same topic meanwhile
                 accepted.append(entry)
-                alert = entry.alert
-                if self._wants_stamps(alert):
-                    key = detection_key(alert.object_id, alert.obs_mjd, entry.date, alert.detection_id)
-                    jobs.append(NewStampJob(alert_id, dedupe_key=key))
+                job = self._stamp_job(entry, alert_id)
+                if job is not None:
+                    jobs.append(job)
             add_rejected(self.conn, self.topic, [
                 NewRejected(item.partition, item.generation, item.offset, reason, item.msg.value())
                 for item, reason in batch.rejected], now)
@@ -568,6 +591,17 @@ class TopicConsumer:
         return insert_alerts(self.conn, self.topic, [
             NewAlert(e.item.partition, e.item.generation, e.item.offset, e.alert.object_id, e.date,
                      e.alert.obs_mjd, e.path, e.alert.survey, e.alert.detection_id) for e in written], now)
+
+    def _stamp_job(self, entry: Accepted, alert_id: int) -> NewStampJob | None:
+        """The alert's stamp job: only the preview when its packet carried the three stamps (written with the alert),
+        else a fetch from its survey's provider, if one serves it."""
+        alert = entry.alert
+        key = detection_key(alert.object_id, alert.obs_mjd, entry.date, alert.detection_id)
+        if carries_stamps(alert):
+            if self.cfg.stamps.enabled and self.cfg.stamps.previews:
+                return NewStampJob(alert_id, dedupe_key=key, kind=PREVIEW_JOB)
+            return None
+        return NewStampJob(alert_id, dedupe_key=key) if self._wants_stamps(alert) else None
 
     def _wants_stamps(self, alert: sources.Alert) -> bool:
         """A stamp job for the alerts the provider of their survey (``stamps.<survey>_provider``) can serve."""
@@ -659,6 +693,28 @@ def rejection_reason(exc: BaseException) -> str:
 def log_lines(topic: str, accepted: list[Accepted]) -> list[str]:
     """The ``<topic>.log`` lines of stored alerts."""
     return [f"{a.alert.object_id} {a.date} {topic}[{a.item.partition}]@{a.item.offset} {a.path}" for a in accepted]
+
+
+def topic_source(cfg: Config, topic: str, schema_cache: StoredSchemas | None) -> sources.Source:
+    """The source of the topic's format (``kafka.formats``, patterns included; ``lasair`` by default), with what it
+    may need: the topic's schema file, the schema registry and the store's cache of its schemas."""
+    name = topics.lookup(cfg.kafka.formats, topic, sources.DEFAULT_FORMAT) or sources.DEFAULT_FORMAT
+    try:
+        return sources.source_for(name, max_message_bytes=cfg.kafka.max_message_bytes,
+                                  schema_file=topics.lookup(cfg.kafka.schemas, topic),
+                                  registry_url=cfg.kafka.schema_registry_url, schema_cache=schema_cache,
+                                  registry_timeout=REGISTRY_TIMEOUT)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"config: kafka.formats: topic {topic} ({name}): {exc}") from None
+
+
+def kafka_option_problem(exc: BaseException) -> str:
+    """What librdkafka says about a refused option, keeping only the option's name (values may be secrets)."""
+    text = str(exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else exc)
+    named = re.findall(r'property "?([A-Za-z0-9._-]+)"?', text)
+    if named:
+        return f"librdkafka refuses option {named[-1]}" + (" (no such option)" if "No such" in text else "")
+    return "librdkafka refuses the options"
 
 
 def run(cfg: Config, topic: str, name: str) -> int:

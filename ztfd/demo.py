@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -56,6 +57,11 @@ DEADLINE_SECONDS = 110.0
 # --- configuration -----------------------------------------------------------------------------------------
 
 
+def _toml_key(key: str) -> str:
+    """A bare key when TOML allows one, else quoted (``"session.timeout.ms"``, a ``"^ztf_"`` pattern)."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -72,8 +78,7 @@ def write_config(path: Path, home: Path, sections: dict[str, dict[str, Any]]) ->
     for section, values in sections.items():
         lines.append(f"[{section}]")
         lines.extend(
-            f'"{key}" = {_toml_value(value)}' if "." in key else f"{key} = {_toml_value(value)}"
-            for key, value in values.items()
+            f"{_toml_key(key)} = {_toml_value(value)}" for key, value in values.items()
         )
         lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)

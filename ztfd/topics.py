@@ -16,6 +16,7 @@ import functools
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -156,3 +157,35 @@ class TopicScanner:
                 if self.failures in (1, 10) or self.failures % 100 == 0:
                     log.warning("cannot list the broker's topics (%d tries): %s", self.failures, exc)
             self._stop.wait(self.every)
+
+
+DRAIN_GRACE = 10.0  # seconds a consumer reads its assigned topic before it may call it drained
+
+
+class QuietWatch:
+    """Whether a consumer of a pattern's topic may exit: its topic drained (it has been reading for a moment and
+    holds nothing unstored) and quiet (no message for ``idle_seconds``, counting from the last message it or an
+    earlier run stored). Consumers of topics listed by name never exit so."""
+
+    def __init__(self, enabled: bool, idle_seconds: float, last_message_at: float | None) -> None:
+        self.enabled = enabled
+        self.idle_seconds = idle_seconds
+        self.last_message_at = last_message_at if last_message_at is not None else time.time()
+        self.reading_since: float | None = None  # monotonic; None while not assigned
+
+    def saw_messages(self) -> None:
+        self.last_message_at = time.time()
+
+    def reading(self, yes: bool) -> None:
+        if not yes:
+            self.reading_since = None
+        elif self.reading_since is None:
+            self.reading_since = time.monotonic()
+
+    def done(self, holding: bool) -> bool:
+        """True when the consumer should exit with ``EXIT_IDLE`` (``holding``: batches not yet stored)."""
+        if not self.enabled or holding or self.reading_since is None:
+            return False
+        if time.monotonic() - self.reading_since < min(DRAIN_GRACE, self.idle_seconds):
+            return False
+        return time.time() - self.last_message_at >= self.idle_seconds
