@@ -33,7 +33,7 @@ from pathlib import Path
 
 import click
 
-from ztfd import config, files, logs, store
+from ztfd import config, files, logs, store, topics
 from ztfd.procs import die_with_parent, pid_alive
 from ztfd.store.processes import processes, record_child, reset_processes, set_process_state
 
@@ -51,6 +51,7 @@ MARKER_ENV = "ZTFD_PROCESS_SUPERVISOR"
 SUPERVISOR_NAME = "supervisor"
 
 EXIT_ALREADY_RUNNING = 1
+IDLE = "idle"  # the state of a pattern topic's consumer that exited with topics.EXIT_IDLE
 
 
 # --- pidfile -------------------------------------------------------------------------------------------------
@@ -155,13 +156,23 @@ class Child:
 
 def child_specs(cfg: config.Config) -> list[Child]:
     """The processes the configuration asks for."""
+    children = [consumer_child(cfg, t) for t in topics.explicit(cfg.kafka.topics)]  # patterns: TopicScanner
     base = [sys.executable, "-m", "ztfd", "--config", str(cfg.path)]
-    children = [Child(f"consumer:{t}", "consumer", t, [*base, "consume", "--topic", t]) for t in cfg.kafka.topics]
     if cfg.stamps.enabled:
         children += [Child(f"fetcher:{n}", "fetcher", None, [*base, "fetch"]) for n in range(1, cfg.stamps.workers + 1)]
     if cfg.s3.bucket:
         children.append(Child("syncer", "syncer", None, [*base, "sync"]))
     return children
+
+
+def consumer_child(cfg: config.Config, topic: str) -> Child:
+    base = [sys.executable, "-m", "ztfd", "--config", str(cfg.path)]
+    return Child(f"consumer:{topic}", "consumer", topic, [*base, "consume", "--topic", topic])
+
+
+def went_idle(child: Child, status: int) -> bool:
+    """A consumer that exited because its (pattern's) topic is drained and quiet: not restarted."""
+    return child.role == "consumer" and os.WIFEXITED(status) and os.WEXITSTATUS(status) == topics.EXIT_IDLE
 
 
 def describe_status(status: int) -> str:
@@ -245,11 +256,17 @@ class Supervisor:
     stopping: bool = False
     wake_r: int = -1
     wake_w: int = -1
+    scanner: topics.TopicScanner | None = None  # when kafka.topics has patterns: the broker's topics, looked at
+    last_look: topics.BrokerTopics | None = None
 
     def run(self) -> int:
         self._install_signals()
         self._reset_table()
         self.children = child_specs(self.cfg)
+        if any(topics.is_pattern(entry) for entry in self.cfg.kafka.topics):
+            kafka = self.cfg.kafka
+            self.scanner = topics.TopicScanner(kafka.bootstrap_servers, kafka.options, kafka.topic_scan_seconds)
+            self.scanner.start()
         log.info(
             "supervisor started (pid %d): %s", os.getpid(), ", ".join(c.name for c in self.children) or "no children"
         )
@@ -261,16 +278,42 @@ class Supervisor:
             self._reap()
             if self.stopping:
                 break
+            self._follow_patterns()
             now = time.monotonic()
             for child in self.children:
-                if child.pid is None and now >= child.next_start:
+                if child.pid is None and child.state != IDLE and now >= child.next_start:
                     self._spawn(child)
             if now - last_check >= CHECK_INTERVAL:
                 last_check = now
                 self._heartbeat()
                 self._check_heartbeats()
+        if self.scanner is not None:
+            self.scanner.stop()
         self._shutdown()
         return 0
+
+    def _follow_patterns(self) -> None:
+        """After each look at the broker: a consumer for every topic a pattern matches that has none yet, and the
+        idle consumer of a topic that has messages ztfd has not stored started again."""
+        look = self.scanner.latest if self.scanner is not None else None
+        if look is None or look is self.last_look:
+            return
+        self.last_look = look
+        consumers = {child.topic: child for child in self.children if child.role == "consumer"}
+        for topic in topics.wanted(self.cfg.kafka.topics, look.topics):
+            child = consumers.get(topic)
+            if child is None:
+                child = consumer_child(self.cfg, topic)
+                self.children.append(child)
+                log.info("topic %s matches kafka.topics: starting its consumer", topic)
+                self._spawn(child)
+            elif child.state == IDLE and child.pid is None:
+                stored = {p: o.next_offset for p, o in store.stored_offsets(self.conn, topic).items()}
+                if topics.has_news(look.ends.get(topic, {}), stored):
+                    log.info("idle topic %s has new messages: starting its consumer again", topic)
+                    self._spawn(child)
+        assert self.scanner is not None
+        self.scanner.ends_of = frozenset(c.topic for c in self.children if c.state == IDLE and c.topic)
 
     # signals: handlers only set flags; a self-pipe wakes the select() of the main loop.
     def _install_signals(self) -> None:
@@ -339,6 +382,10 @@ class Supervisor:
                 child.state, child.last_exit = "stopped", how
                 self._record(child)
                 log.info("%s stopped (%s)", child.name, how)
+            elif went_idle(child, status):
+                child.state, child.last_exit, child.backoff = IDLE, how, 0.0
+                self._record(child)
+                log.info("%s: its topic is drained and quiet; not restarted until it has messages again", child.name)
             else:
                 self._schedule_restart(child, how)
 

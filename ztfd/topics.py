@@ -103,7 +103,8 @@ def admin_settings(bootstrap_servers: str, options: Mapping[str, Any]) -> dict[s
 
 def look(admin: Any, ends_of: Iterable[str]) -> BrokerTopics:
     """List the broker's topics, and the end offsets of the partitions of ``ends_of`` that exist."""
-    from confluent_kafka import OffsetSpec, TopicPartition
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import OffsetSpec
 
     metadata = admin.list_topics(timeout=LIST_TIMEOUT)
     topics = frozenset(name for name, info in metadata.topics.items() if info.error is None)
