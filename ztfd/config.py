@@ -65,6 +65,7 @@ class StampsConfig:
     match_tolerance: float = 60.0
     ztf_provider: str = "alerce"  # where ZTF stamps come from (a ztfd.providers name) or none
     ztf_request: str = "get_avro"  # ALeRCE ZTF stamps: the whole packet in one request, or get_stamp per stamp
+    detections_fresh: float = 600.0  # seconds a detections list serves the pool's other jobs of its object; 0: off
     max_stamp_bytes: int = 8 * 1024 * 1024  # a stamp's FITS, decompressed
     max_stamp_side: int = 512  # pixels per side of a stamp's image
     step_timeout: float = 60.0  # seconds a job's FITS checks, writes and preview may take together

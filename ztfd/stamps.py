@@ -63,6 +63,7 @@ from ztfd.providers.alerce_ztf import AlerceZtf
 from ztfd.providers.packet import PREVIEW_JOB, PacketStamps
 from ztfd.sources import PLAIN_ID, STAMP_TYPES
 from ztfd.store import jobs
+from ztfd.store.detections import fresh_detections, keep_detections
 
 log = logging.getLogger(__name__)
 FETCHER_NICENESS = 5
@@ -273,6 +274,30 @@ def valid_file(path: Path, provider: StampProvider) -> Stamp | None:
 # --- the worker -------------------------------------------------------------------------------------------------
 
 
+class SharedDetections:
+    """The pool's detections lists (``ztfd.store.detections``) on the worker's store connection, each serving the
+    other jobs of its object for ``stamps.detections_fresh`` seconds (a catch-up queues several alerts of an
+    object; a kept list that lacks an alert's detection is fetched again, so this only bounds the staleness). A
+    store that cannot be read or written only means asking ALeRCE again."""
+
+    def __init__(self, worker: Worker, fresh: float) -> None:
+        self.worker = worker
+        self.fresh = fresh
+
+    async def get(self, object_id: str) -> bytes | None:
+        try:
+            return await self.worker._db(fresh_detections, object_id, self.fresh)
+        except sqlite3.Error as exc:
+            log.debug("kept detections of %s not readable: %s", object_id, exc)
+            return None
+
+    async def put(self, object_id: str, body: bytes) -> None:
+        try:
+            await self.worker._db(keep_detections, object_id, body, self.fresh)
+        except sqlite3.Error as exc:
+            log.debug("detections of %s not kept: %s", object_id, exc)
+
+
 class Worker:
     """One ``ztfd fetch`` process. ``batch`` limits it to one replay batch, and ``exit_when_idle`` ends it when
     that batch has nothing left to do now (jobs waiting for the service to catch up are left for the daemon)."""
@@ -289,6 +314,9 @@ class Worker:
         self.owner = jobs.new_owner()
         self.providers = providers_for(cfg.stamps)  # survey -> its stamp provider
         self.packet_stamps: dict[str, PacketStamps] = {}  # survey -> the stamps its packets carried (preview jobs)
+        for provider in self.providers.values():
+            if hasattr(provider, "cache") and cfg.stamps.detections_fresh > 0:  # share detections via the store
+                provider.cache = SharedDetections(self, cfg.stamps.detections_fresh)  # type: ignore[attr-defined]
         self.conn: sqlite3.Connection | None = None
         self.db = ThreadPoolExecutor(1, thread_name_prefix="db")  # one connection, used from one thread
         self.side = SideThread()  # FITS checks, writes, previews

@@ -77,6 +77,15 @@ class Bundle:
     extras: dict[str, bytes] = field(default_factory=dict)
 
 
+class DetectionsCache(Protocol):
+    """Detections lists the pool keeps for a short time (the worker's, in the store): a provider that looks
+    detections up may use it when the worker gives it one (its ``cache`` attribute)."""
+
+    async def get(self, object_id: str) -> bytes | None: ...
+
+    async def put(self, object_id: str, body: bytes) -> None: ...
+
+
 class StampProvider(Protocol):
     name: str  # the configuration name (also the name of its pool-wide rate limit)
     survey: str
