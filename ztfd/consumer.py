@@ -302,7 +302,7 @@ class TopicConsumer:
         try:
             consumer = Consumer(settings)
         except Exception as exc:  # librdkafka refuses an option: a configuration error, named without its value
-            raise ConfigError(f"config: kafka.options: {kafka_option_problem(exc)}") from None
+            raise ConfigError(f"config: kafka.options: {kafka_option_problem(exc, self.cfg.kafka.options)}") from None
         self.assigned.clear()
         return consumer
 
@@ -708,13 +708,17 @@ def topic_source(cfg: Config, topic: str, schema_cache: StoredSchemas | None) ->
         raise ConfigError(f"config: kafka.formats: topic {topic} ({name}): {exc}") from None
 
 
-def kafka_option_problem(exc: BaseException) -> str:
-    """What librdkafka says about a refused option, keeping only the option's name (values may be secrets)."""
-    text = str(exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else exc)
-    named = re.findall(r'property "?([A-Za-z0-9._-]+)"?', text)
-    if named:
-        return f"librdkafka refuses option {named[-1]}" + (" (no such option)" if "No such" in text else "")
-    return "librdkafka refuses the options"
+def kafka_option_problem(exc: BaseException, options: dict[str, Any]) -> str:
+    """What librdkafka says about refused options, with every configured option value masked (librdkafka repeats
+    values in its sentences, and they may be secrets); an unknown option is named."""
+    error = exc.args[0] if exc.args else None
+    text = error.str() if hasattr(error, "str") else str(exc)
+    named = re.findall(r'property:? "([A-Za-z0-9._-]+)"', text)
+    if "No such configuration property" in text and named:
+        return f"librdkafka has no option {named[-1]}"
+    for value in sorted({str(v) for v in options.values() if str(v)}, key=len, reverse=True):
+        text = text.replace(value, "***")
+    return f"librdkafka: {text.removeprefix('Failed to create consumer: ')}"
 
 
 def run(cfg: Config, topic: str, name: str) -> int:
