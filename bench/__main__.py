@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.common import Results, Row, Settings, machine, render
 
-SECTIONS = ("ingest", "stamps", "sync", "e2e")
+SECTIONS = ("ingest", "avro", "stamps", "sync", "e2e")
 
 
 def main(argv: list[str] | None = None) -> int:

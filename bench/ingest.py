@@ -45,9 +45,10 @@ def run(settings: Settings, results: Results) -> None:
             for kind in order:
                 os.sync()
                 if kind == "ztfd":
-                    rates[kind].append(_ztfd(services.kafka.bootstrap, count, work / f"ztfd-{run_index}", results))
+                    rates[kind].append(consume_rate(services.kafka.bootstrap, count, work / f"ztfd-{run_index}",
+                                                    results))
                 else:
-                    rates[kind].append(_baseline(services.kafka.bootstrap, kind, count, work / f"{kind}-{run_index}"))
+                    rates[kind].append(loop_rate(services.kafka.bootstrap, kind, count, work / f"{kind}-{run_index}"))
             print(f"  run {run_index + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()), flush=True)
     results.raw["ingest"] = {"messages": count, "alerts_per_s": rates}
     bare, naive, ztfd = (median(rates[k]) for k in ("bare", "naive", "ztfd"))
@@ -60,9 +61,10 @@ def run(settings: Settings, results: Results) -> None:
     )
 
 
-def _baseline(bootstrap: str, kind: str, count: int, out: Path) -> float:
+def loop_rate(bootstrap: str, kind: str, count: int, out: Path, topic: str = TOPIC) -> float:
+    """Messages/s of a baseline loop (``bench.baselines``) in a child process, first to last message."""
     group = f"bench-{kind}-{time.time_ns()}"
-    child = python_child("bench.baselines", kind, "--bootstrap", bootstrap, "--topic", TOPIC, "--group", group,
+    child = python_child("bench.baselines", kind, "--bootstrap", bootstrap, "--topic", topic, "--group", group,
                          "--count", str(count), "--out", str(out), log_path=out.parent / f"{out.name}.log")
     stdout, _ = child.communicate(timeout=600)
     if child.returncode != 0:
@@ -71,15 +73,19 @@ def _baseline(bootstrap: str, kind: str, count: int, out: Path) -> float:
     return timing["count"] / max(1e-9, timing["last"] - timing["first"])
 
 
-def _ztfd(bootstrap: str, count: int, home: Path, results: Results) -> float:
+def consume_rate(bootstrap: str, count: int, home: Path, results: Results, topic: str = TOPIC,
+                 message_format: str = "lasair") -> float:
+    """Alerts/s of ``ztfd consume`` (stamps off) of a topic of ``count`` messages, first received to last file
+    recorded."""
     config_path = write_config(home / "ztfd.toml", home, {
-        "kafka": {"bootstrap_servers": bootstrap, "group_id": f"bench-ztfd-{time.time_ns()}", "topics": [TOPIC]},
+        "kafka": {"bootstrap_servers": bootstrap, "group_id": f"bench-ztfd-{time.time_ns()}", "topics": [topic]},
         "kafka.options": {**FAST_KAFKA_OPTIONS, "auto.offset.reset": "earliest"},
+        "kafka.formats": {topic: message_format},
         "stamps": {"enabled": False},
     })
     conn = store.connect(home / "state" / "ztfd.sqlite3")
     try:
-        with RssSampler() as sampler, ztfd_child(config_path, "consume", "--topic", TOPIC,
+        with RssSampler() as sampler, ztfd_child(config_path, "consume", "--topic", topic,
                                                  log_path=home / "consume.out", sampler=sampler):
             wait_until(lambda: count_alerts(conn) + sum(rejected_counts(conn).values()) >= count,
                        timeout=900, interval=0.2, what=f"{count} alerts stored by ztfd consume")

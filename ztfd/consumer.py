@@ -67,6 +67,7 @@ HEARTBEAT_EVERY = 5.0
 METADATA_EVERY = 10.0  # seconds between looks at the topic's partitions (new topic, new partitions, recreation)
 RECENT_DATES_WINDOW = 2 * 86400.0
 REGISTRY_TIMEOUT = 30.0  # seconds per request to a schema registry
+BATCH_BYTES = 2 * 1024 * 1024  # a batch holds at most about this many bytes of messages (see _next_batch)
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,8 @@ class TopicConsumer:
         self.last_heartbeat = 0.0
         self.assigned: set[int] = set()
         self.last_metadata_check = -METADATA_EVERY
+        self.message_bytes = 1024.0  # moving average of the messages' size, for the batch's bound in bytes
+        self.batch_limit = cfg.kafka.batch_size
         self.stored_total = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
@@ -198,7 +201,7 @@ class TopicConsumer:
                     in_flight.append(batch)
                 # Store the older batch once a newer one is being written; at a trickle (Kafka had no more
                 # waiting) or when idle, store at once rather than after the next poll.
-                caught_up = len(messages) < self.cfg.kafka.batch_size
+                caught_up = len(messages) < self.batch_limit
                 while in_flight and (len(in_flight) > 1 or caught_up or self.files.answered()):
                     self._store_oldest(in_flight)
                 self._look_at_topic()
@@ -227,9 +230,15 @@ class TopicConsumer:
         first = self.consumer.poll(POLL_TIMEOUT)
         if first is None:
             return []
-        if self.cfg.kafka.batch_size == 1:
+        self.batch_limit = max(1, min(self.cfg.kafka.batch_size, int(BATCH_BYTES // self.message_bytes)))
+        if self.batch_limit == 1:
             return [first]
-        return [first, *self.consumer.consume(self.cfg.kafka.batch_size - 1, DRAIN_TIMEOUT)]
+        messages = [first, *self.consumer.consume(self.batch_limit - 1, DRAIN_TIMEOUT)]
+        # Batches are also bounded by their bytes (a batch is held twice, as messages and as files): a moving
+        # average of the message size keeps 1000 ZTF packets (~70 kB each) from becoming one 200 MB batch.
+        size = sum(len(m.value() or b"") for m in messages) / len(messages)
+        self.message_bytes = max(1.0, 0.5 * self.message_bytes + 0.5 * size)
+        return messages
 
     def _store_oldest(self, in_flight: deque[Batch]) -> None:
         """Wait for the oldest batch's files, then store it; through local trouble, pause and redo every batch in
@@ -292,6 +301,9 @@ class TopicConsumer:
             "group.id": self.cfg.kafka.group_id,
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
+            # librdkafka's read-ahead (64 MB by default) would be a consumer's largest memory: 8 MB is still
+            # ~8,000 Lasair rows and ~100 ZTF packets ahead (kafka.options can set it).
+            "queued.max.messages.kbytes": 8192,
             "error_cb": self._on_kafka_error,
             "logger": librdkafka_logger(),
         }
