@@ -24,7 +24,7 @@ from ztfd import store
 from ztfd.demo import FAST_KAFKA_OPTIONS, LOCAL_AWS_ENV, Daemon, has_supervisor, write_config
 from ztfd.store import jobs
 from ztfd.store.alerts import count_alerts, iter_alerts
-from ztfd.store.manifest import ManifestFile, file_counts, manifest_files
+from ztfd.store.manifest import ManifestFile, count_pending, manifest_files
 
 TOPIC = "lasair_bench-e2e"
 PROBE = "ZTF00probe"  # the first message: produced and stored before the measured stream
@@ -159,7 +159,7 @@ def _produce(bootstrap: str, packets: list, count: int, settings: Settings) -> d
 def _finished(conn: sqlite3.Connection, count: int) -> bool:
     stored = count_alerts(conn) - count_alerts(conn, PROBE)
     open_jobs = jobs.counts(conn).unfinished
-    pending = file_counts(conn).pending
+    pending = count_pending(conn)
     return stored >= count and open_jobs == 0 and pending == 0
 
 

@@ -16,9 +16,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.common import Results, Row, RssSampler, Settings, median, ratio, scalar, ztfd_child
+from bench.common import Results, Row, RssSampler, Settings, median, ratio, ztfd_child
 from ztfd import files, store
 from ztfd.demo import LOCAL_AWS_ENV, child_env, write_config
+from ztfd.store import manifest
+from ztfd.sync import status as sync_status
 
 MOTO_ACCOUNT = "123456789012"
 
@@ -114,7 +116,7 @@ def _mark_uploaded(home: Path) -> None:
     conn = store.connect(home / "state" / "ztfd.sqlite3")
     try:
         with store.transaction(conn):
-            conn.execute("UPDATE manifest SET state = 'done', uploaded_at = ?, etag = md5", (time.time(),))
+            manifest.mark_all_uploaded(conn)
     finally:
         conn.close()
 
@@ -123,10 +125,10 @@ def _reset_manifest(home: Path) -> None:
     conn = store.connect(home / "state" / "ztfd.sqlite3")
     try:
         with store.transaction(conn):
-            conn.execute("UPDATE manifest SET state = 'pending', uploaded_at = NULL, etag = NULL, attempts = 0, "
-                         "last_error = NULL")
-            conn.execute("DELETE FROM status")
-        pending = scalar(conn, "SELECT count(*) FROM manifest WHERE state = 'pending'")
+            manifest.mark_all_pending(conn)
+            for key in (sync_status.STATUS_LAST_PASS, sync_status.STATUS_LAST_ERROR):
+                store.set_status(conn, key, None)
+        pending = manifest.count_pending(conn)
     finally:
         conn.close()
     if not pending:
@@ -136,7 +138,7 @@ def _reset_manifest(home: Path) -> None:
 def _upload(tool: str, home: Path, bucket: str, endpoint: str, results: Results, expect_nothing: bool = False) -> float:
     """Wall seconds of one ``tool`` pass from ``home/data`` to ``s3://bucket/data/``."""
     if tool == "ztfd":
-        if not expect_nothing and scalar_pending(home) == 0:
+        if not expect_nothing and pending_files(home) == 0:
             _reset_manifest(home)
         config_path = write_config(home / "ztfd.toml", home, {
             "kafka": {"bootstrap_servers": "127.0.0.1:1", "group_id": "bench", "topics": ["t"]},
@@ -172,7 +174,7 @@ def _upload(tool: str, home: Path, bucket: str, endpoint: str, results: Results,
 def _last_pass_files(home: Path) -> int:
     conn = store.connect(home / "state" / "ztfd.sqlite3")
     try:
-        last = store.get_status(conn, "sync.last_pass")
+        last = store.get_status(conn, sync_status.STATUS_LAST_PASS)
     finally:
         conn.close()
     if last is None or last[0] is None:
@@ -180,10 +182,10 @@ def _last_pass_files(home: Path) -> int:
     return int(json.loads(last[0])["files"])
 
 
-def scalar_pending(home: Path) -> int:
+def pending_files(home: Path) -> int:
     conn = store.connect(home / "state" / "ztfd.sqlite3")
     try:
-        return int(scalar(conn, "SELECT count(*) FROM manifest WHERE state = 'pending'"))
+        return manifest.count_pending(conn)
     finally:
         conn.close()
 

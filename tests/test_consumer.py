@@ -470,9 +470,10 @@ class FakeCutoutSource:
         if value == b"boom":
             raise RuntimeError("a bug in a source")
         candid = value.decode()  # type: ignore[union-attr]
+        jd = 2459458.76448 + int(candid[-3:]) / 86400  # each detection at its own time
         return sources.Alert(
             raw=b"\x00avro\x01" + value, survey=sources.ZTF, object_id="ZTF21abvawaj",  # type: ignore[operator]
-            detection_id=candid, times=[sources.TimeField("jd", 2459458.76448, "jd", "utc")],
+            detection_id=candid, times=[sources.TimeField("jd", jd, "jd", "utc")],
             observation_key="jd", date_rule=sources.UTC_DATE, suffix=".avro", view={"candid": candid},
             cutouts=tuple(sources.Cutout(kind, f"{kind} of {candid}".encode(), ".fits.gz")
                           for kind in sources.STAMP_TYPES),

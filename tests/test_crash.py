@@ -35,7 +35,7 @@ from ztfd.embedded.s3 import S3Server
 from ztfd.embedded.samples import STAMP_TYPES, message_stream, packets
 from ztfd.store import jobs as store_jobs
 from ztfd.store.alerts import count_alerts, iter_alerts
-from ztfd.store.manifest import file_counts
+from ztfd.store.manifest import FileState, count_pending, state_totals
 from ztfd.store.processes import processes
 from ztfd.store.rejected import rejected_counts
 from ztfd.store.stamps import stamp_records
@@ -210,7 +210,7 @@ def test_nothing_lost_or_duplicated_under_kill9_and_outages(broker: ProxiedBroke
             def settled() -> bool:
                 stored = count_alerts(conn)
                 open_jobs = store_jobs.counts(conn).unfinished
-                pending = file_counts(conn).pending
+                pending = count_pending(conn)
                 return stored == ALERTS and open_jobs == 0 and pending == 0
 
             wait_until(settled, 150, "every alert stored, every stamp job finished and every file uploaded")
@@ -276,8 +276,8 @@ def test_nothing_lost_or_duplicated_under_kill9_and_outages(broker: ProxiedBroke
     on_disk = {f"archive/{rel}": files.md5_file(path) for rel, path in synced_files(cfg.home).items()}
     in_bucket = {key: etag for key, (_size, etag) in s3.objects(bucket).items()}
     assert in_bucket == on_disk
-    files_known = file_counts(conn)
-    assert files_known.done == files_known.total
+    files_known = state_totals(conn)
+    assert files_known[FileState.DONE].files == sum(t.files for t in files_known.values())
 
     # Nothing running: no supervisor, no child, no pidfile.
     assert not cfg.pidfile.exists()

@@ -126,7 +126,10 @@ def seqs_on_disk(home: Path) -> Counter[int]:
 
 def stored(db: Path) -> int:
     with reading(db) as conn:
-        return count_alerts(conn)
+        try:
+            return count_alerts(conn)
+        except sqlite3.OperationalError:  # the consumer is creating the store right now
+            return 0
 
 
 def next_offsets(db: Path, topic: str) -> int:

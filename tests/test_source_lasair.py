@@ -9,18 +9,22 @@ import pytest
 
 from ztfd import nights
 from ztfd.embedded import lsst_samples
-from ztfd.sources import DAY_OBS, LSST, SOURCES, UTC_DATE, ZTF, Alert, InvalidMessageError, lasair
+from ztfd.sources import DAY_OBS, LSST, SOURCES, UTC_DATE, ZTF, Alert, InvalidMessageError, alert_files, lasair
 
-MAX = 10_000
 RECEIVED = dt.datetime(2026, 11, 24, 3, 0, tzinfo=dt.UTC)
-SOURCE = lasair.LasairSource(MAX)
+SOURCE = lasair.LasairSource()
 
 
-def decoded(body: dict | bytes, max_bytes: int = MAX) -> Alert:
+def decoded(body: dict | bytes) -> Alert:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    alert = lasair.LasairSource(max_bytes).decode(raw, None)
+    alert = SOURCE.decode(raw, None)
     nights.convert_times([alert])
     return alert
+
+
+def document(alert: Alert) -> bytes:
+    """The alert file the consumer writes for a Lasair message."""
+    return alert_files(alert, "data", "stem", "images", {"topic": "t"})[0][1]
 
 
 def date(alert: Alert) -> str:
@@ -74,7 +78,7 @@ HUGE_INT = "1" + "0" * 5000
 )
 def test_bad_messages_are_rejected_with_a_reason(raw: bytes | None, reason: str) -> None:
     with pytest.raises(InvalidMessageError) as caught:
-        lasair.LasairSource(1_000_000).decode(raw, None)
+        SOURCE.decode(raw, None)
     assert reason in str(caught.value)
     assert "\n" not in str(caught.value)
     assert len(str(caught.value)) < 200
@@ -83,16 +87,6 @@ def test_bad_messages_are_rejected_with_a_reason(raw: bytes | None, reason: str)
 def test_the_source_is_registered_under_its_contract_name() -> None:
     assert SOURCES["lasair"] is lasair.LasairSource
     assert SOURCE.format == "lasair"
-
-
-def test_a_message_larger_than_the_limit_is_rejected() -> None:
-    body = json.dumps({"objectId": "ZTF21abvawaj", "pad": "x" * 200}).encode()
-    with pytest.raises(InvalidMessageError, match=r"exceeds kafka\.max_message_bytes"):
-        lasair.LasairSource(100).decode(body, None)
-
-
-def test_the_default_limit_is_lasair_lssts_ten_mebibytes() -> None:
-    assert lasair.LasairSource().max_message_bytes == 10 * 1024 * 1024
 
 
 def test_ztf_date_is_the_utc_date_of_the_newest_observation_time() -> None:
@@ -140,7 +134,7 @@ def test_bare_nan_and_infinity_are_accepted_and_count_as_missing() -> None:
     assert alert.times_utc == {}
     assert alert.observation_key is None and alert.detection_id is None
     assert nights.date_of(alert, None, RECEIVED).dated_by == "UTC"
-    doc = lasair.document(alert, {"topic": "t"})
+    doc = document(alert)
     assert raw in doc  # verbatim, bare NaN and all: Python's json reads it back
     assert json.loads(doc)["message"]["diaObjectId"] == 313637921267122191
 
@@ -173,7 +167,7 @@ def test_lsst_derived_and_model_times_are_converted_but_never_date_the_alert() -
 
 
 def test_lsst_full_output_the_real_sample_is_dated_by_its_newest_dia_source() -> None:
-    alert = decoded(lsst_samples.lasair_fixture_message("full"), 1_000_000)
+    alert = decoded(lsst_samples.lasair_fixture_message("full"))
     assert alert.observation_key == "alert.diaSourcesList[0].midpointMjdTai"
     assert alert.detection_id == "313673107864813598"  # beyond 2**53, exact
     assert alert.band == "i"
@@ -184,7 +178,7 @@ def test_lsst_full_output_the_real_sample_is_dated_by_its_newest_dia_source() ->
 
 
 def test_lsst_lite_output_has_no_ids_but_is_dated_by_its_dia_sources() -> None:
-    alert = decoded(lsst_samples.lasair_fixture_message("lite"), 1_000_000)
+    alert = decoded(lsst_samples.lasair_fixture_message("lite"))
     assert alert.detection_id is None
     assert alert.band == "i"
     assert nights.date_of(alert, None, RECEIVED) == nights.Dating(
@@ -223,16 +217,11 @@ def test_one_chilean_night_is_one_day_obs_across_midnight_utc() -> None:
     assert nights.day_obs_of_moment(dt.datetime(2025, 11, 4, 11, 59, 24, tzinfo=dt.UTC)) == "2025-11-04"
 
 
-def test_document_keeps_the_message_bytes_verbatim() -> None:
-    raw = b'{"diaObjectId": 313637921267122191, "ra": 9.057050050707765}'
-    doc = lasair.document(SOURCE.decode(raw, None), {"topic": "t"})
-    assert raw in doc
+def test_the_alert_file_keeps_the_message_bytes_verbatim() -> None:
+    raw = b'  {"diaObjectId": 313637921267122191, "ra": 9.057050050707765}\n'
+    doc = document(SOURCE.decode(raw, None))
+    assert doc.startswith(b'{"message": ' + raw + b', "ztfd"')
     assert json.loads(doc)["message"]["diaObjectId"] == 313637921267122191
-
-
-def test_file_names_are_stable_and_distinguish_generations() -> None:
-    assert lasair.file_name("ZTF21abvawaj", 0, 12, 0) == "ZTF21abvawaj_p0-o12.json"
-    assert lasair.file_name("ZTF21abvawaj", 0, 12, 1) == "ZTF21abvawaj_g1-p0-o12.json"
 
 
 def test_only_time_like_names_are_time_fields() -> None:
@@ -251,15 +240,8 @@ def test_nested_lsst_times_are_converted_and_count_for_the_date() -> None:
     assert date(alert) == "2025-11-03"
 
 
-def test_document_is_byte_exact_even_with_surrounding_whitespace() -> None:
-    raw = b'  {"objectId": "ZTF21abvawaj"}\n'
-    doc = lasair.document(SOURCE.decode(raw, None), {})
-    assert doc.startswith(b'{"message": ' + raw + b', "ztfd"')
-    assert json.loads(doc)["message"] == {"objectId": "ZTF21abvawaj"}
-
-
 def test_lsst_plain_output_of_the_real_objects_row() -> None:
-    alert = decoded(lsst_samples.lasair_fixture_message("plain"), 1_000_000)
+    alert = decoded(lsst_samples.lasair_fixture_message("plain"))
     assert nights.date_of(alert, None, RECEIVED) == nights.Dating("2025-11-03", DAY_OBS, "lastDiaSourceMjdTai")
     # Lasair's derived times are converted for the file; validityStartMjdTai is 100 days later and ignored.
     assert {"i_latestMJD", "g_latestMJD", "latestPairMJD", "validityStartMjdTai"} <= set(alert.times_utc)
@@ -270,7 +252,7 @@ def test_lsst_plain_output_of_the_real_objects_row() -> None:
 def test_messages_built_from_the_real_rubin_alerts_in_every_mode(mode: str) -> None:
     for sample in lsst_samples.object_alerts():
         raw = json.dumps(lsst_samples.message(sample, mode)).encode()
-        alert = decoded(raw, 1_000_000)
+        alert = decoded(raw)
         assert alert.object_id == str(sample.dia_object_id)
         assert nights.date_of(alert, None, RECEIVED).date == "2026-03-05"  # dayObs of visits 20260305000xx
         assert alert.detection_id == (str(sample.dia_source_id) if mode == "full" else None)

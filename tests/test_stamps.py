@@ -573,11 +573,11 @@ def test_a_hung_side_step_times_out_and_its_job_goes_back(make_config, stamp_ser
     real_render = preview.RENDERERS["fast"]
     hung = []
 
-    def render_hanging_once(object_id, *args):
+    def render_hanging_once(object_id, *args, **kwargs):
         if object_id == stuck.object_id and not hung:
             hung.append(object_id)
             release.wait(60)  # a renderer stuck in a library, a write to a dead disk
-        return real_render(object_id, *args)
+        return real_render(object_id, *args, **kwargs)
 
     monkeypatch.setitem(preview.RENDERERS, "fast", render_hanging_once)
     worker = Worker(cfg, "fetcher-1", heartbeat=False)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import itertools
+import json
 import os
 import signal
 import sqlite3
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,9 @@ import pytest
 from tests.conftest import child_env, wait_until, ztfd_command
 from ztfd import config, files, store, sync
 from ztfd.embedded.s3 import S3Server
+from ztfd.store import manifest
+from ztfd.sync import pending, reconcile, retention, upload
+from ztfd.sync.s3 import make_client
 
 _bucket_numbers = itertools.count()
 
@@ -41,6 +46,7 @@ def s3(s3_server: S3Server) -> Iterator[S3Server]:
     s3_server.proxy.reset()
     yield s3_server
     s3_server.proxy.delay = 0.0
+    s3_server.proxy.missing_keys_forbidden = False
     if s3_server.proxy.is_cut:
         s3_server.proxy.restore()
 
@@ -231,8 +237,8 @@ def test_mark_uploaded_keeps_a_row_pending_when_new_content_was_recorded_meanwhi
     with store.transaction(conn):
         store.record_files(conn, [("data/a.json", 1, "a" * 32), ("data/b.json", 1, "b" * 32)])
         store.record_files(conn, [("data/a.json", 2, "c" * 32)])  # a writer recorded new content
-    sync.mark_uploaded(conn, [sync.Uploaded("data/a.json", "a" * 32, 1, "a" * 32, "a" * 32),
-                              sync.Uploaded("data/b.json", "b" * 32, 1, "b" * 32, "b" * 32)], [])
+    manifest.mark_uploaded(conn, [manifest.UploadedFile("data/a.json", "a" * 32, 1, "a" * 32, "a" * 32),
+                                  manifest.UploadedFile("data/b.json", "b" * 32, 1, "b" * 32, "b" * 32)], [])
     states = dict(conn.execute("SELECT path, state FROM manifest").fetchall())
     assert states == {"data/a.json": "pending", "data/b.json": "done"}
 
@@ -450,7 +456,7 @@ def test_daemon_passes_heartbeats_and_stops_on_sigterm(make_home: Callable[..., 
 def test_summary_of_an_empty_store(tmp_path: Path) -> None:
     conn = store.connect(tmp_path / "s.sqlite3")
     assert sync.summary(conn) == {"pending": 0, "pending_bytes": 0, "done": 0, "done_bytes": 0, "archived": 0,
-                                  "failing": 0, "last_pass": None, "last_error": None}
+                                  "failing": 0, "unverified": 0, "last_pass": None, "last_error": None}
 
 
 def test_pass_lock_is_exclusive_and_released(tmp_path: Path) -> None:
@@ -475,18 +481,18 @@ def test_retention_never_deletes_content_rewritten_while_it_runs(make_home: Call
     with store.transaction(home.conn):
         home.conn.execute("UPDATE manifest SET uploaded_at = ?", (time.time() - 2 * 86400,))
     victim = sorted(written)[0]
-    checked = sync._may_delete
+    checked = retention.Retention.may_delete
 
-    def then_rewritten(conn: sqlite3.Connection, cfg: config.Config, client: Any, row: sqlite3.Row) -> Any:
-        verdict = checked(conn, cfg, client, row)
-        if row["path"] == victim:  # replay --force rewrites it between the check and the archive/unlink
+    def then_rewritten(self: retention.Retention, row: manifest.OldUpload) -> Any:
+        verdict = checked(self, row)
+        if row.path == victim:  # replay --force rewrites it between the check and the archive/unlink
             home.write(victim, b"new content")
         return verdict
 
-    monkeypatch.setattr(sync, "_may_delete", then_rewritten)
+    monkeypatch.setattr(retention.Retention, "may_delete", then_rewritten)
     for key, value in home.server.env().items():
         monkeypatch.setenv(key, value)
-    deleted = sync.apply_retention(home.conn, home.cfg, sync.make_client(home.cfg), threading.Event())
+    deleted = retention.apply_retention(home.conn, home.cfg, make_client(home.cfg), threading.Event()).deleted
     assert deleted == 3
     assert (home.path / victim).read_bytes() == b"new content"  # before: unlinked although pending
     assert home.row(victim)["state"] == "pending"
@@ -500,17 +506,17 @@ def test_rewritten_after_archiving_but_before_recording_is_kept(make_home: Calla
     assert home.sync().returncode == 0
     with store.transaction(home.conn):
         home.conn.execute("UPDATE manifest SET uploaded_at = ?", (time.time() - 2 * 86400,))
-    checked = sync._may_delete
+    checked = retention.Retention.may_delete
 
-    def then_rewritten(conn: sqlite3.Connection, cfg: config.Config, client: Any, row: sqlite3.Row) -> Any:
-        verdict = checked(conn, cfg, client, row)
+    def then_rewritten(self: retention.Retention, row: manifest.OldUpload) -> Any:
+        verdict = checked(self, row)
         home.write(victim, b"new", record=False)  # on disk, not yet recorded: the row still says done
         return verdict
 
-    monkeypatch.setattr(sync, "_may_delete", then_rewritten)
+    monkeypatch.setattr(retention.Retention, "may_delete", then_rewritten)
     for key, value in home.server.env().items():
         monkeypatch.setenv(key, value)
-    assert sync.apply_retention(home.conn, home.cfg, sync.make_client(home.cfg), threading.Event()) == 0
+    assert retention.apply_retention(home.conn, home.cfg, make_client(home.cfg), threading.Event()).deleted == 0
     assert (home.path / victim).read_bytes() == b"new"
     assert home.row(victim)["state"] == "done"  # the writer's record_files makes it pending next
 
@@ -518,9 +524,7 @@ def test_rewritten_after_archiving_but_before_recording_is_kept(make_home: Calla
 def test_retention_query_uses_its_index(tmp_path: Path) -> None:
     conn = store.connect(tmp_path / "ztfd.sqlite3")
     plan = " ".join(row[3] for row in conn.execute(
-        "EXPLAIN QUERY PLAN SELECT path, size, md5, uploaded_at FROM manifest WHERE state = 'done' "
-        "AND uploaded_at < ? AND (uploaded_at > ? OR (uploaded_at = ? AND path > ?)) "
-        "ORDER BY uploaded_at, path LIMIT ?", (1.0, 0.0, 0.0, "", 64)))
+        "EXPLAIN QUERY PLAN " + manifest.OLD_UPLOADS_QUERY, (1.0, 0.0, 0.0, "", 64)))
     assert "manifest_uploaded" in plan and "TEMP B-TREE" not in plan, plan
 
 
@@ -534,9 +538,9 @@ def test_full_applies_its_plan_in_short_transactions(tmp_path: Path, monkeypatch
         return real(connection, *args, **kwargs)
 
     monkeypatch.setattr(store, "transaction", counting)
-    monkeypatch.setattr(sync, "APPLY_CHUNK", 2)
-    plan = sync.Plan(added=[(f"data/{i}.json", 1, "a" * 32) for i in range(5)])
-    sync.apply_plan(conn, plan)
+    monkeypatch.setattr(reconcile, "APPLY_CHUNK", 2)
+    plan = reconcile.Plan(added=[(f"data/{i}.json", 1, "a" * 32) for i in range(5)])
+    reconcile.apply_plan(conn, plan)
     assert len(opened) == 3  # 2 + 2 + 1 rows
     assert conn.execute("SELECT count(*) FROM manifest").fetchone()[0] == 5
 
@@ -547,7 +551,7 @@ def test_larger_single_part_files_are_streamed_not_read_whole(make_home: Callabl
     big = os.urandom(3 * 1024 * 1024 + 5)
     small = b"x" * 100
     paths = [home.write("images/2024-05-01/o/1_science.fits.gz", big), home.write("data/2024-05-01/t/a.json", small)]
-    monkeypatch.setattr(sync, "IN_MEMORY_MAX", 1024 * 1024)
+    monkeypatch.setattr(upload, "IN_MEMORY_MAX", 1024 * 1024)
     reads: list[int] = []
     real_open = Path.open
 
@@ -566,9 +570,9 @@ def test_larger_single_part_files_are_streamed_not_read_whole(make_home: Callabl
     monkeypatch.setattr(Path, "open", watched_open)
     for key, value in home.server.env().items():
         monkeypatch.setenv(key, value)
-    uploader = sync.Uploader(home.cfg, sync.make_client(home.cfg), threading.Event())
+    uploader = upload.Uploader(home.cfg, make_client(home.cfg), threading.Event())
     for path, data in zip(paths, (big, small), strict=True):
-        uploaded = uploader.upload(sync.Item(path, len(data), hashlib.md5(data).hexdigest()))
+        uploaded = uploader.upload(manifest.FileRecord(path, len(data), hashlib.md5(data).hexdigest()))
         assert (uploaded.size, uploaded.md5) == (len(data), hashlib.md5(data).hexdigest())
     assert reads and max(reads) <= 1 << 20, reads  # hashed in blocks and streamed: never read whole
     assert home.objects() == {home.prefix + p: (len(d), hashlib.md5(d).hexdigest())
@@ -589,7 +593,7 @@ def test_persistent_5xx_is_an_outage_that_blames_no_file(make_home: Callable[...
     after = home.conn.execute("SELECT * FROM manifest ORDER BY path").fetchall()
     assert [tuple(r) for r in after] == [tuple(r) for r in before], "an outage must not bump every row's attempts"
     # It stopped after a few files instead of working through all 30 (2 botocore attempts each).
-    assert len(home.puts()) <= sync.OUTAGE_AFTER + 2 * 4, home.puts()
+    assert len(home.puts()) <= pending.OUTAGE_AFTER + 2 * 4, home.puts()
 
     result = home.sync()
     assert result.returncode == 0, result.stderr
@@ -606,3 +610,153 @@ def test_a_few_5xx_failures_are_the_files_failures(make_home: Callable[..., Home
         home.server.proxy.fail_with(None)  # type: ignore[union-attr]
     assert result.returncode == 1 and "2 files failed" in result.stderr, result.stderr
     assert [row["attempts"] for row in home.conn.execute("SELECT attempts FROM manifest")] == [1, 1]
+
+
+# --- retention against what S3 really answers: ETags, 403 for a missing object, the documented IAM policy ------
+
+
+def age_uploads(home: Home, days: float = 2) -> None:
+    with store.transaction(home.conn):
+        home.conn.execute("UPDATE manifest SET uploaded_at = ? WHERE state = 'done'", (time.time() - days * 86400,))
+
+
+@pytest.mark.parametrize("kind", ["single-part", "multipart"])
+def test_retention_requeues_a_file_whose_s3_copy_has_other_bytes_of_the_same_size(
+        make_home: Callable[..., Home], kind: str) -> None:
+    home = make_home(delete_local_after_days=1, multipart_threshold=1024 * 1024)
+    size = 100 if kind == "single-part" else 6 * 1024 * 1024 + 7  # 2 parts of at least 5 MiB
+    intact = home.write(f"images/2024-05-01/o/{kind}-intact.fits.gz", os.urandom(size))
+    replaced_data = os.urandom(size)
+    replaced = home.write(f"images/2024-05-01/o/{kind}-replaced.fits.gz", replaced_data)
+    assert home.sync().returncode == 0
+    if kind == "multipart":
+        assert home.row(intact)["etag"].endswith("-2")
+    # Someone (another tool, a bad restore) overwrote one object with other bytes of the same size.
+    home.server.client(direct=True).put_object(Bucket=home.bucket, Key=home.prefix + replaced, Body=os.urandom(size))
+    age_uploads(home)
+
+    result = home.sync()
+    assert result.returncode == 1 and "1 pending" in result.stdout, result.stdout + result.stderr
+    assert not (home.path / intact).exists() and home.row(intact)["state"] == "archived"  # same ETag: verified
+    assert (home.path / replaced).read_bytes() == replaced_data  # before: deleted, S3 holding other bytes
+    assert home.row(replaced)["state"] == "pending"
+
+    assert home.sync().returncode == 0  # uploaded again: S3 holds the archive's bytes
+    assert home.objects()[home.prefix + replaced][0] == size
+    body = home.server.client(direct=True).get_object(Bucket=home.bucket, Key=home.prefix + replaced)["Body"]
+    assert body.read() == replaced_data
+
+
+def test_retention_counts_a_403_as_unverified_and_uploads_the_file_again_after_a_few_passes(
+        make_home: Callable[..., Home]) -> None:
+    home = make_home(delete_local_after_days=1)
+    written = home.write_many(3)
+    assert home.sync().returncode == 0
+    lost = sorted(written)[0]
+    home.server.client(direct=True).delete_object(Bucket=home.bucket, Key=home.prefix + lost)  # a lifecycle rule
+    age_uploads(home)
+    home.server.proxy.missing_keys_forbidden = True  # type: ignore[union-attr]  # credentials without ListBucket
+
+    for attempt in range(1, retention.UNVERIFIED_PASSES):
+        result = home.sync()
+        assert result.returncode == 0, result.stderr  # nothing pending: the file is kept, nothing lost
+        assert "1 not verified on S3" in result.stdout
+        assert (home.path / lost).read_bytes() == written[lost] and home.row(lost)["state"] == "done"
+        summary = sync.summary(home.conn)
+        assert summary["unverified"] == 1 and summary["last_pass"]["unverified"] == 1, summary
+        assert "403" in summary["last_error"]["message"] and "s3:ListBucket" in summary["last_error"]["message"]
+        assert home.conn.execute("SELECT passes FROM retention_checks WHERE path = ?", (lost,)).fetchone()[0] == attempt
+    assert all(not (home.path / p).exists() for p in written if p != lost)  # the others were verified: deleted
+    log = (home.path / "logs" / "sync.log").read_text()
+    assert f"cannot verify {lost}" in log
+
+    flagged = home.sync()  # the last pass it may stay unverified: queued for upload again
+    assert flagged.returncode == 1 and "1 pending" in flagged.stdout, flagged.stdout
+    assert home.row(lost)["state"] == "pending" and "403" in home.row(lost)["last_error"]
+    assert sync.summary(home.conn)["last_pass"]["requeued"] == 1
+    assert "queued for upload again" in (home.path / "logs" / "sync.log").read_text()
+
+    again = home.sync()
+    assert again.returncode == 0, again.stderr
+    assert home.objects()[home.prefix + lost] == (len(written[lost]), hashlib.md5(written[lost]).hexdigest())
+    summary = sync.summary(home.conn)
+    assert summary["unverified"] == 0 and summary["last_error"] is None
+
+
+def documented_policy(bucket: str, prefix: str) -> dict[str, Any]:
+    """The IAM policy the README's "Sync to S3" section documents, for this bucket and prefix."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Sync to S3", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```json\n", 1)[1].split("```", 1)[0]
+    return json.loads(block.replace("<bucket>", bucket).replace("<prefix>", prefix))
+
+
+def iam_user(iam: Any, name: str, policy: dict[str, Any]) -> dict[str, str]:
+    """Credentials (as environment variables) of a new moto IAM user with ``policy`` inline."""
+    iam.create_user(UserName=name)
+    iam.put_user_policy(UserName=name, PolicyName=f"{name}-policy", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+
+@pytest.mark.parametrize("without", [None, "s3:GetObject"])
+def test_the_documented_iam_policy_is_what_sync_and_retention_need(make_config: Callable[..., Path], tmp_path: Path,
+                                                                   without: str | None) -> None:
+    """moto enforcing the README's policy (each request's action and resource): uploads, a multipart upload and
+    retention work with it; without s3:GetObject retention cannot verify (403) and deletes nothing."""
+    with S3Server() as server:
+        bucket, prefix = "ztfd-iam", "archive/"
+        admin = server.client(direct=True)
+        admin.create_bucket(Bucket=bucket)
+        policy = documented_policy(bucket, prefix)
+        if without:
+            for statement in policy["Statement"]:
+                actions = [statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"]
+                statement["Action"] = [a for a in actions if a != without]
+            policy["Statement"] = [st for st in policy["Statement"] if st["Action"]]
+        iam = boto3_client(server, "iam")
+        ztfd_keys = iam_user(iam, "ztfd", policy)
+        admin_keys = iam_user(iam, "admin", {"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "*", "Resource": "*"}]})
+        urllib.request.urlopen(urllib.request.Request(  # from now on moto checks every request against IAM
+            f"http://127.0.0.1:{server.backend_port}/moto-api/reset-auth", data=b"0", method="POST",
+            headers={"Content-Type": "text/plain"}), timeout=10)
+        admin = boto3_client(server, "s3", admin_keys)
+
+        home = Home(make_config(home=tmp_path / "iam", s3={
+            "bucket": bucket, "prefix": prefix, "endpoint_url": server.endpoint_url, "region": "us-east-1",
+            "max_attempts": 2, "delete_local_after_days": 1, "multipart_threshold": 1024 * 1024}),
+            server, bucket, prefix)
+        env = {**home.env(), **ztfd_keys}
+        written = home.write_many(4)
+        big = home.write("images/2024-05-01/o/big_science.fits.gz", os.urandom(6 * 1024 * 1024))
+        first = home.sync(env=env)
+        assert first.returncode == 0, first.stderr
+        keys = {o["Key"] for o in admin.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])}
+        assert keys == {prefix + p for p in [*written, big]}
+
+        lost = sorted(written)[0]
+        admin.delete_object(Bucket=bucket, Key=prefix + lost)
+        age_uploads(home)
+        second = home.sync(env=env)
+        summary = sync.summary(home.conn)
+        if without is None:  # every file verified and deleted, the lost one queued again
+            assert second.returncode == 1 and "1 pending" in second.stdout, second.stdout + second.stderr
+            assert summary["archived"] == 4 and home.row(lost)["state"] == "pending"
+            assert home.sync(env=env).returncode == 0
+            assert admin.head_object(Bucket=bucket, Key=prefix + lost)["ContentLength"] == len(written[lost])
+        else:  # nothing could be verified: everything kept, counted, reported
+            assert second.returncode == 0, second.stderr
+            assert summary["archived"] == 0 and summary["unverified"] == 5
+            assert all((home.path / p).exists() for p in [*written, big])
+            assert "403" in summary["last_error"]["message"]
+
+
+def boto3_client(server: S3Server, service: str, keys: dict[str, str] | None = None) -> Any:
+    """A client of moto itself (past the proxy) with these IAM credentials (the dummy ones by default)."""
+    import boto3
+
+    keys = keys or {"AWS_ACCESS_KEY_ID": "ztfd-test-access-key", "AWS_SECRET_ACCESS_KEY": "x"}
+    return boto3.session.Session().client(
+        service, endpoint_url=f"http://127.0.0.1:{server.backend_port}", region_name="us-east-1",
+        aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"])

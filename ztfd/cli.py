@@ -1,7 +1,8 @@
 """The ``ztfd`` command. Each subcommand loads the configuration, sets up logging, and calls one module.
 
-Exit codes: 0 success; 1 the work did not complete (failed stamps, failed uploads); 2 bad usage or a bad
-configuration (one line naming the key); 3 ``status`` when ztfd is not running (LSB convention).
+Exit codes: 0 success; 1 the work did not complete (failed stamps, failed uploads); 2 bad usage, a bad
+configuration (one line naming the key) or a store of a newer ztfd (one line); 3 ``status`` when ztfd is not
+running (LSB convention).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ SHORT = {
     "config": "Print the effective configuration.",
     "rejected": "List rejected (poison) messages.",
     "demo": "Run the pipeline on embedded local services.",
+    "metrics": "Serve Prometheus metrics in the foreground.",
+    "report": "Write a night's HTML report.",
 }
 
 
@@ -61,7 +64,20 @@ def process_name(default: str) -> str:
     return os.environ.get("ZTFD_PROCESS_NAME") or default
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Main(click.Group):
+    """The command group; a store this ztfd cannot read ends any command with one line and exit 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from ztfd.store.db import StoreVersionError
+
+        try:
+            return super().invoke(ctx)
+        except StoreVersionError as exc:
+            click.echo(f"ztfd: {exc}", err=True)
+            ctx.exit(EXIT_CONFIG)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option(
     "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
     help="Configuration file (default: $ZTFD_CONFIG, else etc/ztfd.toml).",
@@ -191,6 +207,50 @@ def rejected(ctx: click.Context, topic: str | None, limit: int) -> None:
 
     for line in consumer.describe_rejected(cfg, topic, limit):
         click.echo(line)
+
+
+@main.command(short_help=SHORT["metrics"])
+@click.pass_context
+def metrics(ctx: click.Context) -> None:
+    """Serve Prometheus metrics at http://<metrics.listen>/metrics until SIGTERM (the supervisor's metrics child)."""
+    cfg = load_config(ctx)
+    if not cfg.metrics.listen:
+        click.echo("ztfd: config: metrics.listen is empty: nothing to serve", err=True)
+        ctx.exit(EXIT_CONFIG)
+    setup_logging(cfg)
+    from ztfd import metrics as metrics_module
+
+    ctx.exit(metrics_module.run(cfg, process_name("metrics")))
+
+
+@main.command(short_help=SHORT["report"])
+@click.option("--date", "date", default=None, help="The night (partition date), YYYY-MM-DD.")
+@click.option("--topic", default=None, help="Only alerts of this topic (written under reports/<date>/<topic>/).")
+@click.option("--watch", is_flag=True, help="Rewrite reports of nights gone quiet, until SIGTERM (the daemon's).")
+@click.pass_context
+def report(ctx: click.Context, date: str | None, topic: str | None, watch: bool) -> None:
+    """Write <home>/reports/DATE/index.html: one card per object of the night, with stamps and light curve."""
+    cfg = load_config(ctx)
+    if watch == (date is not None):
+        click.echo("ztfd: report needs --date YYYY-MM-DD (or --watch, without --date)", err=True)
+        ctx.exit(EXIT_CONFIG)
+    setup_logging(cfg, console=watch)
+    from ztfd import report as report_module
+
+    if watch:
+        ctx.exit(report_module.run_watch(cfg, process_name("reporter")))
+    from ztfd import store
+
+    conn = store.connect(cfg.db_path)
+    try:
+        written = report_module.build(cfg, conn, str(date), topic)
+    except report_module.ReportError as exc:
+        click.echo(f"ztfd: report: {exc}", err=True)
+        ctx.exit(EXIT_CONFIG)
+    finally:
+        conn.close()
+    click.echo(f"ztfd report: {written.index} ({written.cards} objects, {written.pages} "
+               f"page{'s' if written.pages != 1 else ''})")
 
 
 @main.command(short_help=SHORT["demo"])

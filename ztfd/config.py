@@ -103,6 +103,16 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""  # host:port of the Prometheus endpoint; empty: no metrics process
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    after_quiet: float = 3600.0  # seconds a night stays quiet before the daemon (re)writes its report; 0: never
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     home: Path
@@ -111,6 +121,8 @@ class Config:
     s3: S3Config = field(default_factory=S3Config)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     # The runtime layout under ``home``; everything a user touches is documented in README "File layout".
     @property
@@ -124,6 +136,10 @@ class Config:
     @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
 
     @property
     def state_dir(self) -> Path:
@@ -160,6 +176,8 @@ SECTIONS: dict[str, type] = {
     "s3": S3Config,
     "supervisor": SupervisorConfig,
     "logging": LoggingConfig,
+    "metrics": MetricsConfig,
+    "report": ReportConfig,
 }
 REQUIRED = {("kafka", "group_id"), ("kafka", "topics")}
 # Keys whose value is one of a few words (compared case-insensitively for the log level).
@@ -400,4 +418,16 @@ def _check_type(section: str, key: str, fld: dataclasses.Field[Any], value: Any)
         names = providers.names_for(key.removesuffix("_provider"))
         if result not in (*names, *providers.NO_PROVIDER):
             raise ConfigError(f"config: {where} must be one of {', '.join((*names, 'none'))}")
+    if (section, key) == ("metrics", "listen") and result:
+        listen_address(result, where)
     return result
+
+
+def listen_address(value: str, key: str = "metrics.listen") -> tuple[str, int]:
+    """``host:port`` (``[::1]:9464`` for IPv6) as (host, port); ``ConfigError`` naming ``key`` otherwise."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in " /[]"):
+        raise ConfigError(f"config: {key} must be host:port, e.g. 127.0.0.1:9464 (empty turns metrics off)")
+    return host, int(port)

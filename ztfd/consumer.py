@@ -601,14 +601,14 @@ class TopicConsumer:
     def _insert_alerts(self, written: list[Accepted], now: float) -> list[int | None]:
         """Insert the alerts of a batch (inside the caller's transaction); each one's id, None if already stored."""
         return insert_alerts(self.conn, self.topic, [
-            NewAlert(e.item.partition, e.item.generation, e.item.offset, e.alert.object_id, e.date,
-                     e.alert.obs_mjd, e.path, e.alert.survey, e.alert.detection_id) for e in written], now)
+            NewAlert(e.item.partition, e.item.generation, e.item.offset, e.alert.object_id, e.date, e.alert.obs_mjd,
+                     e.path, e.alert.survey, e.alert.detection_id, e.alert.band) for e in written], now)
 
     def _stamp_job(self, entry: Accepted, alert_id: int) -> NewStampJob | None:
         """The alert's stamp job: only the preview when its packet carried the three stamps (written with the alert),
         else a fetch from its survey's provider, if one serves it."""
         alert = entry.alert
-        key = detection_key(alert.object_id, alert.obs_mjd, entry.date, alert.detection_id)
+        key = detection_key(alert.object_id, alert.obs_mjd, entry.date)
         if carries_stamps(alert):
             if self.cfg.stamps.enabled and self.cfg.stamps.previews:
                 return NewStampJob(alert_id, dedupe_key=key, kind=PREVIEW_JOB)

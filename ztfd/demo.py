@@ -31,9 +31,10 @@ from typing import Any
 import click
 
 from ztfd import store
+from ztfd.embedded.net import free_port
 from ztfd.store import jobs
 from ztfd.store.alerts import count_alerts
-from ztfd.store.manifest import file_counts
+from ztfd.store.manifest import FileState, state_totals
 from ztfd.store.rejected import rejected_counts
 
 # Options for local brokers: a short metadata refresh notices new topics fast (see README "Testing").
@@ -50,6 +51,8 @@ LOCAL_AWS_ENV = {
 }
 SN_TOPIC = "lasair_2SN-likecandidates"
 HEARTBEAT_TOPIC = "lasair_1Lightweight"
+LSST_TOPIC = "lasair_3LSST-transients"  # a Lasair-LSST filter: real Rubin alerts in full, lite and plain output
+LSST_MODES = ("full", "lite", "plain")  # full first: its jobs know the diaSourceId; the others ask ALeRCE
 BUCKET = "ztfd-demo"
 DEADLINE_SECONDS = 110.0
 
@@ -236,9 +239,11 @@ def _alive(proc: Any) -> bool:
 
 
 def demo_messages(sn_count: int, heartbeat_count: int) -> dict[str, list[bytes]]:
-    """The demo's two topics: SN-like rows (with nulls) and topic_refresh rows, and a heartbeat topic; plus poison."""
+    """The demo's topics: SN-like rows (with nulls) and topic_refresh rows, a heartbeat topic, plus poison; and a
+    Lasair-LSST topic of the real Rubin samples in the three output modes (bare NaN included)."""
     import json
 
+    from ztfd.embedded import lsst_samples
     from ztfd.embedded.samples import message_stream
 
     sn = [json.dumps(m).encode() for m in message_stream(sn_count, shapes=("sn", "sn", "refresh"))]
@@ -246,7 +251,8 @@ def demo_messages(sn_count: int, heartbeat_count: int) -> dict[str, list[bytes]]
     # Two poison messages: kept in the rejected store with a reason, and the stream goes on.
     sn.insert(len(sn) // 3, b"{this is not json")
     heartbeat.insert(len(heartbeat) // 2, json.dumps({"objectId": "../../etc/passwd", "UTC": "2021-09-01"}).encode())
-    return {SN_TOPIC: sn, HEARTBEAT_TOPIC: heartbeat}
+    lsst = lsst_samples.message_stream(len(lsst_samples.object_alerts()) * len(LSST_MODES), LSST_MODES)
+    return {SN_TOPIC: sn, HEARTBEAT_TOPIC: heartbeat, LSST_TOPIC: lsst}
 
 
 def produce_steadily(bootstrap: str, topic: str, values: Sequence[bytes], per_second: float) -> None:
@@ -284,15 +290,15 @@ class Progress:
 
 def read_progress(conn: sqlite3.Connection) -> Progress:
     queue = jobs.counts(conn)
-    files = file_counts(conn)
+    files = state_totals(conn)
     return Progress(
         alerts=count_alerts(conn),
         rejected=sum(rejected_counts(conn).values()),
         jobs_total=queue.total,
         jobs_finished=queue.finished,
         jobs_failed=queue.failed,
-        files=files.total,
-        files_uploaded=files.done,
+        files=sum(t.files for t in files.values()),
+        files_uploaded=files[FileState.DONE].files,
     )
 
 
@@ -339,8 +345,11 @@ def run(keep: bool = False, home: Path | None = None, sn_count: int = 150, heart
             daemon = Daemon(config_path, home / "services", argvs=_fallback_argvs()).start()
             how = "ztfd start --foreground" if not daemon.argvs else "consume/fetch/sync children (no supervisor yet)"
             click.echo(f"  daemon: {how} (config {config_path})")
+            click.echo(f"  metrics: {metrics_url(config_path)} (Prometheus text format, while the demo runs)")
             ok = _flow(services, daemon, config_path, messages, started)
             _report(services, config_path, home)
+            if not keep:
+                click.echo("  (the demo home goes at the end; `ztfd demo --keep` keeps the report to browse)")
             return 0 if ok else 1
     except DemoInterruptedError as exc:
         click.echo(f"\nztfd demo: interrupted ({exc}), stopping everything", err=True)
@@ -359,19 +368,23 @@ def _fallback_argvs() -> list[list[str]]:
     """Until ``ztfd start`` exists, the same roles run as direct children."""
     if has_supervisor():
         return []
-    return [["consume", "--topic", SN_TOPIC], ["consume", "--topic", HEARTBEAT_TOPIC], ["fetch"], ["fetch"], ["sync"]]
+    return [["consume", "--topic", topic] for topic in (SN_TOPIC, HEARTBEAT_TOPIC, LSST_TOPIC)] + [
+        ["fetch"], ["fetch"], ["sync"]]
 
 
 def demo_sections(services: EmbeddedServices, **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     sections: dict[str, dict[str, Any]] = {
         "kafka": {"bootstrap_servers": services.kafka.bootstrap, "group_id": "ztfd-demo",
-                  "topics": [SN_TOPIC, HEARTBEAT_TOPIC]},
+                  "topics": [SN_TOPIC, HEARTBEAT_TOPIC, LSST_TOPIC]},
         "kafka.options": dict(FAST_KAFKA_OPTIONS),
         "stamps": {"enabled": True, "workers": 2, "previews": True, "alerce_stamp_url": services.stamps.url,
-                   "alerce_api_url": services.stamps.url, "timeout": 10.0, "rate_limit": 0.0},
+                   "alerce_api_url": services.stamps.url, "timeout": 10.0, "rate_limit": 0.0,
+                   "lsst_provider": "alerce", "alerce_lsst_url": services.stamps.url,
+                   "lasair_lsst_url": services.stamps.url},
         "s3": {"bucket": BUCKET, "prefix": "ztf/", "endpoint_url": services.s3.endpoint_url,
                "region": LOCAL_AWS_ENV["AWS_DEFAULT_REGION"], "interval": 2.0},
         "supervisor": {"heartbeat_timeout": 60.0, "stop_timeout": 20.0},
+        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
     }
     for name, values in overrides.items():
         sections.setdefault(name.replace("__", "."), {}).update(values)
@@ -395,7 +408,8 @@ def _flow(services: EmbeddedServices, daemon: Daemon, config_path: Path, message
 
     producer = threading.Thread(target=produce_all, name="demo-producer", daemon=True)
     producer.start()
-    click.echo(f"  producing {produced} Lasair-shaped messages (SN-like, topic_refresh, heartbeat, 2 poison)")
+    click.echo(f"  producing {produced} Lasair-shaped messages (ZTF: SN-like, topic_refresh, heartbeat, 2 poison; "
+               f"LSST: real Rubin alerts in full, lite and plain output)")
     conn = store.connect(cfg.db_path)
     interactive = sys.stdout.isatty()
     last_line, last_print = "", 0.0
@@ -448,6 +462,63 @@ def _report(services: EmbeddedServices, config_path: Path, home: Path) -> None:
     previews = sorted((home / "images").rglob("*.png"))
     if previews:
         click.echo(f"\na preview: {previews[0]}")
+    _echo_lsst(home)
+    _show_metrics_and_report(config_path)
+
+
+def metrics_url(config_path: Path) -> str:
+    from ztfd import config
+
+    return f"http://{config.load(config_path).metrics.listen}/metrics"
+
+
+def _show_metrics_and_report(config_path: Path) -> None:
+    """A few lines of the running daemon's /metrics, then the report of the demo's busiest night."""
+    import urllib.request
+
+    from ztfd import config
+    from ztfd.store import report as night
+
+    url = metrics_url(config_path)
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            lines = response.read().decode().splitlines()
+    except OSError as exc:
+        lines = [f"(not answering: {exc})"]
+    click.echo(f"\n$ curl {url}   (excerpt)")
+    for line in lines:
+        if line.startswith(("ztfd_alerts_stored_total", "ztfd_stamp_jobs{state=\"done\"}", "ztfd_sync_pending_files",
+                            "ztfd_process_up{name=\"consumer")) or line.startswith("(not"):
+            click.echo(f"  {line}")
+    conn = store.connect(config.load(config_path).db_path)
+    try:
+        date = night.busiest_night(conn)
+    finally:
+        conn.close()
+    if date is None:
+        return
+    result = subprocess.run(ztfd_argv(config_path, "report", "--date", date), capture_output=True, text=True,
+                            env=child_env(), timeout=120)
+    click.echo(f"\nthe night report of {date} (open it in a browser): "
+               + (result.stdout.strip().removeprefix("ztfd report: ") or result.stderr.strip()))
+
+
+def _echo_lsst(home: Path) -> None:
+    """The Lasair-LSST topic beside the ZTF ones: its alerts under their dayObs, their Rubin cutouts and a preview."""
+    alerts = sorted((home / "data").glob(f"*/{LSST_TOPIC}/*.json"))
+    if not alerts:
+        return
+    days = sorted({path.parent.parent.name for path in alerts})
+    where = days[0] if len(days) == 1 else "{" + ",".join(days) + "}"
+    click.echo(f"\nLasair-LSST topic {LSST_TOPIC}: {len(alerts)} alerts under data/{where}/ "
+               "(Rubin's dayObs: the TAI date 12 h before the observation)")
+    objects = sorted({path.name.split("_")[0] for path in alerts})
+    folders = [folder for day in days for name in objects if (folder := home / "images" / day / name).is_dir()]
+    for folder in folders[:3]:
+        click.echo(f"  {folder.relative_to(home)}/  " + "  ".join(sorted(p.name for p in folder.iterdir())))
+    lsst_previews = sorted(png for folder in folders for png in folder.glob("*.png"))
+    if lsst_previews:
+        click.echo(f"  an LSST preview: {lsst_previews[0]}")
 
 
 def _echo_tree(root: Path, home: Path) -> None:

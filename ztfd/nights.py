@@ -68,30 +68,42 @@ def convert_times(alerts: Sequence[Alert]) -> None:
     """Fill ``times_utc``, ``obs_mjd``, ``obs_iso`` and ``obs_day`` of a batch of alerts, one astropy call per
     kind and scale of field.
 
-    Every time field gets its ISO 8601 UTC string (bookkeeping and model times too: they are the alert's data);
-    only the one named by ``observation_key`` becomes the observation time, and its day under the alert's rule
-    (UTC date, or dayObs) is worked out here too, so that dating needs no astropy call of its own."""
+    Every time field gets its ISO 8601 UTC string (bookkeeping and model times too: they are the alert's data).
+    The observation time is the one ``observation_key`` names; an alert dated by the UTC date that names none
+    takes its newest time field (what sources without a rule of their own expect); a Rubin alert that names
+    none has no observation time (its other times are processing or model times). The observation's day under
+    the alert's rule (UTC date, or dayObs) is worked out here too, so that dating needs no astropy call of its own.
+    """
     from astropy.time import Time
 
     groups: dict[tuple[str, str], list[tuple[Alert, TimeField]]] = defaultdict(list)
     for alert in alerts:
         for time_field in alert.times:
             groups[(time_field.kind, time_field.scale)].append((alert, time_field))
+    newest_keys: dict[int, tuple[Alert, str]] = {}
     for (kind, scale), members in groups.items():
         with _quiet():
             times = Time([tf.value for _, tf in members], format=kind, scale=scale)
             utc = times.utc
             isots, mjds = utc.isot, utc.mjd
-        for (alert, time_field), iso in zip(members, isots, strict=True):
+        rubin = []
+        for index, ((alert, time_field), iso, mjd) in enumerate(zip(members, isots, mjds, strict=True)):
             alert.times_utc[time_field.key] = f"{iso}Z"
-        observed = [i for i, (alert, tf) in enumerate(members) if tf.key == alert.observation_key]
-        rubin = [i for i in observed if members[i][0].date_rule == DAY_OBS]
-        days = dict(zip(rubin, _day_obs_of(times[rubin]), strict=True)) if rubin else {}
-        for index in observed:
-            alert = members[index][0]
-            alert.obs_mjd = float(mjds[index])
-            alert.obs_iso = str(isots[index])
-            alert.obs_day = days.get(index, alert.obs_iso[:10])
+            chosen = alert.observation_key == time_field.key
+            newest = (alert.observation_key is None and alert.date_rule == UTC_DATE
+                      and (alert.obs_mjd is None or mjd > alert.obs_mjd))
+            if chosen or newest:
+                alert.obs_mjd, alert.obs_iso = float(mjd), str(iso)
+                alert.obs_day = alert.obs_iso[:10]
+                if newest:
+                    newest_keys[id(alert)] = (alert, time_field.key)
+                if alert.date_rule == DAY_OBS:
+                    rubin.append(index)
+        if rubin:
+            for index, day in zip(rubin, _day_obs_of(times[rubin]), strict=True):
+                members[index][0].obs_day = day
+    for alert, key in newest_keys.values():
+        alert.observation_key = key  # what dated it, for the alert file
 
 
 def _day_obs_of(times: Any) -> list[str]:
@@ -111,16 +123,22 @@ def day_obs(mjd_tai: float) -> str:
         return _day_obs_of(Time([mjd_tai], format="mjd", scale="tai"))[0]
 
 
-@functools.lru_cache(maxsize=1024)
 def day_obs_of_moment(moment: dt.datetime) -> str:
-    """dayObs of a UTC moment (Lasair's ``UTC`` field, a Kafka timestamp): TAI is UTC plus the leap seconds.
+    """dayObs of a UTC moment (Lasair's ``UTC`` field, a Kafka timestamp): TAI is UTC plus the leap seconds of
+    that day (from astropy), minus 12 hours. (Inside a leap second itself this is a second off; none since 2017.)"""
+    utc = moment.astimezone(dt.UTC)
+    tai = utc + tai_minus_utc(utc.date())
+    return (tai - dt.timedelta(days=DAY_OBS_ROLLOVER_DAYS)).date().isoformat()
 
-    Cached: every row of one Lasair filter run carries the same ``UTC``."""
+
+@functools.lru_cache(maxsize=512)
+def tai_minus_utc(day: dt.date) -> dt.timedelta:
+    """TAI − UTC at the start of a UTC day (37 s since 2017-01-01), from astropy's leap-second table."""
     from astropy.time import Time
 
-    utc = moment.astimezone(dt.UTC).replace(tzinfo=None)
     with _quiet():
-        return _day_obs_of(Time([utc.isoformat()], format="isot", scale="utc"))[0]
+        start = Time(day.isoformat(), format="iso", scale="utc")
+        return dt.timedelta(seconds=round(float((start.tai.mjd - start.mjd) * 86400.0), 3))
 
 
 def date_of(alert: Alert, kafka_timestamp: dt.datetime | None, received_at: dt.datetime) -> Dating:
@@ -131,7 +149,9 @@ def date_of(alert: Alert, kafka_timestamp: dt.datetime | None, received_at: dt.d
     if alert.obs_day is not None and alert.observation_key is not None:
         return Dating(alert.obs_day, rule, alert.observation_key)
     if isinstance(alert.utc_field, dt.datetime):
-        moment, dated_by = alert.utc_field.replace(tzinfo=dt.UTC), BY_UTC_FIELD
+        utc_field = alert.utc_field  # naive means UTC (Lasair writes no zone)
+        moment = utc_field.replace(tzinfo=dt.UTC) if utc_field.tzinfo is None else utc_field
+        dated_by = BY_UTC_FIELD
     elif kafka_timestamp is not None:
         moment, dated_by = kafka_timestamp, BY_KAFKA_TIMESTAMP
     else:

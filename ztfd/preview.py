@@ -157,27 +157,38 @@ def _blank(panel: int) -> np.ndarray:
     return pixels
 
 
-def _header(width: int, object_id: str, candid: int | str, mjd: float | None) -> np.ndarray:
-    """The header band: objectId and candid, then the UTC time of the detection."""
+def _header(width: int, object_id: str, candid: int | str, mjd: float | None, band: str | None = None,
+            label: str = "candid") -> np.ndarray:
+    """The header band: object id and detection id (ZTF's candid, Rubin's diaSourceId), then the band and the
+    UTC time of the detection; shrunk to fit a narrow canvas (Rubin's 30-pixel cutouts)."""
     from PIL import Image, ImageDraw
 
-    band = Image.new("L", (width, HEADER), BACKGROUND)
-    draw = ImageDraw.Draw(band)
-    draw.text((PAD, 8), f"{object_id}   candid {candid}", font=_font(18), fill=INK)
-    draw.text((PAD, 30), _when(mjd), font=_font(14), fill=MUTED)
-    return np.asarray(band)
+    header = Image.new("L", (width, HEADER), BACKGROUND)
+    draw = ImageDraw.Draw(header)
+    for (size, top, colour), text in zip(((18, 8, INK), (14, 30, MUTED)),
+                                         (_title(object_id, candid, label), _when(mjd, band)), strict=True):
+        while size > 9 and draw.textlength(text, font=_font(size)) > width - 2 * PAD:
+            size -= 1
+        draw.text((PAD, top), text, font=_font(size), fill=colour)
+    return np.asarray(header)
 
 
-def _when(mjd: float | None) -> str:
-    return mjd_to_utc(mjd) + f"   (MJD {mjd:.5f})" if mjd is not None else "time unknown"
+def _title(object_id: str, candid: int | str, label: str = "candid") -> str:
+    return f"{object_id}   {label} {candid}"
 
 
-def render(object_id: str, candid: int | str, mjd: float | None, images: Mapping[str, np.ndarray]) -> bytes:
+def _when(mjd: float | None, band: str | None = None) -> str:
+    when = mjd_to_utc(mjd) + f"   (MJD {mjd:.5f})" if mjd is not None else "time unknown"
+    return f"band {band}   {when}" if band else when
+
+
+def render(object_id: str, candid: int | str, mjd: float | None, images: Mapping[str, np.ndarray],
+           band: str | None = None, label: str = "candid") -> bytes:
     """The PNG bytes of the preview of one triplet (``images`` maps stamp type to its ``stamp_array``)."""
     panels = [np.flipud(stretch(images[kind])) for kind in STAMP_TYPES]  # FITS row 0 is the bottom
     panel = SCALE * max(max(p.shape) for p in panels)
     canvas = _blank(panel).copy()
-    canvas[:HEADER] = _header(canvas.shape[1], object_id, candid, mjd)
+    canvas[:HEADER] = _header(canvas.shape[1], object_id, candid, mjd, band, label)
     for index, pixels in enumerate(panels):
         top, left = HEADER + TITLE, PAD + index * (panel + PAD)
         height, width = pixels.shape[0] * SCALE, pixels.shape[1] * SCALE
@@ -187,14 +198,16 @@ def render(object_id: str, candid: int | str, mjd: float | None, images: Mapping
     return png_bytes(canvas)
 
 
-def render_matplotlib(object_id: str, candid: int | str, mjd: float | None, images: Mapping[str, np.ndarray]) -> bytes:
+def render_matplotlib(object_id: str, candid: int | str, mjd: float | None, images: Mapping[str, np.ndarray],
+                      band: str | None = None, label: str = "candid") -> bytes:
     """``render``'s layout as a matplotlib figure drawn by the Agg backend."""
     out = io.BytesIO()
-    matplotlib_figure(object_id, candid, mjd, images).savefig(out, format="png", facecolor="white")
+    matplotlib_figure(object_id, candid, mjd, images, band, label).savefig(out, format="png", facecolor="white")
     return out.getvalue()
 
 
-def matplotlib_figure(object_id: str, candid: int | str, mjd: float | None, images: Mapping[str, np.ndarray]) -> Any:
+def matplotlib_figure(object_id: str, candid: int | str, mjd: float | None, images: Mapping[str, np.ndarray],
+                      band: str | None = None, label: str = "candid") -> Any:
     """The preview as a ``Figure`` on an Agg canvas: a new one each time, without pyplot, so that no state is
     kept between previews."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -202,8 +215,8 @@ def matplotlib_figure(object_id: str, candid: int | str, mjd: float | None, imag
 
     figure = Figure(figsize=(8.1, 3.45), dpi=100, facecolor="white")
     FigureCanvasAgg(figure)
-    figure.text(0.017, 0.94, f"{object_id}   candid {candid}", fontsize=13, color=f"{INK / 255:.3f}")
-    figure.text(0.017, 0.87, _when(mjd), fontsize=10, color=f"{MUTED / 255:.3f}")
+    figure.text(0.017, 0.94, _title(object_id, candid, label), fontsize=13, color=f"{INK / 255:.3f}")
+    figure.text(0.017, 0.87, _when(mjd, band), fontsize=10, color=f"{MUTED / 255:.3f}")
     axes = figure.subplots(1, len(STAMP_TYPES), gridspec_kw={"left": 0.017, "right": 0.983, "bottom": 0.04,
                                                              "top": 0.74, "wspace": 0.06})
     for ax, kind in zip(axes, STAMP_TYPES, strict=True):

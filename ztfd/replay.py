@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import click
 
-from ztfd import store
+from ztfd import providers, store
 from ztfd.config import Config
+from ztfd.providers import StampProvider
 from ztfd.stamps import STAMP_TYPES, preview_path, read_valid, run_worker, stamp_path
 from ztfd.store import jobs
 from ztfd.store.alerts import alerts_on
@@ -78,11 +79,15 @@ def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None,
         click.echo(f"replay {scope}: no stored alerts")
         return EXIT_OK
     known = stamp_records_on(conn, date, topic)
+    stamp_providers = providers.providers_for(cfg.stamps)
     payloads = []
     for alert in alerts:
         previous = known.get(alert.id)
+        provider = stamp_providers.get(alert.survey)
+        if provider is None:
+            continue  # no stamps for this survey (stamps.<survey>_provider = "none")
         if (not force and previous is not None
-                and triplet_complete(cfg, alert.date, alert.object_id, int(previous.detection_id))):
+                and triplet_complete(cfg, alert.date, alert.object_id, previous.detection_id, provider)):
             continue
         payloads.append(jobs.NewStampJob(alert.id, force=force))  # the worker reuses the detection of ``known``
     complete = len(alerts) - len(payloads)
@@ -110,10 +115,12 @@ def _replay(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None,
     return _summarise(conn, scope, batch, progress, len(payloads))
 
 
-def triplet_complete(cfg: Config, date: str, object_id: str, candid: int) -> bool:
-    """All three stamps valid on disk (and the preview present when previews are on)."""
+def triplet_complete(cfg: Config, date: str, object_id: str, candid: int | str,
+                     provider: StampProvider | None = None) -> bool:
+    """All three stamps valid on disk, as the alert's provider names and checks them (and the preview present
+    when previews are on)."""
     for kind in STAMP_TYPES:
-        if read_valid(stamp_path(cfg.images_dir, date, object_id, candid, kind)) is None:
+        if read_valid(stamp_path(cfg.images_dir, date, object_id, candid, kind, provider), provider) is None:
             return False
     return not cfg.stamps.previews or preview_path(cfg.images_dir, date, object_id, candid).exists()
 

@@ -53,6 +53,13 @@ def read_image(data: bytes, limits: StampLimits) -> Any:
     return _image(fits_bytes)
 
 
+def read_gzipped_image(data: bytes, limits: StampLimits) -> Any:
+    """``read_image`` of a stamp that must be gzipped (as ALeRCE serves them)."""
+    if not data.startswith(GZIP_MAGIC):
+        raise ValueError(f"not gzip (starts with {data[:8]!r})")
+    return read_image(data, limits)
+
+
 def inflate(data: bytes, limits: StampLimits) -> bytes:
     """The gzip stream ``data`` inflated, at most ``limits.max_bytes`` of it, the header checked on the way."""
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip wrapper

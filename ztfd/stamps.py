@@ -64,6 +64,7 @@ from ztfd.providers.packet import PREVIEW_JOB, PacketStamps
 from ztfd.sources import PLAIN_ID, STAMP_TYPES
 from ztfd.store import jobs
 from ztfd.store.detections import fresh_detections, keep_detections
+from ztfd.store.report import save_detections
 
 log = logging.getLogger(__name__)
 FETCHER_NICENESS = 5
@@ -492,7 +493,7 @@ class Worker:
             raise BadPayloadError(f"bad detection id {known!r}")
         if known is None and job.kind == PREVIEW_JOB:
             raise BadPayloadError("a preview job whose alert names no detection")
-        request = StampRequest(alert.survey, alert.object_id, alert.date, alert.obs_mjd, known, known_mjd)
+        request = StampRequest(alert.survey, alert.object_id, alert.date, alert.obs_mjd, known, known_mjd, alert.band)
         run = JobRun(job, request, provider, self.cfg.images_dir / alert.date / alert.object_id, force=job.force)
         if known is not None:
             run.detection = Detection(known, alert.obs_mjd if known_mjd is None else known_mjd)
@@ -516,6 +517,9 @@ class Worker:
             run.detection = await run.provider.find_detection(self._http(run.provider), run.request)
             if not PLAIN_ID.match(run.detection.detection_id):
                 raise FetchError(f"{run.provider.name} named detection {run.detection.detection_id[:80]!r}")
+            if run.detection.light_curve:  # what the lookup said of the object's history, for night reports
+                await self._db(save_detections, run.request.survey, run.request.object_id,
+                               run.detection.light_curve, run.detection.light_curve_unit)
         if not run.force or run.job.kind == PREVIEW_JOB:  # a forced preview job redraws, the stamps stay
             await self._side(self._existing, run)
         if run.missing:
@@ -590,7 +594,8 @@ class Worker:
 
             draw = preview.RENDERERS[self.settings.preview_renderer]
             data = draw(run.request.object_id, detection.detection_id, detection.mjd,
-                        {kind: stamp.image for kind, stamp in triplet.items()})
+                        {kind: stamp.image for kind, stamp in triplet.items()}, band=run.request.band,
+                        label=run.provider.detection_label)
             atomic_write(png, data)
             run.preview = True
         else:
@@ -638,7 +643,7 @@ class Worker:
             self.paused_until = time.monotonic() + await self._db(self.trouble.failed, reason)
         pause = max(self.paused_until - time.monotonic(), 0.0)
         self.stats["given back"] += 1
-        await self._settle(run.label, jobs.release, self.owner, [run.job.id], pause, f"local trouble: {reason}")
+        await self._settle(run.label, jobs.release, self.owner, [run.job.id], pause)
 
     async def _failed_attempt(self, run: JobRun, reason: str) -> None:
         job = run.job

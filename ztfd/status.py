@@ -2,8 +2,9 @@
 
 ``collect`` builds one JSON-ready dict (``ztfd status --json``; the README "Status" section documents its fields);
 ``render`` turns it into the table a person reads. Both work when nothing runs and when the store does not exist
-yet. Nothing here writes to the store or to Kafka: the Kafka lag is read with a throwaway consumer that never
-joins the group or commits.
+yet. Nothing here writes to the store or to Kafka: the store is opened read-only (``connect_readonly``: no
+migration, no wait for a writer's lock, fine for a user who may only read home) and the Kafka lag is read with a
+throwaway consumer that never joins the group or commits.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from ztfd import config, store, supervisor, topics
 from ztfd.localtrouble import STATUS_PREFIX as LOCAL_TROUBLE_PREFIX
 from ztfd.procs import pid_alive
 from ztfd.quota import near_quota
+from ztfd.sources import LSST
 from ztfd.store import jobs
 from ztfd.store import quota as store_quota
 from ztfd.store.alerts import topic_totals
+from ztfd.store.db import connect_readonly
 from ztfd.store.facts import statuses_with_prefix
 from ztfd.store.offsets import topics_with_offsets
 from ztfd.store.processes import process, processes
@@ -94,7 +97,7 @@ def _open_store(cfg: config.Config) -> sqlite3.Connection | None:
     if not cfg.db_path.exists():
         return None
     try:
-        return store.connect(cfg.db_path, timeout=5)
+        return connect_readonly(cfg.db_path)
     except sqlite3.Error as exc:
         log.warning("cannot open the store %s: %s", cfg.db_path, exc)
         return None
@@ -140,6 +143,7 @@ def _lasair_day(day: store_quota.DayBytes | None, quota: int, now: float) -> dic
     nid = store_quota.nid_of(dt.datetime.fromtimestamp(now, dt.UTC))
     if day is None or day.nid != nid:
         day = store_quota.DayBytes("", nid, day.survey if day else None, 0, 0, now)
+    quota = quota if day.survey == LSST else 0  # Lasair-LSST's filters have a byte quota, Lasair-ZTF's none
     return {"day": day.day, "nid": nid, "bytes": day.bytes, "messages": day.messages, "quota": quota or None,
             "percent": round(100.0 * day.bytes / quota, 1) if quota else None, "warning": near_quota(day, quota)}
 

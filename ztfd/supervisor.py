@@ -162,6 +162,10 @@ def child_specs(cfg: config.Config) -> list[Child]:
         children += [Child(f"fetcher:{n}", "fetcher", None, [*base, "fetch"]) for n in range(1, cfg.stamps.workers + 1)]
     if cfg.s3.bucket:
         children.append(Child("syncer", "syncer", None, [*base, "sync"]))
+    if cfg.metrics.listen:
+        children.append(Child("metrics", "metrics", None, [*base, "metrics"]))
+    if cfg.report.after_quiet > 0:
+        children.append(Child("reporter", "reporter", None, [*base, "report", "--watch"]))
     return children
 
 

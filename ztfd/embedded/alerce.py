@@ -39,6 +39,7 @@ import json
 import logging
 import random
 import re
+import sys
 import threading
 import time
 import zlib
@@ -233,6 +234,15 @@ def first_hdu(fits: bytes) -> bytes:
     raise ValueError("not FITS: no END card")
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (killed, timed out) is no error of the service's: logged quietly."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("client %s went away", client_address)
+        else:
+            super().handle_error(request, client_address)
+
+
 class StampService:
     """The service: ``start()``/``stop()`` or a ``with`` block; ``url`` serves as both ALeRCE base URLs."""
 
@@ -269,7 +279,7 @@ class StampService:
 
     def start(self) -> StampService:
         handler = type("Handler", (_Handler,), {"service": self})
-        self._server = ThreadingHTTPServer((self.host, self.port), handler)
+        self._server = _Server((self.host, self.port), handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._stopping.clear()
@@ -608,11 +618,11 @@ class _Handler(BaseHTTPRequestHandler):
         alert = service._lsst.by_source.get(source_id) if source_id is not None else None
         known = (alert is not None and str(alert.dia_object_id) == object_id and stamp_type is not None
                  and params["file_format"] == "fits")
-        if kind == "not_found" or not known:  # ALeRCE's handler does not catch S3's NoSuchKey: a 500
-            self._respond(arrived, LSST_STAMP, 500, ALERCE_LSST_ERROR, "application/json", fault=kind, **context)
-        elif kind == "server_error":
+        if kind == "server_error":  # a proxy's answer, before ALeRCE's own
             self._respond(arrived, LSST_STAMP, fault.status, b"<html><body>Bad Gateway</body></html>",  # type: ignore[union-attr]
                           "text/html", fault=kind, **context)
+        elif kind == "not_found" or not known:  # ALeRCE's handler does not catch S3's NoSuchKey: a 500
+            self._respond(arrived, LSST_STAMP, 500, ALERCE_LSST_ERROR, "application/json", fault=kind, **context)
         elif kind == "oversized":
             body = service.alerce_lsst_stamp(source_id, stamp_type)  # type: ignore[arg-type]
             self._respond_chunked(arrived, LSST_STAMP, body, "application/gzip", fault=kind, **context)

@@ -8,7 +8,9 @@ Two kinds of real samples (provenance in ``ztfd/samples/lsst/PROVENANCE.md``):
 
 Messages follow Lasair-LSST's three output modes (facts: Lasair's ``dispose_query_results``): the filter's SELECT
 columns, then ``UTC`` (the filter's run time), then ``alert`` in lite and full output; serialised with Python's
-``json.dumps`` as Lasair does, so NaN values are written bare.
+``json.dumps`` as Lasair does, so NaN values are written bare. Rubin leaves many diaObject values NaN (Lasair's
+sample sends 59 of them as bare ``NaN``); Fink's Spark files hold the same fields as null, so a full message built
+from a Fink alert gives back NaN for exactly those fields (``nan_fields``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -94,9 +97,17 @@ def object_alerts() -> tuple[RubinAlert, ...]:
     return tuple(a for a in rubin_alerts() if a.dia_object_id is not None)
 
 
-def _lasair_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A Rubin record as Lasair stores and sends it: ``dec`` renamed ``decl``."""
-    return {("decl" if key == "dec" else key): value for key, value in row.items()}
+def _lasair_row(row: dict[str, Any], nan: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """A Rubin record as Lasair stores and sends it: ``dec`` renamed ``decl``, the ``nan`` fields' nulls NaN."""
+    return {("decl" if key == "dec" else key): (math.nan if value is None and key in nan else value)
+            for key, value in row.items()}
+
+
+@functools.cache
+def nan_fields() -> frozenset[str]:
+    """The diaObject fields Lasair's real full-output sample sends as bare NaN."""
+    alert = json.loads((samples_dir() / LASAIR_FULL).read_text())
+    return frozenset(key for key, value in alert["diaObject"].items() if isinstance(value, float) and math.isnan(value))
 
 
 def _run_time(observed: dt.datetime) -> str:
@@ -128,7 +139,7 @@ def message(alert: RubinAlert, mode: str, **extra: Any) -> dict[str, Any]:
         return out
     if mode == "full":
         out["alert"] = {
-            "diaObject": _lasair_row(alert.record["diaObject"]),
+            "diaObject": _lasair_row(alert.record["diaObject"], nan_fields()),
             "diaSourcesList": [_lasair_row(row) for row in sources],
             "diaForcedSourcesList": [_lasair_row(row) for row in alert.forced_sources],
             "diaNondetectionLimitsList": [],

@@ -4,9 +4,10 @@ Tests must see what a *child* ``ztfd sync`` process sends (a second pass must se
 make S3 unreachable for a while and then come back with its objects intact. Neither is possible from the client
 side of another process, so ``S3Server`` puts ``S3Proxy`` in front of moto: every request that passes is counted
 by kind (``PUT``, ``LIST``, ``HEAD``, ``UPLOAD_PART``…), ``cut()`` closes the listener and every open connection
-(clients get "connection refused", as with a network outage), ``restore()`` listens again on the same port, and
-``delay`` slows every request (to kill a pass midway). ``proxy=False`` leaves moto exposed directly, for
-benchmarks where the proxy's CPU would distort the figures.
+(clients get "connection refused", as with a network outage), ``restore()`` listens again on the same port,
+``delay`` slows every request (to kill a pass midway), ``fail_with`` answers every request with an S3 error, and
+``missing_keys_forbidden`` answers 403 for a missing object, as S3 does to credentials without ``s3:ListBucket``.
+``proxy=False`` leaves moto exposed directly, for benchmarks where the proxy's CPU would distort the figures.
 
 moto runs as a subprocess by default (its CPU does not compete with the caller's GIL, and ``INITIAL_NO_AUTH_*``
 style settings go through its environment); ``mode="thread"`` uses moto's ``ThreadedMotoServer`` in-process.
@@ -102,19 +103,12 @@ class _Handler(BaseHTTPRequestHandler):
         proxy = self.server.proxy
         body = self._read_body()
         path, _, query = self.path.partition("?")
-        proxy.record(request_kind(self.command, path, query, self.headers))
+        kind = request_kind(self.command, path, query, self.headers)
+        proxy.record(kind)
         if proxy.delay:
             time.sleep(proxy.delay)  # simulated latency, not synchronisation
         if proxy.failure is not None:  # a server-side outage: S3 answers, but with an error
-            status, code = proxy.failure
-            data = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
-                    f"<Message>injected by the test proxy</Message></Error>").encode()
-            self.send_response_only(status)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(data) if self.command != "HEAD" else 0))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
+            self._send_error(*proxy.failure)
             return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         if body or self.command in ("PUT", "POST"):
@@ -133,6 +127,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if attempt:
                     self.close_connection = True
                     return
+        if proxy.missing_keys_forbidden and response.status == 404 and kind[0] in ("HEAD", "GET"):
+            self._send_error(403, "AccessDenied")  # what S3 answers credentials without s3:ListBucket
+            return
         self.send_response_only(response.status, response.reason)
         for name, value in response.getheaders():
             if name.lower() in HOP_BY_HOP or (name.lower() == "content-length" and self.command != "HEAD"):
@@ -140,6 +137,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         if self.command != "HEAD":
             self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _send_error(self, status: int, code: str) -> None:
+        """An S3 error answer (no body for HEAD, as S3 does: the client then sees only the status)."""
+        data = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+                f"<Message>answered by the test proxy</Message></Error>").encode()
+        self.send_response_only(status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(data) if self.command != "HEAD" else 0))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
@@ -165,6 +173,9 @@ class S3Proxy:
         self.port = port or free_port()
         self.delay = 0.0
         self.failure: tuple[int, str] | None = None  # (HTTP status, S3 error code) answered to every request
+        # True: a HEAD or GET of a missing object gets 403 AccessDenied instead of 404, as S3 answers credentials
+        # that lack s3:ListBucket (moto answers 404 whatever the policy).
+        self.missing_keys_forbidden = False
         self.requests: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
         self._server: _ProxyHTTPServer | None = None

@@ -12,7 +12,7 @@ is made once per process as ``PROVIDERS[(survey, name)](settings)`` with the ``[
 What the consumer and the worker do with a provider (its whole contract):
 - ``serves(alert)``: the consumer queues a stamp job only for alerts the provider can have stamps of;
 - ``find_detection`` when the job knows no detection yet (one lookup request); a detection id must be a plain
-  name (letters, digits, ``_``, ``-``): it becomes part of file names;
+  name (letters, digits, ``_``, ``-``): it becomes part of file names; the light curve it may carry is kept;
 - ``fetch`` once per stamp kind missing on disk (``STAMP_TYPES``), the three at once;
 - ``check`` every fetched body and every file found on disk (an invalid file is fetched again); a ``ValueError``
   from it is a failed attempt with its reason. Bounds (``ztfd.stampimage``) are the provider's to apply;
@@ -58,14 +58,19 @@ class StampRequest:
     obs_mjd: float | None  # the alert's observation time, MJD UTC
     detection_id: str | None  # known from the message or an earlier run: no lookup needed
     detection_mjd: float | None = None  # that detection's time, when known (else the alert's is shown)
+    band: str | None = None  # the detection's band when the message says it (LSST), for the preview
 
 
 @dataclass(frozen=True)
 class Detection:
-    """The detection whose stamps are fetched: its survey id (exact text) and time (MJD UTC)."""
+    """The detection whose stamps are fetched: its survey id (exact text) and time (MJD UTC), and the object's
+    light curve when the lookup answered with one (``ztfd.lightcurve`` points; the worker keeps it for night
+    reports, so that they cost no request of their own)."""
 
     detection_id: str
     mjd: float | None
+    light_curve: tuple[Any, ...] = ()
+    light_curve_unit: str = "mag"  # ztfd.lightcurve.MAG or FLUX
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class StampProvider(Protocol):
     name: str  # the configuration name (also the name of its pool-wide rate limit)
     survey: str
     service: str  # who serves the stamps, for people ("ALeRCE")
+    detection_label: str  # what the survey calls a detection id, for the preview ("candid", "diaSourceId")
 
     def serves(self, alert: Any) -> bool:
         """True when this provider can have stamps of ``alert`` (a ``ztfd.sources.Alert`` of its survey)."""

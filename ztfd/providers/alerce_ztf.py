@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ztfd.config import StampsConfig
+from ztfd.lightcurve import MAG, alerce_points
 from ztfd.providers import (
     Bundle,
     Detection,
@@ -39,7 +40,7 @@ from ztfd.sources import ZTF, Alert, InvalidMessageError
 from ztfd.sources.avro import ContainerReader
 from ztfd.sources.lasair import is_ztf_object_id
 from ztfd.sources.packets import CUTOUT_FIELDS
-from ztfd.stampimage import GZIP_MAGIC, StampLimits, read_image
+from ztfd.stampimage import StampLimits, read_gzipped_image
 
 DETECTIONS_PATH = "/ztf/v1/objects/{oid}/detections"
 STAMP_PATH = "/get_stamp"
@@ -102,6 +103,7 @@ class AlerceZtf:
     name = "alerce"
     survey = ZTF
     service = "ALeRCE"
+    detection_label = "candid"
 
     cache: DetectionsCache | None = None  # the pool's detections lists, set by the worker
 
@@ -131,7 +133,7 @@ class AlerceZtf:
                 raise
             body, _ = await self._detections(get, request.object_id, use_kept=False)
             chosen = choose_candid(parse_detections(body), request.obs_mjd, self.tolerance)
-        return Detection(str(chosen.candid), chosen.mjd)
+        return Detection(str(chosen.candid), chosen.mjd, tuple(alerce_points(body)), MAG)
 
     async def _detections(self, get: HttpGet, object_id: str, use_kept: bool) -> tuple[bytes, bool]:
         """The object's detections body, and whether it came from the pool's cache."""
@@ -192,9 +194,7 @@ class AlerceZtf:
         return body
 
     def check(self, data: bytes) -> Any:
-        if not data.startswith(GZIP_MAGIC):
-            raise ValueError(f"not gzip (starts with {data[:8]!r})")
-        return read_image(data, self.limits)
+        return read_gzipped_image(data, self.limits)
 
     def file_name(self, detection_id: str, kind: str) -> str:
         return f"{detection_id}_{kind}.fits.gz"

@@ -32,10 +32,9 @@ import sys
 from typing import Any
 
 from ztfd.nights import JD_MJD_OFFSET, is_number
-from ztfd.sources import DAY_OBS, LSST, UTC_DATE, ZTF, Alert, InvalidMessageError, TimeField, register
+from ztfd.sources import DAY_OBS, LSST, PLAIN_ID, UTC_DATE, ZTF, Alert, InvalidMessageError, TimeField, register
 
 ID_FIELDS = ("objectId", "diaObjectId")
-PLAIN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ZTF_OBJECT_ID = re.compile(r"^ZTF\d{2}[a-z]{7}$")
 BAND = re.compile(r"^[A-Za-z]{1,8}$")
 INT64_LIMIT = 2**63  # Rubin's ids are positive int64
@@ -44,9 +43,7 @@ MJD_RANGE = (15020.0, 88069.0)
 JD_RANGE = (MJD_RANGE[0] + JD_MJD_OFFSET, MJD_RANGE[1] + JD_MJD_OFFSET)
 UTC_YEARS = (1900, 2100)
 TAI_MINUS_UTC_DAYS = 37 / 86400  # only to compare times of mixed scales before astropy converts them
-MAX_REASON = 300
 MAX_NESTING = 8
-DEFAULT_MAX_MESSAGE_BYTES = 10 * 1024 * 1024  # what Lasair-LSST's broker accepts
 
 # LSST: where the triggering diaSource's time is (full and lite output), and the plain-output column.
 DIA_SOURCES_PATH = ("alert", "diaSourcesList")
@@ -90,12 +87,13 @@ class LasairSource:
 
     format = "lasair"
 
-    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, **_settings: Any) -> None:
-        self.max_message_bytes = max_message_bytes
+    def __init__(self, **_settings: Any) -> None:
+        """Nothing to set: the consumer applies ``kafka.max_message_bytes`` before decoding."""
 
     def decode(self, value: bytes | None, key: bytes | None = None) -> Alert:
-        """Check one Kafka message value (Lasair sends no key); ``InvalidMessageError`` with a one-line reason."""
-        body = _parse(value, self.max_message_bytes)
+        """Check one Kafka message value (Lasair sends no key); ``InvalidMessageError`` with a one-line reason.
+        (The consumer applies ``kafka.max_message_bytes`` first.)"""
+        body = _parse(value)
         name, object_id = _object_id(body)
         survey = LSST if name == "diaObjectId" else ZTF
         times = _time_fields(body, survey)
@@ -117,11 +115,9 @@ class LasairSource:
         return alert
 
 
-def _parse(raw: bytes | None, max_bytes: int) -> dict[str, Any]:
+def _parse(raw: bytes | None) -> dict[str, Any]:
     if not raw:
         raise InvalidMessageError("empty message")
-    if len(raw) > max_bytes:
-        raise InvalidMessageError(f"message of {len(raw)} bytes exceeds kafka.max_message_bytes ({max_bytes})")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -279,15 +275,3 @@ def _utc_field(body: dict[str, Any]) -> dt.datetime | None:
     if not UTC_YEARS[0] <= parsed.year < UTC_YEARS[1]:
         raise InvalidMessageError(f"UTC {_shown(value[:40])} is out of range ({UTC_YEARS[0]}..{UTC_YEARS[1]})")
     return parsed
-
-
-def file_name(object_id: str, partition: int, offset: int, generation: int) -> str:
-    """Stable under redelivery: the same Kafka message always gets the same name."""
-    prefix = f"g{generation}-" if generation else ""
-    return f"{object_id}_{prefix}p{partition}-o{offset}.json"
-
-
-def document(alert: Alert, metadata: dict[str, Any]) -> bytes:
-    """The alert file: the message exactly as received under ``message`` (bare NaN included: Python's ``json``
-    reads it), ztfd's additions under ``ztfd``."""
-    return b'{"message": ' + alert.raw + b', "ztfd": ' + json.dumps(metadata).encode() + b"}\n"

@@ -20,6 +20,7 @@ class NewAlert:
     path: str
     survey: str = "ztf"  # ztfd.sources.ZTF or LSST
     detection_id: str | None = None  # the detection the message names (exact text), if it names one
+    band: str | None = None  # that detection's band, when the message says it (LSST)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class StoredAlert:
     received_at: float
     survey: str = "ztf"
     detection_id: str | None = None
+    band: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class TopicTotals:
 
 
 _COLUMNS = ("id, topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, received_at, survey, "
-            "detection_id")
+            "detection_id, band")
 
 
 def _stored(row: sqlite3.Row) -> StoredAlert:
@@ -61,17 +63,16 @@ def insert_alerts(conn: sqlite3.Connection, topic: str, alerts: list[NewAlert], 
     the same topic) falls back to a statement per row.
     """
     rows = [(topic, a.partition, a.generation, a.kafka_offset, a.object_id, a.date, a.obs_mjd, a.path, received_at,
-             a.survey, a.detection_id) for a in alerts]
+             a.survey, a.detection_id, a.band) for a in alerts]
     if not rows:
         return []
     highest_before = conn.execute("SELECT coalesce(max(id), 0) FROM alerts").fetchone()[0]
-    changes_before = conn.total_changes
-    conn.executemany(
+    inserted = conn.executemany(  # rowcount: rows this statement inserted (the counters' triggers not included)
         "INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, "
-        "received_at, survey, detection_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        "received_at, survey, detection_id, band) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         rows,
-    )
-    if conn.total_changes - changes_before == len(rows):
+    ).rowcount
+    if inserted == len(rows):
         last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
         return list(range(last - len(rows) + 1, last + 1))
     ids: list[int | None] = []

@@ -1,17 +1,27 @@
 """Opening the store and its transactions.
 
-Every process opens its own connection (``connect``); SQLite serialises writers with ``busy_timeout``.
+Every process opens its own connection (``connect``); SQLite serialises writers with ``busy_timeout``. Opening
+reads the store's schema version: an older store is migrated (one transaction), a newer one refused
+(``StoreVersionError``), a current one used as it is, without taking the write lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ztfd.store.schema import ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION
+from ztfd.store.migrations import STEPS, add_missing_columns
+from ztfd.store.schema import SCHEMA, SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
+
+
+class StoreVersionError(Exception):
+    """The store's layout is not the one this ztfd reads (``str()`` is the one line to show)."""
 
 
 def connect(db_path: Path, timeout: float = 60.0) -> sqlite3.Connection:
@@ -24,7 +34,45 @@ def connect(db_path: Path, timeout: float = 60.0) -> sqlite3.Connection:
     # NORMAL in WAL mode is durable across process crashes (what the promise is about); a power cut can lose
     # the last transactions but never corrupts, and Kafka then redelivers what the lost ones had acknowledged.
     conn.execute("PRAGMA synchronous = NORMAL")
-    _migrate(conn)
+    try:
+        _migrate(conn, db_path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def connect_readonly(db_path: Path, timeout: float = 2.0) -> sqlite3.Connection:
+    """Open an existing store for reading only (``ztfd status``): never creates, migrates or takes a lock that
+    waits for writers, and works for a user who may only read home.
+
+    ``mode=ro`` reads the live store, WAL included, while a writer holds its lock (WAL readers do not wait) and
+    even when the -wal and -shm files are not writable. Only when they do not exist (every writer closed, so the
+    database file holds everything) and cannot be created by this user is the file opened ``immutable``.
+    Raises ``StoreVersionError`` unless the store has this ztfd's layout.
+    """
+    uri = db_path.resolve().as_uri()
+    try:
+        conn = _open_uri(f"{uri}?mode=ro", timeout)
+        version = schema_version(conn)
+    except sqlite3.OperationalError:
+        if Path(f"{db_path}-wal").exists():
+            raise
+        conn = _open_uri(f"{uri}?immutable=1", timeout)
+        version = schema_version(conn)
+    if version != SCHEMA_VERSION:
+        conn.close()
+        if version > SCHEMA_VERSION:
+            raise too_new(db_path, version)
+        raise StoreVersionError(
+            f"store: {db_path} has schema version {version}, older than this ztfd's ({SCHEMA_VERSION}); it is "
+            "migrated when a ztfd process that writes opens it (start, consume, fetch, sync); this command only reads")
+    return conn
+
+
+def _open_uri(uri: str, timeout: float) -> sqlite3.Connection:
+    conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
     return conn
 
 
@@ -43,23 +91,59 @@ def _enable_wal(conn: sqlite3.Connection, timeout: float) -> None:
             time.sleep(0.01)
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The layout version the store records; 0 for a new (empty) store."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+        return 0
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def too_new(db_path: Path, version: int) -> StoreVersionError:
+    return StoreVersionError(
+        f"store: {db_path} has schema version {version}, newer than this ztfd reads ({SCHEMA_VERSION}); "
+        "run the ztfd that wrote it, or a newer one")
+
+
+def _migrate(conn: sqlite3.Connection, db_path: Path) -> None:
+    """Bring the store to ``SCHEMA_VERSION``: nothing to do (a read) when it is there already; otherwise every
+    step from its version on, then ``SCHEMA``, in one write transaction (another process may have migrated it
+    while this one waited for the lock: the version is read again inside)."""
+    version = schema_version(conn)
+    if version == SCHEMA_VERSION:
+        return
+    if version > SCHEMA_VERSION:
+        raise too_new(db_path, version)
     with transaction(conn):
+        version = schema_version(conn)
+        if version > SCHEMA_VERSION:
+            raise too_new(db_path, version)
+        if version == SCHEMA_VERSION:
+            return
+        if version:
+            log.warning("migrating the store %s from schema version %d to %d", db_path, version, SCHEMA_VERSION)
+            for step in range(version, SCHEMA_VERSION):
+                STEPS[step](conn)
         for statement in _statements(SCHEMA):
             conn.execute(statement)
-        for table, column, declaration in ADDED_COLUMNS:
-            if column not in {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}:
-                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        add_missing_columns(conn)
         conn.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),)
         )
 
 
 def _statements(script: str) -> Iterator[str]:
+    """The script's statements, whole: a trigger's body holds semicolons of its own (``sqlite3.complete_statement``
+    says where a statement really ends)."""
     lines = [line for line in script.splitlines() if not line.strip().startswith("--")]
-    for statement in "\n".join(lines).split(";"):
-        if statement.strip():
-            yield statement
+    pending = ""
+    for piece in "\n".join(lines).split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""
 
 
 @contextlib.contextmanager

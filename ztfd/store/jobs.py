@@ -153,11 +153,9 @@ def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def detection_key(object_id: str, obs_mjd: float | None, date: str, detection_id: str | None = None) -> str:
-    """One stamp job per object and observation time (per detection, when the message names it): Lasair resends
-    an object whenever a selected column changes, and the stamps of the same detection need fetching once."""
-    if detection_id is not None:
-        return f"{object_id}#{detection_id}"
+def detection_key(object_id: str, obs_mjd: float | None, date: str) -> str:
+    """One stamp job per object and observation time: Lasair resends an object whenever a selected column
+    changes, and the stamps of the same detection need fetching once."""
     # Rounded to ~0.1 s: the same detection time reaches ztfd as a JD in one filter and an MJD in another.
     when = f"{obs_mjd:.6f}" if obs_mjd is not None else date
     return f"{object_id}@{when}"
@@ -174,13 +172,11 @@ def enqueue(
     """
     now = time.time() if now is None else now
     rows = [(job.alert_id, int(job.force), now, batch, job.dedupe_key, now, now, job.kind) for job in jobs]
-    before = conn.total_changes
-    conn.executemany(
+    return conn.executemany(  # rowcount: rows inserted by the statement itself, not by triggers
         "INSERT INTO jobs (alert_id, force, not_before, batch, dedupe_key, created_at, updated_at, kind) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         rows,
-    )
-    return conn.total_changes - before
+    ).rowcount
 
 
 def requeue_expired(conn: sqlite3.Connection, max_attempts: int | None = None, now: float | None = None) -> int:
@@ -319,10 +315,10 @@ def fail(conn: sqlite3.Connection, job_id: int, owner: str, reason: str) -> bool
 
 def release(
     conn: sqlite3.Connection, owner: str, job_ids: Iterable[int] | None = None, delay: float = 0.0,
-    reason: str | None = None, now: float | None = None,
+    now: float | None = None,
 ) -> int:
-    """Hand leased jobs back untouched, the claim not counted as an attempt: ready at once (on SIGTERM), or after
-    ``delay`` seconds with ``reason`` (local trouble: the worker's disk is full, not the job's fault)."""
+    """Hand leased jobs back untouched, the claim not counted as an attempt (nor as a failure): ready at once (on
+    SIGTERM), or after ``delay`` seconds (local trouble: the worker's disk is full, not the job's fault)."""
     only = "" if job_ids is None else " AND id = ?"
     ids = [()] if job_ids is None else [(job_id,) for job_id in job_ids]
     now = time.time() if now is None else now
@@ -330,9 +326,9 @@ def release(
     for id_args in ids:
         total += conn.execute(
             "UPDATE jobs SET state = 'ready', owner = NULL, lease_until = NULL, attempts = max(attempts - 1, 0), "
-            "not_before = CASE WHEN ? > 0 THEN max(not_before, ?) ELSE not_before END, "
-            "last_error = coalesce(?, last_error), updated_at = ? WHERE state = 'leased' AND owner = ?" + only,
-            (delay, now + delay, reason, now, owner, *id_args),
+            "not_before = CASE WHEN ? > 0 THEN max(not_before, ?) ELSE not_before END, updated_at = ? "
+            "WHERE state = 'leased' AND owner = ?" + only,
+            (delay, now + delay, now, owner, *id_args),
         ).rowcount
     return total
 

@@ -1,6 +1,14 @@
-"""The store's tables: the one place their shape is written down."""
+"""The store's tables: the one place their shape is written down.
 
-SCHEMA_VERSION = 1
+``SCHEMA`` is the current layout, created as a whole in a new store. A store records the version of its layout
+in ``meta``; opening an older one runs the steps of ``ztfd.store.migrations`` up to ``SCHEMA_VERSION`` and then
+``SCHEMA`` (which creates what is new), all in one transaction. To change the layout: edit ``SCHEMA``, bump
+``SCHEMA_VERSION``, and add the step that turns the previous layout into the new one (new tables and indexes
+need no step: ``SCHEMA`` adds them). Version 1 is the layout before the store owned its schema (jobs carried
+JSON payloads and results).
+"""
+
+SCHEMA_VERSION = 4  # 3: alerts.survey and alerts.detection_id (ADDED_COLUMNS, at the end); 4: the Avro block
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -93,7 +101,7 @@ CREATE TABLE IF NOT EXISTS stamps (
     done_at REAL NOT NULL
 );
 
--- The sync manifest: every file ztfd writes under data/ and images/. state: pending | done.
+-- The sync manifest: every file ztfd writes under data/ and images/. state: pending | done | archived.
 CREATE TABLE IF NOT EXISTS manifest (
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -133,6 +141,21 @@ CREATE TABLE IF NOT EXISTS status (
     value TEXT,
     updated_at REAL NOT NULL
 );
+
+-- === sync (retention) =====================================================================================
+-- Retention's S3 copies it could not verify (S3 answered 403, what it answers for a missing object to
+-- credentials without s3:ListBucket, or another error): passes counts the retention passes that failed for
+-- the upload of uploaded_at; after a few the file is uploaded again (ztfd.sync.retention). Only files in trouble
+-- have a row; it goes when the file is archived or queued again. New table, so no migration step: SCHEMA
+-- creates it when an older store is migrated.
+CREATE TABLE IF NOT EXISTS retention_checks (
+    path TEXT PRIMARY KEY,
+    uploaded_at REAL NOT NULL,
+    passes INTEGER NOT NULL,
+    first_at REAL NOT NULL,
+    last_at REAL NOT NULL,
+    last_error TEXT NOT NULL
+);
 """
 
 # --- Lasair-LSST byte quota (ztfd.store.quota; written by the consumers, read by status) ---------------------------
@@ -150,14 +173,209 @@ CREATE TABLE IF NOT EXISTS topic_bytes (
 );
 """
 
+
+# === Observability (issue 15: metrics and night reports; owned by the "obs" work) ================================
+# Counters kept incrementally by triggers, so that a Prometheus scrape and a night report read a few small rows
+# instead of counting a year of alerts, jobs and files. Nothing else writes these tables; ``ztfd.store.counters``
+# and ``ztfd.store.report`` read them. Counters never go down when the store forgets old rows (retention), except
+# the gauges of open work (jobs waiting or running, files pending).
+#
+# A stamp job's bucket, as ``ztfd_stamp_jobs{state}`` shows it: ready jobs split by why they wait.
+_JOB_BUCKET = (
+    "CASE WHEN {row}.state = 'ready' AND {row}.waiting = 'unavailable' THEN 'unavailable' "
+    "WHEN {row}.state = 'ready' AND {row}.waiting = 'retry' THEN 'retry_waiting' ELSE {row}.state END"
+)
+# The class of a failed attempt's reason (``ztfd_stamp_failures_total{reason}``): a small fixed set, matched in
+# this order (``ztfd.store.counters.FAILURE_REASONS`` lists them).
+_FAILURE_CLASS = (
+    "CASE WHEN NEW.state = 'ready' AND NEW.not_before = OLD.not_before THEN 'worker_lost' "
+    "WHEN NEW.last_error LIKE 'its worker died%' OR NEW.last_error LIKE '%lease expired%' THEN 'worker_lost' "
+    "WHEN NEW.last_error LIKE 'not available at%' THEN 'unavailable' "
+    "WHEN NEW.last_error LIKE 'bad object_id%' OR NEW.last_error LIKE 'bad date%' THEN 'bad_job' "
+    "WHEN NEW.last_error LIKE '%timed out%' OR NEW.last_error LIKE '%timeout%' THEN 'timeout' "
+    "WHEN NEW.last_error LIKE '%not gzip%' OR NEW.last_error LIKE '%bad gzip%' OR NEW.last_error LIKE '%not FITS%' "
+    "  OR NEW.last_error LIKE '%not JSON%' OR NEW.last_error LIKE '%not a JSON%' OR NEW.last_error LIKE '%too large%' "
+    "  OR NEW.last_error LIKE '%larger than%' OR NEW.last_error LIKE '%bad body%' THEN 'bad_body' "
+    "WHEN NEW.last_error LIKE '%HTTP %' THEN 'http' "
+    "WHEN NEW.last_error LIKE '%Connect%' OR NEW.last_error LIKE '%connection%' "
+    "  OR NEW.last_error LIKE '%ClientError%' OR NEW.last_error LIKE '%Disconnected%' THEN 'connection' "
+    "ELSE 'other' END"
+)
+
+_ONCE = "(SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key = 'counters_seeded')) AS once"
+
+OBS_SCHEMA = f"""
+-- Alerts stored and the newest receive time, per partition date and topic (AFTER INSERT ON alerts).
+CREATE TABLE IF NOT EXISTS counter_alerts (
+    date TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    alerts INTEGER NOT NULL DEFAULT 0,
+    last_received_at REAL,
+    PRIMARY KEY (date, topic)
+) WITHOUT ROWID;
+
+-- Rejected messages per UTC date of their receipt and topic (AFTER INSERT ON rejected).
+CREATE TABLE IF NOT EXISTS counter_rejected (
+    date TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    rejected INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (date, topic)
+) WITHOUT ROWID;
+
+-- Stamp jobs per bucket (see _JOB_BUCKET). done and failed count every job that ended so, also once forgotten.
+CREATE TABLE IF NOT EXISTS counter_jobs (
+    state TEXT PRIMARY KEY,
+    jobs INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+
+-- Failed stamp attempts per reason class (see _FAILURE_CLASS).
+CREATE TABLE IF NOT EXISTS counter_stamp_failures (
+    reason TEXT PRIMARY KEY,
+    failures INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+
+-- Manifest files and bytes per state, and what the syncer uploaded in all (one row, id 1).
+CREATE TABLE IF NOT EXISTS counter_files (
+    state TEXT PRIMARY KEY,
+    files INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counter_uploads (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    files INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0
+);
+
+-- The last time a file under images/<date>/ was recorded: with counter_alerts, when a night was last busy.
+CREATE TABLE IF NOT EXISTS counter_images (
+    date TEXT PRIMARY KEY,
+    last_recorded_at REAL NOT NULL
+) WITHOUT ROWID;
+
+-- The detections a stamp provider fetched per object (light curves for reports): JSON [[mjd, band, value,
+-- error], ...], value a magnitude or a flux (unit), the newest fetch replacing the one before.
+CREATE TABLE IF NOT EXISTS detections (
+    survey TEXT NOT NULL,
+    object_id TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    points TEXT NOT NULL,
+    fetched_at REAL NOT NULL,
+    PRIMARY KEY (survey, object_id)
+) WITHOUT ROWID;
+
+-- Night reports written: topic '' is the whole night. changed_at is the night's last activity the report saw.
+CREATE TABLE IF NOT EXISTS reports (
+    date TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    generated_at REAL NOT NULL,
+    changed_at REAL NOT NULL,
+    pages INTEGER NOT NULL,
+    PRIMARY KEY (date, topic)
+) WITHOUT ROWID;
+
+CREATE TRIGGER IF NOT EXISTS count_alert AFTER INSERT ON alerts BEGIN
+    INSERT INTO counter_alerts (date, topic, alerts, last_received_at) VALUES (NEW.date, NEW.topic, 1, NEW.received_at)
+    ON CONFLICT (date, topic) DO UPDATE SET alerts = alerts + 1,
+        last_received_at = max(coalesce(last_received_at, 0), excluded.last_received_at);
+END;
+
+CREATE TRIGGER IF NOT EXISTS count_rejected AFTER INSERT ON rejected BEGIN
+    INSERT INTO counter_rejected (date, topic, rejected)
+    VALUES (date(NEW.received_at, 'unixepoch'), NEW.topic, 1)
+    ON CONFLICT (date, topic) DO UPDATE SET rejected = rejected + 1;
+END;
+
+CREATE TRIGGER IF NOT EXISTS count_job_insert AFTER INSERT ON jobs BEGIN
+    INSERT INTO counter_jobs (state, jobs) VALUES ({_JOB_BUCKET.format(row="NEW")}, 1)
+    ON CONFLICT (state) DO UPDATE SET jobs = jobs + 1;
+END;
+
+CREATE TRIGGER IF NOT EXISTS count_job_update AFTER UPDATE OF state, waiting ON jobs
+WHEN {_JOB_BUCKET.format(row="OLD")} IS NOT {_JOB_BUCKET.format(row="NEW")} BEGIN
+    UPDATE counter_jobs SET jobs = jobs - 1 WHERE state = {_JOB_BUCKET.format(row="OLD")};
+    INSERT INTO counter_jobs (state, jobs) VALUES ({_JOB_BUCKET.format(row="NEW")}, 1)
+    ON CONFLICT (state) DO UPDATE SET jobs = jobs + 1;
+END;
+
+CREATE TRIGGER IF NOT EXISTS count_job_delete AFTER DELETE ON jobs
+WHEN OLD.state NOT IN ('done', 'failed') BEGIN
+    UPDATE counter_jobs SET jobs = jobs - 1 WHERE state = {_JOB_BUCKET.format(row="OLD")};
+END;
+
+-- A failed attempt: a leased job given back to retry after a failure (waiting 'retry'), failed for good, or put
+-- back because its lease ran out (its worker died or hung). Waiting for ALeRCE to catch up is no failure.
+CREATE TRIGGER IF NOT EXISTS count_stamp_failure AFTER UPDATE OF last_error ON jobs
+WHEN OLD.state = 'leased' AND NEW.last_error IS NOT NULL
+    AND (NEW.state = 'failed' OR (NEW.state = 'ready'
+         AND (NEW.waiting IS NOT 'unavailable' OR NEW.not_before = OLD.not_before))) BEGIN
+    INSERT INTO counter_stamp_failures (reason, failures) VALUES ({_FAILURE_CLASS}, 1)
+    ON CONFLICT (reason) DO UPDATE SET failures = failures + 1;
+END;
+
+CREATE TRIGGER IF NOT EXISTS count_file_insert AFTER INSERT ON manifest BEGIN
+    INSERT INTO counter_files (state, files, bytes) VALUES (NEW.state, 1, NEW.size)
+    ON CONFLICT (state) DO UPDATE SET files = files + 1, bytes = bytes + excluded.bytes;
+END;
+
+CREATE TRIGGER IF NOT EXISTS count_file_update AFTER UPDATE OF state, size ON manifest
+WHEN OLD.state IS NOT NEW.state OR OLD.size IS NOT NEW.size BEGIN
+    UPDATE counter_files SET files = files - 1, bytes = bytes - OLD.size WHERE state = OLD.state;
+    INSERT INTO counter_files (state, files, bytes) VALUES (NEW.state, 1, NEW.size)
+    ON CONFLICT (state) DO UPDATE SET files = files + 1, bytes = bytes + excluded.bytes;
+END;
+
+CREATE TRIGGER IF NOT EXISTS count_file_delete AFTER DELETE ON manifest BEGIN
+    UPDATE counter_files SET files = files - 1, bytes = bytes - OLD.size WHERE state = OLD.state;
+END;
+
+CREATE TRIGGER IF NOT EXISTS count_upload AFTER UPDATE OF state, uploaded_at ON manifest
+WHEN NEW.state = 'done' AND (OLD.state IS NOT 'done' OR NEW.uploaded_at IS NOT OLD.uploaded_at) BEGIN
+    INSERT INTO counter_uploads (id, files, bytes) VALUES (1, 1, NEW.size)
+    ON CONFLICT (id) DO UPDATE SET files = files + 1, bytes = bytes + excluded.bytes;
+END;
+
+CREATE TRIGGER IF NOT EXISTS count_image_insert AFTER INSERT ON manifest
+WHEN substr(NEW.path, 1, 7) = 'images/' BEGIN
+    INSERT INTO counter_images (date, last_recorded_at) VALUES (substr(NEW.path, 8, 10), NEW.recorded_at)
+    ON CONFLICT (date) DO UPDATE SET last_recorded_at = max(last_recorded_at, excluded.last_recorded_at);
+END;
+
+CREATE TRIGGER IF NOT EXISTS count_image_update AFTER UPDATE OF recorded_at ON manifest
+WHEN substr(NEW.path, 1, 7) = 'images/' BEGIN
+    INSERT INTO counter_images (date, last_recorded_at) VALUES (substr(NEW.path, 8, 10), NEW.recorded_at)
+    ON CONFLICT (date) DO UPDATE SET last_recorded_at = max(last_recorded_at, excluded.last_recorded_at);
+END;
+
+-- Seeding, once per store (a store made before these counters existed): what the rows already say. The one-row
+-- "once" table is empty after the first time, and as the outer loop of a CROSS JOIN it stops each statement
+-- before any row is read (a plain WHERE NOT EXISTS would still scan).
+INSERT OR IGNORE INTO counter_alerts (date, topic, alerts, last_received_at)
+    SELECT date, topic, count(*), max(received_at) FROM {_ONCE} CROSS JOIN alerts GROUP BY date, topic;
+INSERT OR IGNORE INTO counter_rejected (date, topic, rejected)
+    SELECT date(received_at, 'unixepoch'), topic, count(*) FROM {_ONCE} CROSS JOIN rejected GROUP BY 1, 2;
+INSERT OR IGNORE INTO counter_jobs (state, jobs)
+    SELECT {_JOB_BUCKET.format(row="jobs")}, count(*) FROM {_ONCE} CROSS JOIN jobs GROUP BY 1;
+INSERT OR IGNORE INTO counter_files (state, files, bytes)
+    SELECT state, count(*), coalesce(sum(size), 0) FROM {_ONCE} CROSS JOIN manifest GROUP BY state;
+INSERT OR IGNORE INTO counter_images (date, last_recorded_at)
+    SELECT substr(path, 8, 10), max(recorded_at) FROM {_ONCE} CROSS JOIN manifest
+    WHERE substr(path, 1, 7) = 'images/' GROUP BY 1;
+INSERT OR IGNORE INTO meta (key, value) VALUES ('counters_seeded', '1');
+"""
+# === end of observability ========================================================================================
+
+SCHEMA += OBS_SCHEMA
+
 # --- added by the seams change (sources and stamp providers) ---------------------------------------------------------
-# Columns added to existing tables, applied after SCHEMA by ``db._migrate`` when a table lacks them (idempotent, so
-# a store created before them gains them on its next open). For the store's migration mechanism to take over.
+# Columns added to existing tables (schema version 3): ``migrations.add_missing_columns`` adds each one a table
+# lacks, after SCHEMA in a new store and as the step from version 2 in an older one.
 ADDED_COLUMNS = (
     # The survey of the alert (its stamp provider is ``stamps.<survey>_provider``) and the detection its message
     # names (Avro packets name their candid; Lasair rows none): what a stamp job needs beyond the columns above.
     ("alerts", "survey", "TEXT NOT NULL DEFAULT 'ztf'"),
     ("alerts", "detection_id", "TEXT"),
+    # LSST (issue 13): the band of the detection the message names (Lasair's lite and full output), for previews.
+    ("alerts", "band", "TEXT"),
 )
 
 # --- Avro streams (issue 14): registry schemas, job kinds, the detections cache ---------------------------------
@@ -166,6 +384,7 @@ ADDED_COLUMNS = (
 # ``detections`` (ztfd.store.detections): ALeRCE detections lists shared by the stamp workers for a short time (a
 # catch-up has several alerts of an object queued; one list serves them all). ``jobs.kind``: 'stamps' (fetch the
 # stamps, then draw the preview) or 'preview' (the stamps came in the alert packet: only draw the preview).
+# Schema version 4: the step from 3 adds the column (migrations.add_missing_columns); SCHEMA creates the tables.
 SCHEMA += """
 CREATE TABLE IF NOT EXISTS avro_schemas (
     registry TEXT NOT NULL,

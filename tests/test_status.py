@@ -1,0 +1,141 @@
+"""``ztfd status`` reads the store read-only: while a writer holds the lock, for a user who may only read home,
+and never migrating an older store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import child_env, write_config, ztfd_command
+from tests.stamp_support import add_alerts
+from tests.test_store import TOPIC, load_fixture
+from ztfd import config, status, store
+from ztfd.embedded.samples import packets
+from ztfd.store import jobs
+from ztfd.store.db import schema_version
+
+NOBODY = 65534
+
+
+def status_json(cfg_path: Path) -> tuple[int, dict]:
+    result = subprocess.run(ztfd_command(cfg_path, "status", "--json"), env=child_env(), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode in (0, 3), result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def fill(cfg: config.Config) -> None:
+    """Alerts and stamp jobs: one done, one failed, the rest ready."""
+    conn = store.connect(cfg.db_path)
+    add_alerts(conn, packets()[:4], topic=TOPIC)
+    owner = jobs.new_owner()
+    first, second = jobs.claim(conn, owner, 60, limit=2)
+    jobs.complete(conn, first.id, owner, jobs.StampResult("1", None))
+    jobs.fail(conn, second.id, owner, "HTTP 503")
+    conn.close()
+
+
+def expected_queue(report: dict) -> None:
+    assert report["queue"] == {"ready": 2, "leased": 0, "retry_waiting": 0, "unavailable": 0, "failed": 1, "done": 1}
+    assert [t["alerts_total"] for t in report["topics"]] == [4]
+    assert report["failures"][0]["reason"] == "HTTP 503"
+
+
+def test_status_reads_while_another_process_holds_the_write_lock(make_config: Callable[..., Path]) -> None:
+    cfg_path = make_config(kafka={"topics": [TOPIC]})
+    cfg = config.load(cfg_path)
+    fill(cfg)
+    writer = store.connect(cfg.db_path)
+    writer.execute("BEGIN IMMEDIATE")  # e.g. an operator's VACUUM, or a writer stuck on a full disk
+    try:
+        jobs.enqueue(writer, [jobs.NewStampJob(1)])  # not committed: status must not see it, nor wait for it
+        code, report = status_json(cfg_path)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert code == 3 and report["store"] == str(cfg.db_path)
+    expected_queue(report)
+
+
+@pytest.fixture
+def readable_home() -> Iterator[Path]:
+    """A home outside pytest's private temporary folder, so that another user can read it."""
+    home = Path(tempfile.mkdtemp(prefix="ztfd-readonly-"))
+    home.chmod(0o755)
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def collect_as_reader(cfg: config.Config) -> dict:
+    """``status.collect`` as a user who may only read home: as root, a forked child that became ``nobody``
+    (which cannot run this interpreter, hence no exec); otherwise with every folder of home made read-only."""
+    if os.geteuid() != 0:
+        folders = [p for p in [cfg.home, *cfg.home.rglob("*")] if p.is_dir()]
+        for folder in folders:
+            folder.chmod(0o555)
+        try:
+            return status.collect(cfg, kafka_timeout=0.5)
+        finally:
+            for folder in folders:
+                folder.chmod(0o755)
+    import confluent_kafka  # noqa: F401 - the child cannot read the interpreter's files: import what it needs now
+
+    from ztfd import sync  # noqa: F401
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            os.write(write, json.dumps(status.collect(cfg, kafka_timeout=0.5)).encode())
+            os._exit(0)
+        except BaseException as exc:
+            os.write(write, json.dumps({"error": repr(exc)}).encode())
+            os._exit(1)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        answer = json.loads(pipe.read() or b"{}")
+    _, code = os.waitpid(pid, 0)
+    assert code == 0, answer
+    return answer
+
+
+@pytest.mark.parametrize("writer_open", [True, False], ids=["daemon-running", "daemon-stopped"])
+def test_status_works_for_a_user_who_can_only_read_home(readable_home: Path, writer_open: bool) -> None:
+    cfg_path = write_config(readable_home / "ztfd.toml", {"kafka": {"bootstrap_servers": "127.0.0.1:1",
+                                                                    "group_id": "g", "topics": [TOPIC]}})
+    cfg = config.load(cfg_path)
+    fill(cfg)
+    writer = store.connect(cfg.db_path) if writer_open else None  # keeps -wal and -shm (root's, 0644)
+    try:
+        listing = sorted(p.name for p in cfg.db_path.parent.iterdir())
+        report = collect_as_reader(cfg)
+        assert sorted(p.name for p in cfg.db_path.parent.iterdir()) == listing  # nothing created
+    finally:
+        if writer is not None:
+            writer.close()
+    assert report["store"] == str(cfg.db_path)
+    expected_queue(report)
+
+
+def test_status_never_migrates_an_older_store(make_config: Callable[..., Path]) -> None:
+    cfg_path = make_config(kafka={"topics": [TOPIC]})
+    cfg = config.load(cfg_path)
+    load_fixture(cfg.db_path)
+    result = subprocess.run(ztfd_command(cfg_path, "status"), env=child_env(), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "schema version 1, older" in result.stderr and "only reads" in result.stderr
+    with sqlite3.connect(cfg.db_path) as plain:
+        assert schema_version(plain) == 1

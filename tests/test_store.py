@@ -1,0 +1,145 @@
+"""The store's schema version: a store written by the code before this layout (``fixtures/store-v1.sql``, see
+``fixtures/make_store_v1.py``) is migrated with its data, a newer one is refused, a failed migration changes
+nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import child_env, ztfd_command
+from ztfd import config, status, store
+from ztfd.store import jobs, migrations
+from ztfd.store.alerts import iter_alerts
+from ztfd.store.db import StoreVersionError, schema_version
+from ztfd.store.manifest import manifest_files
+from ztfd.store.offsets import stored_offsets
+from ztfd.store.processes import process
+from ztfd.store.rejected import latest_rejected
+from ztfd.store.schema import SCHEMA_VERSION
+from ztfd.store.stamps import stamp_records
+
+FIXTURE = Path(__file__).parent / "fixtures" / "store-v1.sql"
+TOPIC = "lasair_fixture"
+
+
+def v1_jobs() -> dict[int, tuple[dict, dict | None, str]]:
+    """job id -> (payload, result, state) as the v1 code wrote them, read from the dump's text."""
+    found = {}
+    for line in FIXTURE.read_text().splitlines():
+        match = re.match(r"INSERT INTO \"jobs\" VALUES\((\d+),'stamps','(\{.*?\})','(\w+)',.*?,(NULL|'(\{.*\})'),"
+                         r"[^,]*,[^,]*,[^,]*,[^,]*\);$", line)
+        if match:
+            result = json.loads(match.group(5)) if match.group(5) else None
+            found[int(match.group(1))] = (json.loads(match.group(2)), result, match.group(3))
+    return found
+
+
+def load_fixture(db: Path, replace: tuple[str, str] | None = None) -> None:
+    script = FIXTURE.read_text()
+    if replace is not None:
+        script = script.replace(*replace)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(db) as plain:
+        plain.executescript(script)
+
+
+@pytest.fixture
+def v1_config(make_config: Callable[..., Path]) -> config.Config:
+    cfg = config.load(make_config(kafka={"topics": [TOPIC]}))
+    load_fixture(cfg.db_path)
+    return cfg
+
+
+def test_the_fixture_is_a_v1_store_with_every_kind_of_job(v1_config: config.Config) -> None:
+    with sqlite3.connect(v1_config.db_path) as plain:
+        assert schema_version(plain) == 1
+    states = [state for _, _, state in v1_jobs().values()]
+    assert {"done", "failed", "ready"} <= set(states) and states.count("done") == 3
+
+
+def test_a_v1_store_is_migrated_with_its_data(v1_config: config.Config) -> None:
+    before = v1_jobs()
+    conn = store.connect(v1_config.db_path)
+    assert schema_version(conn) == SCHEMA_VERSION
+    # Jobs keep their ids, states, attempts and reasons, and now refer to the alert their payload named.
+    migrated = {job.id: job for job in jobs.list_jobs(conn)}
+    assert sorted(migrated) == sorted(before)
+    for job_id, (payload, _result, state) in before.items():
+        assert (migrated[job_id].alert_id, migrated[job_id].state) == (payload["alert_id"], state)
+    assert migrated[4].last_error == "HTTP 503 from get_stamp"
+    # What the done jobs learned is kept with their alerts: the candid exactly as text, the kinds fetched.
+    done = {payload["alert_id"]: result for payload, result, state in before.values() if state == "done"}
+    records = stamp_records(conn, done)
+    assert sorted(records) == sorted(done)
+    for alert_id, result in done.items():
+        record = records[alert_id]
+        assert record.detection_id == result["candid"]
+        assert (record.detection_mjd, record.preview, record.worker) == (result["mjd"], result["preview"],
+                                                                         result["worker"])
+        assert sorted(record.fetched) == sorted(result["fetched"])
+    # The rest is untouched: alerts, rejected messages with their bytes, offsets, manifest, processes.
+    alerts = list(iter_alerts(conn))
+    assert len(alerts) == 24 and all(a.path.startswith(f"data/{a.date}/{TOPIC}/") for a in alerts)
+    assert {r.raw for r in latest_rejected(conn, TOPIC, 10)} == {b"not json", b"{}"}
+    assert stored_offsets(conn, TOPIC)[0].next_offset == 26
+    assert {row.path for row in manifest_files(conn)} == {a.path for a in alerts}
+    assert process(conn, "fetcher:1") is not None
+    # The queue works on the migrated jobs: a claim hands out a ready job with its alert.
+    counts = jobs.counts(conn)
+    assert (counts.done, counts.failed, counts.retry_waiting, counts.unavailable) == (3, 1, 1, 1)
+    [claimed] = jobs.claim(conn, jobs.new_owner(), 60)
+    assert claimed.alert.id == before[claimed.id][0]["alert_id"]
+    conn.close()
+    # Opening it again finds it current: no second migration.
+    again = store.connect(v1_config.db_path)
+    assert len(jobs.list_jobs(again)) == len(before)
+    again.close()
+
+
+def test_status_reads_a_migrated_store(v1_config: config.Config) -> None:
+    store.connect(v1_config.db_path).close()
+    report = status.collect(v1_config, kafka_timeout=0.5)
+    assert report["queue"]["done"] == 3 and report["queue"]["failed"] == 1
+    assert report["failures"][0]["reason"] == "HTTP 503 from get_stamp"
+    assert report["failures"][0]["object_id"].startswith("ZTF")
+    assert report["rejected"] == {TOPIC: 2}
+
+
+def test_a_failed_migration_leaves_the_store_as_it_was(v1_config: config.Config,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def half_then_crash(conn: sqlite3.Connection) -> None:
+        migrations._v1_to_v2(conn)
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setitem(migrations.STEPS, 1, half_then_crash)
+    with pytest.raises(RuntimeError):
+        store.connect(v1_config.db_path)
+    with sqlite3.connect(v1_config.db_path) as plain:
+        assert schema_version(plain) == 1
+    monkeypatch.undo()
+    conn = store.connect(v1_config.db_path)  # and the real migration still works afterwards
+    assert len(jobs.list_jobs(conn)) == len(v1_jobs())
+    conn.close()
+
+
+def test_a_store_of_a_newer_ztfd_is_refused_with_one_line(make_config: Callable[..., Path]) -> None:
+    cfg_path = make_config(kafka={"topics": [TOPIC]})
+    cfg = config.load(cfg_path)
+    newer = f"VALUES('schema_version','{SCHEMA_VERSION + 1}')"
+    load_fixture(cfg.db_path, replace=("VALUES('schema_version','1')", newer))
+    with pytest.raises(StoreVersionError, match=f"schema version {SCHEMA_VERSION + 1}, newer"):
+        store.connect(cfg.db_path)
+    for command in (["rejected"], ["status"], ["replay", "--date", "2021-09-01"]):
+        result = subprocess.run(ztfd_command(cfg_path, *command), env=child_env(), capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert result.stderr.count("\n") == 1 and "newer than this ztfd reads" in result.stderr, result.stderr
+    with sqlite3.connect(cfg.db_path) as plain:  # and left alone
+        assert schema_version(plain) == SCHEMA_VERSION + 1

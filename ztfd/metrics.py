@@ -1,0 +1,217 @@
+"""``ztfd metrics``: Prometheus' text format at ``/metrics``, computed from the store at each scrape.
+
+The supervisor runs it as its ``metrics`` child when ``metrics.listen`` is set. A scrape reads only the small
+counter tables the store's triggers keep (``ztfd.store.counters``), the ``processes`` rows and ``statvfs`` of home,
+so it costs the same after a year as on the first day. The one figure the store cannot give, the Kafka lag, is
+asked of the broker every ``LAG_INTERVAL`` seconds by the main loop (as ``ztfd status`` does: a throwaway consumer
+that never joins the group) and served from that cache; the HTTP server is ``prometheus_client``'s own, on a
+thread of its own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from ztfd import config, store
+from ztfd.procs import pid_alive
+from ztfd.store import counters
+
+log = logging.getLogger(__name__)
+
+LAG_INTERVAL = 15.0
+HEARTBEAT_INTERVAL = 5.0
+KAFKA_TIMEOUT = 3.0
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class KafkaView:
+    """The last answer of the broker per topic: lag in messages (None: unknown) and whether it answered."""
+
+    lag: dict[str, int | None] = field(default_factory=dict)
+    up: dict[str, bool] = field(default_factory=dict)
+
+
+def read_kafka(cfg: config.Config, offsets: dict[str, dict[int, store.StoredOffset]]) -> KafkaView:
+    """Ask the broker for every topic's high watermarks and subtract the stored offsets (``ztfd status``'s way)."""
+    from ztfd import status
+
+    topics: list[dict[str, Any]] = [
+        {"topic": topic, "lag": None,
+         "partitions": {str(p): {"next_offset": o.next_offset} for p, o in offsets.get(topic, {}).items()}}
+        for topic in cfg.kafka.topics
+    ]
+    status._add_lag(cfg, topics, KAFKA_TIMEOUT)
+    return KafkaView(lag={t["topic"]: t.get("lag") for t in topics},
+                     up={t["topic"]: t.get("broker") == "ok" for t in topics})
+
+
+class StoreCollector(Collector):
+    """Every ztfd metric (README "Metrics"), read afresh at each scrape."""
+
+    def __init__(self, cfg: config.Config, conn: sqlite3.Connection, lock: threading.Lock) -> None:
+        self.cfg = cfg
+        self.conn = conn
+        self.lock = lock
+        self.kafka = KafkaView()
+
+    def collect(self) -> Iterator[Metric]:
+        now = time.time()
+        with self.lock:
+            topics = counters.topic_totals(self.conn)
+            gaps = counters.gap_alerts(self.conn)
+            jobs = counters.job_states(self.conn)
+            failures = counters.stamp_failures(self.conn)
+            files = counters.files_by_state(self.conn)
+            uploaded = counters.uploaded(self.conn)
+            processes = counters.processes(self.conn)
+        names = sorted(set(self.cfg.kafka.topics) | set(topics))
+        empty = counters.TopicTotals(0, 0, None)
+
+        stored = CounterMetricFamily("ztfd_alerts_stored", "Alerts stored (accepted messages), per topic.",
+                                     labels=["topic"])
+        rejected = CounterMetricFamily("ztfd_alerts_rejected", "Messages rejected (kept with their reason), per topic.",
+                                       labels=["topic"])
+        lost = CounterMetricFamily("ztfd_kafka_gap_alerts", "Alerts lost upstream (offsets the broker no longer had).",
+                                   labels=["topic"])
+        age = GaugeMetricFamily("ztfd_last_alert_age_seconds", "Seconds since the topic's last alert was stored.",
+                                labels=["topic"])
+        lag = GaugeMetricFamily("ztfd_kafka_lag", "Messages in the topic after ztfd's stored offsets.",
+                                labels=["topic"])
+        up = GaugeMetricFamily("ztfd_kafka_up", "1 when the broker answered the last lag query for the topic.",
+                               labels=["topic"])
+        for topic in names:
+            totals = topics.get(topic, empty)
+            stored.add_metric([topic], totals.stored)
+            rejected.add_metric([topic], totals.rejected)
+            lost.add_metric([topic], gaps.get(topic, 0))
+            if totals.last_alert_at is not None:
+                age.add_metric([topic], max(0.0, now - totals.last_alert_at))
+            if self.kafka.lag.get(topic) is not None:
+                lag.add_metric([topic], self.kafka.lag[topic])
+            if topic in self.kafka.up:
+                up.add_metric([topic], 1 if self.kafka.up[topic] else 0)
+        yield from (stored, rejected, lost, age, lag, up)
+
+        state = GaugeMetricFamily("ztfd_stamp_jobs", "Stamp jobs by state (done and failed: every job that ended so).",
+                                  labels=["state"])
+        for name, count in jobs.items():
+            state.add_metric([name], count)
+        yield state
+        failed = CounterMetricFamily("ztfd_stamp_failures", "Failed stamp attempts, by class of reason.",
+                                     labels=["reason"])
+        for reason, count in failures.items():
+            failed.add_metric([reason], count)
+        yield failed
+
+        pending = files.get("pending", counters.FileTotals(0, 0))
+        yield GaugeMetricFamily("ztfd_sync_pending_files", "Files recorded and not yet uploaded to S3.",
+                                value=pending.files)
+        yield GaugeMetricFamily("ztfd_sync_pending_bytes", "Bytes of the files not yet uploaded to S3.",
+                                value=pending.bytes)
+        yield CounterMetricFamily("ztfd_sync_uploaded_bytes", "Bytes uploaded to S3 and verified.",
+                                  value=uploaded.bytes)
+        yield CounterMetricFamily("ztfd_sync_uploaded_files", "Files uploaded to S3 and verified.",
+                                  value=uploaded.files)
+
+        yield from self._processes(processes, now)
+        yield from self._disk()
+
+    def _processes(self, rows: list[counters.ProcessRow], now: float) -> Iterator[Metric]:
+        up = GaugeMetricFamily("ztfd_process_up", "1 while the process runs and heartbeats in time.",
+                               labels=["name", "role"])
+        restarts = CounterMetricFamily("ztfd_process_restarts", "Restarts by the supervisor since `ztfd start`.",
+                                       labels=["name", "role"])
+        beat = GaugeMetricFamily("ztfd_heartbeat_age_seconds", "Seconds since the process last heartbeated.",
+                                 labels=["name"])
+        for row in rows:
+            fresh = row.heartbeat_at is not None and now - row.heartbeat_at <= self.cfg.supervisor.heartbeat_timeout
+            alive = row.pid is not None and pid_alive(row.pid) and row.state == "running"
+            up.add_metric([row.name, row.role], 1 if alive and fresh else 0)
+            restarts.add_metric([row.name, row.role], row.restarts)
+            if row.heartbeat_at is not None:
+                beat.add_metric([row.name], max(0.0, now - row.heartbeat_at))
+        yield from (up, restarts, beat)
+
+    def _disk(self) -> Iterator[Metric]:
+        try:
+            fs = os.statvfs(self.cfg.home)
+        except OSError as exc:
+            log.warning("cannot read the file system of %s: %s", self.cfg.home, exc)
+            return
+        yield GaugeMetricFamily("ztfd_disk_free_bytes", "Bytes free for ztfd on the file system of home.",
+                                value=fs.f_bavail * fs.f_frsize)
+        yield GaugeMetricFamily("ztfd_disk_size_bytes", "Size in bytes of the file system of home.",
+                                value=fs.f_blocks * fs.f_frsize)
+        yield GaugeMetricFamily("ztfd_disk_free_inodes", "Inodes (files) free on the file system of home.",
+                                value=fs.f_favail)
+        yield GaugeMetricFamily("ztfd_disk_inodes", "Inodes (files) of the file system of home in all.",
+                                value=fs.f_files)
+
+
+def run(cfg: config.Config, name: str) -> int:
+    """Serve ``/metrics`` on ``metrics.listen`` until SIGTERM; heartbeat as role ``metrics``."""
+    from prometheus_client import start_http_server
+
+    if not cfg.metrics.listen:
+        log.error("metrics.listen is empty: nothing to serve")
+        return 2
+    host, port = config.listen_address(cfg.metrics.listen)
+    if not is_loopback(host):
+        log.warning("metrics listen on %s, which other machines can reach (metrics.listen; 127.0.0.1 keeps it local)",
+                    cfg.metrics.listen)
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    conn = store.connect(cfg.db_path)
+    lock = threading.Lock()
+    collector = StoreCollector(cfg, conn, lock)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    try:
+        server, _thread = start_http_server(port, host, registry)
+    except OSError as exc:
+        log.error("cannot listen on %s (metrics.listen): %s", cfg.metrics.listen, exc)
+        conn.close()
+        return 1
+    log.info("metrics at http://%s/metrics", cfg.metrics.listen)
+    next_lag = 0.0
+    try:
+        while not stopping.is_set():
+            with lock:
+                store.heartbeat(conn, name, "metrics")
+            if time.monotonic() >= next_lag:
+                with lock:
+                    offsets = {topic: store.stored_offsets(conn, topic) for topic in cfg.kafka.topics}
+                collector.kafka = read_kafka(cfg, offsets)  # outside the lock: the broker may take seconds
+                next_lag = time.monotonic() + LAG_INTERVAL
+            stopping.wait(HEARTBEAT_INTERVAL)
+    except sqlite3.Error as exc:
+        log.error("metrics: store error: %s", exc)
+        return 1
+    finally:
+        server.shutdown()
+        server.server_close()
+        conn.close()
+    log.info("metrics stopped")
+    return 0

@@ -1,0 +1,469 @@
+"""``ztfd report``: a night's alerts as static HTML pages, one card per object, for a person with a browser.
+
+``<home>/reports/<date>/index.html`` (a topic's own report: ``reports/<date>/<topic>/index.html``), then
+``page-2.html`` … with at most ``CARDS_PER_PAGE`` cards each. A card shows the object's preview triplet, its
+light curve (``ztfd.lightcurve``, drawn into ``lc/<objectId>.png`` beside the pages), the objectId linked to its
+Lasair and ALeRCE pages, the UTC time, the columns of its latest message of the night, and links to its alert
+file and stamps. Counts at the top: alerts, objects, rejected messages, stamps there and missing (and why).
+
+The pages are self-contained: inline CSS, no script, no remote resource; every file is linked by a path relative
+to the page, so they read the same from the disk and from the S3 mirror. Every file written is recorded in the
+manifest, so the report syncs like the rest. The daemon's ``reporter`` (``ztfd report --watch``) rewrites a
+night's report once the night has been quiet for ``report.after_quiet`` seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import html
+import json
+import logging
+import os
+import re
+import signal
+import sqlite3
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ztfd import config, files, lightcurve, store
+from ztfd.sources import LSST, STAMP_TYPES, ZTF
+from ztfd.store import report as night
+
+log = logging.getLogger(__name__)
+
+CARDS_PER_PAGE = 200
+MAX_COLUMNS = 14
+WATCH_INTERVAL = 30.0
+HEARTBEAT_EVERY = 5.0
+LOOKBACK_DAYS = 7  # the daemon rewrites reports of nights busy this recently; older ones with `ztfd report`
+REPORTER_NICENESS = 10
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+ZTF_OBJECT = re.compile(r"^ZTF\d{2}[a-z]{7}$")
+ID_COLUMNS = ("objectId", "diaObjectId")
+LINKS = {
+    ZTF: (("Lasair", "https://lasair-ztf.lsst.ac.uk/objects/{id}/"), ("ALeRCE", "https://alerce.online/object/{id}")),
+    LSST: (("Lasair", "https://lasair-lsst.lsst.ac.uk/objects/{id}/"),),
+}
+MJD_EPOCH = dt.datetime(1858, 11, 17, tzinfo=dt.UTC)
+DRAWN_INDEX = ".drawn.json"  # hidden (never synced): which points each light curve was drawn from
+
+
+class ReportError(Exception):
+    """A report that cannot be made as asked (a bad date); ``str()`` is one line."""
+
+
+@dataclass
+class Card:
+    object_id: str
+    survey: str
+    topics: set[str]
+    alerts: int
+    when: float  # MJD of the card's alert, or its receive time as MJD
+    columns: list[tuple[str, str]] = field(default_factory=list)
+    alert_file: str | None = None
+    preview: str | None = None  # path relative to home
+    stamps: list[tuple[str, str]] = field(default_factory=list)  # (type, path relative to home)
+    missing: str | None = None  # why there is no preview
+    light_curve: str | None = None  # path relative to home
+    mjds: list[float] = field(default_factory=list)  # observation times of the night's alerts
+    history: tuple[str, list[lightcurve.Point]] = (lightcurve.MAG, [])  # the light curve the message carries
+
+
+@dataclass(frozen=True)
+class Written:
+    index: Path
+    pages: int
+    cards: int
+    files: list[str]  # relative to home
+
+
+# --- gathering ---------------------------------------------------------------------------------------------------
+
+
+def mjd_of(timestamp: float) -> float:
+    return timestamp / 86400.0 + 40587.0
+
+
+def iso_of_mjd(mjd: float) -> str:
+    return (MJD_EPOCH + dt.timedelta(days=mjd)).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _survey(object_id: str, meta: dict[str, Any]) -> str:
+    if meta.get("survey") in (ZTF, LSST):
+        return str(meta["survey"])
+    return ZTF if ZTF_OBJECT.match(object_id) else LSST
+
+
+def _read_alert(home: Path, path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The message and ztfd's metadata of an alert file; empty when it is gone or not JSON (an Avro file)."""
+    try:
+        document = json.loads((home / path).read_bytes())
+    except (OSError, ValueError):
+        return {}, {}
+    if not isinstance(document, dict):
+        return {}, {}
+    message, meta = document.get("message"), document.get("ztfd")
+    return (message if isinstance(message, dict) else {}), (meta if isinstance(meta, dict) else {})
+
+
+def _format(value: Any) -> str | None:
+    if value is None or isinstance(value, dict | list):
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.4f}".rstrip("0").rstrip(".") if abs(value) < 1e6 else f"{value:.6g}"
+    return str(value)
+
+
+def columns_of(message: dict[str, Any], times_utc: dict[str, str]) -> list[tuple[str, str]]:
+    """The top-level columns a person reads: scalars only, time fields as UTC, the identifier left out."""
+    found = []
+    for key, value in message.items():
+        if key in ID_COLUMNS:
+            continue
+        text = times_utc[key].replace("T", " ").replace("Z", " UTC") if key in times_utc else _format(value)
+        if text is not None:
+            found.append((key, text if len(text) <= 60 else text[:57] + "…"))
+        if len(found) == MAX_COLUMNS:
+            break
+    return found
+
+
+def _missing_reason(outcome: night.StampOutcome | None, survey: str, previews_on: bool) -> str:
+    if outcome is None:
+        return "no stamp job (stamps off, or not a ZTF alert)" if survey == ZTF else "no stamp job for this survey"
+    reason = f": {outcome.reason}" if outcome.reason else ""
+    if outcome.state == "failed":
+        return f"failed{reason}"
+    if outcome.state == "leased":
+        return "being fetched"
+    if outcome.state == "ready" and outcome.waiting == "unavailable":
+        return f"not yet available{reason}"
+    if outcome.state == "ready" and outcome.waiting == "retry":
+        return f"retrying{reason}"
+    if outcome.state == "done":
+        return "fetched, no preview" + ("" if previews_on else " (stamps.previews is off)")
+    return "queued"
+
+
+def _short_reason(text: str) -> str:
+    """A missing-stamps reason without the per-alert detail, for the counts at the top."""
+    head, _, _ = text.partition(":")
+    return head
+
+
+def gather(cfg: config.Config, conn: sqlite3.Connection, date: str, topic: str | None) -> tuple[list[Card], dict]:
+    """The night's cards, sorted by time, and the counts for the top of the page."""
+    alerts = night.night_alerts(conn, date, topic)
+    by_object: dict[str, list[night.NightAlert]] = {}
+    for alert in alerts:  # in id order: the last of each object is its newest
+        by_object.setdefault(alert.object_id, []).append(alert)
+    outcomes = night.night_stamps(conn, date)
+    images: dict[str, list[str]] = {}
+    for path in night.night_images(conn, date):
+        images.setdefault(path.split("/")[2], []).append(path)
+    cards = []
+    for object_id, seen in by_object.items():
+        # Lasair resends an object whenever a selected column changes, and topic_refresh rows carry fewer
+        # columns: the card shows every column of the night's messages, the newest value of each.
+        message: dict[str, Any] = {}
+        times_utc: dict[str, str] = {}
+        meta: dict[str, Any] = {}
+        for alert in seen:
+            one, meta = _read_alert(cfg.home, alert.path)
+            message.update(one)
+            times_utc.update(meta.get("times_utc") or {})
+        newest = seen[-1]
+        survey = _survey(object_id, meta)
+        when = newest.obs_mjd if newest.obs_mjd is not None else mjd_of(newest.received_at)
+        card = Card(object_id, survey, {a.topic for a in seen}, len(seen), when, columns_of(message, times_utc),
+                    newest.path, mjds=sorted({a.obs_mjd for a in seen if a.obs_mjd is not None}),
+                    history=lightcurve.history_points(message))
+        _choose_stamps(card, images.get(object_id, []), outcomes.get(object_id))
+        if card.preview is None:
+            card.missing = _missing_reason(outcomes.get(object_id), survey, cfg.stamps.previews)
+        cards.append(card)
+    cards.sort(key=lambda c: (c.when, c.object_id))
+    missing = Counter(_short_reason(c.missing) for c in cards if c.missing)
+    counts = {"alerts": len(alerts), "objects": len(cards), "rejected": night.night_rejected(conn, date, topic),
+              "with_stamps": sum(1 for c in cards if c.preview), "missing": dict(missing.most_common()),
+              "topics": dict(Counter(a.topic for a in alerts).most_common())}
+    return cards, counts
+
+
+def _choose_stamps(card: Card, paths: list[str], outcome: night.StampOutcome | None) -> None:
+    """The preview and stamps of the candid the stamp job chose, else of the newest candid with a preview."""
+    previews = [p for p in paths if p.endswith(".png")]
+    chosen = None
+    if outcome is not None and outcome.candid:
+        chosen = next((p for p in previews if p.rsplit("/", 1)[1] == f"{outcome.candid}.png"), None)
+    if chosen is None and previews:
+        chosen = previews[-1]
+    if chosen is None:
+        candid = outcome.candid if outcome is not None and outcome.candid else None
+    else:
+        card.preview = chosen
+        candid = chosen.rsplit("/", 1)[1][: -len(".png")]
+    if candid is not None:
+        for kind in STAMP_TYPES:
+            stamp = next((p for p in paths if p.rsplit("/", 1)[1].startswith(f"{candid}_{kind}.")), None)
+            if stamp:
+                card.stamps.append((kind, stamp))
+
+
+# --- light curves ------------------------------------------------------------------------------------------------
+
+
+def _night_end(date: str, survey: str) -> float:
+    """The last MJD that belongs to the night: its UTC day for ZTF, dayObs (TAI − 12 h) for Rubin."""
+    start = (dt.datetime.strptime(date, "%Y-%m-%d").replace(tzinfo=dt.UTC) - MJD_EPOCH).total_seconds() / 86400.0
+    return start + (1.5 if survey == LSST else 1.0)
+
+
+def _light_curves(cfg: config.Config, conn: sqlite3.Connection, date: str, cards: list[Card], folder: Path,
+                  beat: Callable[[], None]) -> list[str]:
+    """Draw each card's light curve (only what changed since the last report) and return every file's path."""
+    kept = {survey: night.load_detections(conn, survey, [c.object_id for c in cards if c.survey == survey])
+            for survey in {c.survey for c in cards}}
+    index_path = folder / "lc" / DRAWN_INDEX
+    try:
+        drawn: dict[str, str] = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        drawn = {}
+    written = []
+    for number, card in enumerate(cards):
+        if number % 50 == 0:
+            beat()
+        unit, points = kept[card.survey].get(card.object_id) or card.history
+        end = _night_end(date, card.survey)
+        points = [p for p in points if p.mjd <= end]
+        if not points:
+            continue
+        target = folder / "lc" / f"{card.object_id}.png"
+        digest = hashlib.sha256(lightcurve.encode(points).encode() + repr(card.mjds).encode()).hexdigest()[:16]
+        if drawn.get(card.object_id) != digest or not target.exists():
+            files.atomic_write(target, lightcurve.draw(card.object_id, unit, points, card.mjds))
+            drawn[card.object_id] = digest
+        card.light_curve = files.relative_to_home(cfg.home, target)
+        written.append(card.light_curve)
+    if written:
+        files.atomic_write(index_path, json.dumps(drawn, sort_keys=True).encode())
+    return written
+
+
+# --- the pages ---------------------------------------------------------------------------------------------------
+
+STYLE = """
+:root { color-scheme: light; --ink: #1d2330; --muted: #5b6475; --line: #d9dde5; --bg: #f4f5f8; --accent: #1f5fbf; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.4 "DejaVu Sans", "Helvetica Neue", Arial, sans-serif; color: var(--ink);
+       background: var(--bg); }
+header { padding: 16px 24px 8px; background: #fff; border-bottom: 1px solid var(--line); }
+h1 { margin: 0 0 6px; font-size: 22px; }
+.counts { display: flex; flex-wrap: wrap; gap: 8px 22px; margin: 8px 0; }
+.counts b { font-size: 18px; }
+.missing, .topics { color: var(--muted); margin: 4px 0; }
+nav { margin: 8px 0; }
+nav a, nav span { display: inline-block; padding: 2px 8px; margin-right: 4px; border: 1px solid var(--line);
+                  border-radius: 4px; text-decoration: none; color: var(--accent); background: #fff; }
+nav span { color: var(--ink); background: var(--bg); font-weight: bold; }
+main { display: grid; grid-template-columns: repeat(auto-fill, minmax(620px, 1fr)); gap: 16px; padding: 16px 24px; }
+.card { background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: 12px 14px; }
+.card h2 { margin: 0; font-size: 17px; display: flex; align-items: baseline; gap: 12px; flex-wrap: wrap; }
+.card h2 a { color: var(--accent); text-decoration: none; }
+.card .links a { font-size: 13px; font-weight: normal; }
+.meta { color: var(--muted); margin: 2px 0 8px; font-size: 13px; }
+.triplet { width: 100%; height: auto; display: block; image-rendering: pixelated; border-radius: 3px; }
+.nostamps { padding: 28px 12px; text-align: center; color: var(--muted); background: var(--bg);
+            border: 1px dashed var(--line); border-radius: 3px; }
+.below { display: flex; gap: 12px; margin-top: 8px; align-items: flex-start; }
+.lc { width: 340px; height: auto; flex: none; border: 1px solid var(--line); border-radius: 3px; }
+.nolc { width: 340px; flex: none; color: var(--muted); font-size: 12px; padding: 8px; }
+table { border-collapse: collapse; font-size: 12px; flex: 1; }
+td { padding: 1px 6px 1px 0; vertical-align: top; }
+td:first-child { color: var(--muted); white-space: nowrap; }
+.files { font-size: 12px; margin-top: 6px; color: var(--muted); }
+.files a { color: var(--accent); }
+footer { padding: 8px 24px 24px; color: var(--muted); }
+"""
+
+
+def _href(page_dir: Path, home: Path, relative: str) -> str:
+    """A URL from a page to a file under home, relative, each segment escaped."""
+    target = os.path.relpath(home / relative, page_dir)
+    return html.escape("/".join(urllib.parse.quote(part) for part in target.split(os.sep)))
+
+
+def _card_html(card: Card, page_dir: Path, home: Path) -> str:
+    e = html.escape
+    oid = e(card.object_id)
+    links = " ".join(f'<a href="{e(url.format(id=urllib.parse.quote(card.object_id)))}">{name}</a>'
+                     for name, url in LINKS.get(card.survey, ()))
+    first = LINKS.get(card.survey, ((None, None),))[0][1]
+    title = f'<a href="{e(first.format(id=urllib.parse.quote(card.object_id)))}">{oid}</a>' if first else oid
+    seen = f"{card.alerts} alerts" if card.alerts > 1 else "1 alert"
+    when = iso_of_mjd(card.when)
+    stamp_time = f'<time datetime="{when[:10]}T{when[11:19]}Z">{e(when)}</time>'
+    meta = f"{stamp_time} · {seen} · {e(', '.join(sorted(card.topics)))}"
+    if card.preview:
+        stamp = (f'<img class="triplet" src="{_href(page_dir, home, card.preview)}" '
+                 f'alt="science, template and difference stamps of {oid}" loading="lazy">')
+    else:
+        stamp = f'<div class="nostamps">no stamps: {e(card.missing or "missing")}</div>'
+    if card.light_curve:
+        curve = (f'<img class="lc" src="{_href(page_dir, home, card.light_curve)}" alt="light curve of {oid}" '
+                 f'loading="lazy">')
+    else:
+        curve = '<div class="nolc">no light curve: no detections kept and none in the message</div>'
+    rows = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in card.columns)
+    file_links = [f'<a href="{_href(page_dir, home, card.alert_file)}">alert</a>'] if card.alert_file else []
+    file_links += [f'<a href="{_href(page_dir, home, path)}">{e(kind)}</a>' for kind, path in card.stamps]
+    return (f'<article class="card" id="{oid}"><h2>{title}<span class="links">{links}</span></h2>'
+            f'<p class="meta">{meta}</p>{stamp}<div class="below">{curve}<table>{rows}</table></div>'
+            f'<p class="files">files: {" · ".join(file_links)}</p></article>')
+
+
+def page_name(number: int) -> str:
+    return "index.html" if number == 1 else f"page-{number}.html"
+
+
+def _nav(pages: int, current: int) -> str:
+    if pages <= 1:
+        return ""
+    items = [f"<span>{n}</span>" if n == current else f'<a href="{page_name(n)}">{n}</a>' for n in range(1, pages + 1)]
+    return f'<nav aria-label="pages">page {"".join(items)}</nav>'
+
+
+def _header(date: str, topic: str | None, counts: dict[str, Any], first: int, last: int) -> str:
+    e = html.escape
+    what = f"{e(date)} · {e(topic)}" if topic else e(date)
+    missing = sum(counts["missing"].values())
+    parts = [f"<span><b>{counts['alerts']}</b> alerts</span>", f"<span><b>{counts['objects']}</b> objects</span>",
+             f"<span><b>{counts['rejected']}</b> rejected</span>",
+             f"<span><b>{counts['with_stamps']}</b> with stamps</span>",
+             f"<span><b>{missing}</b> without</span>"]
+    why = "; ".join(f"{e(reason)} {n}" for reason, n in counts["missing"].items())
+    topics = ", ".join(f"{e(t)} ({n} alerts)" for t, n in counts["topics"].items())
+    shown = f"objects {first}–{last} of {counts['objects']}" if counts["objects"] else "no alerts stored"
+    return (f"<h1>ztfd night report {what}</h1><div class=\"counts\">{''.join(parts)}</div>"
+            + (f'<p class="missing">stamps missing: {why}</p>' if why else "")
+            + (f'<p class="topics">topics: {topics}</p>' if topics and not topic else "")
+            + f'<p class="missing">{shown}, sorted by time (UTC)</p>')
+
+
+def render_pages(date: str, topic: str | None, cards: list[Card], counts: dict[str, Any], page_dir: Path,
+                 home: Path, per_page: int = CARDS_PER_PAGE) -> list[tuple[str, bytes]]:
+    """Each page's file name and bytes."""
+    pages = max(1, -(-len(cards) // per_page))
+    made = []
+    generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    for number in range(1, pages + 1):
+        chunk = cards[(number - 1) * per_page:number * per_page]
+        first = (number - 1) * per_page + 1 if chunk else 0
+        nav = _nav(pages, number)
+        body = "".join(_card_html(card, page_dir, home) for card in chunk)
+        title = html.escape(f"ztfd {date}" + (f" {topic}" if topic else "")
+                            + (f" (page {number})" if number > 1 else ""))
+        document = (
+            f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>'
+            f"<style>{STYLE}</style></head><body><header>"
+            f"{_header(date, topic, counts, first, first + len(chunk) - 1 if chunk else 0)}{nav}</header>"
+            f"<main>{body}</main><footer>{nav}<p>written by ztfd {generated}</p></footer></body></html>\n"
+        )
+        made.append((page_name(number), document.encode()))
+    return made
+
+
+# --- one report, and the daemon's loop ---------------------------------------------------------------------------
+
+
+def report_dir(cfg: config.Config, date: str, topic: str | None) -> Path:
+    return cfg.reports_dir / date / topic if topic else cfg.reports_dir / date
+
+
+def build(cfg: config.Config, conn: sqlite3.Connection, date: str, topic: str | None = None,
+          beat: Callable[[], None] = lambda: None, per_page: int = CARDS_PER_PAGE) -> Written:
+    """Write the report of ``date`` (optionally of one topic), record its files in the manifest, remember it."""
+    if not DATE.match(date):
+        raise ReportError(f"--date must be YYYY-MM-DD, not {date!r}")
+    try:
+        dt.date.fromisoformat(date)
+    except ValueError:
+        raise ReportError(f"--date {date} is not a date") from None
+    if topic is not None and not config.KAFKA_TOPIC.match(topic):
+        raise ReportError(f"--topic {topic!r} is not a topic name")
+    changed_at = night.night_changed_at(conn, date) or 0.0
+    folder = report_dir(cfg, date, topic)
+    cards, counts = gather(cfg, conn, date, topic)
+    beat()
+    written = _light_curves(cfg, conn, date, cards, folder, beat)
+    for name, data in render_pages(date, topic, cards, counts, folder, cfg.home, per_page):
+        files.atomic_write(folder / name, data)
+        written.append(files.relative_to_home(cfg.home, folder / name))
+    _record(cfg.home, conn, written)
+    pages = max(1, -(-len(cards) // per_page))
+    with store.transaction(conn):
+        night.mark_report(conn, date, topic, changed_at, pages)
+    log.info("report %s%s: %d alerts, %d objects, %d pages in %s", date, f" ({topic})" if topic else "",
+             counts["alerts"], len(cards), pages, folder)
+    return Written(folder / "index.html", pages, len(cards), written)
+
+
+def _record(home: Path, conn: sqlite3.Connection, paths: Iterable[str]) -> None:
+    rows = []
+    for path in paths:
+        data = (home / path).read_bytes()
+        rows.append((path, len(data), files.md5_hex(data)))
+    for start in range(0, len(rows), 500):
+        with store.transaction(conn):
+            store.record_files(conn, rows[start:start + 500])
+
+
+def watch(cfg: config.Config, name: str, stop: Callable[[], bool]) -> int:
+    """The daemon's reporter: every ``WATCH_INTERVAL`` s, rewrite the reports of nights quiet for
+    ``report.after_quiet`` s that changed since their last report; heartbeat throughout."""
+    conn = store.connect(cfg.db_path)
+    last_beat = 0.0
+
+    def beat() -> None:
+        nonlocal last_beat
+        if time.monotonic() - last_beat >= HEARTBEAT_EVERY:
+            store.heartbeat(conn, name, "reporter")
+            last_beat = time.monotonic()
+
+    try:
+        while not stop():
+            beat()
+            now = time.time()
+            for date, _changed in night.reports_due(conn, now - cfg.report.after_quiet, now - LOOKBACK_DAYS * 86400):
+                if stop():
+                    break
+                try:
+                    build(cfg, conn, date, beat=beat)
+                except (OSError, sqlite3.Error) as exc:
+                    log.error("report %s failed: %s", date, exc)
+            deadline = time.monotonic() + min(WATCH_INTERVAL, max(1.0, cfg.report.after_quiet / 4))
+            while not stop() and time.monotonic() < deadline:
+                beat()
+                time.sleep(0.2)
+    finally:
+        conn.close()
+    return 0
+
+
+def run_watch(cfg: config.Config, name: str) -> int:
+    """``ztfd report --watch`` (the supervisor's ``reporter``): ``watch`` until SIGTERM, at a low CPU priority."""
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    os.nice(REPORTER_NICENESS)  # reports can wait; storing alerts and fetching stamps cannot
+    return watch(cfg, name, stopping.is_set)

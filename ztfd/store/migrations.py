@@ -1,0 +1,64 @@
+"""Steps from one schema version to the next: ``STEPS[n]`` turns a version-n store into version n+1.
+
+Each step runs inside the one transaction of ``db.connect``'s migration, before ``schema.SCHEMA`` (which then
+creates tables and indexes the step did not), so a step only has to reshape or move what exists.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+from ztfd.store.schema import ADDED_COLUMNS
+
+
+def _v1_to_v2(conn: sqlite3.Connection) -> None:
+    """Jobs refer to their alert instead of carrying a JSON payload, and what a finished job learned moves from
+    its JSON result to the alert's stamp record (the latest done job of each alert wins, as replay read it)."""
+    conn.execute(
+        "CREATE TABLE stamps (alert_id INTEGER PRIMARY KEY, detection_id TEXT NOT NULL, detection_mjd REAL, "
+        "fetched INTEGER NOT NULL DEFAULT 0, preview INTEGER NOT NULL DEFAULT 0, worker TEXT, done_at REAL NOT NULL)"
+    )
+    conn.execute(
+        "INSERT OR REPLACE INTO stamps (alert_id, detection_id, detection_mjd, fetched, preview, worker, done_at) "
+        "SELECT json_extract(payload, '$.alert_id'), CAST(json_extract(result, '$.candid') AS TEXT), "
+        "json_extract(result, '$.mjd'), "
+        "(SELECT coalesce(sum(CASE value WHEN 'science' THEN 1 WHEN 'template' THEN 2 WHEN 'difference' THEN 4 "
+        "  ELSE 0 END), 0) FROM json_each(result, '$.fetched')), "
+        "coalesce(json_extract(result, '$.preview'), 0), json_extract(result, '$.worker'), updated_at "
+        "FROM jobs WHERE state = 'done' AND json_valid(payload) AND json_valid(result) "
+        "AND json_type(payload, '$.alert_id') = 'integer' AND json_extract(result, '$.candid') IS NOT NULL "
+        "ORDER BY id"
+    )
+    conn.execute(
+        "CREATE TABLE jobs_v2 (id INTEGER PRIMARY KEY, alert_id INTEGER NOT NULL, force INTEGER NOT NULL DEFAULT 0, "
+        "state TEXT NOT NULL DEFAULT 'ready', attempts INTEGER NOT NULL DEFAULT 0, not_before REAL NOT NULL DEFAULT 0, "
+        "waiting TEXT, unavailable_since REAL, lease_until REAL, owner TEXT, last_error TEXT, batch TEXT, "
+        "dedupe_key TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL)"
+    )
+    # A job without a usable alert reference (none were ever written) would stay unclaimable: it is dropped.
+    conn.execute(
+        "INSERT INTO jobs_v2 (id, alert_id, force, state, attempts, not_before, waiting, unavailable_since, "
+        "lease_until, owner, last_error, batch, dedupe_key, created_at, updated_at) "
+        "SELECT id, json_extract(payload, '$.alert_id'), coalesce(json_extract(payload, '$.force'), 0), state, "
+        "attempts, not_before, waiting, unavailable_since, lease_until, owner, last_error, batch, dedupe_key, "
+        "created_at, updated_at FROM jobs "
+        "WHERE json_valid(payload) AND json_type(payload, '$.alert_id') = 'integer'"
+    )
+    conn.execute("DROP TABLE jobs")
+    conn.execute("ALTER TABLE jobs_v2 RENAME TO jobs")
+
+
+def add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Add each column of ``schema.ADDED_COLUMNS`` a table lacks (version 3: the alert's survey and the detection
+    its message names). Also run after ``SCHEMA`` in a new store, whose ``CREATE TABLE`` does not list them."""
+    for table, column, declaration in ADDED_COLUMNS:
+        if column not in {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+
+STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _v1_to_v2,
+    2: add_missing_columns,
+    3: add_missing_columns,  # jobs.kind (issue 14); its tables come with SCHEMA
+}
