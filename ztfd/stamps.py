@@ -63,7 +63,7 @@ from ztfd.providers.alerce_ztf import AlerceZtf
 from ztfd.providers.packet import PREVIEW_JOB, PacketStamps
 from ztfd.sources import PLAIN_ID, STAMP_TYPES
 from ztfd.store import jobs
-from ztfd.store.detections import fresh_detections, keep_detections
+from ztfd.store.detection_lists import fresh_detections, keep_detections
 from ztfd.store.report import save_detections
 
 log = logging.getLogger(__name__)
@@ -276,8 +276,8 @@ def valid_file(path: Path, provider: StampProvider) -> Stamp | None:
 
 
 class SharedDetections:
-    """The pool's detections lists (``ztfd.store.detections``) on the worker's store connection, each serving the
-    other jobs of its object for ``stamps.detections_fresh`` seconds (a catch-up queues several alerts of an
+    """The pool's detections lists (``ztfd.store.detection_lists``) on the worker's store connection, each serving
+    the other jobs of its object for ``stamps.detections_fresh`` seconds (a catch-up queues several alerts of an
     object; a kept list that lacks an alert's detection is fetched again, so this only bounds the staleness). A
     store that cannot be read or written only means asking ALeRCE again."""
 

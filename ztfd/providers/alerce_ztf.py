@@ -6,8 +6,8 @@
   no time. An object ALeRCE does not know yet, nothing near the alert's time, or a 404 for a listed candid means
   *not yet available* (``NotYetAvailableError``), not a failure.
   One detections response serves every job of the object: the worker keeps it in the store for
-  ``stamps.detections_fresh`` seconds for the whole pool (``ztfd.store.detections``), and concurrent jobs of one
-  worker share one request (both off when that is 0).
+  ``stamps.detections_fresh`` seconds for the whole pool (``ztfd.store.detection_lists``), and concurrent jobs of
+  one worker share one request (both off when that is 0).
 - ``stamps.ztf_request = "get_avro"`` (the default): ``GET {alerce_stamp_url}/get_avro?oid=&candid=`` serves the
   whole alert packet, whose three cutouts are the stamps (one request instead of three), and the packet is kept
   beside them as ``<candid>.avro``. ``"get_stamp"``: ``GET {alerce_stamp_url}/get_stamp?oid=&candid=&type=
@@ -113,7 +113,7 @@ class AlerceZtf:
         self.tolerance = settings.match_tolerance
         self.limits = StampLimits(settings.max_stamp_bytes, settings.max_stamp_side)
         self.packets = ContainerReader()
-        self._lookups: dict[str, asyncio.Future[bytes]] = {}  # object id -> its detections request in flight
+        self._lookups: dict[str, asyncio.Future[tuple[bytes, bool]]] = {}  # object id -> its look in flight
         if settings.ztf_request.lower() == "get_avro":  # the worker then takes one slot for all three stamps
             self.fetch_together = self.fetch_packet
 
@@ -136,19 +136,23 @@ class AlerceZtf:
         return Detection(str(chosen.candid), chosen.mjd, tuple(alerce_points(body)), MAG)
 
     async def _detections(self, get: HttpGet, object_id: str, use_kept: bool) -> tuple[bytes, bool]:
-        """The object's detections body, and whether it came from the pool's cache."""
-        if use_kept and self.cache is not None:
-            kept = await self.cache.get(object_id)
-            if kept is not None:
-                return kept, True
-        if self.cache is None:
+        """The object's detections body, and whether it is the pool's kept copy. Concurrent jobs of the object in
+        this worker share one look (the kept copy, else one request)."""
+        if self.cache is None or not use_kept:
             return await self._fetch_detections(get, object_id), False
         lookup = self._lookups.get(object_id)
         if lookup is None:
-            lookup = asyncio.ensure_future(self._fetch_detections(get, object_id))
+            lookup = asyncio.ensure_future(self._kept_or_fetched(get, object_id))
             self._lookups[object_id] = lookup
             lookup.add_done_callback(lambda _done: self._lookups.pop(object_id, None))
-        return await asyncio.shield(lookup), False
+        return await asyncio.shield(lookup)
+
+    async def _kept_or_fetched(self, get: HttpGet, object_id: str) -> tuple[bytes, bool]:
+        assert self.cache is not None
+        kept = await self.cache.get(object_id)
+        if kept is not None:
+            return kept, True
+        return await self._fetch_detections(get, object_id), False
 
     async def _fetch_detections(self, get: HttpGet, object_id: str) -> bytes:
         status, body = await get(self.api_url + DETECTIONS_PATH.format(oid=object_id), None)

@@ -33,6 +33,7 @@ class PacketStamps:
     def __init__(self, settings: StampsConfig, survey: str) -> None:
         self.survey = survey
         self.suffix = RUBIN_SUFFIX if survey == LSST else ZTF_SUFFIX
+        self.detection_label = "diaSourceId" if survey == LSST else "candid"
         self.limits = StampLimits(settings.max_stamp_bytes, settings.max_stamp_side)
 
     def serves(self, alert: Any) -> bool:

@@ -381,9 +381,10 @@ ADDED_COLUMNS = (
 # --- Avro streams (issue 14): registry schemas, job kinds, the detections cache ---------------------------------
 # Kept apart from the tables above. ``avro_schemas`` (ztfd.store.schemas): the schemas a Confluent schema registry
 # served, by registry URL and schema id, so that each is fetched once, ever (Confluent ids are immutable).
-# ``detections`` (ztfd.store.detections): ALeRCE detections lists shared by the stamp workers for a short time (a
-# catch-up has several alerts of an object queued; one list serves them all). ``jobs.kind``: 'stamps' (fetch the
-# stamps, then draw the preview) or 'preview' (the stamps came in the alert packet: only draw the preview).
+# ``detection_lists`` (ztfd.store.detection_lists): ALeRCE's detections answers shared by the stamp workers for a
+# short time (a catch-up has several alerts of an object queued; one list serves them all). ``jobs.kind``:
+# 'stamps' (fetch the stamps, then draw the preview) or 'preview' (the stamps came in the alert packet: only draw
+# the preview).
 # Schema version 4: the step from 3 adds the column (migrations.add_missing_columns); SCHEMA creates the tables.
 SCHEMA += """
 CREATE TABLE IF NOT EXISTS avro_schemas (
@@ -394,7 +395,7 @@ CREATE TABLE IF NOT EXISTS avro_schemas (
     PRIMARY KEY (registry, schema_id)
 );
 
-CREATE TABLE IF NOT EXISTS detections (
+CREATE TABLE IF NOT EXISTS detection_lists (
     object_id TEXT PRIMARY KEY,
     body BLOB NOT NULL,
     fetched_at REAL NOT NULL
