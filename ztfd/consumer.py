@@ -302,8 +302,11 @@ class TopicConsumer:
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
             # librdkafka's read-ahead (64 MB by default) would be a consumer's largest memory: 8 MB is still
-            # ~8,000 Lasair rows and ~100 ZTF packets ahead (kafka.options can set it).
+            # ~8,000 Lasair rows and ~100 ZTF packets ahead (kafka.options can set both). With a full queue
+            # librdkafka stops fetching for fetch.queue.backoff.ms (1 s by default): with a small queue that
+            # halved the rate of ZTF packets, so it looks again after 10 ms.
             "queued.max.messages.kbytes": 8192,
+            "fetch.queue.backoff.ms": 10,
             "error_cb": self._on_kafka_error,
             "logger": librdkafka_logger(),
         }
