@@ -42,7 +42,7 @@ import re
 import sqlite3
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ztfd import lifecycle, nights, providers, sources, store, topics
@@ -96,11 +96,11 @@ def next_offsets(items: list[Incoming]) -> dict[int, tuple[int, int]]:
 
 @dataclass(frozen=True)
 class AlertFile:
-    """One file of an alert: its path under home, its bytes and their MD5 (for the sync manifest)."""
+    """One file of an alert: its path under home and its bytes (their MD5, for the sync manifest, comes back from
+    the file writer: ``Batch.written``)."""
 
     path: str
     data: bytes
-    md5: str
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,7 @@ class Batch:
     resume_at: dict[int, tuple[int, int]]
     received: dt.datetime
     traffic: list[tuple[int, str | None, int, int]]  # (Lasair nid, survey, bytes, messages) received
+    written: list[tuple[int, str]] = field(default_factory=list)  # (size, MD5) of each file, from the writer
 
 
 class RateLimitedLog:
@@ -244,7 +245,7 @@ class TopicConsumer:
         """Wait for the oldest batch's files, then store it; through local trouble, pause and redo every batch in
         hand, in order (a stop during the pause leaves them unstored: Kafka redelivers them)."""
         try:
-            self.files.wait()
+            in_flight[0].written[:] = self.files.wait()
             self.store(in_flight[0])
         except Exception as exc:
             if not is_local(exc):
@@ -266,7 +267,7 @@ class TopicConsumer:
             self._heartbeat()
             try:
                 self._write_files(in_flight[0])
-                self.files.wait()
+                in_flight[0].written[:] = self.files.wait()
                 self.store(in_flight[0])
             except Exception as exc:
                 if not is_local(exc):
@@ -506,7 +507,7 @@ class TopicConsumer:
         stem = sources.file_stem(alert.object_id, item.partition, item.offset, item.generation)
         files = sources.alert_files(alert, f"data/{date}/{self.topic}", stem, f"images/{date}/{alert.object_id}",
                                     self._metadata(item, alert, dating, when, received_iso))
-        return Accepted(item, alert, date, [AlertFile(path, data, md5_hex(data)) for path, data in files])
+        return Accepted(item, alert, date, [AlertFile(path, data) for path, data in files])
 
     def _write_files(self, batch: Batch) -> None:
         """Step 2: hand the batch's alert files (absolute path, bytes) to the file writer."""
@@ -593,7 +594,7 @@ class TopicConsumer:
             add_rejected(self.conn, self.topic, [
                 NewRejected(item.partition, item.generation, item.offset, reason, item.msg.value())
                 for item, reason in batch.rejected], now)
-            store.record_files(self.conn, [(f.path, len(f.data), f.md5) for entry in accepted for f in entry.files])
+            store.record_files(self.conn, manifest_rows(batch, accepted))
             if jobs:
                 enqueue(self.conn, jobs, now=now)
             for partition, (generation, next_offset) in batch.resume_at.items():
@@ -708,6 +709,17 @@ def rejection_reason(exc: BaseException) -> str:
 def log_lines(topic: str, accepted: list[Accepted]) -> list[str]:
     """The ``<topic>.log`` lines of stored alerts."""
     return [f"{a.alert.object_id} {a.date} {topic}[{a.item.partition}]@{a.item.offset} {a.path}" for a in accepted]
+
+
+def manifest_rows(batch: Batch, accepted: list[Accepted]) -> list[tuple[str, int, str]]:
+    """(path, size, MD5) of the stored alerts' files, as the file writer wrote them (``batch.written``, in the order
+    submitted; computed here for a batch written by other means)."""
+    files = [file for entry in batch.documents for file in entry.files]
+    if len(batch.written) == len(files):
+        digests = {file.path: digest for file, digest in zip(files, batch.written, strict=True)}
+    else:
+        digests = {file.path: (len(file.data), md5_hex(file.data)) for file in files}
+    return [(file.path, *digests[file.path]) for entry in accepted for file in entry.files]
 
 
 def topic_source(cfg: Config, topic: str, schema_cache: StoredSchemas | None) -> sources.Source:

@@ -166,9 +166,8 @@ def alert_files(alert: Alert, folder: str, stem: str, images: str, metadata: dic
     if alert.suffix == ".json":
         files = [(f"{folder}/{stem}.json", b'{"message": ' + alert.raw + b', "ztfd": ' + meta + b"}\n")]
     else:
-        view = view_json(alert.view)
         files = [(f"{folder}/{stem}{alert.suffix}", alert.raw),
-                 (f"{folder}/{stem}.json", b'{"message": ' + view + b', "ztfd": ' + meta + b"}\n")]
+                 (f"{folder}/{stem}.json", b'{"message": ' + view_json(alert.view) + b', "ztfd": ' + meta + b"}\n")]
     named = alert.detection_id or stem
     files.extend((f"{images}/{named}_{cutout.kind}{cutout.suffix}", cutout.data)
                  for cutout in alert.cutouts if cutout.data is not None)
@@ -176,19 +175,28 @@ def alert_files(alert: Alert, folder: str, stem: str, images: str, metadata: dic
 
 
 def view_json(view: Any) -> bytes:
-    """A view as strict JSON that ``jq`` reads: NaN and infinities become null, stray bytes their size.
+    """A view as strict JSON that ``jq`` reads: NaN and infinities become null, stray bytes their size, Avro's
+    logical types (dates, times, decimals, UUIDs) their text. It never raises: what cannot be rendered (nesting
+    deeper than Python recurses) becomes a one-line note.
 
     The common case (no NaN) is one C-speed ``json.dumps``; only a view that holds NaN is walked in Python."""
     try:
         return json.dumps(view, allow_nan=False, default=_unencodable).encode()
     except ValueError:
-        return json.dumps(_finite(view), allow_nan=False, default=_unencodable).encode()
+        try:
+            return json.dumps(_finite(view), allow_nan=False, default=_unencodable).encode()
+        except (ValueError, RecursionError) as exc:
+            return json.dumps({"ztfd_view_error": f"{exc.__class__.__name__}: {str(exc)[:200]}"}).encode()
+    except RecursionError:
+        return json.dumps({"ztfd_view_error": "nested too deeply to render"}).encode()
 
 
 def _unencodable(value: Any) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         return {"bytes": len(value)}
-    raise TypeError(f"{type(value).__name__} is not JSON")
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
 
 
 def _finite(value: Any) -> Any:
