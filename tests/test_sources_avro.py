@@ -199,3 +199,16 @@ def test_avro_with_a_known_schema(tmp_path: Path) -> None:
     ztf_bytes = avro_samples.schemaless(avro_samples.ztf_schema(), avro_samples.ztf_record(packets()[0]))
     with pytest.raises(InvalidMessageError):
         source.decode(ztf_bytes, None)
+
+
+def test_view_json_renders_logical_types_as_text_and_never_raises() -> None:
+    import decimal
+    import uuid
+
+    moment = dt.datetime(2026, 3, 6, 2, 14, 13, tzinfo=dt.UTC)
+    assert json.loads(sources.view_json({"t": moment, "d": decimal.Decimal("1.5"), "u": uuid.UUID(int=1)})) == {
+        "t": "2026-03-06T02:14:13+00:00", "d": "1.5", "u": "00000000-0000-0000-0000-000000000001"}
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert "ztfd_view_error" in json.loads(sources.view_json(deep))
