@@ -1,7 +1,8 @@
 """Baseline loops run as child processes (``python -m bench.baselines …``), printing one JSON line of timings.
 
 These are what a user would otherwise write: a confluent-kafka loop that reads and parses each message, and the
-same loop writing one JSON file per message (temporary file + rename) with no store at all. Both read in
+same loop writing one JSON file per message (temporary file + rename) with no store at all; for Avro packets, a loop
+that decodes each with fastavro and writes the packet and its three cutouts. Both read in
 batches of 1000 (``consume``), which is faster than the per-message ``poll`` of the lasair package's consumer:
 the baseline is made as strong as a simple loop can be.
 """
@@ -53,6 +54,49 @@ def kafka_loop(bootstrap: str, topic: str, group: str, count: int, out_dir: Path
     return {"first": first or last, "last": last, "count": seen}
 
 
+def avro_loop(bootstrap: str, topic: str, group: str, count: int, out_dir: Path) -> dict[str, float]:
+    """The naive loop for a ZTF packet stream: decode each message with fastavro, write the packet as received and
+    its three cutouts (temporary file + rename each), no store."""
+    import io
+
+    import fastavro
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
+                         "enable.auto.commit": False, "session.timeout.ms": 6000, "heartbeat.interval.ms": 500})
+    consumer.subscribe([topic])
+    seen, first = 0, None
+    folders: set[Path] = set()
+
+    def write(folder: Path, name: str, data: bytes) -> None:
+        if folder not in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            folders.add(folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, folder / name)
+
+    while seen < count:
+        messages = consumer.consume(1000, 1.0)
+        if messages and first is None:
+            first = time.time()
+        for msg in messages:
+            if msg.error() is not None:
+                continue
+            seen += 1
+            record = next(iter(fastavro.reader(io.BytesIO(msg.value()))))
+            object_id, candid = record["objectId"], record["candid"]
+            write(out_dir / "data" / str(msg.topic()), f"{object_id}_p{msg.partition()}-o{msg.offset()}.avro",
+                  msg.value())
+            for kind in ("Science", "Template", "Difference"):
+                write(out_dir / "images" / object_id, f"{candid}_{kind.lower()}.fits.gz",
+                      record[f"cutout{kind}"]["stampData"])
+    last = time.time()
+    consumer.close()
+    return {"first": first or last, "last": last, "count": seen}
+
+
 def alerce_client(url: str, pairs: list[tuple[str, int]]) -> dict[str, float]:
     """The alerce client's own way: ``Alerce().get_stamps(oid, candid)``, one alert after the other."""
     import warnings
@@ -91,7 +135,7 @@ def alerce_lsst_client(url: str, pairs: list[tuple[int, int]]) -> dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["bare", "naive", "alerce", "alerce-lsst"])
+    parser.add_argument("kind", choices=["bare", "naive", "naive-avro", "alerce", "alerce-lsst"])
     parser.add_argument("--bootstrap")
     parser.add_argument("--topic")
     parser.add_argument("--group")
@@ -104,6 +148,8 @@ def main() -> None:
         result = alerce_client(args.url, json.loads(args.pairs.read_text()))
     elif args.kind == "alerce-lsst":
         result = alerce_lsst_client(args.url, json.loads(args.pairs.read_text()))
+    elif args.kind == "naive-avro":
+        result = avro_loop(args.bootstrap, args.topic, args.group, args.count, args.out)
     else:
         result = kafka_loop(args.bootstrap, args.topic, args.group, args.count,
                             args.out if args.kind == "naive" else None)

@@ -63,14 +63,16 @@ def compare(settings: Settings, kafka: Any, topic: str, messages: Iterable[bytes
         for kind in order:
             os.sync()
             if kind == "ztfd":
-                rates[kind].append(_ztfd(kafka.bootstrap, topic, count, work / f"ztfd-{run_index}", results))
+                rates[kind].append(consume_rate(kafka.bootstrap, count, work / f"ztfd-{run_index}", results,
+                                                topic=topic))
             else:
-                rates[kind].append(_baseline(kafka.bootstrap, topic, kind, count, work / f"{kind}-{run_index}"))
+                rates[kind].append(loop_rate(kafka.bootstrap, kind, count, work / f"{kind}-{run_index}", topic=topic))
         print(f"  run {run_index + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()), flush=True)
     return rates
 
 
-def _baseline(bootstrap: str, topic: str, kind: str, count: int, out: Path) -> float:
+def loop_rate(bootstrap: str, kind: str, count: int, out: Path, topic: str = TOPIC) -> float:
+    """Messages/s of a baseline loop (``bench.baselines``) in a child process, first to last message."""
     group = f"bench-{kind}-{time.time_ns()}"
     child = python_child("bench.baselines", kind, "--bootstrap", bootstrap, "--topic", topic, "--group", group,
                          "--count", str(count), "--out", str(out), log_path=out.parent / f"{out.name}.log")
@@ -81,10 +83,14 @@ def _baseline(bootstrap: str, topic: str, kind: str, count: int, out: Path) -> f
     return timing["count"] / max(1e-9, timing["last"] - timing["first"])
 
 
-def _ztfd(bootstrap: str, topic: str, count: int, home: Path, results: Results) -> float:
+def consume_rate(bootstrap: str, count: int, home: Path, results: Results, topic: str = TOPIC,
+                 message_format: str = "lasair") -> float:
+    """Alerts/s of ``ztfd consume`` (stamps off) of a topic of ``count`` messages, first received to last file
+    recorded."""
     config_path = write_config(home / "ztfd.toml", home, {
         "kafka": {"bootstrap_servers": bootstrap, "group_id": f"bench-ztfd-{time.time_ns()}", "topics": [topic]},
         "kafka.options": {**FAST_KAFKA_OPTIONS, "auto.offset.reset": "earliest"},
+        "kafka.formats": {topic: message_format},
         "stamps": {"enabled": False},
     })
     conn = store.connect(home / "state" / "ztfd.sqlite3")

@@ -25,6 +25,9 @@ FAST_STAMPS = {
     "enabled": True, "workers": 2, "timeout": 2.0, "max_attempts": 4, "previews": True,
     "retry_base": 0.05, "retry_max": 0.2, "unavailable_retry_base": 0.1, "unavailable_retry_max": 0.3,
     "unavailable_give_up": 600.0, "rate_limit": 0.0, "concurrency": 4, "lease_seconds": 10.0,
+    # These tests count and fault ALeRCE's requests one stamp and one detections lookup per job; the defaults,
+    # get_avro (one request per triplet) and shared detections lists, have tests of their own (test_get_avro.py).
+    "ztf_request": "get_stamp", "detections_fresh": 0.0,
 }
 
 

@@ -98,3 +98,16 @@ def test_the_writer_dies_with_a_consumer_killed_with_minus_9(tmp_path: Path) -> 
         if parent.poll() is None:
             parent.kill()
         parent.wait(10)
+
+
+def test_the_writer_answers_with_each_files_size_and_md5(tmp_path: Path) -> None:
+    """The sync manifest's MD5s are the child's: of the bytes it wrote, in the order given."""
+    import hashlib
+
+    files = [(f"{tmp_path}/d/{n}.bin", bytes([n]) * (1000 * n + 1)) for n in range(5)]
+    writer = FileWriter()
+    try:
+        writer.submit(files)
+        assert writer.wait() == [(len(data), hashlib.md5(data).hexdigest()) for _, data in files]
+    finally:
+        writer.close()

@@ -93,14 +93,21 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
 @click.pass_context
 def consume(ctx: click.Context, topic: str) -> None:
     """Consume one topic in the foreground: store every alert, queue its stamps, until SIGTERM."""
+    from ztfd import topics
+
     cfg = load_config(ctx)
-    if topic not in cfg.kafka.topics:
-        click.echo(f"ztfd: config: topic {topic} is not listed in kafka.topics", err=True)
+    if topic not in cfg.kafka.topics and not topics.from_pattern(cfg.kafka.topics, topic):
+        click.echo(f"ztfd: config: topic {topic} is not listed in kafka.topics (nor matched by a ^pattern)", err=True)
         ctx.exit(EXIT_CONFIG)
     setup_logging(cfg)
     from ztfd import consumer
 
-    ctx.exit(consumer.run(cfg, topic, process_name(f"consumer:{topic}")))
+    try:
+        code = consumer.run(cfg, topic, process_name(f"consumer:{topic}"))
+    except config.ConfigError as exc:
+        click.echo(f"ztfd: {exc}", err=True)
+        code = EXIT_CONFIG
+    ctx.exit(code)
 
 
 @main.command(short_help=SHORT["fetch"])

@@ -38,6 +38,10 @@ class KafkaConfig:
     batch_size: int = 1000
     formats: dict[str, Any] = field(default_factory=dict)  # topic -> source name (ztfd.sources); else "lasair"
     lasair_byte_quota: int = 100_000_000  # Lasair-LSST's default per-filter bytes per day; 0: no warning
+    schemas: dict[str, Any] = field(default_factory=dict)  # topic -> .avsc file (format "avro"), absolute once built
+    schema_registry_url: str = ""  # Confluent schema registry (format "confluent-avro")
+    idle_topic_seconds: float = 86400.0  # a pattern's topic drained and quiet this long: its consumer exits
+    topic_scan_seconds: float = 60.0  # how often the supervisor lists the broker's topics for patterns
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class StampsConfig:
     lease_seconds: float = 120.0
     match_tolerance: float = 60.0
     ztf_provider: str = "alerce"  # where ZTF stamps come from (a ztfd.providers name) or none
+    ztf_request: str = "get_avro"  # ALeRCE ZTF stamps: the whole packet in one request, or get_stamp per stamp
+    detections_fresh: float = 600.0  # seconds a detections list serves the pool's other jobs of its object; 0: off
     max_stamp_bytes: int = 8 * 1024 * 1024  # a stamp's FITS, decompressed
     max_stamp_side: int = 512  # pixels per side of a stamp's image
     step_timeout: float = 60.0  # seconds a job's FITS checks, writes and preview may take together
@@ -185,6 +191,7 @@ SECTIONS: dict[str, type] = {
 REQUIRED = {("kafka", "group_id"), ("kafka", "topics")}
 # Keys whose value is one of a few words (compared case-insensitively for the log level).
 CHOICES = {
+    ("stamps", "ztf_request"): ("get_avro", "get_stamp"),
     ("stamps", "preview_renderer"): ("fast", "matplotlib"),
     ("stamps", "lsst_provider"): ("alerce", "lasair", "none"),
     ("logging", "level"): ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
@@ -201,6 +208,7 @@ POSITIVE = {
     ("stamps", "max_stamp_bytes"), ("stamps", "max_stamp_side"), ("stamps", "step_timeout"),
     ("s3", "concurrency"), ("s3", "multipart_threshold"), ("s3", "max_attempts"),
     ("supervisor", "heartbeat_timeout"), ("supervisor", "stop_timeout"),
+    ("kafka", "idle_topic_seconds"), ("kafka", "topic_scan_seconds"),
 }
 
 
@@ -279,6 +287,7 @@ def build(raw: dict[str, Any], path: Path) -> Config:
     if not home.is_absolute():
         home = (path.parent / home).resolve()
     sections = {name: _build_section(name, cls, raw.get(name, {})) for name, cls in SECTIONS.items()}
+    sections["kafka"] = _check_kafka(sections["kafka"], path)
     return Config(path=path, home=home, **sections)
 
 
@@ -294,6 +303,57 @@ def _build_section(name: str, cls: type, values: Any) -> Any:
             raise ConfigError(f"config: missing required key {name}.{key}")
     kwargs = {key: _check_type(name, key, fields[key], value) for key, value in values.items()}
     return cls(**kwargs)
+
+
+def _check_topic(where: str, entry: str) -> None:
+    """A topic name (it becomes a folder under data/) or a ``^`` pattern that compiles (``ztfd.topics``)."""
+    from ztfd import topics
+
+    if topics.is_pattern(entry):
+        try:
+            topics.compiled(entry)
+        except re.error:
+            raise ConfigError(f"config: {where} holds a pattern that is not a regular expression") from None
+    elif not KAFKA_TOPIC.match(entry) or entry in {".", ".."}:
+        raise ConfigError(f"config: {where} holds a name that is not a Kafka topic (letters, digits, . _ -)")
+
+
+def _check_kafka(kafka: KafkaConfig, config_path: Path) -> KafkaConfig:
+    """What needs several keys at once: each ``avro`` topic's schema file, the registry of ``confluent-avro``
+    topics. Schema paths are made absolute (relative to the config file's folder) and must hold an Avro schema."""
+    from ztfd import topics
+
+    schemas = {}
+    for entry, value in kafka.schemas.items():
+        where = f"kafka.schemas.{entry}"
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"config: {where} must name an .avsc file")
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else (config_path.parent / path).resolve()
+        _check_schema_file(where, path)
+        schemas[entry] = str(path)
+    for entry, name in kafka.formats.items():
+        if name == "avro" and topics.lookup(schemas, entry) is None:
+            raise ConfigError(f"config: kafka.formats.{entry} is avro but kafka.schemas names no schema for it")
+        if name == "confluent-avro" and not kafka.schema_registry_url:
+            raise ConfigError(f"config: kafka.formats.{entry} is confluent-avro but kafka.schema_registry_url is empty")
+    url = kafka.schema_registry_url
+    if url and not HTTP_URL.match(url):
+        raise ConfigError("config: kafka.schema_registry_url must be an http:// or https:// URL")
+    return dataclasses.replace(kafka, schemas=schemas)
+
+
+def _check_schema_file(where: str, path: Path) -> None:
+    from ztfd.sources import avro
+
+    try:
+        avro.schema_from_file(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config: {where}: file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"config: {where}: cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"config: {where}: {path} is not an Avro schema ({exc})") from None
 
 
 def _check_formats(where: str, formats: dict[str, Any]) -> None:
@@ -338,8 +398,8 @@ def _check_type(section: str, key: str, fld: dataclasses.Field[Any], value: Any)
             raise ConfigError(f"config: {where} must be a non-empty list of strings")
         if len(set(value)) != len(value):
             raise ConfigError(f"config: {where} lists a topic twice")
-        if any(not KAFKA_TOPIC.match(v) or v in {".", ".."} for v in value):
-            raise ConfigError(f"config: {where} holds a name that is not a Kafka topic (letters, digits, . _ -)")
+        for entry in value:
+            _check_topic(where, entry)
         return tuple(value)
     elif kind == "dict[str, Any]":
         if not isinstance(value, dict):
@@ -347,6 +407,9 @@ def _check_type(section: str, key: str, fld: dataclasses.Field[Any], value: Any)
         for option, option_value in value.items():
             if not isinstance(option_value, str | int | float | bool):
                 raise ConfigError(f"config: {where}.{option} must be a string, number or boolean")
+        if (section, key) in {("kafka", "formats"), ("kafka", "schemas")}:
+            for entry in value:
+                _check_topic(f"{where}.{entry}", entry)
         if (section, key) == ("kafka", "formats"):
             _check_formats(where, value)
         return dict(value)

@@ -38,25 +38,28 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import re
 import sqlite3
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from ztfd import lifecycle, nights, providers, sources, store
-from ztfd.config import Config
+from ztfd import lifecycle, nights, providers, sources, store, topics
+from ztfd.config import Config, ConfigError
 from ztfd.files import md5_hex, remove_stale_temporaries
 from ztfd.filewriter import FileWriter
 from ztfd.localtrouble import Condition, describe, is_local
 from ztfd.logs import AlertLog, Throttle
 from ztfd.partitions import KafkaView, Partition, PartitionWatch
+from ztfd.providers.packet import PREVIEW_JOB, carries_stamps
 from ztfd.quota import QuotaWatch
 from ztfd.store import gaps as store_gaps
 from ztfd.store import quota as store_quota
-from ztfd.store.alerts import NewAlert, dates_received_since, insert_alerts, stored_offsets_between
+from ztfd.store.alerts import NewAlert, dates_received_since, insert_alerts, last_received_at, stored_offsets_between
 from ztfd.store.jobs import NewStampJob, detection_key, enqueue
 from ztfd.store.rejected import NewRejected, add_rejected, latest_rejected
+from ztfd.store.schemas import StoredSchemas
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ PREFETCH_KBYTES = 32768  # librdkafka's queued.max.messages.kbytes unless kafka.
 HEARTBEAT_EVERY = 5.0
 METADATA_EVERY = 10.0  # seconds between looks at the topic's partitions (new topic, new partitions, recreation)
 RECENT_DATES_WINDOW = 2 * 86400.0
+REGISTRY_TIMEOUT = 30.0  # seconds per request to a schema registry
 
 
 @dataclass(frozen=True)
@@ -96,11 +100,11 @@ def next_offsets(items: list[Incoming]) -> dict[int, tuple[int, int]]:
 
 @dataclass(frozen=True)
 class AlertFile:
-    """One file of an alert: its path under home, its bytes and their MD5 (for the sync manifest)."""
+    """One file of an alert: its path under home and its bytes (their MD5, for the sync manifest, comes back from
+    the file writer: ``Batch.written``)."""
 
     path: str
     data: bytes
-    md5: str
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ class Batch:
     resume_at: dict[int, tuple[int, int]]
     received: dt.datetime
     traffic: list[tuple[int, str | None, int, int]]  # (Lasair nid, survey, bytes, messages) received
+    written: list[tuple[int, str]] = field(default_factory=list)  # (size, MD5) of each file, from the writer
 
 
 # Consumer settings the admin client (which shares ``kafka.options``) does not take.
@@ -150,13 +155,15 @@ class TopicConsumer:
         self.cfg = cfg
         self.topic = topic
         self.name = name
-        self.source = sources.source_for(cfg.kafka.formats.get(topic, sources.DEFAULT_FORMAT),
-                                         max_message_bytes=cfg.kafka.max_message_bytes)
+        self.conn = store.connect(cfg.db_path)
+        self.source = topic_source(cfg, topic, StoredSchemas(self.conn))
         self.stamp_providers = providers.providers_for(cfg.stamps) if cfg.stamps.enabled else {}
         self.trouble = Condition(name)
         self.quota = QuotaWatch(topic, cfg.kafka.lasair_byte_quota)
         self.stopping = lifecycle.Stop()  # set by SIGTERM/SIGINT: the batch in hand is finished and stored
-        self.conn = store.connect(cfg.db_path)
+        # A topic found by a pattern: its consumer exits once it is drained and quiet (``topics.EXIT_IDLE``).
+        self.quiet = topics.QuietWatch(topics.from_pattern(cfg.kafka.topics, topic), cfg.kafka.idle_topic_seconds,
+                                       last_received_at(self.conn, topic))
         self.files = FileWriter()
         self.alert_log = AlertLog(cfg.logs_dir, topic, cfg.logging.max_bytes, cfg.logging.backup_count)
         self.throttled = Throttle(log)
@@ -182,10 +189,13 @@ class TopicConsumer:
         # A pipeline one batch deep: while the file writer writes batch k+1's files, the main thread stores batch
         # k, then polls and prepares batch k+2. Batches are stored in order, each after its files are on disk.
         in_flight: deque[Batch] = deque()
+        code = 0
         try:
             while not self.stopping.is_set():
                 messages = self._next_batch()
                 self._heartbeat()
+                if messages:
+                    self.quiet.saw_messages()
                 batch = self.prepare(messages) if messages else None
                 if batch is not None:
                     self._write_files(batch)
@@ -196,12 +206,20 @@ class TopicConsumer:
                 while in_flight and (len(in_flight) > 1 or caught_up or self.files.answered()):
                     self._store_oldest(in_flight)
                 self._look_at_topic()
+                if self.quiet.done(holding=bool(in_flight)):
+                    log.info("%s has been drained and quiet for %.0fs (kafka.idle_topic_seconds): exiting until "
+                             "it has messages again", self.topic, self.quiet.idle_seconds)
+                    code = topics.EXIT_IDLE
+                    break
             while in_flight:
                 self._store_oldest(in_flight)
+        except sources.SourceUnavailableError as exc:
+            log.error("%s; stopping without storing the batch in hand (read again at the restart)", exc)
+            code = 1
         finally:
             self.close()
         log.info("stopped consuming %s after storing %d alerts", self.topic, self.stored_total)
-        return 0
+        return code
 
     def _full(self, messages: list[Any]) -> bool:
         """The batch stopped at a limit (count or bytes), not because Kafka had no more waiting."""
@@ -232,7 +250,7 @@ class TopicConsumer:
         """Wait for the oldest batch's files, then store it; through local trouble, pause and redo every batch in
         hand, in order (a stop during the pause leaves them unstored: Kafka redelivers them)."""
         try:
-            self.files.wait()
+            in_flight[0].written[:] = self.files.wait()
             self.store(in_flight[0])
         except Exception as exc:
             if not is_local(exc):
@@ -254,7 +272,7 @@ class TopicConsumer:
             self._heartbeat()
             try:
                 self._write_files(in_flight[0])
-                self.files.wait()
+                in_flight[0].written[:] = self.files.wait()
                 self.store(in_flight[0])
             except Exception as exc:
                 if not is_local(exc):
@@ -293,6 +311,7 @@ class TopicConsumer:
             # was a sixth of the consumer's memory. 32 MB still keeps fetching while a batch is prepared (8 MB
             # did not: 0.6x the rate); kafka.options may set it.
             "queued.max.messages.kbytes": PREFETCH_KBYTES,
+            "fetch.queue.backoff.ms": 10,  # with a full queue, look again after 10 ms (default 1 s)
             "error_cb": self._on_kafka_error,
             "logger": librdkafka_logger(),
         }
@@ -300,7 +319,10 @@ class TopicConsumer:
         # Not negotiable: ztfd decides when an offset is done, after the alert is stored.
         settings["enable.auto.commit"] = False
         settings["enable.auto.offset.store"] = False
-        consumer = Consumer(settings)
+        try:
+            consumer = Consumer(settings)
+        except Exception as exc:  # librdkafka refuses an option: a configuration error, named without its value
+            raise ConfigError(f"config: kafka.options: {kafka_option_problem(exc, self.cfg.kafka.options)}") from None
         self.assigned.clear()
         return consumer
 
@@ -349,6 +371,7 @@ class TopicConsumer:
         info = metadata.topics.get(self.topic)
         if info is None or info.error is not None or not info.partitions:
             self.throttled("missing-topic", logging.INFO, "topic %s does not exist (yet): waiting for it", self.topic)
+            self.quiet.reading(True)  # a pattern's topic that is gone has nothing more to read
             return
         if self.watch.topic_recreated():
             self._recreated(sorted(set(info.partitions) | set(store.stored_offsets(self.conn, self.topic))),
@@ -356,6 +379,7 @@ class TopicConsumer:
         elif self.watch.known_id is not None and store_gaps.topic_id(self.conn, self.topic) is None:
             with store.transaction(self.conn):
                 store_gaps.save_topic_id(self.conn, self.topic, self.watch.known_id)
+        self.quiet.reading(True)
         new = sorted(set(info.partitions) - self.assigned)
         if new:
             self._assign(new)
@@ -438,6 +462,8 @@ class TopicConsumer:
             item = Incoming(msg, msg.partition(), msg.offset(), self._follow_generation(msg.partition(), msg.offset()))
             try:
                 decoded.append((item, self._decode(msg)))
+            except sources.SourceUnavailableError:
+                raise  # not the message's fault: nothing of this batch is stored, and Kafka delivers it again
             except Exception as exc:
                 rejected.append((item, rejection_reason(exc)))
         if not decoded and not rejected:
@@ -512,7 +538,7 @@ class TopicConsumer:
         stem = sources.file_stem(alert.object_id, item.partition, item.offset, item.generation)
         files = sources.alert_files(alert, f"data/{date}/{self.topic}", stem, f"images/{date}/{alert.object_id}",
                                     self._metadata(item, alert, dating, when, received_iso))
-        return Accepted(item, alert, date, [AlertFile(path, data, md5_hex(data)) for path, data in files])
+        return Accepted(item, alert, date, [AlertFile(path, data) for path, data in files])
 
     def _write_files(self, batch: Batch) -> None:
         """Step 2: hand the batch's alert files (absolute path, bytes) to the file writer."""
@@ -604,14 +630,13 @@ class TopicConsumer:
                 if alert_id is None:
                     continue  # stored by another consumer of the same topic meanwhile
                 accepted.append(entry)
-                alert = entry.alert
-                if self._wants_stamps(alert):
-                    key = detection_key(alert.object_id, alert.obs_mjd, entry.date)
-                    jobs.append(NewStampJob(alert_id, dedupe_key=key))
+                job = self._stamp_job(entry, alert_id)
+                if job is not None:
+                    jobs.append(job)
             add_rejected(self.conn, self.topic, [
                 NewRejected(item.partition, item.generation, item.offset, reason, item.msg.value())
                 for item, reason in batch.rejected], now)
-            store.record_files(self.conn, [(f.path, len(f.data), f.md5) for entry in accepted for f in entry.files])
+            store.record_files(self.conn, manifest_rows(batch, accepted))
             if jobs:
                 enqueue(self.conn, jobs, now=now)
             for partition, (generation, next_offset) in batch.resume_at.items():
@@ -624,6 +649,17 @@ class TopicConsumer:
         return insert_alerts(self.conn, self.topic, [
             NewAlert(e.item.partition, e.item.generation, e.item.offset, e.alert.object_id, e.date, e.alert.obs_mjd,
                      e.path, e.alert.survey, e.alert.detection_id, e.alert.band) for e in written], now)
+
+    def _stamp_job(self, entry: Accepted, alert_id: int) -> NewStampJob | None:
+        """The alert's stamp job: only the preview when its packet carried the three stamps (written with the alert),
+        else a fetch from its survey's provider, if one serves it."""
+        alert = entry.alert
+        key = detection_key(alert.object_id, alert.obs_mjd, entry.date)
+        if carries_stamps(alert):
+            if self.cfg.stamps.enabled and self.cfg.stamps.previews:
+                return NewStampJob(alert_id, dedupe_key=key, kind=PREVIEW_JOB)
+            return None
+        return NewStampJob(alert_id, dedupe_key=key) if self._wants_stamps(alert) else None
 
     def _wants_stamps(self, alert: sources.Alert) -> bool:
         """A stamp job for the alerts the provider of their survey (``stamps.<survey>_provider``) can serve."""
@@ -700,6 +736,43 @@ def rejection_reason(exc: BaseException) -> str:
 def log_lines(topic: str, accepted: list[Accepted]) -> list[str]:
     """The ``<topic>.log`` lines of stored alerts."""
     return [f"{a.alert.object_id} {a.date} {topic}[{a.item.partition}]@{a.item.offset} {a.path}" for a in accepted]
+
+
+def manifest_rows(batch: Batch, accepted: list[Accepted]) -> list[tuple[str, int, str]]:
+    """(path, size, MD5) of the stored alerts' files, as the file writer wrote them (``batch.written``, in the order
+    submitted; computed here for a batch written by other means)."""
+    files = [file for entry in batch.documents for file in entry.files]
+    if len(batch.written) == len(files):
+        digests = {file.path: digest for file, digest in zip(files, batch.written, strict=True)}
+    else:
+        digests = {file.path: (len(file.data), md5_hex(file.data)) for file in files}
+    return [(file.path, *digests[file.path]) for entry in accepted for file in entry.files]
+
+
+def topic_source(cfg: Config, topic: str, schema_cache: StoredSchemas | None) -> sources.Source:
+    """The source of the topic's format (``kafka.formats``, patterns included; ``lasair`` by default), with what it
+    may need: the topic's schema file, the schema registry and the store's cache of its schemas."""
+    name = topics.lookup(cfg.kafka.formats, topic, sources.DEFAULT_FORMAT) or sources.DEFAULT_FORMAT
+    try:
+        return sources.source_for(name, max_message_bytes=cfg.kafka.max_message_bytes,
+                                  schema_file=topics.lookup(cfg.kafka.schemas, topic),
+                                  registry_url=cfg.kafka.schema_registry_url, schema_cache=schema_cache,
+                                  registry_timeout=REGISTRY_TIMEOUT)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"config: kafka.formats: topic {topic} ({name}): {exc}") from None
+
+
+def kafka_option_problem(exc: BaseException, options: dict[str, Any]) -> str:
+    """What librdkafka says about refused options, with every configured option value masked (librdkafka repeats
+    values in its sentences, and they may be secrets); an unknown option is named."""
+    error = exc.args[0] if exc.args else None
+    text = error.str() if hasattr(error, "str") else str(exc)
+    named = re.findall(r'property:? "([A-Za-z0-9._-]+)"', text)
+    if "No such configuration property" in text and named:
+        return f"librdkafka has no option {named[-1]}"
+    for value in sorted({str(v) for v in options.values() if str(v)}, key=len, reverse=True):
+        text = text.replace(value, "***")
+    return f"librdkafka: {text.removeprefix('Failed to create consumer: ')}"
 
 
 def run(cfg: Config, topic: str, name: str) -> int:

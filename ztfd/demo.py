@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -50,12 +51,18 @@ LOCAL_AWS_ENV = {
 SN_TOPIC = "lasair_2SN-likecandidates"
 HEARTBEAT_TOPIC = "lasair_1Lightweight"
 LSST_TOPIC = "lasair_3LSST-transients"  # a Lasair-LSST filter: real Rubin alerts in full, lite and plain output
+AVRO_TOPIC = "ztf_20210901_programid1"  # ZTF's own packets (format ztf-avro): the stamps come inside
 LSST_MODES = ("full", "lite", "plain")  # full first: its jobs know the diaSourceId; the others ask ALeRCE
 BUCKET = "ztfd-demo"
 DEADLINE_SECONDS = 110.0
 
 
 # --- configuration -----------------------------------------------------------------------------------------
+
+
+def _toml_key(key: str) -> str:
+    """A bare key when TOML allows one, else quoted (``"session.timeout.ms"``, a ``"^ztf_"`` pattern)."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
 
 
 def _toml_value(value: Any) -> str:
@@ -74,8 +81,7 @@ def write_config(path: Path, home: Path, sections: dict[str, dict[str, Any]]) ->
     for section, values in sections.items():
         lines.append(f"[{section}]")
         lines.extend(
-            f'"{key}" = {_toml_value(value)}' if "." in key else f"{key} = {_toml_value(value)}"
-            for key, value in values.items()
+            f"{_toml_key(key)} = {_toml_value(value)}" for key, value in values.items()
         )
         lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +241,22 @@ def demo_messages(sn_count: int, heartbeat_count: int) -> dict[str, list[bytes]]
     sn.insert(len(sn) // 3, b"{this is not json")
     heartbeat.insert(len(heartbeat) // 2, json.dumps({"objectId": "../../etc/passwd", "UTC": "2021-09-01"}).encode())
     lsst = lsst_samples.message_stream(len(lsst_samples.object_alerts()) * len(LSST_MODES), LSST_MODES)
-    return {SN_TOPIC: sn, HEARTBEAT_TOPIC: heartbeat, LSST_TOPIC: lsst}
+    return {SN_TOPIC: sn, HEARTBEAT_TOPIC: heartbeat, LSST_TOPIC: lsst, AVRO_TOPIC: avro_packets()}
+
+
+def avro_packets() -> list[bytes]:
+    """The real ZTF packets as ZTF's brokers send them, under objectIds of their own (``ZTF21avro…``), so that
+    the report can show that not one stamp of theirs was asked of the stamp service."""
+    import dataclasses
+
+    from ztfd.embedded.avro_samples import ztf_packet_bytes
+    from ztfd.embedded.samples import packets
+
+    return [ztf_packet_bytes(dataclasses.replace(p, object_id=avro_object_id(i))) for i, p in enumerate(packets())]
+
+
+def avro_object_id(index: int) -> str:
+    return "ZTF21avro" + "".join(chr(ord("a") + (index // 26 ** k) % 26) for k in (2, 1, 0))
 
 
 def produce_steadily(bootstrap: str, topic: str, values: Sequence[bytes], per_second: float) -> None:
@@ -351,7 +372,8 @@ def run(keep: bool = False, home: Path | None = None, sn_count: int = 150, heart
 def demo_sections(services: EmbeddedServices, **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     sections: dict[str, dict[str, Any]] = {
         "kafka": {"bootstrap_servers": services.kafka.bootstrap, "group_id": "ztfd-demo",
-                  "topics": [SN_TOPIC, HEARTBEAT_TOPIC, LSST_TOPIC]},
+                  "topics": [SN_TOPIC, HEARTBEAT_TOPIC, LSST_TOPIC, AVRO_TOPIC]},
+        "kafka.formats": {AVRO_TOPIC: "ztf-avro"},
         "kafka.options": dict(FAST_KAFKA_OPTIONS),
         "stamps": {"enabled": True, "workers": 2, "previews": True, "alerce_stamp_url": services.stamps.url,
                    "alerce_api_url": services.stamps.url, "timeout": 10.0, "rate_limit": 0.0,
@@ -385,7 +407,7 @@ def _flow(services: EmbeddedServices, daemon: Daemon, config_path: Path, message
     producer = threading.Thread(target=produce_all, name="demo-producer", daemon=True)
     producer.start()
     click.echo(f"  producing {produced} Lasair-shaped messages (ZTF: SN-like, topic_refresh, heartbeat, 2 poison; "
-               f"LSST: real Rubin alerts in full, lite and plain output)")
+               f"LSST: real Rubin alerts in full, lite and plain output; ZTF's own Avro packets)")
     conn = store.connect(cfg.db_path)
     interactive = sys.stdout.isatty()
     last_line, last_print = "", 0.0
@@ -439,6 +461,7 @@ def _report(services: EmbeddedServices, config_path: Path, home: Path) -> None:
     if previews:
         click.echo(f"\na preview: {previews[0]}")
     _echo_lsst(home)
+    _echo_avro(services, home)
     _show_metrics_and_report(config_path)
 
 
@@ -495,6 +518,21 @@ def _echo_lsst(home: Path) -> None:
     lsst_previews = sorted(png for folder in folders for png in folder.glob("*.png"))
     if lsst_previews:
         click.echo(f"  an LSST preview: {lsst_previews[0]}")
+
+
+def _echo_avro(services: EmbeddedServices, home: Path) -> None:
+    """The Avro topic beside the Lasair ones: each packet kept as received with a JSON view, its stamps from the
+    packet, and no request to the stamp service for them."""
+    kept = sorted((home / "data").glob(f"*/{AVRO_TOPIC}/*.avro"))
+    if not kept:
+        return
+    asked = sum(1 for r in services.stamps.requests() if (r.object_id or "").startswith("ZTF21avro"))
+    click.echo(f"\nZTF packet topic {AVRO_TOPIC} (format ztf-avro): {len(kept)} packets kept as received "
+               f"(.avro, a .json view beside each); their stamps came in the packets: {asked} stamp requests")
+    click.echo(f"  {kept[0].relative_to(home)}  {kept[0].with_suffix('.json').name}")
+    folder = next((home / "images").glob(f"*/{kept[0].name.split('_')[0]}"), None)
+    if folder is not None:
+        click.echo(f"  {folder.relative_to(home)}/  " + "  ".join(sorted(p.name for p in folder.iterdir())))
 
 
 def _echo_tree(root: Path, home: Path) -> None:

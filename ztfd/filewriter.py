@@ -9,12 +9,14 @@ two cores. (The stamp fetchers need none of this: they are processes already.)
 
 The protocol, over the child's stdin and stdout: each request is a length-prefixed pickle of ``[(path, bytes),
 ...]``; the child writes the files in order with ``atomic_write`` and answers with a length-prefixed pickle of
-``None`` (all on disk) or ``(errno, text)`` of the error (``wait`` raises ``LocalTroubleError`` for a full disk
-and the like, which the consumer waits out, ``FileWriterError`` otherwise). Answers come in the order of the
-requests. The child ignores SIGINT and SIGTERM (on those the consumer finishes its batch, which needs the child,
-then closes the pipe), exits at the end of its input, and is killed with its parent (``PR_SET_PDEATHSIG``), so
-that no file of a consumer killed with -9 is written after its successor started. Its temporary files carry its
-own pid, which ``remove_stale_temporaries`` checks like any other.
+``[(size, md5), ...]`` of the files (the sync manifest's MD5s are computed here, beside the consumer: for Avro
+packets, ~160 kB an alert, they were a sixth of the consumer's time) or ``(errno, text)`` of the error (``wait`` raises
+``LocalTroubleError`` for a full disk and the like, which the consumer waits out, ``FileWriterError`` otherwise).
+Answers come in the order of the requests. The child ignores SIGINT and SIGTERM (on those the consumer
+finishes its batch, which needs the child, then closes the pipe), exits at the end of its input, and is killed
+with its parent (``PR_SET_PDEATHSIG``), so that no file of a consumer killed with -9 is written after its
+successor started. Its temporary files carry its own pid, which ``remove_stale_temporaries`` checks like any
+other.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import sys
 from typing import IO
 
 from ztfd import lifecycle
-from ztfd.files import atomic_write, write_all
+from ztfd.files import atomic_write, md5_hex, write_all
 from ztfd.localtrouble import LOCAL_ERRNOS, LocalTroubleError
 from ztfd.procs import die_with_parent
 
@@ -74,20 +76,22 @@ class FileWriter:
         readable, _, _ = select.select([self._child.stdout], [], [], 0)
         return bool(readable)
 
-    def wait(self) -> None:
-        """Block until the oldest batch submitted is on disk; raise if the child failed to write it."""
+    def wait(self) -> list[tuple[int, str]]:
+        """Block until the oldest batch submitted is on disk: the size and MD5 of each of its files, in order;
+        raise if the child failed to write it."""
         if not self.pending or self._child is None or self._child.stdout is None:
             raise FileWriterError("no batch is waiting to be written")
         answer = _read_frame(self._child.stdout)
         if answer is None:
             raise self._gone()
         self.pending -= 1
-        error = pickle.loads(answer)
-        if error is not None:
-            code, text = error
+        result = pickle.loads(answer)
+        if isinstance(result, tuple):
+            code, text = result
             if code in LOCAL_ERRNOS:
                 raise LocalTroubleError(f"writing alert files failed: {text}")
             raise FileWriterError(f"writing alert files failed: {text}")
+        return result
 
     def close(self) -> None:
         """End the child (it finishes what it was given first). Safe to call more than once."""
@@ -137,13 +141,14 @@ def _read_exactly(stream: IO[bytes], size: int) -> bytes | None:
 def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
     """The child's loop: write each batch, answer, until the end of input."""
     while (frame := _read_frame(requests)) is not None:
+        result: list[tuple[int, str]] | tuple[int | None, str] = []
         try:
             for path, data in pickle.loads(frame):
                 atomic_write(path, data)
-            error = None
+                result.append((len(data), md5_hex(data)))
         except OSError as exc:
-            error = (exc.errno, f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc))
-        answer = pickle.dumps(error)
+            result = (exc.errno, f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc))
+        answer = pickle.dumps(result)
         try:
             write_all(answers.fileno(), HEADER.pack(len(answer)) + answer)
         except BrokenPipeError:  # the consumer is gone and wants no answer

@@ -60,8 +60,10 @@ from ztfd.providers import (
     providers_for,
 )
 from ztfd.providers.alerce_ztf import AlerceZtf
+from ztfd.providers.packet import PREVIEW_JOB, PacketStamps
 from ztfd.sources import PLAIN_ID, STAMP_TYPES
 from ztfd.store import jobs
+from ztfd.store.detection_lists import fresh_detections, keep_detections
 from ztfd.store.report import save_detections
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,7 @@ class JobRun:
     detection: Detection | None = None
     have: dict[str, Stamp] = field(default_factory=dict)  # valid on disk before this run
     fetched: dict[str, bytes] = field(default_factory=dict)  # served bodies, not yet checked
+    extras: dict[str, bytes] = field(default_factory=dict)  # files served beside the stamps (get_avro's packet)
     problems: list[BaseException] = field(default_factory=list)
     written: list[str] = field(default_factory=list)  # kinds written by this run
     preview: bool = False  # drawn by this run
@@ -272,6 +275,30 @@ def valid_file(path: Path, provider: StampProvider) -> Stamp | None:
 # --- the worker -------------------------------------------------------------------------------------------------
 
 
+class SharedDetections:
+    """The pool's detections lists (``ztfd.store.detection_lists``) on the worker's store connection, each serving
+    the other jobs of its object for ``stamps.detections_fresh`` seconds (a catch-up queues several alerts of an
+    object; a kept list that lacks an alert's detection is fetched again, so this only bounds the staleness). A
+    store that cannot be read or written only means asking ALeRCE again."""
+
+    def __init__(self, worker: Worker, fresh: float) -> None:
+        self.worker = worker
+        self.fresh = fresh
+
+    async def get(self, object_id: str) -> bytes | None:
+        try:
+            return await self.worker._db(fresh_detections, object_id, self.fresh)
+        except sqlite3.Error as exc:
+            log.debug("kept detections of %s not readable: %s", object_id, exc)
+            return None
+
+    async def put(self, object_id: str, body: bytes) -> None:
+        try:
+            await self.worker._db(keep_detections, object_id, body, self.fresh)
+        except sqlite3.Error as exc:
+            log.debug("detections of %s not kept: %s", object_id, exc)
+
+
 class Worker:
     """One ``ztfd fetch`` process. ``batch`` limits it to one replay batch, and ``exit_when_idle`` ends it when
     that batch has nothing left to do now (jobs waiting for the service to catch up are left for the daemon)."""
@@ -287,6 +314,10 @@ class Worker:
         self.exit_when_idle = exit_when_idle
         self.owner = jobs.new_owner()
         self.providers = providers_for(cfg.stamps)  # survey -> its stamp provider
+        self.packet_stamps: dict[str, PacketStamps] = {}  # survey -> the stamps its packets carried (preview jobs)
+        for provider in self.providers.values():
+            if hasattr(provider, "cache") and cfg.stamps.detections_fresh > 0:  # share detections via the store
+                provider.cache = SharedDetections(self, cfg.stamps.detections_fresh)  # type: ignore[attr-defined]
         self.conn: sqlite3.Connection | None = None
         self.db = ThreadPoolExecutor(1, thread_name_prefix="db")  # one connection, used from one thread
         self.side = SideThread()  # FITS checks, writes, previews
@@ -455,38 +486,44 @@ class Worker:
             raise BadPayloadError(f"bad object_id {alert.object_id!r}")
         if not DATE.match(alert.date):
             raise BadPayloadError(f"bad date {alert.date!r}")
-        provider = self.providers.get(alert.survey)
-        if provider is None:
-            raise BadPayloadError(f"no stamp provider for survey {alert.survey!r} (stamps.{alert.survey}_provider)")
+        provider = self._provider(job)
         known, known_mjd = (alert.detection_id, None) if job.known is None else (job.known.detection_id,
                                                                                  job.known.detection_mjd)
         if known is not None and not PLAIN_ID.match(known):
             raise BadPayloadError(f"bad detection id {known!r}")
+        if known is None and job.kind == PREVIEW_JOB:
+            raise BadPayloadError("a preview job whose alert names no detection")
         request = StampRequest(alert.survey, alert.object_id, alert.date, alert.obs_mjd, known, known_mjd, alert.band)
         run = JobRun(job, request, provider, self.cfg.images_dir / alert.date / alert.object_id, force=job.force)
         if known is not None:
             run.detection = Detection(known, alert.obs_mjd if known_mjd is None else known_mjd)
         return run
 
+    def _provider(self, job: jobs.StampJob) -> StampProvider:
+        """The survey's provider; for a preview job (the stamps came in the packet) the packet's stamps on disk."""
+        survey = job.alert.survey
+        if job.kind == PREVIEW_JOB:
+            if survey not in self.packet_stamps:
+                self.packet_stamps[survey] = PacketStamps(self.settings, survey)
+            return self.packet_stamps[survey]
+        provider = self.providers.get(survey)
+        if provider is None:
+            raise BadPayloadError(f"no stamp provider for survey {survey!r} (stamps.{survey}_provider)")
+        return provider
+
     async def process(self, run: JobRun) -> None:
         """Find the detection, fetch what is missing, write and record it; raise what settles the job, if any."""
-        if run.detection is None:
-            (slot,) = await self._slots(run.provider, 1)
-            run.detection = await run.provider.find_detection(self._http(run.provider, slot), run.request)
+        if run.detection is None:  # its slot is taken when it asks (a provider may answer from what it knows)
+            run.detection = await run.provider.find_detection(self._http(run.provider), run.request)
             if not PLAIN_ID.match(run.detection.detection_id):
                 raise FetchError(f"{run.provider.name} named detection {run.detection.detection_id[:80]!r}")
             if run.detection.light_curve:  # what the lookup said of the object's history, for night reports
                 await self._db(save_detections, run.request.survey, run.request.object_id,
                                run.detection.light_curve, run.detection.light_curve_unit)
-        if not run.force:
+        if not run.force or run.job.kind == PREVIEW_JOB:  # a forced preview job redraws, the stamps stay
             await self._side(self._existing, run)
-        missing = run.missing
-        slots = await self._slots(run.provider, len(missing))
-        run.take(missing, await asyncio.gather(
-            *(run.provider.fetch(self._http(run.provider, slot), run.request, run.detection, kind)
-              for kind, slot in zip(missing, slots, strict=True)),
-            return_exceptions=True,
-        ))
+        if run.missing:
+            await self._fetch(run, run.missing)
         await self._side(self._write, run)
         # Record what is on disk now, whatever the outcome: a job that is retried, fails or gives up still
         # leaves valid files, and every file under images/ must reach the manifest.
@@ -496,6 +533,28 @@ class Worker:
         verdict = run.verdict()
         if verdict is not None:
             raise verdict
+
+    async def _fetch(self, run: JobRun, missing: list[str]) -> None:
+        """Fetch the missing stamps: with one request for all when the provider can (``fetch_together``), else
+        one request each, at once."""
+        together = getattr(run.provider, "fetch_together", None)
+        if together is None:
+            slots = await self._slots(run.provider, len(missing))
+            run.take(missing, await asyncio.gather(
+                *(run.provider.fetch(self._http(run.provider, slot), run.request, run.detection, kind)
+                  for kind, slot in zip(missing, slots, strict=True)),
+                return_exceptions=True,
+            ))
+            return
+        try:
+            bundle = await together(self._http(run.provider), run.request, run.detection, missing)
+        except (NotYetAvailableError, FetchError) as exc:
+            run.problems.append(exc)
+            return
+        run.fetched.update({kind: data for kind, data in bundle.stamps.items() if kind in missing})
+        run.extras.update(bundle.extras)
+        run.problems.extend(FetchError(f"{kind} stamp: not in the served bundle")
+                            for kind in missing if kind not in bundle.stamps)
 
     def _existing(self, run: JobRun) -> None:
         for kind in STAMP_TYPES:
@@ -520,6 +579,9 @@ class Worker:
             triplet[kind] = Stamp(data, image)
             run.written.append(kind)
         run.files = [self._manifest_row(paths.stamp(kind), stamp.data) for kind, stamp in sorted(triplet.items())]
+        for name, data in run.extras.items():  # served beside the stamps (get_avro's alert packet)
+            atomic_write(paths.folder / name, data)
+            run.files.append(self._manifest_row(paths.folder / name, data))
         if len(triplet) == len(STAMP_TYPES) and self.settings.previews:
             run.files.append(self._preview(run, triplet))
 
@@ -634,9 +696,10 @@ class Worker:
                 self.side = SideThread()
         raise StepTimeoutError(f"{fn.__name__} did not finish within {timeout:g}s (stamps.step_timeout)")
 
-    def _http(self, provider: StampProvider, slot: float) -> HttpGet:
-        """The GET a provider makes its requests with: the first at ``slot``, any further one at a new slot."""
-        slots = [slot]
+    def _http(self, provider: StampProvider, slot: float | None = None) -> HttpGet:
+        """The GET a provider makes its requests with: the first at ``slot`` (taken in advance), any further one
+        (or the first, without ``slot``) at a new slot taken when it is made."""
+        slots = [] if slot is None else [slot]
 
         async def get(url: str, params: dict[str, str] | None) -> tuple[int, bytes]:
             at = slots.pop() if slots else (await self._slots(provider, 1))[0]

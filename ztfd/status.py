@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ztfd import config, store, supervisor
+from ztfd import config, store, supervisor, topics
 from ztfd.localtrouble import STATUS_PREFIX as LOCAL_TROUBLE_PREFIX
 from ztfd.procs import pid_alive
 from ztfd.quota import near_quota
@@ -29,6 +29,7 @@ from ztfd.store import quota as store_quota
 from ztfd.store.alerts import count_received_since
 from ztfd.store.db import connect_readonly
 from ztfd.store.facts import statuses_with_prefix
+from ztfd.store.offsets import topics_with_offsets
 from ztfd.store.processes import process, processes
 from ztfd.units import human_bytes
 
@@ -81,7 +82,7 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
             if row is not None and sup_pid is not None and row.started_at:
                 report["supervisor"]["uptime"] = round(now - row.started_at, 1)
         else:
-            report["topics"] = [_empty_topic(t) for t in cfg.kafka.topics]
+            report["topics"] = [_empty_topic(t) for t in topics.explicit(cfg.kafka.topics)]
     finally:
         if conn is not None:
             conn.close()
@@ -136,7 +137,7 @@ def _processes(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list
             "topic": row.topic,
             "pid": row.pid,
             "alive": alive,
-            "state": row.state if alive or row.state in ("backoff", "stopped") else "dead",
+            "state": row.state if alive or row.state in ("backoff", "stopped", "idle") else "dead",
             "uptime": round(now - row.started_at, 1) if alive and row.started_at else None,
             "restarts": row.restarts,
             "heartbeat_age": age,
@@ -167,7 +168,7 @@ def _topics(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[di
     everything = counters.topic_totals(conn)
     result = []
     days, surveys = store_quota.latest_days(conn), store_quota.surveys(conn)
-    for topic in cfg.kafka.topics:
+    for topic in topics.wanted(cfg.kafka.topics, topics_with_offsets(conn)):  # listed, or stored and matched
         info = _empty_topic(topic)
         info["survey"] = surveys.get(topic)
         info["lasair_day"] = _lasair_day(days.get(topic), cfg.kafka.lasair_byte_quota, now)
@@ -202,7 +203,7 @@ def _sync(conn: sqlite3.Connection) -> dict[str, Any]:
 def _rejected(conn: sqlite3.Connection, cfg: config.Config) -> dict[str, int]:
     """Rejected messages per topic, all there ever were (also those exported and forgotten)."""
     found = {topic: totals.rejected for topic, totals in counters.topic_totals(conn).items() if totals.rejected}
-    return {**{t: 0 for t in cfg.kafka.topics}, **found}
+    return {**{t: 0 for t in topics.explicit(cfg.kafka.topics)}, **found}
 
 
 def _gaps(conn: sqlite3.Connection) -> list[dict[str, Any]]:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import click
 
-from ztfd import config, files, housekeeping, lifecycle, logs, store
+from ztfd import config, files, housekeeping, lifecycle, logs, store, topics
 from ztfd.procs import die_with_parent, pid_alive
 from ztfd.store.processes import processes, record_child, reset_processes, set_process_state
 
@@ -61,6 +61,7 @@ MARKER_ENV = "ZTFD_PROCESS_SUPERVISOR"
 SUPERVISOR_NAME = "supervisor"
 
 EXIT_ALREADY_RUNNING = 1
+IDLE = "idle"  # the state of a pattern topic's consumer that exited with topics.EXIT_IDLE
 
 
 # --- pidfile -------------------------------------------------------------------------------------------------
@@ -164,8 +165,8 @@ class Child:
 
 def child_specs(cfg: config.Config) -> list[Child]:
     """The processes the configuration asks for."""
+    children = [consumer_child(cfg, t) for t in topics.explicit(cfg.kafka.topics)]  # patterns: TopicScanner
     base = [sys.executable, "-m", "ztfd", "--config", str(cfg.path)]
-    children = [Child(f"consumer:{t}", "consumer", t, [*base, "consume", "--topic", t]) for t in cfg.kafka.topics]
     if cfg.stamps.enabled:
         children += [Child(f"fetcher:{n}", "fetcher", None, [*base, "fetch"]) for n in range(1, cfg.stamps.workers + 1)]
     if cfg.s3.bucket:
@@ -182,6 +183,16 @@ def describe_exit(code: int | None) -> str:
     if code is None:
         return "ended"
     return f"killed by {lifecycle.signal_name(-code)}" if code < 0 else f"exit {code}"
+
+
+def consumer_child(cfg: config.Config, topic: str) -> Child:
+    base = [sys.executable, "-m", "ztfd", "--config", str(cfg.path)]
+    return Child(f"consumer:{topic}", "consumer", topic, [*base, "consume", "--topic", topic])
+
+
+def went_idle(child: Child, code: int | None) -> bool:
+    """A consumer that exited because its (pattern's) topic is drained and quiet: not restarted."""
+    return child.role == "consumer" and code == topics.EXIT_IDLE
 
 
 def _set_pdeathsig(parent: int) -> None:
@@ -282,12 +293,18 @@ class Supervisor:
     def restart_backoff(self) -> lifecycle.Backoff:
         return lifecycle.Backoff(FIRST_BACKOFF, max(self.cfg.supervisor.restart_backoff_max, 0.1))
     last_prune: float = field(default_factory=time.monotonic)  # the first prune an interval after start
+    scanner: topics.TopicScanner | None = None  # when kafka.topics has patterns: the broker's topics, looked at
+    last_look: topics.BrokerTopics | None = None
 
     def run(self) -> int:
         self.stop.install()
         lifecycle.ignore([signal.SIGHUP])  # a closed terminal does not stop a foreground supervisor
         self._reset_table()
         self.children = child_specs(self.cfg)
+        if any(topics.is_pattern(entry) for entry in self.cfg.kafka.topics):
+            kafka = self.cfg.kafka
+            self.scanner = topics.TopicScanner(kafka.bootstrap_servers, kafka.options, kafka.topic_scan_seconds)
+            self.scanner.start()
         log.info(
             "supervisor started (pid %d): %s", os.getpid(), ", ".join(c.name for c in self.children) or "no children"
         )
@@ -299,9 +316,10 @@ class Supervisor:
             self._reap()
             if self.stop.is_set():
                 break
+            self._follow_patterns()
             now = time.monotonic()
             for child in self.children:
-                if child.pid is None and now >= child.next_start:
+                if child.pid is None and child.state != IDLE and now >= child.next_start:
                     self._spawn(child)
             if now - last_check >= CHECK_INTERVAL:
                 last_check = now
@@ -310,13 +328,38 @@ class Supervisor:
             if now - self.last_prune >= housekeeping.PRUNE_EVERY:
                 self.last_prune = now
                 self._prune()
+        if self.scanner is not None:
+            self.scanner.stop()
         self._shutdown()
         return 0
+
+    def _follow_patterns(self) -> None:
+        """After each look at the broker: a consumer for every topic a pattern matches that has none yet, and the
+        idle consumer of a topic that has messages ztfd has not stored started again."""
+        look = self.scanner.latest if self.scanner is not None else None
+        if look is None or look is self.last_look:
+            return
+        self.last_look = look
+        consumers = {child.topic: child for child in self.children if child.role == "consumer"}
+        for topic in topics.wanted(self.cfg.kafka.topics, look.topics):
+            child = consumers.get(topic)
+            if child is None:
+                child = consumer_child(self.cfg, topic)
+                self.children.append(child)
+                log.info("topic %s matches kafka.topics: starting its consumer", topic)
+                self._spawn(child)
+            elif child.state == IDLE and child.pid is None:
+                stored = {p: o.next_offset for p, o in store.stored_offsets(self.conn, topic).items()}
+                if topics.has_news(look.ends.get(topic, {}), stored):
+                    log.info("idle topic %s has new messages: starting its consumer again", topic)
+                    self._spawn(child)
+        assert self.scanner is not None
+        self.scanner.ends_of = frozenset(c.topic for c in self.children if c.state == IDLE and c.topic)
 
     def _wait(self, timeout: float) -> None:
         """Sleep until a stop is asked for, a child's output arrives, or the next restart or reap is due."""
         timeout = min(timeout, REAP_INTERVAL)
-        due = [c.next_start for c in self.children if c.pid is None]
+        due = [c.next_start for c in self.children if c.pid is None and c.state != IDLE]
         if due:
             timeout = max(0.0, min(timeout, min(due) - time.monotonic()))
         watched = [self.stop.fileno()] + ([self.output.read_fd] if self.output is not None else [])
@@ -358,8 +401,15 @@ class Supervisor:
             if pid == 0:
                 return
             child = next((c for c in self.children if c.pid == pid), None)
-            if child is not None:
-                self._ended(child, describe_exit(os.waitstatus_to_exitcode(status)))
+            if child is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if not self.stop.is_set() and went_idle(child, code):
+                child.pid, child.state, child.last_exit, child.backoff = None, IDLE, describe_exit(code), 0.0
+                self._record(child)
+                log.info("%s: its topic is drained and quiet; not restarted until it has messages again", child.name)
+                continue
+            self._ended(child, describe_exit(code))
 
     def _ended(self, child: Child, how: str) -> None:
         """A child was reaped: record it stopped (while stopping) or schedule its restart."""

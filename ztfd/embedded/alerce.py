@@ -6,6 +6,9 @@ real ZTF packets:
 - ``GET /get_stamp?oid=&candid=&type=science|template|difference&format=fits`` -> the packet's ``stampData``
   bytes unchanged (gzipped FITS, ``application/fits+gzip``); 404 with a JSON body for an unknown candid; 400 for
   missing or bad parameters (like the Flask service's ``validate=True``).
+- ``GET /get_avro?oid=&candid=`` -> the whole alert packet (an Avro container file, ``application/avro``): the
+  sample file itself, or for a renamed sample (the bench's distinct ids) the same record under its new ids; 404
+  for an unknown candid. The stamp faults apply to it as to ``get_stamp`` (those naming a stamp type excepted).
 - ``GET /ztf/v1/objects/<oid>/detections`` -> a JSON list of detections (``candid`` as a string, ``mjd``,
   ``fid``, ``has_stamp`` …): one per packet of the object (``has_stamp`` true) plus the packet's earlier
   detections from ``prv_candidates`` (``has_stamp`` false); 404 for an unknown object.
@@ -47,6 +50,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ztfd import lifecycle
+from ztfd.embedded.avro_samples import ztf_packet_bytes
 from ztfd.embedded.lsst_samples import RubinAlert, object_alerts
 from ztfd.embedded.net import free_port
 from ztfd.embedded.samples import SamplePacket
@@ -56,11 +60,12 @@ from ztfd.sources import JD_MJD_OFFSET, STAMP_TYPES
 log = logging.getLogger(__name__)
 
 STAMP = "stamp"
+AVRO = "avro"  # ALeRCE's /get_avro: the whole packet (logged apart, faulted like STAMP)
 DETECTIONS = "detections"
 LSST_STAMP = "lsst_stamp"  # ALeRCE's multisurvey /stamps_api/stamp
 LSST_DETECTIONS = "lsst_detections"  # ALeRCE's multisurvey /lightcurve_api/detections
 LASAIR_FITS = "lasair_fits"  # Lasair-LSST's /fits/<diaSourceId>_cutout<Type>/
-STAMP_ENDPOINTS = (STAMP, LSST_STAMP, LASAIR_FITS)
+STAMP_ENDPOINTS = (STAMP, AVRO, LSST_STAMP, LASAIR_FITS)
 DETECTION_ENDPOINTS = (DETECTIONS, LSST_DETECTIONS)
 # "not_found" is each service's own "I do not have it": ZTF 404, ALeRCE LSST 500, Lasair 200 with "None".
 FAULT_KINDS = ("not_found", "server_error", "garbage", "truncated", "slow", "unknown_object", "empty_detections",
@@ -452,6 +457,8 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         if parts.path == "/get_stamp":
             self._get_stamp(arrived, parts.query)
+        elif parts.path == "/get_avro":
+            self._get_avro(arrived, parts.query)
         elif parts.path.startswith(DETECTIONS_PREFIX) and parts.path.endswith(DETECTIONS_SUFFIX):
             object_id = parts.path[len(DETECTIONS_PREFIX):-len(DETECTIONS_SUFFIX)]
             self._get_detections(arrived, object_id)
@@ -503,6 +510,37 @@ class _Handler(BaseHTTPRequestHandler):
             name = f"{packet.object_id}_{candid}_{stamp_type}.fits.gz"
             headers = {"Content-Disposition": f'attachment; filename="{name}"'}
             self._respond(arrived, STAMP, 200, data, "application/fits+gzip", fault=kind, headers=headers, **context)
+
+    def _get_avro(self, arrived: float, query: str) -> None:
+        service = self.service
+        params = {key: values[-1] for key, values in parse_qs(query).items()}
+        object_id = params.get("oid")
+        try:
+            candid: int | None = int(params["candid"])
+        except (KeyError, ValueError):
+            candid = None
+        context = {"object_id": object_id, "candid": candid}
+        if candid is None or not object_id:
+            body = _json({"errors": ["oid and candid: required"], "message": "Input payload validation failed"})
+            self._respond(arrived, AVRO, 400, body, "application/json", **context)
+            return
+        service._wait(service.latency)
+        fault = service._take_fault(STAMP, object_id, candid, None)
+        if fault is not None and fault.kind == "slow":
+            service._wait(fault.delay)
+        kind = fault.kind if fault is not None else None
+        packet = service._index.by_candid.get(candid)
+        if kind == "not_found" or packet is None:
+            self._respond(arrived, AVRO, 404, _json({"message": "AVRO not found"}), "application/json",
+                          fault=kind, **context)
+        elif kind == "server_error":
+            self._respond(arrived, AVRO, fault.status, b"<html><body>Service Unavailable</body></html>",  # type: ignore[union-attr]
+                          "text/html", fault=kind, **context)
+        else:
+            data = ztf_packet_bytes(packet)
+            data = data if kind in (None, "bomb", "huge_image", "oversized") else _damaged(data, kind)
+            headers = {"Content-Disposition": f'attachment; filename="{candid}.avro"'}
+            self._respond(arrived, AVRO, 200, data, "application/avro", fault=kind, headers=headers, **context)
 
     def _get_detections(self, arrived: float, object_id: str) -> None:
         service = self.service

@@ -19,6 +19,10 @@ What the consumer and the worker do with a provider (its whole contract):
 - files go to ``images/<date>/<object_id>/<file_name(detection_id, kind)>``, the preview beside them as
   ``<detection_id>.png``.
 
+A provider whose service serves several stamps in one request (ALeRCE's ``get_avro``) may also offer
+``fetch_together(get, request, detection, kinds) -> Bundle``: the worker then takes one rate-limit slot for all the
+missing stamps of a job instead of one each, and writes the bundle's ``extras`` beside the stamps.
+
 Politeness (the shared rate limit), timeouts and body caps belong to the worker: a provider makes its requests
 only through the ``HttpGet`` it is given, and each call costs one request slot.
 """
@@ -29,7 +33,7 @@ import importlib
 import logging
 import pkgutil
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 # get(url, params) -> (HTTP status, body); redirects followed, body capped, one rate-limit slot per call.
@@ -67,6 +71,24 @@ class Detection:
     mjd: float | None
     light_curve: tuple[Any, ...] = ()
     light_curve_unit: str = "mag"  # ztfd.lightcurve.MAG or FLUX
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """Several stamps served by one request (ALeRCE's ``get_avro``: the whole alert packet), and files to keep
+    beside them in the detection's folder (file name -> bytes: the packet itself)."""
+
+    stamps: dict[str, bytes]
+    extras: dict[str, bytes] = field(default_factory=dict)
+
+
+class DetectionsCache(Protocol):
+    """Detections lists the pool keeps for a short time (the worker's, in the store): a provider that looks
+    detections up may use it when the worker gives it one (its ``cache`` attribute)."""
+
+    async def get(self, object_id: str) -> bytes | None: ...
+
+    async def put(self, object_id: str, body: bytes) -> None: ...
 
 
 class StampProvider(Protocol):

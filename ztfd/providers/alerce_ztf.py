@@ -5,13 +5,20 @@
   alert's observation time, within ``stamps.match_tolerance`` seconds; the newest with stamps when the alert has
   no time. An object ALeRCE does not know yet, nothing near the alert's time, or a 404 for a listed candid means
   *not yet available* (``NotYetAvailableError``), not a failure.
-- each stamp is ``GET {alerce_stamp_url}/get_stamp?oid=&candid=&type=&format=fits``: the alert packet's gzipped
-  FITS, kept byte for byte as ``<candid>_<type>.fits.gz`` if it is gzip and holds a 2-D image within the caps
-  (``stamps.max_stamp_bytes`` decompressed, ``stamps.max_stamp_side`` pixels a side; see ``ztfd.stampimage``).
+  One detections response serves every job of the object: the worker keeps it in the store for
+  ``stamps.detections_fresh`` seconds for the whole pool (``ztfd.store.detection_lists``), and concurrent jobs of
+  one worker share one request (both off when that is 0).
+- ``stamps.ztf_request = "get_avro"`` (the default): ``GET {alerce_stamp_url}/get_avro?oid=&candid=`` serves the
+  whole alert packet, whose three cutouts are the stamps (one request instead of three), and the packet is kept
+  beside them as ``<candid>.avro``. ``"get_stamp"``: ``GET {alerce_stamp_url}/get_stamp?oid=&candid=&type=
+  &format=fits`` per stamp. Either way a stamp is the packet's gzipped FITS, kept byte for byte as
+  ``<candid>_<type>.fits.gz`` if it is gzip and holds a 2-D image within the caps (``stamps.max_stamp_bytes``
+  decompressed, ``stamps.max_stamp_side`` pixels a side; see ``ztfd.stampimage``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,13 +26,25 @@ from typing import Any
 
 from ztfd.config import StampsConfig
 from ztfd.lightcurve import MAG, alerce_points
-from ztfd.providers import Detection, FetchError, HttpGet, NotYetAvailableError, StampRequest, register
-from ztfd.sources import ZTF, Alert
+from ztfd.providers import (
+    Bundle,
+    Detection,
+    DetectionsCache,
+    FetchError,
+    HttpGet,
+    NotYetAvailableError,
+    StampRequest,
+    register,
+)
+from ztfd.sources import ZTF, Alert, InvalidMessageError
+from ztfd.sources.avro import ContainerReader
 from ztfd.sources.lasair import is_ztf_object_id
+from ztfd.sources.packets import CUTOUT_FIELDS
 from ztfd.stampimage import StampLimits, read_gzipped_image
 
 DETECTIONS_PATH = "/ztf/v1/objects/{oid}/detections"
 STAMP_PATH = "/get_stamp"
+AVRO_PATH = "/get_avro"
 
 
 @dataclass(frozen=True)
@@ -86,24 +105,88 @@ class AlerceZtf:
     service = "ALeRCE"
     detection_label = "candid"
 
+    cache: DetectionsCache | None = None  # the pool's detections lists, set by the worker
+
     def __init__(self, settings: StampsConfig) -> None:
         self.api_url = settings.alerce_api_url.rstrip("/")
         self.stamp_url = settings.alerce_stamp_url.rstrip("/")
         self.tolerance = settings.match_tolerance
         self.limits = StampLimits(settings.max_stamp_bytes, settings.max_stamp_side)
+        self.packets = ContainerReader()
+        self._lookups: dict[str, asyncio.Future[tuple[bytes, bool]]] = {}  # object id -> its look in flight
+        if settings.ztf_request.lower() == "get_avro":  # the worker then takes one slot for all three stamps
+            self.fetch_together = self.fetch_packet
 
     def serves(self, alert: Alert) -> bool:
         """ZTF objects (``ZTF`` + 2 digits + 7 letters) only: ALeRCE knows no other names."""
         return is_ztf_object_id(alert.object_id)
 
     async def find_detection(self, get: HttpGet, request: StampRequest) -> Detection:
-        status, body = await get(self.api_url + DETECTIONS_PATH.format(oid=request.object_id), None)
+        """The detection nearest the alert's time, from the object's detections list: the pool's copy when one
+        is fresh (a catch-up queues several alerts per object), else one request, shared by this worker's jobs of
+        the same object. A kept list without a match may predate the alert: then it is fetched again, once."""
+        body, kept = await self._detections(get, request.object_id, use_kept=True)
+        try:
+            chosen = choose_candid(parse_detections(body), request.obs_mjd, self.tolerance)
+        except NotYetAvailableError:
+            if not kept:
+                raise
+            body, _ = await self._detections(get, request.object_id, use_kept=False)
+            chosen = choose_candid(parse_detections(body), request.obs_mjd, self.tolerance)
+        return Detection(str(chosen.candid), chosen.mjd, tuple(alerce_points(body)), MAG)
+
+    async def _detections(self, get: HttpGet, object_id: str, use_kept: bool) -> tuple[bytes, bool]:
+        """The object's detections body, and whether it is the pool's kept copy. Concurrent jobs of the object in
+        this worker share one look (the kept copy, else one request)."""
+        if self.cache is None or not use_kept:
+            return await self._fetch_detections(get, object_id), False
+        lookup = self._lookups.get(object_id)
+        if lookup is None:
+            lookup = asyncio.ensure_future(self._kept_or_fetched(get, object_id))
+            self._lookups[object_id] = lookup
+            lookup.add_done_callback(lambda _done: self._lookups.pop(object_id, None))
+        return await asyncio.shield(lookup)
+
+    async def _kept_or_fetched(self, get: HttpGet, object_id: str) -> tuple[bytes, bool]:
+        assert self.cache is not None
+        kept = await self.cache.get(object_id)
+        if kept is not None:
+            return kept, True
+        return await self._fetch_detections(get, object_id), False
+
+    async def _fetch_detections(self, get: HttpGet, object_id: str) -> bytes:
+        status, body = await get(self.api_url + DETECTIONS_PATH.format(oid=object_id), None)
         if status == 404:
             raise NotYetAvailableError("ALeRCE does not know the object yet (detections: 404)")
         if status != 200:
             raise FetchError(f"detections: HTTP {status}")
-        chosen = choose_candid(parse_detections(body), request.obs_mjd, self.tolerance)
-        return Detection(str(chosen.candid), chosen.mjd, tuple(alerce_points(body)), MAG)
+        if self.cache is not None:
+            await self.cache.put(object_id, body)
+        return body
+
+    async def fetch_packet(self, get: HttpGet, request: StampRequest, detection: Detection,
+                           kinds: list[str]) -> Bundle:
+        """``get_avro``: the whole alert packet in one request; its cutouts are the stamps (the same bytes
+        ``get_stamp`` serves), and the packet is kept beside them as ``<candid>.avro``."""
+        candid = detection.detection_id
+        status, body = await get(self.stamp_url + AVRO_PATH, {"oid": request.object_id, "candid": candid})
+        if status == 404:
+            raise NotYetAvailableError(f"packet of listed candid {candid}: HTTP 404")
+        if status != 200:
+            raise FetchError(f"get_avro: HTTP {status}")
+        try:
+            records = self.packets.read(body)
+        except InvalidMessageError as exc:
+            raise FetchError(f"get_avro: {exc}") from None
+        if len(records) != 1 or str(records[0].get("candid")) != candid:
+            served = [r.get("candid") for r in records][:3]
+            raise FetchError(f"get_avro served candid {served} for {candid}")
+        stamps = {}
+        for kind in kinds:
+            cutout = records[0].get(CUTOUT_FIELDS[kind])
+            if isinstance(cutout, dict) and isinstance(cutout.get("stampData"), bytes):
+                stamps[kind] = cutout["stampData"]
+        return Bundle(stamps, {f"{candid}.avro": body})
 
     async def fetch(self, get: HttpGet, request: StampRequest, detection: Detection, kind: str) -> bytes:
         params = {"oid": request.object_id, "candid": detection.detection_id, "type": kind, "format": "fits"}

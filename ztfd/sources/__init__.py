@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import pkgutil
 import re
 from collections.abc import Callable
@@ -53,6 +54,11 @@ class InvalidMessageError(ValueError):
     """A message that cannot be stored as an alert; ``str()`` is the reason kept beside its raw bytes."""
 
 
+class SourceUnavailableError(Exception):
+    """The message cannot be judged now, through no fault of its own (its schema registry is unreachable): the
+    consumer stops without storing its batch, so that its restart reads the same messages again."""
+
+
 @dataclass(frozen=True)
 class TimeField:
     """A time-like field found in a message: where (a dotted path), its value, JD or MJD, and its scale."""
@@ -70,6 +76,11 @@ class Cutout:
     kind: str  # one of STAMP_TYPES
     data: bytes | None
     suffix: str  # ".fits.gz" (ZTF's gzipped stampData) or ".fits" (Rubin's raw FITS)
+    problem: str | None = None  # why ``data`` is None: "null in the packet" or what is wrong with the bytes
+
+    @property
+    def carried(self) -> bool:
+        return self.data is not None
 
 
 @dataclass
@@ -122,7 +133,8 @@ def register(name: str) -> Callable[[Callable[..., Source]], Callable[..., Sourc
 
 def source_for(name: str, **settings: Any) -> Source:
     """A new source of format ``name`` (``kafka.formats``; ``lasair`` by default). ``settings`` are the consumer's
-    (``max_message_bytes``); a source takes what it needs and ignores the rest."""
+    (``max_message_bytes``; for the Avro formats the topic's ``schema_file``, the ``registry_url``, the store's
+    ``schema_cache`` and the ``registry_timeout``); a source takes what it needs and ignores the rest."""
     load_all()
     try:
         factory = SOURCES[name]
@@ -156,10 +168,44 @@ def alert_files(alert: Alert, folder: str, stem: str, images: str, metadata: dic
     if alert.suffix == ".json":
         files = [(f"{folder}/{stem}.json", b'{"message": ' + alert.raw + b', "ztfd": ' + meta + b"}\n")]
     else:
-        view = json.dumps(alert.view).encode()
         files = [(f"{folder}/{stem}{alert.suffix}", alert.raw),
-                 (f"{folder}/{stem}.json", b'{"message": ' + view + b', "ztfd": ' + meta + b"}\n")]
+                 (f"{folder}/{stem}.json", b'{"message": ' + view_json(alert.view) + b', "ztfd": ' + meta + b"}\n")]
     named = alert.detection_id or stem
     files.extend((f"{images}/{named}_{cutout.kind}{cutout.suffix}", cutout.data)
                  for cutout in alert.cutouts if cutout.data is not None)
     return files
+
+
+def view_json(view: Any) -> bytes:
+    """A view as strict JSON that ``jq`` reads: NaN and infinities become null, stray bytes their size, Avro's
+    logical types (dates, times, decimals, UUIDs) their text. It never raises: what cannot be rendered (nesting
+    deeper than Python recurses) becomes a one-line note.
+
+    The common case (no NaN) is one C-speed ``json.dumps``; only a view that holds NaN is walked in Python."""
+    try:
+        return json.dumps(view, allow_nan=False, default=_unencodable).encode()
+    except ValueError:
+        try:
+            return json.dumps(_finite(view), allow_nan=False, default=_unencodable).encode()
+        except (ValueError, RecursionError) as exc:
+            return json.dumps({"ztfd_view_error": f"{exc.__class__.__name__}: {str(exc)[:200]}"}).encode()
+    except RecursionError:
+        return json.dumps({"ztfd_view_error": "nested too deeply to render"}).encode()
+
+
+def _unencodable(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"bytes": len(value)}
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value

@@ -97,6 +97,14 @@ def dates_received_since(conn: sqlite3.Connection, topic: str, since: float) -> 
     return {row[0] for row in rows}
 
 
+def last_received_at(conn: sqlite3.Connection, topic: str) -> float | None:
+    """When the topic's newest stored message (alert or rejected) was received; None if it has none."""
+    row = conn.execute(
+        "SELECT max(t) FROM (SELECT max(received_at) AS t FROM alerts WHERE topic = ? "
+        "UNION ALL SELECT max(received_at) FROM rejected WHERE topic = ?)", (topic, topic)).fetchone()
+    return row[0]
+
+
 def alerts_on(conn: sqlite3.Connection, date: str, topic: str | None = None) -> list[StoredAlert]:
     """Every stored alert of one partition date (of one topic), oldest first."""
     where, args = ("date = ?", (date,)) if topic is None else ("date = ? AND topic = ?", (date, topic))

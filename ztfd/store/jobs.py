@@ -61,6 +61,7 @@ class NewStampJob:
     alert_id: int
     dedupe_key: str | None = None  # see ``detection_key``; None: never deduplicated (replay batches)
     force: bool = False  # refetch files already valid on disk
+    kind: str = "stamps"  # "stamps": fetch, then preview; "preview": the stamps came in the packet, draw only
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class StampJob:
     attempts: int
     unavailable_since: float | None
     batch: str | None
+    kind: str = "stamps"  # see ``NewStampJob.kind``
 
 
 @dataclass(frozen=True)
@@ -170,10 +172,10 @@ def enqueue(
     Finished and failed jobs do not count, so a later retrigger is looked at again.
     """
     now = time.time() if now is None else now
-    rows = [(job.alert_id, int(job.force), now, batch, job.dedupe_key, now, now) for job in jobs]
+    rows = [(job.alert_id, int(job.force), now, batch, job.dedupe_key, now, now, job.kind) for job in jobs]
     return conn.executemany(  # rowcount: rows inserted by the statement itself, not by triggers
-        "INSERT INTO jobs (alert_id, force, not_before, batch, dedupe_key, created_at, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        "INSERT INTO jobs (alert_id, force, not_before, batch, dedupe_key, created_at, updated_at, kind) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         rows,
     ).rowcount
 
@@ -225,7 +227,7 @@ def claim(
             "UPDATE jobs SET state = 'leased', owner = ?, lease_until = ?, attempts = attempts + 1, "
             "updated_at = ? WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' "
             "AND not_before <= ? " + only_batch + "ORDER BY not_before, id LIMIT ?) "
-            "RETURNING id, alert_id, force, attempts, unavailable_since, batch",
+            "RETURNING id, alert_id, force, attempts, unavailable_since, batch, kind",
             (owner, now + lease_seconds, now, now, *((batch,) if batch is not None else ()), limit),
         ).fetchall()
         alerts = alerts_by_id(conn, (row["alert_id"] for row in rows))
@@ -236,7 +238,7 @@ def claim(
             "last_error = 'its alert is not stored' WHERE id = ?", orphans)
     jobs = [
         StampJob(r["id"], alerts[r["alert_id"]], bool(r["force"]), known.get(r["alert_id"]), r["attempts"],
-                 r["unavailable_since"], r["batch"])
+                 r["unavailable_since"], r["batch"], r["kind"])
         for r in rows if r["alert_id"] in alerts
     ]
     return sorted(jobs, key=lambda job: job.id)

@@ -71,4 +71,5 @@ def add_missing_columns(conn: sqlite3.Connection) -> None:
 STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _v1_to_v2,
     2: add_missing_columns,
+    3: add_missing_columns,  # jobs.kind (issue 14); its tables come with SCHEMA
 }

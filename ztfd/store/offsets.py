@@ -20,6 +20,11 @@ def stored_offsets(conn: sqlite3.Connection, topic: str) -> dict[int, StoredOffs
     return {row["partition"]: StoredOffset(row["generation"], row["next_offset"]) for row in rows}
 
 
+def topics_with_offsets(conn: sqlite3.Connection) -> list[str]:
+    """Every topic ztfd has stored messages of (a pattern's topics are known only so)."""
+    return [row[0] for row in conn.execute("SELECT DISTINCT topic FROM offsets ORDER BY topic")]
+
+
 def save_offset(conn: sqlite3.Connection, topic: str, partition: int, generation: int, next_offset: int) -> None:
     """Record the next offset to read; call inside the transaction that stores the messages before it.
 

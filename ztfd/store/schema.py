@@ -8,7 +8,7 @@ need no step: ``SCHEMA`` adds them). Version 1 is the layout before the store ow
 JSON payloads and results).
 """
 
-SCHEMA_VERSION = 3  # 3: alerts.survey and alerts.detection_id (ADDED_COLUMNS), the observability block
+SCHEMA_VERSION = 4  # 3: alerts.survey, detection_id, band (ADDED_COLUMNS), the observability block; 4: the Avro block
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -402,3 +402,28 @@ ADDED_COLUMNS = (
     # LSST (issue 13): the band of the detection the message names (Lasair's lite and full output), for previews.
     ("alerts", "band", "TEXT"),
 )
+
+# --- Avro streams (issue 14): registry schemas, job kinds, the detections cache ---------------------------------
+# Kept apart from the tables above. ``avro_schemas`` (ztfd.store.schemas): the schemas a Confluent schema registry
+# served, by registry URL and schema id, so that each is fetched once, ever (Confluent ids are immutable).
+# ``detection_lists`` (ztfd.store.detection_lists): ALeRCE's detections answers shared by the stamp workers for a
+# short time (a catch-up has several alerts of an object queued; one list serves them all). ``jobs.kind``:
+# 'stamps' (fetch the stamps, then draw the preview) or 'preview' (the stamps came in the alert packet: only draw
+# the preview).
+# Schema version 4: the step from 3 adds the column (migrations.add_missing_columns); SCHEMA creates the tables.
+SCHEMA += """
+CREATE TABLE IF NOT EXISTS avro_schemas (
+    registry TEXT NOT NULL,
+    schema_id INTEGER NOT NULL,
+    schema TEXT NOT NULL,
+    fetched_at REAL NOT NULL,
+    PRIMARY KEY (registry, schema_id)
+);
+
+CREATE TABLE IF NOT EXISTS detection_lists (
+    object_id TEXT PRIMARY KEY,
+    body BLOB NOT NULL,
+    fetched_at REAL NOT NULL
+);
+"""
+ADDED_COLUMNS += (("jobs", "kind", "TEXT NOT NULL DEFAULT 'stamps'"),)
