@@ -216,18 +216,27 @@ def test_a_topic_created_after_the_consumer_started_is_waited_for(
     assert terminate(proc) == 0
 
 
-def test_redelivery_writes_nothing_twice(
-    kafka: KafkaBroker, make_config: Callable[..., Path], consumers: Consumers
-) -> None:
-    topic = unique("lasair_redeliver")
+def first_delivery(
+    kafka: KafkaBroker, make_config: Callable[..., Path], consumers: Consumers, prefix: str, total: int
+) -> tuple[str, Path, Path, Path]:
+    """A new topic of ``total`` sample messages, consumed to the end by a consumer that then stops cleanly:
+    (topic, config path, home, store path)."""
+    topic = unique(prefix)
     kafka.create_topic(topic)
-    kafka.produce(topic, samples.message_stream(30))
+    kafka.produce(topic, samples.message_stream(total))
     config_path = make_config(kafka={"bootstrap_servers": kafka.bootstrap, "group_id": unique("g"), "topics": [topic]})
     home = config_path.parent
     db = home / "state" / "ztfd.sqlite3"
     proc = consumers.start(config_path, topic)
-    wait_until(lambda: count(db, "SELECT count(*) FROM alerts") >= 30, 90, "first delivery")
+    wait_until(lambda: count(db, "SELECT count(*) FROM alerts") >= total, 90, "first delivery")
     assert terminate(proc) == 0
+    return topic, config_path, home, db
+
+
+def test_redelivery_writes_nothing_twice(
+    kafka: KafkaBroker, make_config: Callable[..., Path], consumers: Consumers
+) -> None:
+    topic, config_path, home, db = first_delivery(kafka, make_config, consumers, "lasair_redeliver", 30)
     before = {path: path.stat().st_mtime_ns for path in alert_files(home)}
     manifest_before = count(db, "SELECT count(*) FROM manifest")
     # Forget where we were and join as a new group: Kafka delivers the whole topic again.

@@ -21,6 +21,7 @@ from tests.test_consumer import (
     Consumers,
     alert_files,
     count,
+    first_delivery,
     seqs_on_disk,
     store_batch,
     terminate,
@@ -52,15 +53,7 @@ def test_a_topic_recreated_while_ztfd_was_down_with_more_messages_is_told_apart_
 ) -> None:
     """The new topic already holds more messages than ztfd had read of the old one: offsets alone would take
     its first 20 for redeliveries (lost); the changed topic id starts generation 1 instead."""
-    topic = unique("lasair_recreated")
-    kafka.create_topic(topic)
-    kafka.produce(topic, samples.message_stream(20))
-    config_path = make_config(kafka={"bootstrap_servers": kafka.bootstrap, "group_id": unique("g"), "topics": [topic]})
-    home = config_path.parent
-    db = home / "state" / "ztfd.sqlite3"
-    proc = consumers.start(config_path, topic)
-    wait_until(lambda: count(db, "SELECT count(*) FROM alerts") >= 20, 90, "the first topic stored")
-    assert terminate(proc) == 0
+    topic, config_path, home, db = first_delivery(kafka, make_config, consumers, "lasair_recreated", 20)
     assert count(db, "SELECT count(*) FROM topic_ids WHERE topic = ?", topic) == 1
 
     delete_topic(kafka, topic)
