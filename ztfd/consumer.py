@@ -134,12 +134,6 @@ class Batch:
     written: list[tuple[int, str]] = field(default_factory=list)  # (size, MD5) of each file, from the writer
 
 
-# Consumer settings the admin client (which shares ``kafka.options``) does not take.
-CONSUMER_ONLY = frozenset({"group.id", "auto.offset.reset", "enable.auto.commit", "enable.auto.offset.store",
-                           "enable.partition.eof", "session.timeout.ms", "max.poll.interval.ms",
-                           "fetch.max.bytes", "max.partition.fetch.bytes", "isolation.level"})
-
-
 class _NoBroker:
     """The broker before the consumer connects: it says nothing, so nothing is judged on it."""
 
@@ -330,10 +324,8 @@ class TopicConsumer:
         """An admin client on the same brokers and credentials: it asks for the topic's id (recreation evidence)."""
         from confluent_kafka.admin import AdminClient
 
-        settings: dict[str, Any] = {"bootstrap.servers": self.cfg.kafka.bootstrap_servers,
-                                    "error_cb": self._on_kafka_error, "logger": librdkafka_logger()}
-        settings.update({key: value for key, value in self.cfg.kafka.options.items() if key not in CONSUMER_ONLY})
-        return AdminClient(settings)
+        settings = topics.admin_settings(self.cfg.kafka.bootstrap_servers, self.cfg.kafka.options)
+        return AdminClient({**settings, "error_cb": self._on_kafka_error, "logger": librdkafka_logger()})
 
     def _on_kafka_error(self, error: Any) -> None:
         self.throttled(f"kafka:{error.code()}", logging.WARNING, "kafka: %s", error.str())
