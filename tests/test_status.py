@@ -143,6 +143,22 @@ def test_status_never_migrates_an_older_store(make_config: Callable[..., Path]) 
         assert schema_version(plain) == 1
 
 
+def test_status_of_a_store_being_created_is_that_of_no_store(make_config: Callable[..., Path]) -> None:
+    """``ztfd start`` creates the file before its tables: a status in that instant shows no store yet (it used
+    to read version 0 as "older than this ztfd" and exit 2)."""
+    cfg_path = make_config(kafka={"topics": [TOPIC]})
+    cfg = config.load(cfg_path)
+    cfg.db_path.parent.mkdir(parents=True, exist_ok=True)
+    sqlite3.connect(cfg.db_path).close()  # the file exists, empty: what the first writer's connect made so far
+    with pytest.raises(store_db.StoreNotCreatedError):
+        store_db.connect_readonly(cfg.db_path)
+    result = subprocess.run(ztfd_command(cfg_path, "status", "--json"), env=child_env(), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode in (0, 3), result.stderr
+    report = json.loads(result.stdout)
+    assert report["running"] is False and report["queue"]["ready"] == 0
+
+
 # Tables that grow with history, and the partial indexes over them that hold only open work (bounded).
 HISTORY = {"alerts", "manifest", "jobs", "stamps", "rejected"}
 OPEN_WORK = {"jobs_ready", "jobs_leased", "jobs_failed", "manifest_pending"}

@@ -25,6 +25,10 @@ class StoreVersionError(Exception):
     """The store's layout is not the one this ztfd reads (``str()`` is the one line to show)."""
 
 
+class StoreNotCreatedError(Exception):
+    """The store file exists but holds no layout yet: a writer (``ztfd start``) is creating it right now."""
+
+
 def connect(db_path: Path, timeout: float = 60.0) -> sqlite3.Connection:
     """Open the store, creating it on first use. Autocommit mode: callers group writes with ``transaction``."""
     db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +54,8 @@ def connect_readonly(db_path: Path, timeout: float = 2.0) -> sqlite3.Connection:
     ``mode=ro`` reads the live store, WAL included, while a writer holds its lock (WAL readers do not wait) and
     even when the -wal and -shm files are not writable. Only when they do not exist (every writer closed, so the
     database file holds everything) and cannot be created by this user is the file opened ``immutable``.
-    Raises ``StoreVersionError`` unless the store has this ztfd's layout.
+    Raises ``StoreNotCreatedError`` while the first writer is still creating it (the file is there, its tables
+    not yet), ``StoreVersionError`` unless the store has this ztfd's layout.
     """
     uri = db_path.resolve().as_uri()
     try:
@@ -63,6 +68,8 @@ def connect_readonly(db_path: Path, timeout: float = 2.0) -> sqlite3.Connection:
         version = schema_version(conn)
     if version != SCHEMA_VERSION:
         conn.close()
+        if version == 0:
+            raise StoreNotCreatedError(f"store: {db_path} is being created")
         if version > SCHEMA_VERSION:
             raise _too_new(db_path, version)
         raise StoreVersionError(
