@@ -8,6 +8,7 @@ import json
 import re
 import sqlite3
 import subprocess
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,8 +16,8 @@ import pytest
 
 from tests.conftest import child_env, ztfd_command
 from ztfd import config, status, store
-from ztfd.store import jobs, migrations
-from ztfd.store.alerts import iter_alerts
+from ztfd.store import counters, jobs, migrations
+from ztfd.store.alerts import NewAlert, count_received_on, insert_alerts, iter_alerts, utc_day
 from ztfd.store.db import StoreVersionError, schema_version
 from ztfd.store.manifest import manifest_files
 from ztfd.store.offsets import stored_offsets
@@ -98,6 +99,10 @@ def test_a_v1_store_is_migrated_with_its_data(v1_config: config.Config) -> None:
     assert stored_offsets(conn, TOPIC)[0].next_offset == 26
     assert {row.path for row in manifest_files(conn)} == {a.path for a in alerts}
     assert process(conn, "fetcher:1") is not None
+    # The counters start from the rows kept: alerts per night and per day of receipt.
+    assert counters.topic_totals(conn)[TOPIC].stored == 24
+    by_day = Counter(utc_day(a.received_at) for a in alerts)
+    assert {day: count_received_on(conn, TOPIC, day) for day in by_day} == dict(by_day)
     # The queue works on the migrated jobs: a claim hands out a ready job with its alert.
     counts = jobs.counts(conn, now=fixture_time())  # as the fixture's two waiting jobs still waited
     assert (counts.done, counts.failed, counts.retry_waiting, counts.unavailable) == (3, 1, 1, 1)
@@ -150,3 +155,38 @@ def test_a_store_of_a_newer_ztfd_is_refused_with_one_line(make_config: Callable[
         assert result.stderr.count("\n") == 1 and "newer than this ztfd reads" in result.stderr, result.stderr
     with sqlite3.connect(cfg.db_path) as plain:  # and left alone
         assert schema_version(plain) == SCHEMA_VERSION + 1
+
+
+def test_a_v4_store_counts_alerts_per_batch_after_its_migration(make_config: Callable[..., Path]) -> None:
+    """Version 5 counts alerts in ``insert_alerts`` (no trigger per row) and per day of receipt in
+    ``counter_received`` (no index on every alert): a version-4 store loses the trigger and the index, and its
+    day counts are seeded from its alerts."""
+    cfg = config.load(make_config(kafka={"topics": [TOPIC]}))
+    conn = store.connect(cfg.db_path)
+    day_one, day_two = 1_767_225_600.0, 1_767_225_600.0 + 86_400  # 2026-01-01 and -02 UTC, midday below
+    with store.transaction(conn):
+        insert_alerts(conn, TOPIC, [NewAlert(0, 0, n, f"ZTF26a{n:06d}", "2026-01-01", None, f"data/x/{n}.json")
+                                    for n in range(3)], day_one + 43_200)
+        insert_alerts(conn, TOPIC, [NewAlert(0, 0, 3, "ZTF26a000003", "2026-01-01", None, "data/x/3.json")],
+                      day_two + 43_200)
+    # Back to version 4's layout: the trigger, the index, no counter_received, counters as its trigger kept them.
+    conn.executescript(
+        "DROP TABLE counter_received; CREATE INDEX alerts_received ON alerts (topic, received_at);"
+        "CREATE TRIGGER count_alert AFTER INSERT ON alerts BEGIN UPDATE counter_alerts SET alerts = alerts + 1 "
+        "WHERE date = NEW.date AND topic = NEW.topic; END;"
+        "UPDATE meta SET value = '4' WHERE key = 'schema_version';")
+    conn.close()
+    conn = store.connect(cfg.db_path)
+    names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert "count_alert" not in names and "alerts_received" not in names and "counter_received" in names
+    assert (count_received_on(conn, TOPIC, "2026-01-01"), count_received_on(conn, TOPIC, "2026-01-02")) == (3, 1)
+    # A batch counts once per night, and an alert stored already (redelivered) not again.
+    with store.transaction(conn):
+        ids = insert_alerts(conn, TOPIC, [NewAlert(0, 0, 3, "ZTF26a000003", "2026-01-01", None, "data/x/3.json"),
+                                          NewAlert(0, 0, 4, "ZTF26a000004", "2026-01-02", None, "data/x/4.json")],
+                            day_two + 50_000)
+    assert ids[0] is None and ids[1] is not None
+    totals = counters.topic_totals(conn)[TOPIC]
+    assert (totals.stored, totals.last_alert_at) == (5, day_two + 50_000)
+    assert count_received_on(conn, TOPIC, "2026-01-02") == 2
+    conn.close()

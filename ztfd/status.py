@@ -26,8 +26,8 @@ from ztfd.sources import LSST
 from ztfd.store import counters, jobs
 from ztfd.store import gaps as store_gaps
 from ztfd.store import quota as store_quota
-from ztfd.store.alerts import count_received_since
-from ztfd.store.db import connect_readonly
+from ztfd.store.alerts import count_received_on, utc_day
+from ztfd.store.db import StoreNotCreatedError, connect_readonly
 from ztfd.store.facts import statuses_with_prefix
 from ztfd.store.offsets import topics_with_offsets
 from ztfd.store.processes import process, processes
@@ -106,6 +106,8 @@ def _open_store(cfg: config.Config) -> sqlite3.Connection | None:
         return None
     try:
         return connect_readonly(cfg.db_path)
+    except StoreNotCreatedError:  # `ztfd start` is creating it this very moment: as if there were none yet
+        return None
     except sqlite3.Error as exc:
         log.warning("cannot open the store %s: %s", cfg.db_path, exc)
         return None
@@ -164,7 +166,7 @@ def _lasair_day(day: store_quota.DayBytes | None, quota: int, now: float) -> dic
 
 
 def _topics(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[dict[str, Any]]:
-    midnight = dt.datetime.fromtimestamp(now, dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    today = utc_day(now)
     everything = counters.topic_totals(conn)
     result = []
     days, surveys = store_quota.latest_days(conn), store_quota.surveys(conn)
@@ -177,7 +179,7 @@ def _topics(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list[di
         info["alerts_total"] = totals.stored
         info["last_alert"] = _iso(last)
         info["last_alert_age"] = None if last is None else round(now - last, 1)
-        info["alerts_today"] = count_received_since(conn, topic, midnight)
+        info["alerts_today"] = count_received_on(conn, topic, today)
         info["partitions"] = {
             str(p): {"next_offset": o.next_offset, "generation": o.generation}
             for p, o in sorted(store.stored_offsets(conn, topic).items())

@@ -1,8 +1,9 @@
-"""Counters for metrics: read from the small tables the store's triggers keep (schema "Observability" block).
+"""Counters for metrics: read from the small tables the store keeps (schema "Observability" block).
 
 Every read here touches a few rows whatever the store's age: one per topic and night, per job bucket, per
-failure class, per manifest state. Nothing outside the store writes them: the triggers on alerts, rejected, jobs
-and manifest do, inside the writers' own transactions, so a counter can never disagree with the rows it counts.
+failure class, per manifest state. Nothing outside the store writes them: ``store.alerts.insert_alerts`` (once
+per batch) and the triggers on rejected, jobs and manifest do, inside the writers' own transactions, so a counter
+can never disagree with the rows it counts.
 """
 
 from __future__ import annotations

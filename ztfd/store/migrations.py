@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-from ztfd.store.schema import ADDED_COLUMNS
+from ztfd.store.schema import ADDED_COLUMNS, RECEIVED_SCHEMA
 
 
 def _v1_to_v2(conn: sqlite3.Connection) -> None:
@@ -68,8 +68,22 @@ def add_missing_columns(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
 
+def _v4_to_v5(conn: sqlite3.Connection) -> None:
+    """Alerts are counted once per batch by the store (the per-row trigger goes), and the alerts received per
+    day come from ``counter_received``, seeded here from the alerts kept, instead of an index on every alert; a
+    forgotten manifest row keeps its file counted."""
+    conn.execute("DROP TRIGGER IF EXISTS count_alert")
+    conn.execute("DROP TRIGGER IF EXISTS count_file_delete")  # SCHEMA creates its version-5 form
+    conn.execute("DROP INDEX IF EXISTS alerts_received")
+    conn.execute(RECEIVED_SCHEMA)
+    conn.execute(
+        "INSERT INTO counter_received (day, topic, alerts) SELECT date(received_at, 'unixepoch'), topic, count(*) "
+        "FROM alerts GROUP BY 1, 2 ON CONFLICT (day, topic) DO UPDATE SET alerts = excluded.alerts")
+
+
 STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _v1_to_v2,
     2: add_missing_columns,
     3: add_missing_columns,  # jobs.kind (issue 14); its tables come with SCHEMA
+    4: _v4_to_v5,
 }

@@ -8,7 +8,9 @@ need no step: ``SCHEMA`` adds them). Version 1 is the layout before the store ow
 JSON payloads and results).
 """
 
-SCHEMA_VERSION = 4  # 3: alerts.survey, detection_id, band (ADDED_COLUMNS), the observability block; 4: the Avro block
+SCHEMA_VERSION = 5  # 3: alerts.survey, detection_id, band (ADDED_COLUMNS), the observability block; 4: the Avro block;
+# 5: alerts counted per batch (no count_alert trigger), counter_received instead of the alerts_received index,
+# uploaded files forgotten (count_file_delete counts pending rows only, manifest_archived)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -33,7 +35,6 @@ CREATE TABLE IF NOT EXISTS alerts (
     UNIQUE (topic, partition, generation, kafka_offset)
 );
 CREATE INDEX IF NOT EXISTS alerts_date ON alerts (date, topic);
-CREATE INDEX IF NOT EXISTS alerts_received ON alerts (topic, received_at);
 
 -- Messages that could not be accepted, kept with their raw bytes and the reason.
 CREATE TABLE IF NOT EXISTS rejected (
@@ -103,7 +104,8 @@ CREATE TABLE IF NOT EXISTS stamps (
     done_at REAL NOT NULL
 );
 
--- The sync manifest: every file ztfd writes under data/ and images/. state: pending | done | archived.
+-- The sync manifest: the files ztfd writes under data/ and images/ until a day after they are safe in S3 (then
+-- ``ztfd prune`` forgets them: see ztfd.store.manifest). state: pending | done | archived.
 -- WITHOUT ROWID: the path, its key, is stored once (a rowid table kept it twice, in the table and in its index).
 CREATE TABLE IF NOT EXISTS manifest (
     path TEXT PRIMARY KEY,
@@ -118,6 +120,8 @@ CREATE TABLE IF NOT EXISTS manifest (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS manifest_pending ON manifest (path) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS manifest_uploaded ON manifest (uploaded_at, path) WHERE state = 'done';
+-- Archived rows, forgotten by ``ztfd prune`` a day after retention could have archived them.
+CREATE INDEX IF NOT EXISTS manifest_archived ON manifest (uploaded_at) WHERE state = 'archived';
 
 -- Liveness of every ztfd process, written by the processes themselves and read by the supervisor and status.
 CREATE TABLE IF NOT EXISTS processes (
@@ -208,7 +212,9 @@ _FAILURE_CLASS = (
 _ONCE = "(SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key = 'counters_seeded')) AS once"
 
 OBS_SCHEMA = f"""
--- Alerts stored and the newest receive time, per partition date and topic (AFTER INSERT ON alerts).
+-- Alerts stored and the newest receive time, per partition date and topic. Written by store.alerts.insert_alerts,
+-- once per batch and (date, topic), not by a trigger: a trigger runs once per row, and at ~11 µs an alert it was
+-- the largest single cost of storing a batch (bin/bench ingest).
 CREATE TABLE IF NOT EXISTS counter_alerts (
     date TEXT NOT NULL,
     topic TEXT NOT NULL,
@@ -276,12 +282,6 @@ CREATE TABLE IF NOT EXISTS reports (
     PRIMARY KEY (date, topic)
 ) WITHOUT ROWID;
 
-CREATE TRIGGER IF NOT EXISTS count_alert AFTER INSERT ON alerts BEGIN
-    INSERT INTO counter_alerts (date, topic, alerts, last_received_at) VALUES (NEW.date, NEW.topic, 1, NEW.received_at)
-    ON CONFLICT (date, topic) DO UPDATE SET alerts = alerts + 1,
-        last_received_at = max(coalesce(last_received_at, 0), excluded.last_received_at);
-END;
-
 CREATE TRIGGER IF NOT EXISTS count_rejected AFTER INSERT ON rejected BEGIN
     INSERT INTO counter_rejected (date, topic, rejected)
     VALUES (date(NEW.received_at, 'unixepoch'), NEW.topic, 1)
@@ -331,7 +331,9 @@ WHEN OLD.state IS NOT NEW.state OR OLD.size IS NOT NEW.size BEGIN
     ON CONFLICT (state) DO UPDATE SET files = files + 1, bytes = bytes + excluded.bytes;
 END;
 
-CREATE TRIGGER IF NOT EXISTS count_file_delete AFTER DELETE ON manifest BEGIN
+-- Only a pending row leaves its count when it goes: done and archived count every file that reached the state,
+-- also once ``ztfd prune`` has forgotten its row (schema version 5; the step from 4 drops the older trigger).
+CREATE TRIGGER IF NOT EXISTS count_file_delete AFTER DELETE ON manifest WHEN OLD.state = 'pending' BEGIN
     UPDATE counter_files SET files = files - 1, bytes = bytes - OLD.size WHERE state = OLD.state;
 END;
 
@@ -366,6 +368,20 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('counters_seeded', '1');
 # === end of observability ========================================================================================
 
 SCHEMA += OBS_SCHEMA
+
+# --- Alerts received per UTC day (schema version 5; ztfd.store.alerts writes it with counter_alerts) ---------------
+# What ``ztfd status`` shows as a topic's alerts today: one row per UTC day of receipt and topic. It replaced an
+# index on alerts (topic, received_at) that cost ~45 bytes an alert for this one figure. The step from version 4
+# (migrations._v4_to_v5) creates and seeds it from the alerts kept.
+RECEIVED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS counter_received (
+    day TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    alerts INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, topic)
+) WITHOUT ROWID;
+"""
+SCHEMA += RECEIVED_SCHEMA
 
 # --- Kafka partitions: alerts lost upstream, and the identity of each topic (ztfd.partitions) -------------------
 PARTITIONS_SCHEMA = """
