@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import child_env, wait_until, ztfd_command
-from ztfd import config, files, store, sync
+from ztfd import config, files, housekeeping, store, sync
 from ztfd.embedded.s3 import S3Server
 from ztfd.store import manifest
 from ztfd.sync import pending, reconcile, retention, upload
@@ -428,6 +428,51 @@ def test_retention_deletes_only_old_uploaded_files(make_home: Callable[..., Home
     assert home.puts() == {}
     assert all(home.states()[path] == "archived" for path in old)
     assert sync.summary(home.conn)["archived"] == 3
+
+
+def prune_a_day_later(home: Home) -> housekeeping.Pruned:
+    return housekeeping.prune(home.conn, home.cfg, now=time.time() + housekeeping.UPLOADED_KEEP + 3600)
+
+
+def test_uploaded_files_are_forgotten_a_day_later_and_never_uploaded_again(make_home: Callable[..., Home]) -> None:
+    """The store keeps a file's row until a day after it is safe in S3: then ``prune`` forgets it, the counts stay,
+    ``--full`` leaves the file be (it is older than the newest row forgotten) and takes what changed since."""
+    home = make_home()
+    written = home.write_many(8)
+    assert home.sync().returncode == 0
+    pending = home.write("data/2024-05-02/topic/not-yet.json", b'{"late": 1}')  # recorded, not uploaded
+    before = sync.summary(home.conn)
+    assert prune_a_day_later(home).uploaded_files == len(written)
+    assert home.states() == {pending: "pending"}  # only the file not in S3 is still listed
+    after = sync.summary(home.conn)
+    assert (after["done"], after["done_bytes"], after["pending"]) == (before["done"], before["done_bytes"], 1)
+    assert manifest.forgotten_before(home.conn) >= max(
+        (home.path / path).stat().st_mtime for path in written)
+
+    changed = sorted(written)[0]
+    files.atomic_write(home.path / changed, b"edited by hand after it was forgotten")
+    added = home.write("data/2024-05-03/by-hand/new.json", b"{}", record=False)
+    home.server.proxy.reset()  # type: ignore[union-attr]
+    full = home.sync("--full")
+    assert full.returncode == 0, full.stderr
+    assert home.puts() == {home.prefix + path: 1 for path in (changed, added, pending)}
+    assert set(home.states()) == {changed, added, pending}
+    assert "7 forgotten" in (home.path / "logs" / "sync.log").read_text()
+
+
+def test_with_retention_on_uploaded_files_are_kept_until_archived(make_home: Callable[..., Home]) -> None:
+    home = make_home(delete_local_after_days=1)
+    written = home.write_many(4)
+    assert home.sync().returncode == 0
+    assert prune_a_day_later(home).uploaded_files == 0  # retention still needs them
+    old = sorted(written)[:2]
+    with store.transaction(home.conn):
+        home.conn.executemany("UPDATE manifest SET uploaded_at = ? WHERE path = ?",
+                              [(time.time() - 2 * 86400, path) for path in old])
+    assert "2 local files deleted" in home.sync().stdout
+    assert prune_a_day_later(home).uploaded_files == 2  # archived more than a day past retention's point
+    assert set(home.states()) == set(written) - set(old)
+    assert sync.summary(home.conn)["archived"] == 2
 
 
 def test_daemon_passes_heartbeats_and_stops_on_sigterm(make_home: Callable[..., Home]) -> None:

@@ -254,7 +254,8 @@ def report(ctx: click.Context, date: str | None, topic: str | None, watch: bool)
 @main.command(short_help=SHORT["prune"])
 @click.pass_context
 def prune(ctx: click.Context) -> None:
-    """Forget done stamp jobs, rows of gone processes, and old rejected messages (exported to data/ first).
+    """Forget done stamp jobs, manifest rows of files uploaded a day ago, rows of gone processes, and old rejected
+    messages (exported to data/ first).
 
     The supervisor does this every hour; run it from cron when the roles run under supervisord or systemd.
     """
@@ -267,7 +268,8 @@ def prune(ctx: click.Context) -> None:
         pruned = housekeeping.prune(conn, cfg)
     finally:
         conn.close()
-    click.echo(f"pruned {pruned.done_jobs} done jobs, {pruned.processes} rows of gone processes, "
+    click.echo(f"pruned {pruned.done_jobs} done jobs, {pruned.uploaded_files} rows of uploaded files, "
+               f"{pruned.processes} rows of gone processes, "
                f"{pruned.rejected} rejected messages (exported to {len(pruned.exports)} files)")
 
 

@@ -2,11 +2,15 @@
 every ``PRUNE_EVERY`` seconds.
 
 The store keeps what ztfd needs to go on and what nothing else holds: every alert (the list of what should be on
-disk and in S3), what is known about its stamps, every file's sync state, the offsets, open and failed stamp jobs.
+disk and in S3), what is known about its stamps, the sync state of files not yet safe in S3, the offsets, open and
+failed stamp jobs.
 It forgets what has been folded into those:
 
 - done stamp jobs, a day after they finished: what they learned is the alert's stamp record (``stamps``), how
   many there were is a counter;
+- manifest rows of files safe in S3, a day after their upload (with retention on: a day after retention could
+  archive them, so it still finds them): a file the manifest no longer lists and that is older than the newest
+  row forgotten is one that was uploaded (``ztfd.store.manifest``); how many there were is a counter;
 - rows of processes that are gone (no live pid, no heartbeat for a day): the supervisor rewrites its own at start,
   and ``ztfd fetch`` run by hand or by supervisord without a fixed name leaves one row per pid;
 - rejected messages received more than ``store.rejected_keep_days`` days ago: exported first, whole UTC days at a
@@ -28,7 +32,8 @@ from dataclasses import dataclass, field
 from ztfd.config import Config
 from ztfd.files import atomic_write, md5_hex
 from ztfd.procs import pid_alive
-from ztfd.store import jobs, record_files, transaction
+from ztfd.store import jobs, manifest, record_files, transaction
+from ztfd.store.manifest import FileState
 from ztfd.store.processes import forget_processes, processes
 from ztfd.store.rejected import Rejected, forget_rejected, received_before
 
@@ -37,12 +42,15 @@ log = logging.getLogger(__name__)
 PRUNE_EVERY = 3600.0
 DONE_JOBS_KEEP = 86400.0
 GONE_PROCESSES_KEEP = 86400.0
+UPLOADED_KEEP = 86400.0  # seconds a manifest row is kept after its upload (or after retention could archive it)
+FORGET_ROWS = 5000  # manifest rows forgotten per transaction: the write lock is held briefly
 EXPORT_ROWS = 5000  # rejected messages per export transaction
 
 
 @dataclass
 class Pruned:
     done_jobs: int = 0
+    uploaded_files: int = 0
     processes: int = 0
     rejected: int = 0
     exports: list[str] = field(default_factory=list)  # files written, relative to home
@@ -54,6 +62,7 @@ def prune(conn: sqlite3.Connection, cfg: Config, now: float | None = None) -> Pr
     pruned = Pruned()
     with transaction(conn):
         pruned.done_jobs = jobs.forget_done(conn, now - DONE_JOBS_KEEP)
+    pruned.uploaded_files = forget_uploaded_files(conn, cfg, now)
     gone = [row.name for row in processes(conn)
             if row.role != "supervisor" and (row.heartbeat_at or row.started_at or 0.0) < now - GONE_PROCESSES_KEEP
             and not (row.pid is not None and pid_alive(row.pid))]
@@ -61,10 +70,29 @@ def prune(conn: sqlite3.Connection, cfg: Config, now: float | None = None) -> Pr
         pruned.processes = forget_processes(conn, gone)
     if cfg.store.rejected_keep_days > 0:
         export_rejected(conn, cfg, _day_start(now - cfg.store.rejected_keep_days * 86400.0), pruned)
-    if pruned.done_jobs or pruned.processes or pruned.rejected:
-        log.info("pruned the store: %d done jobs, %d rows of gone processes, %d rejected messages exported to %d "
-                 "files", pruned.done_jobs, pruned.processes, pruned.rejected, len(pruned.exports))
+    if pruned.done_jobs or pruned.uploaded_files or pruned.processes or pruned.rejected:
+        log.info("pruned the store: %d done jobs, %d rows of uploaded files, %d rows of gone processes, %d rejected "
+                 "messages exported to %d files", pruned.done_jobs, pruned.uploaded_files, pruned.processes,
+                 pruned.rejected, len(pruned.exports))
     return pruned
+
+
+def forget_uploaded_files(conn: sqlite3.Connection, cfg: Config, now: float) -> int:
+    """Forget the manifest rows of files safe in S3 for a day: archived ones once retention is a day past them;
+    done ones too when retention is off (with it on, retention needs them until it archives them)."""
+    retention = cfg.s3.delete_local_after_days * 86400.0
+    steps = [(FileState.ARCHIVED, now - retention - UPLOADED_KEEP)]
+    if retention <= 0:
+        steps.append((FileState.DONE, now - UPLOADED_KEEP))
+    forgotten = 0
+    for state, uploaded_before in steps:
+        while True:
+            with transaction(conn):
+                count = manifest.forget_uploaded(conn, state, uploaded_before, FORGET_ROWS)
+            forgotten += count
+            if count < FORGET_ROWS:
+                break
+    return forgotten
 
 
 def export_rejected(conn: sqlite3.Connection, cfg: Config, before: float, pruned: Pruned) -> None:

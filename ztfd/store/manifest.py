@@ -2,8 +2,12 @@
 
 Writers (consumer, stamp fetchers, replay) call ``record_files``; everything else here is the syncer's. A row's
 state (``FileState``) is ``pending`` (to upload), ``done`` (verified on S3) or ``archived`` (verified on S3 and
-deleted locally by retention). The reads a pass makes go through partial indexes and keyset pages
-(``manifest_pending`` for uploads, ``manifest_uploaded`` for retention), so none of them reads the whole table.
+deleted locally by retention). A row is not kept forever: ``ztfd prune`` forgets done rows a day after their upload
+(when retention is off; with retention on, once archived), and raises ``forgotten_before`` to the newest record
+time it forgot, so that a file on disk that the manifest no longer lists and that is no newer is known to be in
+S3 (``sync --full`` leaves it be). Five rows an alert kept for good were four fifths of the store. The reads a
+pass makes go through partial indexes and keyset pages (``manifest_pending`` for uploads, ``manifest_uploaded``
+for retention), so none of them reads the whole table.
 ``retention_checks`` holds, for the few files whose S3 copy retention could not verify, how many passes failed.
 """
 
@@ -17,6 +21,7 @@ from enum import StrEnum
 
 from ztfd.store.counters import files_by_state
 from ztfd.store.db import transaction
+from ztfd.store.facts import get_status, set_status
 
 PAGE_ROWS = 2000  # rows read per keyset page
 ERROR_CHARS = 500  # what a row keeps of an error message
@@ -219,6 +224,35 @@ def note_unverified(conn: sqlite3.Connection, upload: OldUpload, error: str) -> 
         "uploaded_at = excluded.uploaded_at, last_at = excluded.last_at, last_error = excluded.last_error "
         "RETURNING passes", (upload.path, upload.uploaded_at, now, now, error[:ERROR_CHARS])).fetchone()
     return int(row[0])
+
+
+# --- forgetting (ztfd prune) ------------------------------------------------------------------------------------
+
+FORGOTTEN_BEFORE = "manifest_forgotten_before"  # status key: the newest record time of a forgotten row
+# One statement per state, so that each reads its own partial index (a bound state would not match it).
+_FORGET = {
+    state: f"DELETE FROM manifest WHERE path IN (SELECT path FROM manifest WHERE state = '{state}' "
+           "AND uploaded_at < ? AND path NOT IN (SELECT path FROM retention_checks) ORDER BY uploaded_at LIMIT ?) "
+           "RETURNING recorded_at"
+    for state in (FileState.DONE, FileState.ARCHIVED)
+}
+
+
+def forget_uploaded(conn: sqlite3.Connection, state: FileState, uploaded_before: float, limit: int) -> int:
+    """Forget up to ``limit`` rows in ``state`` (done or archived) uploaded before ``uploaded_before``, inside the
+    caller's transaction, except files retention is still checking; returns how many went. Their counts stay
+    (``counter_files``)."""
+    recorded = [row[0] for row in conn.execute(_FORGET[state], (uploaded_before, limit))]
+    if recorded and max(recorded) > forgotten_before(conn):
+        set_status(conn, FORGOTTEN_BEFORE, repr(max(recorded)))
+    return len(recorded)
+
+
+def forgotten_before(conn: sqlite3.Connection) -> float:
+    """The newest record time of a row ``forget_uploaded`` forgot (0.0 when none was): a file under data/ or
+    images/ that the manifest does not list and that is no newer than this was uploaded and then forgotten."""
+    found = get_status(conn, FORGOTTEN_BEFORE)
+    return float(found[0]) if found is not None and found[0] else 0.0
 
 
 # --- status --------------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """``sync --full``: reconcile the manifest with the tree (files added, changed or removed by hand, a restore).
 
-The expensive path: it reads and hashes every file under ``data/`` and ``images/``. A file not in the manifest is
-recorded, one whose size or MD5 differs is recorded again (so uploaded again), a row whose file is gone is
-dropped (its S3 copy is kept: ztfd never deletes from S3), and an archived file back on disk unchanged is done.
+The expensive path: it reads and hashes every file under ``data/`` and ``images/`` that the manifest lists. A file
+not in the manifest is recorded, unless it is no newer than the newest row ``ztfd prune`` forgot
+(``manifest.forgotten_before``: it is one of those, uploaded); one whose size or MD5 differs is recorded again (so
+uploaded again), a row whose file is gone is dropped (its S3 copy is kept: ztfd never deletes from S3), and an
+archived file back on disk unchanged is done.
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ class Plan:
     changed: list[tuple[str, int, str]] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     restored: list[str] = field(default_factory=list)
+    forgotten: int = 0  # files on disk the manifest forgot once they were uploaded: left be
 
     def counts(self) -> dict[str, int]:
         return {"added": len(self.added), "changed": len(self.changed), "removed": len(self.removed),
-                "restored": len(self.restored)}
+                "restored": len(self.restored), "forgotten": self.forgotten}
 
 
 def walk_synced(home: Path) -> Iterator[Path]:
@@ -55,11 +58,16 @@ def walk_synced(home: Path) -> Iterator[Path]:
 def reconcile(conn: sqlite3.Connection, cfg: Config) -> Plan:
     """Compare the tree with the manifest; changes nothing."""
     plan = Plan()
+    horizon = manifest.forgotten_before(conn)
     for path in walk_synced(cfg.home):
         relpath = files.relative_to_home(cfg.home, path)
         row = manifest.recorded_file(conn, relpath)
         try:
-            size, md5 = path.stat().st_size, files.md5_file(path)
+            stat = path.stat()
+            if row is None and stat.st_mtime <= horizon:
+                plan.forgotten += 1
+                continue
+            size, md5 = stat.st_size, files.md5_file(path)
         except FileNotFoundError:
             continue  # removed while we walked
         if row is None:
