@@ -21,6 +21,8 @@ other.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pickle
 import select
@@ -36,6 +38,7 @@ from ztfd.localtrouble import LOCAL_ERRNOS, LocalTroubleError
 from ztfd.procs import die_with_parent
 
 HEADER = struct.Struct(">Q")
+PIPE_BYTES = 1024 * 1024  # the size asked for the pipe to the child
 CLOSE_TIMEOUT = 30.0  # seconds the child may take to finish what it was given once its input is closed
 
 
@@ -59,7 +62,7 @@ class FileWriter:
 
     def submit(self, files: list[tuple[str, bytes]]) -> None:
         """Hand the child a batch of (absolute path, bytes). Blocks only while the child is busy reading
-        (a pipe holds 64 KiB), i.e. until it has finished the batch before."""
+        (the pipe holds ``PIPE_BYTES``), i.e. until it has finished the batch before."""
         child = self._child or self._start()
         assert child.stdin is not None
         payload = pickle.dumps(files, protocol=pickle.HIGHEST_PROTOCOL)
@@ -110,6 +113,11 @@ class FileWriter:
             [sys.executable, "-m", "ztfd.filewriter", str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True,
         )
+        assert self._child.stdin is not None
+        # A batch of Avro packets is megabytes: through a 64 KiB pipe the consumer waited on the child's every
+        # read. Linux lets a pipe grow to /proc/sys/fs/pipe-max-size (1 MiB by default); elsewhere it stays.
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(self._child.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         return self._child
 
     def _gone(self) -> FileWriterError:
