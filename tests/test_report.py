@@ -18,7 +18,7 @@ import pytest
 
 from tests import tools
 from tests.conftest import FAST_KAFKA_OPTIONS, child_env, wait_until, write_config, ztfd_command
-from ztfd import config, lightcurve, report, store
+from ztfd import config, files, lightcurve, report, store
 from ztfd.embedded.alerce import StampService
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.s3 import S3Server
@@ -292,3 +292,18 @@ def test_light_curve_points_from_a_packets_history() -> None:
     assert lightcurve.history_points({"objectId": "ZTF21abcdefg", "rmag": 19.0}) == (lightcurve.FLUX, [])
     png = lightcurve.draw("x", unit, points, marks=[61000.5])
     assert png.startswith(b"\x89PNG")
+
+
+def test_a_nights_images_are_those_on_disk_and_those_the_manifest_still_lists(tmp_path: Path) -> None:
+    """A day after an upload the manifest forgets the file (``ztfd prune``): the report finds it on disk; an image
+    archived to S3 only is found while the manifest still lists it."""
+    conn = store.connect(tmp_path / "state" / "ztfd.sqlite3")
+    on_disk = ["images/2026-01-02/ZTF26aaaaaaa/1_science.fits.gz", "images/2026-01-02/ZTF26aaaaaaa/1.png"]
+    for path in on_disk:
+        files.atomic_write(tmp_path / path, b"x")
+    (tmp_path / "images/2026-01-02/ZTF26aaaaaaa/.1.png.1.tmp").write_bytes(b"half")  # a temporary: not an image
+    archived = "images/2026-01-02/ZTF26bbbbbbb/2.png"  # in S3 only: its row is all that says so
+    with store.transaction(conn):
+        store.record_files(conn, [(archived, 1, "0" * 32), (on_disk[0], 1, "0" * 32)])
+    assert report.image_files_of_night(conn, tmp_path, "2026-01-02") == sorted([*on_disk, archived])
+    conn.close()

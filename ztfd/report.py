@@ -168,7 +168,7 @@ def gather(cfg: config.Config, conn: sqlite3.Connection, date: str, topic: str |
         by_object.setdefault(alert.object_id, []).append(alert)
     outcomes = _stamp_outcomes(conn, date, topic, by_object)
     images: dict[str, list[str]] = {}
-    for path in night.night_images(conn, date):
+    for path in image_files_of_night(conn, cfg.home, date):
         images.setdefault(path.split("/")[2], []).append(path)
     cards = []
     for object_id, seen in by_object.items():
@@ -215,6 +215,17 @@ def _stamp_outcomes(conn: sqlite3.Connection, date: str, topic: str | None,
         if waiting:
             outcomes[object_id] = max(waiting, key=lambda o: o.updated_at)
     return outcomes
+
+
+def image_files_of_night(conn: sqlite3.Connection, home: Path, date: str) -> list[str]:
+    """Every image file of the night: those on disk, and those the manifest still lists (archived to S3 only,
+    until it forgets them a day later; a day after its upload it forgets a file on disk too)."""
+    found = set(night.night_images(conn, date))
+    folder = home / "images" / date
+    for parent, _dirs, names in os.walk(folder):
+        found.update(f"images/{date}/{Path(parent).relative_to(folder).as_posix()}/{name}" for name in names
+                     if not files.is_temporary(name))
+    return sorted(path.replace("/./", "/") for path in found)
 
 
 def _choose_stamps(card: Card, paths: list[str], outcome: night.StampOutcome | None) -> None:
