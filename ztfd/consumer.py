@@ -65,9 +65,9 @@ log = logging.getLogger(__name__)
 
 POLL_TIMEOUT = 0.5
 DRAIN_TIMEOUT = 0.005
-BATCH_MAX_BYTES = 4 * 1024 * 1024  # a batch stops growing past this many bytes of messages (kafka.batch_size: count)
+BATCH_MAX_BYTES = 2 * 1024 * 1024  # a batch stops growing past this many bytes of messages (kafka.batch_size: count)
 BATCH_CHUNK = 50  # messages taken from librdkafka's queue at a time while a batch fills
-PREFETCH_KBYTES = 32768  # librdkafka's queued.max.messages.kbytes unless kafka.options sets it
+PREFETCH_KBYTES = 8192  # librdkafka's queued.max.messages.kbytes unless kafka.options sets it
 HEARTBEAT_EVERY = 5.0
 METADATA_EVERY = 10.0  # seconds between looks at the topic's partitions (new topic, new partitions, recreation)
 RECENT_DATES_WINDOW = 2 * 86400.0
@@ -301,9 +301,10 @@ class TopicConsumer:
             "group.id": self.cfg.kafka.group_id,
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
-            # librdkafka prefetches up to 64 MB a partition by default: with Lasair-LSST's ~40 kB messages that
-            # was a sixth of the consumer's memory. 32 MB still keeps fetching while a batch is prepared (8 MB
-            # did not: 0.6x the rate); kafka.options may set it.
+            # librdkafka prefetches up to 64 MB a partition by default: with ZTF's 70 kB packets the consumer
+            # peaked near 300 MB. 8 MB, looked at again every 10 ms once full (below), keeps fetching while a
+            # batch is prepared (bin/bench avro and lsst: the same rates as 32 MB, 192 MB peak against 295 MB;
+            # with the default 1 s backoff 8 MB was 0.6x the rate); kafka.options may set it.
             "queued.max.messages.kbytes": PREFETCH_KBYTES,
             "fetch.queue.backoff.ms": 10,  # with a full queue, look again after 10 ms (default 1 s)
             "error_cb": self._on_kafka_error,
