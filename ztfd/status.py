@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ztfd import config, store, supervisor, topics
+from ztfd import config, pidfile, store, topics
 from ztfd.localtrouble import STATUS_PREFIX as LOCAL_TROUBLE_PREFIX
 from ztfd.procs import pid_alive
 from ztfd.quota import near_quota
@@ -43,7 +43,7 @@ LAST_FAILURES = 5
 def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool = True) -> dict[str, Any]:
     """The report; ``lag=False`` leaves out the Kafka lag (what ``bin/bench store`` times: the store's part)."""
     now = time.time()
-    sup_pid = supervisor.running_pid(cfg)
+    sup_pid = pidfile.running_pid(cfg)
     report: dict[str, Any] = {
         "time": _iso(now),
         "home": str(cfg.home),
@@ -78,7 +78,7 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
             for info in report["topics"]:
                 info["rejected"] = report["rejected"].get(info["topic"], 0)
                 info["lost_upstream"] = lost.get(info["topic"], 0)
-            row = process(conn, supervisor.SUPERVISOR_NAME)
+            row = process(conn, pidfile.SUPERVISOR_NAME)
             if row is not None and sup_pid is not None and row.started_at:
                 report["supervisor"]["uptime"] = round(now - row.started_at, 1)
         else:
