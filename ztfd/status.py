@@ -235,6 +235,9 @@ def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -
         "enable.auto.commit": False,
         "enable.partition.eof": True,
         "socket.timeout.ms": int(timeout * 1000),
+        # The first metadata request is often lost when librdkafka swaps the bootstrap connection for the broker it
+        # learned about; it then waits reconnect.backoff.ms / 2 (at least 11 ms) before asking again: 50 ms by default.
+        "reconnect.backoff.ms": 10,
         "logger": quiet,
     }
     settings.update({k: v for k, v in cfg.kafka.options.items() if k.startswith(("security.", "sasl.", "ssl."))})
