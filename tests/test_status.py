@@ -193,3 +193,24 @@ def test_status_reads_no_history_table_whole(make_config: Callable[..., Path],
             table = aliases.get(words[1], words[1])
             index = re.search(r"USING (?:COVERING )?INDEX (\w+)", detail)
             assert table not in HISTORY or (index is not None and index[1] in OPEN_WORK), (statement, detail)
+
+
+# What ``ztfd status`` has no use for, and each costs it time to import, most of all from a cold disk (the command's
+# goal is 0.5 s cold, ``bin/bench store``): the supervisor and housekeeping, sync's upload machinery, and the
+# libraries of the alert formats, stamps, previews and S3.
+NOT_FOR_STATUS = ("ztfd.supervisor", "ztfd.housekeeping", "ztfd.sync.command", "ztfd.sync.upload", "fastavro",
+                  "astropy", "numpy", "matplotlib", "PIL", "boto3", "botocore", "aiohttp", "requests", "psutil")
+
+
+def test_status_imports_nothing_it_does_not_use(make_config: Callable[..., Path], tmp_path: Path) -> None:
+    cfg_path = make_config(kafka={"topics": [TOPIC]})
+    fill(config.load(cfg_path))
+    found = tmp_path / "modules.txt"
+    program = ("import sys\nfrom ztfd.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+               f"open({str(found)!r}, 'w').write('\\n'.join(sys.modules))\n")
+    result = subprocess.run([ztfd_command(cfg_path)[0], "-c", program, "--config", str(cfg_path), "status", "--json"],
+                            env=child_env(), capture_output=True, text=True, timeout=60)
+    assert json.loads(result.stdout)["topics"][0]["alerts_total"] == 4, result.stderr
+    modules = set(found.read_text().split())
+    assert "ztfd.status" in modules and "ztfd.sync.status" in modules
+    assert not {m for m in modules if m.split(".")[0] in NOT_FOR_STATUS or m in NOT_FOR_STATUS}

@@ -145,9 +145,9 @@ def sync(ctx: click.Context, once: bool, dry_run: bool, full: bool) -> None:
     """Upload new files under data/ and images/ to S3, every s3.interval seconds or --once."""
     cfg = load_config(ctx)
     setup_logging(cfg, main_file="sync.log", console=not once)
-    from ztfd import sync as sync_module
+    from ztfd.sync.command import run
 
-    ctx.exit(sync_module.run(cfg, once=once, dry_run=dry_run, full=full, name=process_name("syncer")))
+    ctx.exit(run(cfg, once=once, dry_run=dry_run, full=full, name=process_name("syncer")))
 
 
 @main.command(short_help=SHORT["start"])

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ztfd import config, store, supervisor, topics
+from ztfd import config, pidfile, store, topics
 from ztfd.localtrouble import STATUS_PREFIX as LOCAL_TROUBLE_PREFIX
 from ztfd.procs import pid_alive
 from ztfd.quota import near_quota
@@ -43,7 +43,7 @@ LAST_FAILURES = 5
 def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool = True) -> dict[str, Any]:
     """The report; ``lag=False`` leaves out the Kafka lag (what ``bin/bench store`` times: the store's part)."""
     now = time.time()
-    sup_pid = supervisor.running_pid(cfg)
+    sup_pid = pidfile.running_pid(cfg)
     report: dict[str, Any] = {
         "time": _iso(now),
         "home": str(cfg.home),
@@ -78,7 +78,7 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
             for info in report["topics"]:
                 info["rejected"] = report["rejected"].get(info["topic"], 0)
                 info["lost_upstream"] = lost.get(info["topic"], 0)
-            row = process(conn, supervisor.SUPERVISOR_NAME)
+            row = process(conn, pidfile.SUPERVISOR_NAME)
             if row is not None and sup_pid is not None and row.started_at:
                 report["supervisor"]["uptime"] = round(now - row.started_at, 1)
         else:
@@ -237,6 +237,9 @@ def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -
         "enable.auto.commit": False,
         "enable.partition.eof": True,
         "socket.timeout.ms": int(timeout * 1000),
+        # The first metadata request is often lost when librdkafka swaps the bootstrap connection for the broker it
+        # learned about; it then waits reconnect.backoff.ms / 2 (at least 11 ms) before asking again: 50 ms by default.
+        "reconnect.backoff.ms": 10,
         "logger": quiet,
     }
     settings.update({k: v for k, v in cfg.kafka.options.items() if k.startswith(("security.", "sasl.", "ssl."))})

@@ -21,7 +21,7 @@ Stopping follows ``ztfd.lifecycle``: the first SIGTERM/SIGINT forwards SIGTERM t
 life, get the SIGTERM that is their second.
 
 Exclusivity: the running supervisor holds an ``flock`` on ``<pidfile>.lock`` for its whole life and writes its pid
-to the pidfile atomically; a pidfile whose lock is free or whose pid is dead is stale and replaced.
+to the pidfile atomically; a pidfile whose lock is free or whose pid is dead is stale and replaced (``ztfd.pidfile``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from pathlib import Path
 
 import click
 
-from ztfd import config, files, housekeeping, lifecycle, logs, store, topics
+from ztfd import config, housekeeping, lifecycle, logs, pidfile, store, topics
+from ztfd.pidfile import SUPERVISOR_NAME, AlreadyRunningError, read_pid, running_pid
 from ztfd.procs import die_with_parent, pid_alive
 from ztfd.store.processes import processes, record_child, reset_processes, set_process_state
 
@@ -58,86 +59,9 @@ CHECK_INTERVAL = 1.0
 REAP_INTERVAL = 0.2
 # Marks a child in its environment (value: the pidfile) so a later start can find leftovers of a crashed run.
 MARKER_ENV = "ZTFD_PROCESS_SUPERVISOR"
-SUPERVISOR_NAME = "supervisor"
 
 EXIT_ALREADY_RUNNING = 1
 IDLE = "idle"  # the state of a pattern topic's consumer that exited with topics.EXIT_IDLE
-
-
-# --- pidfile -------------------------------------------------------------------------------------------------
-
-
-def lock_path(cfg: config.Config) -> Path:
-    return cfg.pidfile.with_name(cfg.pidfile.name + ".lock")
-
-
-def read_pid(pidfile: Path) -> int | None:
-    try:
-        text = pidfile.read_text().strip()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def lock_held(path: Path) -> bool:
-    """True while some process holds the supervisor's lock on ``path``."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-def running_pid(cfg: config.Config) -> int | None:
-    """The pid of the running supervisor, or None (no pidfile, or a stale one).
-
-    The lock file holds the pid too, so a supervisor is still found if someone deleted its pidfile.
-    """
-    if not lock_held(lock_path(cfg)):
-        return None
-    for source in (cfg.pidfile, lock_path(cfg)):
-        pid = read_pid(source)
-        if pid is not None and pid_alive(pid):
-            return pid
-    return None
-
-
-class AlreadyRunningError(Exception):
-    def __init__(self, pid: int | None) -> None:
-        super().__init__(f"ztfd is already running (pid {pid if pid is not None else 'unknown'})")
-        self.pid = pid
-
-
-def acquire_pidfile(cfg: config.Config) -> int:
-    """Take the lock and write our pid; returns the lock's descriptor (keep it open for life)."""
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path(cfg), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise AlreadyRunningError(read_pid(cfg.pidfile) or read_pid(lock_path(cfg))) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    old = read_pid(cfg.pidfile)
-    if old is not None:
-        log.warning("replacing stale pidfile %s (pid %d is not a running supervisor)", cfg.pidfile, old)
-    os.set_inheritable(fd, False)
-    files.atomic_write(cfg.pidfile, f"{os.getpid()}\n".encode())
-    return fd
-
-
-def release_pidfile(cfg: config.Config, fd: int) -> None:
-    if read_pid(cfg.pidfile) == os.getpid():
-        with contextlib.suppress(FileNotFoundError):
-            cfg.pidfile.unlink()
-    os.close(fd)
 
 
 # --- children ------------------------------------------------------------------------------------------------
@@ -632,7 +556,7 @@ def _serve(cfg: config.Config, console: bool, report_fd: int | None) -> int:
 
     logs.setup(cfg.logs_dir, cfg.logging.level, cfg.logging.max_bytes, cfg.logging.backup_count, "ztfd.log", console)
     try:
-        lock_fd = acquire_pidfile(cfg)
+        lock_fd = pidfile.acquire(cfg)
     except AlreadyRunningError as exc:
         report(str(exc))
         return EXIT_ALREADY_RUNNING
@@ -655,7 +579,7 @@ def _serve(cfg: config.Config, console: bool, report_fd: int | None) -> int:
         report(f"supervisor failed: {exc}")
         return 1
     finally:
-        release_pidfile(cfg, lock_fd)
+        pidfile.release(cfg, lock_fd)
 
 
 def stop(cfg: config.Config, timeout: float | None = None) -> int:

@@ -21,11 +21,12 @@ The modules, one concept each:
 - ``reconcile``: ``--full``; ``dryrun``: ``--dry-run``; ``retention``: ``s3.delete_local_after_days``.
 - ``status``: what a pass records for ``ztfd status`` and the summary status reads back.
 
-All their SQL is in ``ztfd.store.manifest``.
+All their SQL is in ``ztfd.store.manifest``. The package itself exports only the light parts other commands use
+(``pass_lock``, and ``summary`` for ``ztfd status``); the CLI imports ``command`` for ``ztfd sync``, so that status
+does not load the upload machinery.
 """
 
-from ztfd.sync.command import run
 from ztfd.sync.lock import pass_lock
 from ztfd.sync.status import summary
 
-__all__ = ["pass_lock", "run", "summary"]
+__all__ = ["pass_lock", "summary"]
