@@ -5,7 +5,9 @@ Services come from ``ztfd.embedded`` so that tests, ``ztfd demo`` and ``bin/benc
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -54,6 +56,24 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def small_fs(path: Path, size: str, nr_inodes: int | None = None) -> Iterator[Path]:
+    """A tmpfs of ``size`` (and ``nr_inodes``, if given) mounted at ``path`` for the block; unmounted after it,
+    whatever happened. Mounting needs root (CI runs as root): elsewhere the test is skipped and says why."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs the tests as root)")
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" if nr_inodes is None else f"size={size},nr_inodes={nr_inodes}"
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=False)
 
 
 @pytest.fixture

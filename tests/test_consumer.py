@@ -8,7 +8,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -320,12 +319,17 @@ def test_a_recreated_topic_starts_a_new_generation(
     admin.delete_topics([topic])[topic].result(30)
     kafka.create_topic(topic)
     kafka.produce(topic, [dict(m, seq=100 + m["seq"]) for m in samples.message_stream(5)])
+
     # librdkafka may crash when its topic vanishes under it; the supervisor restarts it, and so do we here.
-    deadline = time.monotonic() + 120
-    while count(db, "SELECT count(*) FROM alerts") < 25 and time.monotonic() < deadline:
+    def all_stored() -> bool:
+        nonlocal proc
+        if count(db, "SELECT count(*) FROM alerts") >= 25:
+            return True
         if proc.poll() is not None:
             proc = consumers.start(config_path, topic)
-        time.sleep(0.2)
+        return False
+
+    wait_until(all_stored, 120, "the new generation's alerts", interval=0.2)
     assert count(db, "SELECT count(*) FROM alerts WHERE generation = 1") == 5
     if proc.poll() is None:
         assert terminate(proc) == 0

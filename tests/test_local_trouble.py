@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import child_env, wait_until, ztfd_command
+from tests.conftest import child_env, small_fs, wait_until, ztfd_command
 from tests.stamp_support import add_alerts, all_final, jobs, stamps_config, start_worker, stop_worker
 from ztfd import config, store
 from ztfd.embedded import samples
@@ -32,22 +32,6 @@ from ztfd.store.facts import statuses_with_prefix
 from ztfd.store.manifest import manifest_files
 
 GROWN = "64m"
-
-
-@contextlib.contextmanager
-def small_fs(path: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` mounted at ``path`` for the block; unmounted after it, whatever happened."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs the tests as root)")
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "--lazy", str(path)], check=False)
 
 
 def fill(path: Path) -> None:

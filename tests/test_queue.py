@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_until
 from ztfd import store
 from ztfd.store import jobs as jobqueue
 from ztfd.store.alerts import NewAlert, insert_alerts
@@ -98,12 +99,8 @@ def test_a_job_of_a_worker_killed_with_minus_9_comes_back_after_its_lease(tmp_pa
     # While the dead worker's lease runs, nobody else may take the job.
     assert jobqueue.claim(conn, owner, 60) == []
     assert jobqueue.counts(conn).leased == 1
-    deadline = time.monotonic() + 30
-    jobs: list[jobqueue.StampJob] = []
-    while not jobs and time.monotonic() < deadline:
-        jobs = jobqueue.claim(conn, owner, 60)
-        if not jobs:
-            time.sleep(0.1)
+    jobs: list[jobqueue.StampJob] = wait_until(lambda: jobqueue.claim(conn, owner, 60), 30,
+                                               "the job back after the dead worker's lease", interval=0.1)
     assert [job.alert.id for job in jobs] == [alert_id]
     assert jobs[0].attempts == 2  # the dead worker's claim counts: a job that kills workers ends failed
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import wait_until
 from ztfd.embedded.net import free_port, wait_for_port
 
 PACKAGES = {"prometheus": "prometheus", "promtool": "prometheus", "chromium": "chromium"}
@@ -66,7 +67,7 @@ def prometheus_server(workdir: Path, targets: list[str], interval: float = 1.0) 
     try:
         wait_for_port(port, timeout=60)
         server = PrometheusServer(f"http://127.0.0.1:{port}", workdir / "prometheus.log")
-        server.wait_ready(deadline=time.monotonic() + 60)
+        server.wait_ready(timeout=60)
         yield server
     finally:
         process.terminate()
@@ -81,18 +82,17 @@ class PrometheusServer:
         self.url = url
         self.log_path = log_path
 
-    def wait_ready(self, deadline: float) -> None:
-        """Poll ``/-/ready`` (503 while the storage opens) until 200, or fail at ``deadline``."""
-        while True:
+    def wait_ready(self, timeout: float) -> None:
+        """Poll ``/-/ready`` (503 while the storage opens) until 200, or fail after ``timeout`` s."""
+
+        def ready() -> bool:
             try:
                 with urllib.request.urlopen(f"{self.url}/-/ready", timeout=5) as response:
-                    if response.status == 200:
-                        return
+                    return response.status == 200
             except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"Prometheus not ready; see {self.log_path}")
-            time.sleep(0.1)
+                return False
+
+        wait_until(ready, timeout, f"Prometheus to be ready (see {self.log_path})", interval=0.1)
 
     def query(self, expression: str) -> list[dict[str, Any]]:
         """An instant query through the HTTP API: ``[{"metric": {labels}, "value": [time, "value"]}, …]``."""
@@ -147,11 +147,16 @@ class Chromium:
         try:
             # Chromium writes the port it chose to <profile>/DevToolsActivePort (port, then the browser's path).
             active = self.workdir / "profile" / "DevToolsActivePort"
-            deadline = time.monotonic() + 60
-            while not (active.exists() and len(active.read_text().split()) >= 2):
-                if self.process.poll() is not None or time.monotonic() > deadline:
+            process = self.process
+
+            def started() -> bool:
+                if active.exists() and len(active.read_text().split()) >= 2:
+                    return True
+                if process.poll() is not None:
                     raise AssertionError(f"chromium did not start; see {log_path}")
-                time.sleep(0.05)
+                return False
+
+            wait_until(started, 60, f"chromium to start (see {log_path})")
             port, path = active.read_text().split()[:2]
             self.socket = websocket.create_connection(f"ws://127.0.0.1:{port}{path}", timeout=60,
                                                       suppress_origin=True)

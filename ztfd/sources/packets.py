@@ -53,14 +53,9 @@ def ztf_alert(record: dict[str, Any], raw: bytes) -> Alert:
     object_id = record.get("objectId")
     if not isinstance(object_id, str) or not object_id:
         raise InvalidMessageError("ZTF packet without an objectId")
-    candidate = record.get("candidate") if isinstance(record.get("candidate"), dict) else {}
-    candid = _identifier(record.get("candid")) or _identifier(candidate.get("candid"))
-    if candid is None:
-        raise InvalidMessageError(f"ZTF packet of {object_id[:40]} without a candid")
-    times = []
-    jd = candidate.get("jd")
-    if jd is not None:
-        times.append(_time("candidate.jd", jd, "jd", "utc", JD_RANGE))
+    candidate = _nested(record, "candidate")
+    candid = _detection_id(record, candidate, "candid", f"ZTF packet of {object_id[:40]} without a candid")
+    times = _observed(candidate, "jd", "candidate.jd", "jd", "utc", JD_RANGE)
     cutouts = tuple(_ztf_cutout(kind, record.get(CUTOUT_FIELDS[kind])) for kind in STAMP_TYPES)
     view = dict(record)
     for cutout in cutouts:
@@ -69,7 +64,7 @@ def ztf_alert(record: dict[str, Any], raw: bytes) -> Alert:
         view[CUTOUT_FIELDS[cutout.kind]] = (
             {**carried, "stampData": described} if isinstance(carried, dict) else described)
     return Alert(raw=raw, survey=ZTF, object_id=object_id, detection_id=candid, times=times,
-                 observation_key="candidate.jd" if times else None, date_rule=UTC_DATE, cutouts=cutouts,
+                 observation_key=times[0].key if times else None, date_rule=UTC_DATE, cutouts=cutouts,
                  view=view, suffix=".avro", body=view)
 
 
@@ -101,23 +96,18 @@ def gzipped_fits_problem(data: bytes) -> str | None:
 
 
 def rubin_alert(record: dict[str, Any], raw: bytes) -> Alert:
-    source = record.get("diaSource") if isinstance(record.get("diaSource"), dict) else {}
-    dia_source_id = _identifier(record.get("diaSourceId")) or _identifier(source.get("diaSourceId"))
-    if dia_source_id is None:
-        raise InvalidMessageError("Rubin alert without a diaSourceId")
+    source = _nested(record, "diaSource")
+    dia_source_id = _detection_id(record, source, "diaSourceId", "Rubin alert without a diaSourceId")
     object_id = (_identifier(_field(record, "diaObject", "diaObjectId"))
                  or _identifier(_field(record, "ssSource", "ssObjectId")) or dia_source_id)
-    times = []
-    mjd = source.get("midpointMjdTai")
-    if mjd is not None:
-        times.append(_time("diaSource.midpointMjdTai", mjd, "mjd", "tai", MJD_RANGE))
+    times = _observed(source, "midpointMjdTai", "diaSource.midpointMjdTai", "mjd", "tai", MJD_RANGE)
     cutouts = tuple(_rubin_cutout(kind, record.get(CUTOUT_FIELDS[kind])) for kind in STAMP_TYPES)
     view = dict(record)
     for cutout in cutouts:
         view[CUTOUT_FIELDS[cutout.kind]] = _described(cutout, dia_source_id)
     band = source.get("band")
     return Alert(raw=raw, survey=LSST, object_id=object_id, detection_id=dia_source_id, times=times,
-                 observation_key="diaSource.midpointMjdTai" if times else None, date_rule=DAY_OBS,
+                 observation_key=times[0].key if times else None, date_rule=DAY_OBS,
                  cutouts=cutouts, view=view, suffix=".avro", body=view,
                  band=band if isinstance(band, str) and len(band) == 1 else None)
 
@@ -141,9 +131,30 @@ def fits_problem(data: bytes) -> str | None:
 # --- shared -------------------------------------------------------------------------------------------------------
 
 
-def _field(record: dict[str, Any], name: str, key: str) -> Any:
+def _nested(record: dict[str, Any], name: str) -> dict[str, Any]:
+    """The record's nested record ``name`` (``candidate``, ``diaSource``); empty when it is absent or not a record."""
     inner = record.get(name)
-    return inner.get(key) if isinstance(inner, dict) else None
+    return inner if isinstance(inner, dict) else {}
+
+
+def _field(record: dict[str, Any], name: str, key: str) -> Any:
+    return _nested(record, name).get(key)
+
+
+def _detection_id(record: dict[str, Any], inner: dict[str, Any], key: str, missing: str) -> str:
+    """The detection's id ``key``, at the top of the record or else in its nested record ``inner``;
+    ``InvalidMessageError(missing)`` when neither has one."""
+    found = _identifier(record.get(key)) or _identifier(inner.get(key))
+    if found is None:
+        raise InvalidMessageError(missing)
+    return found
+
+
+def _observed(inner: dict[str, Any], field: str, key: str, kind: str, scale: str,
+              bounds: tuple[float, float]) -> list[TimeField]:
+    """The observation time ``inner[field]`` as the alert's one time field ``key``; none when it is absent."""
+    value = inner.get(field)
+    return [] if value is None else [_time(key, value, kind, scale, bounds)]
 
 
 def _identifier(value: Any) -> str | None:
