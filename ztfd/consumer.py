@@ -115,6 +115,7 @@ class Accepted:
     alert: sources.Alert
     date: str
     files: list[AlertFile]
+    kafka_time: dt.datetime | None = None  # the message's Kafka timestamp, read once
 
     @property
     def path(self) -> str:
@@ -471,7 +472,7 @@ class TopicConsumer:
             except Exception as exc:
                 rejected.append((item, rejection_reason(exc)))
         traffic = QuotaWatch.count(
-            [(produced_at(e.item.msg, received), len(e.item.msg.value() or b""), e.alert.survey) for e in documents]
+            [(e.kafka_time or received, len(e.item.msg.value() or b""), e.alert.survey) for e in documents]
             + [(produced_at(item.msg, received), len(item.msg.value() or b""), None) for item, _ in rejected])
         return Batch(documents, rejected, resume_at, received, traffic)
 
@@ -531,7 +532,7 @@ class TopicConsumer:
         stem = sources.file_stem(alert.object_id, item.partition, item.offset, item.generation)
         files = sources.alert_files(alert, f"data/{date}/{self.topic}", stem, f"images/{date}/{alert.object_id}",
                                     self._metadata(item, alert, dating, when, received_iso))
-        return Accepted(item, alert, date, [AlertFile(path, data) for path, data in files])
+        return Accepted(item, alert, date, [AlertFile(path, data) for path, data in files], when)
 
     def _write_files(self, batch: Batch) -> None:
         """Step 2: hand the batch's alert files (absolute path, bytes) to the file writer."""

@@ -183,13 +183,11 @@ def _time_fields(body: dict[str, Any], survey: str) -> list[TimeField]:
     ``alert.diaSourcesList[…]``) and LSST's derived ``…MJD`` columns are converted when they hold a valid time
     and otherwise left alone. NaN and ±Infinity count as missing, like null."""
     found = []
-    for key, value in body.items():
-        kind_scale = time_kind(key, survey)
-        if kind_scale is None or value is None or (isinstance(value, float) and not is_number(value)):
+    for key, kind, scale, lenient in _top_time_keys(tuple(body), survey):
+        value = body[key]
+        if value is None or (type(value) is float and not is_number(value)):
             continue
-        kind, scale = kind_scale
         low, high = JD_RANGE if kind == "jd" else MJD_RANGE
-        lenient = survey == LSST and not TAI_NAME.search(key) and not JD_NAME.match(key)  # a derived …MJD
         if lenient:
             if is_number(value) and low <= value <= high:
                 found.append(TimeField(key, float(value), kind, scale))
@@ -201,10 +199,22 @@ def _time_fields(body: dict[str, Any], survey: str) -> list[TimeField]:
                 f"time field {key} = {_shown(value)} is out of range for a {kind.upper()} ({low}..{high})"
             )
         found.append(TimeField(key, float(value), kind, scale))
-    for key, value in body.items():
-        if isinstance(value, dict | list):
-            found.extend(_nested_time_fields(key, value, survey))
+    kinds = set(map(type, body.values()))
+    if dict in kinds or list in kinds:
+        for key, value in body.items():
+            if isinstance(value, dict | list):
+                found.extend(_nested_time_fields(key, value, survey))
     return found
+
+
+@functools.lru_cache(maxsize=1024)
+def _top_time_keys(keys: tuple[str, ...], survey: str) -> tuple[tuple[str, str, str, bool], ...]:
+    """The time-named top-level keys of a message of this shape: (key, kind, scale, lenient). A topic's messages
+    share a few shapes, so the names are looked at once per shape, not once per message (two regular
+    expressions a time field were the largest cost of decoding a Lasair-ZTF message). Lenient: LSST's derived
+    ``…MJD`` columns, converted only when they hold a valid time."""
+    return tuple((key, *kind_scale, survey == LSST and not TAI_NAME.search(key) and not JD_NAME.match(key))
+                 for key in keys if (kind_scale := time_kind(key, survey)) is not None)
 
 
 def _nested_time_fields(path: str, value: Any, survey: str, depth: int = 0) -> list[TimeField]:
