@@ -7,13 +7,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.avro_support import RUBIN_SCHEMA_ID, fink_lsst, produce_keyed, rubin_alerts, rubin_schema
-from tests.conftest import wait_until
+from tests.conftest import child_env, wait_until, ztfd_command
 from tests.stamp_support import FAST_STAMPS, start_worker, stop_worker, utc_date
 from tests.test_consumer import Consumers, count, terminate, unique
 from ztfd import sources, store
@@ -106,6 +107,33 @@ def test_ztf_packets_kept_as_received_with_their_stamps_and_no_stamp_request(
         assert (home / "images" / rows[offset]["date"] / packet.object_id / f"{packet.candid}.png").stat().st_size > 0
     asked = {record.object_id for record in stamp_service.requests()}
     assert asked <= {"ZTF99nulltmp"}, f"stamp requests for alerts that carried their stamps: {asked}"
+    replay_redraws_a_preview_and_fetches_only_a_lost_stamp(config_path, stamp_service, rows, real)
+
+
+def replay_redraws_a_preview_and_fetches_only_a_lost_stamp(config_path: Path, service: StampService,
+                                                            rows: list[sqlite3.Row], real: list) -> None:
+    """``ztfd replay``: a packet alert whose preview is gone gets a preview job and no request; one whose stamp is
+    gone has it fetched from the stamp service (the packet is the only other place it was)."""
+    home = config_path.parent
+    by_date: dict[str, list[int]] = {}
+    for offset in range(len(real)):
+        by_date.setdefault(rows[offset]["date"], []).append(offset)
+    date, offsets = max(by_date.items(), key=lambda item: len(item[1]))
+    assert len(offsets) >= 2, "the samples have a night with two packets"
+    no_preview, no_stamp = real[offsets[0]], real[offsets[1]]
+    preview = home / "images" / date / no_preview.object_id / f"{no_preview.candid}.png"
+    stamp = home / "images" / date / no_stamp.object_id / f"{no_stamp.candid}_template.fits.gz"
+    preview.unlink()
+    stamp.unlink()
+    service.reset_log()
+    result = subprocess.run(ztfd_command(config_path, "replay", "--date", date, "--workers", "1"),
+                            capture_output=True, text=True, env=child_env(), timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(offsets)} alerts, {len(offsets) - 2} complete on disk, 2 to fetch" in result.stdout
+    assert preview.stat().st_size > 0
+    assert stamp.read_bytes() == no_stamp.cutouts["template"]
+    asked = {record.object_id for record in service.requests()}
+    assert asked == {no_stamp.object_id}, asked
 
 
 def rubin_files_match(home: Path, row: sqlite3.Row, record: dict) -> None:

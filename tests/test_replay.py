@@ -6,6 +6,7 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+from tests.avro_support import rubin_alerts
 from tests.conftest import child_env, ztfd_command
 from tests.stamp_support import (
     add_alerts,
@@ -17,10 +18,14 @@ from tests.stamp_support import (
     utc_date,
     wait_until,
 )
-from ztfd import config, store
+from ztfd import config, files, store
 from ztfd.embedded.alerce import DETECTIONS, STAMP
 from ztfd.embedded.samples import packets
+from ztfd.providers.packet import PREVIEW_JOB
+from ztfd.replay import plan as replay_plan
+from ztfd.sources import STAMP_TYPES
 from ztfd.stamps import preview_path, stamp_path
+from ztfd.store.alerts import NewAlert, insert_alerts
 from ztfd.store.processes import process, processes
 
 DATE = "2021-09-01"
@@ -173,3 +178,27 @@ def test_replay_fetches_itself_when_the_daemon_fetchers_die(make_config, stamp_s
     assert "no daemon fetcher alive for 2 s: fetching the rest with 2 worker processes" in out
     assert "done 6, failed 0" in out
     assert_all_on_disk(cfg)
+
+
+def test_replay_plans_a_preview_only_for_a_rubin_packet_whose_stamps_are_on_disk(make_config) -> None:
+    """A Rubin packet's cutouts are written as the packet carried them (``.fits``): replay finds them under those
+    names and asks only for the preview; with one gone, the LSST provider fetches them."""
+    cfg = config.load(make_config(stamps={"previews": True}))
+    record = rubin_alerts(1)[0]
+    source_id, object_id = str(record["diaSourceId"]), str(record["diaObject"]["diaObjectId"])
+    date = "2026-03-05"
+    conn = store.connect(cfg.db_path)
+    with store.transaction(conn):
+        [alert_id] = insert_alerts(conn, "rubin", [NewAlert(0, 0, 0, object_id, date, 61104.2,
+                                                            f"data/{date}/rubin/{object_id}_p0-o0.avro", "lsst",
+                                                            source_id)], 0.0)
+    folder = cfg.images_dir / date / object_id
+    for kind, field in zip(STAMP_TYPES, ("cutoutScience", "cutoutTemplate", "cutoutDifference"), strict=True):
+        files.atomic_write(folder / f"{source_id}_{kind}.fits", record[field])
+    count, planned = replay_plan(conn, cfg, date, None, False)
+    assert (count, [(j.alert_id, j.kind) for j in planned]) == (1, [(alert_id, PREVIEW_JOB)])
+    (folder / f"{source_id}.png").write_bytes(b"a preview")
+    assert replay_plan(conn, cfg, date, None, False)[1] == []  # complete: nothing to do
+    (folder / f"{source_id}_template.fits").unlink()
+    assert [j.kind for j in replay_plan(conn, cfg, date, None, False)[1]] == ["stamps"]
+    conn.close()

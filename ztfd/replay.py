@@ -27,6 +27,7 @@ import click
 from ztfd import lifecycle, providers, store
 from ztfd.config import Config
 from ztfd.providers import StampProvider
+from ztfd.providers.packet import PREVIEW_JOB, PacketStamps
 from ztfd.sources import STAMP_TYPES
 from ztfd.stamps import preview_path, read_valid, run_worker, stamp_path
 from ztfd.store import jobs
@@ -79,12 +80,24 @@ def plan(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None, fo
          ) -> tuple[int, list[jobs.NewStampJob]]:
     """How many alerts the date has, and the stamp jobs to queue: one per alert whose files are not all valid on
     disk under the detection an earlier run chose (every alert with ``force``). Two indexed reads (the date's
-    alerts, their stamp records), then the files."""
+    alerts, their stamp records), then the files.
+
+    An alert whose packet carried its stamps (an Avro alert names its detection) whose three stamps are still
+    valid on disk under the packet's names only needs its preview: a ``preview`` job, no request. When they are
+    gone, its survey's provider fetches them like any other."""
     alerts = alerts_on(conn, date, topic)
     known = stamp_records_on(conn, date, topic)
     stamp_providers = providers.providers_for(cfg.stamps)
+    packet_stamps: dict[str, PacketStamps] = {}
     payloads = []
     for alert in alerts:
+        if alert.detection_id is not None:
+            packet = packet_stamps.setdefault(alert.survey, PacketStamps(cfg.stamps, alert.survey))
+            if stamps_valid(cfg, alert.date, alert.object_id, alert.detection_id, packet):
+                if cfg.stamps.previews and (force or not preview_there(cfg, alert.date, alert.object_id,
+                                                                        alert.detection_id)):
+                    payloads.append(jobs.NewStampJob(alert.id, force=force, kind=PREVIEW_JOB))
+                continue
         previous = known.get(alert.id)
         provider = stamp_providers.get(alert.survey)
         if provider is None:
@@ -132,10 +145,19 @@ def triplet_complete(cfg: Config, date: str, object_id: str, candid: int | str,
                      provider: StampProvider | None = None) -> bool:
     """All three stamps valid on disk, as the alert's provider names and checks them (and the preview present
     when previews are on)."""
-    for kind in STAMP_TYPES:
-        if read_valid(stamp_path(cfg.images_dir, date, object_id, candid, kind, provider), provider) is None:
-            return False
-    return not cfg.stamps.previews or preview_path(cfg.images_dir, date, object_id, candid).exists()
+    return (stamps_valid(cfg, date, object_id, candid, provider)
+            and (not cfg.stamps.previews or preview_there(cfg, date, object_id, candid)))
+
+
+def stamps_valid(cfg: Config, date: str, object_id: str, candid: int | str,
+                 provider: StampProvider | None = None) -> bool:
+    """All three stamps valid on disk, as ``provider`` names and checks them."""
+    return all(read_valid(stamp_path(cfg.images_dir, date, object_id, candid, kind, provider), provider) is not None
+               for kind in STAMP_TYPES)
+
+
+def preview_there(cfg: Config, date: str, object_id: str, candid: int | str) -> bool:
+    return preview_path(cfg.images_dir, date, object_id, candid).exists()
 
 
 def running_fetchers(conn: sqlite3.Connection, cfg: Config) -> list[str]:
