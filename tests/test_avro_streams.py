@@ -7,16 +7,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.avro_support import RUBIN_SCHEMA_ID, fink_lsst, produce_keyed, rubin_alerts, rubin_schema
-from tests.conftest import child_env, wait_until, ztfd_command
+from tests.conftest import wait_until
 from tests.stamp_support import FAST_STAMPS, start_worker, stop_worker, utc_date
 from tests.test_consumer import Consumers, count, terminate, unique
+from tests.test_replay import replay as run_replay
 from ztfd import sources, store
 from ztfd.embedded import avro_samples
 from ztfd.embedded.alerce import StampService
@@ -126,8 +126,7 @@ def replay_redraws_a_preview_and_fetches_only_a_lost_stamp(config_path: Path, se
     preview.unlink()
     stamp.unlink()
     service.reset_log()
-    result = subprocess.run(ztfd_command(config_path, "replay", "--date", date, "--workers", "1"),
-                            capture_output=True, text=True, env=child_env(), timeout=120)
+    result = run_replay(config_path, "--date", date, "--workers", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{len(offsets)} alerts, {len(offsets) - 2} complete on disk, 2 to fetch" in result.stdout
     assert preview.stat().st_size > 0

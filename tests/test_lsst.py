@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import FAST_KAFKA_OPTIONS, child_env, wait_until, write_config, ztfd_command
 from tests.stamp_support import FAST_STAMPS, all_final, jobs, start_worker, stop_worker
+from tests.test_replay import replay as run_replay
 from ztfd import store
 from ztfd.embedded import lsst_samples
 from ztfd.embedded.alerce import LASAIR_FITS, LSST_DETECTIONS, LSST_STAMP, StampService
@@ -314,8 +315,7 @@ def replay_restores_an_lsst_date(home: Path, config: Path, service: StampService
     lost.unlink()
     service.clear_faults()
     service.reset_log()
-    result = subprocess.run(ztfd_command(config, "replay", "--date", FINK_DAY, "--workers", "1"),
-                            capture_output=True, text=True, env=child_env(), timeout=120)
+    result = run_replay(config, "--date", FINK_DAY, "--workers", "1", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "5 alerts, 4 complete on disk, 1 to fetch" in result.stdout
     assert lost.read_bytes() == service.alerce_lsst_stamp(alert.dia_source_id, "template")
