@@ -1,4 +1,5 @@
-"""The store's counters (kept by triggers) against the rows they count, through the real queue and manifest code."""
+"""The store's counters (kept by insert_alerts and by triggers) against the rows they count, through the real queue
+and manifest code."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from ztfd import store
 from ztfd.store import counters, jobs
+from ztfd.store.alerts import NewAlert, insert_alerts
 from ztfd.store.jobs import NewStampJob, Waiting
 
 
@@ -26,12 +28,12 @@ def counted_jobs(conn: sqlite3.Connection) -> dict[str, int]:
 
 
 def add_alerts(conn: sqlite3.Connection, topic: str, date: str, offsets: range, received_at: float) -> None:
+    """Alerts as the consumer stores them (``insert_alerts`` keeps the alert counters), offset o received at
+    ``received_at + o``."""
     with store.transaction(conn):
-        conn.executemany(
-            "INSERT INTO alerts (topic, partition, generation, kafka_offset, object_id, date, obs_mjd, path, "
-            "received_at) VALUES (?, 0, 0, ?, 'ZTF21abcdefg', ?, NULL, ?, ?) ON CONFLICT DO NOTHING",
-            [(topic, o, date, f"data/{date}/{topic}/x-{o}.json", received_at + o) for o in offsets],
-        )
+        for offset in offsets:
+            insert_alerts(conn, topic, [NewAlert(0, 0, offset, "ZTF21abcdefg", date, None,
+                                                 f"data/{date}/{topic}/x-{offset}.json")], received_at + offset)
 
 
 def queue_jobs(conn: sqlite3.Connection, count: int) -> None:
@@ -141,16 +143,17 @@ def test_alert_rejected_and_file_counters(tmp_path: Path) -> None:
     with store.transaction(conn):  # what the syncer does when an upload is verified
         conn.executemany("UPDATE manifest SET state = 'done', uploaded_at = ? WHERE path = ?",
                          [(5.0, path) for path, _, _ in files[4:]])
-    with store.transaction(conn):
-        conn.execute("DELETE FROM manifest WHERE path = ?", (files[9][0],))
+    with store.transaction(conn):  # a pending row dropped (its file is gone), a done one forgotten (ztfd prune)
+        conn.executemany("DELETE FROM manifest WHERE path = ?", [(files[3][0],), (files[9][0],)])
 
     def real(state: str) -> tuple[int, int]:
         row = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM manifest WHERE state = ?", (state,))
         return tuple(row.fetchone())
 
     by_state = counters.files_by_state(conn)
-    for state in ("pending", "done"):
-        assert (by_state[state].files, by_state[state].bytes) == real(state)
+    assert (by_state["pending"].files, by_state["pending"].bytes) == real("pending")
+    done_files, done_bytes = real("done")  # a done file keeps its count once its row is forgotten
+    assert (by_state["done"].files, by_state["done"].bytes) == (done_files + 1, done_bytes + files[9][1])
     assert counters.uploaded(conn) == counters.FileTotals(6, sum(size for _, size, _ in files[4:]))
 
 
