@@ -24,8 +24,7 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ztfd.sources import DAY_OBS, JD_MJD_OFFSET, UTC_DATE, Alert, TimeField
 
@@ -37,8 +36,7 @@ BY_KAFKA_TIMESTAMP = "kafka_timestamp"
 BY_RECEIVED_AT = "received_at"
 
 
-@dataclass(frozen=True)
-class Dating:
+class Dating(NamedTuple):
     """An alert's partition date, the rule that made it and the field (or moment) it came from."""
 
     date: str  # YYYY-MM-DD
@@ -48,7 +46,8 @@ class Dating:
 
 def iso_utc(moment: dt.datetime) -> str:
     """ISO 8601 in UTC with milliseconds and a ``Z``: how ztfd writes every time it adds."""
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    # isoformat, not strftime: the same text (milliseconds truncated), at a fraction of the cost (once per alert)
+    return moment.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def is_number(value: Any) -> bool:

@@ -32,7 +32,7 @@ import pkgutil
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 # The three stamps of an alert, in the order previews show them.
 STAMP_TYPES = ("science", "template", "difference")
@@ -59,8 +59,7 @@ class SourceUnavailableError(Exception):
     consumer stops without storing its batch, so that its restart reads the same messages again."""
 
 
-@dataclass(frozen=True)
-class TimeField:
+class TimeField(NamedTuple):
     """A time-like field found in a message: where (a dotted path), its value, JD or MJD, and its scale."""
 
     key: str

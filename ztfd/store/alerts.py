@@ -7,12 +7,12 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ztfd.store.db import id_chunks
 
 
-@dataclass(frozen=True)
-class NewAlert:
+class NewAlert(NamedTuple):
     """An alert to insert; its file is already on disk at ``path`` (relative to home)."""
 
     partition: int
