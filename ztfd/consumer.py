@@ -177,6 +177,7 @@ class TopicConsumer:
         self.stopping.install()
         self._heartbeat(force=True)
         self.sweep_temporaries()
+        self.files.start()
         self.consumer = self._new_consumer()
         self.watch.view = KafkaView(self.consumer, self._new_admin(), self.topic)
         self._look_at_topic(force=True)
@@ -775,6 +776,7 @@ def run(cfg: Config, topic: str, name: str) -> int:
     from astropy.utils import iers
 
     iers.conf.auto_download = False  # never reach for the network from a consumer
+    nights.warm_up()
     return TopicConsumer(cfg, topic, name).run()
 
 

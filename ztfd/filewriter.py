@@ -60,6 +60,11 @@ class FileWriter:
     def pid(self) -> int | None:
         return self._child.pid if self._child is not None else None
 
+    def start(self) -> None:
+        """Start the child now (the consumer does at start, so that its first batch does not wait for it)."""
+        if self._child is None:
+            self._start()
+
     def submit(self, files: list[tuple[str, bytes]]) -> None:
         """Hand the child a batch of (absolute path, bytes). Blocks only while the child is busy reading
         (the pipe holds ``PIPE_BYTES``), i.e. until it has finished the batch before."""
