@@ -14,11 +14,11 @@ import pytest
 
 from tests.conftest import child_env, ztfd_command
 from tests.stamp_support import add_alerts
-from ztfd import config, files, housekeeping, status, store
+from ztfd import config, housekeeping, status, store
 from ztfd.embedded.s3 import S3Server
 from ztfd.embedded.samples import packets
 from ztfd.files import md5_hex
-from ztfd.store import jobs, manifest, rejected
+from ztfd.store import jobs, rejected
 from ztfd.store.manifest import manifest_files
 from ztfd.store.processes import process, processes, record_child
 from ztfd.store.stamps import stamp_records
@@ -148,32 +148,3 @@ def test_ztfd_prune_exports_what_ztfd_sync_then_uploads(make_config: Callable[..
     conn = store.connect(cfg.db_path)
     assert process(conn, "fetcher:1") is not None  # this process is alive: its row stays
     conn.close()
-
-
-def test_without_a_bucket_pending_rows_go_a_day_later_and_sync_full_takes_them_once_one_is_set(
-        make_config: Callable[..., Path], s3: S3Server) -> None:
-    """No bucket, nothing uploaded: the manifest keeps a day of files, not a year. Set a bucket later and
-    ``sync --full`` finds every file again (forgetting them did not pass them off as uploaded)."""
-    home = make_config().parent
-    cfg = config.load(home / "ztfd.toml")
-    conn = store.connect(cfg.db_path)
-    written = {f"data/2026-01-0{n}/{TOPIC}/ZTF26aaaaaa{n}_p0-o{n}.json": b'{"n": %d}' % n for n in range(1, 5)}
-    for path, data in written.items():
-        files.atomic_write(cfg.home / path, data)
-    with store.transaction(conn):
-        store.record_files(conn, [(path, len(data), md5_hex(data)) for path, data in written.items()])
-    old = sorted(written)[:3]
-    with store.transaction(conn):
-        conn.executemany("UPDATE manifest SET recorded_at = ? WHERE path = ?",
-                         [(time.time() - 2 * DAY, path) for path in old])
-    assert housekeeping.prune(conn, cfg).uploaded_files == 3
-    assert [row.path for row in manifest_files(conn)] == sorted(written)[3:]
-    assert manifest.forgotten_before(conn) == 0.0
-    conn.close()
-
-    s3.create_bucket("later")
-    cfg_path = make_config(s3={"bucket": "later", "endpoint_url": s3.endpoint_url, "region": "us-east-1"})
-    synced = subprocess.run(ztfd_command(cfg_path, "sync", "--once", "--full"), env=child_env(**s3.env()),
-                            capture_output=True, text=True, timeout=120)
-    assert synced.returncode == 0, synced.stdout + synced.stderr
-    assert set(s3.objects("later")) == set(written)

@@ -10,9 +10,7 @@ It forgets what has been folded into those:
   many there were is a counter;
 - manifest rows of files safe in S3, a day after their upload (with retention on: a day after retention could
   archive them, so it still finds them): a file the manifest no longer lists and that is older than the newest
-  row forgotten is one that was uploaded (``ztfd.store.manifest``); how many there were is a counter. Without a
-  bucket, pending rows a day after they were recorded (nothing would ever upload them; ``sync --full`` records
-  the files once a bucket is set);
+  row forgotten is one that was uploaded (``ztfd.store.manifest``); how many there were is a counter;
 - rows of processes that are gone (no live pid, no heartbeat for a day): the supervisor rewrites its own at start,
   and ``ztfd fetch`` run by hand or by supervisord without a fixed name leaves one row per pid;
 - rejected messages received more than ``store.rejected_keep_days`` days ago: exported first, whole UTC days at a
@@ -81,8 +79,7 @@ def prune(conn: sqlite3.Connection, cfg: Config, now: float | None = None) -> Pr
 
 def forget_uploaded_files(conn: sqlite3.Connection, cfg: Config, now: float) -> int:
     """Forget the manifest rows of files safe in S3 for a day: archived ones once retention is a day past them;
-    done ones too when retention is off (with it on, retention needs them until it archives them). Without a
-    bucket (``s3.bucket`` empty), nothing is ever uploaded: pending rows go a day after they were recorded."""
+    done ones too when retention is off (with it on, retention needs them until it archives them)."""
     retention = cfg.s3.delete_local_after_days * 86400.0
     steps = [(FileState.ARCHIVED, now - retention - UPLOADED_KEEP)]
     if retention <= 0:
@@ -94,14 +91,6 @@ def forget_uploaded_files(conn: sqlite3.Connection, cfg: Config, now: float) -> 
                 count = manifest.forget_uploaded(conn, state, uploaded_before, FORGET_ROWS)
             forgotten += count
             if count < FORGET_ROWS:
-                break
-    if not cfg.s3.bucket:
-        after = ""
-        while True:
-            with transaction(conn):
-                count, after = manifest.forget_unsynced(conn, now - UPLOADED_KEEP, after, FORGET_ROWS)
-            forgotten += count
-            if not after:
                 break
     return forgotten
 

@@ -248,18 +248,6 @@ def forget_uploaded(conn: sqlite3.Connection, state: FileState, uploaded_before:
     return len(recorded)
 
 
-def forget_unsynced(conn: sqlite3.Connection, recorded_before: float, after: str, limit: int) -> tuple[int, str]:
-    """Without a bucket nothing is uploaded: forget up to ``limit`` pending rows recorded before
-    ``recorded_before`` whose path follows ``after`` (keyset pages over ``manifest_pending``, inside the caller's
-    transaction); returns how many went and the last path looked at ('' when the pages are done). The horizon is
-    not raised: those files were never uploaded, and ``sync --full`` records them once a bucket is set."""
-    rows = conn.execute("SELECT path, recorded_at FROM manifest WHERE state = 'pending' AND path > ? ORDER BY path "
-                        "LIMIT ?", (after, limit)).fetchall()
-    old = [(row["path"],) for row in rows if row["recorded_at"] < recorded_before]
-    conn.executemany("DELETE FROM manifest WHERE path = ? AND state = 'pending'", old)
-    return len(old), (rows[-1]["path"] if len(rows) == limit else "")
-
-
 def forgotten_before(conn: sqlite3.Connection) -> float:
     """The newest record time of a row ``forget_uploaded`` forgot (0.0 when none was): a file under data/ or
     images/ that the manifest does not list and that is no newer than this was uploaded and then forgotten."""
