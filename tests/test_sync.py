@@ -436,18 +436,22 @@ def prune_a_day_later(home: Home) -> housekeeping.Pruned:
 
 def test_uploaded_files_are_forgotten_a_day_later_and_never_uploaded_again(make_home: Callable[..., Home]) -> None:
     """The store keeps a file's row until a day after it is safe in S3: then ``prune`` forgets it, the counts stay,
-    ``--full`` leaves the file be (it is older than the newest row forgotten) and takes what changed since."""
+    ``--full`` leaves the file be (it is no newer than the horizon) and takes what changed since. A file recorded
+    again with the same bytes after its upload does not move the horizon past files written before."""
     home = make_home()
     written = home.write_many(8)
     assert home.sync().returncode == 0
     pending = home.write("data/2024-05-02/topic/not-yet.json", b'{"late": 1}')  # recorded, not uploaded
+    unrecorded = home.write("data/2024-05-02/topic/killed.json", b"{}", record=False)  # a writer killed before
+    again = sorted(written)[-1]  # recorded again with the same bytes: stays done, recorded_at is now
+    home.write(again, written[again])
     before = sync.summary(home.conn)
     assert prune_a_day_later(home).uploaded_files == len(written)
     assert home.states() == {pending: "pending"}  # only the file not in S3 is still listed
     after = sync.summary(home.conn)
     assert (after["done"], after["done_bytes"], after["pending"]) == (before["done"], before["done_bytes"], 1)
     assert manifest.forgotten_before(home.conn) >= max(
-        (home.path / path).stat().st_mtime for path in written)
+        (home.path / path).stat().st_mtime for path in written if path != again)
 
     changed = sorted(written)[0]
     files.atomic_write(home.path / changed, b"edited by hand after it was forgotten")
@@ -455,23 +459,46 @@ def test_uploaded_files_are_forgotten_a_day_later_and_never_uploaded_again(make_
     home.server.proxy.reset()  # type: ignore[union-attr]
     full = home.sync("--full")
     assert full.returncode == 0, full.stderr
-    assert home.puts() == {home.prefix + path: 1 for path in (changed, added, pending)}
-    assert set(home.states()) == {changed, added, pending}
-    assert "7 forgotten" in (home.path / "logs" / "sync.log").read_text()
+    # The horizon is the upload's time, not the later record's: the file written before it is taken too, and the
+    # file written again after its upload is sent again (the same bytes under the same key: nothing lost).
+    assert home.puts() == {home.prefix + path: 1 for path in (changed, added, pending, unrecorded, again)}
+    assert set(home.states()) == {changed, added, pending, unrecorded, again}
+    assert "6 forgotten" in (home.path / "logs" / "sync.log").read_text()
 
 
-def test_with_retention_on_uploaded_files_are_kept_until_archived(make_home: Callable[..., Home]) -> None:
+def test_full_sees_rows_forgotten_while_it_walks(make_home: Callable[..., Home],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prune during a long ``--full`` walk forgets rows the walk has not reached yet: those files are left be,
+    not recorded and uploaded again (the horizon is read at each unlisted file)."""
+    home = make_home()
+    written = home.write_many(6)
+    assert home.sync().returncode == 0
+    real_walk = reconcile.walk_synced
+
+    def walk_with_a_prune(where: Path) -> Iterator[Path]:
+        for index, path in enumerate(real_walk(where)):
+            if index == 1:
+                prune_a_day_later(home)
+            yield path
+
+    monkeypatch.setattr(reconcile, "walk_synced", walk_with_a_prune)
+    plan = reconcile.reconcile(home.conn, home.cfg)
+    assert (plan.added, plan.changed, plan.forgotten) == ([], [], len(written) - 1)  # all but the first
+
+
+def test_with_retention_on_every_manifest_row_is_kept(make_home: Callable[..., Home]) -> None:
+    """Retention needs the done rows, and the archived ones are all that says which files are in S3 only."""
     home = make_home(delete_local_after_days=1)
     written = home.write_many(4)
     assert home.sync().returncode == 0
-    assert prune_a_day_later(home).uploaded_files == 0  # retention still needs them
+    assert prune_a_day_later(home).uploaded_files == 0
     old = sorted(written)[:2]
     with store.transaction(home.conn):
         home.conn.executemany("UPDATE manifest SET uploaded_at = ? WHERE path = ?",
-                              [(time.time() - 2 * 86400, path) for path in old])
+                              [(time.time() - 9 * 86400, path) for path in old])
     assert "2 local files deleted" in home.sync().stdout
-    assert prune_a_day_later(home).uploaded_files == 2  # archived more than a day past retention's point
-    assert set(home.states()) == set(written) - set(old)
+    assert prune_a_day_later(home).uploaded_files == 0
+    assert set(home.states()) == set(written)
     assert sync.summary(home.conn)["archived"] == 2
 
 

@@ -8,9 +8,9 @@ It forgets what has been folded into those:
 
 - done stamp jobs, a day after they finished: what they learned is the alert's stamp record (``stamps``), how
   many there were is a counter;
-- manifest rows of files safe in S3, a day after their upload (with retention on: a day after retention could
-  archive them, so it still finds them): a file the manifest no longer lists and that is older than the newest
-  row forgotten is one that was uploaded (``ztfd.store.manifest``); how many there were is a counter;
+- manifest rows of files safe in S3, a day after their upload, when retention is off (with it on, every row is
+  kept): a file the manifest no longer lists and that is no newer than the horizon of the rows forgotten is one
+  that was uploaded (``ztfd.store.manifest``); how many there were is a counter;
 - rows of processes that are gone (no live pid, no heartbeat for a day): the supervisor rewrites its own at start,
   and ``ztfd fetch`` run by hand or by supervisord without a fixed name leaves one row per pid;
 - rejected messages received more than ``store.rejected_keep_days`` days ago: exported first, whole UTC days at a
@@ -33,7 +33,6 @@ from ztfd.config import Config
 from ztfd.files import atomic_write, md5_hex
 from ztfd.procs import pid_alive
 from ztfd.store import jobs, manifest, record_files, transaction
-from ztfd.store.manifest import FileState
 from ztfd.store.processes import forget_processes, processes
 from ztfd.store.rejected import Rejected, forget_rejected, received_before
 
@@ -42,7 +41,7 @@ log = logging.getLogger(__name__)
 PRUNE_EVERY = 3600.0
 DONE_JOBS_KEEP = 86400.0
 GONE_PROCESSES_KEEP = 86400.0
-UPLOADED_KEEP = 86400.0  # seconds a manifest row is kept after its upload (or after retention could archive it)
+UPLOADED_KEEP = 86400.0  # seconds a manifest row is kept after its upload (retention off)
 FORGET_ROWS = 5000  # manifest rows forgotten per transaction: the write lock is held briefly
 EXPORT_ROWS = 5000  # rejected messages per export transaction
 
@@ -78,21 +77,18 @@ def prune(conn: sqlite3.Connection, cfg: Config, now: float | None = None) -> Pr
 
 
 def forget_uploaded_files(conn: sqlite3.Connection, cfg: Config, now: float) -> int:
-    """Forget the manifest rows of files safe in S3 for a day: archived ones once retention is a day past them;
-    done ones too when retention is off (with it on, retention needs them until it archives them)."""
-    retention = cfg.s3.delete_local_after_days * 86400.0
-    steps = [(FileState.ARCHIVED, now - retention - UPLOADED_KEEP)]
-    if retention <= 0:
-        steps.append((FileState.DONE, now - UPLOADED_KEEP))
+    """Forget the manifest rows of files uploaded more than a day ago, when retention is off. With retention on
+    the manifest keeps every row: retention needs the done ones, and the archived ones are all that says which
+    files are in S3 only (a night report rebuilt later links them)."""
+    if cfg.s3.delete_local_after_days > 0:
+        return 0
     forgotten = 0
-    for state, uploaded_before in steps:
-        while True:
-            with transaction(conn):
-                count = manifest.forget_uploaded(conn, state, uploaded_before, FORGET_ROWS)
-            forgotten += count
-            if count < FORGET_ROWS:
-                break
-    return forgotten
+    while True:
+        with transaction(conn):
+            count = manifest.forget_uploaded(conn, now - UPLOADED_KEEP, FORGET_ROWS)
+        forgotten += count
+        if count < FORGET_ROWS:
+            return forgotten
 
 
 def export_rejected(conn: sqlite3.Connection, cfg: Config, before: float, pruned: Pruned) -> None:

@@ -2,13 +2,13 @@
 
 Writers (consumer, stamp fetchers, replay) call ``record_files``; everything else here is the syncer's. A row's
 state (``FileState``) is ``pending`` (to upload), ``done`` (verified on S3) or ``archived`` (verified on S3 and
-deleted locally by retention). A row is not kept forever: ``ztfd prune`` forgets done rows a day after their upload
-(when retention is off; with retention on, once archived), and raises ``forgotten_before`` to the newest record
-time it forgot, so that a file on disk that the manifest no longer lists and that is no newer is known to be in
-S3 (``sync --full`` leaves it be). Five rows an alert kept for good were four fifths of the store. The reads a
-pass makes go through partial indexes and keyset pages (``manifest_pending`` for uploads, ``manifest_uploaded``
-for retention), so none of them reads the whole table.
-``retention_checks`` holds, for the few files whose S3 copy retention could not verify, how many passes failed.
+deleted locally by retention). With retention off a row is not kept forever: ``ztfd prune`` forgets done rows a day
+after their upload, and raises the horizon ``forgotten_before`` past the files it forgot, so that a file on disk
+that the manifest no longer lists and that is no newer is known to be in S3 (``sync --full`` leaves it be). Five
+rows an alert kept for good were four fifths of the store. The reads a pass makes go through partial indexes and
+keyset pages (``manifest_pending`` for uploads, ``manifest_uploaded`` for retention), so none of them reads the
+whole table. ``retention_checks`` holds, for the few files whose S3 copy retention could not verify, how many passes
+failed.
 """
 
 from __future__ import annotations
@@ -83,7 +83,9 @@ def record_files(conn: sqlite3.Connection, files: Iterable[tuple[str, int, str]]
     """Add written files (path relative to home, size, md5) to the sync manifest as pending.
 
     A file recorded again with the same MD5 as an uploaded one stays done (stamps and alert files are
-    deterministic, so a refetch of identical bytes costs no upload); new content makes it pending again.
+    deterministic, so a refetch of identical bytes costs no upload); new content makes it pending again. Once
+    ``forget_uploaded`` has forgotten the row, the same bytes recorded again are a new pending file: uploaded again,
+    under the same key.
     """
     now = time.time()
     conn.executemany(
@@ -228,24 +230,26 @@ def note_unverified(conn: sqlite3.Connection, upload: OldUpload, error: str) -> 
 
 # --- forgetting (ztfd prune) ------------------------------------------------------------------------------------
 
-FORGOTTEN_BEFORE = "manifest_forgotten_before"  # status key: the newest record time of a forgotten row
-# One statement per state, so that each reads its own partial index (a bound state would not match it).
-_FORGET = {
-    state: f"DELETE FROM manifest WHERE path IN (SELECT path FROM manifest WHERE state = '{state}' "
-           "AND uploaded_at < ? AND path NOT IN (SELECT path FROM retention_checks) ORDER BY uploaded_at LIMIT ?) "
-           "RETURNING recorded_at"
-    for state in (FileState.DONE, FileState.ARCHIVED)
-}
+FORGOTTEN_BEFORE = "manifest_forgotten_before"  # status key: see forget_uploaded
+# On the manifest_uploaded partial index (done rows by upload time), a page at a time.
+FORGET_QUERY = (
+    "DELETE FROM manifest WHERE path IN (SELECT path FROM manifest WHERE state = 'done' AND uploaded_at < ? "
+    "AND path NOT IN (SELECT path FROM retention_checks) ORDER BY uploaded_at LIMIT ?) "
+    "RETURNING min(recorded_at, uploaded_at)")
 
 
-def forget_uploaded(conn: sqlite3.Connection, state: FileState, uploaded_before: float, limit: int) -> int:
-    """Forget up to ``limit`` rows in ``state`` (done or archived) uploaded before ``uploaded_before``, inside the
-    caller's transaction, except files retention is still checking; returns how many went. Their counts stay
-    (``counter_files``)."""
-    recorded = [row[0] for row in conn.execute(_FORGET[state], (uploaded_before, limit))]
-    if recorded and max(recorded) > forgotten_before(conn):
-        set_status(conn, FORGOTTEN_BEFORE, repr(max(recorded)))
-    return len(recorded)
+def forget_uploaded(conn: sqlite3.Connection, uploaded_before: float, limit: int) -> int:
+    """Forget up to ``limit`` done rows uploaded before ``uploaded_before``, inside the caller's transaction,
+    except files retention is still checking; returns how many went. Their counts stay (``counter_files``).
+
+    The horizon (``forgotten_before``) becomes the newest of their ``min(recorded_at, uploaded_at)``: a file is
+    on disk before it is recorded and before it is uploaded, so every forgotten file is no newer than that. A row
+    recorded again with the same bytes after its upload (a refetch, a report rebuilt unchanged) keeps its old
+    ``uploaded_at``: the upload time, always before ``uploaded_before``, bounds the horizon."""
+    bounds = [row[0] for row in conn.execute(FORGET_QUERY, (uploaded_before, limit))]
+    if bounds and max(bounds) > forgotten_before(conn):
+        set_status(conn, FORGOTTEN_BEFORE, repr(max(bounds)))
+    return len(bounds)
 
 
 def forgotten_before(conn: sqlite3.Connection) -> float:

@@ -10,7 +10,7 @@ JSON payloads and results).
 
 SCHEMA_VERSION = 5  # 3: alerts.survey, detection_id, band (ADDED_COLUMNS), the observability block; 4: the Avro block;
 # 5: alerts counted per batch (no count_alert trigger), counter_received instead of the alerts_received index,
-# uploaded files forgotten (count_file_delete counts pending rows only, manifest_archived)
+# uploaded files forgotten (count_file_delete counts pending rows only)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -104,8 +104,8 @@ CREATE TABLE IF NOT EXISTS stamps (
     done_at REAL NOT NULL
 );
 
--- The sync manifest: the files ztfd writes under data/ and images/ until a day after they are safe in S3 (then
--- ``ztfd prune`` forgets them: see ztfd.store.manifest). state: pending | done | archived.
+-- The sync manifest: the files ztfd writes under data/ and images/, until a day after they are safe in S3 when
+-- retention is off (then ``ztfd prune`` forgets them: see ztfd.store.manifest). state: pending | done | archived.
 -- WITHOUT ROWID: the path, its key, is stored once (a rowid table kept it twice, in the table and in its index).
 CREATE TABLE IF NOT EXISTS manifest (
     path TEXT PRIMARY KEY,
@@ -120,8 +120,6 @@ CREATE TABLE IF NOT EXISTS manifest (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS manifest_pending ON manifest (path) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS manifest_uploaded ON manifest (uploaded_at, path) WHERE state = 'done';
--- Archived rows, forgotten by ``ztfd prune`` a day after retention could have archived them.
-CREATE INDEX IF NOT EXISTS manifest_archived ON manifest (uploaded_at) WHERE state = 'archived';
 
 -- Liveness of every ztfd process, written by the processes themselves and read by the supervisor and status.
 CREATE TABLE IF NOT EXISTS processes (

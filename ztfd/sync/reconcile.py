@@ -1,10 +1,10 @@
 """``sync --full``: reconcile the manifest with the tree (files added, changed or removed by hand, a restore).
 
-The expensive path: it reads and hashes every file under ``data/`` and ``images/`` that the manifest lists. A file
-not in the manifest is recorded, unless it is no newer than the newest row ``ztfd prune`` forgot
-(``manifest.forgotten_before``: it is one of those, uploaded); one whose size or MD5 differs is recorded again (so
-uploaded again), a row whose file is gone is dropped (its S3 copy is kept: ztfd never deletes from S3), and an
-archived file back on disk unchanged is done.
+The expensive path: it reads and hashes every file under ``data/`` and ``images/``, except files the manifest does
+not list that are no newer than the horizon of the rows ``ztfd prune`` forgot (``manifest.forgotten_before``: they
+are among those, uploaded, and are left be unread). Any other file not in the manifest is recorded; one whose size
+or MD5 differs is recorded again (so uploaded again), a row whose file is gone is dropped (its S3 copy is kept: ztfd
+never deletes from S3), and an archived file back on disk unchanged is done.
 """
 
 from __future__ import annotations
@@ -58,13 +58,13 @@ def walk_synced(home: Path) -> Iterator[Path]:
 def reconcile(conn: sqlite3.Connection, cfg: Config) -> Plan:
     """Compare the tree with the manifest; changes nothing."""
     plan = Plan()
-    horizon = manifest.forgotten_before(conn)
     for path in walk_synced(cfg.home):
         relpath = files.relative_to_home(cfg.home, path)
         row = manifest.recorded_file(conn, relpath)
         try:
             stat = path.stat()
-            if row is None and stat.st_mtime <= horizon:
+            # Read at each unlisted file, not once: a prune during a long walk forgets rows behind it.
+            if row is None and stat.st_mtime <= manifest.forgotten_before(conn):
                 plan.forgotten += 1
                 continue
             size, md5 = stat.st_size, files.md5_file(path)
