@@ -491,11 +491,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = _json({"errors": problems, "message": "Input payload validation failed"})
             self._respond(arrived, STAMP, 400, body, "application/json", **context)
             return
-        service._wait(service.latency)
-        fault = service._take_fault(STAMP, object_id, candid, stamp_type)
+        fault = self._faulted(STAMP, object_id, candid, stamp_type)
         packet = service._index.by_candid.get(candid)  # type: ignore[arg-type]
-        if fault is not None and fault.kind == "slow":
-            service._wait(fault.delay)
         kind = fault.kind if fault is not None else None
         if kind == "not_found" or packet is None:
             self._respond(arrived, STAMP, 404, _json({"message": "AVRO not found"}), "application/json",
@@ -524,10 +521,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = _json({"errors": ["oid and candid: required"], "message": "Input payload validation failed"})
             self._respond(arrived, AVRO, 400, body, "application/json", **context)
             return
-        service._wait(service.latency)
-        fault = service._take_fault(STAMP, object_id, candid, None)
-        if fault is not None and fault.kind == "slow":
-            service._wait(fault.delay)
+        fault = self._faulted(STAMP, object_id, candid, None)
         kind = fault.kind if fault is not None else None
         packet = service._index.by_candid.get(candid)
         if kind == "not_found" or packet is None:
@@ -544,10 +538,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _get_detections(self, arrived: float, object_id: str) -> None:
         service = self.service
-        service._wait(service.latency)
-        fault = service._take_fault(DETECTIONS, object_id, None, None)
-        if fault is not None and fault.kind == "slow":
-            service._wait(fault.delay)
+        fault = self._faulted(DETECTIONS, object_id, None, None)
         kind = fault.kind if fault is not None else None
         rows = service._index.detections.get(object_id)
         if kind == "server_error":
