@@ -300,6 +300,48 @@ def test_a_crash_between_the_files_and_the_store_writes_the_same_files_again(
     assert count(cfg.db_path, "SELECT next_offset FROM offsets WHERE topic = 't'") == 12
 
 
+class BurstThenQuiet(NoKafka):
+    """A Kafka consumer that hands out a burst of messages, then has none: at each wait that is more than a
+    glance, it notes how many alerts the store holds; after a few such waits it asks the consumer to stop."""
+
+    def __init__(self, messages: list[FakeMessage], db: Path, consumer: TopicConsumer) -> None:
+        self.messages, self.db, self.consumer = list(messages), db, consumer
+        self.stored_at_each_wait: list[int] = []
+
+    def poll(self, timeout: float) -> FakeMessage | None:
+        if self.messages:
+            return self.messages.pop(0)
+        if timeout >= 0.1:
+            self.stored_at_each_wait.append(count(self.db, "SELECT count(*) FROM alerts"))
+            if len(self.stored_at_each_wait) >= 2:
+                self.consumer.stopping.set()
+        return None
+
+    def consume(self, limit: int, _timeout: float) -> list[FakeMessage]:
+        taken, self.messages = self.messages[:limit], self.messages[limit:]
+        return taken
+
+
+def test_a_burst_ending_on_a_full_batch_is_stored_before_the_consumer_waits_at_kafka(
+    make_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last batch of a burst, full to the batch size, is stored before the consumer sits in a poll for new
+    messages: it once waited there, unstored, for the whole poll timeout."""
+    from ztfd import config
+
+    cfg = config.load(make_config(kafka={"topics": ["t"], "batch_size": 10}))
+    burst = [FakeMessage(json.dumps(m).encode(), offset) for offset, m in enumerate(samples.message_stream(20))]
+    consumer = TopicConsumer(cfg, "t", "consumer:t")
+    kafka = BurstThenQuiet(burst, cfg.db_path, consumer)
+    monkeypatch.setattr(consumer, "_new_consumer", lambda: kafka)
+    monkeypatch.setattr(consumer, "_new_admin", lambda: None)
+    monkeypatch.setattr(consumer, "_look_at_topic", lambda force=False: None)
+    monkeypatch.setattr(consumer.stopping, "install", lambda *args, **kwargs: None)
+    monkeypatch.setattr(consumer.files, "answered", lambda: False)  # as if the writer were still at the last batch
+    assert consumer.run() == 0
+    assert kafka.stored_at_each_wait and all(stored == 20 for stored in kafka.stored_at_each_wait)
+
+
 def test_a_recreated_topic_starts_a_new_generation(
     kafka: KafkaBroker, make_config: Callable[..., Path], consumers: Consumers
 ) -> None:

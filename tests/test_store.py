@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import child_env, ztfd_command
 from ztfd import config, status, store
-from ztfd.store import counters, jobs, migrations
+from ztfd.store import counters, jobs, manifest, migrations
 from ztfd.store.alerts import NewAlert, count_received_on, insert_alerts, iter_alerts, utc_day
 from ztfd.store.db import StoreVersionError, schema_version
 from ztfd.store.manifest import manifest_files
@@ -189,4 +189,30 @@ def test_a_v4_store_counts_alerts_per_batch_after_its_migration(make_config: Cal
     totals = counters.topic_totals(conn)[TOPIC]
     assert (totals.stored, totals.last_alert_at) == (5, day_two + 50_000)
     assert count_received_on(conn, TOPIC, "2026-01-02") == 2
+    conn.close()
+
+
+def test_a_v5_store_walks_its_pending_files_oldest_first_after_its_migration(
+    make_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 6 orders the pending files' index by record time (new rows land at its end, not at random places of a
+    second path-ordered tree): a version-5 store gets the new index, and uploads go oldest first, a page at a time,
+    with a file recorded again during the walk coming again at its end."""
+    cfg = config.load(make_config(kafka={"topics": [TOPIC]}))
+    conn = store.connect(cfg.db_path)
+    clock = iter(float(t) for t in range(1_000, 2_000))
+    monkeypatch.setattr(manifest.time, "time", lambda: next(clock))
+    for path in ("images/z", "data/m", "data/a", "images/b"):  # recorded one after the other, each at its own time
+        manifest.record_files(conn, [(path, 1, f"md5-{path}")])
+    conn.executescript("DROP INDEX manifest_pending; CREATE INDEX manifest_pending ON manifest (path) "
+                       "WHERE state = 'pending'; UPDATE meta SET value = '5' WHERE key = 'schema_version';")
+    conn.close()
+    conn = store.connect(cfg.db_path)
+    [sql] = [row[0] for row in conn.execute("SELECT sql FROM sqlite_master WHERE name = 'manifest_pending'")]
+    assert "(recorded_at, path)" in sql
+    walk = manifest.iter_pending(conn, page=2)
+    seen = [next(walk).path, next(walk).path, next(walk).path]
+    manifest.record_files(conn, [("images/z", 2, "new bytes")])  # rewritten while the walk is on its second page
+    seen.extend(item.path for item in walk)
+    assert seen == ["images/z", "data/m", "data/a", "images/b", "images/z"]
     conn.close()

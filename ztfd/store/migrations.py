@@ -81,9 +81,15 @@ def _v4_to_v5(conn: sqlite3.Connection) -> None:
         "FROM alerts GROUP BY 1, 2 ON CONFLICT (day, topic) DO UPDATE SET alerts = excluded.alerts")
 
 
+def _v5_to_v6(conn: sqlite3.Connection) -> None:
+    """The pending files' index is ordered by record time instead of path (``SCHEMA`` creates its new form)."""
+    conn.execute("DROP INDEX IF EXISTS manifest_pending")
+
+
 STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _v1_to_v2,
     2: add_missing_columns,
     3: add_missing_columns,  # jobs.kind (issue 14); its tables come with SCHEMA
     4: _v4_to_v5,
+    5: _v5_to_v6,
 }

@@ -8,9 +8,9 @@ need no step: ``SCHEMA`` adds them). Version 1 is the layout before the store ow
 JSON payloads and results).
 """
 
-SCHEMA_VERSION = 5  # 3: alerts.survey, detection_id, band (ADDED_COLUMNS), the observability block; 4: the Avro block;
+SCHEMA_VERSION = 6  # 3: alerts.survey, detection_id, band (ADDED_COLUMNS), the observability block; 4: the Avro block;
 # 5: alerts counted per batch (no count_alert trigger), counter_received instead of the alerts_received index,
-# uploaded files forgotten (count_file_delete counts pending rows only)
+# uploaded files forgotten (count_file_delete counts pending rows only); 6: manifest_pending ordered by record time
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -118,7 +118,9 @@ CREATE TABLE IF NOT EXISTS manifest (
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS manifest_pending ON manifest (path) WHERE state = 'pending';
+-- Pending files oldest first: new rows go at the index's end. Keyed by path, every file written was an insert at a
+-- random place in a second path-ordered B-tree, ~40% of what recording a file cost (issue 11).
+CREATE INDEX IF NOT EXISTS manifest_pending ON manifest (recorded_at, path) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS manifest_uploaded ON manifest (uploaded_at, path) WHERE state = 'done';
 
 -- Liveness of every ztfd process, written by the processes themselves and read by the supervisor and status.
