@@ -260,9 +260,7 @@ def store_batch(consumer: TopicConsumer, messages: list[FakeMessage]) -> None:
     """One batch start to end, as the pipeline in ``TopicConsumer.run`` does it with batches overlapping."""
     batch = consumer.prepare(messages)
     if batch is not None:
-        consumer._write_files(batch)
-        consumer.files.wait()
-        consumer.store(batch)
+        consumer.write_and_store(batch)
 
 
 def test_a_crash_between_the_files_and_the_store_writes_the_same_files_again(
@@ -275,13 +273,11 @@ def test_a_crash_between_the_files_and_the_store_writes_the_same_files_again(
     cfg = config.load(make_config(kafka={"topics": ["t"]}))
     batch = [FakeMessage(json.dumps(m).encode(), offset) for offset, m in enumerate(samples.message_stream(12))]
     crashed = TopicConsumer(cfg, "t", "consumer:t")
-    with pytest.MonkeyPatch.context() as patch:
-        def die(*_: object) -> None:
-            raise SystemExit("killed between the files and the store")
-
-        patch.setattr(crashed, "_store", die)
-        with pytest.raises(SystemExit):
-            store_batch(crashed, batch)
+    prepared = crashed.prepare(batch)
+    assert prepared is not None
+    crashed.files.submit([(file.path, file.data) for entry in prepared.documents for file in entry.files],
+                         root=str(cfg.home))  # the files, and the process dies before the store transaction
+    crashed.files.wait()
     crashed.close()
     written_before = sorted(alert_files(cfg.home))
     assert len(written_before) == 12
@@ -421,7 +417,7 @@ def test_a_second_consumer_of_the_same_topic_stores_nothing_twice(make_config: C
         patch.setattr(second, "_not_yet_stored", lambda valid: valid)
         prepared = second.prepare(batch)
         assert prepared is not None and len(prepared.documents) == 12
-        accepted = second.store(prepared)
+        accepted = second.write_and_store(prepared)
     second.close()
     assert sorted(entry.item.offset for entry in accepted) == list(range(5, 12))
     assert count(cfg.db_path, "SELECT count(*) FROM alerts") == 12

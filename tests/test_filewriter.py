@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_until
-from ztfd.filewriter import FileWriter, FileWriterError
+from ztfd import store
+from ztfd.filewriter import BatchSkippedError, FileWriter, FileWriterError
 from ztfd.procs import pid_alive
+from ztfd.store.alerts import NewAlert, count_alerts
+from ztfd.store.batches import AlertToStore, BatchToStore
+from ztfd.store.manifest import manifest_files
+from ztfd.store.offsets import stored_offsets
 
 
 def test_batches_are_written_in_order_and_answered_one_by_one(tmp_path: Path) -> None:
@@ -108,6 +113,68 @@ def test_the_writer_answers_with_each_files_size_and_md5(tmp_path: Path) -> None
     writer = FileWriter()
     try:
         writer.submit(files)
-        assert writer.wait() == [(len(data), hashlib.md5(data).hexdigest()) for _, data in files]
+        assert writer.wait().digests == [(len(data), hashlib.md5(data).hexdigest()) for _, data in files]
+    finally:
+        writer.close()
+
+
+def batch_of(offsets: range, folder: str = "data/2024-01-01/t") -> tuple[list[tuple[str, bytes]], BatchToStore]:
+    """The files (under home) and the store part of a batch of one topic's messages at ``offsets``."""
+    files = [(f"{folder}/ZTF24a{n:06d}_p0-o{n}.json", f"alert {n}".encode()) for n in offsets]
+    alerts = [AlertToStore(NewAlert(0, 0, n, f"ZTF24a{n:06d}", "2024-01-01", None, path), (path,), "stamps",
+                           f"ZTF24a{n:06d}@2024-01-01") for n, (path, _) in zip(offsets, files, strict=True)]
+    return files, BatchToStore("t", 1_700_000_000.0, alerts, [], {0: (0, offsets[-1] + 1)}, [])
+
+
+def test_a_batch_is_stored_after_its_files_in_one_transaction(tmp_path: Path) -> None:
+    """The store part of a batch: alerts, manifest rows with the MD5s of the bytes written, stamp jobs and the
+    partition's next offset; an alert stored already (a redelivery) is not accepted again."""
+    db = tmp_path / "state" / "ztfd.sqlite3"
+    store.connect(db).close()
+    writer = FileWriter(db)
+    try:
+        files, batch = batch_of(range(5))
+        writer.submit(files, batch, root=str(tmp_path))
+        written = writer.wait()
+        assert written.stored is not None and written.stored.accepted == [0, 1, 2, 3, 4]
+        again_files, again = batch_of(range(3, 8))
+        writer.submit(again_files, again, root=str(tmp_path))
+        assert writer.wait().stored.accepted == [2, 3, 4]  # offsets 5..7; 3 and 4 were stored
+    finally:
+        writer.close()
+    conn = store.connect(db)
+    assert count_alerts(conn) == 8
+    rows = {row.path: row for row in manifest_files(conn, "data/")}
+    assert all((tmp_path / path).read_bytes() == data for path, data in files + again_files)
+    assert {path: (rows[path].size, rows[path].md5) for path, _ in files} == dict(
+        zip((path for path, _ in files), written.digests, strict=True))
+    assert stored_offsets(conn, "t")[0].next_offset == 8
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 8
+    conn.close()
+
+
+def test_a_batch_behind_one_that_failed_is_skipped_until_the_failure_is_read(tmp_path: Path) -> None:
+    """A batch queued behind one that failed must not be stored (its offsets would pass the failed one's
+    messages): the child skips it, writing nothing; submitted again once the failure is read, it goes in."""
+    db = tmp_path / "state" / "ztfd.sqlite3"
+    store.connect(db).close()
+    (tmp_path / "data").write_bytes(b"")  # data/ is a file: the first batch cannot be written
+    writer = FileWriter(db)
+    try:
+        first_files, first = batch_of(range(3))
+        second_files, second = batch_of(range(3, 6), folder="images/2024-01-01/ZTF24a")
+        writer.submit(first_files, first, root=str(tmp_path))
+        writer.submit(second_files, second, root=str(tmp_path))
+        with pytest.raises(FileWriterError, match="Not a directory"):
+            writer.wait()
+        with pytest.raises(BatchSkippedError):
+            writer.wait()
+        assert not (tmp_path / "images").exists()
+        conn = store.connect(db)
+        assert count_alerts(conn) == 0 and stored_offsets(conn, "t") == {}
+        writer.submit(second_files, second, root=str(tmp_path))
+        assert writer.wait().stored.accepted == [0, 1, 2]
+        assert count_alerts(conn) == 3 and stored_offsets(conn, "t")[0].next_offset == 6
+        conn.close()
     finally:
         writer.close()

@@ -8,11 +8,11 @@ does it: data first, offsets after):
 3. one store transaction inserts the alerts, the rejected messages, the stamp jobs, the files' manifest rows and
    the partitions' next offsets. Alerts are keyed by their identity, so a message is never stored twice;
 4. the offsets are committed to Kafka too, for lag tools; ztfd itself never reads them back.
-Step 2 runs in a child process (``ztfd.filewriter``: a thread would have to fight the main thread for the GIL
-after every system call), overlapping step 1 of the next batch; steps 3 and 4 run on the main thread once the
-child has answered. A kill -9 before (3) commits loses nothing: the store still holds the old offsets, Kafka
-redelivers the batch and its files are written again under the same names. Once (3) commits, every stored alert
-already has its file.
+Steps 2 and 3 run in a child process (``ztfd.filewriter``: a thread would have to fight the main thread for the
+GIL after every system call and every row), overlapping step 1 of the next batch; step 4 runs on the main thread
+once the child has answered. A kill -9 before (3) commits loses nothing: the store still holds the old offsets,
+Kafka redelivers the batch and its files are written again under the same names. Once (3) commits, every stored
+alert already has its file.
 What a message *is* (its identity, survey, observation time, date rule, the bytes to keep, embedded cutouts) is
 the topic's *source*'s business (``ztfd.sources``, chosen by ``kafka.formats``): the consumer only stores what the
 source makes of it. Whatever one message makes the code raise, in the source or here (dating, naming, its
@@ -42,12 +42,12 @@ import re
 import sqlite3
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ztfd import lifecycle, nights, providers, sources, store, topics
 from ztfd.config import Config, ConfigError
-from ztfd.files import md5_hex, remove_stale_temporaries
+from ztfd.files import remove_stale_temporaries
 from ztfd.filewriter import FileWriter
 from ztfd.localtrouble import Condition, describe, is_local
 from ztfd.logs import AlertLog, Throttle
@@ -55,10 +55,10 @@ from ztfd.partitions import KafkaView, Partition, PartitionWatch
 from ztfd.providers.packet import PREVIEW_JOB, carries_stamps
 from ztfd.quota import QuotaWatch
 from ztfd.store import gaps as store_gaps
-from ztfd.store import quota as store_quota
-from ztfd.store.alerts import NewAlert, dates_received_since, insert_alerts, last_received_at, stored_offsets_between
-from ztfd.store.jobs import NewStampJob, detection_key, enqueue
-from ztfd.store.rejected import NewRejected, add_rejected, latest_rejected
+from ztfd.store.alerts import NewAlert, dates_received_since, last_received_at, stored_offsets_between
+from ztfd.store.batches import AlertToStore, BatchToStore, StoredBatch
+from ztfd.store.jobs import FETCH_JOB, detection_key
+from ztfd.store.rejected import NewRejected, latest_rejected
 from ztfd.store.schemas import StoredSchemas
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,8 @@ def next_offsets(items: list[Incoming]) -> dict[int, tuple[int, int]]:
 
 
 class AlertFile(NamedTuple):
-    """One file of an alert: its path under home and its bytes (their MD5, for the sync manifest, comes back from
-    the file writer: ``Batch.written``)."""
+    """One file of an alert: its path under home and its bytes (their MD5, for the sync manifest, is the file
+    writer's)."""
 
     path: str
     data: bytes
@@ -126,14 +126,12 @@ class Accepted(NamedTuple):
 
 @dataclass(frozen=True)
 class Batch:
-    """A prepared batch: its alert files go to the file writer, then the rest to the store."""
+    """A prepared batch: the file writer writes its alerts' files, then stores ``to_store``."""
 
     documents: list[Accepted]
     rejected: list[tuple[Incoming, str]]
     resume_at: dict[int, tuple[int, int]]
-    received: dt.datetime
-    traffic: list[tuple[int, str | None, int, int]]  # (Lasair nid, survey, bytes, messages) received
-    written: list[tuple[int, str]] = field(default_factory=list)  # (size, MD5) of each file, from the writer
+    to_store: BatchToStore
 
 
 class _NoBroker:
@@ -160,7 +158,7 @@ class TopicConsumer:
         # A topic found by a pattern: its consumer exits once it is drained and quiet (``topics.EXIT_IDLE``).
         self.quiet = topics.QuietWatch(topics.from_pattern(cfg.kafka.topics, topic), cfg.kafka.idle_topic_seconds,
                                        last_received_at(self.conn, topic))
-        self.files = FileWriter()
+        self.files = FileWriter(cfg.db_path)
         self.alert_log = AlertLog(cfg.logs_dir, topic, cfg.logging.max_bytes, cfg.logging.backup_count)
         self.throttled = Throttle(log)
         self.consumer: Any = None
@@ -183,8 +181,9 @@ class TopicConsumer:
         self._look_at_topic(force=True)
         log.info("consuming %s from %s as group %s", self.topic, self.cfg.kafka.bootstrap_servers,
                  self.cfg.kafka.group_id)
-        # A pipeline one batch deep: while the file writer writes batch k+1's files, the main thread stores batch
-        # k, then polls and prepares batch k+2. Batches are stored in order, each after its files are on disk.
+        # A pipeline two batches deep: while the file writer writes and stores batches k and k+1, the main thread
+        # polls and prepares batch k+2, then waits for batch k. The writer stores batches in order, each after
+        # its files are on disk.
         in_flight: deque[Batch] = deque()
         code = 0
         try:
@@ -200,8 +199,8 @@ class TopicConsumer:
                 if batch is not None:
                     self._write_files(batch)
                     in_flight.append(batch)
-                # Store the older batch once a newer one is being written; at a trickle (Kafka had no more
-                # waiting) or when idle, store at once rather than after the next poll.
+                # Wait for the older batch once a newer one is submitted; at a trickle (Kafka had no more waiting)
+                # or when idle, at once rather than after the next poll.
                 caught_up = not self._full(messages)
                 while in_flight and (len(in_flight) > 1 or caught_up or self.files.answered()):
                     self._store_oldest(in_flight)
@@ -247,33 +246,30 @@ class TopicConsumer:
         return batch
 
     def _store_oldest(self, in_flight: deque[Batch]) -> None:
-        """Wait for the oldest batch's files, then store it; through local trouble, pause and redo every batch in
-        hand, in order (a stop during the pause leaves them unstored: Kafka redelivers them)."""
+        """Wait for the oldest batch to be written and stored; through local trouble, pause and redo every batch
+        in hand, in order (a stop during the pause leaves them unstored: Kafka redelivers them)."""
         try:
-            in_flight[0].written[:] = self.files.wait()
-            self.store(in_flight[0])
+            written = self.files.wait()
         except Exception as exc:
             if not is_local(exc):
                 raise
             self._ride_out(in_flight, exc)
         else:
-            in_flight.popleft()
+            self._stored(in_flight.popleft(), written.stored)
 
     def _ride_out(self, in_flight: deque[Batch], trouble: BaseException) -> None:
         """Pause, then write and store each batch in hand again until that works or a stop is asked for.
 
         Nothing is stored and no offset moves meanwhile; rewriting a file that is already there is harmless (same
         name, same bytes, atomic)."""
-        while self.files.pending:  # the answers about the later batches: those are written again below
+        while self.files.pending:  # the later batches: the writer skipped them after the failure (written below)
             with contextlib.suppress(Exception):
                 self.files.wait()
         pause = self.trouble.failed(self.conn, describe(trouble))
         while in_flight and not self.stopping.wait(pause):
             self._heartbeat()
             try:
-                self._write_files(in_flight[0])
-                in_flight[0].written[:] = self.files.wait()
-                self.store(in_flight[0])
+                self.write_and_store(in_flight[0])
             except Exception as exc:
                 if not is_local(exc):
                     raise
@@ -470,16 +466,23 @@ class TopicConsumer:
         resume_at = next_offsets([item for item, _ in decoded] + [item for item, _ in rejected])
         fresh = self._dated(self._not_yet_stored(decoded), rejected)
         received_iso = nights.iso_utc(received)  # one batch, one receive time
-        documents = []
+        documents, to_store = [], []
         for item, alert in fresh:
             try:
-                documents.append(self._document(item, alert, received, received_iso))
+                entry = self._document(item, alert, received, received_iso)
+                row = self._alert_to_store(entry)
             except Exception as exc:
                 rejected.append((item, rejection_reason(exc)))
+                continue
+            documents.append(entry)
+            to_store.append(row)
         traffic = QuotaWatch.count(
             [(e.kafka_time or received, len(e.item.msg.value() or b""), e.alert.survey) for e in documents]
             + [(produced_at(item.msg, received), len(item.msg.value() or b""), None) for item, _ in rejected])
-        return Batch(documents, rejected, resume_at, received, traffic)
+        kept = [NewRejected(item.partition, item.generation, item.offset, reason, item.msg.value())
+                for item, reason in rejected]
+        return Batch(documents, rejected, resume_at,
+                     BatchToStore(self.topic, received.timestamp(), to_store, kept, resume_at, traffic))
 
     def _is_kafka_error(self, msg: Any) -> bool:
         """True for an error event in place of a message (logged, throttled)."""
@@ -540,16 +543,24 @@ class TopicConsumer:
         return Accepted(item, alert, date, [AlertFile(path, data) for path, data in files], when)
 
     def _write_files(self, batch: Batch) -> None:
-        """Step 2: hand the batch's alert files (absolute path, bytes) to the file writer."""
-        home = str(self.cfg.home)
-        self.files.submit([(f"{home}/{file.path}", file.data) for entry in batch.documents for file in entry.files])
+        """Steps 2 and 3: hand the batch to the file writer, which writes its alert files (paths under home), then
+        stores it."""
+        self.files.submit([(file.path, file.data) for entry in batch.documents for file in entry.files],
+                          batch.to_store, root=str(self.cfg.home))
 
-    def store(self, batch: Batch) -> list[Accepted]:
-        """Steps 3 and 4, once the batch's files are on disk: the store transaction, then Kafka and the logs."""
-        accepted, days = self._store(batch)
+    def write_and_store(self, batch: Batch) -> list[Accepted]:
+        """Steps 2 to 4 for one batch, waiting for each: the alerts it stored."""
+        self._write_files(batch)
+        return self._stored(batch, self.files.wait().stored)
+
+    def _stored(self, batch: Batch, stored: StoredBatch | None) -> list[Accepted]:
+        """Step 4, once the file writer has stored the batch: Kafka and the logs; the alerts it stored (not those
+        another consumer of the same topic stored first)."""
+        assert stored is not None  # every batch is submitted with its store part
+        accepted = [batch.documents[index] for index in stored.accepted]
         # Nothing below may raise: the batch is stored, and storing it again would only find it there.
         self._commit_to_kafka(batch.resume_at)
-        self.quota.check(days)
+        self.quota.check(stored.days)
         for item, reason in batch.rejected:
             log.warning("rejected %s[%d]@%d: %s", self.topic, item.partition, item.offset, reason)
         try:
@@ -618,47 +629,21 @@ class TopicConsumer:
         return [(item, message) for item, message in valid
                 if (item.partition, item.generation, item.offset) not in stored]
 
-    def _store(self, batch: Batch) -> tuple[list[Accepted], list[store_quota.DayBytes]]:
-        """Step 3: alerts, rejected messages, stamp jobs, manifest rows, next offsets and the bytes received, all
-        or nothing."""
-        now = batch.received.timestamp()
-        accepted: list[Accepted] = []
-        jobs: list[NewStampJob] = []
-        with store.transaction(self.conn):
-            for entry, alert_id in zip(batch.documents, self._insert_alerts(batch.documents, now), strict=True):
-                if alert_id is None:
-                    continue  # stored by another consumer of the same topic meanwhile
-                accepted.append(entry)
-                job = self._stamp_job(entry, alert_id)
-                if job is not None:
-                    jobs.append(job)
-            add_rejected(self.conn, self.topic, [
-                NewRejected(item.partition, item.generation, item.offset, reason, item.msg.value())
-                for item, reason in batch.rejected], now)
-            store.record_files(self.conn, manifest_rows(batch, accepted))
-            if jobs:
-                enqueue(self.conn, jobs, now=now)
-            for partition, (generation, next_offset) in batch.resume_at.items():
-                store.save_offset(self.conn, self.topic, partition, generation, next_offset)
-            days = store_quota.add_bytes(self.conn, self.topic, batch.traffic)
-        return accepted, days
-
-    def _insert_alerts(self, written: list[Accepted], now: float) -> list[int | None]:
-        """Insert the alerts of a batch (inside the caller's transaction); each one's id, None if already stored."""
-        return insert_alerts(self.conn, self.topic, [
-            NewAlert(e.item.partition, e.item.generation, e.item.offset, e.alert.object_id, e.date, e.alert.obs_mjd,
-                     e.path, e.alert.survey, e.alert.detection_id, e.alert.band) for e in written], now)
-
-    def _stamp_job(self, entry: Accepted, alert_id: int) -> NewStampJob | None:
-        """The alert's stamp job: only the preview when its packet carried the three stamps (written with the alert),
-        else a fetch from its survey's provider, if one serves it."""
+    def _alert_to_store(self, entry: Accepted) -> AlertToStore:
+        """The alert's row, files and stamp job, as the file writer stores them."""
         alert = entry.alert
-        key = detection_key(alert.object_id, alert.obs_mjd, entry.date)
+        row = NewAlert(entry.item.partition, entry.item.generation, entry.item.offset, alert.object_id, entry.date,
+                       alert.obs_mjd, entry.path, alert.survey, alert.detection_id, alert.band)
+        kind = self._stamp_job_kind(alert)
+        key = detection_key(alert.object_id, alert.obs_mjd, entry.date) if kind is not None else None
+        return AlertToStore(row, tuple(file.path for file in entry.files), kind, key)
+
+    def _stamp_job_kind(self, alert: sources.Alert) -> str | None:
+        """The alert's stamp job: only the preview when its packet carried the three stamps (written with the
+        alert), else a fetch from its survey's provider, if one serves it; None for no job."""
         if carries_stamps(alert):
-            if self.cfg.stamps.enabled and self.cfg.stamps.previews:
-                return NewStampJob(alert_id, dedupe_key=key, kind=PREVIEW_JOB)
-            return None
-        return NewStampJob(alert_id, dedupe_key=key) if self._wants_stamps(alert) else None
+            return PREVIEW_JOB if self.cfg.stamps.enabled and self.cfg.stamps.previews else None
+        return FETCH_JOB if self._wants_stamps(alert) else None
 
     def _wants_stamps(self, alert: sources.Alert) -> bool:
         """A stamp job for the alerts the provider of their survey (``stamps.<survey>_provider``) can serve."""
@@ -735,17 +720,6 @@ def rejection_reason(exc: BaseException) -> str:
 def log_lines(topic: str, accepted: list[Accepted]) -> list[str]:
     """The ``<topic>.log`` lines of stored alerts."""
     return [f"{a.alert.object_id} {a.date} {topic}[{a.item.partition}]@{a.item.offset} {a.path}" for a in accepted]
-
-
-def manifest_rows(batch: Batch, accepted: list[Accepted]) -> list[tuple[str, int, str]]:
-    """(path, size, MD5) of the stored alerts' files, as the file writer wrote them (``batch.written``, in the order
-    submitted; computed here for a batch written by other means)."""
-    files = [file for entry in batch.documents for file in entry.files]
-    if len(batch.written) == len(files):
-        digests = {file.path: digest for file, digest in zip(files, batch.written, strict=True)}
-    else:
-        digests = {file.path: (len(file.data), md5_hex(file.data)) for file in files}
-    return [(file.path, *digests[file.path]) for entry in accepted for file in entry.files]
 
 
 def topic_source(cfg: Config, topic: str, schema_cache: StoredSchemas | None) -> sources.Source:

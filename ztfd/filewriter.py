@@ -1,22 +1,32 @@
-"""A child process that writes a consumer's alert files, so that creating them overlaps the consumer's own work.
+"""A child process that writes a consumer's batches, files first and then the batch's store transaction, so that
+both overlap the consumer's own work (decoding and dating the next batch).
 
-Why a process and not a thread: each file costs four system calls (open, write, close, rename), and a thread has
-to take the GIL back after every one of them. While the consumer's main thread prepares the next batch in
-Python, CPython hands the GIL to a waiting thread only once per switch interval (5 ms), so a writer *thread*
-crawled until the main thread stopped to wait for it, and the two halves of the pipeline ran one after the
-other. A child process has an interpreter of its own: the kernel's file creation and the consumer's Python run on
-two cores. (The stamp fetchers need none of this: they are processes already.)
+Why a process and not a thread: each file costs four system calls (open, write, close, rename), and sqlite3 gives
+up and takes back the GIL at every row it steps; a thread has to take the GIL back after every one of them. While
+the consumer's main thread prepares the next batch in Python, CPython hands the GIL to a waiting thread only once
+per switch interval (5 ms), so a writer *thread* crawled until the main thread stopped to wait for it, and the two
+halves of the pipeline ran one after the other. A child process has an interpreter of its own: the kernel's file
+creation, SQLite and the consumer's Python run on two cores. With the store transaction on the main thread, the
+main thread was the limit on a fast disk (bin/bench ingest on tmpfs: 0.82x the naive writer); here it runs beside.
 
-The protocol, over the child's stdin and stdout: each request is a length-prefixed pickle of ``[(path, bytes),
-...]``; the child writes the files in order with ``atomic_write`` and answers with a length-prefixed pickle of
-``[(size, md5), ...]`` of the files (the sync manifest's MD5s are computed here, beside the consumer: for Avro
-packets, ~160 kB an alert, they were a sixth of the consumer's time) or ``(errno, text)`` of the error (``wait`` raises
-``LocalTroubleError`` for a full disk and the like, which the consumer waits out, ``FileWriterError`` otherwise).
-Answers come in the order of the requests. The child ignores SIGINT and SIGTERM (on those the consumer
-finishes its batch, which needs the child, then closes the pipe), exits at the end of its input, and is killed
-with its parent (``PR_SET_PDEATHSIG``), so that no file of a consumer killed with -9 is written after its
-successor started. Its temporary files carry its own pid, which ``remove_stale_temporaries`` checks like any
-other.
+The protocol, over the child's stdin and stdout: each request is a length-prefixed pickle of ``(root, [(path,
+bytes), ...], batch, epoch)``; the child writes the files in order with ``atomic_write`` (under ``root`` when it is
+not empty), then, if ``batch`` (a ``store.batches.BatchToStore``) is given, stores it with the files' sizes and MD5s
+in one transaction (the sync manifest's MD5s are computed here: for Avro packets, ~160 kB an alert, they were a
+sixth of the consumer's time). It answers with a length-prefixed pickle of ``("written", [(size, md5), ...],
+stored)``, ``("failed", local, text)`` or ``("skipped",)``. Answers come in the order of the requests.
+
+Batches are stored in order, each after its files, and never one after a batch that failed: once a request fails,
+the child skips (writes and stores nothing of) every later request of the same *epoch*; the consumer's side moves
+to the next epoch when it reads the failure, so what it submits after that is written again. Without this a batch
+queued behind one that hit a full disk could be stored, moving the offsets past the one that was not.
+
+``wait`` raises ``LocalTroubleError`` for a full disk, a locked store and the like (``localtrouble.is_local``),
+which the consumer waits out, and ``FileWriterError`` otherwise. The child ignores SIGINT and SIGTERM (on those the
+consumer finishes its batch, which needs the child, then closes the pipe), exits at the end of its input, and is
+killed with its parent (``PR_SET_PDEATHSIG``), so that no file or transaction of a consumer killed with -9 comes
+after its successor started (a transaction cut short rolls back). Its temporary files carry its own pid, which
+``remove_stale_temporaries`` checks like any other.
 """
 
 from __future__ import annotations
@@ -27,34 +37,53 @@ import os
 import pickle
 import select
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
-from typing import IO
+from pathlib import Path
+from typing import IO, Any, NamedTuple
 
 from ztfd import lifecycle
 from ztfd.files import atomic_write, md5_hex, write_all
-from ztfd.localtrouble import LOCAL_ERRNOS, LocalTroubleError
+from ztfd.localtrouble import LocalTroubleError, describe, is_local
 from ztfd.procs import die_with_parent
+from ztfd.store.batches import BatchToStore, StoredBatch
 
 HEADER = struct.Struct(">Q")
 PIPE_BYTES = 1024 * 1024  # the size asked for the pipe to the child
-CLOSE_TIMEOUT = 30.0  # seconds the child may take to finish what it was given once its input is closed
+CLOSE_TIMEOUT = 90.0  # seconds the child may take to finish what it was given once its input is closed
+# (a store transaction may wait up to the store's 60 s busy timeout for another writer)
 
 
 class FileWriterError(RuntimeError):
-    """The child could not write a batch, or is gone: the consumer stops without storing that batch."""
+    """The child could not write or store a batch, or is gone: the consumer stops without that batch."""
+
+
+class BatchSkippedError(FileWriterError):
+    """Nothing of this batch was written: an earlier one failed (the consumer submits it again, or stops)."""
+
+
+class Written(NamedTuple):
+    """A batch on disk: the (size, MD5) of each of its files, in order, and what its store transaction did (None
+    when no store was asked for)."""
+
+    digests: list[tuple[int, str]]
+    stored: StoredBatch | None
 
 
 class FileWriter:
     """The consumer's side of the child: ``submit`` batches, ``wait`` for them in order.
 
-    The child starts at the first ``submit``; ``close`` ends it after it has answered everything submitted.
+    The child starts at the first ``submit`` (or ``start``); ``close`` ends it after it has answered everything
+    submitted. ``db_path`` is the store the batches given to ``submit`` are stored in.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, db_path: Path | None = None) -> None:
+        self.db_path = db_path
         self._child: subprocess.Popen[bytes] | None = None
         self.pending = 0
+        self.epoch = 0  # moves on at each failure read: see the module's docstring
 
     @property
     def pid(self) -> int | None:
@@ -65,12 +94,13 @@ class FileWriter:
         if self._child is None:
             self._start()
 
-    def submit(self, files: list[tuple[str, bytes]]) -> None:
-        """Hand the child a batch of (absolute path, bytes). Blocks only while the child is busy reading
-        (the pipe holds ``PIPE_BYTES``), i.e. until it has finished the batch before."""
+    def submit(self, files: list[tuple[str, bytes]], batch: BatchToStore | None = None, root: str = "") -> None:
+        """Hand the child a batch: its files as (path, bytes), paths under ``root`` (absolute when it is empty),
+        and what to store once they are written. Blocks only while the child is busy reading (the pipe holds
+        ``PIPE_BYTES``), i.e. until it has finished the batch before."""
         child = self._child or self._start()
         assert child.stdin is not None
-        payload = pickle.dumps(files, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = pickle.dumps((root, files, batch, self.epoch), protocol=pickle.HIGHEST_PROTOCOL)
         try:
             write_all(child.stdin.fileno(), HEADER.pack(len(payload)) + payload)
         except BrokenPipeError:
@@ -84,22 +114,24 @@ class FileWriter:
         readable, _, _ = select.select([self._child.stdout], [], [], 0)
         return bool(readable)
 
-    def wait(self) -> list[tuple[int, str]]:
-        """Block until the oldest batch submitted is on disk: the size and MD5 of each of its files, in order;
-        raise if the child failed to write it."""
+    def wait(self) -> Written:
+        """Block until the oldest batch submitted is written (and stored, if asked); raise if it was not."""
         if not self.pending or self._child is None or self._child.stdout is None:
             raise FileWriterError("no batch is waiting to be written")
         answer = _read_frame(self._child.stdout)
         if answer is None:
             raise self._gone()
         self.pending -= 1
-        result = pickle.loads(answer)
-        if isinstance(result, tuple):
-            code, text = result
-            if code in LOCAL_ERRNOS:
-                raise LocalTroubleError(f"writing alert files failed: {text}")
-            raise FileWriterError(f"writing alert files failed: {text}")
-        return result
+        kind, *rest = pickle.loads(answer)
+        if kind == "written":
+            return Written(*rest)
+        if kind == "skipped":
+            raise BatchSkippedError("not written: a batch before it failed")
+        self.epoch += 1  # what is submitted from now on is written again
+        local, text = rest
+        if local:
+            raise LocalTroubleError(f"writing alerts failed: {text}")
+        raise FileWriterError(f"writing alerts failed: {text}")
 
     def close(self) -> None:
         """End the child (it finishes what it was given first). Safe to call more than once."""
@@ -115,7 +147,7 @@ class FileWriter:
 
     def _start(self) -> subprocess.Popen[bytes]:
         self._child = subprocess.Popen(
-            [sys.executable, "-m", "ztfd.filewriter", str(os.getpid())],
+            [sys.executable, "-m", "ztfd.filewriter", str(os.getpid()), str(self.db_path or "")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True,
         )
         assert self._child.stdin is not None
@@ -129,7 +161,7 @@ class FileWriter:
         child = self._child
         code = child.poll() if child is not None else None
         pid = child.pid if child is not None else None
-        return FileWriterError(f"the alert-file writer (pid {pid}) has exited (code {code})")
+        return FileWriterError(f"the alert writer (pid {pid}) has exited (code {code})")
 
 
 def _read_frame(stream: IO[bytes]) -> bytes | None:
@@ -151,21 +183,58 @@ def _read_exactly(stream: IO[bytes], size: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
-    """The child's loop: write each batch, answer, until the end of input."""
-    while (frame := _read_frame(requests)) is not None:
-        result: list[tuple[int, str]] | tuple[int | None, str] = []
+class _Child:
+    """The child's state: the store it opens at the first batch to store, and the epoch whose later requests it
+    skips after a failure."""
+
+    def __init__(self, db_path: str) -> None:
+        self.db_path = db_path
+        self.conn: sqlite3.Connection | None = None
+        self.failed_epoch = -1
+
+    def handle(self, root: str, files: list[tuple[str, bytes]], batch: BatchToStore | None, epoch: int
+               ) -> tuple[Any, ...]:
+        if epoch <= self.failed_epoch:
+            return ("skipped",)
         try:
-            for path, data in pickle.loads(frame):
-                atomic_write(path, data)
-                result.append((len(data), md5_hex(data)))
-        except OSError as exc:
-            result = (exc.errno, f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc))
-        answer = pickle.dumps(result)
-        try:
-            write_all(answers.fileno(), HEADER.pack(len(answer)) + answer)
-        except BrokenPipeError:  # the consumer is gone and wants no answer
-            return
+            digests = []
+            for path, data in files:
+                atomic_write(f"{root}/{path}" if root else path, data)
+                digests.append((len(data), md5_hex(data)))
+            stored = self._store(batch, files, digests) if batch is not None else None
+        except Exception as exc:  # reported to the consumer, which decides; the child goes on
+            self.failed_epoch = epoch
+            return ("failed", is_local(exc), describe(exc))
+        return ("written", digests, stored)
+
+    def _store(self, batch: BatchToStore, files: list[tuple[str, bytes]], digests: list[tuple[int, str]]
+               ) -> StoredBatch:
+        from ztfd import store
+        from ztfd.store.batches import store_batch
+
+        if self.conn is None:
+            if not self.db_path:
+                raise FileWriterError("no store to store the batch in")
+            self.conn = store.connect(Path(self.db_path))
+        return store_batch(self.conn, batch, {path: digest for (path, _), digest in zip(files, digests, strict=True)})
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+def serve(requests: IO[bytes], answers: IO[bytes], db_path: str = "") -> None:
+    """The child's loop: write (and store) each batch, answer, until the end of input."""
+    child = _Child(db_path)
+    try:
+        while (frame := _read_frame(requests)) is not None:
+            answer = pickle.dumps(child.handle(*pickle.loads(frame)), protocol=pickle.HIGHEST_PROTOCOL)
+            try:
+                write_all(answers.fileno(), HEADER.pack(len(answer)) + answer)
+            except BrokenPipeError:  # the consumer is gone and wants no answer
+                return
+    finally:
+        child.close()
 
 
 def main() -> None:
@@ -173,7 +242,7 @@ def main() -> None:
     if not die_with_parent(int(sys.argv[1]), signal.SIGKILL):  # the consumer is already gone
         os._exit(0)
     with open(0, "rb", buffering=0, closefd=False) as requests, open(1, "wb", buffering=0, closefd=False) as answers:
-        serve(requests, answers)
+        serve(requests, answers, sys.argv[2] if len(sys.argv) > 2 else "")
 
 
 if __name__ == "__main__":

@@ -56,12 +56,15 @@ class Waiting(enum.StrEnum):
 OPEN_STATES = (JobState.READY, JobState.LEASED)
 
 
+FETCH_JOB = "stamps"  # ``jobs.kind`` of a job that fetches the stamps, then draws the preview
+
+
 @dataclass(frozen=True)
 class NewStampJob:
     alert_id: int
     dedupe_key: str | None = None  # see ``detection_key``; None: never deduplicated (replay batches)
     force: bool = False  # refetch files already valid on disk
-    kind: str = "stamps"  # "stamps": fetch, then preview; "preview": the stamps came in the packet, draw only
+    kind: str = "stamps"  # FETCH_JOB: fetch, then preview; "preview": the stamps came in the packet, draw only
 
 
 @dataclass(frozen=True)
