@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -63,6 +64,7 @@ def test_a_writer_that_died_is_an_error_not_a_hang(tmp_path: Path) -> None:
         with pytest.raises(FileWriterError, match="has exited"):
             writer.submit([(f"{tmp_path}/b.json", b"{}")] * 50_000)  # larger than a pipe: the write fails
             writer.wait()
+        assert writer.pending == 0  # nothing more is coming: a loop draining the answers ends
     finally:
         writer.close()
 
@@ -146,8 +148,8 @@ def test_a_batch_is_stored_after_its_files_in_one_transaction(tmp_path: Path) ->
     assert count_alerts(conn) == 8
     rows = {row.path: row for row in manifest_files(conn, "data/")}
     assert all((tmp_path / path).read_bytes() == data for path, data in files + again_files)
-    assert {path: (rows[path].size, rows[path].md5) for path, _ in files} == dict(
-        zip((path for path, _ in files), written.digests, strict=True))
+    assert {path: (rows[path].size, rows[path].md5) for path, _ in files} == {
+        path: (len(data), hashlib.md5(data).hexdigest()) for path, data in files}
     assert stored_offsets(conn, "t")[0].next_offset == 8
     assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 8
     conn.close()
@@ -176,5 +178,21 @@ def test_a_batch_behind_one_that_failed_is_skipped_until_the_failure_is_read(tmp
         assert writer.wait().stored.accepted == [0, 1, 2]
         assert count_alerts(conn) == 3 and stored_offsets(conn, "t")[0].next_offset == 6
         conn.close()
+    finally:
+        writer.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_long_answer_does_not_block_a_large_submission(tmp_path: Path) -> None:
+    """The answer to a batch of many files is larger than a default pipe (64 KiB) and the next batch is larger than
+    the requests' pipe: the child must be able to answer while the consumer submits (it once deadlocked)."""
+    many = [(f"{tmp_path}/many/{n}.json", b"{}") for n in range(3000)]  # ~130 kB of (size, md5) answers
+    large = [(f"{tmp_path}/large/{n}.bin", b"x" * 100_000) for n in range(20)]  # 2 MB, twice the pipe
+    writer = FileWriter()
+    try:
+        writer.submit(many)
+        writer.submit(large)
+        assert len(writer.wait().digests) == 3000
+        assert len(writer.wait().digests) == 20
     finally:
         writer.close()

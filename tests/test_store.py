@@ -196,8 +196,8 @@ def test_a_v5_store_walks_its_pending_files_oldest_first_after_its_migration(
     make_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Version 6 orders the pending files' index by record time (new rows land at its end, not at random places of a
-    second path-ordered tree): a version-5 store gets the new index, and uploads go oldest first, a page at a time,
-    with a file recorded again during the walk coming again at its end."""
+    second path-ordered tree): a version-5 store gets the new index, and uploads go oldest first, a page at a time;
+    what is recorded during a walk (a new file, new bytes for one being walked) waits for the next walk."""
     cfg = config.load(make_config(kafka={"topics": [TOPIC]}))
     conn = store.connect(cfg.db_path)
     clock = iter(float(t) for t in range(1_000, 2_000))
@@ -212,7 +212,9 @@ def test_a_v5_store_walks_its_pending_files_oldest_first_after_its_migration(
     assert "(recorded_at, path)" in sql
     walk = manifest.iter_pending(conn, page=2)
     seen = [next(walk).path, next(walk).path, next(walk).path]
-    manifest.record_files(conn, [("images/z", 2, "new bytes")])  # rewritten while the walk is on its second page
+    manifest.record_files(conn, [("images/z", 2, "new bytes"), ("data/new", 1, "x")])  # during the second page
     seen.extend(item.path for item in walk)
-    assert seen == ["images/z", "data/m", "data/a", "images/b", "images/z"]
+    assert seen == ["images/z", "data/m", "data/a", "images/b"]
+    assert [item.path for item in manifest.iter_pending(conn)] == ["data/m", "data/a", "images/b", "data/new",
+                                                                    "images/z"]
     conn.close()

@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 from ztfd import lifecycle, nights, providers, sources, store, topics
 from ztfd.config import Config, ConfigError
 from ztfd.files import remove_stale_temporaries
-from ztfd.filewriter import FileWriter
+from ztfd.filewriter import BatchSkippedError, FileWriter
 from ztfd.localtrouble import Condition, describe, is_local
 from ztfd.logs import AlertLog, Throttle
 from ztfd.partitions import KafkaView, Partition, PartitionWatch
@@ -181,16 +181,16 @@ class TopicConsumer:
         self._look_at_topic(force=True)
         log.info("consuming %s from %s as group %s", self.topic, self.cfg.kafka.bootstrap_servers,
                  self.cfg.kafka.group_id)
-        # A pipeline two batches deep: while the file writer writes and stores batches k and k+1, the main thread
-        # polls and prepares batch k+2, then waits for batch k. The writer stores batches in order, each after
-        # its files are on disk.
+        # A pipeline one batch deep: while the file writer writes and stores batch k, the main thread polls and
+        # prepares batch k+1, hands it over, then waits for batch k. The writer stores batches in order, each
+        # after its files are on disk.
         in_flight: deque[Batch] = deque()
         code = 0
         try:
             while not self.stopping.is_set():
                 # With a batch in hand, only a glance at Kafka: waiting the whole poll timeout for messages
-                # that may not come would hold the batch unstored (after a burst ending on a full batch, the
-                # last one waited 0.5 s: a fifth of bin/bench ingest's run).
+                # that may not come would leave the batch's answer unread, its Kafka commit and log lines
+                # late (after a burst ending on a full batch, 0.5 s: a fifth of bin/bench ingest's run).
                 messages = self._next_batch(DRAIN_TIMEOUT if in_flight else POLL_TIMEOUT)
                 self._heartbeat()
                 if messages:
@@ -215,6 +215,8 @@ class TopicConsumer:
         except sources.SourceUnavailableError as exc:
             log.error("%s; stopping without storing the batch in hand (read again at the restart)", exc)
             code = 1
+            while in_flight:  # those handed to the writer are good and being stored: log and commit them
+                self._store_oldest(in_flight)
         finally:
             self.close()
         log.info("stopped consuming %s after storing %d alerts", self.topic, self.stored_total)
@@ -263,7 +265,7 @@ class TopicConsumer:
         Nothing is stored and no offset moves meanwhile; rewriting a file that is already there is harmless (same
         name, same bytes, atomic)."""
         while self.files.pending:  # the later batches: the writer skipped them after the failure (written below)
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(BatchSkippedError):  # anything else (the writer gone) ends the consumer
                 self.files.wait()
         pause = self.trouble.failed(self.conn, describe(trouble))
         while in_flight and not self.stopping.wait(pause):

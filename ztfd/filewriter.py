@@ -14,7 +14,9 @@ bytes), ...], batch, epoch)``; the child writes the files in order with ``atomic
 not empty), then, if ``batch`` (a ``store.batches.BatchToStore``) is given, stores it with the files' sizes and MD5s
 in one transaction (the sync manifest's MD5s are computed here: for Avro packets, ~160 kB an alert, they were a
 sixth of the consumer's time). It answers with a length-prefixed pickle of ``("written", [(size, md5), ...],
-stored)``, ``("failed", local, text)`` or ``("skipped",)``. Answers come in the order of the requests.
+stored)`` (the digests only when no store part was given: the store has them otherwise, and an answer of a few
+bytes per file could fill the pipe back while the consumer waits to submit), ``("failed", local, text)`` or
+``("skipped",)``. Answers come in the order of the requests.
 
 Batches are stored in order, each after its files, and never one after a batch that failed: once a request fails,
 the child skips (writes and stores nothing of) every later request of the same *epoch*; the consumer's side moves
@@ -65,8 +67,8 @@ class BatchSkippedError(FileWriterError):
 
 
 class Written(NamedTuple):
-    """A batch on disk: the (size, MD5) of each of its files, in order, and what its store transaction did (None
-    when no store was asked for)."""
+    """A batch on disk: without a store part, the (size, MD5) of each of its files, in order; with one, what its
+    store transaction did (``stored``; ``digests`` is then empty: the manifest has them)."""
 
     digests: list[tuple[int, str]]
     stored: StoredBatch | None
@@ -120,6 +122,7 @@ class FileWriter:
             raise FileWriterError("no batch is waiting to be written")
         answer = _read_frame(self._child.stdout)
         if answer is None:
+            self.pending = 0  # nothing more will be answered
             raise self._gone()
         self.pending -= 1
         kind, *rest = pickle.loads(answer)
@@ -153,8 +156,10 @@ class FileWriter:
         assert self._child.stdin is not None
         # A batch of Avro packets is megabytes: through a 64 KiB pipe the consumer waited on the child's every
         # read. Linux lets a pipe grow to /proc/sys/fs/pipe-max-size (1 MiB by default); elsewhere it stays.
-        with contextlib.suppress(OSError, AttributeError):
-            fcntl.fcntl(self._child.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        # The answers' pipe too: a child blocked on a full one while the consumer blocks submitting is a deadlock.
+        for pipe in (self._child.stdin, self._child.stdout):
+            with contextlib.suppress(OSError, AttributeError):
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         return self._child
 
     def _gone(self) -> FileWriterError:
@@ -201,11 +206,12 @@ class _Child:
             for path, data in files:
                 atomic_write(f"{root}/{path}" if root else path, data)
                 digests.append((len(data), md5_hex(data)))
-            stored = self._store(batch, files, digests) if batch is not None else None
+            if batch is not None:
+                return ("written", [], self._store(batch, files, digests))
         except Exception as exc:  # reported to the consumer, which decides; the child goes on
             self.failed_epoch = epoch
             return ("failed", is_local(exc), describe(exc))
-        return ("written", digests, stored)
+        return ("written", digests, None)
 
     def _store(self, batch: BatchToStore, files: list[tuple[str, bytes]], digests: list[tuple[int, str]]
                ) -> StoredBatch:

@@ -165,9 +165,7 @@ def alert_files(alert: Alert, folder: str, stem: str, images: str, metadata: dic
 
     ``raw`` is never re-serialised: large integers and float digits stay exactly as sent.
     """
-    # orjson, not json: ztfd's part of every alert file was a tenth of the consumer's main thread with json.dumps
-    # (bin/bench ingest on tmpfs, where that thread is the limit); its text is the same JSON, without spaces.
-    meta = orjson.dumps(metadata)
+    meta = _metadata_json(metadata)
     if alert.suffix == ".json":
         files = [(f"{folder}/{stem}.json", b'{"message": ' + alert.raw + b', "ztfd": ' + meta + b"}\n")]
     else:
@@ -177,6 +175,17 @@ def alert_files(alert: Alert, folder: str, stem: str, images: str, metadata: dic
     files.extend((f"{images}/{named}_{cutout.kind}{cutout.suffix}", cutout.data)
                  for cutout in alert.cutouts if cutout.data is not None)
     return files
+
+
+def _metadata_json(metadata: dict[str, Any]) -> bytes:
+    """ztfd's part of an alert file. orjson, not json: with json.dumps it was a tenth of the consumer's main thread
+    (bin/bench ingest on tmpfs, where that thread is the limit); the same JSON, without spaces, non-ASCII as UTF-8.
+    What orjson refuses (a lone surrogate in a nested field's name, as a hostile message may send) goes through
+    json, which escapes it."""
+    try:
+        return orjson.dumps(metadata)
+    except orjson.JSONEncodeError:
+        return json.dumps(metadata).encode()
 
 
 def view_json(view: Any) -> bytes:

@@ -114,13 +114,19 @@ def count_pending(conn: sqlite3.Connection) -> int:
 
 def iter_pending(conn: sqlite3.Connection, page: int = PAGE_ROWS) -> Iterator[FileRecord]:
     """Pending rows oldest first (by record time, then path), a page at a time: keyset pagination on the partial
-    index, never the table. A row recorded again during the walk moves to its end and comes again."""
+    index, never the table.
+
+    Only rows recorded before the walk began: under load new rows keep arriving behind the cursor, and a walk that
+    took them would never end (nor would the pass, its retention and ``sync --once``); and a row recorded again
+    during the walk (new bytes while its old ones are being uploaded) would be uploaded twice at once, the older
+    PUT possibly landing last. Those wait for the next walk."""
+    until = time.time()
     after: tuple[float, str] = (float("-inf"), "")
     while True:
         rows = conn.execute(
-            "SELECT path, size, md5, recorded_at FROM manifest "
-            "WHERE state = 'pending' AND (recorded_at, path) > (?, ?) ORDER BY recorded_at, path LIMIT ?",
-            (*after, page)).fetchall()
+            "SELECT path, size, md5, recorded_at FROM manifest WHERE state = 'pending' "
+            "AND (recorded_at, path) > (?, ?) AND recorded_at <= ? ORDER BY recorded_at, path LIMIT ?",
+            (*after, until, page)).fetchall()
         if not rows:
             return
         for row in rows:
