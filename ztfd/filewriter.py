@@ -46,11 +46,11 @@ import sys
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-from ztfd import lifecycle
+from ztfd import lifecycle, store
 from ztfd.files import atomic_write, md5_hex, write_all
 from ztfd.localtrouble import LocalTroubleError, describe, is_local
 from ztfd.procs import die_with_parent
-from ztfd.store.batches import BatchToStore, StoredBatch
+from ztfd.store.batches import BatchToStore, StoredBatch, store_batch
 
 HEADER = struct.Struct(">Q")
 PIPE_BYTES = 1024 * 1024  # the size asked for the pipe to the child
@@ -215,9 +215,6 @@ class _Child:
 
     def _store(self, batch: BatchToStore, files: list[tuple[str, bytes]], digests: list[tuple[int, str]]
                ) -> StoredBatch:
-        from ztfd import store
-        from ztfd.store.batches import store_batch
-
         if self.conn is None:
             if not self.db_path:
                 raise FileWriterError("no store to store the batch in")

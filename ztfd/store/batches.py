@@ -52,12 +52,12 @@ def store_batch(conn: sqlite3.Connection, batch: BatchToStore, digests: dict[str
     now = batch.received_at
     with transaction(conn):
         ids = insert_alerts(conn, batch.topic, [entry.alert for entry in batch.alerts], now)
-        accepted = [index for index, alert_id in enumerate(ids) if alert_id is not None]
+        stored = [(index, alert_id) for index, alert_id in enumerate(ids) if alert_id is not None]
+        accepted = [index for index, _ in stored]
         add_rejected(conn, batch.topic, batch.rejected, now)
         record_files(conn, [(path, *digests[path]) for index in accepted for path in batch.alerts[index].files])
-        jobs = [NewStampJob(alert_id, dedupe_key=entry.dedupe_key, kind=entry.job_kind)
-                for entry, alert_id in ((batch.alerts[index], ids[index]) for index in accepted)
-                if entry.job_kind is not None and alert_id is not None]
+        jobs = [NewStampJob(alert_id, dedupe_key=batch.alerts[index].dedupe_key, kind=kind)
+                for index, alert_id in stored if (kind := batch.alerts[index].job_kind) is not None]
         if jobs:
             enqueue(conn, jobs, now=now)
         for partition, (generation, next_offset) in batch.offsets.items():
