@@ -17,7 +17,7 @@ import time
 from bench.common import Results, Row, Settings, median, ratio
 from bench.ingest import consume_rate, loop_rate
 from bench.stamps import synthetic_object_id
-from ztfd.demo import EmbeddedServices
+from ztfd.embedded.demo import EmbeddedServices
 
 TOPIC = "bench-avro"
 

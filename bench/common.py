@@ -19,8 +19,8 @@ from typing import Any
 
 import psutil
 
-from ztfd import demo
-from ztfd.demo import child_env, ztfd_argv
+from ztfd.embedded import demo
+from ztfd.embedded.demo import child_env, ztfd_argv
 
 ROLE_BY_COMMAND = {"consume": "consumer", "fetch": "fetcher", "sync": "syncer", "start": "supervisor"}
 
@@ -120,11 +120,11 @@ def role_of(proc: psutil.Process) -> str | None:
 
 
 def helpers_rss_mb(proc: psutil.Process) -> float:
-    """The RSS of a ztfd process's helper children (a consumer's ``ztfd.filewriter``), counted as its own."""
+    """The RSS of a ztfd process's helper children (a consumer's ``ztfd.ingest.filewriter``), counted as its own."""
     total = 0.0
     for child in proc.children():
         with contextlib.suppress(psutil.Error):
-            if "ztfd.filewriter" in child.cmdline():
+            if "ztfd.ingest.filewriter" in child.cmdline():
                 total += child.memory_info().rss / 2**20
     return total
 

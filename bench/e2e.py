@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.common import Results, Row, RssSampler, Settings, wait_until
 from bench.stamps import synthetic_packets
 from ztfd import store
-from ztfd.demo import FAST_KAFKA_OPTIONS, LOCAL_AWS_ENV, Daemon, write_config
+from ztfd.embedded.demo import FAST_KAFKA_OPTIONS, LOCAL_AWS_ENV, Daemon, write_config
 from ztfd.store import jobs
 from ztfd.store.alerts import count_alerts, iter_alerts
 from ztfd.store.manifest import ManifestFile, count_pending, manifest_files

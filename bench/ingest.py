@@ -25,7 +25,7 @@ from typing import Any
 
 from bench.common import Results, Row, RssSampler, Settings, median, python_child, ratio, wait_until, ztfd_child
 from ztfd import store
-from ztfd.demo import FAST_KAFKA_OPTIONS, EmbeddedServices, write_config
+from ztfd.embedded.demo import FAST_KAFKA_OPTIONS, EmbeddedServices, write_config
 from ztfd.store.alerts import count_alerts, iter_alerts
 from ztfd.store.manifest import manifest_files
 from ztfd.store.rejected import rejected_counts

@@ -22,7 +22,7 @@ from typing import Any
 from bench.common import Results, Row, Settings, median, ratio
 from bench.ingest import compare
 from bench.stamps import LATENCY, WORKERS, alerce_rate, pool_rate
-from ztfd.demo import EmbeddedServices
+from ztfd.embedded.demo import EmbeddedServices
 from ztfd.store.alerts import NewAlert
 
 TOPIC = "bench-lsst-full"
@@ -71,8 +71,8 @@ def profile(messages: list[bytes]) -> dict[str, float]:
     """CPU ms per message of each step the consumer (and the naive loop) does with these messages."""
     import datetime as dt
 
-    from ztfd import nights
     from ztfd.files import md5_hex
+    from ztfd.ingest import nights
     from ztfd.sources import alert_files, lasair
 
     source = lasair.LasairSource()

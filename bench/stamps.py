@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.common import Results, Row, RssSampler, Settings, median, python_child, ratio, wait_until, ztfd_child
 from ztfd import store
-from ztfd.demo import write_config
+from ztfd.embedded.demo import write_config
 from ztfd.store import jobs
 from ztfd.store.alerts import NewAlert, insert_alerts
 from ztfd.store.processes import processes

@@ -31,8 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import Results, Row, Settings
-from ztfd import config, housekeeping, replay, status, store
-from ztfd.demo import FAST_KAFKA_OPTIONS, EmbeddedServices, child_env, write_config, ztfd_argv
+from ztfd import config, store
+from ztfd.daemon import housekeeping
+from ztfd.embedded.demo import FAST_KAFKA_OPTIONS, EmbeddedServices, child_env, write_config, ztfd_argv
+from ztfd.reporting import status
+from ztfd.stamps import replay
 from ztfd.store import jobs, manifest
 from ztfd.store.alerts import NewAlert, insert_alerts
 from ztfd.store.db import StoreSize, store_size

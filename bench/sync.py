@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.common import Results, Row, RssSampler, Settings, median, ratio, ztfd_child
 from ztfd import files, store
-from ztfd.demo import LOCAL_AWS_ENV, child_env, write_config
+from ztfd.embedded.demo import LOCAL_AWS_ENV, child_env, write_config
 from ztfd.store import manifest
 from ztfd.sync import status as sync_status
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from ztfd import demo
+from ztfd.embedded import demo
 from ztfd.embedded.alerce import StampService
 from ztfd.embedded.kafka import KafkaBroker
 

@@ -122,7 +122,7 @@ def temporaries(root: Path) -> list[Path]:
 
 
 def drive_worker(worker: Any, condition: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
-    """Run ``worker`` (a ``ztfd.stamps.Worker``) in this process until ``condition`` holds, then stop it."""
+    """Run ``worker`` (a ``ztfd.stamps.fetcher.Worker``) in this process until ``condition`` holds, then stop it."""
     import asyncio
 
     async def drive() -> None:

@@ -18,9 +18,9 @@ import pytest
 from tests.conftest import child_env, wait_until, ztfd_command
 from tests.kafka_fakes import FakeMessage, NoKafka
 from ztfd import sources, store
-from ztfd.consumer import TopicConsumer
 from ztfd.embedded import samples
 from ztfd.embedded.kafka import KafkaBroker
+from ztfd.ingest.consumer import TopicConsumer
 from ztfd.store import jobs as store_jobs
 from ztfd.store.alerts import alerts_by_id
 from ztfd.store.manifest import manifest_files
@@ -378,7 +378,7 @@ def test_a_recreated_topic_starts_a_new_generation(
 
 
 def test_a_batch_spanning_a_recreation_resumes_in_the_new_generation() -> None:
-    from ztfd.consumer import Incoming, next_offsets
+    from ztfd.ingest.consumer import Incoming, next_offsets
 
     # The deleted topic's last offsets (100, 101) and the recreated topic's first (0..4) in one batch.
     items = [Incoming(None, 0, 100, 0), Incoming(None, 0, 101, 0)] + [Incoming(None, 0, o, 1) for o in range(5)]

@@ -1,4 +1,5 @@
-"""Recreated topics and lost offsets, judged on evidence (ztfd.partitions) by a consumer on a real broker (Tansu).
+"""Recreated topics and lost offsets, judged on evidence (ztfd.ingest.partitions) by a consumer on a real broker
+(Tansu).
 
 Tansu reports topic ids (KIP-516) but supports neither retention nor DeleteRecords, so a gap cannot be made on it:
 the gap test drives the consumer's own code with a broker view that reports an earliest offset past the stored
@@ -28,9 +29,9 @@ from tests.test_consumer import (
     unique,
 )
 from ztfd import config, store
-from ztfd.consumer import TopicConsumer
 from ztfd.embedded import samples
 from ztfd.embedded.kafka import KafkaBroker
+from ztfd.ingest.consumer import TopicConsumer
 from ztfd.store import gaps as store_gaps
 
 
@@ -112,14 +113,14 @@ def test_offsets_gone_from_the_broker_are_recorded_once_as_a_gap_and_logged(
     consumer.consumer = NoKafka()
     store_batch(consumer, messages[:10])  # ztfd read 0..9, then was down while retention deleted 10..39
     consumer.watch.view = BrokerPastTheStoredOffset()
-    with caplog.at_level(logging.ERROR, logger="ztfd.consumer"):
+    with caplog.at_level(logging.ERROR, logger="ztfd.ingest.consumer"):
         store_batch(consumer, messages[40:50])
     consumer.close()
     again = TopicConsumer(cfg, "t", "consumer:t")  # a restart that reads the same offsets again
     again.consumer = NoKafka()
     again.watch.view = BrokerPastTheStoredOffset()
     again._assign = lambda partitions: None  # type: ignore[method-assign]
-    from ztfd.partitions import Partition
+    from ztfd.ingest.partitions import Partition
 
     again.watch.partitions[0] = Partition(0, 10)
     store_batch(again, messages[40:60])

@@ -28,6 +28,7 @@ import pytest
 from tests.conftest import child_env, wait_until, ztfd_command
 from tests.tcp_proxy import TcpProxy
 from ztfd import config, files, store
+from ztfd.daemon.supervisor import is_our_child, pid_alive, proc_environ
 from ztfd.embedded.alerce import StampService
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.net import wait_for_port
@@ -40,7 +41,6 @@ from ztfd.store.manifest import FileState, count_pending, state_totals
 from ztfd.store.processes import processes
 from ztfd.store.rejected import rejected_counts
 from ztfd.store.stamps import stamp_records
-from ztfd.supervisor import is_our_child, pid_alive, proc_environ
 
 ALERTS = 2200
 WAVES = 4

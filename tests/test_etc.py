@@ -14,10 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import child_env, wait_until, ztfd_command
-from ztfd import config, lifecycle
+from ztfd import config
+from ztfd.daemon import lifecycle
+from ztfd.daemon.supervisor import pid_alive
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.samples import message_stream
-from ztfd.supervisor import pid_alive
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
 # The topic etc/supervisord.conf ships a consumer program for.

@@ -13,8 +13,8 @@ import pytest
 
 from tests.conftest import wait_until
 from ztfd import store
-from ztfd.filewriter import BatchSkippedError, FileWriter, FileWriterError
-from ztfd.procs import pid_alive
+from ztfd.daemon.procs import pid_alive
+from ztfd.ingest.filewriter import BatchSkippedError, FileWriter, FileWriterError
 from ztfd.store.alerts import NewAlert, count_alerts
 from ztfd.store.batches import AlertToStore, BatchToStore
 from ztfd.store.manifest import manifest_files
@@ -88,7 +88,7 @@ def test_the_writer_dies_with_a_consumer_killed_with_minus_9(tmp_path: Path) -> 
     """No file of a killed consumer may be written after its successor started."""
     parent = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys; from ztfd.filewriter import FileWriter\n"
+         "import sys; from ztfd.ingest.filewriter import FileWriter\n"
          "w = FileWriter(); w.submit([(sys.argv[1], b'{}')]); w.wait(); print(w.pid, flush=True)\n"
          "sys.stdin.read()",
          str(tmp_path / "a.json")],

@@ -17,9 +17,9 @@ from ztfd.config import StampsConfig
 from ztfd.embedded.alerce import AVRO, DETECTIONS, STAMP, StampService
 from ztfd.embedded.avro_samples import ztf_packet_bytes
 from ztfd.embedded.samples import packets
-from ztfd.providers import NotYetAvailableError, StampRequest
-from ztfd.providers.alerce_ztf import AlerceZtf
-from ztfd.stamps import preview_path, stamp_path
+from ztfd.stamps.fetcher import preview_path, stamp_path
+from ztfd.stamps.providers import NotYetAvailableError, StampRequest
+from ztfd.stamps.providers.alerce_ztf import AlerceZtf
 from ztfd.store.manifest import manifest_files
 
 GET_AVRO = {"ztf_request": "get_avro", "detections_fresh": 600.0}

@@ -1,4 +1,4 @@
-"""What the store forgets (``ztfd prune``, ztfd.housekeeping): done jobs, rows of gone processes, old rejected
+"""What the store forgets (``ztfd prune``, ztfd.daemon.housekeeping): done jobs, rows of gone processes, old rejected
 messages (exported to files that sync uploads), and what ``ztfd status`` and ``replay`` still know afterwards."""
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import pytest
 
 from tests.conftest import child_env, ztfd_command
 from tests.stamp_support import add_alerts
-from ztfd import config, housekeeping, status, store
+from ztfd import config, store
+from ztfd.daemon import housekeeping
 from ztfd.embedded.s3 import S3Server
 from ztfd.embedded.samples import packets
 from ztfd.files import md5_hex
+from ztfd.reporting import status
 from ztfd.store import jobs, rejected
 from ztfd.store.manifest import manifest_files
 from ztfd.store.processes import process, processes, record_child

@@ -1,4 +1,4 @@
-"""``ztfd.lifecycle`` with real processes and real signals: the stop event, the cold stop, terminate, backoff."""
+"""``ztfd.daemon.lifecycle`` with real processes and real signals: the stop event, the cold stop, terminate, backoff."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import textwrap
 import pytest
 
 from tests.conftest import child_env, wait_until
-from ztfd import lifecycle
+from ztfd.daemon import lifecycle
 
 # A role in miniature: it stops on the first signal, then takes "forever" to finish (an upload in flight).
 SLOW_TO_STOP = """
     import logging, sys, threading
-    from ztfd import lifecycle
+    from ztfd.daemon import lifecycle
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     stop = lifecycle.Stop().install()
     print("ready", flush=True)
@@ -29,7 +29,7 @@ SLOW_TO_STOP = """
 # A role that sleeps between rounds of work: the stop must wake it in a thread, in asyncio and in the main loop.
 SLEEPING_LOOP = """
     import asyncio, logging, sys, threading
-    from ztfd import lifecycle
+    from ztfd.daemon import lifecycle
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     woken = []
 

@@ -26,10 +26,10 @@ from ztfd import config, store
 from ztfd.embedded import samples
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.samples import packets
-from ztfd.stamps import preview_path, stamp_path
+from ztfd.stamps.fetcher import preview_path, stamp_path
 from ztfd.store.alerts import count_alerts
-from ztfd.store.facts import statuses_with_prefix
 from ztfd.store.manifest import manifest_files
+from ztfd.store.status_facts import statuses_with_prefix
 
 GROWN = "64m"
 

@@ -13,10 +13,17 @@ import pytest
 from ztfd.config import StampsConfig
 from ztfd.embedded import lsst_samples
 from ztfd.embedded.alerce import first_hdu
-from ztfd.providers import PROVIDERS, Detection, FetchError, NotYetAvailableError, StampRequest, configured_surveys
-from ztfd.providers.alerce_lsst import AlerceLsst, parse_detections
-from ztfd.providers.lasair_lsst import LasairLsst
 from ztfd.sources import LSST, ZTF
+from ztfd.stamps.providers import (
+    PROVIDERS,
+    Detection,
+    FetchError,
+    NotYetAvailableError,
+    StampRequest,
+    configured_surveys,
+)
+from ztfd.stamps.providers.alerce_lsst import AlerceLsst, parse_detections
+from ztfd.stamps.providers.lasair_lsst import LasairLsst
 
 SAMPLE = lsst_samples.object_alerts()[0]
 TAI_MINUS_UTC = 37 / 86400
@@ -127,7 +134,7 @@ def test_the_preview_of_a_rubin_triplet_is_headed_to_fit_its_narrow_canvas() -> 
 
     from PIL import Image
 
-    from ztfd import preview
+    from ztfd.stamps import preview
 
     provider = AlerceLsst(StampsConfig())
     images = {kind: provider.check(gzip.compress(data)) for kind, data in SAMPLE.cutouts.items()}

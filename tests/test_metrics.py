@@ -60,7 +60,7 @@ def test_a_missing_program_skips_but_fails_in_ci(monkeypatch: pytest.MonkeyPatch
 
 
 def test_loopback_addresses() -> None:
-    from ztfd.metrics import is_loopback
+    from ztfd.reporting.metrics import is_loopback
 
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.1.2.3", "::1", "localhost"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.10", "metrics.example.org"))

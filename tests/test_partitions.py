@@ -1,11 +1,11 @@
-"""The evidence rules of ztfd.partitions, with a broker seen through a scripted view (the real broker cannot be
+"""The evidence rules of ztfd.ingest.partitions, with a broker seen through a scripted view (the real broker cannot be
 made to report a low watermark on demand; tests/test_consumer_offsets.py runs the same rules against Tansu)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ztfd.partitions import CONFIRM_AFTER, Partition, PartitionWatch
+from ztfd.ingest.partitions import CONFIRM_AFTER, Partition, PartitionWatch
 
 
 @dataclass

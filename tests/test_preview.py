@@ -9,8 +9,8 @@ import pytest
 from astropy.visualization import ZScaleInterval
 from PIL import Image
 
-from ztfd import preview
 from ztfd.embedded.samples import packets
+from ztfd.stamps import preview
 
 ZTF_PACKETS = [p for p in packets() if p.object_id.startswith("ZTF")]
 

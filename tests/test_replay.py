@@ -21,10 +21,10 @@ from tests.stamp_support import (
 from ztfd import config, files, store
 from ztfd.embedded.alerce import DETECTIONS, STAMP
 from ztfd.embedded.samples import packets
-from ztfd.providers.packet import PREVIEW_JOB
-from ztfd.replay import plan as replay_plan
 from ztfd.sources import STAMP_TYPES
-from ztfd.stamps import preview_path, stamp_path
+from ztfd.stamps.fetcher import preview_path, stamp_path
+from ztfd.stamps.providers.packet import PREVIEW_JOB
+from ztfd.stamps.replay import plan as replay_plan
 from ztfd.store.alerts import NewAlert, insert_alerts
 from ztfd.store.processes import process, processes
 

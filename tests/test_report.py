@@ -18,11 +18,12 @@ import pytest
 
 from tests import tools
 from tests.conftest import FAST_KAFKA_OPTIONS, child_env, wait_until, write_config, ztfd_command
-from ztfd import config, files, lightcurve, report, store
+from ztfd import config, files, store
 from ztfd.embedded.alerce import StampService
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.s3 import S3Server
 from ztfd.embedded.samples import message_stream, packets
+from ztfd.reporting import lightcurve, night_report
 
 NIGHT = "2021-09-01"  # five sample objects, one of them with two packets
 UNKNOWN = "ZTF19aayvyfa"  # the stamp service pretends not to know it: its stamps are missing, and why
@@ -198,19 +199,19 @@ def test_a_topic_report_and_pages_of_at_most_n_cards(home: Home) -> None:
 
     conn = home.conn()
     try:
-        written = report.build(home.cfg, conn, NIGHT, home.topic, per_page=2)
+        written = night_report.build(home.cfg, conn, NIGHT, home.topic, per_page=2)
     finally:
         conn.close()
     objects = home.objects(NIGHT)
     assert written.pages == -(-len(objects) // 2) >= 2
     seen: list[str] = []
     for number in range(1, written.pages + 1):
-        path = topic_index.parent / report.page_name(number)
+        path = topic_index.parent / night_report.page_name(number)
         cards = Page(path).cards
         assert 1 <= len(cards) <= 2
         seen += cards
         links = Page(path).links
-        assert all(report.page_name(n) in links for n in range(1, written.pages + 1) if n != number)
+        assert all(night_report.page_name(n) in links for n in range(1, written.pages + 1) if n != number)
     assert sorted(seen) == sorted(objects)
 
 
@@ -233,7 +234,7 @@ def test_report_files_sync_to_s3_like_any_other(home: Home, tmp_path: Path) -> N
     for src in page.images:
         target = local_target(folder / "index.html", src).relative_to(home.cfg.home.resolve())
         assert f"ztf/{target}" in keys, target
-    assert not any(key.endswith(report.DRAWN_INDEX) for key in keys)
+    assert not any(key.endswith(night_report.DRAWN_INDEX) for key in keys)
 
 
 @pytest.mark.parametrize("args", [["--date", "2021-13-01"], ["--date", "yesterday"], [],
@@ -305,5 +306,5 @@ def test_a_nights_images_are_those_on_disk_and_those_the_manifest_still_lists(tm
     archived = "images/2026-01-02/ZTF26bbbbbbb/2.png"  # in S3 only: its row is all that says so
     with store.transaction(conn):
         store.record_files(conn, [(archived, 1, "0" * 32), (on_disk[0], 1, "0" * 32)])
-    assert report.image_files_of_night(conn, tmp_path, "2026-01-02") == sorted([*on_disk, archived])
+    assert night_report.image_files_of_night(conn, tmp_path, "2026-01-02") == sorted([*on_disk, archived])
     conn.close()

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from ztfd import nights
 from ztfd.embedded import lsst_samples
+from ztfd.ingest import nights
 from ztfd.sources import DAY_OBS, LSST, SOURCES, UTC_DATE, ZTF, Alert, InvalidMessageError, alert_files, lasair
 
 RECEIVED = dt.datetime(2026, 11, 24, 3, 0, tzinfo=dt.UTC)

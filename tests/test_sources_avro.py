@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from tests.avro_support import RUBIN_SCHEMA_ID, fink_lsst, rubin_alerts, rubin_schema
-from ztfd import nights, sources, store
+from ztfd import sources, store
 from ztfd.embedded import avro_samples
 from ztfd.embedded.registry import SchemaRegistry
 from ztfd.embedded.samples import JD_MJD_OFFSET, packets
+from ztfd.ingest import nights
 from ztfd.sources import InvalidMessageError, SourceUnavailableError
 from ztfd.sources.packets import CUTOUT_FIELDS, NULL_IN_PACKET
-from ztfd.store.schemas import StoredSchemas
+from ztfd.store.avro_schemas import StoredSchemas
 
 MJD_EPOCH = dt.datetime(1858, 11, 17, tzinfo=dt.UTC)
 

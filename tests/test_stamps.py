@@ -26,9 +26,9 @@ from ztfd import config, store
 from ztfd.embedded.alerce import DETECTIONS, STAMP
 from ztfd.embedded.samples import packets
 from ztfd.files import md5_hex
-from ztfd.providers import NotYetAvailableError
-from ztfd.providers.alerce_ztf import Listed, choose_candid
-from ztfd.stamps import preview_path, stamp_path
+from ztfd.stamps.fetcher import preview_path, stamp_path
+from ztfd.stamps.providers import NotYetAvailableError
+from ztfd.stamps.providers.alerce_ztf import Listed, choose_candid
 from ztfd.store import jobs as store_jobs
 from ztfd.store.manifest import manifest_files
 from ztfd.store.processes import process
@@ -410,7 +410,7 @@ def test_a_job_that_kills_its_workers_ends_failed(make_config, stamp_service, tm
 def test_an_idle_worker_sleeps_until_the_next_job_is_due(make_config, stamp_service, monkeypatch):
     import time
 
-    from ztfd.stamps import Worker
+    from ztfd.stamps.fetcher import Worker
     from ztfd.store import jobs as jobqueue
 
     cfg = config.load(stamps_config(make_config, stamp_service.url, previews=False))
@@ -471,7 +471,7 @@ def test_reading_a_stamp_never_holds_much_more_than_its_cap():
     import tracemalloc
 
     from ztfd.embedded.alerce import _damaged
-    from ztfd.stampimage import StampLimits, StampTooLargeError, read_image
+    from ztfd.stamps.stampimage import StampLimits, StampTooLargeError, read_image
 
     limits = StampLimits()
     stamp = packets()[0].cutouts["science"]
@@ -507,7 +507,7 @@ def test_a_store_locked_past_its_busy_timeout_while_a_job_settles_delays_the_job
     import sqlite3
     import sys
 
-    from ztfd.stamps import Worker
+    from ztfd.stamps.fetcher import Worker
 
     cfg = config.load(stamps_config(make_config, stamp_service.url, previews=False, lease_seconds=2.0))
     conn = store.connect(cfg.db_path)
@@ -538,7 +538,7 @@ def test_a_store_locked_past_its_busy_timeout_while_a_job_settles_delays_the_job
 
 def test_a_crashed_task_does_not_keep_its_job_leased(make_config, stamp_service, monkeypatch):
     """A task that dies without settling its job: the job's lease is no longer renewed, so it comes back."""
-    from ztfd.stamps import Worker
+    from ztfd.stamps.fetcher import Worker
 
     cfg = config.load(stamps_config(make_config, stamp_service.url, previews=False, lease_seconds=1.5))
     conn = store.connect(cfg.db_path)
@@ -562,8 +562,8 @@ def test_a_crashed_task_does_not_keep_its_job_leased(make_config, stamp_service,
 def test_a_hung_side_step_times_out_and_its_job_goes_back(make_config, stamp_service, monkeypatch, caplog):
     import threading
 
-    from ztfd import preview
-    from ztfd.stamps import Worker
+    from ztfd.stamps import preview
+    from ztfd.stamps.fetcher import Worker
 
     cfg = config.load(stamps_config(make_config, stamp_service.url, step_timeout=1.0, concurrency=2))
     conn = store.connect(cfg.db_path)

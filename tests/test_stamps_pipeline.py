@@ -9,7 +9,7 @@ from tests.conftest import child_env, ztfd_command
 from tests.stamp_support import FAST_STAMPS, all_final, jobs, start_worker, stop_worker, wait_until
 from ztfd import config, store
 from ztfd.embedded.samples import lasair_message, packets
-from ztfd.stamps import preview_path, stamp_path
+from ztfd.stamps.fetcher import preview_path, stamp_path
 from ztfd.store.alerts import count_alerts
 
 

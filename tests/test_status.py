@@ -18,8 +18,9 @@ import pytest
 from tests.conftest import child_env, write_config, ztfd_command
 from tests.stamp_support import add_alerts
 from tests.test_store import TOPIC, load_fixture
-from ztfd import config, status, store
+from ztfd import config, store
 from ztfd.embedded.samples import packets
+from ztfd.reporting import status
 from ztfd.store import db as store_db
 from ztfd.store import jobs
 from ztfd.store.db import schema_version
@@ -198,7 +199,8 @@ def test_status_reads_no_history_table_whole(make_config: Callable[..., Path],
 # What ``ztfd status`` has no use for, and each costs it time to import, most of all from a cold disk (the command's
 # goal is 0.5 s cold, ``bin/bench store``): the supervisor and housekeeping, sync's upload machinery, and the
 # libraries of the alert formats, stamps, previews and S3.
-NOT_FOR_STATUS = ("ztfd.supervisor", "ztfd.housekeeping", "ztfd.sync.command", "ztfd.sync.upload", "fastavro",
+NOT_FOR_STATUS = ("ztfd.daemon.supervisor", "ztfd.daemon.housekeeping", "ztfd.sync.command", "ztfd.sync.upload",
+                  "fastavro",
                   "astropy", "numpy", "matplotlib", "PIL", "boto3", "botocore", "aiohttp", "requests", "psutil")
 
 
@@ -212,5 +214,5 @@ def test_status_imports_nothing_it_does_not_use(make_config: Callable[..., Path]
                             env=child_env(), capture_output=True, text=True, timeout=60)
     assert json.loads(result.stdout)["topics"][0]["alerts_total"] == 4, result.stderr
     modules = set(found.read_text().split())
-    assert "ztfd.status" in modules and "ztfd.sync.status" in modules
+    assert "ztfd.reporting.status" in modules and "ztfd.sync.status" in modules
     assert not {m for m in modules if m.split(".")[0] in NOT_FOR_STATUS or m in NOT_FOR_STATUS}

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import child_env, ztfd_command
-from ztfd import config, status, store
+from ztfd import config, store
+from ztfd.reporting import status
 from ztfd.store import counters, jobs, manifest, migrations
 from ztfd.store.alerts import NewAlert, count_received_on, insert_alerts, iter_alerts, utc_day
 from ztfd.store.db import StoreVersionError, schema_version

@@ -20,10 +20,10 @@ import pytest
 
 from tests.conftest import child_env, wait_until, ztfd_command
 from ztfd import config, store
+from ztfd.daemon.supervisor import STABLE_AFTER, pid_alive, proc_environ
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.samples import message_stream
 from ztfd.store.processes import record_child
-from ztfd.supervisor import STABLE_AFTER, pid_alive, proc_environ
 
 
 def run(cfg_path: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

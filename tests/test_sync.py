@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import child_env, wait_until, ztfd_command
-from ztfd import config, files, housekeeping, store, sync
+from ztfd import config, files, store, sync
+from ztfd.daemon import housekeeping
 from ztfd.embedded.s3 import S3Server
 from ztfd.store import manifest
 from ztfd.sync import pending, reconcile, retention, upload

@@ -93,14 +93,14 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
 @click.pass_context
 def consume(ctx: click.Context, topic: str) -> None:
     """Consume one topic in the foreground: store every alert, queue its stamps, until SIGTERM."""
-    from ztfd import topics
+    from ztfd.ingest import topics
 
     cfg = load_config(ctx)
     if topic not in cfg.kafka.topics and not topics.from_pattern(cfg.kafka.topics, topic):
         click.echo(f"ztfd: config: topic {topic} is not listed in kafka.topics (nor matched by a ^pattern)", err=True)
         ctx.exit(EXIT_CONFIG)
     setup_logging(cfg)
-    from ztfd import consumer
+    from ztfd.ingest import consumer
 
     try:
         code = consumer.run(cfg, topic, process_name(f"consumer:{topic}"))
@@ -116,9 +116,9 @@ def fetch(ctx: click.Context) -> None:
     """Run one stamp worker in the foreground: claim stamp jobs, fetch from ALeRCE, until SIGTERM."""
     cfg = load_config(ctx)
     setup_logging(cfg)
-    from ztfd import stamps
+    from ztfd.stamps import fetcher
 
-    ctx.exit(stamps.run_worker(cfg, process_name(f"fetcher:{os.getpid()}")))
+    ctx.exit(fetcher.run_worker(cfg, process_name(f"fetcher:{os.getpid()}")))
 
 
 @main.command(short_help=SHORT["replay"])
@@ -131,7 +131,7 @@ def replay(ctx: click.Context, date: str, topic: str | None, force: bool, worker
     """Refetch the stamps of every stored alert of DATE (through the daemon when it runs)."""
     cfg = load_config(ctx)
     setup_logging(cfg, console=False)
-    from ztfd import replay as replay_module
+    from ztfd.stamps import replay as replay_module
 
     ctx.exit(replay_module.run(cfg, date, topic=topic, force=force, workers=workers))
 
@@ -156,7 +156,7 @@ def sync(ctx: click.Context, once: bool, dry_run: bool, full: bool) -> None:
 def start(ctx: click.Context, foreground: bool) -> None:
     """Start the daemon: one consumer per topic, stamps.workers fetchers, one syncer."""
     cfg = load_config(ctx)
-    from ztfd import supervisor
+    from ztfd.daemon import supervisor
 
     ctx.exit(supervisor.start(cfg, foreground=foreground))
 
@@ -168,7 +168,7 @@ def start(ctx: click.Context, foreground: bool) -> None:
 def stop(ctx: click.Context, timeout: float | None) -> None:
     """Stop the daemon gracefully; exit 0 also when nothing runs."""
     cfg = load_config(ctx)
-    from ztfd import supervisor
+    from ztfd.daemon import supervisor
 
     ctx.exit(supervisor.stop(cfg, timeout=timeout))
 
@@ -179,7 +179,7 @@ def stop(ctx: click.Context, timeout: float | None) -> None:
 def status(ctx: click.Context, as_json: bool) -> None:
     """Show processes, topics, the stamp queue, sync and disk. Exit 0 when running, 3 when not."""
     cfg = load_config(ctx)
-    from ztfd import status as status_module
+    from ztfd.reporting import status as status_module
 
     report = status_module.collect(cfg)
     click.echo(json.dumps(report, indent=2) if as_json else status_module.render(report))
@@ -201,7 +201,7 @@ def show_config(ctx: click.Context) -> None:
 def rejected(ctx: click.Context, topic: str | None, limit: int) -> None:
     """List rejected (poison) messages with their reasons, newest first."""
     cfg = load_config(ctx)
-    from ztfd import consumer
+    from ztfd.ingest import consumer
 
     for line in consumer.describe_rejected(cfg, topic, limit):
         click.echo(line)
@@ -216,7 +216,7 @@ def metrics(ctx: click.Context) -> None:
         click.echo("ztfd: config: metrics.listen is empty: nothing to serve", err=True)
         ctx.exit(EXIT_CONFIG)
     setup_logging(cfg)
-    from ztfd import metrics as metrics_module
+    from ztfd.reporting import metrics as metrics_module
 
     ctx.exit(metrics_module.run(cfg, process_name("metrics")))
 
@@ -233,7 +233,7 @@ def report(ctx: click.Context, date: str | None, topic: str | None, watch: bool)
         click.echo("ztfd: report needs --date YYYY-MM-DD (or --watch, without --date)", err=True)
         ctx.exit(EXIT_CONFIG)
     setup_logging(cfg, console=watch)
-    from ztfd import report as report_module
+    from ztfd.reporting import night_report as report_module
 
     if watch:
         ctx.exit(report_module.run_watch(cfg, process_name("reporter")))
@@ -261,7 +261,8 @@ def prune(ctx: click.Context) -> None:
     """
     cfg = load_config(ctx)
     setup_logging(cfg)
-    from ztfd import housekeeping, store
+    from ztfd import store
+    from ztfd.daemon import housekeeping
 
     conn = store.connect(cfg.db_path)
     try:
@@ -280,7 +281,7 @@ def prune(ctx: click.Context) -> None:
 @click.pass_context
 def demo(ctx: click.Context, keep: bool, home: Path | None) -> None:
     """Run the whole pipeline on embedded local services (Kafka, S3, a stamp service) and sample alerts."""
-    from ztfd import demo as demo_module
+    from ztfd.embedded import demo as demo_module
 
     ctx.exit(demo_module.run(keep=keep, home=home))
 

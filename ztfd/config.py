@@ -63,7 +63,7 @@ class StampsConfig:
     concurrency: int = 8
     lease_seconds: float = 120.0
     match_tolerance: float = 60.0
-    ztf_provider: str = "alerce"  # where ZTF stamps come from (a ztfd.providers name) or none
+    ztf_provider: str = "alerce"  # where ZTF stamps come from (a ztfd.stamps.providers name) or none
     ztf_request: str = "get_avro"  # ALeRCE ZTF stamps: the whole packet in one request, or get_stamp per stamp
     detections_fresh: float = 600.0  # seconds a detections list serves the pool's other jobs of its object; 0: off
     max_stamp_bytes: int = 8 * 1024 * 1024  # a stamp's FITS, decompressed
@@ -306,8 +306,8 @@ def _build_section(name: str, cls: type, values: Any) -> Any:
 
 
 def _check_topic(where: str, entry: str) -> None:
-    """A topic name (it becomes a folder under data/) or a ``^`` pattern that compiles (``ztfd.topics``)."""
-    from ztfd import topics
+    """A topic name (it becomes a folder under data/) or a ``^`` pattern that compiles (``ztfd.ingest.topics``)."""
+    from ztfd.ingest import topics
 
     if topics.is_pattern(entry):
         try:
@@ -321,7 +321,7 @@ def _check_topic(where: str, entry: str) -> None:
 def _check_kafka(kafka: KafkaConfig, config_path: Path) -> KafkaConfig:
     """What needs several keys at once: each ``avro`` topic's schema file, the registry of ``confluent-avro``
     topics. Schema paths are made absolute (relative to the config file's folder) and must hold an Avro schema."""
-    from ztfd import topics
+    from ztfd.ingest import topics
 
     schemas = {}
     for entry, value in kafka.schemas.items():
@@ -422,7 +422,7 @@ def _check_type(section: str, key: str, fld: dataclasses.Field[Any], value: Any)
     if section == "kafka" and key == "group_id" and not result:
         raise ConfigError(f"config: {where} must not be empty")
     if section == "stamps" and key.endswith("_provider") and (section, key) not in CHOICES:
-        from ztfd import providers
+        from ztfd.stamps import providers
 
         names = providers.names_for(key.removesuffix("_provider"))
         if result not in (*names, *providers.NO_PROVIDER):

@@ -16,7 +16,7 @@ import secrets
 import threading
 from pathlib import Path
 
-from ztfd.procs import pid_alive
+from ztfd.daemon.procs import pid_alive
 
 TMP_SUFFIX = ".tmp"
 # A temporary is always a new file, never one that was there (O_EXCL), and never reached through a symlink.

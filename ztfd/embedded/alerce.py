@@ -49,7 +49,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from ztfd import lifecycle
+from ztfd.daemon import lifecycle
 from ztfd.embedded.avro_samples import ztf_packet_bytes
 from ztfd.embedded.lsst_samples import RubinAlert, object_alerts
 from ztfd.embedded.net import free_port

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ztfd import lifecycle
+from ztfd.daemon import lifecycle
 from ztfd.embedded.net import free_port, wait_for_port
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from ztfd import lifecycle
+from ztfd.daemon import lifecycle
 from ztfd.embedded.net import free_port, wait_for_port
 
 log = logging.getLogger(__name__)

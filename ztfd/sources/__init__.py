@@ -9,8 +9,8 @@ stores what comes back. Adding a format means adding a module here and one entry
 What the consumer does with an ``Alert`` (its whole contract with a source):
 - names it: ``object_id`` must be a ``PLAIN_ID`` (it becomes a folder and file name), else the message is
   rejected;
-- dates it: ``ztfd.nights.convert_times`` (one astropy call per kind of time field for a batch) fills
-  ``times_utc`` and the observation time (the field ``observation_key`` names), and ``ztfd.nights.date_of``
+- dates it: ``ztfd.ingest.nights.convert_times`` (one astropy call per kind of time field for a batch) fills
+  ``times_utc`` and the observation time (the field ``observation_key`` names), and ``ztfd.ingest.nights.date_of``
   applies the alert's ``date_rule`` to it, else to ``utc_field``, else to the Kafka timestamp;
 - writes ``alert_files``: the file keeping ``raw`` (``raw`` embedded in JSON when ``suffix`` is ``.json``; else
   ``raw`` verbatim and a ``.json`` companion with ``view``), then every cutout under
@@ -45,7 +45,7 @@ ZTF = "ztf"
 LSST = "lsst"
 # How an alert's partition date is chosen (written into the alert file as ``date_rule``).
 UTC_DATE = "utc"  # ZTF: the UTC date of the observation
-DAY_OBS = "dayobs"  # Rubin: the TAI date of the observation minus 12 h (see ztfd.nights)
+DAY_OBS = "dayobs"  # Rubin: the TAI date of the observation minus 12 h (see ztfd.ingest.nights)
 DEFAULT_FORMAT = "lasair"
 # What an alert's object id (and a detection id) must look like: it becomes a folder and a file name.
 PLAIN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

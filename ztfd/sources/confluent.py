@@ -2,7 +2,7 @@
 big-endian schema id, the rest one schemaless Avro record of that schema.
 
 Schemas come from ``kafka.schema_registry_url`` (``GET <url>/schemas/ids/<id>`` answers ``{"schema": "<the
-schema's JSON as a string>"}``), fetched once per id and kept in the store (``ztfd.store.schemas``) and in memory.
+schema's JSON as a string>"}``), fetched once per id and kept in the store (``ztfd.store.avro_schemas``) and in memory.
 An id the registry does not know (404) rejects the message; a registry that cannot be reached, or answers 5xx,
 is not the message's fault (``SourceUnavailableError``: the consumer stops without storing the batch, and is
 restarted to read it again).
@@ -73,7 +73,7 @@ class ConfluentAvro:
         if not registry_url:
             raise ValueError("format confluent-avro needs kafka.schema_registry_url")
         self.registry = registry_url.rstrip("/")
-        self.stored: Any = schema_cache  # ztfd.store.schemas.StoredSchemas, or None
+        self.stored: Any = schema_cache  # ztfd.store.avro_schemas.StoredSchemas, or None
         self.timeout = registry_timeout
         self.parsed = SchemaCache()
         self.by_id: dict[int, Any] = {}

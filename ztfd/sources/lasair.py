@@ -15,7 +15,7 @@ topic_refresh rows), so validation is strict about the little ztfd relies on and
 Lasair writes Rubin's NaN values with Python's ``json.dumps``, as bare ``NaN``/``Infinity``/``-Infinity``: they
 are accepted (the bytes are kept as sent) and count as missing wherever ztfd derives a value.
 
-The observation time (what dates the alert, see ``ztfd.nights``): for ZTF the newest time field (Lasair-ZTF
+The observation time (what dates the alert, see ``ztfd.ingest.nights``): for ZTF the newest time field (Lasair-ZTF
 sends ``jdmax``/``mjdmax``-like columns of the latest detection); for LSST the newest
 ``alert.diaSourcesList[*].midpointMjdTai`` (full and lite output), else ``lastDiaSourceMjdTai`` when the filter
 selects it (plain output). Bookkeeping times (``validityStartMjdTai``, ``timeProcessedMjdTai``…) never date it.
@@ -31,7 +31,7 @@ import re
 import sys
 from typing import Any
 
-from ztfd.nights import is_number
+from ztfd.ingest.nights import is_number
 from ztfd.sources import (
     DAY_OBS,
     JD_MJD_OFFSET,

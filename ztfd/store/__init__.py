@@ -11,10 +11,10 @@ tables down and ``db`` opens connections and migrates.
 """
 
 from ztfd.store.db import atomic, connect, transaction
-from ztfd.store.facts import get_status, set_status
 from ztfd.store.manifest import record_files
 from ztfd.store.offsets import StoredOffset, save_offset, stored_offsets
 from ztfd.store.processes import heartbeat
+from ztfd.store.status_facts import get_status, set_status
 
 __all__ = [
     "StoredOffset",

@@ -2,7 +2,7 @@
 rejected messages, the partitions' next offsets and the bytes received, all or nothing.
 
 The consumer describes the batch (``BatchToStore``, a plain record that pickles); the file writer's child stores
-it once the batch's files are on disk (``ztfd.filewriter``), so that this transaction runs beside the consumer's
+it once the batch's files are on disk (``ztfd.ingest.filewriter``), so that this transaction runs beside the consumer's
 decoding instead of after it.
 """
 

@@ -2,7 +2,8 @@
 
 After downtime an object has several alerts queued at once, and its detections list (fetched to choose each one's
 candid) is the same for all of them: the first worker to fetch it keeps it here, and the others use it while it is
-fresh (``ztfd.providers.alerce_ztf``), whichever worker claimed them. Rows older than the freshness are dropped on
+fresh (``ztfd.stamps.providers.alerce_ztf``), whichever worker claimed them.
+Rows older than the freshness are dropped on
 the next save. (Not the ``detections`` table of ``store.report``, which keeps light curves for night reports.)
 """
 

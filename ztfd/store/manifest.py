@@ -21,7 +21,7 @@ from enum import StrEnum
 
 from ztfd.store.counters import files_by_state
 from ztfd.store.db import transaction
-from ztfd.store.facts import get_status, set_status
+from ztfd.store.status_facts import get_status, set_status
 
 PAGE_ROWS = 2000  # rows read per keyset page
 ERROR_CHARS = 500  # what a row keeps of an error message

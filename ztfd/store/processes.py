@@ -69,7 +69,7 @@ def reset_processes(conn: sqlite3.Connection, supervisor_name: str) -> None:
 
 
 def forget_processes(conn: sqlite3.Connection, names: Iterable[str]) -> int:
-    """Drop the rows of processes that are gone (``ztfd.housekeeping`` decides which)."""
+    """Drop the rows of processes that are gone (``ztfd.daemon.housekeeping`` decides which)."""
     return conn.executemany("DELETE FROM processes WHERE name = ?", [(name,) for name in names]).rowcount
 
 

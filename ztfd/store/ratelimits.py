@@ -1,4 +1,4 @@
-"""Shared politeness limits (``ztfd.ratelimit``): per limit name, the start of the first slot nobody has taken."""
+"""Shared politeness limits (``ztfd.stamps.ratelimit``): per limit name, the first free slot."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ztfd.lightcurve import MAG, Point, decode, encode
+from ztfd.reporting.lightcurve import MAG, Point, decode, encode
 
 # The tag every row of the whole night's report carries in ``reports.topic`` (a topic's own report: its name).
 WHOLE_NIGHT = ""

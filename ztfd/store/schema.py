@@ -83,7 +83,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (not_before, id) WHERE state = 'ready';
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until) WHERE state = 'leased';
 CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (updated_at) WHERE state = 'failed';
--- Done jobs are forgotten a day after they finished (ztfd.housekeeping): what they learned is in ``stamps``.
+-- Done jobs are forgotten a day after they finished (ztfd.daemon.housekeeping): what they learned is in ``stamps``.
 CREATE INDEX IF NOT EXISTS jobs_done ON jobs (updated_at) WHERE state = 'done';
 CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch) WHERE batch IS NOT NULL;
 -- At most one waiting or running job per dedupe key (see store.jobs.enqueue).
@@ -136,7 +136,7 @@ CREATE TABLE IF NOT EXISTS processes (
     last_exit TEXT
 );
 
--- Shared politeness limits (ztfd.ratelimit): the time from which the next request may go, per limit name.
+-- Shared politeness limits (ztfd.stamps.ratelimit): the time from which the next request may go, per limit name.
 CREATE TABLE IF NOT EXISTS rate_limits (
     name TEXT PRIMARY KEY,
     next_at REAL NOT NULL
@@ -383,7 +383,7 @@ CREATE TABLE IF NOT EXISTS counter_received (
 """
 SCHEMA += RECEIVED_SCHEMA
 
-# --- Kafka partitions: alerts lost upstream, and the identity of each topic (ztfd.partitions) -------------------
+# --- Kafka partitions: alerts lost upstream, and the identity of each topic (ztfd.ingest.partitions) ---
 PARTITIONS_SCHEMA = """
 -- Offsets the broker no longer had when ztfd came to read them (retention passed them): lost upstream, recorded
 -- once each (the unique key makes a re-detection after a restart a no-op).
@@ -420,7 +420,7 @@ ADDED_COLUMNS = (
 )
 
 # --- Avro streams (issue 14): registry schemas, job kinds, the detections cache ---------------------------------
-# Kept apart from the tables above. ``avro_schemas`` (ztfd.store.schemas): the schemas a Confluent schema registry
+# Kept apart from the tables above. ``avro_schemas`` (ztfd.store.avro_schemas): the schemas a Confluent schema registry
 # served, by registry URL and schema id, so that each is fetched once, ever (Confluent ids are immutable).
 # ``detection_lists`` (ztfd.store.detection_lists): ALeRCE's detections answers shared by the stamp workers for a
 # short time (a catch-up has several alerts of an object queued; one list serves them all). ``jobs.kind``:

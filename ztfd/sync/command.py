@@ -7,8 +7,9 @@ finish (``lifecycle.Stop``); a second one exits at once.
 
 from __future__ import annotations
 
-from ztfd import lifecycle, store
+from ztfd import store
 from ztfd.config import Config
+from ztfd.daemon import lifecycle
 from ztfd.sync import dryrun, report
 from ztfd.sync.daemon import run_daemon
 from ztfd.sync.passes import locked_pass

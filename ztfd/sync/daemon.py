@@ -12,8 +12,9 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from ztfd import lifecycle, store
+from ztfd import store
 from ztfd.config import Config
+from ztfd.daemon import lifecycle
 from ztfd.sync.passes import locked_pass
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import sqlite3
 import time
 
 from ztfd import store
-from ztfd.lifecycle import Backoff
+from ztfd.daemon.lifecycle import Backoff
 
 log = logging.getLogger(__name__)
 

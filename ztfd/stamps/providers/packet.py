@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from ztfd.config import StampsConfig
-from ztfd.providers import Detection, FetchError, HttpGet, StampRequest
 from ztfd.sources import LSST, STAMP_TYPES
 from ztfd.sources.packets import RUBIN_SUFFIX, ZTF_SUFFIX
-from ztfd.stampimage import StampLimits, read_image
+from ztfd.stamps.providers import Detection, FetchError, HttpGet, StampRequest
+from ztfd.stamps.stampimage import StampLimits, read_image
 
 PREVIEW_JOB = "preview"  # ``jobs.kind`` of such a job (the others are "stamps")
 

@@ -18,19 +18,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ztfd import config, pidfile, store, topics
-from ztfd.localtrouble import STATUS_PREFIX as LOCAL_TROUBLE_PREFIX
-from ztfd.procs import pid_alive
-from ztfd.quota import near_quota
+from ztfd import config, store
+from ztfd.daemon import pidfile
+from ztfd.daemon.localtrouble import STATUS_PREFIX as LOCAL_TROUBLE_PREFIX
+from ztfd.daemon.procs import pid_alive
+from ztfd.ingest import topics
+from ztfd.ingest.quota import near_quota
 from ztfd.sources import LSST
 from ztfd.store import counters, jobs
 from ztfd.store import gaps as store_gaps
 from ztfd.store import quota as store_quota
 from ztfd.store.alerts import count_received_on, utc_day
 from ztfd.store.db import StoreNotCreatedError, connect_readonly
-from ztfd.store.facts import statuses_with_prefix
 from ztfd.store.offsets import topics_with_offsets
 from ztfd.store.processes import process, processes
+from ztfd.store.status_facts import statuses_with_prefix
 from ztfd.units import human_bytes
 
 log = logging.getLogger(__name__)
@@ -209,7 +211,7 @@ def _rejected(conn: sqlite3.Connection, cfg: config.Config) -> dict[str, int]:
 
 
 def _gaps(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """The newest gaps: offsets the broker no longer had when ztfd came to read them (see ztfd.partitions)."""
+    """The newest gaps: offsets the broker no longer had when ztfd came to read them (see ztfd.ingest.partitions)."""
     return [{"topic": g.topic, "partition": g.partition, "generation": g.generation, "first_offset": g.first_offset,
              "last_offset": g.last_offset, "missing": g.missing, "detected_at": _iso(g.detected_at)}
             for g in store_gaps.recent_gaps(conn)]
@@ -228,7 +230,7 @@ def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -
         from confluent_kafka import Consumer, KafkaException, TopicPartition
     except ImportError:  # pragma: no cover - confluent-kafka is a dependency
         return
-    quiet = logging.getLogger("ztfd.status.kafka")
+    quiet = logging.getLogger("ztfd.reporting.status.kafka")
     quiet.addHandler(logging.NullHandler())
     quiet.propagate = False
     settings: dict[str, Any] = {

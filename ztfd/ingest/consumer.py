@@ -8,7 +8,7 @@ does it: data first, offsets after):
 3. one store transaction inserts the alerts, the rejected messages, the stamp jobs, the files' manifest rows and
    the partitions' next offsets. Alerts are keyed by their identity, so a message is never stored twice;
 4. the offsets are committed to Kafka too, for lag tools; ztfd itself never reads them back.
-Steps 2 and 3 run in a child process (``ztfd.filewriter``: a thread would have to fight the main thread for the
+Steps 2 and 3 run in a child process (``ztfd.ingest.filewriter``: a thread would have to fight the main thread for the
 GIL after every system call and every row), overlapping step 1 of the next batch; step 4 runs on the main thread
 once the child has answered. A kill -9 before (3) commits loses nothing: the store still holds the old offsets,
 Kafka redelivers the batch and its files are written again under the same names. Once (3) commits, every stored
@@ -19,7 +19,8 @@ source makes of it. Whatever one message makes the code raise, in the source or 
 metadata), rejects that message alone, with its raw bytes and the reason; the stream goes on.
 
 When ztfd's own writes fail for a local reason (disk full, I/O error, read-only file system, out of file
-descriptors, the store locked: ``ztfd.localtrouble``), the consumer pauses with its batches in hand, nothing stored
+descriptors, the store locked: ``ztfd.daemon.localtrouble``), the consumer
+pauses with its batches in hand, nothing stored
 and no offset moved, and writes and stores the same batches again once it can.
 
 The consumer assigns itself the topic's partitions (no consumer-group membership, see ``_look_at_topic``)
@@ -45,21 +46,24 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ztfd import lifecycle, nights, providers, sources, store, topics
+from ztfd import sources, store
 from ztfd.config import Config, ConfigError
+from ztfd.daemon import lifecycle
+from ztfd.daemon.localtrouble import Condition, describe, is_local
 from ztfd.files import remove_stale_temporaries
-from ztfd.filewriter import BatchSkippedError, FileWriter
-from ztfd.localtrouble import Condition, describe, is_local
+from ztfd.ingest import nights, topics
+from ztfd.ingest.filewriter import BatchSkippedError, FileWriter
+from ztfd.ingest.partitions import KafkaView, Partition, PartitionWatch
+from ztfd.ingest.quota import QuotaWatch
 from ztfd.logs import AlertLog, Throttle
-from ztfd.partitions import KafkaView, Partition, PartitionWatch
-from ztfd.providers.packet import PREVIEW_JOB, carries_stamps
-from ztfd.quota import QuotaWatch
+from ztfd.stamps import providers
+from ztfd.stamps.providers.packet import PREVIEW_JOB, carries_stamps
 from ztfd.store import gaps as store_gaps
 from ztfd.store.alerts import NewAlert, dates_received_since, last_received_at, stored_offsets_between
+from ztfd.store.avro_schemas import StoredSchemas
 from ztfd.store.batches import AlertToStore, BatchToStore, StoredBatch
 from ztfd.store.jobs import FETCH_JOB, detection_key
 from ztfd.store.rejected import NewRejected, latest_rejected
-from ztfd.store.schemas import StoredSchemas
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +414,7 @@ class TopicConsumer:
 
         A broker should answer such a fetch with OFFSET_OUT_OF_RANGE (librdkafka then resets to the earliest
         offset, which ``_follow_generation`` judges); Tansu answers with nothing, so an idle consumer compares its
-        position with the high watermark cached from its fetches, and ``ztfd.partitions`` asks for evidence.
+        position with the high watermark cached from its fetches, and ``ztfd.ingest.partitions`` asks for evidence.
         """
         from confluent_kafka import TopicPartition
 

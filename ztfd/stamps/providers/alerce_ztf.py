@@ -13,7 +13,7 @@
   beside them as ``<candid>.avro``. ``"get_stamp"``: ``GET {alerce_stamp_url}/get_stamp?oid=&candid=&type=
   &format=fits`` per stamp. Either way a stamp is the packet's gzipped FITS, kept byte for byte as
   ``<candid>_<type>.fits.gz`` if it is gzip and holds a 2-D image within the caps (``stamps.max_stamp_bytes``
-  decompressed, ``stamps.max_stamp_side`` pixels a side; see ``ztfd.stampimage``).
+  decompressed, ``stamps.max_stamp_side`` pixels a side; see ``ztfd.stamps.stampimage``).
 """
 
 from __future__ import annotations
@@ -25,8 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ztfd.config import StampsConfig
-from ztfd.lightcurve import MAG, alerce_points
-from ztfd.providers import (
+from ztfd.reporting.lightcurve import MAG, alerce_points
+from ztfd.sources import ZTF, Alert, InvalidMessageError
+from ztfd.sources.avro import ContainerReader
+from ztfd.sources.lasair import is_ztf_object_id
+from ztfd.sources.packets import CUTOUT_FIELDS
+from ztfd.stamps.providers import (
     Bundle,
     Detection,
     DetectionsCache,
@@ -36,11 +40,7 @@ from ztfd.providers import (
     StampRequest,
     register,
 )
-from ztfd.sources import ZTF, Alert, InvalidMessageError
-from ztfd.sources.avro import ContainerReader
-from ztfd.sources.lasair import is_ztf_object_id
-from ztfd.sources.packets import CUTOUT_FIELDS
-from ztfd.stampimage import StampLimits, read_gzipped_image
+from ztfd.stamps.stampimage import StampLimits, read_gzipped_image
 
 DETECTIONS_PATH = "/ztf/v1/objects/{oid}/detections"
 STAMP_PATH = "/get_stamp"

@@ -30,8 +30,8 @@ import time
 from dataclasses import dataclass, field
 
 from ztfd.config import Config
+from ztfd.daemon.procs import pid_alive
 from ztfd.files import atomic_write, md5_hex
-from ztfd.procs import pid_alive
 from ztfd.store import jobs, manifest, record_files, transaction
 from ztfd.store.processes import forget_processes, processes
 from ztfd.store.rejected import Rejected, forget_rejected, received_before

@@ -16,10 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 from ztfd.config import StampsConfig
-from ztfd.providers import Detection, FetchError, HttpGet, NotYetAvailableError, StampRequest, register
-from ztfd.providers.alerce_lsst import AlerceLsst
 from ztfd.sources import LSST
-from ztfd.stampimage import StampLimits, read_image
+from ztfd.stamps.providers import Detection, FetchError, HttpGet, NotYetAvailableError, StampRequest, register
+from ztfd.stamps.providers.alerce_lsst import AlerceLsst
+from ztfd.stamps.stampimage import StampLimits, read_image
 
 FITS_MAGIC = b"SIMPLE  ="
 CUTOUT_TYPES = {"science": "Science", "template": "Template", "difference": "Difference"}

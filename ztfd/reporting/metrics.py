@@ -23,8 +23,9 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from ztfd import config, lifecycle, store
-from ztfd.procs import pid_alive
+from ztfd import config, store
+from ztfd.daemon import lifecycle
+from ztfd.daemon.procs import pid_alive
 from ztfd.store import counters
 from ztfd.store.processes import ProcessRow, processes
 
@@ -54,7 +55,7 @@ class KafkaView:
 
 def read_kafka(cfg: config.Config, offsets: dict[str, dict[int, store.StoredOffset]]) -> KafkaView:
     """Ask the broker for every topic's high watermarks and subtract the stored offsets (``ztfd status``'s way)."""
-    from ztfd import status
+    from ztfd.reporting import status
 
     topics: list[dict[str, Any]] = [
         {"topic": topic, "lag": None,

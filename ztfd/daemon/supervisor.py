@@ -16,12 +16,13 @@ failures (FATAL, never retried) and cannot tell a hung process from a busy one; 
   ``logs/supervisor.out``, so that file is rotated by size while they run (a child's own descriptor on the file
   would keep writing to the rotated copy).
 
-Stopping follows ``ztfd.lifecycle``: the first SIGTERM/SIGINT forwards SIGTERM to every child and waits up to
+Stopping follows ``ztfd.daemon.lifecycle``: the first SIGTERM/SIGINT forwards SIGTERM to every child and waits up to
 ``supervisor.stop_timeout``; a second one exits at once (143/130), and the children, tied to the supervisor's
 life, get the SIGTERM that is their second.
 
 Exclusivity: the running supervisor holds an ``flock`` on ``<pidfile>.lock`` for its whole life and writes its pid
-to the pidfile atomically; a pidfile whose lock is free or whose pid is dead is stale and replaced (``ztfd.pidfile``).
+to the pidfile atomically; a pidfile whose lock is free or whose pid is dead is stale and replaced
+(``ztfd.daemon.pidfile``).
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ from pathlib import Path
 
 import click
 
-from ztfd import config, housekeeping, lifecycle, logs, pidfile, store, topics
-from ztfd.pidfile import SUPERVISOR_NAME, AlreadyRunningError, read_pid, running_pid
-from ztfd.procs import die_with_parent, pid_alive
+from ztfd import config, logs, store
+from ztfd.daemon import housekeeping, lifecycle, pidfile
+from ztfd.daemon.pidfile import SUPERVISOR_NAME, AlreadyRunningError, read_pid, running_pid
+from ztfd.daemon.procs import die_with_parent, pid_alive
+from ztfd.ingest import topics
 from ztfd.store.processes import processes, record_child, reset_processes, set_process_state
 
 log = logging.getLogger(__name__)
@@ -412,7 +415,7 @@ class Supervisor:
         reset_processes(self.conn, SUPERVISOR_NAME)
 
     def _prune(self) -> None:
-        """What ``ztfd prune`` does (ztfd.housekeeping), in the supervisor's loop: a few short transactions."""
+        """What ``ztfd prune`` does (ztfd.daemon.housekeeping), in the supervisor's loop: a few short transactions."""
         try:
             housekeeping.prune(self.conn, self.cfg)
         except (sqlite3.Error, OSError) as exc:

@@ -20,10 +20,10 @@ import warnings
 from typing import Any
 
 from ztfd.config import StampsConfig
-from ztfd.providers import Detection, FetchError, HttpGet, NotYetAvailableError, StampRequest, register
-from ztfd.providers.alerce_ztf import Listed, choose_candid
 from ztfd.sources import LSST
-from ztfd.stampimage import GZIP_MAGIC, StampLimits, read_image
+from ztfd.stamps.providers import Detection, FetchError, HttpGet, NotYetAvailableError, StampRequest, register
+from ztfd.stamps.providers.alerce_ztf import Listed, choose_candid
+from ztfd.stamps.stampimage import GZIP_MAGIC, StampLimits, read_image
 
 DETECTIONS_PATH = "/lightcurve_api/detections"
 STAMP_PATH = "/stamps_api/stamp"

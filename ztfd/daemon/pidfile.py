@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from ztfd import config
-from ztfd.procs import pid_alive
+from ztfd.daemon.procs import pid_alive
 
 log = logging.getLogger(__name__)
 

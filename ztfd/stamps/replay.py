@@ -24,12 +24,14 @@ from dataclasses import dataclass
 
 import click
 
-from ztfd import lifecycle, providers, store
+from ztfd import store
 from ztfd.config import Config
-from ztfd.providers import StampProvider
-from ztfd.providers.packet import PREVIEW_JOB, PacketStamps
+from ztfd.daemon import lifecycle
 from ztfd.sources import STAMP_TYPES
-from ztfd.stamps import preview_path, read_valid, run_worker, stamp_path
+from ztfd.stamps import providers
+from ztfd.stamps.fetcher import preview_path, read_valid, run_worker, stamp_path
+from ztfd.stamps.providers import StampProvider
+from ztfd.stamps.providers.packet import PREVIEW_JOB, PacketStamps
 from ztfd.store import jobs
 from ztfd.store.alerts import alerts_on
 from ztfd.store.processes import processes

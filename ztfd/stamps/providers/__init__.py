@@ -15,7 +15,7 @@ What the consumer and the worker do with a provider (its whole contract):
   name (letters, digits, ``_``, ``-``): it becomes part of file names; the light curve it may carry is kept;
 - ``fetch`` once per stamp kind missing on disk (``STAMP_TYPES``), the three at once;
 - ``check`` every fetched body and every file found on disk (an invalid file is fetched again); a ``ValueError``
-  from it is a failed attempt with its reason. Bounds (``ztfd.stampimage``) are the provider's to apply;
+  from it is a failed attempt with its reason. Bounds (``ztfd.stamps.stampimage``) are the provider's to apply;
 - files go to ``images/<date>/<object_id>/<file_name(detection_id, kind)>``, the preview beside them as
   ``<detection_id>.png``.
 
@@ -64,13 +64,13 @@ class StampRequest:
 @dataclass(frozen=True)
 class Detection:
     """The detection whose stamps are fetched: its survey id (exact text) and time (MJD UTC), and the object's
-    light curve when the lookup answered with one (``ztfd.lightcurve`` points; the worker keeps it for night
+    light curve when the lookup answered with one (``ztfd.reporting.lightcurve`` points; the worker keeps it for night
     reports, so that they cost no request of their own)."""
 
     detection_id: str
     mjd: float | None
     light_curve: tuple[Any, ...] = ()
-    light_curve_unit: str = "mag"  # ztfd.lightcurve.MAG or FLUX
+    light_curve_unit: str = "mag"  # ztfd.reporting.lightcurve.MAG or FLUX
 
 
 @dataclass(frozen=True)

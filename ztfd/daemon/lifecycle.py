@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Union
 
-from ztfd.procs import pid_alive
+from ztfd.daemon.procs import pid_alive
 
 if TYPE_CHECKING:  # not imported at run time: the file writer child starts with this module and must start fast
     import asyncio

@@ -2,7 +2,8 @@
 
 ``<home>/reports/<date>/index.html`` (a topic's own report: ``reports/<date>/<topic>/index.html``), then
 ``page-2.html`` … with at most ``CARDS_PER_PAGE`` cards each. A card shows the object's preview triplet, its
-light curve (``ztfd.lightcurve``, drawn into ``lc/<objectId>.png`` beside the pages), the objectId linked to its
+light curve (``ztfd.reporting.lightcurve``, drawn into ``lc/<objectId>.png`` beside the pages), the
+objectId linked to its
 Lasair and ALeRCE pages, the UTC time, the columns of its latest message of the night, and links to its alert
 file and stamps. Counts at the top: alerts, objects, rejected messages, stamps there and missing (and why).
 
@@ -30,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ztfd import config, files, lifecycle, lightcurve, store
+from ztfd import config, files, store
+from ztfd.daemon import lifecycle
+from ztfd.reporting import lightcurve
 from ztfd.sources import LSST, STAMP_TYPES, ZTF
 from ztfd.store import report as night
 from ztfd.store.alerts import StoredAlert, alerts_on

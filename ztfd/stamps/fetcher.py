@@ -1,7 +1,7 @@
 """The stamp worker (``ztfd fetch``): drains the stamp queue, writing each alert's three stamps and a preview.
 
 What a stamp *is* and where it comes from is the business of the alert survey's stamp provider
-(``ztfd.providers``, chosen by ``stamps.<survey>_provider``; ALeRCE's ZTF ``get_stamp`` by default): how to find
+(``ztfd.stamps.providers``, chosen by ``stamps.<survey>_provider``; ALeRCE's ZTF ``get_stamp`` by default): how to find
 the detection, the requests, what a valid body is, the file names. The worker does the rest, the same for every
 provider:
 
@@ -9,7 +9,7 @@ provider:
   lets a handful of processes saturate a slow service without hundreds of threads;
 - jobs are claimed with a lease (``ztfd.store.jobs``) that a background task renews for the jobs of live tasks
   only; a worker killed with -9 renews nothing, and its jobs go back when the lease runs out;
-- every request first takes a slot of the pool-wide politeness limit (``ztfd.ratelimit``, ``stamps.rate_limit``)
+- every request first takes a slot of the pool-wide politeness limit (``ztfd.stamps.ratelimit``, ``stamps.rate_limit``)
   and has the ``timeout``; a body over ``MAX_BODY_BYTES`` is cut off;
 - exactly the served bytes are written atomically; a valid file already there is never fetched again (stamps
   never change) unless the job says ``force``; every file is recorded in the sync manifest as soon as it is on
@@ -17,7 +17,7 @@ provider:
 - a job ends in one of: done; *not yet available* (the service does not have it yet: retried on a slow schedule,
   not an attempt, failed after ``unavailable_give_up``); a failed attempt (retried with backoff, failed after
   ``max_attempts``); *local trouble* (ztfd's own write failed: disk full, I/O error…; given back without counting
-  an attempt while the worker backs off, see ``ztfd.localtrouble``). Writing that outcome to the store is retried
+  an attempt while the worker backs off, see ``ztfd.daemon.localtrouble``). Writing that outcome to the store is retried
   until it succeeds: a job left leased by a failed write would never come back while the worker lives;
 - an idle worker does not poll the queue with write transactions: it reads when the next job is due (or a lease
   runs out) and sleeps until then, at most ``IDLE_MAX_SLEEP`` so new jobs start at once.
@@ -46,11 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ztfd import lifecycle, ratelimit, store
+from ztfd import store
 from ztfd.config import Config, StampsConfig
+from ztfd.daemon import lifecycle
+from ztfd.daemon.localtrouble import Condition, describe, is_local
 from ztfd.files import atomic_write, md5_hex, relative_to_home, remove_stale_temporaries
-from ztfd.localtrouble import Condition, describe, is_local
-from ztfd.providers import (
+from ztfd.sources import PLAIN_ID, STAMP_TYPES
+from ztfd.stamps import ratelimit
+from ztfd.stamps.providers import (
     Detection,
     FetchError,
     HttpGet,
@@ -59,9 +62,8 @@ from ztfd.providers import (
     StampRequest,
     providers_for,
 )
-from ztfd.providers.alerce_ztf import AlerceZtf
-from ztfd.providers.packet import PREVIEW_JOB, PacketStamps
-from ztfd.sources import PLAIN_ID, STAMP_TYPES
+from ztfd.stamps.providers.alerce_ztf import AlerceZtf
+from ztfd.stamps.providers.packet import PREVIEW_JOB, PacketStamps
 from ztfd.store import jobs
 from ztfd.store.detection_lists import fresh_detections, keep_detections
 from ztfd.store.report import save_detections
@@ -218,7 +220,7 @@ def _warm_up(settings: StampsConfig) -> None:
     import astropy.io.fits  # noqa: F401
 
     if settings.previews:
-        from ztfd import preview
+        from ztfd.stamps import preview
 
         preview.warm_up(settings.preview_renderer)
 
@@ -590,7 +592,7 @@ class Worker:
         png, detection = run.paths.preview, run.detection
         assert detection is not None
         if run.force or run.written or not png.exists():
-            from ztfd import preview
+            from ztfd.stamps import preview
 
             draw = preview.RENDERERS[self.settings.preview_renderer]
             data = draw(run.request.object_id, detection.detection_id, detection.mjd,

@@ -29,7 +29,8 @@ from typing import Any
 
 import click
 
-from ztfd import lifecycle, store
+from ztfd import store
+from ztfd.daemon import lifecycle
 from ztfd.embedded.net import free_port
 from ztfd.store import jobs
 from ztfd.store.alerts import count_alerts

@@ -46,10 +46,11 @@ import sys
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-from ztfd import lifecycle, store
+from ztfd import store
+from ztfd.daemon import lifecycle
+from ztfd.daemon.localtrouble import LocalTroubleError, describe, is_local
+from ztfd.daemon.procs import die_with_parent
 from ztfd.files import atomic_write, md5_hex, write_all
-from ztfd.localtrouble import LocalTroubleError, describe, is_local
-from ztfd.procs import die_with_parent
 from ztfd.store.batches import BatchToStore, StoredBatch, store_batch
 
 HEADER = struct.Struct(">Q")
@@ -150,7 +151,7 @@ class FileWriter:
 
     def _start(self) -> subprocess.Popen[bytes]:
         self._child = subprocess.Popen(
-            [sys.executable, "-m", "ztfd.filewriter", str(os.getpid()), str(self.db_path or "")],
+            [sys.executable, "-m", "ztfd.ingest.filewriter", str(os.getpid()), str(self.db_path or "")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True,
         )
         assert self._child.stdin is not None

@@ -1,0 +1,1 @@
+"""The daemon: the supervisor, how every process starts, stops and backs off, its pidfile, and housekeeping."""

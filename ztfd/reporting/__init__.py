@@ -1,0 +1,1 @@
+"""What operators and astronomers read: status, Prometheus metrics, the night report and its light curves."""
