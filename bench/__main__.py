@@ -1,6 +1,7 @@
 """``python -m bench [section …] [--quick] [--soak] [--runs N]``: ztfd against baselines, on this machine.
 
-Prints a table (each figure beside its goal, PASS/FAIL) and writes ``bench-results.json``.
+Prints a table (each figure beside its goal, PASS/FAIL), writes ``bench-results.json`` and, after a full run,
+``bench/RESULTS.md`` from it (``--results-only``: only that, from an existing ``bench-results.json``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
+from bench import results as results_md
 from bench.common import Results, Row, Settings, machine, render
 
 SECTIONS = ("ingest", "avro", "stamps", "lsst", "sync", "e2e", "store")
@@ -30,7 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (median); default 3, 1 with --quick")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
     parser.add_argument("--keep", action="store_true", help="keep the work folder (homes, logs)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help=f"the Markdown results to write (default {results_md.RESULTS_PATH.name} in the bench "
+                             "folder, after a full run only; given, after any run)")
+    parser.add_argument("--results-only", action="store_true",
+                        help="run nothing: write the Markdown results from the existing --out JSON")
     args = parser.parse_args(argv)
+    if args.results_only:
+        document = json.loads(args.out.read_text())
+        write_results(document, args.results or results_md.RESULTS_PATH)
+        return 0
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section {unknown[0]} (choose from {', '.join(SECTIONS)})")
@@ -75,7 +86,17 @@ def main(argv: list[str] | None = None) -> int:
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **results.to_json()}
     args.out.write_text(json.dumps(document, indent=2))
     print(f"\nwrote {args.out}")
+    if args.results or (not failed and not args.quick and set(sections) == set(SECTIONS)):
+        write_results(document, args.results or results_md.RESULTS_PATH)
+    else:
+        print(f"{results_md.RESULTS_PATH.name} left as it was (a partial, failed or --quick run); "
+              f"`bin/bench --results-only --out {args.out}` writes it from this run")
     return 1 if failed else 0
+
+
+def write_results(document: dict[str, object], path: Path) -> None:
+    results_md.write(document, path)
+    print(f"wrote {path}")
 
 
 def memory_rows(results: Results) -> None:

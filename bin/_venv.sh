@@ -1,4 +1,4 @@
-# Sourced by bin/test, bin/demo and bin/bench: create or reuse <repo>/.venv and install this checkout with an extra.
+# Sourced by bin/test, bin/demo, bin/bench and bin/docs: create or reuse <repo>/.venv, install this checkout with an extra.
 # Reinstalls only when setup.cfg or pyproject.toml changed (a stamp file keeps their hash per extra), so re-runs are fast.
 # Usage: ensure_venv <extra>     (sets VENV to the venv path)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import results
 from tests.conftest import child_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_quick_ingest_bench_reports_every_figure_with_its_goal(tmp_path: Path) -> None:
     out = tmp_path / "bench-results.json"
-    result = subprocess.run([sys.executable, "-m", "bench", "ingest", "--quick", "--out", str(out)], cwd=REPO,
+    results_md = tmp_path / "RESULTS.md"
+    result = subprocess.run([sys.executable, "-m", "bench", "ingest", "--quick", "--out", str(out),
+                             "--results", str(results_md)], cwd=REPO,
                             capture_output=True, text=True, env=child_env(), timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"on {os.cpu_count()} cores" in result.stdout
@@ -34,3 +37,28 @@ def test_quick_ingest_bench_reports_every_figure_with_its_goal(tmp_path: Path) -
     rates = document["raw"]["ingest"]["alerts_per_s"]
     assert all(len(rates[kind]) == 1 and rates[kind][0] > 0 for kind in ("bare", "naive", "ztfd"))
     assert "vs naive file-per-message loop" in result.stdout  # the table is printed
+    assert f"| ingest | vs naive file-per-message loop | {naive['value']:.2f} x |" in results_md.read_text()
+
+
+def test_results_markdown_replaces_only_its_block(tmp_path: Path) -> None:
+    """bench/RESULTS.md: the run's rows between the markers (a ``|`` in a cell escaped), the text by hand kept."""
+    path = tmp_path / "RESULTS.md"
+    path.write_text(f"# results\n\n{results.START}\nold figures\n{results.END}\n\n## Profiles\nby hand\n")
+    document = {"machine": {"cpu_count": 2, "platform": "Linux", "python": "3.11", "memory_gb": 4.0},
+                "settings": {"runs": 3, "quick": False, "sections": ["sync"]}, "finished_at": "2026-12-03T10:00:00",
+                "rows": [{"section": "sync", "name": "vs aws s3 sync", "value": 1.05, "unit": "x",
+                          "detail": "aws 330 | s5cmd 359", "goal": ">= 1.0x", "passed": True}],
+                "notes": ["sync: a note"]}
+    results.write(document, path)
+    text = path.read_text()
+    assert "old figures" not in text and text.endswith("## Profiles\nby hand\n") and text.startswith("# results\n")
+    assert "| sync | vs aws s3 sync | 1.05 x | aws 330 \\| s5cmd 359 | >= 1.0x | PASS |" in text
+    assert "2026-12-03T10:00:00 on 2 cores" in text and "- note: sync: a note" in text
+
+    fresh = tmp_path / "new" / "RESULTS.md"
+    fresh.parent.mkdir()
+    results.write(document, fresh)  # a missing file is created with the block
+    assert results.START in fresh.read_text() and "vs aws s3 sync" in fresh.read_text()
+    path.write_text("no markers\n")
+    with pytest.raises(ValueError, match=r"has no .* block"):
+        results.write(document, path)

@@ -99,3 +99,39 @@ def test_real_supervisord_restarts_a_killed_program(kafka: KafkaBroker, make_con
         lifecycle.terminate([supervisord], 90)
     assert supervisord.returncode == 0
     wait_until(lambda: not any(pid_alive(p) for p in pids), 30, "the programs to stop with supervisord")
+
+
+def documented_keys(page: Path) -> dict[str, dict[str, str]]:
+    """Section -> key -> default, from the tables of the docs' configuration page (``## `[section]``` headings)."""
+    keys: dict[str, dict[str, str]] = {}
+    section = ""
+    for line in page.read_text().splitlines():
+        if heading := re.match(r"^## `\[([a-z0-9.]+)\]`$", line):
+            section = heading.group(1)
+        elif row := re.match(r"^\| (`[^|]+`) \| ([^|]+) \|", line):
+            names = re.findall(r"`([a-z_]+)`", row.group(1))
+            defaults = [d.strip() for d in row.group(2).split(",")] if len(names) > 1 else [row.group(2).strip()]
+            for name, default in zip(names, defaults, strict=True):
+                keys.setdefault(section, {})[name] = default
+    return keys
+
+
+def test_the_configuration_page_documents_every_key_with_its_default() -> None:
+    page = ETC.parent / "docs" / "configuration.md"
+    documented = documented_keys(page)
+    assert documented[""]["home"] == "`.`"
+    for section, cls in config.SECTIONS.items():
+        for fld in dataclasses.fields(cls):
+            where = f"{section}.{fld.name}"
+            if fld.name == "options":
+                assert f"## `[{section}.options]`" in page.read_text(), where
+                continue
+            assert fld.name in documented.get(section, {}), f"{where} is not in docs/configuration.md"
+            if fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
+                assert documented[section][fld.name] == "*required*", where
+                continue
+            default = fld.default_factory() if fld.default is dataclasses.MISSING else fld.default
+            shown = ("true" if default else "false") if isinstance(default, bool) else (
+                f"{default:g}" if isinstance(default, float) else ('""' if default == "" else str(default)))
+            assert documented[section][fld.name] == f"`{shown}`", \
+                f"{where}: documented default {documented[section][fld.name]}, the code's {shown}"

@@ -13,7 +13,7 @@ from ztfd.files import atomic_write, remove_stale_temporaries
 
 
 def usual_temporary(path: Path) -> Path:
-    """The name ``atomic_write`` tries first for ``path`` in this thread (README "Files on disk")."""
+    """The name ``atomic_write`` tries first for ``path`` in this thread (docs/layout.md)."""
     return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
 
 

@@ -757,11 +757,10 @@ def test_retention_counts_a_403_as_unverified_and_uploads_the_file_again_after_a
 
 
 def documented_policy(bucket: str, prefix: str) -> dict[str, Any]:
-    """The IAM policy the README's "Sync to S3" section documents, for this bucket and prefix."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Sync to S3", 1)[1].split("\n## ", 1)[0]
-    block = section.split("```json\n", 1)[1].split("```", 1)[0]
-    return json.loads(block.replace("<bucket>", bucket).replace("<prefix>", prefix))
+    """The IAM policy ztfd ships (``etc/s3-policy.json``, shown in the docs' "Sync to S3"), for this bucket and
+    prefix."""
+    policy = (Path(__file__).resolve().parents[1] / "etc" / "s3-policy.json").read_text()
+    return json.loads(policy.replace("<bucket>", bucket).replace("<prefix>", prefix))
 
 
 def iam_user(iam: Any, name: str, policy: dict[str, Any]) -> dict[str, str]:
@@ -775,7 +774,7 @@ def iam_user(iam: Any, name: str, policy: dict[str, Any]) -> dict[str, str]:
 @pytest.mark.parametrize("without", [None, "s3:GetObject"])
 def test_the_documented_iam_policy_is_what_sync_and_retention_need(make_config: Callable[..., Path], tmp_path: Path,
                                                                    without: str | None) -> None:
-    """moto enforcing the README's policy (each request's action and resource): uploads, a multipart upload and
+    """moto enforcing the shipped policy (each request's action and resource): uploads, a multipart upload and
     retention work with it; without s3:GetObject retention cannot verify (403) and deletes nothing."""
     with S3Server() as server:
         bucket, prefix = "ztfd-iam", "archive/"

@@ -1,6 +1,6 @@
 """ztfd configuration: one TOML file, environment overrides, strict validation.
 
-The key names are a contract with users (README "Configuration"). Anything unknown, mistyped or missing is
+The key names are a contract with users (docs/configuration.md). Anything unknown, mistyped or missing is
 a ``ConfigError`` whose message names the key and never the value, so that secrets cannot leak into logs.
 """
 
@@ -115,7 +115,7 @@ class ReportConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     # Rejected messages received more than this many days ago are exported to files under data/ (synced like
-    # every file there) and deleted from the store; 0: keep them in the store forever (README "The store").
+    # every file there) and deleted from the store; 0: keep them in the store forever (docs/store.md).
     rejected_keep_days: float = 30.0
 
 
@@ -132,7 +132,7 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
 
-    # The runtime layout under ``home``; everything a user touches is documented in README "File layout".
+    # The runtime layout under ``home``; everything a user touches is documented in docs/layout.md.
     @property
     def data_dir(self) -> Path:
         return self.home / "data"

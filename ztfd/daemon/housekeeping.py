@@ -1,4 +1,4 @@
-"""What the store keeps, and for how long (README "The store"): ``ztfd prune``, which the supervisor also runs
+"""What the store keeps, and for how long (docs/store.md): ``ztfd prune``, which the supervisor also runs
 every ``PRUNE_EVERY`` seconds.
 
 The store keeps what ztfd needs to go on and what nothing else holds: every alert (the list of what should be on

@@ -1,6 +1,6 @@
 """An ALeRCE-like stamp service on 127.0.0.1 that serves the real cutouts of the sample packets, with faults.
 
-It answers the routes ztfd uses, the way ALeRCE's and Lasair's services do (see README "Stamps"). ZTF, from the
+It answers the routes ztfd uses, the way ALeRCE's and Lasair's services do (see docs/stamps.md). ZTF, from the
 real ZTF packets:
 
 - ``GET /get_stamp?oid=&candid=&type=science|template|difference&format=fits`` -> the packet's ``stampData``

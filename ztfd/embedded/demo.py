@@ -37,7 +37,7 @@ from ztfd.store.alerts import count_alerts
 from ztfd.store.manifest import FileState, state_totals
 from ztfd.store.rejected import rejected_counts
 
-# Options for local brokers: a short metadata refresh notices new topics fast (see README "Testing").
+# Options for local brokers: a short metadata refresh notices new topics fast (see docs/testing.md).
 FAST_KAFKA_OPTIONS: dict[str, Any] = {
     "session.timeout.ms": 6000,
     "heartbeat.interval.ms": 500,

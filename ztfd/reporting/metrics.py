@@ -79,7 +79,7 @@ TOPIC_METRICS: dict[str, tuple[type[Metric], str]] = {
 
 
 class StoreCollector(Collector):
-    """Every ztfd metric (README "Metrics"), read afresh at each scrape."""
+    """Every ztfd metric (docs/metrics.md), read afresh at each scrape."""
 
     def __init__(self, cfg: config.Config, conn: sqlite3.Connection, lock: threading.Lock) -> None:
         self.cfg = cfg

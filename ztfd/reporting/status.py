@@ -1,6 +1,6 @@
 """``ztfd status``: what runs, how far each topic is, the stamp queue, sync and disk, in one look.
 
-``collect`` builds one JSON-ready dict (``ztfd status --json``; the README "Status" section documents its fields);
+``collect`` builds one JSON-ready dict (``ztfd status --json``; docs/status.md documents its fields);
 ``render`` turns it into the table a person reads. Both work when nothing runs and when the store does not exist
 yet. Nothing here writes to the store or to Kafka: the store is opened read-only (``connect_readonly``: no
 migration, no wait for a writer's lock, fine for a user who may only read home) and the Kafka lag is read with a

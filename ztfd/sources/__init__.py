@@ -19,7 +19,7 @@ What the consumer does with an ``Alert`` (its whole contract with a source):
 - queues a stamp job when ``stamps.<survey>_provider`` names a provider for ``survey`` that ``serves`` the alert.
 Whatever a source raises for one message (``InvalidMessageError`` or anything else) rejects that message only.
 
-Contract names (README "Configuration"): ``lasair`` (Lasair JSON, ZTF and LSST), ``ztf-avro``, ``fink``,
+Contract names (docs/configuration.md, docs/sources.md): ``lasair`` (Lasair JSON, ZTF and LSST), ``ztf-avro``, ``fink``,
 ``confluent-avro``, ``avro``.
 """
 
