@@ -1,14 +1,14 @@
-"""The stamp worker (``ztfd fetch``): drains the stamp queue, writing each alert's three stamps and a preview.
+"""The stamp fetcher (``ztfd fetch``): drains the stamp queue, writing each alert's three stamps and a preview.
 
 What a stamp *is* and where it comes from is the business of the alert survey's stamp provider
 (``ztfd.stamps.providers``, chosen by ``stamps.<survey>_provider``; ALeRCE's ZTF ``get_stamp`` by default): how to find
-the detection, the requests, what a valid body is, the file names. The worker does the rest, the same for every
+the detection, the requests, what a valid body is, the file names. The fetcher does the rest, the same for every
 provider:
 
 - one asyncio loop with ``stamps.concurrency`` jobs in flight (each fetching its missing stamps at once), which
   lets a handful of processes saturate a slow service without hundreds of threads;
 - jobs are claimed with a lease (``ztfd.store.jobs``) that a background task renews for the jobs of live tasks
-  only; a worker killed with -9 renews nothing, and its jobs go back when the lease runs out;
+  only; a fetcher killed with -9 renews nothing, and its jobs go back when the lease runs out;
 - every request first takes a slot of the pool-wide politeness limit (``ztfd.stamps.ratelimit``, ``stamps.rate_limit``)
   and has the ``timeout``; a body over ``MAX_BODY_BYTES`` is cut off;
 - exactly the served bytes are written atomically; a valid file already there is never fetched again (stamps
@@ -17,9 +17,9 @@ provider:
 - a job ends in one of: done; *not yet available* (the service does not have it yet: retried on a slow schedule,
   not an attempt, failed after ``unavailable_give_up``); a failed attempt (retried with backoff, failed after
   ``max_attempts``); *local trouble* (ztfd's own write failed: disk full, I/O error…; given back without counting
-  an attempt while the worker backs off, see ``ztfd.daemon.localtrouble``). Writing that outcome to the store is retried
-  until it succeeds: a job left leased by a failed write would never come back while the worker lives;
-- an idle worker does not poll the queue with write transactions: it reads when the next job is due (or a lease
+  an attempt while the fetcher backs off, see ``ztfd.daemon.localtrouble``). Writing that outcome to the store is
+  retried until it succeeds: a job left leased by a failed write would never come back while the fetcher lives;
+- an idle fetcher does not poll the queue with write transactions: it reads when the next job is due (or a lease
   runs out) and sleeps until then, at most ``IDLE_MAX_SLEEP`` so new jobs start at once.
 
 CPU and file work (FITS checks, writes, previews) runs on a side thread so the loop keeps requests flowing; a step
@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 FETCHER_NICENESS = 5
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a ZTF cutout is ~15 kB; anything near this is not a stamp
-IDLE_MAX_SLEEP = 1.0  # an idle worker looks (with a read) at least this often for new jobs
+IDLE_MAX_SLEEP = 1.0  # an idle fetcher looks (with a read) at least this often for new jobs
 IDLE_CLAIM_EVERY = 5.0  # and claims (a write, which also requeues expired leases) at least this often
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 SETTLE_BACKOFF = lifecycle.Backoff(base=0.5, cap=30.0, jitter=0.5)  # writing a job's outcome again
@@ -119,8 +119,8 @@ class StampFiles:
 
 @dataclass
 class JobRun:
-    """One job's way through the worker: what it asks, the detection, what was on disk, fetched, written, and
-    what went wrong. The steps of ``Worker.process`` fill it in turn; ``Worker.settle`` reads it."""
+    """One job's way through the fetcher: what it asks, the detection, what was on disk, fetched, written, and
+    what went wrong. The steps of ``Fetcher.process`` fill it in turn; ``Fetcher.settle`` reads it."""
 
     job: jobs.StampJob
     request: StampRequest
@@ -177,7 +177,7 @@ class SideThread:
     """One daemon thread running steps off the event loop (FITS checks, writes, previews).
 
     Daemon and replaceable: a step that hangs (a write to a dead network disk, a stuck library) is abandoned with
-    its thread, so it can block neither the worker's other jobs nor the process's exit. The worker hands it one
+    its thread, so it can block neither the fetcher's other jobs nor the process's exit. The fetcher hands it one
     step at a time, so a step's timeout counts from its start, not from its place in a queue.
     """
 
@@ -227,7 +227,7 @@ def _warm_up(settings: StampsConfig) -> None:
 
 async def _read_capped(response: Any) -> bytes:
     """The body, read to at most ``MAX_BODY_BYTES`` (+1 to tell "too large"): a chunked answer has no
-    Content-Length to check first, and an endless one must not fill the worker's memory."""
+    Content-Length to check first, and an endless one must not fill the fetcher's memory."""
     chunks: list[bytes] = []
     size = 0
     while size <= MAX_BODY_BYTES:
@@ -274,34 +274,34 @@ def valid_file(path: Path, provider: StampProvider) -> Stamp | None:
         return None
 
 
-# --- the worker -------------------------------------------------------------------------------------------------
+# --- the fetcher -------------------------------------------------------------------------------------------------
 
 
 class SharedDetections:
-    """The pool's detections lists (``ztfd.store.detection_lists``) on the worker's store connection, each serving
+    """The pool's detections lists (``ztfd.store.detection_lists``) on the fetcher's store connection, each serving
     the other jobs of its object for ``stamps.detections_fresh`` seconds (a catch-up queues several alerts of an
     object; a kept list that lacks an alert's detection is fetched again, so this only bounds the staleness). A
     store that cannot be read or written only means asking ALeRCE again."""
 
-    def __init__(self, worker: Worker, fresh: float) -> None:
-        self.worker = worker
+    def __init__(self, fetcher: Fetcher, fresh: float) -> None:
+        self.fetcher = fetcher
         self.fresh = fresh
 
     async def get(self, object_id: str) -> bytes | None:
         try:
-            return await self.worker._db(fresh_detections, object_id, self.fresh)
+            return await self.fetcher._db(fresh_detections, object_id, self.fresh)
         except sqlite3.Error as exc:
             log.debug("kept detections of %s not readable: %s", object_id, exc)
             return None
 
     async def put(self, object_id: str, body: bytes) -> None:
         try:
-            await self.worker._db(keep_detections, object_id, body, self.fresh)
+            await self.fetcher._db(keep_detections, object_id, body, self.fresh)
         except sqlite3.Error as exc:
             log.debug("detections of %s not kept: %s", object_id, exc)
 
 
-class Worker:
+class Fetcher:
     """One ``ztfd fetch`` process. ``batch`` limits it to one replay batch, and ``exit_when_idle`` ends it when
     that batch has nothing left to do now (jobs waiting for the service to catch up are left for the daemon)."""
 
@@ -309,7 +309,7 @@ class Worker:
         self, cfg: Config, name: str, batch: str | None = None, exit_when_idle: bool = False, heartbeat: bool = True
     ) -> None:
         self.cfg = cfg
-        self.heartbeat = heartbeat  # replay's own workers do not heartbeat: they are not the daemon's fetchers
+        self.heartbeat = heartbeat  # replay's own fetchers do not heartbeat: they are not the daemon's fetchers
         self.settings = cfg.stamps
         self.name = name
         self.batch = batch
@@ -325,7 +325,7 @@ class Worker:
         self.side = SideThread()  # FITS checks, writes, previews
         self.side_turn = asyncio.Lock()  # one step at a time on it
         self.stopping: asyncio.Event | None = None
-        self.signals: lifecycle.Stop | None = None  # set by run_worker: SIGTERM/SIGINT set ``stopping``
+        self.signals: lifecycle.Stop | None = None  # set by run_fetcher: SIGTERM/SIGINT set ``stopping``
         self.session: Any = None
         self.tasks: dict[asyncio.Task[None], jobs.StampJob] = {}  # the jobs in flight
         self.more = True  # the last claim got all it asked for: claim again as soon as there is room
@@ -348,7 +348,7 @@ class Worker:
                     await self._wait_for_any(wait)
             finally:
                 await self._shut_down(keep_alive)
-        log.info("stamp worker %s stopped: %s", self.name, ", ".join(f"{k} {v}" for k, v in self.stats.items()))
+        log.info("stamp fetcher %s stopped: %s", self.name, ", ".join(f"{k} {v}" for k, v in self.stats.items()))
         return 0
 
     async def _fill(self) -> float | None:
@@ -422,7 +422,7 @@ class Worker:
         if self.heartbeat:
             await self._db(store.heartbeat, self.name, "fetcher")
         await asyncio.wrap_future(self.side.submit(_warm_up, self.settings))
-        log.info("stamp worker %s started (concurrency %d, rate limit %s/s for the pool%s; providers %s)", self.name,
+        log.info("stamp fetcher %s started (concurrency %d, rate limit %s/s for the pool%s; providers %s)", self.name,
                  self.settings.concurrency, self.settings.rate_limit or "no",
                  f", batch {self.batch}" if self.batch else "",
                  ", ".join(f"{survey}: {p.name}" for survey, p in self.providers.items()) or "none")
@@ -615,7 +615,7 @@ class Worker:
             self.stats["done"] += 1
             log.debug("%s done: detection %s, fetched %s", run.label, run.detection, run.written or "nothing")
             if not await self._settle(run.label, jobs.complete, run.job.id, self.owner, run.result(self.name)):
-                log.warning("%s finished after its lease was lost; another worker has it", run.label)
+                log.warning("%s finished after its lease was lost; another fetcher has it", run.label)
         elif is_local(problem):
             await self._give_back(run, describe(problem))
         elif isinstance(problem, NotYetAvailableError):
@@ -628,7 +628,7 @@ class Worker:
 
     async def _settle(self, label: str, write: Callable[..., T], *args: Any) -> T:
         """Write a job's outcome, trying until the store takes it: a job left leased by a failed write would never
-        come back while this worker lives (its task renews the lease meanwhile, so nobody else takes it)."""
+        come back while this fetcher lives (its task renews the lease meanwhile, so nobody else takes it)."""
         for attempt in itertools.count(1):
             try:
                 return await self._db(write, *args)
@@ -748,19 +748,19 @@ def unavailable_delay(cfg: StampsConfig, waited: float) -> float:
     return min(delay, max(cfg.unavailable_give_up - waited, 0.0))  # look once more right at the give-up time
 
 
-def run_worker(cfg: Config, name: str, batch: str | None = None) -> int:
-    """``ztfd fetch``: run one stamp worker until SIGTERM; with ``batch`` (``ztfd replay`` without the daemon),
+def run_fetcher(cfg: Config, name: str, batch: str | None = None) -> int:
+    """``ztfd fetch``: run one stamp fetcher until SIGTERM; with ``batch`` (``ztfd replay`` without the daemon),
     only that batch's jobs, until none is left to do now, and without heartbeats (it is not a daemon fetcher)."""
     if not cfg.stamps.enabled and batch is None:
-        log.warning("stamps.enabled is false; running the stamp worker anyway because it was asked for")
+        log.warning("stamps.enabled is false; running the stamp fetcher anyway because it was asked for")
     # Stamps can wait a moment; storing alerts should not. On a small box the consumers win the CPU.
     os.nice(FETCHER_NICENESS)
-    worker = Worker(cfg, name, batch=batch, exit_when_idle=batch is not None, heartbeat=batch is None)
+    fetcher = Fetcher(cfg, name, batch=batch, exit_when_idle=batch is not None, heartbeat=batch is None)
     try:
         with lifecycle.stop_on_signals() as signals:
-            worker.signals = signals
-            return asyncio.run(worker.run())
+            fetcher.signals = signals
+            return asyncio.run(fetcher.run())
     finally:
-        worker.db.shutdown(wait=True)
-        if worker.conn is not None:
-            worker.conn.close()
+        fetcher.db.shutdown(wait=True)
+        if fetcher.conn is not None:
+            fetcher.conn.close()

@@ -29,7 +29,7 @@ from ztfd.config import Config
 from ztfd.daemon import lifecycle
 from ztfd.sources import STAMP_TYPES
 from ztfd.stamps import providers
-from ztfd.stamps.fetcher import preview_path, read_valid, run_worker, stamp_path
+from ztfd.stamps.fetcher import preview_path, read_valid, run_fetcher, stamp_path
 from ztfd.stamps.providers import StampProvider
 from ztfd.stamps.providers.packet import PREVIEW_JOB, PacketStamps
 from ztfd.store import jobs
@@ -191,7 +191,7 @@ def _replay_worker(cfg: Config, name: str, batch: str) -> None:
 
     os.setpgid(0, 0)  # a terminal's Ctrl-C reaches replay only, which stops its workers with one SIGTERM
     logs.setup(cfg.logs_dir, cfg.logging.level, cfg.logging.max_bytes, cfg.logging.backup_count, console=False)
-    sys.exit(run_worker(cfg, name, batch=batch))
+    sys.exit(run_fetcher(cfg, name, batch=batch))
 
 
 def _fetch_in_foreground(conn: sqlite3.Connection, cfg: Config, batch: str, total: int, workers: int,

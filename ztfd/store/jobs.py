@@ -11,9 +11,9 @@ here on the shared store instead:
 - ``claim`` is one ``UPDATE … WHERE id IN (SELECT … LIMIT n) RETURNING`` inside ``BEGIN IMMEDIATE``: no two
   claimers can take the same job.
 - a claim is a lease with an owner and an expiry; ``requeue_expired`` returns the jobs of dead workers, and
-  every ``claim`` calls it first. Completion is fenced by the owner, so a worker whose lease expired cannot
-  overwrite the outcome of the worker that took the job over.
-- attempts count claims, so a job that kills its worker each time ends failed after ``max_attempts`` claims
+  every ``claim`` calls it first. Completion is fenced by the owner, so a fetcher whose lease expired cannot
+  overwrite the outcome of the fetcher that took the job over.
+- attempts count claims, so a job that kills its fetcher each time ends failed after ``max_attempts`` claims
   (``requeue_expired``); ``not_before`` delays retries, and ``failed`` keeps the last reason.
 - ``dedupe_key`` keeps one waiting or running job per key (one stamp fetch per object and observation time).
 - a job refers to its alert (``alert_id``); ``claim`` hands out the alert and what an earlier run learned about
@@ -118,7 +118,7 @@ class JobCounts:
 
     @property
     def busy(self) -> int:
-        """Leased, due, or to be retried soon: work a worker will do without waiting for the service."""
+        """Leased, due, or to be retried soon: work a fetcher will do without waiting for the service."""
         return self.ready + self.leased + self.retry_waiting
 
     def as_dict(self) -> dict[str, int]:
@@ -186,7 +186,7 @@ def enqueue(
 def requeue_expired(conn: sqlite3.Connection, max_attempts: int | None = None, now: float | None = None) -> int:
     """Put jobs whose lease ran out (their worker died or hung) back to ready, or fail them.
 
-    Every claim counts as an attempt, so a job that kills its worker each time (a poison job) ends ``failed``
+    Every claim counts as an attempt, so a job that kills its fetcher each time (a poison job) ends ``failed``
     after ``max_attempts`` claims instead of taking workers down forever.
     """
     now = time.time() if now is None else now
@@ -251,8 +251,8 @@ def extend(
     conn: sqlite3.Connection, owner: str, lease_seconds: float, now: float | None = None,
     job_ids: Iterable[int] | None = None,
 ) -> int:
-    """Renew the leases ``owner`` holds (a worker's heartbeat while it is busy): of ``job_ids`` only, when given
-    (the jobs a worker is still working on: one whose task died must go back to the queue, not be kept)."""
+    """Renew the leases ``owner`` holds (a fetcher's heartbeat while it is busy): of ``job_ids`` only, when given
+    (the jobs a fetcher is still working on: one whose task died must go back to the queue, not be kept)."""
     now = time.time() if now is None else now
     if job_ids is None:
         return conn.execute(
@@ -322,7 +322,7 @@ def release(
     now: float | None = None,
 ) -> int:
     """Hand leased jobs back untouched, the claim not counted as an attempt (nor as a failure): ready at once (on
-    SIGTERM), or after ``delay`` seconds (local trouble: the worker's disk is full, not the job's fault)."""
+    SIGTERM), or after ``delay`` seconds (local trouble: the fetcher's disk is full, not the job's fault)."""
     only = "" if job_ids is None else " AND id = ?"
     ids = [()] if job_ids is None else [(job_id,) for job_id in job_ids]
     now = time.time() if now is None else now
@@ -371,7 +371,7 @@ def next_due(conn: sqlite3.Connection, batch: str | None = None) -> float | None
     """When the queue next has something for a claim: the earliest ready job's ``not_before`` or leased job's
     ``lease_until`` (an expired lease is requeued by the next claim); None when there is neither.
 
-    Two plain reads on partial indexes: an idle worker asks this instead of running a claim (a write
+    Two plain reads on partial indexes: an idle fetcher asks this instead of running a claim (a write
     transaction) several times a second.
     """
     only_batch, args = ("AND batch = ?", (batch,)) if batch is not None else ("", ())
