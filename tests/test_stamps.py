@@ -29,6 +29,7 @@ from ztfd.files import md5_hex
 from ztfd.stamps.fetcher import preview_path, stamp_path
 from ztfd.stamps.providers import NotYetAvailableError
 from ztfd.stamps.providers.alerce_ztf import Listed, choose_candid
+from ztfd.store import counters
 from ztfd.store import jobs as store_jobs
 from ztfd.store.manifest import manifest_files
 from ztfd.store.processes import process
@@ -138,6 +139,9 @@ def test_faults_are_retried_until_the_stamps_are_right(make_config, stamp_servic
     assert temporaries(cfg.images_dir) == []
     warnings = (cfg.logs_dir / "errors.log").read_text()
     assert "HTTP 503" in warnings and "not gzip" in warnings and "bad gzip" in warnings and "timed out" in warnings
+    failures = counters.stamp_failures(conn)  # counted by the class the code gave each failure
+    assert failures["http"] >= 2 and failures["bad_body"] >= 2 and failures["timeout"] >= 1
+    assert failures["other"] == 0
 
 
 def test_a_job_that_keeps_failing_ends_failed_with_its_reason(make_config, stamp_service, tmp_path):
@@ -459,6 +463,7 @@ def test_a_gzip_bomb_and_a_huge_image_are_failed_attempts_with_their_reason(make
     assert by_object[huge.object_id]["state"] == "failed"
     assert "template stamp: image of 4000×4000 pixels exceeds 512 per side" in by_object[huge.object_id]["last_error"]
     assert by_object[fine.object_id]["state"] == "done"
+    assert counters.stamp_failures(conn)["bad_body"] == 4  # two attempts each: bad bodies, whatever their wording
     date = by_object[bombed.object_id]["payload"]["date"]
     assert not stamp_path(cfg.images_dir, date, bombed.object_id, bombed.candid, "science").exists()
     assert stamp_path(cfg.images_dir, date, bombed.object_id, bombed.candid, "template").read_bytes() == \

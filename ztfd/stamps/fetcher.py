@@ -63,10 +63,11 @@ from ztfd.stamps.providers import (
     providers_for,
 )
 from ztfd.stamps.providers.alerce_ztf import AlerceZtf
-from ztfd.stamps.providers.packet import PREVIEW_JOB, PacketStamps
+from ztfd.stamps.providers.packet import PacketStamps
 from ztfd.store import jobs
 from ztfd.store.detection_lists import fresh_detections, keep_detections
 from ztfd.store.report import save_detections
+from ztfd.store.states import FailureClass, JobKind, Waiting
 
 log = logging.getLogger(__name__)
 FETCHER_NICENESS = 5
@@ -87,6 +88,9 @@ class BadPayloadError(Exception):
 
 class StepTimeoutError(FetchError):
     """A side step (FITS check, write, preview) hung: the job is a failed attempt, its thread is abandoned."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, FailureClass.TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -236,7 +240,7 @@ async def _read_capped(response: Any) -> bytes:
             return b"".join(chunks)
         chunks.append(chunk)
         size += len(chunk)
-    raise FetchError(f"HTTP {response.status}: body larger than {MAX_BODY_BYTES} bytes")
+    raise FetchError(f"HTTP {response.status}: body larger than {MAX_BODY_BYTES} bytes", FailureClass.BAD_BODY)
 
 
 # --- the files of a detection, for ``ztfd replay`` and tests (ALeRCE's ZTF names unless a provider is given) --------
@@ -469,7 +473,7 @@ class Fetcher:
         except BadPayloadError as exc:
             log.error("job %d failed: %s", job.id, exc)
             self.stats["failed"] += 1
-            await self._settle(f"job {job.id}", jobs.fail, job.id, self.owner, str(exc))
+            await self._settle(f"job {job.id}", jobs.fail, job.id, self.owner, str(exc), FailureClass.BAD_JOB)
             return
         try:
             await self.process(run)
@@ -493,7 +497,7 @@ class Fetcher:
                                                                                  job.known.detection_mjd)
         if known is not None and not PLAIN_ID.match(known):
             raise BadPayloadError(f"bad detection id {known!r}")
-        if known is None and job.kind == PREVIEW_JOB:
+        if known is None and job.kind == JobKind.PREVIEW:
             raise BadPayloadError("a preview job whose alert names no detection")
         request = StampRequest(alert.survey, alert.object_id, alert.date, alert.obs_mjd, known, known_mjd, alert.band)
         run = JobRun(job, request, provider, self.cfg.images_dir / alert.date / alert.object_id, force=job.force)
@@ -504,7 +508,7 @@ class Fetcher:
     def _provider(self, job: jobs.StampJob) -> StampProvider:
         """The survey's provider; for a preview job (the stamps came in the packet) the packet's stamps on disk."""
         survey = job.alert.survey
-        if job.kind == PREVIEW_JOB:
+        if job.kind == JobKind.PREVIEW:
             if survey not in self.packet_stamps:
                 self.packet_stamps[survey] = PacketStamps(self.settings, survey)
             return self.packet_stamps[survey]
@@ -518,11 +522,12 @@ class Fetcher:
         if run.detection is None:  # its slot is taken when it asks (a provider may answer from what it knows)
             run.detection = await run.provider.find_detection(self._http(run.provider), run.request)
             if not PLAIN_ID.match(run.detection.detection_id):
-                raise FetchError(f"{run.provider.name} named detection {run.detection.detection_id[:80]!r}")
+                raise FetchError(f"{run.provider.name} named detection {run.detection.detection_id[:80]!r}",
+                                 FailureClass.BAD_BODY)
             if run.detection.light_curve:  # what the lookup said of the object's history, for night reports
                 await self._db(save_detections, run.request.survey, run.request.object_id,
                                run.detection.light_curve, run.detection.light_curve_unit)
-        if not run.force or run.job.kind == PREVIEW_JOB:  # a forced preview job redraws, the stamps stay
+        if not run.force or run.job.kind == JobKind.PREVIEW:  # a forced preview job redraws, the stamps stay
             await self._side(self._existing, run)
         if run.missing:
             await self._fetch(run, run.missing)
@@ -555,7 +560,7 @@ class Fetcher:
             return
         run.fetched.update({kind: data for kind, data in bundle.stamps.items() if kind in missing})
         run.extras.update(bundle.extras)
-        run.problems.extend(FetchError(f"{kind} stamp: not in the served bundle")
+        run.problems.extend(FetchError(f"{kind} stamp: not in the served bundle", FailureClass.BAD_BODY)
                             for kind in missing if kind not in bundle.stamps)
 
     def _existing(self, run: JobRun) -> None:
@@ -575,7 +580,7 @@ class Fetcher:
             try:
                 image = run.provider.check(data)
             except ValueError as exc:
-                run.problems.append(FetchError(f"{kind} stamp: {exc}"))
+                run.problems.append(FetchError(f"{kind} stamp: {exc}", FailureClass.BAD_BODY))
                 continue
             atomic_write(paths.stamp(kind), data)
             triplet[kind] = Stamp(data, image)
@@ -621,10 +626,10 @@ class Fetcher:
         elif isinstance(problem, NotYetAvailableError):
             await self._not_yet(run, str(problem))
         elif isinstance(problem, FetchError):
-            await self._failed_attempt(run, str(problem))
+            await self._failed_attempt(run, str(problem), problem.kind)
         else:
             log.error("%s: unexpected error", run.label, exc_info=problem)
-            await self._failed_attempt(run, f"{problem.__class__.__name__}: {problem}")
+            await self._failed_attempt(run, f"{problem.__class__.__name__}: {problem}", FailureClass.OTHER)
 
     async def _settle(self, label: str, write: Callable[..., T], *args: Any) -> T:
         """Write a job's outcome, trying until the store takes it: a job left leased by a failed write would never
@@ -647,18 +652,18 @@ class Fetcher:
         self.stats["given back"] += 1
         await self._settle(run.label, jobs.release, self.owner, [run.job.id], pause)
 
-    async def _failed_attempt(self, run: JobRun, reason: str) -> None:
+    async def _failed_attempt(self, run: JobRun, reason: str, failure: FailureClass) -> None:
         job = run.job
         if job.attempts >= self.settings.max_attempts:
             log.error("%s failed after %d attempts: %s", run.label, job.attempts, reason)
             self.stats["failed"] += 1
-            await self._settle(run.label, jobs.fail, job.id, self.owner, reason)
+            await self._settle(run.label, jobs.fail, job.id, self.owner, reason, failure)
             return
         delay = failure_delay(self.settings, job.attempts)
         log.warning("%s attempt %d/%d: %s; retrying in %.1fs", run.label, job.attempts, self.settings.max_attempts,
                     reason, delay)
         self.stats["retried"] += 1
-        await self._settle(run.label, jobs.retry, job.id, self.owner, delay, reason)
+        await self._settle(run.label, jobs.retry, job.id, self.owner, delay, reason, failure)
 
     async def _not_yet(self, run: JobRun, reason: str) -> None:
         job = run.job
@@ -667,12 +672,13 @@ class Fetcher:
             reason = f"not available at {run.provider.service} after {waited:.0f}s: {reason}"
             log.error("%s failed: %s", run.label, reason)
             self.stats["failed"] += 1
-            await self._settle(run.label, jobs.fail, job.id, self.owner, reason)
+            await self._settle(run.label, jobs.fail, job.id, self.owner, reason, FailureClass.UNAVAILABLE)
             return
         delay = unavailable_delay(self.settings, waited)
         log.info("%s not yet available (%s); looking again in %.0fs", run.label, reason, delay)
         self.stats["unavailable"] += 1
-        await self._settle(run.label, jobs.retry, job.id, self.owner, delay, reason, jobs.Waiting.UNAVAILABLE)
+        await self._settle(run.label, jobs.retry, job.id, self.owner, delay, reason, FailureClass.UNAVAILABLE,
+                           Waiting.UNAVAILABLE)
 
     # --- plumbing ----------------------------------------------------------------------------------------
 
@@ -727,14 +733,15 @@ class Fetcher:
             async with self.session.get(url, params=params) as response:
                 length = response.content_length
                 if length is not None and length > MAX_BODY_BYTES:
-                    raise FetchError(f"HTTP {response.status}: body of {length} bytes is too large")
+                    raise FetchError(f"HTTP {response.status}: body of {length} bytes is too large",
+                                     FailureClass.BAD_BODY)
                 return response.status, await _read_capped(response)
         except TimeoutError:
-            raise FetchError(f"timed out after {self.settings.timeout:g}s") from None
+            raise FetchError(f"timed out after {self.settings.timeout:g}s", FailureClass.TIMEOUT) from None
         except aiohttp.ClientError as exc:
             if is_local(exc):
                 raise
-            raise FetchError(f"{exc.__class__.__name__}: {exc}") from None
+            raise FetchError(f"{exc.__class__.__name__}: {exc}", FailureClass.CONNECTION) from None
 
 
 def failure_delay(cfg: StampsConfig, attempts: int) -> float:

@@ -31,11 +31,12 @@ from ztfd.sources import STAMP_TYPES
 from ztfd.stamps import providers
 from ztfd.stamps.fetcher import preview_path, read_valid, run_fetcher, stamp_path
 from ztfd.stamps.providers import StampProvider
-from ztfd.stamps.providers.packet import PREVIEW_JOB, PacketStamps
+from ztfd.stamps.providers.packet import PacketStamps
 from ztfd.store import jobs
 from ztfd.store.alerts import alerts_on
 from ztfd.store.processes import processes
 from ztfd.store.stamps import stamp_records_on
+from ztfd.store.states import JobKind
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def plan(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None, fo
             if stamps_valid(cfg, alert.date, alert.object_id, alert.detection_id, packet):
                 if cfg.stamps.previews and (force or not preview_there(cfg, alert.date, alert.object_id,
                                                                         alert.detection_id)):
-                    payloads.append(jobs.NewStampJob(alert.id, force=force, kind=PREVIEW_JOB))
+                    payloads.append(jobs.NewStampJob(alert.id, force=force, kind=JobKind.PREVIEW))
                 continue
         previous = known.get(alert.id)
         provider = stamp_providers.get(alert.survey)

@@ -36,6 +36,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
+from ztfd.store.states import FailureClass
+
 # get(url, params) -> (HTTP status, body); redirects followed, body capped, one rate-limit slot per call.
 HttpGet = Callable[[str, dict[str, str] | None], Awaitable[tuple[int, bytes]]]
 
@@ -45,7 +47,13 @@ class NotYetAvailableError(Exception):
 
 
 class FetchError(Exception):
-    """A failed attempt (server error, timeout, connection, bad body): back off and retry."""
+    """A failed attempt (server error, timeout, connection, bad body): back off and retry. ``kind`` is its class,
+    what ``ztfd_stamp_failures_total{reason}`` counts: chosen where the failure is known, never read from the
+    message."""
+
+    def __init__(self, message: str, kind: FailureClass = FailureClass.OTHER) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from ztfd.stamps.providers import (
     register,
 )
 from ztfd.stamps.stampimage import StampLimits, read_gzipped_image
+from ztfd.store.states import FailureClass
 
 DETECTIONS_PATH = "/ztf/v1/objects/{oid}/detections"
 STAMP_PATH = "/get_stamp"
@@ -61,11 +62,11 @@ def parse_detections(body: bytes) -> list[Listed]:
     try:
         rows = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FetchError(f"detections: not JSON ({exc.__class__.__name__})") from None
+        raise FetchError(f"detections: not JSON ({exc.__class__.__name__})", FailureClass.BAD_BODY) from None
     if isinstance(rows, dict) and isinstance(rows.get("items"), list):  # a paginated shape, should ALeRCE use one
         rows = rows["items"]
     if not isinstance(rows, list):
-        raise FetchError("detections: not a JSON list")
+        raise FetchError("detections: not a JSON list", FailureClass.BAD_BODY)
     found = []
     for row in rows:
         if not isinstance(row, dict):
@@ -159,7 +160,7 @@ class AlerceZtf:
         if status == 404:
             raise NotYetAvailableError("ALeRCE does not know the object yet (detections: 404)")
         if status != 200:
-            raise FetchError(f"detections: HTTP {status}")
+            raise FetchError(f"detections: HTTP {status}", FailureClass.HTTP)
         if self.cache is not None:
             await self.cache.put(object_id, body)
         return body
@@ -173,14 +174,14 @@ class AlerceZtf:
         if status == 404:
             raise NotYetAvailableError(f"packet of listed candid {candid}: HTTP 404")
         if status != 200:
-            raise FetchError(f"get_avro: HTTP {status}")
+            raise FetchError(f"get_avro: HTTP {status}", FailureClass.HTTP)
         try:
             records = self.packets.read(body)
         except InvalidMessageError as exc:
-            raise FetchError(f"get_avro: {exc}") from None
+            raise FetchError(f"get_avro: {exc}", FailureClass.BAD_BODY) from None
         if len(records) != 1 or str(records[0].get("candid")) != candid:
             served = [r.get("candid") for r in records][:3]
-            raise FetchError(f"get_avro served candid {served} for {candid}")
+            raise FetchError(f"get_avro served candid {served} for {candid}", FailureClass.BAD_BODY)
         stamps = {}
         for kind in kinds:
             cutout = records[0].get(CUTOUT_FIELDS[kind])
@@ -194,7 +195,7 @@ class AlerceZtf:
         if status == 404:
             raise NotYetAvailableError(f"{kind} stamp of listed candid {detection.detection_id}: HTTP 404")
         if status != 200:
-            raise FetchError(f"{kind} stamp: HTTP {status}")
+            raise FetchError(f"{kind} stamp: HTTP {status}", FailureClass.HTTP)
         return body
 
     def check(self, data: bytes) -> Any:
