@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 from ztfd import store
 from ztfd.config import Config, StampsConfig
 from ztfd.daemon import lifecycle
+from ztfd.daemon.heartbeat import HEARTBEAT_INTERVAL, Heartbeat
 from ztfd.daemon.localtrouble import Condition, describe, is_local
 from ztfd.files import atomic_write, md5_hex, relative_to_home, remove_stale_temporaries
 from ztfd.sources import PLAIN_ID, STAMP_TYPES
@@ -67,7 +68,7 @@ from ztfd.stamps.providers.packet import PacketStamps
 from ztfd.store import jobs
 from ztfd.store.detection_lists import fresh_detections, keep_detections
 from ztfd.store.report import save_detections
-from ztfd.store.states import FailureClass, JobKind, Waiting
+from ztfd.store.states import FailureClass, JobKind, Role, Waiting
 
 log = logging.getLogger(__name__)
 FETCHER_NICENESS = 5
@@ -313,7 +314,8 @@ class Fetcher:
         self, cfg: Config, name: str, batch: str | None = None, exit_when_idle: bool = False, heartbeat: bool = True
     ) -> None:
         self.cfg = cfg
-        self.heartbeat = heartbeat  # replay's own fetchers do not heartbeat: they are not the daemon's fetchers
+        # replay's own fetchers do not heartbeat: they are not the daemon's fetchers
+        self.heartbeat = Heartbeat(name, Role.FETCHER) if heartbeat else None
         self.settings = cfg.stamps
         self.name = name
         self.batch = batch
@@ -406,11 +408,11 @@ class Fetcher:
     async def _keep_alive(self) -> None:
         """Heartbeat, and renew the leases of the jobs whose tasks are alive, more often than they could expire."""
         assert self.stopping is not None
-        period = max(0.2, min(5.0, self.settings.lease_seconds / 3))
+        period = max(0.2, min(HEARTBEAT_INTERVAL, self.settings.lease_seconds / 3))
         while not self.stopping.is_set():
             try:
-                if self.heartbeat:
-                    await self._db(store.heartbeat, self.name, "fetcher")
+                if self.heartbeat is not None:
+                    await self._db(self.heartbeat.beat)
                 live = [job.id for task, job in self.tasks.items() if not task.done()]
                 await self._db(jobs.extend, self.owner, self.settings.lease_seconds, job_ids=live)
             except sqlite3.Error as exc:
@@ -423,8 +425,8 @@ class Fetcher:
         self.stopping = asyncio.Event()
         if self.signals is not None:
             self.signals.call_in(loop, self.stopping.set)
-        if self.heartbeat:
-            await self._db(store.heartbeat, self.name, "fetcher")
+        if self.heartbeat is not None:
+            await self._db(self.heartbeat.beat)
         await asyncio.wrap_future(self.side.submit(_warm_up, self.settings))
         log.info("stamp fetcher %s started (concurrency %d, rate limit %s/s for the pool%s; providers %s)", self.name,
                  self.settings.concurrency, self.settings.rate_limit or "no",

@@ -36,7 +36,7 @@ from ztfd.store import jobs
 from ztfd.store.alerts import alerts_on
 from ztfd.store.processes import processes
 from ztfd.store.stamps import stamp_records_on
-from ztfd.store.states import JobKind
+from ztfd.store.states import JobKind, Role
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def running_fetchers(conn: sqlite3.Connection, cfg: Config) -> list[str]:
 
     fresh_since = time.time() - cfg.supervisor.heartbeat_timeout
     alive = []
-    for row in processes(conn, ["fetcher"]):
+    for row in processes(conn, [Role.FETCHER]):
         if row.pid is None or row.heartbeat_at is None or row.heartbeat_at < fresh_since:
             continue
         with contextlib.suppress(psutil.Error):
