@@ -314,7 +314,9 @@ main { display: grid; grid-template-columns: repeat(auto-fill, minmax(620px, 1fr
 .card h2 a { color: var(--accent); text-decoration: none; }
 .card .links a { font-size: 13px; font-weight: normal; }
 .meta { color: var(--muted); margin: 2px 0 8px; font-size: 13px; }
-.triplet { width: 100%; height: auto; display: block; image-rendering: pixelated; border-radius: 3px; }
+/* Never enlarged (its stamps are enlarged already) and shrunk smoothly: a nearest-neighbour shrink drops whole
+   rows of the preview's thin header text (its second line lost its top). */
+.triplet { max-width: 100%; height: auto; display: block; border-radius: 3px; }
 .nostamps { padding: 28px 12px; text-align: center; color: var(--muted); background: var(--bg);
             border: 1px dashed var(--line); border-radius: 3px; }
 .below { display: flex; gap: 12px; margin-top: 8px; align-items: flex-start; }
