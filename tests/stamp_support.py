@@ -93,13 +93,13 @@ def all_final(conn: sqlite3.Connection) -> bool:
     return store_jobs.counts(conn).unfinished == 0
 
 
-def start_worker(config: Path, name: str, log_path: Path) -> subprocess.Popen[bytes]:
+def start_fetcher(config: Path, name: str, log_path: Path) -> subprocess.Popen[bytes]:
     output = log_path.open("ab")
     return subprocess.Popen(ztfd_command(config, "fetch"), env=child_env(ZTFD_PROCESS_NAME=name),
                             stdout=output, stderr=subprocess.STDOUT)
 
 
-def stop_worker(process: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
+def stop_fetcher(process: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
     return process.wait(timeout)
@@ -109,11 +109,11 @@ def fetch_until_final(config: Path, conn: sqlite3.Connection, log_path: Path, wh
     """Run one ``ztfd fetch`` until every stamp job is final, then stop it (it must exit 0 on SIGTERM).
 
     Returns the worker's pid."""
-    worker = start_worker(config, "fetcher-1", log_path)
+    worker = start_fetcher(config, "fetcher-1", log_path)
     try:
         wait_until(lambda: all_final(conn), timeout=timeout, what=what)
     finally:
-        assert stop_worker(worker) == 0
+        assert stop_fetcher(worker) == 0
     return worker.pid
 
 
@@ -121,8 +121,8 @@ def temporaries(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
 
 
-def drive_worker(worker: Any, condition: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
-    """Run ``worker`` (a ``ztfd.stamps.fetcher.Worker``) in this process until ``condition`` holds, then stop it."""
+def drive_fetcher(worker: Any, condition: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
+    """Run ``worker`` (a ``ztfd.stamps.fetcher.Fetcher``) in this process until ``condition`` holds, then stop it."""
     import asyncio
 
     async def drive() -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.avro_support import RUBIN_SCHEMA_ID, fink_lsst, produce_keyed, rubin_alerts, rubin_schema
 from tests.conftest import wait_until
-from tests.stamp_support import FAST_STAMPS, start_worker, stop_worker, utc_date
+from tests.stamp_support import FAST_STAMPS, start_fetcher, stop_fetcher, utc_date
 from tests.test_consumer import Consumers, count, terminate, unique
 from tests.test_replay import replay as run_replay
 from ztfd import sources, store
@@ -97,12 +97,12 @@ def test_ztf_packets_kept_as_received_with_their_stamps_and_no_stamp_request(
     assert kinds == {"preview": len(real), "stamps": 1}  # the partial packet's template is asked for
     (reason,) = conn.execute("SELECT reason FROM rejected").fetchone()
     assert "Avro" in reason
-    worker = start_worker(config_path, "fetcher-1", tmp_path / "fetch.log")
+    worker = start_fetcher(config_path, "fetcher-1", tmp_path / "fetch.log")
     try:
         wait_until(lambda: count(db, "SELECT count(*) FROM jobs WHERE kind = 'preview' AND state = 'done'")
                    == len(real), 60, "every preview drawn")
     finally:
-        assert stop_worker(worker) == 0
+        assert stop_fetcher(worker) == 0
     for offset, packet in enumerate(real):
         assert (home / "images" / rows[offset]["date"] / packet.object_id / f"{packet.candid}.png").stat().st_size > 0
     asked = {record.object_id for record in stamp_service.requests()}

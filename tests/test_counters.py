@@ -13,6 +13,7 @@ from ztfd import store
 from ztfd.store import counters, jobs
 from ztfd.store.alerts import NewAlert, insert_alerts
 from ztfd.store.jobs import NewStampJob, Waiting
+from ztfd.store.states import FailureClass
 
 
 def counted_jobs(conn: sqlite3.Connection) -> dict[str, int]:
@@ -58,12 +59,13 @@ def test_job_counters_follow_every_queue_operation(tmp_path: Path) -> None:
             if action == "complete":
                 assert jobs.complete(conn, job.id, owner, jobs.StampResult("1", None))
             elif action == "retry":
-                assert jobs.retry(conn, job.id, owner, 0.0, "HTTP 503 from get_stamp", now=now)
+                assert jobs.retry(conn, job.id, owner, 0.0, "HTTP 503 from get_stamp", FailureClass.HTTP, now=now)
                 failures_expected += 1
             elif action == "unavailable":
-                assert jobs.retry(conn, job.id, owner, 0.0, "not yet", waiting=Waiting.UNAVAILABLE, now=now)
+                assert jobs.retry(conn, job.id, owner, 0.0, "not yet", FailureClass.UNAVAILABLE,
+                                  waiting=Waiting.UNAVAILABLE, now=now)
             elif action == "fail":
-                assert jobs.fail(conn, job.id, owner, "detections: HTTP 500")
+                assert jobs.fail(conn, job.id, owner, "detections: HTTP 500", FailureClass.HTTP)
                 failures_expected += 1
             elif action == "release":
                 assert jobs.release(conn, owner, [job.id]) == 1
@@ -106,13 +108,15 @@ def test_job_counters_follow_every_queue_operation(tmp_path: Path) -> None:
     ("its worker died or hung 8 times (lease expired); last error: none", "worker_lost"),
     ("bad object_id '../x'", "bad_job"),
     ("KeyError: 'x'", "other"),
+    ("science stamp: HTTP 502", "timeout"),  # the class the code gave is counted, whatever the message says
 ])
 def test_failure_reasons_fall_in_fixed_classes(tmp_path: Path, reason: str, expected: str) -> None:
+    """A failure is counted by the class the fetcher gave it (``jobs.failure``), never by its message's words."""
     conn = store.connect(tmp_path / "s.sqlite3")
     queue_jobs(conn, 1)
     owner = jobs.new_owner()
     (job,) = jobs.claim(conn, owner, lease_seconds=60)
-    assert jobs.fail(conn, job.id, owner, reason)
+    assert jobs.fail(conn, job.id, owner, reason, FailureClass(expected))
     failures = counters.stamp_failures(conn)
     assert expected in counters.FAILURE_REASONS
     assert failures[expected] == 1 and sum(failures.values()) == 1

@@ -46,7 +46,7 @@ def test_done_jobs_are_forgotten_after_a_day_and_their_stamps_kept(cfg: config.C
     claimed = jobs.claim(conn, owner, 60, limit=4)
     for job in claimed[:3]:
         assert jobs.complete(conn, job.id, owner, jobs.StampResult(f"17042{job.alert.id}", 59458.5, ("science",)))
-    assert jobs.fail(conn, claimed[3].id, owner, "HTTP 503")
+    assert jobs.fail(conn, claimed[3].id, owner, "HTTP 503", jobs.FailureClass.HTTP)
     queue_before, alerts_before = queue_report(cfg)
     assert (queue_before["done"], queue_before["failed"], queue_before["ready"]) == (3, 1, 2)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import child_env, small_fs, wait_until, ztfd_command
-from tests.stamp_support import add_alerts, all_final, jobs, stamps_config, start_worker, stop_worker
+from tests.stamp_support import add_alerts, all_final, jobs, stamps_config, start_fetcher, stop_fetcher
 from ztfd import config, store
 from ztfd.embedded import samples
 from ztfd.embedded.kafka import KafkaBroker
@@ -80,7 +80,7 @@ def test_a_full_images_disk_gives_stamp_jobs_back_until_it_has_room(
         conn = store.connect(cfg.db_path)
         add_alerts(conn, chosen)
         log_path = tmp_path / "worker.log"
-        worker = start_worker(cfg_path, "fetcher-1", log_path)
+        worker = start_fetcher(cfg_path, "fetcher-1", log_path)
         try:
             wait_until(lambda: "still local trouble" in log_path.read_text(), timeout=60,
                        what="the worker to back off and try again while the disk is full")
@@ -92,7 +92,7 @@ def test_a_full_images_disk_gives_stamp_jobs_back_until_it_has_room(
             grow(cfg.images_dir)
             wait_until(lambda: all_final(conn), timeout=120, what="every job done once the disk has room")
         finally:
-            assert stop_worker(worker) == 0
+            assert stop_fetcher(worker) == 0
         assert [(job["state"], job["attempts"]) for job in jobs(conn)] == [("done", 1)] * len(chosen)
         for job, packet in zip(jobs(conn), chosen, strict=True):
             date = job["payload"]["date"]

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import FAST_KAFKA_OPTIONS, child_env, wait_until, write_config, ztfd_command
-from tests.stamp_support import FAST_STAMPS, all_final, jobs, start_worker, stop_worker
+from tests.stamp_support import FAST_STAMPS, all_final, jobs, start_fetcher, stop_fetcher
 from tests.test_replay import replay as run_replay
 from ztfd import store
 from ztfd.embedded import lsst_samples
@@ -254,7 +254,7 @@ def test_lsst_stamps_are_the_served_bytes_through_faults_and_a_killed_worker(
     alerts = lsst_samples.object_alerts()
     # A worker killed with -9 while every request it made hangs: its jobs come back when their leases run out.
     stamp_service.latency = 60.0
-    first = start_worker(config, "fetcher-1", tmp_path / "first.log")
+    first = start_fetcher(config, "fetcher-1", tmp_path / "first.log")
     wait_until(lambda: stamp_service.arrivals() >= 4, what="the first worker's requests in flight")
     first.send_signal(signal.SIGKILL)
     first.wait(10)
@@ -265,11 +265,11 @@ def test_lsst_stamps_are_the_served_bytes_through_faults_and_a_killed_worker(
     stamp_service.not_found_then_available(3, endpoint=route, candid=alerts[2].dia_source_id)
     if provider == "lasair":
         stamp_service.inject("empty_body", 2, candid=alerts[3].dia_source_id)
-    second = start_worker(config, "fetcher-2", tmp_path / "second.log")
+    second = start_fetcher(config, "fetcher-2", tmp_path / "second.log")
     try:
         wait_until(lambda: all_final(conn), timeout=120, what="every stamp job final")
     finally:
-        assert stop_worker(second) == 0
+        assert stop_fetcher(second) == 0
     suffix = ".fits.gz" if provider == "alerce" else ".fits"
     done = {job["payload"]["object_id"]: job for job in jobs(conn) if job["state"] == "done"}
     manifest = {row.path for row in manifest_files(conn)}

@@ -116,3 +116,38 @@ def test_the_matplotlib_renderer_draws_the_same_stamps_with_the_agg_backend():
         assert image.format == "PNG" and image.size == (810, 345)
         grey = np.asarray(image.convert("L"))
     assert len(np.unique(grey)) > 100  # the stamps were drawn, not a blank canvas
+
+
+def ink_rows(pixels: np.ndarray) -> np.ndarray:
+    """The rows with any dark pixel (text ink: darker than the grey of the muted line's anti-aliased edge)."""
+    return np.flatnonzero((pixels < 200).any(axis=1))
+
+
+def test_both_header_lines_lie_whole_inside_the_header_band():
+    """The preview of a real alert (the one in docs/report.png): each header line's ink is a run of rows of its
+    own, clear of the canvas's top, of the other line and of the panel titles below the band."""
+    (packet,) = [p for p in ZTF_PACKETS if p.object_id == "ZTF18aaqzpsv"][:1]
+    images = {kind: preview.stamp_array(packet.cutouts[kind]) for kind in preview.STAMP_TYPES}
+    pixels = decode(preview.render(packet.object_id, packet.candid, packet.mjd, images))
+    rows = ink_rows(pixels[: preview.HEADER])
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1)
+    assert len(runs) == 2, f"expected two lines of ink, found rows {rows}"
+    title, when = runs
+    assert title[0] > 0 and when[-1] < preview.HEADER - 1  # neither touches the band's edges
+    assert when[0] - title[-1] > 1  # a blank row between them
+    # The second line is as tall as digits and brackets are at its size: all of it is drawn, none is cut off.
+    assert when[-1] - when[0] + 1 >= 12
+
+
+def test_the_matplotlib_header_lines_lie_inside_the_figure_above_the_panels():
+    (packet,) = [p for p in ZTF_PACKETS if p.object_id == "ZTF18aaqzpsv"][:1]
+    images = {kind: preview.stamp_array(packet.cutouts[kind]) for kind in preview.STAMP_TYPES}
+    figure = preview.matplotlib_figure(packet.object_id, packet.candid, packet.mjd, images)
+    renderer = figure.canvas.get_renderer()
+    canvas = figure.bbox
+    title, when = (text.get_window_extent(renderer) for text in figure.texts)
+    panel_titles_top = max(ax.title.get_window_extent(renderer).y1 for ax in figure.axes)
+    for line in (title, when):
+        assert canvas.x0 <= line.x0 and line.x1 <= canvas.x1 and canvas.y0 <= line.y0 and line.y1 <= canvas.y1
+    assert title.y0 > when.y1  # the two lines do not overlap (display y grows upwards)
+    assert when.y0 > panel_titles_top  # nor does the second line overlap the panels' titles

@@ -110,8 +110,10 @@ def test_retry_not_before_fail_and_release(tmp_path: Path) -> None:
     enqueue(conn, 3, batch="b1", now=1000.0)
     owner = jobqueue.new_owner()
     first, second, third = jobqueue.claim(conn, owner, 60, limit=3, now=1000.0)
-    assert jobqueue.retry(conn, first.id, owner, delay=50, reason="HTTP 503", now=1000.0)
+    assert jobqueue.retry(conn, first.id, owner, delay=50, reason="HTTP 503",
+                          failure=jobqueue.FailureClass.HTTP, now=1000.0)
     assert jobqueue.retry(conn, second.id, owner, delay=300, reason="not at ALeRCE yet",
+                          failure=jobqueue.FailureClass.UNAVAILABLE,
                           waiting=jobqueue.Waiting.UNAVAILABLE, now=1000.0)
     assert jobqueue.release(conn, owner, [third.id]) == 1
     counts = jobqueue.counts(conn, now=1001.0).as_dict()
@@ -125,7 +127,7 @@ def test_retry_not_before_fail_and_release(tmp_path: Path) -> None:
     by_id = {job.id: job for job in later}
     assert by_id[second.id].unavailable_since == 1000.0
     assert by_id[second.id].attempts == 1  # "not yet available" is not a failed attempt
-    assert jobqueue.fail(conn, first.id, owner, "HTTP 503 after 8 attempts")
+    assert jobqueue.fail(conn, first.id, owner, "HTTP 503 after 8 attempts", jobqueue.FailureClass.HTTP)
     stranger = jobqueue.new_owner()
     assert not jobqueue.complete(conn, second.id, stranger), "completion must be fenced by the lease owner"
     assert jobqueue.complete(conn, second.id, owner)

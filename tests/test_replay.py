@@ -13,8 +13,8 @@ from tests.stamp_support import (
     all_final,
     jobs,
     stamps_config,
-    start_worker,
-    stop_worker,
+    start_fetcher,
+    stop_fetcher,
     utc_date,
     wait_until,
 )
@@ -111,7 +111,7 @@ def test_replay_while_the_daemon_runs_queues_and_waits(make_config, stamp_servic
     cfg = config.load(cfg_path)
     conn = store.connect(cfg.db_path)
     add_alerts(conn, ON_DATE, queue=False)
-    daemon = start_worker(cfg_path, "fetcher-daemon", tmp_path / "daemon.log")
+    daemon = start_fetcher(cfg_path, "fetcher-daemon", tmp_path / "daemon.log")
     try:
         wait_until(lambda: process(conn, "fetcher-daemon"),
                    what="the daemon fetcher's heartbeat")
@@ -119,7 +119,7 @@ def test_replay_while_the_daemon_runs_queues_and_waits(make_config, stamp_servic
         assert result.returncode == 0, result.stdout + result.stderr
         assert daemon.poll() is None
     finally:
-        assert stop_worker(daemon) == 0
+        assert stop_fetcher(daemon) == 0
     assert "the daemon is running (1 fetchers)" in result.stdout and "done 6, failed 0" in result.stdout
     assert Counter(job["result"]["worker"] for job in jobs(conn)) == {"fetcher-daemon": 6}
     assert_all_on_disk(cfg)
@@ -161,7 +161,7 @@ def test_replay_fetches_itself_when_the_daemon_fetchers_die(make_config, stamp_s
     cfg = config.load(cfg_path)
     conn = store.connect(cfg.db_path)
     add_alerts(conn, ON_DATE, queue=False)
-    daemon = start_worker(cfg_path, "fetcher-daemon", tmp_path / "daemon.log")
+    daemon = start_fetcher(cfg_path, "fetcher-daemon", tmp_path / "daemon.log")
     try:
         wait_until(lambda: process(conn, "fetcher-daemon"),
                    what="the daemon fetcher's heartbeat")

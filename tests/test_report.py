@@ -256,6 +256,11 @@ def test_headless_chromium_renders_the_report_with_every_image(home: Home, tmp_p
         assert not broken, f"broken images: {broken}"
         assert browser.console_errors() == []
         assert browser.evaluate("document.querySelectorAll('article.card').length") == len(home.objects(NIGHT))
+        # Previews are shown at most at their own size, and shrunk smoothly: the header text keeps all its rows.
+        shown = browser.evaluate("Array.from(document.querySelectorAll('img.triplet')).map(i => "
+                                 "[i.width, i.naturalWidth, getComputedStyle(i).imageRendering])")
+        assert shown and all(0 < width <= natural for width, natural, _ in shown), shown
+        assert all(rendering == "auto" for width, natural, rendering in shown if width < natural), shown
         shot = browser.screenshot(tmp_path / "report.png")
     assert shot.stat().st_size > 10_000
     with shot.open("rb") as handle:

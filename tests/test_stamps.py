@@ -1,4 +1,4 @@
-"""The stamp worker (``ztfd fetch``) against the local ALeRCE-like service serving the real sample cutouts."""
+"""The stamp fetcher (``ztfd fetch``) against the local ALeRCE-like service serving the real sample cutouts."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import pytest
 from tests.stamp_support import (
     add_alerts,
     all_final,
-    drive_worker,
+    drive_fetcher,
     fetch_until_final,
     jobs,
     settled,
     stamps_config,
-    start_worker,
-    stop_worker,
+    start_fetcher,
+    stop_fetcher,
     temporaries,
     wait_until,
 )
@@ -29,6 +29,7 @@ from ztfd.files import md5_hex
 from ztfd.stamps.fetcher import preview_path, stamp_path
 from ztfd.stamps.providers import NotYetAvailableError
 from ztfd.stamps.providers.alerce_ztf import Listed, choose_candid
+from ztfd.store import counters
 from ztfd.store import jobs as store_jobs
 from ztfd.store.manifest import manifest_files
 from ztfd.store.processes import process
@@ -138,6 +139,9 @@ def test_faults_are_retried_until_the_stamps_are_right(make_config, stamp_servic
     assert temporaries(cfg.images_dir) == []
     warnings = (cfg.logs_dir / "errors.log").read_text()
     assert "HTTP 503" in warnings and "not gzip" in warnings and "bad gzip" in warnings and "timed out" in warnings
+    failures = counters.stamp_failures(conn)  # counted by the class the code gave each failure
+    assert failures["http"] >= 2 and failures["bad_body"] >= 2 and failures["timeout"] >= 1
+    assert failures["other"] == 0
 
 
 def test_a_job_that_keeps_failing_ends_failed_with_its_reason(make_config, stamp_service, tmp_path):
@@ -185,7 +189,7 @@ def test_not_yet_available_stays_queued_with_growing_delay(make_config, stamp_se
     cfg = config.load(cfg_path)
     conn = store.connect(cfg.db_path)
     add_alerts(conn, [packet])
-    worker = start_worker(cfg_path, "fetcher-1", tmp_path / "worker.log")
+    worker = start_fetcher(cfg_path, "fetcher-1", tmp_path / "worker.log")
     try:
         wait_until(lambda: stamp_service.count(DETECTIONS) >= 4, what="several looks at the object")
         (job,) = jobs(conn)
@@ -196,7 +200,7 @@ def test_not_yet_available_stays_queued_with_growing_delay(make_config, stamp_se
         stamp_service.clear_faults()
         wait_until(lambda: all_final(conn), what="the job to complete once ALeRCE knows the object")
     finally:
-        assert stop_worker(worker) == 0
+        assert stop_fetcher(worker) == 0
     assert jobs(conn)[0]["state"] == "done"
 
 
@@ -206,17 +210,17 @@ def test_worker_killed_mid_request_loses_nothing(make_config, stamp_service, tmp
     cfg = config.load(cfg_path)
     conn = store.connect(cfg.db_path)
     add_alerts(conn, packets()[:3])
-    first = start_worker(cfg_path, "fetcher-1", tmp_path / "first.log")
+    first = start_fetcher(cfg_path, "fetcher-1", tmp_path / "first.log")
     wait_until(lambda: stamp_service.arrivals() >= 3, what="requests in flight")
     assert store_jobs.counts(conn).leased == 3
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     stamp_service.latency = 0.0
-    second = start_worker(cfg_path, "fetcher-2", tmp_path / "second.log")
+    second = start_fetcher(cfg_path, "fetcher-2", tmp_path / "second.log")
     try:
         wait_until(lambda: all_final(conn), what="the killed worker's jobs to come back and complete")
     finally:
-        assert stop_worker(second) == 0
+        assert stop_fetcher(second) == 0
     for job, packet in zip(jobs(conn), packets()[:3], strict=True):
         assert job["state"] == "done" and job["result"]["worker"] == "fetcher-2"
         assert job["attempts"] == 2  # the killed claim counts as an attempt
@@ -234,11 +238,11 @@ def test_two_workers_never_fetch_the_same_job(make_config, stamp_service, tmp_pa
     dates = ["2024-01-01", "2024-01-02", "2024-01-03"]  # distinct folders: every job must fetch its own files
     for date in dates:
         add_alerts(conn, packets(), date=date)
-    workers = [start_worker(cfg_path, f"fetcher-{i}", tmp_path / f"w{i}.log") for i in range(2)]
+    workers = [start_fetcher(cfg_path, f"fetcher-{i}", tmp_path / f"w{i}.log") for i in range(2)]
     try:
         wait_until(lambda: all_final(conn), what="jobs done", timeout=60)
     finally:
-        assert [stop_worker(w) for w in workers] == [0, 0]
+        assert [stop_fetcher(w) for w in workers] == [0, 0]
     total = len(dates) * len(packets())
     done_by = Counter(job["result"]["worker"] for job in jobs(conn))
     assert sum(done_by.values()) == total and set(done_by) == {"fetcher-0", "fetcher-1"}
@@ -254,11 +258,11 @@ def test_rate_limit_holds_across_worker_processes(make_config, stamp_service, tm
     cfg = config.load(cfg_path)
     conn = store.connect(cfg.db_path)
     add_alerts(conn, packets())  # 15 alerts: 60 requests, 3 s at 20/s
-    workers = [start_worker(cfg_path, f"fetcher-{i}", tmp_path / f"w{i}.log") for i in range(3)]
+    workers = [start_fetcher(cfg_path, f"fetcher-{i}", tmp_path / f"w{i}.log") for i in range(3)]
     try:
         wait_until(lambda: all_final(conn), what="jobs done", timeout=60)
     finally:
-        assert [stop_worker(w) for w in workers] == [0, 0, 0]
+        assert [stop_fetcher(w) for w in workers] == [0, 0, 0]
     times = sorted(r.at for r in stamp_service.requests())
     assert len(times) == 60
     # What the limiter controls: the pool took exactly one slot per request from one shared sequence (a fresh
@@ -279,7 +283,7 @@ def test_sigterm_releases_leases_and_exits_zero(make_config, stamp_service, tmp_
     cfg = config.load(cfg_path)
     conn = store.connect(cfg.db_path)
     add_alerts(conn, packets()[:6])
-    worker = start_worker(cfg_path, "fetcher-1", tmp_path / "worker.log")
+    worker = start_fetcher(cfg_path, "fetcher-1", tmp_path / "worker.log")
     wait_until(lambda: stamp_service.arrivals() >= 4, what="requests in flight")
     assert store_jobs.counts(conn).leased == 4
     worker.send_signal(signal.SIGTERM)
@@ -392,16 +396,16 @@ def test_a_job_that_kills_its_workers_ends_failed(make_config, stamp_service, tm
     cfg = config.load(cfg_path)
     conn = store.connect(cfg.db_path)
     add_alerts(conn, packets()[:1])
-    first = start_worker(cfg_path, "fetcher-1", tmp_path / "first.log")
+    first = start_fetcher(cfg_path, "fetcher-1", tmp_path / "first.log")
     wait_until(lambda: stamp_service.arrivals() >= 1, what="a request in flight")
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     stamp_service.latency = 0.0
-    second = start_worker(cfg_path, "fetcher-2", tmp_path / "second.log")
+    second = start_fetcher(cfg_path, "fetcher-2", tmp_path / "second.log")
     try:
         wait_until(lambda: all_final(conn), what="the expired job to be failed")
     finally:
-        assert stop_worker(second) == 0
+        assert stop_fetcher(second) == 0
     (job,) = jobs(conn)
     assert job["state"] == "failed" and "lease expired" in job["last_error"], job
     assert job["attempts"] == 1  # the second worker never took it
@@ -410,7 +414,7 @@ def test_a_job_that_kills_its_workers_ends_failed(make_config, stamp_service, tm
 def test_an_idle_worker_sleeps_until_the_next_job_is_due(make_config, stamp_service, monkeypatch):
     import time
 
-    from ztfd.stamps.fetcher import Worker
+    from ztfd.stamps.fetcher import Fetcher
     from ztfd.store import jobs as jobqueue
 
     cfg = config.load(stamps_config(make_config, stamp_service.url, previews=False))
@@ -430,9 +434,9 @@ def test_an_idle_worker_sleeps_until_the_next_job_is_due(make_config, stamp_serv
         return real_claim(*args, **kwargs)
 
     monkeypatch.setattr(jobqueue, "claim", counting_claim)
-    worker = Worker(cfg, "fetcher-1", heartbeat=False)
+    worker = Fetcher(cfg, "fetcher-1", heartbeat=False)
 
-    drive_worker(worker, lambda: jobqueue.counts(conn).done >= 1, "the due job to be done")
+    drive_fetcher(worker, lambda: jobqueue.counts(conn).done >= 1, "the due job to be done")
     # Before the fix an idle worker claimed (a write transaction) every 0.05-0.5 s: about 6 times by then.
     # Now: once at start, once when the job fell due (and perhaps once more as it finished).
     assert 2 <= len(claims) <= 3, claims
@@ -459,6 +463,7 @@ def test_a_gzip_bomb_and_a_huge_image_are_failed_attempts_with_their_reason(make
     assert by_object[huge.object_id]["state"] == "failed"
     assert "template stamp: image of 4000×4000 pixels exceeds 512 per side" in by_object[huge.object_id]["last_error"]
     assert by_object[fine.object_id]["state"] == "done"
+    assert counters.stamp_failures(conn)["bad_body"] == 4  # two attempts each: bad bodies, whatever their wording
     date = by_object[bombed.object_id]["payload"]["date"]
     assert not stamp_path(cfg.images_dir, date, bombed.object_id, bombed.candid, "science").exists()
     assert stamp_path(cfg.images_dir, date, bombed.object_id, bombed.candid, "template").read_bytes() == \
@@ -507,7 +512,7 @@ def test_a_store_locked_past_its_busy_timeout_while_a_job_settles_delays_the_job
     import sqlite3
     import sys
 
-    from ztfd.stamps.fetcher import Worker
+    from ztfd.stamps.fetcher import Fetcher
 
     cfg = config.load(stamps_config(make_config, stamp_service.url, previews=False, lease_seconds=2.0))
     conn = store.connect(cfg.db_path)
@@ -529,8 +534,8 @@ def test_a_store_locked_past_its_busy_timeout_while_a_job_settles_delays_the_job
             raise
 
     monkeypatch.setattr(store_jobs, "complete", complete_under_a_lock)
-    worker = Worker(cfg, "fetcher-1", heartbeat=False)
-    drive_worker(worker, lambda: store_jobs.counts(conn).done == 2, "both jobs done", timeout=60)
+    worker = Fetcher(cfg, "fetcher-1", heartbeat=False)
+    drive_fetcher(worker, lambda: store_jobs.counts(conn).done == 2, "both jobs done", timeout=60)
     assert lockers[0].wait(10) == 0
     assert failed_writes and "locked" in str(failed_writes[0])  # the lock really outlasted the busy timeout
     assert [(job["state"], job["attempts"]) for job in jobs(conn)] == [("done", 1), ("done", 1)]
@@ -538,12 +543,12 @@ def test_a_store_locked_past_its_busy_timeout_while_a_job_settles_delays_the_job
 
 def test_a_crashed_task_does_not_keep_its_job_leased(make_config, stamp_service, monkeypatch):
     """A task that dies without settling its job: the job's lease is no longer renewed, so it comes back."""
-    from ztfd.stamps.fetcher import Worker
+    from ztfd.stamps.fetcher import Fetcher
 
     cfg = config.load(stamps_config(make_config, stamp_service.url, previews=False, lease_seconds=1.5))
     conn = store.connect(cfg.db_path)
     add_alerts(conn, packets()[:1])
-    worker = Worker(cfg, "fetcher-1", heartbeat=False)
+    worker = Fetcher(cfg, "fetcher-1", heartbeat=False)
     real_settle = worker.settle
     crashes = []
 
@@ -554,7 +559,7 @@ def test_a_crashed_task_does_not_keep_its_job_leased(make_config, stamp_service,
         await real_settle(run, problem)
 
     monkeypatch.setattr(worker, "settle", crash_once)
-    drive_worker(worker, lambda: store_jobs.counts(conn).done == 1, "the job to come back and be done", timeout=60)
+    drive_fetcher(worker, lambda: store_jobs.counts(conn).done == 1, "the job to come back and be done", timeout=60)
     (job,) = jobs(conn)
     assert crashes == [job["id"]] and job["attempts"] == 2  # the crashed claim counts, as a worker killed would
 
@@ -563,7 +568,7 @@ def test_a_hung_side_step_times_out_and_its_job_goes_back(make_config, stamp_ser
     import threading
 
     from ztfd.stamps import preview
-    from ztfd.stamps.fetcher import Worker
+    from ztfd.stamps.fetcher import Fetcher
 
     cfg = config.load(stamps_config(make_config, stamp_service.url, step_timeout=1.0, concurrency=2))
     conn = store.connect(cfg.db_path)
@@ -580,9 +585,9 @@ def test_a_hung_side_step_times_out_and_its_job_goes_back(make_config, stamp_ser
         return real_render(object_id, *args, **kwargs)
 
     monkeypatch.setitem(preview.RENDERERS, "fast", render_hanging_once)
-    worker = Worker(cfg, "fetcher-1", heartbeat=False)
+    worker = Fetcher(cfg, "fetcher-1", heartbeat=False)
     try:
-        drive_worker(worker, lambda: store_jobs.counts(conn).done == 2, "both jobs done", timeout=60)
+        drive_fetcher(worker, lambda: store_jobs.counts(conn).done == 2, "both jobs done", timeout=60)
     finally:
         release.set()
     by_object = {job["payload"]["object_id"]: job for job in jobs(conn)}

@@ -6,7 +6,7 @@ import subprocess
 import uuid
 
 from tests.conftest import child_env, ztfd_command
-from tests.stamp_support import FAST_STAMPS, all_final, jobs, start_worker, stop_worker, wait_until
+from tests.stamp_support import FAST_STAMPS, all_final, jobs, start_fetcher, stop_fetcher, wait_until
 from ztfd import config, store
 from ztfd.embedded.samples import lasair_message, packets
 from ztfd.stamps.fetcher import preview_path, stamp_path
@@ -27,7 +27,7 @@ def test_consumed_alerts_get_byte_identical_stamps(kafka, make_config, stamp_ser
     stamp_service.error_rate = 0.2  # ALeRCE failing part of the requests on top of it
     consumer = subprocess.Popen(ztfd_command(cfg_path, "consume", "--topic", topic), env=child_env(),
                                 stdout=subprocess.DEVNULL, stderr=(tmp_path / "consumer.log").open("wb"))
-    fetcher = start_worker(cfg_path, "fetcher-1", tmp_path / "fetcher.log")
+    fetcher = start_fetcher(cfg_path, "fetcher-1", tmp_path / "fetcher.log")
     try:
         conn = store.connect(cfg.db_path)
         # The sn and refresh rows of a packet carry the same detection time: one job fetches both alerts' stamps
@@ -36,8 +36,8 @@ def test_consumed_alerts_get_byte_identical_stamps(kafka, make_config, stamp_ser
         wait_until(lambda: stored() == len(messages) and len(jobs(conn)) >= len(packets()) and all_final(conn),
                    timeout=90, what="every consumed alert's stamp job to finish")
     finally:
-        assert stop_worker(fetcher) == 0
-        assert stop_worker(consumer) == 0
+        assert stop_fetcher(fetcher) == 0
+        assert stop_fetcher(consumer) == 0
     for job in jobs(conn):
         assert job["state"] == "done", job
         packet = next(p for p in packets() if p.candid == int(job["result"]["candid"]))

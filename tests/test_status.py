@@ -42,7 +42,7 @@ def fill(cfg: config.Config) -> None:
     owner = jobs.new_owner()
     first, second = jobs.claim(conn, owner, 60, limit=2)
     jobs.complete(conn, first.id, owner, jobs.StampResult("1", None))
-    jobs.fail(conn, second.id, owner, "HTTP 503")
+    jobs.fail(conn, second.id, owner, "HTTP 503", jobs.FailureClass.HTTP)
     conn.close()
 
 

@@ -8,6 +8,7 @@ import json
 import re
 import sqlite3
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -218,4 +219,43 @@ def test_a_v5_store_walks_its_pending_files_oldest_first_after_its_migration(
     assert seen == ["images/z", "data/m", "data/a", "images/b"]
     assert [item.path for item in manifest.iter_pending(conn)] == ["data/m", "data/a", "images/b", "data/new",
                                                                     "images/z"]
+    conn.close()
+
+
+def test_a_v6_store_counts_failures_by_their_class_after_its_migration(make_config: Callable[..., Path]) -> None:
+    """Version 7 keeps the class of a failed attempt in ``jobs.failure`` and counts that, not the reason's words: a
+    version-6 store (no column, a trigger matching words) gets the column and the new trigger, keeps its counts,
+    and its jobs leased before the upgrade are counted as lost when their lease runs out."""
+    cfg = config.load(make_config(kafka={"topics": [TOPIC]}))
+    conn = store.connect(cfg.db_path)
+    with store.transaction(conn):
+        ids = insert_alerts(conn, TOPIC, [NewAlert(0, 0, n, f"ZTF26a{n:06d}", "2026-01-01", None, f"data/x/{n}.json")
+                                          for n in range(3)], 1_767_225_600.0)
+        jobs.enqueue(conn, [jobs.NewStampJob(alert_id) for alert_id in ids if alert_id is not None])
+    owner = jobs.new_owner()
+    first, second, _third = jobs.claim(conn, owner, 60, limit=3)
+    # Back to version 6's layout: no failure column, the trigger classifying by words, one failure counted by it.
+    conn.executescript(
+        "DROP TRIGGER count_stamp_failure; ALTER TABLE jobs DROP COLUMN failure;"
+        "CREATE TRIGGER count_stamp_failure AFTER UPDATE OF last_error ON jobs WHEN OLD.state = 'leased' "
+        "AND NEW.last_error IS NOT NULL BEGIN INSERT INTO counter_stamp_failures (reason, failures) VALUES "
+        "(CASE WHEN NEW.last_error LIKE '%HTTP %' THEN 'http' ELSE 'other' END, 1) "
+        "ON CONFLICT (reason) DO UPDATE SET failures = failures + 1; END;"
+        "UPDATE meta SET value = '6' WHERE key = 'schema_version';")
+    conn.execute("UPDATE jobs SET state = 'failed', last_error = 'HTTP 503' WHERE id = ?", (first.id,))
+    assert counters.stamp_failures(conn)["http"] == 1
+    conn.close()
+    conn = store.connect(cfg.db_path)
+    assert schema_version(conn) == SCHEMA_VERSION
+    assert "failure" in {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+    [sql] = [row[0] for row in conn.execute("SELECT sql FROM sqlite_master WHERE name = 'count_stamp_failure'")]
+    assert "LIKE" not in sql and "NEW.failure" in sql
+    # A reason that reads like HTTP but was classed a timeout counts as a timeout; the earlier count stays.
+    assert jobs.fail(conn, second.id, owner, "science stamp: HTTP 502", jobs.FailureClass.TIMEOUT)
+    with store.transaction(conn):
+        jobs.requeue_expired(conn, now=time.time() + 120)  # the third lease ran out during the upgrade
+    failures = counters.stamp_failures(conn)
+    assert (failures["http"], failures["timeout"], failures["worker_lost"]) == (1, 1, 1)
+    assert sum(failures.values()) == 3
+    assert [job.state for job in jobs.list_jobs(conn)] == ["failed", "failed", "ready"]
     conn.close()

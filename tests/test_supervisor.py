@@ -20,7 +20,8 @@ import pytest
 
 from tests.conftest import child_env, wait_until, ztfd_command
 from ztfd import config, store
-from ztfd.daemon.supervisor import STABLE_AFTER, pid_alive, proc_environ
+from ztfd.daemon.children import STABLE_AFTER
+from ztfd.daemon.supervisor import pid_alive, proc_environ
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.samples import message_stream
 from ztfd.store.processes import record_child

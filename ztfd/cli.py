@@ -22,7 +22,7 @@ EXIT_CONFIG = 2
 # The one-line descriptions ``ztfd --help`` lists; each command's own --help has the full text.
 SHORT = {
     "consume": "Consume one topic in the foreground.",
-    "fetch": "Run one stamp worker in the foreground.",
+    "fetch": "Run one stamp fetcher in the foreground.",
     "replay": "Refetch the stamps of one day.",
     "sync": "Upload new files to S3 (daemon or --once).",
     "start": "Start the daemon.",
@@ -113,12 +113,12 @@ def consume(ctx: click.Context, topic: str) -> None:
 @main.command(short_help=SHORT["fetch"])
 @click.pass_context
 def fetch(ctx: click.Context) -> None:
-    """Run one stamp worker in the foreground: claim stamp jobs, fetch from ALeRCE, until SIGTERM."""
+    """Run one stamp fetcher in the foreground: claim stamp jobs, fetch from ALeRCE, until SIGTERM."""
     cfg = load_config(ctx)
     setup_logging(cfg)
     from ztfd.stamps import fetcher
 
-    ctx.exit(fetcher.run_worker(cfg, process_name(f"fetcher:{os.getpid()}")))
+    ctx.exit(fetcher.run_fetcher(cfg, process_name(f"fetcher:{os.getpid()}")))
 
 
 @main.command(short_help=SHORT["replay"])

@@ -35,6 +35,7 @@ from ztfd.files import atomic_write, md5_hex
 from ztfd.store import jobs, manifest, record_files, transaction
 from ztfd.store.processes import forget_processes, processes
 from ztfd.store.rejected import Rejected, forget_rejected, received_before
+from ztfd.store.states import Role
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def prune(conn: sqlite3.Connection, cfg: Config, now: float | None = None) -> Pr
         pruned.done_jobs = jobs.forget_done(conn, now - DONE_JOBS_KEEP)
     pruned.uploaded_files = forget_uploaded_files(conn, cfg, now)
     gone = [row.name for row in processes(conn)
-            if row.role != "supervisor" and (row.heartbeat_at or row.started_at or 0.0) < now - GONE_PROCESSES_KEEP
+            if row.role != Role.SUPERVISOR and (row.heartbeat_at or row.started_at or 0.0) < now - GONE_PROCESSES_KEEP
             and not (row.pid is not None and pid_alive(row.pid))]
     with transaction(conn):
         pruned.processes = forget_processes(conn, gone)

@@ -2,7 +2,7 @@
 system, out of file descriptors, the store locked), as opposed to a bad message or a failing remote service.
 
 Such a failure says nothing about the alert or the stamp being written, so it must never count against them: a
-stamp worker gives the job back without counting an attempt and backs off; a consumer pauses with its batch in
+stamp fetcher gives the job back without counting an attempt and backs off; a consumer pauses with its batch in
 hand (nothing stored, no offset moved) and tries the same batch again. While it lasts, the process's status fact
 ``local_trouble:<process name>`` holds the reason (``ztfd status`` shows it); it is cleared on recovery. With the
 whole home full, that fact cannot be written either (the store is on the same disk): the log says it then.

@@ -44,15 +44,16 @@ import click
 
 from ztfd import config, logs, store
 from ztfd.daemon import housekeeping, lifecycle, pidfile
+from ztfd.daemon.children import Child, child_specs, consumer_child, describe_exit, went_idle
+from ztfd.daemon.heartbeat import Heartbeat
 from ztfd.daemon.pidfile import SUPERVISOR_NAME, AlreadyRunningError, read_pid, running_pid
 from ztfd.daemon.procs import die_with_parent, pid_alive
 from ztfd.ingest import topics
-from ztfd.store.processes import processes, record_child, reset_processes, set_process_state
+from ztfd.store.processes import processes, reset_processes, set_process_state
+from ztfd.store.states import ProcessState, Role
 
 log = logging.getLogger(__name__)
 
-# A child that stayed up this long is healthy again: its next restart starts from the smallest delay.
-STABLE_AFTER = 10.0
 FIRST_BACKOFF = 1.0
 # SIGTERM grace for a child killed for a stale heartbeat, before SIGKILL.
 HUNG_GRACE = 5.0
@@ -64,62 +65,6 @@ REAP_INTERVAL = 0.2
 MARKER_ENV = "ZTFD_PROCESS_SUPERVISOR"
 
 EXIT_ALREADY_RUNNING = 1
-IDLE = "idle"  # the state of a pattern topic's consumer that exited with topics.EXIT_IDLE
-
-
-# --- children ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Child:
-    """One supervised process slot: the same name across restarts, a new pid each time."""
-
-    name: str
-    role: str
-    topic: str | None
-    args: list[str]
-    pid: int | None = None
-    started_at: float = 0.0
-    restarts: int = 0
-    quick_failures: int = 0  # exits (or failed starts) in a row, each before the child had stayed up STABLE_AFTER
-    backoff: float = 0.0
-    next_start: float = 0.0
-    beat_value: float | None = None  # the last heartbeat_at seen in the store for this pid
-    beat_seen: float = 0.0  # monotonic time it was first seen
-    state: str = "starting"
-    last_exit: str | None = None
-
-
-def child_specs(cfg: config.Config) -> list[Child]:
-    """The processes the configuration asks for."""
-    children = [consumer_child(cfg, t) for t in topics.explicit(cfg.kafka.topics)]  # patterns: TopicScanner
-    base = [sys.executable, "-m", "ztfd", "--config", str(cfg.path)]
-    if cfg.stamps.enabled:
-        children += [Child(f"fetcher:{n}", "fetcher", None, [*base, "fetch"]) for n in range(1, cfg.stamps.workers + 1)]
-    if cfg.s3.bucket:
-        children.append(Child("syncer", "syncer", None, [*base, "sync"]))
-    if cfg.metrics.listen:
-        children.append(Child("metrics", "metrics", None, [*base, "metrics"]))
-    if cfg.report.after_quiet > 0:
-        children.append(Child("reporter", "reporter", None, [*base, "report", "--watch"]))
-    return children
-
-
-def describe_exit(code: int | None) -> str:
-    """A return code (negative: the signal that killed it) as a person reads it: ``exit 1``, ``killed by SIGKILL``."""
-    if code is None:
-        return "ended"
-    return f"killed by {lifecycle.signal_name(-code)}" if code < 0 else f"exit {code}"
-
-
-def consumer_child(cfg: config.Config, topic: str) -> Child:
-    base = [sys.executable, "-m", "ztfd", "--config", str(cfg.path)]
-    return Child(f"consumer:{topic}", "consumer", topic, [*base, "consume", "--topic", topic])
-
-
-def went_idle(child: Child, code: int | None) -> bool:
-    """A consumer that exited because its (pattern's) topic is drained and quiet: not restarted."""
-    return child.role == "consumer" and code == topics.EXIT_IDLE
 
 
 def _set_pdeathsig(parent: int) -> None:
@@ -222,6 +167,7 @@ class Supervisor:
     last_prune: float = field(default_factory=time.monotonic)  # the first prune an interval after start
     scanner: topics.TopicScanner | None = None  # when kafka.topics has patterns: the broker's topics, looked at
     last_look: topics.BrokerTopics | None = None
+    heartbeat: Heartbeat = field(default_factory=lambda: Heartbeat(SUPERVISOR_NAME, Role.SUPERVISOR))
 
     def run(self) -> int:
         self.stop.install()
@@ -246,7 +192,7 @@ class Supervisor:
             self._follow_patterns()
             now = time.monotonic()
             for child in self.children:
-                if child.pid is None and child.state != IDLE and now >= child.next_start:
+                if child.waiting_to_start and now >= child.next_start:
                     self._spawn(child)
             if now - last_check >= CHECK_INTERVAL:
                 last_check = now
@@ -267,7 +213,7 @@ class Supervisor:
         if look is None or look is self.last_look:
             return
         self.last_look = look
-        consumers = {child.topic: child for child in self.children if child.role == "consumer"}
+        consumers = {child.topic: child for child in self.children if child.role is Role.CONSUMER}
         for topic in topics.wanted(self.cfg.kafka.topics, look.topics):
             child = consumers.get(topic)
             if child is None:
@@ -275,18 +221,18 @@ class Supervisor:
                 self.children.append(child)
                 log.info("topic %s matches kafka.topics: starting its consumer", topic)
                 self._spawn(child)
-            elif child.state == IDLE and child.pid is None:
+            elif child.state is ProcessState.IDLE and child.pid is None:
                 stored = {p: o.next_offset for p, o in store.stored_offsets(self.conn, topic).items()}
                 if topics.has_news(look.ends.get(topic, {}), stored):
                     log.info("idle topic %s has new messages: starting its consumer again", topic)
                     self._spawn(child)
         assert self.scanner is not None
-        self.scanner.ends_of = frozenset(c.topic for c in self.children if c.state == IDLE and c.topic)
+        self.scanner.ends_of = frozenset(c.topic for c in self.children if c.state is ProcessState.IDLE and c.topic)
 
     def _wait(self, timeout: float) -> None:
         """Sleep until a stop is asked for, a child's output arrives, or the next restart or reap is due."""
         timeout = min(timeout, REAP_INTERVAL)
-        due = [c.next_start for c in self.children if c.pid is None and c.state != IDLE]
+        due = [c.next_start for c in self.children if c.waiting_to_start]
         if due:
             timeout = max(0.0, min(timeout, min(due) - time.monotonic()))
         watched = [self.stop.fileno()] + ([self.output.read_fd] if self.output is not None else [])
@@ -311,12 +257,9 @@ class Supervisor:
             pid = _fork_exec(child.args, env, parent, output)
         except OSError as exc:
             log.error("%s: cannot start: %s", child.name, exc)
-            self._schedule_restart(child, f"cannot start: {exc}", uptime=0.0)  # it never ran: a quick failure
+            child.schedule_restart(self.conn, f"cannot start: {exc}", 0.0, self.restart_backoff)  # a quick failure
             return
-        child.pid, child.started_at, child.state = pid, time.monotonic(), "running"
-        child.beat_value = None
-        child.beat_seen = 0.0
-        self._record(child, started=True)
+        child.started(self.conn, pid)
         log.info("%s started (pid %d)", child.name, pid)
 
     def _reap(self) -> None:
@@ -332,8 +275,8 @@ class Supervisor:
                 continue
             code = os.waitstatus_to_exitcode(status)
             if not self.stop.is_set() and went_idle(child, code):
-                child.pid, child.state, child.last_exit, child.backoff = None, IDLE, describe_exit(code), 0.0
-                self._record(child)
+                child.backoff = 0.0
+                child.change_state(self.conn, ProcessState.IDLE, describe_exit(code))
                 log.info("%s: its topic is drained and quiet; not restarted until it has messages again", child.name)
                 continue
             self._ended(child, describe_exit(code))
@@ -341,26 +284,11 @@ class Supervisor:
     def _ended(self, child: Child, how: str) -> None:
         """A child was reaped: record it stopped (while stopping) or schedule its restart."""
         uptime = time.monotonic() - child.started_at
-        child.pid = None
         if self.stop.is_set():
-            child.state, child.last_exit = "stopped", how
-            self._record(child)
+            child.change_state(self.conn, ProcessState.STOPPED, how)
             log.info("%s stopped (%s)", child.name, how)
         else:
-            self._schedule_restart(child, how, uptime)
-
-    def _schedule_restart(self, child: Child, how: str, uptime: float) -> None:
-        """Restart after a delay that doubles with each quick failure in a row (a failed start is one too)."""
-        child.quick_failures = 1 if uptime >= STABLE_AFTER else child.quick_failures + 1
-        child.backoff = self.restart_backoff.delay(child.quick_failures)
-        now = time.monotonic()
-        child.next_start = now + child.backoff
-        child.restarts += 1
-        child.state, child.last_exit = "backoff", how
-        self._record(child)
-        log.warning(
-            "%s exited after %.1fs (%s): restart #%d in %.1fs", child.name, uptime, how, child.restarts, child.backoff
-        )
+            child.schedule_restart(self.conn, how, uptime, self.restart_backoff)
 
     def _check_heartbeats(self) -> None:
         """Terminate (SIGTERM, SIGKILL after a grace) and restart children silent for longer than heartbeat_timeout."""
@@ -401,10 +329,9 @@ class Supervisor:
                             before_kill=lambda left: late.update(left),  # type: ignore[arg-type]
                             while_waiting=self._drain_output)
         for child in self.children:
-            if child.state != "stopped":
-                child.state, child.pid = "stopped", None
-                self._record(child)
-        self._record_supervisor("stopped")
+            if child.state is not ProcessState.STOPPED:
+                child.change_state(self.conn, ProcessState.STOPPED)
+        self._record_supervisor(ProcessState.STOPPED)
         self._drain_output()
         log.info("supervisor stopped")
 
@@ -423,20 +350,13 @@ class Supervisor:
 
     def _heartbeat(self) -> None:
         try:
-            store.heartbeat(self.conn, SUPERVISOR_NAME, "supervisor")
+            self.heartbeat.beat(self.conn)
         except sqlite3.Error as exc:
             log.warning("cannot write heartbeat: %s", exc)
 
     def _record_supervisor(self, state: str) -> None:
         with contextlib.suppress(sqlite3.Error):
             set_process_state(self.conn, SUPERVISOR_NAME, state)
-
-    def _record(self, child: Child, started: bool = False) -> None:
-        try:
-            record_child(self.conn, child.name, child.role, child.topic, child.pid, child.restarts, child.state,
-                         child.last_exit, started)
-        except sqlite3.Error as exc:
-            log.warning("cannot record %s: %s", child.name, exc)
 
 
 def _fork_exec(args: list[str], env: dict[str, str], parent: int, output: int | None = None) -> int:

@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 from ztfd import sources, store
 from ztfd.config import Config, ConfigError
 from ztfd.daemon import lifecycle
+from ztfd.daemon.heartbeat import Heartbeat
 from ztfd.daemon.localtrouble import Condition, describe, is_local
 from ztfd.files import remove_stale_temporaries
 from ztfd.ingest import nights, topics
@@ -64,6 +65,7 @@ from ztfd.store.avro_schemas import StoredSchemas
 from ztfd.store.batches import AlertToStore, BatchToStore, StoredBatch
 from ztfd.store.jobs import FETCH_JOB, detection_key
 from ztfd.store.rejected import NewRejected, latest_rejected
+from ztfd.store.states import Role
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,6 @@ DRAIN_TIMEOUT = 0.005
 BATCH_MAX_BYTES = 2 * 1024 * 1024  # a batch stops growing past this many bytes of messages (kafka.batch_size: count)
 BATCH_CHUNK = 50  # messages taken from librdkafka's queue at a time while a batch fills
 PREFETCH_KBYTES = 8192  # librdkafka's queued.max.messages.kbytes unless kafka.options sets it
-HEARTBEAT_EVERY = 5.0
 METADATA_EVERY = 10.0  # seconds between looks at the topic's partitions (new topic, new partitions, recreation)
 RECENT_DATES_WINDOW = 2 * 86400.0
 REGISTRY_TIMEOUT = 30.0  # seconds per request to a schema registry
@@ -168,7 +169,7 @@ class TopicConsumer:
         self.consumer: Any = None
         # Per partition: its generation and the next offset expected (set on assignment), judged on evidence.
         self.watch = PartitionWatch(topic, _NoBroker(), store_gaps.topic_id(self.conn, topic))
-        self.last_heartbeat = 0.0
+        self.heartbeat = Heartbeat(name, Role.CONSUMER, topic)
         self.assigned: set[int] = set()
         self.last_metadata_check = -METADATA_EVERY
         self.stored_total = 0
@@ -340,14 +341,13 @@ class TopicConsumer:
         self.throttled(f"kafka:{error.code()}", logging.WARNING, "kafka: %s", error.str())
 
     def _heartbeat(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self.last_heartbeat >= HEARTBEAT_EVERY:
-            try:
-                store.heartbeat(self.conn, self.name, "consumer", self.topic)
-            except sqlite3.Error as exc:  # a store locked or full: the batches say so; the stream must go on
-                self.throttled("heartbeat", logging.WARNING, "heartbeat failed: %s", exc)
-                return
-            self.last_heartbeat = now
+        try:
+            if force:
+                self.heartbeat.beat(self.conn)
+            else:
+                self.heartbeat.beat_if_due(self.conn)
+        except sqlite3.Error as exc:  # a store locked or full: the batches say so; the stream must go on
+            self.throttled("heartbeat", logging.WARNING, "heartbeat failed: %s", exc)
 
     # --- partitions --------------------------------------------------------------------------------------------
 

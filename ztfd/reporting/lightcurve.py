@@ -47,7 +47,7 @@ def _ztf_point(row: dict[str, Any], mjd: float | None) -> Point | None:
 
 
 def alerce_points(body: bytes) -> list[Point]:
-    """The magnitudes in ALeRCE's ZTF detections answer (the body the stamp worker already has)."""
+    """The magnitudes in ALeRCE's ZTF detections answer (the body the stamp fetcher already has)."""
     try:
         rows = json.loads(body)
     except (UnicodeDecodeError, ValueError):

@@ -25,14 +25,15 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from ztfd import config, store
 from ztfd.daemon import lifecycle
+from ztfd.daemon.heartbeat import Heartbeat
 from ztfd.daemon.procs import pid_alive
 from ztfd.store import counters
 from ztfd.store.processes import ProcessRow, processes
+from ztfd.store.states import ProcessState, Role
 
 log = logging.getLogger(__name__)
 
 LAG_INTERVAL = 15.0
-HEARTBEAT_INTERVAL = 5.0
 KAFKA_TIMEOUT = 3.0
 
 
@@ -150,7 +151,7 @@ class StoreCollector(Collector):
                                  labels=["name"])
         for row in rows:
             fresh = row.heartbeat_at is not None and now - row.heartbeat_at <= self.cfg.supervisor.heartbeat_timeout
-            alive = row.pid is not None and pid_alive(row.pid) and row.state == "running"
+            alive = row.pid is not None and pid_alive(row.pid) and row.state == ProcessState.RUNNING
             up.add_metric([row.name, row.role], 1 if alive and fresh else 0)
             restarts.add_metric([row.name, row.role], row.restarts)
             if row.heartbeat_at is not None:
@@ -202,16 +203,17 @@ def _serve(cfg: config.Config, name: str, host: str, port: int, stop: lifecycle.
         return 1
     log.info("metrics at http://%s/metrics", cfg.metrics.listen)
     next_lag = 0.0
+    heartbeat = Heartbeat(name, Role.METRICS)
     try:
         while not stop.is_set():
             with lock:
-                store.heartbeat(conn, name, "metrics")
+                heartbeat.beat(conn)
             if time.monotonic() >= next_lag:
                 with lock:
                     offsets = {topic: store.stored_offsets(conn, topic) for topic in cfg.kafka.topics}
                 collector.kafka = read_kafka(cfg, offsets)  # outside the lock: the broker may take seconds
                 next_lag = time.monotonic() + LAG_INTERVAL
-            stop.wait(HEARTBEAT_INTERVAL)
+            stop.wait(heartbeat.interval)
     except sqlite3.Error as exc:
         log.error("metrics: store error: %s", exc)
         return 1

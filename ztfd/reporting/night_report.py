@@ -33,18 +33,19 @@ from typing import Any
 
 from ztfd import config, files, store
 from ztfd.daemon import lifecycle
+from ztfd.daemon.heartbeat import Heartbeat
 from ztfd.reporting import lightcurve
 from ztfd.sources import LSST, STAMP_TYPES, ZTF
 from ztfd.store import report as night
 from ztfd.store.alerts import StoredAlert, alerts_on
 from ztfd.store.stamps import stamp_records_on
+from ztfd.store.states import Role
 
 log = logging.getLogger(__name__)
 
 CARDS_PER_PAGE = 200
 MAX_COLUMNS = 14
 WATCH_INTERVAL = 30.0
-HEARTBEAT_EVERY = 5.0
 LOOKBACK_DAYS = 7  # the daemon rewrites reports of nights busy this recently; older ones with `ztfd report`
 REPORTER_NICENESS = 10
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -313,7 +314,9 @@ main { display: grid; grid-template-columns: repeat(auto-fill, minmax(620px, 1fr
 .card h2 a { color: var(--accent); text-decoration: none; }
 .card .links a { font-size: 13px; font-weight: normal; }
 .meta { color: var(--muted); margin: 2px 0 8px; font-size: 13px; }
-.triplet { width: 100%; height: auto; display: block; image-rendering: pixelated; border-radius: 3px; }
+/* Never enlarged (its stamps are enlarged already) and shrunk smoothly: a nearest-neighbour shrink drops whole
+   rows of the preview's thin header text (its second line lost its top). */
+.triplet { max-width: 100%; height: auto; display: block; border-radius: 3px; }
 .nostamps { padding: 28px 12px; text-align: center; color: var(--muted); background: var(--bg);
             border: 1px dashed var(--line); border-radius: 3px; }
 .below { display: flex; gap: 12px; margin-top: 8px; align-items: flex-start; }
@@ -464,14 +467,11 @@ def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
     """The daemon's reporter: every ``WATCH_INTERVAL`` s, rewrite the reports of nights quiet for
     ``report.after_quiet`` s that changed since their last report; heartbeat throughout."""
     conn = store.connect(cfg.db_path)
-    last_beat = 0.0
+    heartbeat = Heartbeat(name, Role.REPORTER)
     failed: dict[str, float] = {}  # date -> the change a report failed on: tried again only after a new one
 
     def beat() -> None:
-        nonlocal last_beat
-        if time.monotonic() - last_beat >= HEARTBEAT_EVERY:
-            store.heartbeat(conn, name, "reporter")
-            last_beat = time.monotonic()
+        heartbeat.beat_if_due(conn)
 
     try:
         while not stop.is_set():
@@ -491,7 +491,7 @@ def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
                     log.exception("report %s failed (tried again when the night changes)", date)
                     failed[date] = changed
             deadline = time.monotonic() + min(WATCH_INTERVAL, max(1.0, cfg.report.after_quiet / 4))
-            while time.monotonic() < deadline and not stop.wait(min(HEARTBEAT_EVERY, deadline - time.monotonic())):
+            while time.monotonic() < deadline and not stop.wait(min(heartbeat.interval, deadline - time.monotonic())):
                 beat()
     finally:
         conn.close()

@@ -32,12 +32,14 @@ from ztfd.store.alerts import count_received_on, utc_day
 from ztfd.store.db import StoreNotCreatedError, connect_readonly
 from ztfd.store.offsets import topics_with_offsets
 from ztfd.store.processes import process, processes
+from ztfd.store.states import ProcessState, Role
 from ztfd.store.status_facts import statuses_with_prefix
 from ztfd.units import human_bytes
 
 log = logging.getLogger(__name__)
 
-CHILD_ROLES = ("consumer", "fetcher", "syncer", "metrics", "reporter")
+CHILD_ROLES = tuple(role for role in Role if role is not Role.SUPERVISOR)
+AT_REST = (ProcessState.BACKOFF, ProcessState.STOPPED, ProcessState.IDLE)  # no live pid, and rightly so
 KAFKA_TIMEOUT = 3.0
 LAST_FAILURES = 5
 
@@ -91,7 +93,7 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
     if lag:
         _add_lag(cfg, report["topics"], kafka_timeout)
     # Running: our supervisor, or (under supervisord or systemd units of the single roles) live consumers.
-    externally = any(p["alive"] and p["role"] == "consumer" and p["fresh"] for p in report["processes"])
+    externally = any(p["alive"] and p["role"] == Role.CONSUMER and p["fresh"] for p in report["processes"])
     report["running"] = sup_pid is not None or externally
     report["mode"] = "supervisor" if sup_pid is not None else ("external" if externally else "stopped")
     return report
@@ -141,7 +143,7 @@ def _processes(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list
             "topic": row.topic,
             "pid": row.pid,
             "alive": alive,
-            "state": row.state if alive or row.state in ("backoff", "stopped", "idle") else "dead",
+            "state": row.state if alive or row.state in AT_REST else "dead",
             "uptime": round(now - row.started_at, 1) if alive and row.started_at else None,
             "restarts": row.restarts,
             "heartbeat_age": age,
@@ -355,7 +357,7 @@ def render(report: dict[str, Any]) -> str:
     if report["processes"]:
         out += _table(
             ["role", "topic", "pid", "state", "uptime", "restarts", "heartbeat", "last exit"],
-            [[p["role"] if p["role"] == "consumer" else p["name"], p["topic"], p["pid"] if p["alive"] else "-",
+            [[p["role"] if p["role"] == Role.CONSUMER else p["name"], p["topic"], p["pid"] if p["alive"] else "-",
               p["state"], _age(p["uptime"]), p["restarts"],
               _age(p["heartbeat_age"]) + (" ago" if p["heartbeat_age"] is not None else ""), p["last_exit"]]
              for p in report["processes"]],

@@ -29,13 +29,14 @@ from ztfd.config import Config
 from ztfd.daemon import lifecycle
 from ztfd.sources import STAMP_TYPES
 from ztfd.stamps import providers
-from ztfd.stamps.fetcher import preview_path, read_valid, run_worker, stamp_path
+from ztfd.stamps.fetcher import preview_path, read_valid, run_fetcher, stamp_path
 from ztfd.stamps.providers import StampProvider
-from ztfd.stamps.providers.packet import PREVIEW_JOB, PacketStamps
+from ztfd.stamps.providers.packet import PacketStamps
 from ztfd.store import jobs
 from ztfd.store.alerts import alerts_on
 from ztfd.store.processes import processes
 from ztfd.store.stamps import stamp_records_on
+from ztfd.store.states import JobKind, Role
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def plan(conn: sqlite3.Connection, cfg: Config, date: str, topic: str | None, fo
             if stamps_valid(cfg, alert.date, alert.object_id, alert.detection_id, packet):
                 if cfg.stamps.previews and (force or not preview_there(cfg, alert.date, alert.object_id,
                                                                         alert.detection_id)):
-                    payloads.append(jobs.NewStampJob(alert.id, force=force, kind=PREVIEW_JOB))
+                    payloads.append(jobs.NewStampJob(alert.id, force=force, kind=JobKind.PREVIEW))
                 continue
         previous = known.get(alert.id)
         provider = stamp_providers.get(alert.survey)
@@ -168,7 +169,7 @@ def running_fetchers(conn: sqlite3.Connection, cfg: Config) -> list[str]:
 
     fresh_since = time.time() - cfg.supervisor.heartbeat_timeout
     alive = []
-    for row in processes(conn, ["fetcher"]):
+    for row in processes(conn, [Role.FETCHER]):
         if row.pid is None or row.heartbeat_at is None or row.heartbeat_at < fresh_since:
             continue
         with contextlib.suppress(psutil.Error):
@@ -191,7 +192,7 @@ def _replay_worker(cfg: Config, name: str, batch: str) -> None:
 
     os.setpgid(0, 0)  # a terminal's Ctrl-C reaches replay only, which stops its workers with one SIGTERM
     logs.setup(cfg.logs_dir, cfg.logging.level, cfg.logging.max_bytes, cfg.logging.backup_count, console=False)
-    sys.exit(run_worker(cfg, name, batch=batch))
+    sys.exit(run_fetcher(cfg, name, batch=batch))
 
 
 def _fetch_in_foreground(conn: sqlite3.Connection, cfg: Config, batch: str, total: int, workers: int,

@@ -9,7 +9,7 @@ service could send a gzip bomb (16 MiB that inflate to 16 GiB) or a valid FITS o
 - the primary header's dimensions are checked as soon as its ``END`` card has been inflated, before the pixels
   are inflated or handed to astropy.
 
-Anything beyond a cap raises ``StampTooLargeError`` (a ``ValueError``: the worker counts it as a failed attempt
+Anything beyond a cap raises ``StampTooLargeError`` (a ``ValueError``: the fetcher counts it as a failed attempt
 with its reason).
 """
 

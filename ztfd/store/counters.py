@@ -11,10 +11,12 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
+from ztfd.store.states import FailureClass
+
 # ztfd_stamp_jobs{state}: the buckets the job triggers keep (ready jobs split by why they wait).
 JOB_STATES = ("ready", "retry_waiting", "unavailable", "leased", "done", "failed")
-# ztfd_stamp_failures_total{reason}: the classes of a failed attempt's reason, as the schema's CASE assigns them.
-FAILURE_REASONS = ("http", "timeout", "connection", "bad_body", "worker_lost", "unavailable", "bad_job", "other")
+# ztfd_stamp_failures_total{reason}: the classes of a failed attempt (the jobs.failure column the trigger counts).
+FAILURE_REASONS = tuple(FailureClass)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ here on the shared store instead:
 - ``claim`` is one ``UPDATE … WHERE id IN (SELECT … LIMIT n) RETURNING`` inside ``BEGIN IMMEDIATE``: no two
   claimers can take the same job.
 - a claim is a lease with an owner and an expiry; ``requeue_expired`` returns the jobs of dead workers, and
-  every ``claim`` calls it first. Completion is fenced by the owner, so a worker whose lease expired cannot
-  overwrite the outcome of the worker that took the job over.
-- attempts count claims, so a job that kills its worker each time ends failed after ``max_attempts`` claims
+  every ``claim`` calls it first. Completion is fenced by the owner, so a fetcher whose lease expired cannot
+  overwrite the outcome of the fetcher that took the job over.
+- attempts count claims, so a job that kills its fetcher each time ends failed after ``max_attempts`` claims
   (``requeue_expired``); ``not_before`` delays retries, and ``failed`` keeps the last reason.
 - ``dedupe_key`` keeps one waiting or running job per key (one stamp fetch per object and observation time).
 - a job refers to its alert (``alert_id``); ``claim`` hands out the alert and what an earlier run learned about
@@ -22,7 +22,6 @@ here on the shared store instead:
 
 from __future__ import annotations
 
-import enum
 import os
 import socket
 import sqlite3
@@ -35,28 +34,13 @@ from ztfd.store.alerts import StoredAlert, alerts_by_id
 from ztfd.store.counters import job_states
 from ztfd.store.db import atomic, transaction
 from ztfd.store.stamps import StampRecord, save_stamps, stamp_records
-
-
-class JobState(enum.StrEnum):
-    """A job's ``state`` column: the only place job states are spelled."""
-
-    READY = "ready"
-    LEASED = "leased"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class Waiting(enum.StrEnum):
-    """Why a ready job's ``not_before`` lies in the future."""
-
-    RETRY = "retry"  # a failed attempt, backing off
-    UNAVAILABLE = "unavailable"  # the service does not have the alert yet: not an attempt
-
+from ztfd.store.states import FailureClass, JobKind, JobState, Waiting, literal
 
 OPEN_STATES = (JobState.READY, JobState.LEASED)
+FETCH_JOB = JobKind.FETCH  # ``jobs.kind`` of a job that fetches the stamps, then draws the preview
 
-
-FETCH_JOB = "stamps"  # ``jobs.kind`` of a job that fetches the stamps, then draws the preview
+# The states as SQL literals (inlined, not bound: a partial index is used only for a literal equal to its own).
+_READY, _LEASED, _DONE, _FAILED = map(literal, (JobState.READY, JobState.LEASED, JobState.DONE, JobState.FAILED))
 
 
 @dataclass(frozen=True)
@@ -64,7 +48,7 @@ class NewStampJob:
     alert_id: int
     dedupe_key: str | None = None  # see ``detection_key``; None: never deduplicated (replay batches)
     force: bool = False  # refetch files already valid on disk
-    kind: str = "stamps"  # FETCH_JOB: fetch, then preview; "preview": the stamps came in the packet, draw only
+    kind: JobKind = JobKind.FETCH
 
 
 @dataclass(frozen=True)
@@ -78,7 +62,7 @@ class StampJob:
     attempts: int
     unavailable_since: float | None
     batch: str | None
-    kind: str = "stamps"  # see ``NewStampJob.kind``
+    kind: JobKind = JobKind.FETCH
 
 
 @dataclass(frozen=True)
@@ -118,7 +102,7 @@ class JobCounts:
 
     @property
     def busy(self) -> int:
-        """Leased, due, or to be retried soon: work a worker will do without waiting for the service."""
+        """Leased, due, or to be retried soon: work a fetcher will do without waiting for the service."""
         return self.ready + self.leased + self.retry_waiting
 
     def as_dict(self) -> dict[str, int]:
@@ -186,23 +170,23 @@ def enqueue(
 def requeue_expired(conn: sqlite3.Connection, max_attempts: int | None = None, now: float | None = None) -> int:
     """Put jobs whose lease ran out (their worker died or hung) back to ready, or fail them.
 
-    Every claim counts as an attempt, so a job that kills its worker each time (a poison job) ends ``failed``
+    Every claim counts as an attempt, so a job that kills its fetcher each time (a poison job) ends ``failed``
     after ``max_attempts`` claims instead of taking workers down forever.
     """
     now = time.time() if now is None else now
     exhausted = 0
     if max_attempts is not None:
         exhausted = conn.execute(
-            "UPDATE jobs SET state = 'failed', owner = NULL, lease_until = NULL, waiting = NULL, updated_at = ?, "
+            f"UPDATE jobs SET state = {_FAILED}, owner = NULL, lease_until = NULL, waiting = NULL, updated_at = ?, "
             "last_error = 'its worker died or hung ' || attempts || ' times (lease expired); last error: ' || "
-            "coalesce(last_error, 'none') WHERE state = 'leased' AND lease_until < ? AND attempts >= ?",
-            (now, now, max_attempts),
+            f"coalesce(last_error, 'none'), failure = ? WHERE state = {_LEASED} AND lease_until < ? AND attempts >= ?",
+            (now, FailureClass.WORKER_LOST, now, max_attempts),
         ).rowcount
     cur = conn.execute(
-        "UPDATE jobs SET state = 'ready', owner = NULL, lease_until = NULL, updated_at = ?, "
-        "last_error = coalesce(last_error, 'lease expired') "
-        "WHERE state = 'leased' AND lease_until < ?",
-        (now, now),
+        f"UPDATE jobs SET state = {_READY}, owner = NULL, lease_until = NULL, updated_at = ?, "
+        "last_error = coalesce(last_error, 'lease expired'), failure = ? "
+        f"WHERE state = {_LEASED} AND lease_until < ?",
+        (now, FailureClass.WORKER_LOST, now),
     )
     return cur.rowcount + exhausted
 
@@ -227,21 +211,21 @@ def claim(
     with transaction(conn):
         requeue_expired(conn, max_attempts, now)
         rows = conn.execute(
-            "UPDATE jobs SET state = 'leased', owner = ?, lease_until = ?, attempts = attempts + 1, "
-            "updated_at = ? WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' "
+            f"UPDATE jobs SET state = {_LEASED}, owner = ?, lease_until = ?, attempts = attempts + 1, "
+            f"updated_at = ? WHERE id IN (SELECT id FROM jobs WHERE state = {_READY} "
             "AND not_before <= ? " + only_batch + "ORDER BY not_before, id LIMIT ?) "
             "RETURNING id, alert_id, force, attempts, unavailable_since, batch, kind",
             (owner, now + lease_seconds, now, now, *((batch,) if batch is not None else ()), limit),
         ).fetchall()
         alerts = alerts_by_id(conn, (row["alert_id"] for row in rows))
         known = stamp_records(conn, alerts)
-        orphans = [(now, row["id"]) for row in rows if row["alert_id"] not in alerts]
+        orphans = [(now, FailureClass.BAD_JOB, row["id"]) for row in rows if row["alert_id"] not in alerts]
         conn.executemany(
-            "UPDATE jobs SET state = 'failed', owner = NULL, lease_until = NULL, waiting = NULL, updated_at = ?, "
-            "last_error = 'its alert is not stored' WHERE id = ?", orphans)
+            f"UPDATE jobs SET state = {_FAILED}, owner = NULL, lease_until = NULL, waiting = NULL, updated_at = ?, "
+            "last_error = 'its alert is not stored', failure = ? WHERE id = ?", orphans)
     jobs = [
         StampJob(r["id"], alerts[r["alert_id"]], bool(r["force"]), known.get(r["alert_id"]), r["attempts"],
-                 r["unavailable_since"], r["batch"], r["kind"])
+                 r["unavailable_since"], r["batch"], JobKind(r["kind"]))
         for r in rows if r["alert_id"] in alerts
     ]
     return sorted(jobs, key=lambda job: job.id)
@@ -251,16 +235,16 @@ def extend(
     conn: sqlite3.Connection, owner: str, lease_seconds: float, now: float | None = None,
     job_ids: Iterable[int] | None = None,
 ) -> int:
-    """Renew the leases ``owner`` holds (a worker's heartbeat while it is busy): of ``job_ids`` only, when given
-    (the jobs a worker is still working on: one whose task died must go back to the queue, not be kept)."""
+    """Renew the leases ``owner`` holds (a fetcher's heartbeat while it is busy): of ``job_ids`` only, when given
+    (the jobs a fetcher is still working on: one whose task died must go back to the queue, not be kept)."""
     now = time.time() if now is None else now
     if job_ids is None:
         return conn.execute(
-            "UPDATE jobs SET lease_until = ?, updated_at = ? WHERE state = 'leased' AND owner = ?",
+            f"UPDATE jobs SET lease_until = ?, updated_at = ? WHERE state = {_LEASED} AND owner = ?",
             (now + lease_seconds, now, owner),
         ).rowcount
     return conn.executemany(
-        "UPDATE jobs SET lease_until = ?, updated_at = ? WHERE state = 'leased' AND owner = ? AND id = ?",
+        f"UPDATE jobs SET lease_until = ?, updated_at = ? WHERE state = {_LEASED} AND owner = ? AND id = ?",
         [(now + lease_seconds, now, owner, job_id) for job_id in job_ids],
     ).rowcount
 
@@ -271,8 +255,8 @@ def complete(conn: sqlite3.Connection, job_id: int, owner: str, result: StampRes
     now = time.time()
     with atomic(conn):
         row = conn.execute(
-            "UPDATE jobs SET state = 'done', owner = NULL, lease_until = NULL, waiting = NULL, last_error = NULL, "
-            "updated_at = ? WHERE id = ? AND owner = ? AND state = 'leased' RETURNING alert_id",
+            f"UPDATE jobs SET state = {_DONE}, owner = NULL, lease_until = NULL, waiting = NULL, last_error = NULL, "
+            f"failure = NULL, updated_at = ? WHERE id = ? AND owner = ? AND state = {_LEASED} RETURNING alert_id",
             (now, job_id, owner),
         ).fetchone()
         if row is not None and result is not None:
@@ -287,10 +271,12 @@ def retry(
     owner: str,
     delay: float,
     reason: str,
+    failure: FailureClass,
     waiting: Waiting = Waiting.RETRY,
     now: float | None = None,
 ) -> bool:
-    """Give a leased job back to be tried again after ``delay`` seconds.
+    """Give a leased job back to be tried again after ``delay`` seconds; ``reason`` and its ``failure`` class are
+    kept (the class is what ``ztfd_stamp_failures_total`` counts).
 
     ``Waiting.UNAVAILABLE`` means the data is not there yet rather than that something failed: it does not
     count as an attempt, and ``unavailable_since`` remembers when it first happened (for giving up at last).
@@ -298,21 +284,21 @@ def retry(
     now = time.time() if now is None else now
     unavailable = waiting == Waiting.UNAVAILABLE
     cur = conn.execute(
-        "UPDATE jobs SET state = 'ready', owner = NULL, lease_until = NULL, not_before = ?, waiting = ?, "
-        "last_error = ?, updated_at = ?, attempts = attempts - ?, "
+        f"UPDATE jobs SET state = {_READY}, owner = NULL, lease_until = NULL, not_before = ?, waiting = ?, "
+        "last_error = ?, failure = ?, updated_at = ?, attempts = attempts - ?, "
         "unavailable_since = CASE WHEN ? THEN coalesce(unavailable_since, ?) ELSE unavailable_since END "
-        "WHERE id = ? AND owner = ? AND state = 'leased'",
-        (now + delay, str(waiting), reason, now, 1 if unavailable else 0, unavailable, now, job_id, owner),
+        f"WHERE id = ? AND owner = ? AND state = {_LEASED}",
+        (now + delay, str(waiting), reason, failure, now, 1 if unavailable else 0, unavailable, now, job_id, owner),
     )
     return cur.rowcount == 1
 
 
-def fail(conn: sqlite3.Connection, job_id: int, owner: str, reason: str) -> bool:
-    """Give up on a leased job, keeping the reason (shown by ``ztfd status``)."""
+def fail(conn: sqlite3.Connection, job_id: int, owner: str, reason: str, failure: FailureClass) -> bool:
+    """Give up on a leased job, keeping the reason (shown by ``ztfd status``) and its class (counted)."""
     cur = conn.execute(
-        "UPDATE jobs SET state = 'failed', owner = NULL, lease_until = NULL, waiting = NULL, last_error = ?, "
-        "updated_at = ? WHERE id = ? AND owner = ? AND state = 'leased'",
-        (reason, time.time(), job_id, owner),
+        f"UPDATE jobs SET state = {_FAILED}, owner = NULL, lease_until = NULL, waiting = NULL, last_error = ?, "
+        f"failure = ?, updated_at = ? WHERE id = ? AND owner = ? AND state = {_LEASED}",
+        (reason, failure, time.time(), job_id, owner),
     )
     return cur.rowcount == 1
 
@@ -322,16 +308,16 @@ def release(
     now: float | None = None,
 ) -> int:
     """Hand leased jobs back untouched, the claim not counted as an attempt (nor as a failure): ready at once (on
-    SIGTERM), or after ``delay`` seconds (local trouble: the worker's disk is full, not the job's fault)."""
+    SIGTERM), or after ``delay`` seconds (local trouble: the fetcher's disk is full, not the job's fault)."""
     only = "" if job_ids is None else " AND id = ?"
     ids = [()] if job_ids is None else [(job_id,) for job_id in job_ids]
     now = time.time() if now is None else now
     total = 0
     for id_args in ids:
         total += conn.execute(
-            "UPDATE jobs SET state = 'ready', owner = NULL, lease_until = NULL, attempts = max(attempts - 1, 0), "
+            f"UPDATE jobs SET state = {_READY}, owner = NULL, lease_until = NULL, attempts = max(attempts - 1, 0), "
             "not_before = CASE WHEN ? > 0 THEN max(not_before, ?) ELSE not_before END, updated_at = ? "
-            "WHERE state = 'leased' AND owner = ?" + only,
+            f"WHERE state = {_LEASED} AND owner = ?" + only,
             (delay, now + delay, now, owner, *id_args),
         ).rowcount
     return total
@@ -345,15 +331,16 @@ def counts(conn: sqlite3.Connection, now: float | None = None, batch: str | None
     A batch's jobs are counted from its rows (``jobs_batch``).
     """
     now = time.time() if now is None else now
-    bucket = ("CASE WHEN state = 'ready' AND not_before > ? THEN "
-              "CASE WHEN waiting = 'unavailable' THEN 'unavailable' ELSE 'retry_waiting' END ELSE state END")
+    bucket = (f"CASE WHEN state = {_READY} AND not_before > ? THEN "
+              f"CASE WHEN waiting = {literal(Waiting.UNAVAILABLE)} THEN 'unavailable' ELSE 'retry_waiting' END "
+              "ELSE state END")
     if batch is not None:
         rows = conn.execute(f"SELECT {bucket} AS bucket, count(*) AS n FROM jobs WHERE batch = ? GROUP BY bucket",
                             (now, batch)).fetchall()
     else:  # one partial index each (jobs_ready, jobs_leased): the done jobs of the last day are not read
         rows = conn.execute(
-            f"SELECT {bucket} AS bucket, count(*) AS n FROM jobs WHERE state = 'ready' GROUP BY bucket "
-            "UNION ALL SELECT 'leased', count(*) FROM jobs WHERE state = 'leased'", (now,)).fetchall()
+            f"SELECT {bucket} AS bucket, count(*) AS n FROM jobs WHERE state = {_READY} GROUP BY bucket "
+            f"UNION ALL SELECT {_LEASED}, count(*) FROM jobs WHERE state = {_LEASED}", (now,)).fetchall()
     found = {row["bucket"]: row["n"] for row in rows}
     if batch is None:
         ended = job_states(conn)
@@ -364,19 +351,19 @@ def counts(conn: sqlite3.Connection, now: float | None = None, batch: str | None
 def forget_done(conn: sqlite3.Connection, before: float) -> int:
     """Delete done jobs that finished before ``before``: their outcome is kept with the alert (``stamps``) and
     in the counters; a replay waiting on its batch counts what is left (``JobCounts.unfinished``)."""
-    return conn.execute("DELETE FROM jobs WHERE state = 'done' AND updated_at < ?", (before,)).rowcount
+    return conn.execute(f"DELETE FROM jobs WHERE state = {_DONE} AND updated_at < ?", (before,)).rowcount
 
 
 def next_due(conn: sqlite3.Connection, batch: str | None = None) -> float | None:
     """When the queue next has something for a claim: the earliest ready job's ``not_before`` or leased job's
     ``lease_until`` (an expired lease is requeued by the next claim); None when there is neither.
 
-    Two plain reads on partial indexes: an idle worker asks this instead of running a claim (a write
+    Two plain reads on partial indexes: an idle fetcher asks this instead of running a claim (a write
     transaction) several times a second.
     """
     only_batch, args = ("AND batch = ?", (batch,)) if batch is not None else ("", ())
-    ready = conn.execute(f"SELECT min(not_before) FROM jobs WHERE state = 'ready' {only_batch}", args).fetchone()[0]
-    lease = conn.execute(f"SELECT min(lease_until) FROM jobs WHERE state = 'leased' {only_batch}", args).fetchone()[0]
+    ready = conn.execute(f"SELECT min(not_before) FROM jobs WHERE state = {_READY} {only_batch}", args).fetchone()[0]
+    lease = conn.execute(f"SELECT min(lease_until) FROM jobs WHERE state = {_LEASED} {only_batch}", args).fetchone()[0]
     due = [t for t in (ready, lease) if t is not None]
     return min(due) if due else None
 
@@ -387,7 +374,7 @@ def failures(conn: sqlite3.Connection, limit: int, batch: str | None = None) -> 
                           else ("1", (), "j.updated_at DESC"))
     rows = conn.execute(
         "SELECT j.id, a.object_id, a.date, j.attempts, j.last_error, j.updated_at FROM jobs j "
-        f"LEFT JOIN alerts a ON a.id = j.alert_id WHERE j.state = 'failed' AND {where} ORDER BY {order} LIMIT ?",
+        f"LEFT JOIN alerts a ON a.id = j.alert_id WHERE j.state = {_FAILED} AND {where} ORDER BY {order} LIMIT ?",
         (*args, limit),
     ).fetchall()
     return [FailedJob(*row) for row in rows]

@@ -86,10 +86,19 @@ def _v5_to_v6(conn: sqlite3.Connection) -> None:
     conn.execute("DROP INDEX IF EXISTS manifest_pending")
 
 
+def _v6_to_v7(conn: sqlite3.Connection) -> None:
+    """A job keeps the class of its last failed attempt (``jobs.failure``), and the failure counter counts that
+    column instead of matching the reason's words: the old trigger goes (``SCHEMA`` creates the new one). Rows
+    already failed keep no class; what they counted stays counted."""
+    add_missing_columns(conn)
+    conn.execute("DROP TRIGGER IF EXISTS count_stamp_failure")
+
+
 STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _v1_to_v2,
     2: add_missing_columns,
     3: add_missing_columns,  # jobs.kind (issue 14); its tables come with SCHEMA
     4: _v4_to_v5,
     5: _v5_to_v6,
+    6: _v6_to_v7,
 }

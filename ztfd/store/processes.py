@@ -10,8 +10,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ztfd.store.db import transaction
+from ztfd.store.states import ProcessState, Role, literal
 
-ROLE_ORDER = ("supervisor", "consumer", "fetcher", "syncer")
+ROLE_ORDER = tuple(Role)  # the order ``ztfd status`` lists them in
+_RUNNING = literal(ProcessState.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -27,13 +29,13 @@ class ProcessRow:
     last_exit: str | None
 
 
-def heartbeat(conn: sqlite3.Connection, name: str, role: str, topic: str | None = None) -> None:
+def heartbeat(conn: sqlite3.Connection, name: str, role: Role, topic: str | None = None) -> None:
     """Say "I am alive" for process ``name``; the supervisor kills a child whose heartbeat goes stale."""
     now = time.time()
     conn.execute(
         "INSERT INTO processes (name, role, topic, pid, started_at, heartbeat_at, state) "
-        "VALUES (?, ?, ?, ?, ?, ?, 'running') ON CONFLICT (name) DO UPDATE SET pid = excluded.pid, "
-        "role = excluded.role, topic = excluded.topic, heartbeat_at = excluded.heartbeat_at, state = 'running', "
+        f"VALUES (?, ?, ?, ?, ?, ?, {_RUNNING}) ON CONFLICT (name) DO UPDATE SET pid = excluded.pid, "
+        f"role = excluded.role, topic = excluded.topic, heartbeat_at = excluded.heartbeat_at, state = {_RUNNING}, "
         "started_at = CASE WHEN processes.pid IS excluded.pid THEN processes.started_at ELSE excluded.started_at END",
         (name, role, topic, os.getpid(), now, now),
     )
@@ -62,9 +64,8 @@ def reset_processes(conn: sqlite3.Connection, supervisor_name: str) -> None:
     with transaction(conn):
         conn.execute("DELETE FROM processes")
         conn.execute(
-            "INSERT INTO processes (name, role, pid, started_at, heartbeat_at, state) "
-            "VALUES (?, 'supervisor', ?, ?, ?, 'running')",
-            (supervisor_name, os.getpid(), now, now),
+            "INSERT INTO processes (name, role, pid, started_at, heartbeat_at, state) VALUES (?, ?, ?, ?, ?, ?)",
+            (supervisor_name, Role.SUPERVISOR, os.getpid(), now, now, ProcessState.RUNNING),
         )
 
 
@@ -73,18 +74,18 @@ def forget_processes(conn: sqlite3.Connection, names: Iterable[str]) -> int:
     return conn.executemany("DELETE FROM processes WHERE name = ?", [(name,) for name in names]).rowcount
 
 
-def set_process_state(conn: sqlite3.Connection, name: str, state: str) -> None:
+def set_process_state(conn: sqlite3.Connection, name: str, state: ProcessState) -> None:
     conn.execute("UPDATE processes SET state = ? WHERE name = ?", (state, name))
 
 
 def record_child(
     conn: sqlite3.Connection,
     name: str,
-    role: str,
+    role: Role,
     topic: str | None,
     pid: int | None,
     restarts: int,
-    state: str,
+    state: ProcessState,
     last_exit: str | None,
     started: bool,
 ) -> None:

@@ -35,7 +35,7 @@ def save_detections(conn: sqlite3.Connection, survey: str, object_id: str, point
                     unit: str = MAG) -> None:
     """Keep the detections a provider fetched for an object (its light curve), replacing older ones.
 
-    The stamp worker calls it once per detections request, which it makes anyway to choose the candid; nothing
+    The stamp fetcher calls it once per detections request, which it makes anyway to choose the candid; nothing
     is kept for an answer without points.
     """
     if not points:

@@ -8,11 +8,16 @@ need no step: ``SCHEMA`` adds them). Version 1 is the layout before the store ow
 JSON payloads and results).
 """
 
-SCHEMA_VERSION = 6  # 3: alerts.survey, detection_id, band (ADDED_COLUMNS), the observability block; 4: the Avro block;
-# 5: alerts counted per batch (no count_alert trigger), counter_received instead of the alerts_received index,
-# uploaded files forgotten (count_file_delete counts pending rows only); 6: manifest_pending ordered by record time
+from ztfd.store.states import FailureClass, JobKind, JobState, ProcessState, Waiting, literal
 
-SCHEMA = """
+_READY, _LEASED, _DONE, _FAILED = map(literal, (JobState.READY, JobState.LEASED, JobState.DONE, JobState.FAILED))
+
+SCHEMA_VERSION = 7  # 3: alerts.survey, detection_id, band (ADDED_COLUMNS), the observability block; 4: the Avro block;
+# 5: alerts counted per batch (no count_alert trigger), counter_received instead of the alerts_received index,
+# uploaded files forgotten (count_file_delete counts pending rows only); 6: manifest_pending ordered by record time;
+# 7: jobs.failure, the class of a failed attempt (ADDED_COLUMNS), which count_stamp_failure counts
+
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -60,14 +65,15 @@ CREATE TABLE IF NOT EXISTS offsets (
 );
 
 -- The stamp job queue (see ztfd.store.jobs). A job refers to its alert; what a finished job learned is kept with
--- the alert (``stamps``). state: ready | leased | done | failed (store.jobs.JobState). waiting says why a ready
--- job has a not_before in the future: 'retry' after a failure, 'unavailable' while the service does not have
--- the alert yet. force: refetch files already valid on disk (``ztfd replay --force``).
+-- the alert (``stamps``). state: store.states.JobState. waiting (store.states.Waiting) says why a ready job has
+-- a not_before in the future: a retry after a failure, or the service does not have the alert yet. force: refetch
+-- files already valid on disk (``ztfd replay --force``). failure (ADDED_COLUMNS): the class of the last failed
+-- attempt (store.states.FailureClass), carried on the error that ended it.
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY,
     alert_id INTEGER NOT NULL,
     force INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL DEFAULT 'ready',
+    state TEXT NOT NULL DEFAULT {_READY},
     attempts INTEGER NOT NULL DEFAULT 0,
     not_before REAL NOT NULL DEFAULT 0,
     waiting TEXT,
@@ -80,15 +86,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (not_before, id) WHERE state = 'ready';
-CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until) WHERE state = 'leased';
-CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (updated_at) WHERE state = 'failed';
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (not_before, id) WHERE state = {_READY};
+CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until) WHERE state = {_LEASED};
+CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (updated_at) WHERE state = {_FAILED};
 -- Done jobs are forgotten a day after they finished (ztfd.daemon.housekeeping): what they learned is in ``stamps``.
-CREATE INDEX IF NOT EXISTS jobs_done ON jobs (updated_at) WHERE state = 'done';
+CREATE INDEX IF NOT EXISTS jobs_done ON jobs (updated_at) WHERE state = {_DONE};
 CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch) WHERE batch IS NOT NULL;
 -- At most one waiting or running job per dedupe key (see store.jobs.enqueue).
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedupe ON jobs (dedupe_key)
-    WHERE dedupe_key IS NOT NULL AND state IN ('ready', 'leased');
+    WHERE dedupe_key IS NOT NULL AND state IN ({_READY}, {_LEASED});
 
 -- What is known about an alert's stamps, written when its stamp job finishes: the survey's id of the detection
 -- chosen (ZTF candid, LSST diaSourceId; TEXT so that 64-bit ids stay exact) and its MJD, when, which stamp kinds
@@ -132,7 +138,7 @@ CREATE TABLE IF NOT EXISTS processes (
     started_at REAL,
     heartbeat_at REAL,
     restarts INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL DEFAULT 'starting',
+    state TEXT NOT NULL DEFAULT {literal(ProcessState.STARTING)},
     last_exit TEXT
 );
 
@@ -189,25 +195,13 @@ CREATE TABLE IF NOT EXISTS topic_bytes (
 #
 # A stamp job's bucket, as ``ztfd_stamp_jobs{state}`` shows it: ready jobs split by why they wait.
 _JOB_BUCKET = (
-    "CASE WHEN {row}.state = 'ready' AND {row}.waiting = 'unavailable' THEN 'unavailable' "
-    "WHEN {row}.state = 'ready' AND {row}.waiting = 'retry' THEN 'retry_waiting' ELSE {row}.state END"
+    f"CASE WHEN {{row}}.state = {_READY} AND {{row}}.waiting = {literal(Waiting.UNAVAILABLE)} THEN 'unavailable' "
+    f"WHEN {{row}}.state = {_READY} AND {{row}}.waiting = {literal(Waiting.RETRY)} THEN 'retry_waiting' "
+    "ELSE {row}.state END"
 )
-# The class of a failed attempt's reason (``ztfd_stamp_failures_total{reason}``): a small fixed set, matched in
-# this order (``ztfd.store.counters.FAILURE_REASONS`` lists them).
-_FAILURE_CLASS = (
-    "CASE WHEN NEW.state = 'ready' AND NEW.not_before = OLD.not_before THEN 'worker_lost' "
-    "WHEN NEW.last_error LIKE 'its worker died%' OR NEW.last_error LIKE '%lease expired%' THEN 'worker_lost' "
-    "WHEN NEW.last_error LIKE 'not available at%' THEN 'unavailable' "
-    "WHEN NEW.last_error LIKE 'bad object_id%' OR NEW.last_error LIKE 'bad date%' THEN 'bad_job' "
-    "WHEN NEW.last_error LIKE '%timed out%' OR NEW.last_error LIKE '%timeout%' THEN 'timeout' "
-    "WHEN NEW.last_error LIKE '%not gzip%' OR NEW.last_error LIKE '%bad gzip%' OR NEW.last_error LIKE '%not FITS%' "
-    "  OR NEW.last_error LIKE '%not JSON%' OR NEW.last_error LIKE '%not a JSON%' OR NEW.last_error LIKE '%too large%' "
-    "  OR NEW.last_error LIKE '%larger than%' OR NEW.last_error LIKE '%bad body%' THEN 'bad_body' "
-    "WHEN NEW.last_error LIKE '%HTTP %' THEN 'http' "
-    "WHEN NEW.last_error LIKE '%Connect%' OR NEW.last_error LIKE '%connection%' "
-    "  OR NEW.last_error LIKE '%ClientError%' OR NEW.last_error LIKE '%Disconnected%' THEN 'connection' "
-    "ELSE 'other' END"
-)
+# The class of a failed attempt (``ztfd_stamp_failures_total{reason}``): the ``failure`` column the code wrote with
+# the reason (store.states.FailureClass; a row from before version 7 has none: other).
+_FAILURE_CLASS = f"coalesce(NEW.failure, {literal(FailureClass.OTHER)})"
 
 _ONCE = "(SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key = 'counters_seeded')) AS once"
 
@@ -237,7 +231,7 @@ CREATE TABLE IF NOT EXISTS counter_jobs (
     jobs INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 
--- Failed stamp attempts per reason class (see _FAILURE_CLASS).
+-- Failed stamp attempts per class (jobs.failure, store.states.FailureClass).
 CREATE TABLE IF NOT EXISTS counter_stamp_failures (
     reason TEXT PRIMARY KEY,
     failures INTEGER NOT NULL DEFAULT 0
@@ -301,16 +295,17 @@ WHEN {_JOB_BUCKET.format(row="OLD")} IS NOT {_JOB_BUCKET.format(row="NEW")} BEGI
 END;
 
 CREATE TRIGGER IF NOT EXISTS count_job_delete AFTER DELETE ON jobs
-WHEN OLD.state NOT IN ('done', 'failed') BEGIN
+WHEN OLD.state NOT IN ({_DONE}, {_FAILED}) BEGIN
     UPDATE counter_jobs SET jobs = jobs - 1 WHERE state = {_JOB_BUCKET.format(row="OLD")};
 END;
 
 -- A failed attempt: a leased job given back to retry after a failure (waiting 'retry'), failed for good, or put
--- back because its lease ran out (its worker died or hung). Waiting for ALeRCE to catch up is no failure.
+-- back because its lease ran out (its fetcher died or hung). Waiting for ALeRCE to catch up is no failure.
+-- (Version 7 counts by NEW.failure instead of matching the reason's words: the step from 6 drops the older form.)
 CREATE TRIGGER IF NOT EXISTS count_stamp_failure AFTER UPDATE OF last_error ON jobs
-WHEN OLD.state = 'leased' AND NEW.last_error IS NOT NULL
-    AND (NEW.state = 'failed' OR (NEW.state = 'ready'
-         AND (NEW.waiting IS NOT 'unavailable' OR NEW.not_before = OLD.not_before))) BEGIN
+WHEN OLD.state = {_LEASED} AND NEW.last_error IS NOT NULL
+    AND (NEW.state = {_FAILED} OR (NEW.state = {_READY}
+         AND (NEW.waiting IS NOT {literal(Waiting.UNAVAILABLE)} OR NEW.not_before = OLD.not_before))) BEGIN
     INSERT INTO counter_stamp_failures (reason, failures) VALUES ({_FAILURE_CLASS}, 1)
     ON CONFLICT (reason) DO UPDATE SET failures = failures + 1;
 END;
@@ -424,8 +419,8 @@ ADDED_COLUMNS = (
 # served, by registry URL and schema id, so that each is fetched once, ever (Confluent ids are immutable).
 # ``detection_lists`` (ztfd.store.detection_lists): ALeRCE's detections answers shared by the stamp workers for a
 # short time (a catch-up has several alerts of an object queued; one list serves them all). ``jobs.kind``:
-# 'stamps' (fetch the stamps, then draw the preview) or 'preview' (the stamps came in the alert packet: only draw
-# the preview).
+# store.states.JobKind (fetch the stamps, then draw the preview; or only draw the preview of the stamps that came in
+# the alert packet).
 # Schema version 4: the step from 3 adds the column (migrations.add_missing_columns); SCHEMA creates the tables.
 SCHEMA += """
 CREATE TABLE IF NOT EXISTS avro_schemas (
@@ -442,4 +437,7 @@ CREATE TABLE IF NOT EXISTS detection_lists (
     fetched_at REAL NOT NULL
 );
 """
-ADDED_COLUMNS += (("jobs", "kind", "TEXT NOT NULL DEFAULT 'stamps'"),)
+ADDED_COLUMNS += (("jobs", "kind", f"TEXT NOT NULL DEFAULT {literal(JobKind.FETCH)}"),)
+# Schema version 7: the class of a job's last failed attempt (store.states.FailureClass), what
+# ``ztfd_stamp_failures_total{reason}`` counts; the step from 6 adds it (migrations.add_missing_columns).
+ADDED_COLUMNS += (("jobs", "failure", "TEXT"),)

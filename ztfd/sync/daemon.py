@@ -10,23 +10,24 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from pathlib import Path
 
-from ztfd import store
 from ztfd.config import Config
 from ztfd.daemon import lifecycle
+from ztfd.daemon.heartbeat import Heartbeat
+from ztfd.store.states import Role
 from ztfd.sync.passes import locked_pass
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 5.0
 RETRY_AFTER_FAILURE = 60.0  # the daemon retries a failed pass after this, doubling up to s3.interval
 
 
 def run_daemon(conn: sqlite3.Connection, cfg: Config, stop: threading.Event, name: str, full: bool) -> int:
     """Pass after pass until ``stop``; ``full`` applies to the first pass only. Exits 0."""
     beating = threading.Event()
-    beat = threading.Thread(target=_heartbeat_loop, args=(cfg.db_path, name, beating), name="heartbeat", daemon=True)
+    heartbeat = Heartbeat(name, Role.SYNCER)
+    beat = threading.Thread(target=heartbeat.keep_beating, args=(cfg.db_path, beating), name="heartbeat",
+                            daemon=True)
     beat.start()
     log.info("syncer %s started: bucket %s, every %.0f s", name, cfg.s3.bucket, cfg.s3.interval)
     failed_in_a_row = 0
@@ -43,20 +44,7 @@ def run_daemon(conn: sqlite3.Connection, cfg: Config, stop: threading.Event, nam
             stop.wait(delay)
     finally:
         beating.set()
-        beat.join(HEARTBEAT_SECONDS + 1)
+        beat.join(heartbeat.interval + 1)
     log.info("syncer %s stopped", name)
     return 0
 
-
-def _heartbeat_loop(db_path: Path, name: str, stop: threading.Event) -> None:
-    conn = store.connect(db_path)
-    try:
-        while True:
-            try:
-                store.heartbeat(conn, name, "syncer")
-            except sqlite3.Error as exc:
-                log.warning("sync: heartbeat failed: %s", exc)
-            if stop.wait(HEARTBEAT_SECONDS):
-                return
-    finally:
-        conn.close()

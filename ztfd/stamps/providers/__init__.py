@@ -2,14 +2,14 @@
 
 A provider knows one service: how to find the detection whose stamps to fetch (when the message did not name it),
 which requests fetch each stamp, what a served body must look like to be kept, and what the files are called.
-The stamp worker knows none of this: it claims a job, asks the provider configured for the alert's survey, and
+The stamp fetcher knows none of this: it claims a job, asks the provider configured for the alert's survey, and
 writes, records and settles what comes back. Adding a provider means a module here and one entry in ``PROVIDERS``
 (the ``register`` decorator; every module of this package is imported by ``load_all``). Which provider serves a
 survey is configuration: ``stamps.<survey>_provider`` names it (``ztf_provider = "alerce"``; ``none``: no stamps),
 so names are per survey (``PROVIDERS[(survey, name)]``: ALeRCE can serve ZTF and LSST under "alerce"). A provider
 is made once per process as ``PROVIDERS[(survey, name)](settings)`` with the ``[stamps]`` settings.
 
-What the consumer and the worker do with a provider (its whole contract):
+What the consumer and the fetcher do with a provider (its whole contract):
 - ``serves(alert)``: the consumer queues a stamp job only for alerts the provider can have stamps of;
 - ``find_detection`` when the job knows no detection yet (one lookup request); a detection id must be a plain
   name (letters, digits, ``_``, ``-``): it becomes part of file names; the light curve it may carry is kept;
@@ -20,10 +20,10 @@ What the consumer and the worker do with a provider (its whole contract):
   ``<detection_id>.png``.
 
 A provider whose service serves several stamps in one request (ALeRCE's ``get_avro``) may also offer
-``fetch_together(get, request, detection, kinds) -> Bundle``: the worker then takes one rate-limit slot for all the
+``fetch_together(get, request, detection, kinds) -> Bundle``: the fetcher then takes one rate-limit slot for all the
 missing stamps of a job instead of one each, and writes the bundle's ``extras`` beside the stamps.
 
-Politeness (the shared rate limit), timeouts and body caps belong to the worker: a provider makes its requests
+Politeness (the shared rate limit), timeouts and body caps belong to the fetcher: a provider makes its requests
 only through the ``HttpGet`` it is given, and each call costs one request slot.
 """
 
@@ -36,6 +36,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
+from ztfd.store.states import FailureClass
+
 # get(url, params) -> (HTTP status, body); redirects followed, body capped, one rate-limit slot per call.
 HttpGet = Callable[[str, dict[str, str] | None], Awaitable[tuple[int, bytes]]]
 
@@ -45,7 +47,13 @@ class NotYetAvailableError(Exception):
 
 
 class FetchError(Exception):
-    """A failed attempt (server error, timeout, connection, bad body): back off and retry."""
+    """A failed attempt (server error, timeout, connection, bad body): back off and retry. ``kind`` is its class,
+    what ``ztfd_stamp_failures_total{reason}`` counts: chosen where the failure is known, never read from the
+    message."""
+
+    def __init__(self, message: str, kind: FailureClass = FailureClass.OTHER) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,7 @@ class StampRequest:
 @dataclass(frozen=True)
 class Detection:
     """The detection whose stamps are fetched: its survey id (exact text) and time (MJD UTC), and the object's
-    light curve when the lookup answered with one (``ztfd.reporting.lightcurve`` points; the worker keeps it for night
+    light curve when the lookup answered with one (``ztfd.reporting.lightcurve`` points; the fetcher keeps it for night
     reports, so that they cost no request of their own)."""
 
     detection_id: str
@@ -83,8 +91,8 @@ class Bundle:
 
 
 class DetectionsCache(Protocol):
-    """Detections lists the pool keeps for a short time (the worker's, in the store): a provider that looks
-    detections up may use it when the worker gives it one (its ``cache`` attribute)."""
+    """Detections lists the pool keeps for a short time (the fetcher's, in the store): a provider that looks
+    detections up may use it when the fetcher gives it one (its ``cache`` attribute)."""
 
     async def get(self, object_id: str) -> bytes | None: ...
 

@@ -24,6 +24,7 @@ from ztfd.sources import LSST
 from ztfd.stamps.providers import Detection, FetchError, HttpGet, NotYetAvailableError, StampRequest, register
 from ztfd.stamps.providers.alerce_ztf import Listed, choose_candid
 from ztfd.stamps.stampimage import GZIP_MAGIC, StampLimits, read_image
+from ztfd.store.states import FailureClass
 
 DETECTIONS_PATH = "/lightcurve_api/detections"
 STAMP_PATH = "/stamps_api/stamp"
@@ -40,9 +41,9 @@ def parse_detections(body: bytes) -> list[Listed]:
     try:
         rows = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise FetchError(f"detections: not JSON ({exc.__class__.__name__})") from None
+        raise FetchError(f"detections: not JSON ({exc.__class__.__name__})", FailureClass.BAD_BODY) from None
     if not isinstance(rows, list):
-        raise FetchError("detections: not a JSON list")
+        raise FetchError("detections: not a JSON list", FailureClass.BAD_BODY)
     usable = []
     for row in rows:
         if not isinstance(row, dict):
@@ -82,7 +83,7 @@ class AlerceLsst:
     async def find_detection(self, get: HttpGet, request: StampRequest) -> Detection:
         status, body = await get(self.url + DETECTIONS_PATH, {"survey_id": "lsst", "oid": request.object_id})
         if status != 200:
-            raise FetchError(f"LSST detections: HTTP {status}")
+            raise FetchError(f"LSST detections: HTTP {status}", FailureClass.HTTP)
         chosen = choose_candid(parse_detections(body), request.obs_mjd, self.tolerance)
         return Detection(str(chosen.candid), chosen.mjd)
 
@@ -93,7 +94,7 @@ class AlerceLsst:
         if status == NOT_STORED:
             raise NotYetAvailableError(f"{kind} stamp of diaSource {detection.detection_id}: HTTP 500 (not stored)")
         if status != 200:
-            raise FetchError(f"{kind} stamp: HTTP {status}")
+            raise FetchError(f"{kind} stamp: HTTP {status}", FailureClass.HTTP)
         return body
 
     def check(self, data: bytes) -> Any:

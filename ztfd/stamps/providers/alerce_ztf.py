@@ -5,9 +5,9 @@
   alert's observation time, within ``stamps.match_tolerance`` seconds; the newest with stamps when the alert has
   no time. An object ALeRCE does not know yet, nothing near the alert's time, or a 404 for a listed candid means
   *not yet available* (``NotYetAvailableError``), not a failure.
-  One detections response serves every job of the object: the worker keeps it in the store for
+  One detections response serves every job of the object: the fetcher keeps it in the store for
   ``stamps.detections_fresh`` seconds for the whole pool (``ztfd.store.detection_lists``), and concurrent jobs of
-  one worker share one request (both off when that is 0).
+  one fetcher share one request (both off when that is 0).
 - ``stamps.ztf_request = "get_avro"`` (the default): ``GET {alerce_stamp_url}/get_avro?oid=&candid=`` serves the
   whole alert packet, whose three cutouts are the stamps (one request instead of three), and the packet is kept
   beside them as ``<candid>.avro``. ``"get_stamp"``: ``GET {alerce_stamp_url}/get_stamp?oid=&candid=&type=
@@ -41,6 +41,7 @@ from ztfd.stamps.providers import (
     register,
 )
 from ztfd.stamps.stampimage import StampLimits, read_gzipped_image
+from ztfd.store.states import FailureClass
 
 DETECTIONS_PATH = "/ztf/v1/objects/{oid}/detections"
 STAMP_PATH = "/get_stamp"
@@ -61,11 +62,11 @@ def parse_detections(body: bytes) -> list[Listed]:
     try:
         rows = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FetchError(f"detections: not JSON ({exc.__class__.__name__})") from None
+        raise FetchError(f"detections: not JSON ({exc.__class__.__name__})", FailureClass.BAD_BODY) from None
     if isinstance(rows, dict) and isinstance(rows.get("items"), list):  # a paginated shape, should ALeRCE use one
         rows = rows["items"]
     if not isinstance(rows, list):
-        raise FetchError("detections: not a JSON list")
+        raise FetchError("detections: not a JSON list", FailureClass.BAD_BODY)
     found = []
     for row in rows:
         if not isinstance(row, dict):
@@ -105,7 +106,7 @@ class AlerceZtf:
     service = "ALeRCE"
     detection_label = "candid"
 
-    cache: DetectionsCache | None = None  # the pool's detections lists, set by the worker
+    cache: DetectionsCache | None = None  # the pool's detections lists, set by the fetcher
 
     def __init__(self, settings: StampsConfig) -> None:
         self.api_url = settings.alerce_api_url.rstrip("/")
@@ -114,7 +115,7 @@ class AlerceZtf:
         self.limits = StampLimits(settings.max_stamp_bytes, settings.max_stamp_side)
         self.packets = ContainerReader()
         self._lookups: dict[str, asyncio.Future[tuple[bytes, bool]]] = {}  # object id -> its look in flight
-        if settings.ztf_request.lower() == "get_avro":  # the worker then takes one slot for all three stamps
+        if settings.ztf_request.lower() == "get_avro":  # the fetcher then takes one slot for all three stamps
             self.fetch_together = self.fetch_packet
 
     def serves(self, alert: Alert) -> bool:
@@ -123,7 +124,7 @@ class AlerceZtf:
 
     async def find_detection(self, get: HttpGet, request: StampRequest) -> Detection:
         """The detection nearest the alert's time, from the object's detections list: the pool's copy when one
-        is fresh (a catch-up queues several alerts per object), else one request, shared by this worker's jobs of
+        is fresh (a catch-up queues several alerts per object), else one request, shared by this fetcher's jobs of
         the same object. A kept list without a match may predate the alert: then it is fetched again, once."""
         body, kept = await self._detections(get, request.object_id, use_kept=True)
         try:
@@ -137,7 +138,7 @@ class AlerceZtf:
 
     async def _detections(self, get: HttpGet, object_id: str, use_kept: bool) -> tuple[bytes, bool]:
         """The object's detections body, and whether it is the pool's kept copy. Concurrent jobs of the object in
-        this worker share one look (the kept copy, else one request)."""
+        this fetcher share one look (the kept copy, else one request)."""
         if self.cache is None or not use_kept:
             return await self._fetch_detections(get, object_id), False
         lookup = self._lookups.get(object_id)
@@ -159,7 +160,7 @@ class AlerceZtf:
         if status == 404:
             raise NotYetAvailableError("ALeRCE does not know the object yet (detections: 404)")
         if status != 200:
-            raise FetchError(f"detections: HTTP {status}")
+            raise FetchError(f"detections: HTTP {status}", FailureClass.HTTP)
         if self.cache is not None:
             await self.cache.put(object_id, body)
         return body
@@ -173,14 +174,14 @@ class AlerceZtf:
         if status == 404:
             raise NotYetAvailableError(f"packet of listed candid {candid}: HTTP 404")
         if status != 200:
-            raise FetchError(f"get_avro: HTTP {status}")
+            raise FetchError(f"get_avro: HTTP {status}", FailureClass.HTTP)
         try:
             records = self.packets.read(body)
         except InvalidMessageError as exc:
-            raise FetchError(f"get_avro: {exc}") from None
+            raise FetchError(f"get_avro: {exc}", FailureClass.BAD_BODY) from None
         if len(records) != 1 or str(records[0].get("candid")) != candid:
             served = [r.get("candid") for r in records][:3]
-            raise FetchError(f"get_avro served candid {served} for {candid}")
+            raise FetchError(f"get_avro served candid {served} for {candid}", FailureClass.BAD_BODY)
         stamps = {}
         for kind in kinds:
             cutout = records[0].get(CUTOUT_FIELDS[kind])
@@ -194,7 +195,7 @@ class AlerceZtf:
         if status == 404:
             raise NotYetAvailableError(f"{kind} stamp of listed candid {detection.detection_id}: HTTP 404")
         if status != 200:
-            raise FetchError(f"{kind} stamp: HTTP {status}")
+            raise FetchError(f"{kind} stamp: HTTP {status}", FailureClass.HTTP)
         return body
 
     def check(self, data: bytes) -> Any:

@@ -20,6 +20,7 @@ from ztfd.sources import LSST
 from ztfd.stamps.providers import Detection, FetchError, HttpGet, NotYetAvailableError, StampRequest, register
 from ztfd.stamps.providers.alerce_lsst import AlerceLsst
 from ztfd.stamps.stampimage import StampLimits, read_image
+from ztfd.store.states import FailureClass
 
 FITS_MAGIC = b"SIMPLE  ="
 CUTOUT_TYPES = {"science": "Science", "template": "Template", "difference": "Difference"}
@@ -54,7 +55,7 @@ class LasairLsst:
             raise NotYetAvailableError(f"Lasair has no {kind} cutout of diaSource {detection.detection_id} "
                                        f"(HTTP {status}, body {shown})")
         if status != 200:
-            raise FetchError(f"{kind} cutout: HTTP {status}")
+            raise FetchError(f"{kind} cutout: HTTP {status}", FailureClass.HTTP)
         return body
 
     def check(self, data: bytes) -> Any:

@@ -15,8 +15,9 @@ from ztfd.sources import LSST, STAMP_TYPES
 from ztfd.sources.packets import RUBIN_SUFFIX, ZTF_SUFFIX
 from ztfd.stamps.providers import Detection, FetchError, HttpGet, StampRequest
 from ztfd.stamps.stampimage import StampLimits, read_image
+from ztfd.store.states import FailureClass, JobKind
 
-PREVIEW_JOB = "preview"  # ``jobs.kind`` of such a job (the others are "stamps")
+PREVIEW_JOB = JobKind.PREVIEW  # ``jobs.kind`` of such a job
 
 
 def carries_stamps(alert: Any) -> bool:
@@ -40,7 +41,7 @@ class PacketStamps:
         return carries_stamps(alert)
 
     async def find_detection(self, get: HttpGet, request: StampRequest) -> Detection:
-        raise FetchError("a preview job names its detection (the packet's); none was stored")
+        raise FetchError("a preview job names its detection (the packet's); none was stored", FailureClass.BAD_JOB)
 
     async def fetch(self, get: HttpGet, request: StampRequest, detection: Detection, kind: str) -> bytes:
         raise FetchError(f"{kind} stamp is not on disk, and the alert packet is the only place it came from")
