@@ -180,9 +180,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Show processes, topics, the stamp queue, sync and disk. Exit 0 when running, 3 when not."""
     cfg = load_config(ctx)
     from ztfd.reporting import status as status_module
+    from ztfd.text import escape_controls_but_lines
 
     report = status_module.collect(cfg)
-    click.echo(json.dumps(report, indent=2) if as_json else status_module.render(report))
+    click.echo(json.dumps(report, indent=2) if as_json else escape_controls_but_lines(status_module.render(report)))
     ctx.exit(0 if report["running"] else 3)
 
 

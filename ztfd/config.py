@@ -21,7 +21,7 @@ ENV_PREFIX = "ZTFD_"
 # Words that mark a value as secret: such values are masked whenever a config is shown.
 SECRET_WORDS = ("password", "secret", "token", "key", "credential")
 # Kafka's own rule for topic names; they also become folder names under data/, so it matters here.
-KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}\Z")
 
 
 class ConfigError(Exception):
@@ -201,7 +201,7 @@ URLS = {
     ("stamps", "alerce_stamp_url"), ("stamps", "alerce_api_url"), ("stamps", "alerce_lsst_url"),
     ("stamps", "lasair_lsst_url"),
 }
-HTTP_URL = re.compile(r"^https?://[^\s/?#]+(/\S*)?$")
+HTTP_URL = re.compile(r"^https?://[^\s/?#]+(/\S*)?\Z")
 POSITIVE = {
     ("kafka", "max_message_bytes"), ("kafka", "batch_size"), ("stamps", "workers"), ("stamps", "timeout"),
     ("stamps", "max_attempts"), ("stamps", "concurrency"), ("stamps", "lease_seconds"), ("s3", "interval"),

@@ -64,6 +64,7 @@ from ztfd.store.avro_schemas import StoredSchemas
 from ztfd.store.batches import AlertToStore, BatchToStore, StoredBatch
 from ztfd.store.jobs import FETCH_JOB, detection_key
 from ztfd.store.rejected import NewRejected, latest_rejected
+from ztfd.text import escape_controls
 
 log = logging.getLogger(__name__)
 
@@ -771,7 +772,8 @@ def describe_rejected(cfg: Config, topic: str | None, limit: int) -> list[str]:
     lines = []
     for row in rows:
         when = nights.iso_utc(dt.datetime.fromtimestamp(row.received_at, dt.UTC))
-        lines.append(f"{when} {row.topic}[{row.partition}]@{row.kafka_offset}: {row.reason} | {row.raw[:120]!r}")
+        lines.append(f"{when} {row.topic}[{row.partition}]@{row.kafka_offset}: {escape_controls(row.reason)} | "
+                     f"{row.raw[:120]!r}")
     return lines
 
 

@@ -47,8 +47,8 @@ WATCH_INTERVAL = 30.0
 HEARTBEAT_EVERY = 5.0
 LOOKBACK_DAYS = 7  # the daemon rewrites reports of nights busy this recently; older ones with `ztfd report`
 REPORTER_NICENESS = 10
-DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-ZTF_OBJECT = re.compile(r"^ZTF\d{2}[a-z]{7}$")
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}\Z")
+ZTF_OBJECT = re.compile(r"^ZTF\d{2}[a-z]{7}\Z")
 ID_COLUMNS = ("objectId", "diaObjectId")
 LINKS = {
     ZTF: (("Lasair", "https://lasair-ztf.lsst.ac.uk/objects/{id}/"), ("ALeRCE", "https://alerce.online/object/{id}")),

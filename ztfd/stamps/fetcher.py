@@ -74,7 +74,7 @@ FETCHER_NICENESS = 5
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a ZTF cutout is ~15 kB; anything near this is not a stamp
 IDLE_MAX_SLEEP = 1.0  # an idle worker looks (with a read) at least this often for new jobs
 IDLE_CLAIM_EVERY = 5.0  # and claims (a write, which also requeues expired leases) at least this often
-DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}\Z")
 SETTLE_BACKOFF = lifecycle.Backoff(base=0.5, cap=30.0, jitter=0.5)  # writing a job's outcome again
 
 T = TypeVar("T")
