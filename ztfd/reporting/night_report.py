@@ -436,6 +436,9 @@ def build(cfg: config.Config, conn: sqlite3.Connection, date: str, topic: str | 
     changed_at = night.night_changed_at(conn, date) or 0.0
     folder = report_dir(cfg, date, topic)
     cards, counts = gather(cfg, conn, date, topic)
+    if not counts["alerts"] and (folder / page_name(1)).exists():
+        raise ReportError(f"the store holds no alert of {date}{f' ({topic})' if topic else ''}: the report written "
+                          f"earlier ({folder / page_name(1)}) is kept, not replaced by an empty one")
     beat()
     written = _light_curves(cfg, conn, date, cards, folder, beat)
     for name, data in render_pages(date, topic, cards, counts, folder, cfg.home, per_page):
@@ -463,7 +466,7 @@ def _record(home: Path, conn: sqlite3.Connection, paths: Iterable[str]) -> None:
 def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
     """The daemon's reporter: every ``WATCH_INTERVAL`` s, rewrite the reports of nights quiet for
     ``report.after_quiet`` s that changed since their last report; heartbeat throughout."""
-    conn = store.connect(cfg.db_path)
+    conn = store.connect(cfg.db_path, create=False)
     last_beat = 0.0
     failed: dict[str, float] = {}  # date -> the change a report failed on: tried again only after a new one
 
@@ -484,7 +487,7 @@ def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
                     continue
                 try:
                     build(cfg, conn, date, beat=beat)
-                except (OSError, sqlite3.Error) as exc:
+                except (OSError, sqlite3.Error, ReportError) as exc:
                     log.error("report %s failed: %s (tried again when the night changes)", date, exc)
                     failed[date] = changed
                 except Exception:  # one night's bad data must not stop the reports of the others
