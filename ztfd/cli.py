@@ -195,10 +195,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Show processes, topics, the stamp queue, sync and disk. Exit 0 when running, 3 when not."""
     cfg = load_config(ctx)
     from ztfd.reporting import status as status_module
-    from ztfd.text import escape_controls_but_lines
+    from ztfd.text import escape_controls_but_lines, mask_url_secrets
 
     report = status_module.collect(cfg)
-    click.echo(json.dumps(report, indent=2) if as_json else escape_controls_but_lines(status_module.render(report)))
+    shown = json.dumps(report, indent=2) if as_json else escape_controls_but_lines(status_module.render(report))
+    click.echo(mask_url_secrets(shown))
     ctx.exit(0 if report["running"] else 3)
 
 

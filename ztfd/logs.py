@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ztfd.text import escape_controls, escape_controls_but_lines
+from ztfd.text import escape_controls, escape_controls_but_lines, mask_url_secrets
 
 FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s"
 # The longest file name the file systems ztfd runs on accept (ext4, xfs, btrfs: 255 bytes).
@@ -50,16 +50,17 @@ def log_file_name(stem: str, suffix: str = ".log") -> str:
 
 class SafeFormatter(logging.Formatter):
     """One record, one line: control characters in the message (which may quote a message's content) are
-    escaped (``ztfd.text``); a traceback keeps its lines but loses any other control character."""
+    escaped (``ztfd.text``); a traceback keeps its lines but loses any other control character. The password
+    of a URL (``https://user:password@host``) never reaches a log."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
-        return escape_controls(super().formatMessage(record))
+        return mask_url_secrets(escape_controls(super().formatMessage(record)))
 
     def formatException(self, ei: object) -> str:  # noqa: N802
-        return escape_controls_but_lines(super().formatException(ei))  # type: ignore[arg-type]
+        return mask_url_secrets(escape_controls_but_lines(super().formatException(ei)))  # type: ignore[arg-type]
 
     def formatStack(self, stack_info: str) -> str:  # noqa: N802
-        return escape_controls_but_lines(super().formatStack(stack_info))
+        return mask_url_secrets(escape_controls_but_lines(super().formatStack(stack_info)))
 
 
 class SharedRotatingFileHandler(logging.Handler):

@@ -1,4 +1,4 @@
-"""Text that came from a message, made safe to show: one line, no terminal control sequences.
+"""Text made safe to show: one line with no terminal control sequences, and no password of a URL.
 
 Message content reaches the logs, the store's rejection reasons and the operator's terminal (``ztfd rejected``,
 ``ztfd status``). A newline there splits a log line; ``ESC ] 0 ; … BEL`` retitles the operator's terminal, and
@@ -29,3 +29,12 @@ def escape_controls(text: str) -> str:
 def escape_controls_but_lines(text: str) -> str:
     """Like ``escape_controls``, keeping newlines and tabs (our own multi-line text, such as a traceback)."""
     return CONTROL_BUT_LINES.sub(_escaped, text)
+
+
+# The password of a URL's user information (``scheme://user:password@host``); the user name is kept.
+URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*):[^\s/]*@")
+
+
+def mask_url_secrets(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***`` (``https://user:***@host/``)."""
+    return URL_PASSWORD.sub(r"\g<head>:***@", text)

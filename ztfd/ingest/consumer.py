@@ -39,7 +39,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import re
 import sqlite3
 import time
 from collections import deque
@@ -47,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ztfd import sources, store
-from ztfd.config import Config, ConfigError
+from ztfd.config import Config, ConfigError, kafka_option_problem
 from ztfd.daemon import lifecycle
 from ztfd.daemon.localtrouble import Condition, describe, is_local
 from ztfd.files import remove_stale_temporaries
@@ -740,19 +739,6 @@ def topic_source(cfg: Config, topic: str, schema_cache: StoredSchemas | None) ->
                                   registry_timeout=REGISTRY_TIMEOUT)
     except (ValueError, OSError) as exc:
         raise ConfigError(f"config: kafka.formats: topic {topic} ({name}): {exc}") from None
-
-
-def kafka_option_problem(exc: BaseException, options: dict[str, Any]) -> str:
-    """What librdkafka says about refused options, with every configured option value masked (librdkafka repeats
-    values in its sentences, and they may be secrets); an unknown option is named."""
-    error = exc.args[0] if exc.args else None
-    text = error.str() if hasattr(error, "str") else str(exc)
-    named = re.findall(r'property:? "([A-Za-z0-9._-]+)"', text)
-    if "No such configuration property" in text and named:
-        return f"librdkafka has no option {named[-1]}"
-    for value in sorted({str(v) for v in options.values() if str(v)}, key=len, reverse=True):
-        text = text.replace(value, "***")
-    return f"librdkafka: {text.removeprefix('Failed to create consumer: ')}"
 
 
 def run(cfg: Config, topic: str, name: str) -> int:

@@ -51,6 +51,7 @@ class KafkaView:
 
     lag: dict[str, int | None] = field(default_factory=dict)
     up: dict[str, bool] = field(default_factory=dict)
+    client_error: str | None = None  # why no Kafka client could be built (the lag is then unknown)
 
 
 def read_kafka(cfg: config.Config, offsets: dict[str, dict[int, store.StoredOffset]]) -> KafkaView:
@@ -62,9 +63,9 @@ def read_kafka(cfg: config.Config, offsets: dict[str, dict[int, store.StoredOffs
          "partitions": {str(p): {"next_offset": o.next_offset} for p, o in offsets.get(topic, {}).items()}}
         for topic in cfg.kafka.topics
     ]
-    status._add_lag(cfg, topics, KAFKA_TIMEOUT)
+    client_error = status._add_lag(cfg, topics, KAFKA_TIMEOUT)
     return KafkaView(lag={t["topic"]: t.get("lag") for t in topics},
-                     up={t["topic"]: t.get("broker") == "ok" for t in topics})
+                     up={t["topic"]: t.get("broker") == "ok" for t in topics}, client_error=client_error)
 
 
 # Per-topic families: name (``_total`` is added to counters) -> (kind, help).
@@ -209,7 +210,11 @@ def _serve(cfg: config.Config, name: str, host: str, port: int, stop: lifecycle.
             if time.monotonic() >= next_lag:
                 with lock:
                     offsets = {topic: store.stored_offsets(conn, topic) for topic in cfg.kafka.topics}
-                collector.kafka = read_kafka(cfg, offsets)  # outside the lock: the broker may take seconds
+                kafka = read_kafka(cfg, offsets)  # outside the lock: the broker may take seconds
+                if kafka.client_error and kafka.client_error != collector.kafka.client_error:
+                    log.error("metrics: no Kafka client, serving the store's metrics without the lag: %s",
+                              kafka.client_error)
+                collector.kafka = kafka
                 next_lag = time.monotonic() + LAG_INTERVAL
             stop.wait(HEARTBEAT_INTERVAL)
     except sqlite3.Error as exc:
