@@ -72,6 +72,8 @@ log = logging.getLogger(__name__)
 FETCHER_NICENESS = 5
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a ZTF cutout is ~15 kB; anything near this is not a stamp
+MAX_REDIRECTS = 3  # followed only on the same host and port (see same_origin_redirect)
+REDIRECTS = (301, 302, 303, 307, 308)
 IDLE_MAX_SLEEP = 1.0  # an idle worker looks (with a read) at least this often for new jobs
 IDLE_CLAIM_EVERY = 5.0  # and claims (a write, which also requeues expired leases) at least this often
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}\Z")
@@ -724,17 +726,35 @@ class Worker:
         if delay > 0:
             await asyncio.sleep(delay)
         try:
-            async with self.session.get(url, params=params) as response:
-                length = response.content_length
-                if length is not None and length > MAX_BODY_BYTES:
-                    raise FetchError(f"HTTP {response.status}: body of {length} bytes is too large")
-                return response.status, await _read_capped(response)
+            for _hop in range(MAX_REDIRECTS + 1):
+                async with self.session.get(url, params=params, allow_redirects=False) as response:
+                    if response.status in REDIRECTS and "Location" in response.headers:
+                        url, params = same_origin_redirect(response.url, response.headers["Location"]), None
+                        continue
+                    length = response.content_length
+                    if length is not None and length > MAX_BODY_BYTES:
+                        raise FetchError(f"HTTP {response.status}: body of {length} bytes is too large")
+                    return response.status, await _read_capped(response)
+            raise FetchError(f"more than {MAX_REDIRECTS} redirects")
         except TimeoutError:
             raise FetchError(f"timed out after {self.settings.timeout:g}s") from None
         except aiohttp.ClientError as exc:
             if is_local(exc):
                 raise
             raise FetchError(f"{exc.__class__.__name__}: {exc}") from None
+
+
+def same_origin_redirect(current: Any, location: str) -> str:
+    """The URL a redirect leads to, when it stays on the service's host and port (or only moves it from http to
+    https); a redirect elsewhere is a ``FetchError``: a stamp service's answer must not send ztfd to any host."""
+    from yarl import URL
+
+    target = current.join(URL(location))
+    upgrade = (current.scheme, target.scheme) == ("http", "https") and target.is_default_port()
+    same = target.scheme == current.scheme and target.port == current.port
+    if target.host != current.host or not (same or upgrade):
+        raise FetchError(f"redirected to another host ({target.scheme}://{target.host}:{target.port}): not followed")
+    return str(target)
 
 
 def failure_delay(cfg: StampsConfig, attempts: int) -> float:
