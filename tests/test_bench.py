@@ -34,3 +34,16 @@ def test_quick_ingest_bench_reports_every_figure_with_its_goal(tmp_path: Path) -
     rates = document["raw"]["ingest"]["alerts_per_s"]
     assert all(len(rates[kind]) == 1 and rates[kind][0] > 0 for kind in ("bare", "naive", "ztfd"))
     assert "vs naive file-per-message loop" in result.stdout  # the table is printed
+
+
+@pytest.mark.slow
+def test_quick_e2e_bench_reports_the_wal_peak(tmp_path: Path) -> None:
+    out = tmp_path / "bench-results.json"
+    result = subprocess.run([sys.executable, "-m", "bench", "e2e", "--quick", "--out", str(out)], cwd=REPO,
+                            capture_output=True, text=True, env=child_env(), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    document = json.loads(out.read_text())
+    row = {row["name"]: row for row in document["rows"]}["store WAL peak size"]
+    assert row["unit"] == "MB" and row["value"] > 0 and row["goal"] == "<= 64 MB"
+    assert document["raw"]["e2e"]["wal_peak_bytes"] > 0
+    assert "store WAL peak size" in result.stdout

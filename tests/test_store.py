@@ -219,3 +219,15 @@ def test_a_v5_store_walks_its_pending_files_oldest_first_after_its_migration(
     assert [item.path for item in manifest.iter_pending(conn)] == ["data/m", "data/a", "images/b", "data/new",
                                                                     "images/z"]
     conn.close()
+
+
+def test_every_connection_bounds_the_wal(tmp_path: Path) -> None:
+    """The WAL is checkpointed every 1000 pages and truncated back to journal_size_limit after a burst
+    (``bin/bench e2e`` reports the peak it reached)."""
+    from ztfd.store.db import WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT
+
+    conn = store.connect(tmp_path / "state" / "ztfd.sqlite3")
+    assert conn.execute("PRAGMA journal_size_limit").fetchone()[0] == WAL_SIZE_LIMIT
+    assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_PAGES
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()

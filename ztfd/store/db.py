@@ -41,6 +41,8 @@ class StoreDamagedError(Exception):
 SQLITE_MAGIC = b"SQLite format 3\x00"
 ARCHIVE_DIRS = ("data", "images", "reports")  # a home with any of these not empty has alerts a store described
 DAMAGED_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+WAL_CHECKPOINT_PAGES = 1000  # about 4 MB of WAL between automatic checkpoints
+WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes of WAL file left after a checkpoint (PRAGMA journal_size_limit)
 
 
 def connect(db_path: Path, timeout: float = 60.0, create: bool = True) -> sqlite3.Connection:
@@ -56,6 +58,11 @@ def connect(db_path: Path, timeout: float = 60.0, create: bool = True) -> sqlite
         # NORMAL in WAL mode is durable across process crashes (what the promise is about); a power cut can lose
         # the last transactions but never corrupts, and Kafka then redelivers what the lost ones had acknowledged.
         conn.execute("PRAGMA synchronous = NORMAL")
+        # The WAL is checkpointed every WAL_CHECKPOINT_PAGES pages (SQLite's default, said here); a reader that
+        # holds an old snapshot can make it grow past that meanwhile, and journal_size_limit then truncates it
+        # back to this size once a checkpoint has caught up, so a burst does not leave a big file behind.
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         _migrate(conn, db_path)
     except sqlite3.DatabaseError as exc:
         conn.close()
