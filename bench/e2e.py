@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import Results, Row, RssSampler, Settings, wait_until
+from bench.common import Results, Row, RssSampler, Sampler, Settings, wait_until
 from bench.stamps import synthetic_packets
 from ztfd import store
 from ztfd.embedded.demo import FAST_KAFKA_OPTIONS, LOCAL_AWS_ENV, Daemon, write_config
@@ -113,32 +113,17 @@ def _run(count: int, work: Path, settings: Settings,
     return latencies, growth, wal.peak
 
 
-class WalSampler:
+class WalSampler(Sampler):
     """The largest size the store's WAL file reached, sampled in a thread every ``interval`` seconds."""
 
     def __init__(self, path: Path, interval: float = 0.1) -> None:
+        super().__init__(interval)
         self.path = path
-        self.interval = interval
         self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="wal-sampler", daemon=True)
 
-    def __enter__(self) -> WalSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-    def _sample(self) -> None:
+    def sample(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.peak = max(self.peak, self.path.stat().st_size)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
 
 
 def _wait_for_consumer(conn: sqlite3.Connection, daemon: Daemon) -> None:

@@ -18,14 +18,19 @@ from tests.conftest import child_env
 REPO = Path(__file__).resolve().parents[1]
 
 
+def quick_bench(kind: str, tmp_path: Path, timeout: float) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """``bin/bench <kind> --quick``: its output and its JSON results."""
+    out = tmp_path / "bench-results.json"
+    result = subprocess.run([sys.executable, "-m", "bench", kind, "--quick", "--out", str(out)], cwd=REPO,
+                            capture_output=True, text=True, env=child_env(), timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result, json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_quick_ingest_bench_reports_every_figure_with_its_goal(tmp_path: Path) -> None:
-    out = tmp_path / "bench-results.json"
-    result = subprocess.run([sys.executable, "-m", "bench", "ingest", "--quick", "--out", str(out)], cwd=REPO,
-                            capture_output=True, text=True, env=child_env(), timeout=240)
-    assert result.returncode == 0, result.stdout + result.stderr
+    result, document = quick_bench("ingest", tmp_path, 240)
     assert f"on {os.cpu_count()} cores" in result.stdout
-    document = json.loads(out.read_text())
     rows = {row["name"]: row for row in document["rows"]}
     naive = rows["vs naive file-per-message loop"]
     assert naive["goal"] == ">= 1.0x" and naive["passed"] == (naive["value"] >= 1.0)
@@ -38,11 +43,7 @@ def test_quick_ingest_bench_reports_every_figure_with_its_goal(tmp_path: Path) -
 
 @pytest.mark.slow
 def test_quick_e2e_bench_reports_the_wal_peak(tmp_path: Path) -> None:
-    out = tmp_path / "bench-results.json"
-    result = subprocess.run([sys.executable, "-m", "bench", "e2e", "--quick", "--out", str(out)], cwd=REPO,
-                            capture_output=True, text=True, env=child_env(), timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    document = json.loads(out.read_text())
+    result, document = quick_bench("e2e", tmp_path, 600)
     row = {row["name"]: row for row in document["rows"]}["store WAL peak size"]
     assert row["unit"] == "MB" and row["value"] > 0 and row["goal"] == "<= 64 MB"
     assert document["raw"]["e2e"]["wal_peak_bytes"] > 0

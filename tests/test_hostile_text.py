@@ -12,8 +12,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
+from tests import test_consumer
 from tests.avro_support import produce_keyed
 from tests.conftest import child_env, ztfd_command
 from tests.test_avro_streams import consume_all, stored_alerts
@@ -24,16 +23,12 @@ from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.samples import packets
 from ztfd.text import escape_controls
 
+consumers = test_consumer.consumers  # the fixture: ``ztfd consume`` children stopped after the test
+
 # What a terminal obeys: C0/C1 controls, DEL, and the bidi overrides.
 CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 TITLE_ESCAPE = "x\x1b]0;pwned\x07"
 
-
-@pytest.fixture
-def consumers() -> Consumers:
-    running = Consumers()
-    yield running
-    running.stop_all()
 
 
 def test_ids_match_in_full_with_no_trailing_newline() -> None:

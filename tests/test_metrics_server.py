@@ -6,11 +6,11 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import child_env, wait_until, ztfd_command
+from tests.test_metrics import _scrape as scrape
 from ztfd.embedded.net import free_port
 from ztfd.reporting import metrics
 
@@ -22,14 +22,6 @@ def threads_of(pid: int) -> int:
         if line.startswith("Threads:"):
             return int(line.split()[1])
     raise AssertionError("no thread count")
-
-
-def scrape(port: int) -> str | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            return response.read().decode()
-    except OSError:
-        return None
 
 
 def closed_by_server(sock: socket.socket) -> bool:

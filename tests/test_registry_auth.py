@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import test_consumer
 from tests.avro_support import RUBIN_SCHEMA_ID, rubin_alerts, rubin_schema
 from tests.conftest import child_env, ztfd_command
 from tests.test_avro_streams import consume_all
@@ -19,6 +20,8 @@ from ztfd.embedded import avro_samples
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.registry import SchemaRegistry
 from ztfd.sources import InvalidMessageError, SourceUnavailableError
+
+consumers = test_consumer.consumers  # the fixture: ``ztfd consume`` children stopped after the test
 
 USER, PASSWORD = "ztfd", "p@ss:w/rd"
 ENCODED = "p%40ss%3Aw%2Frd"
@@ -30,12 +33,6 @@ def registry() -> Iterator[SchemaRegistry]:
                         credentials=(USER, PASSWORD)) as running:
         yield running
 
-
-@pytest.fixture
-def consumers() -> Iterator[Consumers]:
-    running = Consumers()
-    yield running
-    running.stop_all()
 
 
 def with_credentials(url: str, password: str = ENCODED) -> str:

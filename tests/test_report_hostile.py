@@ -10,13 +10,14 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
+from tests import test_consumer
 from tests.conftest import child_env, ztfd_command
 from tests.test_avro_streams import consume_all
 from tests.test_consumer import Consumers, unique
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.reporting import lightcurve
+
+consumers = test_consumer.consumers  # the fixture: ``ztfd consume`` children stopped after the test
 
 JD = 2459458.7  # 2021-09-01 UTC
 NIGHT = "2021-09-01"
@@ -46,12 +47,6 @@ HOSTILE = {
                      []),
 }
 
-
-@pytest.fixture
-def consumers() -> Consumers:
-    running = Consumers()
-    yield running
-    running.stop_all()
 
 
 def test_hostile_light_curve_fields_are_left_out_and_the_card_says_so() -> None:
