@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psutil
 
@@ -129,26 +129,41 @@ def helpers_rss_mb(proc: psutil.Process) -> float:
     return total
 
 
-class RssSampler:
-    """Samples the RSS of given root processes and all their descendants by role, in a thread."""
+class Sampler:
+    """Calls ``sample()`` every ``interval`` seconds in a thread, while its ``with`` block runs."""
 
-    def __init__(self, interval: float = 0.2) -> None:
+    def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.roots: list[int] = []
-        self.samples: dict[str, list[tuple[float, float]]] = {}  # role -> [(t, rss MB)] (max over same-role procs)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=type(self).__name__, daemon=True)
 
-    def watch(self, pid: int) -> None:
-        self.roots.append(pid)
-
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+
+class RssSampler(Sampler):
+    """Samples the RSS of given root processes and all their descendants by role, in a thread."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        super().__init__(interval)
+        self.roots: list[int] = []
+        self.samples: dict[str, list[tuple[float, float]]] = {}  # role -> [(t, rss MB)] (max over same-role procs)
+
+    def watch(self, pid: int) -> None:
+        self.roots.append(pid)
 
     def sample(self) -> None:
         now = time.monotonic()
@@ -170,11 +185,6 @@ class RssSampler:
                 by_role[role] = max(by_role.get(role, 0.0), rss)
         for role, rss in by_role.items():
             self.samples.setdefault(role, []).append((now, rss))
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
 
     def peaks_mb(self) -> dict[str, float]:
         return {role: max(rss for _, rss in series) for role, series in self.samples.items() if series}

@@ -5,6 +5,9 @@ carries ``bench_produced_at``, the producer's clock when it was sent. The store 
 was written (the manifest's ``recorded_at`` of the file), when its stamp triplet was on disk (the latest
 ``recorded_at`` of its three FITS files), and when the alert file was in S3 (``uploaded_at``).
 
+The store's WAL file is sampled throughout (``WalSampler``): its peak size is reported against the store's
+``journal_size_limit`` (``ztfd.store.db.WAL_SIZE_LIMIT``), the bound it should stay near under a steady load.
+
 ``--soak`` runs the same load for 10 minutes and reports each role's RSS growth (median of the last minute
 against the median of the second minute, after warm-up).
 """
@@ -18,12 +21,13 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import Results, Row, RssSampler, Settings, wait_until
+from bench.common import Results, Row, RssSampler, Sampler, Settings, wait_until
 from bench.stamps import synthetic_packets
 from ztfd import store
 from ztfd.embedded.demo import FAST_KAFKA_OPTIONS, LOCAL_AWS_ENV, Daemon, write_config
 from ztfd.store import jobs
 from ztfd.store.alerts import count_alerts, iter_alerts
+from ztfd.store.db import WAL_SIZE_LIMIT
 from ztfd.store.manifest import ManifestFile, count_pending, manifest_files
 
 TOPIC = "lasair_bench-e2e"
@@ -39,9 +43,9 @@ def run(settings: Settings, results: Results) -> None:
     if settings.soak:
         count = int(RATE * SOAK_SECONDS)
     work = settings.workdir / "e2e"
-    latencies, growth = _run(count, work, settings, results)
+    latencies, growth, wal_peak = _run(count, work, settings, results)
     results.raw["e2e"] = {"alerts": count, "rate": RATE, "latency_s": {k: _summary(v) for k, v in latencies.items()},
-                          "rss_growth_mb": growth}
+                          "rss_growth_mb": growth, "wal_peak_bytes": wal_peak}
     file_p99 = _pct(latencies["alert file"], 99)
     results.add(
         Row("e2e", "produce -> alert file p50", _pct(latencies["alert file"], 50), "s",
@@ -52,6 +56,9 @@ def run(settings: Settings, results: Results) -> None:
         Row("e2e", "produce -> stamp triplet p99", _pct(latencies["stamp triplet"], 99), "s", ""),
         Row("e2e", "produce -> object in S3 p50", _pct(latencies["object in S3"], 50), "s", "sync interval 1 s"),
         Row("e2e", "produce -> object in S3 p99", _pct(latencies["object in S3"], 99), "s", ""),
+        Row("e2e", "store WAL peak size", round(wal_peak / 2**20, 1), "MB",
+            f"journal_size_limit {WAL_SIZE_LIMIT // 2**20} MB", f"<= {WAL_SIZE_LIMIT // 2**20} MB",
+            wal_peak <= WAL_SIZE_LIMIT),
     )
     if growth:
         for role, mb in sorted(growth.items()):
@@ -62,8 +69,8 @@ def run(settings: Settings, results: Results) -> None:
                              "load for 10 minutes and reports it")
 
 
-def _run(count: int, work: Path, settings: Settings, results: Results) -> tuple[dict[str, list[float]],
-                                                                                 dict[str, float]]:
+def _run(count: int, work: Path, settings: Settings,
+         results: Results) -> tuple[dict[str, list[float]], dict[str, float], int]:
     from ztfd.embedded import alerce, kafka, s3
 
     objects = min(count, SOAK_OBJECTS)
@@ -90,6 +97,7 @@ def _run(count: int, work: Path, settings: Settings, results: Results) -> tuple[
         })
         daemon = Daemon(config_path, work / "daemon").start()
         sampler = stack.enter_context(RssSampler(interval=1.0 if settings.soak else 0.2))
+        wal = stack.enter_context(WalSampler(home / "state" / "ztfd.sqlite3-wal"))
         for popen in daemon.processes:
             sampler.watch(popen.pid)
         stack.callback(daemon.stop)
@@ -102,7 +110,20 @@ def _run(count: int, work: Path, settings: Settings, results: Results) -> tuple[
         latencies = _latencies(conn, produced)
     results.note_rss(sampler)
     growth = _growth(sampler) if settings.soak else {}
-    return latencies, growth
+    return latencies, growth, wal.peak
+
+
+class WalSampler(Sampler):
+    """The largest size the store's WAL file reached, sampled in a thread every ``interval`` seconds."""
+
+    def __init__(self, path: Path, interval: float = 0.1) -> None:
+        super().__init__(interval)
+        self.path = path
+        self.peak = 0
+
+    def sample(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.peak = max(self.peak, self.path.stat().st_size)
 
 
 def _wait_for_consumer(conn: sqlite3.Connection, daemon: Daemon) -> None:

@@ -19,16 +19,21 @@ from tests.conftest import child_env
 REPO = Path(__file__).resolve().parents[1]
 
 
+def quick_bench(kind: str, tmp_path: Path, timeout: float) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """``bin/bench <kind> --quick``: its output and its JSON results (its RESULTS.md in tmp_path)."""
+    out = tmp_path / "bench-results.json"
+    result = subprocess.run([sys.executable, "-m", "bench", kind, "--quick", "--out", str(out),
+                             "--results", str(tmp_path / "RESULTS.md")], cwd=REPO,
+                            capture_output=True, text=True, env=child_env(), timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result, json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_quick_ingest_bench_reports_every_figure_with_its_goal(tmp_path: Path) -> None:
-    out = tmp_path / "bench-results.json"
+    result, document = quick_bench("ingest", tmp_path, 240)
     results_md = tmp_path / "RESULTS.md"
-    result = subprocess.run([sys.executable, "-m", "bench", "ingest", "--quick", "--out", str(out),
-                             "--results", str(results_md)], cwd=REPO,
-                            capture_output=True, text=True, env=child_env(), timeout=240)
-    assert result.returncode == 0, result.stdout + result.stderr
     assert f"on {os.cpu_count()} cores" in result.stdout
-    document = json.loads(out.read_text())
     rows = {row["name"]: row for row in document["rows"]}
     naive = rows["vs naive file-per-message loop"]
     assert naive["goal"] == ">= 1.0x" and naive["passed"] == (naive["value"] >= 1.0)
@@ -62,3 +67,12 @@ def test_results_markdown_replaces_only_its_block(tmp_path: Path) -> None:
     path.write_text("no markers\n")
     with pytest.raises(ValueError, match=r"has no .* block"):
         results.write(document, path)
+
+
+@pytest.mark.slow
+def test_quick_e2e_bench_reports_the_wal_peak(tmp_path: Path) -> None:
+    result, document = quick_bench("e2e", tmp_path, 600)
+    row = {row["name"]: row for row in document["rows"]}["store WAL peak size"]
+    assert row["unit"] == "MB" and row["value"] > 0 and row["goal"] == "<= 64 MB"
+    assert document["raw"]["e2e"]["wal_peak_bytes"] > 0
+    assert "store WAL peak size" in result.stdout

@@ -284,18 +284,18 @@ def test_light_curve_points_from_a_packets_history() -> None:
            "candidate": {"jd": 2459458.7, "fid": 2, "magpsf": 19.5, "sigmapsf": 0.1},
            "prv_candidates": [{"jd": 2459450.7, "fid": 1, "magpsf": 19.9, "sigmapsf": 0.2},
                               {"jd": 2459449.7, "fid": 1, "magpsf": None, "diffmaglim": 20.5}]}
-    unit, points = lightcurve.history_points(ztf)
-    assert unit == lightcurve.MAG
+    unit, points, left_out = lightcurve.history_points(ztf)
+    assert unit == lightcurve.MAG and left_out == ()
     assert [(round(p.mjd, 1), p.band, p.value) for p in points] == [(59450.2, "g", 19.9), (59458.2, "r", 19.5)]
     lsst = {"diaObjectId": 313637921267122191, "alert": {"diaSourcesList": [
         {"midpointMjdTai": 61001.2, "band": "r", "psfFlux": 5000.0, "psfFluxErr": 40.0},
         {"midpointMjdTai": 61000.1, "band": "g", "psfFlux": 4200.5, "psfFluxErr": 35.0},
         {"midpointMjdTai": 61000.3, "band": "g", "psfFlux": None}]}}
-    unit, points = lightcurve.history_points(lsst)
+    unit, points, _ = lightcurve.history_points(lsst)
     assert unit == lightcurve.FLUX
     assert [(p.band, p.value) for p in points] == [("g", 4200.5), ("r", 5000.0)]
     assert lightcurve.decode(lightcurve.encode(points)) == points
-    assert lightcurve.history_points({"objectId": "ZTF21abcdefg", "rmag": 19.0}) == (lightcurve.FLUX, [])
+    assert lightcurve.history_points({"objectId": "ZTF21abcdefg", "rmag": 19.0}) == (lightcurve.FLUX, [], ())
     png = lightcurve.draw("x", unit, points, marks=[61000.5])
     assert png.startswith(b"\x89PNG")
 

@@ -258,4 +258,15 @@ def test_a_v6_store_counts_failures_by_their_class_after_its_migration(make_conf
     assert (failures["http"], failures["timeout"], failures["worker_lost"]) == (1, 1, 1)
     assert sum(failures.values()) == 3
     assert [job.state for job in jobs.list_jobs(conn)] == ["failed", "failed", "ready"]
+
+
+def test_every_connection_bounds_the_wal(tmp_path: Path) -> None:
+    """The WAL is checkpointed every 1000 pages and truncated back to journal_size_limit after a burst
+    (``bin/bench e2e`` reports the peak it reached)."""
+    from ztfd.store.db import WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT
+
+    conn = store.connect(tmp_path / "state" / "ztfd.sqlite3")
+    assert conn.execute("PRAGMA journal_size_limit").fetchone()[0] == WAL_SIZE_LIMIT
+    assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_PAGES
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()

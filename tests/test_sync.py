@@ -832,3 +832,28 @@ def boto3_client(server: S3Server, service: str, keys: dict[str, str] | None = N
     return boto3.session.Session().client(
         service, endpoint_url=f"http://127.0.0.1:{server.backend_port}", region_name="us-east-1",
         aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"])
+
+
+def test_objects_get_the_content_type_a_browser_needs(make_home: Callable[..., Home]) -> None:
+    """Through moto over HTTP: a report page is shown, not downloaded; every kind of file ztfd writes is typed."""
+    home = make_home(multipart_threshold=1024 * 1024)
+    expected = {
+        "reports/2024-05-01/index.html": "text/html; charset=utf-8",
+        "reports/2024-05-01/lc/ZTF24obj00001.png": "image/png",
+        "data/2024-05-01/topic/ZTF24obj00001_p0-o1.json": "application/json",
+        "images/2024-05-01/ZTF24obj00001/1001_science.fits.gz": "application/gzip",
+        "data/2024-05-01/fink/ZTF24obj00001_p0-o2.avro": "application/avro",
+        "data/2024-05-01/topic/rejected-7.jsonl": "application/x-ndjson",
+        "archive/2024-05-01/topic/part-0.parquet": "application/vnd.apache.parquet",
+        "data/2024-05-01/topic/notes.unknown": "application/octet-stream",
+    }
+    for path in expected:
+        home.write(path, os.urandom(64))
+    home.write("images/2024-05-01/big/1002_science.fits.gz", os.urandom(6 * 1024 * 1024))  # multipart
+    expected["images/2024-05-01/big/1002_science.fits.gz"] = "application/gzip"
+    done = home.sync()
+    assert done.returncode == 0, done.stderr
+    assert home.counts()["CREATE_MULTIPART"] == 1
+    client = home.server.client()
+    for path, content_type in expected.items():
+        assert client.head_object(Bucket=home.bucket, Key=home.prefix + path)["ContentType"] == content_type, path

@@ -37,14 +37,20 @@ SHORT = {
 }
 
 
-def load_config(ctx: click.Context) -> config.Config:
-    """Load the configuration or exit 2 with one line naming the key."""
+def load_config(ctx: click.Context, check_store: bool = True) -> config.Config:
+    """Load the configuration or exit 2 with one line naming the key; unless ``check_store`` is off (``stop``,
+    ``config``), also refuse a damaged store (``store.db.check_intact``) before the command does anything."""
     try:
-        return config.load(ctx.obj["config_path"])
+        cfg = config.load(ctx.obj["config_path"])
     except config.ConfigError as exc:
         click.echo(f"ztfd: {exc}", err=True)
         ctx.exit(EXIT_CONFIG)
         raise AssertionError("unreachable") from None
+    if check_store:
+        from ztfd.store.db import check_intact
+
+        check_intact(cfg.db_path)
+    return cfg
 
 
 def setup_logging(cfg: config.Config, main_file: str = "ztfd.log", console: bool = True) -> None:
@@ -63,15 +69,24 @@ def process_name(default: str) -> str:
 
 
 class _Main(click.Group):
-    """The command group; a store this ztfd cannot read ends any command with one line and exit 2."""
+    """The command group; a store this ztfd cannot read, or a damaged one, ends any command with one line and
+    exit 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from ztfd.store.db import StoreVersionError
+        import sqlite3
+
+        from ztfd.store.db import StoreDamagedError, StoreVersionError, is_damage, refusal
 
         try:
             return super().invoke(ctx)
-        except StoreVersionError as exc:
+        except (StoreVersionError, StoreDamagedError) as exc:
             click.echo(f"ztfd: {exc}", err=True)
+            ctx.exit(EXIT_CONFIG)
+        except sqlite3.DatabaseError as exc:  # damage found past the header, by a query
+            if not is_damage(exc):
+                raise
+            cfg = config.load(ctx.obj["config_path"])
+            click.echo(f"ztfd: {refusal(cfg.db_path, f'unreadable ({exc})')}", err=True)
             ctx.exit(EXIT_CONFIG)
 
 
@@ -167,7 +182,7 @@ def start(ctx: click.Context, foreground: bool) -> None:
 @click.pass_context
 def stop(ctx: click.Context, timeout: float | None) -> None:
     """Stop the daemon gracefully; exit 0 also when nothing runs."""
-    cfg = load_config(ctx)
+    cfg = load_config(ctx, check_store=False)
     from ztfd.daemon import supervisor
 
     ctx.exit(supervisor.stop(cfg, timeout=timeout))
@@ -180,9 +195,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Show processes, topics, the stamp queue, sync and disk. Exit 0 when running, 3 when not."""
     cfg = load_config(ctx)
     from ztfd.reporting import status as status_module
+    from ztfd.text import escape_controls_but_lines, mask_url_secrets
 
     report = status_module.collect(cfg)
-    click.echo(json.dumps(report, indent=2) if as_json else status_module.render(report))
+    shown = json.dumps(report, indent=2) if as_json else escape_controls_but_lines(status_module.render(report))
+    click.echo(mask_url_secrets(shown))
     ctx.exit(0 if report["running"] else 3)
 
 
@@ -190,7 +207,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def show_config(ctx: click.Context) -> None:
     """Print the effective configuration (file + environment), secrets masked."""
-    cfg = load_config(ctx)
+    cfg = load_config(ctx, check_store=False)
     click.echo(json.dumps(cfg.masked(), indent=2))
 
 
@@ -239,7 +256,7 @@ def report(ctx: click.Context, date: str | None, topic: str | None, watch: bool)
         ctx.exit(report_module.run_watch(cfg, process_name("reporter")))
     from ztfd import store
 
-    conn = store.connect(cfg.db_path)
+    conn = store.connect(cfg.db_path, create=False)  # a missing store would empty the night's pages
     try:
         written = report_module.build(cfg, conn, str(date), topic)
     except report_module.ReportError as exc:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ztfd.text import mask_url_secrets
+
 DEFAULT_CONFIG_PATH = Path("etc/ztfd.toml")
 ENV_CONFIG = "ZTFD_CONFIG"
 ENV_PREFIX = "ZTFD_"
@@ -21,7 +23,7 @@ ENV_PREFIX = "ZTFD_"
 # Words that mark a value as secret: such values are masked whenever a config is shown.
 SECRET_WORDS = ("password", "secret", "token", "key", "credential")
 # Kafka's own rule for topic names; they also become folder names under data/, so it matters here.
-KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}\Z")
 
 
 class ConfigError(Exception):
@@ -169,7 +171,18 @@ class Config:
         raw["kafka"]["options"] = {
             k: ("***" if is_secret(k) else v) for k, v in self.kafka.options.items()
         }
-        return raw
+        return _without_url_secrets(raw)
+
+
+def _without_url_secrets(value: Any) -> Any:
+    """Every string in a nested configuration with the passwords of its URLs masked."""
+    if isinstance(value, str):
+        return mask_url_secrets(value)
+    if isinstance(value, dict):
+        return {k: _without_url_secrets(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_url_secrets(v) for v in value]
+    return value
 
 
 def is_secret(key: str) -> bool:
@@ -201,7 +214,7 @@ URLS = {
     ("stamps", "alerce_stamp_url"), ("stamps", "alerce_api_url"), ("stamps", "alerce_lsst_url"),
     ("stamps", "lasair_lsst_url"),
 }
-HTTP_URL = re.compile(r"^https?://[^\s/?#]+(/\S*)?$")
+HTTP_URL = re.compile(r"^https?://[^\s/?#]+(/\S*)?\Z")
 POSITIVE = {
     ("kafka", "max_message_bytes"), ("kafka", "batch_size"), ("stamps", "workers"), ("stamps", "timeout"),
     ("stamps", "max_attempts"), ("stamps", "concurrency"), ("stamps", "lease_seconds"), ("s3", "interval"),
@@ -440,3 +453,16 @@ def listen_address(value: str, key: str = "metrics.listen") -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in " /[]"):
         raise ConfigError(f"config: {key} must be host:port, e.g. 127.0.0.1:9464 (empty turns metrics off)")
     return host, int(port)
+
+
+def kafka_option_problem(exc: BaseException, options: dict[str, Any]) -> str:
+    """What librdkafka says about refused options, with every configured option value masked (librdkafka repeats
+    values in its sentences, and they may be secrets); an unknown option is named."""
+    error = exc.args[0] if exc.args else None
+    text = error.str() if hasattr(error, "str") else str(exc)
+    named = re.findall(r'property:? "([A-Za-z0-9._-]+)"', text)
+    if "No such configuration property" in text and named:
+        return f"librdkafka has no option {named[-1]}"
+    for value in sorted({str(v) for v in options.values() if str(v)}, key=len, reverse=True):
+        text = text.replace(value, "***")
+    return f"librdkafka: {text.removeprefix('Failed to create consumer: ')}"

@@ -1,7 +1,9 @@
 """Logging for many processes writing the same files under ``<home>/logs/``.
 
 Files: ``ztfd.log`` (every event), ``errors.log`` (warnings and errors only), ``sync.log`` (the syncer), and
-``<topic>.log`` (one line per alert, written by that topic's consumer through ``AlertLog``).
+``<topic>.log`` (one line per alert, written by that topic's consumer through ``AlertLog``; a topic name too
+long for ``<topic>.log.lock`` gets a shortened name, see ``log_file_name``). Every line is one line: control
+characters from message content are escaped (``ztfd.text``).
 
 Several processes append to one file, so ``logging.handlers.RotatingFileHandler`` (which renames under its own
 feet and keeps writing to the renamed file in other processes) is not safe. ``SharedRotatingFileHandler``:
@@ -16,6 +18,7 @@ feet and keeps writing to the renamed file in other processes) is not safe. ``Sh
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import sys
@@ -23,7 +26,41 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ztfd.text import escape_controls, escape_controls_but_lines, mask_url_secrets
+
 FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s"
+# The longest file name the file systems ztfd runs on accept (ext4, xfs, btrfs: 255 bytes).
+NAME_MAX = 255
+# What a log file's name may get after it: ``.lock`` (rotation's lock) and ``.<n>`` (a rotated copy).
+LOG_SUFFIX_ROOM = len(".lock") + len(".99")
+
+
+def log_file_name(stem: str, suffix: str = ".log") -> str:
+    """``<stem><suffix>``, shortened when it would leave no room for ``.lock`` or ``.<n>`` within ``NAME_MAX``:
+    a Kafka topic name may be 249 characters, and ``<topic>.log.lock`` is then too long. A long stem becomes its
+    start, ``~`` and 16 hex digits of its SHA-256, so each topic keeps a name of its own, the same in every
+    process."""
+    name = f"{stem}{suffix}"
+    if len(name.encode()) + LOG_SUFFIX_ROOM <= NAME_MAX:
+        return name
+    digest = hashlib.sha256(stem.encode()).hexdigest()[:16]
+    room = NAME_MAX - LOG_SUFFIX_ROOM - len(suffix) - len(digest) - 1
+    return f"{stem.encode()[:room].decode('utf-8', 'ignore')}~{digest}{suffix}"
+
+
+class SafeFormatter(logging.Formatter):
+    """One record, one line: control characters in the message (which may quote a message's content) are
+    escaped (``ztfd.text``); a traceback keeps its lines but loses any other control character. The password
+    of a URL (``https://user:password@host``) never reaches a log."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        return mask_url_secrets(escape_controls(super().formatMessage(record)))
+
+    def formatException(self, ei: object) -> str:  # noqa: N802
+        return mask_url_secrets(escape_controls_but_lines(super().formatException(ei)))  # type: ignore[arg-type]
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802
+        return mask_url_secrets(escape_controls_but_lines(super().formatStack(stack_info)))
 
 
 class SharedRotatingFileHandler(logging.Handler):
@@ -159,7 +196,7 @@ def setup(
         root.removeHandler(handler)
         handler.close()
     root.setLevel(level.upper())
-    formatter = logging.Formatter(FORMAT)
+    formatter = SafeFormatter(FORMAT)
     handlers: list[logging.Handler] = []
     if logs_dir is not None:
         handlers.append(SharedRotatingFileHandler(logs_dir / main_file, max_bytes, backup_count))
@@ -185,13 +222,14 @@ class AlertLog:
     """
 
     def __init__(self, logs_dir: Path, topic: str, max_bytes: int, backup_count: int) -> None:
-        self.handler = SharedRotatingFileHandler(logs_dir / f"{topic}.log", max_bytes, backup_count)
+        self.handler = SharedRotatingFileHandler(logs_dir / log_file_name(topic), max_bytes, backup_count)
 
     def write(self, lines: list[str]) -> None:
         if not lines:
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        self.handler.write_block("".join(f"{stamp} {line}\n" for line in lines).encode("utf-8", "replace"))
+        block = "".join(f"{stamp} {escape_controls(line)}\n" for line in lines)
+        self.handler.write_block(block.encode("utf-8", "replace"))
 
     def close(self) -> None:
         self.handler.close()

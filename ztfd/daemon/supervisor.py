@@ -410,6 +410,7 @@ def start(cfg: config.Config, foreground: bool = False) -> int:
         return EXIT_ALREADY_RUNNING
     cfg.logs_dir.mkdir(parents=True, exist_ok=True)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    store.connect(cfg.db_path).close()  # a store that cannot be used is refused here, in one line, not by the daemon
     if foreground:
         return _serve(cfg, console=True, report_fd=None)
     return _daemonize(cfg)

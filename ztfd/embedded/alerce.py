@@ -68,8 +68,8 @@ LASAIR_FITS = "lasair_fits"  # Lasair-LSST's /fits/<diaSourceId>_cutout<Type>/
 STAMP_ENDPOINTS = (STAMP, AVRO, LSST_STAMP, LASAIR_FITS)
 DETECTION_ENDPOINTS = (DETECTIONS, LSST_DETECTIONS)
 # "not_found" is each service's own "I do not have it": ZTF 404, ALeRCE LSST 500, Lasair 200 with "None".
-FAULT_KINDS = ("not_found", "server_error", "garbage", "truncated", "slow", "unknown_object", "empty_detections",
-               "oversized", "empty_body", "bomb", "huge_image")
+FAULT_KINDS = ("not_found", "server_error", "redirect", "garbage", "truncated", "slow", "unknown_object",
+               "empty_detections", "oversized", "empty_body", "bomb", "huge_image")
 BOMB_INFLATED_BYTES = 64 * 1024 * 1024  # a "bomb": the stamp followed by zeros, gzipped to about 65 kB
 HUGE_IMAGE_SIDE = 4000  # a "huge_image": a valid gzipped FITS of 4000x4000 float32 (64 MB of pixels, ~60 kB)
 OVERSIZED_BYTES = 20 * 1024 * 1024  # an "oversized" answer: chunked (no Content-Length), larger than any stamp
@@ -79,7 +79,7 @@ LSST_DETECTIONS_PATH = "/lightcurve_api/detections"
 LSST_STAMP_PATH = "/stamps_api/stamp"
 LASAIR_FITS_PREFIX = "/fits/"
 LSST_STAMP_TYPES = {"cutoutScience": "science", "cutoutTemplate": "template", "cutoutDifference": "difference"}
-LASAIR_CUTOUT = re.compile(r"^(\d{1,19})_cutout(Science|Template|Difference)$")
+LASAIR_CUTOUT = re.compile(r"^(\d{1,19})_cutout(Science|Template|Difference)\Z")
 ALERCE_LSST_ERROR = b'{"detail":"An error occurred"}'  # ALeRCE's answer to any exception, NoSuchKey included
 LASAIR_MISSING = b"None"  # Django's HttpResponse(None): what Lasair serves for a cutout it does not have
 FITS_BLOCK, FITS_CARD = 2880, 80
@@ -98,6 +98,7 @@ class Fault:
     stamp_type: str | None = None
     delay: float = 0.0  # for "slow": seconds before answering
     status: int = 503  # for "server_error"
+    location: str = ""  # for "redirect": the base URL the request is sent on to (302, the same path and query)
     hits: int = 0
 
     def matches(self, endpoint: str, object_id: str | None, candid: int | None, stamp_type: str | None) -> bool:
@@ -375,6 +376,11 @@ class StampService:
                       endpoint: str = STAMP) -> Fault:
         return self.inject("server_error", times, status=status, candid=candid, endpoint=endpoint)
 
+    def redirect(self, location: str, times: int | None = 1, candid: int | None = None,
+                 endpoint: str = STAMP) -> Fault:
+        """Answer 302 to ``location`` + the request's path and query (another service, another host)."""
+        return self.inject("redirect", times, location=location.rstrip("/"), candid=candid, endpoint=endpoint)
+
     def garbage(self, times: int | None = 1, candid: int | None = None, endpoint: str = STAMP) -> Fault:
         return self.inject("garbage", times, candid=candid, endpoint=endpoint)
 
@@ -494,7 +500,9 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self._faulted(STAMP, object_id, candid, stamp_type)
         packet = service._index.by_candid.get(candid)  # type: ignore[arg-type]
         kind = fault.kind if fault is not None else None
-        if kind == "not_found" or packet is None:
+        if kind == "redirect":
+            self._redirect(arrived, STAMP, fault, context)  # type: ignore[arg-type]
+        elif kind == "not_found" or packet is None:
             self._respond(arrived, STAMP, 404, _json({"message": "AVRO not found"}), "application/json",
                           fault=kind, **context)
         elif kind == "server_error":
@@ -524,7 +532,9 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self._faulted(STAMP, object_id, candid, None)
         kind = fault.kind if fault is not None else None
         packet = service._index.by_candid.get(candid)
-        if kind == "not_found" or packet is None:
+        if kind == "redirect":
+            self._redirect(arrived, AVRO, fault, context)  # type: ignore[arg-type]
+        elif kind == "not_found" or packet is None:
             self._respond(arrived, AVRO, 404, _json({"message": "AVRO not found"}), "application/json",
                           fault=kind, **context)
         elif kind == "server_error":
@@ -657,6 +667,10 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"Content-Disposition": f'attachment; filename="{name.rstrip("/")}.fits"'}
             self._respond(arrived, LASAIR_FITS, 200, _damaged(data, kind), "image/fits", fault=kind,
                           headers=headers, **context)
+
+    def _redirect(self, arrived: float, endpoint: str, fault: Fault, context: dict[str, Any]) -> None:
+        self._respond(arrived, endpoint, 302, b"", "text/plain", fault="redirect",
+                      headers={"Location": fault.location + self.path}, **context)
 
     def _respond(
         self,

@@ -3,12 +3,15 @@
 It answers the one route ztfd uses, as Rubin's registry does: ``GET /schemas/ids/<id>`` -> ``{"schema": "<the
 schema's JSON as a string>"}`` (200), or ``{"error_code": 40403, "message": "Schema not found"}`` (404). It logs
 every request (``requests``), so that tests can check a schema is fetched once, and it can be made to answer 503
-for a while (``unavailable``). Run it standalone with ``python -m ztfd.embedded.registry --schema ID=FILE``.
+for a while (``unavailable``), to answer a status of its choosing for an id (``answer_status``), and to require
+HTTP basic auth (``credentials``: 401 without them).
+Run it standalone with ``python -m ztfd.embedded.registry --schema ID=FILE``.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import threading
@@ -27,8 +30,11 @@ ROUTE = "/schemas/ids/"
 class SchemaRegistry:
     """``start()``/``stop()`` or a ``with`` block; ``add`` a schema (a dict or its JSON text) under an id."""
 
-    def __init__(self, schemas: dict[int, Any] | None = None, port: int | None = None) -> None:
+    def __init__(self, schemas: dict[int, Any] | None = None, port: int | None = None,
+                 credentials: tuple[str, str] | None = None) -> None:
         self.port = port or free_port()
+        self.credentials = credentials  # (user, password) basic auth must present, or None
+        self.statuses: dict[int, int] = {}  # schema id -> the error status to answer for it
         self._schemas: dict[int, str] = {}
         self._lock = threading.Lock()
         self._log: list[int | None] = []  # schema id of every request (None: not a schema route)
@@ -44,6 +50,17 @@ class SchemaRegistry:
     def add(self, schema_id: int, schema: Any) -> None:
         with self._lock:
             self._schemas[schema_id] = schema if isinstance(schema, str) else json.dumps(schema)
+
+    def answer_status(self, schema_id: int, status: int) -> None:
+        """Answer ``status`` (an error: 400, 422, 500…) for ``schema_id`` from now on."""
+        with self._lock:
+            self.statuses[schema_id] = status
+
+    def authorized(self, header: str | None) -> bool:
+        if self.credentials is None:
+            return True
+        expected = base64.b64encode(":".join(self.credentials).encode()).decode("ascii")
+        return header == f"Basic {expected}"
 
     def requests(self, schema_id: int | None = None) -> int:
         """How many requests arrived (for ``schema_id`` only, when given)."""
@@ -71,10 +88,14 @@ class SchemaRegistry:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _answer(self, path: str) -> tuple[int, dict[str, Any]]:
+    def _answer(self, path: str, authorization: str | None) -> tuple[int, dict[str, Any]]:
         schema_id = int(path[len(ROUTE):]) if path.startswith(ROUTE) and path[len(ROUTE):].isdigit() else None
         with self._lock:
             self._log.append(schema_id)
+            if not self.authorized(authorization):
+                return 401, {"error_code": 401, "message": "Unauthorized"}
+            if schema_id in self.statuses:
+                return self.statuses[schema_id], {"error_code": self.statuses[schema_id], "message": "(injected)"}
             if self.unavailable > 0:
                 self.unavailable -= 1
                 return 503, {"error_code": 50301, "message": "unavailable (injected)"}
@@ -92,7 +113,7 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
     def do_GET(self) -> None:
-        status, answer = self.registry._answer(self.path.split("?", 1)[0])
+        status, answer = self.registry._answer(self.path.split("?", 1)[0], self.headers.get("Authorization"))
         body = json.dumps(answer).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/vnd.schemaregistry.v1+json")

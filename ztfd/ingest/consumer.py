@@ -39,7 +39,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import re
 import sqlite3
 import time
 from collections import deque
@@ -47,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ztfd import sources, store
-from ztfd.config import Config, ConfigError
+from ztfd.config import Config, ConfigError, kafka_option_problem
 from ztfd.daemon import lifecycle
 from ztfd.daemon.heartbeat import Heartbeat
 from ztfd.daemon.localtrouble import Condition, describe, is_local
@@ -66,6 +65,7 @@ from ztfd.store.batches import AlertToStore, BatchToStore, StoredBatch
 from ztfd.store.jobs import FETCH_JOB, detection_key
 from ztfd.store.rejected import NewRejected, latest_rejected
 from ztfd.store.states import Role
+from ztfd.text import escape_controls
 
 log = logging.getLogger(__name__)
 
@@ -741,19 +741,6 @@ def topic_source(cfg: Config, topic: str, schema_cache: StoredSchemas | None) ->
         raise ConfigError(f"config: kafka.formats: topic {topic} ({name}): {exc}") from None
 
 
-def kafka_option_problem(exc: BaseException, options: dict[str, Any]) -> str:
-    """What librdkafka says about refused options, with every configured option value masked (librdkafka repeats
-    values in its sentences, and they may be secrets); an unknown option is named."""
-    error = exc.args[0] if exc.args else None
-    text = error.str() if hasattr(error, "str") else str(exc)
-    named = re.findall(r'property:? "([A-Za-z0-9._-]+)"', text)
-    if "No such configuration property" in text and named:
-        return f"librdkafka has no option {named[-1]}"
-    for value in sorted({str(v) for v in options.values() if str(v)}, key=len, reverse=True):
-        text = text.replace(value, "***")
-    return f"librdkafka: {text.removeprefix('Failed to create consumer: ')}"
-
-
 def run(cfg: Config, topic: str, name: str) -> int:
     """Entry point of ``ztfd consume``."""
     from astropy.utils import iers
@@ -771,7 +758,8 @@ def describe_rejected(cfg: Config, topic: str | None, limit: int) -> list[str]:
     lines = []
     for row in rows:
         when = nights.iso_utc(dt.datetime.fromtimestamp(row.received_at, dt.UTC))
-        lines.append(f"{when} {row.topic}[{row.partition}]@{row.kafka_offset}: {row.reason} | {row.raw[:120]!r}")
+        lines.append(f"{when} {row.topic}[{row.partition}]@{row.kafka_offset}: {escape_controls(row.reason)} | "
+                     f"{row.raw[:120]!r}")
     return lines
 
 

@@ -4,6 +4,10 @@ Points come from two places, never from a new request: the detections a stamp pr
 alert's candid (kept per object in the store, ``ztfd.store.report.save_detections``), or the history a packet
 carries (a ZTF Avro packet's ``candidate`` + ``prv_candidates``, a Lasair-LSST or Rubin alert's ``diaSources``).
 ZTF points are PSF magnitudes (drawn with the axis inverted), Rubin's are PSF fluxes in nJy.
+
+A message is not trusted to have the types it should: a field of an unexpected type (``prv_candidates: 5``,
+``fid: [1]``, a string for a magnitude) is left out of the curve and named in ``History.left_out``, which the
+report's card shows; nothing here raises on a message's content.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ COLOURS = {"u": "#6a3d9a", "g": "#1b9e4b", "r": "#d62728", "i": "#b8860b", "z": 
 HISTORY_KEYS = ("diaSourcesList", "diaSources", "prvDiaSources")
 
 
+MAX_LEFT_OUT = 5  # fields a card names at most
+
+
 class Point(NamedTuple):
     mjd: float
     band: str
@@ -31,19 +38,64 @@ class Point(NamedTuple):
     error: float | None
 
 
+class History(NamedTuple):
+    """The light curve a message carries, and the fields of an unexpected type left out of it."""
+
+    unit: str
+    points: list[Point]
+    left_out: tuple[str, ...] = ()
+
+
+def ordered(points: Iterable[Point]) -> list[Point]:
+    """Points by time (a point without an error bar sorts before its twin with one: None never meets a float)."""
+    return sorted(points, key=lambda p: (p.mjd, p.band, p.value, -1.0 if p.error is None else p.error))
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past a float's range
+        return None
     return number if number == number and abs(number) != float("inf") else None
 
 
-def _ztf_point(row: dict[str, Any], mjd: float | None) -> Point | None:
-    mag = _number(row.get("magpsf"))
-    band = ZTF_BANDS.get(row.get("fid"))  # type: ignore[arg-type]
-    if mjd is None or mag is None or band is None:
+def _kind(value: Any) -> str:
+    """A JSON type name for a note on the card."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "a string", list: "an array", dict: "an object", type(None): "null"}.get(type(value), "a value")
+
+
+class _Notes:
+    """Fields of an unexpected type, once each, in the order met."""
+
+    def __init__(self) -> None:
+        self.found: dict[str, None] = {}
+
+    def add(self, field: str, value: Any) -> None:
+        self.found.setdefault(f"{field} ({_kind(value)})", None)
+
+    def as_tuple(self) -> tuple[str, ...]:
+        return tuple(self.found)[:MAX_LEFT_OUT]
+
+
+def _ztf_point(row: dict[str, Any], mjd: float | None, notes: _Notes) -> Point | None:
+    """A row's magnitude, or None: a non-detection (null magpsf) quietly, a value of the wrong type noted."""
+    mag, fid, sigma = row.get("magpsf"), row.get("fid"), row.get("sigmapsf")
+    if mag is None or mjd is None:
         return None
-    return Point(mjd, band, mag, _number(row.get("sigmapsf")))
+    band = ZTF_BANDS.get(fid) if isinstance(fid, int) and not isinstance(fid, bool) else None
+    for name, value, ok in (("magpsf", mag, _number(mag) is not None), ("fid", fid, band is not None)):
+        if not ok:
+            notes.add(name, value)
+            return None
+    if _number(sigma) is None:
+        notes.add("sigmapsf", sigma)  # drawn without its error bar
+    return Point(mjd, band, _number(mag), _number(sigma))  # type: ignore[arg-type]
 
 
 def alerce_points(body: bytes) -> list[Point]:
@@ -54,8 +106,10 @@ def alerce_points(body: bytes) -> list[Point]:
         return []
     if isinstance(rows, dict):
         rows = rows.get("items") or rows.get("detections") or []
-    points = (_ztf_point(row, _number(row.get("mjd"))) for row in rows if isinstance(row, dict))
-    return sorted(p for p in points if p is not None)
+    if not isinstance(rows, list):
+        return []
+    points = (_ztf_point(row, _number(row.get("mjd")), _Notes()) for row in rows if isinstance(row, dict))
+    return ordered(p for p in points if p is not None)
 
 
 def _lsst_band(value: Any) -> str | None:
@@ -64,31 +118,59 @@ def _lsst_band(value: Any) -> str | None:
     return LSST_BAND_CODES.get(value) if isinstance(value, int) else None
 
 
-def _dia_sources(message: Any, depth: int = 0) -> Iterator[dict[str, Any]]:
+def _rows(value: Any, field: str, notes: _Notes) -> list[dict[str, Any]]:
+    """The objects of a history list (null: none); anything else is noted and left out."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        notes.add(field, value)
+        return []
+    rows = []
+    for row in value:
+        if isinstance(row, dict):
+            rows.append(row)
+        elif row is not None:
+            notes.add(f"{field}[]", row)
+    return rows
+
+
+def _dia_sources(message: Any, notes: _Notes, depth: int = 0) -> Iterator[dict[str, Any]]:
     """Every diaSource-like record in a message (Lasair-LSST nests them under ``alert``)."""
     if depth > 4 or not isinstance(message, dict):
         return
     for key, value in message.items():
-        if key in HISTORY_KEYS and isinstance(value, list):
-            yield from (row for row in value if isinstance(row, dict))
+        if key in HISTORY_KEYS:
+            yield from _rows(value, key, notes)
         elif key == "diaSource" and isinstance(value, dict):
             yield value
         elif isinstance(value, dict):
-            yield from _dia_sources(value, depth + 1)
+            yield from _dia_sources(value, notes, depth + 1)
 
 
-def history_points(message: dict[str, Any]) -> tuple[str, list[Point]]:
-    """The light curve a packet carries, as (unit, points); no points when it carries none."""
+def history_points(message: dict[str, Any]) -> History:
+    """The light curve a packet carries; no points when it carries none."""
+    notes = _Notes()
     if isinstance(message.get("candidate"), dict):
-        rows = [message["candidate"], *(r for r in message.get("prv_candidates") or [] if isinstance(r, dict))]
-        found = {_ztf_point(r, None if _number(r.get("jd")) is None else r["jd"] - JD_MJD_OFFSET) for r in rows}
-        return MAG, sorted(p for p in found if p is not None)
+        rows = [message["candidate"], *_rows(message.get("prv_candidates"), "prv_candidates", notes)]
+        found = set()
+        for row in rows:
+            jd = _number(row.get("jd"))
+            if jd is None and row.get("jd") is not None:
+                notes.add("jd", row.get("jd"))
+            found.add(_ztf_point(row, None if jd is None else jd - JD_MJD_OFFSET, notes))
+        return History(MAG, ordered(p for p in found if p is not None), notes.as_tuple())
     points = set()
-    for row in _dia_sources(message):
-        mjd, flux, band = _number(row.get("midpointMjdTai")), _number(row.get("psfFlux")), _lsst_band(row.get("band"))
+    for row in _dia_sources(message, notes):
+        values = {name: row.get(name) for name in ("midpointMjdTai", "psfFlux", "band")}
+        if values["psfFlux"] is None:
+            continue  # no flux measured
+        mjd, flux, band = _number(values["midpointMjdTai"]), _number(values["psfFlux"]), _lsst_band(values["band"])
+        for name, parsed in (("midpointMjdTai", mjd), ("psfFlux", flux), ("band", band)):
+            if parsed is None:
+                notes.add(name, values[name])
         if mjd is not None and flux is not None and band is not None:
             points.add(Point(mjd, band, flux, _number(row.get("psfFluxErr"))))
-    return FLUX, sorted(points)
+    return History(FLUX, ordered(points), notes.as_tuple())
 
 
 def encode(points: Iterable[Point]) -> str:

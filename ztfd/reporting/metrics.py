@@ -4,8 +4,12 @@ The supervisor runs it as its ``metrics`` child when ``metrics.listen`` is set. 
 counter tables the store's triggers keep (``ztfd.store.counters``), the ``processes`` rows and ``statvfs`` of home,
 so it costs the same after a year as on the first day. The one figure the store cannot give, the Kafka lag, is
 asked of the broker every ``LAG_INTERVAL`` seconds by the main loop (as ``ztfd status`` does: a throwaway consumer
-that never joins the group) and served from that cache; the HTTP server is ``prometheus_client``'s own, on a
-thread of its own.
+that never joins the group) and served from that cache.
+
+The HTTP server is waitress (``prometheus_client``'s WSGI app on it): a connection waits for its request without
+a thread (one event loop holds them all), idle ones are closed after ``IDLE_TIMEOUT`` seconds, at most
+``MAX_CONNECTIONS`` are open at once and ``SERVER_THREADS`` threads answer. A port scanner or a client that
+connects and says nothing costs neither a thread nor, for long, a socket.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ log = logging.getLogger(__name__)
 
 LAG_INTERVAL = 15.0
 KAFKA_TIMEOUT = 3.0
+SERVER_THREADS = 2  # a scrape takes milliseconds; Prometheus scrapes one at a time
+IDLE_TIMEOUT = 10  # seconds a connection may stay without a request in progress
+MAX_CONNECTIONS = 64
 
 
 def is_loopback(host: str) -> bool:
@@ -52,6 +59,7 @@ class KafkaView:
 
     lag: dict[str, int | None] = field(default_factory=dict)
     up: dict[str, bool] = field(default_factory=dict)
+    client_error: str | None = None  # why no Kafka client could be built (the lag is then unknown)
 
 
 def read_kafka(cfg: config.Config, offsets: dict[str, dict[int, store.StoredOffset]]) -> KafkaView:
@@ -63,9 +71,9 @@ def read_kafka(cfg: config.Config, offsets: dict[str, dict[int, store.StoredOffs
          "partitions": {str(p): {"next_offset": o.next_offset} for p, o in offsets.get(topic, {}).items()}}
         for topic in cfg.kafka.topics
     ]
-    status._add_lag(cfg, topics, KAFKA_TIMEOUT)
+    client_error = status._add_lag(cfg, topics, KAFKA_TIMEOUT)
     return KafkaView(lag={t["topic"]: t.get("lag") for t in topics},
-                     up={t["topic"]: t.get("broker") == "ok" for t in topics})
+                     up={t["topic"]: t.get("broker") == "ok" for t in topics}, client_error=client_error)
 
 
 # Per-topic families: name (``_total`` is added to counters) -> (kind, help).
@@ -187,16 +195,33 @@ def run(cfg: config.Config, name: str) -> int:
         return _serve(cfg, name, host, port, stop)
 
 
-def _serve(cfg: config.Config, name: str, host: str, port: int, stop: lifecycle.Stop) -> int:
-    from prometheus_client import start_http_server
+def start_server(registry: CollectorRegistry, host: str, port: int) -> Any:
+    """The bounded HTTP server of ``registry`` (see the module's docstring), running on a thread of its own."""
+    from prometheus_client import make_wsgi_app
+    from waitress.server import create_server
 
+    server = create_server(make_wsgi_app(registry), host=host, port=port, threads=SERVER_THREADS,
+                           channel_timeout=IDLE_TIMEOUT, cleanup_interval=1, connection_limit=MAX_CONNECTIONS,
+                           ident="ztfd-metrics", expose_tracebacks=False)
+    threading.Thread(target=server.run, name="metrics-http", daemon=True).start()
+    return server
+
+
+def stop_server(server: Any) -> None:
+    from waitress import wasyncore
+
+    server.task_dispatcher.shutdown()
+    wasyncore.close_all(server._map)  # the event loop ends once its map is empty
+
+
+def _serve(cfg: config.Config, name: str, host: str, port: int, stop: lifecycle.Stop) -> int:
     conn = store.connect(cfg.db_path)
     lock = threading.Lock()
     collector = StoreCollector(cfg, conn, lock)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     try:
-        server, _thread = start_http_server(port, host, registry)
+        server = start_server(registry, host, port)
     except OSError as exc:
         log.error("cannot listen on %s (metrics.listen): %s", cfg.metrics.listen, exc)
         conn.close()
@@ -211,15 +236,18 @@ def _serve(cfg: config.Config, name: str, host: str, port: int, stop: lifecycle.
             if time.monotonic() >= next_lag:
                 with lock:
                     offsets = {topic: store.stored_offsets(conn, topic) for topic in cfg.kafka.topics}
-                collector.kafka = read_kafka(cfg, offsets)  # outside the lock: the broker may take seconds
+                kafka = read_kafka(cfg, offsets)  # outside the lock: the broker may take seconds
+                if kafka.client_error and kafka.client_error != collector.kafka.client_error:
+                    log.error("metrics: no Kafka client, serving the store's metrics without the lag: %s",
+                              kafka.client_error)
+                collector.kafka = kafka
                 next_lag = time.monotonic() + LAG_INTERVAL
             stop.wait(heartbeat.interval)
     except sqlite3.Error as exc:
         log.error("metrics: store error: %s", exc)
         return 1
     finally:
-        server.shutdown()
-        server.server_close()
+        stop_server(server)
         conn.close()
     log.info("metrics stopped")
     return 0

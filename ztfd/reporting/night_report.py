@@ -48,8 +48,8 @@ MAX_COLUMNS = 14
 WATCH_INTERVAL = 30.0
 LOOKBACK_DAYS = 7  # the daemon rewrites reports of nights busy this recently; older ones with `ztfd report`
 REPORTER_NICENESS = 10
-DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-ZTF_OBJECT = re.compile(r"^ZTF\d{2}[a-z]{7}$")
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}\Z")
+ZTF_OBJECT = re.compile(r"^ZTF\d{2}[a-z]{7}\Z")
 ID_COLUMNS = ("objectId", "diaObjectId")
 LINKS = {
     ZTF: (("Lasair", "https://lasair-ztf.lsst.ac.uk/objects/{id}/"), ("ALeRCE", "https://alerce.online/object/{id}")),
@@ -77,7 +77,8 @@ class Card:
     missing: str | None = None  # why there is no preview
     light_curve: str | None = None  # path relative to home
     mjds: list[float] = field(default_factory=list)  # observation times of the night's alerts
-    history: tuple[str, list[lightcurve.Point]] = (lightcurve.MAG, [])  # the light curve the message carries
+    history: lightcurve.History = field(default_factory=lambda: lightcurve.History(lightcurve.MAG, []))
+    curve_note: str | None = None  # what the light curve leaves out, or why there is none
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,10 @@ def _light_curves(cfg: config.Config, conn: sqlite3.Connection, date: str, cards
     for number, card in enumerate(cards):
         if number % 50 == 0:
             beat()
-        unit, points = kept[card.survey].get(card.object_id) or card.history
+        stored = kept[card.survey].get(card.object_id)
+        unit, points = stored if stored else card.history[:2]
+        if not stored and card.history.left_out:
+            card.curve_note = f"left out of the light curve (unexpected type): {', '.join(card.history.left_out)}"
         end = _night_end(date, card.survey)
         points = [p for p in points if p.mjd <= end]
         if not points:
@@ -283,7 +287,13 @@ def _light_curves(cfg: config.Config, conn: sqlite3.Connection, date: str, cards
         target = folder / "lc" / f"{card.object_id}.png"
         digest = hashlib.sha256(lightcurve.encode(points).encode() + repr(card.mjds).encode()).hexdigest()[:16]
         if drawn.get(card.object_id) != digest or not target.exists():
-            files.atomic_write(target, lightcurve.draw(card.object_id, unit, points, card.mjds))
+            try:
+                image = lightcurve.draw(card.object_id, unit, points, card.mjds)
+            except Exception as exc:  # one object's odd values must not cost the night its report
+                log.warning("report %s: the light curve of %s cannot be drawn: %s", date, card.object_id, exc)
+                card.curve_note = f"the light curve could not be drawn ({type(exc).__name__})"
+                continue
+            files.atomic_write(target, image)
             drawn[card.object_id] = digest
         card.light_curve = files.relative_to_home(cfg.home, target)
         written.append(card.light_curve)
@@ -322,6 +332,8 @@ main { display: grid; grid-template-columns: repeat(auto-fill, minmax(620px, 1fr
 .below { display: flex; gap: 12px; margin-top: 8px; align-items: flex-start; }
 .lc { width: 340px; height: auto; flex: none; border: 1px solid var(--line); border-radius: 3px; }
 .nolc { width: 340px; flex: none; color: var(--muted); font-size: 12px; padding: 8px; }
+.curve { width: 340px; flex: none; } .curve .lc { display: block; }
+.lcnote { margin: 4px 0 0; color: #8a4b00; font-size: 12px; }
 table { border-collapse: collapse; font-size: 12px; flex: 1; }
 td { padding: 1px 6px 1px 0; vertical-align: top; }
 td:first-child { color: var(--muted); white-space: nowrap; }
@@ -356,6 +368,10 @@ def _card_html(card: Card, page_dir: Path, home: Path) -> str:
     if card.light_curve:
         curve = (f'<img class="lc" src="{_href(page_dir, home, card.light_curve)}" alt="light curve of {oid}" '
                  f'loading="lazy">')
+        if card.curve_note:
+            curve = f'<div class="curve">{curve}<p class="lcnote">{e(card.curve_note)}</p></div>'
+    elif card.curve_note:
+        curve = f'<div class="nolc">no light curve: {e(card.curve_note)}</div>'
     else:
         curve = '<div class="nolc">no light curve: no detections kept and none in the message</div>'
     rows = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in card.columns)
@@ -439,6 +455,9 @@ def build(cfg: config.Config, conn: sqlite3.Connection, date: str, topic: str | 
     changed_at = night.night_changed_at(conn, date) or 0.0
     folder = report_dir(cfg, date, topic)
     cards, counts = gather(cfg, conn, date, topic)
+    if not counts["alerts"] and (folder / page_name(1)).exists():
+        raise ReportError(f"the store holds no alert of {date}{f' ({topic})' if topic else ''}: the report written "
+                          f"earlier ({folder / page_name(1)}) is kept, not replaced by an empty one")
     beat()
     written = _light_curves(cfg, conn, date, cards, folder, beat)
     for name, data in render_pages(date, topic, cards, counts, folder, cfg.home, per_page):
@@ -466,7 +485,7 @@ def _record(home: Path, conn: sqlite3.Connection, paths: Iterable[str]) -> None:
 def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
     """The daemon's reporter: every ``WATCH_INTERVAL`` s, rewrite the reports of nights quiet for
     ``report.after_quiet`` s that changed since their last report; heartbeat throughout."""
-    conn = store.connect(cfg.db_path)
+    conn = store.connect(cfg.db_path, create=False)
     heartbeat = Heartbeat(name, Role.REPORTER)
     failed: dict[str, float] = {}  # date -> the change a report failed on: tried again only after a new one
 
@@ -484,7 +503,7 @@ def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
                     continue
                 try:
                     build(cfg, conn, date, beat=beat)
-                except (OSError, sqlite3.Error) as exc:
+                except (OSError, sqlite3.Error, ReportError) as exc:
                     log.error("report %s failed: %s (tried again when the night changes)", date, exc)
                     failed[date] = changed
                 except Exception:  # one night's bad data must not stop the reports of the others

@@ -90,8 +90,7 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
     finally:
         if conn is not None:
             conn.close()
-    if lag:
-        _add_lag(cfg, report["topics"], kafka_timeout)
+    report["kafka_client_error"] = _add_lag(cfg, report["topics"], kafka_timeout) if lag else None
     # Running: our supervisor, or (under supervisord or systemd units of the single roles) live consumers.
     externally = any(p["alive"] and p["role"] == Role.CONSUMER and p["fresh"] for p in report["processes"])
     report["running"] = sup_pid is not None or externally
@@ -219,19 +218,22 @@ def _gaps(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             for g in store_gaps.recent_gaps(conn)]
 
 
-def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -> None:
+def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -> str | None:
     """Kafka lag per topic: high watermark minus ztfd's stored next offset, when the broker answers in time.
 
     Tansu reports a wrong high watermark through ``list_offsets`` (the base offset of the last batch + 1); the
     watermark cached from a fetch is right, so each partition is read once at its reported end and the cached
     watermark used. A real broker gives the same figure either way.
+
+    Returns why no Kafka client could be built (librdkafka refused the options: a SASL password that lives in
+    the daemon's environment only), else None; the lag is then unknown, and nothing else is missing.
     """
     if not topics:
-        return
+        return None
     try:
         from confluent_kafka import Consumer, KafkaException, TopicPartition
     except ImportError:  # pragma: no cover - confluent-kafka is a dependency
-        return
+        return None
     quiet = logging.getLogger("ztfd.reporting.status.kafka")
     quiet.addHandler(logging.NullHandler())
     quiet.propagate = False
@@ -248,14 +250,19 @@ def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -
     }
     settings.update({k: v for k, v in cfg.kafka.options.items() if k.startswith(("security.", "sasl.", "ssl."))})
     deadline = time.monotonic() + timeout
-    consumer = Consumer(settings)
+    try:
+        consumer = Consumer(settings)
+    except (KafkaException, ValueError, TypeError) as exc:  # librdkafka refuses the options (a missing password)
+        for info in topics:
+            info["lag"], info["broker"] = None, "no Kafka client"
+        return config.kafka_option_problem(exc, cfg.kafka.options)
     try:
         try:
             metadata = consumer.list_topics(timeout=timeout)
         except KafkaException:
             for info in topics:
                 info["broker"] = "unreachable"
-            return
+            return None
         assigned = []
         for info in topics:
             meta = metadata.topics.get(info["topic"])
@@ -294,6 +301,7 @@ def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -
             info.setdefault("broker", f"error: {exc}")
     finally:
         consumer.close()
+    return None
 
 
 # --- the table -----------------------------------------------------------------------------------------------
@@ -385,6 +393,9 @@ def render(report: dict[str, Any]) -> str:
         out.append(f"  LOST UPSTREAM {gap['topic']}[{gap['partition']}]: offsets {gap['first_offset']}.."
                    f"{gap['last_offset']} ({gap['missing']} alerts) were gone from the broker when ztfd came to "
                    f"read them (found {gap['detected_at']})")
+    if report.get("kafka_client_error"):
+        out.append(f"  Kafka: no client, lag unknown: {report['kafka_client_error']} (kafka.options, or "
+                   "ZTFD_KAFKA_OPTIONS_* in the daemon's environment)")
     out.append("")
 
     q = report["queue"]

@@ -48,7 +48,7 @@ UTC_DATE = "utc"  # ZTF: the UTC date of the observation
 DAY_OBS = "dayobs"  # Rubin: the TAI date of the observation minus 12 h (see ztfd.ingest.nights)
 DEFAULT_FORMAT = "lasair"
 # What an alert's object id (and a detection id) must look like: it becomes a folder and a file name.
-PLAIN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+PLAIN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 MAX_REASON = 300  # characters of a rejection reason kept
 
 

@@ -3,20 +3,27 @@ big-endian schema id, the rest one schemaless Avro record of that schema.
 
 Schemas come from ``kafka.schema_registry_url`` (``GET <url>/schemas/ids/<id>`` answers ``{"schema": "<the
 schema's JSON as a string>"}``), fetched once per id and kept in the store (``ztfd.store.avro_schemas``) and in memory.
-An id the registry does not know (404) rejects the message; a registry that cannot be reached, or answers 5xx,
-is not the message's fault (``SourceUnavailableError``: the consumer stops without storing the batch, and is
-restarted to read it again).
+A registry that needs basic auth takes it in the URL (``https://user:password@host``, percent-encoded): it is sent
+as an ``Authorization`` header, and the URL is kept and logged without it.
+
+A 4xx answer is final for that id (404: unknown; 400, 422…): the message is rejected with the reason, and the
+answer is remembered, so that the next messages of that id are rejected without asking again. Answers that say
+nothing about the id are not final: 401, 403 and 407 (the credentials: a configuration to fix, not a bad message),
+408 and 429 (slow down), 5xx, timeouts and an unreachable registry are not the message's fault
+(``SourceUnavailableError``: the consumer stops without storing the batch, and is restarted to read it again).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import struct
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from typing import Any
+from typing import Any, NamedTuple
 
 from ztfd.sources import Alert, InvalidMessageError, SourceUnavailableError, register
 from ztfd.sources.avro import SchemaCache, read_schemaless
@@ -30,18 +37,47 @@ TRIES = 3  # registry requests per schema before giving up for now
 MAX_SCHEMA_BYTES = 4 * 1024 * 1024
 
 
-def fetch_schema(registry_url: str, schema_id: int, timeout: float) -> str:
+# 4xx answers that say nothing about the schema id: about our credentials, or asking us to slow down.
+NOT_ABOUT_THE_ID = (401, 403, 407, 408, 429)
+
+
+class Registry(NamedTuple):
+    """A registry's URL without credentials (what is kept and shown), and its ``Authorization`` header, if any."""
+
+    url: str
+    authorization: str | None
+
+    @classmethod
+    def of(cls, configured: str) -> Registry:
+        parts = urllib.parse.urlsplit(configured.rstrip("/"))
+        if parts.username is None:
+            return cls(configured.rstrip("/"), None)
+        user = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        netloc = parts.hostname or ""
+        if ":" in netloc:
+            netloc = f"[{netloc}]"
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        return cls(urllib.parse.urlunsplit(parts._replace(netloc=netloc)), f"Basic {token}")
+
+
+def fetch_schema(registry: Registry, schema_id: int, timeout: float) -> str:
     """The schema text the registry serves for ``schema_id``."""
-    url = f"{registry_url.rstrip('/')}/schemas/ids/{schema_id}"
+    request = urllib.request.Request(f"{registry.url}/schemas/ids/{schema_id}")
+    if registry.authorization:
+        request.add_header("Authorization", registry.authorization)
     problem = ""
     for attempt in range(1, TRIES + 1):
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 body = response.read(MAX_SCHEMA_BYTES + 1)
             return _schema_text(body, schema_id)
         except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                raise InvalidMessageError(f"schema id {schema_id} is unknown to the schema registry (404)") from None
+            if 400 <= exc.code < 500 and exc.code not in NOT_ABOUT_THE_ID:
+                what = "unknown to" if exc.code == 404 else "refused by"
+                raise InvalidMessageError(f"schema id {schema_id} is {what} the schema registry ({exc.code})") from None
             problem = f"HTTP {exc.code}"
         except (urllib.error.URLError, OSError) as exc:
             problem = str(getattr(exc, "reason", exc))
@@ -72,11 +108,13 @@ class ConfluentAvro:
                  **_settings: Any) -> None:
         if not registry_url:
             raise ValueError("format confluent-avro needs kafka.schema_registry_url")
-        self.registry = registry_url.rstrip("/")
+        self.source = Registry.of(registry_url)
+        self.registry = self.source.url  # the store's key: never the credentials
         self.stored: Any = schema_cache  # ztfd.store.avro_schemas.StoredSchemas, or None
         self.timeout = registry_timeout
         self.parsed = SchemaCache()
         self.by_id: dict[int, Any] = {}
+        self.refused: dict[int, str] = {}  # schema id -> the registry's final answer (a 4xx), as a reason
 
     def decode(self, value: bytes | None, key: bytes | None) -> Alert:
         if not value or len(value) <= HEADER.size:
@@ -91,9 +129,15 @@ class ConfluentAvro:
         parsed = self.by_id.get(schema_id)
         if parsed is not None:
             return parsed
+        if schema_id in self.refused:
+            raise InvalidMessageError(self.refused[schema_id])
         text = self.stored.get(self.registry, schema_id) if self.stored is not None else None
         if text is None:
-            text = fetch_schema(self.registry, schema_id, self.timeout)
+            try:
+                text = fetch_schema(self.source, schema_id, self.timeout)
+            except InvalidMessageError as exc:
+                self.refused[schema_id] = str(exc)
+                raise
             log.info("schema id %d fetched from the schema registry", schema_id)
             self._keep(schema_id, text)
         try:

@@ -46,8 +46,8 @@ from ztfd.sources import (
 )
 
 ID_FIELDS = ("objectId", "diaObjectId")
-ZTF_OBJECT_ID = re.compile(r"^ZTF\d{2}[a-z]{7}$")
-BAND = re.compile(r"^[A-Za-z]{1,8}$")
+ZTF_OBJECT_ID = re.compile(r"^ZTF\d{2}[a-z]{7}\Z")
+BAND = re.compile(r"^[A-Za-z]{1,8}\Z")
 INT64_LIMIT = 2**63  # Rubin's ids are positive int64
 # Accepted observation times: 1900-01-01 to 2100-01-01 (anything else is a broken value, not an alert).
 MJD_RANGE = (15020.0, 88069.0)
@@ -65,11 +65,11 @@ PLAIN_OBSERVATION_FIELD = "lastDiaSourceMjdTai"
 # and the usual SELECT aliases (mjd, mjdmin, mjdmax, mjd_g…), and Rubin's …MjdTai fields. Deliberately narrow: a
 # field named like a time must hold a time, so a loose rule (any name containing "mjd") would reject good alerts
 # that select, say, an "mjd_span" of days.
-JD_NAME = re.compile(r"^m?jd(min|max|[ugrizy]max|[ugrizy]min|starthist|endhist|_[ugrizy]_minus_[ugrizy]|_[ugrizy])?$",
+JD_NAME = re.compile(r"^m?jd(min|max|[ugrizy]max|[ugrizy]min|starthist|endhist|_[ugrizy]_minus_[ugrizy]|_[ugrizy])?\Z",
                      re.IGNORECASE)
-TAI_NAME = re.compile(r"mjdtai$", re.IGNORECASE)
+TAI_NAME = re.compile(r"mjdtai\Z", re.IGNORECASE)
 # Lasair-LSST's derived and model times (objects.u_latestMJD…, latestPairMJD, absMagMJD, BBBPeakMJD): MJD, TAI.
-LSST_MJD_NAME = re.compile(r"[a-z_]MJD$")
+LSST_MJD_NAME = re.compile(r"[a-z_]MJD\Z")
 
 
 def is_ztf_object_id(object_id: str) -> bool:

@@ -21,7 +21,7 @@ from ztfd.store.states import FailureClass, JobKind
 
 log = logging.getLogger(__name__)
 
-DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}\Z")
 ManifestRow = tuple[str, int, str]  # path under home, size, MD5
 
 

@@ -3,12 +3,17 @@
 Every process opens its own connection (``connect``); SQLite serialises writers with ``busy_timeout``. Opening
 reads the store's schema version: an older store is migrated (one transaction), a newer one refused
 (``StoreVersionError``), a current one used as it is, without taking the write lock.
+
+Opening never replaces a damaged store (``StoreDamagedError``): a store file that is empty (0 bytes) while its home
+already holds an archive (``data/``, ``images/`` or ``reports/`` not empty), truncated, or not a SQLite database is
+refused, with one line saying how to recover, rather than used as a new, empty store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -29,22 +34,109 @@ class StoreNotCreatedError(Exception):
     """The store file exists but holds no layout yet: a writer (``ztfd start``) is creating it right now."""
 
 
-def connect(db_path: Path, timeout: float = 60.0) -> sqlite3.Connection:
-    """Open the store, creating it on first use. Autocommit mode: callers group writes with ``transaction``."""
+class StoreDamagedError(Exception):
+    """The store file cannot be used and must not be replaced (``str()`` is the one line to show, with the way out)."""
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+ARCHIVE_DIRS = ("data", "images", "reports")  # a home with any of these not empty has alerts a store described
+DAMAGED_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+WAL_CHECKPOINT_PAGES = 1000  # about 4 MB of WAL between automatic checkpoints
+WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes of WAL file left after a checkpoint (PRAGMA journal_size_limit)
+
+
+def connect(db_path: Path, timeout: float = 60.0, create: bool = True) -> sqlite3.Connection:
+    """Open the store, creating it on first use (unless ``create`` is off and the home already holds an archive:
+    ``StoreDamagedError``). Autocommit mode: callers group writes with ``transaction``."""
+    check_intact(db_path, missing_ok=create)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(db_path, timeout=timeout, isolation_level=None, check_same_thread=False)
-    conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-    _enable_wal(conn, timeout)
-    # NORMAL in WAL mode is durable across process crashes (what the promise is about); a power cut can lose
-    # the last transactions but never corrupts, and Kafka then redelivers what the lost ones had acknowledged.
-    conn.execute("PRAGMA synchronous = NORMAL")
     try:
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+        _enable_wal(conn, timeout)
+        # NORMAL in WAL mode is durable across process crashes (what the promise is about); a power cut can lose
+        # the last transactions but never corrupts, and Kafka then redelivers what the lost ones had acknowledged.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        # The WAL is checkpointed every WAL_CHECKPOINT_PAGES pages (SQLite's default, said here); a reader that
+        # holds an old snapshot can make it grow past that meanwhile, and journal_size_limit then truncates it
+        # back to this size once a checkpoint has caught up, so a burst does not leave a big file behind.
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         _migrate(conn, db_path)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        if is_damage(exc):
+            raise StoreDamagedError(refusal(db_path, f"unreadable ({exc})")) from None
+        raise
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def is_damage(exc: BaseException) -> bool:
+    """SQLite found the file corrupt or not a database (not: locked, busy, disk full)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in DAMAGED_CODES
+
+
+def check_intact(db_path: Path, missing_ok: bool = True) -> None:
+    """Refuse (``StoreDamagedError``) a store file that is truncated or not SQLite, and one that is empty or, unless
+    ``missing_ok``, missing while its home holds an archive. Reads the 100-byte header only: cheap at every open.
+
+    An empty file in an empty home is a store being created (``sqlite3.connect`` makes the file before the first
+    writer gives it its header); a file whose WAL is not empty may be smaller than its header says (a checkpoint
+    killed midway): SQLite reads the rest from the WAL.
+    """
+    try:
+        size = db_path.stat().st_size
+    except FileNotFoundError:
+        if not missing_ok and holds_archive(db_path.parent.parent):
+            raise StoreDamagedError(refusal(db_path, "missing")) from None
+        return
+    wal = Path(f"{db_path}-wal")
+    wal_size = wal.stat().st_size if wal.exists() else 0
+    if size == 0:
+        if not wal_size and holds_archive(db_path.parent.parent):
+            raise StoreDamagedError(refusal(db_path, "empty (0 bytes)"))
+        return
+    with open(db_path, "rb") as handle:
+        header = handle.read(100)
+    if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
+        raise StoreDamagedError(refusal(db_path, "not a SQLite database"))
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    counted = header[24:28] == header[92:96]  # the page count is valid only when these agree
+    if counted and pages and not wal_size and size < pages * page_size:
+        raise StoreDamagedError(refusal(db_path, f"truncated ({size} of {pages * page_size} bytes)"))
+
+
+def holds_archive(home: Path) -> bool:
+    """Whether ``home`` already holds what a store described: ``data/``, ``images/`` or ``reports/`` not empty."""
+    for name in ARCHIVE_DIRS:
+        try:
+            with os.scandir(home / name) as entries:
+                if next(entries, None) is not None:
+                    return True
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return False
+
+
+def refusal(db_path: Path, problem: str) -> str:
+    """The one line a refused store gets: what is wrong, and the way back."""
+    home = db_path.parent.parent
+    if not holds_archive(home):
+        return (f"store: {db_path} is {problem}. Restore it from a backup, or move it aside with its -wal and -shm "
+                f"files (mv {db_path} {db_path}.damaged): ztfd then creates a new one")
+    aside = "" if problem == "missing" else (
+        f"move it aside with its -wal and -shm files (mv {db_path} {db_path}.damaged) and ")
+    return (f"store: {db_path} is {problem}, and {home} holds an archive: refusing to use a new, empty store in its "
+            f"place. Restore the store from a backup, or {aside}run `ztfd sync --once --full`, which records every "
+            "file under data/ and images/ in a new store and uploads them again; alerts the broker still holds are "
+            "read again, older ones stay on disk and in S3 but out of the new store's status and reports")
 
 
 def connect_readonly(db_path: Path, timeout: float = 2.0) -> sqlite3.Connection:
@@ -57,15 +149,21 @@ def connect_readonly(db_path: Path, timeout: float = 2.0) -> sqlite3.Connection:
     Raises ``StoreNotCreatedError`` while the first writer is still creating it (the file is there, its tables
     not yet), ``StoreVersionError`` unless the store has this ztfd's layout.
     """
+    check_intact(db_path)
     uri = db_path.resolve().as_uri()
     try:
-        conn = _open_uri(f"{uri}?mode=ro", timeout)
-        version = schema_version(conn)
-    except sqlite3.OperationalError:
-        if Path(f"{db_path}-wal").exists():
-            raise
-        conn = _open_uri(f"{uri}?immutable=1", timeout)
-        version = schema_version(conn)
+        try:
+            conn = _open_uri(f"{uri}?mode=ro", timeout)
+            version = schema_version(conn)
+        except sqlite3.OperationalError:
+            if Path(f"{db_path}-wal").exists():
+                raise
+            conn = _open_uri(f"{uri}?immutable=1", timeout)
+            version = schema_version(conn)
+    except sqlite3.DatabaseError as exc:
+        if is_damage(exc):
+            raise StoreDamagedError(refusal(db_path, f"unreadable ({exc})")) from None
+        raise
     if version != SCHEMA_VERSION:
         conn.close()
         if version == 0:

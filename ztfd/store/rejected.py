@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
+from ztfd.text import escape_controls
+
 
 @dataclass(frozen=True)
 class NewRejected:
@@ -28,11 +30,13 @@ class Rejected:
 
 
 def add_rejected(conn: sqlite3.Connection, topic: str, rejected: list[NewRejected], received_at: float) -> None:
-    """Keep rejected messages (inside the batch's transaction); a redelivered one is kept once."""
+    """Keep rejected messages (inside the batch's transaction); a redelivered one is kept once. A reason may quote
+    the message: its control characters are escaped, so that it is one harmless line wherever it is shown."""
     conn.executemany(
         "INSERT OR IGNORE INTO rejected (topic, partition, generation, kafka_offset, received_at, reason, raw) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [(topic, r.partition, r.generation, r.kafka_offset, received_at, r.reason, r.raw) for r in rejected],
+        [(topic, r.partition, r.generation, r.kafka_offset, received_at, escape_controls(r.reason), r.raw)
+         for r in rejected],
     )
 
 

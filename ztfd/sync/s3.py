@@ -22,8 +22,13 @@ THROTTLING_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLim
 CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
                     "TokenRefreshRequired", "AuthorizationHeaderMalformed", "InvalidClientTokenId"}
 NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
-CONTENT_TYPES = {".json": "application/json", ".png": "image/png", ".gz": "application/gzip",
-                 ".fits": "application/fits"}
+# Content-Type by the end of the file name, longest first, so that a browser shows a report rather than saving it.
+# A stamp .fits.gz is a gzip file (Content-Encoding would make browsers save the inflated FITS under a .gz name).
+CONTENT_TYPES = {
+    ".fits.gz": "application/gzip", ".html": "text/html; charset=utf-8", ".json": "application/json",
+    ".jsonl": "application/x-ndjson", ".png": "image/png", ".avro": "application/avro",
+    ".parquet": "application/vnd.apache.parquet", ".gz": "application/gzip", ".fits": "application/fits",
+}
 
 
 class FatalError(Exception):
@@ -74,7 +79,12 @@ def s3_key(cfg: Config, path: str) -> str:
 
 
 def content_type(path: str) -> str:
-    return CONTENT_TYPES.get(os.path.splitext(path)[1], "application/octet-stream")
+    """The Content-Type an object is uploaded with, from its file name (``application/octet-stream`` if unknown)."""
+    name = os.path.basename(path).lower()
+    for ending in sorted(CONTENT_TYPES, key=len, reverse=True):
+        if name.endswith(ending):
+            return CONTENT_TYPES[ending]
+    return "application/octet-stream"
 
 
 def is_not_found(exc: BaseException) -> bool:
