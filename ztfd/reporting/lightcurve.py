@@ -1,9 +1,15 @@
 """Light curves for night reports: points from what ztfd already has, drawn with matplotlib's Agg backend.
 
 Points come from two places, never from a new request: the detections a stamp provider fetched to choose an
-alert's candid (kept per object in the store, ``ztfd.store.report.save_detections``), or the history a packet
-carries (a ZTF Avro packet's ``candidate`` + ``prv_candidates``, a Lasair-LSST or Rubin alert's ``diaSources``).
-ZTF points are PSF magnitudes (drawn with the axis inverted), Rubin's are PSF fluxes in nJy.
+alert's candid (kept per object in the store, ``ztfd.store.report.save_detections``), or the history a message
+carries: a ZTF Avro packet's ``candidate`` + ``prv_candidates`` (its JSON view for packets kept as ``.avro``), a
+Rubin packet's ``diaSource`` + ``prvDiaSources``, Lasair-LSST's ``diaSourcesList`` (lite and full output).
+ZTF points are PSF magnitudes (drawn with the axis inverted), Rubin's are PSF fluxes in nJy. Upper limits come
+from the message only: ZTF's non-detections in ``prv_candidates`` (``diffmaglim``, no ``magpsf``) and Lasair-LSST's
+``diaNondetectionLimitsList`` (``diaNoise``, the difference image's noise in nJy).
+
+The title sits above the axes and the legend to their right, both outside the data area, so neither covers a
+point whatever the object id's length (``layout`` returns where each went, for the test that says so).
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ ZTF_BANDS = {1: "g", 2: "r", 3: "i"}
 # Rubin band codes as ALeRCE's LSST API gives them; Lasair and Rubin name the band ("g").
 LSST_BAND_CODES = {6: "u", 1: "g", 2: "r", 3: "i", 4: "z", 5: "y"}
 COLOURS = {"u": "#6a3d9a", "g": "#1b9e4b", "r": "#d62728", "i": "#b8860b", "z": "#555555", "y": "#8c564b"}
-HISTORY_KEYS = ("diaSourcesList", "diaSources", "prvDiaSources")
+# Rubin's packets name the history prvDiaSources; some re-publishers prevDiaSources.
+HISTORY_KEYS = ("diaSourcesList", "diaSources", "prvDiaSources", "prevDiaSources")
+LSST_LIMITS_KEY = "diaNondetectionLimitsList"
 
 
 class Point(NamedTuple):
@@ -77,11 +85,16 @@ def _dia_sources(message: Any, depth: int = 0) -> Iterator[dict[str, Any]]:
             yield from _dia_sources(value, depth + 1)
 
 
+def _jd_mjd(row: dict[str, Any]) -> float | None:
+    jd = _number(row.get("jd"))
+    return None if jd is None else jd - JD_MJD_OFFSET
+
+
 def history_points(message: dict[str, Any]) -> tuple[str, list[Point]]:
-    """The light curve a packet carries, as (unit, points); no points when it carries none."""
+    """The light curve a message carries, as (unit, points); no points when it carries none."""
     if isinstance(message.get("candidate"), dict):
         rows = [message["candidate"], *(r for r in message.get("prv_candidates") or [] if isinstance(r, dict))]
-        found = {_ztf_point(r, None if _number(r.get("jd")) is None else r["jd"] - JD_MJD_OFFSET) for r in rows}
+        found = {_ztf_point(r, _jd_mjd(r)) for r in rows}
         return MAG, sorted(p for p in found if p is not None)
     points = set()
     for row in _dia_sources(message):
@@ -89,6 +102,27 @@ def history_points(message: dict[str, Any]) -> tuple[str, list[Point]]:
         if mjd is not None and flux is not None and band is not None:
             points.add(Point(mjd, band, flux, _number(row.get("psfFluxErr"))))
     return FLUX, sorted(points)
+
+
+def history_limits(message: dict[str, Any]) -> list[Point]:
+    """The upper limits a message carries (non-detections): ZTF's limiting magnitudes, Lasair-LSST's noise."""
+    found = set()
+    if isinstance(message.get("candidate"), dict):
+        for row in message.get("prv_candidates") or []:
+            if not isinstance(row, dict) or _number(row.get("magpsf")) is not None:
+                continue
+            mjd, limit, band = _jd_mjd(row), _number(row.get("diffmaglim")), ZTF_BANDS.get(row.get("fid"))  # type: ignore[arg-type]
+            if mjd is not None and limit is not None and band is not None:
+                found.add(Point(mjd, band, limit, None))
+        return sorted(found)
+    alert = message.get("alert") if isinstance(message.get("alert"), dict) else message
+    for row in alert.get(LSST_LIMITS_KEY) or []:
+        if not isinstance(row, dict):
+            continue
+        mjd, noise, band = _number(row.get("midpointMjdTai")), _number(row.get("diaNoise")), _lsst_band(row.get("band"))
+        if mjd is not None and noise is not None and band is not None:
+            found.add(Point(mjd, band, noise, None))
+    return sorted(found)
 
 
 def encode(points: Iterable[Point]) -> str:
@@ -101,32 +135,63 @@ def decode(text: str) -> list[Point]:
     return [Point(float(m), str(b), float(v), None if e is None else float(e)) for m, b, v, e in json.loads(text)]
 
 
-def draw(object_id: str, unit: str, points: list[Point], marks: Iterable[float] = ()) -> bytes:
-    """A small PNG: one series per band with error bars, the alert times of the night as vertical lines."""
+def _figure(object_id: str, unit: str, points: list[Point], marks: Iterable[float], limits: list[Point]) -> Any:
+    """The light curve's matplotlib figure (Agg): the axes on the left, the legend in a column to their right,
+    the title above them; nothing drawn over the data area but the data."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(3.4, 2.2), dpi=100, facecolor="white")
     FigureCanvasAgg(figure)
-    axes = figure.add_axes((0.19, 0.2, 0.78, 0.7))
+    axes = figure.add_axes((0.17, 0.2, 0.63, 0.64))
     for mark in marks:
         axes.axvline(mark, color="#9aa3b5", linewidth=1, linestyle=":", zorder=0)
-    for band in sorted({p.band for p in points}, key=lambda b: "ugrizy".find(b)):
+    for band in sorted({p.band for p in points} | {p.band for p in limits}, key=lambda b: "ugrizy".find(b)):
         mine = [p for p in points if p.band == band]
-        axes.errorbar([p.mjd for p in mine], [p.value for p in mine],
-                      yerr=[p.error or 0.0 for p in mine], fmt="o", markersize=4, linewidth=0.9, capsize=0,
-                      color=COLOURS.get(band, "#333333"), label=band)
+        colour = COLOURS.get(band, "#333333")
+        if mine:
+            axes.errorbar([p.mjd for p in mine], [p.value for p in mine],
+                          yerr=[p.error or 0.0 for p in mine], fmt="o", markersize=4, linewidth=0.9, capsize=0,
+                          color=colour, label=band)
+        bounds = [p for p in limits if p.band == band]
+        if bounds:
+            # Fainter than the limit for magnitudes (down on the inverted axis), below the noise for fluxes.
+            axes.plot([p.mjd for p in bounds], [p.value for p in bounds], linestyle="none", marker="v",
+                      markersize=4, markerfacecolor="none", markeredgecolor=colour, alpha=0.7,
+                      label=f"{band} limit")
     if unit == MAG:
         axes.invert_yaxis()
     axes.set_xlabel("MJD", fontsize=8, labelpad=1)
     axes.set_ylabel("magnitude" if unit == MAG else "flux (nJy)", fontsize=8, labelpad=2)
     axes.tick_params(labelsize=7, length=2.5, pad=1.5)
     axes.ticklabel_format(axis="x", useOffset=False, style="plain")
-    axes.xaxis.get_major_locator().set_params(nbins=5)
-    axes.legend(fontsize=8, loc="best", frameon=True, framealpha=0.8, handletextpad=0.1, borderaxespad=0.3,
-                borderpad=0.3, markerscale=1.2)
-    axes.set_title(f"{object_id}  ({len(points)} points; dotted: this night's alerts)", fontsize=7, loc="left",
-                   color="#5b6475")
+    axes.xaxis.get_major_locator().set_params(nbins=4)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False,
+                handletextpad=0.2, markerscale=1.1)
+    counted = f"{len(points)} points" + (f", {len(limits)} limits" if limits else "")
+    figure.text(0.02, 0.97, object_id, fontsize=8, color="#1d2330", va="top", ha="left")
+    figure.text(0.02, 0.90, f"{counted}; dotted: this night's alerts", fontsize=6.5, color="#5b6475", va="top",
+                ha="left")
+    return figure
+
+
+def layout(object_id: str, unit: str, points: list[Point], marks: Iterable[float] = (),
+           limits: Iterable[Point] = ()) -> dict[str, tuple[float, float, float, float]]:
+    """Where the axes, legend and texts land in pixels (x0, y0, x1, y1): what a test checks for overlaps."""
+    figure = _figure(object_id, unit, points, marks, list(limits))
+    renderer = figure.canvas.get_renderer()
+    axes = figure.axes[0]
+    found = {"figure": tuple(figure.bbox.extents), "axes": tuple(axes.bbox.extents),
+             "legend": tuple(axes.get_legend().get_window_extent(renderer).extents)}
+    for number, text in enumerate(figure.texts):
+        found[f"text{number}"] = tuple(text.get_window_extent(renderer).extents)
+    return found
+
+
+def draw(object_id: str, unit: str, points: list[Point], marks: Iterable[float] = (),
+         limits: Iterable[Point] = ()) -> bytes:
+    """A small PNG: one series per band with error bars, upper limits as open triangles, the alert times of the
+    night as vertical lines."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", metadata={"Software": None})
+    _figure(object_id, unit, points, marks, list(limits)).savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
