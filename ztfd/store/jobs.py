@@ -400,3 +400,42 @@ def list_jobs(conn: sqlite3.Connection, batch: str | None = None) -> list[JobRow
         "SELECT id, alert_id, state, attempts, last_error, batch, force, not_before, owner, unavailable_since, "
         f"updated_at FROM jobs {where} ORDER BY id", args)
     return [JobRow(r[0], r[1], JobState(r[2]), r[3], r[4], r[5], bool(r[6]), *r[7:]) for r in rows]
+
+
+@dataclass(frozen=True)
+class LastError:
+    """The newest reason jobs of one cause gave: what ``status`` and ``replay`` show while work waits."""
+
+    cause: str  # retry (the stamp service failed), unavailable (not there yet), failed (given up)
+    survey: str | None
+    reason: str
+    at: float
+    batch: str | None
+
+
+LAST_ERRORS_SCAN = 200  # waiting jobs read, newest wait first: enough to find each cause, bounded whatever the queue
+
+
+def last_errors(conn: sqlite3.Connection, batch: str | None = None) -> dict[str, LastError]:
+    """cause -> the newest error of the jobs waiting for it (ready with a later try) and of the failed ones.
+
+    Waiting jobs are read through ``jobs_ready`` from the latest ``not_before`` down (a job waiting for a retry
+    is due later than the fresh ones), failed ones through ``jobs_failed``; at most ``LAST_ERRORS_SCAN`` rows
+    each, so the cost does not grow with the queue.
+    """
+    only, args = ("AND j.batch = ?", (batch,)) if batch is not None else ("", ())
+    found: dict[str, LastError] = {}
+    waiting = conn.execute(
+        "SELECT j.waiting, a.survey, j.last_error, j.updated_at, j.batch FROM "
+        f"(SELECT * FROM jobs WHERE state = 'ready' ORDER BY not_before DESC LIMIT {LAST_ERRORS_SCAN}) AS j "
+        f"LEFT JOIN alerts a ON a.id = j.alert_id WHERE j.waiting IS NOT NULL AND j.last_error IS NOT NULL {only}",
+        args)
+    failed = conn.execute(
+        "SELECT 'failed', a.survey, j.last_error, j.updated_at, j.batch FROM "
+        f"(SELECT * FROM jobs WHERE state = 'failed' ORDER BY updated_at DESC LIMIT {LAST_ERRORS_SCAN}) AS j "
+        f"LEFT JOIN alerts a ON a.id = j.alert_id WHERE j.last_error IS NOT NULL {only}", args)
+    for row in [*waiting, *failed]:
+        error = LastError(row[0], row[1], row[2], row[3], row[4])
+        if row[0] not in found or found[row[0]].at < error.at:
+            found[row[0]] = error
+    return found
