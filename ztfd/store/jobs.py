@@ -420,22 +420,20 @@ def last_errors(conn: sqlite3.Connection, batch: str | None = None) -> dict[str,
     """cause -> the newest error of the jobs waiting for it (ready with a later try) and of the failed ones.
 
     Waiting jobs are read through ``jobs_ready`` from the latest ``not_before`` down (a job waiting for a retry
-    is due later than the fresh ones), failed ones through ``jobs_failed``; at most ``LAST_ERRORS_SCAN`` rows
-    each, so the cost does not grow with the queue.
+    is due later than the fresh ones), failed ones through ``jobs_failed`` (a replay's ``batch``: through
+    ``jobs_batch``); at most ``LAST_ERRORS_SCAN`` rows each, so the cost does not grow with the queue.
     """
-    only, args = ("AND j.batch = ?", (batch,)) if batch is not None else ("", ())
     found: dict[str, LastError] = {}
-    waiting = conn.execute(
-        "SELECT j.waiting, a.survey, j.last_error, j.updated_at, j.batch FROM "
-        f"(SELECT * FROM jobs WHERE state = 'ready' ORDER BY not_before DESC LIMIT {LAST_ERRORS_SCAN}) AS j "
-        f"LEFT JOIN alerts a ON a.id = j.alert_id WHERE j.waiting IS NOT NULL AND j.last_error IS NOT NULL {only}",
-        args)
-    failed = conn.execute(
-        "SELECT 'failed', a.survey, j.last_error, j.updated_at, j.batch FROM "
-        f"(SELECT * FROM jobs WHERE state = 'failed' ORDER BY updated_at DESC LIMIT {LAST_ERRORS_SCAN}) AS j "
-        f"LEFT JOIN alerts a ON a.id = j.alert_id WHERE j.last_error IS NOT NULL {only}", args)
-    for row in [*waiting, *failed]:
-        error = LastError(row[0], row[1], row[2], row[3], row[4])
-        if row[0] not in found or found[row[0]].at < error.at:
-            found[row[0]] = error
+    for state, order, cause in (("ready", "j.not_before", "j.waiting"), ("failed", "j.updated_at", "'failed'")):
+        only, args = ("AND j.batch = ?", (batch,)) if batch is not None else ("", ())  # a replay: its own jobs
+        rows = conn.execute(
+            f"SELECT {cause}, a.survey, j.last_error, j.updated_at, j.batch FROM jobs j "
+            f"LEFT JOIN alerts a ON a.id = j.alert_id WHERE j.state = ? {only} ORDER BY {order} DESC LIMIT ?",
+            (state, *args, LAST_ERRORS_SCAN))
+        for row in rows:
+            error = LastError(row[0], row[1], row[2], row[3], row[4])
+            if error.cause is None or error.reason is None:
+                continue
+            if error.cause not in found or found[error.cause].at < error.at:
+                found[error.cause] = error
     return found
