@@ -30,6 +30,7 @@ from ztfd.ingest import topics
 from ztfd.ingest.broker_errors import STATUS_PREFIX as KAFKA_ERROR_PREFIX
 from ztfd.ingest.quota import near_quota
 from ztfd.sources import LSST
+from ztfd.stamps.providers import service_url
 from ztfd.store import counters, jobs
 from ztfd.store import gaps as store_gaps
 from ztfd.store import quota as store_quota
@@ -130,17 +131,9 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def stamp_service(cfg: config.Config, survey: str | None) -> str:
-    """The stamp service a survey's jobs ask (what an operator checks when they fail)."""
-    stamps = cfg.stamps
-    if survey == LSST:
-        return stamps.alerce_lsst_url if stamps.lsst_provider == "alerce" else stamps.lasair_lsst_url
-    return stamps.alerce_api_url
-
-
 def _stamp_errors(conn: sqlite3.Connection, cfg: config.Config) -> dict[str, dict[str, Any]]:
     """Per cause (retry, unavailable, failed), the newest reason the stamp jobs gave and the service they asked."""
-    return {cause: {"service": stamp_service(cfg, e.survey), "reason": e.reason, "at": _iso(e.at)}
+    return {cause: {"service": service_url(cfg.stamps, e.survey), "reason": e.reason, "at": _iso(e.at)}
             for cause, e in jobs.last_errors(conn).items()}
 
 

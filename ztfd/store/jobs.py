@@ -437,3 +437,21 @@ def last_errors(conn: sqlite3.Connection, batch: str | None = None) -> dict[str,
             if error.cause not in found or found[error.cause].at < error.at:
                 found[error.cause] = error
     return found
+
+
+@dataclass(frozen=True)
+class DoneOutcomes:
+    """What a batch's done jobs did: fetched stamps, only drew a preview, or found everything on disk."""
+
+    fetched: int = 0
+    preview_only: int = 0
+    complete: int = 0  # no request, nothing drawn: it was all there already
+
+
+def done_outcomes(conn: sqlite3.Connection, batch: str) -> DoneOutcomes:
+    """The done jobs of ``batch`` by what their run did (their alert's stamp record: kinds fetched, preview)."""
+    row = conn.execute(
+        "SELECT coalesce(sum(s.fetched != 0), 0), coalesce(sum(s.fetched = 0 AND s.preview != 0), 0), "
+        "coalesce(sum(s.fetched = 0 AND s.preview = 0), 0) FROM jobs j JOIN stamps s ON s.alert_id = j.alert_id "
+        "WHERE j.batch = ? AND j.state = 'done'", (batch,)).fetchone()
+    return DoneOutcomes(int(row[0]), int(row[1]), int(row[2]))
