@@ -115,8 +115,10 @@ def _backlog_rows(results: Results, backlog: int, timings: dict[str, dict[str, f
         found = timings[key]
         cold, warm = found["cold"], found["warm"]
         ok = (warm is not None and warm <= GOAL_BACKLOG_WARM) and (cold is None or cold <= GOAL_BACKLOG_COLD)
+        without = timings[key.replace("_backlog", "")]["warm"]
         results.add(Row("store", name, warm, "s",
-                        f"cold {_seconds(cold)}, warm {_seconds(warm)}; issue: 1.07 s warm, 2.1 s cold at 300,000",
+                        f"cold {_seconds(cold)}, warm {_seconds(warm)}, warm without the backlog {_seconds(without)}; "
+                        "issue: 1.07 s warm, 2.1 s cold at 300,000",
                         f"<= {GOAL_BACKLOG_WARM:g} s warm, <= {GOAL_BACKLOG_COLD:g} s cold", ok))
 
 

@@ -204,7 +204,7 @@ def test_replay_fetches_itself_when_the_daemon_fetchers_die(make_config, stamp_s
     assert waiting.returncode == 0, out + err
     assert "the daemon is running (1 fetchers)" in out
     assert "no daemon fetcher alive for 2 s: fetching the rest with 2 worker processes" in out
-    assert "done 6, failed 0" in out
+    assert "done 6 (fetched 6, already complete 0), failed 0" in out
     assert_all_on_disk(cfg)
 
 
