@@ -428,7 +428,8 @@ def render(report: dict[str, Any]) -> str:
         head = "ztfd is running without its supervisor (supervisord or systemd units)"
     else:
         head = "ztfd is not running"
-    healthy = "" if report.get("healthy") or not report["running"] else f", with {len(report['problems'])} problems"
+    count = len(report.get("problems", []))
+    healthy = "" if report.get("healthy") or not report["running"] else f", with {count} problem{'s' * (count != 1)}"
     out = [head + healthy, f"config {report['config']}", f"home {report['home']}", ""]
     if report.get("problems"):
         out.append("Problems")
