@@ -168,11 +168,15 @@ def _figure(object_id: str, unit: str, points: list[Point], marks: Iterable[floa
     axes.xaxis.get_major_locator().set_params(nbins=4)
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False,
                 handletextpad=0.2, markerscale=1.1)
-    counted = f"{len(points)} points" + (f", {len(limits)} limits" if limits else "")
+    counted = _count(len(points), "point") + (f", {_count(len(limits), 'limit')}" if limits else "")
     figure.text(0.02, 0.97, object_id, fontsize=8, color="#1d2330", va="top", ha="left")
     figure.text(0.02, 0.90, f"{counted}; dotted: this night's alerts", fontsize=6.5, color="#5b6475", va="top",
                 ha="left")
     return figure
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'s' * (number != 1)}"
 
 
 def layout(object_id: str, unit: str, points: list[Point], marks: Iterable[float] = (),

@@ -67,7 +67,7 @@ TIME_MEANINGS = {
 NESTED_COLUMNS = ("candidate", "diaSource")  # a packet's detection: its scalars are shown as candidate.<field>
 MJD_EPOCH = dt.datetime(1858, 11, 17, tzinfo=dt.UTC)
 DRAWN_INDEX = ".drawn.json"  # hidden (never synced): which points each light curve was drawn from
-LIGHT_CURVE_STYLE = "2"  # part of each drawing's digest: a new layout redraws the light curves of older reports
+LIGHT_CURVE_STYLE = "3"  # part of each drawing's digest: a new layout redraws the light curves of older reports
 
 
 class ReportError(Exception):
