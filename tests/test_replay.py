@@ -60,7 +60,7 @@ def test_replay_without_daemon_fetches_then_restores_only_what_is_missing(make_c
     assert first.returncode == 0, first.stdout + first.stderr
     assert "the daemon is not running" in first.stdout
     assert "6 alerts, 0 complete on disk, 6 to fetch" in first.stdout
-    assert "done 6, failed 0" in first.stdout
+    assert "done 6 (fetched 6, already complete 0), failed 0" in first.stdout
     assert_all_on_disk(cfg)
     assert len(list(cfg.images_dir.iterdir())) == 1  # only that date
     assert {job["result"]["worker"] for job in jobs(conn)} <= {"replay:0", "replay:1"}
@@ -87,6 +87,16 @@ def test_replay_without_daemon_fetches_then_restores_only_what_is_missing(make_c
     third = replay(cfg_path, "--date", DATE)
     assert third.returncode == 0 and "0 to fetch" in third.stdout
 
+    # The stamp records gone (what chose each candid), the files all there: the jobs find everything on disk and
+    # request no stamp; replay says so instead of counting them as fetched.
+    conn.execute("DELETE FROM stamps")
+    conn.commit()
+    stamp_service.reset_log()
+    fourth = replay(cfg_path, "--date", DATE)
+    assert fourth.returncode == 0, fourth.stdout + fourth.stderr
+    assert "6 to fetch" in fourth.stdout and stamp_service.count(STAMP) == 0
+    assert "done 6 (fetched 0, already complete 6), failed 0" in fourth.stdout
+
 
 def test_replay_force_refetches_everything(make_config, stamp_service):
     cfg_path = stamps_config(make_config, stamp_service.url)
@@ -98,7 +108,7 @@ def test_replay_force_refetches_everything(make_config, stamp_service):
     stamp_service.reset_log()
     forced = replay(cfg_path, "--date", DATE, "--force", "--topic", "t")
     assert forced.returncode == 0, forced.stdout + forced.stderr
-    assert "all 6 to fetch again (--force)" in forced.stdout and "done 6" in forced.stdout
+    assert "all 6 to fetch again (--force)" in forced.stdout and "done 6 (fetched 6," in forced.stdout
     assert stamp_service.count(STAMP) == 3 * len(ON_DATE)
     assert all(path.stat().st_ino != inode for path, inode in before.items())  # each file replaced (renamed over)
     assert_all_on_disk(cfg)
@@ -120,7 +130,8 @@ def test_replay_while_the_daemon_runs_queues_and_waits(make_config, stamp_servic
         assert daemon.poll() is None
     finally:
         assert stop_fetcher(daemon) == 0
-    assert "the daemon is running (1 fetchers)" in result.stdout and "done 6, failed 0" in result.stdout
+    assert "the daemon is running (1 fetchers)" in result.stdout
+    assert "done 6 (fetched 6, already complete 0), failed 0" in result.stdout
     assert Counter(job["result"]["worker"] for job in jobs(conn)) == {"fetcher-daemon": 6}
     assert_all_on_disk(cfg)
 
@@ -136,11 +147,28 @@ def test_replay_exits_non_zero_when_a_stamp_fails_and_reports_unavailable(make_c
     add_alerts(conn, ON_DATE, queue=False)
     result = replay(cfg_path, "--date", DATE)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "done 4, failed 1, not yet available 1" in result.stdout
+    assert "done 4 (fetched 4, already complete 0), failed 1, not yet available 1" in result.stdout
     assert f"failed {failing.object_id}: science stamp: not gzip" in result.stdout
     states = Counter(job["state"] for job in jobs(conn))
     assert states == {"done": 4, "failed": 1, "ready": 1}  # the unavailable one stays queued for the daemon
     assert not all_final(conn)
+
+
+def test_replay_shows_why_it_waits(make_config):
+    """The stamp service refuses connections: while replay waits it shows the last error of that cause and the
+    service it asked, then fails the jobs once their attempts are spent."""
+    from ztfd.embedded.net import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    cfg_path = stamps_config(make_config, url, max_attempts=3, retry_base=4.0, retry_max=4.0)
+    conn = store.connect(config.load(cfg_path).db_path)
+    add_alerts(conn, ON_DATE[:2], queue=False)
+    result = replay(cfg_path, "--date", DATE, "--workers", "1", timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    waiting = [line for line in result.stdout.splitlines() if "stamp service failed, retrying" in line]
+    assert waiting, result.stdout
+    assert url in waiting[0] and ("Connect" in waiting[0] or "connect" in waiting[0]), waiting[0]
+    assert "done 0 (fetched 0, already complete 0), failed 2" in result.stdout
 
 
 def test_replay_rejects_a_bad_date(make_config, stamp_service):
@@ -176,7 +204,7 @@ def test_replay_fetches_itself_when_the_daemon_fetchers_die(make_config, stamp_s
     assert waiting.returncode == 0, out + err
     assert "the daemon is running (1 fetchers)" in out
     assert "no daemon fetcher alive for 2 s: fetching the rest with 2 worker processes" in out
-    assert "done 6, failed 0" in out
+    assert "done 6 (fetched 6, already complete 0), failed 0" in out
     assert_all_on_disk(cfg)
 
 

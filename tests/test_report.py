@@ -237,7 +237,7 @@ def test_report_files_sync_to_s3_like_any_other(home: Home, tmp_path: Path) -> N
     assert not any(key.endswith(night_report.DRAWN_INDEX) for key in keys)
 
 
-@pytest.mark.parametrize("args", [["--date", "2021-13-01"], ["--date", "yesterday"], [],
+@pytest.mark.parametrize("args", [["--date", "2021-13-01"], ["--date", "yesterday"], ["--watch", "--date", NIGHT],
                                   ["--date", NIGHT, "--topic", ".."], ["--date", NIGHT, "--topic", "a/b"]])
 def test_a_bad_date_exits_2(home: Home, args: list[str]) -> None:
     result = home.report(*args)

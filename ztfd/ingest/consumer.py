@@ -52,6 +52,7 @@ from ztfd.daemon.heartbeat import Heartbeat
 from ztfd.daemon.localtrouble import Condition, describe, is_local
 from ztfd.files import remove_stale_temporaries
 from ztfd.ingest import nights, topics
+from ztfd.ingest.broker_errors import BrokerErrors
 from ztfd.ingest.filewriter import BatchSkippedError, FileWriter
 from ztfd.ingest.partitions import KafkaView, Partition, PartitionWatch
 from ztfd.ingest.quota import QuotaWatch
@@ -158,6 +159,7 @@ class TopicConsumer:
         self.source = topic_source(cfg, topic, StoredSchemas(self.conn))
         self.stamp_providers = providers.providers_for(cfg.stamps) if cfg.stamps.enabled else {}
         self.trouble = Condition(name)
+        self.broker_errors = BrokerErrors(name, cfg.kafka.bootstrap_servers)
         self.quota = QuotaWatch(topic, cfg.kafka.lasair_byte_quota)
         self.stopping = lifecycle.Stop()  # set by SIGTERM/SIGINT: the batch in hand is finished and stored
         # A topic found by a pattern: its consumer exits once it is drained and quiet (``topics.EXIT_IDLE``).
@@ -200,6 +202,7 @@ class TopicConsumer:
                 self._heartbeat()
                 if messages:
                     self.quiet.saw_messages()
+                    self.broker_errors.answered(self.conn)
                 batch = self.prepare(messages) if messages else None
                 if batch is not None:
                     self._write_files(batch)
@@ -339,6 +342,7 @@ class TopicConsumer:
 
     def _on_kafka_error(self, error: Any) -> None:
         self.throttled(f"kafka:{error.code()}", logging.WARNING, "kafka: %s", error.str())
+        self.broker_errors.failed(self.conn, str(error.name()), error.str())
 
     def _heartbeat(self, force: bool = False) -> None:
         try:
@@ -369,6 +373,7 @@ class TopicConsumer:
         except Exception as exc:
             self.throttled("metadata", logging.WARNING, "cannot reach Kafka for metadata: %s", exc)
             return
+        self.broker_errors.answered(self.conn)
         info = metadata.topics.get(self.topic)
         if info is None or info.error is not None or not info.partitions:
             self.throttled("missing-topic", logging.INFO, "topic %s does not exist (yet): waiting for it", self.topic)

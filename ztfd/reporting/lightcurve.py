@@ -1,9 +1,15 @@
 """Light curves for night reports: points from what ztfd already has, drawn with matplotlib's Agg backend.
 
 Points come from two places, never from a new request: the detections a stamp provider fetched to choose an
-alert's candid (kept per object in the store, ``ztfd.store.report.save_detections``), or the history a packet
-carries (a ZTF Avro packet's ``candidate`` + ``prv_candidates``, a Lasair-LSST or Rubin alert's ``diaSources``).
-ZTF points are PSF magnitudes (drawn with the axis inverted), Rubin's are PSF fluxes in nJy.
+alert's candid (kept per object in the store, ``ztfd.store.report.save_detections``), or the history a message
+carries: a ZTF Avro packet's ``candidate`` + ``prv_candidates`` (its JSON view for packets kept as ``.avro``), a
+Rubin packet's ``diaSource`` + ``prvDiaSources``, Lasair-LSST's ``diaSourcesList`` (lite and full output).
+ZTF points are PSF magnitudes (drawn with the axis inverted), Rubin's are PSF fluxes in nJy. Upper limits come
+from the message only: ZTF's non-detections in ``prv_candidates`` (``diffmaglim``, no ``magpsf``) and Lasair-LSST's
+``diaNondetectionLimitsList`` (``diaNoise``, the difference image's noise in nJy).
+
+The title sits above the axes and the legend to their right, both outside the data area, so neither covers a
+point whatever the object id's length (``layout`` returns where each went, for the test that says so).
 
 A message is not trusted to have the types it should: a field of an unexpected type (``prv_candidates: 5``,
 ``fid: [1]``, a string for a magnitude) is left out of the curve and named in ``History.left_out``, which the
@@ -25,7 +31,9 @@ ZTF_BANDS = {1: "g", 2: "r", 3: "i"}
 # Rubin band codes as ALeRCE's LSST API gives them; Lasair and Rubin name the band ("g").
 LSST_BAND_CODES = {6: "u", 1: "g", 2: "r", 3: "i", 4: "z", 5: "y"}
 COLOURS = {"u": "#6a3d9a", "g": "#1b9e4b", "r": "#d62728", "i": "#b8860b", "z": "#555555", "y": "#8c564b"}
-HISTORY_KEYS = ("diaSourcesList", "diaSources", "prvDiaSources")
+# Rubin's packets name the history prvDiaSources; some re-publishers prevDiaSources.
+HISTORY_KEYS = ("diaSourcesList", "diaSources", "prvDiaSources", "prevDiaSources")
+LSST_LIMITS_KEY = "diaNondetectionLimitsList"
 
 
 MAX_LEFT_OUT = 5  # fields a card names at most
@@ -147,8 +155,13 @@ def _dia_sources(message: Any, notes: _Notes, depth: int = 0) -> Iterator[dict[s
             yield from _dia_sources(value, notes, depth + 1)
 
 
+def _jd_mjd(row: dict[str, Any]) -> float | None:
+    jd = _number(row.get("jd"))
+    return None if jd is None else jd - JD_MJD_OFFSET
+
+
 def history_points(message: dict[str, Any]) -> History:
-    """The light curve a packet carries; no points when it carries none."""
+    """The light curve a message carries; no points when it carries none."""
     notes = _Notes()
     if isinstance(message.get("candidate"), dict):
         rows = [message["candidate"], *_rows(message.get("prv_candidates"), "prv_candidates", notes)]
@@ -173,6 +186,27 @@ def history_points(message: dict[str, Any]) -> History:
     return History(FLUX, ordered(points), notes.as_tuple())
 
 
+def history_limits(message: dict[str, Any]) -> list[Point]:
+    """The upper limits a message carries (non-detections): ZTF's limiting magnitudes, Lasair-LSST's noise."""
+    found = set()
+    if isinstance(message.get("candidate"), dict):
+        for row in _rows(message.get("prv_candidates"), "prv_candidates", _Notes()):
+            if _number(row.get("magpsf")) is not None:
+                continue
+            fid = row.get("fid")
+            band = ZTF_BANDS.get(fid) if isinstance(fid, int) and not isinstance(fid, bool) else None
+            mjd, limit = _jd_mjd(row), _number(row.get("diffmaglim"))
+            if mjd is not None and limit is not None and band is not None:
+                found.add(Point(mjd, band, limit, None))
+        return ordered(found)
+    alert = message.get("alert") if isinstance(message.get("alert"), dict) else message
+    for row in _rows(alert.get(LSST_LIMITS_KEY), LSST_LIMITS_KEY, _Notes()):
+        mjd, noise, band = _number(row.get("midpointMjdTai")), _number(row.get("diaNoise")), _lsst_band(row.get("band"))
+        if mjd is not None and noise is not None and band is not None:
+            found.add(Point(mjd, band, noise, None))
+    return ordered(found)
+
+
 def encode(points: Iterable[Point]) -> str:
     """Compact JSON for the store: [[mjd, band, value, error], …], rounded to what a plot can show."""
     return json.dumps([[round(p.mjd, 5), p.band, round(p.value, 4), None if p.error is None else round(p.error, 4)]
@@ -183,32 +217,67 @@ def decode(text: str) -> list[Point]:
     return [Point(float(m), str(b), float(v), None if e is None else float(e)) for m, b, v, e in json.loads(text)]
 
 
-def draw(object_id: str, unit: str, points: list[Point], marks: Iterable[float] = ()) -> bytes:
-    """A small PNG: one series per band with error bars, the alert times of the night as vertical lines."""
+def _figure(object_id: str, unit: str, points: list[Point], marks: Iterable[float], limits: list[Point]) -> Any:
+    """The light curve's matplotlib figure (Agg): the axes on the left, the legend in a column to their right,
+    the title above them; nothing drawn over the data area but the data."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(3.4, 2.2), dpi=100, facecolor="white")
     FigureCanvasAgg(figure)
-    axes = figure.add_axes((0.19, 0.2, 0.78, 0.7))
+    axes = figure.add_axes((0.17, 0.2, 0.63, 0.64))
     for mark in marks:
         axes.axvline(mark, color="#9aa3b5", linewidth=1, linestyle=":", zorder=0)
-    for band in sorted({p.band for p in points}, key=lambda b: "ugrizy".find(b)):
+    for band in sorted({p.band for p in points} | {p.band for p in limits}, key=lambda b: "ugrizy".find(b)):
         mine = [p for p in points if p.band == band]
-        axes.errorbar([p.mjd for p in mine], [p.value for p in mine],
-                      yerr=[p.error or 0.0 for p in mine], fmt="o", markersize=4, linewidth=0.9, capsize=0,
-                      color=COLOURS.get(band, "#333333"), label=band)
+        colour = COLOURS.get(band, "#333333")
+        if mine:
+            axes.errorbar([p.mjd for p in mine], [p.value for p in mine],
+                          yerr=[p.error or 0.0 for p in mine], fmt="o", markersize=4, linewidth=0.9, capsize=0,
+                          color=colour, label=band)
+        bounds = [p for p in limits if p.band == band]
+        if bounds:
+            # Fainter than the limit for magnitudes (down on the inverted axis), below the noise for fluxes.
+            axes.plot([p.mjd for p in bounds], [p.value for p in bounds], linestyle="none", marker="v",
+                      markersize=4, markerfacecolor="none", markeredgecolor=colour, alpha=0.7,
+                      label=f"{band} limit")
     if unit == MAG:
         axes.invert_yaxis()
     axes.set_xlabel("MJD", fontsize=8, labelpad=1)
     axes.set_ylabel("magnitude" if unit == MAG else "flux (nJy)", fontsize=8, labelpad=2)
     axes.tick_params(labelsize=7, length=2.5, pad=1.5)
     axes.ticklabel_format(axis="x", useOffset=False, style="plain")
-    axes.xaxis.get_major_locator().set_params(nbins=5)
-    axes.legend(fontsize=8, loc="best", frameon=True, framealpha=0.8, handletextpad=0.1, borderaxespad=0.3,
-                borderpad=0.3, markerscale=1.2)
-    axes.set_title(f"{object_id}  ({len(points)} points; dotted: this night's alerts)", fontsize=7, loc="left",
-                   color="#5b6475")
+    axes.xaxis.get_major_locator().set_params(nbins=4)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False,
+                handletextpad=0.2, markerscale=1.1)
+    counted = _count(len(points), "point") + (f", {_count(len(limits), 'limit')}" if limits else "")
+    figure.text(0.02, 0.97, object_id, fontsize=8, color="#1d2330", va="top", ha="left")
+    figure.text(0.02, 0.90, f"{counted}; dotted: this night's alerts", fontsize=6.5, color="#5b6475", va="top",
+                ha="left")
+    return figure
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'s' * (number != 1)}"
+
+
+def layout(object_id: str, unit: str, points: list[Point], marks: Iterable[float] = (),
+           limits: Iterable[Point] = ()) -> dict[str, tuple[float, float, float, float]]:
+    """Where the axes, legend and texts land in pixels (x0, y0, x1, y1): what a test checks for overlaps."""
+    figure = _figure(object_id, unit, points, marks, list(limits))
+    renderer = figure.canvas.get_renderer()
+    axes = figure.axes[0]
+    found = {"figure": tuple(figure.bbox.extents), "axes": tuple(axes.bbox.extents),
+             "legend": tuple(axes.get_legend().get_window_extent(renderer).extents)}
+    for number, text in enumerate(figure.texts):
+        found[f"text{number}"] = tuple(text.get_window_extent(renderer).extents)
+    return found
+
+
+def draw(object_id: str, unit: str, points: list[Point], marks: Iterable[float] = (),
+         limits: Iterable[Point] = ()) -> bytes:
+    """A small PNG: one series per band with error bars, upper limits as open triangles, the alert times of the
+    night as vertical lines."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", metadata={"Software": None})
+    _figure(object_id, unit, points, marks, list(limits)).savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()

@@ -1,11 +1,14 @@
 """``ztfd report``: a night's alerts as static HTML pages, one card per object, for a person with a browser.
 
 ``<home>/reports/<date>/index.html`` (a topic's own report: ``reports/<date>/<topic>/index.html``), then
-``page-2.html`` … with at most ``CARDS_PER_PAGE`` cards each. A card shows the object's preview triplet, its
-light curve (``ztfd.reporting.lightcurve``, drawn into ``lc/<objectId>.png`` beside the pages), the
-objectId linked to its
-Lasair and ALeRCE pages, the UTC time, the columns of its latest message of the night, and links to its alert
-file and stamps. Counts at the top: alerts, objects, rejected messages, stamps there and missing (and why).
+``page-2.html`` … with at most ``CARDS_PER_PAGE`` cards each. A card shows the object's preview triplet (at its
+own size: its text stays sharp), its light curve (``ztfd.reporting.lightcurve``, drawn into ``lc/<objectId>.png``
+beside the pages) from whatever the alert carries, the objectId linked to its Lasair and ALeRCE pages, the time of
+the observation and the field it came from, the columns of its latest message of the night (time fields named by
+what they are: first detection, last detection, filter run), and links to its alert (the JSON, also the JSON view
+of an Avro packet), the packet as received, and its stamps. Counts at the top: alerts, objects, rejected messages,
+stamps there and missing (and why). A night without alerts, or a topic without any, is refused (``ReportError``)
+before anything is written.
 
 The pages are self-contained: inline CSS, no script, no remote resource; every file is linked by a path relative
 to the page, so they read the same from the disk and from the S3 mirror. Every file written is recorded in the
@@ -53,10 +56,19 @@ ZTF_OBJECT = re.compile(r"^ZTF\d{2}[a-z]{7}\Z")
 ID_COLUMNS = ("objectId", "diaObjectId")
 LINKS = {
     ZTF: (("Lasair", "https://lasair-ztf.lsst.ac.uk/objects/{id}/"), ("ALeRCE", "https://alerce.online/object/{id}")),
-    LSST: (("Lasair", "https://lasair-lsst.lsst.ac.uk/objects/{id}/"),),
+    LSST: (("Lasair", "https://lasair-lsst.lsst.ac.uk/objects/{id}/"),
+           ("ALeRCE", "https://lsst.alerce.online/object/{id}?survey=lsst")),
 }
+# What a time column means, for the people reading a card: Lasair's columns (ZTF and LSST) and a packet's own.
+TIME_MEANINGS = {
+    "mjdmin": "first detection", "jdmin": "first detection", "firstDiaSourceMjdTai": "first detection",
+    "mjdmax": "last detection", "jdmax": "last detection", "lastDiaSourceMjdTai": "last detection",
+    "UTC": "filter run", "candidate.jd": "observation", "diaSource.midpointMjdTai": "observation",
+}
+NESTED_COLUMNS = ("candidate", "diaSource")  # a packet's detection: its scalars are shown as candidate.<field>
 MJD_EPOCH = dt.datetime(1858, 11, 17, tzinfo=dt.UTC)
 DRAWN_INDEX = ".drawn.json"  # hidden (never synced): which points each light curve was drawn from
+LIGHT_CURVE_STYLE = "3"  # part of each drawing's digest: a new layout redraws the light curves of older reports
 
 
 class ReportError(Exception):
@@ -71,7 +83,9 @@ class Card:
     alerts: int
     when: float  # MJD of the card's alert, or its receive time as MJD
     columns: list[tuple[str, str]] = field(default_factory=list)
-    alert_file: str | None = None
+    alert_file: str | None = None  # the file as received (a packet's .avro, or the JSON alert)
+    view_file: str | None = None  # the readable JSON of a packet kept as .avro
+    dated_by: str | None = None  # the message field ``when`` came from (None: the receive time)
     preview: str | None = None  # path relative to home
     stamps: list[tuple[str, str]] = field(default_factory=list)  # (type, path relative to home)
     missing: str | None = None  # why there is no preview
@@ -79,6 +93,7 @@ class Card:
     mjds: list[float] = field(default_factory=list)  # observation times of the night's alerts
     history: lightcurve.History = field(default_factory=lambda: lightcurve.History(lightcurve.MAG, []))
     curve_note: str | None = None  # what the light curve leaves out, or why there is none
+    limits: list[lightcurve.Point] = field(default_factory=list)  # its upper limits (non-detections)
 
 
 @dataclass(frozen=True)
@@ -106,10 +121,15 @@ def _survey(object_id: str, meta: dict[str, Any]) -> str:
     return ZTF if ZTF_OBJECT.match(object_id) else LSST
 
 
+def view_path(path: str) -> str:
+    """The readable JSON of an alert file: itself, or the ``.json`` view beside a packet kept as received."""
+    return path if path.endswith(".json") else str(Path(path).with_suffix(".json"))
+
+
 def _read_alert(home: Path, path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The message and ztfd's metadata of an alert file; empty when it is gone or not JSON (an Avro file)."""
+    """The message and ztfd's metadata of an alert (a packet's from its JSON view); empty when it is gone."""
     try:
-        document = json.loads((home / path).read_bytes())
+        document = json.loads((home / view_path(path)).read_bytes())
     except (OSError, ValueError):
         return {}, {}
     if not isinstance(document, dict):
@@ -128,14 +148,34 @@ def _format(value: Any) -> str | None:
     return str(value)
 
 
+def _scalars(message: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The message's top-level fields, then those of a packet's detection (``candidate.magpsf``)."""
+    found = [(key, value) for key, value in message.items() if key not in ID_COLUMNS]
+    for nested in NESTED_COLUMNS:
+        if isinstance(message.get(nested), dict):
+            found += [(f"{nested}.{key}", value) for key, value in message[nested].items()]
+    return found
+
+
 def columns_of(message: dict[str, Any], times_utc: dict[str, str]) -> list[tuple[str, str]]:
-    """The top-level columns a person reads: scalars only, time fields as UTC, the identifier left out."""
-    found = []
-    for key, value in message.items():
-        if key in ID_COLUMNS:
-            continue
-        text = times_utc[key].replace("T", " ").replace("Z", " UTC") if key in times_utc else _format(value)
-        if text is not None:
+    """The columns a person reads: scalars only, the identifier left out, each time field as UTC under what it
+    means ("first detection (mjdmin, jdmin)": two fields of the same meaning and instant shown once)."""
+    found: list[tuple[str, str]] = []
+    time_rows: dict[tuple[str, str], int] = {}  # (meaning, UTC text) -> its row
+    for key, value in _scalars(message):
+        if key in times_utc:
+            text = times_utc[key].replace("T", " ").replace("Z", " UTC")
+            meaning = TIME_MEANINGS.get(key, "time")
+            row = time_rows.get((meaning, text))
+            if row is not None:
+                label, shown = found[row]
+                found[row] = (label[:-1] + f", {key})", shown)
+                continue
+            time_rows[(meaning, text)] = len(found)
+            found.append((f"{meaning} ({key})", text))
+        elif key in TIME_MEANINGS and isinstance(value, str):  # Lasair's UTC: already a UTC time, no zone given
+            found.append((f"{TIME_MEANINGS[key]} ({key})", f"{value[:60]} UTC"))
+        elif (text := _format(value)) is not None:
             found.append((key, text if len(text) <= 60 else text[:57] + "…"))
         if len(found) == MAX_COLUMNS:
             break
@@ -189,9 +229,12 @@ def gather(cfg: config.Config, conn: sqlite3.Connection, date: str, topic: str |
         newest = seen[-1]
         survey = _survey(object_id, meta)
         when = newest.obs_mjd if newest.obs_mjd is not None else mjd_of(newest.received_at)
+        view = view_path(newest.path)
         card = Card(object_id, survey, {a.topic for a in seen}, len(seen), when, columns_of(message, times_utc),
-                    newest.path, mjds=sorted({a.obs_mjd for a in seen if a.obs_mjd is not None}),
-                    history=lightcurve.history_points(message))
+                    newest.path, view if view != newest.path else None,
+                    dated_by=meta.get("dated_by") if newest.obs_mjd is not None else None,
+                    mjds=sorted({a.obs_mjd for a in seen if a.obs_mjd is not None}),
+                    history=lightcurve.history_points(message), limits=lightcurve.history_limits(message))
         _choose_stamps(card, images.get(object_id, []), outcomes.get(object_id))
         if card.preview is None:
             card.missing = _missing_reason(outcomes.get(object_id), survey, cfg.stamps.previews)
@@ -284,11 +327,13 @@ def _light_curves(cfg: config.Config, conn: sqlite3.Connection, date: str, cards
         points = [p for p in points if p.mjd <= end]
         if not points:
             continue
+        limits = [p for p in card.limits if p.mjd <= end] if unit == card.history[0] else []
         target = folder / "lc" / f"{card.object_id}.png"
-        digest = hashlib.sha256(lightcurve.encode(points).encode() + repr(card.mjds).encode()).hexdigest()[:16]
+        digest = hashlib.sha256(lightcurve.encode(points).encode() + lightcurve.encode(limits).encode()
+                                + repr(card.mjds).encode() + LIGHT_CURVE_STYLE.encode()).hexdigest()[:16]
         if drawn.get(card.object_id) != digest or not target.exists():
             try:
-                image = lightcurve.draw(card.object_id, unit, points, card.mjds)
+                image = lightcurve.draw(card.object_id, unit, points, card.mjds, limits)
             except Exception as exc:  # one object's odd values must not cost the night its report
                 log.warning("report %s: the light curve of %s cannot be drawn: %s", date, card.object_id, exc)
                 card.curve_note = f"the light curve could not be drawn ({type(exc).__name__})"
@@ -318,7 +363,8 @@ nav { margin: 8px 0; }
 nav a, nav span { display: inline-block; padding: 2px 8px; margin-right: 4px; border: 1px solid var(--line);
                   border-radius: 4px; text-decoration: none; color: var(--accent); background: #fff; }
 nav span { color: var(--ink); background: var(--bg); font-weight: bold; }
-main { display: grid; grid-template-columns: repeat(auto-fill, minmax(620px, 1fr)); gap: 16px; padding: 16px 24px; }
+main { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(100%, 860px), 1fr)); gap: 16px;
+       padding: 16px 24px; }
 .card { background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: 12px 14px; }
 .card h2 { margin: 0; font-size: 17px; display: flex; align-items: baseline; gap: 12px; flex-wrap: wrap; }
 .card h2 a { color: var(--accent); text-decoration: none; }
@@ -326,7 +372,7 @@ main { display: grid; grid-template-columns: repeat(auto-fill, minmax(620px, 1fr
 .meta { color: var(--muted); margin: 2px 0 8px; font-size: 13px; }
 /* Never enlarged (its stamps are enlarged already) and shrunk smoothly: a nearest-neighbour shrink drops whole
    rows of the preview's thin header text (its second line lost its top). */
-.triplet { max-width: 100%; height: auto; display: block; border-radius: 3px; }
+.triplet { width: auto; max-width: 100%; height: auto; display: block; border-radius: 3px; }
 .nostamps { padding: 28px 12px; text-align: center; color: var(--muted); background: var(--bg);
             border: 1px dashed var(--line); border-radius: 3px; }
 .below { display: flex; gap: 12px; margin-top: 8px; align-items: flex-start; }
@@ -359,7 +405,8 @@ def _card_html(card: Card, page_dir: Path, home: Path) -> str:
     seen = f"{card.alerts} alerts" if card.alerts > 1 else "1 alert"
     when = iso_of_mjd(card.when)
     stamp_time = f'<time datetime="{when[:10]}T{when[11:19]}Z">{e(when)}</time>'
-    meta = f"{stamp_time} · {seen} · {e(', '.join(sorted(card.topics)))}"
+    what = f"observed {stamp_time} ({e(card.dated_by)})" if card.dated_by else f"received {stamp_time}"
+    meta = f"{what} · {seen} · {e(', '.join(sorted(card.topics)))}"
     if card.preview:
         stamp = (f'<img class="triplet" src="{_href(page_dir, home, card.preview)}" '
                  f'alt="science, template and difference stamps of {oid}" loading="lazy">')
@@ -375,7 +422,13 @@ def _card_html(card: Card, page_dir: Path, home: Path) -> str:
     else:
         curve = '<div class="nolc">no light curve: no detections kept and none in the message</div>'
     rows = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in card.columns)
-    file_links = [f'<a href="{_href(page_dir, home, card.alert_file)}">alert</a>'] if card.alert_file else []
+    file_links = []
+    if card.alert_file:
+        readable = card.view_file or card.alert_file
+        file_links.append(f'<a href="{_href(page_dir, home, readable)}">alert (JSON)</a>')
+        if card.view_file:
+            packet = Path(card.alert_file).suffix.lstrip(".") or "packet"
+            file_links.append(f'<a href="{_href(page_dir, home, card.alert_file)}">packet ({e(packet)})</a>')
     file_links += [f'<a href="{_href(page_dir, home, path)}">{e(kind)}</a>' for kind, path in card.stamps]
     return (f'<article class="card" id="{oid}"><h2>{title}<span class="links">{links}</span></h2>'
             f'<p class="meta">{meta}</p>{stamp}<div class="below">{curve}<table>{rows}</table></div>'
@@ -437,6 +490,27 @@ def render_pages(date: str, topic: str | None, cards: list[Card], counts: dict[s
 # --- one report, and the daemon's loop ---------------------------------------------------------------------------
 
 
+def _listed(items: Iterable[str], most: int = 10) -> str:
+    shown = list(items)
+    return ", ".join(shown[-most:]) + (f" (and {len(shown) - most} older)" if len(shown) > most else "")
+
+
+def refuse_empty(conn: sqlite3.Connection, date: str, topic: str | None) -> None:
+    """A ``ReportError`` naming what exists when the topic has no alerts at all, or the night none (of it)."""
+    if topic is not None and topic not in (known := night.topics_with_alerts(conn)):
+        raise ReportError(f"no alerts of topic {topic}; topics with alerts: {_listed(known) or 'none'}")
+    nights = night.nights_with_alerts(conn, topic)
+    if date not in nights:
+        of = f" of topic {topic}" if topic else ""
+        raise ReportError(f"no alerts{of} on {date}; nights with alerts{of}: {_listed(nights) or 'none yet'}")
+
+
+def latest_night(conn: sqlite3.Connection, topic: str | None = None) -> str | None:
+    """The newest night with alerts (``ztfd report --date last``)."""
+    nights = night.nights_with_alerts(conn, topic)
+    return max(nights) if nights else None
+
+
 def report_dir(cfg: config.Config, date: str, topic: str | None) -> Path:
     return cfg.reports_dir / date / topic if topic else cfg.reports_dir / date
 
@@ -452,6 +526,7 @@ def build(cfg: config.Config, conn: sqlite3.Connection, date: str, topic: str | 
         raise ReportError(f"--date {date} is not a date") from None
     if topic is not None and (not config.KAFKA_TOPIC.match(topic) or topic in (".", "..")):
         raise ReportError(f"--topic {topic!r} is not a topic name")
+    refuse_empty(conn, date, topic)
     changed_at = night.night_changed_at(conn, date) or 0.0
     folder = report_dir(cfg, date, topic)
     cards, counts = gather(cfg, conn, date, topic)

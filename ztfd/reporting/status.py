@@ -1,8 +1,11 @@
 """``ztfd status``: what runs, how far each topic is, the stamp queue, sync and disk, in one look.
 
-``collect`` builds one JSON-ready dict (``ztfd status --json``; docs/status.md documents its fields);
-``render`` turns it into the table a person reads. Both work when nothing runs and when the store does not exist
-yet. Nothing here writes to the store or to Kafka: the store is opened read-only (``connect_readonly``: no
+``collect`` builds one JSON-ready dict (``ztfd status --json``; docs/status.md documents its fields, every time in
+it ISO 8601 UTC); ``render`` turns it into the table a person reads. ``problems`` says what is wrong and why, one
+entry per thing (a broker a consumer cannot reach, a stamp service failing, S3 failing, local trouble), each with
+its reason and the log file and time of its line; ``healthy`` is false when ztfd is not running or has problems
+(the exit code stays LSB: 0 while it runs, problems or not). Both work when nothing runs and when the store does
+not exist yet. Nothing here writes to the store or to Kafka: the store is opened read-only (``connect_readonly``: no
 migration, no wait for a writer's lock, fine for a user who may only read home) and the Kafka lag is read with a
 throwaway consumer that never joins the group or commits.
 """
@@ -10,6 +13,7 @@ throwaway consumer that never joins the group or commits.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import shutil
@@ -23,8 +27,10 @@ from ztfd.daemon import pidfile
 from ztfd.daemon.localtrouble import STATUS_PREFIX as LOCAL_TROUBLE_PREFIX
 from ztfd.daemon.procs import pid_alive
 from ztfd.ingest import topics
+from ztfd.ingest.broker_errors import STATUS_PREFIX as KAFKA_ERROR_PREFIX
 from ztfd.ingest.quota import near_quota
 from ztfd.sources import LSST
+from ztfd.stamps.providers import service_url
 from ztfd.store import counters, jobs
 from ztfd.store import gaps as store_gaps
 from ztfd.store import quota as store_quota
@@ -62,6 +68,8 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
         "rejected": {},
         "gaps": [],
         "local_trouble": {},
+        "kafka_errors": {},
+        "stamp_errors": {},
         "disk": _disk(cfg.home),
         "store": str(cfg.db_path) if cfg.db_path.exists() else None,
     }
@@ -78,6 +86,8 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
             report["local_trouble"] = {
                 name: {"reason": reason, "at": _iso(at)}
                 for name, (reason, at) in statuses_with_prefix(conn, LOCAL_TROUBLE_PREFIX).items()}
+            report["kafka_errors"] = _kafka_errors(conn)
+            report["stamp_errors"] = _stamp_errors(conn, cfg)
             lost = store_gaps.missing_by_topic(conn)
             for info in report["topics"]:
                 info["rejected"] = report["rejected"].get(info["topic"], 0)
@@ -95,7 +105,72 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
     externally = any(p["alive"] and p["role"] == Role.CONSUMER and p["fresh"] for p in report["processes"])
     report["running"] = sup_pid is not None or externally
     report["mode"] = "supervisor" if sup_pid is not None else ("external" if externally else "stopped")
+    report["problems"] = problems(cfg, report)
+    report["healthy"] = report["running"] and not report["problems"]
     return report
+
+
+# --- problems: what is wrong, why, and where the log says it ------------------------------------------------------
+
+
+def _kafka_errors(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+    """Per consumer process, the Kafka error it keeps (``ztfd.ingest.broker_errors``), times in ISO."""
+    found = {}
+    for name, (value, _at) in statuses_with_prefix(conn, KAFKA_ERROR_PREFIX).items():
+        try:
+            record = json.loads(value)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            found[name] = {"brokers": str(record.get("brokers")), "reason": str(record.get("reason")),
+                           "code": record.get("code"), "since": _iso(_number(record.get("since"))),
+                           "at": _iso(_number(record.get("at")))}
+    return found
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _stamp_errors(conn: sqlite3.Connection, cfg: config.Config) -> dict[str, dict[str, Any]]:
+    """Per cause (retry, unavailable, failed), the newest reason the stamp jobs gave and the service they asked."""
+    return {cause: {"service": service_url(cfg.stamps, e.survey), "reason": e.reason, "at": _iso(e.at)}
+            for cause, e in jobs.last_errors(conn).items()}
+
+
+def problems(cfg: config.Config, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each thing that is wrong now: ``{"kind", "thing", "reason", "since", "log": {"file", "at"}}``."""
+    logs = cfg.logs_dir
+    found: list[dict[str, Any]] = []
+
+    def add(kind: str, thing: str, reason: str, since: str | None, log_file: str, at: str | None) -> None:
+        found.append({"kind": kind, "thing": thing, "reason": reason, "since": since,
+                      "log": {"file": str(logs / log_file), "at": since or at}})
+
+    for name, error in sorted(report.get("kafka_errors", {}).items()):
+        add("broker", f"Kafka broker {error['brokers']} (from {name})", error["reason"], error["since"], "errors.log",
+            error["at"])
+    if not report.get("kafka_errors"):
+        unreachable = sorted({t["topic"] for t in report["topics"] if t.get("broker") == "unreachable"})
+        if unreachable and report.get("running"):
+            add("broker", f"Kafka broker {cfg.kafka.bootstrap_servers}",
+                f"no answer to status within {KAFKA_TIMEOUT:g} s (topics {', '.join(unreachable)})", None,
+                "errors.log", report["time"])
+    queue = report["queue"]
+    retry = report.get("stamp_errors", {}).get("retry")
+    if retry and queue.get("retry_waiting"):
+        add("stamps", f"stamp service {retry['service']}",
+            f"{retry['reason']} ({queue['retry_waiting']} jobs waiting to retry)", None, "errors.log", retry["at"])
+    last_error = report["sync"].get("last_error")
+    if isinstance(last_error, dict) and last_error.get("message"):
+        add("s3", f"S3 bucket {report['sync'].get('bucket')}", str(last_error["message"]), None, "sync.log",
+            last_error.get("at"))
+    elif report["sync"].get("failing"):
+        add("s3", f"S3 bucket {report['sync'].get('bucket')}",
+            f"{report['sync']['failing']} files failed their last upload", None, "sync.log", report["time"])
+    for name, trouble in sorted(report.get("local_trouble", {}).items()):
+        add("local", f"{name} on this machine", trouble["reason"], trouble["at"], "errors.log", trouble["at"])
+    return found
 
 
 def _iso(ts: float | None) -> str | None:
@@ -197,11 +272,15 @@ def _failures(conn: sqlite3.Connection) -> list[dict[str, Any]]:
 
 
 def _sync(conn: sqlite3.Connection) -> dict[str, Any]:
-    """Pending files and bytes, last pass and last error (``ztfd.sync.summary``)."""
+    """Pending files and bytes, last pass and last error (``ztfd.sync.summary``), their times in ISO 8601."""
     from ztfd import sync
 
     summary = dict(sync.summary(conn))
     summary.setdefault("pending", 0)
+    for key in ("last_pass", "last_error"):
+        record = summary.get(key)
+        if isinstance(record, dict):
+            summary[key] = {k: _iso(_number(v)) if k.endswith("_at") or k == "at" else v for k, v in record.items()}
     return summary
 
 
@@ -339,7 +418,7 @@ def _describe_day(day: dict[str, Any] | None) -> str:
 def _describe_pass(last: Any) -> str:
     if not isinstance(last, dict):
         return str(last) if last else "-"
-    when = _iso(last.get("finished_at")) or "?"
+    when = last.get("finished_at") or "?"
     outcome = "ok" if last.get("ok") else "incomplete"
     size = human_bytes(last.get("bytes"))
     return f"{when}: {last.get('files', 0)} files, {size} in {last.get('seconds', 0)} s, {outcome}"
@@ -348,7 +427,7 @@ def _describe_pass(last: Any) -> str:
 def _describe_error(error: Any) -> str:
     if not isinstance(error, dict):
         return str(error) if error else "-"
-    return f"{error.get('message')} (at {_iso(error.get('at'))})"
+    return f"{error.get('message')} (at {error.get('at')})"
 
 
 def render(report: dict[str, Any]) -> str:
@@ -359,7 +438,16 @@ def render(report: dict[str, Any]) -> str:
         head = "ztfd is running without its supervisor (supervisord or systemd units)"
     else:
         head = "ztfd is not running"
-    out = [head, f"home {report['home']}", ""]
+    count = len(report.get("problems", []))
+    healthy = "" if report.get("healthy") or not report["running"] else f", with {count} problem{'s' * (count != 1)}"
+    out = [head + healthy, f"config {report['config']}", f"home {report['home']}", ""]
+    if report.get("problems"):
+        out.append("Problems")
+        for problem in report["problems"]:
+            since = f" since {problem['since']}" if problem.get("since") else ""
+            out.append(f"  {problem['thing']}: {problem['reason']}{since}")
+            out.append(f"    see {problem['log']['file']} at {problem['log']['at']}")
+        out.append("")
 
     out.append("Processes")
     if report["processes"]:
@@ -376,7 +464,8 @@ def render(report: dict[str, Any]) -> str:
 
     out.append("Topics")
     out += _table(
-        ["topic", "survey", "today", "total", "last alert", "lag", "rejected", "Lasair day"],
+        ["topic", "survey", "received today (UTC day of receipt)", "total", "last alert", "lag", "rejected",
+         "Lasair quota (day 20:00–20:00 UTC)"],
         [[t["topic"], t.get("survey") or "-", t["alerts_today"], t["alerts_total"],
           f"{t['last_alert']} ({_age(t['last_alert_age'])} ago)" if t["last_alert"] else "-",
           t["lag"] if t["lag"] is not None else f"? ({t.get('broker', 'unknown')})",

@@ -6,6 +6,11 @@ get a stamp job in a new *batch*. Then either the daemon does the work (some fet
 is alive: the jobs join its queue and replay waits for its batch) or replay runs its own worker processes on the
 batch, the same worker code as ``ztfd fetch``. Jobs that ALeRCE cannot serve yet are left queued, to be looked at
 again by the daemon on the not-yet-available schedule; they are reported, not failed.
+
+While it waits, replay shows the newest error of each cause among its batch's jobs (the stamp service failing and
+retried, not yet available, failed), so an operator sees why nothing settles. At the end it says what the done jobs
+did: fetched stamps, only drew a preview, or found everything on disk already (no request): a job is no proof of
+a fetch.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from ztfd.daemon import lifecycle
 from ztfd.sources import STAMP_TYPES
 from ztfd.stamps import providers
 from ztfd.stamps.fetcher import preview_path, read_valid, run_fetcher, stamp_path
-from ztfd.stamps.providers import StampProvider
+from ztfd.stamps.providers import StampProvider, service_url
 from ztfd.stamps.providers.packet import PacketStamps
 from ztfd.store import jobs
 from ztfd.store.alerts import alerts_on
@@ -206,7 +211,7 @@ def _fetch_in_foreground(conn: sqlite3.Connection, cfg: Config, batch: str, tota
         process.start()
     stop.on_cold_stop = lambda: lifecycle.kill_now(processes)  # their leases expire: the jobs come back
     try:
-        return _wait(conn, batch, total, stop, processes)
+        return _wait(conn, batch, total, stop, processes, cfg)
     finally:
         lifecycle.terminate(processes, WORKER_STOP_TIMEOUT)  # SIGTERM: a worker releases its leases and exits 0
 
@@ -224,6 +229,7 @@ def _wait(conn: sqlite3.Connection, batch: str, total: int, stop: lifecycle.Stop
     """
     progress = batch_progress(conn, batch, total)
     shown = 0
+    errors = ErrorLines(conn, batch, cfg)
     last_report = time.monotonic()
     last_check = last_seen = time.monotonic()
     with _progress_bar(total) as bar:
@@ -231,9 +237,11 @@ def _wait(conn: sqlite3.Connection, batch: str, total: int, stop: lifecycle.Stop
             progress = batch_progress(conn, batch, total)
             if bar is not None:
                 bar.update(progress.settled - shown)
+                errors.show(new_only=True, before="\n")
             elif time.monotonic() - last_report >= REPORT_EVERY:
                 click.echo(f"  {progress.settled}/{total} settled: done {progress.done}, failed "
                            f"{progress.failed}, not yet available {progress.unavailable}")
+                errors.show(new_only=False)
                 last_report = time.monotonic()
             shown = progress.settled
             if progress.settled >= total:
@@ -255,6 +263,29 @@ def _wait(conn: sqlite3.Connection, batch: str, total: int, stop: lifecycle.Stop
     return progress
 
 
+CAUSES = {"retry": "stamp service failed, retrying", "unavailable": "not yet available",
+          "failed": "failed for good"}
+
+
+class ErrorLines:
+    """The newest error per cause among a batch's jobs, as lines under the progress (each cause's line again when
+    its error changed, or at every report when stdout is not a terminal)."""
+
+    def __init__(self, conn: sqlite3.Connection, batch: str, cfg: Config | None) -> None:
+        self.conn, self.batch, self.cfg = conn, batch, cfg
+        self.shown: dict[str, str] = {}
+
+    def show(self, new_only: bool, before: str = "") -> None:
+        for cause, error in sorted(jobs.last_errors(self.conn, self.batch).items()):
+            where = service_url(self.cfg.stamps, error.survey) if self.cfg is not None else None
+            line = f"    {CAUSES.get(cause, cause)}{f' ({where})' if where else ''}: {error.reason}"
+            if new_only and self.shown.get(cause) == line:
+                continue
+            click.echo(before + line)
+            before = ""
+            self.shown[cause] = line
+
+
 @contextlib.contextmanager
 def _progress_bar(total: int) -> Iterator:
     if not sys.stdout.isatty():
@@ -265,9 +296,11 @@ def _progress_bar(total: int) -> Iterator:
 
 
 def _summarise(conn: sqlite3.Connection, scope: str, batch: str, progress: Progress, total: int) -> int:
+    did = jobs.done_outcomes(conn, batch)
+    drawn = f", preview drawn {did.preview_only}" if did.preview_only else ""
     click.echo(
-        f"replay {scope}: done {progress.done}, failed {progress.failed}, "
-        f"not yet available {progress.unavailable}, unfinished {total - progress.settled}"
+        f"replay {scope}: done {progress.done} (fetched {did.fetched}, already complete {did.complete}{drawn}), "
+        f"failed {progress.failed}, not yet available {progress.unavailable}, unfinished {total - progress.settled}"
     )
     if progress.unavailable:
         click.echo("  not-yet-available jobs stay queued: the daemon looks again on its schedule")

@@ -6,7 +6,7 @@ manifest) and who is running (process heartbeats). Each consumer batch is one tr
 offsets, which is what makes kill -9 at any instant lose and duplicate nothing.
 
 All SQL lives in this package, one module per table family: ``alerts``, ``stamps``, ``jobs``, ``rejected``,
-``offsets``, ``manifest``, ``processes``, ``ratelimits``, ``facts`` (the ``status`` table); ``schema`` writes the
+``offsets``, ``manifest``, ``processes``, ``ratelimits``, ``status_facts`` (the ``status`` table); ``schema`` writes the
 tables down and ``db`` opens connections and migrates.
 """
 

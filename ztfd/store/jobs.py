@@ -387,3 +387,58 @@ def list_jobs(conn: sqlite3.Connection, batch: str | None = None) -> list[JobRow
         "SELECT id, alert_id, state, attempts, last_error, batch, force, not_before, owner, unavailable_since, "
         f"updated_at FROM jobs {where} ORDER BY id", args)
     return [JobRow(r[0], r[1], JobState(r[2]), r[3], r[4], r[5], bool(r[6]), *r[7:]) for r in rows]
+
+
+@dataclass(frozen=True)
+class LastError:
+    """The newest reason jobs of one cause gave: what ``status`` and ``replay`` show while work waits."""
+
+    cause: str  # retry (the stamp service failed), unavailable (not there yet), failed (given up)
+    survey: str | None
+    reason: str
+    at: float
+    batch: str | None
+
+
+LAST_ERRORS_SCAN = 200  # waiting jobs read, newest wait first: enough to find each cause, bounded whatever the queue
+
+
+def last_errors(conn: sqlite3.Connection, batch: str | None = None) -> dict[str, LastError]:
+    """cause -> the newest error of the jobs waiting for it (ready with a later try) and of the failed ones.
+
+    Waiting jobs are read through ``jobs_ready`` from the latest ``not_before`` down (a job waiting for a retry
+    is due later than the fresh ones), failed ones through ``jobs_failed`` (a replay's ``batch``: through
+    ``jobs_batch``); at most ``LAST_ERRORS_SCAN`` rows each, so the cost does not grow with the queue.
+    """
+    found: dict[str, LastError] = {}
+    for state, order, cause in (("ready", "j.not_before", "j.waiting"), ("failed", "j.updated_at", "'failed'")):
+        only, args = ("AND j.batch = ?", (batch,)) if batch is not None else ("", ())  # a replay: its own jobs
+        rows = conn.execute(
+            f"SELECT {cause}, a.survey, j.last_error, j.updated_at, j.batch FROM jobs j "
+            f"LEFT JOIN alerts a ON a.id = j.alert_id WHERE j.state = ? {only} ORDER BY {order} DESC LIMIT ?",
+            (state, *args, LAST_ERRORS_SCAN))
+        for row in rows:
+            error = LastError(row[0], row[1], row[2], row[3], row[4])
+            if error.cause is None or error.reason is None:
+                continue
+            if error.cause not in found or found[error.cause].at < error.at:
+                found[error.cause] = error
+    return found
+
+
+@dataclass(frozen=True)
+class DoneOutcomes:
+    """What a batch's done jobs did: fetched stamps, only drew a preview, or found everything on disk."""
+
+    fetched: int = 0
+    preview_only: int = 0
+    complete: int = 0  # no request, nothing drawn: it was all there already
+
+
+def done_outcomes(conn: sqlite3.Connection, batch: str) -> DoneOutcomes:
+    """The done jobs of ``batch`` by what their run did (their alert's stamp record: kinds fetched, preview)."""
+    row = conn.execute(
+        "SELECT coalesce(sum(s.fetched != 0), 0), coalesce(sum(s.fetched = 0 AND s.preview != 0), 0), "
+        "coalesce(sum(s.fetched = 0 AND s.preview = 0), 0) FROM jobs j JOIN stamps s ON s.alert_id = j.alert_id "
+        "WHERE j.batch = ? AND j.state = 'done'", (batch,)).fetchone()
+    return DoneOutcomes(int(row[0]), int(row[1]), int(row[2]))

@@ -282,8 +282,9 @@ def state_totals(conn: sqlite3.Connection) -> dict[FileState, Totals]:
 
 
 def count_failing(conn: sqlite3.Connection) -> int:
-    """Pending files whose last upload attempt failed."""
-    return int(conn.execute("SELECT count(*) FROM manifest WHERE state = 'pending' AND attempts > 0").fetchone()[0])
+    """Pending files whose last upload attempt failed: the counter the manifest's triggers keep (one row)."""
+    row = conn.execute("SELECT files FROM counter_failing WHERE id = 1").fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def count_unverified(conn: sqlite3.Connection) -> int:

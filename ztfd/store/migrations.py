@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-from ztfd.store.schema import ADDED_COLUMNS, RECEIVED_SCHEMA
+from ztfd.store.schema import ADDED_COLUMNS, FAILING_SCHEMA, RECEIVED_SCHEMA
 
 
 def _v1_to_v2(conn: sqlite3.Connection) -> None:
@@ -94,6 +94,14 @@ def _v6_to_v7(conn: sqlite3.Connection) -> None:
     conn.execute("DROP TRIGGER IF EXISTS count_stamp_failure")
 
 
+def _v7_to_v8(conn: sqlite3.Connection) -> None:
+    """Failing uploads are counted by triggers (``schema.FAILING_SCHEMA``, created after this step): the count
+    starts from the rows."""
+    conn.execute(FAILING_SCHEMA.split(";")[0])
+    conn.execute("INSERT INTO counter_failing (id, files) SELECT 1, count(*) FROM manifest "
+                 "WHERE state = 'pending' AND attempts > 0 ON CONFLICT (id) DO UPDATE SET files = excluded.files")
+
+
 STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _v1_to_v2,
     2: add_missing_columns,
@@ -101,4 +109,5 @@ STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {
     4: _v4_to_v5,
     5: _v5_to_v6,
     6: _v6_to_v7,
+    7: _v7_to_v8,
 }

@@ -138,3 +138,18 @@ def busiest_night(conn: sqlite3.Connection) -> str | None:
     row = conn.execute("SELECT date FROM counter_alerts GROUP BY date ORDER BY sum(alerts) DESC, date LIMIT 1")
     found = row.fetchone()
     return None if found is None else found[0]
+
+
+def nights_with_alerts(conn: sqlite3.Connection, topic: str | None = None) -> dict[str, int]:
+    """date -> alerts stored that night (of ``topic`` only, if given), oldest night first (the counters: a few rows
+    a night)."""
+    only, args = ("WHERE topic = ?", (topic,)) if topic else ("", ())
+    rows = conn.execute(f"SELECT date, sum(alerts) FROM counter_alerts {only} GROUP BY date HAVING sum(alerts) > 0 "
+                        "ORDER BY date", args)
+    return {row[0]: int(row[1]) for row in rows}
+
+
+def topics_with_alerts(conn: sqlite3.Connection) -> list[str]:
+    """Every topic that has alerts stored on some night."""
+    rows = conn.execute("SELECT topic FROM counter_alerts GROUP BY topic HAVING sum(alerts) > 0 ORDER BY topic")
+    return [row[0] for row in rows]

@@ -12,10 +12,11 @@ from ztfd.store.states import FailureClass, JobKind, JobState, ProcessState, Wai
 
 _READY, _LEASED, _DONE, _FAILED = map(literal, (JobState.READY, JobState.LEASED, JobState.DONE, JobState.FAILED))
 
-SCHEMA_VERSION = 7  # 3: alerts.survey, detection_id, band (ADDED_COLUMNS), the observability block; 4: the Avro block;
+SCHEMA_VERSION = 8  # 3: alerts.survey, detection_id, band (ADDED_COLUMNS), the observability block; 4: the Avro block;
 # 5: alerts counted per batch (no count_alert trigger), counter_received instead of the alerts_received index,
 # uploaded files forgotten (count_file_delete counts pending rows only); 6: manifest_pending ordered by record time;
-# 7: jobs.failure, the class of a failed attempt (ADDED_COLUMNS), which count_stamp_failure counts
+# 7: jobs.failure, the class of a failed attempt (ADDED_COLUMNS), which count_stamp_failure counts;
+# 8: counter_failing (pending files whose last upload failed), kept by triggers
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (
@@ -441,3 +442,33 @@ ADDED_COLUMNS += (("jobs", "kind", f"TEXT NOT NULL DEFAULT {literal(JobKind.FETC
 # Schema version 7: the class of a job's last failed attempt (store.states.FailureClass), what
 # ``ztfd_stamp_failures_total{reason}`` counts; the step from 6 adds it (migrations.add_missing_columns).
 ADDED_COLUMNS += (("jobs", "failure", "TEXT"),)
+
+# --- Failing uploads (schema version 8; ztfd.store.manifest.count_failing) -------------------------------------------
+# Pending files whose last upload attempt failed (state 'pending', attempts > 0), counted where they change, in the
+# writer's transaction, like the other counters: ``ztfd status`` read them with a count over every pending row,
+# which grew with the backlog (0.24 s at 100,000 pending files with S3 down). The step from version 7
+# (migrations._v7_to_v8) seeds the count from the rows.
+FAILING_SCHEMA = """
+CREATE TABLE IF NOT EXISTS counter_failing (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    files INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE TRIGGER IF NOT EXISTS count_failing_insert AFTER INSERT ON manifest
+WHEN NEW.state = 'pending' AND NEW.attempts > 0 BEGIN
+    INSERT INTO counter_failing (id, files) VALUES (1, 1) ON CONFLICT (id) DO UPDATE SET files = files + 1;
+END;
+
+CREATE TRIGGER IF NOT EXISTS count_failing_update AFTER UPDATE OF state, attempts ON manifest
+WHEN (OLD.state = 'pending' AND OLD.attempts > 0) IS NOT (NEW.state = 'pending' AND NEW.attempts > 0) BEGIN
+    INSERT INTO counter_failing (id, files)
+    VALUES (1, CASE WHEN NEW.state = 'pending' AND NEW.attempts > 0 THEN 1 ELSE -1 END)
+    ON CONFLICT (id) DO UPDATE SET files = files + excluded.files;
+END;
+
+CREATE TRIGGER IF NOT EXISTS count_failing_delete AFTER DELETE ON manifest
+WHEN OLD.state = 'pending' AND OLD.attempts > 0 BEGIN
+    UPDATE counter_failing SET files = files - 1 WHERE id = 1;
+END;
+"""
+SCHEMA += FAILING_SCHEMA

@@ -176,3 +176,15 @@ def providers_for(settings: Any) -> dict[str, StampProvider]:
             continue
         made[survey] = factory(settings)
     return made
+
+
+def service_url(settings: Any, survey: str | None) -> str | None:
+    """The stamp service a survey's jobs ask, as an operator would look it up when they fail (``ztfd status``,
+    ``ztfd replay``); None when the survey has no provider."""
+    name = configured_surveys(settings).get(str(survey or "ztf"))
+    if name is None:
+        return None
+    if survey == "lsst":
+        return settings.lasair_lsst_url if name == "lasair" else settings.alerce_lsst_url
+    api, stamp = settings.alerce_api_url, settings.alerce_stamp_url
+    return api if api == stamp else f"{api} (detections) / {stamp} (stamps)"
