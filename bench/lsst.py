@@ -89,10 +89,11 @@ def profile(messages: list[bytes]) -> dict[str, float]:
     timed("json dumps", lambda: [json.dumps(b) for b in bodies])
     alerts = timed("decode", lambda: [source.decode(m) for m in messages])
     timings["nested time walk"] = max(0.0, timings["decode"] - timings["json parse"])
-    timed("time conversion", lambda: nights.convert_times(alerts))
+    observed = timed("time conversion", lambda: nights.convert_times(alerts))
     now = dt.datetime.now(dt.UTC)
     timed("alert file bytes", lambda: [md5_hex(alert_files(a, "data", "stem", "images", {
-        "date": nights.date_of(a, None, now).date, "times_utc": a.times_utc})[0][1]) for a in alerts])
+        "date": nights.date_of(a, t, None, now).date, "times_utc": t.times_utc})[0][1])
+        for a, t in zip(alerts, observed, strict=True)])
     return timings
 
 

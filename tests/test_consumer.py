@@ -286,7 +286,7 @@ def test_a_crash_between_the_files_and_the_store_writes_the_same_files_again(
 
     for _restart in range(2):  # the redelivery, then once more as after lost offsets: nothing is written again
         restarted = TopicConsumer(cfg, "t", "consumer:t")
-        restarted.consumer = NoKafka()
+        restarted.kafka.consumer = NoKafka()
         store_batch(restarted, batch)
         restarted.close()
     assert sorted(alert_files(cfg.home)) == written_before
@@ -329,8 +329,8 @@ def test_a_burst_ending_on_a_full_batch_is_stored_before_the_consumer_waits_at_k
     burst = [FakeMessage(json.dumps(m).encode(), offset) for offset, m in enumerate(samples.message_stream(20))]
     consumer = TopicConsumer(cfg, "t", "consumer:t")
     kafka = BurstThenQuiet(burst, consumer)
-    monkeypatch.setattr(consumer, "_new_consumer", lambda: kafka)
-    monkeypatch.setattr(consumer, "_new_admin", lambda: None)
+    monkeypatch.setattr(consumer.kafka, "_new_consumer", lambda: kafka)
+    monkeypatch.setattr(consumer.kafka, "_new_admin", lambda: None)
     monkeypatch.setattr(consumer, "_look_at_topic", lambda force=False: None)
     monkeypatch.setattr(consumer.stopping, "install", lambda *args, **kwargs: None)
     monkeypatch.setattr(consumer.files, "answered", lambda: False)  # as if the writer were still at the last batch
@@ -378,7 +378,7 @@ def test_a_recreated_topic_starts_a_new_generation(
 
 
 def test_a_batch_spanning_a_recreation_resumes_in_the_new_generation() -> None:
-    from ztfd.ingest.consumer import Incoming, next_offsets
+    from ztfd.ingest.batch import Incoming, next_offsets
 
     # The deleted topic's last offsets (100, 101) and the recreated topic's first (0..4) in one batch.
     items = [Incoming(None, 0, 100, 0), Incoming(None, 0, 101, 0)] + [Incoming(None, 0, o, 1) for o in range(5)]
@@ -408,13 +408,13 @@ def test_a_second_consumer_of_the_same_topic_stores_nothing_twice(make_config: C
     cfg = config.load(make_config(kafka={"topics": ["t"]}, stamps={"enabled": True}))
     batch = [FakeMessage(json.dumps(m).encode(), offset) for offset, m in enumerate(samples.message_stream(12))]
     first = TopicConsumer(cfg, "t", "consumer:t")
-    first.consumer = NoKafka()
+    first.kafka.consumer = NoKafka()
     store_batch(first, batch[:5])
     first.close()
     second = TopicConsumer(cfg, "t", "consumer:t#2")
-    second.consumer = NoKafka()
+    second.kafka.consumer = NoKafka()
     with pytest.MonkeyPatch.context() as patch:  # as if it had read the batch before the first one stored it
-        patch.setattr(second, "_not_yet_stored", lambda valid: valid)
+        patch.setattr(second.builder, "_not_yet_stored", lambda valid: valid)
         prepared = second.prepare(batch)
         assert prepared is not None and len(prepared.documents) == 12
         accepted = second.write_and_store(prepared)
@@ -508,7 +508,7 @@ def test_a_source_with_cutouts_gets_them_written_and_recorded_with_its_alert(
     cfg = config.load(make_config(kafka={"topics": ["t"]}, kafka__formats={"t": FakeCutoutSource.format},
                                   stamps={"enabled": True}))
     consumer = TopicConsumer(cfg, "t", "consumer:t")
-    consumer.consumer = NoKafka()
+    consumer.kafka.consumer = NoKafka()
     store_batch(consumer, [FakeMessage(b"1704217901015015001", 0), FakeMessage(b"boom", 1),
                            FakeMessage(b"1704174284215015008", 2)])
     consumer.close()

@@ -32,6 +32,7 @@ from ztfd import config, store
 from ztfd.embedded import samples
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.ingest.consumer import TopicConsumer
+from ztfd.ingest.kafka import KafkaAdapter
 from ztfd.store import gaps as store_gaps
 
 
@@ -93,7 +94,7 @@ def test_the_same_topic_read_again_keeps_its_generation_whatever_its_watermarks_
     assert max(on_disk.values()) == 1 and len(alert_files(home)) == 65
 
 
-class BrokerPastTheStoredOffset:
+class BrokerPastTheStoredOffset(KafkaAdapter):
     """A broker whose retention has passed ztfd's stored offset: the earliest offset it still has is 40."""
 
     def topic_id(self) -> str | None:
@@ -109,20 +110,16 @@ def test_offsets_gone_from_the_broker_are_recorded_once_as_a_gap_and_logged(
     config_path = make_config(kafka={"topics": ["t"]})
     cfg = config.load(config_path)
     messages = [FakeMessage(json.dumps(m).encode(), offset) for offset, m in enumerate(samples.message_stream(60))]
-    consumer = TopicConsumer(cfg, "t", "consumer:t")
-    consumer.consumer = NoKafka()
+    consumer = TopicConsumer(cfg, "t", "consumer:t", kafka=BrokerPastTheStoredOffset(cfg.kafka, "t"))
+    consumer.kafka.consumer = NoKafka()
     store_batch(consumer, messages[:10])  # ztfd read 0..9, then was down while retention deleted 10..39
-    consumer.watch.view = BrokerPastTheStoredOffset()
-    with caplog.at_level(logging.ERROR, logger="ztfd.ingest.consumer"):
+    with caplog.at_level(logging.ERROR, logger="ztfd.ingest.assignment"):
         store_batch(consumer, messages[40:50])
     consumer.close()
-    again = TopicConsumer(cfg, "t", "consumer:t")  # a restart that reads the same offsets again
-    again.consumer = NoKafka()
-    again.watch.view = BrokerPastTheStoredOffset()
-    again._assign = lambda partitions: None  # type: ignore[method-assign]
-    from ztfd.ingest.partitions import Partition
-
-    again.watch.partitions[0] = Partition(0, 10)
+    # A restart that reads the same offsets again.
+    again = TopicConsumer(cfg, "t", "consumer:t", kafka=BrokerPastTheStoredOffset(cfg.kafka, "t"))
+    again.kafka.consumer = NoKafka()
+    again.assignment.watch.start(0, generation=0, expected=10)
     store_batch(again, messages[40:60])
     again.close()
     conn = store.connect(cfg.db_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ztfd.ingest.partitions import CONFIRM_AFTER, Partition, PartitionWatch
+from ztfd.ingest.partitions import CONFIRM_AFTER, PartitionWatch
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Clock:
 
 def watch(broker: ScriptedBroker, expected: int | None = 100, known_id: str | None = "id-1") -> PartitionWatch:
     result = PartitionWatch("t", broker, known_id, clock=Clock())
-    result.partitions[0] = Partition(generation=0, expected=expected)
+    result.start(0, generation=0, expected=expected)
     return result
 
 
@@ -82,8 +82,7 @@ def test_without_ids_a_message_below_the_expected_offset_needs_two_low_answers()
 
 def test_without_ids_the_earliest_offset_moving_back_is_a_recreation():
     broker = ScriptedBroker(marks=[(50, 200), (0, 200)])
-    w = watch(broker)
-    w.partitions[0].expected = 150
+    w = watch(broker, expected=150)
     assert not w.idle_partition_ended_early(0, cached_end=140)
     assert w.idle_partition_ended_early(0, cached_end=140)
 
@@ -105,3 +104,25 @@ def test_the_expected_offset_and_a_fresh_partition_ask_nothing():
     assert watch(broker).offset_seen(0, 100).kind == "same"
     assert watch(broker, expected=None).offset_seen(0, 7).kind == "same"
     assert broker.asked_marks == 0
+
+
+def test_reading_on_from_the_expected_offset_keeps_the_generation_and_asks_nothing():
+    broker = ScriptedBroker(marks=[(0, 0)])
+    w = watch(broker)
+    assert [w.offset_read(0, offset) for offset in (100, 101, 102)] == [(0, None)] * 3
+    assert w.offset_read(1, 7) == (0, None)  # a partition not assigned yet: read from where it is
+    assert broker.asked_marks == 0
+
+
+def test_a_message_of_a_recreated_topic_starts_the_next_generation_and_is_expected_after():
+    w = watch(ScriptedBroker(ids=["id-2"]))
+    generation, verdict = w.offset_read(0, 0)
+    assert generation == 1 and verdict is not None and (verdict.kind, verdict.expected) == ("recreated", 100)
+    assert w.offset_read(0, 1) == (1, None)
+
+
+def test_a_gap_is_reported_once_and_reading_goes_on_after_it():
+    w = watch(ScriptedBroker(ids=["id-1"], marks=[(160, 300)]))
+    generation, verdict = w.offset_read(0, 170)
+    assert generation == 0 and verdict is not None and verdict.gap is not None and verdict.gap.missing == 60
+    assert w.offset_read(0, 171) == (0, None)

@@ -17,9 +17,16 @@ SOURCE = lasair.LasairSource()
 
 def decoded(body: dict | bytes) -> Alert:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    alert = SOURCE.decode(raw, None)
-    nights.convert_times([alert])
-    return alert
+    return SOURCE.decode(raw, None)
+
+
+def times(alert: Alert) -> nights.ObservedTimes:
+    """The alert's time fields, converted as the consumer converts a batch of them."""
+    return nights.convert_times([alert])[0]
+
+
+def dating(alert: Alert, kafka: dt.datetime | None = None) -> nights.Dating:
+    return nights.date_of(alert, times(alert), kafka, RECEIVED)
 
 
 def document(alert: Alert) -> bytes:
@@ -28,7 +35,7 @@ def document(alert: Alert) -> bytes:
 
 
 def date(alert: Alert) -> str:
-    return nights.date_of(alert, None, RECEIVED).date
+    return dating(alert).date
 
 
 HUGE_INT = "1" + "0" * 5000
@@ -94,10 +101,10 @@ def test_ztf_date_is_the_utc_date_of_the_newest_observation_time() -> None:
     alert = decoded({"objectId": "ZTF21abvawaj", "mjdmin": 59449.22, "mjdmax": 59458.26447919989,
                      "UTC": "2021-09-02 00:10:00"})
     assert (alert.survey, alert.date_rule, alert.observation_key) == (ZTF, UTC_DATE, "mjdmax")
-    assert nights.date_of(alert, None, RECEIVED) == nights.Dating("2021-09-01", UTC_DATE, "mjdmax")
-    assert alert.times_utc["mjdmax"].startswith("2021-09-01T06:20:51")
-    assert alert.times_utc["mjdmin"].startswith("2021-08-23T")
-    assert alert.obs_mjd == pytest.approx(59458.26447919989)
+    assert dating(alert) == nights.Dating("2021-09-01", UTC_DATE, "mjdmax")
+    assert times(alert).times_utc["mjdmax"].startswith("2021-09-01T06:20:51")
+    assert times(alert).times_utc["mjdmin"].startswith("2021-08-23T")
+    assert times(alert).obs_mjd == pytest.approx(59458.26447919989)
     assert alert.detection_id is None  # Lasair-ZTF never names the candid
 
 
@@ -105,23 +112,23 @@ def test_jd_fields_are_converted_and_the_newest_wins() -> None:
     alert = decoded({"objectId": "ZTF18aamyaaj", "jdmin": 2458230.7830787, "jdmax": 2459458.7179051})
     assert date(alert) == "2021-09-01"
     expected = dt.datetime(1858, 11, 17) + dt.timedelta(days=2459458.7179051 - 2400000.5)
-    converted = dt.datetime.fromisoformat(alert.times_utc["jdmax"].rstrip("Z"))
+    converted = dt.datetime.fromisoformat(times(alert).times_utc["jdmax"].rstrip("Z"))
     assert abs((converted - expected).total_seconds()) < 0.002
-    assert alert.obs_mjd == pytest.approx(2459458.7179051 - 2400000.5)
+    assert times(alert).obs_mjd == pytest.approx(2459458.7179051 - 2400000.5)
 
 
 def test_without_times_the_utc_field_gives_the_date_then_kafka_then_the_receive_time() -> None:
     with_utc = decoded({"objectId": "ZTF19aayvyfa", "UTC": "2021-09-01 09:05:33"})
-    assert nights.date_of(with_utc, None, RECEIVED) == nights.Dating("2021-09-01", UTC_DATE, "UTC")
+    assert dating(with_utc) == nights.Dating("2021-09-01", UTC_DATE, "UTC")
     bare = decoded({"objectId": "ZTF19aayvyfa"})
     kafka = dt.datetime(2021, 9, 3, 1, 0, tzinfo=dt.UTC)
-    assert nights.date_of(bare, kafka, RECEIVED) == nights.Dating("2021-09-03", UTC_DATE, "kafka_timestamp")
-    assert nights.date_of(bare, None, RECEIVED) == nights.Dating("2026-11-24", UTC_DATE, "received_at")
+    assert dating(bare, kafka) == nights.Dating("2021-09-03", UTC_DATE, "kafka_timestamp")
+    assert dating(bare) == nights.Dating("2026-11-24", UTC_DATE, "received_at")
 
 
 def test_null_times_are_allowed_and_ignored() -> None:
     alert = decoded({"objectId": "ZTF18abbwsvo", "mjdmax": None, "UTC": "2021-08-31 05:21:07"})
-    assert alert.times_utc == {}
+    assert times(alert).times_utc == {}
     assert date(alert) == "2021-08-31"
 
 
@@ -131,9 +138,9 @@ def test_bare_nan_and_infinity_are_accepted_and_count_as_missing() -> None:
            b'[{"midpointMjdTai": NaN, "diaSourceId": 313673107864813598}]}}')
     alert = decoded(raw)
     assert alert.raw == raw
-    assert alert.times_utc == {}
+    assert times(alert).times_utc == {}
     assert alert.observation_key is None and alert.detection_id is None
-    assert nights.date_of(alert, None, RECEIVED).dated_by == "UTC"
+    assert dating(alert).dated_by == "UTC"
     doc = document(alert)
     assert raw in doc  # verbatim, bare NaN and all: Python's json reads it back
     assert json.loads(doc)["message"]["diaObjectId"] == 313637921267122191
@@ -150,20 +157,20 @@ def test_lsst_plain_output_is_dated_by_last_dia_source_and_day_obs() -> None:
     assert (alert.survey, alert.date_rule) == (LSST, DAY_OBS)
     # TAI is 37 s ahead of UTC: the UTC string is 37 s earlier than a naive reading of the MJD.
     naive = dt.datetime(1858, 11, 17) + dt.timedelta(days=60983.20685446523)
-    converted = dt.datetime.fromisoformat(alert.times_utc["lastDiaSourceMjdTai"].rstrip("Z"))
+    converted = dt.datetime.fromisoformat(times(alert).times_utc["lastDiaSourceMjdTai"].rstrip("Z"))
     assert (naive - converted).total_seconds() == pytest.approx(37, abs=0.01)
-    assert alert.times_utc["validityStartMjdTai"].startswith("2026-02-12")
-    assert nights.date_of(alert, None, RECEIVED) == nights.Dating("2025-11-03", DAY_OBS, "lastDiaSourceMjdTai")
+    assert times(alert).times_utc["validityStartMjdTai"].startswith("2026-02-12")
+    assert dating(alert) == nights.Dating("2025-11-03", DAY_OBS, "lastDiaSourceMjdTai")
 
 
 def test_lsst_derived_and_model_times_are_converted_but_never_date_the_alert() -> None:
     raw = (b'{"diaObjectId": 313637921267122191, "i_latestMJD": 60983.20685446523, "latestPairMJD": 60983.2055, '
            b'"BBBPeakMJD": 99999.0, "absMagMJD": "junk", "UTC": "2026-02-14 13:41:02"}')
     alert = decoded(raw)
-    assert set(alert.times_utc) == {"i_latestMJD", "latestPairMJD"}  # a fitted peak out of range is not an error
-    assert nights.date_of(alert, None, RECEIVED) == nights.Dating("2026-02-14", DAY_OBS, "UTC")
+    assert set(times(alert).times_utc) == {"i_latestMJD", "latestPairMJD"}  # a fitted peak out of range is not an error
+    assert dating(alert) == nights.Dating("2026-02-14", DAY_OBS, "UTC")
     # The same names in a ZTF message are ordinary columns, as they always were.
-    assert decoded({"objectId": "ZTF21abvawaj", "BBBPeakMJD": "x"}).times_utc == {}
+    assert times(decoded({"objectId": "ZTF21abvawaj", "BBBPeakMJD": "x"})).times_utc == {}
 
 
 def test_lsst_full_output_the_real_sample_is_dated_by_its_newest_dia_source() -> None:
@@ -171,17 +178,17 @@ def test_lsst_full_output_the_real_sample_is_dated_by_its_newest_dia_source() ->
     assert alert.observation_key == "alert.diaSourcesList[0].midpointMjdTai"
     assert alert.detection_id == "313673107864813598"  # beyond 2**53, exact
     assert alert.band == "i"
-    assert alert.times_utc[alert.observation_key] == "2025-11-04T04:57:15.226Z"
-    assert alert.times_utc["alert.diaObject.validityStartMjdTai"].startswith("2026-02-12")
-    assert alert.times_utc["alert.diaSourcesList[0].timeProcessedMjdTai"].startswith("2026-02-10")
-    assert nights.date_of(alert, None, RECEIVED).date == "2025-11-03"
+    assert times(alert).times_utc[alert.observation_key] == "2025-11-04T04:57:15.226Z"
+    assert times(alert).times_utc["alert.diaObject.validityStartMjdTai"].startswith("2026-02-12")
+    assert times(alert).times_utc["alert.diaSourcesList[0].timeProcessedMjdTai"].startswith("2026-02-10")
+    assert dating(alert).date == "2025-11-03"
 
 
 def test_lsst_lite_output_has_no_ids_but_is_dated_by_its_dia_sources() -> None:
     alert = decoded(lsst_samples.lasair_fixture_message("lite"))
     assert alert.detection_id is None
     assert alert.band == "i"
-    assert nights.date_of(alert, None, RECEIVED) == nights.Dating(
+    assert dating(alert) == nights.Dating(
         "2025-11-03", DAY_OBS, "alert.diaSourcesList[0].midpointMjdTai")
 
 
@@ -227,7 +234,7 @@ def test_the_alert_file_keeps_the_message_bytes_verbatim() -> None:
 def test_only_time_like_names_are_time_fields() -> None:
     # A filter may select any alias; one that merely contains "mjd" must not make its alerts invalid.
     alert = decoded({"objectId": "ZTF21abvawaj", "mjd_span": 5.2, "adjusted": 1, "jdmax": 2459458.7179051})
-    assert set(alert.times_utc) == {"jdmax"}
+    assert set(times(alert).times_utc) == {"jdmax"}
     for name in ("jd", "jdmin", "jdgmax", "jdstarthist", "jd_g_minus_r", "mjdmax", "midpointMjdTai"):
         assert lasair.time_kind(name) is not None, name
 
@@ -236,15 +243,15 @@ def test_nested_lsst_times_are_converted_and_count_for_the_date() -> None:
     raw = (b'{"diaObjectId": 313637921267122191, "UTC": "2025-11-04 05:16:48", "alert": {"diaSourcesList": ['
            b'{"midpointMjdTai": 60983.20685446523, "band": "i"}, {"midpointMjdTai": "junk"}]}}')
     alert = decoded(raw)
-    assert list(alert.times_utc) == ["alert.diaSourcesList[0].midpointMjdTai"]
+    assert list(times(alert).times_utc) == ["alert.diaSourcesList[0].midpointMjdTai"]
     assert date(alert) == "2025-11-03"
 
 
 def test_lsst_plain_output_of_the_real_objects_row() -> None:
     alert = decoded(lsst_samples.lasair_fixture_message("plain"))
-    assert nights.date_of(alert, None, RECEIVED) == nights.Dating("2025-11-03", DAY_OBS, "lastDiaSourceMjdTai")
+    assert dating(alert) == nights.Dating("2025-11-03", DAY_OBS, "lastDiaSourceMjdTai")
     # Lasair's derived times are converted for the file; validityStartMjdTai is 100 days later and ignored.
-    assert {"i_latestMJD", "g_latestMJD", "latestPairMJD", "validityStartMjdTai"} <= set(alert.times_utc)
+    assert {"i_latestMJD", "g_latestMJD", "latestPairMJD", "validityStartMjdTai"} <= set(times(alert).times_utc)
     assert alert.detection_id is None
 
 
@@ -254,6 +261,6 @@ def test_messages_built_from_the_real_rubin_alerts_in_every_mode(mode: str) -> N
         raw = json.dumps(lsst_samples.message(sample, mode)).encode()
         alert = decoded(raw)
         assert alert.object_id == str(sample.dia_object_id)
-        assert nights.date_of(alert, None, RECEIVED).date == "2026-03-05"  # dayObs of visits 20260305000xx
+        assert dating(alert).date == "2026-03-05"  # dayObs of visits 20260305000xx
         assert alert.detection_id == (str(sample.dia_source_id) if mode == "full" else None)
-        assert alert.obs_mjd is not None and abs(alert.obs_mjd - (sample.mjd_tai - 37 / 86400)) < 1e-8
+        assert times(alert).obs_mjd is not None and abs(times(alert).obs_mjd - (sample.mjd_tai - 37 / 86400)) < 1e-8

@@ -24,8 +24,8 @@ MJD_EPOCH = dt.datetime(1858, 11, 17, tzinfo=dt.UTC)
 
 
 def dated(alert: sources.Alert) -> str:
-    nights.convert_times([alert])
-    return nights.date_of(alert, None, dt.datetime.now(dt.UTC)).date
+    [times] = nights.convert_times([alert])
+    return nights.date_of(alert, times, None, dt.datetime.now(dt.UTC)).date
 
 
 def test_ztf_avro_every_sample_packet_with_its_cutouts_byte_for_byte() -> None:

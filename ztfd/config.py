@@ -471,15 +471,3 @@ def listen_address(value: str, key: str = "metrics.listen") -> tuple[str, int]:
         raise ConfigError(f"config: {key} must be host:port, e.g. 127.0.0.1:9464 (empty turns metrics off)")
     return host, int(port)
 
-
-def kafka_option_problem(exc: BaseException, options: dict[str, Any]) -> str:
-    """What librdkafka says about refused options, with every configured option value masked (librdkafka repeats
-    values in its sentences, and they may be secrets); an unknown option is named."""
-    error = exc.args[0] if exc.args else None
-    text = error.str() if hasattr(error, "str") else str(exc)
-    named = re.findall(r'property:? "([A-Za-z0-9._-]+)"', text)
-    if "No such configuration property" in text and named:
-        return f"librdkafka has no option {named[-1]}"
-    for value in sorted({str(v) for v in options.values() if str(v)}, key=len, reverse=True):
-        text = text.replace(value, "***")
-    return f"librdkafka: {text.removeprefix('Failed to create consumer: ')}"

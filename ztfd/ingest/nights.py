@@ -62,9 +62,21 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def convert_times(alerts: Sequence[Alert]) -> None:
-    """Fill ``times_utc``, ``obs_mjd``, ``obs_iso`` and ``obs_day`` of a batch of alerts, one astropy call per
-    kind and scale of field.
+class ObservedTimes(NamedTuple):
+    """What an alert's time fields say, converted (``convert_times``): ISO 8601 UTC per time field, the
+    observation time (MJD UTC, ISO UTC), its day under the alert's ``date_rule`` (YYYY-MM-DD) and the key of the
+    field it came from (the source's ``observation_key``, or the newest field for a UTC-dated alert naming none)."""
+
+    times_utc: dict[str, str]
+    obs_mjd: float | None = None
+    obs_iso: str | None = None
+    obs_day: str | None = None
+    observation_key: str | None = None
+
+
+def convert_times(alerts: Sequence[Alert]) -> list[ObservedTimes]:
+    """The ``ObservedTimes`` of each of a batch of alerts (in their order), one astropy call per kind and scale of
+    field. The alerts are not changed.
 
     Every time field gets its ISO 8601 UTC string (bookkeeping and model times too: they are the alert's data).
     The observation time is the one ``observation_key`` names; an alert dated by the UTC date that names none
@@ -74,34 +86,39 @@ def convert_times(alerts: Sequence[Alert]) -> None:
     """
     from astropy.time import Time
 
-    groups: dict[tuple[str, str], list[tuple[Alert, TimeField]]] = defaultdict(list)
-    for alert in alerts:
+    count = len(alerts)
+    times_utc: list[dict[str, str]] = [{} for _ in range(count)]
+    obs_mjd: list[float | None] = [None] * count
+    obs_iso: list[str | None] = [None] * count
+    obs_day: list[str | None] = [None] * count
+    keys = [alert.observation_key for alert in alerts]
+    groups: dict[tuple[str, str], list[tuple[int, TimeField]]] = defaultdict(list)
+    for index, alert in enumerate(alerts):
         for time_field in alert.times:
-            groups[(time_field.kind, time_field.scale)].append((alert, time_field))
-    newest_keys: dict[int, tuple[Alert, str]] = {}
+            groups[(time_field.kind, time_field.scale)].append((index, time_field))
     for (kind, scale), members in groups.items():
         with _quiet():
             times = Time([tf.value for _, tf in members], format=kind, scale=scale)
             utc = times.utc
             isots, mjds = isot_strings(utc), utc.mjd
         rubin = []
-        for index, ((alert, time_field), iso, mjd) in enumerate(zip(members, isots, mjds, strict=True)):
-            alert.times_utc[time_field.key] = f"{iso}Z"
+        for position, ((index, time_field), iso, mjd) in enumerate(zip(members, isots, mjds, strict=True)):
+            times_utc[index][time_field.key] = f"{iso}Z"
+            alert = alerts[index]
             chosen = alert.observation_key == time_field.key
             newest = (alert.observation_key is None and alert.date_rule == UTC_DATE
-                      and (alert.obs_mjd is None or mjd > alert.obs_mjd))
+                      and (obs_mjd[index] is None or mjd > obs_mjd[index]))
             if chosen or newest:
-                alert.obs_mjd, alert.obs_iso = float(mjd), str(iso)
-                alert.obs_day = alert.obs_iso[:10]
+                text = str(iso)
+                obs_mjd[index], obs_iso[index], obs_day[index] = float(mjd), text, text[:10]
                 if newest:
-                    newest_keys[id(alert)] = (alert, time_field.key)
+                    keys[index] = time_field.key  # what dated it, for the alert file
                 if alert.date_rule == DAY_OBS:
-                    rubin.append(index)
+                    rubin.append(position)
         if rubin:
-            for index, day in zip(rubin, _day_obs_of(times[rubin]), strict=True):
-                members[index][0].obs_day = day
-    for alert, key in newest_keys.values():
-        alert.observation_key = key  # what dated it, for the alert file
+            for position, day in zip(rubin, _day_obs_of(times[rubin]), strict=True):
+                obs_day[members[position][0]] = day
+    return [ObservedTimes(*fields) for fields in zip(times_utc, obs_mjd, obs_iso, obs_day, keys, strict=True)]
 
 
 def warm_up() -> None:
@@ -177,13 +194,14 @@ def tai_minus_utc(day: dt.date) -> dt.timedelta:
         return dt.timedelta(seconds=round(float((start.tai.mjd - start.mjd) * 86400.0), 3))
 
 
-def date_of(alert: Alert, kafka_timestamp: dt.datetime | None, received_at: dt.datetime) -> Dating:
-    """The alert's partition date (after ``convert_times``): its observation time's day under its survey's rule,
-    else that of Lasair's ``UTC`` field, else of the Kafka timestamp (the same at every redelivery), else of
-    the receive time."""
+def date_of(alert: Alert, observed: ObservedTimes, kafka_timestamp: dt.datetime | None,
+            received_at: dt.datetime) -> Dating:
+    """The alert's partition date, from its ``convert_times`` result: its observation time's day under its
+    survey's rule, else that of Lasair's ``UTC`` field, else of the Kafka timestamp (the same at every
+    redelivery), else of the receive time."""
     rule = alert.date_rule
-    if alert.obs_day is not None and alert.observation_key is not None:
-        return Dating(alert.obs_day, rule, alert.observation_key)
+    if observed.obs_day is not None and observed.observation_key is not None:
+        return Dating(observed.obs_day, rule, observed.observation_key)
     if isinstance(alert.utc_field, dt.datetime):
         utc_field = alert.utc_field  # naive means UTC (Lasair writes no zone)
         moment = utc_field.replace(tzinfo=dt.UTC) if utc_field.tzinfo is None else utc_field

@@ -13,7 +13,8 @@ One low cached watermark (what a new partition leader may briefly report) is nev
 A jump forward is a gap only when the broker's earliest offset has passed the offset expected next (retention
 deleted them before ztfd read them); a jump without that (transaction markers, compaction) loses nothing.
 
-The broker is seen through ``BrokerView`` so the rules are tested without one; ``KafkaView`` is the real one.
+The broker is seen through ``BrokerView`` so the rules are tested without one; ``ztfd.ingest.kafka.KafkaAdapter`` is
+the real one.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 from ztfd.store.gaps import Gap
 
@@ -49,64 +50,118 @@ class Partition:
     ended_early_at: float | None = None  # when an uncached answer first put the end below ``expected``
 
 
-@dataclass
+@dataclass(frozen=True)
 class Verdict:
-    """What to do with an offset (or an idle partition): ``same``, ``recreated`` or ``gap`` (with ``gap``)."""
+    """What to do with an offset (or an idle partition): ``same``, ``recreated`` (``expected``: the offset that was
+    expected next) or ``gap`` (with ``gap``)."""
 
     kind: str
     gap: Gap | None = None
+    expected: int | None = None
 
 
-@dataclass
 class PartitionWatch:
-    topic: str
-    view: BrokerView
-    known_id: str | None  # the id stored with the offsets; None before the first look
-    partitions: dict[int, Partition] = field(default_factory=dict)
-    clock: Callable[[], float] = time.monotonic
+    """Per partition of one topic: its generation and the offset expected next, judged on the broker's evidence.
+    Its state is its own: the consumer tells it what it read (``offset_read``), what it assigned (``start``) and
+    what it recorded (``new_generations``, ``adopt_id``), and asks."""
+
+    def __init__(self, topic: str, view: BrokerView, known_id: str | None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.topic = topic
+        self.clock = clock
+        self._view = view
+        self._known_id = known_id  # the id stored with the offsets; None before the first look
+        self._partitions: dict[int, Partition] = {}
 
     # --- the topic as a whole ------------------------------------------------------------------------------
+
+    @property
+    def known_id(self) -> str | None:
+        """The topic id the offsets were read under (None before one was seen)."""
+        return self._known_id
+
+    def adopt_id(self, topic_id: str | None) -> None:
+        """The id the store now holds for the topic (after a recreation was recorded); None keeps the one known."""
+        self._known_id = topic_id or self._known_id
 
     def topic_recreated(self) -> bool | None:
         """True on a changed id, False on the same id, None when the broker reports none (no evidence).
 
         The first id seen is adopted (``known_id``); the caller stores it with ``store.gaps.save_topic_id``."""
-        current = self.view.topic_id()
+        current = self._view.topic_id()
         if current is None:
             return None
-        if self.known_id is None:
-            self.known_id = current
+        if self._known_id is None:
+            self._known_id = current
             return False
-        return current != self.known_id
+        return current != self._known_id
 
     # --- one partition ---------------------------------------------------------------------------------------
 
+    def start(self, partition: int, generation: int, expected: int | None) -> None:
+        """A partition assigned: its stored generation and next offset (None: read from the beginning)."""
+        self._partitions[partition] = Partition(generation, expected)
+
+    def new_generations(self, partitions: list[int]) -> list[tuple[int, int]]:
+        """Start a new generation of ``partitions``, read from the beginning: (partition, generation) each."""
+        started = []
+        for partition in partitions:
+            state = self._state(partition)
+            state.generation += 1
+            state.expected = None
+            started.append((partition, state.generation))
+        return started
+
+    def offset_read(self, partition: int, offset: int) -> tuple[int, Verdict | None]:
+        """A message was read at ``offset``: its generation, and a verdict when the offset was not the one expected
+        and meant something (``recreated``: a new generation has started with it; ``gap``). The next offset is
+        expected after it. (Once per message: the offset expected costs no more than a comparison.)"""
+        state = self._partitions.get(partition)
+        if state is None:
+            state = self._partitions[partition] = Partition(0, None)
+        if state.expected is None or offset == state.expected:
+            state.expected = offset + 1
+            return state.generation, None
+        verdict = self.offset_seen(partition, offset)
+        if verdict.kind == "recreated":
+            self.new_generations([partition])  # the message itself is the new topic's
+        state.expected = offset + 1
+        return state.generation, (None if verdict.kind == "same" else verdict)
+
     def offset_seen(self, partition: int, offset: int) -> Verdict:
         """Judge the offset of a message about to be stored, against the one expected next."""
-        state = self.partitions[partition]
+        state = self._partitions[partition]
         if state.expected is None or offset == state.expected:
-            return Verdict("same")
+            return SAME
         if offset < state.expected:
-            return Verdict("recreated") if self._ended_early(partition, state, confirm_now=True) else Verdict("same")
-        marks = self.view.watermarks(partition)
+            if self._ended_early(partition, state, confirm_now=True):
+                return Verdict("recreated", expected=state.expected)
+            return SAME
+        marks = self._view.watermarks(partition)
         if marks is not None and marks[0] > state.expected:
             last = min(marks[0], offset) - 1
             return Verdict("gap", Gap(self.topic, partition, state.generation, state.expected, last, time.time()))
-        return Verdict("same")
+        return SAME
 
     def idle_partition_ended_early(self, partition: int, cached_end: int) -> bool:
         """An idle partition whose cached end is below the expected offset: recreated, on evidence only."""
-        state = self.partitions[partition]
+        state = self._partitions[partition]
         if state.expected is None or cached_end < 0 or cached_end >= state.expected:
             state.ended_early_at = None
             return False
         return self._ended_early(partition, state, confirm_now=False)
 
+    def _state(self, partition: int) -> Partition:
+        state = self._partitions.get(partition)
+        if state is None:
+            state = self._partitions[partition] = Partition(0, None)
+        return state
+
     def _ended_early(self, partition: int, state: Partition, confirm_now: bool) -> bool:
         recreated = self.topic_recreated()
         if recreated is not None:
             return recreated
-        marks = self.view.watermarks(partition)
+        marks = self._view.watermarks(partition)
         if marks is None:
             return False
         earliest, end = marks
@@ -118,7 +173,7 @@ class PartitionWatch:
             state.ended_early_at = None
             return False
         if confirm_now:  # a message below the expected offset is waiting: a second answer, asked now
-            second = self.view.watermarks(partition)
+            second = self._view.watermarks(partition)
             return second is not None and second[1] < state.expected
         now = self.clock()
         if state.ended_early_at is None:
@@ -127,34 +182,4 @@ class PartitionWatch:
         return now - state.ended_early_at >= CONFIRM_AFTER
 
 
-class KafkaView:
-    """The real broker: topic ids from the admin API, watermarks from the consumer without its cache."""
-
-    def __init__(self, consumer: Any, admin: Any, topic: str, timeout: float = 5.0) -> None:
-        self.consumer = consumer
-        self.admin = admin
-        self.topic = topic
-        self.timeout = timeout
-
-    def topic_id(self) -> str | None:
-        from confluent_kafka import TopicCollection
-
-        try:
-            description = self.admin.describe_topics(TopicCollection([self.topic]), request_timeout=self.timeout)
-            topic_id = description[self.topic].result(timeout=self.timeout).topic_id
-        except Exception as exc:
-            log.debug("no topic id for %s: %s", self.topic, exc)
-            return None
-        text = str(topic_id) if topic_id is not None else ""
-        return text if text and text.strip("A=") else None  # the all-zero id means "not reported"
-
-    def watermarks(self, partition: int) -> tuple[int, int] | None:
-        from confluent_kafka import TopicPartition
-
-        try:
-            return self.consumer.get_watermark_offsets(
-                TopicPartition(self.topic, partition), timeout=self.timeout, cached=False
-            )
-        except Exception as exc:
-            log.debug("no watermarks for %s[%d]: %s", self.topic, partition, exc)
-            return None
+SAME = Verdict("same")

@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 PATTERN_PREFIX = "^"
 EXIT_IDLE = 4  # ``ztfd consume`` of a pattern's topic: drained and quiet; the supervisor does not restart it
 INTERNAL_PREFIX = "__"  # Kafka's own topics (__consumer_offsets) never match a pattern
-LIST_TIMEOUT = 10.0
 
 V = TypeVar("V")
 
@@ -92,31 +91,6 @@ class BrokerTopics:
     ends: dict[str, dict[int, int]]  # topic -> partition -> offset after its last message
 
 
-def admin_settings(bootstrap_servers: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The librdkafka settings of an admin client: the consumers' connection and security options, without the
-    consumer-only ones (an AdminClient refuses nothing but warns about them)."""
-    consumer_only = ("group.", "auto.", "enable.auto", "session.timeout", "max.poll", "fetch.", "isolation.")
-    settings = {k: v for k, v in options.items() if not k.startswith(consumer_only)}
-    settings["bootstrap.servers"] = bootstrap_servers
-    return settings
-
-
-def look(admin: Any, ends_of: Iterable[str]) -> BrokerTopics:
-    """List the broker's topics, and the end offsets of the partitions of ``ends_of`` that exist."""
-    from confluent_kafka import TopicPartition
-    from confluent_kafka.admin import OffsetSpec
-
-    metadata = admin.list_topics(timeout=LIST_TIMEOUT)
-    topics = frozenset(name for name, info in metadata.topics.items() if info.error is None)
-    request = {TopicPartition(name, p): OffsetSpec.latest() for name in ends_of if name in topics
-               for p in metadata.topics[name].partitions}
-    ends: dict[str, dict[int, int]] = {}
-    if request:
-        for tp, future in admin.list_offsets(request, request_timeout=LIST_TIMEOUT).items():
-            ends.setdefault(tp.topic, {})[tp.partition] = future.result(timeout=LIST_TIMEOUT).offset
-    return BrokerTopics(topics, ends)
-
-
 def has_news(ends: Mapping[int, int], stored: Mapping[int, int]) -> bool:
     """True when some partition ends past the offset ztfd would read next (a message it has not stored).
 
@@ -131,7 +105,7 @@ class TopicScanner:
     successful look; ``ends_of`` says which topics' end offsets to fetch next time."""
 
     def __init__(self, bootstrap_servers: str, options: Mapping[str, Any], every: float) -> None:
-        self.settings = admin_settings(bootstrap_servers, options)
+        self.bootstrap_servers, self.options = bootstrap_servers, options
         self.every = every
         self.latest: BrokerTopics | None = None
         self.ends_of: frozenset[str] = frozenset()
@@ -146,12 +120,12 @@ class TopicScanner:
         self._stop.set()
 
     def _run(self) -> None:
-        from confluent_kafka.admin import AdminClient
+        from ztfd.ingest import kafka  # librdkafka where the broker is talked to, not in every supervisor import
 
-        admin = AdminClient({**self.settings, "logger": logging.getLogger("ztfd.librdkafka")})
+        admin = kafka.admin_client(self.bootstrap_servers, self.options, logger=logging.getLogger("ztfd.librdkafka"))
         while not self._stop.is_set():
             try:
-                self.latest = look(admin, self.ends_of)
+                self.latest = kafka.look(admin, self.ends_of)
                 self.failures = 0
             except Exception as exc:  # the broker is away: keep the last look, say so now and then
                 self.failures += 1

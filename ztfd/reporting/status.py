@@ -7,7 +7,7 @@ its reason and the log file and time of its line; ``healthy`` is false when ztfd
 (the exit code stays LSB: 0 while it runs, problems or not). Both work when nothing runs and when the store does
 not exist yet. Nothing here writes to the store or to Kafka: the store is opened read-only (``connect_readonly``: no
 migration, no wait for a writer's lock, fine for a user who may only read home) and the Kafka lag is read with a
-throwaway consumer that never joins the group or commits.
+throwaway consumer that never joins the group or commits (``ztfd.ingest.kafka.end_offsets``).
 """
 
 from __future__ import annotations
@@ -298,11 +298,8 @@ def _gaps(conn: sqlite3.Connection) -> list[dict[str, Any]]:
 
 
 def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -> str | None:
-    """Kafka lag per topic: high watermark minus ztfd's stored next offset, when the broker answers in time.
-
-    Tansu reports a wrong high watermark through ``list_offsets`` (the base offset of the last batch + 1); the
-    watermark cached from a fetch is right, so each partition is read once at its reported end and the cached
-    watermark used. A real broker gives the same figure either way.
+    """Kafka lag per topic: the end of each partition (``ztfd.ingest.kafka.end_offsets``, within ``timeout``)
+    minus ztfd's stored next offset, when the broker answers in time.
 
     Returns why no Kafka client could be built (librdkafka refused the options: a SASL password that lives in
     the daemon's environment only), else None; the lag is then unknown, and nothing else is missing.
@@ -310,76 +307,24 @@ def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -
     if not topics:
         return None
     try:
-        from confluent_kafka import Consumer, KafkaException, TopicPartition
+        from ztfd.ingest import kafka  # librdkafka: only when the lag is asked for
     except ImportError:  # pragma: no cover - confluent-kafka is a dependency
         return None
-    quiet = logging.getLogger("ztfd.reporting.status.kafka")
-    quiet.addHandler(logging.NullHandler())
-    quiet.propagate = False
-    settings: dict[str, Any] = {
-        "bootstrap.servers": cfg.kafka.bootstrap_servers,
-        "group.id": f"{cfg.kafka.group_id}.status",
-        "enable.auto.commit": False,
-        "enable.partition.eof": True,
-        "socket.timeout.ms": int(timeout * 1000),
-        # The first metadata request is often lost when librdkafka swaps the bootstrap connection for the broker it
-        # learned about; it then waits reconnect.backoff.ms / 2 (at least 11 ms) before asking again: 50 ms by default.
-        "reconnect.backoff.ms": 10,
-        "logger": quiet,
-    }
-    settings.update({k: v for k, v in cfg.kafka.options.items() if k.startswith(("security.", "sasl.", "ssl."))})
-    deadline = time.monotonic() + timeout
     try:
-        consumer = Consumer(settings)
-    except (KafkaException, ValueError, TypeError) as exc:  # librdkafka refuses the options (a missing password)
+        said = kafka.end_offsets(cfg.kafka, [info["topic"] for info in topics], timeout)
+    except kafka.ClientRefusedError as exc:
         for info in topics:
             info["lag"], info["broker"] = None, "no Kafka client"
-        return config.kafka_option_problem(exc, cfg.kafka.options)
-    try:
-        try:
-            metadata = consumer.list_topics(timeout=timeout)
-        except KafkaException:
-            for info in topics:
-                info["broker"] = "unreachable"
-            return None
-        assigned = []
-        for info in topics:
-            meta = metadata.topics.get(info["topic"])
-            info["broker"] = "ok"
-            if meta is None or meta.error is not None:
-                info["lag"] = None
-                info["broker"] = "no such topic"
-                continue
-            for partition in meta.partitions:
-                remaining = max(0.1, deadline - time.monotonic())
-                low, high = consumer.get_watermark_offsets(TopicPartition(info["topic"], partition),
-                                                           timeout=remaining)
-                assigned.append(TopicPartition(info["topic"], partition, max(low, high - 1)))
-        if assigned:
-            consumer.assign(assigned)
-            pending = {(tp.topic, tp.partition) for tp in assigned}
-            while pending and time.monotonic() < deadline:
-                # As many as there are partitions still to hear from (a message or the end of an empty one):
-                # consume() waits for that many or for its timeout, whichever comes first.
-                wait = min(0.5, max(0.05, deadline - time.monotonic()))
-                for message in consumer.consume(len(pending), wait):
-                    pending.discard((message.topic(), message.partition()))
-        by_topic: dict[str, int | None] = {}
-        for tp in assigned:
-            _low, high = consumer.get_watermark_offsets(tp, cached=True)
-            if high is None or high < 0:
-                low, high = consumer.get_watermark_offsets(tp, timeout=0.5)
-            stored = next(i for i in topics if i["topic"] == tp.topic)["partitions"].get(str(tp.partition))
-            behind = max(0, high - (stored["next_offset"] if stored else 0))
-            by_topic[tp.topic] = (by_topic.get(tp.topic) or 0) + behind
-        for info in topics:
-            if info.get("broker") == "ok":
-                info["lag"] = by_topic.get(info["topic"], 0)
-    except KafkaException as exc:
-        for info in topics:
-            info.setdefault("broker", f"error: {exc}")
-    finally:
-        consumer.close()
+        return str(exc)
+    for info in topics:
+        broker, ends = said[info["topic"]]
+        info["broker"] = broker
+        if broker == "no such topic":
+            info["lag"] = None
+        elif ends is not None:
+            stored = info["partitions"]
+            info["lag"] = sum(max(0, high - (stored[str(p)]["next_offset"] if str(p) in stored else 0))
+                              for p, high in ends.items())
     return None
 
 

@@ -9,9 +9,10 @@ stores what comes back. Adding a format means adding a module here and one entry
 What the consumer does with an ``Alert`` (its whole contract with a source):
 - names it: ``object_id`` must be a ``PLAIN_ID`` (it becomes a folder and file name), else the message is
   rejected;
-- dates it: ``ztfd.ingest.nights.convert_times`` (one astropy call per kind of time field for a batch) fills
-  ``times_utc`` and the observation time (the field ``observation_key`` names), and ``ztfd.ingest.nights.date_of``
-  applies the alert's ``date_rule`` to it, else to ``utc_field``, else to the Kafka timestamp;
+- dates it: ``ztfd.ingest.nights.convert_times`` (one astropy call per kind of time field for a batch) returns
+  each alert's ``ObservedTimes`` (every time field in UTC, the observation time: the field ``observation_key``
+  names), and ``ztfd.ingest.nights.date_of`` applies the alert's ``date_rule`` to it, else to ``utc_field``, else
+  to the Kafka timestamp;
 - writes ``alert_files``: the file keeping ``raw`` (``raw`` embedded in JSON when ``suffix`` is ``.json``; else
   ``raw`` verbatim and a ``.json`` companion with ``view``), then every cutout under
   ``images/<date>/<object_id>/<detection_id>_<kind><suffix>`` (the names stamp providers use), all in the same
@@ -31,7 +32,7 @@ import math
 import pkgutil
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import orjson
@@ -84,9 +85,10 @@ class Cutout:
         return self.data is not None
 
 
-@dataclass
-class Alert:
-    """What a source makes of one message. The consumer adds the Kafka identity and writes the files."""
+class Alert(NamedTuple):
+    """What a source makes of one message, built once by the source and never changed: the consumer adds the
+    Kafka identity, dates it (``ztfd.ingest.nights`` returns the converted times beside it) and writes the files.
+    A NamedTuple, like the other records made for every message (see ``ztfd.ingest.batch.Incoming``)."""
 
     raw: bytes  # kept byte for byte
     survey: str  # ZTF or LSST
@@ -101,12 +103,6 @@ class Alert:
     suffix: str = ".json"  # of the alert file that keeps ``raw``
     body: dict[str, Any] | None = None  # the decoded message, for the columns reports show
     band: str | None = None  # the observation's band (LSST: the triggering diaSource's), for the preview
-    # Filled by ``nights.convert_times`` a batch at a time: ISO 8601 UTC per time field, the observation time
-    # (MJD UTC, ISO UTC) and its day under ``date_rule`` (YYYY-MM-DD).
-    times_utc: dict[str, str] = field(default_factory=dict)
-    obs_mjd: float | None = None
-    obs_iso: str | None = None
-    obs_day: str | None = None
 
 
 class Source(Protocol):

@@ -108,21 +108,22 @@ class LasairSource:
         name, object_id = _object_id(body)
         survey = LSST if name == "diaObjectId" else ZTF
         times = _time_fields(body, survey)
-        alert = Alert(
+        utc_field = _utc_field(body)
+        if survey == LSST:
+            observation_key, detection_id, band = _lsst_observation(times, body)
+        else:
+            observation_key, detection_id, band = _newest(times), None, None
+        return Alert(
             raw=value,  # type: ignore[arg-type]  # not empty: _parse checked it
             survey=survey,
             object_id=object_id,
-            detection_id=None,
+            detection_id=detection_id,
             times=times,
-            observation_key=None,
+            observation_key=observation_key,
             date_rule=DAY_OBS if survey == LSST else UTC_DATE,
-            utc_field=_utc_field(body),
+            utc_field=utc_field,
+            band=band,
         )  # no ``body``: nothing reads it, and a full-output message parsed is ~70 kB of objects per alert
-        if survey == LSST:
-            _find_lsst_observation(alert, body)
-        else:
-            alert.observation_key = _newest(times)
-        return alert
 
 
 def _parse(raw: bytes | None) -> dict[str, Any]:
@@ -264,9 +265,10 @@ def _newest(times: list[TimeField]) -> str | None:
     return max(times, key=_as_utc_mjd).key if times else None
 
 
-def _find_lsst_observation(alert: Alert, body: dict[str, Any]) -> None:
+def _lsst_observation(times: list[TimeField], body: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
     """The triggering diaSource: the newest of ``alert.diaSourcesList`` (Lasair sorts it newest first, but the
-    times decide), with its ``diaSourceId`` (full output) and band; else the plain column."""
+    times decide), as (its time field's key, its ``diaSourceId`` (full output), its band); else the plain column
+    with neither id nor band."""
     sources: Any = body
     for step in DIA_SOURCES_PATH:
         sources = sources.get(step) if isinstance(sources, dict) else None
@@ -279,13 +281,12 @@ def _find_lsst_observation(alert: Alert, body: dict[str, Any]) -> None:
                 newest = (when, index, source)
     if newest is not None:
         _, index, source = newest
-        alert.observation_key = f"{'.'.join(DIA_SOURCES_PATH)}[{index}].{OBSERVATION_FIELD}"
-        alert.detection_id = _dia_source_id(source.get("diaSourceId"))
         band = source.get("band")
-        alert.band = band if isinstance(band, str) and BAND.match(band) else None
-        return
-    if any(tf.key == PLAIN_OBSERVATION_FIELD for tf in alert.times):
-        alert.observation_key = PLAIN_OBSERVATION_FIELD
+        return (f"{'.'.join(DIA_SOURCES_PATH)}[{index}].{OBSERVATION_FIELD}", _dia_source_id(source.get("diaSourceId")),
+                band if isinstance(band, str) and BAND.match(band) else None)
+    if any(tf.key == PLAIN_OBSERVATION_FIELD for tf in times):
+        return PLAIN_OBSERVATION_FIELD, None, None
+    return None, None, None
 
 
 def _dia_source_id(value: Any) -> str | None:

@@ -1,0 +1,123 @@
+"""Which partitions of its topic a consumer reads, from which offset, and under which generation.
+
+ztfd does not join a consumer group: the supervisor runs exactly one consumer per topic, and the offsets that
+matter are in the store, so a group's rebalancing would only add failure modes (Tansu, for one, wedges a group
+whose members leave during a rebalance). ``kafka.group_id`` still names the offsets committed to Kafka for lag
+tools. The consumer takes every partition (``KafkaAdapter.assign_all``), starting at the store's offsets, and looks
+at the topic again every ``METADATA_EVERY`` seconds: that picks up a topic created after the consumer started,
+partitions added later, and a topic recreated under it.
+
+Lasair deletes and recreates a topic whenever its filter is edited, restarting its offsets at 0. Seeking to the
+stored offset then falls out of range, librdkafka resets to the earliest offset, and the consumer sees an offset
+below the one it expected: ``ztfd.ingest.partitions`` judges it on evidence, and a recreation starts a new
+*generation* of the partition, recorded at once, so the new messages get identities (and file names) of their
+own instead of being taken for redeliveries. Offsets the broker no longer had are recorded as a gap.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+
+from ztfd import store
+from ztfd.ingest.kafka import KafkaAdapter
+from ztfd.ingest.partitions import PartitionWatch, Verdict
+from ztfd.store import gaps as store_gaps
+
+log = logging.getLogger(__name__)
+
+METADATA_EVERY = 10.0  # seconds between looks at the topic's partitions (new topic, new partitions, recreation)
+
+
+class TopicAssignment:
+    """One topic's partitions as its consumer reads them: assigned from the store's offsets, each message's
+    generation (``generation_of``), recreations and gaps recorded in the store."""
+
+    def __init__(self, conn: sqlite3.Connection, topic: str, kafka: KafkaAdapter) -> None:
+        self.conn = conn
+        self.topic = topic
+        self.kafka = kafka
+        self.watch = PartitionWatch(topic, kafka, store_gaps.topic_id(conn, topic))
+        self.last_look = -METADATA_EVERY
+
+    def look(self, force: bool = False) -> bool:
+        """Assign the topic's partitions not yet read, and notice a recreated topic, at most every
+        ``METADATA_EVERY`` seconds (``force``: now). True when the broker answered, whether or not the topic
+        exists (a pattern's topic that is gone has nothing more to read)."""
+        now = time.monotonic()
+        if not force and now - self.last_look < METADATA_EVERY:
+            return False
+        self.last_look = now
+        partitions = self.kafka.partitions()
+        if not partitions:
+            return partitions is not None
+        if self.watch.topic_recreated():
+            self._recreated(sorted(set(partitions) | set(store.stored_offsets(self.conn, self.topic))),
+                            "its topic id changed")
+        elif self.watch.known_id is not None and store_gaps.topic_id(self.conn, self.topic) is None:
+            with store.transaction(self.conn):
+                store_gaps.save_topic_id(self.conn, self.topic, self.watch.known_id)
+        new = sorted(set(partitions) - self.kafka.assigned)
+        if new:
+            self.assign_all(new)
+        self._detect_restarted_offsets()
+        return True
+
+    def assign_all(self, partitions: list[int]) -> None:
+        """Start reading ``partitions`` where the store says (else where Kafka's committed offset, else the
+        earliest one, says): the seek that makes a restart resume exactly after the last stored alert."""
+        stored = store.stored_offsets(self.conn, self.topic)
+        for partition in partitions:
+            known = stored.get(partition)
+            self.watch.start(partition, known.generation if known else 0, known.next_offset if known else None)
+        self.kafka.assign_all(partitions, {p: stored[p].next_offset for p in partitions if p in stored})
+
+    def generation_of(self, partition: int, offset: int) -> int:
+        """The generation of a message just read. An offset off the expected one is judged on evidence: below it,
+        a recreated topic or a redelivery; past it, alerts lost upstream (a gap, recorded and logged) or not."""
+        generation, verdict = self.watch.offset_read(partition, offset)
+        if verdict is not None:
+            self._judged(partition, offset, generation, verdict)
+        return generation
+
+    def _judged(self, partition: int, offset: int, generation: int, verdict: Verdict) -> None:
+        if verdict.kind == "recreated":
+            # The message itself is the new topic's: the seek to the beginning redelivers any before it.
+            self._record_generations([(partition, generation)], f"offset {offset} came after {verdict.expected}")
+        elif verdict.gap is not None:
+            self._record_gap(verdict.gap)
+
+    def _detect_restarted_offsets(self) -> None:
+        """Notice an idle partition whose end is now below the offset expected next: perhaps a recreated topic.
+
+        A broker should answer such a fetch with OFFSET_OUT_OF_RANGE (librdkafka then resets to the earliest
+        offset, which ``generation_of`` judges); Tansu answers with nothing, so an idle consumer compares its
+        position with the high watermark cached from its fetches, and ``ztfd.ingest.partitions`` asks for evidence.
+        """
+        for partition in sorted(self.kafka.assigned):
+            high = self.kafka.cached_end(partition)
+            if high is not None and self.watch.idle_partition_ended_early(partition, high):
+                self._recreated([partition], f"it ends at {high}, before the expected offset, on evidence")
+
+    def _recreated(self, partitions: list[int], why: str) -> None:
+        """Start a new generation of ``partitions``, read from the beginning."""
+        self._record_generations(self.watch.new_generations(partitions), why)
+
+    def _record_generations(self, generations: list[tuple[int, int]], why: str) -> None:
+        """Record new generations at once with the topic's id (one transaction), so a restart resumes in the new
+        generation instead of taking its messages for redeliveries of the old one; read them from the beginning."""
+        with store.transaction(self.conn):
+            store_gaps.start_generation(self.conn, self.topic, self.kafka.topic_id(), generations)
+        self.watch.adopt_id(store_gaps.topic_id(self.conn, self.topic))
+        log.warning("%s was recreated (%s): reading %s from the beginning", self.topic, why,
+                    ", ".join(f"[{p}] as generation {g}" for p, g in generations))
+        self.kafka.rewind([p for p, _ in generations])
+
+    def _record_gap(self, gap: store_gaps.Gap) -> None:
+        with store.transaction(self.conn):
+            new = store_gaps.record_gap(self.conn, gap)
+        if new:
+            log.error("%s[%d] generation %d: offsets %d..%d (%d alerts) are gone from the broker (retention passed "
+                      "them before ztfd read them): lost upstream, recorded as a gap", gap.topic, gap.partition,
+                      gap.generation, gap.first_offset, gap.last_offset, gap.missing)
