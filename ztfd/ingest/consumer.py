@@ -52,6 +52,7 @@ from ztfd.daemon import lifecycle
 from ztfd.daemon.localtrouble import Condition, describe, is_local
 from ztfd.files import remove_stale_temporaries
 from ztfd.ingest import nights, topics
+from ztfd.ingest.breaker import Breaker
 from ztfd.ingest.filewriter import BatchSkippedError, FileWriter
 from ztfd.ingest.partitions import KafkaView, Partition, PartitionWatch
 from ztfd.ingest.quota import QuotaWatch
@@ -155,6 +156,7 @@ class TopicConsumer:
         self.name = name
         self.conn = store.connect(cfg.db_path)
         self.source = topic_source(cfg, topic, StoredSchemas(self.conn))
+        self.breaker = Breaker(self.conn, topic, self._decode, alive=self._heartbeat)
         self.stamp_providers = providers.providers_for(cfg.stamps) if cfg.stamps.enabled else {}
         self.trouble = Condition(name)
         self.quota = QuotaWatch(topic, cfg.kafka.lasair_byte_quota)
@@ -457,16 +459,17 @@ class TopicConsumer:
         received = dt.datetime.now(dt.UTC)
         decoded: list[tuple[Incoming, sources.Alert]] = []
         rejected: list[tuple[Incoming, str]] = []
-        for msg in messages:
-            if self._is_kafka_error(msg):
-                continue
-            item = Incoming(msg, msg.partition(), msg.offset(), self._follow_generation(msg.partition(), msg.offset()))
-            try:
-                decoded.append((item, self._decode(msg)))
-            except sources.SourceUnavailableError:
-                raise  # not the message's fault: nothing of this batch is stored, and Kafka delivers it again
-            except Exception as exc:
-                rejected.append((item, rejection_reason(exc)))
+        items = [Incoming(msg, msg.partition(), msg.offset(), self._follow_generation(msg.partition(), msg.offset()))
+                 for msg in messages if not self._is_kafka_error(msg)]
+        # Through the crash-loop breaker (ztfd.ingest.breaker); SourceUnavailableError goes up: not the message's
+        # fault, nothing of this batch is stored, and Kafka delivers it again.
+        outcomes = self.breaker.decode([(item.partition, item.generation, item.offset) for item in items],
+                                       [(item.msg.value(), item.msg.key()) for item in items])
+        for item, outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                rejected.append((item, rejection_reason(outcome)))
+            else:
+                decoded.append((item, outcome))
         if not decoded and not rejected:
             return None
         resume_at = next_offsets([item for item, _ in decoded] + [item for item, _ in rejected])
@@ -503,14 +506,13 @@ class TopicConsumer:
             self.throttled(f"msg:{error.code()}", logging.WARNING, "kafka: %s", error.str())
         return True
 
-    def _decode(self, msg: Any) -> sources.Alert:
+    def _decode(self, value: bytes | None, key: bytes | None) -> sources.Alert:
         """The topic's source makes an alert of the message; its id must be safe as a folder and file name."""
-        value = msg.value()
         limit = self.cfg.kafka.max_message_bytes
         if value is not None and len(value) > limit:
             raise sources.InvalidMessageError(
                 f"message of {len(value)} bytes exceeds kafka.max_message_bytes ({limit})")
-        alert = self.source.decode(value, msg.key())
+        alert = self.source.decode(value, key)
         for name, value in (("object id", alert.object_id), ("detection id", alert.detection_id)):
             if value is not None and not sources.PLAIN_ID.match(value):
                 raise sources.InvalidMessageError(

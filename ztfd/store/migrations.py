@@ -92,4 +92,5 @@ STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {
     3: add_missing_columns,  # jobs.kind (issue 14); its tables come with SCHEMA
     4: _v4_to_v5,
     5: _v5_to_v6,
+    6: lambda conn: None,  # the crash-loop breaker's tables come with SCHEMA
 }

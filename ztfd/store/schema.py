@@ -8,9 +8,10 @@ need no step: ``SCHEMA`` adds them). Version 1 is the layout before the store ow
 JSON payloads and results).
 """
 
-SCHEMA_VERSION = 6  # 3: alerts.survey, detection_id, band (ADDED_COLUMNS), the observability block; 4: the Avro block;
+SCHEMA_VERSION = 7  # 3: alerts.survey, detection_id, band (ADDED_COLUMNS), the observability block; 4: the Avro block;
 # 5: alerts counted per batch (no count_alert trigger), counter_received instead of the alerts_received index,
-# uploaded files forgotten (count_file_delete counts pending rows only); 6: manifest_pending ordered by record time
+# uploaded files forgotten (count_file_delete counts pending rows only); 6: manifest_pending ordered by record time;
+# 7: the crash-loop breaker's decode_marks and decode_deaths
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -443,3 +444,24 @@ CREATE TABLE IF NOT EXISTS detection_lists (
 );
 """
 ADDED_COLUMNS += (("jobs", "kind", "TEXT NOT NULL DEFAULT 'stamps'"),)
+
+# --- the crash-loop breaker (issue 21) -------------------------------------------------------------------------------
+# ztfd.store.decode_marks, for ztfd.ingest.breaker. ``decode_marks``: per topic, the batch its consumer is decoding
+# right now (its offsets per partition, JSON), written before the decoding and deleted after it: a mark found at
+# the next start means the consumer died while decoding. ``decode_deaths``: those deaths, with the batch's offsets:
+# two over the same messages and the consumer decodes them one by one in a child process. Schema version 7 (the
+# step from 6 has nothing to change: SCHEMA creates the tables).
+SCHEMA += """
+CREATE TABLE IF NOT EXISTS decode_marks (
+    topic TEXT PRIMARY KEY,
+    spans TEXT NOT NULL,
+    started_at REAL NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS decode_deaths (
+    id INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    spans TEXT NOT NULL,
+    died_at REAL NOT NULL
+);
+"""
