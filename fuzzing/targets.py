@@ -10,23 +10,19 @@ Keyed formats (Fink's schema travels in the Kafka key) take an input as ``<2-byt
 
 from __future__ import annotations
 
-import functools
 import json
 import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from tests.avro_support import fink_lsst, rubin_alerts, rubin_schema
 from ztfd import sources
 from ztfd.embedded import avro_samples
 from ztfd.embedded.samples import packets, samples_dir
 from ztfd.sources import InvalidMessageError
 
-RUBIN_FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "rubin" / \
-    "alert_packet_v11_0_fakeAlert.avro"
-FINK_LSST_SAMPLE = samples_dir() / "lsst" / "fink_lsst_part-2-918301_compact.avro"
 KEY_LENGTH = struct.Struct(">H")
 # Schema ids the confluent-avro target knows without a registry: Rubin's v11, Fink's LSST; any other is ZTF's.
 RUBIN_ID, FINK_LSST_ID, ZTF_ID = 1100, 2, 3
@@ -50,16 +46,6 @@ def split_keyed(data: bytes) -> tuple[bytes, bytes | None]:
     (length,) = KEY_LENGTH.unpack_from(data)
     key = data[KEY_LENGTH.size:KEY_LENGTH.size + length]
     return data[KEY_LENGTH.size + length:], key
-
-
-@functools.cache
-def _read(path: Path) -> tuple[Any, tuple[dict[str, Any], ...]]:
-    import fastavro
-
-    with path.open("rb") as handle:
-        reader = fastavro.reader(handle)
-        records = tuple(reader)
-        return fastavro.parse_schema(reader.writer_schema), records
 
 
 def _hostile() -> list[bytes]:
@@ -121,7 +107,7 @@ def _packet_parser() -> Callable[[bytes], None]:
 
 
 def _fink_seeds() -> list[bytes]:
-    schema, records = _read(FINK_LSST_SAMPLE)
+    schema, records = fink_lsst()
     seeds = [keyed(*avro_samples.fink_message(schema, record)) for record in records[:3]]
     ztf = avro_samples.ztf_schema()
     seeds += [keyed(*avro_samples.fink_message(ztf, avro_samples.ztf_record(packet))) for packet in packets()[:3]]
@@ -138,8 +124,8 @@ class _KnownSchemas:
     """The store's schema cache as the confluent-avro source sees it, holding every id (no registry asked)."""
 
     def __init__(self) -> None:
-        self.texts = {RUBIN_ID: avro_samples.schema_json(_read(RUBIN_FIXTURE)[0]),
-                      FINK_LSST_ID: avro_samples.schema_json(_read(FINK_LSST_SAMPLE)[0])}
+        self.texts = {RUBIN_ID: avro_samples.schema_json(rubin_schema()),
+                      FINK_LSST_ID: avro_samples.schema_json(fink_lsst()[0])}
         self.ztf = avro_samples.schema_json(avro_samples.ztf_schema())
 
     def get(self, registry: str, schema_id: int) -> str:
@@ -150,9 +136,8 @@ class _KnownSchemas:
 
 
 def _confluent_seeds() -> list[bytes]:
-    rubin_schema, (rubin,) = _read(RUBIN_FIXTURE)
-    fink_schema, fink = _read(FINK_LSST_SAMPLE)
-    return ([avro_samples.confluent_message(rubin_schema, RUBIN_ID, rubin)]
+    fink_schema, fink = fink_lsst()
+    return ([avro_samples.confluent_message(rubin_schema(), RUBIN_ID, rubin) for rubin in rubin_alerts(1)]
             + [avro_samples.confluent_message(fink_schema, FINK_LSST_ID, record) for record in fink[:3]]
             + [avro_samples.confluent_message(avro_samples.ztf_schema(), ZTF_ID, avro_samples.ztf_record(packet))
                for packet in packets()[:2]])

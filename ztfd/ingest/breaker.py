@@ -29,6 +29,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ztfd.logs import Throttle
 from ztfd.sources import Alert, InvalidMessageError, SourceUnavailableError
 from ztfd.store import decode_marks
 
@@ -65,6 +66,7 @@ class Breaker:
         self.topic = topic
         self.decode_one = decode
         self.alive = alive  # called between isolated messages (the consumer's heartbeat)
+        self.throttled = Throttle(log)
 
     def decode(self, positions: Sequence[Position], messages: Sequence[tuple[bytes | None, bytes | None]]
                ) -> list[Outcome]:
@@ -73,8 +75,12 @@ class Breaker:
         if not messages:
             return []
         spans = spans_of(positions)
-        suspected = [death for death in decode_marks.enter(self.conn, self.topic, json.dumps(spans))
-                     if overlaps(spans, json.loads(death.spans))]
+        try:
+            deaths = decode_marks.enter(self.conn, self.topic, json.dumps(spans))
+        except sqlite3.Error as exc:  # a store locked or full: decode without the safety net rather than stop
+            self.throttled("mark", logging.WARNING, "could not mark the batch being decoded: %s", exc)
+            return [self._in_process(value, key) for value, key in messages]
+        suspected = [death for death in deaths if overlaps(spans, json.loads(death.spans))]
         try:
             if len(suspected) < DEATHS_BEFORE_ISOLATING:
                 return [self._in_process(value, key) for value, key in messages]
@@ -87,7 +93,10 @@ class Breaker:
             decode_marks.forget_deaths(self.conn, [death.id for death in suspected])
             return outcomes
         finally:
-            decode_marks.leave(self.conn, self.topic)
+            try:
+                decode_marks.leave(self.conn, self.topic)
+            except sqlite3.Error as exc:  # the mark stays: at worst one death too many is counted
+                self.throttled("mark", logging.WARNING, "could not clear the batch's mark: %s", exc)
 
     def _in_process(self, value: bytes | None, key: bytes | None) -> Outcome:
         try:
