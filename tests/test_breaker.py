@@ -91,3 +91,12 @@ def test_deaths_count_only_over_the_same_messages_and_are_forgotten_once_explain
     assert str(outcomes[0]) == "crashed the decoder (signal 11, SIGSEGV)" and isinstance(outcomes[1], sources.Alert)
     assert decode_marks.deaths(conn, "t") == []
     assert conn.execute("SELECT count(*) FROM decode_marks").fetchone()[0] == 0
+
+
+def test_a_store_that_cannot_take_the_mark_does_not_stop_decoding(tmp_path: Path) -> None:
+    conn = store.connect(tmp_path / "ztfd.sqlite3")
+    breaker = Breaker(conn, "t", _decode)
+    conn.close()  # every statement now fails, as a store locked past its timeout or full would
+    (good,) = [json.dumps(m).encode() for m in samples.message_stream(1)]
+    (outcome,) = breaker.decode([(0, 0, 1)], [(good, None)])
+    assert isinstance(outcome, sources.Alert)
