@@ -141,3 +141,20 @@ def test_the_schema_cache_is_bounded() -> None:
     for index in range(10):
         cache.get(json.dumps({"type": "record", "name": f"r{index}", "fields": []}).encode())
     assert len(cache._parsed) == 3
+
+
+def test_a_decimal_of_unbounded_size_is_refused_and_a_small_one_read() -> None:
+    """fastavro converts a decimal in time quadratic in its size: 100 kB of one took 2 s, 10 MB would take hours."""
+    import decimal
+
+    on_bytes = {"type": "record", "name": "d", "fields": [
+        {"name": "x", "type": {"type": "bytes", "logicalType": "decimal", "precision": 4, "scale": 2}}]}
+    with pytest.raises(InvalidMessageError, match="a decimal on bytes"):
+        ContainerReader().read(hostile_avro.container(on_bytes, hostile_avro.zigzag(10**6) + b"\x7f" * 10**6))
+    big_fixed = {"type": "record", "name": "d", "fields": [{"name": "x", "type": {
+        "type": "fixed", "name": "big", "size": 10**6, "logicalType": "decimal", "precision": 4}}]}
+    with pytest.raises(InvalidMessageError, match="a decimal of 1000000 bytes"):
+        ContainerReader().read(hostile_avro.container(big_fixed, b"\x7f" * 10**6))
+    small = {"type": "record", "name": "d", "fields": [{"name": "x", "type": {
+        "type": "fixed", "name": "small", "size": 2, "logicalType": "decimal", "precision": 4, "scale": 2}}]}
+    assert ContainerReader().read(hostile_avro.container(small, b"\x00\x96")) == [{"x": decimal.Decimal("1.50")}]

@@ -9,6 +9,8 @@ message into a dict. So every writer schema (a container's header, Fink's key, a
 - the schema's text is at most ``MAX_SCHEMA_BYTES``, its JSON at most ``MAX_JSON_DEPTH`` deep, its types nest at
   most ``MAX_TYPE_DEPTH`` deep (which bounds the data's nesting too: nothing may refer to itself);
 - no array or map holds items that encode to zero bytes (their count would not be bounded by the message's size);
+- decimals are on ``fixed`` of at most ``MAX_DECIMAL_BYTES`` (fastavro's conversion is quadratic in their size, and
+  on ``bytes`` nothing bounds it);
 - the memory a record of ``n`` bytes can take once decoded is at most ``Bounds.worst(n)`` (a conservative model of
   CPython's objects: arrays of small records turn few bytes into many dicts); a record that could need more than
   ``MAX_DECODED_MEMORY`` is refused before it is decoded.
@@ -28,6 +30,7 @@ MAX_SCHEMA_BYTES = 256 * 1024  # Rubin's v11 schema is 40 kB, ZTF's 23 kB
 MAX_JSON_DEPTH = 128  # a type level is up to 4 JSON levels (record, fields, field, type)
 MAX_TYPE_DEPTH = 32  # ZTF's and Rubin's schemas nest 6 deep
 MAX_DECODED_MEMORY = 512 * 1024 * 1024  # bytes of Python objects one record may become, at worst
+MAX_DECIMAL_BYTES = 32  # 76 digits; a decimal's conversion is quadratic in its size (100 kB took 2 s)
 
 # A conservative model of what decoded values cost in CPython (bytes; sys.getsizeof rounded up).
 _SLOT = 8  # a pointer in a list
@@ -132,6 +135,9 @@ class _Judge:
             return self._complex(kind, schema, depth)
         if isinstance(kind, str | list | dict):
             found = self.bounds(kind, depth)
+            if schema.get("logicalType") == "decimal" and kind == "bytes":
+                raise ValueError("a decimal on bytes (its size is unbounded and its conversion quadratic): ztfd "
+                                 f"reads decimals on fixed of at most {MAX_DECIMAL_BYTES} bytes")
             if schema.get("logicalType"):
                 fixed = max(found.fixed, _LOGICAL)
                 return Bounds(found.min_bytes, fixed, fixed / found.min_bytes if found.min_bytes else _NO_BYTES,
@@ -168,6 +174,8 @@ class _Judge:
             size = schema.get("size")
             if not isinstance(size, int) or size < 0:
                 raise ValueError("a fixed type without a size")
+            if schema.get("logicalType") == "decimal" and size > MAX_DECIMAL_BYTES:
+                raise ValueError(f"a decimal of {size} bytes (ztfd reads decimals of at most {MAX_DECIMAL_BYTES})")
             return Bounds(size, 40 + size, (40 + size) / size if size else _NO_BYTES, 0, 1)
         if kind == "array":
             items = self.bounds(schema.get("items"), depth + 1)
