@@ -90,7 +90,10 @@ class Breaker:
             unavailable = [outcome for outcome in outcomes if isinstance(outcome, SourceUnavailableError)]
             if unavailable:
                 raise unavailable[0]
-            decode_marks.forget_deaths(self.conn, [death.id for death in suspected])
+            try:
+                decode_marks.forget_deaths(self.conn, [death.id for death in suspected])
+            except sqlite3.Error as exc:  # they are counted again: this batch is isolated again, no worse
+                self.throttled("mark", logging.WARNING, "could not forget the deaths explained: %s", exc)
             return outcomes
         finally:
             try:
