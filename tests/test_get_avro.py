@@ -134,3 +134,44 @@ def test_the_stand_in_serves_renamed_packets_with_their_new_ids() -> None:
     (record,) = fastavro.reader(io.BytesIO(ztf_packet_bytes(renamed)))
     assert (record["objectId"], record["candid"], record["candidate"]["candid"]) == ("ZTF99renamed", 123, 123)
     assert record["cutoutScience"]["stampData"] == packets()[0].cutouts["science"]
+
+
+def test_get_avro_packets_are_decoded_off_the_event_loop_within_bounds_and_the_step_timeout(monkeypatch) -> None:
+    """Unit test of the provider with a faked GET: a hostile packet fails the fetch with its reason, the decoding
+    runs on another thread than the loop's, and one that outlasts ``stamps.step_timeout`` is abandoned."""
+    import threading
+
+    from tests import hostile_avro
+    from ztfd.stamps.providers import Detection, FetchError, alerce_ztf
+
+    packet = packets()[0]
+    served = {"body": hostile_avro.recursive_container()}
+
+    async def get(url: str, params: dict[str, str] | None) -> tuple[int, bytes]:
+        return 200, served["body"]
+
+    provider = AlerceZtf(StampsConfig(**{**FAST_STAMPS, **GET_AVRO, "step_timeout": 0.5}))
+    request = StampRequest("ztf", packet.object_id, "2021-09-01", packet.mjd, None)
+    detection = Detection(str(packet.candid), packet.mjd)
+    kinds = ["science", "template", "difference"]
+    with pytest.raises(FetchError, match=r"get_avro: the container's writer schema is refused: .*refers to itself"):
+        asyncio.run(provider.fetch_packet(get, request, detection, kinds))
+
+    threads, release = [], threading.Event()
+    real = alerce_ztf.packet_stamps
+
+    def watched(*args):
+        threads.append(threading.current_thread())
+        return real(*args)
+
+    monkeypatch.setattr(alerce_ztf, "packet_stamps", watched)
+    served["body"] = ztf_packet_bytes(packet)
+    bundle = asyncio.run(provider.fetch_packet(get, request, detection, kinds))
+    assert sorted(bundle.stamps) == sorted(kinds) and threads[0] is not threading.main_thread()
+
+    monkeypatch.setattr(alerce_ztf, "packet_stamps", lambda *args: release.wait(30))
+    try:
+        with pytest.raises(FetchError, match="step_timeout"):
+            asyncio.run(provider.fetch_packet(get, request, detection, kinds))
+    finally:
+        release.set()

@@ -16,13 +16,14 @@ import datetime as dt
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ztfd import sources
 from ztfd.config import Config, ConfigError
 from ztfd.ingest import nights, topics
+from ztfd.ingest.breaker import Breaker, Outcome, Position
 from ztfd.ingest.quota import QuotaWatch
 from ztfd.stamps import providers
 from ztfd.stamps.providers.packet import PREVIEW_JOB, carries_stamps
@@ -40,6 +41,8 @@ REGISTRY_TIMEOUT = 30.0  # seconds per request to a schema registry
 StoredLookup = Callable[[int, int, int, int], Iterable[int]]
 # (partition, offset) of a message just read -> the generation of its partition
 GenerationOf = Callable[[int, int], int]
+# A batch's messages (value, key) at their positions -> each one's alert or what it raised.
+DecodeAll = Callable[[Sequence[Position], Sequence[tuple[bytes | None, bytes | None]]], list[Outcome]]
 
 
 class Incoming(NamedTuple):
@@ -113,22 +116,29 @@ class BatchBuilder:
                  stamp_providers: dict[str, Any], previews: bool) -> None:
         self.topic = topic
         self.source = source
+        # How a batch's messages are decoded: in this process by default; the consumer's goes through its
+        # crash-loop breaker (``ztfd.ingest.breaker``), which takes the same messages and answers the same way.
+        self.decode_all: DecodeAll = self._decode_here
         self.already_stored = already_stored
         self.max_message_bytes = max_message_bytes
         self.stamp_providers = stamp_providers  # survey -> the provider of its stamps (none: no stamp jobs)
         self.previews = previews  # queue a preview job for alerts whose packet carried their stamps
 
     @classmethod
-    def for_topic(cls, cfg: Config, topic: str, conn: sqlite3.Connection) -> BatchBuilder:
+    def for_topic(cls, cfg: Config, topic: str, conn: sqlite3.Connection,
+                  alive: Callable[[], None] = lambda: None) -> BatchBuilder:
         """The builder of a consumer of ``topic``: its source (``kafka.formats``), the store's offsets, the stamp
-        providers of ``stamps``."""
+        providers of ``stamps``, decoding through the crash-loop breaker (``alive``: the consumer's heartbeat,
+        called between messages decoded one by one)."""
         stamps = cfg.stamps
-        return cls(topic, topic_source(cfg, topic, StoredSchemas(conn)),
-                   lambda partition, generation, low, high: stored_offsets_between(
-                       conn, topic, partition, generation, low, high),
-                   max_message_bytes=cfg.kafka.max_message_bytes,
-                   stamp_providers=providers.providers_for(stamps) if stamps.enabled else {},
-                   previews=stamps.enabled and stamps.previews)
+        builder = cls(topic, topic_source(cfg, topic, StoredSchemas(conn)),
+                      lambda partition, generation, low, high: stored_offsets_between(
+                          conn, topic, partition, generation, low, high),
+                      max_message_bytes=cfg.kafka.max_message_bytes,
+                      stamp_providers=providers.providers_for(stamps) if stamps.enabled else {},
+                      previews=stamps.enabled and stamps.previews)
+        builder.decode_all = Breaker(conn, topic, builder.decode_one, alive=alive).decode
+        return builder
 
     def build(self, messages: list[Any], generation_of: GenerationOf) -> Batch | None:
         """Decode, set aside what is stored already, date, build each alert's files and rows; None when there is
@@ -136,15 +146,19 @@ class BatchBuilder:
         received = dt.datetime.now(dt.UTC)
         decoded: list[tuple[Incoming, sources.Alert]] = []
         rejected: list[tuple[Incoming, str]] = []
+        items = []
         for msg in messages:
             partition, offset = msg.partition(), msg.offset()
-            item = Incoming(msg, partition, offset, generation_of(partition, offset))
-            try:
-                decoded.append((item, self._decode(msg)))
-            except sources.SourceUnavailableError:
-                raise  # not the message's fault: nothing of this batch is stored, and Kafka delivers it again
-            except Exception as exc:
-                rejected.append((item, rejection_reason(exc)))
+            items.append(Incoming(msg, partition, offset, generation_of(partition, offset)))
+        # SourceUnavailableError goes up: not the message's fault, nothing of this batch is stored, and Kafka
+        # delivers it again.
+        outcomes = self.decode_all([(item.partition, item.generation, item.offset) for item in items],
+                                   [(item.msg.value(), item.msg.key()) for item in items])
+        for item, outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                rejected.append((item, rejection_reason(outcome)))
+            else:
+                decoded.append((item, outcome))
         if not decoded and not rejected:
             return None
         resume_at = next_offsets([item for item, _ in decoded] + [item for item, _ in rejected])
@@ -168,14 +182,26 @@ class BatchBuilder:
         return Batch(documents, rejected, resume_at,
                      BatchToStore(self.topic, received.timestamp(), to_store, kept, resume_at, traffic))
 
-    def _decode(self, msg: Any) -> sources.Alert:
+    def _decode_here(self, positions: Sequence[Position], messages: Sequence[tuple[bytes | None, bytes | None]]
+                     ) -> list[Outcome]:
+        """Each message's alert, or what it raised (its rejection); ``SourceUnavailableError`` goes up."""
+        outcomes: list[Outcome] = []
+        for value, key in messages:
+            try:
+                outcomes.append(self.decode_one(value, key))
+            except sources.SourceUnavailableError:
+                raise
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def decode_one(self, value: bytes | None, key: bytes | None) -> sources.Alert:
         """The topic's source makes an alert of the message; its id must be safe as a folder and file name."""
-        value = msg.value()
         limit = self.max_message_bytes
         if value is not None and len(value) > limit:
             raise sources.InvalidMessageError(
                 f"message of {len(value)} bytes exceeds kafka.max_message_bytes ({limit})")
-        alert = self.source.decode(value, msg.key())
+        alert = self.source.decode(value, key)
         for name, value in (("object id", alert.object_id), ("detection id", alert.detection_id)):
             if value is not None and not sources.PLAIN_ID.match(value):
                 raise sources.InvalidMessageError(

@@ -16,7 +16,8 @@ alert already has its file.
 What a message *is* (its identity, survey, observation time, date rule, the bytes to keep, embedded cutouts) is
 the topic's *source*'s business (``ztfd.sources``, chosen by ``kafka.formats``): the consumer only stores what the
 source makes of it. Whatever one message makes the code raise, in the source or here (dating, naming, its
-metadata), rejects that message alone, with its raw bytes and the reason; the stream goes on.
+metadata), rejects that message alone, with its raw bytes and the reason; the stream goes on. A message that kills
+the process while it decodes is found by the crash-loop breaker (``ztfd.ingest.breaker``) and rejected too.
 
 When ztfd's own writes fail for a local reason (disk full, I/O error, read-only file system, out of file
 descriptors, the store locked: ``ztfd.daemon.localtrouble``), the consumer
@@ -77,7 +78,7 @@ class TopicConsumer:
         self.topic = topic
         self.name = name
         self.conn = store.connect(cfg.db_path)
-        self.builder = BatchBuilder.for_topic(cfg, topic, self.conn)
+        self.builder = BatchBuilder.for_topic(cfg, topic, self.conn, alive=self._heartbeat)
         self.kafka = kafka or KafkaAdapter(cfg.kafka, topic)
         # Per partition: its generation and the next offset expected (set on assignment), judged on evidence.
         self.assignment = TopicAssignment(self.conn, topic, self.kafka)

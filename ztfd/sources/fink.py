@@ -3,7 +3,8 @@ Kafka key (Fink ≥ 2023; older keys named a schema version, which ztfd does not
 
 Both of Fink's streams: ``fink_<filter>_ztf`` (ZTF packets with Fink's additions, gzipped cutouts) and
 ``fink_<filter>_lsst`` (Rubin alerts, raw FITS cutouts); the record's shape says which (``ztfd.sources.packets``).
-A key is parsed once and kept (``SchemaCache``): every message of a topic carries the same one.
+A key is parsed and judged once and kept (``SchemaCache``, by digest): every message of a topic carries the same
+one. A key whose schema is out of bounds (``ztfd.sources.avro_bounds``) rejects the message.
 """
 
 from __future__ import annotations
@@ -28,5 +29,6 @@ class Fink:
         try:
             schema = self.schemas.get(key)
         except ValueError as exc:
-            raise InvalidMessageError(f"the Kafka key is not an Avro schema (Fink puts it there): {exc}") from None
+            raise InvalidMessageError(
+                f"the Kafka key is not an Avro schema ztfd reads (Fink puts it there): {exc}") from None
         return alert_of(read_schemaless(value or b"", schema), value or b"")

@@ -6,6 +6,7 @@ and after every restart: a registry that is down later does not stop topics whos
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 
@@ -23,13 +24,18 @@ def save_schema(conn: sqlite3.Connection, registry: str, schema_id: int, text: s
 
 
 class StoredSchemas:
-    """The cache a ``confluent-avro`` source uses, on its consumer's connection."""
+    """The cache a ``confluent-avro`` source uses, on its consumer's connection. Not in a forked child (the crash-loop
+    breaker decodes there): a SQLite connection must not cross a fork, so the child keeps what it fetches in memory."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+        self.owner = os.getpid()
 
     def get(self, registry: str, schema_id: int) -> str | None:
+        if os.getpid() != self.owner:
+            return None
         return cached_schema(self.conn, registry, schema_id)
 
     def put(self, registry: str, schema_id: int, text: str) -> None:
-        save_schema(self.conn, registry, schema_id, text)
+        if os.getpid() == self.owner:
+            save_schema(self.conn, registry, schema_id, text)

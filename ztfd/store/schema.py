@@ -12,11 +12,12 @@ from ztfd.store.states import FailureClass, JobKind, JobState, ProcessState, Wai
 
 _READY, _LEASED, _DONE, _FAILED = map(literal, (JobState.READY, JobState.LEASED, JobState.DONE, JobState.FAILED))
 
-SCHEMA_VERSION = 8  # 3: alerts.survey, detection_id, band (ADDED_COLUMNS), the observability block; 4: the Avro block;
+SCHEMA_VERSION = 9  # 3: alerts.survey, detection_id, band (ADDED_COLUMNS), the observability block; 4: the Avro block;
 # 5: alerts counted per batch (no count_alert trigger), counter_received instead of the alerts_received index,
 # uploaded files forgotten (count_file_delete counts pending rows only); 6: manifest_pending ordered by record time;
 # 7: jobs.failure, the class of a failed attempt (ADDED_COLUMNS), which count_stamp_failure counts;
-# 8: counter_failing (pending files whose last upload failed), kept by triggers
+# 8: counter_failing (pending files whose last upload failed), kept by triggers; 9: the crash-loop breaker's
+# decode_marks and decode_deaths
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (
@@ -472,3 +473,24 @@ WHEN OLD.state = 'pending' AND OLD.attempts > 0 BEGIN
 END;
 """
 SCHEMA += FAILING_SCHEMA
+
+# --- the crash-loop breaker (issue 21) -------------------------------------------------------------------------------
+# ztfd.store.decode_marks, for ztfd.ingest.breaker. ``decode_marks``: per topic, the batch its consumer is decoding
+# right now (its offsets per partition, JSON), written before the decoding and deleted after it: a mark found at
+# the next start means the consumer died while decoding. ``decode_deaths``: those deaths, with the batch's offsets:
+# two over the same messages and the consumer decodes them one by one in a child process. Schema version 9 (the
+# step from 8 has nothing to change: SCHEMA creates the tables).
+SCHEMA += """
+CREATE TABLE IF NOT EXISTS decode_marks (
+    topic TEXT PRIMARY KEY,
+    spans TEXT NOT NULL,
+    started_at REAL NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS decode_deaths (
+    id INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    spans TEXT NOT NULL,
+    died_at REAL NOT NULL
+);
+"""

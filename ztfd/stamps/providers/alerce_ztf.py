@@ -10,19 +10,23 @@
   one fetcher share one request (both off when that is 0).
 - ``stamps.ztf_request = "get_avro"`` (the default): ``GET {alerce_stamp_url}/get_avro?oid=&candid=`` serves the
   whole alert packet, whose three cutouts are the stamps (one request instead of three), and the packet is kept
-  beside them as ``<candid>.avro``. ``"get_stamp"``: ``GET {alerce_stamp_url}/get_stamp?oid=&candid=&type=
-  &format=fits`` per stamp. Either way a stamp is the packet's gzipped FITS, kept byte for byte as
-  ``<candid>_<type>.fits.gz`` if it is gzip and holds a 2-D image within the caps (``stamps.max_stamp_bytes``
-  decompressed, ``stamps.max_stamp_side`` pixels a side; see ``ztfd.stamps.stampimage``).
+  beside them as ``<candid>.avro`` (decoded within the bounds of ``ztfd.sources.avro_bounds``, on a thread of its
+  own within ``stamps.step_timeout``: never on the worker's event loop).
+  ``"get_stamp"``: ``GET {alerce_stamp_url}/get_stamp?oid=&candid=&type=&format=fits`` per stamp.
+  Either way a stamp is the packet's gzipped FITS, kept byte for byte as ``<candid>_<type>.fits.gz`` if it is
+  gzip and holds a 2-D image within the caps (``stamps.max_stamp_bytes`` decompressed, ``stamps.max_stamp_side``
+  pixels a side; see ``ztfd.stamps.stampimage``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ztfd.config import StampsConfig
 from ztfd.reporting.lightcurve import MAG, alerce_points
@@ -46,6 +50,7 @@ from ztfd.store.states import FailureClass
 DETECTIONS_PATH = "/ztf/v1/objects/{oid}/detections"
 STAMP_PATH = "/get_stamp"
 AVRO_PATH = "/get_avro"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,50 @@ def choose_candid(detections: Iterable[Listed], obs_mjd: float | None, tolerance
     )
 
 
+async def off_the_loop(timeout: float, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a daemon thread of its own, awaited for at most ``timeout`` seconds (``TimeoutError``). A
+    call that outlasts it is left behind: it holds neither the loop nor the process's exit."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.done():  # abandoned after its timeout
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def call() -> None:
+        try:
+            result, error = fn(*args), None
+        except Exception as exc:
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=call, name="get_avro-decode", daemon=True).start()
+    return await asyncio.wait_for(done, timeout)
+
+
+def packet_stamps(reader: ContainerReader, body: bytes, candid: str, kinds: list[str]) -> dict[str, bytes]:
+    """The stamps of ``kinds`` a ``get_avro`` answer carries, by kind (within the bounds of
+    ``ztfd.sources.avro_bounds``); ``FetchError`` when it is not the one packet of ``candid``."""
+    try:
+        records = reader.read(body)
+    except InvalidMessageError as exc:
+        raise FetchError(f"get_avro: {exc}", FailureClass.BAD_BODY) from None
+    if len(records) != 1 or str(records[0].get("candid")) != candid:
+        served = [r.get("candid") for r in records][:3]
+        raise FetchError(f"get_avro served candid {served} for {candid}", FailureClass.BAD_BODY)
+    stamps = {}
+    for kind in kinds:
+        cutout = records[0].get(CUTOUT_FIELDS[kind])
+        if isinstance(cutout, dict) and isinstance(cutout.get("stampData"), bytes):
+            stamps[kind] = cutout["stampData"]
+    return stamps
+
+
 @register("alerce")
 class AlerceZtf:
     """ALeRCE's ZTF services: the detections list and ``get_stamp``."""
@@ -114,6 +163,7 @@ class AlerceZtf:
         self.tolerance = settings.match_tolerance
         self.limits = StampLimits(settings.max_stamp_bytes, settings.max_stamp_side)
         self.packets = ContainerReader()
+        self.step_timeout = settings.step_timeout
         self._lookups: dict[str, asyncio.Future[tuple[bytes, bool]]] = {}  # object id -> its look in flight
         if settings.ztf_request.lower() == "get_avro":  # the fetcher then takes one slot for all three stamps
             self.fetch_together = self.fetch_packet
@@ -175,18 +225,12 @@ class AlerceZtf:
             raise NotYetAvailableError(f"packet of listed candid {candid}: HTTP 404")
         if status != 200:
             raise FetchError(f"get_avro: HTTP {status}", FailureClass.HTTP)
+        # Decoding a packet is CPU work on bytes from outside: off the event loop, within the step timeout.
         try:
-            records = self.packets.read(body)
-        except InvalidMessageError as exc:
-            raise FetchError(f"get_avro: {exc}", FailureClass.BAD_BODY) from None
-        if len(records) != 1 or str(records[0].get("candid")) != candid:
-            served = [r.get("candid") for r in records][:3]
-            raise FetchError(f"get_avro served candid {served} for {candid}", FailureClass.BAD_BODY)
-        stamps = {}
-        for kind in kinds:
-            cutout = records[0].get(CUTOUT_FIELDS[kind])
-            if isinstance(cutout, dict) and isinstance(cutout.get("stampData"), bytes):
-                stamps[kind] = cutout["stampData"]
+            stamps = await off_the_loop(self.step_timeout, packet_stamps, self.packets, body, candid, kinds)
+        except TimeoutError:
+            raise FetchError(f"get_avro: the packet took more than {self.step_timeout:g}s to decode "
+                             "(stamps.step_timeout)", FailureClass.TIMEOUT) from None
         return Bundle(stamps, {f"{candid}.avro": body})
 
     async def fetch(self, get: HttpGet, request: StampRequest, detection: Detection, kind: str) -> bytes:

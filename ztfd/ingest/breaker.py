@@ -1,0 +1,181 @@
+"""The crash-loop breaker: a message that kills the decoding process cannot stop its topic.
+
+Bounds (``ztfd.sources.avro_bounds``) refuse what is known to be hostile, but a C extension may still crash, or the
+kernel kill for memory. The consumer would then restart, read the same batch and die again, forever: nothing
+rejected, nothing logged, the good alerts of the batch never stored. So the consumer decodes each batch through
+``Breaker.decode``:
+
+1. before decoding, it marks where it is: the batch's offsets per partition (``ztfd.store.decode_marks``); the
+   mark is deleted once the batch is decoded, so a mark found at the next batch is a death while decoding;
+2. a batch that overlaps ``DEATHS_BEFORE_ISOLATING`` deaths is not trusted: its messages are decoded one by one
+   in a child process (forked: it has the topic's source as it is). A message during which the child dies is
+   rejected with the reason ``crashed the decoder (signal 11, SIGSEGV)`` (or ``exit status N``; a message that
+   takes longer than ``ISOLATED_TIMEOUT`` is ``hung the decoder``), and a new child goes on with the next one;
+   the deaths are then forgotten;
+3. the rest of the batch goes on as usual: stored once with the rejected message, offsets past it.
+
+Nothing is lost or stored twice: the batch is the same batch, only decoded elsewhere; until it is stored the
+store's offsets do not move, and Kafka delivers it again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import pickle
+import signal
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ztfd.logs import Throttle
+from ztfd.sources import Alert, InvalidMessageError, SourceUnavailableError
+from ztfd.store import decode_marks
+
+log = logging.getLogger(__name__)
+
+DEATHS_BEFORE_ISOLATING = 2
+ISOLATED_TIMEOUT = 60.0  # seconds one message may take to decode in the child
+
+Decode = Callable[[bytes | None, bytes | None], Alert]
+Position = tuple[int, int, int]  # partition, generation, offset
+Outcome = Alert | BaseException
+
+
+def spans_of(positions: Sequence[Position]) -> dict[str, list[int]]:
+    """The batch's offsets as ``{"<partition>:<generation>": [first, last]}``."""
+    spans: dict[str, list[int]] = {}
+    for partition, generation, offset in positions:
+        span = spans.setdefault(f"{partition}:{generation}", [offset, offset])
+        span[0], span[1] = min(span[0], offset), max(span[1], offset)
+    return spans
+
+
+def overlaps(one: dict[str, list[int]], other: dict[str, list[int]]) -> bool:
+    return any(key in other and one[key][0] <= other[key][1] and other[key][0] <= one[key][1] for key in one)
+
+
+class Breaker:
+    """Decodes a topic's batches, in the consumer's process while it lives, one by one in a child after it died
+    twice over the same messages."""
+
+    def __init__(self, conn: sqlite3.Connection, topic: str, decode: Decode,
+                 alive: Callable[[], None] = lambda: None) -> None:
+        self.conn = conn
+        self.topic = topic
+        self.decode_one = decode
+        self.alive = alive  # called between isolated messages (the consumer's heartbeat)
+        self.throttled = Throttle(log)
+
+    def decode(self, positions: Sequence[Position], messages: Sequence[tuple[bytes | None, bytes | None]]
+               ) -> list[Outcome]:
+        """Each message's alert, or what it raised (its rejection). ``SourceUnavailableError`` is raised: the
+        batch cannot be judged now."""
+        if not messages:
+            return []
+        spans = spans_of(positions)
+        try:
+            deaths = decode_marks.enter(self.conn, self.topic, json.dumps(spans))
+        except sqlite3.Error as exc:  # a store locked or full: decode without the safety net rather than stop
+            self.throttled("mark", logging.WARNING, "could not mark the batch being decoded: %s", exc)
+            return [self._in_process(value, key) for value, key in messages]
+        suspected = [death for death in deaths if overlaps(spans, json.loads(death.spans))]
+        try:
+            if len(suspected) < DEATHS_BEFORE_ISOLATING:
+                return [self._in_process(value, key) for value, key in messages]
+            log.warning("%s: the consumer died %d times decoding offsets %s: decoding them one by one in a child "
+                        "process", self.topic, len(suspected), _described(spans))
+            outcomes = isolated(self.decode_one, messages, self.alive)
+            unavailable = [outcome for outcome in outcomes if isinstance(outcome, SourceUnavailableError)]
+            if unavailable:
+                raise unavailable[0]
+            try:
+                decode_marks.forget_deaths(self.conn, [death.id for death in suspected])
+            except sqlite3.Error as exc:  # they are counted again: this batch is isolated again, no worse
+                self.throttled("mark", logging.WARNING, "could not forget the deaths explained: %s", exc)
+            return outcomes
+        finally:
+            try:
+                decode_marks.leave(self.conn, self.topic)
+            except sqlite3.Error as exc:  # the mark stays: at worst one death too many is counted
+                self.throttled("mark", logging.WARNING, "could not clear the batch's mark: %s", exc)
+
+    def _in_process(self, value: bytes | None, key: bytes | None) -> Outcome:
+        try:
+            return self.decode_one(value, key)
+        except SourceUnavailableError:
+            raise
+        except Exception as exc:
+            return exc
+
+
+def _described(spans: dict[str, list[int]]) -> str:
+    return ", ".join(f"[{key.split(':')[0]}] {first}..{last}" for key, (first, last) in sorted(spans.items()))
+
+
+def isolated(decode: Decode, messages: Sequence[tuple[bytes | None, bytes | None]],
+             alive: Callable[[], None] = lambda: None) -> list[Outcome]:
+    """Every message decoded in a forked child, in order; a message during which the child dies (or hangs) is
+    rejected for it, and a new child takes the next one."""
+    context = multiprocessing.get_context("fork")
+    outcomes: list[Outcome] = []
+    while len(outcomes) < len(messages):
+        receiving, sending = context.Pipe(duplex=False)
+        child = context.Process(target=_decode_from, args=(decode, messages, len(outcomes), sending), daemon=True)
+        child.start()
+        sending.close()
+        try:
+            while len(outcomes) < len(messages):
+                alive()
+                if not receiving.poll(ISOLATED_TIMEOUT):
+                    child.kill()
+                    outcomes.append(InvalidMessageError(
+                        f"hung the decoder (more than {ISOLATED_TIMEOUT:g}s in an isolated child)"))
+                    log.error("message %d of the batch %s", len(outcomes) - 1, outcomes[-1])
+                    break
+                try:
+                    outcomes.append(receiving.recv())
+                except EOFError:  # the child died during this message
+                    child.join()
+                    outcomes.append(InvalidMessageError(f"crashed the decoder ({_exit_described(child.exitcode)})"))
+                    log.error("message %d of the batch %s", len(outcomes) - 1, outcomes[-1])
+                    break
+        finally:
+            receiving.close()
+            child.join(5)
+            if child.is_alive():
+                child.kill()
+                child.join()
+    return outcomes
+
+
+def _decode_from(decode: Decode, messages: Sequence[tuple[bytes | None, bytes | None]], start: int,
+                 sending: Any) -> None:
+    """The child: decode from ``start`` on, sending each outcome as soon as it is known."""
+    for value, key in messages[start:]:
+        try:
+            outcome: Outcome = decode(value, key)
+        except Exception as exc:
+            outcome = exc
+        sending.send(_picklable(outcome))
+    sending.close()
+
+
+def _picklable(outcome: Outcome) -> Outcome:
+    try:
+        pickle.dumps(outcome)
+    except Exception as exc:
+        if isinstance(outcome, BaseException):
+            return InvalidMessageError(f"{outcome.__class__.__name__}: {str(outcome)[:200]}")
+        return InvalidMessageError(f"its alert cannot leave the isolated decoder: {exc.__class__.__name__}")
+    return outcome
+
+
+def _exit_described(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"signal {-code}, {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit status {code}"
