@@ -100,6 +100,8 @@ def child_specs(cfg: config.Config) -> list[Child]:
         children.append(Child("syncer", "syncer", None, [*base, "sync"]))
     if cfg.metrics.listen:
         children.append(Child("metrics", "metrics", None, [*base, "metrics"]))
+    if cfg.archive.enabled:
+        children.append(Child("archiver", "archiver", None, [*base, "archive"]))
     if cfg.report.after_quiet > 0:
         children.append(Child("reporter", "reporter", None, [*base, "report", "--watch"]))
     return children

@@ -86,10 +86,16 @@ def _v5_to_v6(conn: sqlite3.Connection) -> None:
     conn.execute("DROP INDEX IF EXISTS manifest_pending")
 
 
+def _v6_to_v7(conn: sqlite3.Connection) -> None:
+    """Nothing to reshape: ``archive_marks`` is new (``SCHEMA`` creates it) and starts empty, so the dataset writer
+    begins with every stored alert."""
+
+
 STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _v1_to_v2,
     2: add_missing_columns,
     3: add_missing_columns,  # jobs.kind (issue 14); its tables come with SCHEMA
     4: _v4_to_v5,
     5: _v5_to_v6,
+    6: _v6_to_v7,
 }

@@ -8,9 +8,10 @@ need no step: ``SCHEMA`` adds them). Version 1 is the layout before the store ow
 JSON payloads and results).
 """
 
-SCHEMA_VERSION = 6  # 3: alerts.survey, detection_id, band (ADDED_COLUMNS), the observability block; 4: the Avro block;
+SCHEMA_VERSION = 7  # 3: alerts.survey, detection_id, band (ADDED_COLUMNS), the observability block; 4: the Avro block;
 # 5: alerts counted per batch (no count_alert trigger), counter_received instead of the alerts_received index,
-# uploaded files forgotten (count_file_delete counts pending rows only); 6: manifest_pending ordered by record time
+# uploaded files forgotten (count_file_delete counts pending rows only); 6: manifest_pending ordered by record time;
+# 7: archive_marks (the Parquet dataset's progress, issue 22)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -443,3 +444,18 @@ CREATE TABLE IF NOT EXISTS detection_lists (
 );
 """
 ADDED_COLUMNS += (("jobs", "kind", "TEXT NOT NULL DEFAULT 'stamps'"),)
+
+# --- the Parquet dataset (issue 22, ztfd.archive): how far each partition generation is written ------------------
+# ``archive_marks`` (ztfd.store.archive_marks): per (topic, partition, generation), the highest offset whose alert
+# is in the dataset. Advanced in the same transaction as the manifest rows of the files that hold them, so a writer
+# killed before it only writes the same files again. Schema version 7 (SCHEMA creates it; no step reshapes anything).
+SCHEMA += """
+CREATE TABLE IF NOT EXISTS archive_marks (
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    written_through INTEGER NOT NULL,
+    written_at REAL NOT NULL,
+    PRIMARY KEY (topic, partition, generation)
+) WITHOUT ROWID;
+"""

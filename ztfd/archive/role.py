@@ -1,0 +1,110 @@
+"""``ztfd archive``: the dataset writer, as the daemon's ``archiver`` role, once, or rebuilding.
+
+One writer at a time per home: it holds an ``flock`` on ``archive/.lock`` while it writes (a rebuild waits for
+the daemon's pass, and the other way round).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import sqlite3
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from ztfd import config, store
+from ztfd.archive.alerts import AlertsWriter
+from ztfd.archive.layout import Layout
+from ztfd.archive.messages import SchemaSource
+from ztfd.archive.stamps import StampsWriter
+from ztfd.daemon import lifecycle
+from ztfd.ingest import topics
+from ztfd.store import archive_marks, avro_schemas, manifest
+from ztfd.store.db import transaction
+
+log = logging.getLogger(__name__)
+ROLE = "archiver"
+
+
+@contextlib.contextmanager
+def writer_lock(layout: Layout) -> Iterator[None]:
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with open(layout.lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def schema_source(cfg: config.Config, conn: sqlite3.Connection) -> SchemaSource:
+    registry = cfg.kafka.schema_registry_url.rstrip("/")
+    return SchemaSource(
+        registry_schema=(lambda schema_id: avro_schemas.cached_schema(conn, registry, schema_id)) if registry else None,
+        topic_schema=lambda topic: topics.lookup(cfg.kafka.schemas, topic),
+    )
+
+
+class Archiver:
+    def __init__(self, cfg: config.Config, conn: sqlite3.Connection) -> None:
+        self.cfg = cfg
+        self.conn = conn
+        self.layout = Layout(cfg.home)
+        self.stamps = StampsWriter(cfg.home)
+
+    def alerts_writer(self) -> AlertsWriter:
+        return AlertsWriter(self.cfg.home, self.conn, schema_source(self.cfg, self.conn))
+
+    def one_pass(self, stop: lifecycle.Stop | None = None, progress: Any = None) -> int:
+        with writer_lock(self.layout):
+            written = self.alerts_writer().write_pass(stop, progress)
+            stamp_files = self.stamps.write_pass()
+            if stamp_files:
+                with transaction(self.conn):
+                    manifest.record_files(self.conn, stamp_files)
+        if written:
+            log.info("archive: %d alerts written into the dataset", written)
+        return written
+
+    def rebuild(self, date: str | None) -> int:
+        """Every file of night ``date`` (every night without one) written again from the store's alerts and the
+        files on disk. The marks are moved up to what the store holds, so the daemon carries on from there."""
+        with writer_lock(self.layout):
+            writer = self.alerts_writer()
+            dates = [date] if date else archive_marks.dates_of(self.conn)
+            if date is None:
+                for stale in self.layout.alerts.glob("night=*"):
+                    if stale.name.removeprefix("night=") not in dates:
+                        for leftover in stale.glob("topic=*/*.parquet"):
+                            leftover.unlink()
+            total = sum(writer.rebuild_date(night) for night in dates)
+            for night in dates:
+                if (self.cfg.home / "images" / night).is_dir():
+                    row = self.stamps.write_night(night)
+                    if row is not None:
+                        with transaction(self.conn):
+                            manifest.record_files(self.conn, [row])
+            if date is None:  # everything stored is written: the daemon starts after it
+                writer.write_pass()
+        return total
+
+
+def run(cfg: config.Config, name: str) -> int:
+    """The daemon role: a pass every ``archive.interval`` seconds until SIGTERM."""
+    with lifecycle.stop_on_signals() as stop:
+        conn = store.connect(cfg.db_path)
+        archiver = Archiver(cfg, conn)
+        try:
+            while not stop.is_set():
+                store.heartbeat(conn, name, ROLE)
+                started = time.monotonic()
+                try:
+                    archiver.one_pass(stop, lambda: store.heartbeat(conn, name, ROLE))
+                except (OSError, sqlite3.OperationalError) as exc:
+                    log.error("archive pass failed (retried in %.0f s): %s", cfg.archive.interval, exc)
+                stop.wait(max(0.0, cfg.archive.interval - (time.monotonic() - started)))
+        finally:
+            conn.close()
+    return 0
