@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.common import Results, Row, Settings, machine, render
 
-SECTIONS = ("ingest", "avro", "stamps", "lsst", "sync", "e2e", "store")
+SECTIONS = ("ingest", "avro", "stamps", "lsst", "sync", "e2e", "store", "archive")
 
 
 def main(argv: list[str] | None = None) -> int:

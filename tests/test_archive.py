@@ -29,6 +29,7 @@ from ztfd import archive
 from ztfd.embedded import avro_samples, lsst_samples, samples
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.s3 import S3Server
+from ztfd.files import md5_file
 
 LSST_FIXTURE_OBJECT = "313637921267122191"  # Lasair's real full alert: 171 bare NaN
 NIGHT_ONE_MJD = 59458.30  # 2021-09-01 UTC
@@ -302,11 +303,11 @@ def test_a_late_alert_joins_a_night_already_written(archived: Archived, kafka: K
 def test_the_dataset_reads_back_from_s3(archived: Archived) -> None:
     from pyarrow import fs
 
-    def uploaded() -> bool:
-        keys = archived.s3.objects(archived.bucket)
-        local = {f"mirror/{p.relative_to(archived.home).as_posix()}"
+    def uploaded() -> bool:  # every file of archive/ in S3 with its current content (a rewritten one too)
+        remote = {key: etag for key, (_size, etag) in archived.s3.objects(archived.bucket).items()}
+        local = {f"mirror/{p.relative_to(archived.home).as_posix()}": md5_file(p)
                  for p in (archived.home / "archive").rglob("*") if p.is_file() and not p.name.startswith(".")}
-        return local <= set(keys)
+        return all(remote.get(key) == md5 for key, md5 in local.items())
 
     wait_until(uploaded, 60, "the archive/ files in S3")
     env = archived.s3.env()

@@ -81,14 +81,15 @@ class Archive:
 
         return self.alerts.to_table().to_pandas(types_mapper=pd.ArrowDtype)
 
-    def sql(self, text: str) -> pa.Table:
-        """Run ``text`` with ``alerts`` and ``stamps`` as tables; ``QueryError`` (one line) if DuckDB refuses it."""
+    def sql(self, text: str, **tables: Any) -> pa.Table:
+        """Run ``text`` with ``alerts`` and ``stamps`` (or the ``tables`` given) as tables; ``QueryError`` (one
+        line) if DuckDB refuses it."""
         import duckdb
 
         con = duckdb.connect()
         try:
-            con.register("alerts", self.alerts)
-            con.register("stamps", self.stamps)
+            for name, table in ({"alerts": self.alerts, "stamps": self.stamps} | tables).items():
+                con.register(name, table)
             relation = con.sql(text)
             return pa.table({}) if relation is None else relation.to_arrow_table()
         except duckdb.Error as exc:
@@ -97,40 +98,62 @@ class Archive:
             con.close()
 
     def object_rows(self, object_id: str) -> pa.Table:
-        """Every alert of ``object_id``, oldest first, each with its stamps (a list of structs) inside the row."""
-        return self.sql(OBJECT_SQL.replace("$object", _literal(object_id)))
+        """Every alert of ``object_id``, oldest first, each with its stamps (a list of structs) inside the row.
+
+        pyarrow picks the object's rows out of both datasets (``matching_rows``); the few stamps are then put
+        into their alerts' rows here (a DuckDB join of two tiny tables costs more in setting it up)."""
+        wanted = ds.field("object_id") == object_id
+        alerts = matching_rows(self.alerts, "object_id", wanted, OBJECT_COLUMNS)
+        stamps = matching_rows(self.stamps, "object_id", wanted, ["detection_id", "kind", "path", "bytes"])
+        by_detection: dict[str | None, list[dict[str, Any]]] = {}
+        for stamp in sorted(stamps.to_pylist(), key=lambda row: row["path"]):
+            detection = stamp.pop("detection_id")
+            by_detection.setdefault(detection, []).append(stamp)
+        inside = [by_detection.get(detection, []) for detection in alerts["detection_id"].to_pylist()]
+        alerts = alerts.drop_columns(["object_id"]).append_column("stamps", pa.array(inside, STAMPS_INSIDE))
+        return alerts.sort_by([("observed_at", "ascending"), ("received_at", "ascending")])
 
     def cone(self, ra: float, dec: float, radius_arcsec: float) -> pa.Table:
-        """Alerts within ``radius_arcsec`` of (ra, dec): pruned by ``_healpix_29`` ranges, then the true angular
-        distance (haversine), nearest first."""
+        """Alerts within ``radius_arcsec`` of (ra, dec), nearest first: the rows whose ``_healpix_29`` falls in the
+        ranges that cover the cone (pyarrow, as the column is read), then the true angular distance (haversine,
+        DuckDB)."""
         if not (math.isfinite(ra) and math.isfinite(dec) and -90 <= dec <= 90 and radius_arcsec > 0):
             raise QueryError("cone needs RA in degrees, DEC in [-90, 90] and a radius above 0 arcsec")
-        ranges = sky.cone_ranges(ra, dec, radius_arcsec)
-        where = " OR ".join(f"_healpix_29 BETWEEN {low} AND {high}" for low, high in ranges) or "false"
-        return self.sql(CONE_SQL.format(ra=float(ra), dec=float(dec), where=where, radius=float(radius_arcsec)))
+        cells = ds.field("_healpix_29")
+        near = None
+        for low, high in sky.cone_ranges(ra, dec, radius_arcsec):
+            term = (cells >= low) & (cells <= high)
+            near = term if near is None else near | term
+        candidates = matching_rows(self.alerts, "_healpix_29", near, CONE_COLUMNS)
+        return self.sql(CONE_SQL.format(ra=float(ra), dec=float(dec), radius=float(radius_arcsec)),
+                        alerts=candidates)
 
 
-OBJECT_SQL = """
-SELECT a.observed_at, a.received_at, a.topic, a.night, a.partition, a.generation, a."offset", a.detection_id,
-       a.ra, a.dec, a.file,
-       (SELECT list({'kind': s.kind, 'path': s.path, 'bytes': s.bytes} ORDER BY s.path) FROM stamps s
-        WHERE s.object_id = a.object_id AND s.detection_id = a.detection_id) AS stamps
-FROM alerts a WHERE a.object_id = $object
-ORDER BY a.observed_at NULLS LAST, a.received_at
-"""
+def matching_rows(dataset: ds.Dataset, key: str, wanted: ds.Expression | None, wanted_columns: list[str]) -> pa.Table:
+    """The ``wanted`` rows of a dataset, in two reads: the ``key`` column of every file (filtered as it is read)
+    says which files hold such rows; only those are read with every column asked for. Reading all the columns of
+    every file and filtering afterwards decodes them for rows that are thrown away (several times slower)."""
+    holding = {}
+    for tagged in dataset.scanner(columns=[key], filter=wanted).scan_batches():
+        if tagged.record_batch.num_rows:
+            holding[tagged.fragment.path] = tagged.fragment
+    found = ds.FileSystemDataset(list(holding.values()), dataset.schema, dataset.format, dataset.filesystem)
+    return found.to_table(columns=wanted_columns, filter=wanted)
 
+
+OBJECT_COLUMNS = ["observed_at", "received_at", "topic", "night", "partition", "generation", "offset",
+                  "object_id", "detection_id", "ra", "dec", "file"]
+STAMPS_INSIDE = pa.list_(pa.struct([("kind", pa.string()), ("path", pa.string()), ("bytes", pa.int64())]))
+
+CONE_COLUMNS = ["object_id", "topic", "night", "observed_at", "detection_id", "ra", "dec", "file"]
 CONE_SQL = """
 SELECT * FROM (
   SELECT object_id, topic, night, observed_at, detection_id, ra, dec, file,
          degrees(2 * asin(sqrt(pow(sin(radians(dec - {dec}) / 2), 2)
            + cos(radians({dec})) * cos(radians(dec)) * pow(sin(radians(ra - {ra}) / 2), 2)))) * 3600 AS distance_arcsec
-  FROM alerts WHERE ({where})
+  FROM alerts
 ) WHERE distance_arcsec <= {radius} ORDER BY distance_arcsec, object_id, observed_at
 """
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 # --- output ---------------------------------------------------------------------------------------------------
