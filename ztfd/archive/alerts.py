@@ -185,7 +185,7 @@ class AlertsWriter:
                 continue  # never seen with a value: not written (see ztfd.archive.arrowtypes)
             else:
                 dtype = seen
-            out[column] = arrowtypes.to_array(values, dtype)
+            out[column] = arrowtypes.to_array(values, dtype, seen if avro_types.get(name) is None else None)
         return out
 
     # --- schema and files ----------------------------------------------------------------------------------------

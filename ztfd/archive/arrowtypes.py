@@ -105,10 +105,16 @@ def _child(dtype: pa.StructType, name: str) -> pa.DataType | None:
     return None if index < 0 else dtype.field(index).type
 
 
-def to_array(values: list[Any], dtype: pa.DataType) -> pa.Array:
-    """``values`` as an array of ``dtype``; a value that does not fit is null (the message keeps it)."""
+def to_array(values: list[Any], dtype: pa.DataType, seen: pa.DataType | None = None) -> pa.Array:
+    """``values`` as an array of ``dtype``; a value that does not fit is null (the message keeps it). ``seen``:
+    what ``infer`` made of the values, if the caller has it.
+
+    pyarrow itself would truncate 2.5 to 2 in an int64 column: values whose own type does not fit are found first
+    (``fits``), one at a time only when the batch as a whole does not fit."""
     if pa.types.is_string(dtype):
         values = [v if v is None or isinstance(v, str) else _json_text(v) for v in values]
+    elif not fits(infer(values) if seen is None else seen, dtype):
+        values = [v if v is None or fits(infer([v]), dtype) else None for v in values]
     try:
         return pa.array(values, type=dtype)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
@@ -121,6 +127,22 @@ def to_array(values: list[Any], dtype: pa.DataType) -> pa.Array:
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
             fitted.append(None)
     return pa.array(fitted, type=dtype)
+
+
+def fits(seen: pa.DataType | None, pinned: pa.DataType) -> bool:
+    """Whether values inferred as ``seen`` go into ``pinned`` without loss: an integer into a float, never a
+    fraction into an integer; struct fields it does not know are fine (``widen`` adds them)."""
+    if seen is None or seen == pinned or pa.types.is_null(seen):
+        return True
+    if pa.types.is_struct(seen) and pa.types.is_struct(pinned):
+        return all(fits(f.type, _child(pinned, f.name)) for f in seen if _child(pinned, f.name) is not None)
+    if pa.types.is_list(seen) and pa.types.is_list(pinned):
+        return fits(seen.value_type, pinned.value_type)
+    if pa.types.is_integer(pinned):
+        return pa.types.is_integer(seen)
+    if pa.types.is_floating(pinned):
+        return pa.types.is_integer(seen) or pa.types.is_floating(seen)
+    return False
 
 
 def _json_text(value: Any) -> str:
