@@ -24,9 +24,12 @@ import io
 import json
 import logging
 import math
+import multiprocessing
+import os
 import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +47,12 @@ from ztfd.store.db import transaction
 
 log = logging.getLogger(__name__)
 
+WORKERS = min(4, os.cpu_count() or 1)  # processes that build a large step's rows
+PARALLEL_FROM = 1_000  # alerts in a step from which they are shared out (a fork costs ~20 ms)
+_FORKED: tuple[AlertsWriter, list[StoredAlert]] | None = None
 CHUNK_OFFSETS = 10_000  # offsets per file (per night): part of every file name, so never changed
-READ_LIMIT = 20_000  # alerts read from the store per partition per step
+READ_LIMIT = 4_000  # alerts read from the store per partition per step (full Rubin alerts: ~300 MB in Arrow)
+ROWS_SLICE = 500  # alerts whose messages are parsed at once
 MJD_UNIX_EPOCH = 40587.0
 COMPRESSION = "zstd"
 
@@ -124,7 +131,33 @@ class AlertsWriter:
     # --- rows ----------------------------------------------------------------------------------------------------
 
     def rows(self, alerts: list[StoredAlert]) -> pa.Table:
-        """The dataset's rows of some alerts: ztfd's columns, then the message's fields."""
+        """The dataset's rows of some alerts: ztfd's columns, then the message's fields.
+
+        Parsing the messages is the writer's main cost (a full Rubin alert is ~40 kB of JSON), so a large step is
+        split between ``WORKERS`` forked processes, each building the rows of its share; the pieces are then put
+        together in the dataset's types. The children only read alert files: they never touch the store."""
+        if len(alerts) < PARALLEL_FROM or WORKERS < 2:
+            return self._rows(alerts)
+        global _FORKED  # what the forked children inherit: nothing is pickled to them
+        _FORKED = (self, alerts)
+        share = -(-len(alerts) // WORKERS)
+        bounds = [(start, min(start + share, len(alerts))) for start in range(0, len(alerts), share)]
+        try:
+            with ProcessPoolExecutor(len(bounds), mp_context=multiprocessing.get_context("fork")) as pool:
+                pieces = list(pool.map(_rows_of_share, bounds))
+        finally:
+            _FORKED = None
+        for _table, schemas in pieces:
+            for schema in schemas:
+                self._remember_avro(schema)
+        return _combined([table for table, _ in pieces])
+
+    def _rows(self, alerts: list[StoredAlert]) -> pa.Table:
+        """``ROWS_SLICE`` alerts at a time: parsed messages take ~10 times their size in Python objects."""
+        return _combined([self._slice_rows(alerts[low:low + ROWS_SLICE])
+                          for low in range(0, len(alerts), ROWS_SLICE)])
+
+    def _slice_rows(self, alerts: list[StoredAlert]) -> pa.Table:
         found = [self._message(alert) for alert in alerts]
         positions = [messages.position(m.record) if m else (None, None) for m in found]
         ras = [p[0] for p in positions]
@@ -177,7 +210,8 @@ class AlertsWriter:
         for name in names:
             column = columns.column_name(name)
             values = [record.get(name) if record else None for record in records]
-            seen = avro_types.get(name) or arrowtypes.infer(values)
+            inferred, seen = arrowtypes.inferred_array(values)
+            seen = avro_types.get(name) or seen
             index = self.schema.get_field_index(column)
             if index >= 0:
                 dtype = arrowtypes.widen(self.schema.field(index).type, seen)
@@ -185,7 +219,7 @@ class AlertsWriter:
                 continue  # never seen with a value: not written (see ztfd.archive.arrowtypes)
             else:
                 dtype = seen
-            out[column] = arrowtypes.to_array(values, dtype, seen if avro_types.get(name) is None else None)
+            out[column] = arrowtypes.as_type(values, inferred, dtype)
         return out
 
     # --- schema and files ----------------------------------------------------------------------------------------
@@ -261,6 +295,27 @@ class AlertsWriter:
         with transaction(self.conn):
             manifest.record_files(self.conn, recorded)
         return sum(len(a) for a in by_file.values())
+
+
+def _combined(tables: list[pa.Table]) -> pa.Table:
+    """Row pieces built apart, as one table: a column one piece lacks (null in all its rows) is null there."""
+    if len(tables) == 1:
+        return tables[0]
+    names: dict[str, pa.DataType] = {}
+    for table in tables:
+        for fld in table.schema:
+            names[fld.name] = arrowtypes.widen(names[fld.name], fld.type) if fld.name in names else fld.type
+    schema = pa.schema([pa.field(name, dtype) for name, dtype in names.items()])
+    return pa.concat_tables([arrowtypes.conform(table, schema) for table in tables])
+
+
+def _rows_of_share(bounds: tuple[int, int]) -> tuple[pa.Table, list[dict[str, Any]]]:
+    """In a forked child: the rows of ``alerts[low:high]`` and the Avro schemas met there."""
+    assert _FORKED is not None
+    writer, alerts = _FORKED
+    writer._avro_pending = []
+    table = writer._rows(alerts[bounds[0]:bounds[1]])
+    return table, writer._avro_pending
 
 
 def write_parquet(home: Path, path: Path, table: pa.Table) -> tuple[str, int, str]:

@@ -67,11 +67,29 @@ def avro_type(schema: Any, named: dict[str, pa.DataType] | None = None) -> pa.Da
 
 def infer(values: list[Any]) -> pa.DataType | None:
     """The type JSON values of one field suggest; None when they are all null (nothing to pin yet)."""
+    return inferred_array(values)[1]
+
+
+def inferred_array(values: list[Any]) -> tuple[pa.Array | None, pa.DataType | None]:
+    """The values as pyarrow infers them (None if it cannot: mixed kinds) and the type they suggest (``infer``)."""
     try:
-        dtype = pa.array(values).type
+        array = pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        return pa.string()  # mixed kinds: kept as JSON text
-    return None if pa.types.is_null(dtype) else _without_nulls(dtype)
+        return None, pa.string()  # mixed kinds: kept as JSON text
+    return array, None if pa.types.is_null(array.type) else _without_nulls(array.type)
+
+
+def as_type(values: list[Any], inferred: pa.Array | None, dtype: pa.DataType) -> pa.Array:
+    """``values`` as ``dtype``, from the array already inferred when it fits (one conversion from Python per
+    column, not two: the writer's main cost with full Rubin alerts), else from the values (``to_array``)."""
+    if inferred is not None and fits(_without_nulls(inferred.type), dtype):
+        if inferred.type == dtype:
+            return inferred
+        try:
+            return inferred.cast(dtype)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            pass
+    return to_array(values, dtype)
 
 
 def _without_nulls(dtype: pa.DataType) -> pa.DataType | None:

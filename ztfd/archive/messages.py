@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import fastavro
+import orjson
 
 CONTAINER_MAGIC = b"Obj\x01"
 CONFLUENT_HEADER = struct.Struct(">bI")
@@ -69,14 +70,22 @@ def read(home: Path, path: str, topic: str, schemas: SchemaSource) -> Message:
     data = (home / path).read_bytes()
     if path.endswith(".json"):
         raw = _embedded_message(data)
-        return Message(raw, _object(json.loads(raw)))
+        return Message(raw, _object(_parse_json(raw)))
     view = home / (path.rsplit(".", 1)[0] + ".json")
     decoded = _decode_avro(data, topic, schemas)
     if decoded is not None:
         record, schema = decoded
         return Message(data, _without_cutouts(record), schema)
-    record = json.loads(_embedded_message(view.read_bytes())) if view.exists() else None
+    record = _parse_json(_embedded_message(view.read_bytes())) if view.exists() else None
     return Message(data, _without_cutouts(_object(record)))
+
+
+def _parse_json(raw: bytes) -> Any:
+    """orjson (several times faster), else json: orjson refuses the bare NaN Lasair-LSST sends."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
 
 
 def _embedded_message(data: bytes) -> bytes:

@@ -40,9 +40,12 @@ def writer_lock(layout: Layout) -> Iterator[None]:
 
 
 def schema_source(cfg: config.Config, conn: sqlite3.Connection) -> SchemaSource:
+    """Where the archiver finds writer schemas: the registry's, as the consumers kept them in the store (read once
+    into memory: the writer's row builders may run in forked processes, which must not touch the store)."""
     registry = cfg.kafka.schema_registry_url.rstrip("/")
+    kept = avro_schemas.schemas_of(conn, registry) if registry else {}
     return SchemaSource(
-        registry_schema=(lambda schema_id: avro_schemas.cached_schema(conn, registry, schema_id)) if registry else None,
+        registry_schema=kept.get if registry else None,
         topic_schema=lambda topic: topics.lookup(cfg.kafka.schemas, topic),
     )
 
@@ -60,10 +63,7 @@ class Archiver:
     def one_pass(self, stop: lifecycle.Stop | None = None, progress: Any = None) -> int:
         with writer_lock(self.layout):
             written = self.alerts_writer().write_pass(stop, progress)
-            stamp_files = self.stamps.write_pass()
-            if stamp_files:
-                with transaction(self.conn):
-                    manifest.record_files(self.conn, stamp_files)
+            self.stamps.write_pass(self.conn)
         if written:
             log.info("archive: %d alerts written into the dataset", written)
         return written

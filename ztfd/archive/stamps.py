@@ -1,10 +1,11 @@
 """The stamps dataset: ``<home>/archive/stamps/night=<date>/stamps.parquet``, one row per file under
 ``images/<date>/`` (``columns.STAMP_COLUMNS``).
 
-A night's file is a function of the files on disk: each pass looks at the nights whose folders changed since it
-last looked (the newest modification time of the night's folder and its object folders) and writes the night's
-file again when its rows differ. A file's MD5 is read again only when its size or modification time changed
-(otherwise the previous row's is kept).
+A night's file is a function of the files on disk. The first pass of a process looks at every night; later
+passes at the nights the store says were touched since (alerts received, whose packets carry cutouts; stamp jobs
+done: ``archive_marks.nights_touched_since``), so a pass does not walk a year of folders. A night's file is
+written again only when its rows differ, and a file's MD5 is read again only when its size or modification time
+changed (otherwise the previous row's is kept).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +26,15 @@ from ztfd.archive import columns
 from ztfd.archive.alerts import write_parquet
 from ztfd.archive.layout import Layout
 from ztfd.sources import STAMP_TYPES
+from ztfd.store import archive_marks, manifest
+from ztfd.store.db import transaction
+from ztfd.store.status_facts import get_status, set_status
 
 NIGHT = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 SCHEMA = columns.fixed_schema(columns.STAMP_COLUMNS)
+CLOCK_MARGIN = 5.0  # seconds looked back beyond the last pass: a row stamped by another process's clock
+FULL_LOOK_AFTER = 12 * 3600.0
+LOOKED_AT = "archive_stamps_looked_at"
 
 
 def kind_of(name: str) -> tuple[str, str]:
@@ -44,23 +53,25 @@ class StampsWriter:
     def __init__(self, home: Path) -> None:
         self.layout = Layout(home)
         self.images = home / "images"
-        self.looked: dict[str, float] = {}  # night -> newest folder mtime when last written
 
-    def write_pass(self) -> list[tuple[str, int, str]]:
-        """Write the stamps file of every night whose folders changed; the manifest rows of the files written."""
-        written = []
+    def write_pass(self, conn: sqlite3.Connection) -> list[tuple[str, int, str]]:
+        """Write the stamps file of every night that may have changed; the manifest rows of the files written.
+
+        When the last pass began is a fact in the store (``archive_stamps_looked_at``), so ``--once`` from cron
+        looks only at what changed too. Older than ``FULL_LOOK_AFTER`` (done jobs are forgotten after a day), or
+        never: every night is looked at."""
+        started = time.time()
         try:
-            nights = sorted(entry.name for entry in os.scandir(self.images) if NIGHT.match(entry.name))
+            nights = {entry.name for entry in os.scandir(self.images) if NIGHT.match(entry.name)}
         except FileNotFoundError:
-            return []
-        for night in nights:
-            changed = _newest_folder_mtime(self.images / night)
-            if self.looked.get(night) == changed:
-                continue
-            row = self.write_night(night)
-            if row is not None:
-                written.append(row)
-            self.looked[night] = changed
+            nights = set()
+        last = get_status(conn, LOOKED_AT)
+        if last is not None and last[0] is not None and started - float(last[0]) < FULL_LOOK_AFTER:
+            nights &= archive_marks.nights_touched_since(conn, float(last[0]) - CLOCK_MARGIN)
+        written = [row for night in sorted(nights) if (row := self.write_night(night)) is not None]
+        with transaction(conn):
+            manifest.record_files(conn, written)
+            set_status(conn, LOOKED_AT, repr(started))
         return written
 
     def write_night(self, night: str) -> tuple[str, int, str] | None:
@@ -94,14 +105,6 @@ class StampsWriter:
         if path.exists() and pq.read_table(path).equals(table):
             return None
         return write_parquet(self.layout.home, path, table)
-
-
-def _newest_folder_mtime(folder: Path) -> float:
-    newest = folder.stat().st_mtime
-    for entry in os.scandir(folder):
-        if entry.is_dir():
-            newest = max(newest, entry.stat().st_mtime)
-    return newest
 
 
 def _previous_rows(path: Path) -> dict[str, dict[str, Any]]:

@@ -66,6 +66,17 @@ def dates_of(conn: sqlite3.Connection, topic: str | None = None) -> list[str]:
     return [row[0] for row in rows]
 
 
+def nights_touched_since(conn: sqlite3.Connection, since: float) -> set[str]:
+    """Nights whose ``images/`` may have changed since ``since``: those that received alerts (cutouts come with
+    packets; ``counter_alerts``) and those of stamp jobs done since (``jobs_done`` index). Both read only rows of
+    the period."""
+    received = conn.execute("SELECT date FROM counter_alerts WHERE last_received_at > ?", (since,))
+    done = conn.execute(
+        "SELECT DISTINCT a.date FROM jobs j JOIN alerts a ON a.id = j.alert_id "
+        "WHERE j.state = 'done' AND j.updated_at > ?", (since,))
+    return {row[0] for row in received} | {row[0] for row in done}
+
+
 def advance(conn: sqlite3.Connection, key: PartitionKey, written_through: int) -> None:
     """Move a mark up (inside the caller's transaction); never down."""
     conn.execute(
