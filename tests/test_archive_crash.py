@@ -4,6 +4,7 @@ the store's new table (``archive_marks``) comes to an older store by migration."
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import sqlite3
 import subprocess
@@ -11,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -119,3 +121,39 @@ def test_an_older_store_gains_the_archive_marks_table(tmp_path: Path) -> None:
         conn.close()
     with pytest.raises(sqlite3.IntegrityError):
         sqlite3.connect(db).execute("INSERT INTO archive_marks (topic) VALUES ('t')")  # NOT NULL columns: it is real
+
+
+def test_stamps_written_by_a_finished_job_reach_the_stamps_dataset_on_the_next_pass(make_config: Any) -> None:
+    """A later pass looks only at the nights the store says were touched: a stamp job done for an old night is
+    one of them."""
+    from ztfd import config
+    from ztfd.store import jobs
+    from ztfd.store.alerts import NewAlert, insert_alerts
+
+    cfg = config.load(make_config())
+    home = Home(cfg.home, cfg.path, cfg.db_path)
+    conn = store.connect(cfg.db_path)
+    night, other = "2021-09-01", "2021-08-31"
+    folder = cfg.home / "images" / night / "ZTF21abvawaj"
+    folder.mkdir(parents=True)
+    (folder / "111_science.fits.gz").write_bytes(b"science")
+    (cfg.home / "images" / other / "ZTF18aaaaaaa").mkdir(parents=True)
+    (cfg.home / "images" / other / "ZTF18aaaaaaa" / "222_science.fits.gz").write_bytes(b"x")
+    with store.transaction(conn):
+        (alert_id,) = insert_alerts(conn, "t", [NewAlert(0, 0, 0, "ZTF21abvawaj", night, 59458.3, "data/x.json")],
+                                    received_at=1.0e9)
+        jobs.enqueue(conn, [jobs.NewStampJob(alert_id, f"k{alert_id}")])
+    home.run("archive", "--once")
+    stamps = archive.open(cfg.home).stamps.to_table()
+    assert sorted(stamps["path"].to_pylist()) == [f"images/{other}/ZTF18aaaaaaa/222_science.fits.gz",
+                                                  f"images/{night}/ZTF21abvawaj/111_science.fits.gz"]
+    # A fetcher finishes the job later: its preview is on disk, the job done.
+    (job,) = jobs.claim(conn, "worker", 60)
+    (folder / "111.png").write_bytes(b"\x89PNG")
+    assert jobs.complete(conn, job.id, "worker")
+    (cfg.home / "images" / other / "ZTF18aaaaaaa" / "222.png").write_bytes(b"\x89PNG")  # no job says so: not seen
+    home.run("archive", "--once")
+    rows = archive.open(cfg.home).sql("SELECT night, kind, md5, bytes FROM stamps ORDER BY path").to_pylist()
+    assert [(str(r["night"]), r["kind"]) for r in rows] == [(other, "science"), (night, "preview"), (night, "science")]
+    assert (rows[1]["md5"], rows[1]["bytes"]) == (hashlib.md5(b"\x89PNG").hexdigest(), 4)
+    conn.close()
