@@ -105,6 +105,10 @@ def test_a_rebuild_killed_and_run_again_ends_with_the_same_dataset(home: Home) -
     stray.write_bytes(b"not a file of this dataset")
     home.run("archive", "--rebuild", "--date", night)
     assert not stray.exists() and home.table().equals(clean)
+    for bad in (["--date", night], ["--rebuild", "--date", "2021-13-01"]):
+        refused = subprocess.run(ztfd_command(home.config, "archive", *bad), capture_output=True, text=True,
+                                 timeout=60, env=child_env())
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
 
 
 def test_an_older_store_gains_the_archive_marks_table(tmp_path: Path) -> None:

@@ -302,6 +302,9 @@ def archive(ctx: click.Context, once: bool, rebuild: bool, date: str | None) -> 
     if date is not None and not rebuild:
         click.echo("ztfd: archive --date goes with --rebuild", err=True)
         ctx.exit(EXIT_CONFIG)
+    if date is not None and not _is_date(date):
+        click.echo("ztfd: archive --date must be a date, YYYY-MM-DD", err=True)
+        ctx.exit(EXIT_CONFIG)
     setup_logging(cfg, main_file="archive.log", console=not (once or rebuild))
     from ztfd import store
     from ztfd.archive import role
@@ -318,6 +321,15 @@ def archive(ctx: click.Context, once: bool, rebuild: bool, date: str | None) -> 
             click.echo(f"ztfd archive: {archiver.one_pass()} new alerts written")
     finally:
         conn.close()
+
+
+def _is_date(text: str) -> bool:
+    import datetime as dt
+
+    try:
+        return dt.date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        return False
 
 
 FORMAT_OPTION = click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
