@@ -161,3 +161,4 @@ def test_stamps_written_by_a_finished_job_reach_the_stamps_dataset_on_the_next_p
     assert [(str(r["night"]), r["kind"]) for r in rows] == [(other, "science"), (night, "preview"), (night, "science")]
     assert (rows[1]["md5"], rows[1]["bytes"]) == (hashlib.md5(b"\x89PNG").hexdigest(), 4)
     conn.close()
+
