@@ -162,3 +162,24 @@ def test_stamps_written_by_a_finished_job_reach_the_stamps_dataset_on_the_next_p
     assert (rows[1]["md5"], rows[1]["bytes"]) == (hashlib.md5(b"\x89PNG").hexdigest(), 4)
     conn.close()
 
+
+
+def test_rows_built_by_forked_processes_are_the_rows_built_in_one(home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ztfd import config
+    from ztfd.archive import alerts as writer_module
+    from ztfd.archive.role import Archiver
+    from ztfd.store.alerts import iter_alerts
+
+    cfg = config.load(home.config)
+    conn = store.connect(cfg.db_path)
+    try:
+        stored = list(iter_alerts(conn))[:1500]
+        writer = Archiver(cfg, conn).alerts_writer()
+        monkeypatch.setattr(writer_module, "WORKERS", 1)
+        alone = writer.rows(stored)
+        monkeypatch.setattr(writer_module, "WORKERS", 3)
+        monkeypatch.setattr(writer_module, "PARALLEL_BYTES", 0)
+        shared = writer.rows(stored)
+    finally:
+        conn.close()
+    assert shared.num_rows == len(stored) and shared.equals(alone)

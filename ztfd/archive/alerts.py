@@ -48,7 +48,8 @@ from ztfd.store.db import transaction
 log = logging.getLogger(__name__)
 
 WORKERS = min(4, os.cpu_count() or 1)  # processes that build a large step's rows
-PARALLEL_FROM = 1_000  # alerts in a step from which they are shared out (a fork costs ~20 ms)
+PARALLEL_BYTES = 16 * 1024 * 1024  # a step's messages from which they are shared out: small ones cost less than a
+# fork and the way back of the rows (Lasair-ZTF rows: 2x slower in two processes; full Rubin alerts: 1.3x faster)
 _FORKED: tuple[AlertsWriter, list[StoredAlert]] | None = None
 CHUNK_OFFSETS = 10_000  # offsets per file (per night): part of every file name, so never changed
 READ_LIMIT = 4_000  # alerts read from the store per partition per step (full Rubin alerts: ~300 MB in Arrow)
@@ -136,7 +137,7 @@ class AlertsWriter:
         Parsing the messages is the writer's main cost (a full Rubin alert is ~40 kB of JSON), so a large step is
         split between ``WORKERS`` forked processes, each building the rows of its share; the pieces are then put
         together in the dataset's types. The children only read alert files: they never touch the store."""
-        if len(alerts) < PARALLEL_FROM or WORKERS < 2:
+        if WORKERS < 2 or len(alerts) < 2 * ROWS_SLICE or self._step_bytes(alerts) < PARALLEL_BYTES:
             return self._rows(alerts)
         global _FORKED  # what the forked children inherit: nothing is pickled to them
         _FORKED = (self, alerts)
@@ -151,6 +152,13 @@ class AlertsWriter:
             for schema in schemas:
                 self._remember_avro(schema)
         return _combined([table for table, _ in pieces])
+
+    def _step_bytes(self, alerts: list[StoredAlert]) -> int:
+        """About how many bytes of messages ``alerts`` are (the first one's file, times their number)."""
+        try:
+            return os.path.getsize(f"{self.layout.home}/{alerts[0].path}") * len(alerts)
+        except OSError:
+            return 0
 
     def _rows(self, alerts: list[StoredAlert]) -> pa.Table:
         """``ROWS_SLICE`` alerts at a time: parsed messages take ~10 times their size in Python objects."""

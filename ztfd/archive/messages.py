@@ -67,7 +67,8 @@ def _read_text(path: str | None) -> str | None:
 
 def read(home: Path, path: str, topic: str, schemas: SchemaSource) -> Message:
     """The message of the alert file ``path`` (relative to ``home``)."""
-    data = (home / path).read_bytes()
+    with open(f"{home}/{path}", "rb") as handle:  # a plain string path: pathlib's parsing cost a tenth of the pass
+        data = handle.read()
     if path.endswith(".json"):
         raw = _embedded_message(data)
         return Message(raw, _object(_parse_json(raw)))
