@@ -183,3 +183,26 @@ def test_rows_built_by_forked_processes_are_the_rows_built_in_one(home: Home, mo
     finally:
         conn.close()
     assert shared.num_rows == len(stored) and shared.equals(alone)
+
+
+def test_a_backlog_written_in_many_small_steps_is_the_dataset_a_rebuild_makes(
+        home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each step adds to the files the step before wrote (kept in memory, or read back): no row lost or doubled."""
+    from ztfd import config
+    from ztfd.archive import alerts as writer_module
+    from ztfd.archive.role import Archiver
+    from ztfd.store import archive_marks
+
+    home.run("archive", "--rebuild")
+    clean = home.table()
+    home.clear()
+    cfg = config.load(home.config)
+    conn = store.connect(cfg.db_path)
+    try:
+        with store.transaction(conn):
+            archive_marks.forget(conn)
+        monkeypatch.setattr(writer_module, "READ_LIMIT", 97)
+        assert Archiver(cfg, conn).one_pass() == len(stored_keys(home.db))
+    finally:
+        conn.close()
+    assert home.table().equals(clean)

@@ -77,6 +77,7 @@ class AlertsWriter:
         self.schema = self.layout.read_alerts_schema() or columns.fixed_schema(columns.ALERT_COLUMNS)
         self.avro_seen: set[str] = set()
         self._avro_pending: list[dict[str, Any]] = []
+        self._just_written: dict[Path, pa.Table] = {}  # the files the last step wrote, as written (this pass only)
 
     # --- incremental ---------------------------------------------------------------------------------------------
 
@@ -84,6 +85,7 @@ class AlertsWriter:
         """Write every stored alert above its mark; the number of alerts written. ``progress()`` is called after
         each step (the role heartbeats there: a backlog takes many steps)."""
         written = 0
+        self._just_written = {}
         marks = archive_marks.marks(self.conn)
         for key in archive_marks.partitions_to_look_at(self.conn):
             mark = marks.get(key, -1)
@@ -107,14 +109,17 @@ class AlertsWriter:
             groups[(alert.date, chunk_start(alert.kafka_offset))].append(index)
         kept = {group: self._kept_rows(key, *group, mark) for group in groups}
         recorded = self._widen_schema([new, *(t for t in kept.values() if t is not None)])
+        written: dict[Path, pa.Table] = {}
         for (date, start), indices in groups.items():
             parts = [t for t in (kept[(date, start)], _rows_at(new, indices)) if t is not None]
             path = self.layout.alerts_file(date, key.topic, file_name(key, start))
-            recorded.append(self._write_file(path, self._file_table(parts)))
+            written[path] = self._file_table(parts)
+            recorded.append(self._write_file(path, written[path]))
         recorded.extend(self._new_avro_schemas())
         with transaction(self.conn):
             manifest.record_files(self.conn, recorded)
             archive_marks.advance(self.conn, key, alerts[-1].kafka_offset)
+        self._just_written = written  # a backlog's next step adds to these files: no need to read them back
 
     def _kept_rows(self, key: PartitionKey, date: str, start: int, mark: int) -> pa.Table | None:
         """The rows a file already holds at or below the mark (written by an earlier pass); read back from the file,
@@ -123,6 +128,8 @@ class AlertsWriter:
         if mark < start:
             return None
         path = self.layout.alerts_file(date, key.topic, file_name(key, start))
+        if path in self._just_written:
+            return self._just_written[path]  # all at or below the mark: the step that wrote it moved the mark
         try:
             table = pq.read_table(path)
         except FileNotFoundError:
