@@ -89,6 +89,11 @@ def test_demo_runs_the_pipeline_and_stops_everything(tmp_path: Path) -> None:
                            capture_output=True, text=True, env=child_env(), timeout=60)
     assert again.returncode == 3 and '"pending": 0' in again.stdout, again.stderr
     # --keep left the home: alert files of both topics and stamp triplets are there.
+    # It ends with a question to the Parquet dataset (issue 22): alerts per night and topic, every stored one.
+    answer = re.search(r"\$ ztfd query .*\n(?:  .*\n)*?  \((\d+) rows\)", output)
+    assert answer, output
+    per_night = re.findall(r"^  \d{4}-\d{2}-\d{2}\s+\S+\s+(\d+)$", output[answer.start():], re.MULTILINE)
+    assert len(per_night) == int(answer.group(1)) and sum(map(int, per_night)) == received - rejected
     assert len(list((home / "data").rglob("*.json"))) == produced - rejected
     assert list((home / "images").rglob("*_difference.fits.gz"))
     assert_nothing_left(home, output)

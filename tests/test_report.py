@@ -182,6 +182,7 @@ def test_report_of_a_night_has_a_card_per_object_and_every_link_resolves(home: H
     finally:
         conn.close()
     assert f"{alerts} alerts" in text and f"{len(objects)} objects" in text
+    assert all(f"ztfd object {object_id}" in text for object_id in objects)  # its row in the Parquet dataset
     assert "not yet available" in text and "ALeRCE does not know the object yet" in text
     triplets = [src for src in page.images if src.endswith(".png") and "/images/" in src]
     assert len(triplets) == len(objects) - 1  # all but the object the stamp service does not know

@@ -34,6 +34,10 @@ SHORT = {
     "demo": "Run the pipeline on embedded local services.",
     "metrics": "Serve Prometheus metrics in the foreground.",
     "report": "Write a night's HTML report.",
+    "archive": "Write the Parquet dataset (daemon, --once or --rebuild).",
+    "query": "Ask the Parquet dataset in SQL.",
+    "object": "Every alert of an object, with its stamps.",
+    "cone": "Alerts within a radius of a position.",
 }
 
 
@@ -333,6 +337,96 @@ def demo(ctx: click.Context, keep: bool, home: Path | None) -> None:
     from ztfd.embedded import demo as demo_module
 
     ctx.exit(demo_module.run(keep=keep, home=home))
+
+
+@main.command(short_help=SHORT["archive"])
+@click.option("--once", is_flag=True, help="One pass, then exit (for cron).")
+@click.option("--rebuild", is_flag=True, help="Write the dataset again from the alert files on disk.")
+@click.option("--date", "date", default=None, help="With --rebuild: only this night, YYYY-MM-DD.")
+@click.pass_context
+def archive(ctx: click.Context, once: bool, rebuild: bool, date: str | None) -> None:
+    """Keep archive/ (the Parquet dataset of alerts and stamps) up to date: every archive.interval seconds (the
+    daemon's archiver), --once, or --rebuild [--date D] from the stored alerts and their files."""
+    cfg = load_config(ctx)
+    if date is not None and not rebuild:
+        click.echo("ztfd: archive --date goes with --rebuild", err=True)
+        ctx.exit(EXIT_CONFIG)
+    if date is not None and not _is_date(date):
+        click.echo("ztfd: archive --date must be a date, YYYY-MM-DD", err=True)
+        ctx.exit(EXIT_CONFIG)
+    setup_logging(cfg, main_file="archive.log", console=not (once or rebuild))
+    from ztfd import store
+    from ztfd.archive import role
+    from ztfd.store.states import Role
+
+    if not (once or rebuild):
+        ctx.exit(role.run(cfg, process_name(Role.ARCHIVER)))
+    conn = store.connect(cfg.db_path)
+    try:
+        archiver = role.Archiver(cfg, conn)
+        if rebuild:
+            count = archiver.rebuild(date)
+            click.echo(f"ztfd archive: {count} alerts written{f' for night {date}' if date else ''}")
+        else:
+            click.echo(f"ztfd archive: {archiver.one_pass()} new alerts written")
+    finally:
+        conn.close()
+
+
+def _is_date(text: str) -> bool:
+    import datetime as dt
+
+    try:
+        return dt.date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        return False
+
+
+FORMAT_OPTION = click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+                             show_default=True, help="json: one array of row objects.")
+
+
+def _answer(ctx: click.Context, ask: Any, fmt: str) -> None:
+    """Open the home's dataset, ask, print; a refused question is one line and exit 1."""
+    from ztfd import archive as archive_module
+    from ztfd.archive import query as query_module
+
+    cfg = load_config(ctx)
+    try:
+        table = ask(archive_module.open(cfg.home))
+    except archive_module.QueryError as exc:
+        click.echo(f"ztfd: {exc}", err=True)
+        ctx.exit(1)
+    click.echo(query_module.render(table, fmt))
+
+
+@main.command(short_help=SHORT["query"])
+@click.argument("sql")
+@FORMAT_OPTION
+@click.pass_context
+def query(ctx: click.Context, sql: str, fmt: str) -> None:
+    """Run SQL (DuckDB) over the dataset: tables `alerts` and `stamps` (docs/archive.md lists the columns)."""
+    _answer(ctx, lambda archive: archive.sql(sql), fmt)
+
+
+@main.command(name="object", short_help=SHORT["object"])
+@click.argument("object_id")
+@FORMAT_OPTION
+@click.pass_context
+def object_command(ctx: click.Context, object_id: str, fmt: str) -> None:
+    """Every alert of OBJECT_ID (time, topic, night, file), oldest first, with its stamps inside the row."""
+    _answer(ctx, lambda archive: archive.object_rows(object_id), fmt)
+
+
+@main.command(short_help=SHORT["cone"])
+@click.argument("ra", type=float)
+@click.argument("dec", type=float)
+@click.argument("radius_arcsec", type=float)
+@FORMAT_OPTION
+@click.pass_context
+def cone(ctx: click.Context, ra: float, dec: float, radius_arcsec: float, fmt: str) -> None:
+    """Alerts within RADIUS_ARCSEC of (RA, DEC) in degrees, nearest first (true angular distance)."""
+    _answer(ctx, lambda archive: archive.cone(ra, dec, radius_arcsec), fmt)
 
 
 if __name__ == "__main__":  # pragma: no cover

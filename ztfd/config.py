@@ -126,6 +126,12 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class ArchiveConfig:
+    enabled: bool = False  # the supervisor runs the dataset writer (``ztfd archive``) when true
+    interval: float = 60.0  # seconds: every stored alert is in the Parquet dataset at most this much later
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     home: Path
@@ -137,6 +143,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
 
     # The runtime layout under ``home``; everything a user touches is documented in docs/layout.md.
     @property
@@ -204,6 +211,7 @@ SECTIONS: dict[str, type] = {
     "metrics": MetricsConfig,
     "report": ReportConfig,
     "store": StoreConfig,
+    "archive": ArchiveConfig,
 }
 REQUIRED = {("kafka", "group_id"), ("kafka", "topics")}
 # Keys whose value is one of a few words (compared case-insensitively for the log level).
@@ -225,7 +233,7 @@ POSITIVE = {
     ("stamps", "max_stamp_bytes"), ("stamps", "max_stamp_side"), ("stamps", "step_timeout"),
     ("s3", "concurrency"), ("s3", "multipart_threshold"), ("s3", "max_attempts"),
     ("supervisor", "heartbeat_timeout"), ("supervisor", "stop_timeout"),
-    ("kafka", "idle_topic_seconds"), ("kafka", "topic_scan_seconds"),
+    ("kafka", "idle_topic_seconds"), ("kafka", "topic_scan_seconds"), ("archive", "interval"),
 }
 
 

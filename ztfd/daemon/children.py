@@ -95,6 +95,8 @@ def child_specs(cfg: config.Config) -> list[Child]:
         children.append(Child("syncer", Role.SYNCER, None, [*base, "sync"]))
     if cfg.metrics.listen:
         children.append(Child("metrics", Role.METRICS, None, [*base, "metrics"]))
+    if cfg.archive.enabled:
+        children.append(Child("archiver", Role.ARCHIVER, None, [*base, "archive"]))
     if cfg.report.after_quiet > 0:
         children.append(Child("reporter", Role.REPORTER, None, [*base, "report", "--watch"]))
     return children

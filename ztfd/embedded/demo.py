@@ -395,6 +395,7 @@ def demo_sections(services: EmbeddedServices, **overrides: dict[str, Any]) -> di
                "region": LOCAL_AWS_ENV["AWS_DEFAULT_REGION"], "interval": 2.0},
         "supervisor": {"heartbeat_timeout": 60.0, "stop_timeout": 20.0},
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        "archive": {"enabled": True, "interval": 2.0},
     }
     for name, values in overrides.items():
         sections.setdefault(name.replace("__", "."), {}).update(values)
@@ -518,6 +519,20 @@ def _report(services: EmbeddedServices, config_path: Path, home: Path, report: s
     _show_metrics(config_path)
     if report:
         click.echo(f"\n{report}")
+    _show_archive_query(config_path)
+
+
+ARCHIVE_QUESTION = "SELECT night, topic, count(*) AS alerts FROM alerts GROUP BY night, topic ORDER BY night, topic"
+
+
+def _show_archive_query(config_path: Path) -> None:
+    """The Parquet dataset answering a question: the last alerts written (``ztfd archive --once``), then a query."""
+    subprocess.run(ztfd_argv(config_path, "archive", "--once"), capture_output=True, env=child_env(), timeout=300)
+    result = subprocess.run(ztfd_argv(config_path, "query", ARCHIVE_QUESTION), capture_output=True, text=True,
+                            env=child_env(), timeout=120)
+    click.echo(f'\n$ ztfd query "{ARCHIVE_QUESTION}"')
+    for line in (result.stdout.rstrip() or result.stderr.rstrip()).splitlines():
+        click.echo(f"  {line}")
 
 
 def metrics_url(config_path: Path) -> str:

@@ -432,7 +432,8 @@ def _card_html(card: Card, page_dir: Path, home: Path) -> str:
     file_links += [f'<a href="{_href(page_dir, home, path)}">{e(kind)}</a>' for kind, path in card.stamps]
     return (f'<article class="card" id="{oid}"><h2>{title}<span class="links">{links}</span></h2>'
             f'<p class="meta">{meta}</p>{stamp}<div class="below">{curve}<table>{rows}</table></div>'
-            f'<p class="files">files: {" · ".join(file_links)}</p></article>')
+            f'<p class="files">files: {" · ".join(file_links)}</p>'
+            f'<p class="archive">every alert of it, with its stamps: <code>ztfd object {oid}</code></p></article>')
 
 
 def page_name(number: int) -> str:

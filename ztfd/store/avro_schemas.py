@@ -17,6 +17,12 @@ def cached_schema(conn: sqlite3.Connection, registry: str, schema_id: int) -> st
     return None if row is None else row[0]
 
 
+def schemas_of(conn: sqlite3.Connection, registry: str) -> dict[int, str]:
+    """Every schema kept for ``registry``, by id (a few: one per schema version of its topics)."""
+    return {row[0]: row[1] for row in conn.execute(
+        "SELECT schema_id, schema FROM avro_schemas WHERE registry = ?", (registry,))}
+
+
 def save_schema(conn: sqlite3.Connection, registry: str, schema_id: int, text: str, now: float | None = None) -> None:
     """Keep a fetched schema (autocommit: one statement, outside any batch's transaction)."""
     conn.execute("INSERT OR IGNORE INTO avro_schemas (registry, schema_id, schema, fetched_at) VALUES (?, ?, ?, ?)",

@@ -102,6 +102,11 @@ def _v7_to_v8(conn: sqlite3.Connection) -> None:
                  "WHERE state = 'pending' AND attempts > 0 ON CONFLICT (id) DO UPDATE SET files = excluded.files")
 
 
+def _v9_to_v10(conn: sqlite3.Connection) -> None:
+    """Nothing to reshape: ``archive_marks`` is new (``SCHEMA`` creates it) and starts empty, so the dataset writer
+    begins with every stored alert."""
+
+
 STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _v1_to_v2,
     2: add_missing_columns,
@@ -111,4 +116,5 @@ STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {
     6: _v6_to_v7,
     7: _v7_to_v8,
     8: lambda conn: None,  # the crash-loop breaker's tables come with SCHEMA
+    9: _v9_to_v10,
 }

@@ -64,6 +64,7 @@ class Role(enum.StrEnum):
     SYNCER = "syncer"
     METRICS = "metrics"
     REPORTER = "reporter"
+    ARCHIVER = "archiver"
 
 
 class ProcessState(enum.StrEnum):

@@ -23,7 +23,7 @@ from ztfd.store.manifest import FileState
 
 log = logging.getLogger(__name__)
 
-SYNCED_DIRS = ("data", "images")  # everything else under home (state, logs) is never uploaded
+SYNCED_DIRS = ("data", "images", "archive")  # everything else under home (state, logs) is never uploaded
 APPLY_CHUNK = 500  # the plan is applied in transactions of this many rows: the write lock is held briefly
 
 

@@ -100,6 +100,8 @@ class Retention:
     def may_delete(self, row: OldUpload) -> Identity | bool:
         """The identity of the local file (True when it is already gone) when it is what was uploaded and S3
         still holds it; False to keep it."""
+        if row.path.startswith("archive/"):
+            return False  # the Parquet dataset stays on disk: it is what ztfd query reads, and small
         local = self.cfg.home / row.path
         seen = identity(local)
         if seen is None:

@@ -1,0 +1,208 @@
+"""The dataset writer killed with -9 (a real ``ztfd archive`` process) while it writes, and a rebuild killed the
+same way: run again, each ends with every stored alert exactly once, the same dataset a clean rebuild makes. And
+the store's new table (``archive_marks``) comes to an older store by migration."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import sqlite3
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from tests.conftest import FAST_KAFKA_OPTIONS, child_env, wait_until, write_config, ztfd_command
+from tests.test_archive import dataset_keys, stored_keys, ztf_row
+from ztfd import archive, store
+from ztfd.embedded.kafka import KafkaBroker
+from ztfd.store.db import schema_version
+from ztfd.store.schema import SCHEMA_VERSION
+
+ALERTS = 3000
+NIGHTS = 6
+
+
+@dataclass
+class Home:
+    path: Path
+    config: Path
+    db: Path
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(ztfd_command(self.config, *args), capture_output=True, text=True, timeout=300,
+                              env=child_env())
+        assert done.returncode == 0, done.stderr
+        return done
+
+    def kill_while_writing(self, *args: str) -> None:
+        """Start ``ztfd <args>`` and kill it with -9 as soon as it has renamed its first Parquet file."""
+        proc = subprocess.Popen(ztfd_command(self.config, *args), env=child_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: proc.poll() is not None or any((self.path / "archive").rglob("*.parquet")), 120,
+                       "the first Parquet file", interval=0.005)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+    def table(self) -> pa.Table:
+        table = archive.open(self.path).alerts.to_table()
+        return table.sort_by([("topic", "ascending"), ("partition", "ascending"), ("offset", "ascending")])
+
+    def clear(self) -> None:
+        for parquet in (self.path / "archive").rglob("*.parquet"):
+            parquet.unlink()
+
+
+@pytest.fixture(scope="module")
+def home(kafka: KafkaBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
+    run = uuid.uuid4().hex[:8]
+    topic = f"archive-crash-{run}"
+    path = tmp_path_factory.mktemp("archive-crash")
+    config = write_config(path / "ztfd.toml", {
+        "kafka": {"bootstrap_servers": kafka.bootstrap, "group_id": f"g-{run}", "topics": [topic]},
+        "kafka.options": dict(FAST_KAFKA_OPTIONS), "stamps": {"enabled": False}}, path)
+    kafka.create_topic(topic, partitions=2)
+    kafka.produce(topic, [ztf_row(seq, 59458.3 + seq % NIGHTS, None if seq % 7 else 18.0) for seq in range(ALERTS)])
+    db = path / "state" / "ztfd.sqlite3"
+    proc = subprocess.Popen(ztfd_command(config, "consume", "--topic", topic), env=child_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: db.exists() and len(stored_keys(db)) >= ALERTS, 120, "every message stored")
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    yield Home(path, config, db)
+
+
+def test_a_writer_killed_while_writing_leaves_nothing_twice_once_run_again(home: Home) -> None:
+    home.clear()
+    home.kill_while_writing("archive", "--once")
+    home.run("archive", "--once")
+    written = home.table()
+    keys = dataset_keys(written)
+    assert len(keys) == len(set(keys)) and set(keys) == stored_keys(home.db)
+    assert home.run("archive", "--once").stdout.startswith("ztfd archive: 0 new alerts")
+    home.run("archive", "--rebuild")
+    assert home.table().equals(written)  # the same dataset a rebuild makes
+
+
+def test_a_rebuild_killed_and_run_again_ends_with_the_same_dataset(home: Home) -> None:
+    home.run("archive", "--rebuild")
+    clean = home.table()
+    home.clear()
+    home.kill_while_writing("archive", "--rebuild")
+    home.run("archive", "--rebuild")
+    assert home.table().equals(clean)
+    night = str(clean["night"][0])
+    stray = home.path / "archive" / "alerts" / f"night={night}" / f"topic={clean['topic'][0]}" / "p9-g0-o0.parquet"
+    stray.write_bytes(b"not a file of this dataset")
+    home.run("archive", "--rebuild", "--date", night)
+    assert not stray.exists() and home.table().equals(clean)
+    for bad in (["--date", night], ["--rebuild", "--date", "2021-13-01"]):
+        refused = subprocess.run(ztfd_command(home.config, "archive", *bad), capture_output=True, text=True,
+                                 timeout=60, env=child_env())
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+
+
+def test_an_older_store_gains_the_archive_marks_table(tmp_path: Path) -> None:
+    db = tmp_path / "ztfd.sqlite3"
+    conn = store.connect(db)
+    conn.execute("DROP TABLE archive_marks")
+    conn.execute("UPDATE meta SET value = '9' WHERE key = 'schema_version'")
+    conn.close()
+    conn = store.connect(db)
+    try:
+        assert schema_version(conn) == SCHEMA_VERSION == 10
+        assert conn.execute("SELECT count(*) FROM archive_marks").fetchone()[0] == 0
+    finally:
+        conn.close()
+    with pytest.raises(sqlite3.IntegrityError):
+        sqlite3.connect(db).execute("INSERT INTO archive_marks (topic) VALUES ('t')")  # NOT NULL columns: it is real
+
+
+def test_stamps_written_by_a_finished_job_reach_the_stamps_dataset_on_the_next_pass(make_config: Any) -> None:
+    """A later pass looks only at the nights the store says were touched: a stamp job done for an old night is
+    one of them."""
+    from ztfd import config
+    from ztfd.store import jobs
+    from ztfd.store.alerts import NewAlert, insert_alerts
+
+    cfg = config.load(make_config())
+    home = Home(cfg.home, cfg.path, cfg.db_path)
+    conn = store.connect(cfg.db_path)
+    night, other = "2021-09-01", "2021-08-31"
+    folder = cfg.home / "images" / night / "ZTF21abvawaj"
+    folder.mkdir(parents=True)
+    (folder / "111_science.fits.gz").write_bytes(b"science")
+    (cfg.home / "images" / other / "ZTF18aaaaaaa").mkdir(parents=True)
+    (cfg.home / "images" / other / "ZTF18aaaaaaa" / "222_science.fits.gz").write_bytes(b"x")
+    with store.transaction(conn):
+        (alert_id,) = insert_alerts(conn, "t", [NewAlert(0, 0, 0, "ZTF21abvawaj", night, 59458.3, "data/x.json")],
+                                    received_at=1.0e9)
+        jobs.enqueue(conn, [jobs.NewStampJob(alert_id, f"k{alert_id}")])
+    home.run("archive", "--once")
+    stamps = archive.open(cfg.home).stamps.to_table()
+    assert sorted(stamps["path"].to_pylist()) == [f"images/{other}/ZTF18aaaaaaa/222_science.fits.gz",
+                                                  f"images/{night}/ZTF21abvawaj/111_science.fits.gz"]
+    # A fetcher finishes the job later: its preview is on disk, the job done.
+    (job,) = jobs.claim(conn, "worker", 60)
+    (folder / "111.png").write_bytes(b"\x89PNG")
+    assert jobs.complete(conn, job.id, "worker")
+    (cfg.home / "images" / other / "ZTF18aaaaaaa" / "222.png").write_bytes(b"\x89PNG")  # no job says so: not seen
+    home.run("archive", "--once")
+    rows = archive.open(cfg.home).sql("SELECT night, kind, md5, bytes FROM stamps ORDER BY path").to_pylist()
+    assert [(str(r["night"]), r["kind"]) for r in rows] == [(other, "science"), (night, "preview"), (night, "science")]
+    assert (rows[1]["md5"], rows[1]["bytes"]) == (hashlib.md5(b"\x89PNG").hexdigest(), 4)
+    conn.close()
+
+
+
+def test_rows_built_by_forked_processes_are_the_rows_built_in_one(home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ztfd import config
+    from ztfd.archive import alerts as writer_module
+    from ztfd.archive.role import Archiver
+    from ztfd.store.alerts import iter_alerts
+
+    cfg = config.load(home.config)
+    conn = store.connect(cfg.db_path)
+    try:
+        stored = list(iter_alerts(conn))[:1500]
+        writer = Archiver(cfg, conn).alerts_writer()
+        monkeypatch.setattr(writer_module, "WORKERS", 1)
+        alone = writer.rows(stored)
+        monkeypatch.setattr(writer_module, "WORKERS", 3)
+        monkeypatch.setattr(writer_module, "PARALLEL_BYTES", 0)
+        shared = writer.rows(stored)
+    finally:
+        conn.close()
+    assert shared.num_rows == len(stored) and shared.equals(alone)
+
+
+def test_a_backlog_written_in_many_small_steps_is_the_dataset_a_rebuild_makes(
+        home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each step adds to the files the step before wrote (kept in memory, or read back): no row lost or doubled."""
+    from ztfd import config
+    from ztfd.archive import alerts as writer_module
+    from ztfd.archive.role import Archiver
+    from ztfd.store import archive_marks
+
+    home.run("archive", "--rebuild")
+    clean = home.table()
+    home.clear()
+    cfg = config.load(home.config)
+    conn = store.connect(cfg.db_path)
+    try:
+        with store.transaction(conn):
+            archive_marks.forget(conn)
+        monkeypatch.setattr(writer_module, "READ_LIMIT", 97)
+        assert Archiver(cfg, conn).one_pass() == len(stored_keys(home.db))
+    finally:
+        conn.close()
+    assert home.table().equals(clean)

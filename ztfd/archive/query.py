@@ -1,0 +1,203 @@
+"""Questions to the dataset: ``ztfd query``, ``ztfd object``, ``ztfd cone``, and ``ztfd.archive.open``.
+
+DuckDB runs the SQL; it scans pyarrow datasets (``alerts``, ``stamps``) registered under those names, so the same
+code reads a local home or S3 (pyarrow's S3 filesystem) and needs no DuckDB extension (``httpfs`` cannot be
+installed offline). The alerts dataset is opened with its schema file (``_common_metadata``): a column that
+appeared in a later file is null in the earlier ones instead of missing from the table.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from ztfd.archive import columns, sky
+from ztfd.archive.layout import COMMON_METADATA, Layout
+
+FORMATS = ("table", "csv", "json")
+
+
+class QueryError(Exception):
+    """A question the dataset cannot answer; ``str()`` is one line."""
+
+
+def partitioning() -> ds.Partitioning:
+    fields = [pa.field(name, dtype) for name, (dtype, _) in columns.PARTITION_COLUMNS.items()]
+    return ds.partitioning(pa.schema(fields), flavor="hive")
+
+
+def alerts_dataset(root: str | Path, filesystem: Any = None) -> ds.Dataset:
+    """The alerts dataset at ``root`` (a folder, or ``bucket/prefix/archive/alerts`` with ``filesystem``)."""
+    root = str(root)
+    try:
+        schema = pq.read_schema(f"{root}/{COMMON_METADATA}", filesystem=filesystem)
+    except (FileNotFoundError, OSError):
+        schema = columns.fixed_schema(columns.ALERT_COLUMNS)
+    for name, (dtype, text) in columns.PARTITION_COLUMNS.items():
+        schema = schema.append(columns.field(name, dtype, text))
+    return ds.dataset(root, schema=schema, format="parquet", partitioning=partitioning(), filesystem=filesystem)
+
+
+def stamps_dataset(root: str | Path, filesystem: Any = None) -> ds.Dataset:
+    schema = columns.fixed_schema(columns.STAMP_COLUMNS).append(
+        columns.field("night", pa.date32(), columns.PARTITION_COLUMNS["night"][1]))
+    fields = pa.schema([pa.field("night", pa.date32())])
+    return ds.dataset(str(root), schema=schema, format="parquet",
+                      partitioning=ds.partitioning(fields, flavor="hive"), filesystem=filesystem)
+
+
+@dataclass
+class Archive:
+    """The two datasets of a home (or of an S3 copy), as pyarrow datasets and DuckDB tables."""
+
+    alerts: ds.Dataset
+    stamps: ds.Dataset
+
+    @classmethod
+    def of_home(cls, home: str | Path) -> Archive:
+        layout = Layout(Path(home))
+        for folder in (layout.alerts, layout.stamps):
+            folder.mkdir(parents=True, exist_ok=True)
+        return cls(alerts_dataset(layout.alerts), stamps_dataset(layout.stamps))
+
+    def to_table(self) -> pa.Table:
+        """Every alert as one Arrow table."""
+        return self.alerts.to_table()
+
+    def to_pandas(self) -> Any:
+        """Every alert as a pandas DataFrame with Arrow-backed columns: 64-bit integers stay integers even where
+        a value is null (the default conversion would make them floats), NaN stays NaN."""
+        import pandas as pd
+
+        return self.alerts.to_table().to_pandas(types_mapper=pd.ArrowDtype)
+
+    def sql(self, text: str, **tables: Any) -> pa.Table:
+        """Run ``text`` with ``alerts`` and ``stamps`` (or the ``tables`` given) as tables; ``QueryError`` (one
+        line) if DuckDB refuses it."""
+        import duckdb
+
+        con = duckdb.connect()
+        try:
+            for name, table in ({"alerts": self.alerts, "stamps": self.stamps} | tables).items():
+                con.register(name, table)
+            relation = con.sql(text)
+            return pa.table({}) if relation is None else relation.to_arrow_table()
+        except duckdb.Error as exc:
+            raise QueryError(str(exc).strip().splitlines()[0]) from None
+        finally:
+            con.close()
+
+    def object_rows(self, object_id: str) -> pa.Table:
+        """Every alert of ``object_id``, oldest first, each with its stamps (a list of structs) inside the row.
+
+        pyarrow picks the object's rows out of both datasets (``matching_rows``); the few stamps are then put
+        into their alerts' rows here (a DuckDB join of two tiny tables costs more in setting it up)."""
+        wanted = ds.field("object_id") == object_id
+        alerts = matching_rows(self.alerts, "object_id", wanted, OBJECT_COLUMNS)
+        stamps = matching_rows(self.stamps, "object_id", wanted, ["detection_id", "kind", "path", "bytes"])
+        by_detection: dict[str | None, list[dict[str, Any]]] = {}
+        for stamp in sorted(stamps.to_pylist(), key=lambda row: row["path"]):
+            detection = stamp.pop("detection_id")
+            by_detection.setdefault(detection, []).append(stamp)
+        inside = [by_detection.get(detection, []) for detection in alerts["detection_id"].to_pylist()]
+        alerts = alerts.drop_columns(["object_id"]).append_column("stamps", pa.array(inside, STAMPS_INSIDE))
+        return alerts.sort_by([("observed_at", "ascending"), ("received_at", "ascending")])
+
+    def cone(self, ra: float, dec: float, radius_arcsec: float) -> pa.Table:
+        """Alerts within ``radius_arcsec`` of (ra, dec), nearest first: the rows whose ``_healpix_29`` falls in the
+        ranges that cover the cone (pyarrow, as the column is read), then the true angular distance (haversine,
+        DuckDB)."""
+        if not (math.isfinite(ra) and math.isfinite(dec) and -90 <= dec <= 90 and radius_arcsec > 0):
+            raise QueryError("cone needs RA in degrees, DEC in [-90, 90] and a radius above 0 arcsec")
+        cells = ds.field("_healpix_29")
+        near = None
+        for low, high in sky.cone_ranges(ra, dec, radius_arcsec):
+            term = (cells >= low) & (cells <= high)
+            near = term if near is None else near | term
+        candidates = matching_rows(self.alerts, "_healpix_29", near, CONE_COLUMNS)
+        return self.sql(CONE_SQL.format(ra=float(ra), dec=float(dec), radius=float(radius_arcsec)),
+                        alerts=candidates)
+
+
+def matching_rows(dataset: ds.Dataset, key: str, wanted: ds.Expression | None, wanted_columns: list[str]) -> pa.Table:
+    """The ``wanted`` rows of a dataset, in two reads: the ``key`` column of every file (filtered as it is read)
+    says which files hold such rows; only those are read with every column asked for. Reading all the columns of
+    every file and filtering afterwards decodes them for rows that are thrown away (several times slower)."""
+    holding = {}
+    for tagged in dataset.scanner(columns=[key], filter=wanted).scan_batches():
+        if tagged.record_batch.num_rows:
+            holding[tagged.fragment.path] = tagged.fragment
+    found = ds.FileSystemDataset(list(holding.values()), dataset.schema, dataset.format, dataset.filesystem)
+    return found.to_table(columns=wanted_columns, filter=wanted)
+
+
+OBJECT_COLUMNS = ["observed_at", "received_at", "topic", "night", "partition", "generation", "offset",
+                  "object_id", "detection_id", "ra", "dec", "file"]
+STAMPS_INSIDE = pa.list_(pa.struct([("kind", pa.string()), ("path", pa.string()), ("bytes", pa.int64())]))
+
+CONE_COLUMNS = ["object_id", "topic", "night", "observed_at", "detection_id", "ra", "dec", "file"]
+CONE_SQL = """
+SELECT * FROM (
+  SELECT object_id, topic, night, observed_at, detection_id, ra, dec, file,
+         degrees(2 * asin(sqrt(pow(sin(radians(dec - {dec}) / 2), 2)
+           + cos(radians({dec})) * cos(radians(dec)) * pow(sin(radians(ra - {ra}) / 2), 2)))) * 3600 AS distance_arcsec
+  FROM alerts
+) WHERE distance_arcsec <= {radius} ORDER BY distance_arcsec, object_id, observed_at
+"""
+
+
+# --- output ---------------------------------------------------------------------------------------------------
+
+
+def render(table: pa.Table, fmt: str) -> str:
+    """The rows as a text table, CSV, or JSON (one array of row objects)."""
+    rows = table.to_pylist()
+    if fmt == "json":
+        return json.dumps([{k: _plain(v) for k, v in row.items()} for row in rows], indent=1)
+    cells = [[_cell(row[name]) for name in table.column_names] for row in rows]
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(table.column_names)
+        writer.writerows(cells)
+        return out.getvalue().rstrip("\n")
+    widths = [max([len(name), *(len(row[i]) for row in cells)]) for i, name in enumerate(table.column_names)]
+    lines = ["  ".join(name.ljust(w) for name, w in zip(table.column_names, widths, strict=True))]
+    lines += ["  ".join(value.ljust(w) for value, w in zip(row, widths, strict=True)) for row in cells]
+    lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _plain(value: Any) -> Any:
+    """A value JSON can carry: times as ISO 8601, bytes as their size, NaN as null, nested values walked."""
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return {"bytes": len(value)}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, dt.datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, list | dict):
+        return json.dumps(_plain(value))
+    return str(_plain(value))

@@ -1,0 +1,116 @@
+"""``ztfd archive``: the dataset writer, as the daemon's ``archiver`` role, once, or rebuilding.
+
+One writer at a time per home: it holds an ``flock`` on ``archive/.lock`` while it writes (a rebuild waits for
+the daemon's pass, and the other way round).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import sqlite3
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from ztfd import config, store
+from ztfd.archive.alerts import AlertsWriter
+from ztfd.archive.layout import Layout
+from ztfd.archive.messages import SchemaSource
+from ztfd.archive.stamps import StampsWriter
+from ztfd.daemon import lifecycle
+from ztfd.daemon.heartbeat import Heartbeat
+from ztfd.ingest import topics
+from ztfd.store import archive_marks, avro_schemas, manifest
+from ztfd.store.db import transaction
+from ztfd.store.states import Role
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def writer_lock(layout: Layout) -> Iterator[None]:
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with open(layout.lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def schema_source(cfg: config.Config, conn: sqlite3.Connection) -> SchemaSource:
+    """Where the archiver finds writer schemas: the registry's, as the consumers kept them in the store (read once
+    into memory: the writer's row builders may run in forked processes, which must not touch the store)."""
+    registry = cfg.kafka.schema_registry_url.rstrip("/")
+    kept = avro_schemas.schemas_of(conn, registry) if registry else {}
+    return SchemaSource(
+        registry_schema=kept.get if registry else None,
+        topic_schema=lambda topic: topics.lookup(cfg.kafka.schemas, topic),
+    )
+
+
+class Archiver:
+    def __init__(self, cfg: config.Config, conn: sqlite3.Connection) -> None:
+        self.cfg = cfg
+        self.conn = conn
+        self.layout = Layout(cfg.home)
+        self.stamps = StampsWriter(cfg.home)
+
+    def alerts_writer(self) -> AlertsWriter:
+        return AlertsWriter(self.cfg.home, self.conn, schema_source(self.cfg, self.conn))
+
+    def one_pass(self, stop: lifecycle.Stop | None = None, progress: Any = None) -> int:
+        with writer_lock(self.layout):
+            written = self.alerts_writer().write_pass(stop, progress)
+            self.stamps.write_pass(self.conn)
+        if written:
+            log.info("archive: %d alerts written into the dataset", written)
+        return written
+
+    def rebuild(self, date: str | None) -> int:
+        """Every file of night ``date`` (every night without one) written again from the store's alerts and the
+        files on disk. The marks are moved up to what the store holds, so the daemon carries on from there."""
+        with writer_lock(self.layout):
+            writer = self.alerts_writer()
+            dates = [date] if date else archive_marks.dates_of(self.conn)
+            if date is None:
+                for stale in self.layout.alerts.glob("night=*"):
+                    if stale.name.removeprefix("night=") not in dates:
+                        for leftover in stale.glob("topic=*/*.parquet"):
+                            leftover.unlink()
+            total = sum(writer.rebuild_date(night) for night in dates)
+            for night in dates:
+                if (self.cfg.home / "images" / night).is_dir():
+                    row = self.stamps.write_night(night)
+                    if row is not None:
+                        with transaction(self.conn):
+                            manifest.record_files(self.conn, [row])
+            if date is None:  # everything stored is written: the daemon starts after it
+                writer.write_pass()
+        return total
+
+
+def run(cfg: config.Config, name: str) -> int:
+    """The daemon role: a pass every ``archive.interval`` seconds until SIGTERM."""
+    with lifecycle.stop_on_signals() as stop:
+        conn = store.connect(cfg.db_path)
+        heartbeat = Heartbeat(name, Role.ARCHIVER)
+        archiver = Archiver(cfg, conn)
+        try:
+            while not stop.is_set():
+                heartbeat.beat(conn)
+                started = time.monotonic()
+                try:
+                    archiver.one_pass(stop, lambda: heartbeat.beat_if_due(conn))
+                except (OSError, sqlite3.OperationalError) as exc:
+                    log.error("archive pass failed (retried in %.0f s): %s", cfg.archive.interval, exc)
+                # Between passes, beat at the usual rate: archive.interval may be longer than heartbeat_timeout.
+                next_pass = started + cfg.archive.interval
+                while (not stop.wait(max(0.0, min(heartbeat.interval, next_pass - time.monotonic())))
+                       and time.monotonic() < next_pass):
+                    heartbeat.beat_if_due(conn)
+        finally:
+            conn.close()
+    return 0

@@ -1,0 +1,91 @@
+"""How far the Parquet dataset (``ztfd.archive``) is written: per partition generation, the highest offset in it.
+
+The dataset writer reads the alerts above each mark, rewrites the files they belong to and then advances the mark
+in the transaction that records those files in the manifest. A writer killed in between leaves the mark where it
+was: the next pass writes the same files again (deterministic names), and nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from typing import NamedTuple
+
+from ztfd.store.alerts import _COLUMNS, StoredAlert, _stored
+
+
+class PartitionKey(NamedTuple):
+    topic: str
+    partition: int
+    generation: int
+
+
+def marks(conn: sqlite3.Connection) -> dict[PartitionKey, int]:
+    """Every partition generation's mark: the highest offset whose alert is in the dataset."""
+    rows = conn.execute("SELECT topic, partition, generation, written_through FROM archive_marks")
+    return {PartitionKey(row[0], row[1], row[2]): row[3] for row in rows}
+
+
+def partitions_to_look_at(conn: sqlite3.Connection) -> list[PartitionKey]:
+    """The partition generations that may hold alerts above their mark: the ones being read (``offsets``) and the
+    ones already marked (an older generation may still have alerts written late). Two small tables, no alert read."""
+    rows = conn.execute(
+        "SELECT topic, partition, generation FROM offsets UNION SELECT topic, partition, generation FROM archive_marks")
+    return sorted(PartitionKey(*row) for row in rows)
+
+
+def all_partitions(conn: sqlite3.Connection) -> list[PartitionKey]:
+    """Every partition generation that has a stored alert (a rebuild; one walk of the alerts' unique index)."""
+    rows = conn.execute("SELECT DISTINCT topic, partition, generation FROM alerts")
+    return sorted(PartitionKey(*row) for row in rows)
+
+
+def alerts_above(conn: sqlite3.Connection, key: PartitionKey, offset: int, limit: int) -> list[StoredAlert]:
+    """Up to ``limit`` alerts of one partition generation above ``offset``, by offset (an indexed range read)."""
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM alerts WHERE topic = ? AND partition = ? AND generation = ? AND kafka_offset > ? "
+        "ORDER BY kafka_offset LIMIT ?", (*key, offset, limit))
+    return [_stored(row) for row in rows]
+
+
+def alerts_between(conn: sqlite3.Connection, key: PartitionKey, low: int, high: int,
+                   date: str) -> list[StoredAlert]:
+    """The alerts of one partition generation with offsets in ``[low, high]`` filed under ``date``: one file's rows."""
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM alerts WHERE topic = ? AND partition = ? AND generation = ? "
+        "AND kafka_offset BETWEEN ? AND ? AND date = ? ORDER BY kafka_offset", (*key, low, high, date))
+    return [_stored(row) for row in rows]
+
+
+def dates_of(conn: sqlite3.Connection, topic: str | None = None) -> list[str]:
+    """The partition dates with alerts (of ``topic``), from the per-night counters."""
+    if topic is None:
+        rows = conn.execute("SELECT DISTINCT date FROM counter_alerts WHERE alerts > 0 ORDER BY date")
+    else:
+        rows = conn.execute("SELECT date FROM counter_alerts WHERE topic = ? AND alerts > 0 ORDER BY date", (topic,))
+    return [row[0] for row in rows]
+
+
+def nights_touched_since(conn: sqlite3.Connection, since: float) -> set[str]:
+    """Nights whose ``images/`` may have changed since ``since``: those that received alerts (cutouts come with
+    packets; ``counter_alerts``) and those of stamp jobs done since (``jobs_done`` index). Both read only rows of
+    the period."""
+    received = conn.execute("SELECT date FROM counter_alerts WHERE last_received_at > ?", (since,))
+    done = conn.execute(
+        "SELECT DISTINCT a.date FROM jobs j JOIN alerts a ON a.id = j.alert_id "
+        "WHERE j.state = 'done' AND j.updated_at > ?", (since,))
+    return {row[0] for row in received} | {row[0] for row in done}
+
+
+def advance(conn: sqlite3.Connection, key: PartitionKey, written_through: int) -> None:
+    """Move a mark up (inside the caller's transaction); never down."""
+    conn.execute(
+        "INSERT INTO archive_marks (topic, partition, generation, written_through, written_at) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (topic, partition, generation) DO UPDATE SET "
+        "written_through = max(written_through, excluded.written_through), written_at = excluded.written_at",
+        (*key, written_through, time.time()))
+
+
+def forget(conn: sqlite3.Connection) -> None:
+    """Drop every mark (a full rebuild starts from the first alert)."""
+    conn.execute("DELETE FROM archive_marks")
