@@ -121,10 +121,16 @@ def split_evenly(a: Member, b: Member) -> bool:
     return len(a.held()) == 2 and len(b.held()) == 2 and not (a.held() & b.held())
 
 
-def test_two_members_split_four_partitions_and_read_every_message_once(kafka, group_topic, members):
-    topic, _ = group_topic
+def two_members_split_evenly(members) -> tuple[Member, Member]:
+    """Two members started in the group, once they hold 2 + 2 of the topic's partitions."""
     a, b = members(), members()
     wait_until(lambda: split_evenly(a, b), HANDOVER_DEADLINE, "two members holding 2 + 2 partitions")
+    return a, b
+
+
+def test_two_members_split_four_partitions_and_read_every_message_once(kafka, group_topic, members):
+    topic, _ = group_topic
+    a, b = two_members_split_evenly(members)
     sent = produce_numbered(kafka, topic, 0, 200)
     wait_until(lambda: set(values_read(a, b)) == sent, 60, "every message read")
     assert sorted(values_read(a, b)) == sorted(sent)  # once each
@@ -132,8 +138,7 @@ def test_two_members_split_four_partitions_and_read_every_message_once(kafka, gr
 
 def test_a_member_killed_with_minus_9_is_replaced_from_the_committed_offsets(kafka, group_topic, members):
     topic, _ = group_topic
-    a, b = members(), members()
-    wait_until(lambda: split_evenly(a, b), HANDOVER_DEADLINE, "two members holding 2 + 2 partitions")
+    a, b = two_members_split_evenly(members)
     first = produce_numbered(kafka, topic, 0, 100)
     wait_until(lambda: set(values_read(a, b)) == first, 60, "the first batch read")
     b.kill()
@@ -145,8 +150,7 @@ def test_a_member_killed_with_minus_9_is_replaced_from_the_committed_offsets(kaf
 
 
 def test_a_member_leaving_cleanly_hands_its_partitions_back(kafka, group_topic, members):
-    a, b = members(), members()
-    wait_until(lambda: split_evenly(a, b), HANDOVER_DEADLINE, "two members holding 2 + 2 partitions")
+    a, b = two_members_split_evenly(members)
     b.stop()
     assert b.said("closed")
     wait_until(lambda: a.held() == {0, 1, 2, 3}, HANDOVER_DEADLINE, "the remaining member holding every partition")
@@ -160,8 +164,7 @@ def test_a_member_leaving_while_a_new_one_joins_leaves_the_group_whole(kafka, gr
     (``group.instance.id``) nor a fresh member under the same group id brings it back (docs/kafka-groups.md).
     """
     topic, _ = group_topic
-    a, b = members(), members()
-    wait_until(lambda: split_evenly(a, b), HANDOVER_DEADLINE, "two members holding 2 + 2 partitions")
+    a, b = two_members_split_evenly(members)
     c = members()  # the join starts a rebalance ...
     wait_until(lambda: c.said("started"), 30, "the third member subscribed")
     b.stop()  # ... and b leaves in the middle of it
@@ -200,8 +203,7 @@ def test_the_broker_names_a_groups_state_but_not_its_members(kafka, group_topic,
     from confluent_kafka.admin import AdminClient
 
     _, group = group_topic
-    a, b = members(), members()
-    wait_until(lambda: split_evenly(a, b), HANDOVER_DEADLINE, "two members holding 2 + 2 partitions")
+    two_members_split_evenly(members)
     admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
     described = admin.describe_consumer_groups([group])[group].result(timeout=30)
     assert described.state == ConsumerGroupState.STABLE
