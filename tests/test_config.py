@@ -135,7 +135,8 @@ def test_log_level_short_form_wins(tmp_path: Path) -> None:
          "kafka.lasair_byte_quota must be an integer"),
         (MINIMAL.replace("[kafka]\n", "[kafka]\nmax_message_bytes = 0\n"), {},
          "kafka.max_message_bytes must be greater than 0"),
-        (MINIMAL.replace("[kafka]\n", '[kafka]\nassignment = "fleet"\n'), {}, "kafka.assignment must be one of all, group"),
+        (MINIMAL.replace("[kafka]\n", '[kafka]\nassignment = "fleet"\n'), {},
+         "kafka.assignment must be one of all, group"),
     ],
 )
 def test_bad_configuration_names_the_key(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:
@@ -158,8 +159,8 @@ def test_group_mode_needs_a_bucket_exit_2_naming_the_key(tmp_path: Path) -> None
     path = write(tmp_path, MINIMAL.replace("[kafka]\n", '[kafka]\nassignment = "group"\n'))
     result = subprocess.run(ztfd_command(path, "config"), capture_output=True, text=True, env=child_env(), timeout=60)
     assert result.returncode == 2
-    assert result.stderr.strip() == 'ztfd: config: s3.bucket is required with kafka.assignment = "group" (the fleet\'s ' \
-        "durable store)"
+    assert result.stderr.strip() == ('ztfd: config: s3.bucket is required with kafka.assignment = "group" '
+                                     "(the fleet's durable store)")
     with_bucket = config.load(write(tmp_path, MINIMAL.replace("[kafka]\n", '[kafka]\nassignment = "Group"\n')
                                     + '[s3]\nbucket = "b"\n'), environ={})
     assert with_bucket.kafka.group_mode
