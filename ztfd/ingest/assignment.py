@@ -12,6 +12,10 @@ stored offset then falls out of range, librdkafka resets to the earliest offset,
 below the one it expected: ``ztfd.ingest.partitions`` judges it on evidence, and a recreation starts a new
 *generation* of the partition, recorded at once, so the new messages get identities (and file names) of their
 own instead of being taken for redeliveries. Offsets the broker no longer had are recorded as a gap.
+
+In fleet mode (``kafka.assignment = "group"``, docs/fleet.md) the group decides which partitions this host reads:
+``look`` assigns nothing, and ``joined`` starts each partition the group hands in at the group's committed offset
+(what the store holds already is set aside by the batch builder, never stored twice).
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ class TopicAssignment:
     """One topic's partitions as its consumer reads them: assigned from the store's offsets, each message's
     generation (``generation_of``), recreations and gaps recorded in the store."""
 
-    def __init__(self, conn: sqlite3.Connection, topic: str, kafka: KafkaAdapter) -> None:
+    def __init__(self, conn: sqlite3.Connection, topic: str, kafka: KafkaAdapter, group: bool = False) -> None:
         self.conn = conn
         self.topic = topic
         self.kafka = kafka
+        self.group = group  # fleet mode: the group hands partitions in (``joined``)
         self.watch = PartitionWatch(topic, kafka, store_gaps.topic_id(conn, topic))
         self.last_look = -METADATA_EVERY
 
@@ -59,7 +64,7 @@ class TopicAssignment:
             with store.transaction(self.conn):
                 store_gaps.save_topic_id(self.conn, self.topic, self.watch.known_id)
         new = sorted(set(partitions) - self.kafka.assigned)
-        if new:
+        if new and not self.group:
             self.assign_all(new)
         self._detect_restarted_offsets()
         return True
@@ -72,6 +77,19 @@ class TopicAssignment:
             known = stored.get(partition)
             self.watch.start(partition, known.generation if known else 0, known.next_offset if known else None)
         self.kafka.assign_all(partitions, {p: stored[p].next_offset for p in partitions if p in stored})
+
+    def joined(self, partitions: list[int], committed: dict[int, int]) -> None:
+        """Fleet mode: ``partitions`` handed in by the group, read from its ``committed`` offsets (the next offset
+        expected, judged as any other), in the generation this host's store knows."""
+        stored = store.stored_offsets(self.conn, self.topic)
+        for partition in partitions:
+            known = stored.get(partition)
+            expected = committed.get(partition, known.next_offset if known else None)
+            self.watch.start(partition, known.generation if known else 0, expected)
+
+    def generation(self, partition: int) -> int:
+        """The generation ``partition`` is read in now."""
+        return self.watch.generation(partition)
 
     def generation_of(self, partition: int, offset: int) -> int:
         """The generation of a message just read. An offset off the expected one is judged on evidence: below it,

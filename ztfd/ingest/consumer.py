@@ -7,7 +7,9 @@ does it: data first, offsets after):
    (topic, partition, generation, offset), so writing one again replaces it rather than adding a second;
 3. one store transaction inserts the alerts, the rejected messages, the stamp jobs, the files' manifest rows and
    the partitions' next offsets. Alerts are keyed by their identity, so a message is never stored twice;
-4. the offsets are committed to Kafka too, for lag tools; ztfd itself never reads them back.
+4. the offsets are committed to Kafka too, for lag tools; ztfd itself never reads them back. In fleet mode
+   (``kafka.assignment = "group"``) Kafka's offsets are the fleet's truth instead, and a partition's offset is
+   committed only once every alert before it is durable in S3 (``ztfd.ingest.durability``, docs/fleet.md).
 Steps 2 and 3 run in a child process (``ztfd.ingest.filewriter``: a thread would have to fight the main thread for the
 GIL after every system call and every row), overlapping step 1 of the next batch; step 4 runs on the main thread
 once the child has answered. A kill -9 before (3) commits loses nothing: the store still holds the old offsets,
@@ -51,6 +53,7 @@ from ztfd.ingest import nights, topics
 from ztfd.ingest.assignment import TopicAssignment
 from ztfd.ingest.batch import Accepted, Batch, BatchBuilder, log_lines
 from ztfd.ingest.broker_errors import BrokerErrors
+from ztfd.ingest.durability import DurableCommits
 from ztfd.ingest.filewriter import BatchSkippedError, FileWriter
 from ztfd.ingest.kafka import DRAIN_TIMEOUT, KafkaAdapter, message_size
 from ztfd.ingest.quota import QuotaWatch
@@ -80,7 +83,11 @@ class TopicConsumer:
         self.builder = BatchBuilder.for_topic(cfg, topic, self.conn)
         self.kafka = kafka or KafkaAdapter(cfg.kafka, topic)
         # Per partition: its generation and the next offset expected (set on assignment), judged on evidence.
-        self.assignment = TopicAssignment(self.conn, topic, self.kafka)
+        self.group = cfg.kafka.group_mode
+        self.assignment = TopicAssignment(self.conn, topic, self.kafka, group=self.group)
+        # Fleet mode: what Kafka has committed per partition held, moved forward once durable in S3.
+        self.commits = (DurableCommits(self.conn, topic, self.kafka, self.assignment.generation,
+                                       cfg.kafka.commit_every) if self.group else None)
         self.trouble = Condition(name)
         # librdkafka's reason a broker cannot be reached, kept where ``ztfd status`` reads it.
         self.broker_errors = BrokerErrors(name, cfg.kafka.bootstrap_servers)
@@ -103,6 +110,8 @@ class TopicConsumer:
         self.sweep_temporaries()
         self.files.start()
         self.kafka.open()
+        if self.commits is not None:
+            self.kafka.subscribe(self._handed_in, self._handed_back, self.commits.forget)
         self._look_at_topic(force=True)
         log.info("consuming %s from %s as group %s", self.topic, self.cfg.kafka.bootstrap_servers,
                  self.cfg.kafka.group_id)
@@ -132,6 +141,8 @@ class TopicConsumer:
                 while in_flight and (len(in_flight) > 1 or caught_up or self.files.answered()):
                     self._store_oldest(in_flight)
                 self._look_at_topic()
+                if self.commits is not None:
+                    self.commits.tick()
                 if self.quiet.done(holding=bool(in_flight)):
                     log.info("%s has been drained and quiet for %.0fs (kafka.idle_topic_seconds): exiting until "
                              "it has messages again", self.topic, self.quiet.idle_seconds)
@@ -148,6 +159,19 @@ class TopicConsumer:
             self.close()
         log.info("stopped consuming %s after storing %d alerts", self.topic, self.stored_total)
         return code
+
+    def _handed_in(self, partitions: list[int]) -> None:
+        """Fleet mode: the group gave this host ``partitions``; they start at the group's committed offsets."""
+        assert self.commits is not None
+        committed = self.kafka.committed(partitions)
+        self.assignment.joined(partitions, committed)
+        self.commits.hold(committed, partitions)
+        self.quiet.reading(True)
+
+    def _handed_back(self, partitions: list[int]) -> None:
+        """Fleet mode: ``partitions`` leave this host (a rebalance, a stop): commit them as far as durable first."""
+        assert self.commits is not None
+        self.commits.release(partitions)
 
     def _full(self, messages: list[Any]) -> bool:
         """The batch stopped at a limit (count or bytes), not because Kafka had no more waiting."""
@@ -201,6 +225,8 @@ class TopicConsumer:
             self.trouble.recovered(self.conn)
 
     def close(self) -> None:
+        if self.commits is not None:  # a stop hands every partition back: committed as far as durable, then left
+            self.commits.release(sorted(self.commits.committed))
         self.kafka.close()
         self.files.close()
         self.alert_log.close()
@@ -231,7 +257,8 @@ class TopicConsumer:
         assert stored is not None  # every batch is submitted with its store part
         accepted = [batch.documents[index] for index in stored.accepted]
         # Nothing below may raise: the batch is stored, and storing it again would only find it there.
-        self.kafka.commit({partition: offset for partition, (_, offset) in batch.resume_at.items()})
+        if self.commits is None:  # in fleet mode Kafka learns an offset only once it is durable in S3
+            self.kafka.commit({partition: offset for partition, (_, offset) in batch.resume_at.items()})
         self.quota.check(stored.days)
         for item, reason in batch.rejected:
             log.warning("rejected %s[%d]@%d: %s", self.topic, item.partition, item.offset, reason)

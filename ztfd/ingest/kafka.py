@@ -6,16 +6,19 @@ seeking and committing, the watermarks and topic id that ``ztfd.ingest.partition
 broker's topics for the supervisor's pattern scan (``look``) and the end offsets ``ztfd status`` computes its lag
 from (``end_offsets``). Changing how ztfd talks to Kafka is changing this module.
 
-Partitions are taken one way today: ``KafkaAdapter.assign_all``, every partition of the topic with no
-consumer-group membership (why: ``ztfd.ingest.assignment``). Kafka decides nothing: ``enable.auto.commit`` and
-``enable.auto.offset.store`` are forced off, and the offsets ztfd commits are informational (for lag tools); the
-store's are the truth. A consumer group's subscribe-and-rebalance would be a second way in, beside ``assign_all``.
+Partitions are taken one of two ways (``kafka.assignment``): ``KafkaAdapter.assign_all``, every partition of the
+topic with no consumer-group membership (why: ``ztfd.ingest.assignment``), where the offsets ztfd commits are
+informational (for lag tools) and the store's are the truth; or ``subscribe`` (fleet mode, docs/fleet.md): the group
+shares the partitions among its hosts with the cooperative-sticky protocol, each partition starts at the group's
+committed offset, and ztfd commits only what is durable in S3 (``ztfd.ingest.durability``). Either way
+``enable.auto.commit`` and ``enable.auto.offset.store`` are forced off: ztfd decides when an offset is done.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -42,6 +45,7 @@ BATCH_CHUNK = 50  # messages taken from librdkafka's queue at a time while a bat
 PREFETCH_KBYTES = 8192  # librdkafka's queued.max.messages.kbytes unless kafka.options sets it
 VIEW_TIMEOUT = 5.0  # seconds for an uncached watermark, a topic id or the topic's metadata
 LIST_TIMEOUT = 10.0  # seconds for the supervisor's look at the broker's topics
+GROUP_STRATEGY = "cooperative-sticky"  # fleet mode: a rebalance moves only the partitions that change hands
 CONSUMER_ONLY = ("group.", "auto.", "enable.auto", "session.timeout", "max.poll", "fetch.", "isolation.")
 SECURITY = ("security.", "sasl.", "ssl.")
 
@@ -138,6 +142,9 @@ class KafkaAdapter:
             "error_cb": self._on_error,
             "logger": librdkafka_logger(),
         }
+        if self.settings.group_mode:
+            settings["partition.assignment.strategy"] = GROUP_STRATEGY
+            settings["client.id"] = f"ztfd@{socket.gethostname()}"
         settings.update(self.settings.options)
         # Not negotiable: ztfd decides when an offset is done, after the alert is stored.
         settings["enable.auto.commit"] = False
@@ -224,6 +231,62 @@ class KafkaAdapter:
         known = {p: start_at[p] for p in partitions if p in start_at}
         if known:
             self.commit(known)
+
+    def subscribe(self, on_assign: Callable[[list[int]], None], on_revoke: Callable[[list[int]], None],
+                  on_lost: Callable[[list[int]], None]) -> None:
+        """Join the group (fleet mode): the group hands partitions in and out, each starting at the group's
+        committed offset (else the earliest). The callbacks run inside ``next_batch``'s poll, on the caller's
+        thread: ``on_revoke`` before a partition is released (commit what is durable), ``on_lost`` when it was
+        taken away already (the session expired: committing is too late)."""
+
+        def numbers(partitions: list[Any]) -> list[int]:
+            return sorted(tp.partition for tp in partitions if tp.topic == self.topic)
+
+        def assigned(_consumer: Any, partitions: list[Any]) -> None:
+            got = numbers(partitions)
+            if got:  # a cooperative rebalance hands in nothing new to most members
+                self.assigned.update(got)
+                log.info("the group gave %s partitions %s", self.topic, got)
+                on_assign(got)
+
+        def revoked(_consumer: Any, partitions: list[Any]) -> None:
+            gone = numbers(partitions)
+            if gone:
+                log.info("the group takes back %s partitions %s", self.topic, gone)
+                on_revoke(gone)
+                self.assigned.difference_update(gone)
+
+        def lost(_consumer: Any, partitions: list[Any]) -> None:
+            gone = numbers(partitions)
+            log.warning("%s partitions %s were lost to the group (session expired): not committed", self.topic, gone)
+            on_lost(gone)
+            self.assigned.difference_update(gone)
+
+        self.consumer.subscribe([self.topic], on_assign=assigned, on_revoke=revoked, on_lost=lost)
+
+    def committed(self, partitions: Iterable[int]) -> dict[int, int]:
+        """The group's committed offset of each of ``partitions`` that has one (none when the broker cannot say)."""
+        asked = [TopicPartition(self.topic, p) for p in partitions]
+        if not asked:
+            return {}
+        try:
+            answer = self.consumer.committed(asked, timeout=VIEW_TIMEOUT)
+        except Exception as exc:
+            self.throttled("committed", logging.WARNING, "cannot read the group's committed offsets: %s", exc)
+            return {}
+        return {tp.partition: tp.offset for tp in answer if tp.error is None and tp.offset >= 0}
+
+    def commit_now(self, next_offsets: Mapping[int, int]) -> bool:
+        """Commit and wait for the answer (a partition about to be released); False when it failed (logged)."""
+        if self.consumer is None or not next_offsets:
+            return True
+        try:
+            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in next_offsets.items()],
+                                 asynchronous=False)
+        except Exception as exc:
+            log.warning("could not commit %s offsets %s to Kafka: %s", self.topic, dict(next_offsets), exc)
+            return False
+        return True
 
     def rewind(self, partitions: Iterable[int]) -> None:
         """Read the assigned ones of ``partitions`` again from their beginning (a recreated topic)."""

@@ -1,0 +1,195 @@
+"""Fleet mode through the real parts: hosts (homes on this machine, each its own ``ztfd consume`` and ``ztfd sync``
+processes) share a topic through a Tansu consumer group and one moto bucket over HTTP.
+
+The promise in fleet mode: a host switched off for good, disk and all, loses nothing. The test makes that as hard as
+it can be: the host killed has no syncer at all, so nothing it stored ever became durable; Kafka must therefore
+still hold its partitions' offsets where the others resume, and the bucket must end with every alert exactly once
+(each alert's key once, counted by listing) all the same. A third host joins afterwards and takes its share from
+the survivors' commits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from tests.conftest import FAST_KAFKA_OPTIONS, child_env, wait_until, write_config, ztfd_command
+from ztfd import config, store
+from ztfd.embedded.kafka import KafkaBroker
+from ztfd.embedded.s3 import S3Server
+from ztfd.embedded.samples import message_stream
+from ztfd.store.alerts import iter_alerts
+
+PARTITIONS = 4
+FIRST_WAVE = 120
+SECOND_WAVE = 80
+THIRD_WAVE = 40
+DEADLINE = 150.0  # seconds a handover (session timeout 6 s + a join of ~3 s) and the uploads may take, generously
+ALERT_KEY = re.compile(r"^fleet/data/[^/]+/[^/]+/[A-Za-z0-9_-]+_p(\d+)-o(\d+)\.json$")
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    with S3Server(log_path=tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        yield server
+
+
+class Host:
+    """One fleet member: a home of its own, its consumer and (unless told otherwise) its syncer."""
+
+    def __init__(self, name: str, root: Path, sections: dict[str, dict[str, Any]], env: dict[str, str]) -> None:
+        self.name = name
+        self.home = root / name
+        self.home.mkdir(parents=True)
+        self.config_path = write_config(self.home / "ztfd.toml", sections, self.home)
+        self.cfg = config.load(self.config_path)
+        self.env = env
+        self.log_path = root / f"{name}.stderr"  # outside the home, which a test may delete
+        self.log: BinaryIO = self.log_path.open("ab")
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, topic: str, syncer: bool = True) -> None:
+        commands = [ztfd_command(self.config_path, "consume", "--topic", topic)]
+        if syncer:
+            commands.append(ztfd_command(self.config_path, "sync"))
+        for argv in commands:
+            self.processes.append(subprocess.Popen(argv, env=self.env, stdout=self.log, stderr=self.log,
+                                                   start_new_session=True))
+
+    def stored(self) -> set[tuple[int, int]]:
+        if not self.cfg.db_path.exists():
+            return set()
+        conn = store.connect(self.cfg.db_path)
+        try:
+            return {(a.partition, a.kafka_offset) for a in iter_alerts(conn)}
+        finally:
+            conn.close()
+
+    def said(self, text: str) -> bool:
+        return text in self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """kill -9 of every process of the host, then its disk is gone."""
+        for process in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
+        shutil.rmtree(self.home)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(30)
+        self.log.close()
+
+
+def produce(bootstrap: str, topic: str, first: int, count: int) -> None:
+    """``count`` messages spread evenly over the partitions (round robin), each told apart by its ``seq``."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for message in message_stream(first + count):
+        if message["seq"] >= first:
+            producer.produce(topic, value=json.dumps(message).encode(), partition=message["seq"] % PARTITIONS)
+            producer.poll(0)
+    assert producer.flush(60) == 0
+
+
+def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offsets, asked by a client that never joins the group."""
+    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        answer = reader.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=10)
+    finally:
+        reader.close()
+    return {tp.partition: tp.offset for tp in answer}
+
+
+def alert_keys(s3: S3Server, bucket: str) -> list[tuple[int, int]]:
+    keys = []
+    for key in s3.objects(bucket):
+        found = ALERT_KEY.match(key)
+        if found:
+            keys.append((int(found[1]), int(found[2])))
+    return keys
+
+
+def test_a_host_lost_with_its_disk_loses_nothing_and_a_new_host_takes_its_share(
+    kafka: KafkaBroker, s3: S3Server, tmp_path: Path
+) -> None:
+    topic = f"fleet-{uuid.uuid4().hex[:8]}"
+    group = f"fleet-{uuid.uuid4().hex[:8]}"
+    bucket = f"fleet-{uuid.uuid4().hex[:8]}"
+    kafka.create_topic(topic, partitions=PARTITIONS)
+    s3.create_bucket(bucket)
+    sections: dict[str, dict[str, Any]] = {
+        "kafka": {"bootstrap_servers": kafka.bootstrap, "group_id": group, "topics": [topic],
+                  "assignment": "group", "commit_every": 1.0, "batch_size": 20},
+        "kafka.options": dict(FAST_KAFKA_OPTIONS),
+        "stamps": {"enabled": False},
+        "s3": {"bucket": bucket, "prefix": "fleet/", "endpoint_url": s3.endpoint_url, "region": "us-east-1",
+               "interval": 1.0, "concurrency": 4},
+    }
+    env = child_env(**s3.env())
+    produce(kafka.bootstrap, topic, 0, FIRST_WAVE)
+    everything = {(seq % PARTITIONS, seq // PARTITIONS) for seq in range(FIRST_WAVE + SECOND_WAVE + THIRD_WAVE)}
+
+    doomed = Host("doomed", tmp_path, sections, env)
+    survivor = Host("survivor", tmp_path, sections, env)
+    newcomer = Host("newcomer", tmp_path, sections, env)
+    try:
+        doomed.start(topic, syncer=False)  # nothing it stores ever reaches the bucket
+        survivor.start(topic)
+        # Both hold partitions once the group has settled: each has stored alerts of a partition the other has not.
+        wait_until(lambda: doomed.said("the group gave") and survivor.said("the group gave"), DEADLINE,
+                   "both hosts to be given partitions")
+        wait_until(lambda: {p for p, _ in doomed.stored()} - {p for p, _ in survivor.stored()}
+                   and {p for p, _ in survivor.stored()}, DEADLINE, "both hosts to store their own partitions")
+        mine = {p for p, _ in doomed.stored()} - {p for p, _ in survivor.stored()}
+
+        # The survivor's partitions become durable and are committed; the doomed host's never are.
+        wait_until(lambda: all(committed(kafka.bootstrap, group, topic).get(p, -1) > 0
+                               for p in {p for p, _ in survivor.stored()} - mine), DEADLINE,
+                   "the survivor's durable offsets to be committed")
+        offsets = committed(kafka.bootstrap, group, topic)
+        assert all(offsets[p] < 0 or offsets[p] == 0 for p in mine), offsets  # stored, not durable: not committed
+
+        doomed.kill()
+        produce(kafka.bootstrap, topic, FIRST_WAVE, SECOND_WAVE)
+        # The survivor takes the lost partitions over from their committed offsets and redoes their work.
+        wait_until(lambda: mine <= {p for p, _ in survivor.stored()}, DEADLINE,
+                   "the survivor to take the lost host's partitions over")
+
+        newcomer.start(topic)
+        wait_until(lambda: newcomer.said("the group gave"), DEADLINE, "the new host to be given partitions")
+        produce(kafka.bootstrap, topic, FIRST_WAVE + SECOND_WAVE, THIRD_WAVE)
+        wait_until(newcomer.stored, DEADLINE, "the new host to store alerts of its share")
+        wait_until(lambda: set(alert_keys(s3, bucket)) == everything, DEADLINE, "every alert in the bucket")
+        keys = alert_keys(s3, bucket)
+        assert len(keys) == len(everything)  # each alert's key once
+        # and every partition committed through its end once the bucket holds it all
+        ends = {p: len([1 for q, _ in everything if q == p]) for p in range(PARTITIONS)}
+        wait_until(lambda: committed(kafka.bootstrap, group, topic) == ends, DEADLINE,
+                   "the group's offsets committed through the end")
+        assert survivor.said("handing over")  # the newcomer's share was committed before it was released
+    finally:
+        for host in (survivor, newcomer):
+            host.stop()
+        if doomed.home.exists():
+            doomed.stop()
