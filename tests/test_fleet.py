@@ -30,6 +30,7 @@ from ztfd import config, store
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.s3 import S3Server
 from ztfd.embedded.samples import message_stream
+from ztfd.ingest.fleet import FleetBook, FleetGeneration
 from ztfd.store.alerts import iter_alerts
 
 PARTITIONS = 4
@@ -102,11 +103,15 @@ class Host:
 
 
 def produce(bootstrap: str, topic: str, first: int, count: int) -> None:
+    produce_to(bootstrap, topic, count, first=first)
+
+
+def produce_to(bootstrap: str, topic: str, count: int, first: int = 0, partitions: int = PARTITIONS) -> None:
     """``count`` messages spread evenly over the partitions (round robin), each told apart by its ``seq``."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     for message in message_stream(first + count):
         if message["seq"] >= first:
-            producer.produce(topic, value=json.dumps(message).encode(), partition=message["seq"] % PARTITIONS)
+            producer.produce(topic, value=json.dumps(message).encode(), partition=message["seq"] % partitions)
             producer.poll(0)
     assert producer.flush(60) == 0
 
@@ -193,3 +198,51 @@ def test_a_host_lost_with_its_disk_loses_nothing_and_a_new_host_takes_its_share(
             host.stop()
         if doomed.home.exists():
             doomed.stop()
+
+
+def test_the_fleet_topic_keeps_the_last_value_per_key(kafka: KafkaBroker) -> None:
+    settings = config.KafkaConfig(group_id=f"book-{uuid.uuid4().hex[:8]}", topics=("x",),
+                                  bootstrap_servers=kafka.bootstrap, assignment="group")
+    book = FleetBook(settings, "host-a:/home")
+    assert book.generations("x") == {} and book.members() == []  # created empty on first use
+    book.save_generations("x", {0: FleetGeneration(1, "old")})
+    book.save_generations("x", {0: FleetGeneration(2, "new"), 1: FleetGeneration(0, None)})
+    book.publish_member("x", [1, 0])
+    assert FleetBook(settings, "host-b:/home").generations("x") == {0: FleetGeneration(2, "new"),
+                                                                   1: FleetGeneration(0, None)}
+    book.publish_member("x", [])
+    [member] = FleetBook(settings, "host-b:/home").members()
+    assert member["member"] == "host-a:/home" and member["partitions"] == []
+
+
+def test_a_new_host_keys_alerts_in_the_generation_the_fleet_agreed(
+    kafka: KafkaBroker, s3: S3Server, tmp_path: Path
+) -> None:
+    """A host with an empty store takes over a partition of a topic recreated while nobody held it: the fleet says
+    generation 1 under another topic id, so the broker's id makes it generation 2, in the store, the file names
+    (the S3 keys) and the fleet topic."""
+    topic = f"gen-{uuid.uuid4().hex[:8]}"
+    group = f"gen-{uuid.uuid4().hex[:8]}"
+    kafka.create_topic(topic, partitions=1)
+    produce_to(kafka.bootstrap, topic, 3, partitions=1)
+    sections: dict[str, dict[str, Any]] = {
+        "kafka": {"bootstrap_servers": kafka.bootstrap, "group_id": group, "topics": [topic], "assignment": "group"},
+        "kafka.options": dict(FAST_KAFKA_OPTIONS),
+        "stamps": {"enabled": False},
+        "s3": {"bucket": "unused", "endpoint_url": s3.endpoint_url, "region": "us-east-1"},
+    }
+    host = Host("host", tmp_path, sections, child_env(**s3.env()))
+    book = FleetBook(host.cfg.kafka, "another-host:/home")
+    book.save_generations(topic, {0: FleetGeneration(1, "the-id-of-the-deleted-topic")})
+    try:
+        host.start(topic, syncer=False)
+        wait_until(lambda: len(host.stored()) == 3, DEADLINE, "the host to store the three alerts")
+    finally:
+        host.stop()
+    conn = store.connect(host.cfg.db_path)
+    alerts = list(iter_alerts(conn))
+    conn.close()
+    assert {a.generation for a in alerts} == {2}
+    assert all("_g2-p0-o" in a.path for a in alerts)
+    said = book.generations(topic)[0]
+    assert said.generation == 2 and said.topic_id not in (None, "the-id-of-the-deleted-topic")

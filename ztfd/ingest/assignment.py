@@ -25,6 +25,7 @@ import sqlite3
 import time
 
 from ztfd import store
+from ztfd.ingest.fleet import FleetBook, FleetGeneration
 from ztfd.ingest.kafka import KafkaAdapter
 from ztfd.ingest.partitions import PartitionWatch, Verdict
 from ztfd.store import gaps as store_gaps
@@ -38,11 +39,13 @@ class TopicAssignment:
     """One topic's partitions as its consumer reads them: assigned from the store's offsets, each message's
     generation (``generation_of``), recreations and gaps recorded in the store."""
 
-    def __init__(self, conn: sqlite3.Connection, topic: str, kafka: KafkaAdapter, group: bool = False) -> None:
+    def __init__(self, conn: sqlite3.Connection, topic: str, kafka: KafkaAdapter,
+                 fleet: FleetBook | None = None) -> None:
         self.conn = conn
         self.topic = topic
         self.kafka = kafka
-        self.group = group  # fleet mode: the group hands partitions in (``joined``)
+        self.fleet = fleet  # fleet mode: the group hands partitions in (``joined``), generations agreed there
+        self.group = fleet is not None
         self.watch = PartitionWatch(topic, kafka, store_gaps.topic_id(conn, topic))
         self.last_look = -METADATA_EVERY
 
@@ -58,8 +61,10 @@ class TopicAssignment:
         if not partitions:
             return partitions is not None
         if self.watch.topic_recreated():
-            self._recreated(sorted(set(partitions) | set(store.stored_offsets(self.conn, self.topic))),
-                            "its topic id changed")
+            # In fleet mode only the partitions held: the others start their new generation where they are read.
+            held = self.kafka.assigned if self.group else set(partitions) | set(store.stored_offsets(self.conn,
+                                                                                                      self.topic))
+            self._recreated(sorted(held), "its topic id changed")
         elif self.watch.known_id is not None and store_gaps.topic_id(self.conn, self.topic) is None:
             with store.transaction(self.conn):
                 store_gaps.save_topic_id(self.conn, self.topic, self.watch.known_id)
@@ -81,11 +86,43 @@ class TopicAssignment:
     def joined(self, partitions: list[int], committed: dict[int, int]) -> None:
         """Fleet mode: ``partitions`` handed in by the group, read from its ``committed`` offsets (the next offset
         expected, judged as any other), in the generation this host's store knows."""
+        self._agree_generations(partitions)
         stored = store.stored_offsets(self.conn, self.topic)
         for partition in partitions:
             known = stored.get(partition)
             expected = committed.get(partition, known.next_offset if known else None)
             self.watch.start(partition, known.generation if known else 0, expected)
+
+    def _agree_generations(self, partitions: list[int]) -> None:
+        """Fleet mode: read each partition in the generation the fleet agreed on (``ztfd.ingest.fleet``), one more
+        when the broker's topic id is no longer the one the fleet read it under (recreated while nobody held it);
+        tell the fleet of a generation only this store knew (recorded here, then lost before it was published)."""
+        assert self.fleet is not None
+        said = self.fleet.generations(self.topic)
+        broker_id = self.kafka.topic_id()
+        stored = store.stored_offsets(self.conn, self.topic)
+        adopt: list[tuple[int, int]] = []
+        tell: dict[int, FleetGeneration] = {}
+        for partition in partitions:
+            mine = stored[partition].generation if partition in stored else 0
+            theirs = said.get(partition)
+            agreed = mine if theirs is None else theirs.generation
+            if theirs is not None and theirs.topic_id and broker_id and theirs.topic_id != broker_id:
+                agreed += 1
+            agreed = max(agreed, mine)
+            if agreed > mine:
+                adopt.append((partition, agreed))
+            current = FleetGeneration(agreed, broker_id or (theirs.topic_id if theirs else None))
+            if current != theirs:
+                tell[partition] = current
+        if adopt:
+            with store.transaction(self.conn):
+                store_gaps.start_generation(self.conn, self.topic, broker_id, adopt)
+            self.watch.adopt_id(store_gaps.topic_id(self.conn, self.topic))
+            log.info("%s: reading %s as the fleet agreed", self.topic,
+                     ", ".join(f"[{p}] in generation {g}" for p, g in adopt))
+        if tell:
+            self.fleet.save_generations(self.topic, tell)
 
     def generation(self, partition: int) -> int:
         """The generation ``partition`` is read in now."""
@@ -125,8 +162,11 @@ class TopicAssignment:
     def _record_generations(self, generations: list[tuple[int, int]], why: str) -> None:
         """Record new generations at once with the topic's id (one transaction), so a restart resumes in the new
         generation instead of taking its messages for redeliveries of the old one; read them from the beginning."""
+        topic_id = self.kafka.topic_id()
         with store.transaction(self.conn):
-            store_gaps.start_generation(self.conn, self.topic, self.kafka.topic_id(), generations)
+            store_gaps.start_generation(self.conn, self.topic, topic_id, generations)
+        if self.fleet is not None:  # before reading on: a host taking a partition over must key it the same
+            self.fleet.save_generations(self.topic, {p: FleetGeneration(g, topic_id) for p, g in generations})
         self.watch.adopt_id(store_gaps.topic_id(self.conn, self.topic))
         log.warning("%s was recreated (%s): reading %s from the beginning", self.topic, why,
                     ", ".join(f"[{p}] as generation {g}" for p, g in generations))

@@ -55,6 +55,7 @@ from ztfd.ingest.batch import Accepted, Batch, BatchBuilder, log_lines
 from ztfd.ingest.broker_errors import BrokerErrors
 from ztfd.ingest.durability import DurableCommits
 from ztfd.ingest.filewriter import BatchSkippedError, FileWriter
+from ztfd.ingest.fleet import FleetBook, member_id
 from ztfd.ingest.kafka import DRAIN_TIMEOUT, KafkaAdapter, message_size
 from ztfd.ingest.quota import QuotaWatch
 from ztfd.logs import AlertLog, Throttle
@@ -84,7 +85,8 @@ class TopicConsumer:
         self.kafka = kafka or KafkaAdapter(cfg.kafka, topic)
         # Per partition: its generation and the next offset expected (set on assignment), judged on evidence.
         self.group = cfg.kafka.group_mode
-        self.assignment = TopicAssignment(self.conn, topic, self.kafka, group=self.group)
+        self.fleet = FleetBook(cfg.kafka, member_id(cfg.home)) if self.group else None
+        self.assignment = TopicAssignment(self.conn, topic, self.kafka, self.fleet)
         # Fleet mode: what Kafka has committed per partition held, moved forward once durable in S3.
         self.commits = (DurableCommits(self.conn, topic, self.kafka, self.assignment.generation,
                                        cfg.kafka.commit_every) if self.group else None)
@@ -167,11 +169,21 @@ class TopicConsumer:
         self.assignment.joined(partitions, committed)
         self.commits.hold(committed, partitions)
         self.quiet.reading(True)
+        self._publish_holding(self.kafka.assigned)
 
     def _handed_back(self, partitions: list[int]) -> None:
         """Fleet mode: ``partitions`` leave this host (a rebalance, a stop): commit them as far as durable first."""
         assert self.commits is not None
         self.commits.release(partitions)
+        self._publish_holding(self.kafka.assigned - set(partitions))
+
+    def _publish_holding(self, partitions: set[int]) -> None:
+        """Fleet mode: tell the fleet topic which partitions this host holds (``ztfd status`` reads it)."""
+        assert self.fleet is not None
+        try:
+            self.fleet.publish_member(self.topic, sorted(partitions))
+        except Exception as exc:  # what status shows; reading and committing go on without it
+            self.throttled("fleet-member", logging.WARNING, "could not publish this host's partitions: %s", exc)
 
     def _full(self, messages: list[Any]) -> bool:
         """The batch stopped at a limit (count or bytes), not because Kafka had no more waiting."""

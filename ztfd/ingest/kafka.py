@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -29,10 +28,11 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
+    Producer,
     TopicCollection,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from ztfd.config import ConfigError, KafkaConfig
 from ztfd.ingest.topics import BrokerTopics
@@ -46,7 +46,8 @@ PREFETCH_KBYTES = 8192  # librdkafka's queued.max.messages.kbytes unless kafka.o
 VIEW_TIMEOUT = 5.0  # seconds for an uncached watermark, a topic id or the topic's metadata
 LIST_TIMEOUT = 10.0  # seconds for the supervisor's look at the broker's topics
 GROUP_STRATEGY = "cooperative-sticky"  # fleet mode: a rebalance moves only the partitions that change hands
-CONSUMER_ONLY = ("group.", "auto.", "enable.auto", "session.timeout", "max.poll", "fetch.", "isolation.")
+CONSUMER_ONLY = ("group.", "auto.", "enable.auto", "session.timeout", "max.poll", "fetch.", "isolation.", "heartbeat.",
+                 "partition.assignment")
 SECURITY = ("security.", "sasl.", "ssl.")
 
 
@@ -144,7 +145,6 @@ class KafkaAdapter:
         }
         if self.settings.group_mode:
             settings["partition.assignment.strategy"] = GROUP_STRATEGY
-            settings["client.id"] = f"ztfd@{socket.gethostname()}"
         settings.update(self.settings.options)
         # Not negotiable: ztfd decides when an offset is done, after the alert is stored.
         settings["enable.auto.commit"] = False
@@ -425,3 +425,72 @@ def end_offsets(settings: KafkaConfig, topics: list[str], timeout: float) -> dic
         return {topic: result.get(topic, TopicEnds(f"error: {exc}")) for topic in topics}
     finally:
         consumer.close()
+
+
+# --- the fleet's own topic (``ztfd.ingest.fleet``) ----------------------------------------------------------------
+
+
+def ensure_log_topic(settings: KafkaConfig, topic: str, timeout: float = VIEW_TIMEOUT) -> None:
+    """Create ``topic`` (one partition, compacted: the last value per key is what counts) unless it exists."""
+    admin = admin_client(settings.bootstrap_servers, settings.options, logger=librdkafka_logger())
+    if topic in admin.list_topics(timeout=timeout).topics:
+        return
+    futures = admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1,
+                                            config={"cleanup.policy": "compact"})], request_timeout=timeout)
+    try:
+        futures[topic].result(timeout)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:  # another host created it first: fine
+            raise
+
+
+def read_log_topic(settings: KafkaConfig, topic: str, timeout: float = LIST_TIMEOUT) -> dict[str, bytes]:
+    """Every key of a one-partition topic with its last value, read from the beginning to its end (a record with no
+    value deletes its key). Raises ``KafkaException`` when the end is not reached in time.
+
+    The end is where the fetch says the partition ends (librdkafka's end-of-partition event), not the watermark
+    asked for beforehand: Tansu reports that as the base offset of the last batch + 1 (see ``end_offsets``)."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "group.id": f"{settings.group_id}.fleet-reader",  # never joins nor commits: assign() only
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,
+        "logger": librdkafka_logger(),
+    }
+    config.update({k: v for k, v in settings.options.items() if k.startswith(SECURITY)})
+    reader = Consumer(config)
+    values: dict[str, bytes] = {}
+    try:
+        _low, end = reader.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout)
+        if end <= 0:
+            return values
+        reader.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        deadline = time.monotonic() + timeout
+        while True:
+            if time.monotonic() > deadline:
+                raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"{topic} not read to its end in time"))
+            msg = reader.poll(0.5)
+            if msg is None:
+                continue
+            if msg.error() is not None:
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    return values
+                continue
+            key = (msg.key() or b"").decode("utf-8", "replace")
+            if msg.value() is None:
+                values.pop(key, None)
+            else:
+                values[key] = msg.value()
+    finally:
+        reader.close()
+
+
+def write_log_topic(settings: KafkaConfig, topic: str, entries: Mapping[str, bytes],
+                    timeout: float = LIST_TIMEOUT) -> None:
+    """Append ``entries`` (key -> value) to the topic and wait until the broker has them."""
+    producer = Producer({**admin_settings(settings.bootstrap_servers, settings.options), "linger.ms": 0,
+                         "logger": librdkafka_logger()})
+    for key, value in entries.items():
+        producer.produce(topic, key=key.encode(), value=value)
+    if producer.flush(timeout):
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"{topic}: a write was not acknowledged in time"))
