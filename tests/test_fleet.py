@@ -193,6 +193,17 @@ def test_a_host_lost_with_its_disk_loses_nothing_and_a_new_host_takes_its_share(
         wait_until(lambda: committed(kafka.bootstrap, group, topic) == ends, DEADLINE,
                    "the group's offsets committed through the end")
         assert survivor.said("handing over")  # the newcomer's share was committed before it was released
+
+        # ztfd status shows who holds what (from the fleet topic) and each partition's committed offset and end
+        shown = subprocess.run(ztfd_command(survivor.config_path, "status", "--json"), capture_output=True,
+                               text=True, env=env, timeout=120)
+        fleet = json.loads(shown.stdout)["fleet"]
+        held = {name: m["assignments"].get(topic, []) for m in fleet["members"]
+                for name in [m["member"]] if m["assignments"].get(topic)}
+        live = {fleet["me"], *(m["member"] for m in fleet["members"] if str(newcomer.home) in m["member"])}
+        assert sorted(p for name in live for p in held.get(name, [])) == list(range(PARTITIONS)), fleet
+        assert {(p["partition"], p["committed"], p["end"]) for p in fleet["partitions"]} == \
+            {(p, end, end) for p, end in ends.items()}
     finally:
         for host in (survivor, newcomer):
             host.stop()

@@ -238,7 +238,7 @@ class TopicConsumer:
 
     def close(self) -> None:
         if self.commits is not None:  # a stop hands every partition back: committed as far as durable, then left
-            self.commits.release(sorted(self.commits.committed))
+            self._handed_back(sorted(self.kafka.assigned))
         self.kafka.close()
         self.files.close()
         self.alert_log.close()

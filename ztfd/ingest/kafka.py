@@ -494,3 +494,25 @@ def write_log_topic(settings: KafkaConfig, topic: str, entries: Mapping[str, byt
         producer.produce(topic, key=key.encode(), value=value)
     if producer.flush(timeout):
         raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"{topic}: a write was not acknowledged in time"))
+
+
+def group_committed(settings: KafkaConfig, partitions: Mapping[str, Iterable[int]],
+                    timeout: float) -> dict[str, dict[int, int]]:
+    """The group's committed offset of each partition (topic -> partition -> offset; those without one left out),
+    asked by a client that never joins the group (``ztfd status``). Raises ``KafkaException`` when the broker does
+    not answer in time."""
+    config: dict[str, Any] = {"bootstrap.servers": settings.bootstrap_servers, "group.id": settings.group_id,
+                              "enable.auto.commit": False, "logger": librdkafka_logger()}
+    config.update({k: v for k, v in settings.options.items() if k.startswith(SECURITY)})
+    asked = [TopicPartition(topic, p) for topic, numbers in partitions.items() for p in numbers]
+    found: dict[str, dict[int, int]] = {topic: {} for topic in partitions}
+    if not asked:
+        return found
+    reader = Consumer(config)
+    try:
+        for tp in reader.committed(asked, timeout=timeout):
+            if tp.error is None and tp.offset >= 0:
+                found[tp.topic][tp.partition] = tp.offset
+    finally:
+        reader.close()
+    return found
