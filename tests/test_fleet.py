@@ -30,8 +30,10 @@ from ztfd import config, store
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.s3 import S3Server
 from ztfd.embedded.samples import message_stream
-from ztfd.ingest.fleet import FleetBook, FleetGeneration
+from ztfd.ingest.fleet import FleetBook, FleetGeneration, holders, live_members
+from ztfd.stamps.ratelimit import fleet_share, reserve_share
 from ztfd.store.alerts import iter_alerts
+from ztfd.store.status_facts import FLEET_MEMBERS, get_status
 
 PARTITIONS = 4
 FIRST_WAVE = 120
@@ -77,6 +79,14 @@ class Host:
             return {(a.partition, a.kafka_offset) for a in iter_alerts(conn)}
         finally:
             conn.close()
+
+    def fact(self, key: str) -> str | None:
+        conn = store.connect(self.cfg.db_path)
+        try:
+            found = get_status(conn, key)
+        finally:
+            conn.close()
+        return None if found is None else found[0]
 
     def said(self, text: str) -> bool:
         return text in self.log_path.read_text(errors="replace")
@@ -193,6 +203,9 @@ def test_a_host_lost_with_its_disk_loses_nothing_and_a_new_host_takes_its_share(
         wait_until(lambda: committed(kafka.bootstrap, group, topic) == ends, DEADLINE,
                    "the group's offsets committed through the end")
         assert survivor.said("handing over")  # the newcomer's share was committed before it was released
+        # two members hold partitions: each host's fetchers take half of stamps.rate_limit
+        wait_until(lambda: survivor.fact(FLEET_MEMBERS) == "2" and newcomer.fact(FLEET_MEMBERS) == "2", DEADLINE,
+                   "both live hosts to count two members")
 
         # ztfd status shows who holds what (from the fleet topic) and each partition's committed offset and end
         shown = subprocess.run(ztfd_command(survivor.config_path, "status", "--json"), capture_output=True,
@@ -257,3 +270,21 @@ def test_a_new_host_keys_alerts_in_the_generation_the_fleet_agreed(
     assert all("_g2-p0-o" in a.path for a in alerts)
     said = book.generations(topic)[0]
     assert said.generation == 2 and said.topic_id not in (None, "the-id-of-the-deleted-topic")
+
+
+def test_the_newest_claim_of_a_partition_wins_and_the_rate_is_shared(tmp_path: Path) -> None:
+    """A member killed with -9 keeps its last word in the fleet topic; the members its partitions moved to claim them
+    later, so only live holders count, and each host's fetchers take rate / members."""
+    said = [{"member": "dead", "topic": "t", "partitions": [0, 1], "at": 1.0},
+            {"member": "alive", "topic": "t", "partitions": [0, 1], "at": 2.0},
+            {"member": "joined", "topic": "u", "partitions": [0], "at": 3.0},
+            {"member": "idle", "topic": "t", "partitions": [], "at": 4.0}]
+    assert holders(said) == {("t", 0): "alive", ("t", 1): "alive", ("u", 0): "joined"}
+    assert live_members(said) == 2 and live_members([]) == 1
+    conn = store.connect(tmp_path / "s.sqlite3")
+    assert fleet_share(conn, 10.0) == 10.0  # not counted yet: the whole rate
+    with store.transaction(conn):
+        store.set_status(conn, FLEET_MEMBERS, "4")
+    assert fleet_share(conn, 10.0) == 2.5
+    first, second = reserve_share(conn, "alerce", 10.0, 2)
+    assert second - first == pytest.approx(0.4)  # slots 1 / 2.5 s apart

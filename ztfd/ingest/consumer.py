@@ -55,7 +55,7 @@ from ztfd.ingest.batch import Accepted, Batch, BatchBuilder, log_lines
 from ztfd.ingest.broker_errors import BrokerErrors
 from ztfd.ingest.durability import DurableCommits
 from ztfd.ingest.filewriter import BatchSkippedError, FileWriter
-from ztfd.ingest.fleet import FleetBook, member_id
+from ztfd.ingest.fleet import COUNT_EVERY, RECOUNT_AFTER, FleetBook, live_members, member_id
 from ztfd.ingest.kafka import DRAIN_TIMEOUT, KafkaAdapter, message_size
 from ztfd.ingest.quota import QuotaWatch
 from ztfd.logs import AlertLog, Throttle
@@ -63,6 +63,7 @@ from ztfd.store.alerts import dates_received_since, last_received_at
 from ztfd.store.batches import StoredBatch
 from ztfd.store.rejected import latest_rejected
 from ztfd.store.states import Role
+from ztfd.store.status_facts import FLEET_MEMBERS
 from ztfd.text import escape_controls
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class TopicConsumer:
         # Per partition: its generation and the next offset expected (set on assignment), judged on evidence.
         self.group = cfg.kafka.group_mode
         self.fleet = FleetBook(cfg.kafka, member_id(cfg.home)) if self.group else None
+        self.fleet_counted = -COUNT_EVERY
         self.assignment = TopicAssignment(self.conn, topic, self.kafka, self.fleet)
         # Fleet mode: what Kafka has committed per partition held, moved forward once durable in S3.
         self.commits = (DurableCommits(self.conn, topic, self.kafka, self.assignment.generation,
@@ -145,6 +147,7 @@ class TopicConsumer:
                 self._look_at_topic()
                 if self.commits is not None:
                     self.commits.tick()
+                    self._count_fleet()
                 if self.quiet.done(holding=bool(in_flight)):
                     log.info("%s has been drained and quiet for %.0fs (kafka.idle_topic_seconds): exiting until "
                              "it has messages again", self.topic, self.quiet.idle_seconds)
@@ -177,9 +180,26 @@ class TopicConsumer:
         self.commits.release(partitions)
         self._publish_holding(self.kafka.assigned - set(partitions))
 
-    def _publish_holding(self, partitions: set[int]) -> None:
-        """Fleet mode: tell the fleet topic which partitions this host holds (``ztfd status`` reads it)."""
+    def _count_fleet(self) -> None:
+        """Fleet mode, every ``fleet.COUNT_EVERY`` s: how many members hold partitions, kept in the store, where
+        this host's fetchers take their share of ``stamps.rate_limit`` from it."""
         assert self.fleet is not None
+        now = time.monotonic()
+        if now - self.fleet_counted < COUNT_EVERY:
+            return
+        self.fleet_counted = now
+        try:
+            members = live_members(self.fleet.members())
+            with store.transaction(self.conn):
+                store.set_status(self.conn, FLEET_MEMBERS, str(members))
+        except Exception as exc:  # the last count stands; reading and committing go on
+            self.throttled("fleet-count", logging.WARNING, "could not count the fleet's members: %s", exc)
+
+    def _publish_holding(self, partitions: set[int]) -> None:
+        """Fleet mode: tell the fleet topic which partitions this host holds (``ztfd status`` reads it), and count
+        the members again once the others have told it too."""
+        assert self.fleet is not None
+        self.fleet_counted = time.monotonic() - COUNT_EVERY + RECOUNT_AFTER
         try:
             self.fleet.publish_member(self.topic, sorted(partitions))
         except Exception as exc:  # what status shows; reading and committing go on without it

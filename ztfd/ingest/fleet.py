@@ -31,6 +31,8 @@ from ztfd.ingest import kafka
 log = logging.getLogger(__name__)
 
 SUFFIX = ".ztfd-fleet"
+COUNT_EVERY = 30.0  # seconds between counts of the live members (the fleet's share of ``stamps.rate_limit``)
+RECOUNT_AFTER = 3.0  # seconds after a rebalance to count again (the other members publish their new holdings)
 
 
 def fleet_topic(group_id: str) -> str:
@@ -102,3 +104,19 @@ class FleetBook:
         """What every member last said it holds, those holding something first."""
         found = [value for key, value in self._read().items() if key.startswith("member/") and isinstance(value, dict)]
         return sorted(found, key=lambda m: (not m.get("partitions"), str(m.get("member")), str(m.get("topic"))))
+
+
+def holders(members: list[dict[str, Any]]) -> dict[tuple[str, int], str]:
+    """Who holds each (topic, partition): the newest claim wins (a member killed with -9 keeps its last word in the
+    topic until the partitions it held are claimed again by the members they moved to)."""
+    held: dict[tuple[str, int], str] = {}
+    for entry in sorted(members, key=lambda e: e.get("at") if isinstance(e.get("at"), int | float) else 0):
+        for partition in entry.get("partitions") or []:
+            if isinstance(partition, int):
+                held[(str(entry.get("topic")), partition)] = str(entry.get("member"))
+    return held
+
+
+def live_members(members: list[dict[str, Any]]) -> int:
+    """How many members hold a partition now (at least 1: this host)."""
+    return max(1, len(set(holders(members).values())))

@@ -15,7 +15,7 @@ from typing import Any
 
 from ztfd import config
 from ztfd.ingest import kafka
-from ztfd.ingest.fleet import FleetBook, fleet_topic, member_id
+from ztfd.ingest.fleet import FleetBook, fleet_topic, holders, member_id
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +41,16 @@ def fleet_section(cfg: config.Config, topics: list[dict[str, Any]], timeout: flo
         section["error"] = str(exc)
         return section
     members: dict[str, dict[str, Any]] = {}
-    holder: dict[tuple[str, int], str] = {}
-    for entry in sorted(said, key=lambda e: _iso(e.get("at")) or ""):  # the newest claim of a partition wins
+    for entry in said:
         name = str(entry.get("member"))
         member = members.setdefault(name, {"member": name, "host": entry.get("host"), "assignments": {},
                                            "at": None})
         partitions = [p for p in entry.get("partitions") or [] if isinstance(p, int)]
         if partitions:
             member["assignments"][str(entry.get("topic"))] = partitions
-            for p in partitions:
-                holder[(str(entry.get("topic")), p)] = name
         at = _iso(entry.get("at"))
         member["at"] = max(filter(None, (member["at"], at)), default=None)
+    holder = holders(said)
     section["members"] = list(members.values())
     for info in topics:
         topic = info["topic"]
