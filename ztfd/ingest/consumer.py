@@ -170,9 +170,27 @@ class TopicConsumer:
         assert self.commits is not None
         committed = self.kafka.committed(partitions)
         self.assignment.joined(partitions, committed)
+        self._log_takeover(partitions, committed)
         self.commits.hold(committed, partitions)
         self.quiet.reading(True)
         self._publish_holding(self.kafka.assigned)
+
+    def _log_takeover(self, partitions: list[int], committed: dict[int, int]) -> None:
+        """What a partition handed in means in messages: how many to read from the commit to the end, and how many
+        of them this host's store holds already (set aside, not stored again)."""
+        stored = store.stored_offsets(self.conn, self.topic)
+        parts = []
+        for partition in partitions:
+            start = committed.get(partition)
+            marks = self.kafka.watermarks(partition)
+            begin = start if start is not None else (marks[0] if marks else 0)
+            to_read = f"{marks[1] - begin}" if marks else "?"
+            known = stored.get(partition)
+            here = (max(0, known.next_offset - begin)
+                    if known and known.generation == self.assignment.generation(partition) else 0)
+            parts.append(f"[{partition}] from {'offset ' + str(start) if start is not None else 'the earliest'}: "
+                         f"{to_read} messages to the end as the broker says, {here} of them stored here already")
+        log.info("taking over %s: %s", self.topic, "; ".join(parts))
 
     def _handed_back(self, partitions: list[int]) -> None:
         """Fleet mode: ``partitions`` leave this host (a rebalance, a stop): commit them as far as durable first."""

@@ -93,9 +93,18 @@ class DurableCommits:
             moved = {}
         if moved and self.kafka.commit_now(moved):
             self.committed.update(moved)
-        log.info("handing over %s: %s", self.topic, ", ".join(f"[{p}] committed at {self.committed[p]}"
-                                                              for p in partitions))
+        stored = store.stored_offsets(self.conn, self.topic)
+        log.info("handing over %s: %s", self.topic, ", ".join(
+            f"[{p}] committed at {self.committed[p]}"
+            f" ({self._redone(stored.get(p), p)} stored here not yet durable: the next owner redoes them)"
+            for p in partitions))
         self.forget(partitions)
+
+    def _redone(self, stored: store.StoredOffset | None, partition: int) -> int:
+        """How many offsets this host stored past the partition's commit (work the next owner does again)."""
+        if stored is None or stored.generation != self.generation_of(partition):
+            return 0
+        return max(0, stored.next_offset - self.committed[partition])
 
     def forget(self, partitions: list[int]) -> None:
         """Partitions gone without a word (the session expired): another host already reads them."""
