@@ -40,7 +40,7 @@ FIRST_WAVE = 120
 SECOND_WAVE = 80
 THIRD_WAVE = 40
 DEADLINE = 150.0  # seconds a handover (session timeout 6 s + a join of ~3 s) and the uploads may take, generously
-ALERT_KEY = re.compile(r"^fleet/data/[^/]+/[^/]+/[A-Za-z0-9_-]+_p(\d+)-o(\d+)\.json$")
+ALERT_KEY = re.compile(r"^fleet/data/[^/]+/[^/]+/[A-Za-z0-9_-]+_p(\d+)-o(\d+)\.json$")  # generation 0
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +63,14 @@ class Host:
         self.log: BinaryIO = self.log_path.open("ab")
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def start(self, topic: str, syncer: bool = True) -> None:
+    def start(self, topic: str, syncer: bool = True, supervised: bool = False) -> None:
+        """The host's processes: its consumer and syncer, or (``supervised``) ``ztfd start --foreground``, whose
+        supervisor restarts a consumer that dies."""
         commands = [ztfd_command(self.config_path, "consume", "--topic", topic)]
         if syncer:
             commands.append(ztfd_command(self.config_path, "sync"))
+        if supervised:
+            commands = [ztfd_command(self.config_path, "start", "--foreground")]
         for argv in commands:
             self.processes.append(subprocess.Popen(argv, env=self.env, stdout=self.log, stderr=self.log,
                                                    start_new_session=True))
@@ -126,11 +130,11 @@ def produce_to(bootstrap: str, topic: str, count: int, first: int = 0, partition
     assert producer.flush(60) == 0
 
 
-def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+def committed(bootstrap: str, group: str, topic: str, partitions: int = PARTITIONS) -> dict[int, int]:
     """The group's committed offsets, asked by a client that never joins the group."""
     reader = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
-        answer = reader.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=10)
+        answer = reader.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
     finally:
         reader.close()
     return {tp.partition: tp.offset for tp in answer}
@@ -288,3 +292,58 @@ def test_the_newest_claim_of_a_partition_wins_and_the_rate_is_shared(tmp_path: P
     assert fleet_share(conn, 10.0) == 2.5
     first, second = reserve_share(conn, "alerce", 10.0, 2)
     assert second - first == pytest.approx(0.4)  # slots 1 / 2.5 s apart
+
+
+def test_a_topic_recreated_while_the_fleet_runs_is_keyed_in_a_new_generation_agreed_by_the_fleet(
+    kafka: KafkaBroker, s3: S3Server, tmp_path: Path
+) -> None:
+    """Lasair recreates a topic when its filter is edited: each partition's holder starts generation 1, records it
+    in the fleet topic with the new topic id, reads the new topic from its beginning and commits in it; the bucket
+    keeps the old topic's alerts and gets the new ones under keys of their own, each once.
+
+    On the test broker a consumer subscribed to a topic that is deleted dies of SIGSEGV inside librdkafka (2.16,
+    any assignment strategy, with or without rebalance callbacks: docs/fleet.md); the supervisor restarts it, and the
+    restarted consumer is handed the recreated topic. So the hosts run under ``ztfd start``."""
+    from confluent_kafka.admin import AdminClient
+
+    topic = f"recreated-{uuid.uuid4().hex[:8]}"
+    group = f"recreated-{uuid.uuid4().hex[:8]}"
+    bucket = f"recreated-{uuid.uuid4().hex[:8]}"
+    kafka.create_topic(topic, partitions=2)
+    s3.create_bucket(bucket)
+    sections: dict[str, dict[str, Any]] = {
+        "kafka": {"bootstrap_servers": kafka.bootstrap, "group_id": group, "topics": [topic],
+                  "assignment": "group", "commit_every": 1.0},
+        "kafka.options": dict(FAST_KAFKA_OPTIONS),
+        "stamps": {"enabled": False},
+        "s3": {"bucket": bucket, "prefix": "fleet/", "endpoint_url": s3.endpoint_url, "region": "us-east-1",
+               "interval": 1.0},
+        "supervisor": {"restart_backoff_max": 2, "stop_timeout": 20},
+    }
+    env = child_env(**s3.env())
+    hosts = [Host(name, tmp_path, sections, env) for name in ("one", "two")]
+    produce_to(kafka.bootstrap, topic, 20, partitions=2)
+
+    def keys() -> list[str]:
+        return [key for key in s3.objects(bucket) if ALERT_KEY.match(key) or "_g1-p" in key]
+
+    try:
+        for host in hosts:
+            host.start(topic, supervised=True)
+        wait_until(lambda: len(keys()) == 20 and committed(kafka.bootstrap, group, topic, 2) == {0: 10, 1: 10},
+                   DEADLINE, "the first topic's alerts in the bucket and committed")
+        old_id = FleetBook(hosts[0].cfg.kafka, "test").generations(topic)[0].topic_id
+        admin = AdminClient({"bootstrap.servers": kafka.bootstrap})  # kept alive until the answer
+        admin.delete_topics([topic])[topic].result(30)
+        kafka.create_topic(topic, partitions=2)
+        produce_to(kafka.bootstrap, topic, 6, first=100, partitions=2)
+        wait_until(lambda: len(keys()) == 26, DEADLINE, "the new topic's alerts in the bucket")
+        assert len([key for key in keys() if "_g1-p" in key]) == 6
+        said = FleetBook(hosts[0].cfg.kafka, "test").generations(topic)
+        assert {p: g.generation for p, g in said.items()} == {0: 1, 1: 1}
+        assert {g.topic_id for g in said.values()} != {old_id}
+        wait_until(lambda: committed(kafka.bootstrap, group, topic, 2) == {0: 3, 1: 3}, DEADLINE,
+                   "the new topic's offsets committed, below the deleted topic's")
+    finally:
+        for host in hosts:
+            host.stop()

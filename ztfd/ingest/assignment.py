@@ -83,17 +83,22 @@ class TopicAssignment:
             self.watch.start(partition, known.generation if known else 0, known.next_offset if known else None)
         self.kafka.assign_all(partitions, {p: stored[p].next_offset for p in partitions if p in stored})
 
-    def joined(self, partitions: list[int], committed: dict[int, int]) -> None:
+    def joined(self, partitions: list[int], committed: dict[int, int]) -> list[int]:
         """Fleet mode: ``partitions`` handed in by the group, read from its ``committed`` offsets (the next offset
-        expected, judged as any other), in the generation this host's store knows."""
-        self._agree_generations(partitions)
+        expected, judged as any other), in the generation the fleet agreed on. Returns those that start a new
+        generation here: the caller reads them from the beginning (their committed offsets, removed from
+        ``committed``, are the deleted topic's)."""
+        fresh = self._agree_generations(partitions)
+        for partition in fresh:
+            committed.pop(partition, None)
         stored = store.stored_offsets(self.conn, self.topic)
         for partition in partitions:
             known = stored.get(partition)
             expected = committed.get(partition, known.next_offset if known else None)
             self.watch.start(partition, known.generation if known else 0, expected)
+        return fresh
 
-    def _agree_generations(self, partitions: list[int]) -> None:
+    def _agree_generations(self, partitions: list[int]) -> list[int]:
         """Fleet mode: read each partition in the generation the fleet agreed on (``ztfd.ingest.fleet``), one more
         when the broker's topic id is no longer the one the fleet read it under (recreated while nobody held it);
         tell the fleet of a generation only this store knew (recorded here, then lost before it was published)."""
@@ -115,14 +120,16 @@ class TopicAssignment:
             current = FleetGeneration(agreed, broker_id or (theirs.topic_id if theirs else None))
             if current != theirs:
                 tell[partition] = current
-        if adopt:
-            with store.transaction(self.conn):
+        if adopt or broker_id:
+            with store.transaction(self.conn):  # the broker's id: the one this host now reads the topic under
                 store_gaps.start_generation(self.conn, self.topic, broker_id, adopt)
             self.watch.adopt_id(store_gaps.topic_id(self.conn, self.topic))
+        if adopt:
             log.info("%s: reading %s as the fleet agreed", self.topic,
                      ", ".join(f"[{p}] in generation {g}" for p, g in adopt))
         if tell:
             self.fleet.save_generations(self.topic, tell)
+        return [p for p, _ in adopt]
 
     def generation(self, partition: int) -> int:
         """The generation ``partition`` is read in now."""
@@ -165,9 +172,12 @@ class TopicAssignment:
         topic_id = self.kafka.topic_id()
         with store.transaction(self.conn):
             store_gaps.start_generation(self.conn, self.topic, topic_id, generations)
-        if self.fleet is not None:  # before reading on: a host taking a partition over must key it the same
+        if self.fleet is not None and generations:  # before reading on: a host taking over must key it the same
             self.fleet.save_generations(self.topic, {p: FleetGeneration(g, topic_id) for p, g in generations})
         self.watch.adopt_id(store_gaps.topic_id(self.conn, self.topic))
+        if not generations:  # fleet mode, nothing held: each partition starts its generation when handed in
+            log.warning("%s was recreated (%s): its new topic id recorded", self.topic, why)
+            return
         log.warning("%s was recreated (%s): reading %s from the beginning", self.topic, why,
                     ", ".join(f"[{p}] as generation {g}" for p, g in generations))
         self.kafka.rewind([p for p, _ in generations])

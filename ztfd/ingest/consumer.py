@@ -165,15 +165,17 @@ class TopicConsumer:
         log.info("stopped consuming %s after storing %d alerts", self.topic, self.stored_total)
         return code
 
-    def _handed_in(self, partitions: list[int]) -> None:
-        """Fleet mode: the group gave this host ``partitions``; they start at the group's committed offsets."""
+    def _handed_in(self, partitions: list[int]) -> list[int]:
+        """Fleet mode: the group gave this host ``partitions``; they start at the group's committed offsets, those
+        of a recreated topic at their beginning (returned)."""
         assert self.commits is not None
         committed = self.kafka.committed(partitions)
-        self.assignment.joined(partitions, committed)
+        fresh = self.assignment.joined(partitions, committed)
         self._log_takeover(partitions, committed)
         self.commits.hold(committed, partitions)
         self.quiet.reading(True)
         self._publish_holding(self.kafka.assigned)
+        return fresh
 
     def _log_takeover(self, partitions: list[int], committed: dict[int, int]) -> None:
         """What a partition handed in means in messages: how many to read from the commit to the end, and how many

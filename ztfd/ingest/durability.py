@@ -9,7 +9,8 @@ Per partition held, the offset last committed (the group's, read when the partit
 a walk to the durable frontier (``store.durable.durable_through``), bounded by what this host has stored
 (``store.offsets``). Every ``kafka.commit_every`` seconds the frontiers that moved are committed, without waiting;
 a partition handed back (a rebalance, ``ztfd stop``) is committed as far as it is durable, waiting for the answer,
-before it is released. A committed offset never goes back.
+before it is released. A committed offset never goes back within a generation; a new generation (a recreated
+topic) starts the walk again at 0.
 """
 
 from __future__ import annotations
@@ -39,22 +40,32 @@ class DurableCommits:
         self.every = every
         self.clock = clock
         self.committed: dict[int, int] = {}  # partition held -> the offset Kafka has for it
+        self.generations: dict[int, int] = {}  # partition held -> the generation that offset belongs to
         self.last_tick = clock()
 
     def hold(self, committed: dict[int, int], partitions: list[int]) -> None:
         """Partitions handed in, with the group's committed offsets (a partition without one starts at 0)."""
         for partition in partitions:
             self.committed[partition] = committed.get(partition, 0)
+            self.generations[partition] = self.generation_of(partition)
+
+    def _start(self, partition: int, generation: int) -> int:
+        """Where the walk of ``partition`` starts: its committed offset, or 0 once a recreated topic started a new
+        generation (Kafka's offset then belongs to the deleted topic; a commit in the new one may go below it)."""
+        if self.generations.get(partition) != generation:
+            self.generations[partition] = generation
+            self.committed[partition] = 0
+        return self.committed[partition]
 
     def frontiers(self, partitions: list[int]) -> dict[int, int]:
         """The durable frontier of each of ``partitions`` that moved past its committed offset."""
         stored = store.stored_offsets(self.conn, self.topic)
         moved = {}
         for partition in partitions:
-            start = self.committed.get(partition)
-            if start is None:
+            if partition not in self.committed:
                 continue
             generation = self.generation_of(partition)
+            start = self._start(partition, generation)
             known = stored.get(partition)
             end = known.next_offset if known is not None and known.generation == generation else start
             frontier = durable_through(self.conn, self.topic, partition, generation, start, end)
@@ -110,3 +121,4 @@ class DurableCommits:
         """Partitions gone without a word (the session expired): another host already reads them."""
         for partition in partitions:
             self.committed.pop(partition, None)
+            self.generations.pop(partition, None)

@@ -232,22 +232,27 @@ class KafkaAdapter:
         if known:
             self.commit(known)
 
-    def subscribe(self, on_assign: Callable[[list[int]], None], on_revoke: Callable[[list[int]], None],
+    def subscribe(self, on_assign: Callable[[list[int]], Iterable[int]], on_revoke: Callable[[list[int]], None],
                   on_lost: Callable[[list[int]], None]) -> None:
         """Join the group (fleet mode): the group hands partitions in and out, each starting at the group's
         committed offset (else the earliest). The callbacks run inside ``next_batch``'s poll, on the caller's
-        thread: ``on_revoke`` before a partition is released (commit what is durable), ``on_lost`` when it was
-        taken away already (the session expired: committing is too late)."""
+        thread: ``on_assign`` returns the partitions to read from their beginning instead (a recreated topic),
+        ``on_revoke`` runs before a partition is released (commit what is durable), ``on_lost`` when it was taken
+        away already (the session expired: committing is too late)."""
 
         def numbers(partitions: list[Any]) -> list[int]:
             return sorted(tp.partition for tp in partitions if tp.topic == self.topic)
 
-        def assigned(_consumer: Any, partitions: list[Any]) -> None:
+        def assigned(consumer: Any, partitions: list[Any]) -> None:
             got = numbers(partitions)
             if got:  # a cooperative rebalance hands in nothing new to most members
                 self.assigned.update(got)
                 log.info("the group gave %s partitions %s", self.topic, got)
-                on_assign(got)
+                rewind = set(on_assign(got))
+                for tp in partitions:
+                    if tp.topic == self.topic and tp.partition in rewind:
+                        tp.offset = OFFSET_BEGINNING
+            consumer.incremental_assign(partitions)
 
         def revoked(_consumer: Any, partitions: list[Any]) -> None:
             gone = numbers(partitions)
