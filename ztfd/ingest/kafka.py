@@ -300,8 +300,10 @@ class KafkaAdapter:
                 self.consumer.seek(TopicPartition(self.topic, partition, OFFSET_BEGINNING))
 
     def commit(self, next_offsets: Mapping[int, int]) -> None:
-        """Tell Kafka the next offset per partition, without waiting. Kafka's copy of the offsets is
-        informational (the store's is the truth): a failure is logged, throttled, never raised."""
+        """Tell Kafka the next offset per partition, without waiting: a failure is logged, throttled, never raised.
+        With ``assign_all`` Kafka's copy of the offsets is informational (the store's is the truth); in fleet mode
+        it is the fleet's truth, and only durable offsets are passed here (a lost commit leaves Kafka behind, so
+        more is redone after a failover, never less)."""
         if self.consumer is None:
             return
         try:
