@@ -67,3 +67,49 @@ def test_an_object_folders_neighbour_does_not_hold_it_back(tmp_path: Path) -> No
     with store.transaction(conn):
         record_files(conn, [("images/2026-01-01/ZTF1/x.png", 1, "m")])
     assert durable_through(conn, TOPIC, 0, 0, 0, 1) == 0
+
+
+class RecordingKafka:
+    """What DurableCommits says to Kafka: the asynchronous and the waited-for commits."""
+
+    def __init__(self) -> None:
+        self.commits: list[dict[int, int]] = []
+        self.waited: list[dict[int, int]] = []
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        self.commits.append(dict(offsets))
+
+    def commit_now(self, offsets: dict[int, int]) -> bool:
+        self.waited.append(dict(offsets))
+        return True
+
+
+def test_the_committer_moves_forward_only_resets_on_a_new_generation_and_commits_before_handing_over(
+    tmp_path: Path
+) -> None:
+    from ztfd.ingest.durability import DurableCommits
+
+    conn = store.connect(tmp_path / "s.sqlite3")
+    alerts = [alert(offset, f"ZTF{offset}")._replace(job_kind=None) for offset in range(0, 4)]
+    store_batch(conn, BatchToStore(TOPIC, 0.0, alerts, [], {0: (0, 4)}, []), {a.alert.path: (1, "m") for a in alerts})
+    generation = {0: 0}
+    kafka = RecordingKafka()
+    commits = DurableCommits(conn, TOPIC, kafka, generation.__getitem__, every=5.0)  # type: ignore[arg-type]
+    commits.hold({}, [0])  # no commit yet: from 0
+    assert commits.tick(force=True) == {} and kafka.commits == []  # nothing durable
+    upload(conn, [a.alert.path for a in alerts[:2]])
+    assert commits.tick() == {}  # not due yet
+    assert commits.tick(force=True) == {0: 2} and kafka.commits == [{0: 2}]
+    assert commits.tick(force=True) == {}  # nothing moved: nothing said
+    # a recreated topic: generation 1 starts at 0, below the deleted topic's commit
+    generation[0] = 1
+    new = [alert(offset, f"NEW{offset}")._replace(alert=alert(offset, f"NEW{offset}").alert._replace(generation=1),
+                                                  job_kind=None) for offset in range(0, 2)]
+    store_batch(conn, BatchToStore(TOPIC, 0.0, new, [], {0: (1, 2)}, []), {a.alert.path: (1, "m") for a in new})
+    upload(conn, [new[0].alert.path])
+    assert commits.tick(force=True) == {0: 1}
+    upload(conn, [new[1].alert.path])
+    commits.release([0])  # handed back: committed as far as durable, waiting for the answer, then forgotten
+    assert kafka.waited == [{0: 2}] and commits.committed == {}
+    commits.release([0])  # not held: nothing said
+    assert kafka.waited == [{0: 2}]
