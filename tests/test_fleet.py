@@ -116,6 +116,22 @@ class Host:
         self.log.close()
 
 
+def fleet_config(broker: KafkaBroker, server: S3Server, topic: str, group: str, bucket: str,
+                 **extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The configuration every host of a test's fleet shares: group mode, quick commits and uploads, no stamps."""
+    sections: dict[str, dict[str, Any]] = {
+        "kafka": {"bootstrap_servers": broker.bootstrap, "group_id": group, "topics": [topic],
+                  "assignment": "group", "commit_every": 1.0},
+        "kafka.options": dict(FAST_KAFKA_OPTIONS),
+        "stamps": {"enabled": False},
+        "s3": {"bucket": bucket, "prefix": "fleet/", "endpoint_url": server.endpoint_url, "region": "us-east-1",
+               "interval": 1.0},
+    }
+    for name, values in extra.items():
+        sections.setdefault(name, {}).update(values)
+    return sections
+
+
 def produce(bootstrap: str, topic: str, first: int, count: int) -> None:
     produce_to(bootstrap, topic, count, first=first)
 
@@ -157,14 +173,7 @@ def test_a_host_lost_with_its_disk_loses_nothing_and_a_new_host_takes_its_share(
     bucket = f"fleet-{uuid.uuid4().hex[:8]}"
     kafka.create_topic(topic, partitions=PARTITIONS)
     s3.create_bucket(bucket)
-    sections: dict[str, dict[str, Any]] = {
-        "kafka": {"bootstrap_servers": kafka.bootstrap, "group_id": group, "topics": [topic],
-                  "assignment": "group", "commit_every": 1.0, "batch_size": 20},
-        "kafka.options": dict(FAST_KAFKA_OPTIONS),
-        "stamps": {"enabled": False},
-        "s3": {"bucket": bucket, "prefix": "fleet/", "endpoint_url": s3.endpoint_url, "region": "us-east-1",
-               "interval": 1.0, "concurrency": 4},
-    }
+    sections = fleet_config(kafka, s3, topic, group, bucket, kafka={"batch_size": 20}, s3={"concurrency": 4})
     env = child_env(**s3.env())
     produce(kafka.bootstrap, topic, 0, FIRST_WAVE)
     everything = {(seq % PARTITIONS, seq // PARTITIONS) for seq in range(FIRST_WAVE + SECOND_WAVE + THIRD_WAVE)}
@@ -256,12 +265,7 @@ def test_a_new_host_keys_alerts_in_the_generation_the_fleet_agreed(
     group = f"gen-{uuid.uuid4().hex[:8]}"
     kafka.create_topic(topic, partitions=1)
     produce_to(kafka.bootstrap, topic, 3, partitions=1)
-    sections: dict[str, dict[str, Any]] = {
-        "kafka": {"bootstrap_servers": kafka.bootstrap, "group_id": group, "topics": [topic], "assignment": "group"},
-        "kafka.options": dict(FAST_KAFKA_OPTIONS),
-        "stamps": {"enabled": False},
-        "s3": {"bucket": "unused", "endpoint_url": s3.endpoint_url, "region": "us-east-1"},
-    }
+    sections = fleet_config(kafka, s3, topic, group, "unused")
     host = Host("host", tmp_path, sections, child_env(**s3.env()))
     book = FleetBook(host.cfg.kafka, "another-host:/home")
     book.save_generations(topic, {0: FleetGeneration(1, "the-id-of-the-deleted-topic")})
@@ -314,15 +318,7 @@ def test_a_topic_recreated_while_the_fleet_runs_is_keyed_in_a_new_generation_agr
     bucket = f"recreated-{uuid.uuid4().hex[:8]}"
     kafka.create_topic(topic, partitions=2)
     s3.create_bucket(bucket)
-    sections: dict[str, dict[str, Any]] = {
-        "kafka": {"bootstrap_servers": kafka.bootstrap, "group_id": group, "topics": [topic],
-                  "assignment": "group", "commit_every": 1.0},
-        "kafka.options": dict(FAST_KAFKA_OPTIONS),
-        "stamps": {"enabled": False},
-        "s3": {"bucket": bucket, "prefix": "fleet/", "endpoint_url": s3.endpoint_url, "region": "us-east-1",
-               "interval": 1.0},
-        "supervisor": {"restart_backoff_max": 2, "stop_timeout": 20},
-    }
+    sections = fleet_config(kafka, s3, topic, group, bucket, supervisor={"restart_backoff_max": 2, "stop_timeout": 20})
     env = child_env(**s3.env())
     hosts = [Host(name, tmp_path, sections, env) for name in ("one", "two")]
     produce_to(kafka.bootstrap, topic, 20, partitions=2)
@@ -364,14 +360,7 @@ def test_a_clean_stop_in_the_middle_of_a_rebalance_loses_nothing(
     bucket = f"midway-{uuid.uuid4().hex[:8]}"
     kafka.create_topic(topic, partitions=PARTITIONS)
     s3.create_bucket(bucket)
-    sections: dict[str, dict[str, Any]] = {
-        "kafka": {"bootstrap_servers": kafka.bootstrap, "group_id": group, "topics": [topic],
-                  "assignment": "group", "commit_every": 1.0},
-        "kafka.options": dict(FAST_KAFKA_OPTIONS),
-        "stamps": {"enabled": False},
-        "s3": {"bucket": bucket, "prefix": "fleet/", "endpoint_url": s3.endpoint_url, "region": "us-east-1",
-               "interval": 1.0},
-    }
+    sections = fleet_config(kafka, s3, topic, group, bucket)
     env = child_env(**s3.env())
     first, leaving, joining = (Host(name, tmp_path, sections, env) for name in ("first", "leaving", "joining"))
     produce(kafka.bootstrap, topic, 0, 40)
