@@ -135,6 +135,8 @@ def test_log_level_short_form_wins(tmp_path: Path) -> None:
          "kafka.lasair_byte_quota must be an integer"),
         (MINIMAL.replace("[kafka]\n", "[kafka]\nmax_message_bytes = 0\n"), {},
          "kafka.max_message_bytes must be greater than 0"),
+        (MINIMAL.replace("[kafka]\n", '[kafka]\nassignment = "fleet"\n'), {},
+         "kafka.assignment must be one of all, group"),
     ],
 )
 def test_bad_configuration_names_the_key(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:
@@ -150,6 +152,19 @@ def test_cli_exits_2_with_one_line_and_no_secret(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip() == "ztfd: config: s3.bucket must be a string"
     assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_group_mode_needs_a_bucket_exit_2_naming_the_key(tmp_path: Path) -> None:
+    """Fleet mode commits offsets once alerts are durable in S3: without a bucket there is nothing to commit after."""
+    path = write(tmp_path, MINIMAL.replace("[kafka]\n", '[kafka]\nassignment = "group"\n'))
+    result = subprocess.run(ztfd_command(path, "config"), capture_output=True, text=True, env=child_env(), timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ('ztfd: config: s3.bucket is required with kafka.assignment = "group" '
+                                     "(the fleet's durable store)")
+    with_bucket = config.load(write(tmp_path, MINIMAL.replace("[kafka]\n", '[kafka]\nassignment = "Group"\n')
+                                    + '[s3]\nbucket = "b"\n'), environ={})
+    assert with_bucket.kafka.group_mode
+    assert not config.load(write(tmp_path, MINIMAL), environ={}).kafka.group_mode  # "all" by default
 
 
 def test_cli_config_shows_secrets_masked(tmp_path: Path) -> None:

@@ -48,6 +48,15 @@ class KafkaConfig:
     schema_registry_url: str = ""  # Confluent schema registry (format "confluent-avro")
     idle_topic_seconds: float = 86400.0  # a pattern's topic drained and quiet this long: its consumer exits
     topic_scan_seconds: float = 60.0  # how often the supervisor lists the broker's topics for patterns
+    # "all": each consumer reads every partition of its topic (one host); "group": the hosts sharing group_id share
+    # the partitions through Kafka's consumer-group protocol (fleet mode, docs/fleet.md; needs s3.bucket)
+    assignment: str = "all"
+    commit_every: float = 5.0  # group mode: seconds between commits of the partitions' durable frontiers
+
+    @property
+    def group_mode(self) -> bool:
+        """Fleet mode: partitions shared with the group's other hosts, offsets committed once durable in S3."""
+        return self.assignment == "group"
 
 
 @dataclass(frozen=True)
@@ -219,6 +228,7 @@ CHOICES = {
     ("stamps", "ztf_request"): ("get_avro", "get_stamp"),
     ("stamps", "preview_renderer"): ("fast", "matplotlib"),
     ("stamps", "lsst_provider"): ("alerce", "lasair", "none"),
+    ("kafka", "assignment"): ("all", "group"),
     ("logging", "level"): ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
 }
 # Base URLs of services: an http(s) URL, so that a typo fails at start and not at the first request.
@@ -233,7 +243,8 @@ POSITIVE = {
     ("stamps", "max_stamp_bytes"), ("stamps", "max_stamp_side"), ("stamps", "step_timeout"),
     ("s3", "concurrency"), ("s3", "multipart_threshold"), ("s3", "max_attempts"),
     ("supervisor", "heartbeat_timeout"), ("supervisor", "stop_timeout"),
-    ("kafka", "idle_topic_seconds"), ("kafka", "topic_scan_seconds"), ("archive", "interval"),
+    ("kafka", "idle_topic_seconds"), ("kafka", "topic_scan_seconds"), ("kafka", "commit_every"),
+    ("archive", "interval"),
 }
 
 
@@ -326,6 +337,7 @@ def build(raw: dict[str, Any], path: Path) -> Config:
         home = (path.parent / home).resolve()
     sections = {name: _build_section(name, cls, raw.get(name, {})) for name, cls in SECTIONS.items()}
     sections["kafka"] = _check_kafka(sections["kafka"], path)
+    sections["kafka"] = _check_fleet(sections["kafka"], sections["s3"])
     return Config(path=path, home=home, **sections)
 
 
@@ -379,6 +391,14 @@ def _check_kafka(kafka: KafkaConfig, config_path: Path) -> KafkaConfig:
     if url and not HTTP_URL.match(url):
         raise ConfigError("config: kafka.schema_registry_url must be an http:// or https:// URL")
     return dataclasses.replace(kafka, schemas=schemas)
+
+
+def _check_fleet(kafka: KafkaConfig, s3: S3Config) -> KafkaConfig:
+    """Group mode needs the bucket: it is the fleet's durable store, which offsets are committed after."""
+    kafka = dataclasses.replace(kafka, assignment=kafka.assignment.lower())
+    if kafka.group_mode and not s3.bucket:
+        raise ConfigError('config: s3.bucket is required with kafka.assignment = "group" (the fleet\'s durable store)')
+    return kafka
 
 
 def _check_schema_file(where: str, path: Path) -> None:

@@ -12,6 +12,10 @@ stored offset then falls out of range, librdkafka resets to the earliest offset,
 below the one it expected: ``ztfd.ingest.partitions`` judges it on evidence, and a recreation starts a new
 *generation* of the partition, recorded at once, so the new messages get identities (and file names) of their
 own instead of being taken for redeliveries. Offsets the broker no longer had are recorded as a gap.
+
+In fleet mode (``kafka.assignment = "group"``, docs/fleet.md) the group decides which partitions this host reads:
+``look`` assigns nothing, and ``joined`` starts each partition the group hands in at the group's committed offset
+(what the store holds already is set aside by the batch builder, never stored twice).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import sqlite3
 import time
 
 from ztfd import store
+from ztfd.ingest.fleet import FleetBook, FleetGeneration
 from ztfd.ingest.kafka import KafkaAdapter
 from ztfd.ingest.partitions import PartitionWatch, Verdict
 from ztfd.store import gaps as store_gaps
@@ -34,10 +39,13 @@ class TopicAssignment:
     """One topic's partitions as its consumer reads them: assigned from the store's offsets, each message's
     generation (``generation_of``), recreations and gaps recorded in the store."""
 
-    def __init__(self, conn: sqlite3.Connection, topic: str, kafka: KafkaAdapter) -> None:
+    def __init__(self, conn: sqlite3.Connection, topic: str, kafka: KafkaAdapter,
+                 fleet: FleetBook | None = None) -> None:
         self.conn = conn
         self.topic = topic
         self.kafka = kafka
+        self.fleet = fleet  # fleet mode: the group hands partitions in (``joined``), generations agreed there
+        self.group = fleet is not None
         self.watch = PartitionWatch(topic, kafka, store_gaps.topic_id(conn, topic))
         self.last_look = -METADATA_EVERY
 
@@ -53,13 +61,15 @@ class TopicAssignment:
         if not partitions:
             return partitions is not None
         if self.watch.topic_recreated():
-            self._recreated(sorted(set(partitions) | set(store.stored_offsets(self.conn, self.topic))),
-                            "its topic id changed")
+            # In fleet mode only the partitions held: the others start their new generation where they are read.
+            held = self.kafka.assigned if self.group else set(partitions) | set(store.stored_offsets(self.conn,
+                                                                                                      self.topic))
+            self._recreated(sorted(held), "its topic id changed")
         elif self.watch.known_id is not None and store_gaps.topic_id(self.conn, self.topic) is None:
             with store.transaction(self.conn):
                 store_gaps.save_topic_id(self.conn, self.topic, self.watch.known_id)
         new = sorted(set(partitions) - self.kafka.assigned)
-        if new:
+        if new and not self.group:
             self.assign_all(new)
         self._detect_restarted_offsets()
         return True
@@ -72,6 +82,58 @@ class TopicAssignment:
             known = stored.get(partition)
             self.watch.start(partition, known.generation if known else 0, known.next_offset if known else None)
         self.kafka.assign_all(partitions, {p: stored[p].next_offset for p in partitions if p in stored})
+
+    def joined(self, partitions: list[int], committed: dict[int, int]) -> list[int]:
+        """Fleet mode: ``partitions`` handed in by the group, read from its ``committed`` offsets (the next offset
+        expected, judged as any other), in the generation the fleet agreed on. Returns those that start a new
+        generation here: the caller reads them from the beginning (their committed offsets, removed from
+        ``committed``, are the deleted topic's)."""
+        fresh = self._agree_generations(partitions)
+        for partition in fresh:
+            committed.pop(partition, None)
+        stored = store.stored_offsets(self.conn, self.topic)
+        for partition in partitions:
+            known = stored.get(partition)
+            expected = committed.get(partition, known.next_offset if known else None)
+            self.watch.start(partition, known.generation if known else 0, expected)
+        return fresh
+
+    def _agree_generations(self, partitions: list[int]) -> list[int]:
+        """Fleet mode: read each partition in the generation the fleet agreed on (``ztfd.ingest.fleet``), one more
+        when the broker's topic id is no longer the one the fleet read it under (recreated while nobody held it);
+        tell the fleet of a generation only this store knew (recorded here, then lost before it was published)."""
+        assert self.fleet is not None
+        said = self.fleet.generations(self.topic)
+        broker_id = self.kafka.topic_id()
+        stored = store.stored_offsets(self.conn, self.topic)
+        adopt: list[tuple[int, int]] = []
+        tell: dict[int, FleetGeneration] = {}
+        for partition in partitions:
+            mine = stored[partition].generation if partition in stored else 0
+            theirs = said.get(partition)
+            agreed = mine if theirs is None else theirs.generation
+            if theirs is not None and theirs.topic_id and broker_id and theirs.topic_id != broker_id:
+                agreed += 1
+            agreed = max(agreed, mine)
+            if agreed > mine:
+                adopt.append((partition, agreed))
+            current = FleetGeneration(agreed, broker_id or (theirs.topic_id if theirs else None))
+            if current != theirs:
+                tell[partition] = current
+        if adopt or broker_id:
+            with store.transaction(self.conn):  # the broker's id: the one this host now reads the topic under
+                store_gaps.start_generation(self.conn, self.topic, broker_id, adopt)
+            self.watch.adopt_id(store_gaps.topic_id(self.conn, self.topic))
+        if adopt:
+            log.info("%s: reading %s as the fleet agreed", self.topic,
+                     ", ".join(f"[{p}] in generation {g}" for p, g in adopt))
+        if tell:
+            self.fleet.save_generations(self.topic, tell)
+        return [p for p, _ in adopt]
+
+    def generation(self, partition: int) -> int:
+        """The generation ``partition`` is read in now."""
+        return self.watch.generation(partition)
 
     def generation_of(self, partition: int, offset: int) -> int:
         """The generation of a message just read. An offset off the expected one is judged on evidence: below it,
@@ -107,9 +169,15 @@ class TopicAssignment:
     def _record_generations(self, generations: list[tuple[int, int]], why: str) -> None:
         """Record new generations at once with the topic's id (one transaction), so a restart resumes in the new
         generation instead of taking its messages for redeliveries of the old one; read them from the beginning."""
+        topic_id = self.kafka.topic_id()
         with store.transaction(self.conn):
-            store_gaps.start_generation(self.conn, self.topic, self.kafka.topic_id(), generations)
+            store_gaps.start_generation(self.conn, self.topic, topic_id, generations)
+        if self.fleet is not None and generations:  # before reading on: a host taking over must key it the same
+            self.fleet.save_generations(self.topic, {p: FleetGeneration(g, topic_id) for p, g in generations})
         self.watch.adopt_id(store_gaps.topic_id(self.conn, self.topic))
+        if not generations:  # fleet mode, nothing held: each partition starts its generation when handed in
+            log.warning("%s was recreated (%s): its new topic id recorded", self.topic, why)
+            return
         log.warning("%s was recreated (%s): reading %s from the beginning", self.topic, why,
                     ", ".join(f"[{p}] as generation {g}" for p, g in generations))
         self.kafka.rewind([p for p, _ in generations])

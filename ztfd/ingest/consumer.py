@@ -7,7 +7,9 @@ does it: data first, offsets after):
    (topic, partition, generation, offset), so writing one again replaces it rather than adding a second;
 3. one store transaction inserts the alerts, the rejected messages, the stamp jobs, the files' manifest rows and
    the partitions' next offsets. Alerts are keyed by their identity, so a message is never stored twice;
-4. the offsets are committed to Kafka too, for lag tools; ztfd itself never reads them back.
+4. the offsets are committed to Kafka too, for lag tools; ztfd itself never reads them back. In fleet mode
+   (``kafka.assignment = "group"``) Kafka's offsets are the fleet's truth instead, and a partition's offset is
+   committed only once every alert before it is durable in S3 (``ztfd.ingest.durability``, docs/fleet.md).
 Steps 2 and 3 run in a child process (``ztfd.ingest.filewriter``: a thread would have to fight the main thread for the
 GIL after every system call and every row), overlapping step 1 of the next batch; step 4 runs on the main thread
 once the child has answered. A kill -9 before (3) commits loses nothing: the store still holds the old offsets,
@@ -52,7 +54,9 @@ from ztfd.ingest import nights, topics
 from ztfd.ingest.assignment import TopicAssignment
 from ztfd.ingest.batch import Accepted, Batch, BatchBuilder, log_lines
 from ztfd.ingest.broker_errors import BrokerErrors
+from ztfd.ingest.durability import DurableCommits
 from ztfd.ingest.filewriter import BatchSkippedError, FileWriter
+from ztfd.ingest.fleet import COUNT_EVERY, RECOUNT_AFTER, FleetBook, live_members, member_id
 from ztfd.ingest.kafka import DRAIN_TIMEOUT, KafkaAdapter, message_size
 from ztfd.ingest.quota import QuotaWatch
 from ztfd.logs import AlertLog, Throttle
@@ -60,6 +64,7 @@ from ztfd.store.alerts import dates_received_since, last_received_at
 from ztfd.store.batches import StoredBatch
 from ztfd.store.rejected import latest_rejected
 from ztfd.store.states import Role
+from ztfd.store.status_facts import FLEET_MEMBERS
 from ztfd.text import escape_controls
 
 log = logging.getLogger(__name__)
@@ -81,7 +86,13 @@ class TopicConsumer:
         self.builder = BatchBuilder.for_topic(cfg, topic, self.conn, alive=self._heartbeat)
         self.kafka = kafka or KafkaAdapter(cfg.kafka, topic)
         # Per partition: its generation and the next offset expected (set on assignment), judged on evidence.
-        self.assignment = TopicAssignment(self.conn, topic, self.kafka)
+        self.group = cfg.kafka.group_mode
+        self.fleet = FleetBook(cfg.kafka, member_id(cfg.home)) if self.group else None
+        self.fleet_counted = -COUNT_EVERY
+        self.assignment = TopicAssignment(self.conn, topic, self.kafka, self.fleet)
+        # Fleet mode: what Kafka has committed per partition held, moved forward once durable in S3.
+        self.commits = (DurableCommits(self.conn, topic, self.kafka, self.assignment.generation,
+                                       cfg.kafka.commit_every) if self.group else None)
         self.trouble = Condition(name)
         # librdkafka's reason a broker cannot be reached, kept where ``ztfd status`` reads it.
         self.broker_errors = BrokerErrors(name, cfg.kafka.bootstrap_servers)
@@ -104,6 +115,8 @@ class TopicConsumer:
         self.sweep_temporaries()
         self.files.start()
         self.kafka.open()
+        if self.commits is not None:
+            self.kafka.subscribe(self._handed_in, self._handed_back, self.commits.forget)
         self._look_at_topic(force=True)
         log.info("consuming %s from %s as group %s", self.topic, self.cfg.kafka.bootstrap_servers,
                  self.cfg.kafka.group_id)
@@ -133,6 +146,9 @@ class TopicConsumer:
                 while in_flight and (len(in_flight) > 1 or caught_up or self.files.answered()):
                     self._store_oldest(in_flight)
                 self._look_at_topic()
+                if self.commits is not None:
+                    self.commits.tick()
+                    self._count_fleet()
                 if self.quiet.done(holding=bool(in_flight)):
                     log.info("%s has been drained and quiet for %.0fs (kafka.idle_topic_seconds): exiting until "
                              "it has messages again", self.topic, self.quiet.idle_seconds)
@@ -149,6 +165,66 @@ class TopicConsumer:
             self.close()
         log.info("stopped consuming %s after storing %d alerts", self.topic, self.stored_total)
         return code
+
+    def _handed_in(self, partitions: list[int]) -> list[int]:
+        """Fleet mode: the group gave this host ``partitions``; they start at the group's committed offsets, those
+        of a recreated topic at their beginning (returned)."""
+        assert self.commits is not None
+        committed = self.kafka.committed(partitions)
+        fresh = self.assignment.joined(partitions, committed)
+        self._log_takeover(partitions, committed)
+        self.commits.hold(committed, partitions)
+        self.quiet.reading(True)
+        self._publish_holding(self.kafka.assigned)
+        return fresh
+
+    def _log_takeover(self, partitions: list[int], committed: dict[int, int]) -> None:
+        """What a partition handed in means in messages: how many to read from the commit to the end, and how many
+        of them this host's store holds already (set aside, not stored again)."""
+        stored = store.stored_offsets(self.conn, self.topic)
+        parts = []
+        for partition in partitions:
+            start = committed.get(partition)
+            marks = self.kafka.watermarks(partition)
+            begin = start if start is not None else (marks[0] if marks else 0)
+            to_read = f"{marks[1] - begin}" if marks else "?"
+            known = stored.get(partition)
+            here = (max(0, known.next_offset - begin)
+                    if known and known.generation == self.assignment.generation(partition) else 0)
+            parts.append(f"[{partition}] from {'offset ' + str(start) if start is not None else 'the earliest'}: "
+                         f"{to_read} messages to the end as the broker says, {here} of them stored here already")
+        log.info("taking over %s: %s", self.topic, "; ".join(parts))
+
+    def _handed_back(self, partitions: list[int]) -> None:
+        """Fleet mode: ``partitions`` leave this host (a rebalance, a stop): commit them as far as durable first."""
+        assert self.commits is not None
+        self.commits.release(partitions)
+        self._publish_holding(self.kafka.assigned - set(partitions))
+
+    def _count_fleet(self) -> None:
+        """Fleet mode, every ``fleet.COUNT_EVERY`` s: how many members hold partitions, kept in the store, where
+        this host's fetchers take their share of ``stamps.rate_limit`` from it."""
+        assert self.fleet is not None
+        now = time.monotonic()
+        if now - self.fleet_counted < COUNT_EVERY:
+            return
+        self.fleet_counted = now
+        try:
+            members = live_members(self.fleet.members())
+            with store.transaction(self.conn):
+                store.set_status(self.conn, FLEET_MEMBERS, str(members))
+        except Exception as exc:  # the last count stands; reading and committing go on
+            self.throttled("fleet-count", logging.WARNING, "could not count the fleet's members: %s", exc)
+
+    def _publish_holding(self, partitions: set[int]) -> None:
+        """Fleet mode: tell the fleet topic which partitions this host holds (``ztfd status`` reads it), and count
+        the members again once the others have told it too."""
+        assert self.fleet is not None
+        self.fleet_counted = time.monotonic() - COUNT_EVERY + RECOUNT_AFTER
+        try:
+            self.fleet.publish_member(self.topic, sorted(partitions))
+        except Exception as exc:  # what status shows; reading and committing go on without it
+            self.throttled("fleet-member", logging.WARNING, "could not publish this host's partitions: %s", exc)
 
     def _full(self, messages: list[Any]) -> bool:
         """The batch stopped at a limit (count or bytes), not because Kafka had no more waiting."""
@@ -202,6 +278,8 @@ class TopicConsumer:
             self.trouble.recovered(self.conn)
 
     def close(self) -> None:
+        if self.commits is not None:  # a stop hands every partition back: committed as far as durable, then left
+            self._handed_back(sorted(self.kafka.assigned))
         self.kafka.close()
         self.files.close()
         self.alert_log.close()
@@ -232,7 +310,8 @@ class TopicConsumer:
         assert stored is not None  # every batch is submitted with its store part
         accepted = [batch.documents[index] for index in stored.accepted]
         # Nothing below may raise: the batch is stored, and storing it again would only find it there.
-        self.kafka.commit({partition: offset for partition, (_, offset) in batch.resume_at.items()})
+        if self.commits is None:  # in fleet mode Kafka learns an offset only once it is durable in S3
+            self.kafka.commit({partition: offset for partition, (_, offset) in batch.resume_at.items()})
         self.quota.check(stored.days)
         for item, reason in batch.rejected:
             log.warning("rejected %s[%d]@%d: %s", self.topic, item.partition, item.offset, reason)

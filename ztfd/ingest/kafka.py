@@ -6,10 +6,12 @@ seeking and committing, the watermarks and topic id that ``ztfd.ingest.partition
 broker's topics for the supervisor's pattern scan (``look``) and the end offsets ``ztfd status`` computes its lag
 from (``end_offsets``). Changing how ztfd talks to Kafka is changing this module.
 
-Partitions are taken one way today: ``KafkaAdapter.assign_all``, every partition of the topic with no
-consumer-group membership (why: ``ztfd.ingest.assignment``). Kafka decides nothing: ``enable.auto.commit`` and
-``enable.auto.offset.store`` are forced off, and the offsets ztfd commits are informational (for lag tools); the
-store's are the truth. A consumer group's subscribe-and-rebalance would be a second way in, beside ``assign_all``.
+Partitions are taken one of two ways (``kafka.assignment``): ``KafkaAdapter.assign_all``, every partition of the
+topic with no consumer-group membership (why: ``ztfd.ingest.assignment``), where the offsets ztfd commits are
+informational (for lag tools) and the store's are the truth; or ``subscribe`` (fleet mode, docs/fleet.md): the group
+shares the partitions among its hosts with the cooperative-sticky protocol, each partition starts at the group's
+committed offset, and ztfd commits only what is durable in S3 (``ztfd.ingest.durability``). Either way
+``enable.auto.commit`` and ``enable.auto.offset.store`` are forced off: ztfd decides when an offset is done.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
+    Producer,
     TopicCollection,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from ztfd.config import ConfigError, KafkaConfig
 from ztfd.ingest.topics import BrokerTopics
@@ -42,7 +45,9 @@ BATCH_CHUNK = 50  # messages taken from librdkafka's queue at a time while a bat
 PREFETCH_KBYTES = 8192  # librdkafka's queued.max.messages.kbytes unless kafka.options sets it
 VIEW_TIMEOUT = 5.0  # seconds for an uncached watermark, a topic id or the topic's metadata
 LIST_TIMEOUT = 10.0  # seconds for the supervisor's look at the broker's topics
-CONSUMER_ONLY = ("group.", "auto.", "enable.auto", "session.timeout", "max.poll", "fetch.", "isolation.")
+GROUP_STRATEGY = "cooperative-sticky"  # fleet mode: a rebalance moves only the partitions that change hands
+CONSUMER_ONLY = ("group.", "auto.", "enable.auto", "session.timeout", "max.poll", "fetch.", "isolation.", "heartbeat.",
+                 "partition.assignment")
 SECURITY = ("security.", "sasl.", "ssl.")
 
 
@@ -138,6 +143,8 @@ class KafkaAdapter:
             "error_cb": self._on_error,
             "logger": librdkafka_logger(),
         }
+        if self.settings.group_mode:
+            settings["partition.assignment.strategy"] = GROUP_STRATEGY
         settings.update(self.settings.options)
         # Not negotiable: ztfd decides when an offset is done, after the alert is stored.
         settings["enable.auto.commit"] = False
@@ -225,6 +232,67 @@ class KafkaAdapter:
         if known:
             self.commit(known)
 
+    def subscribe(self, on_assign: Callable[[list[int]], Iterable[int]], on_revoke: Callable[[list[int]], None],
+                  on_lost: Callable[[list[int]], None]) -> None:
+        """Join the group (fleet mode): the group hands partitions in and out, each starting at the group's
+        committed offset (else the earliest). The callbacks run inside ``next_batch``'s poll, on the caller's
+        thread: ``on_assign`` returns the partitions to read from their beginning instead (a recreated topic),
+        ``on_revoke`` runs before a partition is released (commit what is durable), ``on_lost`` when it was taken
+        away already (the session expired: committing is too late)."""
+
+        def numbers(partitions: list[Any]) -> list[int]:
+            return sorted(tp.partition for tp in partitions if tp.topic == self.topic)
+
+        def assigned(consumer: Any, partitions: list[Any]) -> None:
+            got = numbers(partitions)
+            if got:  # a cooperative rebalance hands in nothing new to most members
+                self.assigned.update(got)
+                log.info("the group gave %s partitions %s", self.topic, got)
+                rewind = set(on_assign(got))
+                for tp in partitions:
+                    if tp.topic == self.topic and tp.partition in rewind:
+                        tp.offset = OFFSET_BEGINNING
+            consumer.incremental_assign(partitions)
+
+        def revoked(_consumer: Any, partitions: list[Any]) -> None:
+            gone = numbers(partitions)
+            if gone:
+                log.info("the group takes back %s partitions %s", self.topic, gone)
+                on_revoke(gone)
+                self.assigned.difference_update(gone)
+
+        def lost(_consumer: Any, partitions: list[Any]) -> None:
+            gone = numbers(partitions)
+            log.warning("%s partitions %s were lost to the group (session expired): not committed", self.topic, gone)
+            on_lost(gone)
+            self.assigned.difference_update(gone)
+
+        self.consumer.subscribe([self.topic], on_assign=assigned, on_revoke=revoked, on_lost=lost)
+
+    def committed(self, partitions: Iterable[int]) -> dict[int, int]:
+        """The group's committed offset of each of ``partitions`` that has one (none when the broker cannot say)."""
+        asked = [TopicPartition(self.topic, p) for p in partitions]
+        if not asked:
+            return {}
+        try:
+            answer = self.consumer.committed(asked, timeout=VIEW_TIMEOUT)
+        except Exception as exc:
+            self.throttled("committed", logging.WARNING, "cannot read the group's committed offsets: %s", exc)
+            return {}
+        return {tp.partition: tp.offset for tp in answer if tp.error is None and tp.offset >= 0}
+
+    def commit_now(self, next_offsets: Mapping[int, int]) -> bool:
+        """Commit and wait for the answer (a partition about to be released); False when it failed (logged)."""
+        if self.consumer is None or not next_offsets:
+            return True
+        try:
+            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in next_offsets.items()],
+                                 asynchronous=False)
+        except Exception as exc:
+            log.warning("could not commit %s offsets %s to Kafka: %s", self.topic, dict(next_offsets), exc)
+            return False
+        return True
+
     def rewind(self, partitions: Iterable[int]) -> None:
         """Read the assigned ones of ``partitions`` again from their beginning (a recreated topic)."""
         for partition in partitions:
@@ -232,8 +300,10 @@ class KafkaAdapter:
                 self.consumer.seek(TopicPartition(self.topic, partition, OFFSET_BEGINNING))
 
     def commit(self, next_offsets: Mapping[int, int]) -> None:
-        """Tell Kafka the next offset per partition, without waiting. Kafka's copy of the offsets is
-        informational (the store's is the truth): a failure is logged, throttled, never raised."""
+        """Tell Kafka the next offset per partition, without waiting: a failure is logged, throttled, never raised.
+        With ``assign_all`` Kafka's copy of the offsets is informational (the store's is the truth); in fleet mode
+        it is the fleet's truth, and only durable offsets are passed here (a lost commit leaves Kafka behind, so
+        more is redone after a failover, never less)."""
         if self.consumer is None:
             return
         try:
@@ -362,3 +432,94 @@ def end_offsets(settings: KafkaConfig, topics: list[str], timeout: float) -> dic
         return {topic: result.get(topic, TopicEnds(f"error: {exc}")) for topic in topics}
     finally:
         consumer.close()
+
+
+# --- the fleet's own topic (``ztfd.ingest.fleet``) ----------------------------------------------------------------
+
+
+def ensure_log_topic(settings: KafkaConfig, topic: str, timeout: float = VIEW_TIMEOUT) -> None:
+    """Create ``topic`` (one partition, compacted: the last value per key is what counts) unless it exists."""
+    admin = admin_client(settings.bootstrap_servers, settings.options, logger=librdkafka_logger())
+    if topic in admin.list_topics(timeout=timeout).topics:
+        return
+    futures = admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1,
+                                            config={"cleanup.policy": "compact"})], request_timeout=timeout)
+    try:
+        futures[topic].result(timeout)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:  # another host created it first: fine
+            raise
+
+
+def read_log_topic(settings: KafkaConfig, topic: str, timeout: float = LIST_TIMEOUT) -> dict[str, bytes]:
+    """Every key of a one-partition topic with its last value, read from the beginning to its end (a record with no
+    value deletes its key). Raises ``KafkaException`` when the end is not reached in time.
+
+    The end is where the fetch says the partition ends (librdkafka's end-of-partition event), not the watermark
+    asked for beforehand: Tansu reports that as the base offset of the last batch + 1 (see ``end_offsets``)."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "group.id": f"{settings.group_id}.fleet-reader",  # never joins nor commits: assign() only
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,
+        "logger": librdkafka_logger(),
+    }
+    config.update({k: v for k, v in settings.options.items() if k.startswith(SECURITY)})
+    reader = Consumer(config)
+    values: dict[str, bytes] = {}
+    try:
+        _low, end = reader.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout)
+        if end <= 0:
+            return values
+        reader.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        deadline = time.monotonic() + timeout
+        while True:
+            if time.monotonic() > deadline:
+                raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"{topic} not read to its end in time"))
+            msg = reader.poll(0.5)
+            if msg is None:
+                continue
+            if msg.error() is not None:
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    return values
+                continue
+            key = (msg.key() or b"").decode("utf-8", "replace")
+            if msg.value() is None:
+                values.pop(key, None)
+            else:
+                values[key] = msg.value()
+    finally:
+        reader.close()
+
+
+def write_log_topic(settings: KafkaConfig, topic: str, entries: Mapping[str, bytes],
+                    timeout: float = LIST_TIMEOUT) -> None:
+    """Append ``entries`` (key -> value) to the topic and wait until the broker has them."""
+    producer = Producer({**admin_settings(settings.bootstrap_servers, settings.options), "linger.ms": 0,
+                         "logger": librdkafka_logger()})
+    for key, value in entries.items():
+        producer.produce(topic, key=key.encode(), value=value)
+    if producer.flush(timeout):
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"{topic}: a write was not acknowledged in time"))
+
+
+def group_committed(settings: KafkaConfig, partitions: Mapping[str, Iterable[int]],
+                    timeout: float) -> dict[str, dict[int, int]]:
+    """The group's committed offset of each partition (topic -> partition -> offset; those without one left out),
+    asked by a client that never joins the group (``ztfd status``). Raises ``KafkaException`` when the broker does
+    not answer in time."""
+    config: dict[str, Any] = {"bootstrap.servers": settings.bootstrap_servers, "group.id": settings.group_id,
+                              "enable.auto.commit": False, "logger": librdkafka_logger()}
+    config.update({k: v for k, v in settings.options.items() if k.startswith(SECURITY)})
+    asked = [TopicPartition(topic, p) for topic, numbers in partitions.items() for p in numbers]
+    found: dict[str, dict[int, int]] = {topic: {} for topic in partitions}
+    if not asked:
+        return found
+    reader = Consumer(config)
+    try:
+        for tp in reader.committed(asked, timeout=timeout):
+            if tp.error is None and tp.offset >= 0:
+                found[tp.topic][tp.partition] = tp.offset
+    finally:
+        reader.close()
+    return found

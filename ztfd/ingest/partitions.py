@@ -102,6 +102,11 @@ class PartitionWatch:
         """A partition assigned: its stored generation and next offset (None: read from the beginning)."""
         self._partitions[partition] = Partition(generation, expected)
 
+    def generation(self, partition: int) -> int:
+        """The generation a partition is read in now (0 for one never started)."""
+        state = self._partitions.get(partition)
+        return 0 if state is None else state.generation
+
     def new_generations(self, partitions: list[int]) -> list[tuple[int, int]]:
         """Start a new generation of ``partitions``, read from the beginning: (partition, generation) each."""
         started = []

@@ -101,6 +101,10 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
         if conn is not None:
             conn.close()
     report["kafka_client_error"] = _add_lag(cfg, report["topics"], kafka_timeout) if lag else None
+    if lag and cfg.kafka.group_mode:
+        from ztfd.reporting import fleet  # librdkafka: only when the broker is asked
+
+        report["fleet"] = fleet.fleet_section(cfg, report["topics"], kafka_timeout)
     # Running: our supervisor, or (under supervisord or systemd units of the single roles) live consumers.
     externally = any(p["alive"] and p["role"] == Role.CONSUMER and p["fresh"] for p in report["processes"])
     report["running"] = sup_pid is not None or externally
@@ -427,6 +431,10 @@ def render(report: dict[str, Any]) -> str:
         out.append(f"  LOST UPSTREAM {gap['topic']}[{gap['partition']}]: offsets {gap['first_offset']}.."
                    f"{gap['last_offset']} ({gap['missing']} alerts) were gone from the broker when ztfd came to "
                    f"read them (found {gap['detected_at']})")
+    if report.get("fleet"):
+        from ztfd.reporting import fleet
+
+        out += fleet.render(report["fleet"])
     if report.get("kafka_client_error"):
         out.append(f"  Kafka: no client, lag unknown: {report['kafka_client_error']} (kafka.options, or "
                    "ZTFD_KAFKA_OPTIONS_* in the daemon's environment)")

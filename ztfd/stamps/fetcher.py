@@ -468,10 +468,12 @@ class Fetcher:
         return get
 
     async def _slots(self, provider: StampProvider, count: int) -> list[float]:
-        """``count`` slots of the provider's pool-wide politeness limit (``stamps.rate_limit``)."""
+        """``count`` slots of the provider's pool-wide politeness limit (``stamps.rate_limit``; in fleet mode this
+        host's share of it)."""
         if self.settings.rate_limit <= 0:
             return [0.0] * count
-        return await self._db(ratelimit.reserve, provider.name, self.settings.rate_limit, count)
+        take = ratelimit.reserve_share if self.cfg.kafka.group_mode else ratelimit.reserve
+        return await self._db(take, provider.name, self.settings.rate_limit, count)
 
 
 

@@ -1,0 +1,115 @@
+"""The durable frontier a fleet host commits to Kafka: files uploaded, stamps settled, their files uploaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ztfd import store
+from ztfd.store.alerts import NewAlert
+from ztfd.store.batches import AlertToStore, BatchToStore, store_batch
+from ztfd.store.durable import durable_through
+from ztfd.store.jobs import FETCH_JOB, claim, complete, detection_key, fail
+from ztfd.store.manifest import UploadedFile, mark_uploaded, record_files
+from ztfd.store.states import FailureClass
+
+TOPIC = "t"
+
+
+def alert(offset: int, object_id: str) -> AlertToStore:
+    mjd = 60000.0 + offset
+    path = f"data/2026-01-01/{TOPIC}/{object_id}_p0-o{offset}.json"
+    row = NewAlert(0, 0, offset, object_id, "2026-01-01", mjd, path)
+    return AlertToStore(row, (path,), FETCH_JOB, detection_key(object_id, mjd, "2026-01-01"))
+
+
+def upload(conn, paths: list[str]) -> None:  # type: ignore[no-untyped-def]
+    mark_uploaded(conn, [UploadedFile(p, "m", 1, "m", "m") for p in paths], [])
+
+
+def test_the_frontier_stops_at_the_first_alert_not_yet_in_s3(tmp_path: Path) -> None:
+    conn = store.connect(tmp_path / "s.sqlite3")
+    alerts = [alert(offset, f"ZTF{offset}") for offset in range(10, 14)]
+    store_batch(conn, BatchToStore(TOPIC, 0.0, alerts, [], {0: (0, 14)}, []),
+                {a.alert.path: (1, "m") for a in alerts})
+    assert durable_through(conn, TOPIC, 0, 0, 10, 14) == 10  # nothing uploaded, no stamps
+
+    upload(conn, [a.alert.path for a in alerts])
+    assert durable_through(conn, TOPIC, 0, 0, 10, 14) == 10  # files in S3, stamp jobs still waiting
+
+    jobs = claim(conn, "w", 60.0, limit=4)
+    by_offset = {job.alert.kafka_offset: job.id for job in jobs}
+    assert complete(conn, by_offset[10], "w")
+    assert fail(conn, by_offset[11], "w", "gone for good", FailureClass.UNAVAILABLE)
+    # offset 12's job settles with a stamp written but not uploaded yet
+    with store.transaction(conn):
+        record_files(conn, [("images/2026-01-01/ZTF12/1_science.fits.gz", 1, "m")])
+    assert complete(conn, by_offset[12], "w")
+    assert durable_through(conn, TOPIC, 0, 0, 10, 14) == 12  # done and failed for good both count as settled
+
+    upload(conn, ["images/2026-01-01/ZTF12/1_science.fits.gz"])
+    assert durable_through(conn, TOPIC, 0, 0, 10, 14) == 13  # offset 13's job still waits
+    assert complete(conn, by_offset[13], "w")
+    assert durable_through(conn, TOPIC, 0, 0, 10, 14) == 14
+    # only this partition generation counts, and never past what the host stored
+    assert durable_through(conn, TOPIC, 0, 1, 0, 14) == 14
+    assert durable_through(conn, TOPIC, 0, 0, 12, 12) == 12
+
+
+def test_an_object_folders_neighbour_does_not_hold_it_back(tmp_path: Path) -> None:
+    """ZTF1's folder range must not take in ZTF10's pending files."""
+    conn = store.connect(tmp_path / "s.sqlite3")
+    one = alert(0, "ZTF1")._replace(job_kind=None)
+    store_batch(conn, BatchToStore(TOPIC, 0.0, [one], [], {0: (0, 1)}, []), {one.alert.path: (1, "m")})
+    with store.transaction(conn):
+        record_files(conn, [("images/2026-01-01/ZTF10/x.png", 1, "m")])
+    upload(conn, [one.alert.path])
+    assert durable_through(conn, TOPIC, 0, 0, 0, 1) == 1
+    with store.transaction(conn):
+        record_files(conn, [("images/2026-01-01/ZTF1/x.png", 1, "m")])
+    assert durable_through(conn, TOPIC, 0, 0, 0, 1) == 0
+
+
+class RecordingKafka:
+    """What DurableCommits says to Kafka: the asynchronous and the waited-for commits."""
+
+    def __init__(self) -> None:
+        self.commits: list[dict[int, int]] = []
+        self.waited: list[dict[int, int]] = []
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        self.commits.append(dict(offsets))
+
+    def commit_now(self, offsets: dict[int, int]) -> bool:
+        self.waited.append(dict(offsets))
+        return True
+
+
+def test_the_committer_moves_forward_only_resets_on_a_new_generation_and_commits_before_handing_over(
+    tmp_path: Path
+) -> None:
+    from ztfd.ingest.durability import DurableCommits
+
+    conn = store.connect(tmp_path / "s.sqlite3")
+    alerts = [alert(offset, f"ZTF{offset}")._replace(job_kind=None) for offset in range(0, 4)]
+    store_batch(conn, BatchToStore(TOPIC, 0.0, alerts, [], {0: (0, 4)}, []), {a.alert.path: (1, "m") for a in alerts})
+    generation = {0: 0}
+    kafka = RecordingKafka()
+    commits = DurableCommits(conn, TOPIC, kafka, generation.__getitem__, every=5.0)  # type: ignore[arg-type]
+    commits.hold({}, [0])  # no commit yet: from 0
+    assert commits.tick(force=True) == {} and kafka.commits == []  # nothing durable
+    upload(conn, [a.alert.path for a in alerts[:2]])
+    assert commits.tick() == {}  # not due yet
+    assert commits.tick(force=True) == {0: 2} and kafka.commits == [{0: 2}]
+    assert commits.tick(force=True) == {}  # nothing moved: nothing said
+    # a recreated topic: generation 1 starts at 0, below the deleted topic's commit
+    generation[0] = 1
+    new = [alert(offset, f"NEW{offset}")._replace(alert=alert(offset, f"NEW{offset}").alert._replace(generation=1),
+                                                  job_kind=None) for offset in range(0, 2)]
+    store_batch(conn, BatchToStore(TOPIC, 0.0, new, [], {0: (1, 2)}, []), {a.alert.path: (1, "m") for a in new})
+    upload(conn, [new[0].alert.path])
+    assert commits.tick(force=True) == {0: 1}
+    upload(conn, [new[1].alert.path])
+    commits.release([0])  # handed back: committed as far as durable, waiting for the answer, then forgotten
+    assert kafka.waited == [{0: 2}] and commits.committed == {}
+    commits.release([0])  # not held: nothing said
+    assert kafka.waited == [{0: 2}]

@@ -1,0 +1,124 @@
+"""Fleet mode's commits (``kafka.assignment = "group"``): Kafka learns a partition's offset only once every alert
+before it is durable in S3, as Kafka Connect's S3 sink does it.
+
+A host lost with its disk then loses nothing: the group hands its partitions to the others, which resume at the
+committed offsets and redo what was not durable yet, writing the same S3 keys (every key is derived from the
+message's identity: topic, partition, generation, offset). What "durable" means is ``ztfd.store.durable``'s.
+
+Per partition held, the offset last committed (the group's, read when the partition was handed in) is the start of
+a walk to the durable frontier (``store.durable.durable_through``), bounded by what this host has stored
+(``store.offsets``). Every ``kafka.commit_every`` seconds the frontiers that moved are committed, without waiting;
+a partition handed back (a rebalance, ``ztfd stop``) is committed as far as it is durable, waiting for the answer,
+before it is released. A committed offset never goes back within a generation; a new generation (a recreated
+topic) starts the walk again at 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+
+from ztfd import store
+from ztfd.ingest.kafka import KafkaAdapter
+from ztfd.store.durable import durable_through
+
+log = logging.getLogger(__name__)
+
+
+class DurableCommits:
+    """The partitions this host holds in the group, each with the offset committed for it, moved forward as the
+    alerts behind it become durable."""
+
+    def __init__(self, conn: sqlite3.Connection, topic: str, kafka: KafkaAdapter, generation_of: Callable[[int], int],
+                 every: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.conn = conn
+        self.topic = topic
+        self.kafka = kafka
+        self.generation_of = generation_of  # the generation this host reads a partition in
+        self.every = every
+        self.clock = clock
+        self.committed: dict[int, int] = {}  # partition held -> the offset Kafka has for it
+        self.generations: dict[int, int] = {}  # partition held -> the generation that offset belongs to
+        self.last_tick = clock()
+
+    def hold(self, committed: dict[int, int], partitions: list[int]) -> None:
+        """Partitions handed in, with the group's committed offsets (a partition without one starts at 0)."""
+        for partition in partitions:
+            self.committed[partition] = committed.get(partition, 0)
+            self.generations[partition] = self.generation_of(partition)
+
+    def _start(self, partition: int, generation: int) -> int:
+        """Where the walk of ``partition`` starts: its committed offset, or 0 once a recreated topic started a new
+        generation (Kafka's offset then belongs to the deleted topic; a commit in the new one may go below it)."""
+        if self.generations.get(partition) != generation:
+            self.generations[partition] = generation
+            self.committed[partition] = 0
+        return self.committed[partition]
+
+    def frontiers(self, partitions: list[int]) -> dict[int, int]:
+        """The durable frontier of each of ``partitions`` that moved past its committed offset."""
+        stored = store.stored_offsets(self.conn, self.topic)
+        moved = {}
+        for partition in partitions:
+            if partition not in self.committed:
+                continue
+            generation = self.generation_of(partition)
+            start = self._start(partition, generation)
+            known = stored.get(partition)
+            end = known.next_offset if known is not None and known.generation == generation else start
+            frontier = durable_through(self.conn, self.topic, partition, generation, start, end)
+            if frontier > start:
+                moved[partition] = frontier
+        return moved
+
+    def tick(self, force: bool = False) -> dict[int, int]:
+        """Every ``every`` seconds (``force``: now), commit the frontiers that moved, without waiting."""
+        now = self.clock()
+        if not force and now - self.last_tick < self.every:
+            return {}
+        self.last_tick = now
+        try:
+            moved = self.frontiers(sorted(self.committed))
+        except sqlite3.Error as exc:  # the store locked or full: the next tick tries again, nothing is lost
+            log.warning("cannot compute the durable frontiers of %s: %s", self.topic, exc)
+            return {}
+        if moved:
+            self.kafka.commit(moved)
+            self.committed.update(moved)
+            log.debug("committed %s durable through %s", self.topic, moved)
+        return moved
+
+    def release(self, partitions: list[int]) -> None:
+        """Partitions handed back: commit them as far as they are durable, waiting for Kafka's answer, then forget
+        them. What is not durable yet is redone by the next owner, under the same S3 keys."""
+        partitions = [p for p in partitions if p in self.committed]
+        if not partitions:
+            return
+        try:
+            moved = self.frontiers(partitions)
+        except sqlite3.Error as exc:
+            log.warning("cannot compute the durable frontiers of %s: %s: handing over at the last commit", self.topic,
+                        exc)
+            moved = {}
+        if moved and self.kafka.commit_now(moved):
+            self.committed.update(moved)
+        stored = store.stored_offsets(self.conn, self.topic)
+        log.info("handing over %s: %s", self.topic, ", ".join(
+            f"[{p}] committed at {self.committed[p]}"
+            f" ({self._redone(stored.get(p), p)} stored here not yet durable: the next owner redoes them)"
+            for p in partitions))
+        self.forget(partitions)
+
+    def _redone(self, stored: store.StoredOffset | None, partition: int) -> int:
+        """How many offsets this host stored past the partition's commit (work the next owner does again)."""
+        if stored is None or stored.generation != self.generation_of(partition):
+            return 0
+        return max(0, stored.next_offset - self.committed[partition])
+
+    def forget(self, partitions: list[int]) -> None:
+        """Partitions gone without a word (the session expired): another host already reads them."""
+        for partition in partitions:
+            self.committed.pop(partition, None)
+            self.generations.pop(partition, None)

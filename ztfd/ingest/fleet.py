@@ -1,0 +1,122 @@
+"""What the hosts of a fleet must agree on, kept in the broker: a topic of the fleet's own.
+
+In fleet mode (``kafka.assignment = "group"``, docs/fleet.md) a partition moves between hosts, and a new host has an
+empty store; yet the generation of a recreated topic is part of every S3 key (``sources.file_stem``), so it must mean
+the same on every host, or redone work would write other keys than the first. Kafka's commit metadata would be the
+natural place for it, but the test broker drops it (docs/kafka-groups.md). So the fleet keeps it in
+``<group_id>.ztfd-fleet``: one partition, compacted, read to its end with the last value per key winning, written by
+the host that holds the partition. It works on any broker.
+
+Keys (values are JSON):
+- ``generation/<topic>/<partition>``: ``{"generation": g, "topic_id": id or null}``, the generation a partition is
+  read in and the broker's topic id it was read under (KIP-516; null where the broker reports none);
+- ``member/<topic>/<member>``: ``{"host", "member", "topic", "partitions", "at"}`` (member: host and home), the
+  partitions a member holds, for ``ztfd status`` (Tansu's describe lists no members); a member that stops
+  publishes an empty list.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ztfd.config import KafkaConfig
+from ztfd.ingest import kafka
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".ztfd-fleet"
+COUNT_EVERY = 30.0  # seconds between counts of the live members (the fleet's share of ``stamps.rate_limit``)
+RECOUNT_AFTER = 3.0  # seconds after a rebalance to count again (the other members publish their new holdings)
+
+
+def fleet_topic(group_id: str) -> str:
+    return f"{group_id}{SUFFIX}"
+
+
+def member_id(home: Path) -> str:
+    """A member's name in the fleet topic: its host and home (two homes may share a machine)."""
+    return f"{socket.gethostname()}:{home}"
+
+
+@dataclass(frozen=True)
+class FleetGeneration:
+    """A partition's generation as the fleet knows it, and the topic id it was read under."""
+
+    generation: int
+    topic_id: str | None
+
+
+class FleetBook:
+    """The fleet topic of one group, as a consumer reads and writes it."""
+
+    def __init__(self, settings: KafkaConfig, member: str) -> None:
+        self.settings = settings
+        self.topic = fleet_topic(settings.group_id)
+        self.member = member
+        self._ready = False
+
+    def _read(self) -> dict[str, Any]:
+        if not self._ready:
+            kafka.ensure_log_topic(self.settings, self.topic)
+            self._ready = True
+        found = {}
+        for key, value in kafka.read_log_topic(self.settings, self.topic).items():
+            try:
+                found[key] = json.loads(value)
+            except ValueError:
+                log.warning("%s: key %s holds no JSON: ignored", self.topic, key)
+        return found
+
+    def _write(self, entries: dict[str, Any]) -> None:
+        if not self._ready:
+            kafka.ensure_log_topic(self.settings, self.topic)
+            self._ready = True
+        kafka.write_log_topic(self.settings, self.topic,
+                              {key: json.dumps(value, sort_keys=True).encode() for key, value in entries.items()})
+
+    def generations(self, topic: str) -> dict[int, FleetGeneration]:
+        """The fleet's generation of each partition of ``topic`` it has one for."""
+        prefix = f"generation/{topic}/"
+        found = {}
+        for key, value in self._read().items():
+            if key.startswith(prefix) and key[len(prefix):].isdigit() and isinstance(value, dict):
+                found[int(key[len(prefix):])] = FleetGeneration(int(value.get("generation", 0)),
+                                                                value.get("topic_id"))
+        return found
+
+    def save_generations(self, topic: str, generations: dict[int, FleetGeneration]) -> None:
+        self._write({f"generation/{topic}/{partition}": {"generation": g.generation, "topic_id": g.topic_id}
+                     for partition, g in generations.items()})
+
+    def publish_member(self, topic: str, partitions: list[int]) -> None:
+        """Say which partitions of ``topic`` this host holds now (``ztfd status`` shows the fleet from these)."""
+        self._write({f"member/{topic}/{self.member}": {
+            "host": socket.gethostname(), "member": self.member, "topic": topic,
+            "partitions": sorted(partitions), "at": time.time()}})
+
+    def members(self) -> list[dict[str, Any]]:
+        """What every member last said it holds, those holding something first."""
+        found = [value for key, value in self._read().items() if key.startswith("member/") and isinstance(value, dict)]
+        return sorted(found, key=lambda m: (not m.get("partitions"), str(m.get("member")), str(m.get("topic"))))
+
+
+def holders(members: list[dict[str, Any]]) -> dict[tuple[str, int], str]:
+    """Who holds each (topic, partition): the newest claim wins (a member killed with -9 keeps its last word in the
+    topic until the partitions it held are claimed again by the members they moved to)."""
+    held: dict[tuple[str, int], str] = {}
+    for entry in sorted(members, key=lambda e: e.get("at") if isinstance(e.get("at"), int | float) else 0):
+        for partition in entry.get("partitions") or []:
+            if isinstance(partition, int):
+                held[(str(entry.get("topic")), partition)] = str(entry.get("member"))
+    return held
+
+
+def live_members(members: list[dict[str, Any]]) -> int:
+    """How many members hold a partition now (at least 1: this host)."""
+    return max(1, len(set(holders(members).values())))

@@ -1,0 +1,83 @@
+"""``ztfd status``'s ``fleet`` section (fleet mode, docs/fleet.md): who holds what, and how far each partition is
+committed, read, and durable.
+
+The members come from the fleet topic (each member publishes the partitions it holds: the test broker's group
+description lists no members), the committed offsets from the group (asked by a client that never joins it), the
+ends from ``ztfd.ingest.kafka.end_offsets`` (already read for the topics' lag). ``durable_behind`` is known for the
+partitions this host holds: what it has stored minus what is committed (not yet durable in S3).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+from ztfd import config
+from ztfd.ingest import kafka
+from ztfd.ingest.fleet import FleetBook, fleet_topic, holders, member_id
+
+log = logging.getLogger(__name__)
+
+
+def _iso(ts: Any) -> str | None:
+    if not isinstance(ts, int | float) or isinstance(ts, bool):
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def fleet_section(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -> dict[str, Any]:
+    """``members`` (each with ``assignments``: topic -> partitions), ``partitions`` (committed, end, lag,
+    durable_behind) and ``error`` when the broker could not say."""
+    me = member_id(cfg.home)
+    section: dict[str, Any] = {"group": cfg.kafka.group_id, "topic": fleet_topic(cfg.kafka.group_id), "me": me,
+                               "members": [], "partitions": [], "error": None}
+    try:
+        said = FleetBook(cfg.kafka, me).members()
+        ends = {topic: told.ends or {} for topic, told in
+                kafka.end_offsets(cfg.kafka, [t["topic"] for t in topics], timeout).items()}
+        committed = kafka.group_committed(cfg.kafka, {t: list(e) for t, e in ends.items()}, timeout)
+    except Exception as exc:  # the broker unreachable or refusing: the section says so, the rest of status stands
+        section["error"] = str(exc)
+        return section
+    members: dict[str, dict[str, Any]] = {}
+    for entry in said:
+        name = str(entry.get("member"))
+        member = members.setdefault(name, {"member": name, "host": entry.get("host"), "assignments": {},
+                                           "at": None})
+        partitions = [p for p in entry.get("partitions") or [] if isinstance(p, int)]
+        if partitions:
+            member["assignments"][str(entry.get("topic"))] = partitions
+        at = _iso(entry.get("at"))
+        member["at"] = max(filter(None, (member["at"], at)), default=None)
+    holder = holders(said)
+    section["members"] = list(members.values())
+    for info in topics:
+        topic = info["topic"]
+        stored = info.get("partitions") or {}
+        for partition, end in sorted((ends.get(topic) or {}).items()):
+            done = committed.get(topic, {}).get(partition)
+            mine = holder.get((topic, partition)) == me
+            next_stored = stored.get(str(partition), {}).get("next_offset")
+            section["partitions"].append({
+                "topic": topic, "partition": partition, "held_by": holder.get((topic, partition)),
+                "committed": done, "end": end, "lag": end - (done or 0),
+                "durable_behind": (max(0, next_stored - (done or 0)) if mine and next_stored is not None else None)})
+    return section
+
+
+def render(section: dict[str, Any]) -> list[str]:
+    """The lines of the fleet section for a person."""
+    out = [f"Fleet (group {section['group']}, fleet topic {section['topic']})"]
+    if section.get("error"):
+        out.append(f"  unknown: {section['error']}")
+        return out
+    for member in section["members"]:
+        held = "; ".join(f"{topic} {', '.join(map(str, parts))}" for topic, parts in member["assignments"].items())
+        you = " (this host)" if member["member"] == section["me"] else ""
+        out.append(f"  {member['member']}{you}: {held or 'nothing'} (said {member['at']})")
+    for p in section["partitions"]:
+        behind = f", {p['durable_behind']} stored here not yet durable" if p["durable_behind"] is not None else ""
+        out.append(f"  {p['topic']}[{p['partition']}] committed {p['committed']} of {p['end']} (lag {p['lag']})"
+                   f"{behind}")
+    return out
