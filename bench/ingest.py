@@ -49,13 +49,13 @@ def run(settings: Settings, results: Results) -> None:
         Row("ingest", "ztfd consume (stamps off)", ztfd, "alerts/s", f"{count:,} msgs, median of {settings.runs}"),
         Row("ingest", "vs bare read+parse loop", ratio(ztfd, bare), "x", f"bare {bare:,.0f}/s"),
         Row("ingest", "vs naive file-per-message loop", ratio(ztfd, naive), "x", f"naive {naive:,.0f}/s",
-            ">= 1.0x", ratio(ztfd, naive) >= 1.0),
+            ">= 1.5x", ratio(ztfd, naive) >= 1.5),
         Row("ingest", "vs ZTF peak", ratio(ztfd, ZTF_PEAK), "x", "1,333 alerts/s"),
     )
     if on_tmpfs:
         naive, ztfd = median(on_tmpfs["naive"]), median(on_tmpfs["ztfd"])
         results.add(Row("ingest", "on tmpfs: vs naive loop", ratio(ztfd, naive), "x",
-                        f"ztfd {ztfd:,.0f}/s, naive {naive:,.0f}/s", ">= 1.0x", ratio(ztfd, naive) >= 1.0))
+                        f"ztfd {ztfd:,.0f}/s, naive {naive:,.0f}/s", ">= 1.2x", ratio(ztfd, naive) >= 1.2))
 
 
 def tmpfs_rates(settings: Settings, bootstrap: str, count: int, results: Results) -> dict[str, list[float]]:
@@ -116,11 +116,12 @@ def loop_rate(bootstrap: str, kind: str, count: int, out: Path, topic: str = TOP
 
 
 def consume_rate(bootstrap: str, count: int, home: Path, results: Results, topic: str = TOPIC,
-                 message_format: str = "lasair") -> float:
-    """Alerts/s of ``ztfd consume`` (stamps off) of a topic of ``count`` messages, first received to last file
-    recorded."""
+                 message_format: str = "lasair", decode_workers: int | str = 0) -> float:
+    """Alerts/s of ``ztfd consume`` (stamps off, ``kafka.decode_workers``) of a topic of ``count`` messages, first
+    received to last file recorded."""
     config_path = write_config(home / "ztfd.toml", home, {
-        "kafka": {"bootstrap_servers": bootstrap, "group_id": f"bench-ztfd-{time.time_ns()}", "topics": [topic]},
+        "kafka": {"bootstrap_servers": bootstrap, "group_id": f"bench-ztfd-{time.time_ns()}", "topics": [topic],
+                  "decode_workers": decode_workers},
         "kafka.options": {**FAST_KAFKA_OPTIONS, "auto.offset.reset": "earliest"},
         "kafka.formats": {topic: message_format},
         "stamps": {"enabled": False},

@@ -203,6 +203,7 @@ class TopicConsumer:
 
     def close(self) -> None:
         self.kafka.close()
+        self.builder.close()
         self.files.close()
         self.alert_log.close()
         self.conn.close()

@@ -99,7 +99,9 @@ class Alert(NamedTuple):
     date_rule: str  # UTC_DATE or DAY_OBS
     utc_field: Any = None  # Lasair's ``UTC`` (a datetime) when present: a fallback date, never the observation
     cutouts: tuple[Cutout, ...] = ()
-    view: dict[str, Any] | None = None  # a rendering for people when ``raw`` is not JSON (Avro), cutouts left out
+    # A rendering for people when ``raw`` is not JSON (Avro), cutouts left out; or its JSON (``view_json``) already
+    # rendered, as a decode worker sends it back (``ztfd.ingest.decodepool``).
+    view: dict[str, Any] | bytes | None = None
     suffix: str = ".json"  # of the alert file that keeps ``raw``
     body: dict[str, Any] | None = None  # the decoded message, for the columns reports show
     band: str | None = None  # the observation's band (LSST: the triggering diaSource's), for the preview
@@ -109,6 +111,8 @@ class Source(Protocol):
     """One message format."""
 
     format: str
+    # Optional: ``decodes_alone = False`` keeps its decoding in the consumer (it uses the store); ``pooled_by_default
+    # = True`` lets ``kafka.decode_workers = "auto"`` spread it over the cores (ztfd.ingest.decodepool).
 
     def decode(self, value: bytes | None, key: bytes | None) -> Alert:
         """Check and decode one message; raise ``InvalidMessageError`` with a one-line reason."""
@@ -166,7 +170,7 @@ def alert_files(alert: Alert, folder: str, stem: str, images: str, metadata: dic
         files = [(f"{folder}/{stem}.json", b'{"message": ' + alert.raw + b', "ztfd": ' + meta + b"}\n")]
     else:
         files = [(f"{folder}/{stem}{alert.suffix}", alert.raw),
-                 (f"{folder}/{stem}.json", b'{"message": ' + view_json(alert.view) + b', "ztfd": ' + meta + b"}\n")]
+                 (f"{folder}/{stem}.json", b'{"message": ' + rendered_view(alert.view) + b', "ztfd": ' + meta + b"}\n")]
     named = alert.detection_id or stem
     files.extend((f"{images}/{named}_{cutout.kind}{cutout.suffix}", cutout.data)
                  for cutout in alert.cutouts if cutout.data is not None)
@@ -182,6 +186,11 @@ def _metadata_json(metadata: dict[str, Any]) -> bytes:
         return orjson.dumps(metadata)
     except orjson.JSONEncodeError:
         return json.dumps(metadata).encode()
+
+
+def rendered_view(view: Any) -> bytes:
+    """The view's JSON: rendered now, or as a decode worker rendered it."""
+    return view if isinstance(view, bytes) else view_json(view)
 
 
 def view_json(view: Any) -> bytes:
