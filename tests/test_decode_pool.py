@@ -198,3 +198,16 @@ def test_auto_is_a_worker_per_spare_core_for_the_avro_formats_only() -> None:
     assert workers_for("auto", ztf, cores=4) == 3 and workers_for("auto", ztf, cores=1) == 0
     assert workers_for("auto", lasair, cores=4) == 0 and workers_for(2, lasair) == 2
     assert workers_for(3, sources.source_for("confluent-avro", registry_url="http://127.0.0.1:1")) == 0
+
+
+def test_closing_the_pool_ends_its_workers_by_themselves() -> None:
+    from ztfd.ingest.decodepool import DecodePool
+
+    pool = DecodePool(sources.source_for("ztf-avro").decode, 2)
+    pool.start()
+    pids = pool.pids
+    outcomes = pool.decode([(packet.path.read_bytes(), None) for packet in packets()] + [(HOSTILE, None)])
+    assert [o.object_id for o in outcomes[:-1]] == [packet.object_id for packet in packets()]
+    assert isinstance(outcomes[-1], sources.InvalidMessageError)
+    assert pool.close() == [0, 0], "a worker was killed: it never saw its pipe closed (an end left open)"
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids)

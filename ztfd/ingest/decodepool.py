@@ -39,6 +39,7 @@ from ztfd.sources import Alert, Source, SourceUnavailableError, rendered_view
 log = logging.getLogger(__name__)
 
 SLICE_TIMEOUT = 120.0  # seconds a worker may take over one slice of a batch before it is taken for hung
+CLOSE_TIMEOUT = 5.0  # seconds a worker may take to finish its slice and exit once its pipe is closed
 AUTO = "auto"
 
 Message = tuple[bytes | None, bytes | None]
@@ -108,25 +109,32 @@ class DecodePool:
         return [outcome._replace(raw=value or b"") if isinstance(outcome, Alert) and outcome.raw is None else outcome
                 for outcome, (value, _) in zip(outcomes, messages, strict=True)]
 
-    def close(self) -> None:
-        """End the workers: their pipes closed, they exit; one that does not is killed."""
+    def close(self) -> list[int | None]:
+        """End the workers: their pipes closed, they exit; one that does not within ``CLOSE_TIMEOUT`` is killed.
+        Their exit codes (0: ended by themselves)."""
+        codes = []
         for index, worker in enumerate(self._workers):
             if worker is None:
                 continue
             process, pipe = worker
             pipe.close()
-            process.join(5)
+            process.join(CLOSE_TIMEOUT)
             if process.is_alive():
                 process.kill()
                 process.join()
+            codes.append(process.exitcode)
             self._workers[index] = None
+        return codes
 
     def _worker(self, index: int) -> tuple[Any, Connection]:
         worker = self._workers[index]
         if worker is not None:
             return worker
         ours, theirs = self._context.Pipe(duplex=True)
-        process = self._context.Process(target=_serve, args=(self.decode_one, theirs, os.getpid()),
+        # The worker closes its copies of the consumer's ends, its own and the other workers': while one is open
+        # in any process, closing it here is no end of file there.
+        inherited = [ours, *(worker[1] for worker in self._workers if worker is not None)]
+        process = self._context.Process(target=_serve, args=(self.decode_one, theirs, inherited, os.getpid()),
                                         name=f"ztfd-decode-{index}", daemon=True)
         process.start()
         theirs.close()  # only the worker holds it now: its death is an end of file here
@@ -175,11 +183,13 @@ def _decoded_here(decode: Decode, value: bytes | None, key: bytes | None) -> Out
         return exc
 
 
-def _serve(decode: Decode, pipe: Connection, parent: int) -> None:
+def _serve(decode: Decode, pipe: Connection, inherited: list[Connection], parent: int) -> None:
     """A worker: decode each slice it is sent, answer with the compact outcomes, until its pipe closes."""
     lifecycle.ignore(lifecycle.STOP_SIGNALS)  # the consumer's stop ends us by closing the pipe
     if not die_with_parent(parent, signal.SIGKILL):
         os._exit(0)
+    for end in inherited:
+        end.close()
     while True:
         try:
             messages = pipe.recv()
