@@ -211,3 +211,21 @@ def test_closing_the_pool_ends_its_workers_by_themselves() -> None:
     assert isinstance(outcomes[-1], sources.InvalidMessageError)
     assert pool.close() == [0, 0], "a worker was killed: it never saw its pipe closed (an end left open)"
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids)
+
+
+def test_a_worker_that_died_between_batches_is_replaced_without_a_death() -> None:
+    from ztfd.ingest.decodepool import DecodePool
+
+    pool = DecodePool(sources.source_for("ztf-avro").decode, 1)
+    pool.start()
+    messages = [(packet.path.read_bytes(), None) for packet in packets()]
+    try:
+        [first] = pool.pids
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: psutil.Process(first).status() == "zombie" if psutil.pid_exists(first) else True, 30,
+                   "the worker dead")
+        outcomes = pool.decode(messages)  # not a DecoderDiedError: the worker held nothing of this batch
+        assert [o.object_id for o in outcomes] == [packet.object_id for packet in packets()]
+        assert pool.pids != [first]
+    finally:
+        pool.close()

@@ -127,9 +127,16 @@ class DecodePool:
         return codes
 
     def _worker(self, index: int) -> tuple[Any, Connection]:
+        """Worker ``index``, started anew if it is not running: one that died between batches held nothing."""
         worker = self._workers[index]
-        if worker is not None:
+        if worker is not None and worker[0].is_alive():
             return worker
+        if worker is not None:
+            log.warning("decode worker %s (pid %s) died between batches (%s): starting another", index,
+                        worker[0].pid, exit_described(worker[0].exitcode))
+            worker[1].close()
+            worker[0].join()
+            self._workers[index] = None
         ours, theirs = self._context.Pipe(duplex=True)
         # The worker closes its copies of the consumer's ends, its own and the other workers': while one is open
         # in any process, closing it here is no end of file there.
