@@ -14,6 +14,10 @@ rejected, nothing logged, the good alerts of the batch never stored. So the cons
    the deaths are then forgotten;
 3. the rest of the batch goes on as usual: stored once with the rejected message, offsets past it.
 
+A worker of the consumer's decode pool (``ztfd.ingest.decodepool``) that dies holding part of a batch raises
+``DecoderDiedError``: that is a death too, counted at once (the mark becomes a death), and the batch is decoded
+again, isolated after the second, without the consumer restarting.
+
 Nothing is lost or stored twice: the batch is the same batch, only decoded elsewhere; until it is stored the
 store's offsets do not move, and Kafka delivers it again.
 """
