@@ -75,9 +75,10 @@ def kafka_loop(bootstrap: str, topic: str, group: str, count: int, out_dir: Path
     return consume_loop(bootstrap, topic, group, count, handle)
 
 
-def avro_loop(bootstrap: str, topic: str, group: str, count: int, out_dir: Path) -> dict[str, float]:
+def avro_loop(bootstrap: str, topic: str, group: str, count: int, out_dir: Path | None) -> dict[str, float]:
     """The naive loop for a ZTF packet stream: decode each message with fastavro, write the packet as received and
-    its three cutouts (temporary file + rename each), no store."""
+    its three cutouts (temporary file + rename each), no store. Without ``out_dir``, the bare loop: read and decode
+    only."""
     import io
 
     import fastavro
@@ -87,6 +88,8 @@ def avro_loop(bootstrap: str, topic: str, group: str, count: int, out_dir: Path)
     def handle(batch: list[Any]) -> None:
         for msg in batch:
             record = next(iter(fastavro.reader(io.BytesIO(msg.value()))))
+            if out_dir is None:
+                continue
             object_id, candid = record["objectId"], record["candid"]
             write(out_dir / "data" / str(msg.topic()), f"{object_id}_p{msg.partition()}-o{msg.offset()}.avro",
                   msg.value())
@@ -135,7 +138,7 @@ def alerce_lsst_client(url: str, pairs: list[tuple[int, int]]) -> dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["bare", "naive", "naive-avro", "alerce", "alerce-lsst"])
+    parser.add_argument("kind", choices=["bare", "naive", "bare-avro", "naive-avro", "alerce", "alerce-lsst"])
     parser.add_argument("--bootstrap")
     parser.add_argument("--topic")
     parser.add_argument("--group")
@@ -148,8 +151,9 @@ def main() -> None:
         result = alerce_client(args.url, json.loads(args.pairs.read_text()))
     elif args.kind == "alerce-lsst":
         result = alerce_lsst_client(args.url, json.loads(args.pairs.read_text()))
-    elif args.kind == "naive-avro":
-        result = avro_loop(args.bootstrap, args.topic, args.group, args.count, args.out)
+    elif args.kind in ("naive-avro", "bare-avro"):
+        result = avro_loop(args.bootstrap, args.topic, args.group, args.count,
+                           args.out if args.kind == "naive-avro" else None)
     else:
         result = kafka_loop(args.bootstrap, args.topic, args.group, args.count,
                             args.out if args.kind == "naive" else None)

@@ -120,11 +120,16 @@ def role_of(proc: psutil.Process) -> str | None:
 
 
 def helpers_rss_mb(proc: psutil.Process) -> float:
-    """The RSS of a ztfd process's helper children (a consumer's ``ztfd.ingest.filewriter``), counted as its own."""
-    total = 0.0
+    """The RSS of a ztfd process's helper children (a consumer's ``ztfd.ingest.filewriter`` and its forked decode
+    workers, which have its command line), counted as its own. Forked workers share pages with the consumer until
+    they write them: their RSS added in full overstates the memory, never understates it."""
+    total, own = 0.0, None
+    with contextlib.suppress(psutil.Error):
+        own = proc.cmdline()
     for child in proc.children():
         with contextlib.suppress(psutil.Error):
-            if "ztfd.ingest.filewriter" in child.cmdline():
+            cmdline = child.cmdline()
+            if "ztfd.ingest.filewriter" in cmdline or cmdline == own:
                 total += child.memory_info().rss / 2**20
     return total
 

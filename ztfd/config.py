@@ -52,6 +52,7 @@ class KafkaConfig:
     # the partitions through Kafka's consumer-group protocol (fleet mode, docs/fleet.md; needs s3.bucket)
     assignment: str = "all"
     commit_every: float = 5.0  # group mode: seconds between commits of the partitions' durable frontiers
+    decode_workers: int | str = 0  # processes decoding beside each consumer (ztfd.ingest.decodepool); or "auto"
 
     @property
     def group_mode(self) -> bool:
@@ -236,6 +237,7 @@ URLS = {
     ("stamps", "alerce_stamp_url"), ("stamps", "alerce_api_url"), ("stamps", "alerce_lsst_url"),
     ("stamps", "lasair_lsst_url"),
 }
+MAX_DECODE_WORKERS = 64
 HTTP_URL = re.compile(r"^https?://[^\s/?#]+(/\S*)?\Z")
 POSITIVE = {
     ("kafka", "max_message_bytes"), ("kafka", "batch_size"), ("stamps", "workers"), ("stamps", "timeout"),
@@ -401,6 +403,15 @@ def _check_fleet(kafka: KafkaConfig, s3: S3Config) -> KafkaConfig:
     return kafka
 
 
+def _check_decode_workers(where: str, value: Any) -> int | str:
+    """A count of processes (0: decode in the consumer) or ``auto``."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_DECODE_WORKERS:
+        raise ConfigError(f'config: {where} must be "auto" or an integer from 0 to {MAX_DECODE_WORKERS}')
+    return value
+
+
 def _check_schema_file(where: str, path: Path) -> None:
     from ztfd.sources import avro
 
@@ -427,6 +438,8 @@ def _check_formats(where: str, formats: dict[str, Any]) -> None:
 
 def _check_type(section: str, key: str, fld: dataclasses.Field[Any], value: Any) -> Any:
     where = f"{section}.{key}"
+    if (section, key) == ("kafka", "decode_workers"):
+        return _check_decode_workers(where, value)
     kind = fld.type if isinstance(fld.type, str) else getattr(fld.type, "__name__", str(fld.type))
     if kind == "bool":
         if not isinstance(value, bool):

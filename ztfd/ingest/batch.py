@@ -24,6 +24,7 @@ from ztfd import sources
 from ztfd.config import Config, ConfigError
 from ztfd.ingest import nights, topics
 from ztfd.ingest.breaker import Breaker, Outcome, Position
+from ztfd.ingest.decodepool import DecodePool, workers_for
 from ztfd.ingest.quota import QuotaWatch
 from ztfd.stamps import providers
 from ztfd.stamps.providers.packet import PREVIEW_JOB, carries_stamps
@@ -123,13 +124,15 @@ class BatchBuilder:
         self.max_message_bytes = max_message_bytes
         self.stamp_providers = stamp_providers  # survey -> the provider of its stamps (none: no stamp jobs)
         self.previews = previews  # queue a preview job for alerts whose packet carried their stamps
+        self.pool: DecodePool | None = None  # the consumer's decode workers (``kafka.decode_workers``), if any
 
     @classmethod
     def for_topic(cls, cfg: Config, topic: str, conn: sqlite3.Connection,
                   alive: Callable[[], None] = lambda: None) -> BatchBuilder:
         """The builder of a consumer of ``topic``: its source (``kafka.formats``), the store's offsets, the stamp
         providers of ``stamps``, decoding through the crash-loop breaker (``alive``: the consumer's heartbeat,
-        called between messages decoded one by one)."""
+        called between messages decoded one by one), spread over ``kafka.decode_workers`` processes forked now
+        (``ztfd.ingest.decodepool``; ``close`` ends them)."""
         stamps = cfg.stamps
         builder = cls(topic, topic_source(cfg, topic, StoredSchemas(conn)),
                       lambda partition, generation, low, high: stored_offsets_between(
@@ -137,8 +140,18 @@ class BatchBuilder:
                       max_message_bytes=cfg.kafka.max_message_bytes,
                       stamp_providers=providers.providers_for(stamps) if stamps.enabled else {},
                       previews=stamps.enabled and stamps.previews)
-        builder.decode_all = Breaker(conn, topic, builder.decode_one, alive=alive).decode
+        workers = workers_for(cfg.kafka.decode_workers, builder.source)
+        if workers:
+            builder.pool = DecodePool(builder.decode_one, workers, alive)
+            builder.pool.start()
+        builder.decode_all = Breaker(conn, topic, builder.decode_one, alive=alive,
+                                     decode_batch=builder.pool.decode if builder.pool else None).decode
         return builder
+
+    def close(self) -> None:
+        """End the decode workers, if any."""
+        if self.pool is not None:
+            self.pool.close()
 
     def build(self, messages: list[Any], generation_of: GenerationOf) -> Batch | None:
         """Decode, set aside what is stored already, date, build each alert's files and rows; None when there is

@@ -14,6 +14,10 @@ rejected, nothing logged, the good alerts of the batch never stored. So the cons
    the deaths are then forgotten;
 3. the rest of the batch goes on as usual: stored once with the rejected message, offsets past it.
 
+A worker of the consumer's decode pool (``ztfd.ingest.decodepool``) that dies holding part of a batch raises
+``DecoderDiedError``: that is a death too, counted at once (the mark becomes a death), and the batch is decoded
+again, isolated after the second, without the consumer restarting.
+
 Nothing is lost or stored twice: the batch is the same batch, only decoded elsewhere; until it is stored the
 store's offsets do not move, and Kafka delivers it again.
 """
@@ -41,6 +45,13 @@ ISOLATED_TIMEOUT = 60.0  # seconds one message may take to decode in the child
 Decode = Callable[[bytes | None, bytes | None], Alert]
 Position = tuple[int, int, int]  # partition, generation, offset
 Outcome = Alert | BaseException
+# A batch's messages (value, key) -> each one's outcome, in order (the consumer's decode pool, ``decodepool``).
+DecodeBatch = Callable[[Sequence[tuple[bytes | None, bytes | None]]], list[Outcome]]
+
+
+class DecoderDiedError(Exception):
+    """A process decoding part of the batch for the consumer (a decode pool's worker) died or hung: a death of
+    the batch, counted as if the consumer had died."""
 
 
 def spans_of(positions: Sequence[Position]) -> dict[str, list[int]]:
@@ -61,10 +72,12 @@ class Breaker:
     twice over the same messages."""
 
     def __init__(self, conn: sqlite3.Connection, topic: str, decode: Decode,
-                 alive: Callable[[], None] = lambda: None) -> None:
+                 alive: Callable[[], None] = lambda: None, decode_batch: DecodeBatch | None = None) -> None:
         self.conn = conn
         self.topic = topic
         self.decode_one = decode
+        # A batch decoded while it is trusted: in this process, or spread over the decode pool's workers.
+        self.decode_batch: DecodeBatch = decode_batch or self._in_process
         self.alive = alive  # called between isolated messages (the consumer's heartbeat)
         self.throttled = Throttle(log)
 
@@ -79,11 +92,17 @@ class Breaker:
             deaths = decode_marks.enter(self.conn, self.topic, json.dumps(spans))
         except sqlite3.Error as exc:  # a store locked or full: decode without the safety net rather than stop
             self.throttled("mark", logging.WARNING, "could not mark the batch being decoded: %s", exc)
-            return [self._in_process(value, key) for value, key in messages]
-        suspected = [death for death in deaths if overlaps(spans, json.loads(death.spans))]
+            return self._in_process(messages)
         try:
-            if len(suspected) < DEATHS_BEFORE_ISOLATING:
-                return [self._in_process(value, key) for value, key in messages]
+            while True:
+                suspected = [death for death in deaths if overlaps(spans, json.loads(death.spans))]
+                if len(suspected) >= DEATHS_BEFORE_ISOLATING:
+                    break
+                try:
+                    return self.decode_batch(messages)
+                except DecoderDiedError as exc:  # the mark left becomes a death, as if this process had died
+                    log.error("%s: %s decoding offsets %s", self.topic, exc, _described(spans))
+                    deaths = decode_marks.enter(self.conn, self.topic, json.dumps(spans))
             log.warning("%s: the consumer died %d times decoding offsets %s: decoding them one by one in a child "
                         "process", self.topic, len(suspected), _described(spans))
             outcomes = isolated(self.decode_one, messages, self.alive)
@@ -101,13 +120,16 @@ class Breaker:
             except sqlite3.Error as exc:  # the mark stays: at worst one death too many is counted
                 self.throttled("mark", logging.WARNING, "could not clear the batch's mark: %s", exc)
 
-    def _in_process(self, value: bytes | None, key: bytes | None) -> Outcome:
-        try:
-            return self.decode_one(value, key)
-        except SourceUnavailableError:
-            raise
-        except Exception as exc:
-            return exc
+    def _in_process(self, messages: Sequence[tuple[bytes | None, bytes | None]]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for value, key in messages:
+            try:
+                outcomes.append(self.decode_one(value, key))
+            except SourceUnavailableError:
+                raise
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
 
 
 def _described(spans: dict[str, list[int]]) -> str:
@@ -138,7 +160,7 @@ def isolated(decode: Decode, messages: Sequence[tuple[bytes | None, bytes | None
                     outcomes.append(receiving.recv())
                 except EOFError:  # the child died during this message
                     child.join()
-                    outcomes.append(InvalidMessageError(f"crashed the decoder ({_exit_described(child.exitcode)})"))
+                    outcomes.append(InvalidMessageError(f"crashed the decoder ({exit_described(child.exitcode)})"))
                     log.error("message %d of the batch %s", len(outcomes) - 1, outcomes[-1])
                     break
         finally:
@@ -158,11 +180,11 @@ def _decode_from(decode: Decode, messages: Sequence[tuple[bytes | None, bytes | 
             outcome: Outcome = decode(value, key)
         except Exception as exc:
             outcome = exc
-        sending.send(_picklable(outcome))
+        sending.send(picklable(outcome))
     sending.close()
 
 
-def _picklable(outcome: Outcome) -> Outcome:
+def picklable(outcome: Outcome) -> Outcome:
     try:
         pickle.dumps(outcome)
     except Exception as exc:
@@ -172,7 +194,7 @@ def _picklable(outcome: Outcome) -> Outcome:
     return outcome
 
 
-def _exit_described(code: int | None) -> str:
+def exit_described(code: int | None) -> str:
     if code is not None and code < 0:
         try:
             return f"signal {-code}, {signal.Signals(-code).name}"

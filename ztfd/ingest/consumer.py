@@ -281,6 +281,7 @@ class TopicConsumer:
         if self.commits is not None:  # a stop hands every partition back: committed as far as durable, then left
             self._handed_back(sorted(self.kafka.assigned))
         self.kafka.close()
+        self.builder.close()
         self.files.close()
         self.alert_log.close()
         self.conn.close()

@@ -99,7 +99,9 @@ class Alert(NamedTuple):
     date_rule: str  # UTC_DATE or DAY_OBS
     utc_field: Any = None  # Lasair's ``UTC`` (a datetime) when present: a fallback date, never the observation
     cutouts: tuple[Cutout, ...] = ()
-    view: dict[str, Any] | None = None  # a rendering for people when ``raw`` is not JSON (Avro), cutouts left out
+    # A rendering for people when ``raw`` is not JSON (Avro), cutouts left out; or its JSON (``view_json``) already
+    # rendered, as a decode worker sends it back (``ztfd.ingest.decodepool``).
+    view: dict[str, Any] | bytes | None = None
     suffix: str = ".json"  # of the alert file that keeps ``raw``
     body: dict[str, Any] | None = None  # the decoded message, for the columns reports show
     band: str | None = None  # the observation's band (LSST: the triggering diaSource's), for the preview
@@ -109,6 +111,8 @@ class Source(Protocol):
     """One message format."""
 
     format: str
+    # Optional: ``decodes_alone = False`` keeps its decoding in the consumer (it uses the store); ``pooled_by_default
+    # = True`` lets ``kafka.decode_workers = "auto"`` spread it over the cores (ztfd.ingest.decodepool).
 
     def decode(self, value: bytes | None, key: bytes | None) -> Alert:
         """Check and decode one message; raise ``InvalidMessageError`` with a one-line reason."""
@@ -166,7 +170,7 @@ def alert_files(alert: Alert, folder: str, stem: str, images: str, metadata: dic
         files = [(f"{folder}/{stem}.json", b'{"message": ' + alert.raw + b', "ztfd": ' + meta + b"}\n")]
     else:
         files = [(f"{folder}/{stem}{alert.suffix}", alert.raw),
-                 (f"{folder}/{stem}.json", b'{"message": ' + view_json(alert.view) + b', "ztfd": ' + meta + b"}\n")]
+                 (f"{folder}/{stem}.json", b'{"message": ' + rendered_view(alert.view) + b', "ztfd": ' + meta + b"}\n")]
     named = alert.detection_id or stem
     files.extend((f"{images}/{named}_{cutout.kind}{cutout.suffix}", cutout.data)
                  for cutout in alert.cutouts if cutout.data is not None)
@@ -184,12 +188,25 @@ def _metadata_json(metadata: dict[str, Any]) -> bytes:
         return json.dumps(metadata).encode()
 
 
+def rendered_view(view: Any) -> bytes:
+    """The view's JSON: rendered now, or as a decode worker rendered it."""
+    return view if isinstance(view, bytes) else view_json(view)
+
+
 def view_json(view: Any) -> bytes:
     """A view as strict JSON that ``jq`` reads: NaN and infinities become null, stray bytes their size, Avro's
     logical types (dates, times, decimals, UUIDs) their text. It never raises: what cannot be rendered (nesting
-    deeper than Python recurses) becomes a one-line note.
+    deeper than Python recurses) becomes a one-line note. The same view always gives the same bytes (a redelivered
+    message rewrites its file with them).
 
-    The common case (no NaN) is one C-speed ``json.dumps``; only a view that holds NaN is walked in Python."""
+    orjson, not json: rendering the decoded record is the only pass over it, in C (json.dumps was 0.5 ms of a ZTF
+    packet's 1.1 ms in the consumer, orjson 0.02 ms; see docs/performance.md). It writes NaN as null itself. What
+    it refuses (integers beyond 64 bits, a lone surrogate, nesting past 255) goes through json, which escapes it,
+    walking for NaN only then."""
+    try:
+        return orjson.dumps(view, default=_unencodable)
+    except orjson.JSONEncodeError:
+        pass
     try:
         return json.dumps(view, allow_nan=False, default=_unencodable).encode()
     except ValueError:

@@ -229,6 +229,7 @@ class SchemalessAvro:
     """``avro``: each message is one schemaless record of the schema ``[kafka.schemas]`` names for its topic."""
 
     format = "avro"
+    pooled_by_default = True  # kafka.decode_workers = "auto" spreads its decoding over the cores
 
     def __init__(self, schema_file: str | None = None, **_settings: Any) -> None:
         if not schema_file:

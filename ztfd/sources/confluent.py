@@ -103,6 +103,7 @@ def _schema_text(body: bytes, schema_id: int) -> str:
 @register("confluent-avro")
 class ConfluentAvro:
     format = "confluent-avro"
+    decodes_alone = False  # it reads and writes the store's schema cache: never decoded in a forked worker
 
     def __init__(self, registry_url: str = "", schema_cache: Any = None, registry_timeout: float = 30.0,
                  **_settings: Any) -> None:

@@ -19,6 +19,7 @@ from ztfd.sources.packets import alert_of
 @register("fink")
 class Fink:
     format = "fink"
+    pooled_by_default = True  # kafka.decode_workers = "auto" spreads its decoding over the cores
 
     def __init__(self, **_settings: Any) -> None:
         self.schemas = SchemaCache()

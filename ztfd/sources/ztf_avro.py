@@ -17,6 +17,7 @@ from ztfd.sources.packets import alert_of
 @register("ztf-avro")
 class ZtfAvro:
     format = "ztf-avro"
+    pooled_by_default = True  # kafka.decode_workers = "auto" spreads its decoding over the cores
 
     def __init__(self, **_settings: Any) -> None:
         self.reader = ContainerReader()
