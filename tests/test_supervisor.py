@@ -111,6 +111,15 @@ def test_start_status_second_start_and_stop(daemon_config: tuple[Path, list[str]
     first, second = report["topics"]
     assert (first["alerts_today"], first["alerts_total"], second["alerts_total"]) == (30, 30, 0)
     assert first["lag"] == 0 and second["lag"] == 0
+    # The running consumers keep what their fetches heard of the ends: status takes the lag from them and opens
+    # no Kafka client of its own (its cost is then the store's alone).
+    code, report = wait_until(lambda: (r := status(cfg_path)) and all(
+        t["lag_from"] == "consumer" for t in r[1]["topics"]) and r, 30, "the lag from the consumers' fetches")
+    assert [(t["lag"], t["broker"]) for t in report["topics"]] == [(0, "ok"), (0, "ok")]
+    assert all(t["lag_at"].endswith("Z") for t in report["topics"])
+    traced = subprocess.run([sys.executable, "-X", "importtime", *ztfd_command(cfg_path, "status", "--json")[1:]],
+                            capture_output=True, text=True, timeout=60, env=child_env())
+    assert traced.returncode == 0 and "confluent_kafka" not in traced.stderr
     assert set(report["queue"]) == {"ready", "leased", "retry_waiting", "unavailable", "failed", "done"}
     assert report["sync"]["pending"] == 30  # 30 alert files recorded for sync, no bucket to upload them to
     assert report["disk"]["free_bytes"] > 0

@@ -50,7 +50,7 @@ from ztfd.daemon import lifecycle
 from ztfd.daemon.heartbeat import Heartbeat
 from ztfd.daemon.localtrouble import Condition, describe, is_local
 from ztfd.files import remove_stale_temporaries
-from ztfd.ingest import nights, topics
+from ztfd.ingest import nights, seen_ends, topics
 from ztfd.ingest.assignment import TopicAssignment
 from ztfd.ingest.batch import Accepted, Batch, BatchBuilder, log_lines
 from ztfd.ingest.broker_errors import BrokerErrors
@@ -290,10 +290,16 @@ class TopicConsumer:
         try:
             if force:
                 self.heartbeat.beat(self.conn)
-            else:
-                self.heartbeat.beat_if_due(self.conn)
+            elif not self.heartbeat.beat_if_due(self.conn):
+                return
         except sqlite3.Error as exc:  # a store locked or full: the batches say so; the stream must go on
             self.throttled("heartbeat", logging.WARNING, "heartbeat failed: %s", exc)
+            return
+        if not self.group:  # every partition is ours: what our fetches heard is the topic's lag for status
+            if self.broker_errors.record is None:
+                seen_ends.record(self.conn, self.topic, self.kafka.assigned, self.kafka.cached_end)
+            else:
+                seen_ends.forget(self.conn, self.topic)
 
     def _write_files(self, batch: Batch) -> None:
         """Steps 2 and 3: hand the batch to the file writer, which writes its alert files (paths under home), then

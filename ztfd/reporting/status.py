@@ -26,7 +26,7 @@ from ztfd import config, store
 from ztfd.daemon import pidfile
 from ztfd.daemon.localtrouble import STATUS_PREFIX as LOCAL_TROUBLE_PREFIX
 from ztfd.daemon.procs import pid_alive
-from ztfd.ingest import topics
+from ztfd.ingest import seen_ends, topics
 from ztfd.ingest.broker_errors import STATUS_PREFIX as KAFKA_ERROR_PREFIX
 from ztfd.ingest.quota import near_quota
 from ztfd.sources import LSST
@@ -73,6 +73,7 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
         "disk": _disk(cfg.home),
         "store": str(cfg.db_path) if cfg.db_path.exists() else None,
     }
+    seen: dict[str, tuple[dict[int, int], float]] = {}
     conn = _open_store(cfg)
     try:
         if conn is not None:
@@ -88,6 +89,7 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
                 for name, (reason, at) in statuses_with_prefix(conn, LOCAL_TROUBLE_PREFIX).items()}
             report["kafka_errors"] = _kafka_errors(conn)
             report["stamp_errors"] = _stamp_errors(conn, cfg)
+            seen = {} if cfg.kafka.group_mode else seen_ends.fresh(conn, now)
             lost = store_gaps.missing_by_topic(conn)
             for info in report["topics"]:
                 info["rejected"] = report["rejected"].get(info["topic"], 0)
@@ -100,7 +102,7 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
     finally:
         if conn is not None:
             conn.close()
-    report["kafka_client_error"] = _add_lag(cfg, report["topics"], kafka_timeout) if lag else None
+    report["kafka_client_error"] = _add_lag(cfg, report["topics"], seen, kafka_timeout) if lag else None
     if lag and cfg.kafka.group_mode:
         from ztfd.reporting import fleet  # librdkafka: only when the broker is asked
 
@@ -234,7 +236,7 @@ def _processes(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list
 def _empty_topic(topic: str) -> dict[str, Any]:
     return {"topic": topic, "survey": None, "alerts_today": 0, "alerts_total": 0, "last_alert": None,
             "last_alert_age": None, "rejected": 0, "lost_upstream": 0, "partitions": {}, "lag": None,
-            "lasair_day": None}
+            "lag_from": None, "lag_at": None, "lasair_day": None}
 
 
 def _lasair_day(day: store_quota.DayBytes | None, quota: int, now: float) -> dict[str, Any]:
@@ -301,35 +303,52 @@ def _gaps(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             for g in store_gaps.recent_gaps(conn)]
 
 
-def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], timeout: float) -> str | None:
-    """Kafka lag per topic: the end of each partition (``ztfd.ingest.kafka.end_offsets``, within ``timeout``)
-    minus ztfd's stored next offset, when the broker answers in time.
+def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], seen: dict[str, tuple[dict[int, int], float]],
+             timeout: float) -> str | None:
+    """Kafka lag per topic: the end of each partition minus ztfd's stored next offset.
+
+    The ends come from the topic's running consumer while what it heard is fresh (``ztfd.ingest.seen_ends``:
+    ``lag_from`` "consumer", ``lag_at`` when it heard them); otherwise from the broker, asked within ``timeout``
+    (``ztfd.ingest.kafka.end_offsets``; ``lag_from`` "broker"), when it answers in time.
 
     Returns why no Kafka client could be built (librdkafka refused the options: a SASL password that lives in
     the daemon's environment only), else None; the lag is then unknown, and nothing else is missing.
     """
-    if not topics:
+    asked = []
+    for info in topics:
+        if info["topic"] in seen:
+            ends, at = seen[info["topic"]]
+            _set_lag(info, "ok", ends)
+            info["lag_from"], info["lag_at"] = "consumer", _iso(at)
+        else:
+            asked.append(info)
+    if not asked:
         return None
     try:
-        from ztfd.ingest import kafka  # librdkafka: only when the lag is asked for
+        from ztfd.ingest import kafka  # librdkafka: only when the broker must be asked
     except ImportError:  # pragma: no cover - confluent-kafka is a dependency
         return None
     try:
-        said = kafka.end_offsets(cfg.kafka, [info["topic"] for info in topics], timeout)
+        said = kafka.end_offsets(cfg.kafka, [info["topic"] for info in asked], timeout)
     except kafka.ClientRefusedError as exc:
-        for info in topics:
+        for info in asked:
             info["lag"], info["broker"] = None, "no Kafka client"
         return str(exc)
-    for info in topics:
+    for info in asked:
         broker, ends = said[info["topic"]]
-        info["broker"] = broker
-        if broker == "no such topic":
-            info["lag"] = None
-        elif ends is not None:
-            stored = info["partitions"]
-            info["lag"] = sum(max(0, high - (stored[str(p)]["next_offset"] if str(p) in stored else 0))
-                              for p, high in ends.items())
+        _set_lag(info, broker, ends)
+        info["lag_from"], info["lag_at"] = "broker", None
     return None
+
+
+def _set_lag(info: dict[str, Any], broker: str, ends: dict[int, int] | None) -> None:
+    info["broker"] = broker
+    if broker == "no such topic":
+        info["lag"] = None
+    elif ends is not None:
+        stored = info["partitions"]
+        info["lag"] = sum(max(0, high - (stored[str(p)]["next_offset"] if str(p) in stored else 0))
+                          for p, high in ends.items())
 
 
 # --- the table -----------------------------------------------------------------------------------------------
