@@ -31,6 +31,7 @@ from ztfd import config, store
 from ztfd.daemon import lifecycle
 from ztfd.daemon.heartbeat import Heartbeat
 from ztfd.daemon.procs import pid_alive
+from ztfd.reporting import status
 from ztfd.store import counters
 from ztfd.store.processes import ProcessRow, processes
 from ztfd.store.states import ProcessState, Role
@@ -62,16 +63,16 @@ class KafkaView:
     client_error: str | None = None  # why no Kafka client could be built (the lag is then unknown)
 
 
-def read_kafka(cfg: config.Config, offsets: dict[str, dict[int, store.StoredOffset]]) -> KafkaView:
-    """Ask the broker for every topic's high watermarks and subtract the stored offsets (``ztfd status``'s way)."""
-    from ztfd.reporting import status
-
+def read_kafka(cfg: config.Config, offsets: dict[str, dict[int, store.StoredOffset]],
+               seen: dict[str, tuple[dict[int, int], float]]) -> KafkaView:
+    """Every topic's high watermarks minus the stored offsets (``ztfd status``'s way: from what the running
+    consumers heard, ``seen``, else asked of the broker)."""
     topics: list[dict[str, Any]] = [
         {"topic": topic, "lag": None,
          "partitions": {str(p): {"next_offset": o.next_offset} for p, o in offsets.get(topic, {}).items()}}
         for topic in cfg.kafka.topics
     ]
-    client_error = status._add_lag(cfg, topics, KAFKA_TIMEOUT)
+    client_error = status.add_lag(cfg, topics, seen, KAFKA_TIMEOUT)
     return KafkaView(lag={t["topic"]: t.get("lag") for t in topics},
                      up={t["topic"]: t.get("broker") == "ok" for t in topics}, client_error=client_error)
 
@@ -236,7 +237,8 @@ def _serve(cfg: config.Config, name: str, host: str, port: int, stop: lifecycle.
             if time.monotonic() >= next_lag:
                 with lock:
                     offsets = {topic: store.stored_offsets(conn, topic) for topic in cfg.kafka.topics}
-                kafka = read_kafka(cfg, offsets)  # outside the lock: the broker may take seconds
+                    seen = status.consumers_seen_ends(cfg, conn)
+                kafka = read_kafka(cfg, offsets, seen)  # outside the lock: the broker may take seconds
                 if kafka.client_error and kafka.client_error != collector.kafka.client_error:
                     log.error("metrics: no Kafka client, serving the store's metrics without the lag: %s",
                               kafka.client_error)

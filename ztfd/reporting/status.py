@@ -89,7 +89,7 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
                 for name, (reason, at) in statuses_with_prefix(conn, LOCAL_TROUBLE_PREFIX).items()}
             report["kafka_errors"] = _kafka_errors(conn)
             report["stamp_errors"] = _stamp_errors(conn, cfg)
-            seen = {} if cfg.kafka.group_mode else seen_ends.fresh(conn, now)
+            seen = consumers_seen_ends(cfg, conn, now)
             lost = store_gaps.missing_by_topic(conn)
             for info in report["topics"]:
                 info["rejected"] = report["rejected"].get(info["topic"], 0)
@@ -102,7 +102,7 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
     finally:
         if conn is not None:
             conn.close()
-    report["kafka_client_error"] = _add_lag(cfg, report["topics"], seen, kafka_timeout) if lag else None
+    report["kafka_client_error"] = add_lag(cfg, report["topics"], seen, kafka_timeout) if lag else None
     if lag and cfg.kafka.group_mode:
         from ztfd.reporting import fleet  # librdkafka: only when the broker is asked
 
@@ -303,7 +303,14 @@ def _gaps(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             for g in store_gaps.recent_gaps(conn)]
 
 
-def _add_lag(cfg: config.Config, topics: list[dict[str, Any]], seen: dict[str, tuple[dict[int, int], float]],
+def consumers_seen_ends(cfg: config.Config, conn: sqlite3.Connection,
+                        now: float | None = None) -> dict[str, tuple[dict[int, int], float]]:
+    """What the running consumers heard of their topics' ends, for ``add_lag`` (none in fleet mode: a host holds
+    only some partitions, and the fleet's figures come from the broker)."""
+    return {} if cfg.kafka.group_mode else seen_ends.fresh(conn, now)
+
+
+def add_lag(cfg: config.Config, topics: list[dict[str, Any]], seen: dict[str, tuple[dict[int, int], float]],
              timeout: float) -> str | None:
     """Kafka lag per topic: the end of each partition minus ztfd's stored next offset.
 
