@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import threading
@@ -93,6 +94,7 @@ def run(settings: Settings, results: Results) -> None:
         s3.create_bucket("bench-fleet-ingest")
         for run_index in range(settings.runs):
             for mode in ("all", "group") if run_index % 2 == 0 else ("group", "all"):
+                os.sync()  # as in bench.ingest: no run pays for the writeback of the one before
                 ingest[mode].append(consume_rate(
                     broker.bootstrap, ingest_count, work / f"ingest-{mode}-{run_index}", results, topic=topic,
                     sections={"kafka": {"assignment": mode}, "s3": s3_section(s3, "bench-fleet-ingest")}))
