@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ from ztfd.daemon import lifecycle
 from ztfd.embedded.demo import FAST_KAFKA_OPTIONS, Daemon, write_config
 from ztfd.ingest.fleet import FleetBook, holders
 from ztfd.store import jobs
-from ztfd.store.alerts import iter_alerts
+from ztfd.store.alerts import StoredAlert, iter_alerts
 from ztfd.store.manifest import count_pending
 
 PARTITIONS = 4
@@ -226,10 +227,10 @@ class Host:
         for popen in self.daemon.processes:
             sampler.watch(popen.pid)
 
-    def connect(self) -> Any:
+    def connect(self) -> sqlite3.Connection:
         return store.connect(self.cfg.db_path)
 
-    def stored(self) -> list[Any]:
+    def stored(self) -> list[StoredAlert]:
         if not self.cfg.db_path.exists():
             return []
         conn = self.connect()
