@@ -20,7 +20,7 @@ from pathlib import Path
 from bench import results as results_md
 from bench.common import Results, Row, Settings, machine, render
 
-SECTIONS = ("ingest", "avro", "stamps", "lsst", "sync", "e2e", "store", "archive")
+SECTIONS = ("ingest", "avro", "stamps", "lsst", "sync", "e2e", "store", "archive", "fleet")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,12 +15,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import psutil
 
 from ztfd.embedded import demo
 from ztfd.embedded.demo import child_env, ztfd_argv
+
+T = TypeVar("T")
 
 ROLE_BY_COMMAND = {"consume": "consumer", "fetch": "fetcher", "sync": "syncer", "start": "supervisor"}
 
@@ -226,12 +228,14 @@ def python_child(module: str, *args: str, log_path: Path) -> subprocess.Popen[by
                                 stdin=subprocess.DEVNULL, env=child_env())
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1, what: str = "") -> None:
+def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.1, what: str = "") -> T:
+    """Poll ``predicate`` until it returns something true, which is returned."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not (value := predicate()):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what or predicate}")
         time.sleep(interval)
+    return value
 
 
 def machine() -> dict[str, Any]:

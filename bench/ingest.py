@@ -122,16 +122,20 @@ def loop_rate(bootstrap: str, kind: str, count: int, out: Path, topic: str = TOP
 
 
 def consume_rate(bootstrap: str, count: int, home: Path, results: Results, topic: str = TOPIC,
-                 message_format: str = "lasair", decode_workers: int | str = 0) -> float:
+                 message_format: str = "lasair", decode_workers: int | str = 0,
+                 sections: dict[str, dict[str, Any]] | None = None) -> float:
     """Alerts/s of ``ztfd consume`` (stamps off, ``kafka.decode_workers``) of a topic of ``count`` messages, first
-    received to last file recorded."""
-    config_path = write_config(home / "ztfd.toml", home, {
+    received to last file recorded. ``sections`` adds keys to the configuration (e.g. group mode and its bucket)."""
+    config: dict[str, dict[str, Any]] = {
         "kafka": {"bootstrap_servers": bootstrap, "group_id": f"bench-ztfd-{time.time_ns()}", "topics": [topic],
                   "decode_workers": decode_workers},
         "kafka.options": {**FAST_KAFKA_OPTIONS, "auto.offset.reset": "earliest"},
         "kafka.formats": {topic: message_format},
         "stamps": {"enabled": False},
-    })
+    }
+    for name, values in (sections or {}).items():
+        config.setdefault(name, {}).update(values)
+    config_path = write_config(home / "ztfd.toml", home, config)
     conn = store.connect(home / "state" / "ztfd.sqlite3")
     try:
         with RssSampler() as sampler, ztfd_child(config_path, "consume", "--topic", topic,

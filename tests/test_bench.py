@@ -90,3 +90,32 @@ def test_quick_e2e_bench_reports_the_wal_peak(tmp_path: Path) -> None:
     assert row["unit"] == "MB" and row["value"] > 0 and row["goal"] == "<= 64 MB"
     assert document["raw"]["e2e"]["wal_peak_bytes"] > 0
     assert "store WAL peak size" in result.stdout
+
+
+def test_fleet_figures_are_judged_against_the_issues_goals() -> None:
+    """The fleet section's table from its measurements (no services: the section itself runs in bin/bench only):
+    each figure beside its goal, the verdict following the value."""
+    from bench.common import Results, Settings
+    from bench.fleet import HANDOVER_GOAL, SESSION_TIMEOUT_MS, Loss, Uploads, report
+
+    def judged(handover: float, requests: int, group_rate: float) -> dict[str, dict]:
+        results = Results()
+        loss = Loss(handover, [1, 3], 40, Uploads(alerts=1000, puts=6200, bytes=137_000_000,
+                                                  stamp_requests=requests))
+        single = Uploads(alerts=1000, puts=6000, bytes=137_000_000, stamp_requests=2000)
+        report(Settings(runs=1), results, 5000, {"all": [1000.0], "group": [group_rate]}, [loss], [single])
+        return {row.name: row.__dict__ for row in results.rows}
+
+    rows = judged(handover=HANDOVER_GOAL - 1, requests=2100, group_rate=950.0)
+    handover = rows["host lost (kill -9, home deleted) -> its partitions flowing again"]
+    assert handover["passed"] and f"session.timeout.ms {SESSION_TIMEOUT_MS}" in handover["detail"]
+    assert rows["stamp requests per triplet across a host loss"]["value"] == pytest.approx(2.1)
+    assert rows["stamp requests per triplet across a host loss"]["passed"]
+    assert rows["group mode vs assignment = all"]["passed"]
+    assert rows["S3 PUTs per alert, fleet with a host lost"]["value"] == pytest.approx(6.2)
+    assert "one host: 6.00" in rows["S3 PUTs per alert, fleet with a host lost"]["detail"]
+
+    rows = judged(handover=HANDOVER_GOAL + 1, requests=2300, group_rate=850.0)
+    assert not rows["host lost (kill -9, home deleted) -> its partitions flowing again"]["passed"]
+    assert not rows["stamp requests per triplet across a host loss"]["passed"]
+    assert not rows["group mode vs assignment = all"]["passed"]

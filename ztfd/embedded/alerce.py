@@ -39,7 +39,6 @@ import json
 import logging
 import random
 import re
-import sys
 import threading
 import time
 import zlib
@@ -52,7 +51,7 @@ from urllib.parse import parse_qs, urlsplit
 from ztfd.daemon import lifecycle
 from ztfd.embedded.avro_samples import ztf_packet_bytes
 from ztfd.embedded.lsst_samples import RubinAlert, object_alerts
-from ztfd.embedded.net import free_port
+from ztfd.embedded.net import QuietHTTPServer, free_port
 from ztfd.embedded.samples import SamplePacket
 from ztfd.embedded.samples import packets as sample_packets
 from ztfd.sources import JD_MJD_OFFSET, STAMP_TYPES
@@ -236,15 +235,6 @@ def first_hdu(fits: bytes) -> bytes:
     raise ValueError("not FITS: no END card")
 
 
-class _Server(ThreadingHTTPServer):
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that went away (killed, timed out) is no error of the service's: logged quietly."""
-        if isinstance(sys.exc_info()[1], ConnectionError):
-            log.debug("client %s went away", client_address)
-        else:
-            super().handle_error(request, client_address)
-
-
 class StampService:
     """The service: ``start()``/``stop()`` or a ``with`` block; ``url`` serves as both ALeRCE base URLs."""
 
@@ -281,7 +271,7 @@ class StampService:
 
     def start(self) -> StampService:
         handler = type("Handler", (_Handler,), {"service": self})
-        self._server = _Server((self.host, self.port), handler)
+        self._server = QuietHTTPServer((self.host, self.port), handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._stopping.clear()

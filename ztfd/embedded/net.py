@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+import sys
 import time
+from http.server import ThreadingHTTPServer
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -24,3 +30,14 @@ def wait_for_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> 
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s") from None
             time.sleep(0.05)
+
+
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server for which a client that went away (killed with -9, timed out) is no error: logged
+    quietly, not as a traceback on stderr."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("client %s went away", client_address)
+        else:
+            super().handle_error(request, client_address)

@@ -26,12 +26,12 @@ import sys
 import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 from ztfd.daemon import lifecycle
-from ztfd.embedded.net import free_port, wait_for_port
+from ztfd.embedded.net import QuietHTTPServer, free_port, wait_for_port
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward  # noqa: N815 - http.server's naming
 
 
-class _ProxyHTTPServer(ThreadingHTTPServer):
+class _ProxyHTTPServer(QuietHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
