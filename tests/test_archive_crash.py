@@ -119,7 +119,7 @@ def test_an_older_store_gains_the_archive_marks_table(tmp_path: Path) -> None:
     conn.close()
     conn = store.connect(db)
     try:
-        assert schema_version(conn) == SCHEMA_VERSION == 10
+        assert schema_version(conn) == SCHEMA_VERSION == 11
         assert conn.execute("SELECT count(*) FROM archive_marks").fetchone()[0] == 0
     finally:
         conn.close()
@@ -206,3 +206,71 @@ def test_a_backlog_written_in_many_small_steps_is_the_dataset_a_rebuild_makes(
     finally:
         conn.close()
     assert home.table().equals(clean)
+
+
+def test_status_tells_how_far_the_dataset_is_behind_the_store(home: Home) -> None:
+    """``ztfd status`` counts the stored alerts not yet in the dataset from the marks' counts (no alert read), with
+    the oldest one's receive time, and names a problem when that is older than a few ``archive.interval``s."""
+    import json
+
+    from ztfd.store import archive_marks
+
+    conn = store.connect(home.db)
+    try:
+        with store.transaction(conn):
+            archive_marks.forget(conn)
+    finally:
+        conn.close()
+    home.clear()
+    behind = child_env(ZTFD_ARCHIVE_ENABLED="true", ZTFD_ARCHIVE_INTERVAL="0.1")
+
+    def status(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(ztfd_command(home.config, "status", *args), capture_output=True, text=True,
+                              timeout=60, env=behind)
+
+    report = json.loads(status("--json").stdout)
+    first_received = sqlite3.connect(home.db).execute("SELECT min(received_at) FROM alerts").fetchone()[0]
+    assert report["archive"]["pending"] == ALERTS and report["archive"]["written"] == 0
+    assert [t["archive_pending"] for t in report["topics"]] == [ALERTS]
+    assert report["archive"]["oldest_pending_age"] >= report["archive"]["interval"] * 3
+    oldest = report["archive"]["oldest_pending"]
+    assert oldest == status_iso(first_received)
+    (problem,) = [p for p in report["problems"] if p["kind"] == "archive"]
+    assert f"{ALERTS} stored alerts not in the dataset yet" in problem["reason"]
+    assert problem["log"]["file"].endswith("archive.log")
+    text = status().stdout
+    assert f"{ALERTS} stored alerts not in it yet" in text and "the Parquet archive (archiver)" in text
+
+    home.run("archive", "--once")
+    report = json.loads(status("--json").stdout)
+    assert (report["archive"]["pending"], report["archive"]["written"]) == (0, ALERTS)
+    assert report["archive"]["oldest_pending"] is None
+    assert not [p for p in report["problems"] if p["kind"] == "archive"]
+
+
+def status_iso(ts: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def test_the_step_to_version_11_counts_the_alerts_each_mark_has_written(tmp_path: Path) -> None:
+    from ztfd.store import archive_marks
+    from ztfd.store.alerts import NewAlert, insert_alerts
+    from ztfd.store.archive_marks import PartitionKey
+
+    db = tmp_path / "ztfd.sqlite3"
+    conn = store.connect(db)
+    with store.transaction(conn):
+        insert_alerts(conn, "t", [NewAlert(0, 0, offset, f"ZTF{offset}", "2021-09-01", None, f"data/{offset}.json")
+                                  for offset in (3, 5, 8)], received_at=1.0e9)
+        archive_marks.advance(conn, PartitionKey("t", 0, 0), 5, 0)
+    conn.execute("ALTER TABLE archive_marks DROP COLUMN alerts_written")
+    conn.execute("UPDATE meta SET value = '10' WHERE key = 'schema_version'")
+    conn.close()
+    conn = store.connect(db)
+    try:
+        assert schema_version(conn) == SCHEMA_VERSION
+        assert archive_marks.written_per_topic(conn) == {"t": 2}  # offsets 3 and 5, at or below the mark
+    finally:
+        conn.close()

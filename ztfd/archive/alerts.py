@@ -118,7 +118,7 @@ class AlertsWriter:
         recorded.extend(self._new_avro_schemas())
         with transaction(self.conn):
             manifest.record_files(self.conn, recorded)
-            archive_marks.advance(self.conn, key, alerts[-1].kafka_offset)
+            archive_marks.advance(self.conn, key, alerts[-1].kafka_offset, len(alerts))
         self._just_written = written  # a backlog's next step adds to these files: no need to read them back
 
     def _kept_rows(self, key: PartitionKey, date: str, start: int, mark: int) -> pa.Table | None:

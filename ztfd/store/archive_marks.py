@@ -77,13 +77,37 @@ def nights_touched_since(conn: sqlite3.Connection, since: float) -> set[str]:
     return {row[0] for row in received} | {row[0] for row in done}
 
 
-def advance(conn: sqlite3.Connection, key: PartitionKey, written_through: int) -> None:
-    """Move a mark up (inside the caller's transaction); never down."""
+def advance(conn: sqlite3.Connection, key: PartitionKey, written_through: int, alerts: int) -> None:
+    """Move a mark up (inside the caller's transaction); never down. ``alerts``: how many stored alerts the step
+    wrote into the dataset (those above the old mark, up to the new one), added to the partition's count."""
     conn.execute(
-        "INSERT INTO archive_marks (topic, partition, generation, written_through, written_at) VALUES (?, ?, ?, ?, ?) "
+        "INSERT INTO archive_marks (topic, partition, generation, written_through, written_at, alerts_written) "
+        "VALUES (?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (topic, partition, generation) DO UPDATE SET "
-        "written_through = max(written_through, excluded.written_through), written_at = excluded.written_at",
-        (*key, written_through, time.time()))
+        "written_through = max(written_through, excluded.written_through), written_at = excluded.written_at, "
+        "alerts_written = alerts_written + excluded.alerts_written",
+        (*key, written_through, time.time(), alerts))
+
+
+def written_per_topic(conn: sqlite3.Connection) -> dict[str, int]:
+    """Alerts in the dataset per topic, from the marks' counts (a row per partition generation, no alert read):
+    with the stored alerts per topic (``store.counters.topic_totals``), what the archiver has still to write."""
+    rows = conn.execute("SELECT topic, sum(alerts_written) FROM archive_marks GROUP BY topic")
+    return {row[0]: row[1] for row in rows}
+
+
+def oldest_unwritten_at(conn: sqlite3.Connection) -> float | None:
+    """When the oldest alert not yet in the dataset was received: per partition generation, the alert just above
+    its mark (one indexed look-up each; offsets come in the order they are received), the oldest of them."""
+    marked = marks(conn)
+    oldest = None
+    for key in partitions_to_look_at(conn):
+        row = conn.execute(
+            "SELECT received_at FROM alerts WHERE topic = ? AND partition = ? AND generation = ? "
+            "AND kafka_offset > ? ORDER BY kafka_offset LIMIT 1", (*key, marked.get(key, -1))).fetchone()
+        if row is not None and (oldest is None or row[0] < oldest):
+            oldest = row[0]
+    return oldest
 
 
 def forget(conn: sqlite3.Connection) -> None:
