@@ -125,7 +125,7 @@ def archived(kafka: KafkaBroker, s3_server: S3Server, tmp_path_factory: pytest.T
         "s3": {"bucket": bucket, "prefix": "mirror/", "endpoint_url": s3_server.endpoint_url, "region": "us-east-1",
                "interval": 1, "max_attempts": 2},
         "report": {"after_quiet": 0},
-        "archive": {"enabled": True, "interval": 1},
+        "archive": {"enabled": True, "interval": 1, "compact_after": 2},
     }, home)
     for topic in topics.values():
         kafka.create_topic(topic)
@@ -311,6 +311,18 @@ def test_the_dataset_reads_back_from_s3(archived: Archived) -> None:
         return all(remote.get(key) == md5 for key, md5 in local.items())
 
     wait_until(uploaded, 60, "the archive/ files in S3")
+
+    def folded_everywhere() -> bool:
+        """Every night quiet: its parts folded into one file per partition and block, on disk and in S3 (the
+        folded parts deleted there too, once their new file was uploaded)."""
+        files = [p for p in (archived.home / "archive" / "alerts").rglob("*.parquet")]
+        blocks = [(p.parent, p.name.split("-o")[0], int(p.name.split("-o")[1][:12]) // 10_000) for p in files]
+        remote = {key for key in archived.s3.objects(archived.bucket)
+                  if key.startswith("mirror/archive/alerts/") and key.endswith(".parquet")}
+        local = {f"mirror/{p.relative_to(archived.home).as_posix()}" for p in files}
+        return len(set(blocks)) == len(blocks) and remote == local and uploaded()
+
+    wait_until(folded_everywhere, 60, "the part files folded, on disk and in S3")
     env = archived.s3.env()
     s3fs = fs.S3FileSystem(endpoint_override=archived.s3.endpoint_url.removeprefix("http://"), scheme="http",
                            region="us-east-1",

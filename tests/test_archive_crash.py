@@ -4,6 +4,7 @@ the store's new table (``archive_marks``) comes to an older store by migration."
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import signal
 import sqlite3
@@ -34,9 +35,9 @@ class Home:
     config: Path
     db: Path
 
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(ztfd_command(self.config, *args), capture_output=True, text=True, timeout=300,
-                              env=child_env())
+                              env=child_env(**(env_extra or {})))
         assert done.returncode == 0, done.stderr
         return done
 
@@ -274,3 +275,68 @@ def test_the_step_to_version_11_counts_the_alerts_each_mark_has_written(tmp_path
         assert archive_marks.written_per_topic(conn) == {"t": 2}  # offsets 3 and 5, at or below the mark
     finally:
         conn.close()
+
+
+class KilledError(Exception):
+    """Stands for a kill -9 at one point of a compaction (the process stops there, nothing after it runs)."""
+
+
+def test_a_compaction_killed_after_its_rename_is_finished_by_the_next_pass(
+        home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts written in many small steps, then folded: killed between the new file's rename and the parts'
+    deletion, the dataset still reads every alert once (the folded parts are left out by name), and the next
+    ``ztfd archive --once`` finishes the fold: one file per night and block, the parts gone from disk and from the
+    manifest, their objects queued for deletion from S3. A quiet night is then folded whole."""
+    from ztfd import config
+    from ztfd.archive import alerts as writer_module
+    from ztfd.archive import compaction
+    from ztfd.archive.role import Archiver
+    from ztfd.store import archive_marks, deletions
+
+    home.run("archive", "--rebuild")
+    clean = home.table()
+    home.clear()
+    cfg = config.load(home.config)
+    conn = store.connect(cfg.db_path)
+    try:
+        with store.transaction(conn):
+            archive_marks.forget(conn)
+        monkeypatch.setattr(writer_module, "READ_LIMIT", 97)
+        writer = Archiver(cfg, conn).alerts_writer()
+        writer.write_pass()
+        parts = sorted((home.path / "archive" / "alerts").rglob("*.parquet"))
+        by_block = collections.Counter((p.parent, p.name.split("-")[0]) for p in parts)
+        (folder, prefix), count = by_block.most_common(1)[0]
+        in_folder = sorted(p.name for p in folder.glob(f"{prefix}-*.parquet"))
+        assert count == len(in_folder) > 2
+        def killed(*_args: Any) -> None:
+            raise KilledError
+
+        monkeypatch.setattr(writer_module.AlertsWriter, "replace_files", killed)
+        key = archive_marks.PartitionKey(folder.name.removeprefix("topic="), int(prefix[1:]), 0)
+        with pytest.raises(KilledError):
+            compaction.Compactor(writer, 3600).fold(folder, key, 0, in_folder, archive_marks.marks(conn)[key])
+    finally:
+        conn.close()
+    assert len(list(folder.glob(f"{prefix}-*.parquet"))) == len(in_folder) + 1  # the new file beside the parts
+    assert home.table().equals(clean)  # read as one: the parts it holds are left out
+
+    home.run("archive", "--once")
+    left = sorted(p.name for p in folder.glob(f"{prefix}-*.parquet"))
+    assert len(left) == 1 and left[0] not in in_folder
+    assert home.table().equals(clean)
+    conn = store.connect(cfg.db_path)
+    try:
+        queued = {row[0] for row in conn.execute("SELECT path FROM s3_deletions")}
+        assert {f"{folder.relative_to(home.path).as_posix()}/{name}" for name in in_folder} <= queued
+        assert not conn.execute("SELECT count(*) FROM manifest WHERE path IN (SELECT path FROM s3_deletions)"
+                                ).fetchone()[0]
+        assert deletions.count(conn) == len(queued)
+    finally:
+        conn.close()
+
+    home.run("archive", "--once", env_extra={"ZTFD_ARCHIVE_COMPACT_AFTER": "1"})  # every night quiet by now
+    files = list((home.path / "archive" / "alerts").rglob("*.parquet"))
+    blocks = {(p.parent, p.name.split("-o")[0]) for p in files}
+    assert len(blocks) == len(files) < len(parts)
+    assert home.table().equals(clean)

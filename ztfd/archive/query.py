@@ -24,7 +24,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from ztfd.archive import columns, sky
-from ztfd.archive.layout import COMMON_METADATA, Layout
+from ztfd.archive.layout import COMMON_METADATA, Layout, superseded
 
 FORMATS = ("table", "csv", "json")
 
@@ -55,7 +55,23 @@ def alerts_dataset(root: str | Path, filesystem: Any = None) -> ds.Dataset:
         schema = columns.fixed_schema(columns.ALERT_COLUMNS)
     for name, (dtype, text) in columns.PARTITION_COLUMNS.items():
         schema = schema.append(columns.field(name, dtype, text))
-    return ds.dataset(root, schema=schema, format="parquet", partitioning=partitioning(), filesystem=filesystem)
+    dataset = ds.dataset(root, schema=schema, format="parquet", partitioning=partitioning(), filesystem=filesystem)
+    folded = _folded_files(dataset.files)
+    if not folded:
+        return dataset
+    return ds.dataset([path for path in dataset.files if path not in folded], schema=schema, format="parquet",
+                      partitioning=partitioning(), partition_base_dir=root, filesystem=filesystem)
+
+
+def _folded_files(paths: list[str]) -> set[str]:
+    """The files whose offsets another file of their folder holds too: parts a compaction has folded and not yet
+    deleted (``ztfd.archive.compaction``). Left out, so no row is read twice."""
+    by_folder: dict[str, list[str]] = {}
+    for path in paths:
+        folder, _, name = path.rpartition("/")
+        by_folder.setdefault(folder, []).append(name)
+    return {f"{folder}/{name}" for folder, names in by_folder.items() if len(names) > 1
+            for name in superseded(names)}
 
 
 def stamps_dataset(root: str | Path, filesystem: Any = None) -> ds.Dataset:

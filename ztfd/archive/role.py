@@ -16,6 +16,7 @@ from typing import Any
 
 from ztfd import config, store
 from ztfd.archive.alerts import AlertsWriter
+from ztfd.archive.compaction import Compactor
 from ztfd.archive.layout import Layout
 from ztfd.archive.messages import SchemaSource
 from ztfd.archive.stamps import StampsWriter
@@ -63,7 +64,12 @@ class Archiver:
 
     def one_pass(self, stop: lifecycle.Stop | None = None, progress: Any = None) -> int:
         with writer_lock(self.layout):
-            written = self.alerts_writer().write_pass(stop, progress)
+            writer = self.alerts_writer()
+            compactor = Compactor(writer, self.cfg.archive.compact_after)
+            compactor.finish_interrupted()
+            written = writer.write_pass(stop, progress)
+            if stop is None or not stop.is_set():
+                compactor.compact_pass()
             self.stamps.write_pass(self.conn)
         if written:
             log.info("archive: %d alerts written into the dataset", written)
@@ -71,15 +77,16 @@ class Archiver:
 
     def rebuild(self, date: str | None) -> int:
         """Every file of night ``date`` (every night without one) written again from the store's alerts and the
-        files on disk. The marks are moved up to what the store holds, so the daemon carries on from there."""
+        files on disk, up to the marks; without a date, the alerts above the marks are then written as a pass
+        does, and the marks moved up to what the store holds, so the daemon carries on from there."""
         with writer_lock(self.layout):
             writer = self.alerts_writer()
             dates = [date] if date else archive_marks.dates_of(self.conn)
+            Compactor(writer, self.cfg.archive.compact_after).finish_interrupted()
             if date is None:
-                for stale in self.layout.alerts.glob("night=*"):
-                    if stale.name.removeprefix("night=") not in dates:
-                        for leftover in stale.glob("topic=*/*.parquet"):
-                            leftover.unlink()
+                writer.replace_files({leftover: None for night in self.layout.alerts.glob("night=*")
+                                      if night.name.removeprefix("night=") not in dates
+                                      for leftover in night.glob("topic=*/*.parquet")}, [])
             total = sum(writer.rebuild_date(night) for night in dates)
             for night in dates:
                 if (self.cfg.home / "images" / night).is_dir():
@@ -88,7 +95,8 @@ class Archiver:
                         with transaction(self.conn):
                             manifest.record_files(self.conn, [row])
             if date is None:  # everything stored is written: the daemon starts after it
-                writer.write_pass()
+                total += writer.write_pass()
+                Compactor(writer, self.cfg.archive.compact_after).compact_pass()
         return total
 
 

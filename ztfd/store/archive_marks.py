@@ -7,11 +7,14 @@ was: the next pass writes the same files again (deterministic names), and nothin
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from ztfd.store.alerts import _COLUMNS, StoredAlert, _stored
+from ztfd.store.status_facts import get_status, set_status
 
 
 class PartitionKey(NamedTuple):
@@ -48,13 +51,34 @@ def alerts_above(conn: sqlite3.Connection, key: PartitionKey, offset: int, limit
     return [_stored(row) for row in rows]
 
 
-def alerts_between(conn: sqlite3.Connection, key: PartitionKey, low: int, high: int,
-                   date: str) -> list[StoredAlert]:
-    """The alerts of one partition generation with offsets in ``[low, high]`` filed under ``date``: one file's rows."""
-    rows = conn.execute(
-        f"SELECT {_COLUMNS} FROM alerts WHERE topic = ? AND partition = ? AND generation = ? "
-        "AND kafka_offset BETWEEN ? AND ? AND date = ? ORDER BY kafka_offset", (*key, low, high, date))
-    return [_stored(row) for row in rows]
+UNFOLDED = "archive.unfolded"  # status fact: the (night, topic) folders that may hold part files to fold
+
+
+def note_unfolded(conn: sqlite3.Connection, nights: Iterable[tuple[str, str]]) -> None:
+    """The writer added part files to these (night, topic) folders (inside its transaction)."""
+    known = set(unfolded(conn))
+    added = known | set(nights)
+    if added != known:
+        set_status(conn, UNFOLDED, json.dumps(sorted(added)))
+
+
+def unfolded(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """The (night, topic) folders that may hold part files to fold: the few written since they were last folded."""
+    fact = get_status(conn, UNFOLDED)
+    return [] if fact is None or fact[0] is None else [(night, topic) for night, topic in json.loads(fact[0])]
+
+
+def note_folded(conn: sqlite3.Connection, nights: Iterable[tuple[str, str]]) -> None:
+    """These folders hold one file per partition and block now."""
+    left = set(unfolded(conn)) - set(nights)
+    set_status(conn, UNFOLDED, json.dumps(sorted(left)))
+
+
+def last_received(conn: sqlite3.Connection, night: str, topic: str) -> float | None:
+    """When the newest alert of a night and topic was received (``counter_alerts``)."""
+    row = conn.execute("SELECT last_received_at FROM counter_alerts WHERE date = ? AND topic = ?",
+                       (night, topic)).fetchone()
+    return None if row is None else row[0]
 
 
 def dates_of(conn: sqlite3.Connection, topic: str | None = None) -> list[str]:

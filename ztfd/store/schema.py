@@ -18,7 +18,7 @@ SCHEMA_VERSION = 11  # 3: alerts.survey, detection_id, band (ADDED_COLUMNS), the
 # 7: jobs.failure, the class of a failed attempt (ADDED_COLUMNS), which count_stamp_failure counts;
 # 8: counter_failing (pending files whose last upload failed), kept by triggers; 9: the crash-loop breaker's
 # decode_marks and decode_deaths; 10: archive_marks (the Parquet dataset's progress, issue 22); 11:
-# archive_marks.alerts_written (how many alerts the dataset holds, for ``ztfd status``)
+# archive_marks.alerts_written (how many alerts the dataset holds, for ``ztfd status``), s3_deletions
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (
@@ -512,5 +512,16 @@ CREATE TABLE IF NOT EXISTS archive_marks (
     written_at REAL NOT NULL,
     alerts_written INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (topic, partition, generation)
+) WITHOUT ROWID;
+"""
+
+# --- objects to delete from S3 (schema version 11; ztfd.store.deletions) -----------------------------------------
+# Files a writer replaced by files of other names (the archive's part files folded into one): sync deletes each
+# object once the file named in ``after`` is uploaded. Small: it empties at every sync pass. SCHEMA creates it.
+SCHEMA += """
+CREATE TABLE IF NOT EXISTS s3_deletions (
+    path TEXT PRIMARY KEY,
+    after TEXT,
+    requested_at REAL NOT NULL
 ) WITHOUT ROWID;
 """

@@ -10,12 +10,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ztfd.config import Config
-from ztfd.store import manifest
-from ztfd.sync import reconcile, retention
+from ztfd.store import deletions, manifest
+from ztfd.sync import reconcile, replaced, retention
 from ztfd.sync.lock import pass_lock
 from ztfd.sync.pending import PendingUploads, Progress
 from ztfd.sync.result import PassResult
-from ztfd.sync.s3 import FatalError, OutageError, make_client
+from ztfd.sync.s3 import FatalError, FileError, OutageError, make_client
 from ztfd.sync.status import record_pass
 from ztfd.units import human_bytes
 
@@ -49,6 +49,12 @@ def one_pass(conn: sqlite3.Connection, cfg: Config, stop: threading.Event, full:
     if full:
         result.reconciled = reconcile.run_full(conn, cfg)
     client = _upload_pending(conn, cfg, stop, result, progress)
+    if result.error is None and not stop.is_set() and deletions.count(conn):
+        try:
+            client = client or make_client(cfg)
+            result.deleted_remote = replaced.delete_replaced(conn, cfg, client, stop)
+        except (FatalError, OutageError, FileError) as exc:
+            result.error = f"deleting replaced files: {exc}"
     if cfg.s3.delete_local_after_days > 0 and result.error is None and not stop.is_set():
         try:
             kept = retention.apply_retention(conn, cfg, client or make_client(cfg), stop)

@@ -26,7 +26,8 @@ def record_pass(conn: sqlite3.Connection, result: PassResult, started: float, fu
     """Store ``sync.last_pass`` and ``sync.last_error`` (left as it was after an incomplete pass with no error)."""
     record = {"started_at": started, "finished_at": time.time(), "files": result.files, "bytes": result.bytes,
               "seconds": round(result.seconds, 3), "failures": result.failures, "pending": result.pending,
-              "deleted_local": result.deleted_local, "unverified": result.unverified, "requeued": result.requeued,
+              "deleted_local": result.deleted_local, "deleted_remote": result.deleted_remote,
+              "unverified": result.unverified, "requeued": result.requeued,
               "full": full, "ok": result.ok, "error": result.error}
     problem = result.error or (f"{result.failures} files failed" if result.failures else None) or result.warning
     try:
