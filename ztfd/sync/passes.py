@@ -15,7 +15,7 @@ from ztfd.sync import reconcile, replaced, retention
 from ztfd.sync.lock import pass_lock
 from ztfd.sync.pending import PendingUploads, Progress
 from ztfd.sync.result import PassResult
-from ztfd.sync.s3 import FatalError, FileError, OutageError, make_client
+from ztfd.sync.s3 import FatalError, OutageError, make_client
 from ztfd.sync.status import record_pass
 from ztfd.units import human_bytes
 
@@ -50,11 +50,8 @@ def one_pass(conn: sqlite3.Connection, cfg: Config, stop: threading.Event, full:
         result.reconciled = reconcile.run_full(conn, cfg)
     client = _upload_pending(conn, cfg, stop, result, progress)
     if result.error is None and not stop.is_set() and deletions.count(conn):
-        try:
-            client = client or make_client(cfg)
-            result.deleted_remote = replaced.delete_replaced(conn, cfg, client, stop)
-        except (FatalError, OutageError, FileError) as exc:
-            result.error = f"deleting replaced files: {exc}"
+        client = client or make_client(cfg)
+        result.deleted_remote, result.warning = replaced.delete_replaced(conn, cfg, client, stop)
     if cfg.s3.delete_local_after_days > 0 and result.error is None and not stop.is_set():
         try:
             kept = retention.apply_retention(conn, cfg, client or make_client(cfg), stop)
@@ -62,7 +59,7 @@ def one_pass(conn: sqlite3.Connection, cfg: Config, stop: threading.Event, full:
             result.error = f"retention: {exc}"
         else:
             result.deleted_local, result.unverified, result.requeued = kept.deleted, kept.unverified, kept.requeued
-            result.warning = kept.warning
+            result.warning = kept.warning or result.warning
     result.pending = manifest.count_pending(conn)
     result.interrupted = result.interrupted or (stop.is_set() and result.pending > 0)
     result.seconds = time.monotonic() - clock
