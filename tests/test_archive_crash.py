@@ -60,6 +60,21 @@ class Home:
         for parquet in (self.path / "archive").rglob("*.parquet"):
             parquet.unlink()
 
+    def start_afresh(self) -> pa.Table:
+        """The dataset a clean rebuild makes; then no file and no mark, as before the first pass."""
+        from ztfd.store import archive_marks
+
+        self.run("archive", "--rebuild")
+        clean = self.table()
+        self.clear()
+        conn = store.connect(self.db)
+        try:
+            with store.transaction(conn):
+                archive_marks.forget(conn)
+        finally:
+            conn.close()
+        return clean
+
 
 @pytest.fixture(scope="module")
 def home(kafka: KafkaBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
@@ -188,20 +203,15 @@ def test_rows_built_by_forked_processes_are_the_rows_built_in_one(home: Home, mo
 
 def test_a_backlog_written_in_many_small_steps_is_the_dataset_a_rebuild_makes(
         home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each step adds to the files the step before wrote (kept in memory, or read back): no row lost or doubled."""
+    """Each step adds its own part files beside the ones the step before wrote: no row lost or doubled."""
     from ztfd import config
     from ztfd.archive import alerts as writer_module
     from ztfd.archive.role import Archiver
-    from ztfd.store import archive_marks
 
-    home.run("archive", "--rebuild")
-    clean = home.table()
-    home.clear()
+    clean = home.start_afresh()
     cfg = config.load(home.config)
     conn = store.connect(cfg.db_path)
     try:
-        with store.transaction(conn):
-            archive_marks.forget(conn)
         monkeypatch.setattr(writer_module, "READ_LIMIT", 97)
         assert Archiver(cfg, conn).one_pass() == len(stored_keys(home.db))
     finally:
@@ -214,15 +224,7 @@ def test_status_tells_how_far_the_dataset_is_behind_the_store(home: Home) -> Non
     the oldest one's receive time, and names a problem when that is older than a few ``archive.interval``s."""
     import json
 
-    from ztfd.store import archive_marks
-
-    conn = store.connect(home.db)
-    try:
-        with store.transaction(conn):
-            archive_marks.forget(conn)
-    finally:
-        conn.close()
-    home.clear()
+    home.start_afresh()
     behind = child_env(ZTFD_ARCHIVE_ENABLED="true", ZTFD_ARCHIVE_INTERVAL="0.1")
 
     def status(*args: str) -> subprocess.CompletedProcess[str]:
@@ -293,14 +295,10 @@ def test_a_compaction_killed_after_its_rename_is_finished_by_the_next_pass(
     from ztfd.archive.role import Archiver
     from ztfd.store import archive_marks, deletions
 
-    home.run("archive", "--rebuild")
-    clean = home.table()
-    home.clear()
+    clean = home.start_afresh()
     cfg = config.load(home.config)
     conn = store.connect(cfg.db_path)
     try:
-        with store.transaction(conn):
-            archive_marks.forget(conn)
         monkeypatch.setattr(writer_module, "READ_LIMIT", 97)
         writer = Archiver(cfg, conn).alerts_writer()
         writer.write_pass()
