@@ -55,7 +55,7 @@ def alerts_dataset(root: str | Path, filesystem: Any = None) -> ds.Dataset:
         schema = columns.fixed_schema(columns.ALERT_COLUMNS)
     for name, (dtype, text) in columns.PARTITION_COLUMNS.items():
         schema = schema.append(columns.field(name, dtype, text))
-    dataset = ds.dataset(root, schema=schema, format="parquet", partitioning=partitioning(), filesystem=filesystem)
+    dataset = _dataset(root, schema, partitioning(), filesystem)
     folded = _folded_files(dataset.files)
     if not folded:
         return dataset
@@ -78,8 +78,16 @@ def stamps_dataset(root: str | Path, filesystem: Any = None) -> ds.Dataset:
     schema = columns.fixed_schema(columns.STAMP_COLUMNS).append(
         columns.field("night", pa.date32(), columns.PARTITION_COLUMNS["night"][1]))
     fields = pa.schema([pa.field("night", pa.date32())])
-    return ds.dataset(str(root), schema=schema, format="parquet",
-                      partitioning=ds.partitioning(fields, flavor="hive"), filesystem=filesystem)
+    return _dataset(str(root), schema, ds.partitioning(fields, flavor="hive"), filesystem)
+
+
+def _dataset(root: str, schema: pa.Schema, hive: ds.Partitioning, filesystem: Any) -> ds.FileSystemDataset:
+    """The Parquet files under ``root``; none if it does not exist (an S3 prefix nothing was uploaded under yet:
+    a home without stamps)."""
+    try:
+        return ds.dataset(root, schema=schema, format="parquet", partitioning=hive, filesystem=filesystem)
+    except FileNotFoundError:
+        return ds.dataset([], schema=schema, format="parquet", filesystem=filesystem)
 
 
 RELISTED_ERROR = "Could not open Parquet input source"  # how pyarrow (also inside DuckDB) says a listed file went
