@@ -76,6 +76,10 @@ class Home:
         return clean
 
 
+class KilledError(Exception):
+    """Stands for a kill -9 at one point (the process stops there, nothing after it runs)."""
+
+
 @pytest.fixture(scope="module")
 def home(kafka: KafkaBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
     run = uuid.uuid4().hex[:8]
@@ -125,6 +129,39 @@ def test_a_rebuild_killed_and_run_again_ends_with_the_same_dataset(home: Home) -
         refused = subprocess.run(ztfd_command(home.config, "archive", *bad), capture_output=True, text=True,
                                  timeout=60, env=child_env())
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+
+
+def test_a_rebuild_killed_while_it_removes_the_files_is_started_over_by_the_next_pass(
+        home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after it recorded its intent (the files' deletion from S3 and the manifest asked for) and before it
+    removed them: the next pass starts over, so every file is written again, recorded, and none is deleted in S3."""
+    from ztfd import config
+    from ztfd.archive.role import Archiver
+
+    clean = home.start_afresh()
+    home.run("archive", "--once")
+    cfg = config.load(home.config)
+    conn = store.connect(cfg.db_path)
+
+    def killed(*_args: Any, **_kwargs: Any) -> None:
+        raise KilledError
+
+    try:
+        writer = Archiver(cfg, conn).alerts_writer()
+        with monkeypatch.context() as patched:
+            patched.setattr(Path, "unlink", killed)
+            with pytest.raises(KilledError):
+                writer.start_over()
+    finally:
+        conn.close()
+    home.run("archive", "--once")
+    assert home.table().equals(clean)
+    on_disk = {p.relative_to(home.path).as_posix() for p in (home.path / "archive" / "alerts").rglob("*.parquet")}
+    db = sqlite3.connect(home.db)
+    recorded = {row[0] for row in db.execute("SELECT path FROM manifest WHERE path LIKE 'archive/alerts/%'")}
+    queued = {row[0] for row in db.execute("SELECT path FROM s3_deletions")}
+    db.close()
+    assert on_disk <= recorded and not on_disk & queued
 
 
 def test_an_older_store_gains_the_archive_marks_table(tmp_path: Path) -> None:
@@ -277,10 +314,6 @@ def test_the_step_to_version_11_counts_the_alerts_each_mark_has_written(tmp_path
         assert archive_marks.written_per_topic(conn) == {"t": 2}  # offsets 3 and 5, at or below the mark
     finally:
         conn.close()
-
-
-class KilledError(Exception):
-    """Stands for a kill -9 at one point of a compaction (the process stops there, nothing after it runs)."""
 
 
 def test_a_compaction_killed_after_its_rename_is_finished_by_the_next_pass(

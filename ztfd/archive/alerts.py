@@ -46,6 +46,7 @@ from ztfd.store import archive_marks, deletions, manifest
 from ztfd.store.alerts import StoredAlert
 from ztfd.store.archive_marks import PartitionKey
 from ztfd.store.db import transaction
+from ztfd.store.status_facts import get_status, set_status
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ READ_LIMIT = 4_000  # alerts read from the store per partition per step (full Ru
 ROWS_SLICE = 500  # alerts whose messages are parsed at once
 MJD_UNIX_EPOCH = 40587.0
 COMPRESSION = "zstd"
+STARTING_OVER = "archive.starting_over"  # status fact: a full rebuild is removing every alerts file
 
 
 def chunk_start(offset: int) -> int:
@@ -310,6 +312,29 @@ class AlertsWriter:
                     (path.parent.name.removeprefix("topic="), held.partition, held.generation, chunk_start(held.first)))
         self.replace_files(stale, recorded)
         return sum(len(a) for a in by_file.values())
+
+    def start_over(self) -> None:
+        """Remove every alerts file and forget the marks, so that the next pass writes every stored alert (a full
+        rebuild). The intent is kept in the store first, with the files' deletion from S3 and from the manifest:
+        a writer that finds it (this one killed) starts over again before it writes anything, so no file is left
+        beside the ones written anew."""
+        stale = [files.relative_to_home(self.layout.home, path)
+                 for path in self.layout.alerts.glob("night=*/topic=*/*.parquet")]
+        with transaction(self.conn):
+            set_status(self.conn, STARTING_OVER, "1")
+            deletions.request(self.conn, stale, None)
+        for path in stale:
+            (self.layout.home / path).unlink(missing_ok=True)
+        with transaction(self.conn):
+            archive_marks.forget(self.conn)
+            set_status(self.conn, STARTING_OVER, None)
+
+    def finish_interrupted(self) -> None:
+        """Start over again if a full rebuild was killed while it started over."""
+        fact = get_status(self.conn, STARTING_OVER)
+        if fact is not None and fact[0] is not None:
+            log.info("archive: a rebuild was killed while it removed the dataset's files: removing them again")
+            self.start_over()
 
     def replace_files(self, stale: dict[Path, Path | None], recorded: list[tuple[str, int, str]]) -> None:
         """Record the files written (``recorded``) and remove the ``stale`` ones: from the manifest in the same

@@ -135,5 +135,6 @@ def oldest_unwritten_at(conn: sqlite3.Connection) -> float | None:
 
 
 def forget(conn: sqlite3.Connection) -> None:
-    """Drop every mark (a full rebuild starts from the first alert)."""
+    """Drop every mark, and the list of folders to fold (a full rebuild starts from the first alert)."""
     conn.execute("DELETE FROM archive_marks")
+    set_status(conn, UNFOLDED, None)
