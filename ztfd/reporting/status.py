@@ -479,8 +479,9 @@ def render(report: dict[str, Any]) -> str:
     if not s.get("enabled"):
         out.append("  off (s3.bucket is not set)")
     else:
+        deleting = f", {s['deleting']} replaced archive files to delete" if s.get("deleting") else ""
         out.append(f"  bucket {s.get('bucket')}: pending {s['pending']} files ({human_bytes(s.get('pending_bytes'))}), "
-                   f"uploaded {s.get('done', '-')}")
+                   f"uploaded {s.get('done', '-')}{deleting}")
     out.append(f"  last pass {_describe_pass(s.get('last_pass'))}; last error {_describe_error(s.get('last_error'))}")
     out.append("")
 

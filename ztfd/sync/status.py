@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from ztfd import store
-from ztfd.store import manifest
+from ztfd.store import deletions, manifest
 from ztfd.store.manifest import FileState
 from ztfd.sync.result import PassResult
 
@@ -41,13 +41,14 @@ def record_pass(conn: sqlite3.Connection, result: PassResult, started: float, fu
 
 
 def summary(conn: sqlite3.Connection) -> dict[str, Any]:
-    """Pending files and bytes, done/archived counts, failing and unverified files, last pass, last error."""
+    """Pending files and bytes, done/archived counts, failing and unverified files, replaced archive files still to
+    delete from S3, last pass, last error."""
     totals = manifest.state_totals(conn)
     return {
         "pending": totals[FileState.PENDING].files, "pending_bytes": totals[FileState.PENDING].bytes,
         "done": totals[FileState.DONE].files, "done_bytes": totals[FileState.DONE].bytes,
         "archived": totals[FileState.ARCHIVED].files, "failing": manifest.count_failing(conn),
-        "unverified": manifest.count_unverified(conn),
+        "unverified": manifest.count_unverified(conn), "deleting": deletions.count(conn),
         "last_pass": _status_json(conn, STATUS_LAST_PASS), "last_error": _status_json(conn, STATUS_LAST_ERROR),
     }
 
