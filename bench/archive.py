@@ -25,7 +25,7 @@ from bench.ingest import consume_rate
 from ztfd import archive, config, store
 from ztfd.archive import alerts as alerts_dataset
 from ztfd.archive import columns, sky
-from ztfd.archive.layout import Layout
+from ztfd.archive.layout import Layout, alerts_file_name
 from ztfd.archive.role import Archiver
 from ztfd.embedded.demo import EmbeddedServices
 
@@ -132,8 +132,8 @@ def synthesize(home: Path, size: int) -> dict[str, object]:
             part = rows.filter(pc.and_(pc.greater_equal(rows["offset"], start),
                                        pc.less(rows["offset"], start + alerts_dataset.CHUNK_OFFSETS)))
             if part.num_rows:
-                alerts_dataset.write_parquet(home, layout.alerts_file(date, "bench", f"p0-g0-o{start:012d}.parquet"),
-                                             part)
+                name = alerts_file_name(0, 0, part["offset"][0].as_py(), part["offset"][-1].as_py())
+                alerts_dataset.write_parquet(home, layout.alerts_folder(date, "bench") / name, part)
     picks = offsets[::10]
     kinds = ("science", "template", "difference")
     stamp_rows = {

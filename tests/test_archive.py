@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import logging
 import math
 import signal
 import sqlite3
@@ -124,7 +125,7 @@ def archived(kafka: KafkaBroker, s3_server: S3Server, tmp_path_factory: pytest.T
         "s3": {"bucket": bucket, "prefix": "mirror/", "endpoint_url": s3_server.endpoint_url, "region": "us-east-1",
                "interval": 1, "max_attempts": 2},
         "report": {"after_quiet": 0},
-        "archive": {"enabled": True, "interval": 1},
+        "archive": {"enabled": True, "interval": 1, "compact_after": 2},
     }, home)
     for topic in topics.values():
         kafka.create_topic(topic)
@@ -310,6 +311,18 @@ def test_the_dataset_reads_back_from_s3(archived: Archived) -> None:
         return all(remote.get(key) == md5 for key, md5 in local.items())
 
     wait_until(uploaded, 60, "the archive/ files in S3")
+
+    def folded_everywhere() -> bool:
+        """Every night quiet: its parts folded into one file per partition and block, on disk and in S3 (the
+        folded parts deleted there too, once their new file was uploaded)."""
+        files = [p for p in (archived.home / "archive" / "alerts").rglob("*.parquet")]
+        blocks = [(p.parent, p.name.split("-o")[0], int(p.name.split("-o")[1][:12]) // 10_000) for p in files]
+        remote = {key for key in archived.s3.objects(archived.bucket)
+                  if key.startswith("mirror/archive/alerts/") and key.endswith(".parquet")}
+        local = {f"mirror/{p.relative_to(archived.home).as_posix()}" for p in files}
+        return len(set(blocks)) == len(blocks) and remote == local and uploaded()
+
+    wait_until(folded_everywhere, 60, "the part files folded, on disk and in S3")
     env = archived.s3.env()
     s3fs = fs.S3FileSystem(endpoint_override=archived.s3.endpoint_url.removeprefix("http://"), scheme="http",
                            region="us-east-1",
@@ -322,3 +335,59 @@ def test_the_dataset_reads_back_from_s3(archived: Archived) -> None:
 
     counted = duckdb.sql("SELECT count(DISTINCT object_id) FROM remote").fetchall()[0]
     assert counted is not None and counted[0] == len(set(local["object_id"].to_pylist()))
+
+
+def test_a_reader_of_s3_lists_again_when_a_file_is_replaced_or_deleted_under_it(
+        archived: Archived, caplog: pytest.LogCaptureFixture) -> None:
+    """The race a reader of S3 meets while the archiver and sync rewrite files: the dataset is listed (opened),
+    then one file is replaced by a larger version and another deleted, then read. ``ztfd.archive`` lists again
+    and reads the new state; a dataset read as listed fails."""
+    from pyarrow import fs
+
+    client = archived.s3.client()
+    prefix = f"race-{uuid.uuid4().hex[:6]}/"
+    local = sorted(p for p in (archived.home / "archive").rglob("*")
+                   if p.is_file() and not p.name.startswith(".") and "stamps" not in p.parts)  # as if no stamps
+    for path in local:
+        client.put_object(Bucket=archived.bucket, Key=prefix + path.relative_to(archived.home).as_posix(),
+                          Body=path.read_bytes())
+    env = archived.s3.env()
+    s3fs = fs.S3FileSystem(endpoint_override=archived.s3.endpoint_url.removeprefix("http://"), scheme="http",
+                           region="us-east-1", access_key=env.get("AWS_ACCESS_KEY_ID", "testing"),
+                           secret_key=env.get("AWS_SECRET_ACCESS_KEY", "testing"))
+    alerts = sorted(p for p in local if p.suffix == ".parquet" and "alerts" in p.parts)
+    replaced, deleted = alerts[0], alerts[-1]
+    gone = set(dataset_keys(pq.read_table(deleted).append_column(
+        "topic", pa.array([deleted.parent.name.removeprefix("topic=")] * pq.read_metadata(deleted).num_rows))))
+
+    def change_under_the_reader(copies: int) -> None:
+        """Replace ``replaced`` by the same rows written bigger (uncompressed, with ``copies`` times 4 kB of
+        metadata as padding), delete ``deleted``."""
+        table = pq.read_table(replaced)
+        buffer = io.BytesIO()
+        pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), b"pad": b"x" * 4096 * copies}),
+                       buffer, compression="none")
+        client.put_object(Bucket=archived.bucket, Key=prefix + replaced.relative_to(archived.home).as_posix(),
+                          Body=buffer.getvalue())
+        client.delete_object(Bucket=archived.bucket, Key=prefix + deleted.relative_to(archived.home).as_posix())
+
+    expected = sorted(set(dataset_keys(archived.dataset())) - gone)
+    reader = archive.open(f"{archived.bucket}/{prefix}", filesystem=s3fs)  # lists the files
+    assert reader.stamps.count_rows() == 0  # nothing under archive/stamps/ in the bucket: no stamps, no error
+    listed = reader.alerts
+    change_under_the_reader(1)
+    with pytest.raises((OSError, pa.ArrowInvalid)):
+        listed.to_table()  # read as listed: the race
+    with caplog.at_level(logging.INFO, logger="ztfd.archive.query"):
+        assert sorted(dataset_keys(reader.to_table())) == expected
+    assert [r for r in caplog.records if "listing the files again" in r.getMessage()]
+    caplog.clear()
+
+    client.put_object(Bucket=archived.bucket, Key=prefix + deleted.relative_to(archived.home).as_posix(),
+                      Body=deleted.read_bytes())
+    reader = archive.open(f"{archived.bucket}/{prefix}", filesystem=s3fs)
+    change_under_the_reader(2)
+    with caplog.at_level(logging.INFO, logger="ztfd.archive.query"):
+        counted = reader.sql("SELECT count(*) AS n FROM alerts")  # DuckDB scanning the dataset meets it too
+    assert counted["n"].to_pylist() == [len(expected)]
+    assert [r for r in caplog.records if "listing the files again" in r.getMessage()]

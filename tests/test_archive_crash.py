@@ -4,6 +4,7 @@ the store's new table (``archive_marks``) comes to an older store by migration."
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import signal
 import sqlite3
@@ -34,9 +35,9 @@ class Home:
     config: Path
     db: Path
 
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(ztfd_command(self.config, *args), capture_output=True, text=True, timeout=300,
-                              env=child_env())
+                              env=child_env(**(env_extra or {})))
         assert done.returncode == 0, done.stderr
         return done
 
@@ -58,6 +59,25 @@ class Home:
     def clear(self) -> None:
         for parquet in (self.path / "archive").rglob("*.parquet"):
             parquet.unlink()
+
+    def start_afresh(self) -> pa.Table:
+        """The dataset a clean rebuild makes; then no file and no mark, as before the first pass."""
+        from ztfd.store import archive_marks
+
+        self.run("archive", "--rebuild")
+        clean = self.table()
+        self.clear()
+        conn = store.connect(self.db)
+        try:
+            with store.transaction(conn):
+                archive_marks.forget(conn)
+        finally:
+            conn.close()
+        return clean
+
+
+class KilledError(Exception):
+    """Stands for a kill -9 at one point (the process stops there, nothing after it runs)."""
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +131,39 @@ def test_a_rebuild_killed_and_run_again_ends_with_the_same_dataset(home: Home) -
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
 
 
+def test_a_rebuild_killed_while_it_removes_the_files_is_started_over_by_the_next_pass(
+        home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after it recorded its intent (the files' deletion from S3 and the manifest asked for) and before it
+    removed them: the next pass starts over, so every file is written again, recorded, and none is deleted in S3."""
+    from ztfd import config
+    from ztfd.archive.role import Archiver
+
+    clean = home.start_afresh()
+    home.run("archive", "--once")
+    cfg = config.load(home.config)
+    conn = store.connect(cfg.db_path)
+
+    def killed(*_args: Any, **_kwargs: Any) -> None:
+        raise KilledError
+
+    try:
+        writer = Archiver(cfg, conn).alerts_writer()
+        with monkeypatch.context() as patched:
+            patched.setattr(Path, "unlink", killed)
+            with pytest.raises(KilledError):
+                writer.start_over()
+    finally:
+        conn.close()
+    home.run("archive", "--once")
+    assert home.table().equals(clean)
+    on_disk = {p.relative_to(home.path).as_posix() for p in (home.path / "archive" / "alerts").rglob("*.parquet")}
+    db = sqlite3.connect(home.db)
+    recorded = {row[0] for row in db.execute("SELECT path FROM manifest WHERE path LIKE 'archive/alerts/%'")}
+    queued = {row[0] for row in db.execute("SELECT path FROM s3_deletions")}
+    db.close()
+    assert on_disk <= recorded and not on_disk & queued
+
+
 def test_an_older_store_gains_the_archive_marks_table(tmp_path: Path) -> None:
     db = tmp_path / "ztfd.sqlite3"
     conn = store.connect(db)
@@ -119,7 +172,7 @@ def test_an_older_store_gains_the_archive_marks_table(tmp_path: Path) -> None:
     conn.close()
     conn = store.connect(db)
     try:
-        assert schema_version(conn) == SCHEMA_VERSION == 10
+        assert schema_version(conn) == SCHEMA_VERSION == 11
         assert conn.execute("SELECT count(*) FROM archive_marks").fetchone()[0] == 0
     finally:
         conn.close()
@@ -187,22 +240,134 @@ def test_rows_built_by_forked_processes_are_the_rows_built_in_one(home: Home, mo
 
 def test_a_backlog_written_in_many_small_steps_is_the_dataset_a_rebuild_makes(
         home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each step adds to the files the step before wrote (kept in memory, or read back): no row lost or doubled."""
+    """Each step adds its own part files beside the ones the step before wrote: no row lost or doubled."""
     from ztfd import config
     from ztfd.archive import alerts as writer_module
     from ztfd.archive.role import Archiver
-    from ztfd.store import archive_marks
 
-    home.run("archive", "--rebuild")
-    clean = home.table()
-    home.clear()
+    clean = home.start_afresh()
     cfg = config.load(home.config)
     conn = store.connect(cfg.db_path)
     try:
-        with store.transaction(conn):
-            archive_marks.forget(conn)
         monkeypatch.setattr(writer_module, "READ_LIMIT", 97)
         assert Archiver(cfg, conn).one_pass() == len(stored_keys(home.db))
     finally:
         conn.close()
+    assert home.table().equals(clean)
+
+
+def test_status_tells_how_far_the_dataset_is_behind_the_store(home: Home) -> None:
+    """``ztfd status`` counts the stored alerts not yet in the dataset from the marks' counts (no alert read), with
+    the oldest one's receive time, and names a problem when that is older than a few ``archive.interval``s."""
+    import json
+
+    home.start_afresh()
+    behind = child_env(ZTFD_ARCHIVE_ENABLED="true", ZTFD_ARCHIVE_INTERVAL="0.1")
+
+    def status(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(ztfd_command(home.config, "status", *args), capture_output=True, text=True,
+                              timeout=60, env=behind)
+
+    report = json.loads(status("--json").stdout)
+    first_received = sqlite3.connect(home.db).execute("SELECT min(received_at) FROM alerts").fetchone()[0]
+    assert report["archive"]["pending"] == ALERTS and report["archive"]["written"] == 0
+    assert [t["archive_pending"] for t in report["topics"]] == [ALERTS]
+    assert report["archive"]["oldest_pending_age"] >= report["archive"]["interval"] * 3
+    oldest = report["archive"]["oldest_pending"]
+    assert oldest == status_iso(first_received)
+    (problem,) = [p for p in report["problems"] if p["kind"] == "archive"]
+    assert f"{ALERTS} stored alerts not in the dataset yet" in problem["reason"]
+    assert problem["log"]["file"].endswith("archive.log")
+    text = status().stdout
+    assert f"{ALERTS} stored alerts not in it yet" in text and "the Parquet archive (archiver)" in text
+
+    home.run("archive", "--once")
+    report = json.loads(status("--json").stdout)
+    assert (report["archive"]["pending"], report["archive"]["written"]) == (0, ALERTS)
+    assert report["archive"]["oldest_pending"] is None
+    assert not [p for p in report["problems"] if p["kind"] == "archive"]
+
+
+def status_iso(ts: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def test_the_step_to_version_11_counts_the_alerts_each_mark_has_written(tmp_path: Path) -> None:
+    from ztfd.store import archive_marks
+    from ztfd.store.alerts import NewAlert, insert_alerts
+    from ztfd.store.archive_marks import PartitionKey
+
+    db = tmp_path / "ztfd.sqlite3"
+    conn = store.connect(db)
+    with store.transaction(conn):
+        insert_alerts(conn, "t", [NewAlert(0, 0, offset, f"ZTF{offset}", "2021-09-01", None, f"data/{offset}.json")
+                                  for offset in (3, 5, 8)], received_at=1.0e9)
+        archive_marks.advance(conn, PartitionKey("t", 0, 0), 5, 0)
+    conn.execute("ALTER TABLE archive_marks DROP COLUMN alerts_written")
+    conn.execute("UPDATE meta SET value = '10' WHERE key = 'schema_version'")
+    conn.close()
+    conn = store.connect(db)
+    try:
+        assert schema_version(conn) == SCHEMA_VERSION
+        assert archive_marks.written_per_topic(conn) == {"t": 2}  # offsets 3 and 5, at or below the mark
+    finally:
+        conn.close()
+
+
+def test_a_compaction_killed_after_its_rename_is_finished_by_the_next_pass(
+        home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts written in many small steps, then folded: killed between the new file's rename and the parts'
+    deletion, the dataset still reads every alert once (the folded parts are left out by name), and the next
+    ``ztfd archive --once`` finishes the fold: one file per night and block, the parts gone from disk and from the
+    manifest, their objects queued for deletion from S3. A quiet night is then folded whole."""
+    from ztfd import config
+    from ztfd.archive import alerts as writer_module
+    from ztfd.archive import compaction
+    from ztfd.archive.role import Archiver
+    from ztfd.store import archive_marks, deletions
+
+    clean = home.start_afresh()
+    cfg = config.load(home.config)
+    conn = store.connect(cfg.db_path)
+    try:
+        monkeypatch.setattr(writer_module, "READ_LIMIT", 97)
+        writer = Archiver(cfg, conn).alerts_writer()
+        writer.write_pass()
+        parts = sorted((home.path / "archive" / "alerts").rglob("*.parquet"))
+        by_block = collections.Counter((p.parent, p.name.split("-")[0]) for p in parts)
+        (folder, prefix), count = by_block.most_common(1)[0]
+        in_folder = sorted(p.name for p in folder.glob(f"{prefix}-*.parquet"))
+        assert count == len(in_folder) > 2
+        def killed(*_args: Any) -> None:
+            raise KilledError
+
+        monkeypatch.setattr(writer_module.AlertsWriter, "replace_files", killed)
+        key = archive_marks.PartitionKey(folder.name.removeprefix("topic="), int(prefix[1:]), 0)
+        with pytest.raises(KilledError):
+            compaction.Compactor(writer, 3600).fold(folder, key, 0, in_folder, archive_marks.marks(conn)[key])
+    finally:
+        conn.close()
+    assert len(list(folder.glob(f"{prefix}-*.parquet"))) == len(in_folder) + 1  # the new file beside the parts
+    assert home.table().equals(clean)  # read as one: the parts it holds are left out
+
+    home.run("archive", "--once")
+    left = sorted(p.name for p in folder.glob(f"{prefix}-*.parquet"))
+    assert len(left) == 1 and left[0] not in in_folder
+    assert home.table().equals(clean)
+    conn = store.connect(cfg.db_path)
+    try:
+        queued = {row[0] for row in conn.execute("SELECT path FROM s3_deletions")}
+        assert {f"{folder.relative_to(home.path).as_posix()}/{name}" for name in in_folder} <= queued
+        assert not conn.execute("SELECT count(*) FROM manifest WHERE path IN (SELECT path FROM s3_deletions)"
+                                ).fetchone()[0]
+        assert deletions.count(conn) == len(queued)
+    finally:
+        conn.close()
+
+    home.run("archive", "--once", env_extra={"ZTFD_ARCHIVE_COMPACT_AFTER": "1"})  # every night quiet by now
+    files = list((home.path / "archive" / "alerts").rglob("*.parquet"))
+    blocks = {(p.parent, p.name.split("-o")[0]) for p in files}
+    assert len(blocks) == len(files) < len(parts)
     assert home.table().equals(clean)

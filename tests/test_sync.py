@@ -27,7 +27,7 @@ from tests.conftest import child_env, wait_until, ztfd_command
 from ztfd import config, files, store, sync
 from ztfd.daemon import housekeeping
 from ztfd.embedded.s3 import S3Server
-from ztfd.store import manifest
+from ztfd.store import deletions, manifest
 from ztfd.sync import pending, reconcile, retention, upload
 from ztfd.sync.s3 import make_client
 
@@ -817,6 +817,20 @@ def test_the_documented_iam_policy_is_what_sync_and_retention_need(make_config: 
             assert summary["archived"] == 4 and home.row(lost)["state"] == "pending"
             assert home.sync(env=env).returncode == 0
             assert admin.head_object(Bucket=bucket, Key=prefix + lost)["ContentLength"] == len(written[lost])
+            # An archive file replaced by one of another name (compaction): deleted from S3 once that one is up.
+            part = home.write("archive/alerts/night=2024-05-01/topic=t/p0-g0-o000000000000-000000000001.parquet",
+                              b"part")
+            assert home.sync(env=env).returncode == 0
+            folded = home.write("archive/alerts/night=2024-05-01/topic=t/p0-g0-o000000000000-000000000002.parquet",
+                                b"folded")
+            with store.transaction(home.conn):
+                deletions.request(home.conn, [part], folded)
+            (home.path / part).unlink()
+            assert sync.summary(home.conn)["deleting"] == 1  # what ztfd status shows
+            deleting = home.sync(env=env)
+            assert deleting.returncode == 0 and "1 objects deleted from S3" in deleting.stdout, deleting.stdout
+            keys = {o["Key"] for o in admin.list_objects_v2(Bucket=bucket, Prefix=prefix + "archive/")["Contents"]}
+            assert keys == {prefix + folded} and sync.summary(home.conn)["deleting"] == 0
         else:  # nothing could be verified: everything kept, counted, reported
             assert second.returncode == 0, second.stderr
             assert summary["archived"] == 0 and summary["unverified"] == 5

@@ -139,6 +139,7 @@ class StoreConfig:
 class ArchiveConfig:
     enabled: bool = False  # the supervisor runs the dataset writer (``ztfd archive``) when true
     interval: float = 60.0  # seconds: every stored alert is in the Parquet dataset at most this much later
+    compact_after: float = 3600.0  # seconds a night must be quiet before its part files are folded into one
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,7 @@ POSITIVE = {
     ("s3", "concurrency"), ("s3", "multipart_threshold"), ("s3", "max_attempts"),
     ("supervisor", "heartbeat_timeout"), ("supervisor", "stop_timeout"),
     ("kafka", "idle_topic_seconds"), ("kafka", "topic_scan_seconds"), ("kafka", "commit_every"),
-    ("archive", "interval"),
+    ("archive", "interval"), ("archive", "compact_after"),
 }
 
 

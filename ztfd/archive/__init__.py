@@ -8,13 +8,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ztfd.archive.query import Archive, QueryError, alerts_dataset, stamps_dataset
 
 __all__ = ["Archive", "QueryError", "alerts_dataset", "open", "stamps_dataset"]
 
 
-def open(home: str | Path) -> Archive:
-    """The archive of a ztfd home: ``.alerts`` and ``.stamps`` are pyarrow datasets (``.to_table()`` for Arrow,
-    ``.to_table().to_pandas()`` for pandas), ``.sql("select …")`` answers SQL as an Arrow table."""
-    return Archive.of_home(home)
+def open(home: str | Path, filesystem: Any = None) -> Archive:
+    """The archive of a ztfd home: ``.alerts`` and ``.stamps`` are pyarrow datasets, ``.to_table()`` gives Arrow,
+    ``.to_pandas()`` pandas, ``.sql("select …")`` answers SQL as an Arrow table. With a pyarrow ``filesystem``
+    (``pyarrow.fs.S3FileSystem``), ``home`` is the home's mirror in the bucket, ``bucket/<s3.prefix>``. A file
+    replaced or deleted while it is read (a rewrite the archiver made, uploaded by sync) is read again once the
+    files are listed again."""
+    return Archive.of_home(home, filesystem)

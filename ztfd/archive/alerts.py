@@ -1,17 +1,18 @@
-"""The alerts dataset: ``<home>/archive/alerts/night=<date>/topic=<topic>/p<p>-g<g>-o<first>.parquet``.
+"""The alerts dataset: ``<home>/archive/alerts/night=<date>/topic=<topic>/p<p>-g<g>-o<first>-<last>.parquet``.
 
-Which file an alert goes into is a function of its identity alone: its night, topic, partition, generation and
-the block of ``CHUNK_OFFSETS`` offsets its offset falls in (``o<first>`` is the block's first offset). A file holds
-every stored alert of that night and block, so each (topic, partition, generation, offset) is in exactly one
-file, once; writing a file again (after a kill -9, a redelivery, a rebuild) replaces it with the same rows.
-Kafka Connect's S3 sink does the same (the object key is the topic, partition and first offset).
+Every file names what it holds: the partition and generation of its rows and the first and last of their offsets,
+all within one block of ``CHUNK_OFFSETS`` offsets and one night. Each (topic, partition, generation, offset) is
+in exactly one file, once; writing a file again (a kill -9, a redelivery, a rebuild) writes the same name with
+the same rows, and a file that holds another's rows under a wider range replaces it (``compaction``).
 
 The writer (``AlertsWriter.write_pass``) reads the stored alerts above each partition's mark
-(``ztfd.store.archive_marks``), merges them into the files they belong to (the rows at or below the mark, read
-back from the file, plus the new ones; a file missing on disk is rebuilt from the store), writes each file
-through a temporary and a rename, and then, in one store transaction, records the files in the manifest (sync
-uploads them under ``<s3.prefix>archive/…``; new content makes a row pending again) and advances the mark. A late
-alert of a night already written lands in that night's folder the same way.
+(``ztfd.store.archive_marks``) and writes the new rows of each night and block as a new *part* file, named by their
+offsets: nothing written before is read back or written again (a night that gets a few alerts every interval costs
+a small file each time, not a rewrite of all its rows). Then, in one store transaction, it records the files in the
+manifest (sync uploads them under ``<s3.prefix>archive/…``) and advances the mark. A part left by a pass killed
+before its mark moved (its offsets above the mark, never recorded) is deleted before the next one is written there.
+``compaction`` later folds a night's parts into one file. A late alert of a night already written lands in that
+night's folder the same way.
 
 Types: ``columns`` (ztfd's own columns) and ``arrowtypes`` (the message's fields). The dataset's schema, every
 column with its pinned type, is ``archive/alerts/_common_metadata`` (written before any file that uses a new
@@ -39,12 +40,13 @@ import pyarrow.parquet as pq
 
 from ztfd import files
 from ztfd.archive import arrowtypes, columns, messages
-from ztfd.archive.layout import Layout
+from ztfd.archive.layout import Layout, alerts_file, alerts_file_name
 from ztfd.store import alerts as stored_alerts
-from ztfd.store import archive_marks, manifest
+from ztfd.store import archive_marks, deletions, manifest
 from ztfd.store.alerts import StoredAlert
 from ztfd.store.archive_marks import PartitionKey
 from ztfd.store.db import transaction
+from ztfd.store.status_facts import get_status, set_status
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +59,15 @@ READ_LIMIT = 4_000  # alerts read from the store per partition per step (full Ru
 ROWS_SLICE = 500  # alerts whose messages are parsed at once
 MJD_UNIX_EPOCH = 40587.0
 COMPRESSION = "zstd"
+STARTING_OVER = "archive.starting_over"  # status fact: a full rebuild is removing every alerts file
 
 
 def chunk_start(offset: int) -> int:
     return offset - offset % CHUNK_OFFSETS
 
 
-def file_name(key: PartitionKey, start: int) -> str:
-    return f"p{key.partition}-g{key.generation}-o{start:012d}.parquet"
+def file_name(key: PartitionKey, first: int, last: int) -> str:
+    return alerts_file_name(key.partition, key.generation, first, last)
 
 
 class AlertsWriter:
@@ -77,7 +80,6 @@ class AlertsWriter:
         self.schema = self.layout.read_alerts_schema() or columns.fixed_schema(columns.ALERT_COLUMNS)
         self.avro_seen: set[str] = set()
         self._avro_pending: list[dict[str, Any]] = []
-        self._just_written: dict[Path, pa.Table] = {}  # the files the last step wrote, as written (this pass only)
 
     # --- incremental ---------------------------------------------------------------------------------------------
 
@@ -85,7 +87,6 @@ class AlertsWriter:
         """Write every stored alert above its mark; the number of alerts written. ``progress()`` is called after
         each step (the role heartbeats there: a backlog takes many steps)."""
         written = 0
-        self._just_written = {}
         marks = archive_marks.marks(self.conn)
         for key in archive_marks.partitions_to_look_at(self.conn):
             mark = marks.get(key, -1)
@@ -102,42 +103,29 @@ class AlertsWriter:
 
     def _write_step(self, key: PartitionKey, mark: int, alerts: list[StoredAlert]) -> None:
         """One step: the new alerts' rows built together (a column any of them has a value in is typed for all, so
-        a night where it is null in every row still has it), split into their files, merged, written, recorded."""
+        a night where it is null in every row still has it), split by night and block, each piece a new part file,
+        then recorded with the mark in one transaction."""
         new = self.rows(alerts)
         groups: dict[tuple[str, int], list[int]] = defaultdict(list)
         for index, alert in enumerate(alerts):
             groups[(alert.date, chunk_start(alert.kafka_offset))].append(index)
-        kept = {group: self._kept_rows(key, *group, mark) for group in groups}
-        recorded = self._widen_schema([new, *(t for t in kept.values() if t is not None)])
-        written: dict[Path, pa.Table] = {}
-        for (date, start), indices in groups.items():
-            parts = [t for t in (kept[(date, start)], _rows_at(new, indices)) if t is not None]
-            path = self.layout.alerts_file(date, key.topic, file_name(key, start))
-            written[path] = self._file_table(parts)
-            recorded.append(self._write_file(path, written[path]))
+        recorded = self._widen_schema([new])
+        for (date, _start), indices in groups.items():
+            folder = self.layout.alerts_folder(date, key.topic)
+            remove_unrecorded_parts(folder, key, mark)
+            name = file_name(key, alerts[indices[0]].kafka_offset, alerts[indices[-1]].kafka_offset)
+            recorded.append(self._write_file(folder / name, self._file_table([_rows_at(new, indices)])))
         recorded.extend(self._new_avro_schemas())
         with transaction(self.conn):
-            manifest.record_files(self.conn, recorded)
-            archive_marks.advance(self.conn, key, alerts[-1].kafka_offset)
-        self._just_written = written  # a backlog's next step adds to these files: no need to read them back
+            self.record(recorded)
+            archive_marks.advance(self.conn, key, alerts[-1].kafka_offset, len(alerts))
+            archive_marks.note_unfolded(self.conn, [(date, key.topic) for date, _ in groups])
 
-    def _kept_rows(self, key: PartitionKey, date: str, start: int, mark: int) -> pa.Table | None:
-        """The rows a file already holds at or below the mark (written by an earlier pass); read back from the file,
-        else (gone from disk) built again from the store. Rows above the mark (a pass killed before it advanced
-        the mark) are dropped: the new rows bring them again."""
-        if mark < start:
-            return None
-        path = self.layout.alerts_file(date, key.topic, file_name(key, start))
-        if path in self._just_written:
-            return self._just_written[path]  # all at or below the mark: the step that wrote it moved the mark
-        try:
-            table = pq.read_table(path)
-        except FileNotFoundError:
-            old = archive_marks.alerts_between(self.conn, key, start, mark, date)
-            return self.rows(old) if old else None
-        if table.num_rows and pc.max(table["offset"]).as_py() > mark:  # a pass killed before its mark moved
-            table = table.filter(pc.less_equal(table["offset"], mark))
-        return table
+    def record(self, rows: list[tuple[str, int, str]]) -> None:
+        """Record written files in the manifest (inside the caller's transaction); none of them is to be deleted
+        from S3 any more, should an older file of the same name have been."""
+        manifest.record_files(self.conn, rows)
+        deletions.keep(self.conn, [row[0] for row in rows])
 
     # --- rows ----------------------------------------------------------------------------------------------------
 
@@ -296,26 +284,88 @@ class AlertsWriter:
     # --- rebuild -------------------------------------------------------------------------------------------------
 
     def rebuild_date(self, date: str) -> int:
-        """Write every file of night ``date`` from the store's alerts, remove any other file of that night."""
+        """Write every file of night ``date`` again from the store's alerts at or below their marks (the alerts
+        above come with the next pass), one file per partition and block; remove every other file of that night
+        (from S3 too, once the new ones are there)."""
+        marks = archive_marks.marks(self.conn)
         by_file: dict[tuple[str, PartitionKey, int], list[StoredAlert]] = defaultdict(list)
         for alert in stored_alerts.alerts_on(self.conn, date):
             key = PartitionKey(alert.topic, alert.partition, alert.generation)
-            by_file[(alert.topic, key, chunk_start(alert.kafka_offset))].append(alert)
-        wanted = set()
+            if alert.kafka_offset <= marks.get(key, -1):
+                by_file[(alert.topic, key, chunk_start(alert.kafka_offset))].append(alert)
+        wanted: dict[tuple[str, int, int, int], Path] = {}
         recorded = []
         for (topic, key, start), alerts in sorted(by_file.items()):
+            alerts.sort(key=lambda alert: alert.kafka_offset)
             table = self.rows(alerts)
             recorded.extend(self._widen_schema([table]))
-            path = self.layout.alerts_file(date, topic, file_name(key, start))
+            path = self.layout.alerts_folder(date, topic) / file_name(key, alerts[0].kafka_offset,
+                                                                     alerts[-1].kafka_offset)
             recorded.append(self._write_file(path, self._file_table([table])))
-            wanted.add(path)
+            wanted[(topic, key.partition, key.generation, start)] = path
         recorded.extend(self._new_avro_schemas())
-        for stale in self.layout.alerts_night(date).glob("topic=*/*.parquet"):
-            if stale not in wanted:
-                stale.unlink()
-        with transaction(self.conn):
-            manifest.record_files(self.conn, recorded)
+        stale = {}
+        for path in self.layout.alerts_night(date).glob("topic=*/*.parquet"):
+            held = alerts_file(path.name)
+            if path not in wanted.values():
+                stale[path] = None if held is None else wanted.get(
+                    (path.parent.name.removeprefix("topic="), held.partition, held.generation, chunk_start(held.first)))
+        self.replace_files(stale, recorded)
         return sum(len(a) for a in by_file.values())
+
+    def start_over(self) -> None:
+        """Remove every alerts file and forget the marks, so that the next pass writes every stored alert (a full
+        rebuild). The intent is kept in the store first, with the files' deletion from S3 and from the manifest:
+        a writer that finds it (this one killed) starts over again before it writes anything, so no file is left
+        beside the ones written anew."""
+        stale = [files.relative_to_home(self.layout.home, path)
+                 for path in self.layout.alerts.glob("night=*/topic=*/*.parquet")]
+        with transaction(self.conn):
+            set_status(self.conn, STARTING_OVER, "1")
+            deletions.request(self.conn, stale, None)
+        for path in stale:
+            (self.layout.home / path).unlink(missing_ok=True)
+        with transaction(self.conn):
+            archive_marks.forget(self.conn)
+            set_status(self.conn, STARTING_OVER, None)
+
+    def finish_interrupted(self) -> None:
+        """Start over again if a full rebuild was killed while it started over."""
+        fact = get_status(self.conn, STARTING_OVER)
+        if fact is not None and fact[0] is not None:
+            log.info("archive: a rebuild was killed while it removed the dataset's files: removing them again")
+            self.start_over()
+
+    def replace_files(self, stale: dict[Path, Path | None], recorded: list[tuple[str, int, str]]) -> None:
+        """Record the files written (``recorded``) and remove the ``stale`` ones: from the manifest in the same
+        transaction, then from disk, and from S3 once the file that replaces each one (its value) is uploaded."""
+        home = self.layout.home
+        by_replacement: dict[str | None, list[str]] = defaultdict(list)
+        for path, replacement in stale.items():
+            by_replacement[None if replacement is None else files.relative_to_home(home, replacement)].append(
+                files.relative_to_home(home, path))
+        with transaction(self.conn):
+            self.record(recorded)
+            for replacement, paths in by_replacement.items():
+                deletions.request(self.conn, paths, replacement)
+        for path in stale:
+            path.unlink(missing_ok=True)
+
+
+def remove_unrecorded_parts(folder: Path, key: PartitionKey, mark: int) -> None:
+    """Delete the part files of ``key`` in ``folder`` that hold offsets above its mark: written by a pass killed
+    before it recorded them (the mark moves in the transaction that records them), so never uploaded. The step
+    about to write there writes those rows again, maybe with more, under another name."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    for name in names:
+        held = alerts_file(name)
+        if (held is not None and held.last is not None and (held.partition, held.generation) == key[1:]
+                and held.first > mark):
+            log.info("archive: removing %s/%s, written by a pass killed before it recorded it", folder, name)
+            (folder / name).unlink(missing_ok=True)
 
 
 def _rows_at(table: pa.Table, indices: list[int]) -> pa.Table:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
+from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,6 +18,45 @@ from ztfd import files
 
 ARCHIVE = "archive"
 COMMON_METADATA = "_common_metadata"
+ALERTS_FILE = re.compile(r"^p(\d+)-g(\d+)-o(\d+)(?:-(\d+))?\.parquet$")
+
+
+class AlertsFile(NamedTuple):
+    """What an alerts file's name says it holds: partition ``p``, generation ``g``, offsets ``first`` to ``last``
+    (``last`` None for a file named by its block alone, as ztfd named them before its part files)."""
+
+    partition: int
+    generation: int
+    first: int
+    last: int | None
+
+
+def alerts_file_name(partition: int, generation: int, first: int, last: int) -> str:
+    """``p<P>-g<G>-o<first>-<last>.parquet``: the offsets the file holds, the first and last of them (12 digits)."""
+    return f"p{partition}-g{generation}-o{first:012d}-{last:012d}.parquet"
+
+
+def alerts_file(name: str) -> AlertsFile | None:
+    found = ALERTS_FILE.match(name)
+    if found is None:
+        return None
+    return AlertsFile(int(found[1]), int(found[2]), int(found[3]), None if found[4] is None else int(found[4]))
+
+
+def superseded(names: Iterable[str]) -> set[str]:
+    """The files of one folder whose offsets another file there holds too (its range lies within another's): the
+    parts a compaction has just folded into one file, before they are deleted. A reader leaves them out."""
+    ranges: dict[tuple[int, int], list[tuple[int, int, str]]] = defaultdict(list)
+    for name in names:
+        held = alerts_file(name)
+        if held is not None and held.last is not None:
+            ranges[(held.partition, held.generation)].append((held.first, held.last, name))
+    found = set()
+    for spans in ranges.values():
+        for first, last, name in spans:
+            if any(other != name and low <= first and last <= high for low, high, other in spans):
+                found.add(name)
+    return found
 
 
 class Layout:
@@ -29,8 +71,8 @@ class Layout:
     def alerts_night(self, date: str) -> Path:
         return self.alerts / f"night={date}"
 
-    def alerts_file(self, date: str, topic: str, name: str) -> Path:
-        return self.alerts_night(date) / f"topic={topic}" / name
+    def alerts_folder(self, date: str, topic: str) -> Path:
+        return self.alerts_night(date) / f"topic={topic}"
 
     def stamps_file(self, date: str) -> Path:
         return self.stamps / f"night={date}" / "stamps.parquet"

@@ -12,23 +12,33 @@ import csv
 import datetime as dt
 import io
 import json
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from ztfd.archive import columns, sky
-from ztfd.archive.layout import COMMON_METADATA, Layout
+from ztfd.archive.layout import COMMON_METADATA, Layout, superseded
 
 FORMATS = ("table", "csv", "json")
 
 
 class QueryError(Exception):
     """A question the dataset cannot answer; ``str()`` is one line."""
+
+
+class _FileGoneError(Exception):
+    """DuckDB's word that a file of a dataset it scanned could not be opened (``str()`` is its one line)."""
+
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def partitioning() -> ds.Partitioning:
@@ -45,45 +55,93 @@ def alerts_dataset(root: str | Path, filesystem: Any = None) -> ds.Dataset:
         schema = columns.fixed_schema(columns.ALERT_COLUMNS)
     for name, (dtype, text) in columns.PARTITION_COLUMNS.items():
         schema = schema.append(columns.field(name, dtype, text))
-    return ds.dataset(root, schema=schema, format="parquet", partitioning=partitioning(), filesystem=filesystem)
+    dataset = _dataset(root, schema, partitioning(), filesystem)
+    folded = _folded_files(dataset.files)
+    if not folded:
+        return dataset
+    return ds.dataset([path for path in dataset.files if path not in folded], schema=schema, format="parquet",
+                      partitioning=partitioning(), partition_base_dir=root, filesystem=filesystem)
+
+
+def _folded_files(paths: list[str]) -> set[str]:
+    """The files whose offsets another file of their folder holds too: parts a compaction has folded and not yet
+    deleted (``ztfd.archive.compaction``). Left out, so no row is read twice."""
+    by_folder: dict[str, list[str]] = {}
+    for path in paths:
+        folder, _, name = path.rpartition("/")
+        by_folder.setdefault(folder, []).append(name)
+    return {f"{folder}/{name}" for folder, names in by_folder.items() if len(names) > 1
+            for name in superseded(names)}
 
 
 def stamps_dataset(root: str | Path, filesystem: Any = None) -> ds.Dataset:
     schema = columns.fixed_schema(columns.STAMP_COLUMNS).append(
         columns.field("night", pa.date32(), columns.PARTITION_COLUMNS["night"][1]))
     fields = pa.schema([pa.field("night", pa.date32())])
-    return ds.dataset(str(root), schema=schema, format="parquet",
-                      partitioning=ds.partitioning(fields, flavor="hive"), filesystem=filesystem)
+    return _dataset(str(root), schema, ds.partitioning(fields, flavor="hive"), filesystem)
+
+
+def _dataset(root: str, schema: pa.Schema, hive: ds.Partitioning, filesystem: Any) -> ds.FileSystemDataset:
+    """The Parquet files under ``root``; none if it does not exist (an S3 prefix nothing was uploaded under yet:
+    a home without stamps)."""
+    try:
+        return ds.dataset(root, schema=schema, format="parquet", partitioning=hive, filesystem=filesystem)
+    except FileNotFoundError:
+        return ds.dataset([], schema=schema, format="parquet", filesystem=filesystem)
+
+
+RELISTED_ERROR = "Could not open Parquet input source"  # how pyarrow (also inside DuckDB) says a listed file went
 
 
 @dataclass
 class Archive:
-    """The two datasets of a home (or of an S3 copy), as pyarrow datasets and DuckDB tables."""
+    """The two datasets of a home (or of its copy in S3), as pyarrow datasets and DuckDB tables.
+
+    A dataset lists its files once, when it is made; a file replaced afterwards (the archiver rewrites a file with a
+    late alert, sync uploads the new version under the same key) is then read at its old size, and a file deleted
+    is not there: in S3, pyarrow fails with ``Parquet magic bytes not found`` or ``NO_SUCH_KEY``. The reading
+    methods here (``to_table``, ``to_pandas``, ``sql``, ``object_rows``, ``cone``) then list the files again
+    (``listing``) and read once more; a second failure is raised. ``.alerts`` and ``.stamps`` read directly do not."""
 
     alerts: ds.Dataset
     stamps: ds.Dataset
+    listing: Callable[[], tuple[ds.Dataset, ds.Dataset]] | None = None
 
     @classmethod
-    def of_home(cls, home: str | Path) -> Archive:
+    def of_home(cls, home: str | Path, filesystem: Any = None) -> Archive:
+        """The archive of a home; with a pyarrow ``filesystem`` (S3), ``home`` is where sync mirrors the home,
+        ``bucket/<s3.prefix>``, whose ``archive/…`` is the home's."""
         layout = Layout(Path(home))
-        for folder in (layout.alerts, layout.stamps):
-            folder.mkdir(parents=True, exist_ok=True)
-        return cls(alerts_dataset(layout.alerts), stamps_dataset(layout.stamps))
+
+        def listing() -> tuple[ds.Dataset, ds.Dataset]:
+            if filesystem is None:
+                for folder in (layout.alerts, layout.stamps):
+                    folder.mkdir(parents=True, exist_ok=True)
+            return (alerts_dataset(layout.alerts, filesystem=filesystem),
+                    stamps_dataset(layout.stamps, filesystem=filesystem))
+
+        return cls(*listing(), listing=listing)
 
     def to_table(self) -> pa.Table:
         """Every alert as one Arrow table."""
-        return self.alerts.to_table()
+        return self._read(lambda: self.alerts.to_table())
 
     def to_pandas(self) -> Any:
         """Every alert as a pandas DataFrame with Arrow-backed columns: 64-bit integers stay integers even where
         a value is null (the default conversion would make them floats), NaN stays NaN."""
         import pandas as pd
 
-        return self.alerts.to_table().to_pandas(types_mapper=pd.ArrowDtype)
+        return self.to_table().to_pandas(types_mapper=pd.ArrowDtype)
 
     def sql(self, text: str, **tables: Any) -> pa.Table:
         """Run ``text`` with ``alerts`` and ``stamps`` (or the ``tables`` given) as tables; ``QueryError`` (one
         line) if DuckDB refuses it."""
+        try:
+            return self._read(lambda: self._sql(text, tables))
+        except _FileGoneError as exc:
+            raise QueryError(str(exc)) from None
+
+    def _sql(self, text: str, tables: dict[str, Any]) -> pa.Table:
         import duckdb
 
         con = duckdb.connect()
@@ -93,11 +151,28 @@ class Archive:
             relation = con.sql(text)
             return pa.table({}) if relation is None else relation.to_arrow_table()
         except duckdb.Error as exc:
-            raise QueryError(str(exc).strip().splitlines()[0]) from None
+            line = str(exc).strip().splitlines()[0]
+            if RELISTED_ERROR in line:
+                raise _FileGoneError(line) from None
+            raise QueryError(line) from None
         finally:
             con.close()
 
+    def _read(self, read: Callable[[], T]) -> T:
+        """``read()``; if a file it was listed with is gone or changed, list the files again and read once more."""
+        try:
+            return read()
+        except (OSError, pa.ArrowInvalid, _FileGoneError) as exc:
+            if self.listing is None:
+                raise
+            log.info("archive: a file changed while it was read, listing the files again: %s", exc)
+            self.alerts, self.stamps = self.listing()
+            return read()
+
     def object_rows(self, object_id: str) -> pa.Table:
+        return self._read(lambda: self._object_rows(object_id))
+
+    def _object_rows(self, object_id: str) -> pa.Table:
         """Every alert of ``object_id``, oldest first, each with its stamps (a list of structs) inside the row.
 
         pyarrow picks the object's rows out of both datasets (``matching_rows``); the few stamps are then put
@@ -124,7 +199,7 @@ class Archive:
         for low, high in sky.cone_ranges(ra, dec, radius_arcsec):
             term = (cells >= low) & (cells <= high)
             near = term if near is None else near | term
-        candidates = matching_rows(self.alerts, "_healpix_29", near, CONE_COLUMNS)
+        candidates = self._read(lambda: matching_rows(self.alerts, "_healpix_29", near, CONE_COLUMNS))
         return self.sql(CONE_SQL.format(ra=float(ra), dec=float(dec), radius=float(radius_arcsec)),
                         alerts=candidates)
 

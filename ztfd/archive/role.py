@@ -16,6 +16,7 @@ from typing import Any
 
 from ztfd import config, store
 from ztfd.archive.alerts import AlertsWriter
+from ztfd.archive.compaction import Compactor
 from ztfd.archive.layout import Layout
 from ztfd.archive.messages import SchemaSource
 from ztfd.archive.stamps import StampsWriter
@@ -63,33 +64,44 @@ class Archiver:
 
     def one_pass(self, stop: lifecycle.Stop | None = None, progress: Any = None) -> int:
         with writer_lock(self.layout):
-            written = self.alerts_writer().write_pass(stop, progress)
+            writer, compactor = self._writers()
+            written = writer.write_pass(stop, progress)
+            if stop is None or not stop.is_set():
+                compactor.compact_pass()
             self.stamps.write_pass(self.conn)
         if written:
             log.info("archive: %d alerts written into the dataset", written)
         return written
 
     def rebuild(self, date: str | None) -> int:
-        """Every file of night ``date`` (every night without one) written again from the store's alerts and the
-        files on disk. The marks are moved up to what the store holds, so the daemon carries on from there."""
+        """Without a date, every alerts file removed (from S3 too) and written again from the store's alerts and
+        the files on disk, as passes do; the number written. With one, the passes catch up first, then night
+        ``date``'s files are written again, one per partition and block. Interrupted and run again, it ends with
+        the same dataset."""
         with writer_lock(self.layout):
-            writer = self.alerts_writer()
-            dates = [date] if date else archive_marks.dates_of(self.conn)
+            writer, compactor = self._writers()
             if date is None:
-                for stale in self.layout.alerts.glob("night=*"):
-                    if stale.name.removeprefix("night=") not in dates:
-                        for leftover in stale.glob("topic=*/*.parquet"):
-                            leftover.unlink()
-            total = sum(writer.rebuild_date(night) for night in dates)
-            for night in dates:
+                writer.start_over()
+                total = writer.write_pass()
+            else:
+                writer.write_pass()
+                total = writer.rebuild_date(date)
+            compactor.compact_pass()
+            for night in [date] if date else archive_marks.dates_of(self.conn):
                 if (self.cfg.home / "images" / night).is_dir():
                     row = self.stamps.write_night(night)
                     if row is not None:
                         with transaction(self.conn):
                             manifest.record_files(self.conn, [row])
-            if date is None:  # everything stored is written: the daemon starts after it
-                writer.write_pass()
         return total
+
+    def _writers(self) -> tuple[AlertsWriter, Compactor]:
+        """The alerts writer and its compactor, once they finished what a killed writer left undone."""
+        writer = self.alerts_writer()
+        compactor = Compactor(writer, self.cfg.archive.compact_after)
+        writer.finish_interrupted()
+        compactor.finish_interrupted()
+        return writer, compactor
 
 
 def run(cfg: config.Config, name: str) -> int:

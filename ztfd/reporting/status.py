@@ -31,7 +31,7 @@ from ztfd.ingest.broker_errors import STATUS_PREFIX as KAFKA_ERROR_PREFIX
 from ztfd.ingest.quota import near_quota
 from ztfd.sources import LSST
 from ztfd.stamps.providers import service_url
-from ztfd.store import counters, jobs
+from ztfd.store import archive_marks, counters, jobs
 from ztfd.store import gaps as store_gaps
 from ztfd.store import quota as store_quota
 from ztfd.store.alerts import count_received_on, utc_day
@@ -48,6 +48,7 @@ CHILD_ROLES = tuple(role for role in Role if role is not Role.SUPERVISOR)
 AT_REST = (ProcessState.BACKOFF, ProcessState.STOPPED, ProcessState.IDLE)  # no live pid, and rightly so
 KAFKA_TIMEOUT = 3.0
 LAST_FAILURES = 5
+ARCHIVE_BEHIND_INTERVALS = 3  # a stored alert older than this many ``archive.interval``s not in the dataset: a problem
 
 
 def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool = True) -> dict[str, Any]:
@@ -70,6 +71,8 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
         "local_trouble": {},
         "kafka_errors": {},
         "stamp_errors": {},
+        "archive": {"enabled": cfg.archive.enabled, "interval": cfg.archive.interval, "written": 0, "pending": 0,
+                    "oldest_pending": None, "oldest_pending_age": None},
         "disk": _disk(cfg.home),
         "store": str(cfg.db_path) if cfg.db_path.exists() else None,
     }
@@ -91,6 +94,7 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
             report["stamp_errors"] = _stamp_errors(conn, cfg)
             seen = consumers_seen_ends(cfg, conn, now)
             lost = store_gaps.missing_by_topic(conn)
+            report["archive"].update(_archive(conn, report["topics"], now))
             for info in report["topics"]:
                 info["rejected"] = report["rejected"].get(info["topic"], 0)
                 info["lost_upstream"] = lost.get(info["topic"], 0)
@@ -174,6 +178,13 @@ def problems(cfg: config.Config, report: dict[str, Any]) -> list[dict[str, Any]]
     elif report["sync"].get("failing"):
         add("s3", f"S3 bucket {report['sync'].get('bucket')}",
             f"{report['sync']['failing']} files failed their last upload", None, "sync.log", report["time"])
+    archive = report.get("archive") or {}
+    behind_after = ARCHIVE_BEHIND_INTERVALS * cfg.archive.interval
+    if archive.get("enabled") and (archive.get("oldest_pending_age") or 0) > behind_after:
+        add("archive", "the Parquet archive (archiver)",
+            f"{archive['pending']} stored alerts not in the dataset yet, the oldest received "
+            f"{_age(archive['oldest_pending_age'])} ago (more than {ARCHIVE_BEHIND_INTERVALS} x archive.interval, "
+            f"{behind_after:g} s)", archive["oldest_pending"], "archive.log", report["time"])
     for name, trouble in sorted(report.get("local_trouble", {}).items()):
         add("local", f"{name} on this machine", trouble["reason"], trouble["at"], "errors.log", trouble["at"])
     return found
@@ -236,7 +247,7 @@ def _processes(conn: sqlite3.Connection, cfg: config.Config, now: float) -> list
 def _empty_topic(topic: str) -> dict[str, Any]:
     return {"topic": topic, "survey": None, "alerts_today": 0, "alerts_total": 0, "last_alert": None,
             "last_alert_age": None, "rejected": 0, "lost_upstream": 0, "partitions": {}, "lag": None,
-            "lag_from": None, "lag_at": None, "lasair_day": None}
+            "lag_from": None, "lag_at": None, "lasair_day": None, "archive_pending": 0}
 
 
 def _lasair_day(day: store_quota.DayBytes | None, quota: int, now: float) -> dict[str, Any]:
@@ -294,6 +305,20 @@ def _rejected(conn: sqlite3.Connection, cfg: config.Config) -> dict[str, int]:
     """Rejected messages per topic, all there ever were (also those exported and forgotten)."""
     found = {topic: totals.rejected for topic, totals in counters.topic_totals(conn).items() if totals.rejected}
     return {**{t: 0 for t in topics.explicit(cfg.kafka.topics)}, **found}
+
+
+def _archive(conn: sqlite3.Connection, topic_infos: list[dict[str, Any]], now: float) -> dict[str, Any]:
+    """How far the Parquet dataset is behind the store: alerts stored but not yet in a dataset file (the stored
+    count minus the archiver's, both counters), and when the oldest of them came; each topic gets its own count
+    (``archive_pending``)."""
+    written = archive_marks.written_per_topic(conn)
+    pending = {topic: max(0, totals.stored - written.get(topic, 0))
+               for topic, totals in counters.topic_totals(conn).items()}
+    for info in topic_infos:
+        info["archive_pending"] = pending.get(info["topic"], 0)
+    oldest = archive_marks.oldest_unwritten_at(conn) if any(pending.values()) else None
+    return {"written": sum(written.values()), "pending": sum(pending.values()), "oldest_pending": _iso(oldest),
+            "oldest_pending_age": None if oldest is None else round(now - oldest, 1)}
 
 
 def _gaps(conn: sqlite3.Connection) -> list[dict[str, Any]]:
@@ -480,10 +505,20 @@ def render(report: dict[str, Any]) -> str:
     if not s.get("enabled"):
         out.append("  off (s3.bucket is not set)")
     else:
+        deleting = f", {s['deleting']} replaced archive files to delete" if s.get("deleting") else ""
         out.append(f"  bucket {s.get('bucket')}: pending {s['pending']} files ({human_bytes(s.get('pending_bytes'))}), "
-                   f"uploaded {s.get('done', '-')}")
+                   f"uploaded {s.get('done', '-')}{deleting}")
     out.append(f"  last pass {_describe_pass(s.get('last_pass'))}; last error {_describe_error(s.get('last_error'))}")
     out.append("")
+
+    a = report.get("archive") or {}
+    if a.get("enabled") or a.get("written"):  # a home that never had a dataset: nothing to say
+        state = "on" if a.get("enabled") else "off (archive.enabled is false)"
+        oldest = (f", the oldest received {a['oldest_pending']} ({_age(a['oldest_pending_age'])} ago)"
+                  if a.get("oldest_pending") else "")
+        out.append(f"Archive (Parquet dataset): {state}, every {a.get('interval', 0):g} s; {a.get('written', 0)} "
+                   f"alerts in it, {a.get('pending', 0)} stored alerts not in it yet{oldest}")
+        out.append("")
 
     d = report["disk"]
     inodes = (f", {d['free_inodes']:,} of {d['total_inodes']:,} inodes free ({d['free_inodes_percent']}%)"

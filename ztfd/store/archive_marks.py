@@ -7,11 +7,14 @@ was: the next pass writes the same files again (deterministic names), and nothin
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from ztfd.store.alerts import _COLUMNS, StoredAlert, _stored
+from ztfd.store.status_facts import get_status, set_status
 
 
 class PartitionKey(NamedTuple):
@@ -48,13 +51,34 @@ def alerts_above(conn: sqlite3.Connection, key: PartitionKey, offset: int, limit
     return [_stored(row) for row in rows]
 
 
-def alerts_between(conn: sqlite3.Connection, key: PartitionKey, low: int, high: int,
-                   date: str) -> list[StoredAlert]:
-    """The alerts of one partition generation with offsets in ``[low, high]`` filed under ``date``: one file's rows."""
-    rows = conn.execute(
-        f"SELECT {_COLUMNS} FROM alerts WHERE topic = ? AND partition = ? AND generation = ? "
-        "AND kafka_offset BETWEEN ? AND ? AND date = ? ORDER BY kafka_offset", (*key, low, high, date))
-    return [_stored(row) for row in rows]
+UNFOLDED = "archive.unfolded"  # status fact: the (night, topic) folders that may hold part files to fold
+
+
+def note_unfolded(conn: sqlite3.Connection, nights: Iterable[tuple[str, str]]) -> None:
+    """The writer added part files to these (night, topic) folders (inside its transaction)."""
+    known = set(unfolded(conn))
+    added = known | set(nights)
+    if added != known:
+        set_status(conn, UNFOLDED, json.dumps(sorted(added)))
+
+
+def unfolded(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """The (night, topic) folders that may hold part files to fold: the few written since they were last folded."""
+    fact = get_status(conn, UNFOLDED)
+    return [] if fact is None or fact[0] is None else [(night, topic) for night, topic in json.loads(fact[0])]
+
+
+def note_folded(conn: sqlite3.Connection, nights: Iterable[tuple[str, str]]) -> None:
+    """These folders hold one file per partition and block now."""
+    left = set(unfolded(conn)) - set(nights)
+    set_status(conn, UNFOLDED, json.dumps(sorted(left)))
+
+
+def last_received(conn: sqlite3.Connection, night: str, topic: str) -> float | None:
+    """When the newest alert of a night and topic was received (``counter_alerts``)."""
+    row = conn.execute("SELECT last_received_at FROM counter_alerts WHERE date = ? AND topic = ?",
+                       (night, topic)).fetchone()
+    return None if row is None else row[0]
 
 
 def dates_of(conn: sqlite3.Connection, topic: str | None = None) -> list[str]:
@@ -77,15 +101,40 @@ def nights_touched_since(conn: sqlite3.Connection, since: float) -> set[str]:
     return {row[0] for row in received} | {row[0] for row in done}
 
 
-def advance(conn: sqlite3.Connection, key: PartitionKey, written_through: int) -> None:
-    """Move a mark up (inside the caller's transaction); never down."""
+def advance(conn: sqlite3.Connection, key: PartitionKey, written_through: int, alerts: int) -> None:
+    """Move a mark up (inside the caller's transaction); never down. ``alerts``: how many stored alerts the step
+    wrote into the dataset (those above the old mark, up to the new one), added to the partition's count."""
     conn.execute(
-        "INSERT INTO archive_marks (topic, partition, generation, written_through, written_at) VALUES (?, ?, ?, ?, ?) "
+        "INSERT INTO archive_marks (topic, partition, generation, written_through, written_at, alerts_written) "
+        "VALUES (?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (topic, partition, generation) DO UPDATE SET "
-        "written_through = max(written_through, excluded.written_through), written_at = excluded.written_at",
-        (*key, written_through, time.time()))
+        "written_through = max(written_through, excluded.written_through), written_at = excluded.written_at, "
+        "alerts_written = alerts_written + excluded.alerts_written",
+        (*key, written_through, time.time(), alerts))
+
+
+def written_per_topic(conn: sqlite3.Connection) -> dict[str, int]:
+    """Alerts in the dataset per topic, from the marks' counts (a row per partition generation, no alert read):
+    with the stored alerts per topic (``store.counters.topic_totals``), what the archiver has still to write."""
+    rows = conn.execute("SELECT topic, sum(alerts_written) FROM archive_marks GROUP BY topic")
+    return {row[0]: row[1] for row in rows}
+
+
+def oldest_unwritten_at(conn: sqlite3.Connection) -> float | None:
+    """When the oldest alert not yet in the dataset was received: per partition generation, the alert just above
+    its mark (one indexed look-up each; offsets come in the order they are received), the oldest of them."""
+    marked = marks(conn)
+    oldest = None
+    for key in partitions_to_look_at(conn):
+        row = conn.execute(
+            "SELECT received_at FROM alerts WHERE topic = ? AND partition = ? AND generation = ? "
+            "AND kafka_offset > ? ORDER BY kafka_offset LIMIT 1", (*key, marked.get(key, -1))).fetchone()
+        if row is not None and (oldest is None or row[0] < oldest):
+            oldest = row[0]
+    return oldest
 
 
 def forget(conn: sqlite3.Connection) -> None:
-    """Drop every mark (a full rebuild starts from the first alert)."""
+    """Drop every mark, and the list of folders to fold (a full rebuild starts from the first alert)."""
     conn.execute("DELETE FROM archive_marks")
+    set_status(conn, UNFOLDED, None)

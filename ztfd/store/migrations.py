@@ -107,6 +107,19 @@ def _v9_to_v10(conn: sqlite3.Connection) -> None:
     begins with every stored alert."""
 
 
+def _v10_to_v11(conn: sqlite3.Connection) -> None:
+    """Each mark counts the alerts written through it (``archive_marks.alerts_written``): counted here once from
+    the alerts at or below the mark (a version-9 store has no marks yet: ``SCHEMA`` creates the table whole)."""
+    columns = {row["name"] for row in conn.execute("PRAGMA table_info(archive_marks)")}
+    if not columns or "alerts_written" in columns:
+        return
+    conn.execute("ALTER TABLE archive_marks ADD COLUMN alerts_written INTEGER NOT NULL DEFAULT 0")
+    conn.execute(
+        "UPDATE archive_marks SET alerts_written = (SELECT count(*) FROM alerts a WHERE a.topic = archive_marks.topic "
+        "AND a.partition = archive_marks.partition AND a.generation = archive_marks.generation "
+        "AND a.kafka_offset <= archive_marks.written_through)")
+
+
 STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _v1_to_v2,
     2: add_missing_columns,
@@ -117,4 +130,5 @@ STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {
     7: _v7_to_v8,
     8: lambda conn: None,  # the crash-loop breaker's tables come with SCHEMA
     9: _v9_to_v10,
+    10: _v10_to_v11,
 }

@@ -12,12 +12,13 @@ from ztfd.store.states import FailureClass, JobKind, JobState, ProcessState, Wai
 
 _READY, _LEASED, _DONE, _FAILED = map(literal, (JobState.READY, JobState.LEASED, JobState.DONE, JobState.FAILED))
 
-SCHEMA_VERSION = 10  # 3: alerts.survey, detection_id, band (ADDED_COLUMNS), the observability block; 4: the Avro block;
+SCHEMA_VERSION = 11  # 3: alerts.survey, detection_id, band (ADDED_COLUMNS), the observability block; 4: the Avro block;
 # 5: alerts counted per batch (no count_alert trigger), counter_received instead of the alerts_received index,
 # uploaded files forgotten (count_file_delete counts pending rows only); 6: manifest_pending ordered by record time;
 # 7: jobs.failure, the class of a failed attempt (ADDED_COLUMNS), which count_stamp_failure counts;
 # 8: counter_failing (pending files whose last upload failed), kept by triggers; 9: the crash-loop breaker's
-# decode_marks and decode_deaths; 10: archive_marks (the Parquet dataset's progress, issue 22)
+# decode_marks and decode_deaths; 10: archive_marks (the Parquet dataset's progress, issue 22); 11:
+# archive_marks.alerts_written (how many alerts the dataset holds, for ``ztfd status``), s3_deletions
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (
@@ -499,6 +500,9 @@ CREATE TABLE IF NOT EXISTS decode_deaths (
 # ``archive_marks`` (ztfd.store.archive_marks): per (topic, partition, generation), the highest offset whose alert
 # is in the dataset. Advanced in the same transaction as the manifest rows of the files that hold them, so a writer
 # killed before it only writes the same files again. Schema version 10 (SCHEMA creates it; no step reshapes anything).
+# ``alerts_written`` (version 11): how many alerts of the partition generation the writer has put into the dataset,
+# added in the same transaction as the mark moves, so that ``ztfd status`` tells how far the dataset is behind the
+# store (stored alerts per topic minus these) without counting alerts; the step from 10 counts them once.
 SCHEMA += """
 CREATE TABLE IF NOT EXISTS archive_marks (
     topic TEXT NOT NULL,
@@ -506,6 +510,18 @@ CREATE TABLE IF NOT EXISTS archive_marks (
     generation INTEGER NOT NULL,
     written_through INTEGER NOT NULL,
     written_at REAL NOT NULL,
+    alerts_written INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (topic, partition, generation)
+) WITHOUT ROWID;
+"""
+
+# --- objects to delete from S3 (schema version 11; ztfd.store.deletions) -----------------------------------------
+# Files a writer replaced by files of other names (the archive's part files folded into one): sync deletes each
+# object once the file named in ``after`` is uploaded. Small: it empties at every sync pass. SCHEMA creates it.
+SCHEMA += """
+CREATE TABLE IF NOT EXISTS s3_deletions (
+    path TEXT PRIMARY KEY,
+    after TEXT,
+    requested_at REAL NOT NULL
 ) WITHOUT ROWID;
 """

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ztfd.config import Config
-from ztfd.store import manifest
-from ztfd.sync import reconcile, retention
+from ztfd.store import deletions, manifest
+from ztfd.sync import reconcile, replaced, retention
 from ztfd.sync.lock import pass_lock
 from ztfd.sync.pending import PendingUploads, Progress
 from ztfd.sync.result import PassResult
@@ -49,6 +49,9 @@ def one_pass(conn: sqlite3.Connection, cfg: Config, stop: threading.Event, full:
     if full:
         result.reconciled = reconcile.run_full(conn, cfg)
     client = _upload_pending(conn, cfg, stop, result, progress)
+    if result.error is None and not stop.is_set() and deletions.count(conn):
+        client = client or make_client(cfg)
+        result.deleted_remote, result.warning = replaced.delete_replaced(conn, cfg, client, stop)
     if cfg.s3.delete_local_after_days > 0 and result.error is None and not stop.is_set():
         try:
             kept = retention.apply_retention(conn, cfg, client or make_client(cfg), stop)
@@ -56,7 +59,7 @@ def one_pass(conn: sqlite3.Connection, cfg: Config, stop: threading.Event, full:
             result.error = f"retention: {exc}"
         else:
             result.deleted_local, result.unverified, result.requeued = kept.deleted, kept.unverified, kept.requeued
-            result.warning = kept.warning
+            result.warning = kept.warning or result.warning
     result.pending = manifest.count_pending(conn)
     result.interrupted = result.interrupted or (stop.is_set() and result.pending > 0)
     result.seconds = time.monotonic() - clock

@@ -33,6 +33,8 @@ def print_pass(result: PassResult) -> None:
                f"{result.failures} failed; {result.pending} pending")
     if result.deleted_local:
         summary += f"; {result.deleted_local} local files deleted (retention)"
+    if result.deleted_remote:
+        summary += f"; {result.deleted_remote} objects deleted from S3 (replaced by files of other names)"
     if result.unverified:
         summary += f"; {result.unverified} not verified on S3 (kept)"
     if result.requeued:

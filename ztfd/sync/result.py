@@ -15,6 +15,7 @@ class PassResult:
     error: str | None = None
     interrupted: bool = False
     deleted_local: int = 0
+    deleted_remote: int = 0  # objects deleted from S3: their files were replaced by files of other names
     unverified: int = 0  # files retention could not verify on S3 (kept)
     requeued: int = 0  # files retention queued for upload again
     warning: str | None = None  # a problem that loses nothing (so the pass may still be ok): sync.last_error

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from ztfd import store
-from ztfd.store import manifest
+from ztfd.store import deletions, manifest
 from ztfd.store.manifest import FileState
 from ztfd.sync.result import PassResult
 
@@ -26,7 +26,8 @@ def record_pass(conn: sqlite3.Connection, result: PassResult, started: float, fu
     """Store ``sync.last_pass`` and ``sync.last_error`` (left as it was after an incomplete pass with no error)."""
     record = {"started_at": started, "finished_at": time.time(), "files": result.files, "bytes": result.bytes,
               "seconds": round(result.seconds, 3), "failures": result.failures, "pending": result.pending,
-              "deleted_local": result.deleted_local, "unverified": result.unverified, "requeued": result.requeued,
+              "deleted_local": result.deleted_local, "deleted_remote": result.deleted_remote,
+              "unverified": result.unverified, "requeued": result.requeued,
               "full": full, "ok": result.ok, "error": result.error}
     problem = result.error or (f"{result.failures} files failed" if result.failures else None) or result.warning
     try:
@@ -40,13 +41,14 @@ def record_pass(conn: sqlite3.Connection, result: PassResult, started: float, fu
 
 
 def summary(conn: sqlite3.Connection) -> dict[str, Any]:
-    """Pending files and bytes, done/archived counts, failing and unverified files, last pass, last error."""
+    """Pending files and bytes, done/archived counts, failing and unverified files, replaced archive files still to
+    delete from S3, last pass, last error."""
     totals = manifest.state_totals(conn)
     return {
         "pending": totals[FileState.PENDING].files, "pending_bytes": totals[FileState.PENDING].bytes,
         "done": totals[FileState.DONE].files, "done_bytes": totals[FileState.DONE].bytes,
         "archived": totals[FileState.ARCHIVED].files, "failing": manifest.count_failing(conn),
-        "unverified": manifest.count_unverified(conn),
+        "unverified": manifest.count_unverified(conn), "deleting": deletions.count(conn),
         "last_pass": _status_json(conn, STATUS_LAST_PASS), "last_error": _status_json(conn, STATUS_LAST_ERROR),
     }
 
