@@ -529,7 +529,7 @@ def test_daemon_passes_heartbeats_and_stops_on_sigterm(make_home: Callable[..., 
 def test_summary_of_an_empty_store(tmp_path: Path) -> None:
     conn = store.connect(tmp_path / "s.sqlite3")
     assert sync.summary(conn) == {"pending": 0, "pending_bytes": 0, "done": 0, "done_bytes": 0, "archived": 0,
-                                  "failing": 0, "unverified": 0, "last_pass": None, "last_error": None}
+                                  "failing": 0, "unverified": 0, "deleting": 0, "last_pass": None, "last_error": None}
 
 
 def test_pass_lock_is_exclusive_and_released(tmp_path: Path) -> None:
