@@ -92,7 +92,7 @@ class TopicConsumer:
         self.assignment = TopicAssignment(self.conn, topic, self.kafka, self.fleet)
         # Fleet mode: what Kafka has committed per partition held, moved forward once durable in S3.
         self.commits = (DurableCommits(self.conn, topic, self.kafka, self.assignment.generation,
-                                       cfg.kafka.commit_every) if self.group else None)
+                                       cfg.kafka.commit_every, cfg.home, cfg.archive.enabled) if self.group else None)
         self.trouble = Condition(name)
         # librdkafka's reason a broker cannot be reached, kept where ``ztfd status`` reads it.
         self.broker_errors = BrokerErrors(name, cfg.kafka.bootstrap_servers)
