@@ -30,7 +30,7 @@ from ztfd import config, store
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.s3 import S3Server
 from ztfd.embedded.samples import message_stream
-from ztfd.ingest.fleet import FleetBook, FleetGeneration, holders, live_members
+from ztfd.ingest.fleet import LIVE_FOR, FleetBook, FleetGeneration, holders, live_members, report_writer
 from ztfd.stamps.ratelimit import fleet_share, reserve_share
 from ztfd.store.alerts import iter_alerts
 from ztfd.store.status_facts import FLEET_MEMBERS, get_status
@@ -74,6 +74,11 @@ class Host:
         for argv in commands:
             self.processes.append(subprocess.Popen(argv, env=self.env, stdout=self.log, stderr=self.log,
                                                    start_new_session=True))
+
+    def start_reporter(self) -> None:
+        """The daemon's reporter (``ztfd report --watch``), as the supervisor runs it."""
+        self.processes.append(subprocess.Popen(ztfd_command(self.config_path, "report", "--watch"), env=self.env,
+                                               stdout=self.log, stderr=self.log, start_new_session=True))
 
     def stored(self) -> set[tuple[int, int]]:
         if not self.cfg.db_path.exists():
@@ -173,7 +178,8 @@ def test_a_host_lost_with_its_disk_loses_nothing_and_a_new_host_takes_its_share(
     bucket = f"fleet-{uuid.uuid4().hex[:8]}"
     kafka.create_topic(topic, partitions=PARTITIONS)
     s3.create_bucket(bucket)
-    sections = fleet_config(kafka, s3, topic, group, bucket, kafka={"batch_size": 20}, s3={"concurrency": 4})
+    sections = fleet_config(kafka, s3, topic, group, bucket, kafka={"batch_size": 20}, s3={"concurrency": 4},
+                            report={"after_quiet": 1.0})
     env = child_env(**s3.env())
     produce(kafka.bootstrap, topic, 0, FIRST_WAVE)
     everything = {(seq % PARTITIONS, seq // PARTITIONS) for seq in range(FIRST_WAVE + SECOND_WAVE + THIRD_WAVE)}
@@ -233,6 +239,16 @@ def test_a_host_lost_with_its_disk_loses_nothing_and_a_new_host_takes_its_share(
         table = subprocess.run(ztfd_command(survivor.config_path, "status"), capture_output=True, text=True,
                                env=env, timeout=120).stdout
         assert f"Fleet (group {group}" in table and "(this host)" in table
+
+        # The night report: written by the host that holds partition 0 alone, and uploaded; the other writes none.
+        writer, other = (survivor, newcomer) if 0 in held.get(fleet["me"], []) else (newcomer, survivor)
+        for host in (survivor, newcomer):
+            host.start_reporter()
+        wait_until(lambda: other.said("night reports are written by") and writer.said("this host writes the fleet"),
+                   DEADLINE, "both reporters to know who writes the night reports")
+        wait_until(lambda: any(key.startswith("fleet/reports/") and key.endswith("/index.html")
+                               for key in s3.objects(bucket)), DEADLINE, "the night report in the bucket")
+        assert list(writer.home.glob("reports/*/index.html")) and not list(other.home.glob("reports/*/index.html"))
     finally:
         for host in (survivor, newcomer):
             host.stop()
@@ -260,19 +276,26 @@ def test_a_new_host_keys_alerts_in_the_generation_the_fleet_agreed(
 ) -> None:
     """A host with an empty store takes over a partition of a topic recreated while nobody held it: the fleet says
     generation 1 under another topic id, so the broker's id makes it generation 2, in the store, the file names
-    (the S3 keys) and the fleet topic."""
+    (the S3 keys) and the fleet topic. A second host joins the one-partition topic and is given nothing: it still
+    counts as a member, so each of the two takes half the stamp rate."""
     topic = f"gen-{uuid.uuid4().hex[:8]}"
     group = f"gen-{uuid.uuid4().hex[:8]}"
     kafka.create_topic(topic, partitions=1)
     produce_to(kafka.bootstrap, topic, 3, partitions=1)
     sections = fleet_config(kafka, s3, topic, group, "unused")
     host = Host("host", tmp_path, sections, child_env(**s3.env()))
+    idle = Host("idle", tmp_path, sections, child_env(**s3.env()))
     book = FleetBook(host.cfg.kafka, "another-host:/home")
     book.save_generations(topic, {0: FleetGeneration(1, "the-id-of-the-deleted-topic")})
     try:
         host.start(topic, syncer=False)
         wait_until(lambda: len(host.stored()) == 3, DEADLINE, "the host to store the three alerts")
+        idle.start(topic, syncer=False)
+        wait_until(lambda: idle.said("the group gave"), DEADLINE, "the second host's join to settle")
+        wait_until(lambda: idle.cfg.db_path.exists() and idle.fact(FLEET_MEMBERS) == "2", DEADLINE,
+                   "the host that holds nothing to count two members")
     finally:
+        idle.stop()
         host.stop()
     conn = store.connect(host.cfg.db_path)
     alerts = list(iter_alerts(conn))
@@ -285,13 +308,19 @@ def test_a_new_host_keys_alerts_in_the_generation_the_fleet_agreed(
 
 def test_the_newest_claim_of_a_partition_wins_and_the_rate_is_shared(tmp_path: Path) -> None:
     """A member killed with -9 keeps its last word in the fleet topic; the members its partitions moved to claim them
-    later, so only live holders count, and each host's fetchers take rate / members."""
-    said = [{"member": "dead", "topic": "t", "partitions": [0, 1], "at": 1.0},
-            {"member": "alive", "topic": "t", "partitions": [0, 1], "at": 2.0},
-            {"member": "joined", "topic": "u", "partitions": [0], "at": 3.0},
-            {"member": "idle", "topic": "t", "partitions": [], "at": 4.0}]
+    later, so it stops counting; so does one that left or fell silent. A live member that holds nothing (more hosts
+    than partitions) counts: it still fetches stamps. Each host's fetchers take rate / members."""
+    now = 1000.0
+    said = [{"member": "dead", "topic": "t", "partitions": [0, 1], "at": now - 9},
+            {"member": "alive", "topic": "t", "partitions": [0, 1], "at": now - 8},
+            {"member": "alive", "topic": "u", "partitions": [], "at": now - 8},
+            {"member": "joined", "topic": "u", "partitions": [0], "at": now - 7},
+            {"member": "idle", "topic": "t", "partitions": [], "at": now - 6},
+            {"member": "stopped", "topic": "t", "partitions": [], "at": now - 5, "left": True},
+            {"member": "silent", "topic": "t", "partitions": [], "at": now - LIVE_FOR - 1}]
     assert holders(said) == {("t", 0): "alive", ("t", 1): "alive", ("u", 0): "joined"}
-    assert live_members(said) == 2 and live_members([]) == 1
+    assert live_members(said, now) == 3 and live_members([], now) == 1
+    assert report_writer(said) == "alive" and report_writer([]) is None  # partition 0 of the first topic held
     conn = store.connect(tmp_path / "s.sqlite3")
     assert fleet_share(conn, 10.0) == 10.0  # not counted yet: the whole rate
     with store.transaction(conn):

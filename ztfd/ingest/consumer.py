@@ -202,27 +202,28 @@ class TopicConsumer:
         self._publish_holding(self.kafka.assigned - set(partitions))
 
     def _count_fleet(self) -> None:
-        """Fleet mode, every ``fleet.COUNT_EVERY`` s: how many members hold partitions, kept in the store, where
-        this host's fetchers take their share of ``stamps.rate_limit`` from it."""
+        """Fleet mode, every ``fleet.COUNT_EVERY`` s: say this host is alive (what it holds, again), then count the
+        live members, kept in the store, where this host's fetchers take their share of ``stamps.rate_limit``."""
         assert self.fleet is not None
         now = time.monotonic()
         if now - self.fleet_counted < COUNT_EVERY:
             return
         self.fleet_counted = now
         try:
+            self.fleet.publish_member(self.topic, sorted(self.kafka.assigned))
             members = live_members(self.fleet.members())
             with store.transaction(self.conn):
                 store.set_status(self.conn, FLEET_MEMBERS, str(members))
         except Exception as exc:  # the last count stands; reading and committing go on
             self.throttled("fleet-count", logging.WARNING, "could not count the fleet's members: %s", exc)
 
-    def _publish_holding(self, partitions: set[int]) -> None:
-        """Fleet mode: tell the fleet topic which partitions this host holds (``ztfd status`` reads it), and count
-        the members again once the others have told it too."""
+    def _publish_holding(self, partitions: set[int], left: bool = False) -> None:
+        """Fleet mode: tell the fleet topic which partitions this host holds (``ztfd status`` reads it; ``left``:
+        none, it stops), and count the members again once the others have told it too."""
         assert self.fleet is not None
         self.fleet_counted = time.monotonic() - COUNT_EVERY + RECOUNT_AFTER
         try:
-            self.fleet.publish_member(self.topic, sorted(partitions))
+            self.fleet.publish_member(self.topic, sorted(partitions), left)
         except Exception as exc:  # what status shows; reading and committing go on without it
             self.throttled("fleet-member", logging.WARNING, "could not publish this host's partitions: %s", exc)
 
@@ -280,6 +281,7 @@ class TopicConsumer:
     def close(self) -> None:
         if self.commits is not None:  # a stop hands every partition back: committed as far as durable, then left
             self._handed_back(sorted(self.kafka.assigned))
+            self._publish_holding(set(), left=True)
         self.kafka.close()
         self.builder.close()
         self.files.close()

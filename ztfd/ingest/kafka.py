@@ -252,6 +252,8 @@ class KafkaAdapter:
                 for tp in partitions:
                     if tp.topic == self.topic and tp.partition in rewind:
                         tp.offset = OFFSET_BEGINNING
+            elif not self.assigned:
+                log.info("the group gave %s no partition: more members than partitions", self.topic)
             consumer.incremental_assign(partitions)
 
         def revoked(_consumer: Any, partitions: list[Any]) -> None:

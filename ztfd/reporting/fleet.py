@@ -15,9 +15,34 @@ from typing import Any
 
 from ztfd import config
 from ztfd.ingest import kafka
-from ztfd.ingest.fleet import FleetBook, fleet_topic, holders, member_id
+from ztfd.ingest.fleet import FleetBook, fleet_topic, holders, member_id, report_writer
 
 log = logging.getLogger(__name__)
+
+
+class ReportTurn:
+    """Fleet mode: whether this host writes the fleet's night reports now (``ingest.fleet.report_writer``: the
+    holder of partition 0), asked of the fleet topic each time reports are due; the others write none, so that no
+    two hosts upload different pages under one key. A change of writer is logged."""
+
+    def __init__(self, cfg: config.Config) -> None:
+        self.book = FleetBook(cfg.kafka, member_id(cfg.home))
+        self.writer: str | None = None
+
+    def mine(self) -> bool:
+        try:
+            writer = report_writer(self.book.members())
+        except Exception as exc:  # the broker away: no report this round, the next one asks again
+            log.warning("cannot read the fleet topic to know who writes the night reports: %s", exc)
+            return False
+        if writer != self.writer:
+            self.writer = writer
+            if writer == self.book.member:
+                log.info("this host writes the fleet's night reports (it holds partition 0)")
+            else:
+                log.info("the fleet's night reports are written by %s (it holds partition 0), not here",
+                         writer or "nobody yet")
+        return writer == self.book.member
 
 
 def _iso(ts: Any) -> str | None:
