@@ -11,6 +11,7 @@ the survivors' commits.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -25,7 +26,8 @@ from typing import Any, BinaryIO
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from tests.conftest import FAST_KAFKA_OPTIONS, child_env, wait_until, write_config, ztfd_command
+from tests import conftest
+from tests.conftest import FAST_KAFKA_OPTIONS, child_env, write_config, ztfd_command
 from ztfd import config, store
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.s3 import S3Server
@@ -40,6 +42,9 @@ FIRST_WAVE = 120
 SECOND_WAVE = 80
 THIRD_WAVE = 40
 DEADLINE = 150.0  # seconds a handover (session timeout 6 s + a join of ~3 s) and the uploads may take, generously
+# The conditions here ask the broker, list the bucket or open a store: four times a second is enough, and leaves the
+# two cores to the hosts under test.
+wait_until = functools.partial(conftest.wait_until, interval=0.25)
 ALERT_KEY = re.compile(r"^fleet/data/[^/]+/[^/]+/[A-Za-z0-9_-]+_p(\d+)-o(\d+)\.json$")  # generation 0
 
 
@@ -276,20 +281,44 @@ def test_a_new_host_keys_alerts_in_the_generation_the_fleet_agreed(
 ) -> None:
     """A host with an empty store takes over a partition of a topic recreated while nobody held it: the fleet says
     generation 1 under another topic id, so the broker's id makes it generation 2, in the store, the file names
-    (the S3 keys) and the fleet topic. A second host joins the one-partition topic and is given nothing: it still
-    counts as a member, so each of the two takes half the stamp rate."""
+    (the S3 keys) and the fleet topic.
+
+    A poison message among the alerts is exported under its Kafka identity and the Parquet archive is on: the
+    partition's commit waits for the archive's rows (``ztfd archive --once`` writes them, the syncer uploads them),
+    then passes both. A second host joining the one-partition topic is given nothing: it still counts as a member,
+    so each of the two takes half the stamp rate."""
     topic = f"gen-{uuid.uuid4().hex[:8]}"
     group = f"gen-{uuid.uuid4().hex[:8]}"
+    bucket = f"gen-{uuid.uuid4().hex[:8]}"
     kafka.create_topic(topic, partitions=1)
+    s3.create_bucket(bucket)
     produce_to(kafka.bootstrap, topic, 3, partitions=1)
-    sections = fleet_config(kafka, s3, topic, group, "unused")
-    host = Host("host", tmp_path, sections, child_env(**s3.env()))
-    idle = Host("idle", tmp_path, sections, child_env(**s3.env()))
+    kafka.produce(topic, [b"\xff not an alert"])  # offset 3
+    produce_to(kafka.bootstrap, topic, 1, first=3, partitions=1)  # offset 4
+    sections = fleet_config(kafka, s3, topic, group, bucket, archive={"enabled": True})
+    env = child_env(**s3.env())
+    host = Host("host", tmp_path, sections, env)
+    idle = Host("idle", tmp_path, sections, env)
     book = FleetBook(host.cfg.kafka, "another-host:/home")
     book.save_generations(topic, {0: FleetGeneration(1, "the-id-of-the-deleted-topic")})
     try:
-        host.start(topic, syncer=False)
-        wait_until(lambda: len(host.stored()) == 3, DEADLINE, "the host to store the three alerts")
+        host.start(topic)
+        wait_until(lambda: len(host.stored()) == 4, DEADLINE, "the host to store the four alerts")
+        alert_files = {f"fleet/{a.path}" for a in alerts_of(host)}
+
+        def exported(keys: list[str]) -> bool:  # dated by its receipt, named by its Kafka identity
+            return any(key.endswith(f"/{topic}/rejected-g2-p0-o3.jsonl") for key in keys)
+
+        wait_until(lambda: alert_files <= set(s3.objects(bucket)) and exported(s3.objects(bucket)), DEADLINE,
+                   "the alert files and the poison message's export in the bucket")
+        assert committed(kafka.bootstrap, group, topic, 1)[0] < 1  # the archive's rows are not written yet
+        archived = subprocess.run(ztfd_command(host.config_path, "archive", "--once"), env=env,
+                                  capture_output=True, text=True, timeout=300)
+        assert archived.returncode == 0, archived.stderr
+        wait_until(lambda: committed(kafka.bootstrap, group, topic, 1) == {0: 5}, DEADLINE,
+                   "the commit past the archived alerts and the exported poison message")
+        assert any(key.endswith("/p0-g2-o000000000000.parquet") for key in s3.objects(bucket))
+
         idle.start(topic, syncer=False)
         wait_until(lambda: idle.said("the group gave"), DEADLINE, "the second host's join to settle")
         wait_until(lambda: idle.cfg.db_path.exists() and idle.fact(FLEET_MEMBERS) == "2", DEADLINE,
@@ -297,13 +326,19 @@ def test_a_new_host_keys_alerts_in_the_generation_the_fleet_agreed(
     finally:
         idle.stop()
         host.stop()
-    conn = store.connect(host.cfg.db_path)
-    alerts = list(iter_alerts(conn))
-    conn.close()
+    alerts = alerts_of(host)
     assert {a.generation for a in alerts} == {2}
     assert all("_g2-p0-o" in a.path for a in alerts)
     said = book.generations(topic)[0]
     assert said.generation == 2 and said.topic_id not in (None, "the-id-of-the-deleted-topic")
+
+
+def alerts_of(host: Host) -> list[Any]:
+    conn = store.connect(host.cfg.db_path)
+    try:
+        return list(iter_alerts(conn))
+    finally:
+        conn.close()
 
 
 def test_the_newest_claim_of_a_partition_wins_and_the_rate_is_shared(tmp_path: Path) -> None:
@@ -403,7 +438,8 @@ def test_a_clean_stop_in_the_middle_of_a_rebalance_loses_nothing(
         leaving.stop()  # while the group rebalances for the newcomer
         produce(kafka.bootstrap, topic, 40, 40)
         everything = {(seq % PARTITIONS, seq // PARTITIONS) for seq in range(80)}
-        wait_until(lambda: set(alert_keys(s3, bucket)) == everything, 90.0, "every alert in the bucket")
+        # ~25 s when the group settles; when it wedged, waiting longer only costs the suite time
+        wait_until(lambda: set(alert_keys(s3, bucket)) == everything, 60.0, "every alert in the bucket")
     finally:
         for host in (first, joining):
             host.stop()
