@@ -140,8 +140,8 @@ def test_two_members_split_four_partitions_read_every_message_once_and_one_leavi
 
     topic, group = group_topic
     a, b = two_members_split_evenly(members)
-    described = AdminClient({"bootstrap.servers": kafka.bootstrap}).describe_consumer_groups([group])[group].result(
-        timeout=30)
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})  # kept alive until the answer
+    described = admin.describe_consumer_groups([group])[group].result(timeout=30)
     assert described.state == ConsumerGroupState.STABLE
     assert described.members == []
     sent = produce_numbered(kafka, topic, 0, 200)
