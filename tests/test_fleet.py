@@ -41,7 +41,8 @@ PARTITIONS = 4
 FIRST_WAVE = 120
 SECOND_WAVE = 80
 THIRD_WAVE = 40
-DEADLINE = 150.0  # seconds a handover (session timeout 6 s + a join of ~3 s) and the uploads may take, generously
+SESSION_TIMEOUT_MS = 3000
+DEADLINE = 150.0  # seconds a handover (session timeout 3 s + a join of ~2 s) and the uploads may take, generously
 # The conditions here ask the broker, list the bucket or open a store: four times a second is enough, and leaves the
 # two cores to the hosts under test.
 wait_until = functools.partial(conftest.wait_until, interval=0.25)
@@ -132,7 +133,9 @@ def fleet_config(broker: KafkaBroker, server: S3Server, topic: str, group: str, 
     sections: dict[str, dict[str, Any]] = {
         "kafka": {"bootstrap_servers": broker.bootstrap, "group_id": group, "topics": [topic],
                   "assignment": "group", "commit_every": 1.0},
-        "kafka.options": dict(FAST_KAFKA_OPTIONS),
+        # Tansu's joins take about half the session timeout, and a host killed is noticed after it: the shorter, the
+        # sooner each handover (librdkafka heartbeats every 0.5 s on a thread of its own)
+        "kafka.options": {**FAST_KAFKA_OPTIONS, "session.timeout.ms": SESSION_TIMEOUT_MS},
         "stamps": {"enabled": False},
         "s3": {"bucket": bucket, "prefix": "fleet/", "endpoint_url": server.endpoint_url, "region": "us-east-1",
                "interval": 1.0},

@@ -116,7 +116,7 @@ class TopicConsumer:
         self.files.start()
         self.kafka.open()
         if self.commits is not None:
-            self.kafka.subscribe(self._handed_in, self._handed_back, self.commits.forget)
+            self.kafka.subscribe(self._handed_in, self._handed_back, self.commits.forget, self._count_soon)
         self._look_at_topic(force=True)
         log.info("consuming %s from %s as group %s", self.topic, self.cfg.kafka.bootstrap_servers,
                  self.cfg.kafka.group_id)
@@ -217,11 +217,15 @@ class TopicConsumer:
         except Exception as exc:  # the last count stands; reading and committing go on
             self.throttled("fleet-count", logging.WARNING, "could not count the fleet's members: %s", exc)
 
+    def _count_soon(self) -> None:
+        """Fleet mode, after a rebalance: count the members again once the others have said what they hold now."""
+        self.fleet_counted = time.monotonic() - COUNT_EVERY + RECOUNT_AFTER
+
     def _publish_holding(self, partitions: set[int], left: bool = False) -> None:
         """Fleet mode: tell the fleet topic which partitions this host holds (``ztfd status`` reads it; ``left``:
         none, it stops), and count the members again once the others have told it too."""
         assert self.fleet is not None
-        self.fleet_counted = time.monotonic() - COUNT_EVERY + RECOUNT_AFTER
+        self._count_soon()
         try:
             self.fleet.publish_member(self.topic, sorted(partitions), left)
         except Exception as exc:  # what status shows; reading and committing go on without it
