@@ -242,6 +242,7 @@ def test_a_host_lost_with_its_disk_loses_nothing_and_a_new_host_takes_its_share(
                 for name in [m["member"]] if m["assignments"].get(topic)}
         live = {fleet["me"], *(m["member"] for m in fleet["members"] if str(newcomer.home) in m["member"])}
         assert sorted(p for name in live for p in held.get(name, [])) == list(range(PARTITIONS)), fleet
+        assert {m["member"] for m in fleet["members"] if m["live"]} == live  # not the host killed
         assert {(p["partition"], p["committed"], p["end"]) for p in fleet["partitions"]} == \
             {(p, end, end) for p, end in ends.items()}
         table = subprocess.run(ztfd_command(survivor.config_path, "status"), capture_output=True, text=True,

@@ -93,7 +93,7 @@ def test_metrics_and_reporter_run_alone_and_stop_on_sigterm(make_config: Callabl
         wait_until(heartbeat, 60, f"the {role} to heartbeat")
         if role == "metrics":
             body = wait_until(lambda: _scrape(port), 30, "/metrics to answer")
-            assert f'ztfd_process_up{{name="alone",role="metrics",host="{socket.gethostname()}"}} 1.0' in body
+            assert f'ztfd_process_up{{host="{socket.gethostname()}",name="alone",role="metrics"}} 1.0' in body
         child.send_signal(signal.SIGTERM)
         assert child.wait(30) == 0, child.stderr.read() if child.stderr else ""
     finally:

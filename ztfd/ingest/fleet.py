@@ -125,12 +125,12 @@ def holders(members: list[dict[str, Any]]) -> dict[tuple[str, int], str]:
     return held
 
 
-def live_members(members: list[dict[str, Any]], now: float | None = None) -> int:
-    """How many members are alive (at least 1: this host): said so within ``LIVE_FOR`` s, not left, and not
-    superseded (every partition it claims claimed since by another member)."""
+def live(members: list[dict[str, Any]], now: float | None = None) -> set[str]:
+    """The members alive: said so within ``LIVE_FOR`` s, not left, and not superseded (every partition one claims
+    claimed since by another member)."""
     now = time.time() if now is None else now
     held = holders(members)
-    live = set()
+    found = set()
     for entry in members:
         name, at = str(entry.get("member")), entry.get("at")
         if entry.get("left") or not isinstance(at, int | float) or now - at > LIVE_FOR:
@@ -138,8 +138,13 @@ def live_members(members: list[dict[str, Any]], now: float | None = None) -> int
         claimed = [p for p in entry.get("partitions") or [] if isinstance(p, int)]
         if claimed and all(held.get((str(entry.get("topic")), p)) != name for p in claimed):
             continue
-        live.add(name)
-    return max(1, len(live))
+        found.add(name)
+    return found
+
+
+def live_members(members: list[dict[str, Any]], now: float | None = None) -> int:
+    """How many members are alive (``live``), at least 1: this host."""
+    return max(1, len(live(members, now)))
 
 
 def report_writer(members: list[dict[str, Any]]) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from ztfd import config
 from ztfd.ingest import kafka
-from ztfd.ingest.fleet import FleetBook, fleet_topic, holders, member_id, report_writer
+from ztfd.ingest.fleet import FleetBook, fleet_topic, holders, live, member_id, report_writer
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ def fleet_section(cfg: config.Config, topics: list[dict[str, Any]], timeout: flo
         at = _iso(entry.get("at"))
         member["at"] = max(filter(None, (member["at"], at)), default=None)
     holder = holders(said)
-    section["members"] = list(members.values())
+    alive = live(said)
+    section["members"] = [{**member, "live": member["member"] in alive} for member in members.values()]
     for info in topics:
         topic = info["topic"]
         stored = info.get("partitions") or {}
