@@ -32,7 +32,7 @@ from ztfd import config, store
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.s3 import S3Server
 from ztfd.embedded.samples import message_stream
-from ztfd.ingest.fleet import LIVE_FOR, FleetBook, FleetGeneration, holders, live_members, report_writer
+from ztfd.ingest.fleet import LIVE_FOR, FleetBook, FleetGeneration, holders, live, live_members, report_writer
 from ztfd.stamps.ratelimit import fleet_share, reserve_share
 from ztfd.store.alerts import iter_alerts
 from ztfd.store.status_facts import FLEET_MEMBERS, get_status
@@ -330,6 +330,8 @@ def test_a_new_host_keys_alerts_in_the_generation_the_fleet_agreed(
     finally:
         idle.stop()
         host.stop()
+    stopped = FleetBook(host.cfg.kafka, "test").members()
+    assert [m["left"] for m in stopped] == [True, True] and live(stopped) == set()  # a stop says so at once
     alerts = alerts_of(host)
     assert {a.generation for a in alerts} == {2}
     assert all("_g2-p0-o" in a.path for a in alerts)
@@ -442,8 +444,8 @@ def test_a_clean_stop_in_the_middle_of_a_rebalance_loses_nothing(
         leaving.stop()  # while the group rebalances for the newcomer
         produce(kafka.bootstrap, topic, 40, 40)
         everything = {(seq % PARTITIONS, seq // PARTITIONS) for seq in range(80)}
-        # ~25 s when the group settles; when it wedged, waiting longer only costs the suite time
-        wait_until(lambda: set(alert_keys(s3, bucket)) == everything, 60.0, "every alert in the bucket")
+        # ~10-25 s when the group settles; when it wedged, waiting longer only costs the suite time
+        wait_until(lambda: set(alert_keys(s3, bucket)) == everything, 40.0, "every alert in the bucket")
     finally:
         for host in (first, joining):
             host.stop()

@@ -89,6 +89,7 @@ class TopicConsumer:
         self.group = cfg.kafka.group_mode
         self.fleet = FleetBook(cfg.kafka, member_id(cfg.home)) if self.group else None
         self.fleet_counted = -COUNT_EVERY
+        self.leaving = False  # fleet mode: stopping, said in the fleet topic with what it holds
         self.assignment = TopicAssignment(self.conn, topic, self.kafka, self.fleet)
         # Fleet mode: what Kafka has committed per partition held, moved forward once durable in S3.
         self.commits = (DurableCommits(self.conn, topic, self.kafka, self.assignment.generation,
@@ -221,13 +222,13 @@ class TopicConsumer:
         """Fleet mode, after a rebalance: count the members again once the others have said what they hold now."""
         self.fleet_counted = time.monotonic() - COUNT_EVERY + RECOUNT_AFTER
 
-    def _publish_holding(self, partitions: set[int], left: bool = False) -> None:
-        """Fleet mode: tell the fleet topic which partitions this host holds (``ztfd status`` reads it; ``left``:
-        none, it stops), and count the members again once the others have told it too."""
+    def _publish_holding(self, partitions: set[int]) -> None:
+        """Fleet mode: tell the fleet topic which partitions this host holds (``ztfd status`` reads it), that it
+        left once it stops, and count the members again once the others have told it too."""
         assert self.fleet is not None
         self._count_soon()
         try:
-            self.fleet.publish_member(self.topic, sorted(partitions), left)
+            self.fleet.publish_member(self.topic, sorted(partitions), self.leaving)
         except Exception as exc:  # what status shows; reading and committing go on without it
             self.throttled("fleet-member", logging.WARNING, "could not publish this host's partitions: %s", exc)
 
@@ -284,8 +285,8 @@ class TopicConsumer:
 
     def close(self) -> None:
         if self.commits is not None:  # a stop hands every partition back: committed as far as durable, then left
+            self.leaving = True  # what it says from now on, a last revocation during the close included
             self._handed_back(sorted(self.kafka.assigned))
-            self._publish_holding(set(), left=True)
         self.kafka.close()
         self.builder.close()
         self.files.close()
