@@ -248,6 +248,7 @@ def test_a_host_lost_with_its_disk_loses_nothing_and_a_new_host_takes_its_share(
         table = subprocess.run(ztfd_command(survivor.config_path, "status"), capture_output=True, text=True,
                                env=env, timeout=120).stdout
         assert f"Fleet (group {group}" in table and "(this host)" in table
+        assert [line for line in table.splitlines() if ", not live)" in line and str(doomed.home) in line]
 
         # The night report: written by the host that holds partition 0 alone, and uploaded; the other writes none.
         writer, other = (survivor, newcomer) if 0 in held.get(fleet["me"], []) else (newcomer, survivor)

@@ -101,7 +101,8 @@ def render(section: dict[str, Any]) -> list[str]:
     for member in section["members"]:
         held = "; ".join(f"{topic} {', '.join(map(str, parts))}" for topic, parts in member["assignments"].items())
         you = " (this host)" if member["member"] == section["me"] else ""
-        out.append(f"  {member['member']}{you}: {held or 'nothing'} (said {member['at']})")
+        gone = "" if member.get("live", True) else ", not live"
+        out.append(f"  {member['member']}{you}: {held or 'nothing'} (said {member['at']}{gone})")
     for p in section["partitions"]:
         behind = f", {p['durable_behind']} stored here not yet durable" if p["durable_behind"] is not None else ""
         out.append(f"  {p['topic']}[{p['partition']}] committed {p['committed']} of {p['end']} (lag {p['lag']})"
