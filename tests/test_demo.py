@@ -77,7 +77,7 @@ def test_demo_runs_the_pipeline_and_stops_everything(tmp_path: Path) -> None:
     assert preview and Path(preview.group(1)).read_bytes().startswith(b"\x89PNG"), output
     # It pointed at /metrics while it ran, showed some of it, and wrote the report of its busiest night.
     assert re.search(r"metrics: http://127\.0\.0\.1:\d+/metrics", output), output
-    assert re.search(r"ztfd_alerts_stored_total\{topic=\"\S+\"\} [1-9]", output), output
+    assert re.search(r"ztfd_alerts_stored_total\{host=\"[^\"]+\",topic=\"\S+\"\} [1-9]", output), output
     night_report = re.search(r"the night report of \S+ \(open it in a browser\): (\S+index\.html)", output)
     assert night_report and "<article" in Path(night_report.group(1)).read_text(), output
     # Its last word is true: the report was uploaded in the pass it waited for, so status shows nothing pending.

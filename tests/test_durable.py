@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ztfd import store
+from ztfd.files import md5_hex
+from ztfd.store import archive_marks
 from ztfd.store.alerts import NewAlert
+from ztfd.store.archive_marks import PartitionKey
 from ztfd.store.batches import AlertToStore, BatchToStore, store_batch
-from ztfd.store.durable import durable_through
+from ztfd.store.durable import durable_through, rejected_not_exported
 from ztfd.store.jobs import FETCH_JOB, claim, complete, detection_key, fail
 from ztfd.store.manifest import UploadedFile, mark_uploaded, record_files
+from ztfd.store.rejected import NewRejected
 from ztfd.store.states import FailureClass
 
 TOPIC = "t"
@@ -94,7 +99,8 @@ def test_the_committer_moves_forward_only_resets_on_a_new_generation_and_commits
     store_batch(conn, BatchToStore(TOPIC, 0.0, alerts, [], {0: (0, 4)}, []), {a.alert.path: (1, "m") for a in alerts})
     generation = {0: 0}
     kafka = RecordingKafka()
-    commits = DurableCommits(conn, TOPIC, kafka, generation.__getitem__, every=5.0)  # type: ignore[arg-type]
+    commits = DurableCommits(conn, TOPIC, kafka, generation.__getitem__, every=5.0,  # type: ignore[arg-type]
+                             home=tmp_path)
     commits.hold({}, [0])  # no commit yet: from 0
     assert commits.tick(force=True) == {} and kafka.commits == []  # nothing durable
     upload(conn, [a.alert.path for a in alerts[:2]])
@@ -113,3 +119,57 @@ def test_the_committer_moves_forward_only_resets_on_a_new_generation_and_commits
     assert kafka.waited == [{0: 2}] and commits.committed == {}
     commits.release([0])  # not held: nothing said
     assert kafka.waited == [{0: 2}]
+
+
+def test_a_rejected_message_is_exported_at_once_and_holds_the_frontier_until_its_export_is_uploaded(
+    tmp_path: Path
+) -> None:
+    from ztfd.ingest.durability import DurableCommits
+
+    conn = store.connect(tmp_path / "s.sqlite3")
+    alerts = [alert(offset, f"ZTF{offset}")._replace(job_kind=None) for offset in (0, 1, 3)]
+    received = 1767225600.0  # 2026-01-01T00:00Z
+    store_batch(conn, BatchToStore(TOPIC, received, alerts, [NewRejected(0, 0, 2, "not JSON", b"\xff")], {0: (0, 4)},
+                                   []), {a.alert.path: (1, "m") for a in alerts})
+    upload(conn, [a.alert.path for a in alerts])
+    kafka = RecordingKafka()
+    commits = DurableCommits(conn, TOPIC, kafka, {0: 0}.__getitem__, every=5.0,  # type: ignore[arg-type]
+                             home=tmp_path)
+    commits.hold({}, [0])
+    assert commits.tick(force=True) == {0: 2}  # held at the rejected message: exported, not yet uploaded
+    export = f"data/2026-01-01/{TOPIC}/rejected-p0-o2.jsonl"  # its Kafka identity: the same key on every host
+    assert json.loads((tmp_path / export).read_bytes())["reason"] == "not JSON"
+    assert rejected_not_exported(conn, TOPIC, 0, 0, 0, 4) == []  # exported once, not at every tick
+    assert commits.tick(force=True) == {}
+    mark_uploaded(conn, [UploadedFile(export, md5_hex((tmp_path / export).read_bytes()), 1, "m", "m")], [])
+    assert commits.tick(force=True) == {0: 4}
+
+
+def test_with_the_archive_on_an_alert_waits_for_its_row_in_an_uploaded_dataset_file(tmp_path: Path) -> None:
+    conn = store.connect(tmp_path / "s.sqlite3")
+    alerts = [alert(offset, f"ZTF{offset}")._replace(job_kind=None) for offset in range(3)]
+    store_batch(conn, BatchToStore(TOPIC, 0.0, alerts, [], {0: (0, 3)}, []), {a.alert.path: (1, "m") for a in alerts})
+    upload(conn, [a.alert.path for a in alerts])
+    assert durable_through(conn, TOPIC, 0, 0, 0, 3) == 3  # archive off: nothing waits for it
+    assert durable_through(conn, TOPIC, 0, 0, 0, 3, archive=True) == 0  # no row in the dataset yet
+    folder = f"archive/alerts/night=2026-01-01/topic={TOPIC}"
+    dataset_file = f"{folder}/p0-g0-o000000000000-000000000001.parquet"  # a part: offsets 0 to 1
+    with store.transaction(conn):
+        record_files(conn, [(dataset_file, 1, "m"), ("archive/alerts/_common_metadata", 1, "m")])
+        archive_marks.advance(conn, PartitionKey(TOPIC, 0, 0), 1, 2)  # offsets 0 and 1 written
+    assert durable_through(conn, TOPIC, 0, 0, 0, 3, archive=True) == 0  # their file not uploaded
+    upload(conn, [dataset_file])
+    assert durable_through(conn, TOPIC, 0, 0, 0, 3, archive=True) == 0  # nor the dataset's schema
+    upload(conn, ["archive/alerts/_common_metadata"])
+    assert durable_through(conn, TOPIC, 0, 0, 0, 3, archive=True) == 2  # offset 2 is not in the dataset yet
+    second_part = f"{folder}/p0-g0-o000000000002-000000000002.parquet"
+    with store.transaction(conn):
+        record_files(conn, [(second_part, 1, "m")])
+        archive_marks.advance(conn, PartitionKey(TOPIC, 0, 0), 2, 1)
+    assert durable_through(conn, TOPIC, 0, 0, 0, 3, archive=True) == 2  # only the part holding offset 2 waits
+    upload(conn, [second_part])
+    assert durable_through(conn, TOPIC, 0, 0, 0, 3, archive=True) == 3
+    # A fold of the parts into one file: until it is uploaded, every offset it holds waits for it (the parts'
+    # objects are deleted from S3 only after it is).
+    record_files(conn, [(f"{folder}/p0-g0-o000000000000-000000000002.parquet", 1, "m")])
+    assert durable_through(conn, TOPIC, 0, 0, 0, 3, archive=True) == 0

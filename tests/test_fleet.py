@@ -11,6 +11,7 @@ the survivors' commits.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -25,12 +26,13 @@ from typing import Any, BinaryIO
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from tests.conftest import FAST_KAFKA_OPTIONS, child_env, wait_until, write_config, ztfd_command
+from tests import conftest
+from tests.conftest import FAST_KAFKA_OPTIONS, child_env, write_config, ztfd_command
 from ztfd import config, store
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.s3 import S3Server
 from ztfd.embedded.samples import message_stream
-from ztfd.ingest.fleet import FleetBook, FleetGeneration, holders, live_members
+from ztfd.ingest.fleet import LIVE_FOR, FleetBook, FleetGeneration, holders, live, live_members, report_writer
 from ztfd.stamps.ratelimit import fleet_share, reserve_share
 from ztfd.store.alerts import iter_alerts
 from ztfd.store.status_facts import FLEET_MEMBERS, get_status
@@ -39,7 +41,11 @@ PARTITIONS = 4
 FIRST_WAVE = 120
 SECOND_WAVE = 80
 THIRD_WAVE = 40
-DEADLINE = 150.0  # seconds a handover (session timeout 6 s + a join of ~3 s) and the uploads may take, generously
+SESSION_TIMEOUT_MS = 3000
+DEADLINE = 150.0  # seconds a handover (session timeout 3 s + a join of ~2 s) and the uploads may take, generously
+# The conditions here ask the broker, list the bucket or open a store: four times a second is enough, and leaves the
+# two cores to the hosts under test.
+wait_until = functools.partial(conftest.wait_until, interval=0.25)
 ALERT_KEY = re.compile(r"^fleet/data/[^/]+/[^/]+/[A-Za-z0-9_-]+_p(\d+)-o(\d+)\.json$")  # generation 0
 
 
@@ -74,6 +80,11 @@ class Host:
         for argv in commands:
             self.processes.append(subprocess.Popen(argv, env=self.env, stdout=self.log, stderr=self.log,
                                                    start_new_session=True))
+
+    def start_reporter(self) -> None:
+        """The daemon's reporter (``ztfd report --watch``), as the supervisor runs it."""
+        self.processes.append(subprocess.Popen(ztfd_command(self.config_path, "report", "--watch"), env=self.env,
+                                               stdout=self.log, stderr=self.log, start_new_session=True))
 
     def stored(self) -> set[tuple[int, int]]:
         if not self.cfg.db_path.exists():
@@ -122,7 +133,9 @@ def fleet_config(broker: KafkaBroker, server: S3Server, topic: str, group: str, 
     sections: dict[str, dict[str, Any]] = {
         "kafka": {"bootstrap_servers": broker.bootstrap, "group_id": group, "topics": [topic],
                   "assignment": "group", "commit_every": 1.0},
-        "kafka.options": dict(FAST_KAFKA_OPTIONS),
+        # Tansu's joins take about half the session timeout, and a host killed is noticed after it: the shorter, the
+        # sooner each handover (librdkafka heartbeats every 0.5 s on a thread of its own)
+        "kafka.options": {**FAST_KAFKA_OPTIONS, "session.timeout.ms": SESSION_TIMEOUT_MS},
         "stamps": {"enabled": False},
         "s3": {"bucket": bucket, "prefix": "fleet/", "endpoint_url": server.endpoint_url, "region": "us-east-1",
                "interval": 1.0},
@@ -173,7 +186,8 @@ def test_a_host_lost_with_its_disk_loses_nothing_and_a_new_host_takes_its_share(
     bucket = f"fleet-{uuid.uuid4().hex[:8]}"
     kafka.create_topic(topic, partitions=PARTITIONS)
     s3.create_bucket(bucket)
-    sections = fleet_config(kafka, s3, topic, group, bucket, kafka={"batch_size": 20}, s3={"concurrency": 4})
+    sections = fleet_config(kafka, s3, topic, group, bucket, kafka={"batch_size": 20}, s3={"concurrency": 4},
+                            report={"after_quiet": 1.0})
     env = child_env(**s3.env())
     produce(kafka.bootstrap, topic, 0, FIRST_WAVE)
     everything = {(seq % PARTITIONS, seq // PARTITIONS) for seq in range(FIRST_WAVE + SECOND_WAVE + THIRD_WAVE)}
@@ -228,11 +242,23 @@ def test_a_host_lost_with_its_disk_loses_nothing_and_a_new_host_takes_its_share(
                 for name in [m["member"]] if m["assignments"].get(topic)}
         live = {fleet["me"], *(m["member"] for m in fleet["members"] if str(newcomer.home) in m["member"])}
         assert sorted(p for name in live for p in held.get(name, [])) == list(range(PARTITIONS)), fleet
+        assert {m["member"] for m in fleet["members"] if m["live"]} == live  # not the host killed
         assert {(p["partition"], p["committed"], p["end"]) for p in fleet["partitions"]} == \
             {(p, end, end) for p, end in ends.items()}
         table = subprocess.run(ztfd_command(survivor.config_path, "status"), capture_output=True, text=True,
                                env=env, timeout=120).stdout
         assert f"Fleet (group {group}" in table and "(this host)" in table
+        assert [line for line in table.splitlines() if ", not live)" in line and str(doomed.home) in line]
+
+        # The night report: written by the host that holds partition 0 alone, and uploaded; the other writes none.
+        writer, other = (survivor, newcomer) if 0 in held.get(fleet["me"], []) else (newcomer, survivor)
+        for host in (survivor, newcomer):
+            host.start_reporter()
+        wait_until(lambda: other.said("night reports are written by") and writer.said("this host writes the fleet"),
+                   DEADLINE, "both reporters to know who writes the night reports")
+        wait_until(lambda: any(key.startswith("fleet/reports/") and key.endswith("/index.html")
+                               for key in s3.objects(bucket)), DEADLINE, "the night report in the bucket")
+        assert list(writer.home.glob("reports/*/index.html")) and not list(other.home.glob("reports/*/index.html"))
     finally:
         for host in (survivor, newcomer):
             host.stop()
@@ -260,38 +286,83 @@ def test_a_new_host_keys_alerts_in_the_generation_the_fleet_agreed(
 ) -> None:
     """A host with an empty store takes over a partition of a topic recreated while nobody held it: the fleet says
     generation 1 under another topic id, so the broker's id makes it generation 2, in the store, the file names
-    (the S3 keys) and the fleet topic."""
+    (the S3 keys) and the fleet topic.
+
+    A poison message among the alerts is exported under its Kafka identity and the Parquet archive is on: the
+    partition's commit waits for the archive's rows (``ztfd archive --once`` writes them, the syncer uploads them),
+    then passes both. A second host joining the one-partition topic is given nothing: it still counts as a member,
+    so each of the two takes half the stamp rate."""
     topic = f"gen-{uuid.uuid4().hex[:8]}"
     group = f"gen-{uuid.uuid4().hex[:8]}"
+    bucket = f"gen-{uuid.uuid4().hex[:8]}"
     kafka.create_topic(topic, partitions=1)
+    s3.create_bucket(bucket)
     produce_to(kafka.bootstrap, topic, 3, partitions=1)
-    sections = fleet_config(kafka, s3, topic, group, "unused")
-    host = Host("host", tmp_path, sections, child_env(**s3.env()))
+    kafka.produce(topic, [b"\xff not an alert"])  # offset 3
+    produce_to(kafka.bootstrap, topic, 1, first=3, partitions=1)  # offset 4
+    sections = fleet_config(kafka, s3, topic, group, bucket, archive={"enabled": True})
+    env = child_env(**s3.env())
+    host = Host("host", tmp_path, sections, env)
+    idle = Host("idle", tmp_path, sections, env)
     book = FleetBook(host.cfg.kafka, "another-host:/home")
     book.save_generations(topic, {0: FleetGeneration(1, "the-id-of-the-deleted-topic")})
     try:
-        host.start(topic, syncer=False)
-        wait_until(lambda: len(host.stored()) == 3, DEADLINE, "the host to store the three alerts")
+        host.start(topic)
+        wait_until(lambda: len(host.stored()) == 4, DEADLINE, "the host to store the four alerts")
+        alert_files = {f"fleet/{a.path}" for a in alerts_of(host)}
+
+        def exported(keys: list[str]) -> bool:  # dated by its receipt, named by its Kafka identity
+            return any(key.endswith(f"/{topic}/rejected-g2-p0-o3.jsonl") for key in keys)
+
+        wait_until(lambda: alert_files <= set(s3.objects(bucket)) and exported(s3.objects(bucket)), DEADLINE,
+                   "the alert files and the poison message's export in the bucket")
+        assert committed(kafka.bootstrap, group, topic, 1)[0] < 1  # the archive's rows are not written yet
+        archived = subprocess.run(ztfd_command(host.config_path, "archive", "--once"), env=env,
+                                  capture_output=True, text=True, timeout=300)
+        assert archived.returncode == 0, archived.stderr
+        wait_until(lambda: committed(kafka.bootstrap, group, topic, 1) == {0: 5}, DEADLINE,
+                   "the commit past the archived alerts and the exported poison message")
+        assert any(key.endswith("/p0-g2-o000000000000.parquet") for key in s3.objects(bucket))
+
+        idle.start(topic, syncer=False)
+        wait_until(lambda: idle.said("the group gave"), DEADLINE, "the second host's join to settle")
+        wait_until(lambda: idle.cfg.db_path.exists() and idle.fact(FLEET_MEMBERS) == "2", DEADLINE,
+                   "the host that holds nothing to count two members")
     finally:
+        idle.stop()
         host.stop()
-    conn = store.connect(host.cfg.db_path)
-    alerts = list(iter_alerts(conn))
-    conn.close()
+    stopped = FleetBook(host.cfg.kafka, "test").members()
+    assert [m["left"] for m in stopped] == [True, True] and live(stopped) == set()  # a stop says so at once
+    alerts = alerts_of(host)
     assert {a.generation for a in alerts} == {2}
     assert all("_g2-p0-o" in a.path for a in alerts)
     said = book.generations(topic)[0]
     assert said.generation == 2 and said.topic_id not in (None, "the-id-of-the-deleted-topic")
 
 
+def alerts_of(host: Host) -> list[Any]:
+    conn = store.connect(host.cfg.db_path)
+    try:
+        return list(iter_alerts(conn))
+    finally:
+        conn.close()
+
+
 def test_the_newest_claim_of_a_partition_wins_and_the_rate_is_shared(tmp_path: Path) -> None:
     """A member killed with -9 keeps its last word in the fleet topic; the members its partitions moved to claim them
-    later, so only live holders count, and each host's fetchers take rate / members."""
-    said = [{"member": "dead", "topic": "t", "partitions": [0, 1], "at": 1.0},
-            {"member": "alive", "topic": "t", "partitions": [0, 1], "at": 2.0},
-            {"member": "joined", "topic": "u", "partitions": [0], "at": 3.0},
-            {"member": "idle", "topic": "t", "partitions": [], "at": 4.0}]
+    later, so it stops counting; so does one that left or fell silent. A live member that holds nothing (more hosts
+    than partitions) counts: it still fetches stamps. Each host's fetchers take rate / members."""
+    now = 1000.0
+    said = [{"member": "dead", "topic": "t", "partitions": [0, 1], "at": now - 9},
+            {"member": "alive", "topic": "t", "partitions": [0, 1], "at": now - 8},
+            {"member": "alive", "topic": "u", "partitions": [], "at": now - 8},
+            {"member": "joined", "topic": "u", "partitions": [0], "at": now - 7},
+            {"member": "idle", "topic": "t", "partitions": [], "at": now - 6},
+            {"member": "stopped", "topic": "t", "partitions": [], "at": now - 5, "left": True},
+            {"member": "silent", "topic": "t", "partitions": [], "at": now - LIVE_FOR - 1}]
     assert holders(said) == {("t", 0): "alive", ("t", 1): "alive", ("u", 0): "joined"}
-    assert live_members(said) == 2 and live_members([]) == 1
+    assert live_members(said, now) == 3 and live_members([], now) == 1
+    assert report_writer(said) == "alive" and report_writer([]) is None  # partition 0 of the first topic held
     conn = store.connect(tmp_path / "s.sqlite3")
     assert fleet_share(conn, 10.0) == 10.0  # not counted yet: the whole rate
     with store.transaction(conn):
@@ -374,7 +445,8 @@ def test_a_clean_stop_in_the_middle_of_a_rebalance_loses_nothing(
         leaving.stop()  # while the group rebalances for the newcomer
         produce(kafka.bootstrap, topic, 40, 40)
         everything = {(seq % PARTITIONS, seq // PARTITIONS) for seq in range(80)}
-        wait_until(lambda: set(alert_keys(s3, bucket)) == everything, 90.0, "every alert in the bucket")
+        # ~10-25 s when the group settles; when it wedged, waiting longer only costs the suite time
+        wait_until(lambda: set(alert_keys(s3, bucket)) == everything, 40.0, "every alert in the bucket")
     finally:
         for host in (first, joining):
             host.stop()

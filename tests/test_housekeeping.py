@@ -4,6 +4,7 @@ messages (exported to files that sync uploads), and what ``ztfd status`` and ``r
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import subprocess
 import time
@@ -108,7 +109,7 @@ def test_old_rejected_messages_are_exported_recorded_and_deleted(cfg: config.Con
     assert pruned.rejected == 7
     day = time.strftime("%Y-%m-%d", time.gmtime(twenty_days_ago))
     (export,) = pruned.exports
-    assert export.startswith(f"data/{day}/{TOPIC}/rejected-") and export.endswith(".jsonl")
+    assert export == f"data/{day}/{TOPIC}/rejected-p0-o0.jsonl"  # named by its first message's Kafka identity
     body = (cfg.home / export).read_bytes()
     lines = [json.loads(line) for line in body.splitlines()]
     assert [(r["offset"], r["reason"], base64.b64decode(r["raw_base64"])) for r in lines] == [
@@ -119,6 +120,24 @@ def test_old_rejected_messages_are_exported_recorded_and_deleted(cfg: config.Con
     assert sorted(r.kafka_offset for r in rejected.latest_rejected(conn, TOPIC, 100)) == [7, 8]
     assert status.collect(cfg, kafka_timeout=0.2)["rejected"] == before
     assert housekeeping.prune(conn, cfg).rejected == 0
+    conn.close()
+
+
+def test_in_fleet_mode_each_rejected_message_is_exported_to_a_file_of_its_own(cfg: config.Config) -> None:
+    """Another host may export the message's neighbours (it took the partition over): a file per message, named by
+    its Kafka identity, is the same key with the same message on every host."""
+    fleet = dataclasses.replace(cfg, kafka=dataclasses.replace(cfg.kafka, assignment="group"))
+    conn = store.connect(cfg.db_path)
+    received = time.time() - 20 * DAY
+    old_rejected(conn, received, range(3, 5), lambda offset: b"bad")
+    with store.transaction(conn):
+        rejected.add_rejected(conn, TOPIC, [rejected.NewRejected(1, 2, 9, "bad", b"x")], received)
+    day = time.strftime("%Y-%m-%d", time.gmtime(received))
+    assert sorted(housekeeping.prune(conn, fleet).exports) == [
+        f"data/{day}/{TOPIC}/rejected-g2-p1-o9.jsonl", f"data/{day}/{TOPIC}/rejected-p0-o3.jsonl",
+        f"data/{day}/{TOPIC}/rejected-p0-o4.jsonl"]
+    assert [json.loads(line)["offset"] for line in
+            (cfg.home / f"data/{day}/{TOPIC}/rejected-p0-o4.jsonl").read_bytes().splitlines()] == [4]
     conn.close()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import urllib.request
@@ -92,7 +93,7 @@ def test_metrics_and_reporter_run_alone_and_stop_on_sigterm(make_config: Callabl
         wait_until(heartbeat, 60, f"the {role} to heartbeat")
         if role == "metrics":
             body = wait_until(lambda: _scrape(port), 30, "/metrics to answer")
-            assert 'ztfd_process_up{name="alone",role="metrics"} 1.0' in body
+            assert f'ztfd_process_up{{host="{socket.gethostname()}",name="alone",role="metrics"}} 1.0' in body
         child.send_signal(signal.SIGTERM)
         assert child.wait(30) == 0, child.stderr.read() if child.stderr else ""
     finally:
@@ -123,6 +124,10 @@ def test_example_dashboard_is_json_with_a_panel_for_every_metric() -> None:
     expressions = " ".join(target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", []))
     for name in METRIC_NAMES:
         assert name in expressions, f"no panel shows {name}"
+    # a fleet's hosts each serve their own series: a panel sums over hosts, or draws one line per host
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            assert target["expr"].startswith(("sum", "max", "min")) or "{{host}}" in target["legendFormat"], target
 
 
 METRIC_NAMES = (
@@ -235,6 +240,12 @@ def matches(prom: tools.PrometheusServer, run: Running, view: dict[str, Any]) ->
     """True once Prometheus' latest samples say what the store says."""
     checks = [
         (prom.values(f'ztfd_alerts_stored_total{{topic="{run.topic}"}}'), {"": view["stored"]}),
+        # every series names its host (a fleet's hosts each serve their own), and a sum over hosts is the total
+        (prom.values(f'ztfd_alerts_stored_total{{topic="{run.topic}"}}', "host"),
+         {socket.gethostname(): view["stored"]}),
+        (prom.values('count({__name__=~"ztfd_.+", host=""})'), {}),
+        (prom.values(f'sum by (topic) (ztfd_alerts_stored_total{{topic="{run.topic}"}})', "topic"),
+         {run.topic: view["stored"]}),
         (prom.values(f'ztfd_alerts_rejected_total{{topic="{run.topic}"}}'), {"": view["rejected"]}),
         (prom.values(f'ztfd_kafka_lag{{topic="{run.topic}"}}'), {"": 0.0}),
         (prom.values(f'ztfd_kafka_gap_alerts_total{{topic="{run.topic}"}}'), {"": 0.0}),

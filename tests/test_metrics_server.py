@@ -52,7 +52,7 @@ def test_half_open_connections_cost_no_thread_and_are_closed_when_idle(make_conf
             sockets.append(sock)
         sockets[0].sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # a request begun and never finished
         body = scrape(port)
-        assert body is not None and 'ztfd_process_up{name="m",role="metrics"}' in body
+        assert body is not None and f'ztfd_process_up{{host="{socket.gethostname()}",name="m",role="metrics"}}' in body
         assert threads_of(child.pid) <= baseline + metrics.SERVER_THREADS, "a thread per connection"
         wait_until(lambda: all(closed_by_server(s) for s in sockets[1:]), metrics.IDLE_TIMEOUT + 30,
                    "idle connections to be closed")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import urllib.request
 from collections.abc import Callable
@@ -61,10 +62,10 @@ def test_metrics_without_a_kafka_client_serves_the_stores_metrics(make_config: C
                     body = response.read().decode()
             except OSError:
                 return None
-            return body if 'ztfd_kafka_up{topic="t"} 0.0' in body else None
+            return body if f'ztfd_kafka_up{{host="{socket.gethostname()}",topic="t"}} 0.0' in body else None
 
         body = wait_until(scrape, 60, "a scrape with the lag query done")
-        assert 'ztfd_process_up{name="alone",role="metrics"} 1.0' in body
+        assert f'ztfd_process_up{{host="{socket.gethostname()}",name="alone",role="metrics"}} 1.0' in body
         assert child.poll() is None
         child.send_signal(signal.SIGTERM)
         assert child.wait(30) == 0

@@ -8,6 +8,7 @@ import json
 import re
 import sqlite3
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -311,3 +312,23 @@ def test_failing_uploads_are_counted_where_they_change_and_a_v7_store_is_seeded(
     manifest.mark_uploaded(conn, [manifest.UploadedFile("data/x/4.json", "md5-4", 10, "md5-4", '"md5-4"')], [])
     assert manifest.count_failing(conn) == by_rows() == 1
     conn.close()
+
+
+def test_a_second_connection_in_a_process_keeps_the_first_ones_writes_visible(tmp_path: Path) -> None:
+    """A role opens a second connection (its heartbeat thread) while its first is open; another process then opens
+    and closes the store. Reading the header again at the second open would close a descriptor of the database
+    file, dropping this process's SQLite locks: the other process's close would take the store for unused and delete
+    the WAL under the first connection, whose later writes no other process would ever see."""
+    db = tmp_path / "state" / "ztfd.sqlite3"
+    first = store.connect(db)
+    second = store.connect(db)
+    open_and_close = f"from pathlib import Path; from ztfd import store; store.connect(Path({str(db)!r})).close()"
+    subprocess.run([sys.executable, "-c", open_and_close], check=True, env=child_env())
+    with store.transaction(first):
+        store.set_status(first, "probe", "written")
+    read = ("from pathlib import Path; from ztfd import store; "
+            f"print(store.get_status(store.connect(Path({str(db)!r})), 'probe')[0])")
+    seen = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, check=True, env=child_env())
+    assert seen.stdout.strip() == "written"
+    first.close()
+    second.close()

@@ -14,9 +14,13 @@ It forgets what has been folded into those:
 - rows of processes that are gone (no live pid, no heartbeat for a day): the supervisor rewrites its own at start,
   and ``ztfd fetch`` run by hand or by supervisord without a fixed name leaves one row per pid;
 - rejected messages received more than ``store.rejected_keep_days`` days ago: exported first, whole UTC days at a
-  time, as JSON lines (raw bytes in base64) to ``data/<date>/<topic>/rejected-<first id>.jsonl``, recorded in the
-  sync manifest and so uploaded like any alert file, then deleted. A crash between the file and the deletion
-  writes the same file again (same name, same bytes): nothing is lost, and nothing is uploaded twice.
+  time, as JSON lines (raw bytes in base64), one file per day, topic and partition generation named by the Kafka
+  identity of its first message (``store.rejected.export_path``:
+  ``data/<date>/<topic>/rejected-[g<generation>-]p<partition>-o<first offset>.jsonl``), recorded in the sync
+  manifest and so uploaded like any alert file, then deleted. A crash between the file and the deletion writes the
+  same file again (same name, same bytes): nothing is lost, and nothing is uploaded twice. In fleet mode
+  (``kafka.assignment = "group"``) each message is a file of its own, the very file its consumer exported within
+  seconds of the rejection (``ingest.durability``), so that no two hosts write different bytes under one key.
 """
 
 from __future__ import annotations
@@ -28,13 +32,14 @@ import logging
 import sqlite3
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ztfd.config import Config
 from ztfd.daemon.procs import pid_alive
 from ztfd.files import atomic_write, md5_hex
 from ztfd.store import jobs, manifest, record_files, transaction
 from ztfd.store.processes import forget_processes, processes
-from ztfd.store.rejected import Rejected, forget_rejected, received_before
+from ztfd.store.rejected import Rejected, export_path, forget_rejected, received_before
 from ztfd.store.states import Role
 
 log = logging.getLogger(__name__)
@@ -98,19 +103,27 @@ def export_rejected(conn: sqlite3.Connection, cfg: Config, before: float, pruned
         rows = received_before(conn, before, EXPORT_ROWS)
         if not rows:
             return
-        groups: dict[tuple[str, str], list[Rejected]] = {}
-        for row in rows:
-            groups.setdefault((_utc_date(row.received_at), row.topic), []).append(row)
-        written = []
-        for (date, topic), members in sorted(groups.items()):
-            relative = f"data/{date}/{topic}/rejected-{members[0].id}.jsonl"
-            body = b"".join(_line(row) for row in members)
-            atomic_write(cfg.home / relative, body)  # before the rows go: a crash here only writes it again
-            written.append((relative, len(body), md5_hex(body)))
+        groups: dict[tuple[str, str, int, int, int], list[Rejected]] = {}
+        for row in rows:  # in fleet mode a message per file: another host may export its neighbours
+            groups.setdefault((_utc_date(row.received_at), row.topic, row.generation, row.partition,
+                               row.kafka_offset if cfg.kafka.group_mode else 0), []).append(row)
+        # before the rows go: a crash here only writes them again
+        written = [write_export(cfg.home, members) for _, members in sorted(groups.items())]
         with transaction(conn):
             record_files(conn, written)
             pruned.rejected += forget_rejected(conn, [row.id for row in rows])
         pruned.exports += [path for path, _, _ in written]
+
+
+def write_export(home: Path, rows: list[Rejected]) -> tuple[str, int, str]:
+    """Write rejected messages of one day and partition generation, by offset, to the file named after the first
+    (``store.rejected.export_path``); its manifest row (path relative to home, size, MD5)."""
+    rows = sorted(rows, key=lambda row: row.kafka_offset)
+    first = rows[0]
+    relative = export_path(first.topic, first.partition, first.generation, first.kafka_offset, first.received_at)
+    body = b"".join(_line(row) for row in rows)
+    atomic_write(home / relative, body)
+    return relative, len(body), md5_hex(body)
 
 
 def _line(row: Rejected) -> bytes:

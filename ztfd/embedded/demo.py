@@ -552,9 +552,11 @@ def _show_metrics(config_path: Path) -> None:
     except OSError as exc:
         lines = [f"(not answering: {exc})"]
     click.echo(f"\n$ curl {url}   (excerpt)")
+    shown = {"ztfd_alerts_stored_total": "", "ztfd_stamp_jobs": 'state="done"', "ztfd_sync_pending_files": "",
+             "ztfd_process_up": 'name="consumer'}  # metric -> a label it must have (labels come sorted, host first)
     for line in lines:
-        if line.startswith(("ztfd_alerts_stored_total", "ztfd_stamp_jobs{state=\"done\"}", "ztfd_sync_pending_files",
-                            "ztfd_process_up{name=\"consumer")) or line.startswith("(not"):
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if (name in shown and shown[name] in line) or line.startswith("(not"):
             click.echo(f"  {line}")
 
 

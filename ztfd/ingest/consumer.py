@@ -89,10 +89,11 @@ class TopicConsumer:
         self.group = cfg.kafka.group_mode
         self.fleet = FleetBook(cfg.kafka, member_id(cfg.home)) if self.group else None
         self.fleet_counted = -COUNT_EVERY
+        self.leaving = False  # fleet mode: stopping, said in the fleet topic with what it holds
         self.assignment = TopicAssignment(self.conn, topic, self.kafka, self.fleet)
         # Fleet mode: what Kafka has committed per partition held, moved forward once durable in S3.
         self.commits = (DurableCommits(self.conn, topic, self.kafka, self.assignment.generation,
-                                       cfg.kafka.commit_every) if self.group else None)
+                                       cfg.kafka.commit_every, cfg.home, cfg.archive.enabled) if self.group else None)
         self.trouble = Condition(name)
         # librdkafka's reason a broker cannot be reached, kept where ``ztfd status`` reads it.
         self.broker_errors = BrokerErrors(name, cfg.kafka.bootstrap_servers)
@@ -116,7 +117,7 @@ class TopicConsumer:
         self.files.start()
         self.kafka.open()
         if self.commits is not None:
-            self.kafka.subscribe(self._handed_in, self._handed_back, self.commits.forget)
+            self.kafka.subscribe(self._handed_in, self._handed_back, self.commits.forget, self._count_soon)
         self._look_at_topic(force=True)
         log.info("consuming %s from %s as group %s", self.topic, self.cfg.kafka.bootstrap_servers,
                  self.cfg.kafka.group_id)
@@ -202,27 +203,32 @@ class TopicConsumer:
         self._publish_holding(self.kafka.assigned - set(partitions))
 
     def _count_fleet(self) -> None:
-        """Fleet mode, every ``fleet.COUNT_EVERY`` s: how many members hold partitions, kept in the store, where
-        this host's fetchers take their share of ``stamps.rate_limit`` from it."""
+        """Fleet mode, every ``fleet.COUNT_EVERY`` s: say this host is alive (what it holds, again), then count the
+        live members, kept in the store, where this host's fetchers take their share of ``stamps.rate_limit``."""
         assert self.fleet is not None
         now = time.monotonic()
         if now - self.fleet_counted < COUNT_EVERY:
             return
         self.fleet_counted = now
         try:
+            self.fleet.publish_member(self.topic, sorted(self.kafka.assigned))
             members = live_members(self.fleet.members())
             with store.transaction(self.conn):
                 store.set_status(self.conn, FLEET_MEMBERS, str(members))
         except Exception as exc:  # the last count stands; reading and committing go on
             self.throttled("fleet-count", logging.WARNING, "could not count the fleet's members: %s", exc)
 
-    def _publish_holding(self, partitions: set[int]) -> None:
-        """Fleet mode: tell the fleet topic which partitions this host holds (``ztfd status`` reads it), and count
-        the members again once the others have told it too."""
-        assert self.fleet is not None
+    def _count_soon(self) -> None:
+        """Fleet mode, after a rebalance: count the members again once the others have said what they hold now."""
         self.fleet_counted = time.monotonic() - COUNT_EVERY + RECOUNT_AFTER
+
+    def _publish_holding(self, partitions: set[int]) -> None:
+        """Fleet mode: tell the fleet topic which partitions this host holds (``ztfd status`` reads it), that it
+        left once it stops, and count the members again once the others have told it too."""
+        assert self.fleet is not None
+        self._count_soon()
         try:
-            self.fleet.publish_member(self.topic, sorted(partitions))
+            self.fleet.publish_member(self.topic, sorted(partitions), self.leaving)
         except Exception as exc:  # what status shows; reading and committing go on without it
             self.throttled("fleet-member", logging.WARNING, "could not publish this host's partitions: %s", exc)
 
@@ -279,6 +285,7 @@ class TopicConsumer:
 
     def close(self) -> None:
         if self.commits is not None:  # a stop hands every partition back: committed as far as durable, then left
+            self.leaving = True  # what it says from now on, a last revocation during the close included
             self._handed_back(sorted(self.kafka.assigned))
         self.kafka.close()
         self.builder.close()

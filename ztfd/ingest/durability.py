@@ -11,6 +11,11 @@ a walk to the durable frontier (``store.durable.durable_through``), bounded by w
 a partition handed back (a rebalance, ``ztfd stop``) is committed as far as it is durable, waiting for the answer,
 before it is released. A committed offset never goes back within a generation; a new generation (a recreated
 topic) starts the walk again at 0.
+
+A rejected message of a partition held is exported at the next walk, a file of its own named by its Kafka identity
+(``daemon.housekeeping.write_export``: the file housekeeping would write for it, so the same key on every host),
+and holds the frontier until that file is uploaded. Its row stays in the store for ``ztfd rejected`` until
+housekeeping's ``store.rejected_keep_days``.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from ztfd import store
+from ztfd.daemon.housekeeping import write_export
 from ztfd.ingest.kafka import KafkaAdapter
-from ztfd.store.durable import durable_through
+from ztfd.store.durable import durable_through, rejected_not_exported
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +39,10 @@ class DurableCommits:
     alerts behind it become durable."""
 
     def __init__(self, conn: sqlite3.Connection, topic: str, kafka: KafkaAdapter, generation_of: Callable[[int], int],
-                 every: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 every: float, home: Path, archive: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
         self.conn = conn
+        self.home = home  # where rejected messages are exported
+        self.archive = archive  # the Parquet archive is on: an alert waits for its row there too
         self.topic = topic
         self.kafka = kafka
         self.generation_of = generation_of  # the generation this host reads a partition in
@@ -68,10 +77,26 @@ class DurableCommits:
             start = self._start(partition, generation)
             known = stored.get(partition)
             end = known.next_offset if known is not None and known.generation == generation else start
-            frontier = durable_through(self.conn, self.topic, partition, generation, start, end)
+            self._export_rejected(partition, generation, start, end)
+            frontier = durable_through(self.conn, self.topic, partition, generation, start, end, self.archive)
             if frontier > start:
                 moved[partition] = frontier
         return moved
+
+    def _export_rejected(self, partition: int, generation: int, start: int, end: int) -> None:
+        """Export each rejected message not yet exported between the commit and what is stored, so that the syncer
+        uploads it and the frontier can pass it. A disk that fails here only leaves the frontier held."""
+        rows = rejected_not_exported(self.conn, self.topic, partition, generation, start, end)
+        if not rows:
+            return
+        try:
+            written = [write_export(self.home, [row]) for row in rows]
+        except OSError as exc:
+            log.warning("cannot export the rejected messages of %s[%d]: %s", self.topic, partition, exc)
+            return
+        with store.transaction(self.conn):
+            store.record_files(self.conn, written)
+        log.info("exported %d rejected messages of %s[%d] for upload", len(written), self.topic, partition)
 
     def tick(self, force: bool = False) -> dict[int, int]:
         """Every ``every`` seconds (``force``: now), commit the frontiers that moved, without waiting."""

@@ -10,9 +10,15 @@ the host that holds the partition. It works on any broker.
 Keys (values are JSON):
 - ``generation/<topic>/<partition>``: ``{"generation": g, "topic_id": id or null}``, the generation a partition is
   read in and the broker's topic id it was read under (KIP-516; null where the broker reports none);
-- ``member/<topic>/<member>``: ``{"host", "member", "topic", "partitions", "at"}`` (member: host and home), the
-  partitions a member holds, for ``ztfd status`` (Tansu's describe lists no members); a member that stops
-  publishes an empty list.
+- ``member/<topic>/<member>``: ``{"host", "member", "topic", "partitions", "at", "left"}`` (member: host and home),
+  the partitions a member holds, for ``ztfd status`` (Tansu's describe lists no members), said again every
+  ``COUNT_EVERY`` s as the member's heartbeat (``at``: its clock); a member that stops publishes an empty list and
+  ``left``.
+
+The live membership (``live_members``, which ``stamps.rate_limit`` is shared by) is read from those records: every
+member that said it is there within ``LIVE_FOR`` s and has not left, holding partitions or not (more hosts than
+partitions: the idle ones still fetch their own stamp jobs), except one whose partitions have all been claimed since
+by others (killed with -9: it stops counting as soon as its partitions are taken over).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ log = logging.getLogger(__name__)
 SUFFIX = ".ztfd-fleet"
 COUNT_EVERY = 30.0  # seconds between counts of the live members (the fleet's share of ``stamps.rate_limit``)
 RECOUNT_AFTER = 3.0  # seconds after a rebalance to count again (the other members publish their new holdings)
+LIVE_FOR = 3 * COUNT_EVERY  # seconds a member's last word keeps it counted (clocks a little apart, a heartbeat late)
 
 
 def fleet_topic(group_id: str) -> str:
@@ -94,11 +101,12 @@ class FleetBook:
         self._write({f"generation/{topic}/{partition}": {"generation": g.generation, "topic_id": g.topic_id}
                      for partition, g in generations.items()})
 
-    def publish_member(self, topic: str, partitions: list[int]) -> None:
-        """Say which partitions of ``topic`` this host holds now (``ztfd status`` shows the fleet from these)."""
+    def publish_member(self, topic: str, partitions: list[int], left: bool = False) -> None:
+        """Say which partitions of ``topic`` this host holds now (``ztfd status`` shows the fleet from these), and
+        that it is alive (or, ``left``, that it stopped)."""
         self._write({f"member/{topic}/{self.member}": {
             "host": socket.gethostname(), "member": self.member, "topic": topic,
-            "partitions": sorted(partitions), "at": time.time()}})
+            "partitions": sorted(partitions), "at": time.time(), "left": left}})
 
     def members(self) -> list[dict[str, Any]]:
         """What every member last said it holds, those holding something first."""
@@ -117,6 +125,31 @@ def holders(members: list[dict[str, Any]]) -> dict[tuple[str, int], str]:
     return held
 
 
-def live_members(members: list[dict[str, Any]]) -> int:
-    """How many members hold a partition now (at least 1: this host)."""
-    return max(1, len(set(holders(members).values())))
+def live(members: list[dict[str, Any]], now: float | None = None) -> set[str]:
+    """The members alive: said so within ``LIVE_FOR`` s, not left, and not superseded (every partition one claims
+    claimed since by another member)."""
+    now = time.time() if now is None else now
+    held = holders(members)
+    found = set()
+    for entry in members:
+        name, at = str(entry.get("member")), entry.get("at")
+        if entry.get("left") or not isinstance(at, int | float) or now - at > LIVE_FOR:
+            continue
+        claimed = [p for p in entry.get("partitions") or [] if isinstance(p, int)]
+        if claimed and all(held.get((str(entry.get("topic")), p)) != name for p in claimed):
+            continue
+        found.add(name)
+    return found
+
+
+def live_members(members: list[dict[str, Any]], now: float | None = None) -> int:
+    """How many members are alive (``live``), at least 1: this host."""
+    return max(1, len(live(members, now)))
+
+
+def report_writer(members: list[dict[str, Any]]) -> str | None:
+    """The member that writes the fleet's night reports, chosen without a coordinator: the one holding partition 0
+    of the lowest-named topic held (newest claim wins, as in ``holders``); None while nobody holds one."""
+    held = holders(members)
+    firsts = sorted(topic for topic, partition in held if partition == 0)
+    return held[(firsts[0], 0)] if firsts else None

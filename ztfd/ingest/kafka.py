@@ -233,12 +233,13 @@ class KafkaAdapter:
             self.commit(known)
 
     def subscribe(self, on_assign: Callable[[list[int]], Iterable[int]], on_revoke: Callable[[list[int]], None],
-                  on_lost: Callable[[list[int]], None]) -> None:
+                  on_lost: Callable[[list[int]], None], on_rebalance: Callable[[], None] = lambda: None) -> None:
         """Join the group (fleet mode): the group hands partitions in and out, each starting at the group's
         committed offset (else the earliest). The callbacks run inside ``next_batch``'s poll, on the caller's
         thread: ``on_assign`` returns the partitions to read from their beginning instead (a recreated topic),
         ``on_revoke`` runs before a partition is released (commit what is durable), ``on_lost`` when it was taken
-        away already (the session expired: committing is too late)."""
+        away already (the session expired: committing is too late), ``on_rebalance`` after every rebalance, this
+        member's holdings changed or not (the others' may have)."""
 
         def numbers(partitions: list[Any]) -> list[int]:
             return sorted(tp.partition for tp in partitions if tp.topic == self.topic)
@@ -252,7 +253,10 @@ class KafkaAdapter:
                 for tp in partitions:
                     if tp.topic == self.topic and tp.partition in rewind:
                         tp.offset = OFFSET_BEGINNING
+            elif not self.assigned:
+                log.info("the group gave %s no partition: more members than partitions", self.topic)
             consumer.incremental_assign(partitions)
+            on_rebalance()
 
         def revoked(_consumer: Any, partitions: list[Any]) -> None:
             gone = numbers(partitions)

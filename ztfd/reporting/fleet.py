@@ -15,9 +15,34 @@ from typing import Any
 
 from ztfd import config
 from ztfd.ingest import kafka
-from ztfd.ingest.fleet import FleetBook, fleet_topic, holders, member_id
+from ztfd.ingest.fleet import FleetBook, fleet_topic, holders, live, member_id, report_writer
 
 log = logging.getLogger(__name__)
+
+
+class ReportTurn:
+    """Fleet mode: whether this host writes the fleet's night reports now (``ingest.fleet.report_writer``: the
+    holder of partition 0), asked of the fleet topic each time reports are due; the others write none, so that no
+    two hosts upload different pages under one key. A change of writer is logged."""
+
+    def __init__(self, cfg: config.Config) -> None:
+        self.book = FleetBook(cfg.kafka, member_id(cfg.home))
+        self.writer: str | None = None
+
+    def mine(self) -> bool:
+        try:
+            writer = report_writer(self.book.members())
+        except Exception as exc:  # the broker away: no report this round, the next one asks again
+            log.warning("cannot read the fleet topic to know who writes the night reports: %s", exc)
+            return False
+        if writer != self.writer:
+            self.writer = writer
+            if writer == self.book.member:
+                log.info("this host writes the fleet's night reports (it holds partition 0)")
+            else:
+                log.info("the fleet's night reports are written by %s (it holds partition 0), not here",
+                         writer or "nobody yet")
+        return writer == self.book.member
 
 
 def _iso(ts: Any) -> str | None:
@@ -51,7 +76,8 @@ def fleet_section(cfg: config.Config, topics: list[dict[str, Any]], timeout: flo
         at = _iso(entry.get("at"))
         member["at"] = max(filter(None, (member["at"], at)), default=None)
     holder = holders(said)
-    section["members"] = list(members.values())
+    alive = live(said)
+    section["members"] = [{**member, "live": member["member"] in alive} for member in members.values()]
     for info in topics:
         topic = info["topic"]
         stored = info.get("partitions") or {}
@@ -75,7 +101,8 @@ def render(section: dict[str, Any]) -> list[str]:
     for member in section["members"]:
         held = "; ".join(f"{topic} {', '.join(map(str, parts))}" for topic, parts in member["assignments"].items())
         you = " (this host)" if member["member"] == section["me"] else ""
-        out.append(f"  {member['member']}{you}: {held or 'nothing'} (said {member['at']})")
+        gone = "" if member.get("live", True) else ", not live"
+        out.append(f"  {member['member']}{you}: {held or 'nothing'} (said {member['at']}{gone})")
     for p in section["partitions"]:
         behind = f", {p['durable_behind']} stored here not yet durable" if p["durable_behind"] is not None else ""
         out.append(f"  {p['topic']}[{p['partition']}] committed {p['committed']} of {p['end']} (lag {p['lag']})"

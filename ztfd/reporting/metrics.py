@@ -6,6 +6,9 @@ so it costs the same after a year as on the first day. The one figure the store 
 asked of the broker every ``LAG_INTERVAL`` seconds by the main loop (as ``ztfd status`` does: a throwaway consumer
 that never joins the group) and served from that cache.
 
+Every series carries a ``host`` label (this machine's name): in a fleet (docs/fleet.md) each host serves its own
+``/metrics`` and the dashboard sums over hosts.
+
 The HTTP server is waitress (``prometheus_client``'s WSGI app on it): a connection waits for its request without
 a thread (one event loop holds them all), idle ones are closed after ``IDLE_TIMEOUT`` seconds, at most
 ``MAX_CONNECTIONS`` are open at once and ``SERVER_THREADS`` threads answer. A port scanner or a client that
@@ -17,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -96,8 +100,16 @@ class StoreCollector(Collector):
         self.conn = conn
         self.lock = lock
         self.kafka = KafkaView()
+        self.host = socket.gethostname()
 
     def collect(self) -> Iterator[Metric]:
+        """Every family, each sample labelled with this ``host``."""
+        for family in self._families():
+            family.samples = [sample._replace(labels={**sample.labels, "host": self.host})
+                              for sample in family.samples]
+            yield family
+
+    def _families(self) -> Iterator[Metric]:
         now = time.time()
         with self.lock:
             topics = counters.topic_totals(self.conn)

@@ -560,8 +560,14 @@ def _record(home: Path, conn: sqlite3.Connection, paths: Iterable[str]) -> None:
 
 def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
     """The daemon's reporter: every ``WATCH_INTERVAL`` s, rewrite the reports of nights quiet for
-    ``report.after_quiet`` s that changed since their last report; heartbeat throughout."""
+    ``report.after_quiet`` s that changed since their last report; heartbeat throughout. In fleet mode only on the
+    host that holds partition 0 (``reporting.fleet.ReportTurn``); its report covers the alerts it stored itself."""
     conn = store.connect(cfg.db_path, create=False)
+    turn = None
+    if cfg.kafka.group_mode:
+        from ztfd.reporting.fleet import ReportTurn
+
+        turn = ReportTurn(cfg)
     heartbeat = Heartbeat(name, Role.REPORTER)
     failed: dict[str, float] = {}  # date -> the change a report failed on: tried again only after a new one
 
@@ -572,7 +578,10 @@ def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
         while not stop.is_set():
             beat()
             now = time.time()
-            for date, changed in night.reports_due(conn, now - cfg.report.after_quiet, now - LOOKBACK_DAYS * 86400):
+            due = night.reports_due(conn, now - cfg.report.after_quiet, now - LOOKBACK_DAYS * 86400)
+            if due and turn is not None and not turn.mine():
+                due = []  # another host writes them; asked again next round (partitions move)
+            for date, changed in due:
                 if stop.is_set():
                     break
                 if failed.get(date) == changed:

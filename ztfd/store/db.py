@@ -43,6 +43,7 @@ ARCHIVE_DIRS = ("data", "images", "reports")  # a home with any of these not emp
 DAMAGED_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 WAL_CHECKPOINT_PAGES = 1000  # about 4 MB of WAL between automatic checkpoints
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes of WAL file left after a checkpoint (PRAGMA journal_size_limit)
+_OPENED: set[str] = set()  # stores this process has opened: ``check_intact`` no longer reads their header
 
 
 def connect(db_path: Path, timeout: float = 60.0, create: bool = True) -> sqlite3.Connection:
@@ -51,6 +52,7 @@ def connect(db_path: Path, timeout: float = 60.0, create: bool = True) -> sqlite
     check_intact(db_path, missing_ok=create)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(db_path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    _OPENED.add(os.path.abspath(db_path))
     try:
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
@@ -88,7 +90,13 @@ def check_intact(db_path: Path, missing_ok: bool = True) -> None:
     An empty file in an empty home is a store being created (``sqlite3.connect`` makes the file before the first
     writer gives it its header); a file whose WAL is not empty may be smaller than its header says (a checkpoint
     killed midway): SQLite reads the rest from the WAL.
+
+    Once this process has opened the store, its header is not read again: closing a descriptor of the database
+    file drops every POSIX lock this process's SQLite connections hold on it, and another process closing its last
+    connection would then take the store for unused and delete the WAL from under them (their writes lost).
     """
+    if os.path.abspath(db_path) in _OPENED:
+        return
     try:
         size = db_path.stat().st_size
     except FileNotFoundError:
@@ -154,6 +162,7 @@ def connect_readonly(db_path: Path, timeout: float = 2.0) -> sqlite3.Connection:
     try:
         try:
             conn = _open_uri(f"{uri}?mode=ro", timeout)
+            _OPENED.add(os.path.abspath(db_path))
             version = schema_version(conn)
         except sqlite3.OperationalError:
             if Path(f"{db_path}-wal").exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 from dataclasses import dataclass
 
@@ -27,6 +28,16 @@ class Rejected:
     received_at: float
     reason: str
     raw: bytes
+
+
+def export_path(topic: str, partition: int, generation: int, first_offset: int, received_at: float) -> str:
+    """Where an export of rejected messages goes, relative to home: ``data/<UTC date of receipt>/<topic>/
+    rejected-[g<generation>-]p<partition>-o<first offset>.jsonl``, named by the Kafka identity of the first message
+    it holds (as an alert file is, ``sources.file_stem``), so that an export written again, on this host or another,
+    has the same key."""
+    date = dt.datetime.fromtimestamp(received_at, dt.UTC).date().isoformat()
+    generation_part = f"g{generation}-" if generation else ""
+    return f"data/{date}/{topic}/rejected-{generation_part}p{partition}-o{first_offset}.jsonl"
 
 
 def add_rejected(conn: sqlite3.Connection, topic: str, rejected: list[NewRejected], received_at: float) -> None:
