@@ -245,6 +245,12 @@ def test_a_host_lost_with_its_disk_loses_nothing_and_a_new_host_takes_its_share(
         assert {m["member"] for m in fleet["members"] if m["live"]} == live  # not the host killed
         assert {(p["partition"], p["committed"], p["end"]) for p in fleet["partitions"]} == \
             {(p, end, end) for p, end in ends.items()}
+        # Each host's own lag is its share: its consumer keeps the ends it heard of the partitions it holds.
+        wait_until(lambda: sorted(map(int, json.loads(survivor.fact(f"kafka_ends:{topic}") or "{}"))) ==
+                   held.get(fleet["me"]), DEADLINE, "the survivor's consumer to keep the ends of its partitions")
+        shown = subprocess.run(ztfd_command(survivor.config_path, "status", "--json"), capture_output=True,
+                               text=True, env=env, timeout=120)
+        assert [(t["lag"], t["lag_from"]) for t in json.loads(shown.stdout)["topics"]] == [(0, "consumer")]
         table = subprocess.run(ztfd_command(survivor.config_path, "status"), capture_output=True, text=True,
                                env=env, timeout=120).stdout
         assert f"Fleet (group {group}" in table and "(this host)" in table
@@ -322,7 +328,7 @@ def test_a_new_host_keys_alerts_in_the_generation_the_fleet_agreed(
         assert archived.returncode == 0, archived.stderr
         wait_until(lambda: committed(kafka.bootstrap, group, topic, 1) == {0: 5}, DEADLINE,
                    "the commit past the archived alerts and the exported poison message")
-        assert any(key.endswith("/p0-g2-o000000000000.parquet") for key in s3.objects(bucket))
+        assert any(key.endswith("/p0-g2-o000000000000-000000000004.parquet") for key in s3.objects(bucket))
 
         idle.start(topic, syncer=False)
         wait_until(lambda: idle.said("the group gave"), DEADLINE, "the second host's join to settle")

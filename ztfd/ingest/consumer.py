@@ -302,11 +302,11 @@ class TopicConsumer:
         except sqlite3.Error as exc:  # a store locked or full: the batches say so; the stream must go on
             self.throttled("heartbeat", logging.WARNING, "heartbeat failed: %s", exc)
             return
-        if not self.group:  # every partition is ours: what our fetches heard is the topic's lag for status
-            if self.broker_errors.record is None:
-                seen_ends.record(self.conn, self.topic, self.kafka.assigned, self.kafka.cached_end)
-            else:
-                seen_ends.forget(self.conn, self.topic)
+        # What our fetches heard of the ends of the partitions we read: the lag status and metrics show.
+        if self.broker_errors.record is None:
+            seen_ends.record(self.conn, self.topic, self.kafka.assigned, self.kafka.cached_end, held=self.group)
+        else:
+            seen_ends.forget(self.conn, self.topic)
 
     def _write_files(self, batch: Batch) -> None:
         """Steps 2 and 3: hand the batch to the file writer, which writes its alert files (paths under home), then

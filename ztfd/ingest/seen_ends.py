@@ -2,9 +2,10 @@
 
 A consumer's fetches bring each partition's high watermark back for free (librdkafka caches it). Status used to
 ask the broker for the same figures itself: a new Kafka client per ``ztfd status``, whose import and round trips
-were most of the command's time. So a consumer reading every partition of its topic (``assignment = "all"``) keeps
-what it heard as the status fact ``kafka_ends:<topic>`` (JSON: partition -> end), rewritten with its heartbeat,
-and status takes the lag from it while it is fresh. It is not kept while the consumer has a broker error (the
+were most of the command's time. So a consumer keeps what it heard as the status fact ``kafka_ends:<topic>``
+(JSON: partition -> end), rewritten with its heartbeat, and status and the metrics take the lag from it while it
+is fresh. In a fleet (``assignment = "group"``) it keeps the partitions it holds, so the lag it gives is this
+host's share: the hosts' figures add up to the fleet's. It is not kept while the consumer has a broker error (the
 ends it holds may be old), so status then asks the broker itself, which says whether it answers.
 """
 
@@ -28,16 +29,17 @@ FRESH_FOR = 3 * HEARTBEAT_INTERVAL
 
 
 def record(conn: sqlite3.Connection, topic: str, partitions: Iterable[int],
-           cached_end: Callable[[int], int | None]) -> bool:
-    """Keep the cached end of each of ``partitions`` (all of the topic's); False, keeping nothing, when any is
-    not known yet (librdkafka has not fetched from it)."""
+           cached_end: Callable[[int], int | None], held: bool = False) -> bool:
+    """Keep the cached end of each of ``partitions`` (all of the topic's, or with ``held`` the ones this host holds
+    in a fleet, perhaps none); False, keeping nothing, when any is not known yet (librdkafka has not fetched from
+    it)."""
     ends: dict[str, int] = {}
     for partition in sorted(partitions):
         end = cached_end(partition)
         if end is None or end < 0:
             return False
         ends[str(partition)] = end
-    if not ends:
+    if not ends and not held:
         return False
     try:
         store.set_status(conn, STATUS_PREFIX + topic, json.dumps(ends))

@@ -35,6 +35,7 @@ from ztfd import config, store
 from ztfd.daemon import lifecycle
 from ztfd.daemon.heartbeat import Heartbeat
 from ztfd.daemon.procs import pid_alive
+from ztfd.ingest import seen_ends
 from ztfd.reporting import status
 from ztfd.store import counters
 from ztfd.store.processes import ProcessRow, processes
@@ -249,7 +250,7 @@ def _serve(cfg: config.Config, name: str, host: str, port: int, stop: lifecycle.
             if time.monotonic() >= next_lag:
                 with lock:
                     offsets = {topic: store.stored_offsets(conn, topic) for topic in cfg.kafka.topics}
-                    seen = status.consumers_seen_ends(cfg, conn)
+                    seen = seen_ends.fresh(conn)
                 kafka = read_kafka(cfg, offsets, seen)  # outside the lock: the broker may take seconds
                 if kafka.client_error and kafka.client_error != collector.kafka.client_error:
                     log.error("metrics: no Kafka client, serving the store's metrics without the lag: %s",

@@ -92,7 +92,7 @@ def collect(cfg: config.Config, kafka_timeout: float = KAFKA_TIMEOUT, lag: bool 
                 for name, (reason, at) in statuses_with_prefix(conn, LOCAL_TROUBLE_PREFIX).items()}
             report["kafka_errors"] = _kafka_errors(conn)
             report["stamp_errors"] = _stamp_errors(conn, cfg)
-            seen = consumers_seen_ends(cfg, conn, now)
+            seen = seen_ends.fresh(conn, now)
             lost = store_gaps.missing_by_topic(conn)
             report["archive"].update(_archive(conn, report["topics"], now))
             for info in report["topics"]:
@@ -328,20 +328,16 @@ def _gaps(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             for g in store_gaps.recent_gaps(conn)]
 
 
-def consumers_seen_ends(cfg: config.Config, conn: sqlite3.Connection,
-                        now: float | None = None) -> dict[str, tuple[dict[int, int], float]]:
-    """What the running consumers heard of their topics' ends, for ``add_lag`` (none in fleet mode: a host holds
-    only some partitions, and the fleet's figures come from the broker)."""
-    return {} if cfg.kafka.group_mode else seen_ends.fresh(conn, now)
-
-
 def add_lag(cfg: config.Config, topics: list[dict[str, Any]], seen: dict[str, tuple[dict[int, int], float]],
              timeout: float) -> str | None:
     """Kafka lag per topic: the end of each partition minus ztfd's stored next offset.
 
     The ends come from the topic's running consumer while what it heard is fresh (``ztfd.ingest.seen_ends``:
     ``lag_from`` "consumer", ``lag_at`` when it heard them); otherwise from the broker, asked within ``timeout``
-    (``ztfd.ingest.kafka.end_offsets``; ``lag_from`` "broker"), when it answers in time.
+    (``ztfd.ingest.kafka.end_offsets``; ``lag_from`` "broker"), when it answers in time. In fleet mode the
+    consumer's figures are of the partitions this host holds (its share; the hosts' shares add up to the fleet's
+    lag), and a host whose consumer is not running holds none: its lag is then unknown (null), the broker is
+    still asked whether it answers, and the ``fleet`` section has the fleet's lag per partition.
 
     Returns why no Kafka client could be built (librdkafka refused the options: a SASL password that lives in
     the daemon's environment only), else None; the lag is then unknown, and nothing else is missing.
@@ -368,7 +364,7 @@ def add_lag(cfg: config.Config, topics: list[dict[str, Any]], seen: dict[str, tu
         return str(exc)
     for info in asked:
         broker, ends = said[info["topic"]]
-        _set_lag(info, broker, ends)
+        _set_lag(info, broker, None if cfg.kafka.group_mode else ends)
         info["lag_from"], info["lag_at"] = "broker", None
     return None
 
