@@ -26,7 +26,8 @@ FAST_KAFKA_OPTIONS = demo.FAST_KAFKA_OPTIONS
 
 @pytest.fixture(scope="session")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
-    """One Tansu broker for the session; tests use unique topic and group names."""
+    """One Tansu broker for the session (so one per xdist worker, on a free port); tests use unique topic and
+    group names."""
     log_path = tmp_path_factory.mktemp("tansu") / "tansu.log"
     with KafkaBroker(log_path=log_path) as broker:
         yield broker

@@ -44,6 +44,8 @@ from ztfd.store.stamps import stamp_records
 
 ALERTS = 2200
 WAVES = 4
+# The chaos lasts until its script is played, every kind of child was killed and the pipeline has nothing left to
+# do (kills go on all along), or CHAOS_SECONDS at most: past that point a kill only hits processes with no work.
 CHAOS_SECONDS = 75.0
 CHILD_ROLES = ("consumer", "fetcher", "syncer")
 
@@ -177,10 +179,26 @@ def test_nothing_lost_or_duplicated_under_kill9_and_outages(broker: ProxiedBroke
             events = [(8.0, "wave", 1), (16.0, "cut", None), (28.0, "restore", None), (31.0, "wave", 2),
                       (38.0, "kill-supervisor", None), (46.0, "wave", 3)]
             kills: collections.Counter[str] = collections.Counter()
+
+            def settled() -> bool:
+                stored = count_alerts(conn)
+                open_jobs = store_jobs.counts(conn).unfinished
+                pending = count_pending(conn)
+                return stored == ALERTS and open_jobs == 0 and pending == 0
+
+            def chaos_done() -> bool:
+                killed_all = kills["consumer"] >= 2 and kills["fetcher"] and kills["syncer"] and kills["supervisor"]
+                return not events and bool(killed_all) and settled()
+
             t0 = time.monotonic()
             next_kill = t0 + rng.uniform(2, 4)
+            next_check = t0
             while time.monotonic() - t0 < CHAOS_SECONDS:
                 now = time.monotonic() - t0
+                if time.monotonic() >= next_check:
+                    if chaos_done():
+                        break
+                    next_check = time.monotonic() + 1.0
                 while events and events[0][0] <= now:
                     _, what, arg = events.pop(0)
                     if what == "wave":
@@ -207,13 +225,6 @@ def test_nothing_lost_or_duplicated_under_kill9_and_outages(broker: ProxiedBroke
                 time.sleep(0.1)  # the chaos loop's pace, not a wait for anything
             assert not events
             assert kills["consumer"] >= 2 and kills["fetcher"] and kills["syncer"] and kills["supervisor"] == 1, kills
-
-            def settled() -> bool:
-                stored = count_alerts(conn)
-                open_jobs = store_jobs.counts(conn).unfinished
-                pending = count_pending(conn)
-                return stored == ALERTS and open_jobs == 0 and pending == 0
-
             wait_until(settled, 150, "every alert stored, every stamp job finished and every file uploaded")
             # A child killed at the end of the chaos may still be in its restart backoff: poll, don't snapshot.
             def all_back() -> dict[str, Any] | None:

@@ -76,12 +76,13 @@ def test_a_broker_down_is_named_with_librdkafkas_reason(tmp_path: Path, daemon: 
     }, home)
     daemon(cfg_path)
 
-    def broker_problem() -> dict | None:
-        _code, report = status_json(cfg_path)
-        return next((p for p in report["problems"] if p["kind"] == "broker" and "from consumer" in p["thing"]), None)
+    def with_broker_problem() -> tuple[int, dict] | None:
+        """The status once it names the consumer's broker trouble (each call waits out the lag query's timeout)."""
+        code, report = status_json(cfg_path)
+        named = any(p["kind"] == "broker" and "from consumer" in p["thing"] for p in report["problems"])
+        return (code, report) if named else None
 
-    wait_until(lambda: broker_problem() is not None, 60, "status to name the unreachable broker")
-    code, report = status_json(cfg_path)
+    code, report = wait_until(with_broker_problem, 60, "status to name the unreachable broker")
     assert code == 0 and report["running"] and report["healthy"] is False
     problem = next(p for p in report["problems"] if p["kind"] == "broker")
     assert f"127.0.0.1:{port}" in problem["thing"]

@@ -211,6 +211,10 @@ def test_leftovers_of_a_crashed_supervisor_are_terminated(daemon_config: tuple[P
     kernel sends it SIGHUP and SIGCONT.) A recorded pid that now belongs to an unrelated process is left alone.
     """
     cfg_path, topics = daemon_config
+    # The leftover is killed supervisor.stop_timeout after its SIGTERM: a short one here, the wait is all it costs.
+    text = cfg_path.read_text()
+    assert "stop_timeout = 10\n" in text
+    cfg_path.write_text(text.replace("stop_timeout = 10\n", "stop_timeout = 2\n"))
     cfg = config.load(cfg_path)
     hung_code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
                  "time.sleep(120)")
@@ -346,10 +350,10 @@ def test_a_child_that_cannot_be_started_backs_off_instead_of_storming(
     kafka: KafkaBroker, make_config: Callable[..., Path], tmp_path: Path
 ) -> None:
     """Before: a failed exec measured the child's "uptime" from its previous start, long ago, and restarted it
-    every second forever. Now every quick failure, a failed start included, doubles the delay, and only a child
-    that stayed up STABLE_AFTER seconds starts again from 1 s."""
+    every second forever. Now every quick failure, a failed start included, doubles the delay (up to
+    restart_backoff_max), and only a child that stayed up STABLE_AFTER seconds starts again from 1 s."""
     cfg_path = one_topic_config(kafka, make_config,
-                                supervisor={"heartbeat_timeout": 120, "restart_backoff_max": 8, "stop_timeout": 10})
+                                supervisor={"heartbeat_timeout": 120, "restart_backoff_max": 4, "stop_timeout": 10})
     cfg = config.load(cfg_path)
     topic = cfg.kafka.topics[0]
     name = f"consumer:{topic}"
@@ -364,15 +368,15 @@ def test_a_child_that_cannot_be_started_backs_off_instead_of_storming(
             rows = all_consumers_up(cfg_path, [topic])
             return rows[0] if rows and rows[0]["uptime"] > seconds else None
 
-        first = wait_until(lambda: up_for(STABLE_AFTER + 1), 60, "the consumer to stay up")
+        first = wait_until(lambda: up_for(0), 60, "the consumer up")
         python.unlink()  # from now on every start of a child fails at exec
         os.kill(first["pid"], signal.SIGKILL)
         delays = wait_until(lambda: (d := restart_delays(ztfd_log.read_text(), name)) and len(d) >= 4 and d, 60,
                             "three failed starts")
         assert "cannot start" in ztfd_log.read_text()
-        assert delays[:4] == [1.0, 2.0, 4.0, 8.0]  # the kill after a long run, then three failed starts
+        assert delays[:4] == [1.0, 2.0, 4.0, 4.0]  # the kill, then three failed starts (the last at the cap)
 
-        python.symlink_to(target)  # it can start again: the 8 s delay runs out, and it stays up
+        python.symlink_to(target)  # it can start again: the 4 s delay runs out, and it stays up
         second = wait_until(lambda: (row := up_for(STABLE_AFTER + 1)) and row["pid"] != first["pid"] and row, 60,
                             "the consumer to start again and stay up")
         os.kill(second["pid"], signal.SIGKILL)
@@ -385,12 +389,15 @@ def test_a_child_that_cannot_be_started_backs_off_instead_of_storming(
         stop_and_check_nothing_left(cfg_path)
 
 
+OUT_MAX_BYTES = 300  # a few lines of the failing child below: each line costs a child start
+
+
 def test_supervisor_out_is_rotated_while_children_write_to_it(
     kafka: KafkaBroker, make_config: Callable[..., Path]
 ) -> None:
     """Children write into a pipe the supervisor copies through the log files' handler: supervisor.out rotates at
     logging.max_bytes while the daemon runs (before, only when it started), and no line is cut."""
-    cfg_path = one_topic_config(kafka, make_config, logging={"max_bytes": 600, "backup_count": 2},
+    cfg_path = one_topic_config(kafka, make_config, logging={"max_bytes": OUT_MAX_BYTES, "backup_count": 2},
                                 supervisor={"heartbeat_timeout": 120, "restart_backoff_max": 0.2, "stop_timeout": 10})
     cfg = config.load(cfg_path)
     topic = cfg.kafka.topics[0]
@@ -410,7 +417,7 @@ def test_supervisor_out_is_rotated_while_children_write_to_it(
     expected = "ztfd: config: unknown key bogus_key"
     for path in (out, out.with_name("supervisor.out.1"), out.with_name("supervisor.out.2")):
         text = path.read_text()
-        assert len(text.encode()) <= 600, path
+        assert len(text.encode()) <= OUT_MAX_BYTES, path
         assert all(line == expected for line in text.splitlines() if "bogus" in line), text
     assert expected in out.with_name("supervisor.out.1").read_text()
 
