@@ -302,8 +302,6 @@ def test_a_late_alert_joins_a_night_already_written(archived: Archived, kafka: K
 
 
 def test_the_dataset_reads_back_from_s3(archived: Archived) -> None:
-    from pyarrow import fs
-
     def uploaded() -> bool:  # every file of archive/ in S3 with its current content (a rewritten one too)
         remote = {key: etag for key, (_size, etag) in archived.s3.objects(archived.bucket).items()}
         local = {f"mirror/{p.relative_to(archived.home).as_posix()}": md5_file(p)
@@ -323,11 +321,7 @@ def test_the_dataset_reads_back_from_s3(archived: Archived) -> None:
         return len(set(blocks)) == len(blocks) and remote == local and uploaded()
 
     wait_until(folded_everywhere, 60, "the part files folded, on disk and in S3")
-    env = archived.s3.env()
-    s3fs = fs.S3FileSystem(endpoint_override=archived.s3.endpoint_url.removeprefix("http://"), scheme="http",
-                           region="us-east-1",
-                           access_key=env.get("AWS_ACCESS_KEY_ID", "testing"),
-                           secret_key=env.get("AWS_SECRET_ACCESS_KEY", "testing"))
+    s3fs = s3_filesystem(archived)
     remote = archive.alerts_dataset(f"{archived.bucket}/mirror/archive/alerts", filesystem=s3fs).to_table()
     local = archived.dataset()
     assert sorted(dataset_keys(remote)) == sorted(dataset_keys(local))
@@ -337,12 +331,65 @@ def test_the_dataset_reads_back_from_s3(archived: Archived) -> None:
     assert counted is not None and counted[0] == len(set(local["object_id"].to_pylist()))
 
 
+def s3_filesystem(archived: Archived) -> Any:
+    """pyarrow's S3 filesystem on the test's moto server."""
+    from pyarrow import fs
+
+    env = archived.s3.env()
+    return fs.S3FileSystem(endpoint_override=archived.s3.endpoint_url.removeprefix("http://"), scheme="http",
+                           region="us-east-1", access_key=env.get("AWS_ACCESS_KEY_ID", "testing"),
+                           secret_key=env.get("AWS_SECRET_ACCESS_KEY", "testing"))
+
+
+def test_a_fleets_hosts_write_stamps_files_of_their_own_read_as_one_dataset_from_s3(
+        archived: Archived, tmp_path: Path) -> None:
+    """In a fleet each host writes its own stamps file of a night (two hosts never upload different bytes under one
+    key); read from S3 they are one dataset, and a stamp both hosts have (fetched again after a takeover) is shown
+    once in an object's row."""
+    import shutil
+    from types import SimpleNamespace
+
+    from ztfd.archive.stamps import StampsWriter, writer_name
+
+    night_dir = max((p for p in (archived.home / "images").iterdir() if p.is_dir()),
+                    key=lambda night: sum(1 for p in night.iterdir() if p.is_dir()))
+    objects = sorted(p for p in night_dir.iterdir() if p.is_dir())
+    assert len(objects) >= 2  # the real ZTF packets' cutouts: several objects a night
+    shared, own = objects[0], objects[-1]
+    names = []
+    for host, dirs in (("a", [shared]), ("b", [shared, own])):
+        home = tmp_path / host
+        for folder in dirs:
+            shutil.copytree(folder, home / "images" / night_dir.name / folder.name)
+        fleet_cfg = SimpleNamespace(kafka=SimpleNamespace(group_mode=True), home=home)
+        names.append(writer_name(fleet_cfg))
+        written = StampsWriter(home, names[-1]).write_night(night_dir.name)
+        assert written is not None and written[0].endswith(f"/stamps-{names[-1]}.parquet")
+    assert names[0] != names[1]
+    assert writer_name(SimpleNamespace(kafka=SimpleNamespace(group_mode=False), home=tmp_path / "a")) == ""
+
+    client = archived.s3.client()
+    prefix = f"fleet-{uuid.uuid4().hex[:6]}/"
+    uploads = [(p, p.relative_to(archived.home)) for p in (archived.home / "archive" / "alerts").rglob("*")
+               if p.is_file() and not p.name.startswith(".")]
+    uploads += [(p, p.relative_to(tmp_path / host)) for host in ("a", "b")
+                for p in (tmp_path / host / "archive" / "stamps").rglob("*.parquet")]
+    for path, key in uploads:
+        client.put_object(Bucket=archived.bucket, Key=prefix + key.as_posix(), Body=path.read_bytes())
+    reader = archive.open(f"{archived.bucket}/{prefix}", filesystem=s3_filesystem(archived))
+    files_of = {folder.name: sorted(f"images/{night_dir.name}/{folder.name}/{f.name}" for f in folder.iterdir())
+                for folder in (shared, own)}
+    stamps = reader.stamps.to_table().to_pylist()
+    assert sorted(row["path"] for row in stamps) == sorted(files_of[shared.name] * 2 + files_of[own.name])
+    shown = [stamp["path"] for row in reader.object_rows(shared.name).to_pylist() for stamp in row["stamps"]]
+    assert shown and len(shown) == len(set(shown)) and set(shown) <= set(files_of[shared.name])
+
+
 def test_a_reader_of_s3_lists_again_when_a_file_is_replaced_or_deleted_under_it(
         archived: Archived, caplog: pytest.LogCaptureFixture) -> None:
     """The race a reader of S3 meets while the archiver and sync rewrite files: the dataset is listed (opened),
     then one file is replaced by a larger version and another deleted, then read. ``ztfd.archive`` lists again
     and reads the new state; a dataset read as listed fails."""
-    from pyarrow import fs
 
     client = archived.s3.client()
     prefix = f"race-{uuid.uuid4().hex[:6]}/"
@@ -351,10 +398,7 @@ def test_a_reader_of_s3_lists_again_when_a_file_is_replaced_or_deleted_under_it(
     for path in local:
         client.put_object(Bucket=archived.bucket, Key=prefix + path.relative_to(archived.home).as_posix(),
                           Body=path.read_bytes())
-    env = archived.s3.env()
-    s3fs = fs.S3FileSystem(endpoint_override=archived.s3.endpoint_url.removeprefix("http://"), scheme="http",
-                           region="us-east-1", access_key=env.get("AWS_ACCESS_KEY_ID", "testing"),
-                           secret_key=env.get("AWS_SECRET_ACCESS_KEY", "testing"))
+    s3fs = s3_filesystem(archived)
     alerts = sorted(p for p in local if p.suffix == ".parquet" and "alerts" in p.parts)
     replaced, deleted = alerts[0], alerts[-1]
     gone = set(dataset_keys(pq.read_table(deleted).append_column(

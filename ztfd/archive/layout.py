@@ -74,8 +74,9 @@ class Layout:
     def alerts_folder(self, date: str, topic: str) -> Path:
         return self.alerts_night(date) / f"topic={topic}"
 
-    def stamps_file(self, date: str) -> Path:
-        return self.stamps / f"night={date}" / "stamps.parquet"
+    def stamps_file(self, date: str, writer: str = "") -> Path:
+        """``stamps.parquet``, or in a fleet ``stamps-<writer>.parquet``: each host's own (``stamps.writer_name``)."""
+        return self.stamps / f"night={date}" / (f"stamps-{writer}.parquet" if writer else "stamps.parquet")
 
     def schema_file(self, schema: dict[str, Any]) -> Path:
         """``archive/schemas/<sha256 of the schema's canonical JSON, 16 hex>.avsc``."""

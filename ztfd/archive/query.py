@@ -181,7 +181,11 @@ class Archive:
         alerts = matching_rows(self.alerts, "object_id", wanted, OBJECT_COLUMNS)
         stamps = matching_rows(self.stamps, "object_id", wanted, ["detection_id", "kind", "path", "bytes"])
         by_detection: dict[str | None, list[dict[str, Any]]] = {}
-        for stamp in sorted(stamps.to_pylist(), key=lambda row: row["path"]):
+        seen: set[str] = set()  # in a fleet, a stamp fetched again by a host that took a partition over has a row
+        for stamp in sorted(stamps.to_pylist(), key=lambda row: row["path"]):  # in each host's file: shown once
+            if stamp["path"] in seen:
+                continue
+            seen.add(stamp["path"])
             detection = stamp.pop("detection_id")
             by_detection.setdefault(detection, []).append(stamp)
         inside = [by_detection.get(detection, []) for detection in alerts["detection_id"].to_pylist()]

@@ -19,7 +19,7 @@ from ztfd.archive.alerts import AlertsWriter
 from ztfd.archive.compaction import Compactor
 from ztfd.archive.layout import Layout
 from ztfd.archive.messages import SchemaSource
-from ztfd.archive.stamps import StampsWriter
+from ztfd.archive.stamps import StampsWriter, writer_name
 from ztfd.daemon import lifecycle
 from ztfd.daemon.heartbeat import Heartbeat
 from ztfd.ingest import topics
@@ -57,7 +57,7 @@ class Archiver:
         self.cfg = cfg
         self.conn = conn
         self.layout = Layout(cfg.home)
-        self.stamps = StampsWriter(cfg.home)
+        self.stamps = StampsWriter(cfg.home, writer_name(cfg))
 
     def alerts_writer(self) -> AlertsWriter:
         return AlertsWriter(self.cfg.home, self.conn, schema_source(self.cfg, self.conn))

@@ -1,5 +1,7 @@
 """The stamps dataset: ``<home>/archive/stamps/night=<date>/stamps.parquet``, one row per file under
-``images/<date>/`` (``columns.STAMP_COLUMNS``).
+``images/<date>/`` (``columns.STAMP_COLUMNS``). In a fleet each host writes its own file of a night,
+``stamps-<host>-<8 hex>.parquet`` (``writer_name``): a host only has the stamps of the alerts it read, and two hosts
+must never upload different bytes under one key.
 
 A night's file is a function of the files on disk. The first pass of a process looks at every night; later
 passes at the nights the store says were touched since (alerts received, whose packets carry cutouts; stamp jobs
@@ -11,8 +13,10 @@ changed (otherwise the previous row's is kept).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import re
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -25,6 +29,7 @@ from ztfd import files
 from ztfd.archive import columns
 from ztfd.archive.alerts import write_parquet
 from ztfd.archive.layout import Layout
+from ztfd.config import Config
 from ztfd.sources import STAMP_TYPES
 from ztfd.store import archive_marks, manifest
 from ztfd.store.db import transaction
@@ -49,10 +54,20 @@ def kind_of(name: str) -> tuple[str, str]:
     return (detection or stem), "packet"
 
 
+def writer_name(cfg: Config) -> str:
+    """This host's part of its stamps files' names in a fleet (``kafka.assignment = "group"``): its machine, and a
+    hash of its home (two homes may share a machine, as the fleet's members may); on one host, none."""
+    if not cfg.kafka.group_mode:
+        return ""
+    host = re.sub(r"[^A-Za-z0-9._-]+", "_", socket.gethostname()) or "host"
+    return f"{host}-{hashlib.sha256(str(cfg.home).encode()).hexdigest()[:8]}"
+
+
 class StampsWriter:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, writer: str = "") -> None:
         self.layout = Layout(home)
         self.images = home / "images"
+        self.writer = writer  # ``writer_name``: "" on one host
 
     def write_pass(self, conn: sqlite3.Connection) -> list[tuple[str, int, str]]:
         """Write the stamps file of every night that may have changed; the manifest rows of the files written.
@@ -75,7 +90,7 @@ class StampsWriter:
         return written
 
     def write_night(self, night: str) -> tuple[str, int, str] | None:
-        path = self.layout.stamps_file(night)
+        path = self.layout.stamps_file(night, self.writer)
         previous = _previous_rows(path)
         rows = []
         folder = self.images / night
