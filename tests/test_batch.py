@@ -66,7 +66,7 @@ def test_good_messages_become_files_and_rows_and_bad_ones_are_rejected_with_thei
     assert why_big == "message of 100001 bytes exceeds kafka.max_message_bytes (100000)"
     assert batch.resume_at == {0: (0, 5)}  # rejected messages are done with too
     entry = batch.documents[0]
-    body = json.loads(entry.files[0].data)
+    body = json.loads(entry.files[0][1])
     assert entry.path == f"data/{entry.date}/{TOPIC}/{entry.alert.object_id}_p0-o0.json"
     assert body["message"]["seq"] == 0 and body["ztfd"]["offset"] == 0 and body["ztfd"]["date"] == entry.date
     stored = batch.to_store
@@ -99,7 +99,7 @@ def test_the_generation_names_the_files_and_the_newest_generation_sets_the_offse
     assert batch is not None
     assert [entry.path.rsplit("_", 1)[1] for entry in batch.documents] == [
         "p0-o100.json", "p0-o101.json", "g1-p0-o0.json", "g1-p0-o1.json"]
-    assert json.loads(batch.documents[2].files[0].data)["ztfd"]["generation"] == 1
+    assert json.loads(batch.documents[2].files[0][1])["ztfd"]["generation"] == 1
     assert batch.resume_at == {0: (1, 2)}
 
 
@@ -123,7 +123,7 @@ def test_the_alert_is_built_once_and_its_converted_times_go_beside_it() -> None:
     assert batch is not None
     entry = batch.documents[0]
     assert entry.alert == source.decode(b"1704217901015015001", None)  # as the source made it
-    meta = json.loads(entry.files[1].data)["ztfd"]
+    meta = json.loads(entry.files[1][1])["ztfd"]
     assert meta["times_utc"] == {"candidate.jd": "2021-09-01T06:14:24.000Z"}
     assert meta["dated_by"] == "candidate.jd" and meta["date"] == entry.date == "2021-09-01"
     row = batch.to_store.alerts[0].alert
@@ -139,7 +139,7 @@ def test_stamp_jobs_follow_the_provider_and_the_packet() -> None:
     packet = [FakeMessage(b"1704217901015015001", 0)]
     preview = builder(PacketSource(), previews=True).build(packet, first_generation)
     assert preview is not None and preview.to_store.alerts[0].job_kind == PREVIEW_JOB
-    assert preview.to_store.alerts[0].files == tuple(file.path for file in preview.documents[0].files)
+    assert preview.to_store.alerts[0].files == tuple(path for path, _ in preview.documents[0].files)
     assert len(preview.documents[0].files) == 2 + 3  # the packet, its JSON companion, three stamps
     no_previews = builder(PacketSource(), previews=False).build(packet, first_generation)
     assert no_previews is not None and no_previews.to_store.alerts[0].job_kind is None

@@ -275,7 +275,7 @@ def test_a_crash_between_the_files_and_the_store_writes_the_same_files_again(
     crashed = TopicConsumer(cfg, "t", "consumer:t")
     prepared = crashed.prepare(batch)
     assert prepared is not None
-    crashed.files.submit([(file.path, file.data) for entry in prepared.documents for file in entry.files],
+    crashed.files.submit(prepared.files(),
                          root=str(cfg.home))  # the files, and the process dies before the store transaction
     crashed.files.wait()
     crashed.close()
@@ -532,3 +532,55 @@ def test_a_source_with_cutouts_gets_them_written_and_recorded_with_its_alert(
     ((reason,),) = conn.execute("SELECT reason FROM rejected").fetchall()
     assert reason == "cannot be stored: RuntimeError: a bug in a source"
     assert len(store_jobs.list_jobs(conn)) == 2  # the worker will find the stamps there and draw the previews
+
+
+def test_a_writer_killed_in_the_middle_of_a_batch_leaves_nothing_torn(make_config: Callable[..., Path]) -> None:
+    """Alert files are created under their final names, listed first in the writer's journal. A writer killed
+    with -9 mid-batch: its files are whole, torn or missing; ``sync --full`` records none of them meanwhile; the
+    restarted consumer removes them (its alerts are not stored) and the redelivery writes them whole, once."""
+    from ztfd import config
+    from ztfd.ingest import journal
+    from ztfd.sync.reconcile import reconcile
+
+    cfg = config.load(make_config(kafka={"topics": ["t"]}))
+    batch = [FakeMessage(json.dumps(m).encode(), offset) for offset, m in enumerate(samples.message_stream(12))]
+    first = TopicConsumer(cfg, "t", "consumer:t")
+    first.kafka.consumer = NoKafka()
+    store_batch(first, batch[:4])  # stored before the kill: its files must stay
+    pid = first.files.pid
+    assert pid is not None
+    prepared = first.prepare(batch[4:])
+    assert prepared is not None
+    os.kill(pid, signal.SIGKILL)  # the writer dies; what it was writing is simulated below, as its journal says
+    wait_until(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
+               timeout=10)
+    entries = [(entry.alert.partition, entry.alert.generation, entry.alert.kafka_offset, path)
+               for entry in prepared.to_store.alerts for path in entry.files]
+    journal.WriteJournal(journal.journal_folder(cfg.state_dir), "t", pid).begin(entries)
+    files = prepared.files()
+    for path, data in files[:3]:  # whole, then one torn, the rest never written
+        (cfg.home / path).parent.mkdir(parents=True, exist_ok=True)
+        (cfg.home / path).write_bytes(data)
+    (cfg.home / files[3][0]).parent.mkdir(parents=True, exist_ok=True)
+    (cfg.home / files[3][0]).write_bytes(files[3][1][: len(files[3][1]) // 2])
+    first.files.close()
+    first.close()
+
+    conn = store.connect(cfg.db_path)
+    try:
+        plan = reconcile(conn, cfg)
+        assert not {path for path, _, _ in plan.added} & {path for path, _ in files}  # sync --full leaves them
+    finally:
+        conn.close()
+
+    restarted = TopicConsumer(cfg, "t", "consumer:t")
+    restarted.kafka.consumer = NoKafka()
+    restarted.sweep_temporaries()
+    assert not any((cfg.home / path).exists() for path, _ in files[:4])  # whole or torn: not stored, removed
+    assert len(alert_files(cfg.home)) == 4  # the stored batch's files stay
+    assert not list(journal.journal_folder(cfg.state_dir).glob("t.*"))
+    store_batch(restarted, batch[4:])  # Kafka's redelivery
+    restarted.close()
+    assert sorted(seqs_on_disk(cfg.home)) == list(range(12))  # every file whole (each parses), once
+    assert all((cfg.home / path).is_file() for path, _ in files)
+    assert count(cfg.db_path, "SELECT count(*) FROM manifest") == 12

@@ -90,3 +90,28 @@ def test_a_dead_writers_temporary_under_another_name_is_stale_too(tmp_path: Path
         path.write_bytes(b"x")
     assert remove_stale_temporaries(tmp_path) == 1
     assert not stale.exists() and live.exists()
+
+
+def test_create_new_writes_under_the_final_name_and_replaces_what_is_there(tmp_path: Path) -> None:
+    from ztfd.files import create_new
+
+    target = tmp_path / "a" / "b" / "alert.json"
+    create_new(str(target), b"first")  # its folders made on the way
+    assert target.read_bytes() == b"first"
+    create_new(str(target), b"second, whole")  # a torn leftover: replaced atomically
+    assert target.read_bytes() == b"second, whole"
+    assert [p.name for p in target.parent.iterdir()] == ["alert.json"]  # no temporary left
+
+
+def test_create_new_removes_what_a_failed_write_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ztfd import files
+
+    def half_then_full(fd: int, data: bytes) -> None:  # a disk that fills up in the middle of the write
+        os.write(fd, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files, "write_all", half_then_full)
+    target = tmp_path / "alert.json"
+    with pytest.raises(OSError, match="No space"):
+        files.create_new(str(target), b"0123456789")
+    assert not target.exists()

@@ -1,4 +1,6 @@
-"""Files as ztfd writes them: atomically (temporary file + rename), so no reader ever sees half a file.
+"""Files as ztfd writes them: atomically (temporary file + rename), so no reader ever sees half a file; the
+consumer's alert files, which nothing reads before the store records them, under their final name
+(``create_new``, with the writer's journal: ``ztfd.ingest.journal``).
 
 Temporary files are named ``.<name>.<pid>-<thread id>.tmp`` in the target folder (``…-<random>.tmp`` when that
 name is taken); the syncer and ``sync --full`` skip anything that starts with a dot or ends in ``.tmp`` (see
@@ -49,6 +51,41 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, fsync: bool = False)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def create_new(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` under its final name when nothing is there yet (an open, a write and a close:
+    about half the kernel's work of ``atomic_write``'s temporary file and rename); else through ``atomic_write``,
+    which replaces what is there (a file a killed writer left torn, written again).
+
+    A reader may see the file while it is being written, and a kill -9 may leave it torn: only for files nobody
+    reads before the store records them, whose writer lists them first (``ztfd.ingest.journal``). A write that
+    fails removes what it had written."""
+    try:
+        fd = _open_new(path)
+    except FileExistsError:
+        atomic_write(path, data)
+        return
+    try:
+        try:
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+
+
+def _open_new(path: str) -> int:
+    try:
+        return os.open(path, NEW_FLAGS, 0o644)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        return os.open(path, NEW_FLAGS, 0o644)
 
 
 def _create_temporary(folder: str, name: str) -> tuple[str, int]:

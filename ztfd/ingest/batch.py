@@ -49,7 +49,7 @@ DecodeAll = Callable[[Sequence[Position], Sequence[tuple[bytes | None, bytes | N
 class Incoming(NamedTuple):
     """A Kafka message with the generation of its partition at the moment it was read.
 
-    This and the other records made for every message (``AlertFile``, ``Accepted``, ``sources.Alert``,
+    This and the other records made for every message (``Accepted``, ``sources.Alert``,
     ``sources.TimeField``, ``nights.ObservedTimes``, ``store.alerts.NewAlert``, ``nights.Dating``) are NamedTuples:
     as frozen dataclasses their construction was 8% of the consumer's time (py-spy on ``bin/bench ingest``)."""
 
@@ -59,27 +59,19 @@ class Incoming(NamedTuple):
     generation: int
 
 
-class AlertFile(NamedTuple):
-    """One file of an alert: its path under home and its bytes (their MD5, for the sync manifest, is the file
-    writer's)."""
-
-    path: str
-    data: bytes
-
-
 class Accepted(NamedTuple):
     """An alert to write and store: its files (the one keeping the message first, then embedded cutouts)."""
 
     item: Incoming
     alert: sources.Alert
     date: str
-    files: list[AlertFile]
+    files: list[tuple[str, bytes]]  # (path under home, bytes); their MD5s, for the sync manifest, are the writer's
     kafka_time: dt.datetime | None = None  # the message's Kafka timestamp, read once
 
     @property
     def path(self) -> str:
         """The file that keeps the message (``alerts.path``)."""
-        return self.files[0].path
+        return self.files[0][0]
 
 
 @dataclass(frozen=True)
@@ -93,7 +85,7 @@ class Batch:
 
     def files(self) -> list[tuple[str, bytes]]:
         """Every file of the batch's alerts, (path under home, bytes), as the file writer takes them."""
-        return [(file.path, file.data) for entry in self.documents for file in entry.files]
+        return [file for entry in self.documents for file in entry.files]
 
 
 def next_offsets(items: list[Incoming]) -> dict[int, tuple[int, int]]:
@@ -279,14 +271,14 @@ class BatchBuilder:
             meta["detection_id"] = alert.detection_id
         if item.generation:
             meta["generation"] = item.generation
-        files = [AlertFile(path, data) for path, data in sources.alert_files(
-            alert, f"data/{date}/{self.topic}", stem, f"images/{date}/{alert.object_id}", meta)]
+        files = sources.alert_files(alert, f"data/{date}/{self.topic}", stem, f"images/{date}/{alert.object_id}", meta)
+        paths = tuple([path for path, _ in files])
         row = NewAlert(item.partition, item.generation, item.offset, alert.object_id, date, times.obs_mjd,
-                       files[0].path, alert.survey, alert.detection_id, alert.band)
+                       paths[0], alert.survey, alert.detection_id, alert.band)
         kind = self._stamp_job_kind(alert)
         key = detection_key(alert.object_id, times.obs_mjd, date) if kind is not None else None
         return (Accepted(item, alert, date, files, when),
-                AlertToStore(row, tuple(file.path for file in files), kind, key))
+                AlertToStore(row, paths, kind, key))
 
     def _stamp_job_kind(self, alert: sources.Alert) -> str | None:
         """The alert's stamp job: only the preview when its packet carried the three stamps (written with the
@@ -326,11 +318,6 @@ def rejection_reason(exc: BaseException) -> str:
         log.warning("a message raised %s in the consumer: rejected", exc.__class__.__name__, exc_info=exc)
         text = f"cannot be stored: {exc.__class__.__name__}: {exc}"
     return text[: sources.MAX_REASON]
-
-
-def log_lines(topic: str, accepted: list[Accepted]) -> list[str]:
-    """The ``<topic>.log`` lines of stored alerts."""
-    return [f"{a.alert.object_id} {a.date} {topic}[{a.item.partition}]@{a.item.offset} {a.path}" for a in accepted]
 
 
 def topic_source(cfg: Config, topic: str, schema_cache: StoredSchemas | None) -> sources.Source:

@@ -50,18 +50,17 @@ from ztfd.daemon import lifecycle
 from ztfd.daemon.heartbeat import Heartbeat
 from ztfd.daemon.localtrouble import Condition, describe, is_local
 from ztfd.files import remove_stale_temporaries
-from ztfd.ingest import nights, seen_ends, topics
+from ztfd.ingest import journal, nights, seen_ends, topics
 from ztfd.ingest.assignment import TopicAssignment
-from ztfd.ingest.batch import Accepted, Batch, BatchBuilder, log_lines
+from ztfd.ingest.batch import Accepted, Batch, BatchBuilder
 from ztfd.ingest.broker_errors import BrokerErrors
 from ztfd.ingest.durability import DurableCommits
-from ztfd.ingest.filewriter import BatchSkippedError, FileWriter
+from ztfd.ingest.filewriter import AlertLogSettings, BatchSkippedError, FileWriter, Written
 from ztfd.ingest.fleet import COUNT_EVERY, RECOUNT_AFTER, FleetBook, live_members, member_id
 from ztfd.ingest.kafka import DRAIN_TIMEOUT, KafkaAdapter, message_size
 from ztfd.ingest.quota import QuotaWatch
-from ztfd.logs import AlertLog, Throttle
-from ztfd.store.alerts import dates_received_since, last_received_at
-from ztfd.store.batches import StoredBatch
+from ztfd.logs import Throttle
+from ztfd.store.alerts import dates_received_since, last_received_at, stored_offsets_between
 from ztfd.store.rejected import latest_rejected
 from ztfd.store.states import Role
 from ztfd.store.status_facts import FLEET_MEMBERS
@@ -104,8 +103,8 @@ class TopicConsumer:
         # A topic found by a pattern: its consumer exits once it is drained and quiet (``topics.EXIT_IDLE``).
         self.quiet = topics.QuietWatch(topics.from_pattern(cfg.kafka.topics, topic), cfg.kafka.idle_topic_seconds,
                                        last_received_at(self.conn, topic))
-        self.files = FileWriter(cfg.db_path)
-        self.alert_log = AlertLog(cfg.logs_dir, topic, cfg.logging.max_bytes, cfg.logging.backup_count)
+        self.files = FileWriter(cfg.db_path, topic, AlertLogSettings(str(cfg.logs_dir), cfg.logging.max_bytes,
+                                                                     cfg.logging.backup_count))
         self.throttled = Throttle(log)
         self.heartbeat = Heartbeat(name, Role.CONSUMER, topic)
         self.stored_total = 0
@@ -254,7 +253,7 @@ class TopicConsumer:
                 raise
             self._ride_out(in_flight, exc)
         else:
-            self._stored(in_flight.popleft(), written.stored)
+            self._stored(in_flight.popleft(), written)
 
     def _ride_out(self, in_flight: deque[Batch], trouble: BaseException) -> None:
         """Pause, then write and store each batch in hand again until that works or a stop is asked for.
@@ -290,7 +289,6 @@ class TopicConsumer:
         self.kafka.close()
         self.builder.close()
         self.files.close()
-        self.alert_log.close()
         self.conn.close()
 
     def _heartbeat(self, force: bool = False) -> None:
@@ -316,11 +314,12 @@ class TopicConsumer:
     def write_and_store(self, batch: Batch) -> list[Accepted]:
         """Steps 2 to 4 for one batch, waiting for each: the alerts it stored."""
         self._write_files(batch)
-        return self._stored(batch, self.files.wait().stored)
+        return self._stored(batch, self.files.wait())
 
-    def _stored(self, batch: Batch, stored: StoredBatch | None) -> list[Accepted]:
-        """Step 4, once the file writer has stored the batch: Kafka and the logs; the alerts it stored (not those
-        another consumer of the same topic stored first)."""
+    def _stored(self, batch: Batch, written: Written) -> list[Accepted]:
+        """Step 4, once the file writer has stored the batch (and written its alert log's lines): Kafka and the
+        logs; the alerts it stored (not those another consumer of the same topic stored first)."""
+        stored = written.stored
         assert stored is not None  # every batch is submitted with its store part
         accepted = [batch.documents[index] for index in stored.accepted]
         # Nothing below may raise: the batch is stored, and storing it again would only find it there.
@@ -329,10 +328,8 @@ class TopicConsumer:
         self.quota.check(stored.days)
         for item, reason in batch.rejected:
             log.warning("rejected %s[%d]@%d: %s", self.topic, item.partition, item.offset, reason)
-        try:
-            self.alert_log.write(log_lines(self.topic, accepted))
-        except OSError as exc:
-            self.throttled("alert-log", logging.WARNING, "could not write %s.log: %s", self.topic, exc)
+        if written.log_error is not None:
+            self.throttled("alert-log", logging.WARNING, "could not write %s.log: %s", self.topic, written.log_error)
         self.stored_total += len(accepted)
         return accepted
 
@@ -346,6 +343,10 @@ class TopicConsumer:
         since = time.time() - RECENT_DATES_WINDOW
         for date in dates_received_since(self.conn, self.topic, since):
             remove_stale_temporaries(self.cfg.data_dir / date / self.topic)
+        # And the files of the batch a writer was in the middle of, created under their final names.
+        journal.sweep(self.cfg.home, self.cfg.state_dir, self.topic,
+                      lambda partition, generation, low, high: stored_offsets_between(
+                          self.conn, self.topic, partition, generation, low, high))
 
 
 def run(cfg: Config, topic: str, name: str) -> int:

@@ -10,12 +10,13 @@ creation, SQLite and the consumer's Python run on two cores. With the store tran
 main thread was the limit on a fast disk (bin/bench ingest on tmpfs: 0.82x the naive writer); here it runs beside.
 
 The protocol, over the child's stdin and stdout: each request is a length-prefixed pickle of ``(root, [(path,
-bytes), ...], batch, epoch)``; the child writes the files in order with ``atomic_write`` (under ``root`` when it is
-not empty), then, if ``batch`` (a ``store.batches.BatchToStore``) is given, stores it with the files' sizes and MD5s
+bytes), ...], batch.packed(), epoch)``; the child writes the files in order (under ``root`` when it is not empty),
+then, if ``batch`` (a ``store.batches.BatchToStore``) is given, stores it with the files' sizes and MD5s
 in one transaction (the sync manifest's MD5s are computed here: for Avro packets, ~160 kB an alert, they were a
-sixth of the consumer's time). It answers with a length-prefixed pickle of ``("written", [(size, md5), ...],
-stored)`` (the digests only when no store part was given: the store has them otherwise, and an answer of a few
-bytes per file could fill the pipe back while the consumer waits to submit), ``("failed", local, text)`` or
+sixth of the consumer's time), and writes the stored alerts' lines to the topic's alert log (``<topic>.log``). It
+answers with a length-prefixed pickle of ``("written", [(size, md5), ...], stored, log error)`` (the digests only
+when no store part was given: the store has them otherwise, and an answer of a few bytes per file could fill the
+pipe back while the consumer waits to submit), ``("failed", local, text)`` or
 ``("skipped",)``. Answers come in the order of the requests.
 
 Batches are stored in order, each after its files, and never one after a batch that failed: once a request fails,
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import pickle
 import select
@@ -50,7 +52,9 @@ from ztfd import store
 from ztfd.daemon import lifecycle
 from ztfd.daemon.localtrouble import LocalTroubleError, describe, is_local
 from ztfd.daemon.procs import die_with_parent
-from ztfd.files import atomic_write, md5_hex, write_all
+from ztfd.files import atomic_write, create_new, md5_hex, write_all
+from ztfd.ingest.journal import WriteJournal, is_direct, journal_folder
+from ztfd.logs import AlertLog
 from ztfd.store.batches import BatchToStore, StoredBatch, store_batch
 
 HEADER = struct.Struct(">Q")
@@ -67,12 +71,21 @@ class BatchSkippedError(FileWriterError):
     """Nothing of this batch was written: an earlier one failed (the consumer submits it again, or stops)."""
 
 
+class AlertLogSettings(NamedTuple):
+    """Where the child writes the topic's alert log (``logs.AlertLog``) once a batch is stored."""
+
+    logs_dir: str
+    max_bytes: int
+    backup_count: int
+
+
 class Written(NamedTuple):
     """A batch on disk: without a store part, the (size, MD5) of each of its files, in order; with one, what its
     store transaction did (``stored``; ``digests`` is then empty: the manifest has them)."""
 
     digests: list[tuple[int, str]]
     stored: StoredBatch | None
+    log_error: str | None = None  # why the alert log's lines of the batch could not be written
 
 
 class FileWriter:
@@ -82,8 +95,11 @@ class FileWriter:
     submitted. ``db_path`` is the store the batches given to ``submit`` are stored in.
     """
 
-    def __init__(self, db_path: Path | None = None) -> None:
+    def __init__(self, db_path: Path | None = None, topic: str = "", alert_log: AlertLogSettings | None = None
+                 ) -> None:
         self.db_path = db_path
+        self.topic = topic  # with a store: its alert files are created under their final names, journaled
+        self.alert_log = alert_log  # with a store: the stored alerts' lines are written by the child
         self._child: subprocess.Popen[bytes] | None = None
         self.pending = 0
         self.epoch = 0  # moves on at each failure read: see the module's docstring
@@ -103,7 +119,8 @@ class FileWriter:
         ``PIPE_BYTES``), i.e. until it has finished the batch before."""
         child = self._child or self._start()
         assert child.stdin is not None
-        payload = pickle.dumps((root, files, batch, self.epoch), protocol=pickle.HIGHEST_PROTOCOL)
+        packed = batch.packed() if batch is not None else None
+        payload = pickle.dumps((root, files, packed, self.epoch), protocol=pickle.HIGHEST_PROTOCOL)
         try:
             write_all(child.stdin.fileno(), HEADER.pack(len(payload)) + payload)
         except BrokenPipeError:
@@ -151,7 +168,8 @@ class FileWriter:
 
     def _start(self) -> subprocess.Popen[bytes]:
         self._child = subprocess.Popen(
-            [sys.executable, "-m", "ztfd.ingest.filewriter", str(os.getpid()), str(self.db_path or "")],
+            [sys.executable, "-m", "ztfd.ingest.filewriter", str(os.getpid()), str(self.db_path or ""), self.topic,
+             json.dumps(self.alert_log)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True,
         )
         assert self._child.stdin is not None
@@ -193,26 +211,59 @@ class _Child:
     """The child's state: the store it opens at the first batch to store, and the epoch whose later requests it
     skips after a failure."""
 
-    def __init__(self, db_path: str) -> None:
+    def __init__(self, db_path: str, topic: str = "", alert_log: AlertLogSettings | None = None) -> None:
         self.db_path = db_path
+        self.topic = topic
         self.conn: sqlite3.Connection | None = None
         self.failed_epoch = -1
+        self.alert_log = AlertLog(Path(alert_log.logs_dir), topic, alert_log.max_bytes, alert_log.backup_count
+                                  ) if alert_log is not None and topic else None
+        self.journal = (WriteJournal(journal_folder(Path(db_path).parent), topic, os.getpid())
+                        if db_path and topic else None)
 
-    def handle(self, root: str, files: list[tuple[str, bytes]], batch: BatchToStore | None, epoch: int
+    def handle(self, root: str, files: list[tuple[str, bytes]], packed: tuple[Any, ...] | None, epoch: int
                ) -> tuple[Any, ...]:
         if epoch <= self.failed_epoch:
             return ("skipped",)
+        batch = BatchToStore.unpacked(packed) if packed is not None else None
         try:
+            direct = self._journaled(batch)
             digests = []
             for path, data in files:
-                atomic_write(f"{root}/{path}" if root else path, data)
+                full = f"{root}/{path}" if root else path
+                if path in direct:
+                    create_new(full, data)
+                else:
+                    atomic_write(full, data)
                 digests.append((len(data), md5_hex(data)))
             if batch is not None:
-                return ("written", [], self._store(batch, files, digests))
+                stored = self._store(batch, files, digests)
+                return ("written", [], stored, self._log(batch, stored))
         except Exception as exc:  # reported to the consumer, which decides; the child goes on
             self.failed_epoch = epoch
             return ("failed", is_local(exc), describe(exc))
         return ("written", digests, None)
+
+    def _log(self, batch: BatchToStore, stored: StoredBatch) -> str | None:
+        """The ``<topic>.log`` lines of the alerts the batch stored; why they could not be written, if so."""
+        if self.alert_log is None:
+            return None
+        lines = [f"{alert.object_id} {alert.date} {batch.topic}[{alert.partition}]@{alert.kafka_offset} {alert.path}"
+                 for alert in (batch.alerts[index].alert for index in stored.accepted)]
+        try:
+            self.alert_log.write(lines)
+        except OSError as exc:
+            return describe(exc)
+        return None
+
+    def _journaled(self, batch: BatchToStore | None) -> set[str]:
+        """The batch's files to create under their final names, listed in the journal first (none without one)."""
+        if self.journal is None or batch is None:
+            return set()
+        entries = [(entry.alert.partition, entry.alert.generation, entry.alert.kafka_offset, path)
+                   for entry in batch.alerts for path in entry.files if is_direct(path)]
+        self.journal.begin(entries)
+        return {path for *_, path in entries}
 
     def _store(self, batch: BatchToStore, files: list[tuple[str, bytes]], digests: list[tuple[int, str]]
                ) -> StoredBatch:
@@ -225,11 +276,16 @@ class _Child:
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
+        if self.journal is not None:
+            self.journal.end()
+        if self.alert_log is not None:
+            self.alert_log.close()
 
 
-def serve(requests: IO[bytes], answers: IO[bytes], db_path: str = "") -> None:
+def serve(requests: IO[bytes], answers: IO[bytes], db_path: str = "", topic: str = "",
+          alert_log: AlertLogSettings | None = None) -> None:
     """The child's loop: write (and store) each batch, answer, until the end of input."""
-    child = _Child(db_path)
+    child = _Child(db_path, topic, alert_log)
     try:
         while (frame := _read_frame(requests)) is not None:
             answer = pickle.dumps(child.handle(*pickle.loads(frame)), protocol=pickle.HIGHEST_PROTOCOL)
@@ -246,7 +302,8 @@ def main() -> None:
     if not die_with_parent(int(sys.argv[1]), signal.SIGKILL):  # the consumer is already gone
         os._exit(0)
     with open(0, "rb", buffering=0, closefd=False) as requests, open(1, "wb", buffering=0, closefd=False) as answers:
-        serve(requests, answers, sys.argv[2] if len(sys.argv) > 2 else "")
+        settings = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
+        serve(requests, answers, *sys.argv[2:4], AlertLogSettings(*settings) if settings else None)
 
 
 if __name__ == "__main__":

@@ -167,10 +167,11 @@ def alert_files(alert: Alert, folder: str, stem: str, images: str, metadata: dic
     """
     meta = _metadata_json(metadata)
     if alert.suffix == ".json":
-        files = [(f"{folder}/{stem}.json", b'{"message": ' + alert.raw + b', "ztfd": ' + meta + b"}\n")]
+        files = [(f"{folder}/{stem}.json", b"".join((b'{"message": ', alert.raw, b', "ztfd": ', meta, b"}\n")))]
     else:
         files = [(f"{folder}/{stem}{alert.suffix}", alert.raw),
-                 (f"{folder}/{stem}.json", b'{"message": ' + rendered_view(alert.view) + b', "ztfd": ' + meta + b"}\n")]
+                 (f"{folder}/{stem}.json",
+                  b"".join((b'{"message": ', rendered_view(alert.view), b', "ztfd": ', meta, b"}\n")))]
     named = alert.detection_id or stem
     files.extend((f"{images}/{named}_{cutout.kind}{cutout.suffix}", cutout.data)
                  for cutout in alert.cutouts if cutout.data is not None)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ztfd import files, store
 from ztfd.config import Config
+from ztfd.ingest import journal
 from ztfd.store import manifest
 from ztfd.store.manifest import FileState
 
@@ -58,9 +59,12 @@ def walk_synced(home: Path) -> Iterator[Path]:
 def reconcile(conn: sqlite3.Connection, cfg: Config) -> Plan:
     """Compare the tree with the manifest; changes nothing."""
     plan = Plan()
+    being_written = journal.listed_paths(cfg.state_dir)  # the consumers' batches, or one cut short: theirs
     for path in walk_synced(cfg.home):
         relpath = files.relative_to_home(cfg.home, path)
         row = manifest.recorded_file(conn, relpath)
+        if row is None and relpath in being_written:
+            continue
         try:
             stat = path.stat()
             # Read at each unlisted file, not once: a prune during a long walk forgets rows behind it.
