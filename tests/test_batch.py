@@ -143,3 +143,13 @@ def test_stamp_jobs_follow_the_provider_and_the_packet() -> None:
     assert len(preview.documents[0].files) == 2 + 3  # the packet, its JSON companion, three stamps
     no_previews = builder(PacketSource(), previews=False).build(packet, first_generation)
     assert no_previews is not None and no_previews.to_store.alerts[0].job_kind is None
+
+
+def test_a_kafka_timestamp_is_written_to_the_millisecond() -> None:
+    import datetime as dt
+
+    from ztfd.ingest.nights import iso_utc, iso_utc_ms
+
+    for stamp in (1, 999, 1_000, 1_630_475_000_123, 1_630_475_000_999, 4_102_444_799_999):
+        assert iso_utc_ms(stamp) == iso_utc(dt.datetime.fromtimestamp(stamp / 1000, dt.UTC))
+    assert iso_utc_ms(253_402_300_799_999) == "9999-12-31T23:59:59.999Z"  # exact where a float would round

@@ -258,7 +258,7 @@ class BatchBuilder:
             "topic": self.topic,
             "partition": item.partition,
             "offset": item.offset,
-            "kafka_timestamp": nights.iso_utc(when) if when else None,
+            "kafka_timestamp": nights.iso_utc_ms(item.msg.timestamp()[1]) if when else None,
             "received_at": received_iso,
             "date": date,
             "date_rule": dating.rule,

@@ -56,11 +56,16 @@ class DecoderDiedError(Exception):
 
 def spans_of(positions: Sequence[Position]) -> dict[str, list[int]]:
     """The batch's offsets as ``{"<partition>:<generation>": [first, last]}``."""
-    spans: dict[str, list[int]] = {}
-    for partition, generation, offset in positions:
-        span = spans.setdefault(f"{partition}:{generation}", [offset, offset])
-        span[0], span[1] = min(span[0], offset), max(span[1], offset)
-    return spans
+    spans: dict[tuple[int, int], list[int]] = {}
+    for partition, generation, offset in positions:  # once per message: plain comparisons, the text at the end
+        span = spans.get((partition, generation))
+        if span is None:
+            spans[(partition, generation)] = [offset, offset]
+        elif offset < span[0]:
+            span[0] = offset
+        elif offset > span[1]:
+            span[1] = offset
+    return {f"{partition}:{generation}": span for (partition, generation), span in spans.items()}
 
 
 def overlaps(one: dict[str, list[int]], other: dict[str, list[int]]) -> bool:
