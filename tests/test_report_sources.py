@@ -318,3 +318,34 @@ def test_the_fleets_gatherer_makes_the_cards_of_the_hosts_store_from_its_dataset
     finally:
         here.close()
         there.close()
+
+
+def test_a_fleet_without_the_archive_reports_its_hosts_alerts_and_says_so(sources: Sources) -> None:
+    """Fleet mode reads the fleet's night from the archive in the bucket; without the archive, a host's report falls
+    back to its own alerts, with a note under the counts (and a log line)."""
+    import dataclasses
+    import html
+
+    from ztfd.reporting.fleet_night import FleetNight
+
+    group = dataclasses.replace(sources.cfg, kafka=dataclasses.replace(sources.cfg.kafka, assignment="group"),
+                                s3=dataclasses.replace(sources.cfg.s3, bucket="b", region="us-east-1"))
+    conn = store.connect(sources.cfg.db_path)
+    try:
+        assert isinstance(night_report.night_of(sources.cfg, conn), night_report.HostNight)
+        assert isinstance(night_report.night_of(
+            dataclasses.replace(group, archive=dataclasses.replace(group.archive, enabled=True)), conn), FleetNight)
+        fallback = night_report.night_of(group, conn)
+        topic = sources.topics["lasair-ztf"]
+        date = max(sources.nights(topic))
+        cards, counts = fallback.gather(date, topic)
+        assert counts["note"] == night_report.HOST_ONLY
+        [(_, page)] = night_report.render_pages(date, topic, cards, counts, sources.cfg.reports_dir / date,
+                                                sources.cfg.home)
+        assert html.escape(night_report.HOST_ONLY) in page.decode()
+        _, own = night_report.HostNight(sources.cfg, conn).gather(date, topic)
+        [(_, plain)] = night_report.render_pages(date, topic, cards, own, sources.cfg.reports_dir / date,
+                                                 sources.cfg.home)
+        assert 'class="note"' not in plain.decode()  # one host: the page as before
+    finally:
+        conn.close()

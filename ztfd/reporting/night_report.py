@@ -10,6 +10,10 @@ of an Avro packet), the packet as received, and its stamps. Counts at the top: a
 stamps there and missing (and why). A night without alerts, or a topic without any, is refused (``ReportError``)
 before anything is written.
 
+The cards come from a ``Night``: this host's store and disk (``HostNight``, ``gather``), or in fleet mode the
+fleet's alerts and stamps in the bucket (``reporting.fleet_night.FleetNight``); both make them with ``new_card``,
+``choose_stamps`` and ``night_counts``, and the pages are rendered the same way.
+
 The pages are self-contained: inline CSS, no script, no remote resource; every file is linked by a path relative
 to the page, so they read the same from the disk and from the S3 mirror. Every file written is recorded in the
 manifest, so the report syncs like the rest. The daemon's ``reporter`` (``ztfd report --watch``) rewrites a
