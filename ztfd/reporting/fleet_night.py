@@ -34,6 +34,7 @@ import pyarrow as pa
 from pyarrow import fs
 
 from ztfd import config, store
+from ztfd.archive import QueryError
 from ztfd.archive import open as open_archive
 from ztfd.archive.columns import ALERT_COLUMNS, PARTITION_COLUMNS, RESERVED
 from ztfd.ingest import nights
@@ -89,6 +90,8 @@ def _sql_text(value: str) -> str:
 
 class FleetNight:
     """The night's cards from the fleet's data in the bucket (``night_report.Night``)."""
+
+    transient = (OSError, QueryError)  # the bucket unreachable, or a file of it unreadable: tried again next round
 
     def __init__(self, cfg: config.Config, conn: sqlite3.Connection, filesystem: Any = None,
                  root: str | None = None) -> None:

@@ -542,7 +542,10 @@ def latest_night(conn: sqlite3.Connection, topic: str | None = None) -> str | No
 class Night(Protocol):
     """Where a report's cards come from: this host's store (``HostNight``), or in fleet mode the fleet's data in the
     bucket (``reporting.fleet_night.FleetNight``). ``due`` lists the nights (date, what they were read as) whose
-    report is due; ``reported`` remembers that one was written from that."""
+    report is due; ``reported`` remembers that one was written from that. A report that fails with one of
+    ``transient`` (the bucket away) is tried again next round, not only when the night changes."""
+
+    transient: tuple[type[Exception], ...]
 
     def gather(self, date: str, topic: str | None) -> tuple[list[Card], dict[str, Any]]: ...
 
@@ -553,6 +556,8 @@ class Night(Protocol):
 
 class HostNight:
     """The alerts this host stored itself (one host; a fleet without the archive: ``note`` says so on the page)."""
+
+    transient: tuple[type[Exception], ...] = ()
 
     def __init__(self, cfg: config.Config, conn: sqlite3.Connection, note: str | None = None) -> None:
         self.cfg, self.conn, self.note = cfg, conn, note
@@ -664,6 +669,8 @@ def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
                 try:
                     build(cfg, conn, date, beat=beat, source=source)
                     source.reported(date, changed)
+                except source.transient as exc:
+                    log.warning("report %s failed: %s (tried again next round)", date, exc)
                 except (OSError, sqlite3.Error, ReportError) as exc:
                     log.error("report %s failed: %s (tried again when the night changes)", date, exc)
                     failed[date] = changed
