@@ -272,6 +272,7 @@ def test_the_fleets_gatherer_makes_the_cards_of_the_hosts_store_from_its_dataset
     cards as the home's own report (columns and UTC times, light curves' points, alert files, previews and stamps
     by their paths), every alert counted, and for an object without a preview only what the dataset says."""
     import dataclasses
+    import shutil
     import time
 
     from pyarrow import fs
@@ -303,7 +304,19 @@ def test_the_fleets_gatherer_makes_the_cards_of_the_hosts_store_from_its_dataset
                     if card.preview is None:
                         assert card.missing in (NO_PREVIEW, NOT_IN_DATASET)
                     compared += 1
+                # run by the host that stored them, the reasons for missing previews are its stamp jobs', as on one host
+                mine, _ = FleetNight(sources.cfg, here, filesystem=fs.LocalFileSystem(),
+                                     root=str(sources.cfg.home)).gather(date, topic)
+                assert [c.missing for c in mine] == [c.missing for c in own_cards]
         assert compared >= len(packets())
+
+        # Without the stamps dataset (and on a host without the object's files), a card says no more than that.
+        bare = tmp_path / "bare"
+        shutil.copytree(sources.cfg.home / "archive" / "alerts", bare / "archive" / "alerts")
+        topic = sources.topics["ztf-avro"]
+        cards, _ = FleetNight(other, there, filesystem=fs.LocalFileSystem(), root=str(bare)).gather(
+            max(sources.nights(topic)), topic)
+        assert cards and {(c.preview, c.missing, tuple(c.stamps)) for c in cards} == {(None, NOT_IN_DATASET, ())}
 
         # Due once its files are quiet, not again after its report until they change.
         quiet = time.time() + sources.cfg.report.after_quiet + 60

@@ -12,7 +12,7 @@ the archive's reader on the home's mirror (``ztfd.archive.open("<bucket>/<s3.pre
   They are linked by their paths relative to the home, which resolve in the bucket's mirror whether or not the file
   is on this host's disk;
 - why an object has no preview: this host's stamp jobs say it for the objects it stored itself; for the others the
-  page says what the bucket says ("not in the fleet's stamps dataset") and nothing more.
+  page says what the bucket holds ("not in the fleet's stamps dataset") and nothing more.
 
 A night is due when its files in the bucket (the alerts' and stamps' datasets of that night) changed since its last
 report and none changed for ``report.after_quiet`` seconds; which files the last report was written from is a status
@@ -200,9 +200,9 @@ class FleetNight:
         return {object_id: outcomes.get(object_id) for object_id in by_object}
 
     def _missing(self, card: Card, stored_here: bool, outcome: night.StampOutcome | None, survey: str) -> str:
-        """What can be said of an object without a preview: this host's job's state for an object it stored (unless
-        the job was done: its files are then simply not in the bucket's datasets yet), else what the bucket holds."""
-        if stored_here and (outcome is None or outcome.state != "done"):
+        """What can be said of an object without a preview: for an object this host stored, what its own stamp job
+        says (its image files are among those looked at); for the others, what the bucket holds."""
+        if stored_here:
             return missing_reason(outcome, survey, self.cfg.stamps.previews)
         return NO_PREVIEW if card.stamps else NOT_IN_DATASET
 
