@@ -11,13 +11,16 @@ the survivors' commits.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
+import posixpath
 import re
 import shutil
 import signal
 import subprocess
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,10 +31,12 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from tests import conftest
 from tests.conftest import FAST_KAFKA_OPTIONS, child_env, write_config, ztfd_command
+from tests.stamp_support import FAST_STAMPS
 from ztfd import config, store
+from ztfd.embedded.alerce import StampService
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.s3 import S3Server
-from ztfd.embedded.samples import message_stream
+from ztfd.embedded.samples import lasair_message, message_stream, packets
 from ztfd.ingest.fleet import LIVE_FOR, FleetBook, FleetGeneration, holders, live, live_members, report_writer
 from ztfd.stamps.ratelimit import fleet_share, reserve_share
 from ztfd.store.alerts import iter_alerts
@@ -69,12 +74,13 @@ class Host:
         self.log: BinaryIO = self.log_path.open("ab")
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def start(self, topic: str, syncer: bool = True, supervised: bool = False) -> None:
-        """The host's processes: its consumer and syncer, or (``supervised``) ``ztfd start --foreground``, whose
-        supervisor restarts a consumer that dies."""
+    def start(self, topic: str, syncer: bool = True, supervised: bool = False, helpers: tuple[str, ...] = ()) -> None:
+        """The host's processes: its consumer and syncer (and ``helpers``, such as ``fetch`` and ``archive``), or
+        (``supervised``) ``ztfd start --foreground``, whose supervisor restarts a consumer that dies."""
         commands = [ztfd_command(self.config_path, "consume", "--topic", topic)]
         if syncer:
             commands.append(ztfd_command(self.config_path, "sync"))
+        commands += [ztfd_command(self.config_path, helper) for helper in helpers]
         if supervised:
             commands = [ztfd_command(self.config_path, "start", "--foreground")]
         for argv in commands:
@@ -186,9 +192,14 @@ def test_a_host_lost_with_its_disk_loses_nothing_and_a_new_host_takes_its_share(
     bucket = f"fleet-{uuid.uuid4().hex[:8]}"
     kafka.create_topic(topic, partitions=PARTITIONS)
     s3.create_bucket(bucket)
+    # An object the stamp service knows that no sample message names: sent to one host alone, for the night report.
+    loner = dataclasses.replace(packets()[-1], object_id="ZTF26fleetoo", candid=packets()[-1].candid + 1)
+    stamps = StampService(packets=[*packets(), loner]).start()
     sections = fleet_config(kafka, s3, topic, group, bucket, kafka={"batch_size": 20}, s3={"concurrency": 4},
-                            report={"after_quiet": 1.0})
+                            report={"after_quiet": 1.0}, archive={"enabled": True, "interval": 1.0},
+                            stamps={**FAST_STAMPS, "alerce_stamp_url": stamps.url, "alerce_api_url": stamps.url})
     env = child_env(**s3.env())
+    helpers = ("fetch", "archive")  # stamps and archive rows are durable before the commit: the live hosts run them
     produce(kafka.bootstrap, topic, 0, FIRST_WAVE)
     everything = {(seq % PARTITIONS, seq // PARTITIONS) for seq in range(FIRST_WAVE + SECOND_WAVE + THIRD_WAVE)}
 
@@ -197,7 +208,7 @@ def test_a_host_lost_with_its_disk_loses_nothing_and_a_new_host_takes_its_share(
     newcomer = Host("newcomer", tmp_path, sections, env)
     try:
         doomed.start(topic, syncer=False)  # nothing it stores ever reaches the bucket
-        survivor.start(topic)
+        survivor.start(topic, helpers=helpers)
         # Both hold partitions once the group has settled: each has stored alerts of a partition the other has not.
         wait_until(lambda: doomed.said("the group gave") and survivor.said("the group gave"), DEADLINE,
                    "both hosts to be given partitions")
@@ -218,7 +229,7 @@ def test_a_host_lost_with_its_disk_loses_nothing_and_a_new_host_takes_its_share(
         wait_until(lambda: mine <= {p for p, _ in survivor.stored()}, DEADLINE,
                    "the survivor to take the lost host's partitions over")
 
-        newcomer.start(topic)
+        newcomer.start(topic, helpers=helpers)
         wait_until(lambda: newcomer.said("the group gave"), DEADLINE, "the new host to be given partitions")
         produce(kafka.bootstrap, topic, FIRST_WAVE + SECOND_WAVE, THIRD_WAVE)
         wait_until(newcomer.stored, DEADLINE, "the new host to store alerts of its share")
@@ -257,19 +268,53 @@ def test_a_host_lost_with_its_disk_loses_nothing_and_a_new_host_takes_its_share(
         assert [line for line in table.splitlines() if ", not live)" in line and str(doomed.home) in line]
 
         # The night report: written by the host that holds partition 0 alone, and uploaded; the other writes none.
+        # It covers the fleet's night (from the datasets in the bucket), an object only the other host stored too.
         writer, other = (survivor, newcomer) if 0 in held.get(fleet["me"], []) else (newcomer, survivor)
+        held_by_other = held[next(name for name in held if str(other.home) in name)]
+        producer = Producer({"bootstrap.servers": kafka.bootstrap})
+        producer.produce(topic, value=json.dumps(lasair_message(loner)).encode(), partition=held_by_other[0])
+        assert producer.flush(30) == 0
+        wait_until(lambda: loner.object_id in {a.object_id for a in alerts_of(other)}, DEADLINE,
+                   "the other host to store the lone object's alert")
+        [lone] = [a for a in alerts_of(other) if a.object_id == loner.object_id]
         for host in (survivor, newcomer):
             host.start_reporter()
         wait_until(lambda: other.said("night reports are written by") and writer.said("this host writes the fleet"),
                    DEADLINE, "both reporters to know who writes the night reports")
-        wait_until(lambda: any(key.startswith("fleet/reports/") and key.endswith("/index.html")
-                               for key in s3.objects(bucket)), DEADLINE, "the night report in the bucket")
+        page = writer.home / "reports" / lone.date / "index.html"
+        night_total = len({(a.partition, a.kafka_offset) for host in (survivor, newcomer) for a in alerts_of(host)
+                           if a.date == lone.date})
+        own_total = len([a for a in alerts_of(writer) if a.date == lone.date])
+
+        def reported() -> bool:
+            text = page.read_text(encoding="utf-8") if page.exists() else ""
+            return f"<b>{night_total}</b> alerts" in text and f'id="{loner.object_id}"' in text and \
+                'class="triplet"' in card_of(text, loner.object_id)
+
+        wait_until(reported, DEADLINE, "the night report to count the fleet's alerts and show the lone object")
+        assert own_total < night_total  # not the writer's alerts alone
+        card = card_of(page.read_text(encoding="utf-8"), loner.object_id)
+        linked = {posixpath.normpath(posixpath.join(f"reports/{lone.date}", urllib.parse.unquote(href)))
+                  for href in re.findall(r'(?:src|href)="(\.\./[^"]+)"', card)}
+        images = {path for path in linked if path.startswith(f"images/{lone.date}/{loner.object_id}/")}
+        assert len(images) == 4, linked  # its preview and its three stamps, fetched by the other host
+        assert images <= {key.removeprefix("fleet/") for key in s3.objects(bucket)}
+        assert not [path for path in images if (writer.home / path).exists()]  # in the bucket, not on this disk
+        wait_until(lambda: f"fleet/reports/{lone.date}/index.html" in s3.objects(bucket), DEADLINE,
+                   "the night report in the bucket")
         assert list(writer.home.glob("reports/*/index.html")) and not list(other.home.glob("reports/*/index.html"))
     finally:
         for host in (survivor, newcomer):
             host.stop()
         if doomed.home.exists():
             doomed.stop()
+        stamps.stop()
+
+
+def card_of(page: str, object_id: str) -> str:
+    """The HTML of one object's card on a report page ("" if it has none)."""
+    found = re.search(rf'<article class="card" id="{re.escape(object_id)}">.*?</article>', page, re.S)
+    return found[0] if found else ""
 
 
 def test_the_fleet_topic_keeps_the_last_value_per_key(kafka: KafkaBroker) -> None:

@@ -264,3 +264,101 @@ def test_the_store_lists_nights_from_its_counters(tmp_path: Path) -> None:
         assert night_report.latest_night(conn) == "2021-01-02"
     finally:
         conn.close()
+
+
+def test_the_fleets_gatherer_makes_the_cards_of_the_hosts_store_from_its_dataset(sources: Sources,
+                                                                                   tmp_path: Path) -> None:
+    """The gatherer of fleet mode, run by another host (an empty store and home) on this home's dataset: the same
+    cards as the home's own report (columns and UTC times, light curves' points, alert files, previews and stamps
+    by their paths), every alert counted, and for an object without a preview only what the dataset says."""
+    import dataclasses
+    import shutil
+    import time
+
+    from pyarrow import fs
+
+    from ztfd.reporting.fleet_night import FROM_THE_FLEET, NO_PREVIEW, NOT_IN_DATASET, FleetNight
+
+    archived = subprocess.run(ztfd_command(sources.cfg_path, "archive", "--once"), capture_output=True, text=True,
+                              env=child_env(), timeout=300)
+    assert archived.returncode == 0, archived.stderr
+    other = dataclasses.replace(sources.cfg, home=tmp_path / "other")
+    here = store.connect(sources.cfg.db_path)
+    there = store.connect(other.db_path)
+    try:
+        fleet = FleetNight(other, there, filesystem=fs.LocalFileSystem(), root=str(sources.cfg.home))
+        compared = 0
+        for what, topic in sources.topics.items():
+            for date in sources.nights(topic):
+                cards, counts = fleet.gather(date, topic)
+                own_cards, own_counts = night_report.HostNight(sources.cfg, here).gather(date, topic)
+                assert counts["note"] == FROM_THE_FLEET and own_counts["note"] is None
+                assert (counts["alerts"], counts["objects"], counts["topics"]) == \
+                    (own_counts["alerts"], own_counts["objects"], own_counts["topics"]), (what, date)
+                for card, own in zip(cards, own_cards, strict=True):
+                    assert (card.object_id, card.survey, card.topics, card.alerts, card.columns, card.alert_file,
+                            card.view_file, card.dated_by, card.preview, card.stamps, card.history) == \
+                        (own.object_id, own.survey, own.topics, own.alerts, own.columns, own.alert_file,
+                         own.view_file, own.dated_by, own.preview, own.stamps, own.history), (what, card.object_id)
+                    assert abs(card.when - own.when) < 1e-6
+                    if card.preview is None:
+                        assert card.missing in (NO_PREVIEW, NOT_IN_DATASET)
+                    compared += 1
+                # run by the host that stored them, the reasons for missing previews are its stamp jobs', as on one host
+                mine, _ = FleetNight(sources.cfg, here, filesystem=fs.LocalFileSystem(),
+                                     root=str(sources.cfg.home)).gather(date, topic)
+                assert [c.missing for c in mine] == [c.missing for c in own_cards]
+        assert compared >= len(packets())
+
+        # Without the stamps dataset (and on a host without the object's files), a card says no more than that.
+        bare = tmp_path / "bare"
+        shutil.copytree(sources.cfg.home / "archive" / "alerts", bare / "archive" / "alerts")
+        topic = sources.topics["ztf-avro"]
+        cards, _ = FleetNight(other, there, filesystem=fs.LocalFileSystem(), root=str(bare)).gather(
+            max(sources.nights(topic)), topic)
+        assert cards and {(c.preview, c.missing, tuple(c.stamps)) for c in cards} == {(None, NOT_IN_DATASET, ())}
+
+        # Due once its files are quiet, not again after its report until they change.
+        quiet = time.time() + sources.cfg.report.after_quiet + 60
+        due = dict(fleet.due(quiet))
+        assert set(due) == {d for t in sources.topics.values() for d in sources.nights(t)}
+        assert not fleet.due(time.time())  # just written: not quiet yet
+        some = sorted(due)[0]
+        fleet.reported(some, due[some])
+        assert some not in dict(fleet.due(quiet))
+        with pytest.raises(night_report.ReportError, match="no alert of 1999-01-01"):
+            fleet.gather("1999-01-01", None)
+    finally:
+        here.close()
+        there.close()
+
+
+def test_a_fleet_without_the_archive_reports_its_hosts_alerts_and_says_so(sources: Sources) -> None:
+    """Fleet mode reads the fleet's night from the archive in the bucket; without the archive, a host's report falls
+    back to its own alerts, with a note under the counts (and a log line)."""
+    import dataclasses
+    import html
+
+    from ztfd.reporting.fleet_night import FleetNight
+
+    group = dataclasses.replace(sources.cfg, kafka=dataclasses.replace(sources.cfg.kafka, assignment="group"),
+                                s3=dataclasses.replace(sources.cfg.s3, bucket="b", region="us-east-1"))
+    conn = store.connect(sources.cfg.db_path)
+    try:
+        assert isinstance(night_report.night_of(sources.cfg, conn), night_report.HostNight)
+        assert isinstance(night_report.night_of(
+            dataclasses.replace(group, archive=dataclasses.replace(group.archive, enabled=True)), conn), FleetNight)
+        fallback = night_report.night_of(group, conn)
+        topic = sources.topics["lasair-ztf"]
+        date = max(sources.nights(topic))
+        cards, counts = fallback.gather(date, topic)
+        assert counts["note"] == night_report.HOST_ONLY
+        [(_, page)] = night_report.render_pages(date, topic, cards, counts, sources.cfg.reports_dir / date,
+                                                sources.cfg.home)
+        assert html.escape(night_report.HOST_ONLY) in page.decode()
+        _, own = night_report.HostNight(sources.cfg, conn).gather(date, topic)
+        [(_, plain)] = night_report.render_pages(date, topic, cards, own, sources.cfg.reports_dir / date,
+                                                 sources.cfg.home)
+        assert 'class="note"' not in plain.decode()  # one host: the page as before
+    finally:
+        conn.close()

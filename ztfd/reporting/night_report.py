@@ -10,6 +10,10 @@ of an Avro packet), the packet as received, and its stamps. Counts at the top: a
 stamps there and missing (and why). A night without alerts, or a topic without any, is refused (``ReportError``)
 before anything is written.
 
+The cards come from a ``Night``: this host's store and disk (``HostNight``, ``gather``), or in fleet mode the
+fleet's alerts and stamps in the bucket (``reporting.fleet_night.FleetNight``); both make them with ``new_card``,
+``choose_stamps`` and ``night_counts``, and the pages are rendered the same way.
+
 The pages are self-contained: inline CSS, no script, no remote resource; every file is linked by a path relative
 to the page, so they read the same from the disk and from the S3 mirror. Every file written is recorded in the
 manifest, so the report syncs like the rest. The daemon's ``reporter`` (``ztfd report --watch``) rewrites a
@@ -32,7 +36,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ztfd import config, files, store
 from ztfd.daemon import lifecycle
@@ -115,7 +119,7 @@ def iso_of_mjd(mjd: float) -> str:
     return (MJD_EPOCH + dt.timedelta(days=mjd)).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _survey(object_id: str, meta: dict[str, Any]) -> str:
+def survey_of(object_id: str, meta: dict[str, Any]) -> str:
     if meta.get("survey") in (ZTF, LSST):
         return str(meta["survey"])
     return ZTF if ZTF_OBJECT.match(object_id) else LSST
@@ -128,8 +132,14 @@ def view_path(path: str) -> str:
 
 def _read_alert(home: Path, path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The message and ztfd's metadata of an alert (a packet's from its JSON view); empty when it is gone."""
+    return read_alert(lambda view: (home / view).read_bytes(), path)
+
+
+def read_alert(read: Callable[[str], bytes], path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The message and ztfd's metadata of the alert file ``path``, its JSON view read by ``read(view path)``;
+    empty when it cannot be read."""
     try:
-        document = json.loads((home / view_path(path)).read_bytes())
+        document = json.loads(read(view_path(path)))
     except (OSError, ValueError):
         return {}, {}
     if not isinstance(document, dict):
@@ -182,7 +192,7 @@ def columns_of(message: dict[str, Any], times_utc: dict[str, str]) -> list[tuple
     return found
 
 
-def _missing_reason(outcome: night.StampOutcome | None, survey: str, previews_on: bool) -> str:
+def missing_reason(outcome: night.StampOutcome | None, survey: str, previews_on: bool) -> str:
     if outcome is None:
         return "no stamp job (stamps off, or not a ZTF alert)" if survey == ZTF else "no stamp job for this survey"
     reason = f": {outcome.reason}" if outcome.reason else ""
@@ -199,7 +209,7 @@ def _missing_reason(outcome: night.StampOutcome | None, survey: str, previews_on
     return "queued"
 
 
-def _short_reason(text: str) -> str:
+def short_reason(text: str) -> str:
     """A missing-stamps reason without the per-alert detail, for the counts at the top."""
     head, _, _ = text.partition(":")
     return head
@@ -211,7 +221,7 @@ def gather(cfg: config.Config, conn: sqlite3.Connection, date: str, topic: str |
     by_object: dict[str, list[StoredAlert]] = {}
     for alert in alerts:  # in id order: the last of each object is its newest
         by_object.setdefault(alert.object_id, []).append(alert)
-    outcomes = _stamp_outcomes(conn, date, topic, by_object)
+    outcomes = stamp_outcomes(conn, date, topic, by_object)
     images: dict[str, list[str]] = {}
     for path in image_files_of_night(conn, cfg.home, date):
         images.setdefault(path.split("/")[2], []).append(path)
@@ -227,27 +237,43 @@ def gather(cfg: config.Config, conn: sqlite3.Connection, date: str, topic: str |
             message.update(one)
             times_utc.update(meta.get("times_utc") or {})
         newest = seen[-1]
-        survey = _survey(object_id, meta)
-        when = newest.obs_mjd if newest.obs_mjd is not None else mjd_of(newest.received_at)
-        view = view_path(newest.path)
-        card = Card(object_id, survey, {a.topic for a in seen}, len(seen), when, columns_of(message, times_utc),
-                    newest.path, view if view != newest.path else None,
-                    dated_by=meta.get("dated_by") if newest.obs_mjd is not None else None,
-                    mjds=sorted({a.obs_mjd for a in seen if a.obs_mjd is not None}),
-                    history=lightcurve.history_points(message), limits=lightcurve.history_limits(message))
-        _choose_stamps(card, images.get(object_id, []), outcomes.get(object_id))
+        survey = survey_of(object_id, meta)
+        card = new_card(object_id, survey, [a.topic for a in seen], newest.obs_mjd, newest.received_at,
+                        newest.path, message, times_utc, meta.get("dated_by"),
+                        [a.obs_mjd for a in seen if a.obs_mjd is not None])
+        outcome = outcomes.get(object_id)
+        choose_stamps(card, images.get(object_id, []), outcome.candid if outcome is not None else None)
         if card.preview is None:
-            card.missing = _missing_reason(outcomes.get(object_id), survey, cfg.stamps.previews)
+            card.missing = missing_reason(outcome, survey, cfg.stamps.previews)
         cards.append(card)
+    return night_counts(cards, [a.topic for a in alerts], night.night_rejected(conn, date, topic))
+
+
+def new_card(object_id: str, survey: str, topics: list[str], obs_mjd: float | None, received_at: float, path: str,
+             message: dict[str, Any], times_utc: dict[str, str], dated_by: str | None, mjds: list[float]) -> Card:
+    """An object's card from its alerts of the night (``topics``: one per alert) and the columns of their messages;
+    ``obs_mjd``, ``received_at``, ``path`` and ``dated_by`` are its newest alert's."""
+    when = obs_mjd if obs_mjd is not None else mjd_of(received_at)
+    view = view_path(path)
+    return Card(object_id, survey, set(topics), len(topics), when, columns_of(message, times_utc), path,
+                view if view != path else None, dated_by=dated_by if obs_mjd is not None else None,
+                mjds=sorted(set(mjds)), history=lightcurve.history_points(message),
+                limits=lightcurve.history_limits(message))
+
+
+def night_counts(cards: list[Card], topics: list[str], rejected: int,
+                 note: str | None = None) -> tuple[list[Card], dict[str, Any]]:
+    """The cards sorted by time, and the counts at the top of the page (``topics``: one per alert of the night;
+    ``note``: where the night's alerts came from, shown under the counts when it is not this host's store)."""
     cards.sort(key=lambda c: (c.when, c.object_id))
-    missing = Counter(_short_reason(c.missing) for c in cards if c.missing)
-    counts = {"alerts": len(alerts), "objects": len(cards), "rejected": night.night_rejected(conn, date, topic),
+    missing = Counter(short_reason(c.missing) for c in cards if c.missing)
+    counts = {"alerts": len(topics), "objects": len(cards), "rejected": rejected,
               "with_stamps": sum(1 for c in cards if c.preview), "missing": dict(missing.most_common()),
-              "topics": dict(Counter(a.topic for a in alerts).most_common())}
+              "topics": dict(Counter(topics).most_common()), "note": note}
     return cards, counts
 
 
-def _stamp_outcomes(conn: sqlite3.Connection, date: str, topic: str | None,
+def stamp_outcomes(conn: sqlite3.Connection, date: str, topic: str | None,
                     by_object: dict[str, list[StoredAlert]]) -> dict[str, night.StampOutcome]:
     """object_id -> what became of its stamps: its newest stamp record (done) if any, else its latest job."""
     records = stamp_records_on(conn, date, topic)
@@ -276,20 +302,19 @@ def image_files_of_night(conn: sqlite3.Connection, home: Path, date: str) -> lis
     return sorted(path.replace("/./", "/") for path in found)
 
 
-def _choose_stamps(card: Card, paths: list[str], outcome: night.StampOutcome | None) -> None:
-    """The preview and stamps of the candid the stamp job chose, else of the newest candid with a preview."""
+def choose_stamps(card: Card, paths: list[str], candid: str | None) -> None:
+    """The preview and stamps of ``candid`` (the one the stamp job chose), else of the newest candid with a
+    preview; without any preview, the stamps of ``candid``."""
     previews = [p for p in paths if p.endswith(".png")]
     chosen = None
-    if outcome is not None and outcome.candid:
-        chosen = next((p for p in previews if p.rsplit("/", 1)[1] == f"{outcome.candid}.png"), None)
+    if candid:
+        chosen = next((p for p in previews if p.rsplit("/", 1)[1] == f"{candid}.png"), None)
     if chosen is None and previews:
         chosen = previews[-1]
-    if chosen is None:
-        candid = outcome.candid if outcome is not None and outcome.candid else None
-    else:
+    if chosen is not None:
         card.preview = chosen
         candid = chosen.rsplit("/", 1)[1][: -len(".png")]
-    if candid is not None:
+    if candid:
         for kind in STAMP_TYPES:
             stamp = next((p for p in paths if p.rsplit("/", 1)[1].startswith(f"{candid}_{kind}.")), None)
             if stamp:
@@ -359,6 +384,7 @@ h1 { margin: 0 0 6px; font-size: 22px; }
 .counts { display: flex; flex-wrap: wrap; gap: 8px 22px; margin: 8px 0; }
 .counts b { font-size: 18px; }
 .missing, .topics { color: var(--muted); margin: 4px 0; }
+.note { color: #8a4b00; margin: 4px 0; }
 nav { margin: 8px 0; }
 nav a, nav span { display: inline-block; padding: 2px 8px; margin-right: 4px; border: 1px solid var(--line);
                   border-radius: 4px; text-decoration: none; color: var(--accent); background: #fff; }
@@ -459,6 +485,7 @@ def _header(date: str, topic: str | None, counts: dict[str, Any], first: int, la
     topics = ", ".join(f"{e(t)} ({n} alerts)" for t, n in counts["topics"].items())
     shown = f"objects {first}–{last} of {counts['objects']}" if counts["objects"] else "no alerts stored"
     return (f"<h1>ztfd night report {what}</h1><div class=\"counts\">{''.join(parts)}</div>"
+            + (f'<p class="note">{e(counts["note"])}</p>' if counts.get("note") else "")
             + (f'<p class="missing">stamps missing: {why}</p>' if why else "")
             + (f'<p class="topics">topics: {topics}</p>' if topics and not topic else "")
             + f'<p class="missing">{shown}, sorted by time (UTC)</p>')
@@ -512,13 +539,68 @@ def latest_night(conn: sqlite3.Connection, topic: str | None = None) -> str | No
     return max(nights) if nights else None
 
 
+class Night(Protocol):
+    """Where a report's cards come from: this host's store (``HostNight``), or in fleet mode the fleet's data in the
+    bucket (``reporting.fleet_night.FleetNight``). ``due`` lists the nights (date, what they were read as) whose
+    report is due; ``reported`` remembers that one was written from that. A report that fails with one of
+    ``transient`` (the bucket away) is tried again next round, not only when the night changes."""
+
+    transient: tuple[type[Exception], ...]
+
+    def gather(self, date: str, topic: str | None) -> tuple[list[Card], dict[str, Any]]: ...
+
+    def due(self, now: float) -> list[tuple[str, Any]]: ...
+
+    def reported(self, date: str, version: Any) -> None: ...
+
+
+class HostNight:
+    """The alerts this host stored itself (one host; a fleet without the archive: ``note`` says so on the page)."""
+
+    transient: tuple[type[Exception], ...] = ()
+
+    def __init__(self, cfg: config.Config, conn: sqlite3.Connection, note: str | None = None) -> None:
+        self.cfg, self.conn, self.note = cfg, conn, note
+
+    def gather(self, date: str, topic: str | None) -> tuple[list[Card], dict[str, Any]]:
+        refuse_empty(self.conn, date, topic)
+        cards, counts = gather(self.cfg, self.conn, date, topic)
+        return cards, {**counts, "note": self.note}
+
+    def due(self, now: float) -> list[tuple[str, Any]]:
+        return night.reports_due(self.conn, now - self.cfg.report.after_quiet, now - LOOKBACK_DAYS * 86400)
+
+    def reported(self, date: str, version: Any) -> None:
+        """Nothing to keep: ``build`` marks the report in the store."""
+
+
+HOST_ONLY = ("this host's alerts only: the fleet's alerts are read from its Parquet dataset in the bucket, and "
+             "archive.enabled is off")
+
+
+def night_of(cfg: config.Config, conn: sqlite3.Connection) -> Night:
+    """The fleet's night in fleet mode with the archive on; else this host's (logged, and noted on the page, in a
+    fleet without the archive)."""
+    if not cfg.kafka.group_mode:
+        return HostNight(cfg, conn)
+    if not cfg.archive.enabled:
+        log.warning("the night reports cover this host's alerts only: archive.enabled is off, and the fleet's "
+                    "alerts are read from its Parquet dataset in the bucket")
+        return HostNight(cfg, conn, HOST_ONLY)
+    from ztfd.reporting.fleet_night import FleetNight
+
+    return FleetNight(cfg, conn)
+
+
 def report_dir(cfg: config.Config, date: str, topic: str | None) -> Path:
     return cfg.reports_dir / date / topic if topic else cfg.reports_dir / date
 
 
 def build(cfg: config.Config, conn: sqlite3.Connection, date: str, topic: str | None = None,
-          beat: Callable[[], None] = lambda: None, per_page: int = CARDS_PER_PAGE) -> Written:
-    """Write the report of ``date`` (optionally of one topic), record its files in the manifest, remember it."""
+          beat: Callable[[], None] = lambda: None, per_page: int = CARDS_PER_PAGE,
+          source: Night | None = None) -> Written:
+    """Write the report of ``date`` (optionally of one topic) from ``source`` (``night_of``: this host's store, or
+    the fleet's bucket), record its files in the manifest, remember it."""
     if not DATE.match(date):
         raise ReportError(f"--date must be YYYY-MM-DD, not {date!r}")
     try:
@@ -527,10 +609,9 @@ def build(cfg: config.Config, conn: sqlite3.Connection, date: str, topic: str | 
         raise ReportError(f"--date {date} is not a date") from None
     if topic is not None and (not config.KAFKA_TOPIC.match(topic) or topic in (".", "..")):
         raise ReportError(f"--topic {topic!r} is not a topic name")
-    refuse_empty(conn, date, topic)
     changed_at = night.night_changed_at(conn, date) or 0.0
     folder = report_dir(cfg, date, topic)
-    cards, counts = gather(cfg, conn, date, topic)
+    cards, counts = (source or night_of(cfg, conn)).gather(date, topic)
     if not counts["alerts"] and (folder / page_name(1)).exists():
         raise ReportError(f"the store holds no alert of {date}{f' ({topic})' if topic else ''}: the report written "
                           f"earlier ({folder / page_name(1)}) is kept, not replaced by an empty one")
@@ -561,15 +642,16 @@ def _record(home: Path, conn: sqlite3.Connection, paths: Iterable[str]) -> None:
 def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
     """The daemon's reporter: every ``WATCH_INTERVAL`` s, rewrite the reports of nights quiet for
     ``report.after_quiet`` s that changed since their last report; heartbeat throughout. In fleet mode only on the
-    host that holds partition 0 (``reporting.fleet.ReportTurn``); its report covers the alerts it stored itself."""
+    host that holds partition 0 (``reporting.fleet.ReportTurn``), from the fleet's data in the bucket (``night_of``)."""
     conn = store.connect(cfg.db_path, create=False)
+    source = night_of(cfg, conn)
     turn = None
     if cfg.kafka.group_mode:
         from ztfd.reporting.fleet import ReportTurn
 
         turn = ReportTurn(cfg)
     heartbeat = Heartbeat(name, Role.REPORTER)
-    failed: dict[str, float] = {}  # date -> the change a report failed on: tried again only after a new one
+    failed: dict[str, Any] = {}  # date -> the version a report failed on: tried again only after a new one
 
     def beat() -> None:
         heartbeat.beat_if_due(conn)
@@ -577,17 +659,18 @@ def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
     try:
         while not stop.is_set():
             beat()
-            now = time.time()
-            due = night.reports_due(conn, now - cfg.report.after_quiet, now - LOOKBACK_DAYS * 86400)
-            if due and turn is not None and not turn.mine():
-                due = []  # another host writes them; asked again next round (partitions move)
+            due = [] if turn is not None and not turn.mine() else _due(source, time.time())
+            # (another host writes them: asked again next round, partitions move)
             for date, changed in due:
                 if stop.is_set():
                     break
                 if failed.get(date) == changed:
                     continue
                 try:
-                    build(cfg, conn, date, beat=beat)
+                    build(cfg, conn, date, beat=beat, source=source)
+                    source.reported(date, changed)
+                except source.transient as exc:
+                    log.warning("report %s failed: %s (tried again next round)", date, exc)
                 except (OSError, sqlite3.Error, ReportError) as exc:
                     log.error("report %s failed: %s (tried again when the night changes)", date, exc)
                     failed[date] = changed
@@ -600,6 +683,14 @@ def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
     finally:
         conn.close()
     return 0
+
+
+def _due(source: Night, now: float) -> list[tuple[str, Any]]:
+    try:
+        return source.due(now)
+    except OSError as exc:  # the bucket away (fleet mode): asked again next round
+        log.warning("cannot tell which night reports are due: %s", exc)
+        return []
 
 
 def run_watch(cfg: config.Config, name: str) -> int:
