@@ -172,9 +172,10 @@ def alert_files(alert: Alert, folder: str, stem: str, images: str, metadata: dic
         files = [(f"{folder}/{stem}{alert.suffix}", alert.raw),
                  (f"{folder}/{stem}.json",
                   b"".join((b'{"message": ', rendered_view(alert.view), b', "ztfd": ', meta, b"}\n")))]
-    named = alert.detection_id or stem
-    files.extend((f"{images}/{named}_{cutout.kind}{cutout.suffix}", cutout.data)
-                 for cutout in alert.cutouts if cutout.data is not None)
+    if alert.cutouts:  # most messages carry none: no generator made for nothing (once per alert)
+        named = alert.detection_id or stem
+        files.extend((f"{images}/{named}_{cutout.kind}{cutout.suffix}", cutout.data)
+                     for cutout in alert.cutouts if cutout.data is not None)
     return files
 
 
