@@ -195,7 +195,7 @@ def test_a_message_that_kills_a_worker_is_isolated_and_rejected_while_the_consum
 
 def test_auto_is_a_worker_per_spare_core_for_the_avro_formats_only() -> None:
     ztf, lasair = sources.source_for("ztf-avro"), sources.source_for("lasair")
-    assert workers_for("auto", ztf, cores=4) == 3 and workers_for("auto", ztf, cores=1) == 0
+    assert workers_for("auto", ztf, cores=4) == 2 and workers_for("auto", ztf, cores=2) == 0
     assert workers_for("auto", lasair, cores=4) == 0 and workers_for(2, lasair) == 2
     assert workers_for(3, sources.source_for("confluent-avro", registry_url="http://127.0.0.1:1")) == 0
 
