@@ -13,7 +13,12 @@ Keys (values are JSON):
 - ``member/<topic>/<member>``: ``{"host", "member", "topic", "partitions", "at", "left"}`` (member: host and home),
   the partitions a member holds, for ``ztfd status`` (Tansu's describe lists no members), said again every
   ``COUNT_EVERY`` s as the member's heartbeat (``at``: its clock); a member that stops publishes an empty list and
-  ``left``.
+  ``left``;
+- ``column/<dataset>/<column>/<member>/<hash of the type>``: ``{"column", "type", "member", "at"}``, a member's
+  proposal of a dataset column's Arrow type (``ztfd.archive.fleetschema``: the first proposal of a column in the
+  log pins its type for every host, later ones only add struct fields). Each key is written once, by one member,
+  with one type: compaction keeps a key's last record, so a key written again would move to a later offset and
+  could take a column's pin from the proposal that won it.
 
 The live membership (``live_members``, which ``stamps.rate_limit`` is shared by) is read from those records: every
 member that said it is there within ``LIVE_FOR`` s and has not left, holding partitions or not (more hosts than
