@@ -22,7 +22,7 @@ import signal
 import subprocess
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -32,7 +32,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from tests import conftest
 from tests.conftest import FAST_KAFKA_OPTIONS, child_env, write_config, ztfd_command
 from tests.stamp_support import FAST_STAMPS
-from ztfd import config, store
+from ztfd import config, files, store
 from ztfd.embedded.alerce import StampService
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.s3 import S3Server
@@ -155,11 +155,15 @@ def produce(bootstrap: str, topic: str, first: int, count: int) -> None:
     produce_to(bootstrap, topic, count, first=first)
 
 
-def produce_to(bootstrap: str, topic: str, count: int, first: int = 0, partitions: int = PARTITIONS) -> None:
-    """``count`` messages spread evenly over the partitions (round robin), each told apart by its ``seq``."""
+def produce_to(bootstrap: str, topic: str, count: int, first: int = 0, partitions: int = PARTITIONS,
+               change: Callable[[dict[str, Any], int], None] | None = None) -> None:
+    """``count`` messages spread evenly over the partitions (round robin), each told apart by its ``seq``;
+    ``change(message, partition)`` edits each one first."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     for message in message_stream(first + count):
         if message["seq"] >= first:
+            if change is not None:
+                change(message, message["seq"] % partitions)
             producer.produce(topic, value=json.dumps(message).encode(), partition=message["seq"] % partitions)
             producer.poll(0)
     assert producer.flush(60) == 0
@@ -389,6 +393,81 @@ def test_a_new_host_keys_alerts_in_the_generation_the_fleet_agreed(
     assert all("_g2-p0-o" in a.path for a in alerts)
     said = book.generations(topic)[0]
     assert said.generation == 2 and said.topic_id not in (None, "the-id-of-the-deleted-topic")
+
+
+def test_the_hosts_archivers_agree_on_each_columns_type_and_write_one_schema_file(
+    kafka: KafkaBroker, s3: S3Server, tmp_path: Path
+) -> None:
+    """A new field comes as an int on one host's partition and as a float on the other's, and another field on one
+    partition only. Both archivers run at once (each proposes its types in the fleet topic, the first proposal in
+    the log wins for both), then once more (each takes the other's columns): both hosts' ``_common_metadata`` and
+    the bucket's are the same bytes, with the agreed type, and every file in the bucket reads as one dataset."""
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ztfd.archive.fleetschema import text_type
+    from ztfd.archive.query import alerts_dataset
+
+    topic = f"schema-{uuid.uuid4().hex[:8]}"
+    group = f"schema-{uuid.uuid4().hex[:8]}"
+    bucket = f"schema-{uuid.uuid4().hex[:8]}"
+    kafka.create_topic(topic, partitions=2)
+    s3.create_bucket(bucket)
+    env = child_env(**s3.env())
+    hosts = [Host(name, tmp_path, fleet_config(kafka, s3, topic, group, bucket, archive={"enabled": True}), env)
+             for name in ("ints", "floats")]
+
+    def typed(message: dict[str, Any], partition: int) -> None:
+        message["flux_ratio"] = message["seq"] if partition == 0 else message["seq"] + 0.5
+        if partition == 1:
+            message["only_here"] = "yes"
+
+    def archive_once() -> None:
+        runs = [subprocess.Popen(ztfd_command(h.config_path, "archive", "--once"), env=env, stdout=h.log,
+                                 stderr=h.log) for h in hosts]
+        assert [run.wait(300) for run in runs] == [0, 0]
+
+    try:
+        for host in hosts:
+            host.start(topic)
+        wait_until(lambda: all(h.said("the group gave") for h in hosts), DEADLINE, "both hosts to hold a partition")
+        produce_to(kafka.bootstrap, topic, 20, partitions=2, change=typed)
+        wait_until(lambda: all(len(h.stored()) == 10 for h in hosts), DEADLINE, "each host to store its partition")
+        archive_once()
+        archive_once()
+        local = [(h.home / "archive/alerts/_common_metadata").read_bytes() for h in hosts]
+        assert local[0] == local[1]
+        key = "fleet/archive/alerts/_common_metadata"
+        wait_until(lambda: s3.objects(bucket).get(key, (0, ""))[1] == files.md5_hex(local[0]), DEADLINE,
+                   "the schema file in the bucket")
+        written = {f"fleet/{p.relative_to(h.home)}" for h in hosts for p in h.home.glob("archive/alerts/**/*.parquet")}
+        wait_until(lambda: written <= set(s3.objects(bucket)), DEADLINE, "both hosts' dataset files in the bucket")
+    finally:
+        for host in hosts:
+            host.stop()
+    first = min(p for p in FleetBook(hosts[0].cfg.kafka, "test").column_proposals("alerts")
+                if p.column == "flux_ratio")
+    agreed = text_type(first.type_text)
+    filesystem = s3.arrow_filesystem(direct=True)
+    root = f"{bucket}/fleet/archive/alerts"
+    schema = pq.read_schema(f"{root}/_common_metadata", filesystem=filesystem)
+    assert schema.field("flux_ratio").type == agreed and "only_here" in schema.names
+    parts = [k for k in s3.objects(bucket) if k.endswith(".parquet")]
+    assert {pq.read_schema(f"{bucket}/{k}", filesystem=filesystem).field("flux_ratio").type for k in parts} == {agreed}
+    table = alerts_dataset(root, filesystem=filesystem).to_table()
+    by_seq = {json.loads(m)["seq"]: v for m, v in zip(table["message"].to_pylist(), table["flux_ratio"].to_pylist(),
+                                                       strict=True)}
+    fits = pa.types.is_floating(agreed)  # an int goes into a float column; a fraction never into an int one
+    assert by_seq == {seq: seq if seq % 2 == 0 else (seq + 0.5 if fits else None) for seq in range(20)}
+    copies = tmp_path / "copies"  # every file of the bucket, read by DuckDB as one table
+    copies.mkdir()
+    for k in parts:
+        body = s3.client(direct=True).get_object(Bucket=bucket, Key=k)["Body"]
+        (copies / k.replace("/", "_")).write_bytes(body.read())
+    counted = duckdb.sql(f"SELECT count(*), count(flux_ratio) FROM read_parquet('{copies}/*.parquet', "
+                         "union_by_name = true)").fetchall()[0]
+    assert counted == (20, 20 if fits else 10)
 
 
 def alerts_of(host: Host) -> list[Any]:

@@ -16,7 +16,8 @@ night's folder the same way.
 
 Types: ``columns`` (ztfd's own columns) and ``arrowtypes`` (the message's fields). The dataset's schema, every
 column with its pinned type, is ``archive/alerts/_common_metadata`` (written before any file that uses a new
-column), the file Spark, Dask and pyarrow read a dataset's schema from.
+column), the file Spark, Dask and pyarrow read a dataset's schema from. In a fleet the hosts agree on it through the
+fleet topic (``fleetschema``), so that every host writes the same types and the same schema file.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import pyarrow.parquet as pq
 
 from ztfd import files
 from ztfd.archive import arrowtypes, columns, messages
+from ztfd.archive.fleetschema import FleetSchema
 from ztfd.archive.layout import Layout, alerts_file, alerts_file_name
 from ztfd.store import alerts as stored_alerts
 from ztfd.store import archive_marks, deletions, manifest
@@ -76,11 +78,13 @@ def file_name(key: PartitionKey, first: int, last: int) -> str:
 class AlertsWriter:
     """Writes stored alerts into the dataset; one per process, holding the home's archive lock while it writes."""
 
-    def __init__(self, home: Path, conn: sqlite3.Connection, schemas: messages.SchemaSource) -> None:
+    def __init__(self, home: Path, conn: sqlite3.Connection, schemas: messages.SchemaSource,
+                 fleet: FleetSchema | None = None) -> None:
         self.layout = Layout(home)
         self.conn = conn
         self.schemas = schemas
         self.schema = self.layout.read_alerts_schema() or columns.fixed_schema(columns.ALERT_COLUMNS)
+        self.fleet = fleet  # fleet mode: the schema is the one the fleet agrees (``ztfd.archive.fleetschema``)
         self.avro_seen: set[str] = set()
         self._avro_pending: list[dict[str, Any]] = []
 
@@ -89,6 +93,7 @@ class AlertsWriter:
     def write_pass(self, stop: Any = None, progress: Any = None) -> int:
         """Write every stored alert above its mark; the number of alerts written. ``progress()`` is called after
         each step (the role heartbeats there: a backlog takes many steps)."""
+        self._follow_fleet()
         written = 0
         marks = archive_marks.marks(self.conn)
         for key in archive_marks.partitions_to_look_at(self.conn):
@@ -247,10 +252,25 @@ class AlertsWriter:
                     widened = arrowtypes.widen(pinned.type, fld.type)
                     if widened != pinned.type:
                         schema = schema.set(index, pinned.with_type(widened))
+        if self.fleet is not None:
+            schema = self.fleet.agree(self.schema, schema)  # asks the broker only when something is new
         if schema.equals(self.schema, check_metadata=True):
             return []
         self.schema = schema
         return [self.layout.write_alerts_schema(schema)]
+
+    def _follow_fleet(self) -> None:
+        """Fleet mode, once a pass: take the schema the fleet has agreed (the other hosts' new columns; this host's
+        own, proposed, should the fleet not have them) and write the schema file when it changed, so that every
+        host's file, and the bucket's, ends the same."""
+        if self.fleet is None:
+            return
+        agreed = self.fleet.agree(self.fleet.read(), self.schema)
+        if agreed.equals(self.schema, check_metadata=True):
+            return
+        self.schema = agreed
+        with transaction(self.conn):
+            self.record([self.layout.write_alerts_schema(agreed)])
 
     def _file_table(self, tables: list[pa.Table]) -> pa.Table:
         """One file's rows in the dataset's types, sorted by offset; the file holds the columns its rows have."""

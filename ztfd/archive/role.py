@@ -17,12 +17,14 @@ from typing import Any
 from ztfd import config, store
 from ztfd.archive.alerts import AlertsWriter
 from ztfd.archive.compaction import Compactor
+from ztfd.archive.fleetschema import FleetSchema
 from ztfd.archive.layout import Layout
 from ztfd.archive.messages import SchemaSource
 from ztfd.archive.stamps import StampsWriter, writer_name
 from ztfd.daemon import lifecycle
 from ztfd.daemon.heartbeat import Heartbeat
 from ztfd.ingest import topics
+from ztfd.ingest.fleet import FleetBook, member_id
 from ztfd.store import archive_marks, avro_schemas, manifest
 from ztfd.store.db import transaction
 from ztfd.store.states import Role
@@ -60,7 +62,8 @@ class Archiver:
         self.stamps = StampsWriter(cfg.home, writer_name(cfg))
 
     def alerts_writer(self) -> AlertsWriter:
-        return AlertsWriter(self.cfg.home, self.conn, schema_source(self.cfg, self.conn))
+        fleet = FleetSchema(FleetBook(self.cfg.kafka, member_id(self.cfg.home))) if self.cfg.kafka.group_mode else None
+        return AlertsWriter(self.cfg.home, self.conn, schema_source(self.cfg, self.conn), fleet)
 
     def one_pass(self, stop: lifecycle.Stop | None = None, progress: Any = None) -> int:
         with writer_lock(self.layout):

@@ -320,6 +320,14 @@ class S3Server:
                           max_pool_connections=32),
         )
 
+    def arrow_filesystem(self, direct: bool = False) -> Any:
+        """pyarrow's S3 filesystem on this server with the dummy credentials (``direct`` as for ``client``)."""
+        from pyarrow import fs
+
+        url = f"http://127.0.0.1:{self.backend_port}" if direct else self.endpoint_url
+        return fs.S3FileSystem(endpoint_override=url.removeprefix("http://"), scheme="http", region=REGION,
+                               access_key=ACCESS_KEY, secret_key=SECRET_KEY)
+
     def create_bucket(self, name: str) -> None:
         self.client(direct=True).create_bucket(Bucket=name)
 

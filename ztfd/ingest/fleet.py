@@ -13,7 +13,12 @@ Keys (values are JSON):
 - ``member/<topic>/<member>``: ``{"host", "member", "topic", "partitions", "at", "left"}`` (member: host and home),
   the partitions a member holds, for ``ztfd status`` (Tansu's describe lists no members), said again every
   ``COUNT_EVERY`` s as the member's heartbeat (``at``: its clock); a member that stops publishes an empty list and
-  ``left``.
+  ``left``;
+- ``column/<dataset>/<column>/<member>/<hash of the type>``: ``{"column", "type", "member", "at"}``, a member's
+  proposal of a dataset column's Arrow type (``ztfd.archive.fleetschema``: the first proposal of a column in the
+  log pins its type for every host, later ones only add struct fields). Each key is written once, by one member,
+  with one type: compaction keeps a key's last record, so a key written again would move to a later offset and
+  could take a column's pin from the proposal that won it.
 
 The live membership (``live_members``, which ``stamps.rate_limit`` is shared by) is read from those records: every
 member that said it is there within ``LIVE_FOR`` s and has not left, holding partitions or not (more hosts than
@@ -23,13 +28,14 @@ by others (killed with -9: it stops counting as soon as its partitions are taken
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ztfd.config import KafkaConfig
 from ztfd.ingest import kafka
@@ -59,6 +65,22 @@ class FleetGeneration:
     topic_id: str | None
 
 
+class ColumnProposal(NamedTuple):
+    """A member's proposal of a dataset column's type: its offset in the fleet topic orders it."""
+
+    offset: int
+    key: str
+    column: str
+    type_text: str
+
+
+def proposal_key(dataset: str, column: str, member: str, type_text: str) -> str:
+    """``column/<dataset>/<column>/<member>/<hash of the type>``: a key no other member, and no other type, writes
+    (a compacted topic keeps the last record of a key: one rewritten would move to a later offset)."""
+    digest = hashlib.sha256(type_text.encode()).hexdigest()[:16]
+    return f"column/{dataset}/{column}/{member}/{digest}"
+
+
 class FleetBook:
     """The fleet topic of one group, as a consumer reads and writes it."""
 
@@ -68,17 +90,21 @@ class FleetBook:
         self.member = member
         self._ready = False
 
-    def _read(self) -> dict[str, Any]:
+    def _records(self) -> dict[str, tuple[int, Any]]:
+        """Every key's last value (JSON) and its offset."""
         if not self._ready:
             kafka.ensure_log_topic(self.settings, self.topic)
             self._ready = True
         found = {}
-        for key, value in kafka.read_log_topic(self.settings, self.topic).items():
+        for key, (offset, value) in kafka.read_log_records(self.settings, self.topic).items():
             try:
-                found[key] = json.loads(value)
+                found[key] = (offset, json.loads(value))
             except ValueError:
                 log.warning("%s: key %s holds no JSON: ignored", self.topic, key)
         return found
+
+    def _read(self) -> dict[str, Any]:
+        return {key: value for key, (_offset, value) in self._records().items()}
 
     def _write(self, entries: dict[str, Any]) -> None:
         if not self._ready:
@@ -107,6 +133,23 @@ class FleetBook:
         self._write({f"member/{topic}/{self.member}": {
             "host": socket.gethostname(), "member": self.member, "topic": topic,
             "partitions": sorted(partitions), "at": time.time(), "left": left}})
+
+    def column_proposals(self, dataset: str) -> list[ColumnProposal]:
+        """Every proposal of a column type of ``dataset`` the topic holds, in the log's order."""
+        prefix = f"column/{dataset}/"
+        found = [ColumnProposal(offset, key, str(value["column"]), str(value["type"]))
+                 for key, (offset, value) in self._records().items()
+                 if key.startswith(prefix) and isinstance(value, dict) and "column" in value and "type" in value]
+        return sorted(found)
+
+    def propose_columns(self, dataset: str, types: dict[str, str]) -> list[str]:
+        """Propose a type (its text, ``ztfd.archive.fleetschema.type_text``) for each column of ``dataset``, each
+        under a key of this member's and that type's own; the keys written."""
+        entries = {proposal_key(dataset, column, self.member, text): {
+            "column": column, "type": text, "member": self.member, "at": time.time()}
+            for column, text in types.items()}
+        self._write(entries)
+        return list(entries)
 
     def members(self) -> list[dict[str, Any]]:
         """What every member last said it holds, those holding something first."""

@@ -455,9 +455,11 @@ def ensure_log_topic(settings: KafkaConfig, topic: str, timeout: float = VIEW_TI
             raise
 
 
-def read_log_topic(settings: KafkaConfig, topic: str, timeout: float = LIST_TIMEOUT) -> dict[str, bytes]:
-    """Every key of a one-partition topic with its last value, read from the beginning to its end (a record with no
-    value deletes its key). Raises ``KafkaException`` when the end is not reached in time.
+def read_log_records(settings: KafkaConfig, topic: str,
+                     timeout: float = LIST_TIMEOUT) -> dict[str, tuple[int, bytes]]:
+    """Every key of a one-partition topic with the offset and value of its last record, read from the beginning to
+    its end (a record with no value deletes its key). Raises ``KafkaException`` when the end is not reached in time.
+    The offsets order the records the same for every reader (compaction keeps them).
 
     The end is where the fetch says the partition ends (librdkafka's end-of-partition event), not the watermark
     asked for beforehand: Tansu reports that as the base offset of the last batch + 1 (see ``end_offsets``)."""
@@ -470,7 +472,7 @@ def read_log_topic(settings: KafkaConfig, topic: str, timeout: float = LIST_TIME
     }
     config.update({k: v for k, v in settings.options.items() if k.startswith(SECURITY)})
     reader = Consumer(config)
-    values: dict[str, bytes] = {}
+    values: dict[str, tuple[int, bytes]] = {}
     try:
         _low, end = reader.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout)
         if end <= 0:
@@ -491,7 +493,7 @@ def read_log_topic(settings: KafkaConfig, topic: str, timeout: float = LIST_TIME
             if msg.value() is None:
                 values.pop(key, None)
             else:
-                values[key] = msg.value()
+                values[key] = (msg.offset(), msg.value())
     finally:
         reader.close()
 
