@@ -32,7 +32,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -47,6 +47,9 @@ from ztfd.store.alerts import StoredAlert
 from ztfd.store.archive_marks import PartitionKey
 from ztfd.store.db import transaction
 from ztfd.store.status_facts import get_status, set_status
+
+if TYPE_CHECKING:
+    from ztfd.archive.elsewhere import Elsewhere
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +79,12 @@ def file_name(key: PartitionKey, first: int, last: int) -> str:
 class AlertsWriter:
     """Writes stored alerts into the dataset; one per process, holding the home's archive lock while it writes."""
 
-    def __init__(self, home: Path, conn: sqlite3.Connection, schemas: messages.SchemaSource) -> None:
+    def __init__(self, home: Path, conn: sqlite3.Connection, schemas: messages.SchemaSource,
+                 elsewhere: Elsewhere | None = None) -> None:
         self.layout = Layout(home)
         self.conn = conn
         self.schemas = schemas
+        self.elsewhere = elsewhere  # fleet mode: what other hosts' files in the bucket hold, left out here
         self.schema = self.layout.read_alerts_schema() or columns.fixed_schema(columns.ALERT_COLUMNS)
         self.avro_seen: set[str] = set()
         self._avro_pending: list[dict[str, Any]] = []
@@ -116,6 +121,10 @@ class AlertsWriter:
         for (date, _start), indices in groups.items():
             folder = self.layout.alerts_folder(date, key.topic)
             remove_unrecorded_parts(folder, key, mark)
+            held = self._held_elsewhere(key, date, alerts[indices[0]].kafka_offset)
+            indices = [index for index in indices if alerts[index].kafka_offset not in held]
+            if not indices:
+                continue
             name = file_name(key, alerts[indices[0]].kafka_offset, alerts[indices[-1]].kafka_offset)
             recorded.append(self._write_file(folder / name, self._file_table([_rows_at(new, indices)])))
         recorded.extend(self._new_avro_schemas())
@@ -123,6 +132,11 @@ class AlertsWriter:
             self.record(recorded)
             archive_marks.advance(self.conn, key, alerts[-1].kafka_offset, len(alerts))
             archive_marks.note_unfolded(self.conn, [(date, key.topic) for date, _ in groups])
+
+    def _held_elsewhere(self, key: PartitionKey, date: str, lowest: int) -> frozenset[int]:
+        """Fleet mode: the offsets from ``lowest`` on of a partition generation's night that another host's files in
+        the bucket hold already (after a takeover, ``ztfd.archive.elsewhere``); their rows are not written here."""
+        return frozenset() if self.elsewhere is None else self.elsewhere.held(key, date, lowest)
 
     def record(self, rows: list[tuple[str, int, str]]) -> None:
         """Record written files in the manifest (inside the caller's transaction); none of them is to be deleted
@@ -300,6 +314,10 @@ class AlertsWriter:
         recorded = []
         for (topic, key, start), alerts in sorted(by_file.items()):
             alerts.sort(key=lambda alert: alert.kafka_offset)
+            held = self._held_elsewhere(key, date, alerts[0].kafka_offset)
+            alerts = [alert for alert in alerts if alert.kafka_offset not in held]
+            if not alerts:
+                continue
             table = self.rows(alerts)
             recorded.extend(self._widen_schema([table]))
             path = self.layout.alerts_folder(date, topic) / file_name(key, alerts[0].kafka_offset,
