@@ -15,11 +15,14 @@ from pyarrow import fs
 
 from ztfd import archive, config, store
 from ztfd.archive import columns
-from ztfd.archive.alerts import healpix_29
-from ztfd.archive.elsewhere import Elsewhere
+from ztfd.archive.alerts import AlertsWriter, healpix_29
+from ztfd.archive.compaction import Compactor
+from ztfd.archive.elsewhere import Elsewhere, runs
 from ztfd.archive.layout import Layout, alerts_file_name, overlapping, superseded
+from ztfd.archive.messages import SchemaSource
 from ztfd.archive.query import once_per_alert
 from ztfd.store import archive_marks, deletions
+from ztfd.store.alerts import NewAlert, insert_alerts
 from ztfd.store.archive_marks import PartitionKey
 
 NIGHT = "2024-03-01"
@@ -115,3 +118,41 @@ def test_the_rows_other_hosts_files_hold_are_read_once_per_folder_and_move(tmp_p
     assert elsewhere.held(key, NIGHT, 4) == frozenset(range(4, 8))
     assert elsewhere.held(PartitionKey("t", 0, 1), NIGHT, 0) == frozenset()  # another generation: no file of it
     assert elsewhere.held(key, "2024-03-05", 0) == frozenset()  # a folder not in the bucket
+
+
+def test_runs_are_cut_where_another_hosts_offsets_lie_between() -> None:
+    assert runs([(o, o) for o in (0, 1, 2, 8, 9)], {4, 5}) == [(0, 3), (3, 5)]
+    assert runs([(o, o) for o in (0, 1, 2, 8, 9)], set()) == [(0, 5)]
+    assert runs([(o, o) for o in (0, 1, 2)], {7, 9}) == [(0, 3)]  # beyond the last: nothing between
+    assert runs([(0, 3), (4, 6), (9, 12), (13, 20)], {7, 8, 30}) == [(0, 2), (2, 4)]  # files
+    assert runs([], {1}) == []
+
+
+def test_a_host_that_took_a_partition_over_writes_and_folds_around_another_hosts_rows(tmp_path: Path) -> None:
+    """This host stored offsets 0-11 of a partition; another host's file in the bucket holds 4-7 (it held the
+    partition between, and was lost before its commit passed them). The writer leaves 4-7 out and names no file
+    over them, so the other host's file is neither doubled nor taken as folded; compaction folds on each side."""
+    cfg, mirror = fleet_home(tmp_path)
+    conn = store.connect(tmp_path / "store.sqlite3")
+    key = PartitionKey("t", 0, 0)
+    writer = AlertsWriter(cfg.home, conn, SchemaSource(), Elsewhere(cfg, conn, filesystem=fs.LocalFileSystem()))
+    theirs = write_rows(mirror, NIGHT, list(range(4, 8)))
+    with store.transaction(conn):
+        archive_marks.note_moved(conn, "t", [0])
+    for offsets in ([0, 1], [2, 3, 4, 5, 6, 7, 8, 9], [10, 11]):  # three passes: a part each, cut at 4-7
+        with store.transaction(conn):
+            insert_alerts(conn, "t", [NewAlert(0, 0, o, "ZTF24aaaaaaa", NIGHT, None, f"data/{o}.json")
+                                      for o in offsets], received_at=1.0e9)
+            store.save_offset(conn, "t", 0, 0, offsets[-1] + 1)
+        writer.write_pass()
+    folder = Layout(cfg.home).alerts_folder(NIGHT, "t")
+    names = sorted(path.name for path in folder.glob("*.parquet"))
+    assert names == [alerts_file_name(0, 0, *span) for span in [(0, 1), (2, 3), (8, 9), (10, 11)]]
+    assert archive_marks.marks(conn)[key] == 11  # 4-7 count as written: they are in the bucket
+    Compactor(writer, 0).compact_pass(now=2.0e9)
+    names = sorted(path.name for path in folder.glob("*.parquet"))
+    assert names == [alerts_file_name(0, 0, 0, 3), alerts_file_name(0, 0, 8, 11)]
+    everything = [*names, theirs.name]
+    assert superseded(everything) == set() and overlapping(everything) == set()
+    rows = [o for path in folder.glob("*.parquet") for o in pq.read_table(path)["offset"].to_pylist()]
+    assert sorted(rows + list(range(4, 8))) == list(range(12))

@@ -32,7 +32,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from ztfd import files
 from ztfd.archive import arrowtypes, columns, messages
+from ztfd.archive.elsewhere import Elsewhere, runs
 from ztfd.archive.layout import Layout, alerts_file, alerts_file_name
 from ztfd.store import alerts as stored_alerts
 from ztfd.store import archive_marks, deletions, manifest
@@ -47,9 +48,6 @@ from ztfd.store.alerts import StoredAlert
 from ztfd.store.archive_marks import PartitionKey
 from ztfd.store.db import transaction
 from ztfd.store.status_facts import get_status, set_status
-
-if TYPE_CHECKING:
-    from ztfd.archive.elsewhere import Elsewhere
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +119,12 @@ class AlertsWriter:
         for (date, _start), indices in groups.items():
             folder = self.layout.alerts_folder(date, key.topic)
             remove_unrecorded_parts(folder, key, mark)
-            held = self._held_elsewhere(key, date, alerts[indices[0]].kafka_offset)
-            indices = [index for index in indices if alerts[index].kafka_offset not in held]
-            if not indices:
-                continue
-            name = file_name(key, alerts[indices[0]].kafka_offset, alerts[indices[-1]].kafka_offset)
-            recorded.append(self._write_file(folder / name, self._file_table([_rows_at(new, indices)])))
+            others = self._held_elsewhere(key, date, alerts[indices[0]].kafka_offset)
+            indices = [index for index in indices if alerts[index].kafka_offset not in others]
+            for low, high in runs([(alerts[index].kafka_offset,) * 2 for index in indices], others):
+                piece = indices[low:high]
+                name = file_name(key, alerts[piece[0]].kafka_offset, alerts[piece[-1]].kafka_offset)
+                recorded.append(self._write_file(folder / name, self._file_table([_rows_at(new, piece)])))
         recorded.extend(self._new_avro_schemas())
         with transaction(self.conn):
             self.record(recorded)
@@ -311,24 +309,25 @@ class AlertsWriter:
             if alert.kafka_offset <= marks.get(key, -1):
                 by_file[(alert.topic, key, chunk_start(alert.kafka_offset))].append(alert)
         wanted: dict[tuple[str, int, int, int], Path] = {}
+        written: set[Path] = set()
         recorded = []
         for (topic, key, start), alerts in sorted(by_file.items()):
             alerts.sort(key=lambda alert: alert.kafka_offset)
-            held = self._held_elsewhere(key, date, alerts[0].kafka_offset)
-            alerts = [alert for alert in alerts if alert.kafka_offset not in held]
-            if not alerts:
-                continue
-            table = self.rows(alerts)
-            recorded.extend(self._widen_schema([table]))
-            path = self.layout.alerts_folder(date, topic) / file_name(key, alerts[0].kafka_offset,
-                                                                     alerts[-1].kafka_offset)
-            recorded.append(self._write_file(path, self._file_table([table])))
-            wanted[(topic, key.partition, key.generation, start)] = path
+            others = self._held_elsewhere(key, date, alerts[0].kafka_offset)
+            alerts = [alert for alert in alerts if alert.kafka_offset not in others]
+            for low, high in runs([(alert.kafka_offset,) * 2 for alert in alerts], others):  # cut at others' rows
+                table = self.rows(alerts[low:high])
+                recorded.extend(self._widen_schema([table]))
+                path = self.layout.alerts_folder(date, topic) / file_name(key, alerts[low].kafka_offset,
+                                                                         alerts[high - 1].kafka_offset)
+                recorded.append(self._write_file(path, self._file_table([table])))
+                written.add(path)
+                wanted[(topic, key.partition, key.generation, start)] = path
         recorded.extend(self._new_avro_schemas())
         stale = {}
         for path in self.layout.alerts_night(date).glob("topic=*/*.parquet"):
             held = alerts_file(path.name)
-            if path not in wanted.values():
+            if path not in written:
                 stale[path] = None if held is None else wanted.get(
                     (path.parent.name.removeprefix("topic="), held.partition, held.generation, chunk_start(held.first)))
         self.replace_files(stale, recorded)

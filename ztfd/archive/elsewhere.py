@@ -9,14 +9,20 @@ it lists that partition generation's files in the bucket's folder of the night i
 move, reads the offset column of the files that are not its own and may hold the offsets it writes (their names
 say which), and leaves those rows out: they are durable in S3 already, written from the same messages.
 
+The rows left out are not in this host's files, so no file of its may be named over them: a range that holds
+another host's file's range would make readers take that file as folded into it (``layout.superseded``). The
+writer's parts and compaction's folds are cut where another host's offsets lie between (``runs``).
+
 What one listing cannot see (an old holder's upload after it) is left to the readers: ``ztfd.archive`` counts a
 row once where file names overlap (``layout.overlapping``).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import sqlite3
+from collections.abc import Collection, Sequence
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -109,3 +115,21 @@ class Elsewhere:
                      key.generation, len(offsets), date, lowest, ", ".join(read))
         return frozenset(offsets)
 
+
+
+
+def runs(spans: Sequence[tuple[int, int]], held: Collection[int]) -> list[tuple[int, int]]:
+    """``spans`` (first and last offsets of rows or files, ascending, holding none of the ``held`` offsets) cut
+    into runs, as ``(start, stop)`` index ranges, so that no ``held`` offset lies between two spans of a run: each
+    run can be one file, named by its range."""
+    if not spans:
+        return []
+    ordered = sorted(held)
+    found, start = [], 0
+    for index in range(1, len(spans)):
+        after = bisect.bisect_right(ordered, spans[index - 1][1])
+        if after < len(ordered) and ordered[after] < spans[index][0]:
+            found.append((start, index))
+            start = index
+    found.append((start, len(spans)))
+    return found
