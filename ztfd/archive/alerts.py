@@ -12,7 +12,8 @@ a small file each time, not a rewrite of all its rows). Then, in one store trans
 manifest (sync uploads them under ``<s3.prefix>archive/…``) and advances the mark. A part left by a pass killed
 before its mark moved (its offsets above the mark, never recorded) is deleted before the next one is written there.
 ``compaction`` later folds a night's parts into one file. A late alert of a night already written lands in that
-night's folder the same way.
+night's folder the same way. In a fleet, after a partition moved, rows another host's files in the bucket hold
+already are left out, and the parts are cut around them (``elsewhere``).
 
 Types: ``columns`` (ztfd's own columns) and ``arrowtypes`` (the message's fields). The dataset's schema, every
 column with its pinned type, is ``archive/alerts/_common_metadata`` (written before any file that uses a new
