@@ -256,11 +256,16 @@ class Archive:
         for low, high in sky.cone_ranges(ra, dec, radius_arcsec):
             term = (cells >= low) & (cells <= high)
             near = term if near is None else near | term
-        candidates = self._read(lambda: matching_rows(self.alerts, "_healpix_29", near, CONE_COLUMNS))
-        if self._overlapping():
-            candidates = once_per_alert(candidates)
+        candidates = self._read(lambda: self._cone_candidates(near))
         return self.sql(CONE_SQL.format(ra=float(ra), dec=float(dec), radius=float(radius_arcsec)),
                         alerts=candidates)
+
+    def _cone_candidates(self, near: ds.Expression | None) -> pa.Table:
+        """The rows in the cone's cells; each message once (its identity read only where file names overlap)."""
+        if not self._overlapping():
+            return matching_rows(self.alerts, "_healpix_29", near, CONE_COLUMNS)
+        return once_per_alert(matching_rows(self.alerts, "_healpix_29", near, [*CONE_COLUMNS, "partition",
+                                                                                "generation", "offset"]))
 
 
 def matching_rows(dataset: ds.Dataset, key: str, wanted: ds.Expression | None, wanted_columns: list[str]) -> pa.Table:
@@ -279,8 +284,7 @@ OBJECT_COLUMNS = ["observed_at", "received_at", "topic", "night", "partition", "
                   "object_id", "detection_id", "ra", "dec", "file"]
 STAMPS_INSIDE = pa.list_(pa.struct([("kind", pa.string()), ("path", pa.string()), ("bytes", pa.int64())]))
 
-CONE_COLUMNS = ["object_id", "topic", "night", "observed_at", "detection_id", "ra", "dec", "file", "partition",
-                "generation", "offset"]
+CONE_COLUMNS = ["object_id", "topic", "night", "observed_at", "detection_id", "ra", "dec", "file"]
 ONCE_VIEW = """
 CREATE VIEW alerts AS
 SELECT * FROM _alerts_apart
