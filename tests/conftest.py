@@ -113,5 +113,15 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def s3_filesystem(server: Any) -> Any:
+    """pyarrow's S3 filesystem on a test's moto server (``ztfd.embedded.s3.S3Server``)."""
+    from pyarrow import fs
+
+    env = server.env()
+    return fs.S3FileSystem(endpoint_override=server.endpoint_url.removeprefix("http://"), scheme="http",
+                           region="us-east-1", access_key=env.get("AWS_ACCESS_KEY_ID", "testing"),
+                           secret_key=env.get("AWS_SECRET_ACCESS_KEY", "testing"))
+
+
 def dedent(text: str) -> str:
     return textwrap.dedent(text).lstrip()

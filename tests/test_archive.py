@@ -24,6 +24,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from tests import conftest
 from tests.avro_support import RUBIN_FIXTURE, rubin_alerts
 from tests.conftest import FAST_KAFKA_OPTIONS, child_env, wait_until, write_config, ztfd_command
 from ztfd import archive
@@ -332,8 +333,7 @@ def test_the_dataset_reads_back_from_s3(archived: Archived) -> None:
 
 
 def s3_filesystem(archived: Archived) -> Any:
-    """pyarrow's S3 filesystem on the test's moto server."""
-    return archived.s3.arrow_filesystem()
+    return conftest.s3_filesystem(archived.s3)
 
 
 def test_a_fleets_hosts_write_stamps_files_of_their_own_read_as_one_dataset_from_s3(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import os
 import posixpath
@@ -26,12 +27,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import pyarrow.parquet as pq
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from tests import conftest
 from tests.conftest import FAST_KAFKA_OPTIONS, child_env, write_config, ztfd_command
 from tests.stamp_support import FAST_STAMPS
+from ztfd import archive as ztfd_archive
 from ztfd import config, files, store
 from ztfd.embedded.alerce import StampService
 from ztfd.embedded.kafka import KafkaBroker
@@ -74,15 +77,21 @@ class Host:
         self.log: BinaryIO = self.log_path.open("ab")
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def start(self, topic: str, syncer: bool = True, supervised: bool = False, helpers: tuple[str, ...] = ()) -> None:
-        """The host's processes: its consumer and syncer (and ``helpers``, such as ``fetch`` and ``archive``), or
-        (``supervised``) ``ztfd start --foreground``, whose supervisor restarts a consumer that dies."""
+    def start(self, topic: str, syncer: bool = True, supervised: bool = False, helpers: tuple[str, ...] = (),
+              archiver: bool = False) -> None:
+        """The host's processes: its consumer and syncer (and ``helpers``, such as ``fetch`` and ``archive``;
+        ``archiver``: ``ztfd archive``), or (``supervised``) ``ztfd start --foreground``, whose supervisor restarts
+        a consumer that dies."""
         commands = [ztfd_command(self.config_path, "consume", "--topic", topic)]
         if syncer:
             commands.append(ztfd_command(self.config_path, "sync"))
+        if archiver:
+            helpers = (*helpers, "archive")
         commands += [ztfd_command(self.config_path, helper) for helper in helpers]
         if supervised:
             commands = [ztfd_command(self.config_path, "start", "--foreground")]
+        if self.log.closed:  # started again after a stop
+            self.log = self.log_path.open("ab")
         for argv in commands:
             self.processes.append(subprocess.Popen(argv, env=self.env, stdout=self.log, stderr=self.log,
                                                    start_new_session=True))
@@ -91,6 +100,11 @@ class Host:
         """The daemon's reporter (``ztfd report --watch``), as the supervisor runs it."""
         self.processes.append(subprocess.Popen(ztfd_command(self.config_path, "report", "--watch"), env=self.env,
                                                stdout=self.log, stderr=self.log, start_new_session=True))
+
+    def reconfigure(self, sections: dict[str, dict[str, Any]]) -> None:
+        """Another configuration for the host's next start."""
+        write_config(self.config_path, sections, self.home)
+        self.cfg = config.load(self.config_path)
 
     def stored(self) -> set[tuple[int, int]]:
         if not self.cfg.db_path.exists():
@@ -130,6 +144,7 @@ class Host:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(30)
+        self.processes = []
         self.log.close()
 
 
@@ -476,6 +491,77 @@ def alerts_of(host: Host) -> list[Any]:
         return list(iter_alerts(conn))
     finally:
         conn.close()
+
+
+def test_a_host_lost_after_its_archive_rows_were_uploaded_leaves_each_row_once_in_the_bucket(
+    kafka: KafkaBroker, s3: S3Server, tmp_path: Path
+) -> None:
+    """The archive's rows of a lost host can be in the bucket beyond its committed offset: its part files were
+    uploaded while stamp jobs of later alerts still held its commit back. The host that takes the partition over
+    redoes those alerts from the commit; the bucket must still end with each row once (read file by file, as a bare
+    DuckDB or Spark reader would), and ``ztfd.archive`` over the bucket counts each alert once.
+
+    The doomed host first runs without archive and stamps (alerts 0-3 become durable and committed), then with both
+    and no fetcher: alerts 4-7 (the same four messages again, so all of one night) wait for their stamps, but
+    ``ztfd archive --once`` writes the rows of 0-7 in one file and its syncer uploads it. The survivor resumes at 4
+    and writes rows from 4 on: on their own, the two files would both hold 4-7, neither range within the other."""
+    topic = f"overlap-{uuid.uuid4().hex[:8]}"
+    group = f"overlap-{uuid.uuid4().hex[:8]}"
+    bucket = f"overlap-{uuid.uuid4().hex[:8]}"
+    kafka.create_topic(topic, partitions=1)
+    s3.create_bucket(bucket)
+    env = child_env(**s3.env())
+    archived = fleet_config(kafka, s3, topic, group, bucket, archive={"enabled": True, "interval": 1.0})
+    doomed = Host("doomed", tmp_path, fleet_config(kafka, s3, topic, group, bucket), env)
+    survivor = Host("survivor", tmp_path, archived, env)
+    try:
+        produce_to(kafka.bootstrap, topic, 4, partitions=1)
+        doomed.start(topic)
+        wait_until(lambda: committed(kafka.bootstrap, group, topic, 1) == {0: 4}, DEADLINE,
+                   "the first alerts durable and committed")
+        doomed.stop()
+        doomed.reconfigure({**archived, "stamps": {"enabled": True}})  # stamp jobs, and no fetcher to settle them
+        doomed.start(topic)
+        produce_to(kafka.bootstrap, topic, 4, partitions=1)  # the same four messages again: rows of one night
+        wait_until(lambda: len(doomed.stored()) == 8, DEADLINE, "the doomed host to store the next alerts")
+        ran = subprocess.run(ztfd_command(doomed.config_path, "archive", "--once"), env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert ran.returncode == 0, ran.stderr
+        written = {f"fleet/{path.relative_to(doomed.home).as_posix()}"
+                   for path in doomed.home.glob("archive/alerts/night=*/topic=*/*.parquet")}
+        wait_until(lambda: written <= set(s3.objects(bucket)), DEADLINE, "the doomed host's rows in the bucket")
+        assert [path.rsplit("/", 1)[1] for path in written] == ["p0-g0-o000000000000-000000000007.parquet"]
+        assert committed(kafka.bootstrap, group, topic, 1) == {0: 4}  # the stamps hold the commit back
+        assert len(dataset_rows(s3, bucket)) == 8
+
+        doomed.kill()
+        survivor.start(topic, archiver=True)
+        produce_to(kafka.bootstrap, topic, 4, partitions=1)
+        wait_until(lambda: committed(kafka.bootstrap, group, topic, 1) == {0: 12}, DEADLINE,
+                   "the survivor's redone and new alerts durable and committed")
+        assert survivor.said("taking over") and survivor.said("4 rows of night")  # left out: in the bucket already
+        rows = dataset_rows(s3, bucket)
+        assert sorted(rows) == [(topic, 0, 0, offset) for offset in range(12)]  # each row once, in the bare files
+        reader = ztfd_archive.open(f"{bucket}/fleet", filesystem=conftest.s3_filesystem(s3))
+        assert reader.sql('SELECT count(*) AS n, count(DISTINCT "offset") AS d FROM alerts').to_pylist() == \
+            [{"n": 12, "d": 12}]
+    finally:
+        survivor.stop()
+        if doomed.home.exists():
+            doomed.stop()
+
+
+def dataset_rows(s3: S3Server, bucket: str) -> list[tuple[str, int, int, int]]:
+    """(topic, partition, generation, offset) of every row of every alerts file in the bucket, file by file."""
+    client = s3.client(direct=True)
+    rows = []
+    for key in s3.objects(bucket):
+        if key.startswith("fleet/archive/alerts/night=") and key.endswith(".parquet"):
+            table = pq.read_table(io.BytesIO(client.get_object(Bucket=bucket, Key=key)["Body"].read()))
+            topic = key.split("/topic=", 1)[1].split("/", 1)[0]
+            rows += [(topic, row["partition"], row["generation"], row["offset"])
+                     for row in table.select(["partition", "generation", "offset"]).to_pylist()]
+    return rows
 
 
 def test_the_newest_claim_of_a_partition_wins_and_the_rate_is_shared(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ a small file each time, not a rewrite of all its rows). Then, in one store trans
 manifest (sync uploads them under ``<s3.prefix>archive/…``) and advances the mark. A part left by a pass killed
 before its mark moved (its offsets above the mark, never recorded) is deleted before the next one is written there.
 ``compaction`` later folds a night's parts into one file. A late alert of a night already written lands in that
-night's folder the same way.
+night's folder the same way. In a fleet, after a partition moved, rows another host's files in the bucket hold
+already are left out, and the parts are cut around them (``elsewhere``).
 
 Types: ``columns`` (ztfd's own columns) and ``arrowtypes`` (the message's fields). The dataset's schema, every
 column with its pinned type, is ``archive/alerts/_common_metadata`` (written before any file that uses a new
@@ -41,6 +42,7 @@ import pyarrow.parquet as pq
 
 from ztfd import files
 from ztfd.archive import arrowtypes, columns, messages
+from ztfd.archive.elsewhere import Elsewhere, runs
 from ztfd.archive.fleetschema import FleetSchema
 from ztfd.archive.layout import Layout, alerts_file, alerts_file_name
 from ztfd.store import alerts as stored_alerts
@@ -79,10 +81,11 @@ class AlertsWriter:
     """Writes stored alerts into the dataset; one per process, holding the home's archive lock while it writes."""
 
     def __init__(self, home: Path, conn: sqlite3.Connection, schemas: messages.SchemaSource,
-                 fleet: FleetSchema | None = None) -> None:
+                 elsewhere: Elsewhere | None = None, fleet: FleetSchema | None = None) -> None:
         self.layout = Layout(home)
         self.conn = conn
         self.schemas = schemas
+        self.elsewhere = elsewhere  # fleet mode: what other hosts' files in the bucket hold, left out here
         self.schema = self.layout.read_alerts_schema() or columns.fixed_schema(columns.ALERT_COLUMNS)
         self.fleet = fleet  # fleet mode: the schema is the one the fleet agrees (``ztfd.archive.fleetschema``)
         self.avro_seen: set[str] = set()
@@ -121,13 +124,22 @@ class AlertsWriter:
         for (date, _start), indices in groups.items():
             folder = self.layout.alerts_folder(date, key.topic)
             remove_unrecorded_parts(folder, key, mark)
-            name = file_name(key, alerts[indices[0]].kafka_offset, alerts[indices[-1]].kafka_offset)
-            recorded.append(self._write_file(folder / name, self._file_table([_rows_at(new, indices)])))
+            others = self._held_elsewhere(key, date, alerts[indices[0]].kafka_offset)
+            indices = [index for index in indices if alerts[index].kafka_offset not in others]
+            for low, high in runs([(alerts[index].kafka_offset,) * 2 for index in indices], others):
+                piece = indices[low:high]
+                name = file_name(key, alerts[piece[0]].kafka_offset, alerts[piece[-1]].kafka_offset)
+                recorded.append(self._write_file(folder / name, self._file_table([_rows_at(new, piece)])))
         recorded.extend(self._new_avro_schemas())
         with transaction(self.conn):
             self.record(recorded)
             archive_marks.advance(self.conn, key, alerts[-1].kafka_offset, len(alerts))
             archive_marks.note_unfolded(self.conn, [(date, key.topic) for date, _ in groups])
+
+    def _held_elsewhere(self, key: PartitionKey, date: str, lowest: int) -> frozenset[int]:
+        """Fleet mode: the offsets from ``lowest`` on of a partition generation's night that another host's files in
+        the bucket hold already (after a takeover, ``ztfd.archive.elsewhere``); their rows are not written here."""
+        return frozenset() if self.elsewhere is None else self.elsewhere.held(key, date, lowest)
 
     def record(self, rows: list[tuple[str, int, str]]) -> None:
         """Record written files in the manifest (inside the caller's transaction); none of them is to be deleted
@@ -317,20 +329,25 @@ class AlertsWriter:
             if alert.kafka_offset <= marks.get(key, -1):
                 by_file[(alert.topic, key, chunk_start(alert.kafka_offset))].append(alert)
         wanted: dict[tuple[str, int, int, int], Path] = {}
+        written: set[Path] = set()
         recorded = []
         for (topic, key, start), alerts in sorted(by_file.items()):
             alerts.sort(key=lambda alert: alert.kafka_offset)
-            table = self.rows(alerts)
-            recorded.extend(self._widen_schema([table]))
-            path = self.layout.alerts_folder(date, topic) / file_name(key, alerts[0].kafka_offset,
-                                                                     alerts[-1].kafka_offset)
-            recorded.append(self._write_file(path, self._file_table([table])))
-            wanted[(topic, key.partition, key.generation, start)] = path
+            others = self._held_elsewhere(key, date, alerts[0].kafka_offset)
+            alerts = [alert for alert in alerts if alert.kafka_offset not in others]
+            for low, high in runs([(alert.kafka_offset,) * 2 for alert in alerts], others):  # cut at others' rows
+                table = self.rows(alerts[low:high])
+                recorded.extend(self._widen_schema([table]))
+                path = self.layout.alerts_folder(date, topic) / file_name(key, alerts[low].kafka_offset,
+                                                                         alerts[high - 1].kafka_offset)
+                recorded.append(self._write_file(path, self._file_table([table])))
+                written.add(path)
+                wanted[(topic, key.partition, key.generation, start)] = path
         recorded.extend(self._new_avro_schemas())
         stale = {}
         for path in self.layout.alerts_night(date).glob("topic=*/*.parquet"):
             held = alerts_file(path.name)
-            if path not in wanted.values():
+            if path not in written:
                 stale[path] = None if held is None else wanted.get(
                     (path.parent.name.removeprefix("topic="), held.partition, held.generation, chunk_start(held.first)))
         self.replace_files(stale, recorded)

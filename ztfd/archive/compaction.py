@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from ztfd import files
 from ztfd.archive.alerts import CHUNK_OFFSETS, AlertsWriter, chunk_start, file_name
+from ztfd.archive.elsewhere import runs
 from ztfd.archive.layout import AlertsFile, alerts_file
 from ztfd.store import archive_marks
 from ztfd.store.archive_marks import PartitionKey
@@ -66,7 +67,8 @@ class Compactor:
                  if (held.partition, held.generation) == key[1:] and chunk_start(held.first) == intent["start"]]
         log.info("archive: finishing the compaction of %s (partition %d, offsets from %d) a killed pass began",
                  intent["folder"], key.partition, intent["start"])
-        self.fold(folder, key, intent["start"], names, mark)
+        for run in self._runs(folder, key, intent["start"], names):
+            self.fold(folder, key, intent["start"], run, mark)
 
     def compact_pass(self, now: float | None = None) -> int:
         """Fold the blocks due in the folders the writer added parts to (``archive_marks.unfolded``: a few, not a
@@ -91,8 +93,11 @@ class Compactor:
                 if len(ready) >= 2 and (
                         now - received >= self.quiet_seconds or mark >= start + CHUNK_OFFSETS - 1
                         or len(ready) >= MAX_FILES or any(held.last is None for _, held in ready)):
-                    self.fold(folder, key, start, [name for name, _ in ready], mark)
-                    folded += len(ready)
+                    groups = self._runs(folder, key, start, [name for name, _ in ready])
+                    for group in groups:
+                        if len(group) > 1:
+                            self.fold(folder, key, start, group, mark)
+                            folded += len(group)
                     left += len(found) > len(ready)
                 else:
                     left += 1
@@ -102,6 +107,17 @@ class Compactor:
             with transaction(self.conn):
                 archive_marks.note_folded(self.conn, done)
         return folded
+
+    def _runs(self, folder: Path, key: PartitionKey, start: int, names: list[str]) -> list[list[str]]:
+        """The files of a block in the groups that may each be folded into one file: all of them, unless another
+        host's files in the bucket hold offsets between two of them (fleet mode, after a takeover: the fold's name
+        would span that file's range without its rows, ``elsewhere.runs``)."""
+        date = folder.parent.name.removeprefix("night=")
+        others = self.writer._held_elsewhere(key, date, start)
+        if not others:
+            return [names]
+        spans = sorted((_span(held), name) for name in names if (held := alerts_file(name)) is not None)
+        return [[name for _, name in spans[low:high]] for low, high in runs([span for span, _ in spans], others)]
 
     def fold(self, folder: Path, key: PartitionKey, start: int, names: list[str], mark: int) -> None:
         """Fold the files ``names`` of one block into one file: its rows at or below the mark, once per offset."""
@@ -128,6 +144,11 @@ class Compactor:
         if folded:
             log.info("archive: %d files of %s folded into %s", len(folded), files.relative_to_home(self.home, folder),
                      target.name if target else "none")
+
+
+def _span(held: AlertsFile) -> tuple[int, int]:
+    """The offsets a file's name says it holds (one named by its block alone: the whole block)."""
+    return held.first, held.first + CHUNK_OFFSETS - 1 if held.last is None else held.last
 
 
 def _files(folder: Path) -> dict[str, AlertsFile]:

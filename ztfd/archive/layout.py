@@ -59,6 +59,30 @@ def superseded(names: Iterable[str]) -> set[str]:
     return found
 
 
+def overlapping(names: Iterable[str]) -> set[str]:
+    """The files of one folder whose offsets meet another file's there while neither range lies within the other
+    (the files ``superseded`` left out first). In a fleet, the host that took a partition over and the one it took
+    it from may both have put rows of some offsets in the bucket (docs/fleet.md): a reader counts the rows of these
+    files once per (partition, generation, offset). Names alone tell: the common case reads nothing more."""
+    names = list(names)
+    gone = superseded(names)
+    ranges: dict[tuple[int, int], list[tuple[int, int, str]]] = defaultdict(list)
+    for name in names:
+        held = alerts_file(name)
+        if held is not None and held.last is not None and name not in gone:
+            ranges[(held.partition, held.generation)].append((held.first, held.last, name))
+    found = set()
+    for spans in ranges.values():
+        spans.sort()
+        reach, reaching = -1, ""  # the furthest last offset of the files before, and its file
+        for first, last, name in spans:
+            if first <= reach:
+                found.update((name, reaching))
+            if last > reach:
+                reach, reaching = last, name
+    return found
+
+
 class Layout:
     def __init__(self, home: Path) -> None:
         self.home = home

@@ -15,16 +15,17 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from ztfd.archive import columns, sky
-from ztfd.archive.layout import COMMON_METADATA, Layout, superseded
+from ztfd.archive.layout import COMMON_METADATA, Layout, overlapping, superseded
 
 FORMATS = ("table", "csv", "json")
 
@@ -66,12 +67,37 @@ def alerts_dataset(root: str | Path, filesystem: Any = None) -> ds.Dataset:
 def _folded_files(paths: list[str]) -> set[str]:
     """The files whose offsets another file of their folder holds too: parts a compaction has folded and not yet
     deleted (``ztfd.archive.compaction``). Left out, so no row is read twice."""
+    return _picked_per_folder(paths, superseded)
+
+
+def overlapping_files(paths: list[str]) -> set[str]:
+    """The files whose offsets partly meet another's of their folder (``layout.overlapping``): in a fleet, rows an
+    old holder of a partition uploaded after its successor had looked. Their rows are counted once."""
+    return _picked_per_folder(paths, overlapping)
+
+
+def _picked_per_folder(paths: list[str], pick: Callable[[list[str]], set[str]]) -> set[str]:
     by_folder: dict[str, list[str]] = {}
     for path in paths:
         folder, _, name = path.rpartition("/")
         by_folder.setdefault(folder, []).append(name)
-    return {f"{folder}/{name}" for folder, names in by_folder.items() if len(names) > 1
-            for name in superseded(names)}
+    return {f"{folder}/{name}" for folder, names in by_folder.items() if len(names) > 1 for name in pick(names)}
+
+
+ALERT_IDENTITY = ["topic", "partition", "generation", "offset"]  # names one message: one row each
+
+
+def once_per_alert(table: pa.Table) -> pa.Table:
+    """The rows of ``table`` with the first of each (topic, partition, generation, offset), in their order."""
+    numbered = table.select(ALERT_IDENTITY).append_column("_row", pa.array(range(table.num_rows), pa.int64()))
+    first = numbered.group_by(ALERT_IDENTITY, use_threads=False).aggregate([("_row", "min")])["_row_min"]
+    return table if len(first) == table.num_rows else table.take(first.take(pc.sort_indices(first)))
+
+
+def _files_dataset(dataset: ds.Dataset, keep: Callable[[str], bool]) -> ds.Dataset:
+    """The part of a file dataset whose files ``keep`` says."""
+    fragments = [fragment for fragment in dataset.get_fragments() if keep(fragment.path)]
+    return ds.FileSystemDataset(fragments, dataset.schema, dataset.format, dataset.filesystem)
 
 
 def stamps_dataset(root: str | Path, filesystem: Any = None) -> ds.Dataset:
@@ -101,11 +127,15 @@ class Archive:
     late alert, sync uploads the new version under the same key) is then read at its old size, and a file deleted
     is not there: in S3, pyarrow fails with ``Parquet magic bytes not found`` or ``NO_SUCH_KEY``. The reading
     methods here (``to_table``, ``to_pandas``, ``sql``, ``object_rows``, ``cone``) then list the files again
-    (``listing``) and read once more; a second failure is raised. ``.alerts`` and ``.stamps`` read directly do not."""
+    (``listing``) and read once more; a second failure is raised. ``.alerts`` and ``.stamps`` read directly do not.
+
+    The same methods count a row once where file names overlap partly (``overlapping_files``: in a fleet, rows an
+    old holder of a partition uploaded late); ``.alerts`` read directly has such rows twice."""
 
     alerts: ds.Dataset
     stamps: ds.Dataset
     listing: Callable[[], tuple[ds.Dataset, ds.Dataset]] | None = None
+    _overlap: tuple[ds.Dataset, set[str]] | None = field(default=None, repr=False)
 
     @classmethod
     def of_home(cls, home: str | Path, filesystem: Any = None) -> Archive:
@@ -124,7 +154,21 @@ class Archive:
 
     def to_table(self) -> pa.Table:
         """Every alert as one Arrow table."""
-        return self._read(lambda: self.alerts.to_table())
+        return self._read(self._alerts_table)
+
+    def _alerts_table(self) -> pa.Table:
+        overlap = self._overlapping()
+        if not overlap:
+            return self.alerts.to_table()
+        apart = _files_dataset(self.alerts, lambda path: path not in overlap).to_table()
+        met = _files_dataset(self.alerts, lambda path: path in overlap).to_table()
+        return pa.concat_tables([apart, once_per_alert(met)])
+
+    def _overlapping(self) -> set[str]:
+        """The alerts files whose names overlap partly (none, mostly), found once per listing."""
+        if self._overlap is None or self._overlap[0] is not self.alerts:
+            self._overlap = (self.alerts, overlapping_files(getattr(self.alerts, "files", [])))
+        return self._overlap[1]
 
     def to_pandas(self) -> Any:
         """Every alert as a pandas DataFrame with Arrow-backed columns: 64-bit integers stay integers even where
@@ -146,7 +190,14 @@ class Archive:
 
         con = duckdb.connect()
         try:
-            for name, table in ({"alerts": self.alerts, "stamps": self.stamps} | tables).items():
+            named = {"alerts": self.alerts, "stamps": self.stamps} | tables
+            overlap = set() if "alerts" in tables else self._overlapping()
+            if overlap:  # the rows of files that overlap partly, once each
+                con.register("_alerts_apart", _files_dataset(self.alerts, lambda path: path not in overlap))
+                con.register("_alerts_met", _files_dataset(self.alerts, lambda path: path in overlap))
+                con.execute(ONCE_VIEW)
+                del named["alerts"]
+            for name, table in named.items():
                 con.register(name, table)
             relation = con.sql(text)
             return pa.table({}) if relation is None else relation.to_arrow_table()
@@ -179,6 +230,8 @@ class Archive:
         into their alerts' rows here (a DuckDB join of two tiny tables costs more in setting it up)."""
         wanted = ds.field("object_id") == object_id
         alerts = matching_rows(self.alerts, "object_id", wanted, OBJECT_COLUMNS)
+        if self._overlapping():
+            alerts = once_per_alert(alerts)
         stamps = matching_rows(self.stamps, "object_id", wanted, ["detection_id", "kind", "path", "bytes"])
         by_detection: dict[str | None, list[dict[str, Any]]] = {}
         seen: set[str] = set()  # in a fleet, a stamp fetched again by a host that took a partition over has a row
@@ -203,9 +256,16 @@ class Archive:
         for low, high in sky.cone_ranges(ra, dec, radius_arcsec):
             term = (cells >= low) & (cells <= high)
             near = term if near is None else near | term
-        candidates = self._read(lambda: matching_rows(self.alerts, "_healpix_29", near, CONE_COLUMNS))
+        candidates = self._read(lambda: self._cone_candidates(near))
         return self.sql(CONE_SQL.format(ra=float(ra), dec=float(dec), radius=float(radius_arcsec)),
                         alerts=candidates)
+
+    def _cone_candidates(self, near: ds.Expression | None) -> pa.Table:
+        """The rows in the cone's cells; each message once (its identity read only where file names overlap)."""
+        if not self._overlapping():
+            return matching_rows(self.alerts, "_healpix_29", near, CONE_COLUMNS)
+        return once_per_alert(matching_rows(self.alerts, "_healpix_29", near, [*CONE_COLUMNS, "partition",
+                                                                                "generation", "offset"]))
 
 
 def matching_rows(dataset: ds.Dataset, key: str, wanted: ds.Expression | None, wanted_columns: list[str]) -> pa.Table:
@@ -225,6 +285,12 @@ OBJECT_COLUMNS = ["observed_at", "received_at", "topic", "night", "partition", "
 STAMPS_INSIDE = pa.list_(pa.struct([("kind", pa.string()), ("path", pa.string()), ("bytes", pa.int64())]))
 
 CONE_COLUMNS = ["object_id", "topic", "night", "observed_at", "detection_id", "ra", "dec", "file"]
+ONCE_VIEW = """
+CREATE VIEW alerts AS
+SELECT * FROM _alerts_apart
+UNION ALL
+SELECT DISTINCT ON ("topic", "partition", "generation", "offset") * FROM _alerts_met
+"""
 CONE_SQL = """
 SELECT * FROM (
   SELECT object_id, topic, night, observed_at, detection_id, ra, dec, file,

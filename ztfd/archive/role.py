@@ -17,6 +17,7 @@ from typing import Any
 from ztfd import config, store
 from ztfd.archive.alerts import AlertsWriter
 from ztfd.archive.compaction import Compactor
+from ztfd.archive.elsewhere import Elsewhere
 from ztfd.archive.fleetschema import FleetSchema
 from ztfd.archive.layout import Layout
 from ztfd.archive.messages import SchemaSource
@@ -60,10 +61,12 @@ class Archiver:
         self.conn = conn
         self.layout = Layout(cfg.home)
         self.stamps = StampsWriter(cfg.home, writer_name(cfg))
+        # Fleet mode: rows other hosts put in the bucket are not written again (kept across passes: its listings)
+        self.elsewhere = Elsewhere(cfg, conn) if cfg.kafka.group_mode else None
 
     def alerts_writer(self) -> AlertsWriter:
         fleet = FleetSchema(FleetBook(self.cfg.kafka, member_id(self.cfg.home))) if self.cfg.kafka.group_mode else None
-        return AlertsWriter(self.cfg.home, self.conn, schema_source(self.cfg, self.conn), fleet)
+        return AlertsWriter(self.cfg.home, self.conn, schema_source(self.cfg, self.conn), self.elsewhere, fleet)
 
     def one_pass(self, stop: lifecycle.Stop | None = None, progress: Any = None) -> int:
         with writer_lock(self.layout):

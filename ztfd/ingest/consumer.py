@@ -60,6 +60,7 @@ from ztfd.ingest.fleet import COUNT_EVERY, RECOUNT_AFTER, FleetBook, live_member
 from ztfd.ingest.kafka import DRAIN_TIMEOUT, KafkaAdapter, message_size
 from ztfd.ingest.quota import QuotaWatch
 from ztfd.logs import Throttle
+from ztfd.store import archive_marks
 from ztfd.store.alerts import dates_received_since, last_received_at, stored_offsets_between
 from ztfd.store.rejected import latest_rejected
 from ztfd.store.states import Role
@@ -173,6 +174,7 @@ class TopicConsumer:
         committed = self.kafka.committed(partitions)
         fresh = self.assignment.joined(partitions, committed)
         self._log_takeover(partitions, committed)
+        self._note_moved(partitions)
         self.commits.hold(committed, partitions)
         self.quiet.reading(True)
         self._publish_holding(self.kafka.assigned)
@@ -199,7 +201,14 @@ class TopicConsumer:
         """Fleet mode: ``partitions`` leave this host (a rebalance, a stop): commit them as far as durable first."""
         assert self.commits is not None
         self.commits.release(partitions)
+        self._note_moved(partitions)
         self._publish_holding(self.kafka.assigned - set(partitions))
+
+    def _note_moved(self, partitions: list[int]) -> None:
+        """Tell the archiver that these partitions moved: before it writes more rows of them, it looks in the bucket
+        for rows another host put there (a takeover redoes what the previous holder had not committed)."""
+        with store.atomic(self.conn):
+            archive_marks.note_moved(self.conn, self.topic, partitions)
 
     def _count_fleet(self) -> None:
         """Fleet mode, every ``fleet.COUNT_EVERY`` s: say this host is alive (what it holds, again), then count the

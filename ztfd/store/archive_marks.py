@@ -138,3 +138,22 @@ def forget(conn: sqlite3.Connection) -> None:
     """Drop every mark, and the list of folders to fold (a full rebuild starts from the first alert)."""
     conn.execute("DELETE FROM archive_marks")
     set_status(conn, UNFOLDED, None)
+
+
+MOVED = "archive.moved:"  # status fact per topic: how often each partition moved to or from this host (fleet mode)
+
+
+def note_moved(conn: sqlite3.Connection, topic: str, partitions: Iterable[int]) -> None:
+    """Fleet mode: the group handed ``partitions`` of ``topic`` in or took them back (inside the caller's
+    transaction). Another host may have written, or may yet write, archive rows of their offsets: the archiver
+    looks in the bucket again before it writes rows of them (``ztfd.archive.elsewhere``)."""
+    counts = moves(conn, topic)
+    for partition in partitions:
+        counts[partition] = counts.get(partition, 0) + 1
+    set_status(conn, MOVED + topic, json.dumps({str(p): n for p, n in sorted(counts.items())}))
+
+
+def moves(conn: sqlite3.Connection, topic: str) -> dict[int, int]:
+    """How often each partition of ``topic`` moved to or from this host; none outside fleet mode."""
+    fact = get_status(conn, MOVED + topic)
+    return {} if fact is None or fact[0] is None else {int(p): n for p, n in json.loads(fact[0]).items()}

@@ -48,6 +48,12 @@ def due(conn: sqlite3.Connection, limit: int) -> list[str]:
     return [row[0] for row in rows]
 
 
+def requested_under(conn: sqlite3.Connection, prefix: str) -> set[str]:
+    """The paths under ``prefix`` whose objects are still to be deleted from S3 (this host's, replaced)."""
+    rows = conn.execute("SELECT path FROM s3_deletions WHERE path >= ? AND path < ?", (prefix, prefix + "\uffff"))
+    return {row[0] for row in rows}
+
+
 def deleted(conn: sqlite3.Connection, paths: Iterable[str]) -> None:
     conn.executemany("DELETE FROM s3_deletions WHERE path = ?", [(path,) for path in paths])
 

@@ -12,8 +12,9 @@ loses nothing of it:
 - with the Parquet archive on (``[archive] enabled``), its row is in the dataset (the partition generation's
   ``archive_marks`` mark is at or past its offset) and the dataset files holding that row (a part named by its
   offset range, or the file a fold of parts made: ``archive.layout.alerts_file``) and the dataset's schema file are
-  uploaded. With the archive off nothing waits for
-  it.
+  uploaded. A row another host's file in the bucket holds already is left out by this host's writer after a
+  takeover (``archive.elsewhere``): no file of this host names it, the mark passing it is enough. With the archive
+  off nothing waits for it.
 
 A rejected message is durable once its export (``store.rejected.export_path``, one file per message in fleet mode,
 written by its consumer within seconds: ``ingest.durability``) is uploaded; until then it holds its partition's
