@@ -556,7 +556,8 @@ def test_a_writer_killed_in_the_middle_of_a_batch_leaves_nothing_torn(make_confi
                timeout=10)
     entries = [(entry.alert.partition, entry.alert.generation, entry.alert.kafka_offset, path)
                for entry in prepared.to_store.alerts for path in entry.files]
-    journal.WriteJournal(journal.journal_folder(cfg.state_dir), "t", pid).begin(entries)
+    dead = journal.WriteJournal(journal.journal_folder(cfg.state_dir), "t", pid)  # the dead writer's journal
+    dead.begin(entries)
     files = prepared.files()
     for path, data in files[:3]:  # whole, then one torn, the rest never written
         (cfg.home / path).parent.mkdir(parents=True, exist_ok=True)
@@ -565,6 +566,13 @@ def test_a_writer_killed_in_the_middle_of_a_batch_leaves_nothing_torn(make_confi
     (cfg.home / files[3][0]).write_bytes(files[3][1][: len(files[3][1]) // 2])
     first.files.close()
     first.close()
+
+    alive = journal.WriteJournal(journal.journal_folder(cfg.state_dir), "t", os.getpid())  # another writer of t
+    assert journal.sweep(cfg.home, cfg.state_dir, "t", lambda *_: ()) == 0  # no sweep while it may write
+    assert (cfg.home / files[0][0]).exists()
+    alive.end()
+    dead.end()  # (only its lock: its batch was never stored, so the journal stays for the sweep)
+    assert dead.path.exists()
 
     conn = store.connect(cfg.db_path)
     try:
@@ -578,9 +586,45 @@ def test_a_writer_killed_in_the_middle_of_a_batch_leaves_nothing_torn(make_confi
     restarted.sweep_temporaries()
     assert not any((cfg.home / path).exists() for path, _ in files[:4])  # whole or torn: not stored, removed
     assert len(alert_files(cfg.home)) == 4  # the stored batch's files stay
-    assert not list(journal.journal_folder(cfg.state_dir).glob("t.*"))
+    assert [p.name for p in journal.journal_folder(cfg.state_dir).iterdir()] == ["t.lock"]  # the journal swept
     store_batch(restarted, batch[4:])  # Kafka's redelivery
     restarted.close()
     assert sorted(seqs_on_disk(cfg.home)) == list(range(12))  # every file whole (each parses), once
     assert all((cfg.home / path).is_file() for path, _ in files)
     assert count(cfg.db_path, "SELECT count(*) FROM manifest") == 12
+
+
+def test_sync_full_judges_an_unrecorded_file_after_reading_it(make_config: Callable[..., Path],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sync --full`` reads a file the manifest does not know; meanwhile a consumer's writer lists it (a batch
+    begun, or cut short: torn), or the sweep removes it. Neither is recorded; a file nobody claims is."""
+    from ztfd import config, files
+    from ztfd.ingest import journal
+    from ztfd.sync import reconcile
+
+    cfg = config.load(make_config(kafka={"topics": ["t"]}))
+    folder = cfg.home / "data" / "2021-09-01" / "t"
+    folder.mkdir(parents=True)
+    listed, swept, hand_made = (folder / f"ZTF21aaaaaa{name}_p0-o{offset}.json"
+                                for offset, name in enumerate(("aa", "ab", "ac")))
+    for path in (listed, swept, hand_made):
+        path.write_bytes(b'{"message": {"objectId": "half')
+    writer = journal.WriteJournal(journal.journal_folder(cfg.state_dir), "t", os.getpid())
+    md5_file = files.md5_file
+
+    def meanwhile(path: Path) -> str:
+        digest = md5_file(path)
+        if path == listed:
+            writer.begin([(0, 0, 0, files.relative_to_home(cfg.home, listed))])
+        elif path == swept:
+            swept.unlink()
+        return digest
+
+    monkeypatch.setattr(reconcile.files, "md5_file", meanwhile)
+    conn = store.connect(cfg.db_path)
+    try:
+        added = {path for path, _, _ in reconcile.reconcile(conn, cfg).added}
+    finally:
+        conn.close()
+        writer.end()
+    assert added == {files.relative_to_home(cfg.home, hand_made)}

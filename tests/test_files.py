@@ -103,15 +103,23 @@ def test_create_new_writes_under_the_final_name_and_replaces_what_is_there(tmp_p
     assert [p.name for p in target.parent.iterdir()] == ["alert.json"]  # no temporary left
 
 
-def test_create_new_removes_what_a_failed_write_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_create_new_leaves_a_failed_write_to_the_batch_written_again(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails halfway removes nothing (the name may already hold another writer's whole file); the
+    batch written again replaces the torn file whole."""
     from ztfd import files
+
+    target = tmp_path / "alert.json"
+    write_all = files.write_all
 
     def half_then_full(fd: int, data: bytes) -> None:  # a disk that fills up in the middle of the write
         os.write(fd, data[: len(data) // 2])
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(files, "write_all", half_then_full)
-    target = tmp_path / "alert.json"
     with pytest.raises(OSError, match="No space"):
         files.create_new(str(target), b"0123456789")
-    assert not target.exists()
+    assert target.read_bytes() == b"01234"
+    monkeypatch.setattr(files, "write_all", write_all)
+    files.create_new(str(target), b"0123456789")
+    assert target.read_bytes() == b"0123456789"

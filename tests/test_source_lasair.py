@@ -264,3 +264,12 @@ def test_messages_built_from_the_real_rubin_alerts_in_every_mode(mode: str) -> N
         assert dating(alert).date == "2026-03-05"  # dayObs of visits 20260305000xx
         assert alert.detection_id == (str(sample.dia_source_id) if mode == "full" else None)
         assert times(alert).obs_mjd is not None and abs(times(alert).obs_mjd - (sample.mjd_tai - 37 / 86400)) < 1e-8
+
+
+def test_a_message_nested_deeper_than_json_reads_is_refused_whichever_parser_is_faster() -> None:
+    """orjson reads 1,023 levels, json fewer: a message 1,010 deep is refused as it was before orjson."""
+    deep = b'{"objectId": "ZTF21abcdefg", "x": ' + b"[" * 1010 + b"]" * 1010 + b"}"
+    with pytest.raises(InvalidMessageError, match="nested too deeply"):
+        lasair.LasairSource().decode(deep)
+    shallow = b'{"objectId": "ZTF21abcdefg", "x": ' + b"[" * 400 + b"]" * 400 + b"}"
+    assert lasair.LasairSource().decode(shallow).object_id == "ZTF21abcdefg"

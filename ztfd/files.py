@@ -61,23 +61,19 @@ def create_new(path: str, data: bytes) -> None:
     about half the kernel's work of ``atomic_write``'s temporary file and rename); else through ``atomic_write``,
     which replaces what is there (a file a killed writer left torn, written again).
 
-    A reader may see the file while it is being written, and a kill -9 may leave it torn: only for files nobody
-    reads before the store records them, whose writer lists them first (``ztfd.ingest.journal``). A write that
-    fails removes what it had written."""
+    A reader may see the file while it is being written, and a kill -9 or a full disk may leave it torn: only for
+    files nobody reads before the store records them, whose writer lists them first (``ztfd.ingest.journal``),
+    which removes what a failed batch left. A failed write removes nothing itself: by then the name may hold
+    another writer's whole file (two consumers of a topic)."""
     try:
         fd = _open_new(path)
     except FileExistsError:
         atomic_write(path, data)
         return
     try:
-        try:
-            write_all(fd, data)
-        finally:
-            os.close(fd)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        raise
+        write_all(fd, data)
+    finally:
+        os.close(fd)
 
 
 def _open_new(path: str) -> int:

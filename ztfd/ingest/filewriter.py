@@ -238,6 +238,8 @@ class _Child:
                 digests.append((len(data), md5_hex(data)))
             if batch is not None:
                 stored = self._store(batch, files, digests)
+                if self.journal is not None:
+                    self.journal.stored()
                 return ("written", [], stored, self._log(batch, stored))
         except Exception as exc:  # reported to the consumer, which decides; the child goes on
             self.failed_epoch = epoch

@@ -58,6 +58,7 @@ JD_RANGE = (MJD_RANGE[0] + JD_MJD_OFFSET, MJD_RANGE[1] + JD_MJD_OFFSET)
 UTC_YEARS = (1900, 2100)
 TAI_MINUS_UTC_DAYS = 37 / 86400  # only to compare times of mixed scales before astropy converts them
 MAX_NESTING = 8
+ORJSON_MAX_BRACKETS = 500  # a message with more brackets may nest deeper than json reads: json parses it
 
 # LSST: where the triggering diaSource's time is (full and lite output), and the plain-output column.
 DIA_SOURCES_PATH = ("alert", "diaSourcesList")
@@ -150,6 +151,10 @@ def _parse(raw: bytes | None) -> dict[str, Any]:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise InvalidMessageError("orjson refuses it") from None  # decode() asks json, which words the reason
+    if len(raw) > 2 * ORJSON_MAX_BRACKETS and raw.count(b"[") + raw.count(b"{") > ORJSON_MAX_BRACKETS:
+        # orjson reads 1,023 levels deep, json refuses from ~990 (Python's recursion limit): one that may nest
+        # that deep is judged by json alone, so that the same messages are refused as before.
+        raise InvalidMessageError("judged by json")
     if not isinstance(body, dict):
         raise InvalidMessageError(f"not a JSON object but a JSON {_json_type(body)}")
     return body

@@ -59,12 +59,9 @@ def walk_synced(home: Path) -> Iterator[Path]:
 def reconcile(conn: sqlite3.Connection, cfg: Config) -> Plan:
     """Compare the tree with the manifest; changes nothing."""
     plan = Plan()
-    being_written = journal.listed_paths(cfg.state_dir)  # the consumers' batches, or one cut short: theirs
     for path in walk_synced(cfg.home):
         relpath = files.relative_to_home(cfg.home, path)
         row = manifest.recorded_file(conn, relpath)
-        if row is None and relpath in being_written:
-            continue
         try:
             stat = path.stat()
             # Read at each unlisted file, not once: a prune during a long walk forgets rows behind it.
@@ -75,6 +72,8 @@ def reconcile(conn: sqlite3.Connection, cfg: Config) -> Plan:
         except FileNotFoundError:
             continue  # removed while we walked
         if row is None:
+            if _a_consumers(conn, cfg, relpath, path, stat):
+                continue
             plan.added.append((relpath, size, md5))
         elif row.size != size or row.md5 != md5:
             plan.changed.append((relpath, size, md5))
@@ -82,6 +81,20 @@ def reconcile(conn: sqlite3.Connection, cfg: Config) -> Plan:
             plan.restored.append(relpath)
     plan.removed.extend(path for path in manifest.iter_local_paths(conn) if not (cfg.home / path).is_file())
     return plan
+
+
+def _a_consumers(conn: sqlite3.Connection, cfg: Config, relpath: str, path: Path, before: os.stat_result) -> bool:
+    """True when an unrecorded file is a consumer's, judged after it was read: listed in a file writer's journal
+    now (a batch being written, or one cut short by a kill -9: a torn file), recorded now, or changed or gone since
+    (swept, or written again). A consumer lists a file before creating it and keeps it listed until the store has
+    it or the file is swept, so a file that passes is nobody's batch."""
+    if relpath in journal.listed_paths(cfg.state_dir) or manifest.recorded_file(conn, relpath) is not None:
+        return True
+    try:
+        after = path.stat()
+    except FileNotFoundError:
+        return True
+    return (after.st_ino, after.st_size, after.st_mtime_ns) != (before.st_ino, before.st_size, before.st_mtime_ns)
 
 
 def apply_plan(conn: sqlite3.Connection, plan: Plan) -> None:
