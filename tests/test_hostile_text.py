@@ -124,3 +124,20 @@ def test_a_249_character_topic_with_hostile_ids_and_names_rejects_them_and_store
     assert all(name.startswith(logs.log_file_name(topic)) for name in alert_logs), alert_logs
     lines = "".join((home / "logs" / name).read_text() for name in alert_logs).splitlines()
     assert sorted(line.split()[2] for line in lines if " ZTF99text" in line) == [p.object_id for p in good]
+
+
+def test_a_249_character_topic_has_a_file_writer_journal_of_its_own(tmp_path: Path) -> None:
+    """The consumer's file-writer journal is named by its topic and writer pid: a 249-character topic and the
+    largest pid Linux allows still make a name within 255 bytes, distinct from another long topic's."""
+    from ztfd.ingest import journal
+
+    first, second = "t" * 249, "t" * 248 + "u"
+    names = []
+    for topic in (first, second):
+        writer = journal.WriteJournal(tmp_path, topic, 4_194_304)  # /proc/sys/kernel/pid_max can be 2**22
+        writer.begin([(0, 0, 7, f"data/2021-09-01/{topic}/ZTF18abcdefg_p0-o7.json")])
+        names.append(writer.path.name)
+        writer.stored()
+        writer.end()
+    assert all(len(name.encode()) <= logs.NAME_MAX for name in names) and names[0] != names[1]
+    assert not list(tmp_path.glob("t*.4194304"))  # stored, then ended: gone

@@ -11,7 +11,8 @@ files here, and keeps them listed until the batch is stored (a batch that failed
   (``sweep``): Kafka delivers their messages again and they are written again, whole;
 - ``sync --full`` leaves every listed file alone that the manifest does not know (``listed_paths``).
 
-``<home>/state/writing/<topic>.<writer pid>``, one line per file: ``<partition> <generation> <offset> <path>``
+``<home>/state/writing/<topic>.<writer pid>`` (a long topic name shortened as its alert log's), one line per
+file: ``<partition> <generation> <offset> <path>``
 (path under home), rewritten for each batch: the batch before it is stored by then (the writer stores batches in
 order, each after its files). Only files under ``data/`` are listed: a cutout under ``images/`` may also be a stamp
 fetcher's file, and is written through a temporary as before. Every living writer of a topic holds a shared lock on
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import logging
 import os
 from collections import defaultdict
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from ztfd.daemon.procs import pid_alive
 from ztfd.files import write_all
+from ztfd.logs import log_file_name
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ class WriteJournal:
 
     def __init__(self, folder: Path, topic: str, pid: int) -> None:
         self.folder = folder
-        self.path = folder / f"{topic}.{pid}"
+        self.path = folder / f"{_stem(topic)}.{pid}"
         folder.mkdir(parents=True, exist_ok=True)
         self._lock = _open_lock(folder, topic)
         fcntl.flock(self._lock, fcntl.LOCK_SH)
@@ -91,7 +94,13 @@ class WriteJournal:
 
 
 def _open_lock(folder: Path, topic: str) -> int:
-    return os.open(folder / f"{topic}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    return os.open(folder / f"{_stem(topic)}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+def _stem(topic: str) -> str:
+    """The topic's part of the journal's names: the topic, shortened as the alert log's name is when a long one
+    (Kafka allows 249 characters) would leave no room for ``.<pid>`` within 255 bytes."""
+    return log_file_name(topic, "")
 
 
 def _entries(path: Path) -> list[tuple[int, int, int, str]]:
@@ -130,9 +139,10 @@ def sweep(home: Path, state_dir: Path, topic: str, stored: StoredLookup) -> int:
             log.info("another writer of %s is alive: the journals of dead ones wait for a sweep without it", topic)
             return 0
         removed = 0
-        for path in folder.glob(f"{topic}.*"):
+        stem = _stem(topic)
+        for path in folder.glob(f"{glob.escape(stem)}.*"):
             pid = _writer_pid(path)
-            if pid is None or path.name != f"{topic}.{pid}" or pid_alive(pid):
+            if pid is None or path.name != f"{stem}.{pid}" or pid_alive(pid):
                 continue
             removed += _remove_unstored(home, _entries(path), stored)
             path.unlink()  # a sweeper killed before this line sweeps it again next time: the same files
