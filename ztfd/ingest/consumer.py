@@ -70,6 +70,7 @@ from ztfd.text import escape_controls
 log = logging.getLogger(__name__)
 
 POLL_TIMEOUT = 0.5
+IN_FLIGHT = 2  # batches handed to the file writer before the consumer waits for the oldest
 BATCH_MAX_BYTES = 2 * 1024 * 1024  # a batch stops growing past this many bytes of messages (kafka.batch_size: count)
 RECENT_DATES_WINDOW = 2 * 86400.0
 
@@ -121,9 +122,10 @@ class TopicConsumer:
         self._look_at_topic(force=True)
         log.info("consuming %s from %s as group %s", self.topic, self.cfg.kafka.bootstrap_servers,
                  self.cfg.kafka.group_id)
-        # A pipeline one batch deep: while the file writer writes and stores batch k, the main thread polls and
-        # prepares batch k+1, hands it over, then waits for batch k. The writer stores batches in order, each
-        # after its files are on disk.
+        # A pipeline: while the file writer writes and stores batch k, the main thread polls and prepares the
+        # next ones, hands them over, and waits for batch k once IN_FLIGHT batches are in the writer's hands (two:
+        # with one, each side waited for the other at every batch whose work took the other longer). The writer
+        # stores batches in order, each after its files are on disk.
         in_flight: deque[Batch] = deque()
         code = 0
         try:
@@ -144,7 +146,7 @@ class TopicConsumer:
                 # Wait for the older batch once a newer one is submitted; at a trickle (Kafka had no more waiting)
                 # or when idle, at once rather than after the next poll.
                 caught_up = not self._full(messages)
-                while in_flight and (len(in_flight) > 1 or caught_up or self.files.answered()):
+                while in_flight and (len(in_flight) > IN_FLIGHT or caught_up or self.files.answered()):
                     self._store_oldest(in_flight)
                 self._look_at_topic()
                 if self.commits is not None:
