@@ -9,6 +9,7 @@ import logging
 import sqlite3
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs
 
@@ -127,3 +128,22 @@ def test_an_uploaded_file_past_the_commit_is_left_to_the_bucket_and_a_killed_dro
     assert not left.exists() and rewritten.exists() and archive_marks.dropping(conn) == []
     assert manifest.recorded_file(conn, f"{relative}/{rewritten.name}") == FileRecord(
         f"{relative}/{rewritten.name}", 1, "m")
+
+
+def test_rows_below_the_commit_in_a_file_not_uploaded_are_kept_in_a_file_of_their_own(tmp_path: Path) -> None:
+    """The archive switched on after the commit passed 0-3: the file of 0-7 is written after the commit and not yet
+    uploaded when the partition is handed back at 4. Rows 0-3 are this host's (nobody else writes them again): kept,
+    in a file of their own to upload; 4-7 are the next holder's."""
+    cfg, _ = fleet_home(tmp_path)
+    conn = store.connect(tmp_path / "store.sqlite3")
+    folder = Layout(cfg.home).alerts_folder(NIGHT, "t")
+    relative = files.relative_to_home(cfg.home, folder)
+    stored(conn, list(range(8)))
+    AlertsWriter(cfg.home, conn, SchemaSource()).write_pass()
+    with store.transaction(conn):
+        archive_marks.note_handed_back(conn, "t", {0: (0, 4)})
+    assert handedback.drop(conn, cfg.home) == 1
+    assert names_in(folder) == [alerts_file_name(0, 0, 0, 3)]
+    kept = manifest.recorded_file(conn, f"{relative}/{alerts_file_name(0, 0, 0, 3)}")
+    assert kept is not None and kept.state == FileState.PENDING
+    assert pq.read_table(folder / alerts_file_name(0, 0, 0, 3))["offset"].to_pylist() == [0, 1, 2, 3]
