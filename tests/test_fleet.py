@@ -551,6 +551,58 @@ def test_a_host_lost_after_its_archive_rows_were_uploaded_leaves_each_row_once_i
             doomed.stop()
 
 
+def test_a_host_that_handed_a_partition_back_never_uploads_its_rows_past_the_commit(
+    kafka: KafkaBroker, s3: S3Server, tmp_path: Path
+) -> None:
+    """A clean handover's late upload: the old holder hands the partition back committed at 4 with the archive part
+    of 4-7 written but not yet uploaded (its syncer was not running); the successor takes over from 4, finds nothing
+    of it in the bucket and writes 4-7 itself. When the old holder's syncer runs again, it drops that part instead
+    of uploading it: each row is in the bucket once, read file by file."""
+    topic = f"handback-{uuid.uuid4().hex[:8]}"
+    group = f"handback-{uuid.uuid4().hex[:8]}"
+    bucket = f"handback-{uuid.uuid4().hex[:8]}"
+    kafka.create_topic(topic, partitions=1)
+    s3.create_bucket(bucket)
+    env = child_env(**s3.env())
+    archived = fleet_config(kafka, s3, topic, group, bucket, archive={"enabled": True, "interval": 1.0})
+    old, successor = Host("old", tmp_path, archived, env), Host("successor", tmp_path, archived, env)
+    try:
+        produce_to(kafka.bootstrap, topic, 4, partitions=1)
+        old.start(topic, archiver=True)
+        wait_until(lambda: committed(kafka.bootstrap, group, topic, 1) == {0: 4}, DEADLINE,
+                   "the first alerts and their archive rows durable and committed")
+        old.stop()
+        old.start(topic, syncer=False)  # nothing it stores now becomes durable: its commit stays at 4
+        for first in (4, 6):  # a part each: the successor, reading 4-7 at once, names its files otherwise
+            produce_to(kafka.bootstrap, topic, 2, first=first, partitions=1)
+            wait_until(lambda first=first: len(old.stored()) == first + 2, DEADLINE, "the old holder to store more")
+            ran = subprocess.run(ztfd_command(old.config_path, "archive", "--once"), env=env, capture_output=True,
+                                 text=True, timeout=300)
+            assert ran.returncode == 0, ran.stderr
+        parts = {f"fleet/{path.relative_to(old.home).as_posix()}": files.md5_hex(path.read_bytes())
+                 for path in old.home.glob("archive/alerts/night=*/topic=*/p0-g0-o00000000000[4-7]-*.parquet")}
+        assert len(parts) >= 2
+        old.stop()  # a clean handover: committed as far as durable, 4
+        assert old.said("handing over") and committed(kafka.bootstrap, group, topic, 1) == {0: 4}
+
+        successor.start(topic, archiver=True)
+        produce_to(kafka.bootstrap, topic, 4, first=8, partitions=1)
+        wait_until(lambda: committed(kafka.bootstrap, group, topic, 1) == {0: 12}, DEADLINE,
+                   "the successor's redone and new alerts durable and committed")
+        ran = subprocess.run(ztfd_command(old.config_path, "sync", "--once"), env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert ran.returncode == 0, ran.stderr
+        in_bucket = s3.objects(bucket)
+        assert not [key for key, md5 in parts.items() if key in in_bucket and in_bucket[key][1] == md5]
+        assert not list(old.home.glob("archive/alerts/night=*/topic=*/p0-g0-o00000000000[4-7]-*.parquet"))
+        assert sorted(dataset_rows(s3, bucket)) == [(topic, 0, 0, offset) for offset in range(12)]
+        assert f"handed back at offset 4: {len(parts)} files of its rows from there on dropped before upload" in \
+            (old.home / "logs" / "sync.log").read_text()
+    finally:
+        successor.stop()
+        old.stop()
+
+
 def dataset_rows(s3: S3Server, bucket: str) -> list[tuple[str, int, int, int]]:
     """(topic, partition, generation, offset) of every row of every alerts file in the bucket, file by file."""
     client = s3.client(direct=True)
