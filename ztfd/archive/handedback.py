@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -106,6 +107,9 @@ def _rows_before(home: Path, path: str, offset: int) -> tuple[str, int, str] | N
     try:
         table = pq.read_table(home / path)
     except FileNotFoundError:
+        return None
+    except (OSError, pa.ArrowException) as exc:  # unreadable: its rows cannot be kept, the drop goes on
+        log.warning("archive: %s cannot be read (%s): its rows below the commit are not kept", path, exc)
         return None
     table = table.filter(pc.less(table["offset"], offset))
     if not table.num_rows:
