@@ -115,9 +115,11 @@ def test_the_committer_moves_forward_only_resets_on_a_new_generation_and_commits
     upload(conn, [new[0].alert.path])
     assert commits.tick(force=True) == {0: 1}
     upload(conn, [new[1].alert.path])
-    commits.release([0])  # handed back: committed as far as durable, waiting for the answer, then forgotten
+    # handed back: committed as far as durable, waiting for the answer, then forgotten; the generation and commit
+    # it was handed back at are what the archiver then leaves to the next holder (ztfd.archive.handedback)
+    assert commits.release([0]) == {0: (1, 2)}
     assert kafka.waited == [{0: 2}] and commits.committed == {}
-    commits.release([0])  # not held: nothing said
+    assert commits.release([0]) == {}  # not held: nothing said
     assert kafka.waited == [{0: 2}]
 
 

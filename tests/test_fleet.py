@@ -387,9 +387,7 @@ def test_a_new_host_keys_alerts_in_the_generation_the_fleet_agreed(
         wait_until(lambda: alert_files <= set(s3.objects(bucket)) and exported(s3.objects(bucket)), DEADLINE,
                    "the alert files and the poison message's export in the bucket")
         assert committed(kafka.bootstrap, group, topic, 1)[0] < 1  # the archive's rows are not written yet
-        archived = subprocess.run(ztfd_command(host.config_path, "archive", "--once"), env=env,
-                                  capture_output=True, text=True, timeout=300)
-        assert archived.returncode == 0, archived.stderr
+        run_once(host, env, "archive", "--once")
         wait_until(lambda: committed(kafka.bootstrap, group, topic, 1) == {0: 5}, DEADLINE,
                    "the commit past the archived alerts and the exported poison message")
         assert any(key.endswith("/p0-g2-o000000000000-000000000004.parquet") for key in s3.objects(bucket))
@@ -485,6 +483,24 @@ def test_the_hosts_archivers_agree_on_each_columns_type_and_write_one_schema_fil
     assert counted == (20, 20 if fits else 10)
 
 
+def archived_fleet(kafka: KafkaBroker, s3: S3Server, name: str
+                   ) -> tuple[str, str, str, dict[str, str], dict[str, dict[str, Any]]]:
+    """A one-partition topic, a group and a bucket of their own (named ``name-<hex>``), the hosts' environment and
+    their configuration with the Parquet archive on."""
+    topic, group, bucket = (f"{name}-{uuid.uuid4().hex[:8]}" for _ in range(3))
+    kafka.create_topic(topic, partitions=1)
+    s3.create_bucket(bucket)
+    archived = fleet_config(kafka, s3, topic, group, bucket, archive={"enabled": True, "interval": 1.0})
+    return topic, group, bucket, child_env(**s3.env()), archived
+
+
+def run_once(host: Host, env: dict[str, str], *args: str) -> str:
+    """``ztfd <args>`` on the host, to its end (it must succeed); what it printed."""
+    ran = subprocess.run(ztfd_command(host.config_path, *args), env=env, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    return ran.stdout
+
+
 def alerts_of(host: Host) -> list[Any]:
     conn = store.connect(host.cfg.db_path)
     try:
@@ -505,13 +521,7 @@ def test_a_host_lost_after_its_archive_rows_were_uploaded_leaves_each_row_once_i
     and no fetcher: alerts 4-7 (the same four messages again, so all of one night) wait for their stamps, but
     ``ztfd archive --once`` writes the rows of 0-7 in one file and its syncer uploads it. The survivor resumes at 4
     and writes rows from 4 on: on their own, the two files would both hold 4-7, neither range within the other."""
-    topic = f"overlap-{uuid.uuid4().hex[:8]}"
-    group = f"overlap-{uuid.uuid4().hex[:8]}"
-    bucket = f"overlap-{uuid.uuid4().hex[:8]}"
-    kafka.create_topic(topic, partitions=1)
-    s3.create_bucket(bucket)
-    env = child_env(**s3.env())
-    archived = fleet_config(kafka, s3, topic, group, bucket, archive={"enabled": True, "interval": 1.0})
+    topic, group, bucket, env, archived = archived_fleet(kafka, s3, "overlap")
     doomed = Host("doomed", tmp_path, fleet_config(kafka, s3, topic, group, bucket), env)
     survivor = Host("survivor", tmp_path, archived, env)
     try:
@@ -524,9 +534,7 @@ def test_a_host_lost_after_its_archive_rows_were_uploaded_leaves_each_row_once_i
         doomed.start(topic)
         produce_to(kafka.bootstrap, topic, 4, partitions=1)  # the same four messages again: rows of one night
         wait_until(lambda: len(doomed.stored()) == 8, DEADLINE, "the doomed host to store the next alerts")
-        ran = subprocess.run(ztfd_command(doomed.config_path, "archive", "--once"), env=env, capture_output=True,
-                             text=True, timeout=300)
-        assert ran.returncode == 0, ran.stderr
+        run_once(doomed, env, "archive", "--once")
         written = {f"fleet/{path.relative_to(doomed.home).as_posix()}"
                    for path in doomed.home.glob("archive/alerts/night=*/topic=*/*.parquet")}
         wait_until(lambda: written <= set(s3.objects(bucket)), DEADLINE, "the doomed host's rows in the bucket")
@@ -549,6 +557,48 @@ def test_a_host_lost_after_its_archive_rows_were_uploaded_leaves_each_row_once_i
         survivor.stop()
         if doomed.home.exists():
             doomed.stop()
+
+
+def test_a_host_that_handed_a_partition_back_never_uploads_its_rows_past_the_commit(
+    kafka: KafkaBroker, s3: S3Server, tmp_path: Path
+) -> None:
+    """A clean handover's late upload: the old holder hands the partition back committed at 4 with the archive part
+    of 4-7 written but not yet uploaded (its syncer was not running); the successor takes over from 4, finds nothing
+    of it in the bucket and writes 4-7 itself. When the old holder's syncer runs again, it drops that part instead
+    of uploading it: each row is in the bucket once, read file by file."""
+    topic, group, bucket, env, archived = archived_fleet(kafka, s3, "handback")
+    old, successor = Host("old", tmp_path, archived, env), Host("successor", tmp_path, archived, env)
+    try:
+        produce_to(kafka.bootstrap, topic, 4, partitions=1)
+        old.start(topic, archiver=True)
+        wait_until(lambda: committed(kafka.bootstrap, group, topic, 1) == {0: 4}, DEADLINE,
+                   "the first alerts and their archive rows durable and committed")
+        old.stop()
+        old.start(topic, syncer=False)  # nothing it stores now becomes durable: its commit stays at 4
+        for first in (4, 6):  # a part each: the successor, reading 4-7 at once, names its files otherwise
+            produce_to(kafka.bootstrap, topic, 2, first=first, partitions=1)
+            wait_until(lambda first=first: len(old.stored()) == first + 2, DEADLINE, "the old holder to store more")
+            run_once(old, env, "archive", "--once")
+        parts = {f"fleet/{path.relative_to(old.home).as_posix()}": files.md5_hex(path.read_bytes())
+                 for path in old.home.glob("archive/alerts/night=*/topic=*/p0-g0-o00000000000[4-7]-*.parquet")}
+        assert len(parts) >= 2
+        old.stop()  # a clean handover: committed as far as durable, 4
+        assert old.said("handing over") and committed(kafka.bootstrap, group, topic, 1) == {0: 4}
+
+        successor.start(topic, archiver=True)
+        produce_to(kafka.bootstrap, topic, 4, first=8, partitions=1)
+        wait_until(lambda: committed(kafka.bootstrap, group, topic, 1) == {0: 12}, DEADLINE,
+                   "the successor's redone and new alerts durable and committed")
+        run_once(old, env, "sync", "--once")
+        in_bucket = s3.objects(bucket)
+        assert not [key for key, md5 in parts.items() if key in in_bucket and in_bucket[key][1] == md5]
+        assert not list(old.home.glob("archive/alerts/night=*/topic=*/p0-g0-o00000000000[4-7]-*.parquet"))
+        assert sorted(dataset_rows(s3, bucket)) == [(topic, 0, 0, offset) for offset in range(12)]
+        assert f"handed back at offset 4: {len(parts)} files of its rows from there on dropped before upload" in \
+            (old.home / "logs" / "sync.log").read_text()
+    finally:
+        successor.stop()
+        old.stop()
 
 
 def dataset_rows(s3: S3Server, bucket: str) -> list[tuple[str, int, int, int]]:

@@ -99,10 +99,13 @@ class AlertsWriter:
         self._follow_fleet()
         written = 0
         marks = archive_marks.marks(self.conn)
+        given_up = archive_marks.handed_back(self.conn)  # fleet mode: rows from these offsets on are not ours
         for key in archive_marks.partitions_to_look_at(self.conn):
             mark = marks.get(key, -1)
             while stop is None or not stop.is_set():
                 alerts = archive_marks.alerts_above(self.conn, key, mark, READ_LIMIT)
+                if key in given_up:
+                    alerts = [alert for alert in alerts if alert.kafka_offset < given_up[key]]
                 if not alerts:
                     break
                 self._write_step(key, mark, alerts)
@@ -322,7 +325,7 @@ class AlertsWriter:
         """Write every file of night ``date`` again from the store's alerts at or below their marks (the alerts
         above come with the next pass), one file per partition and block; remove every other file of that night
         (from S3 too, once the new ones are there)."""
-        marks = archive_marks.marks(self.conn)
+        marks = archive_marks.marks_held(self.conn)
         by_file: dict[tuple[str, PartitionKey, int], list[StoredAlert]] = defaultdict(list)
         for alert in stored_alerts.alerts_on(self.conn, date):
             key = PartitionKey(alert.topic, alert.partition, alert.generation)

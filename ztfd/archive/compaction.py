@@ -62,9 +62,10 @@ class Compactor:
         folder = self.home / intent["folder"]
         topic = folder.name.removeprefix("topic=")
         key = PartitionKey(topic, intent["partition"], intent["generation"])
-        mark = archive_marks.marks(self.conn).get(key, -1)
-        names = [name for name, held in _files(folder).items()
-                 if (held.partition, held.generation) == key[1:] and chunk_start(held.first) == intent["start"]]
+        mark = archive_marks.marks_held(self.conn).get(key, -1)
+        names = [name for name, held in _files(folder).items()  # none past a mark lowered meanwhile (handed back)
+                 if (held.partition, held.generation) == key[1:] and chunk_start(held.first) == intent["start"]
+                 and _ready(held, mark)]
         log.info("archive: finishing the compaction of %s (partition %d, offsets from %d) a killed pass began",
                  intent["folder"], key.partition, intent["start"])
         for run in self._runs(folder, key, intent["start"], names):
@@ -72,9 +73,10 @@ class Compactor:
 
     def compact_pass(self, now: float | None = None) -> int:
         """Fold the blocks due in the folders the writer added parts to (``archive_marks.unfolded``: a few, not a
-        year of folders); the number of files folded away. A folder left with one file per block is done."""
+        year of folders); the number of files folded away. A folder left with one file per block is done. Rows of
+        a partition handed back, from its commit on, are not folded (``ztfd.archive.handedback``)."""
         now = time.time() if now is None else now
-        marks = archive_marks.marks(self.conn)
+        marks = archive_marks.marks_held(self.conn)
         folded, done = 0, []
         for date, topic in archive_marks.unfolded(self.conn):
             received = archive_marks.last_received(self.conn, date, topic) or 0.0
@@ -86,8 +88,7 @@ class Compactor:
             for (partition, generation, start), found in sorted(blocks.items()):
                 key = PartitionKey(topic, partition, generation)
                 mark = marks.get(key, -1)
-                ready = [(name, held) for name, held in found
-                         if (held.first if held.last is None else held.last) <= mark]
+                ready = [(name, held) for name, held in found if _ready(held, mark)]
                 if len(found) < 2:
                     continue
                 if len(ready) >= 2 and (
@@ -144,6 +145,11 @@ class Compactor:
         if folded:
             log.info("archive: %d files of %s folded into %s", len(folded), files.relative_to_home(self.home, folder),
                      target.name if target else "none")
+
+
+def _ready(held: AlertsFile, mark: int) -> bool:
+    """Whether a file's rows are all at or below the mark (one named the old way: its first)."""
+    return (held.first if held.last is None else held.last) <= mark
 
 
 def _span(held: AlertsFile) -> tuple[int, int]:

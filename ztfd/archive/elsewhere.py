@@ -13,8 +13,9 @@ The rows left out are not in this host's files, so no file of its may be named o
 another host's file's range would make readers take that file as folded into it (``layout.superseded``). The
 writer's parts and compaction's folds are cut where another host's offsets lie between (``runs``).
 
-What one listing cannot see (an old holder's upload after it) is left to the readers: ``ztfd.archive`` counts a
-row once where file names overlap (``layout.overlapping``).
+What one listing cannot see is a lost host's upload just after it: left to the readers, ``ztfd.archive`` counts a
+row once where file names overlap (``layout.overlapping``). A host that hands a partition back never uploads its
+rows past the commit (``ztfd.archive.handedback``).
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ class TopicConsumer:
         self.files.start()
         self.kafka.open()
         if self.commits is not None:
-            self.kafka.subscribe(self._handed_in, self._handed_back, self.commits.forget, self._count_soon)
+            self.kafka.subscribe(self._handed_in, self._handed_back, self._taken_away, self._count_soon)
         self._look_at_topic(force=True)
         log.info("consuming %s from %s as group %s", self.topic, self.cfg.kafka.bootstrap_servers,
                  self.cfg.kafka.group_id)
@@ -176,7 +176,7 @@ class TopicConsumer:
         committed = self.kafka.committed(partitions)
         fresh = self.assignment.joined(partitions, committed)
         self._log_takeover(partitions, committed)
-        self._note_moved(partitions)
+        self._note_moved(partitions, back=None)
         self.commits.hold(committed, partitions)
         self.quiet.reading(True)
         self._publish_holding(self.kafka.assigned)
@@ -202,15 +202,28 @@ class TopicConsumer:
     def _handed_back(self, partitions: list[int]) -> None:
         """Fleet mode: ``partitions`` leave this host (a rebalance, a stop): commit them as far as durable first."""
         assert self.commits is not None
-        self.commits.release(partitions)
-        self._note_moved(partitions)
+        self._note_moved(partitions, back=self.commits.release(partitions))
         self._publish_holding(self.kafka.assigned - set(partitions))
 
-    def _note_moved(self, partitions: list[int]) -> None:
+    def _taken_away(self, partitions: list[int]) -> None:
+        """Fleet mode: ``partitions`` were given to another host already (this session expired): too late to commit;
+        what this host has not uploaded of them past its last commit is the next holder's all the same."""
+        assert self.commits is not None
+        back = self.commits.held(partitions)
+        self.commits.forget(partitions)
+        self._note_moved(partitions, back)
+
+    def _note_moved(self, partitions: list[int], back: dict[int, tuple[int, int]] | None) -> None:
         """Tell the archiver that these partitions moved: before it writes more rows of them, it looks in the bucket
-        for rows another host put there (a takeover redoes what the previous holder had not committed)."""
+        for rows another host put there (a takeover redoes what the previous holder had not committed). Those handed
+        back (``back``: generation and committed offset; None for partitions handed in) are not this host's to
+        archive from their commit on, until they are handed in again (``ztfd.archive.handedback``)."""
         with store.atomic(self.conn):
             archive_marks.note_moved(self.conn, self.topic, partitions)
+            if back is None:
+                archive_marks.note_handed_in(self.conn, self.topic, partitions)
+            else:
+                archive_marks.note_handed_back(self.conn, self.topic, back)
 
     def _count_fleet(self) -> None:
         """Fleet mode, every ``fleet.COUNT_EVERY`` s: say this host is alive (what it holds, again), then count the

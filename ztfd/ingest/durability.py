@@ -115,12 +115,13 @@ class DurableCommits:
             log.debug("committed %s durable through %s", self.topic, moved)
         return moved
 
-    def release(self, partitions: list[int]) -> None:
+    def release(self, partitions: list[int]) -> dict[int, tuple[int, int]]:
         """Partitions handed back: commit them as far as they are durable, waiting for Kafka's answer, then forget
-        them. What is not durable yet is redone by the next owner, under the same S3 keys."""
+        them. What is not durable yet is redone by the next owner, under the same S3 keys. Returns each one's
+        generation and committed offset (``held``)."""
         partitions = [p for p in partitions if p in self.committed]
         if not partitions:
-            return
+            return {}
         try:
             moved = self.frontiers(partitions)
         except sqlite3.Error as exc:
@@ -134,7 +135,14 @@ class DurableCommits:
             f"[{p}] committed at {self.committed[p]}"
             f" ({self._redone(stored.get(p), p)} stored here not yet durable: the next owner redoes them)"
             for p in partitions))
+        handed = self.held(partitions)
         self.forget(partitions)
+        return handed
+
+    def held(self, partitions: list[int]) -> dict[int, tuple[int, int]]:
+        """The generation and committed offset of each of ``partitions`` held (those not held left out)."""
+        return {p: (self.generations.get(p, self.generation_of(p)), self.committed[p])
+                for p in partitions if p in self.committed}
 
     def _redone(self, stored: store.StoredOffset | None, partition: int) -> int:
         """How many offsets this host stored past the partition's commit (work the next owner does again)."""

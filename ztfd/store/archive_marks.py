@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from ztfd.store.alerts import _COLUMNS, StoredAlert, _stored
-from ztfd.store.status_facts import get_status, set_status
+from ztfd.store.status_facts import get_status, set_status, statuses_with_prefix
 
 
 class PartitionKey(NamedTuple):
@@ -122,10 +122,14 @@ def written_per_topic(conn: sqlite3.Connection) -> dict[str, int]:
 
 def oldest_unwritten_at(conn: sqlite3.Connection) -> float | None:
     """When the oldest alert not yet in the dataset was received: per partition generation, the alert just above
-    its mark (one indexed look-up each; offsets come in the order they are received), the oldest of them."""
+    its mark (one indexed look-up each; offsets come in the order they are received), the oldest of them. A
+    partition handed back is not this host's to write any more (fleet mode)."""
     marked = marks(conn)
+    given_up = handed_back(conn)
     oldest = None
     for key in partitions_to_look_at(conn):
+        if key in given_up:
+            continue
         row = conn.execute(
             "SELECT received_at FROM alerts WHERE topic = ? AND partition = ? AND generation = ? "
             "AND kafka_offset > ? ORDER BY kafka_offset LIMIT 1", (*key, marked.get(key, -1))).fetchone()
@@ -157,3 +161,80 @@ def moves(conn: sqlite3.Connection, topic: str) -> dict[int, int]:
     """How often each partition of ``topic`` moved to or from this host; none outside fleet mode."""
     fact = get_status(conn, MOVED + topic)
     return {} if fact is None or fact[0] is None else {int(p): n for p, n in json.loads(fact[0]).items()}
+
+
+HANDED_BACK = "archive.handed_back:"  # status fact per topic: partitions handed back cleanly, and their commits
+
+
+def note_handed_back(conn: sqlite3.Connection, topic: str, commits: dict[int, tuple[int, int]]) -> None:
+    """Fleet mode: this host handed ``commits``' partitions of ``topic`` back, each ``(generation, committed
+    offset)`` (inside the caller's transaction). Its archive rows of that generation at or past the offset are the
+    next holder's to write: this host no longer writes, folds or uploads them (``ztfd.archive.handedback``)."""
+    if not commits:
+        return
+    known = _handed_back_of(conn, topic)
+    known.update(commits)
+    _set_handed_back(conn, topic, known)
+
+
+def note_handed_in(conn: sqlite3.Connection, topic: str, partitions: Iterable[int]) -> None:
+    """Fleet mode: ``partitions`` of ``topic`` are this host's again (inside the caller's transaction): what it
+    had given up of them is its own again."""
+    known = _handed_back_of(conn, topic)
+    left = {partition: value for partition, value in known.items() if partition not in set(partitions)}
+    if left != known:
+        _set_handed_back(conn, topic, left)
+
+
+def handed_back(conn: sqlite3.Connection) -> dict[PartitionKey, int]:
+    """Every partition generation this host handed back and does not hold again: the offset committed then (its
+    rows from there on are not this host's to write, fold or upload). None outside fleet mode."""
+    found = {}
+    for topic, (value, _) in statuses_with_prefix(conn, HANDED_BACK).items():
+        for partition, (generation, offset) in json.loads(value).items():
+            found[PartitionKey(topic, int(partition), generation)] = offset
+    return found
+
+
+def _handed_back_of(conn: sqlite3.Connection, topic: str) -> dict[int, tuple[int, int]]:
+    fact = get_status(conn, HANDED_BACK + topic)
+    if fact is None or fact[0] is None:
+        return {}
+    return {int(p): (generation, offset) for p, (generation, offset) in json.loads(fact[0]).items()}
+
+
+def _set_handed_back(conn: sqlite3.Connection, topic: str, commits: dict[int, tuple[int, int]]) -> None:
+    set_status(conn, HANDED_BACK + topic, json.dumps({str(p): list(v) for p, v in sorted(commits.items())})
+               if commits else None)
+
+
+def marks_held(conn: sqlite3.Connection) -> dict[PartitionKey, int]:
+    """The marks, each below its partition's commit if this host handed it back: the rows compaction and a rebuild
+    may take (those from the commit on are the next holder's)."""
+    given_up = handed_back(conn)
+    return {key: min(mark, given_up[key] - 1) if key in given_up else mark for key, mark in marks(conn).items()}
+
+
+def lower(conn: sqlite3.Connection, key: PartitionKey, written_through: int) -> None:
+    """Move a mark down to ``written_through`` if it is above (inside the caller's transaction): the rows above it
+    are no longer in this host's files (a partition handed back, ``ztfd.archive.handedback``), so that, should the
+    partition come back, the writer writes them again where no other host's file holds them. The count of alerts
+    written stays: this host is done with them."""
+    conn.execute("UPDATE archive_marks SET written_through = ? WHERE topic = ? AND partition = ? AND generation = ? "
+                 "AND written_through > ?", (written_through, *key, written_through))
+
+
+DROPPING = "archive.dropping"  # status fact: files of partitions handed back taken off the manifest, to delete
+
+
+def note_dropping(conn: sqlite3.Connection, paths: Iterable[str]) -> None:
+    """The files at ``paths`` were taken off the manifest and are to be deleted from disk (inside the transaction
+    that took them off; none: they are deleted)."""
+    listed = sorted(paths)
+    set_status(conn, DROPPING, json.dumps(listed) if listed else None)
+
+
+def dropping(conn: sqlite3.Connection) -> list[str]:
+    """The files taken off the manifest and not yet known to be deleted from disk."""
+    fact = get_status(conn, DROPPING)
+    return [] if fact is None or fact[0] is None else json.loads(fact[0])

@@ -38,6 +38,18 @@ def keep(conn: sqlite3.Connection, paths: Iterable[str]) -> None:
     conn.executemany("DELETE FROM s3_deletions WHERE path = ?", [(path,) for path in paths])
 
 
+def awaited(conn: sqlite3.Connection, paths: Iterable[str]) -> set[str]:
+    """Those of ``paths`` that some object waits for before it is deleted (files that replaced others)."""
+    return {path for path in paths
+            if conn.execute("SELECT 1 FROM s3_deletions WHERE after = ? LIMIT 1", (path,)).fetchone()}
+
+
+def cancel_waiting_for(conn: sqlite3.Connection, paths: Iterable[str]) -> None:
+    """The files at ``paths`` will never be uploaded (inside the caller's transaction): the objects waiting for
+    them stay in the bucket, as they hold rows no other file of this host will."""
+    conn.executemany("DELETE FROM s3_deletions WHERE after = ?", [(path,) for path in paths])
+
+
 def due(conn: sqlite3.Connection, limit: int) -> list[str]:
     """Paths whose objects may be deleted now: the file that replaced them is not pending upload, and they are
     not in the manifest again."""

@@ -184,6 +184,12 @@ def drop_files(conn: sqlite3.Connection, paths: Iterable[str]) -> None:
     conn.executemany("DELETE FROM manifest WHERE path = ? AND state != 'archived'", [(path,) for path in paths])
 
 
+def states_under(conn: sqlite3.Connection, prefix: str) -> dict[str, FileState]:
+    """The state of every row whose path starts with ``prefix`` (a range of the primary key, not the table)."""
+    rows = conn.execute("SELECT path, state FROM manifest WHERE path >= ? AND path < ?", (prefix, prefix + "\uffff"))
+    return {row[0]: FileState(row[1]) for row in rows}
+
+
 # --- retention -----------------------------------------------------------------------------------------------
 
 # Keyset pagination on the manifest_uploaded partial index: only old uploaded rows are read, in index order.

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ztfd.config import Config
-from ztfd.store import deletions, manifest
+from ztfd.store import archive_marks, deletions, manifest
 from ztfd.sync import reconcile, replaced, retention
 from ztfd.sync.lock import pass_lock
 from ztfd.sync.pending import PendingUploads, Progress
@@ -46,6 +46,7 @@ def one_pass(conn: sqlite3.Connection, cfg: Config, stop: threading.Event, full:
     """Call with the lock held."""
     clock = time.monotonic()
     result = PassResult()
+    _drop_handed_back(conn, cfg)
     if full:
         result.reconciled = reconcile.run_full(conn, cfg)
     client = _upload_pending(conn, cfg, stop, result, progress)
@@ -67,6 +68,15 @@ def one_pass(conn: sqlite3.Connection, cfg: Config, stop: threading.Event, full:
             "sync pass: %d files, %d bytes in %.1f s; %d failed; %d pending%s", result.files, result.bytes,
             result.seconds, result.failures, result.pending, f"; error: {result.error}" if result.error else "")
     return result
+
+
+def _drop_handed_back(conn: sqlite3.Connection, cfg: Config) -> None:
+    """Fleet mode: before anything is uploaded, take off this host the archive files of partitions it handed back
+    that may hold rows past their commit (``ztfd.archive.handedback``; pyarrow only then)."""
+    if archive_marks.handed_back(conn) or archive_marks.dropping(conn):
+        from ztfd.archive import handedback
+
+        handedback.drop(conn, cfg.home)
 
 
 def _upload_pending(conn: sqlite3.Connection, cfg: Config, stop: threading.Event, result: PassResult,

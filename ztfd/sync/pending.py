@@ -15,7 +15,7 @@ import threading
 from typing import Any, Protocol
 
 from ztfd.config import Config
-from ztfd.store import manifest
+from ztfd.store import archive_marks, manifest
 from ztfd.store.manifest import FailedUpload, FileRecord, UploadedFile
 from ztfd.sync.result import PassResult
 from ztfd.sync.s3 import FatalError, FileError, OutageError, ServerError, UploadInterruptedError
@@ -66,12 +66,26 @@ class PendingUploads:
 
     def _submit_all(self, pool: futures.ThreadPoolExecutor) -> None:
         for item in manifest.iter_pending(self.conn):
+            if self._withheld(item.path):
+                continue
             self._follow_stop()
             if self.abort.is_set():
                 return
             while len(self.inflight) >= self.cfg.s3.concurrency:
                 self._collect_finished()
             self.inflight[pool.submit(self.uploader.upload, item)] = item
+
+    def _withheld(self, path: str) -> bool:
+        """Fleet mode: an archive file of a partition this host handed back, which may hold rows past its commit
+        (the next holder's): never uploaded, the next pass drops it (``ztfd.archive.handedback``)."""
+        if not path.startswith("archive/"):
+            return False
+        given_up = archive_marks.handed_back(self.conn)
+        if not given_up:
+            return False
+        from ztfd.archive import handedback  # pyarrow: only in fleet mode, with partitions handed back
+
+        return handedback.past_commit(path, given_up) is not None
 
     def _drain(self) -> None:
         self._follow_stop()
