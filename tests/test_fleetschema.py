@@ -6,11 +6,13 @@ from __future__ import annotations
 import uuid
 
 import pyarrow as pa
+import pytest
 
 from ztfd import config
 from ztfd.archive import columns
 from ztfd.archive.fleetschema import FleetSchema, agreed_types, news, schema_of, text_type, type_text
 from ztfd.embedded.kafka import KafkaBroker
+from ztfd.embedded.net import free_port
 from ztfd.ingest import kafka as kafka_adapter
 from ztfd.ingest.fleet import FleetBook, fleet_topic
 
@@ -73,3 +75,12 @@ def test_two_members_that_pin_a_column_differently_agree_on_the_first_proposal(k
     assert two.agree(agreed_by_two, schema_of({"mag": pa.float64()})) == agreed_by_two  # nothing new: no write
     assert two.agree(empty, schema_of({"extra": pa.bool_()})) == agreed_by_two  # proposed before: not again
     assert records() == before
+
+
+def test_a_fleet_write_the_broker_never_acknowledged_raises_naming_its_key() -> None:
+    """``flush`` returning 0 says only that the queue is empty: a message that failed (here: no broker within the
+    messages' timeout) is found in its delivery report, and the proposal is not taken as written."""
+    settings = config.KafkaConfig(group_id="nobody", topics=("x",), bootstrap_servers=f"127.0.0.1:{free_port()}",
+                                  assignment="group", options={"message.timeout.ms": 300})
+    with pytest.raises(kafka_adapter.KafkaException, match="column/alerts/mag"):
+        kafka_adapter.write_log_topic(settings, "nobody.ztfd-fleet", {"column/alerts/mag": b"{}"}, timeout=1.0)

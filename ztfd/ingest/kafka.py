@@ -45,6 +45,7 @@ BATCH_CHUNK = 50  # messages taken from librdkafka's queue at a time while a bat
 PREFETCH_KBYTES = 8192  # librdkafka's queued.max.messages.kbytes unless kafka.options sets it
 VIEW_TIMEOUT = 5.0  # seconds for an uncached watermark, a topic id or the topic's metadata
 LIST_TIMEOUT = 10.0  # seconds for the supervisor's look at the broker's topics
+DELIVERY_GRACE = 2.0  # seconds a flush waits beyond the messages' own timeout, for their delivery reports
 GROUP_STRATEGY = "cooperative-sticky"  # fleet mode: a rebalance moves only the partitions that change hands
 CONSUMER_ONLY = ("group.", "auto.", "enable.auto", "session.timeout", "max.poll", "fetch.", "isolation.", "heartbeat.",
                  "partition.assignment")
@@ -500,12 +501,30 @@ def read_log_records(settings: KafkaConfig, topic: str,
 
 def write_log_topic(settings: KafkaConfig, topic: str, entries: Mapping[str, bytes],
                     timeout: float = LIST_TIMEOUT) -> None:
-    """Append ``entries`` (key -> value) to the topic and wait until the broker has them."""
+    """Append ``entries`` (key -> value) to the topic and wait until the broker has acknowledged every one; raises
+    ``KafkaException`` naming the first that was not.
+
+    Idempotent (``acks=all``): a ProduceRequest retried after a lost answer is not written twice. A key written twice
+    would move (compaction keeps its last record) past records written in between, and the fleet's agreement is made
+    from the records' order (``ztfd.ingest.fleet``). Each delivery report is checked: ``flush`` returning 0 only says
+    the queue is empty, failed deliveries included."""
     producer = Producer({**admin_settings(settings.bootstrap_servers, settings.options), "linger.ms": 0,
-                         "logger": librdkafka_logger()})
+                         "enable.idempotence": True, "acks": "all",
+                         "message.timeout.ms": max(1, int(timeout * 1000)), "logger": librdkafka_logger()})
+    failed: list[tuple[KafkaError, str]] = []
+
+    def delivered(error: KafkaError | None, message: Any) -> None:
+        if error is not None:
+            failed.append((error, (message.key() or b"").decode("utf-8", "replace")))
+
     for key, value in entries.items():
-        producer.produce(topic, key=key.encode(), value=value)
-    if producer.flush(timeout):
+        producer.produce(topic, key=key.encode(), value=value, on_delivery=delivered)
+    unsent = producer.flush(timeout + DELIVERY_GRACE)
+    if failed:
+        error, key = failed[0]
+        raise KafkaException(KafkaError(error.code(), f"{topic}: {len(failed)} write(s) not delivered, the first "
+                                                      f"(key {key}): {error.str()}"))
+    if unsent:
         raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"{topic}: a write was not acknowledged in time"))
 
 
