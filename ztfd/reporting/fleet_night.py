@@ -80,7 +80,8 @@ def bucket_filesystem(s3: config.S3Config) -> fs.S3FileSystem:
 
 
 def mirror_root(s3: config.S3Config) -> str:
-    """The home's mirror in the bucket, as pyarrow names it: ``<bucket>/<s3.prefix>`` without its last slash."""
+    """The home's mirror in the bucket, as pyarrow names it: ``<bucket>/<s3.prefix>`` without its last slash (in group
+    mode the prefix is empty or ends with "/", ``config._check_fleet``: sync's keys are then this folder's files)."""
     return f"{s3.bucket}/{s3.prefix}".rstrip("/")
 
 
