@@ -32,7 +32,7 @@ from confluent_kafka import (
     TopicCollection,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, OffsetSpec, ResourceType
 
 from ztfd.config import ConfigError, KafkaConfig
 from ztfd.ingest.topics import BrokerTopics
@@ -443,9 +443,12 @@ def end_offsets(settings: KafkaConfig, topics: list[str], timeout: float) -> dic
 
 
 def ensure_log_topic(settings: KafkaConfig, topic: str, timeout: float = VIEW_TIMEOUT) -> None:
-    """Create ``topic`` (one partition, compacted: the last value per key is what counts) unless it exists."""
+    """Create ``topic`` (one partition, compacted: the last value per key is what counts) unless it exists; refuse
+    one that exists with other settings (``check_log_topic``)."""
     admin = admin_client(settings.bootstrap_servers, settings.options, logger=librdkafka_logger())
-    if topic in admin.list_topics(timeout=timeout).topics:
+    existing = admin.list_topics(timeout=timeout).topics.get(topic)
+    if existing is not None and existing.error is None:
+        check_log_topic(admin, topic, len(existing.partitions), timeout)
         return
     futures = admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1,
                                             config={"cleanup.policy": "compact"})], request_timeout=timeout)
@@ -454,6 +457,31 @@ def ensure_log_topic(settings: KafkaConfig, topic: str, timeout: float = VIEW_TI
     except KafkaException as exc:
         if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:  # another host created it first: fine
             raise
+
+
+def check_log_topic(admin: Any, topic: str, partitions: int, timeout: float = VIEW_TIMEOUT) -> None:
+    """Raise ``KafkaException`` (INVALID_CONFIG, naming the topic and what is wrong) unless the topic has one
+    partition and ``cleanup.policy=compact``: only partition 0 is read (one order for every host), and a policy
+    that deletes old records would drop what the fleet agreed (a column's type would be pinned anew). A broker that
+    does not report the policy (Tansu, for a topic created without it) gets a warning: it cannot be told."""
+    if partitions != 1:
+        raise KafkaException(KafkaError(KafkaError.INVALID_CONFIG, f"{topic} has {partitions} partitions: a fleet "
+                                        "topic must have exactly 1 (and cleanup.policy=compact); delete it and "
+                                        "let ztfd create it"))
+    try:
+        resource = ConfigResource(ResourceType.TOPIC, topic)
+        described = admin.describe_configs([resource], request_timeout=timeout)[resource].result(timeout)
+    except KafkaException as exc:
+        log.warning("%s: cannot ask the broker for its cleanup.policy (%s): it must be compact", topic, exc)
+        return
+    entry = described.get("cleanup.policy")
+    if entry is None or not entry.value:
+        log.warning("%s: the broker does not report its cleanup.policy: it must be compact (the fleet's agreements "
+                    "must never expire)", topic)
+    elif {part.strip() for part in entry.value.split(",")} != {"compact"}:
+        raise KafkaException(KafkaError(KafkaError.INVALID_CONFIG, f"{topic} has cleanup.policy={entry.value}: a "
+                                        "fleet topic must be compact only (old records must never expire); set "
+                                        "cleanup.policy=compact"))
 
 
 def read_log_records(settings: KafkaConfig, topic: str,
