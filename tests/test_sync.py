@@ -745,6 +745,39 @@ def test_a_fleet_hosts_pass_puts_its_schema_file_back_when_another_hosts_late_up
     assert home.counts() == {"HEAD": 1}  # S3 holds this host's: one HEAD a pass, nothing uploaded
 
 
+def test_the_fleets_report_writer_puts_its_report_back_when_the_previous_writers_late_upload_replaced_it(
+        make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Partition 0 moved: the previous writer's pending report of a night can land after the new writer's. The
+    writer asks S3 for each night's first page (one HEAD) and queues the night's files again when it differs."""
+    import datetime as dt
+
+    from ztfd.reporting.fleet_night import REPORTED, FleetNight
+    from ztfd.store.status_facts import set_status
+
+    home = make_home(prefix="fleet/", kafka={"assignment": "group"})
+    for name, value in home.server.env().items():  # this process asks S3, as the reporter does
+        monkeypatch.setenv(name, value)
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    first = home.write(f"reports/{today}/index.html", b"<p>both hosts' alerts: 12</p>")
+    second = home.write(f"reports/{today}/page-2.html", b"<p>the rest</p>")
+    with store.transaction(home.conn):
+        set_status(home.conn, REPORTED + today, "v2")
+        set_status(home.conn, REPORTED + "2020-01-01", "v1")  # a night past the look-back: not asked
+    assert home.sync().returncode == 0
+    night = FleetNight(home.cfg, home.conn)
+    home.server.proxy.reset()  # type: ignore[union-attr]
+    night.check_uploads(time.time())
+    assert home.counts() == {"HEAD": 1} and set(home.states().values()) == {"done"}  # S3 holds this host's
+
+    stale = b"<p>one host's alerts: 7</p>"  # the previous writer's, uploaded late
+    home.server.client(direct=True).put_object(Bucket=home.bucket, Key=home.prefix + first, Body=stale)
+    night.check_uploads(time.time())
+    assert home.row(first)["state"] == home.row(second)["state"] == "pending"
+    assert home.sync().returncode == 0
+    body = home.server.client(direct=True).get_object(Bucket=home.bucket, Key=home.prefix + first)["Body"]
+    assert body.read() == (home.path / first).read_bytes()
+
+
 def test_retention_counts_a_403_as_unverified_and_uploads_the_file_again_after_a_few_passes(
         make_home: Callable[..., Home]) -> None:
     home = make_home(delete_local_after_days=1)

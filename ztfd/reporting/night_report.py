@@ -554,6 +554,8 @@ class Night(Protocol):
 
     def reported(self, date: str, version: Any) -> None: ...
 
+    def check_uploads(self, now: float) -> None: ...
+
 
 class HostNight:
     """The alerts this host stored itself (one host; a fleet without the archive: ``note`` says so on the page)."""
@@ -573,6 +575,9 @@ class HostNight:
 
     def reported(self, date: str, version: Any) -> None:
         """Nothing to keep: ``build`` marks the report in the store."""
+
+    def check_uploads(self, now: float) -> None:
+        """Nothing to check: no other host writes this host's reports."""
 
 
 HOST_ONLY = ("this host's alerts only: the fleet's alerts are read from its Parquet dataset in the bucket, and "
@@ -695,7 +700,10 @@ def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
     try:
         while not stop.is_set():
             beat()
-            due = [] if turn is not None and not turn.mine() else _due(source, time.time())
+            mine = turn is None or turn.mine()
+            due = _due(source, time.time()) if mine else []
+            if mine and turn is not None:
+                _check_uploads(source, time.time())
             # (another host writes them: asked again next round, partitions move)
             for date, changed in due:
                 if stop.is_set():
@@ -720,6 +728,13 @@ def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
     finally:
         conn.close()
     return 0
+
+
+def _check_uploads(source: Night, now: float) -> None:
+    try:
+        source.check_uploads(now)
+    except Exception as exc:  # the bucket away, refused: asked again next round
+        log.warning("cannot check this host's night reports in the bucket: %s", exc)
 
 
 def _due(source: Night, now: float) -> list[tuple[str, Any]]:
