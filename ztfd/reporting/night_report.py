@@ -544,7 +544,8 @@ class Night(Protocol):
     """Where a report's cards come from: this host's store (``HostNight``), or in fleet mode the fleet's data in the
     bucket (``reporting.fleet_night.FleetNight``). ``due`` lists the nights (date, what they were read as) whose
     report is due; ``reported`` remembers that one was written from that. A report that fails with one of
-    ``transient`` (the bucket away) is tried again next round, not only when the night changes."""
+    ``transient`` (the bucket away) is tried again later (``Retries``), not only when the night changes.
+    ``check_uploads``: in a fleet, put back the writer's reports another host's late upload replaced."""
 
     transient: tuple[type[Exception], ...]
 
