@@ -164,6 +164,11 @@ def test_group_mode_needs_a_bucket_exit_2_naming_the_key(tmp_path: Path) -> None
     with_bucket = config.load(write(tmp_path, MINIMAL.replace("[kafka]\n", '[kafka]\nassignment = "Group"\n')
                                     + '[s3]\nbucket = "b"\n'), environ={})
     assert with_bucket.kafka.group_mode
+    not_a_folder = write(tmp_path, MINIMAL.replace("[kafka]\n", '[kafka]\nassignment = "group"\n')
+                         + '[s3]\nbucket = "b"\nprefix = "fleet"\n')
+    with pytest.raises(config.ConfigError, match=r'^config: s3\.prefix must end with "/"'):
+        config.load(not_a_folder, environ={})
+    assert config.load(write(tmp_path, MINIMAL + '[s3]\nbucket = "b"\nprefix = "fleet"\n'), environ={}).s3.prefix
     assert not config.load(write(tmp_path, MINIMAL), environ={}).kafka.group_mode  # "all" by default
 
 

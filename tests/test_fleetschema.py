@@ -6,11 +6,13 @@ from __future__ import annotations
 import uuid
 
 import pyarrow as pa
+import pytest
 
 from ztfd import config
 from ztfd.archive import columns
 from ztfd.archive.fleetschema import FleetSchema, agreed_types, news, schema_of, text_type, type_text
 from ztfd.embedded.kafka import KafkaBroker
+from ztfd.embedded.net import free_port
 from ztfd.ingest import kafka as kafka_adapter
 from ztfd.ingest.fleet import FleetBook, fleet_topic
 
@@ -73,3 +75,42 @@ def test_two_members_that_pin_a_column_differently_agree_on_the_first_proposal(k
     assert two.agree(agreed_by_two, schema_of({"mag": pa.float64()})) == agreed_by_two  # nothing new: no write
     assert two.agree(empty, schema_of({"extra": pa.bool_()})) == agreed_by_two  # proposed before: not again
     assert records() == before
+
+
+def test_a_fleet_write_the_broker_never_acknowledged_raises_naming_its_key() -> None:
+    """``flush`` returning 0 says only that the queue is empty: a message that failed (here: no broker within the
+    messages' timeout) is found in its delivery report, and the proposal is not taken as written."""
+    settings = config.KafkaConfig(group_id="nobody", topics=("x",), bootstrap_servers=f"127.0.0.1:{free_port()}",
+                                  assignment="group", options={"message.timeout.ms": 300})
+    with pytest.raises(kafka_adapter.KafkaException, match="column/alerts/mag"):
+        kafka_adapter.write_log_topic(settings, "nobody.ztfd-fleet", {"column/alerts/mag": b"{}"}, timeout=1.0)
+
+
+def test_a_fleet_topic_with_other_settings_is_refused_naming_what_is_wrong(
+        kafka: KafkaBroker, caplog: pytest.LogCaptureFixture) -> None:
+    """Only partition 0 is read (one order for every host), and the agreements must never expire: a fleet topic of
+    several partitions or that deletes old records is refused; one whose policy the broker does not report (Tansu,
+    for a topic created without it) is used with a warning."""
+    from confluent_kafka.admin import NewTopic
+
+    admin = kafka_adapter.admin_client(kafka.bootstrap, {})
+    groups = {kind: f"{kind}-{uuid.uuid4().hex[:8]}" for kind in ("spread", "expiring", "unsaid")}
+    created = admin.create_topics([
+        NewTopic(fleet_topic(groups["spread"]), num_partitions=3, replication_factor=1,
+                 config={"cleanup.policy": "compact"}),
+        NewTopic(fleet_topic(groups["expiring"]), num_partitions=1, replication_factor=1,
+                 config={"cleanup.policy": "compact,delete"}),
+        NewTopic(fleet_topic(groups["unsaid"]), num_partitions=1, replication_factor=1)])
+    for future in created.values():
+        future.result(30)
+
+    def book(kind: str) -> FleetBook:
+        return FleetBook(config.KafkaConfig(group_id=groups[kind], topics=("x",), bootstrap_servers=kafka.bootstrap,
+                                            assignment="group"), "one:/home")
+
+    with pytest.raises(kafka_adapter.KafkaException, match=r"spread-\w+\.ztfd-fleet has 3 partitions"):
+        book("spread").generations("x")
+    with pytest.raises(kafka_adapter.KafkaException, match=r"cleanup\.policy=compact,delete"):
+        book("expiring").publish_member("x", [0])
+    assert book("unsaid").generations("x") == {}
+    assert "does not report its cleanup.policy" in caplog.text

@@ -7,6 +7,7 @@ unknown topic) is refused before anything is written."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -362,3 +363,30 @@ def test_a_fleet_without_the_archive_reports_its_hosts_alerts_and_says_so(source
         assert 'class="note"' not in plain.decode()  # one host: the page as before
     finally:
         conn.close()
+
+
+def test_a_night_whose_report_keeps_failing_is_tried_less_and_less_often_and_logged_once_per_reason(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A reason that never passes (two files of the night disagree on a column's type) must not cost a listing and a
+    read of the night every round: the delay doubles from the watch interval up to an hour."""
+    caplog.set_level(logging.DEBUG, logger=night_report.__name__)
+    now = [0.0]
+    retries = night_report.Retries(clock=lambda: now[0])
+
+    def warnings() -> int:
+        return sum(r.levelno == logging.WARNING and "2026-01-01 failed" in r.getMessage() for r in caplog.records)
+
+    conflict = OSError("type conflict in night=2026-01-01")
+    delays = [retries.failed("2026-01-01", "v1", conflict) for _ in range(9)]
+    assert delays == [30.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 3600.0, 3600.0]
+    assert warnings() == 1
+    assert retries.waiting("2026-01-01", "v1")
+    assert not retries.waiting("2026-01-01", "v2")  # its files changed: tried at once
+    assert not retries.waiting("2026-01-02", "v1")  # another night is not held back
+    now[0] += 3600.0
+    assert not retries.waiting("2026-01-01", "v1")
+    retries.failed("2026-01-01", "v1", OSError("the bucket is away"))  # a new reason: said again
+    assert warnings() == 2
+    retries.succeeded("2026-01-01")
+    assert not retries.waiting("2026-01-01", "v1")
+    assert retries.failed("2026-01-01", "v1", conflict) == 30.0  # written since: starts over

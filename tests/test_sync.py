@@ -116,13 +116,14 @@ class Home:
 
 @pytest.fixture
 def make_home(make_config: Callable[..., Path], s3: S3Server, tmp_path: Path) -> Callable[..., Home]:
-    def factory(create_bucket: bool = True, prefix: str = "archive/", name: str = "home", **s3_keys: Any) -> Home:
+    def factory(create_bucket: bool = True, prefix: str = "archive/", name: str = "home",
+                kafka: dict[str, Any] | None = None, **s3_keys: Any) -> Home:
         bucket = f"ztfd-sync-{os.getpid()}-{next(_bucket_numbers)}"
         if create_bucket:
             s3.create_bucket(bucket)
         keys = {"bucket": bucket, "prefix": prefix, "endpoint_url": s3.endpoint_url, "region": "us-east-1",
                 "max_attempts": 2, "concurrency": 4, **s3_keys}
-        return Home(make_config(home=tmp_path / name, s3=keys), s3, bucket, prefix)
+        return Home(make_config(home=tmp_path / name, s3=keys, kafka=kafka or {}), s3, bucket, prefix)
 
     return factory
 
@@ -718,6 +719,63 @@ def test_retention_requeues_a_file_whose_s3_copy_has_other_bytes_of_the_same_siz
     assert home.objects()[home.prefix + replaced][0] == size
     body = home.server.client(direct=True).get_object(Bucket=home.bucket, Key=home.prefix + replaced)["Body"]
     assert body.read() == replaced_data
+
+
+def test_a_fleet_hosts_pass_puts_its_schema_file_back_when_another_hosts_late_upload_replaced_it(
+        make_home: Callable[..., Home]) -> None:
+    """Every host of a fleet uploads the dataset's schema file under one key: a host gone for good may have
+    uploaded an older schema last. Each pass asks S3 (one HEAD) and uploads this host's again when it differs."""
+    home = make_home(prefix="fleet/", kafka={"assignment": "group"})
+    schema = home.write("archive/alerts/_common_metadata", b"the schema the fleet agreed, with column b")
+    alert = home.write("data/2024-05-01/topic/ZTF24a_p0-o1.json", b"{}")
+    assert home.sync().returncode == 0
+    older = b"an older schema, without b"
+    home.server.client(direct=True).put_object(Bucket=home.bucket, Key=home.prefix + schema, Body=older)
+
+    home.server.proxy.reset()  # type: ignore[union-attr]
+    result = home.sync()
+    assert result.returncode == 0, result.stdout + result.stderr
+    body = home.server.client(direct=True).get_object(Bucket=home.bucket, Key=home.prefix + schema)["Body"]
+    assert body.read() == (home.path / schema).read_bytes()
+    assert home.puts() == {home.prefix + schema: 1}  # the alert's file is not uploaded again
+    assert home.row(schema)["state"] == home.row(alert)["state"] == "done"
+
+    home.server.proxy.reset()  # type: ignore[union-attr]
+    assert home.sync().returncode == 0
+    assert home.counts() == {"HEAD": 1}  # S3 holds this host's: one HEAD a pass, nothing uploaded
+
+
+def test_the_fleets_report_writer_puts_its_report_back_when_the_previous_writers_late_upload_replaced_it(
+        make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Partition 0 moved: the previous writer's pending report of a night can land after the new writer's. The
+    writer asks S3 for each night's first page (one HEAD) and queues the night's files again when it differs."""
+    import datetime as dt
+
+    from ztfd.reporting.fleet_night import REPORTED, FleetNight
+    from ztfd.store.status_facts import set_status
+
+    home = make_home(prefix="fleet/", kafka={"assignment": "group"})
+    for name, value in home.server.env().items():  # this process asks S3, as the reporter does
+        monkeypatch.setenv(name, value)
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    first = home.write(f"reports/{today}/index.html", b"<p>both hosts' alerts: 12</p>")
+    second = home.write(f"reports/{today}/page-2.html", b"<p>the rest</p>")
+    with store.transaction(home.conn):
+        set_status(home.conn, REPORTED + today, "v2")
+        set_status(home.conn, REPORTED + "2020-01-01", "v1")  # a night past the look-back: not asked
+    assert home.sync().returncode == 0
+    night = FleetNight(home.cfg, home.conn)
+    home.server.proxy.reset()  # type: ignore[union-attr]
+    night.check_uploads(time.time())
+    assert home.counts() == {"HEAD": 1} and set(home.states().values()) == {"done"}  # S3 holds this host's
+
+    stale = b"<p>one host's alerts: 7</p>"  # the previous writer's, uploaded late
+    home.server.client(direct=True).put_object(Bucket=home.bucket, Key=home.prefix + first, Body=stale)
+    night.check_uploads(time.time())
+    assert home.row(first)["state"] == home.row(second)["state"] == "pending"
+    assert home.sync().returncode == 0
+    body = home.server.client(direct=True).get_object(Bucket=home.bucket, Key=home.prefix + first)["Body"]
+    assert body.read() == (home.path / first).read_bytes()
 
 
 def test_retention_counts_a_403_as_unverified_and_uploads_the_file_again_after_a_few_passes(

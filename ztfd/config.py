@@ -397,10 +397,14 @@ def _check_kafka(kafka: KafkaConfig, config_path: Path) -> KafkaConfig:
 
 
 def _check_fleet(kafka: KafkaConfig, s3: S3Config) -> KafkaConfig:
-    """Group mode needs the bucket: it is the fleet's durable store, which offsets are committed after."""
+    """Group mode needs the bucket: it is the fleet's durable store, which offsets are committed after; and a prefix
+    that is a folder, where the night report's reader (``reporting.fleet_night``) finds the archive."""
     kafka = dataclasses.replace(kafka, assignment=kafka.assignment.lower())
     if kafka.group_mode and not s3.bucket:
         raise ConfigError('config: s3.bucket is required with kafka.assignment = "group" (the fleet\'s durable store)')
+    if kafka.group_mode and s3.prefix and not s3.prefix.endswith("/"):
+        raise ConfigError('config: s3.prefix must end with "/" with kafka.assignment = "group" (the fleet\'s night '
+                          'reports read the bucket\'s mirror of a home as a folder)')
     return kafka
 
 

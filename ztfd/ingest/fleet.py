@@ -18,7 +18,9 @@ Keys (values are JSON):
   proposal of a dataset column's Arrow type (``ztfd.archive.fleetschema``: the first proposal of a column in the
   log pins its type for every host, later ones only add struct fields). Each key is written once, by one member,
   with one type: compaction keeps a key's last record, so a key written again would move to a later offset and
-  could take a column's pin from the proposal that won it.
+  could take a column's pin from the proposal that won it. The writes are idempotent (``kafka.write_log_topic``),
+  so a request retried after a lost answer writes no second copy. A key's offset is its *last* record's, as
+  compaction keeps it: taking its first would give readers before and after a compaction different orders.
 
 The live membership (``live_members``, which ``stamps.rate_limit`` is shared by) is read from those records: every
 member that said it is there within ``LIVE_FOR`` s and has not left, holding partitions or not (more hosts than

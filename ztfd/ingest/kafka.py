@@ -32,7 +32,7 @@ from confluent_kafka import (
     TopicCollection,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, OffsetSpec, ResourceType
 
 from ztfd.config import ConfigError, KafkaConfig
 from ztfd.ingest.topics import BrokerTopics
@@ -45,6 +45,7 @@ BATCH_CHUNK = 50  # messages taken from librdkafka's queue at a time while a bat
 PREFETCH_KBYTES = 8192  # librdkafka's queued.max.messages.kbytes unless kafka.options sets it
 VIEW_TIMEOUT = 5.0  # seconds for an uncached watermark, a topic id or the topic's metadata
 LIST_TIMEOUT = 10.0  # seconds for the supervisor's look at the broker's topics
+DELIVERY_GRACE = 2.0  # seconds a flush waits beyond the messages' own timeout, for their delivery reports
 GROUP_STRATEGY = "cooperative-sticky"  # fleet mode: a rebalance moves only the partitions that change hands
 CONSUMER_ONLY = ("group.", "auto.", "enable.auto", "session.timeout", "max.poll", "fetch.", "isolation.", "heartbeat.",
                  "partition.assignment")
@@ -442,9 +443,12 @@ def end_offsets(settings: KafkaConfig, topics: list[str], timeout: float) -> dic
 
 
 def ensure_log_topic(settings: KafkaConfig, topic: str, timeout: float = VIEW_TIMEOUT) -> None:
-    """Create ``topic`` (one partition, compacted: the last value per key is what counts) unless it exists."""
+    """Create ``topic`` (one partition, compacted: the last value per key is what counts) unless it exists; refuse
+    one that exists with other settings (``check_log_topic``)."""
     admin = admin_client(settings.bootstrap_servers, settings.options, logger=librdkafka_logger())
-    if topic in admin.list_topics(timeout=timeout).topics:
+    existing = admin.list_topics(timeout=timeout).topics.get(topic)
+    if existing is not None and existing.error is None:
+        check_log_topic(admin, topic, len(existing.partitions), timeout)
         return
     futures = admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1,
                                             config={"cleanup.policy": "compact"})], request_timeout=timeout)
@@ -453,6 +457,31 @@ def ensure_log_topic(settings: KafkaConfig, topic: str, timeout: float = VIEW_TI
     except KafkaException as exc:
         if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:  # another host created it first: fine
             raise
+
+
+def check_log_topic(admin: Any, topic: str, partitions: int, timeout: float = VIEW_TIMEOUT) -> None:
+    """Raise ``KafkaException`` (INVALID_CONFIG, naming the topic and what is wrong) unless the topic has one
+    partition and ``cleanup.policy=compact``: only partition 0 is read (one order for every host), and a policy
+    that deletes old records would drop what the fleet agreed (a column's type would be pinned anew). A broker that
+    does not report the policy (Tansu, for a topic created without it) gets a warning: it cannot be told."""
+    if partitions != 1:
+        raise KafkaException(KafkaError(KafkaError.INVALID_CONFIG, f"{topic} has {partitions} partitions: a fleet "
+                                        "topic must have exactly 1 (and cleanup.policy=compact); delete it and "
+                                        "let ztfd create it"))
+    try:
+        resource = ConfigResource(ResourceType.TOPIC, topic)
+        described = admin.describe_configs([resource], request_timeout=timeout)[resource].result(timeout)
+    except KafkaException as exc:
+        log.warning("%s: cannot ask the broker for its cleanup.policy (%s): it must be compact", topic, exc)
+        return
+    entry = described.get("cleanup.policy")
+    if entry is None or not entry.value:
+        log.warning("%s: the broker does not report its cleanup.policy: it must be compact (the fleet's agreements "
+                    "must never expire)", topic)
+    elif {part.strip() for part in entry.value.split(",")} != {"compact"}:
+        raise KafkaException(KafkaError(KafkaError.INVALID_CONFIG, f"{topic} has cleanup.policy={entry.value}: a "
+                                        "fleet topic must be compact only (old records must never expire); set "
+                                        "cleanup.policy=compact"))
 
 
 def read_log_records(settings: KafkaConfig, topic: str,
@@ -500,12 +529,30 @@ def read_log_records(settings: KafkaConfig, topic: str,
 
 def write_log_topic(settings: KafkaConfig, topic: str, entries: Mapping[str, bytes],
                     timeout: float = LIST_TIMEOUT) -> None:
-    """Append ``entries`` (key -> value) to the topic and wait until the broker has them."""
+    """Append ``entries`` (key -> value) to the topic and wait until the broker has acknowledged every one; raises
+    ``KafkaException`` naming the first that was not.
+
+    Idempotent (``acks=all``): a ProduceRequest retried after a lost answer is not written twice. A key written twice
+    would move (compaction keeps its last record) past records written in between, and the fleet's agreement is made
+    from the records' order (``ztfd.ingest.fleet``). Each delivery report is checked: ``flush`` returning 0 only says
+    the queue is empty, failed deliveries included."""
     producer = Producer({**admin_settings(settings.bootstrap_servers, settings.options), "linger.ms": 0,
-                         "logger": librdkafka_logger()})
+                         "enable.idempotence": True, "acks": "all",
+                         "message.timeout.ms": max(1, int(timeout * 1000)), "logger": librdkafka_logger()})
+    failed: list[tuple[KafkaError, str]] = []
+
+    def delivered(error: KafkaError | None, message: Any) -> None:
+        if error is not None:
+            failed.append((error, (message.key() or b"").decode("utf-8", "replace")))
+
     for key, value in entries.items():
-        producer.produce(topic, key=key.encode(), value=value)
-    if producer.flush(timeout):
+        producer.produce(topic, key=key.encode(), value=value, on_delivery=delivered)
+    unsent = producer.flush(timeout + DELIVERY_GRACE)
+    if failed:
+        error, key = failed[0]
+        raise KafkaException(KafkaError(error.code(), f"{topic}: {len(failed)} write(s) not delivered, the first "
+                                                      f"(key {key}): {error.str()}"))
+    if unsent:
         raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"{topic}: a write was not acknowledged in time"))
 
 

@@ -37,6 +37,7 @@ from ztfd import config, store
 from ztfd.archive import QueryError
 from ztfd.archive import open as open_archive
 from ztfd.archive.columns import ALERT_COLUMNS, PARTITION_COLUMNS, RESERVED
+from ztfd.files import relative_to_home
 from ztfd.ingest import nights
 from ztfd.reporting.night_report import (
     LOOKBACK_DAYS,
@@ -48,14 +49,17 @@ from ztfd.reporting.night_report import (
     mjd_of,
     new_card,
     night_counts,
+    page_name,
     read_alert,
+    report_dir,
     stamp_outcomes,
     survey_of,
 )
 from ztfd.sources import Alert, Source
+from ztfd.store import manifest
 from ztfd.store import report as night
 from ztfd.store.alerts import StoredAlert, alerts_on
-from ztfd.store.status_facts import get_status, set_status
+from ztfd.store.status_facts import get_status, set_status, statuses_with_prefix
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +84,8 @@ def bucket_filesystem(s3: config.S3Config) -> fs.S3FileSystem:
 
 
 def mirror_root(s3: config.S3Config) -> str:
-    """The home's mirror in the bucket, as pyarrow names it: ``<bucket>/<s3.prefix>`` without its last slash."""
+    """The home's mirror in the bucket, as pyarrow names it: ``<bucket>/<s3.prefix>`` without its last slash (in group
+    mode the prefix is empty or ends with "/", ``config._check_fleet``: sync's keys are then this folder's files)."""
     return f"{s3.bucket}/{s3.prefix}".rstrip("/")
 
 
@@ -101,6 +106,7 @@ class FleetNight:
         self.filesystem = filesystem if filesystem is not None else bucket_filesystem(cfg.s3)
         self.root = root if root is not None else mirror_root(cfg.s3)
         self.sources: dict[str, Source | None] = {}
+        self._client: Any = None  # boto3's, for ``check_uploads``
 
     # --- the cards ---------------------------------------------------------------------------------------------
 
@@ -225,6 +231,25 @@ class FleetNight:
     def reported(self, date: str, version: Any) -> None:
         with store.transaction(self.conn):
             set_status(self.conn, REPORTED + date, str(version))
+
+    def check_uploads(self, now: float) -> None:
+        """The writer, each round: for each night it reported within ``LOOKBACK_DAYS``, whether the bucket holds
+        its first page as this host uploaded it (one HEAD); when another host's late upload replaced it (the
+        previous holder of partition 0 had its report pending), the night's report files are queued again."""
+        from ztfd.sync.s3 import make_client
+        from ztfd.sync.shared_keys import upload_differs
+
+        oldest = dt.datetime.fromtimestamp(now - LOOKBACK_DAYS * 86400, dt.UTC).date().isoformat()
+        for date in statuses_with_prefix(self.conn, REPORTED):
+            if date < oldest:
+                continue
+            folder = relative_to_home(self.cfg.home, report_dir(self.cfg, date, None))
+            self._client = self._client or make_client(self.cfg)
+            difference = upload_differs(self.conn, self.cfg, self._client, f"{folder}/{page_name(1)}")
+            if difference is not None:
+                count = manifest.requeue_folder(self.conn, f"{folder}/", f"another host's report in S3: {difference}")
+                log.warning("report %s: %s (another host's upload came last): its %d files queued for upload again",
+                            date, difference, count)
 
     def _listing(self) -> dict[str, list[tuple[str, int, float]]]:
         """night -> (path, size, modification time) of each of its files in both datasets (one listing of each: a

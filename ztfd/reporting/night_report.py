@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 CARDS_PER_PAGE = 200
 MAX_COLUMNS = 14
 WATCH_INTERVAL = 30.0
+RETRY_BACKOFF = lifecycle.Backoff(WATCH_INTERVAL, 3600.0)  # a night whose report failed for a reason that may pass
 LOOKBACK_DAYS = 7  # the daemon rewrites reports of nights busy this recently; older ones with `ztfd report`
 REPORTER_NICENESS = 10
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}\Z")
@@ -543,7 +544,8 @@ class Night(Protocol):
     """Where a report's cards come from: this host's store (``HostNight``), or in fleet mode the fleet's data in the
     bucket (``reporting.fleet_night.FleetNight``). ``due`` lists the nights (date, what they were read as) whose
     report is due; ``reported`` remembers that one was written from that. A report that fails with one of
-    ``transient`` (the bucket away) is tried again next round, not only when the night changes."""
+    ``transient`` (the bucket away) is tried again later (``Retries``), not only when the night changes.
+    ``check_uploads``: in a fleet, put back the writer's reports another host's late upload replaced."""
 
     transient: tuple[type[Exception], ...]
 
@@ -552,6 +554,8 @@ class Night(Protocol):
     def due(self, now: float) -> list[tuple[str, Any]]: ...
 
     def reported(self, date: str, version: Any) -> None: ...
+
+    def check_uploads(self, now: float) -> None: ...
 
 
 class HostNight:
@@ -572,6 +576,9 @@ class HostNight:
 
     def reported(self, date: str, version: Any) -> None:
         """Nothing to keep: ``build`` marks the report in the store."""
+
+    def check_uploads(self, now: float) -> None:
+        """Nothing to check: no other host writes this host's reports."""
 
 
 HOST_ONLY = ("this host's alerts only: the fleet's alerts are read from its Parquet dataset in the bucket, and "
@@ -639,6 +646,40 @@ def _record(home: Path, conn: sqlite3.Connection, paths: Iterable[str]) -> None:
             store.record_files(conn, rows[start:start + 500])
 
 
+class Retries:
+    """Nights whose last report failed for a reason that may pass (``Night.transient``: the bucket away, a file of
+    it unreadable). Each is tried again after a delay that doubles from ``WATCH_INTERVAL`` to an hour
+    (``RETRY_BACKOFF``), at once when its files change: a reason that never passes (a type conflict between files)
+    costs a read of the night an hour, not every round. Logged as a warning when its reason changes."""
+
+    def __init__(self, backoff: lifecycle.Backoff = RETRY_BACKOFF,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.backoff, self.clock = backoff, clock
+        self._failed: dict[str, tuple[Any, int, float, str]] = {}  # date -> (version, attempts, next try, reason)
+
+    def waiting(self, date: str, version: Any) -> bool:
+        said = self._failed.get(date)
+        return said is not None and said[0] == version and self.clock() < said[2]
+
+    def failed(self, date: str, version: Any, exc: BaseException) -> float:
+        """Note a failure; the seconds until the night is tried again."""
+        said = self._failed.get(date)
+        attempts = said[1] + 1 if said is not None and said[0] == version else 1
+        delay = self.backoff.delay(attempts)
+        reason = str(exc)
+        if said is None or said[3] != reason:
+            log.warning("report %s failed: %s (tried again in %.0f s, then less often while it fails, up to every "
+                        "%.0f s)", date, reason, delay, self.backoff.cap)
+        else:
+            log.debug("report %s failed again (%d times): %s; next try in %.0f s", date, attempts, reason, delay)
+        self._failed[date] = (version, attempts, self.clock() + delay, reason)
+        return delay
+
+    def succeeded(self, date: str) -> None:
+        if self._failed.pop(date, None) is not None:
+            log.info("report %s written after failures", date)
+
+
 def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
     """The daemon's reporter: every ``WATCH_INTERVAL`` s, rewrite the reports of nights quiet for
     ``report.after_quiet`` s that changed since their last report; heartbeat throughout. In fleet mode only on the
@@ -652,6 +693,7 @@ def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
         turn = ReportTurn(cfg)
     heartbeat = Heartbeat(name, Role.REPORTER)
     failed: dict[str, Any] = {}  # date -> the version a report failed on: tried again only after a new one
+    retries = Retries()
 
     def beat() -> None:
         heartbeat.beat_if_due(conn)
@@ -659,18 +701,22 @@ def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
     try:
         while not stop.is_set():
             beat()
-            due = [] if turn is not None and not turn.mine() else _due(source, time.time())
+            mine = turn is None or turn.mine()
+            due = _due(source, time.time()) if mine else []
+            if mine and turn is not None:
+                _check_uploads(source, time.time())
             # (another host writes them: asked again next round, partitions move)
             for date, changed in due:
                 if stop.is_set():
                     break
-                if failed.get(date) == changed:
+                if failed.get(date) == changed or retries.waiting(date, changed):
                     continue
                 try:
                     build(cfg, conn, date, beat=beat, source=source)
                     source.reported(date, changed)
+                    retries.succeeded(date)
                 except source.transient as exc:
-                    log.warning("report %s failed: %s (tried again next round)", date, exc)
+                    retries.failed(date, changed, exc)
                 except (OSError, sqlite3.Error, ReportError) as exc:
                     log.error("report %s failed: %s (tried again when the night changes)", date, exc)
                     failed[date] = changed
@@ -683,6 +729,13 @@ def watch(cfg: config.Config, name: str, stop: lifecycle.Stop) -> int:
     finally:
         conn.close()
     return 0
+
+
+def _check_uploads(source: Night, now: float) -> None:
+    try:
+        source.check_uploads(now)
+    except Exception as exc:  # the bucket away, refused: asked again next round
+        log.warning("cannot check this host's night reports in the bucket: %s", exc)
 
 
 def _due(source: Night, now: float) -> list[tuple[str, Any]]:

@@ -204,6 +204,23 @@ def old_uploads(conn: sqlite3.Connection, cutoff: float, after: tuple[float, str
     return [OldUpload(row["path"], row["size"], row["md5"], row["etag"], row["uploaded_at"]) for row in rows]
 
 
+def requeue_folder(conn: sqlite3.Connection, folder: str, reason: str) -> int:
+    """Queue every done file under ``folder`` (a path ending with "/") for upload again; how many."""
+    with transaction(conn):
+        rows = conn.execute("UPDATE manifest SET state = 'pending', last_error = ? WHERE path >= ? AND path < ? "
+                            "AND state = 'done' RETURNING path", (reason[:ERROR_CHARS], folder,
+                                                                   folder[:-1] + chr(ord("/") + 1))).fetchall()
+        conn.executemany("DELETE FROM retention_checks WHERE path = ?", [(row["path"],) for row in rows])
+    return len(rows)
+
+
+def upload_of(conn: sqlite3.Connection, path: str) -> OldUpload | None:
+    """The upload of a done row (None while it is pending, failing or unknown)."""
+    row = conn.execute("SELECT path, size, md5, etag, uploaded_at FROM manifest WHERE path = ? AND state = 'done'",
+                       (path,)).fetchone()
+    return None if row is None else OldUpload(row["path"], row["size"], row["md5"], row["etag"], row["uploaded_at"])
+
+
 def archive(conn: sqlite3.Connection, path: str, md5: str) -> bool:
     """Mark a done row archived if it still describes ``md5`` (a writer may have recorded new bytes meanwhile)."""
     archived = conn.execute("UPDATE manifest SET state = 'archived' WHERE path = ? AND state = 'done' "

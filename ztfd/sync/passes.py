@@ -11,7 +11,7 @@ from typing import Any
 
 from ztfd.config import Config
 from ztfd.store import archive_marks, deletions, manifest
-from ztfd.sync import reconcile, replaced, retention
+from ztfd.sync import reconcile, replaced, retention, shared_keys
 from ztfd.sync.lock import pass_lock
 from ztfd.sync.pending import PendingUploads, Progress
 from ztfd.sync.result import PassResult
@@ -49,7 +49,14 @@ def one_pass(conn: sqlite3.Connection, cfg: Config, stop: threading.Event, full:
     _drop_handed_back(conn, cfg)
     if full:
         result.reconciled = reconcile.run_full(conn, cfg)
-    client = _upload_pending(conn, cfg, stop, result, progress)
+    client = None
+    if cfg.kafka.group_mode:
+        client = make_client(cfg)
+        try:
+            shared_keys.reassert_shared(conn, cfg, client)
+        except (FatalError, OutageError) as exc:  # the uploads meet it too, and say so
+            log.warning("sync: cannot check the fleet's shared files in the bucket: %s", exc)
+    client = _upload_pending(conn, cfg, stop, result, progress, client)
     if result.error is None and not stop.is_set() and deletions.count(conn):
         client = client or make_client(cfg)
         result.deleted_remote, result.warning = replaced.delete_replaced(conn, cfg, client, stop)
@@ -80,15 +87,14 @@ def _drop_handed_back(conn: sqlite3.Connection, cfg: Config) -> None:
 
 
 def _upload_pending(conn: sqlite3.Connection, cfg: Config, stop: threading.Event, result: PassResult,
-                    progress: ProgressFactory | None) -> Any:
-    """Upload what is pending; returns the S3 client if one was made (retention reuses it)."""
+                    progress: ProgressFactory | None, client: Any = None) -> Any:
+    """Upload what is pending; returns the S3 client if one was made or given (retention reuses it)."""
     totals = manifest.pending_totals(conn)
     if not totals.files:
-        return None
+        return client
     log.info("sync: %d files (%s) pending", totals.files, human_bytes(totals.bytes))
-    client = None
     try:
-        client = make_client(cfg)
+        client = client or make_client(cfg)
         PendingUploads(conn, cfg, client, stop, result, progress(totals.files) if progress else None).run()
     except FatalError as exc:
         result.error = str(exc)

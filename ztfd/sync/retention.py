@@ -122,7 +122,7 @@ class Retention:
         except FileError as exc:
             self._unverified(row, str(exc))
             return False
-        difference = _difference(row, head)
+        difference = upload_difference(row, head)
         if difference is None:
             return True
         log.warning("sync retention: %s: %s; kept and queued for upload", row.path, difference)
@@ -130,13 +130,7 @@ class Retention:
         return False
 
     def _head(self, key: str) -> dict[str, Any] | None:
-        """S3's answer to a HEAD of ``key``, or None when it says there is no such object."""
-        try:
-            return self.client.head_object(Bucket=self.cfg.s3.bucket, Key=key)
-        except Exception as exc:
-            if not is_not_found(exc):
-                raise
-            return None
+        return head_object(self.client, self.cfg.s3.bucket, key)
 
     def _unverified(self, row: OldUpload, reason: str) -> None:
         self.outcome.unverified += 1
@@ -177,7 +171,17 @@ class Retention:
         remove_empty_parents(local.parent, self.cfg.home)
 
 
-def _difference(row: OldUpload, head: dict[str, Any] | None) -> str | None:
+def head_object(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
+    """S3's answer to a HEAD of ``key``, or None when it says there is no such object."""
+    try:
+        return client.head_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        if not is_not_found(exc):
+            raise
+        return None
+
+
+def upload_difference(row: OldUpload, head: dict[str, Any] | None) -> str | None:
     """How S3's copy differs from the upload (None: it is the upload)."""
     if head is None:
         return "S3 no longer holds it"
