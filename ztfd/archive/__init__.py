@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ztfd.archive.query import Archive, QueryError, alerts_dataset, stamps_dataset
+if TYPE_CHECKING:
+    from ztfd.archive.query import Archive, QueryError, alerts_dataset, stamps_dataset
 
 __all__ = ["Archive", "QueryError", "alerts_dataset", "open", "stamps_dataset"]
 
@@ -21,4 +23,14 @@ def open(home: str | Path, filesystem: Any = None) -> Archive:
     (``pyarrow.fs.S3FileSystem``), ``home`` is the home's mirror in the bucket, ``bucket/<s3.prefix>``. A file
     replaced or deleted while it is read (a rewrite the archiver made, uploaded by sync) is read again once the
     files are listed again."""
+    from ztfd.archive.query import Archive
+
     return Archive.of_home(home, filesystem)
+
+
+def __getattr__(name: str) -> Any:
+    """The readers, imported when first asked for: ``ztfd.archive.query`` brings DuckDB, pyarrow and astropy
+    (~120 MB and half a second), which a process that only needs the layout's names (the syncer) never uses."""
+    if name in ("Archive", "QueryError", "alerts_dataset", "stamps_dataset"):
+        return getattr(importlib.import_module("ztfd.archive.query"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,12 +9,12 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, NamedTuple
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ztfd import files
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 ARCHIVE = "archive"
 COMMON_METADATA = "_common_metadata"
@@ -113,14 +113,22 @@ class Layout:
 
     def read_alerts_schema(self) -> pa.Schema | None:
         try:
-            return pq.read_schema(self.alerts_schema_path)
+            return _parquet().read_schema(self.alerts_schema_path)
         except FileNotFoundError:
             return None
 
     def write_alerts_schema(self, schema: pa.Schema) -> tuple[str, int, str]:
         """Write the dataset's schema file; its manifest row."""
         buffer = io.BytesIO()
-        pq.write_metadata(schema, buffer)
+        _parquet().write_metadata(schema, buffer)
         data = buffer.getvalue()
         files.atomic_write(self.alerts_schema_path, data)
         return files.relative_to_home(self.home, self.alerts_schema_path), len(data), files.md5_hex(data)
+
+
+def _parquet() -> Any:
+    """pyarrow.parquet, imported when a schema file is read or written: the syncer reads the layout's names only,
+    and pyarrow would be ~45 MB of its memory."""
+    import pyarrow.parquet
+
+    return pyarrow.parquet
