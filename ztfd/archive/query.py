@@ -245,6 +245,16 @@ class Archive:
         alerts = alerts.drop_columns(["object_id"]).append_column("stamps", pa.array(inside, STAMPS_INSIDE))
         return alerts.sort_by([("observed_at", "ascending"), ("received_at", "ascending")])
 
+    def night_rows(self, date: str, topic: str | None = None) -> pa.Table:
+        """Every alert row of night ``date`` (of ``topic`` only, if given), as stored: the fleet's night report
+        reads the fleet's night from them (``reporting.fleet_night``)."""
+        where = f"night = DATE {_sql_text(date)}" + (f" AND topic = {_sql_text(topic)}" if topic else "")
+        return self.sql(f"SELECT * FROM alerts WHERE {where}")
+
+    def night_stamp_paths(self, date: str) -> pa.Table:
+        """``object_id`` and ``path`` of every file of night ``date`` in the stamps dataset, each once."""
+        return self.sql(f"SELECT DISTINCT object_id, path FROM stamps WHERE night = DATE {_sql_text(date)}")
+
     def cone(self, ra: float, dec: float, radius_arcsec: float) -> pa.Table:
         """Alerts within ``radius_arcsec`` of (ra, dec), nearest first: the rows whose ``_healpix_29`` falls in the
         ranges that cover the cone (pyarrow, as the column is read), then the true angular distance (haversine,
@@ -302,6 +312,11 @@ SELECT * FROM (
 
 
 # --- output ---------------------------------------------------------------------------------------------------
+
+
+def _sql_text(value: str) -> str:
+    """``value`` as an SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 def render(table: pa.Table, fmt: str) -> str:

@@ -89,10 +89,6 @@ def mirror_root(s3: config.S3Config) -> str:
     return f"{s3.bucket}/{s3.prefix}".rstrip("/")
 
 
-def _sql_text(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 class FleetNight:
     """The night's cards from the fleet's data in the bucket (``night_report.Night``)."""
 
@@ -112,14 +108,13 @@ class FleetNight:
 
     def gather(self, date: str, topic: str | None) -> tuple[list[Card], dict[str, Any]]:
         archive = open_archive(self.root, filesystem=self.filesystem)
-        where = f"night = DATE {_sql_text(date)}" + (f" AND topic = {_sql_text(topic)}" if topic else "")
-        rows = archive.sql(f"SELECT * FROM alerts WHERE {where}")
+        rows = archive.night_rows(date, topic)
         if not rows.num_rows:
             raise ReportError(f"no alert of {date}{f' ({topic})' if topic else ''} in the fleet's dataset "
                               f"({self.root}/archive/alerts) yet")
         alerts = _unique(rows)
         messages = self._messages(alerts, rows)
-        stamps = archive.sql(f"SELECT DISTINCT object_id, path FROM stamps WHERE night = DATE {_sql_text(date)}")
+        stamps = archive.night_stamp_paths(date)
         images: dict[str, set[str]] = {}
         for object_id, path in zip(stamps["object_id"].to_pylist(), stamps["path"].to_pylist(), strict=True):
             images.setdefault(object_id, set()).add(path)
