@@ -167,12 +167,15 @@ class FleetNight:
         return found
 
     def _read(self, path: str) -> bytes:
-        """A file of the home: from this disk if it is there, else from the bucket's mirror."""
-        try:
-            return (self.cfg.home / path).read_bytes()
-        except FileNotFoundError:
-            with self.filesystem.open_input_stream(f"{self.root}/{path}") as stream:
-                return bytes(stream.read())
+        """A file of the home: from this disk if this host's store records it (an unrecorded one may be a batch's
+        file cut short, ``ztfd.ingest.journal``), else from the bucket's mirror."""
+        if manifest.recorded_file(self.conn, path) is not None:
+            try:
+                return (self.cfg.home / path).read_bytes()
+            except FileNotFoundError:
+                pass  # uploaded and removed by retention: the bucket has it
+        with self.filesystem.open_input_stream(f"{self.root}/{path}") as stream:
+            return bytes(stream.read())
 
     def _decode(self, topic: str, value: bytes | None) -> Alert | None:
         if topic not in self.sources:
