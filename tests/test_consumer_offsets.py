@@ -11,6 +11,7 @@ import json
 import logging
 import sqlite3
 import subprocess
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -141,3 +142,27 @@ def test_offsets_gone_from_the_broker_are_recorded_once_as_a_gap_and_logged(
     table = subprocess.run(ztfd_command(config_path, "status"), env=child_env(), capture_output=True, text=True,
                            timeout=60).stdout
     assert "LOST UPSTREAM t[0]: offsets 10..39 (30 alerts)" in table
+
+
+def test_the_kafka_adapter_tells_which_commits_the_broker_took_and_which_it_refused(kafka: KafkaBroker) -> None:
+    topic = f"answers-{uuid.uuid4().hex[:8]}"
+    kafka.create_topic(topic, partitions=2)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+
+    def answers_to(topic: str, offsets: dict[int, int]) -> tuple[dict[int, int], dict[int, str]]:
+        adapter = KafkaAdapter(config.KafkaConfig(group_id=group, topics=(topic,), bootstrap_servers=kafka.bootstrap),
+                               topic)
+        answers: list[tuple[dict[int, int], dict[int, str]]] = []
+        adapter.on_commit = lambda taken, refused: answers.append((taken, refused))
+        adapter.open()
+        try:
+            adapter.commit(offsets)  # without waiting: the answer comes with a later poll, on this thread
+            wait_until(lambda: adapter.next_batch(0.1, 10, 1 << 20) == [] and answers, 30, "the commit's answer")
+        finally:
+            adapter.close()
+        [answer] = answers
+        return answer
+
+    assert answers_to(topic, {1: 7}) == ({1: 7}, {})
+    taken, refused = answers_to(f"absent-{uuid.uuid4().hex[:8]}", {0: 3})  # a topic the broker does not have
+    assert taken == {} and list(refused) == [0] and "Unknown topic or partition" in refused[0]

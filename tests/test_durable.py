@@ -175,3 +175,53 @@ def test_with_the_archive_on_an_alert_waits_for_its_row_in_an_uploaded_dataset_f
     # objects are deleted from S3 only after it is).
     record_files(conn, [(f"{folder}/p0-g0-o000000000000-000000000002.parquet", 1, "m")])
     assert durable_through(conn, TOPIC, 0, 0, 0, 3, archive=True) == 0
+
+
+def test_a_commit_kafka_refused_is_sent_again_from_the_offset_it_confirmed(tmp_path: Path) -> None:
+    from ztfd.ingest.durability import DurableCommits
+
+    conn = store.connect(tmp_path / "s.sqlite3")
+    alerts = [alert(offset, f"ZTF{offset}")._replace(job_kind=None) for offset in range(0, 4)]
+    store_batch(conn, BatchToStore(TOPIC, 0.0, alerts, [], {0: (0, 4)}, []), {a.alert.path: (1, "m") for a in alerts})
+    kafka = RecordingKafka()
+    commits = DurableCommits(conn, TOPIC, kafka, {0: 0}.__getitem__, every=5.0,  # type: ignore[arg-type]
+                             home=tmp_path)
+    commits.hold({0: 1}, [0])
+    upload(conn, [a.alert.path for a in alerts[:3]])
+    assert commits.tick(force=True) == {0: 3}
+    commits.answered({}, {0: "Broker: Group rebalance in progress"})  # refused: Kafka still has 1
+    assert commits.confirmed == {0: 1} and commits.refused == 1
+    # nothing more became durable, yet the next tick sends the commit again
+    assert commits.tick(force=True) == {0: 3} and kafka.commits == [{0: 3}, {0: 3}]
+    commits.answered({0: 3}, {})
+    assert commits.confirmed == {0: 3}
+    assert commits.tick(force=True) == {}  # taken: nothing more to say
+    # an answer to an older commit, refused after a later one was sent: the walk starts again from what Kafka has
+    upload(conn, [alerts[3].alert.path])
+    assert commits.tick(force=True) == {0: 4}
+    commits.answered({}, {0: "Broker: Not coordinator"})
+    assert commits.committed == {0: 3} and commits.tick(force=True) == {0: 4}
+    commits.answered({0: 9}, {})  # more than was ever sent: not believed
+    assert commits.confirmed == {0: 3}
+
+
+def test_a_commit_left_unanswered_is_sent_again(tmp_path: Path) -> None:
+    from ztfd.ingest.durability import ANSWER_WAIT, DurableCommits
+
+    conn = store.connect(tmp_path / "s.sqlite3")
+    alerts = [alert(offset, f"ZTF{offset}")._replace(job_kind=None) for offset in range(0, 2)]
+    store_batch(conn, BatchToStore(TOPIC, 0.0, alerts, [], {0: (0, 2)}, []), {a.alert.path: (1, "m") for a in alerts})
+    upload(conn, [a.alert.path for a in alerts])
+    now = [0.0]
+    kafka = RecordingKafka()
+    commits = DurableCommits(conn, TOPIC, kafka, {0: 0}.__getitem__, every=1.0,  # type: ignore[arg-type]
+                             home=tmp_path, clock=lambda: now[0])
+    commits.hold({}, [0])
+    assert commits.tick(force=True) == {0: 2}
+    now[0] = ANSWER_WAIT / 2
+    assert commits.tick(force=True) == {}  # an answer may still come
+    now[0] = ANSWER_WAIT + 1
+    assert commits.tick(force=True) == {0: 2} and commits.refused == 1  # none came: sent again
+    commits.answered({0: 2}, {})
+    now[0] = 3 * ANSWER_WAIT
+    assert commits.tick(force=True) == {} and commits.sent_at == {}

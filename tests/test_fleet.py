@@ -1,11 +1,11 @@
 """Fleet mode through the real parts: hosts (homes on this machine, each its own ``ztfd consume`` and ``ztfd sync``
 processes) share a topic through a Tansu consumer group and one moto bucket over HTTP.
 
-The promise in fleet mode: a host switched off for good, disk and all, loses nothing. The test makes that as hard as
-it can be: the host killed has no syncer at all, so nothing it stored ever became durable; Kafka must therefore
-still hold its partitions' offsets where the others resume, and the bucket must end with every alert exactly once
-(each alert's key once, counted by listing) all the same. A third host joins afterwards and takes its share from
-the survivors' commits.
+The promise in fleet mode: three hosts share a stream, and any one of them switched off for good, disk and all,
+loses nothing. The test makes that as hard as it can be: the host killed has no syncer at all, so nothing it stored
+ever became durable; Kafka must therefore still hold its partitions' offsets where the others resume, and the bucket
+must end with every alert exactly once (each alert's key once, counted by listing) all the same, with the group's
+offsets committed through the end (a commit Kafka refuses during the rebalance that follows the loss is sent again).
 """
 
 from __future__ import annotations

@@ -100,6 +100,8 @@ class TopicConsumer:
         self.broker_errors = BrokerErrors(name, cfg.kafka.bootstrap_servers)
         self.kafka.on_error = lambda error: self.broker_errors.failed(self.conn, str(error.name()), error.str())
         self.kafka.on_answer = lambda: self.broker_errors.answered(self.conn)
+        if self.commits is not None:  # a commit Kafka refused is sent again
+            self.kafka.on_commit = self.commits.answered
         self.quota = QuotaWatch(topic, cfg.kafka.lasair_byte_quota)
         self.stopping = lifecycle.Stop()  # set by SIGTERM/SIGINT: the batch in hand is finished and stored
         # A topic found by a pattern: its consumer exits once it is drained and quiet (``topics.EXIT_IDLE``).

@@ -12,6 +12,12 @@ a partition handed back (a rebalance, ``ztfd stop``) is committed as far as it i
 before it is released. A committed offset never goes back within a generation; a new generation (a recreated
 topic) starts the walk again at 0.
 
+A commit sent without waiting can be refused (Kafka refuses them while the group rebalances, or while its
+coordinator moves) or go unanswered: the walk of that partition then starts again from the offset Kafka last
+confirmed, so the next tick sends it again (a refusal at once, silence after ``ANSWER_WAIT`` seconds). Otherwise
+the commit would stay behind for good once the partition's last alerts were durable (nothing would move again),
+and a takeover would redo all of it.
+
 A rejected message of a partition held is exported at the next walk, a file of its own named by its Kafka identity
 (``daemon.housekeeping.write_export``: the file housekeeping would write for it, so the same key on every host),
 and holds the frontier until that file is uploaded. Its row stays in the store for ``ztfd rejected`` until
@@ -29,9 +35,12 @@ from pathlib import Path
 from ztfd import store
 from ztfd.daemon.housekeeping import write_export
 from ztfd.ingest.kafka import KafkaAdapter
+from ztfd.logs import Throttle
 from ztfd.store.durable import durable_through, rejected_not_exported
 
 log = logging.getLogger(__name__)
+
+ANSWER_WAIT = 10.0  # seconds a commit sent without waiting may go unanswered before it is sent again
 
 
 class DurableCommits:
@@ -48,14 +57,18 @@ class DurableCommits:
         self.generation_of = generation_of  # the generation this host reads a partition in
         self.every = every
         self.clock = clock
-        self.committed: dict[int, int] = {}  # partition held -> the offset Kafka has for it
+        self.committed: dict[int, int] = {}  # partition held -> the offset last sent to Kafka for it
+        self.confirmed: dict[int, int] = {}  # partition held -> the offset Kafka is known to have for it
         self.generations: dict[int, int] = {}  # partition held -> the generation that offset belongs to
+        self.sent_at: dict[int, float] = {}  # partition held -> when its commit not yet confirmed was sent
+        self.refused = 0  # commits Kafka refused or left unanswered, each sent again
+        self.throttled = Throttle(log)
         self.last_tick = clock()
 
     def hold(self, committed: dict[int, int], partitions: list[int]) -> None:
         """Partitions handed in, with the group's committed offsets (a partition without one starts at 0)."""
         for partition in partitions:
-            self.committed[partition] = committed.get(partition, 0)
+            self.committed[partition] = self.confirmed[partition] = committed.get(partition, 0)
             self.generations[partition] = self.generation_of(partition)
 
     def _start(self, partition: int, generation: int) -> int:
@@ -63,8 +76,32 @@ class DurableCommits:
         generation (Kafka's offset then belongs to the deleted topic; a commit in the new one may go below it)."""
         if self.generations.get(partition) != generation:
             self.generations[partition] = generation
-            self.committed[partition] = 0
+            self.committed[partition] = self.confirmed[partition] = 0
+            self.sent_at.pop(partition, None)
         return self.committed[partition]
+
+    def answered(self, taken: dict[int, int], refused: dict[int, str]) -> None:
+        """Kafka's answer to commits sent without waiting (``KafkaAdapter.on_commit``): the offsets it took are
+        confirmed; a partition whose commit it refused is walked again from its confirmed offset at the next tick,
+        which sends the commit again."""
+        for partition, offset in taken.items():
+            if partition in self.confirmed and self.confirmed[partition] < offset <= self.committed[partition]:
+                self.confirmed[partition] = offset
+                if offset == self.committed[partition]:
+                    self.sent_at.pop(partition, None)
+        for partition, why in sorted(refused.items()):
+            self._send_again(partition, f"refused it: {why}")
+
+    def _send_again(self, partition: int, why: str) -> None:
+        """Walk ``partition`` again from the offset Kafka confirmed, so the next tick commits it again."""
+        if partition not in self.committed or self.committed[partition] <= self.confirmed[partition]:
+            return
+        self.refused += 1
+        self.throttled(f"refused:{partition}", logging.WARNING,
+                       "kafka %s: the commit of %s[%d] at %d is sent again from %d at the next tick (%d so far)", why,
+                       self.topic, partition, self.committed[partition], self.confirmed[partition], self.refused)
+        self.committed[partition] = self.confirmed[partition]
+        self.sent_at.pop(partition, None)
 
     def frontiers(self, partitions: list[int]) -> dict[int, int]:
         """The durable frontier of each of ``partitions`` that moved past its committed offset."""
@@ -104,6 +141,9 @@ class DurableCommits:
         if not force and now - self.last_tick < self.every:
             return {}
         self.last_tick = now
+        for partition, sent in sorted(self.sent_at.items()):
+            if now - sent > ANSWER_WAIT:
+                self._send_again(partition, f"did not answer within {ANSWER_WAIT:.0f} s")
         try:
             moved = self.frontiers(sorted(self.committed))
         except sqlite3.Error as exc:  # the store locked or full: the next tick tries again, nothing is lost
@@ -112,6 +152,7 @@ class DurableCommits:
         if moved:
             self.kafka.commit(moved)
             self.committed.update(moved)
+            self.sent_at.update(dict.fromkeys(moved, now))
             log.debug("committed %s durable through %s", self.topic, moved)
         return moved
 
@@ -130,6 +171,7 @@ class DurableCommits:
             moved = {}
         if moved and self.kafka.commit_now(moved):
             self.committed.update(moved)
+            self.confirmed.update(moved)
         stored = store.stored_offsets(self.conn, self.topic)
         log.info("handing over %s: %s", self.topic, ", ".join(
             f"[{p}] committed at {self.committed[p]}"
@@ -154,4 +196,6 @@ class DurableCommits:
         """Partitions gone without a word (the session expired): another host already reads them."""
         for partition in partitions:
             self.committed.pop(partition, None)
+            self.confirmed.pop(partition, None)
+            self.sent_at.pop(partition, None)
             self.generations.pop(partition, None)

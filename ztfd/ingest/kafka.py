@@ -114,6 +114,8 @@ class KafkaAdapter:
         # What the consumer learns of the broker beside the log: each error librdkafka reports, and each answer.
         self.on_error: Callable[[Any], None] | None = None
         self.on_answer: Callable[[], None] | None = None
+        # What Kafka answered to a commit: the offsets it took, and the partitions whose commit it refused (why).
+        self.on_commit: Callable[[dict[int, int], dict[int, str]], None] | None = None
 
     def open(self) -> None:
         """Create the clients; a refused ``kafka.options`` entry is a ``ConfigError`` naming it, without values."""
@@ -142,6 +144,7 @@ class KafkaAdapter:
             "queued.max.messages.kbytes": PREFETCH_KBYTES,
             "fetch.queue.backoff.ms": 10,  # with a full queue, look again after 10 ms (default 1 s)
             "error_cb": self._on_error,
+            "on_commit": self._on_commit,
             "logger": librdkafka_logger(),
         }
         if self.settings.group_mode:
@@ -164,6 +167,20 @@ class KafkaAdapter:
         self.throttled(f"kafka:{error.code()}", logging.WARNING, "kafka: %s", error.str())
         if self.on_error is not None:
             self.on_error(error)
+
+    def _on_commit(self, error: Any, partitions: list[Any]) -> None:
+        """librdkafka's answer to a commit (served by the next poll, on the caller's thread). A commit sent without
+        waiting may be refused (a rebalance in progress, the coordinator moving): the caller must then send it
+        again, or Kafka would stay behind until the next offset moves (more redone after a loss, never less)."""
+        if error is not None and error.code() == KafkaError._NO_OFFSET:
+            return
+        mine = [tp for tp in partitions if tp.topic == self.topic]
+        taken = {tp.partition: tp.offset for tp in mine if error is None and tp.error is None}
+        refused = {tp.partition: (tp.error or error).str() for tp in mine if (tp.error or error) is not None}
+        if refused:
+            log.debug("kafka refused the commit of %s %s", self.topic, refused)
+        if self.on_commit is not None:
+            self.on_commit(taken, refused)
 
     def _missing_topic(self) -> None:
         self.throttled("missing-topic", logging.INFO, "topic %s does not exist (yet): waiting for it", self.topic)
