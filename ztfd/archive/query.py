@@ -170,6 +170,11 @@ class Archive:
             self._overlap = (self.alerts, overlapping_files(getattr(self.alerts, "files", [])))
         return self._overlap[1]
 
+    def _stamps_writers(self) -> int:
+        """How many hosts' stamps files the dataset has (more than one: a fleet's, where a stamp fetched again by
+        the host that took a lost host's partition over has a row in both hosts' files)."""
+        return len({path.rsplit("/", 1)[-1] for path in getattr(self.stamps, "files", [])})
+
     def to_pandas(self) -> Any:
         """Every alert as a pandas DataFrame with Arrow-backed columns: 64-bit integers stay integers even where
         a value is null (the default conversion would make them floats), NaN stays NaN."""
@@ -197,6 +202,10 @@ class Archive:
                 con.register("_alerts_met", _files_dataset(self.alerts, lambda path: path in overlap))
                 con.execute(ONCE_VIEW)
                 del named["alerts"]
+            if "stamps" not in tables and self._stamps_writers() > 1:  # a fleet's stamps, each path once
+                con.register("_stamps_files", self.stamps)
+                con.execute(STAMPS_ONCE_VIEW)
+                del named["stamps"]
             for name, table in named.items():
                 con.register(name, table)
             relation = con.sql(text)
@@ -300,6 +309,11 @@ CREATE VIEW alerts AS
 SELECT * FROM _alerts_apart
 UNION ALL
 SELECT DISTINCT ON ("topic", "partition", "generation", "offset") * FROM _alerts_met
+"""
+# One row per stamp file: in a fleet two hosts' files of a night may both list a path (the earliest written kept).
+STAMPS_ONCE_VIEW = """
+CREATE VIEW stamps AS
+SELECT * FROM _stamps_files QUALIFY row_number() OVER (PARTITION BY path ORDER BY written_at, md5) = 1
 """
 CONE_SQL = """
 SELECT * FROM (
