@@ -36,11 +36,13 @@ from tests.conftest import FAST_KAFKA_OPTIONS, child_env, write_config, ztfd_com
 from tests.stamp_support import FAST_STAMPS
 from ztfd import archive as ztfd_archive
 from ztfd import config, files, store
+from ztfd.archive.stamps import kind_of
 from ztfd.embedded.alerce import StampService
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.s3 import S3Server
 from ztfd.embedded.samples import lasair_message, message_stream, packets
 from ztfd.ingest.fleet import LIVE_FOR, FleetBook, FleetGeneration, holders, live, live_members, report_writer
+from ztfd.sources import STAMP_TYPES
 from ztfd.stamps.ratelimit import fleet_share, reserve_share
 from ztfd.store.alerts import iter_alerts
 from ztfd.store.durable import durable_through
@@ -288,6 +290,16 @@ def test_three_hosts_share_a_stream_and_losing_one_with_its_disk_loses_nothing(
                        "the group's offsets committed through the end")
         except AssertionError as failed:
             raise AssertionError(f"{failed}\n{fleet_state(kafka, group, topic, [survivor, newcomer])}") from None
+        # Durable means its archive rows and stamps too: each alert's row once in the bucket, read file by file, and
+        # every detection's three stamps and preview there (the two live hosts' alerts are every alert)
+        assert sorted(dataset_rows(s3, bucket)) == sorted((topic, p, 0, offset) for p, offset in everything)
+        detections: dict[tuple[str, str], set[float | None]] = {}
+        for alert in alerts_of(survivor) + alerts_of(newcomer):
+            detections.setdefault((alert.date, alert.object_id), set()).add(alert.obs_mjd)
+        assert {folder: len(times) for folder, times in detections.items()} == \
+            {folder: len(kinds) for folder, kinds in stamps_in(s3, bucket).items()}
+        assert {kind for kinds in stamps_in(s3, bucket).values() for kind in kinds.values()} == \
+            {frozenset({*STAMP_TYPES, "preview"})}
         # two members hold partitions: each host's fetchers take half of stamps.rate_limit
         wait_until(lambda: survivor.fact(FLEET_MEMBERS) == "2" and newcomer.fact(FLEET_MEMBERS) == "2", DEADLINE,
                    "both live hosts to count two members")
@@ -627,6 +639,17 @@ def test_a_host_that_handed_a_partition_back_never_uploads_its_rows_past_the_com
     finally:
         successor.stop()
         old.stop()
+
+
+def stamps_in(s3: S3Server, bucket: str) -> dict[tuple[str, str], dict[str, frozenset[str]]]:
+    """The bucket's images, per (night, object) folder: each detection's kinds of file (stamps and preview)."""
+    found: dict[tuple[str, str], dict[str, set[str]]] = {}
+    for key in s3.objects(bucket):
+        if key.startswith("fleet/images/"):
+            _, _, night, object_id, name = key.split("/")
+            detection, kind = kind_of(name)
+            found.setdefault((night, object_id), {}).setdefault(detection, set()).add(kind)
+    return {folder: {d: frozenset(kinds) for d, kinds in each.items()} for folder, each in found.items()}
 
 
 def dataset_rows(s3: S3Server, bucket: str) -> list[tuple[str, int, int, int]]:
