@@ -80,13 +80,14 @@ class RecordingKafka:
     def __init__(self) -> None:
         self.commits: list[dict[int, int]] = []
         self.waited: list[dict[int, int]] = []
+        self.refuse = False  # commit_now fails
 
     def commit(self, offsets: dict[int, int]) -> None:
         self.commits.append(dict(offsets))
 
     def commit_now(self, offsets: dict[int, int]) -> bool:
         self.waited.append(dict(offsets))
-        return True
+        return not self.refuse
 
 
 def test_the_committer_moves_forward_only_resets_on_a_new_generation_and_commits_before_handing_over(
@@ -203,6 +204,13 @@ def test_a_commit_kafka_refused_is_sent_again_from_the_offset_it_confirmed(tmp_p
     assert commits.committed == {0: 3} and commits.tick(force=True) == {0: 4}
     commits.answered({0: 9}, {})  # more than was ever sent: not believed
     assert commits.confirmed == {0: 3}
+    # handed back with a commit still unanswered: it is waited for before the partition goes
+    assert commits.release([0]) == {0: (0, 4)} and kafka.waited == [{0: 4}]
+    # ... and when Kafka refuses that one too, the next owner starts at the offset Kafka confirmed
+    commits.hold({0: 3}, [0])
+    commits.committed[0] = 4  # sent, unanswered
+    kafka.refuse = True
+    assert commits.release([0]) == {0: (0, 3)}
 
 
 def test_a_commit_left_unanswered_is_sent_again(tmp_path: Path) -> None:

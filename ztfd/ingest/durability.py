@@ -169,9 +169,16 @@ class DurableCommits:
             log.warning("cannot compute the durable frontiers of %s: %s: handing over at the last commit", self.topic,
                         exc)
             moved = {}
-        if moved and self.kafka.commit_now(moved):
-            self.committed.update(moved)
-            self.confirmed.update(moved)
+        # with any commit sent earlier whose answer has not come: it is waited for now, or the next owner would
+        # start before it
+        unconfirmed = {p: self.committed[p] for p in partitions if self.committed[p] > self.confirmed[p]}
+        final = {**unconfirmed, **moved}
+        if final:
+            if self.kafka.commit_now(final):
+                self.committed.update(final)
+                self.confirmed.update(final)
+            else:  # Kafka has what it confirmed: that is where the next owner starts
+                self.committed.update({p: self.confirmed[p] for p in partitions})
         stored = store.stored_offsets(self.conn, self.topic)
         log.info("handing over %s: %s", self.topic, ", ".join(
             f"[{p}] committed at {self.committed[p]}"
