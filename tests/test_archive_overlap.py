@@ -163,23 +163,25 @@ def test_readers_count_a_stamp_once_where_two_hosts_files_of_a_night_list_it(tmp
     the night (each host writes its own); ``stamps`` in ``sql`` has each path once."""
     from ztfd.archive.stamps import StampsWriter
 
-    def host(name: str, detections: list[str]) -> Path:
+    def host(name: str, detections: list[str], night: str = NIGHT) -> Path:
         home = tmp_path / name
         for detection in detections:
-            folder = home / "images" / NIGHT / "ZTF24aaaaaaa"
+            folder = home / "images" / night / "ZTF24aaaaaaa"
             folder.mkdir(parents=True, exist_ok=True)
             for kind in ("science", "template", "difference"):
                 (folder / f"{detection}_{kind}.fits.gz").write_bytes(f"{detection} {kind}".encode())
-        assert StampsWriter(home, writer=f"{name}-0000000{len(name)}").write_night(NIGHT) is not None
+        assert StampsWriter(home, writer=f"{name}-0000000{len(name)}").write_night(night) is not None
         return home
 
     lost, survivor = host("lost", ["1", "2"]), host("survivor", ["2", "3"])  # detection 2 fetched by both
+    host("survivor", ["4"], night="2024-03-02")  # a night only the survivor has: read as it is
     [lost_file] = (lost / "archive" / "stamps").rglob("*.parquet")
     folder = survivor / "archive" / "stamps" / f"night={NIGHT}"
     (folder / lost_file.name).write_bytes(lost_file.read_bytes())  # both in one place, as in the bucket
     reader = archive.open(survivor)
-    assert reader.stamps.count_rows() == 12  # the bare dataset: detection 2's three files twice
+    assert reader.stamps.count_rows() == 15  # the bare dataset: detection 2's three files twice
     assert reader.sql("SELECT count(*) AS n, count(DISTINCT path) AS d FROM stamps").to_pylist() == \
-        [{"n": 9, "d": 9}]
+        [{"n": 12, "d": 12}]
+    assert reader.sql(f"SELECT count(*) AS n FROM stamps WHERE night = DATE '{NIGHT}'").to_pylist() == [{"n": 9}]
     alone = archive.open(lost)  # one host's files: read as they are
     assert alone.sql("SELECT count(*) AS n FROM stamps").to_pylist() == [{"n": 6}]

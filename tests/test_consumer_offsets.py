@@ -7,12 +7,13 @@ one, against a real store (tests/test_partitions.py has the rules themselves).""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
 import subprocess
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ from ztfd import config, store
 from ztfd.embedded import samples
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.ingest.consumer import TopicConsumer
-from ztfd.ingest.kafka import KafkaAdapter
+from ztfd.ingest.kafka import KafkaAdapter, Refusal
 from ztfd.store import gaps as store_gaps
 
 
@@ -148,21 +149,32 @@ def test_the_kafka_adapter_tells_which_commits_the_broker_took_and_which_it_refu
     topic = f"answers-{uuid.uuid4().hex[:8]}"
     kafka.create_topic(topic, partitions=2)
     group = f"g-{uuid.uuid4().hex[:8]}"
+    absent = f"absent-{uuid.uuid4().hex[:8]}"  # a topic the broker does not have: it refuses its commits
 
-    def answers_to(topic: str, offsets: dict[int, int]) -> tuple[dict[int, int], dict[int, str]]:
+    @contextlib.contextmanager
+    def adapter_of(topic: str) -> Iterator[tuple[KafkaAdapter, list[tuple[dict[int, int], dict[int, Refusal]]]]]:
         adapter = KafkaAdapter(config.KafkaConfig(group_id=group, topics=(topic,), bootstrap_servers=kafka.bootstrap),
                                topic)
-        answers: list[tuple[dict[int, int], dict[int, str]]] = []
+        answers: list[tuple[dict[int, int], dict[int, Refusal]]] = []
         adapter.on_commit = lambda taken, refused: answers.append((taken, refused))
         adapter.open()
         try:
-            adapter.commit(offsets)  # without waiting: the answer comes with a later poll, on this thread
-            wait_until(lambda: adapter.next_batch(0.1, 10, 1 << 20) == [] and answers, 30, "the commit's answer")
+            yield adapter, answers
         finally:
             adapter.close()
+
+    def answer_to(topic: str, offsets: dict[int, int]) -> tuple[dict[int, int], dict[int, Refusal]]:
+        with adapter_of(topic) as (adapter, answers):
+            adapter.commit(offsets)  # without waiting: the answer comes with a later poll, on this thread
+            wait_until(lambda: adapter.next_batch(0.1, 10, 1 << 20) == [] and answers, 30, "the commit's answer")
         [answer] = answers
         return answer
 
-    assert answers_to(topic, {1: 7}) == ({1: 7}, {})
-    taken, refused = answers_to(f"absent-{uuid.uuid4().hex[:8]}", {0: 3})  # a topic the broker does not have
-    assert taken == {} and list(refused) == [0] and "Unknown topic or partition" in refused[0]
+    assert answer_to(topic, {1: 7}) == ({1: 7}, {})
+    taken, refused = answer_to(absent, {0: 3})
+    assert taken == {} and list(refused) == [0] and refused[0].name == "UNKNOWN_TOPIC_OR_PART"
+    # waiting for the answer (a partition handed back): what Kafka took, per partition
+    with adapter_of(topic) as (adapter, _):
+        assert adapter.commit_now({0: 4, 1: 9}) == {0: 4, 1: 9}
+    with adapter_of(absent) as (adapter, _):
+        assert adapter.commit_now({0: 3}) == {}

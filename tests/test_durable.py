@@ -85,9 +85,9 @@ class RecordingKafka:
     def commit(self, offsets: dict[int, int]) -> None:
         self.commits.append(dict(offsets))
 
-    def commit_now(self, offsets: dict[int, int]) -> bool:
+    def commit_now(self, offsets: dict[int, int]) -> dict[int, int]:
         self.waited.append(dict(offsets))
-        return not self.refuse
+        return {} if self.refuse else dict(offsets)
 
 
 def test_the_committer_moves_forward_only_resets_on_a_new_generation_and_commits_before_handing_over(
@@ -178,9 +178,11 @@ def test_with_the_archive_on_an_alert_waits_for_its_row_in_an_uploaded_dataset_f
     assert durable_through(conn, TOPIC, 0, 0, 0, 3, archive=True) == 0
 
 
-def test_a_commit_kafka_refused_is_sent_again_from_the_offset_it_confirmed(tmp_path: Path) -> None:
+def test_a_commit_kafka_refused_is_sent_again_and_never_below_what_was_sent(tmp_path: Path) -> None:
     from ztfd.ingest.durability import DurableCommits
+    from ztfd.ingest.kafka import Refusal
 
+    rebalancing = Refusal("ILLEGAL_GENERATION", "Broker: Specified group generation id is not valid")
     conn = store.connect(tmp_path / "s.sqlite3")
     alerts = [alert(offset, f"ZTF{offset}")._replace(job_kind=None) for offset in range(0, 4)]
     store_batch(conn, BatchToStore(TOPIC, 0.0, alerts, [], {0: (0, 4)}, []), {a.alert.path: (1, "m") for a in alerts})
@@ -190,27 +192,36 @@ def test_a_commit_kafka_refused_is_sent_again_from_the_offset_it_confirmed(tmp_p
     commits.hold({0: 1}, [0])
     upload(conn, [a.alert.path for a in alerts[:3]])
     assert commits.tick(force=True) == {0: 3}
-    commits.answered({}, {0: "Broker: Group rebalance in progress"})  # refused: Kafka still has 1
-    assert commits.confirmed == {0: 1} and commits.refused == 1
-    # nothing more became durable, yet the next tick sends the commit again
+    # A newer stamp of alert 1's object waits for its upload: the store's walk from 1 would now stop at 1.
+    record_files(conn, [(f"images/2026-01-01/ZTF1/{'9' * 18}.png", 1, "m")])
+    commits.answered({}, {0: rebalancing})  # refused: Kafka still has 1
+    assert commits.confirmed == {0: 1} and commits.resent == 1
+    # nothing more became durable, yet the next tick sends the commit again, and never below what was sent
     assert commits.tick(force=True) == {0: 3} and kafka.commits == [{0: 3}, {0: 3}]
     commits.answered({0: 3}, {})
     assert commits.confirmed == {0: 3}
     assert commits.tick(force=True) == {}  # taken: nothing more to say
-    # an answer to an older commit, refused after a later one was sent: the walk starts again from what Kafka has
+    # two commits in flight: the older one refused, the newer one taken
     upload(conn, [alerts[3].alert.path])
+    store_batch(conn, BatchToStore(TOPIC, 0.0, [alert(4, "ZTF4")._replace(job_kind=None)], [], {0: (0, 5)}, []),
+                {alert(4, "ZTF4").alert.path: (1, "m")})
     assert commits.tick(force=True) == {0: 4}
-    commits.answered({}, {0: "Broker: Not coordinator"})
-    assert commits.committed == {0: 3} and commits.tick(force=True) == {0: 4}
+    upload(conn, [alert(4, "ZTF4").alert.path])
+    assert commits.tick(force=True) == {0: 5}
+    commits.answered({}, {0: Refusal("NOT_COORDINATOR", "Broker: Not coordinator")})  # the answer to 4
+    commits.answered({0: 5}, {})  # the answer to 5
+    assert commits.confirmed == {0: 5}
+    assert commits.tick(force=True) in ({}, {0: 5})  # at most the same offset again, never a lower one
     commits.answered({0: 9}, {})  # more than was ever sent: not believed
-    assert commits.confirmed == {0: 3}
+    assert commits.confirmed == {0: 5}
     # handed back with a commit still unanswered: it is waited for before the partition goes
-    assert commits.release([0]) == {0: (0, 4)} and kafka.waited == [{0: 4}]
-    # ... and when Kafka refuses that one too, the next owner starts at the offset Kafka confirmed
-    commits.hold({0: 3}, [0])
-    commits.committed[0] = 4  # sent, unanswered
+    commits.committed[0] = 6
+    assert commits.release([0]) == {0: (0, 6)} and kafka.waited == [{0: 6}]
+    # ... and when Kafka refuses that one, the next owner starts at the offset Kafka confirmed
+    commits.hold({0: 5}, [0])
+    commits.committed[0] = 6  # sent, unanswered
     kafka.refuse = True
-    assert commits.release([0]) == {0: (0, 3)}
+    assert commits.release([0]) == {0: (0, 5)}
 
 
 def test_a_commit_left_unanswered_is_sent_again(tmp_path: Path) -> None:
@@ -229,7 +240,7 @@ def test_a_commit_left_unanswered_is_sent_again(tmp_path: Path) -> None:
     now[0] = ANSWER_WAIT / 2
     assert commits.tick(force=True) == {}  # an answer may still come
     now[0] = ANSWER_WAIT + 1
-    assert commits.tick(force=True) == {0: 2} and commits.refused == 1  # none came: sent again
+    assert commits.tick(force=True) == {0: 2} and commits.resent == 1  # none came: sent again
     commits.answered({0: 2}, {})
     now[0] = 3 * ANSWER_WAIT
     assert commits.tick(force=True) == {} and commits.sent_at == {}

@@ -41,7 +41,16 @@ from ztfd.embedded.alerce import StampService
 from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.s3 import S3Server
 from ztfd.embedded.samples import lasair_message, message_stream, packets
-from ztfd.ingest.fleet import LIVE_FOR, FleetBook, FleetGeneration, holders, live, live_members, report_writer
+from ztfd.ingest.fleet import (
+    LIVE_FOR,
+    FleetBook,
+    FleetGeneration,
+    holders,
+    live,
+    live_members,
+    member_id,
+    report_writer,
+)
 from ztfd.sources import STAMP_TYPES
 from ztfd.stamps.ratelimit import fleet_share, reserve_share
 from ztfd.store.alerts import iter_alerts
@@ -273,8 +282,16 @@ def test_three_hosts_share_a_stream_and_losing_one_with_its_disk_loses_nothing(
         wait_until(newcomer.stored, DEADLINE, "the new host to store alerts of its share")
         wait_until(lambda: doomed.said("handing over") or survivor.said("handing over"), DEADLINE,
                    "a host to hand a partition over to the new one")
+        book = FleetBook(survivor.cfg.kafka, "test")
+        hosts = {member_id(host.home): host.name for host in (doomed, survivor, newcomer)}
+
+        def split_three_ways() -> bool:  # as each host last said in the fleet topic
+            held = [hosts.get(name) for (held_topic, _), name in holders(book.members()).items() if held_topic == topic]
+            return len(held) == PARTITIONS and set(held) == set(hosts.values())
+
+        wait_until(split_three_ways, DEADLINE, "the three hosts to hold the four partitions between them, each one")
         wait_until(lambda: any(offset >= FIRST_WAVE // PARTITIONS for _, offset in doomed.stored()), DEADLINE,
-                   "the host to be lost to hold a partition of the three-way split")
+                   "the host to be lost to store alerts of the second wave")
 
         # One of the three is switched off for good, disk and all: the two others take its partitions over from
         # their committed offsets and redo its work (nothing it stored was ever durable).
@@ -297,10 +314,10 @@ def test_three_hosts_share_a_stream_and_losing_one_with_its_disk_loses_nothing(
         for alert in alerts_of(survivor) + alerts_of(newcomer):
             if alert.obs_mjd is not None:
                 detections.setdefault((alert.date, alert.object_id), set()).add(alert.obs_mjd)
+        images = stamps_in(s3, bucket)
         assert {folder: len(times) for folder, times in detections.items()} == \
-            {folder: len(kinds) for folder, kinds in stamps_in(s3, bucket).items()}
-        assert {kind for kinds in stamps_in(s3, bucket).values() for kind in kinds.values()} == \
-            {frozenset({*STAMP_TYPES, "preview"})}
+            {folder: len(kinds) for folder, kinds in images.items()}
+        assert {kind for kinds in images.values() for kind in kinds.values()} == {frozenset({*STAMP_TYPES, "preview"})}
         # two members hold partitions: each host's fetchers take half of stamps.rate_limit
         wait_until(lambda: survivor.fact(FLEET_MEMBERS) == "2" and newcomer.fact(FLEET_MEMBERS) == "2", DEADLINE,
                    "both live hosts to count two members")

@@ -170,10 +170,13 @@ class Archive:
             self._overlap = (self.alerts, overlapping_files(getattr(self.alerts, "files", [])))
         return self._overlap[1]
 
-    def _stamps_writers(self) -> int:
-        """How many hosts' stamps files the dataset has (more than one: a fleet's, where a stamp fetched again by
-        the host that took a lost host's partition over has a row in both hosts' files)."""
-        return len({path.rsplit("/", 1)[-1] for path in getattr(self.stamps, "files", [])})
+    def _shared_nights(self) -> set[str]:
+        """The stamps files of nights that have more than one (a fleet's hosts each write their own, and a stamp
+        fetched again by the host that took a lost host's partition over has a row in both); none on one host."""
+        by_night: dict[str, list[str]] = {}
+        for path in getattr(self.stamps, "files", []):
+            by_night.setdefault(path.rsplit("/", 1)[0], []).append(path)
+        return {path for paths in by_night.values() if len(paths) > 1 for path in paths}
 
     def to_pandas(self) -> Any:
         """Every alert as a pandas DataFrame with Arrow-backed columns: 64-bit integers stay integers even where
@@ -202,8 +205,10 @@ class Archive:
                 con.register("_alerts_met", _files_dataset(self.alerts, lambda path: path in overlap))
                 con.execute(ONCE_VIEW)
                 del named["alerts"]
-            if "stamps" not in tables and self._stamps_writers() > 1:  # a fleet's stamps, each path once
-                con.register("_stamps_files", self.stamps)
+            shared = set() if "stamps" in tables else self._shared_nights()
+            if shared:  # a fleet's nights that more than one host's stamps files list: each path once
+                con.register("_stamps_apart", _files_dataset(self.stamps, lambda path: path not in shared))
+                con.register("_stamps_met", _files_dataset(self.stamps, lambda path: path in shared))
                 con.execute(STAMPS_ONCE_VIEW)
                 del named["stamps"]
             for name, table in named.items():
@@ -311,9 +316,12 @@ UNION ALL
 SELECT DISTINCT ON ("topic", "partition", "generation", "offset") * FROM _alerts_met
 """
 # One row per stamp file: in a fleet two hosts' files of a night may both list a path (the earliest written kept).
+# Only those nights go through the window; partitioned by night too, so a filter on night still reaches the scan.
 STAMPS_ONCE_VIEW = """
 CREATE VIEW stamps AS
-SELECT * FROM _stamps_files QUALIFY row_number() OVER (PARTITION BY path ORDER BY written_at, md5) = 1
+SELECT * FROM _stamps_apart
+UNION ALL
+SELECT * FROM _stamps_met QUALIFY row_number() OVER (PARTITION BY night, path ORDER BY written_at, md5) = 1
 """
 CONE_SQL = """
 SELECT * FROM (

@@ -13,10 +13,11 @@ before it is released. A committed offset never goes back within a generation; a
 topic) starts the walk again at 0.
 
 A commit sent without waiting can be refused (Kafka refuses them while the group rebalances, or while its
-coordinator moves) or go unanswered: the walk of that partition then starts again from the offset Kafka last
-confirmed, so the next tick sends it again (a refusal at once, silence after ``ANSWER_WAIT`` seconds). Otherwise
-the commit would stay behind for good once the partition's last alerts were durable (nothing would move again),
-and a takeover would redo all of it.
+coordinator moves) or go unanswered: the next tick then sends it again, with the frontier if it moved meanwhile (a
+refusal at once, silence after ``ANSWER_WAIT`` seconds). Otherwise the commit would stay behind for good once the
+partition's last alerts were durable (nothing would move again), and a takeover would redo all of it. What is sent
+never goes below what was sent before: an offset once durable stays durable, although the store's walk may stop
+lower later (a newer stamp of the same object pending upload).
 
 A rejected message of a partition held is exported at the next walk, a file of its own named by its Kafka identity
 (``daemon.housekeeping.write_export``: the file housekeeping would write for it, so the same key on every host),
@@ -34,13 +35,15 @@ from pathlib import Path
 
 from ztfd import store
 from ztfd.daemon.housekeeping import write_export
-from ztfd.ingest.kafka import KafkaAdapter
+from ztfd.ingest.kafka import KafkaAdapter, Refusal
 from ztfd.logs import Throttle
 from ztfd.store.durable import durable_through, rejected_not_exported
 
 log = logging.getLogger(__name__)
 
 ANSWER_WAIT = 10.0  # seconds a commit sent without waiting may go unanswered before it is sent again
+# Refusals every rebalance brings (a commit made under the member's previous generation): said at INFO, not WARNING.
+REBALANCE_REFUSALS = frozenset({"ILLEGAL_GENERATION", "REBALANCE_IN_PROGRESS", "UNKNOWN_MEMBER_ID"})
 
 
 class DurableCommits:
@@ -61,7 +64,8 @@ class DurableCommits:
         self.confirmed: dict[int, int] = {}  # partition held -> the offset Kafka is known to have for it
         self.generations: dict[int, int] = {}  # partition held -> the generation that offset belongs to
         self.sent_at: dict[int, float] = {}  # partition held -> when its commit not yet confirmed was sent
-        self.refused = 0  # commits Kafka refused or left unanswered, each sent again
+        self.again: set[int] = set()  # partitions whose commit the next tick sends again
+        self.resent = 0  # commits sent again, Kafka having refused them or left them unanswered
         self.throttled = Throttle(log)
         self.last_tick = clock()
 
@@ -78,29 +82,31 @@ class DurableCommits:
             self.generations[partition] = generation
             self.committed[partition] = self.confirmed[partition] = 0
             self.sent_at.pop(partition, None)
+            self.again.discard(partition)
         return self.committed[partition]
 
-    def answered(self, taken: dict[int, int], refused: dict[int, str]) -> None:
+    def answered(self, taken: dict[int, int], refused: dict[int, Refusal]) -> None:
         """Kafka's answer to commits sent without waiting (``KafkaAdapter.on_commit``): the offsets it took are
-        confirmed; a partition whose commit it refused is walked again from its confirmed offset at the next tick,
-        which sends the commit again."""
+        confirmed; a partition whose commit it refused is committed again at the next tick."""
         for partition, offset in taken.items():
             if partition in self.confirmed and self.confirmed[partition] < offset <= self.committed[partition]:
                 self.confirmed[partition] = offset
                 if offset == self.committed[partition]:
                     self.sent_at.pop(partition, None)
-        for partition, why in sorted(refused.items()):
-            self._send_again(partition, f"refused it: {why}")
+                    self.again.discard(partition)
+        for partition, refusal in sorted(refused.items()):
+            level = logging.INFO if refusal.name in REBALANCE_REFUSALS else logging.WARNING
+            self._send_again(partition, level, f"refused it ({refusal})")
 
-    def _send_again(self, partition: int, why: str) -> None:
-        """Walk ``partition`` again from the offset Kafka confirmed, so the next tick commits it again."""
+    def _send_again(self, partition: int, level: int, why: str) -> None:
+        """Have the next tick commit ``partition`` again, whether or not its frontier moved."""
         if partition not in self.committed or self.committed[partition] <= self.confirmed[partition]:
             return
-        self.refused += 1
-        self.throttled(f"refused:{partition}", logging.WARNING,
-                       "kafka %s: the commit of %s[%d] at %d is sent again from %d at the next tick (%d so far)", why,
-                       self.topic, partition, self.committed[partition], self.confirmed[partition], self.refused)
-        self.committed[partition] = self.confirmed[partition]
+        self.resent += 1
+        self.throttled(f"again:{partition}", level, "kafka %s: the commit of %s[%d] at %d is sent again at the next "
+                       "tick (Kafka has %d; %d sent again so far)", why, self.topic, partition,
+                       self.committed[partition], self.confirmed[partition], self.resent)
+        self.again.add(partition)
         self.sent_at.pop(partition, None)
 
     def frontiers(self, partitions: list[int]) -> dict[int, int]:
@@ -143,12 +149,14 @@ class DurableCommits:
         self.last_tick = now
         for partition, sent in sorted(self.sent_at.items()):
             if now - sent > ANSWER_WAIT:
-                self._send_again(partition, f"did not answer within {ANSWER_WAIT:.0f} s")
+                self._send_again(partition, logging.WARNING, f"did not answer within {ANSWER_WAIT:.0f} s")
         try:
             moved = self.frontiers(sorted(self.committed))
         except sqlite3.Error as exc:  # the store locked or full: the next tick tries again, nothing is lost
             log.warning("cannot compute the durable frontiers of %s: %s", self.topic, exc)
-            return {}
+            moved = {}
+        moved = {**{p: self.committed[p] for p in self.again if p in self.committed}, **moved}
+        self.again.clear()
         if moved:
             self.kafka.commit(moved)
             self.committed.update(moved)
@@ -174,11 +182,10 @@ class DurableCommits:
         unconfirmed = {p: self.committed[p] for p in partitions if self.committed[p] > self.confirmed[p]}
         final = {**unconfirmed, **moved}
         if final:
-            if self.kafka.commit_now(final):
-                self.committed.update(final)
-                self.confirmed.update(final)
-            else:  # Kafka has what it confirmed: that is where the next owner starts
-                self.committed.update({p: self.confirmed[p] for p in partitions})
+            taken = self.kafka.commit_now(final)
+            self.confirmed.update({p: o for p, o in taken.items() if p in self.confirmed})
+            # Kafka has what it confirmed: that is where the next owner starts
+            self.committed.update({p: self.confirmed[p] for p in partitions})
         stored = store.stored_offsets(self.conn, self.topic)
         log.info("handing over %s: %s", self.topic, ", ".join(
             f"[{p}] committed at {self.committed[p]}"

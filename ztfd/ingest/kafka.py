@@ -100,6 +100,32 @@ def look(admin: Any, ends_of: Iterable[str]) -> BrokerTopics:
     return BrokerTopics(topics, ends)
 
 
+class Refusal(NamedTuple):
+    """Why Kafka refused a partition's commit: the error's name (``ILLEGAL_GENERATION``…) and its text."""
+
+    name: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.text}"
+
+
+def commit_answer(topic: str, partitions: Iterable[Any], error: Any) -> tuple[dict[int, int], dict[int, Refusal]]:
+    """A commit's answer for ``topic``: the offsets taken, and the partitions refused (a partition's own error, else
+    the request's: a partition is taken only when neither says otherwise)."""
+    taken: dict[int, int] = {}
+    refused: dict[int, Refusal] = {}
+    for tp in partitions:
+        if tp.topic != topic:
+            continue
+        failure = tp.error or error
+        if failure is None:
+            taken[tp.partition] = tp.offset
+        else:
+            refused[tp.partition] = Refusal(str(failure.name()), str(failure.str()))
+    return taken, refused
+
+
 class KafkaAdapter:
     """One topic's Kafka clients, as its consumer uses them. Until ``open`` it has no clients: it then reads
     nothing, commits nothing and knows no topic id or watermark (so nothing is judged on it)."""
@@ -115,7 +141,7 @@ class KafkaAdapter:
         self.on_error: Callable[[Any], None] | None = None
         self.on_answer: Callable[[], None] | None = None
         # What Kafka answered to a commit: the offsets it took, and the partitions whose commit it refused (why).
-        self.on_commit: Callable[[dict[int, int], dict[int, str]], None] | None = None
+        self.on_commit: Callable[[dict[int, int], dict[int, Refusal]], None] | None = None
 
     def open(self) -> None:
         """Create the clients; a refused ``kafka.options`` entry is a ``ConfigError`` naming it, without values."""
@@ -169,14 +195,12 @@ class KafkaAdapter:
             self.on_error(error)
 
     def _on_commit(self, error: Any, partitions: list[Any]) -> None:
-        """librdkafka's answer to a commit (served by the next poll, on the caller's thread). A commit sent without
-        waiting may be refused (a rebalance in progress, the coordinator moving): the caller must then send it
-        again, or Kafka would stay behind until the next offset moves (more redone after a loss, never less)."""
+        """librdkafka's answer to a commit sent without waiting (served by the next poll, on the caller's thread).
+        It may be refused (a rebalance in progress, the coordinator moving): the caller must then send it again, or
+        Kafka would stay behind until the next offset moves (more redone after a loss, never less)."""
         if error is not None and error.code() == KafkaError._NO_OFFSET:
             return
-        mine = [tp for tp in partitions if tp.topic == self.topic]
-        taken = {tp.partition: tp.offset for tp in mine if error is None and tp.error is None}
-        refused = {tp.partition: (tp.error or error).str() for tp in mine if (tp.error or error) is not None}
+        taken, refused = commit_answer(self.topic, partitions, error)
         if refused:
             log.debug("kafka refused the commit of %s %s", self.topic, refused)
         if self.on_commit is not None:
@@ -303,17 +327,22 @@ class KafkaAdapter:
             return {}
         return {tp.partition: tp.offset for tp in answer if tp.error is None and tp.offset >= 0}
 
-    def commit_now(self, next_offsets: Mapping[int, int]) -> bool:
-        """Commit and wait for the answer (a partition about to be released); False when it failed (logged)."""
+    def commit_now(self, next_offsets: Mapping[int, int]) -> dict[int, int]:
+        """Commit and wait for the answer (a partition about to be released): the offsets Kafka took. librdkafka
+        raises only when every partition failed; a partial refusal comes back per partition (both logged)."""
         if self.consumer is None or not next_offsets:
-            return True
+            return {}
         try:
-            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in next_offsets.items()],
-                                 asynchronous=False)
+            answer = self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in next_offsets.items()],
+                                          asynchronous=False)
         except Exception as exc:
             log.warning("could not commit %s offsets %s to Kafka: %s", self.topic, dict(next_offsets), exc)
-            return False
-        return True
+            return {}
+        taken, refused = commit_answer(self.topic, answer or [], None)
+        if refused:
+            log.warning("kafka refused the commit of %s %s", self.topic,
+                        {p: str(refusal) for p, refusal in refused.items()})
+        return taken
 
     def rewind(self, partitions: Iterable[int]) -> None:
         """Read the assigned ones of ``partitions`` again from their beginning (a recreated topic)."""
