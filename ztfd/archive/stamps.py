@@ -111,15 +111,21 @@ class StampsWriter:
                 detection, kind = kind_of(entry.name)
                 rows.append({"object_id": object_dir.name, "detection_id": detection, "kind": kind,
                              "path": relative, "bytes": stat.st_size, "md5": md5, "written_at": written_at})
-        if not rows and not path.exists():
-            return None
-        table = pa.table({name: pa.array([r[name] for r in rows], pa.int64() if name == "written_at" else fld.type)
-                          for name, fld in zip(SCHEMA.names, SCHEMA, strict=True)})
-        table = pa.Table.from_arrays([table[n].cast(f.type) for n, f in zip(SCHEMA.names, SCHEMA, strict=True)],
-                                     schema=SCHEMA)
-        if path.exists() and pq.read_table(path).equals(table):
-            return None
-        return write_parquet(self.layout.home, path, table)
+        return write_if_changed(self.layout.home, path, rows)
+
+
+def write_if_changed(home: Path, path: Path, rows: list[dict[str, Any]]) -> tuple[str, int, str] | None:
+    """Write ``rows`` (``SCHEMA``'s columns, ``written_at`` in Unix microseconds) as the stamps file ``path`` unless
+    it holds them already (nor when there are none and it does not exist); the manifest's row of the file written."""
+    if not rows and not path.exists():
+        return None
+    table = pa.table({name: pa.array([r[name] for r in rows], pa.int64() if name == "written_at" else fld.type)
+                      for name, fld in zip(SCHEMA.names, SCHEMA, strict=True)})
+    table = pa.Table.from_arrays([table[n].cast(f.type) for n, f in zip(SCHEMA.names, SCHEMA, strict=True)],
+                                 schema=SCHEMA)
+    if path.exists() and pq.read_table(path).equals(table):
+        return None
+    return write_parquet(home, path, table)
 
 
 def _previous_rows(path: Path) -> dict[str, dict[str, Any]]:
