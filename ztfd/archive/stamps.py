@@ -1,7 +1,8 @@
 """The stamps dataset: ``<home>/archive/stamps/night=<date>/stamps.parquet``, one row per file under
 ``images/<date>/`` (``columns.STAMP_COLUMNS``). In a fleet each host writes its own file of a night,
 ``stamps-<host>-<8 hex>.parquet`` (``writer_name``): a host only has the stamps of the alerts it read, and two hosts
-must never upload different bytes under one key.
+must never upload different bytes under one key. The fleet's own ``stamps.parquet`` of a night, from the bucket's
+listing, is the night report writer's (``fleet_stamps``).
 
 A night's file is a function of the files on disk. The first pass of a process looks at every night; later
 passes at the nights the store says were touched since (alerts received, whose packets carry cutouts; stamp jobs
