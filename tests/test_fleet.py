@@ -379,6 +379,19 @@ def test_three_hosts_share_a_stream_and_losing_one_with_its_disk_loses_nothing(
         assert not [path for path in images if (writer.home / path).exists()]  # in the bucket, not on this disk
         wait_until(lambda: f"fleet/reports/{lone.date}/index.html" in s3.objects(bucket), DEADLINE,
                    "the night report in the bucket")
+        # and the night's stamps index (written by the report's writer from the bucket's listing): each image once
+
+        def indexed() -> list[str]:
+            key = f"fleet/archive/stamps/night={lone.date}/stamps.parquet"
+            if key not in s3.objects(bucket):
+                return []
+            body = s3.client(direct=True).get_object(Bucket=bucket, Key=key)["Body"].read()
+            return pq.read_table(io.BytesIO(body))["path"].to_pylist()
+
+        images_of_night = sorted(key.removeprefix("fleet/") for key in s3.objects(bucket)
+                                 if key.startswith(f"fleet/images/{lone.date}/"))
+        wait_until(lambda: sorted(indexed()) == images_of_night, DEADLINE,
+                   "the stamps index to list the night's images")
         assert list(writer.home.glob("reports/*/index.html")) and not list(other.home.glob("reports/*/index.html"))
     finally:
         for host in (survivor, newcomer):

@@ -748,7 +748,8 @@ def test_a_fleet_hosts_pass_puts_its_schema_file_back_when_another_hosts_late_up
 def test_the_fleets_report_writer_puts_its_report_back_when_the_previous_writers_late_upload_replaced_it(
         make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch) -> None:
     """Partition 0 moved: the previous writer's pending report of a night can land after the new writer's. The
-    writer asks S3 for each night's first page (one HEAD) and queues the night's files again when it differs."""
+    writer asks S3 for each night's first page and stamps index (a HEAD each) and queues the night's files, or the
+    index, again when it differs."""
     import datetime as dt
 
     from ztfd.reporting.fleet_night import REPORTED, FleetNight
@@ -760,6 +761,7 @@ def test_the_fleets_report_writer_puts_its_report_back_when_the_previous_writers
     today = dt.datetime.now(dt.UTC).date().isoformat()
     first = home.write(f"reports/{today}/index.html", b"<p>both hosts' alerts: 12</p>")
     second = home.write(f"reports/{today}/page-2.html", b"<p>the rest</p>")
+    index = home.write(f"archive/stamps/night={today}/stamps.parquet", b"the fleet's stamps index")
     with store.transaction(home.conn):
         set_status(home.conn, REPORTED + today, "v2")
         set_status(home.conn, REPORTED + "2020-01-01", "v1")  # a night past the look-back: not asked
@@ -767,12 +769,13 @@ def test_the_fleets_report_writer_puts_its_report_back_when_the_previous_writers
     night = FleetNight(home.cfg, home.conn)
     home.server.proxy.reset()  # type: ignore[union-attr]
     night.check_uploads(time.time())
-    assert home.counts() == {"HEAD": 1} and set(home.states().values()) == {"done"}  # S3 holds this host's
+    assert home.counts() == {"HEAD": 2} and set(home.states().values()) == {"done"}  # S3 holds this host's
 
     stale = b"<p>one host's alerts: 7</p>"  # the previous writer's, uploaded late
     home.server.client(direct=True).put_object(Bucket=home.bucket, Key=home.prefix + first, Body=stale)
+    home.server.client(direct=True).put_object(Bucket=home.bucket, Key=home.prefix + index, Body=b"older")
     night.check_uploads(time.time())
-    assert home.row(first)["state"] == home.row(second)["state"] == "pending"
+    assert home.row(first)["state"] == home.row(second)["state"] == home.row(index)["state"] == "pending"
     assert home.sync().returncode == 0
     body = home.server.client(direct=True).get_object(Bucket=home.bucket, Key=home.prefix + first)["Body"]
     assert body.read() == (home.path / first).read_bytes()

@@ -1,7 +1,8 @@
 """The archive as a typed Parquet dataset you can ask questions (issue 22; docs/archive.md).
 
 ``archive/alerts/night=<date>/topic=<topic>/*.parquet`` (one row per stored alert, ``alerts``) and
-``archive/stamps/night=<date>/stamps.parquet`` (one row per file under ``images/``, ``stamps``), written by the
+``archive/stamps/night=<date>/stamps.parquet`` (one row per file under ``images/``, ``stamps``; in a fleet each host
+writes its own, and the night report's writer the fleet's index from the bucket, ``fleet_stamps``), written by the
 ``archiver`` role (``role``), read by ``ztfd query``/``object``/``cone`` (``query``) and by ``open`` below.
 """
 

@@ -1,7 +1,8 @@
 """The stamps dataset: ``<home>/archive/stamps/night=<date>/stamps.parquet``, one row per file under
 ``images/<date>/`` (``columns.STAMP_COLUMNS``). In a fleet each host writes its own file of a night,
 ``stamps-<host>-<8 hex>.parquet`` (``writer_name``): a host only has the stamps of the alerts it read, and two hosts
-must never upload different bytes under one key.
+must never upload different bytes under one key. The fleet's own ``stamps.parquet`` of a night, from the bucket's
+listing, is the night report writer's (``fleet_stamps``).
 
 A night's file is a function of the files on disk. The first pass of a process looks at every night; later
 passes at the nights the store says were touched since (alerts received, whose packets carry cutouts; stamp jobs
@@ -111,15 +112,21 @@ class StampsWriter:
                 detection, kind = kind_of(entry.name)
                 rows.append({"object_id": object_dir.name, "detection_id": detection, "kind": kind,
                              "path": relative, "bytes": stat.st_size, "md5": md5, "written_at": written_at})
-        if not rows and not path.exists():
-            return None
-        table = pa.table({name: pa.array([r[name] for r in rows], pa.int64() if name == "written_at" else fld.type)
-                          for name, fld in zip(SCHEMA.names, SCHEMA, strict=True)})
-        table = pa.Table.from_arrays([table[n].cast(f.type) for n, f in zip(SCHEMA.names, SCHEMA, strict=True)],
-                                     schema=SCHEMA)
-        if path.exists() and pq.read_table(path).equals(table):
-            return None
-        return write_parquet(self.layout.home, path, table)
+        return write_if_changed(self.layout.home, path, rows)
+
+
+def write_if_changed(home: Path, path: Path, rows: list[dict[str, Any]]) -> tuple[str, int, str] | None:
+    """Write ``rows`` (``SCHEMA``'s columns, ``written_at`` in Unix microseconds) as the stamps file ``path`` unless
+    it holds them already (nor when there are none and it does not exist); the manifest's row of the file written."""
+    if not rows and not path.exists():
+        return None
+    table = pa.table({name: pa.array([r[name] for r in rows], pa.int64() if name == "written_at" else fld.type)
+                      for name, fld in zip(SCHEMA.names, SCHEMA, strict=True)})
+    table = pa.Table.from_arrays([table[n].cast(f.type) for n, f in zip(SCHEMA.names, SCHEMA, strict=True)],
+                                 schema=SCHEMA)
+    if path.exists() and pq.read_table(path).equals(table):
+        return None
+    return write_parquet(home, path, table)
 
 
 def _previous_rows(path: Path) -> dict[str, dict[str, Any]]:

@@ -8,15 +8,18 @@ the archive's reader on the home's mirror (``ztfd.archive.open("<bucket>/<s3.pre
   Kafka value as received) is decoded by its topic's source, as the consumer did, so that a card shows the same
   columns and UTC times as on one host; a message its source cannot decode now gives its card the row's message
   columns instead;
-- the stamps and previews: the stamps dataset (every host's file of the night), and this host's own image files.
-  They are linked by their paths relative to the home, which resolve in the bucket's mirror whether or not the file
-  is on this host's disk;
+- the stamps and previews: the fleet's stamps index of the night, written first from a listing of the bucket's
+  images of the night (``archive.fleet_stamps``: every stamp any host made durable, once), the stamps dataset (every
+  host's file of the night, and the index as last uploaded), and this host's own image files. They are linked by
+  their paths relative to the home, which resolve in the bucket's mirror whether or not the file is on this host's
+  disk;
 - why an object has no preview: this host's stamp jobs say it for the objects it stored itself; for the others the
   page says what the bucket holds ("not in the fleet's stamps dataset") and nothing more.
 
-A night is due when its files in the bucket (the alerts' and stamps' datasets of that night) changed since its last
-report and none changed for ``report.after_quiet`` seconds; which files the last report was written from is a status
-fact of the store (``report_fleet:<date>``). Rejected messages are counted from this host's store only.
+A night is due when its files in the bucket (the alerts' and stamps' datasets of that night, but the stamps index,
+which the writer itself makes from the night's report) changed since its last report and none changed for
+``report.after_quiet`` seconds; which files the last report was written from is a status fact of the store
+(``report_fleet:<date>``). Rejected messages are counted from this host's store only.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import pyarrow as pa
 from pyarrow import fs
 
 from ztfd import config, store
-from ztfd.archive import QueryError
+from ztfd.archive import QueryError, fleet_stamps
 from ztfd.archive import open as open_archive
 from ztfd.archive.columns import ALERT_COLUMNS, PARTITION_COLUMNS, RESERVED
 from ztfd.files import relative_to_home
@@ -60,6 +63,7 @@ from ztfd.store import manifest
 from ztfd.store import report as night
 from ztfd.store.alerts import StoredAlert, alerts_on
 from ztfd.store.status_facts import get_status, set_status, statuses_with_prefix
+from ztfd.sync.s3 import FatalError, FileError, OutageError, classified_errors
 
 log = logging.getLogger(__name__)
 
@@ -92,21 +96,31 @@ def mirror_root(s3: config.S3Config) -> str:
 class FleetNight:
     """The night's cards from the fleet's data in the bucket (``night_report.Night``)."""
 
-    transient = (OSError, QueryError)  # the bucket unreachable, or a file of it unreadable: tried again next round
+    # the bucket unreachable, refusing, or a file of it unreadable: tried again later
+    transient = (OSError, QueryError, FatalError, FileError, OutageError)
 
     def __init__(self, cfg: config.Config, conn: sqlite3.Connection, filesystem: Any = None,
                  root: str | None = None) -> None:
         """``filesystem`` and ``root`` default to the bucket's (``bucket_filesystem``, ``mirror_root``); a local
-        filesystem and folder read a dataset on disk the same way."""
+        filesystem and folder read a dataset on disk the same way, without the stamps index (``indexes``: made from
+        the bucket's listing only)."""
         self.cfg, self.conn = cfg, conn
+        self.indexes = filesystem is None and root is None
         self.filesystem = filesystem if filesystem is not None else bucket_filesystem(cfg.s3)
         self.root = root if root is not None else mirror_root(cfg.s3)
         self.sources: dict[str, Source | None] = {}
-        self._client: Any = None  # boto3's, for ``check_uploads``
+        self._client: Any = None  # boto3's, for ``check_uploads`` and the stamps index
+
+    def _s3(self) -> Any:
+        from ztfd.sync.s3 import make_client
+
+        self._client = self._client or make_client(self.cfg)
+        return self._client
 
     # --- the cards ---------------------------------------------------------------------------------------------
 
     def gather(self, date: str, topic: str | None) -> tuple[list[Card], dict[str, Any]]:
+        indexed = self.write_stamps_index(date) if self.indexes else []
         archive = open_archive(self.root, filesystem=self.filesystem)
         rows = archive.night_rows(date, topic)
         if not rows.num_rows:
@@ -118,6 +132,8 @@ class FleetNight:
         images: dict[str, set[str]] = {}
         for object_id, path in zip(stamps["object_id"].to_pylist(), stamps["path"].to_pylist(), strict=True):
             images.setdefault(object_id, set()).add(path)
+        for row in indexed:  # what the bucket holds now (the index's upload may still be pending)
+            images.setdefault(row["object_id"], set()).add(row["path"])
         for path in image_files_of_night(self.conn, self.cfg.home, date):  # this host's, perhaps not listed yet
             images.setdefault(path.split("/")[2], set()).add(path)
         here = self._stored_here(date, topic)
@@ -195,6 +211,14 @@ class FleetNight:
         except Exception:
             return None
 
+    def write_stamps_index(self, date: str) -> list[dict[str, Any]]:
+        """The night's stamps index (``archive.fleet_stamps``) from a listing of the bucket's images of the night,
+        written and queued for upload when it changed; its rows."""
+        with classified_errors(self.cfg.s3.bucket, self.cfg.s3.endpoint_url):
+            rows = fleet_stamps.listed_rows(self._s3(), self.cfg.s3.bucket, self.cfg.s3.prefix, date)
+        fleet_stamps.write_index(self.cfg.home, self.conn, date, rows)
+        return rows
+
     def _stored_here(self, date: str, topic: str | None) -> dict[str, night.StampOutcome | None]:
         """object_id -> the outcome of its stamp jobs on this host, for the objects this host stored that night."""
         by_object: dict[str, list[StoredAlert]] = {}
@@ -232,9 +256,9 @@ class FleetNight:
 
     def check_uploads(self, now: float) -> None:
         """The writer, each round: for each night it reported within ``LOOKBACK_DAYS``, whether the bucket holds
-        its first page as this host uploaded it (one HEAD); when another host's late upload replaced it (the
-        previous holder of partition 0 had its report pending), the night's report files are queued again."""
-        from ztfd.sync.s3 import make_client
+        its first page and its stamps index as this host uploaded them (a HEAD each); when another host's late upload
+        replaced one (the previous holder of partition 0 had its report pending), the night's report files, or its
+        index, are queued again."""
         from ztfd.sync.shared_keys import upload_differs
 
         oldest = dt.datetime.fromtimestamp(now - LOOKBACK_DAYS * 86400, dt.UTC).date().isoformat()
@@ -242,21 +266,30 @@ class FleetNight:
             if date < oldest:
                 continue
             folder = relative_to_home(self.cfg.home, report_dir(self.cfg, date, None))
-            self._client = self._client or make_client(self.cfg)
-            difference = upload_differs(self.conn, self.cfg, self._client, f"{folder}/{page_name(1)}")
+            difference = upload_differs(self.conn, self.cfg, self._s3(), f"{folder}/{page_name(1)}")
             if difference is not None:
                 count = manifest.requeue_folder(self.conn, f"{folder}/", f"another host's report in S3: {difference}")
                 log.warning("report %s: %s (another host's upload came last): its %d files queued for upload again",
                             date, difference, count)
+            index = relative_to_home(self.cfg.home, fleet_stamps.index_path(self.cfg.home, date))
+            difference = upload_differs(self.conn, self.cfg, self._s3(), index)
+            if difference is not None:
+                manifest.requeue(self.conn, index, f"another host's stamps index in S3: {difference}")
+                log.warning("stamps index %s: %s (another host's upload came last): queued for upload again", date,
+                            difference)
 
     def _listing(self) -> dict[str, list[tuple[str, int, float]]]:
         """night -> (path, size, modification time) of each of its files in both datasets (one listing of each: a
-        few requests for a season's files, which compaction keeps to a few per night, topic and partition)."""
+        few requests for a season's files, which compaction keeps to a few per night, topic and partition). Not the
+        stamps index: the writer makes it from the night's report, and its upload must not make the night due again."""
         found: dict[str, list[tuple[str, int, float]]] = {}
+        index_name = fleet_stamps.index_path(self.cfg.home, "-").name
         for dataset in ("alerts", "stamps"):
             selector = fs.FileSelector(f"{self.root}/archive/{dataset}", recursive=True, allow_not_found=True)
             for info in self.filesystem.get_file_info(selector):
                 night_dir = next((part for part in info.path.split("/") if part.startswith("night=")), None)
+                if self.indexes and dataset == "stamps" and info.base_name == index_name:
+                    continue
                 if info.type == fs.FileType.File and night_dir is not None:
                     found.setdefault(night_dir.removeprefix("night="), []).append(
                         (info.path, info.size, _seconds(info.mtime)))
