@@ -19,6 +19,7 @@ from ztfd.archive.stamps import StampsWriter
 from ztfd.embedded.s3 import S3Server
 from ztfd.reporting.fleet_night import FleetNight
 from ztfd.store import manifest
+from ztfd.store.rejected import export_path
 
 NIGHT = "2026-03-04"
 PREFIX = "fleet/"
@@ -126,5 +127,17 @@ def test_the_index_lists_each_stamp_in_the_bucket_once_with_a_lost_hosts_and_is_
         assert StampsWriter(survivor, writer="survivor-0000abcd").write_night(NIGHT) is not None
         upload(client, bucket, survivor, "archive")
         assert [d for d, _ in night.due(quiet + 60)] == [NIGHT]
+
+        # The report counts the fleet's rejected messages of the day from the exports in the bucket (one file per
+        # message in fleet mode, named by its Kafka identity): whichever host rejected them, each once.
+        for key in (f"data/{NIGHT}/t1/{export_path('t1', 0, 0, 7, 0.0).rsplit('/', 1)[1]}",
+                    f"data/{NIGHT}/t1/{export_path('t1', 1, 2, 9, 0.0).rsplit('/', 1)[1]}",
+                    f"data/{NIGHT}/t2/{export_path('t2', 0, 0, 3, 0.0).rsplit('/', 1)[1]}",
+                    f"data/{NIGHT}/t1/ZTF26aaaaaaa_p0-o7.json",  # an alert's file: not counted
+                    f"data/2026-03-05/t1/{export_path('t1', 0, 0, 8, 0.0).rsplit('/', 1)[1]}"):  # another day
+            client.put_object(Bucket=bucket, Key=PREFIX + key, Body=b"{}\n")
+        assert night.rejected_in_bucket(NIGHT, None) == 3 and night.rejected_in_bucket(NIGHT, "t1") == 2
+        _, counts = night.gather(NIGHT, None)
+        assert counts["rejected"] == 3 and "every host's exports in the bucket" in counts["note"]
     finally:
         conn.close()

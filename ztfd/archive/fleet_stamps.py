@@ -26,6 +26,7 @@ from ztfd.archive.layout import Layout
 from ztfd.archive.stamps import kind_of, write_if_changed
 from ztfd.store import manifest
 from ztfd.store.db import transaction
+from ztfd.sync.s3 import listed
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +43,18 @@ def listed_rows(client: Any, bucket: str, prefix: str, date: str) -> list[dict[s
     """One row per object under ``<prefix>images/<date>/<object>/`` (a paginated ``list_objects_v2``, in key
     order); ``path`` relative to the home (``prefix`` taken off)."""
     rows = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}images/{date}/"):
-        for item in page.get("Contents", []):
-            relative = str(item["Key"])[len(prefix):]
-            parts = relative.split("/")
-            if len(parts) != 4 or not parts[2] or not parts[3] or files.is_temporary(parts[3]):
-                continue  # a folder marker, or a key ztfd does not write
-            detection, kind = kind_of(parts[3])
-            etag = str(item.get("ETag", "")).strip('"').lower()
-            modified = item["LastModified"]
-            modified = modified if modified.tzinfo else modified.replace(tzinfo=dt.UTC)
-            rows.append({"object_id": parts[2], "detection_id": detection, "kind": kind, "path": relative,
-                         "bytes": int(item["Size"]), "md5": etag if PLAIN_MD5.match(etag) else None,
-                         "written_at": (modified - EPOCH) // dt.timedelta(microseconds=1)})
+    for item in listed(client, bucket, f"{prefix}images/{date}/"):
+        relative = str(item["Key"])[len(prefix):]
+        parts = relative.split("/")
+        if len(parts) != 4 or not parts[2] or not parts[3] or files.is_temporary(parts[3]):
+            continue  # a folder marker, or a key ztfd does not write
+        detection, kind = kind_of(parts[3])
+        etag = str(item.get("ETag", "")).strip('"').lower()
+        modified = item["LastModified"]
+        modified = modified if modified.tzinfo else modified.replace(tzinfo=dt.UTC)
+        rows.append({"object_id": parts[2], "detection_id": detection, "kind": kind, "path": relative,
+                     "bytes": int(item["Size"]), "md5": etag if PLAIN_MD5.match(etag) else None,
+                     "written_at": (modified - EPOCH) // dt.timedelta(microseconds=1)})
     return rows
 
 

@@ -62,8 +62,9 @@ from ztfd.sources import Alert, Source
 from ztfd.store import manifest
 from ztfd.store import report as night
 from ztfd.store.alerts import StoredAlert, alerts_on
+from ztfd.store.rejected import REJECTED_PREFIX
 from ztfd.store.status_facts import get_status, set_status, statuses_with_prefix
-from ztfd.sync.s3 import FatalError, FileError, OutageError, classified_errors
+from ztfd.sync.s3 import FatalError, FileError, OutageError, classified_errors, folders, listed
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ REPORTED = "report_fleet:"  # status fact + date: the bucket's files of the nigh
 NOT_IN_DATASET = "not in the fleet's stamps dataset"
 NO_PREVIEW = "no preview in the fleet's stamps dataset"
 FROM_THE_FLEET = ("every host's alerts of the night, from the fleet's Parquet dataset in the bucket; rejected "
-                  "messages: this host's only")
+                  "messages: every host's exports in the bucket")
+FROM_THE_FLEET_HERE = ("every host's alerts of the night, from the fleet's Parquet dataset; rejected messages: this "
+                       "host's only")
 MESSAGE_PREFIX = "msg_"  # a message field whose name is one of the dataset's own columns (``columns.column_name``)
 
 
@@ -159,8 +162,11 @@ class FleetNight:
             if card.preview is None:
                 card.missing = self._missing(card, object_id in here, outcome, survey)
             cards.append(card)
+        if self.indexes:
+            return night_counts(cards, [a["topic"] for a in alerts], self.rejected_in_bucket(date, topic),
+                                FROM_THE_FLEET)
         return night_counts(cards, [a["topic"] for a in alerts], night.night_rejected(self.conn, date, topic),
-                            FROM_THE_FLEET)
+                            FROM_THE_FLEET_HERE)
 
     def _messages(self, alerts: list[dict[str, Any]], rows: pa.Table) -> list[tuple[dict[str, Any], dict[str, str],
                                                                                   str | None]]:
@@ -218,6 +224,17 @@ class FleetNight:
             rows = fleet_stamps.listed_rows(self._s3(), self.cfg.s3.bucket, self.cfg.s3.prefix, date)
         fleet_stamps.write_index(self.cfg.home, self.conn, date, rows)
         return rows
+
+    def rejected_in_bucket(self, date: str, topic: str | None) -> int:
+        """The fleet's messages rejected on UTC day ``date`` (of ``topic``, or of every topic): in fleet mode each is
+        exported at once as a file of its own, named by its Kafka identity (``store.rejected.export_path``) and
+        uploaded before its partition's commit passes it, so the bucket's keys count each once, whichever host
+        rejected it. A listing of the day's topic folders, then of each one's ``rejected-`` keys."""
+        day = f"{self.cfg.s3.prefix}data/{date}/"
+        bucket, client = self.cfg.s3.bucket, self._s3()
+        with classified_errors(bucket, self.cfg.s3.endpoint_url):
+            topics = [f"{day}{topic}/"] if topic else folders(client, bucket, day)
+            return sum(1 for folder in topics for _ in listed(client, bucket, f"{folder}{REJECTED_PREFIX}"))
 
     def _stored_here(self, date: str, topic: str | None) -> dict[str, night.StampOutcome | None]:
         """object_id -> the outcome of its stamp jobs on this host, for the objects this host stored that night."""

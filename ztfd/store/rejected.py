@@ -30,6 +30,9 @@ class Rejected:
     raw: bytes
 
 
+REJECTED_PREFIX = "rejected-"  # the start of an export's file name
+
+
 def export_path(topic: str, partition: int, generation: int, first_offset: int, received_at: float) -> str:
     """Where an export of rejected messages goes, relative to home: ``data/<UTC date of receipt>/<topic>/
     rejected-[g<generation>-]p<partition>-o<first offset>.jsonl``, named by the Kafka identity of the first message
@@ -37,7 +40,7 @@ def export_path(topic: str, partition: int, generation: int, first_offset: int, 
     has the same key."""
     date = dt.datetime.fromtimestamp(received_at, dt.UTC).date().isoformat()
     generation_part = f"g{generation}-" if generation else ""
-    return f"data/{date}/{topic}/rejected-{generation_part}p{partition}-o{first_offset}.jsonl"
+    return f"data/{date}/{topic}/{REJECTED_PREFIX}{generation_part}p{partition}-o{first_offset}.jsonl"
 
 
 def add_rejected(conn: sqlite3.Connection, topic: str, rejected: list[NewRejected], received_at: float) -> None:

@@ -78,6 +78,22 @@ def s3_key(cfg: Config, path: str) -> str:
     return cfg.s3.prefix + path
 
 
+def listed(client: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+    """Every object under ``prefix`` (``list_objects_v2``'s entries: Key, Size, ETag, LastModified), in key order,
+    a page of 1,000 per request."""
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        yield from page.get("Contents", [])
+
+
+def folders(client: Any, bucket: str, prefix: str) -> list[str]:
+    """The "folders" directly under ``prefix`` (``prefix`` ends with "/"), each with its trailing "/": one request
+    per 1,000 of them, however many objects they hold."""
+    found = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+        found += [entry["Prefix"] for entry in page.get("CommonPrefixes", [])]
+    return found
+
+
 def content_type(path: str) -> str:
     """The Content-Type an object is uploaded with, from its file name (``application/octet-stream`` if unknown)."""
     name = os.path.basename(path).lower()
