@@ -278,7 +278,7 @@ def test_the_fleets_gatherer_makes_the_cards_of_the_hosts_store_from_its_dataset
 
     from pyarrow import fs
 
-    from ztfd.reporting.fleet_night import FROM_THE_FLEET, NO_PREVIEW, NOT_IN_DATASET, FleetNight
+    from ztfd.reporting.fleet_night import FROM_THE_FLEET_HERE, NO_PREVIEW, NOT_IN_DATASET, FleetNight
 
     archived = subprocess.run(ztfd_command(sources.cfg_path, "archive", "--once"), capture_output=True, text=True,
                               env=child_env(), timeout=300)
@@ -293,7 +293,7 @@ def test_the_fleets_gatherer_makes_the_cards_of_the_hosts_store_from_its_dataset
             for date in sources.nights(topic):
                 cards, counts = fleet.gather(date, topic)
                 own_cards, own_counts = night_report.HostNight(sources.cfg, here).gather(date, topic)
-                assert counts["note"] == FROM_THE_FLEET and own_counts["note"] is None
+                assert counts["note"] == FROM_THE_FLEET_HERE and own_counts["note"] is None
                 assert (counts["alerts"], counts["objects"], counts["topics"]) == \
                     (own_counts["alerts"], own_counts["objects"], own_counts["topics"]), (what, date)
                 for card, own in zip(cards, own_cards, strict=True):

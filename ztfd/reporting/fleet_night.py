@@ -105,10 +105,10 @@ class FleetNight:
     def __init__(self, cfg: config.Config, conn: sqlite3.Connection, filesystem: Any = None,
                  root: str | None = None) -> None:
         """``filesystem`` and ``root`` default to the bucket's (``bucket_filesystem``, ``mirror_root``); a local
-        filesystem and folder read a dataset on disk the same way, without the stamps index (``indexes``: made from
-        the bucket's listing only)."""
+        filesystem and folder read a dataset on disk the same way, without what only the bucket's listing gives
+        (``in_bucket``): the stamps index, and the fleet's rejected messages (this host's are counted instead)."""
         self.cfg, self.conn = cfg, conn
-        self.indexes = filesystem is None and root is None
+        self.in_bucket = filesystem is None and root is None
         self.filesystem = filesystem if filesystem is not None else bucket_filesystem(cfg.s3)
         self.root = root if root is not None else mirror_root(cfg.s3)
         self.sources: dict[str, Source | None] = {}
@@ -123,7 +123,7 @@ class FleetNight:
     # --- the cards ---------------------------------------------------------------------------------------------
 
     def gather(self, date: str, topic: str | None) -> tuple[list[Card], dict[str, Any]]:
-        indexed = self.write_stamps_index(date) if self.indexes else []
+        indexed = self.write_stamps_index(date) if self.in_bucket else []
         archive = open_archive(self.root, filesystem=self.filesystem)
         rows = archive.night_rows(date, topic)
         if not rows.num_rows:
@@ -162,7 +162,7 @@ class FleetNight:
             if card.preview is None:
                 card.missing = self._missing(card, object_id in here, outcome, survey)
             cards.append(card)
-        if self.indexes:
+        if self.in_bucket:
             return night_counts(cards, [a["topic"] for a in alerts], self.rejected_in_bucket(date, topic),
                                 FROM_THE_FLEET)
         return night_counts(cards, [a["topic"] for a in alerts], night.night_rejected(self.conn, date, topic),
@@ -305,7 +305,7 @@ class FleetNight:
             selector = fs.FileSelector(f"{self.root}/archive/{dataset}", recursive=True, allow_not_found=True)
             for info in self.filesystem.get_file_info(selector):
                 night_dir = next((part for part in info.path.split("/") if part.startswith("night=")), None)
-                if self.indexes and dataset == "stamps" and info.base_name == index_name:
+                if self.in_bucket and dataset == "stamps" and info.base_name == index_name:
                     continue
                 if info.type == fs.FileType.File and night_dir is not None:
                     found.setdefault(night_dir.removeprefix("night="), []).append(
