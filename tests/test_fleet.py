@@ -388,9 +388,11 @@ def test_three_hosts_share_a_stream_and_losing_one_with_its_disk_loses_nothing(
             body = s3.client(direct=True).get_object(Bucket=bucket, Key=key)["Body"].read()
             return pq.read_table(io.BytesIO(body))["path"].to_pylist()
 
-        images_of_night = sorted(key.removeprefix("fleet/") for key in s3.objects(bucket)
-                                 if key.startswith(f"fleet/images/{lone.date}/"))
-        wait_until(lambda: sorted(indexed()) == images_of_night, DEADLINE,
+        def images_of_night() -> list[str]:
+            return sorted(key.removeprefix("fleet/") for key in s3.objects(bucket)
+                          if key.startswith(f"fleet/images/{lone.date}/"))
+
+        wait_until(lambda: sorted(indexed()) == images_of_night(), DEADLINE,
                    "the stamps index to list the night's images")
         assert list(writer.home.glob("reports/*/index.html")) and not list(other.home.glob("reports/*/index.html"))
     finally:

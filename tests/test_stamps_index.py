@@ -15,11 +15,13 @@ import pytest
 
 from tests.test_archive_overlap import write_rows
 from ztfd import archive, config, files, store
-from ztfd.archive.stamps import StampsWriter
+from ztfd.archive import fleet_stamps
+from ztfd.archive.stamps import StampsWriter, write_if_changed
 from ztfd.embedded.s3 import S3Server
-from ztfd.reporting.fleet_night import FleetNight
+from ztfd.reporting.fleet_night import FROM_THE_FLEET_HERE, FleetNight
 from ztfd.store import manifest
 from ztfd.store.rejected import export_path
+from ztfd.sync.s3 import FatalError
 
 NIGHT = "2026-03-04"
 PREFIX = "fleet/"
@@ -89,8 +91,11 @@ def test_the_index_lists_each_stamp_in_the_bucket_once_with_a_lost_hosts_and_is_
         [(date, version)] = night.due(quiet)
         assert date == NIGHT
 
-        rows = night.write_stamps_index(NIGHT)
+        # A writer killed after writing the index and before recording it: the next one records it all the same.
         index = writer_home / "archive" / "stamps" / f"night={NIGHT}" / "stamps.parquet"
+        assert write_if_changed(writer_home, index, fleet_stamps.listed_rows(client, bucket, PREFIX, NIGHT))
+        assert manifest.recorded_file(conn, f"archive/stamps/night={NIGHT}/stamps.parquet") is None
+        rows = night.write_stamps_index(NIGHT)
         table = pq.read_table(index)
         assert table.schema.remove_metadata() == pq.read_table(next(
             (survivor / "archive").rglob("*.parquet"))).schema.remove_metadata()
@@ -139,5 +144,15 @@ def test_the_index_lists_each_stamp_in_the_bucket_once_with_a_lost_hosts_and_is_
         assert night.rejected_in_bucket(NIGHT, None) == 3 and night.rejected_in_bucket(NIGHT, "t1") == 2
         _, counts = night.gather(NIGHT, None)
         assert counts["rejected"] == 3 and "every host's exports in the bucket" in counts["note"]
+
+        # Credentials that may not list the bucket: the report is still made, without the index, and counts this
+        # host's rejected messages (none), saying so.
+        def refused(*_: Any) -> Any:
+            raise FatalError("access denied to bucket (AccessDenied)")
+
+        monkeypatch.setattr(fleet_stamps, "listed", refused)
+        monkeypatch.setattr("ztfd.reporting.fleet_night.listed", refused)
+        cards, counts = night.gather(NIGHT, None)
+        assert cards and counts["rejected"] == 0 and counts["note"] == FROM_THE_FLEET_HERE
     finally:
         conn.close()

@@ -14,7 +14,6 @@ upload's ETag, which has a "-"), ``written_at`` its LastModified (when it reache
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import re
 import sqlite3
@@ -27,11 +26,11 @@ from ztfd.archive.stamps import kind_of, write_if_changed
 from ztfd.store import manifest
 from ztfd.store.db import transaction
 from ztfd.sync.s3 import listed
+from ztfd.units import unix_micros
 
 log = logging.getLogger(__name__)
 
 PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def index_path(home: Path, date: str) -> Path:
@@ -50,18 +49,16 @@ def listed_rows(client: Any, bucket: str, prefix: str, date: str) -> list[dict[s
             continue  # a folder marker, or a key ztfd does not write
         detection, kind = kind_of(parts[3])
         etag = str(item.get("ETag", "")).strip('"').lower()
-        modified = item["LastModified"]
-        modified = modified if modified.tzinfo else modified.replace(tzinfo=dt.UTC)
         rows.append({"object_id": parts[2], "detection_id": detection, "kind": kind, "path": relative,
                      "bytes": int(item["Size"]), "md5": etag if PLAIN_MD5.match(etag) else None,
-                     "written_at": (modified - EPOCH) // dt.timedelta(microseconds=1)})
+                     "written_at": unix_micros(item["LastModified"])})
     return rows
 
 
 def write_index(home: Path, conn: sqlite3.Connection, date: str, rows: list[dict[str, Any]]) -> bool:
     """Write night ``date``'s index from ``rows`` (``listed_rows``) and record it in the manifest for upload, unless
     it holds them already; whether it was written."""
-    written = write_if_changed(home, index_path(home, date), rows)
+    written = write_if_changed(home, index_path(home, date), rows, conn)
     if written is None:
         return False
     with transaction(conn):

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 ARCHIVE = "archive"
 COMMON_METADATA = "_common_metadata"
 ALERTS_FILE = re.compile(r"^p(\d+)-g(\d+)-o(\d+)(?:-(\d+))?\.parquet$")
+STAMPS_FILE = "stamps.parquet"  # a night's stamps file on one host; in a fleet, the fleet's index of the night
 
 
 class AlertsFile(NamedTuple):
@@ -100,7 +101,7 @@ class Layout:
 
     def stamps_file(self, date: str, writer: str = "") -> Path:
         """``stamps.parquet``, or in a fleet ``stamps-<writer>.parquet``: each host's own (``stamps.writer_name``)."""
-        return self.stamps / f"night={date}" / (f"stamps-{writer}.parquet" if writer else "stamps.parquet")
+        return self.stamps / f"night={date}" / (f"stamps-{writer}.parquet" if writer else STAMPS_FILE)
 
     def schema_file(self, schema: dict[str, Any]) -> Path:
         """``archive/schemas/<sha256 of the schema's canonical JSON, 16 hex>.avsc``."""

@@ -95,7 +95,7 @@ class Archiver:
             compactor.compact_pass()
             for night in [date] if date else archive_marks.dates_of(self.conn):
                 if (self.cfg.home / "images" / night).is_dir():
-                    row = self.stamps.write_night(night)
+                    row = self.stamps.write_night(night, self.conn)
                     if row is not None:
                         with transaction(self.conn):
                             manifest.record_files(self.conn, [row])

@@ -13,7 +13,6 @@ changed (otherwise the previous row's is kept).
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import os
 import re
@@ -35,6 +34,7 @@ from ztfd.sources import STAMP_TYPES
 from ztfd.store import archive_marks, manifest
 from ztfd.store.db import transaction
 from ztfd.store.status_facts import get_status, set_status
+from ztfd.units import unix_micros
 
 NIGHT = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 SCHEMA = columns.fixed_schema(columns.STAMP_COLUMNS)
@@ -84,13 +84,15 @@ class StampsWriter:
         last = get_status(conn, LOOKED_AT)
         if last is not None and last[0] is not None and started - float(last[0]) < FULL_LOOK_AFTER:
             nights &= archive_marks.nights_touched_since(conn, float(last[0]) - CLOCK_MARGIN)
-        written = [row for night in sorted(nights) if (row := self.write_night(night)) is not None]
+        written = [row for night in sorted(nights) if (row := self.write_night(night, conn)) is not None]
         with transaction(conn):
             manifest.record_files(conn, written)
             set_status(conn, LOOKED_AT, repr(started))
         return written
 
-    def write_night(self, night: str) -> tuple[str, int, str] | None:
+    def write_night(self, night: str, conn: sqlite3.Connection | None = None) -> tuple[str, int, str] | None:
+        """Night ``night``'s file, written when its rows changed (``write_if_changed``; with ``conn``, also when the
+        manifest lacks it); the manifest row to record, else None."""
         path = self.layout.stamps_file(night, self.writer)
         previous = _previous_rows(path)
         rows = []
@@ -112,12 +114,16 @@ class StampsWriter:
                 detection, kind = kind_of(entry.name)
                 rows.append({"object_id": object_dir.name, "detection_id": detection, "kind": kind,
                              "path": relative, "bytes": stat.st_size, "md5": md5, "written_at": written_at})
-        return write_if_changed(self.layout.home, path, rows)
+        return write_if_changed(self.layout.home, path, rows, conn)
 
 
-def write_if_changed(home: Path, path: Path, rows: list[dict[str, Any]]) -> tuple[str, int, str] | None:
+def write_if_changed(home: Path, path: Path, rows: list[dict[str, Any]],
+                     conn: sqlite3.Connection | None = None) -> tuple[str, int, str] | None:
     """Write ``rows`` (``SCHEMA``'s columns, ``written_at`` in Unix microseconds) as the stamps file ``path`` unless
-    it holds them already (nor when there are none and it does not exist); the manifest's row of the file written."""
+    it holds them already (nor when there are none and it does not exist); the manifest's row of the file written.
+
+    With ``conn``, a file that holds them already but that the manifest lacks gives its row too: a process killed
+    between the write and the transaction recording it would otherwise leave it never uploaded."""
     if not rows and not path.exists():
         return None
     table = pa.table({name: pa.array([r[name] for r in rows], pa.int64() if name == "written_at" else fld.type)
@@ -125,7 +131,11 @@ def write_if_changed(home: Path, path: Path, rows: list[dict[str, Any]]) -> tupl
     table = pa.Table.from_arrays([table[n].cast(f.type) for n, f in zip(SCHEMA.names, SCHEMA, strict=True)],
                                  schema=SCHEMA)
     if path.exists() and pq.read_table(path).equals(table):
-        return None
+        relative = files.relative_to_home(home, path)
+        if conn is None or manifest.recorded_file(conn, relative) is not None:
+            return None
+        data = path.read_bytes()
+        return relative, len(data), files.md5_hex(data)
     return write_parquet(home, path, table)
 
 
@@ -134,6 +144,4 @@ def _previous_rows(path: Path) -> dict[str, dict[str, Any]]:
         table = pq.read_table(path)
     except FileNotFoundError:
         return {}
-    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-    return {row["path"]: {**row, "written_at": (row["written_at"] - epoch) // dt.timedelta(microseconds=1)}
-            for row in table.to_pylist()}
+    return {row["path"]: {**row, "written_at": unix_micros(row["written_at"])} for row in table.to_pylist()}

@@ -19,7 +19,11 @@ the archive's reader on the home's mirror (``ztfd.archive.open("<bucket>/<s3.pre
 A night is due when its files in the bucket (the alerts' and stamps' datasets of that night, but the stamps index,
 which the writer itself makes from the night's report) changed since its last report and none changed for
 ``report.after_quiet`` seconds; which files the last report was written from is a status fact of the store
-(``report_fleet:<date>``). Rejected messages are counted from this host's store only.
+(``report_fleet:<date>``). Rejected messages are counted from every host's exports in the bucket
+(``rejected_in_bucket``); one exported after the night's last report is counted at its next.
+
+A listing the bucket refuses (a policy without ``s3:ListBucket`` on those prefixes) does not stop the report: it is
+written without the index and with this host's rejected count, and says so in its note.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from ztfd import config, store
 from ztfd.archive import QueryError, fleet_stamps
 from ztfd.archive import open as open_archive
 from ztfd.archive.columns import ALERT_COLUMNS, PARTITION_COLUMNS, RESERVED
+from ztfd.archive.layout import STAMPS_FILE
 from ztfd.files import relative_to_home
 from ztfd.ingest import nights
 from ztfd.reporting.night_report import (
@@ -65,6 +70,7 @@ from ztfd.store.alerts import StoredAlert, alerts_on
 from ztfd.store.rejected import REJECTED_PREFIX
 from ztfd.store.status_facts import get_status, set_status, statuses_with_prefix
 from ztfd.sync.s3 import FatalError, FileError, OutageError, classified_errors, folders, listed
+from ztfd.units import UNIX_EPOCH
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +121,7 @@ class FleetNight:
         self._client: Any = None  # boto3's, for ``check_uploads`` and the stamps index
 
     def _s3(self) -> Any:
+        """boto3's client, made once, when first needed (a report that reads only its dataset never makes one)."""
         from ztfd.sync.s3 import make_client
 
         self._client = self._client or make_client(self.cfg)
@@ -123,7 +130,15 @@ class FleetNight:
     # --- the cards ---------------------------------------------------------------------------------------------
 
     def gather(self, date: str, topic: str | None) -> tuple[list[Card], dict[str, Any]]:
-        indexed = self.write_stamps_index(date) if self.in_bucket else []
+        listable = self.in_bucket
+        indexed: list[dict[str, Any]] = []
+        if listable:
+            try:
+                indexed = self.write_stamps_index(date)
+            except FatalError as exc:  # refused for good (permissions): the report goes on without what it lists
+                log.warning("report %s: cannot list the bucket (%s): no stamps index, and this host's rejected "
+                            "messages only", date, exc)
+                listable = False
         archive = open_archive(self.root, filesystem=self.filesystem)
         rows = archive.night_rows(date, topic)
         if not rows.num_rows:
@@ -162,9 +177,12 @@ class FleetNight:
             if card.preview is None:
                 card.missing = self._missing(card, object_id in here, outcome, survey)
             cards.append(card)
-        if self.in_bucket:
-            return night_counts(cards, [a["topic"] for a in alerts], self.rejected_in_bucket(date, topic),
-                                FROM_THE_FLEET)
+        if listable:
+            try:
+                return night_counts(cards, [a["topic"] for a in alerts], self.rejected_in_bucket(date, topic),
+                                    FROM_THE_FLEET)
+            except FatalError as exc:
+                log.warning("report %s: cannot list the bucket's rejected messages (%s): this host's only", date, exc)
         return night_counts(cards, [a["topic"] for a in alerts], night.night_rejected(self.conn, date, topic),
                             FROM_THE_FLEET_HERE)
 
@@ -230,9 +248,9 @@ class FleetNight:
         exported at once as a file of its own, named by its Kafka identity (``store.rejected.export_path``) and
         uploaded before its partition's commit passes it, so the bucket's keys count each once, whichever host
         rejected it. A listing of the day's topic folders, then of each one's ``rejected-`` keys."""
-        day = f"{self.cfg.s3.prefix}data/{date}/"
-        bucket, client = self.cfg.s3.bucket, self._s3()
+        day, bucket = f"{self.cfg.s3.prefix}data/{date}/", self.cfg.s3.bucket
         with classified_errors(bucket, self.cfg.s3.endpoint_url):
+            client = self._s3()
             topics = [f"{day}{topic}/"] if topic else folders(client, bucket, day)
             return sum(1 for folder in topics for _ in listed(client, bucket, f"{folder}{REJECTED_PREFIX}"))
 
@@ -300,12 +318,11 @@ class FleetNight:
         few requests for a season's files, which compaction keeps to a few per night, topic and partition). Not the
         stamps index: the writer makes it from the night's report, and its upload must not make the night due again."""
         found: dict[str, list[tuple[str, int, float]]] = {}
-        index_name = fleet_stamps.index_path(self.cfg.home, "-").name
         for dataset in ("alerts", "stamps"):
             selector = fs.FileSelector(f"{self.root}/archive/{dataset}", recursive=True, allow_not_found=True)
             for info in self.filesystem.get_file_info(selector):
                 night_dir = next((part for part in info.path.split("/") if part.startswith("night=")), None)
-                if self.in_bucket and dataset == "stamps" and info.base_name == index_name:
+                if self.in_bucket and dataset == "stamps" and info.base_name == STAMPS_FILE:
                     continue
                 if info.type == fs.FileType.File and night_dir is not None:
                     found.setdefault(night_dir.removeprefix("night="), []).append(
@@ -324,8 +341,7 @@ def _unique(rows: pa.Table) -> list[dict[str, Any]]:
         if key not in seen:
             seen.add(key)
             kept.append({**row, "_row": index})
-    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-    kept.sort(key=lambda r: (r["received_at"] or epoch, r["topic"], r["partition"], r["generation"], r["offset"]))
+    kept.sort(key=lambda r: (r["received_at"] or UNIX_EPOCH, r["topic"], r["partition"], r["generation"], r["offset"]))
     return kept
 
 

@@ -6,9 +6,10 @@ of older bytes by another host can land last, and that host may then be gone for
   host added) can come last, and the others never upload theirs again (their schema did not change). So each sync
   pass of a fleet host asks S3 (one HEAD) whether it holds the bytes this host uploaded last, and queues this host's
   copy again when it does not (``reassert_shared``); the same pass uploads it;
-- the night reports, written by the holder of partition 0: a report the previous writer left pending can land
-  after the new writer's. The writer's reporter asks S3 for each night's first page (``upload_differs``) and
-  queues the night's files again when it holds other bytes (``reporting.fleet_night.FleetNight.check_uploads``).
+- the night reports and the nights' stamps indexes (``archive/stamps/night=<date>/stamps.parquet``), written by
+  the holder of partition 0: one the previous writer left pending can land after the new writer's. The writer's
+  reporter asks S3 for each night's first page and index (``upload_differs``) and queues them again when S3 holds
+  other bytes (``reporting.fleet_night.FleetNight.check_uploads``).
 
 Two live hosts do not take turns for long: once both have read the fleet's schema they write the same bytes, and
 only the current writer checks its reports.
