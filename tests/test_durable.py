@@ -244,3 +244,27 @@ def test_a_commit_left_unanswered_is_sent_again(tmp_path: Path) -> None:
     commits.answered({0: 2}, {})
     now[0] = 3 * ANSWER_WAIT
     assert commits.tick(force=True) == {} and commits.sent_at == {}
+
+
+def test_a_stopping_host_asks_again_until_kafka_takes_every_held_partitions_durable_offset(tmp_path: Path) -> None:
+    """A stop in the middle of a rebalance: Kafka refuses the commit until the member joined the new generation.
+    ``commit_held`` says so and keeps the partitions (the consumer serves the group and asks again); once taken, the
+    hand-back has nothing left to wait for and hands over at the durable offset."""
+    from ztfd.ingest.durability import DurableCommits
+
+    conn = store.connect(tmp_path / "s.sqlite3")
+    alerts = [alert(offset, f"ZTF{offset}")._replace(job_kind=None) for offset in range(0, 3)]
+    store_batch(conn, BatchToStore(TOPIC, 0.0, alerts, [], {0: (0, 3)}, []), {a.alert.path: (1, "m") for a in alerts})
+    upload(conn, [a.alert.path for a in alerts[:2]])
+    kafka = RecordingKafka()
+    commits = DurableCommits(conn, TOPIC, kafka, {0: 0}.__getitem__, every=3600.0,  # type: ignore[arg-type]
+                             home=tmp_path)
+    commits.hold({}, [0])
+    kafka.refuse = True
+    assert commits.commit_held() is False and commits.confirmed == {0: 0}
+    assert commits.committed == {0: 2}  # still held, sent but not taken: the next try sends it again
+    assert commits.commit_held() is False and kafka.waited == [{0: 2}, {0: 2}]
+    kafka.refuse = False
+    assert commits.commit_held() is True and commits.confirmed == {0: 2}
+    assert commits.commit_held() is True and len(kafka.waited) == 3  # nothing due: nothing said
+    assert commits.release([0]) == {0: (0, 2)} and len(kafka.waited) == 3

@@ -769,34 +769,86 @@ def test_a_topic_recreated_while_the_fleet_runs_is_keyed_in_a_new_generation_agr
             host.stop()
 
 
-@pytest.mark.xfail(strict=False, reason="Tansu 0.6.0 can wedge a group whose member leaves during a rebalance "
-                   "(docs/kafka-groups.md); on Kafka another rebalance follows and the group settles")
-def test_a_clean_stop_in_the_middle_of_a_rebalance_loses_nothing(
+HANDED_OVER = re.compile(r"\[(\d+)\] committed at (\d+) \((\d+) stored here past it")
+
+
+def handed_over(host: Host) -> dict[int, int]:
+    """What the host's hand-backs said: each partition it released, at the offset it committed (the last word)."""
+    return {int(found[1]): int(found[2]) for found in HANDED_OVER.finditer(host.log_path.read_text(errors="replace"))}
+
+
+def durable_offsets(host: Host, topic: str) -> dict[int, int]:
+    """How far each partition the host stored is durable in the bucket, by its own store."""
+    if not host.cfg.db_path.exists():
+        return {}
+    conn = store.connect(host.cfg.db_path)
+    try:
+        return {p: durable_through(conn, topic, p, o.generation, 0, o.next_offset, archive=False)
+                for p, o in store.stored_offsets(conn, topic).items()}
+    finally:
+        conn.close()
+
+
+def group_state(bootstrap: str, group: str) -> str:
+    """The group's state as the broker describes it (Tansu 0.6 says the state only)."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # kept alive until the answer
+    return str(admin.describe_consumer_groups([group])[group].result(timeout=30).state)
+
+
+def test_a_clean_stop_in_the_middle_of_a_rebalance_commits_what_is_durable_and_loses_nothing(
     kafka: KafkaBroker, s3: S3Server, tmp_path: Path
 ) -> None:
-    """Kafka's semantics as the assertion: a host stopped while a third joins commits what is durable and leaves;
-    the two others share its partitions and the bucket ends with every alert once."""
+    """A host stopped while a third joins commits, before it leaves, every alert it made durable: with periodic
+    commits off, that hand-back is the only way Kafka learns them. This part is ztfd's and is asserted whatever the
+    broker does next. Then, Kafka's semantics: the two others share its partitions and the bucket ends with every
+    alert once. On Tansu 0.6.0 a leave in the middle of a join can wedge the group for good (docs/kafka-groups.md);
+    only when the broker shows that wedge (nothing more flows and the group is not STABLE) is the test marked an
+    expected failure, naming it."""
     topic = f"midway-{uuid.uuid4().hex[:8]}"
     group = f"midway-{uuid.uuid4().hex[:8]}"
     bucket = f"midway-{uuid.uuid4().hex[:8]}"
     kafka.create_topic(topic, partitions=PARTITIONS)
     s3.create_bucket(bucket)
     sections = fleet_config(kafka, s3, topic, group, bucket)
+    sections["kafka"]["commit_every"] = 3600.0  # no periodic commit: only hand-backs reach Kafka
     env = child_env(**s3.env())
     first, leaving, joining = (Host(name, tmp_path, sections, env) for name in ("first", "leaving", "joining"))
-    produce(kafka.bootstrap, topic, 0, 40)
     try:
         first.start(topic)
+        wait_until(lambda: first.said("the group gave"), DEADLINE, "the first host to hold the topic")
         leaving.start(topic)
-        wait_until(lambda: first.said("the group gave") and leaving.said("the group gave"), DEADLINE,
-                   "two hosts to share the topic")
+        wait_until(lambda: leaving.said("the group gave"), DEADLINE, "two hosts to share the topic")
+        produce(kafka.bootstrap, topic, 0, 40)
+        wait_until(lambda: len(alert_keys(s3, bucket)) == 40, DEADLINE, "the first alerts in the bucket")
+        wait_until(lambda: (held := durable_offsets(leaving, topic)) and all(o == 10 for o in held.values()),
+                   DEADLINE, "the leaving host's alerts durable by its own store")
+        mine = set(durable_offsets(leaving, topic))
+        assert mine and mine < set(range(PARTITIONS))  # it shares the topic with the first host
+        assert all(o < 0 for o in committed(kafka.bootstrap, group, topic).values())  # Kafka knows nothing yet
+
         joining.start(topic)
         wait_until(lambda: joining.said("consuming"), DEADLINE, "the third host to join")
         leaving.stop()  # while the group rebalances for the newcomer
+
+        said = handed_over(leaving)
+        assert mine <= set(said), said  # every partition it held was handed back, on a revoke or at its stop ...
+        assert {said[p] for p in mine} == {10}  # ... committed through everything it made durable ...
+        kafka_has = committed(kafka.bootstrap, group, topic)
+        assert all(kafka_has[p] >= 10 for p in mine), kafka_has  # ... and Kafka took it
+
         produce(kafka.bootstrap, topic, 40, 40)
         everything = {(seq % PARTITIONS, seq // PARTITIONS) for seq in range(80)}
-        # ~10-25 s when the group settles; when it wedged, waiting longer only costs the suite time
-        wait_until(lambda: set(alert_keys(s3, bucket)) == everything, 40.0, "every alert in the bucket")
+        try:  # ~10-25 s when the group settles; when it wedged, waiting longer only costs the suite time
+            wait_until(lambda: set(alert_keys(s3, bucket)) == everything, 40.0, "every alert in the bucket")
+        except AssertionError:
+            state = group_state(kafka.bootstrap, group)
+            if "STABLE" not in state:
+                pytest.xfail(f"Tansu 0.6.0 wedged the group after a leave during a rebalance (state {state}): "
+                             "docs/kafka-groups.md; on Kafka another rebalance follows and the group settles")
+            raise AssertionError(fleet_state(kafka, group, topic, [first, joining])) from None
+        assert sorted(alert_keys(s3, bucket)) == sorted(everything)  # each once
     finally:
         for host in (first, joining):
             host.stop()

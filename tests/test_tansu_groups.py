@@ -165,21 +165,32 @@ def test_a_member_killed_with_minus_9_is_replaced_from_the_committed_offsets(kaf
     assert sorted(values_read(a, b)) == sorted(first | later)
 
 
-@pytest.mark.xfail(strict=False, reason="Tansu 0.6 can wedge a group whose member leaves during a rebalance")
 def test_a_member_leaving_while_a_new_one_joins_leaves_the_group_whole(kafka, group_topic, members):
     """Kafka's semantics: a member leaving in the middle of a rebalance only starts another one, and the group
     settles. On Tansu 0.6 the group can wedge for good instead, depending on where in the join the leave lands: the
     joining member gets nothing, the group's state reads UNKNOWN, and neither a rejoin, static membership
     (``group.instance.id``) nor a fresh member under the same group id brings it back (docs/kafka-groups.md).
+    Kafka's semantics are the assertion; only when the broker shows that wedge (the group not STABLE) is the test
+    marked an expected failure, naming it: any other way of not settling fails.
     """
-    topic, _ = group_topic
+    from confluent_kafka.admin import AdminClient
+
+    topic, group = group_topic
     a, b = two_members_split_evenly(members)
     c = members()  # the join starts a rebalance ...
     wait_until(lambda: c.said("started"), 30, "the third member subscribed")
     b.stop()  # ... and b leaves in the middle of it
     # a rebalance after a leave settles in ~3-8 s: when the group wedged, waiting longer only costs the suite time
-    wait_until(lambda: a.held() | c.held() == {0, 1, 2, 3} and not (a.held() & c.held()), 20,
-               "the two remaining members holding every partition once")
+    try:
+        wait_until(lambda: a.held() | c.held() == {0, 1, 2, 3} and not (a.held() & c.held()), 20,
+                   "the two remaining members holding every partition once")
+    except AssertionError:
+        admin = AdminClient({"bootstrap.servers": kafka.bootstrap})  # kept alive until the answer
+        state = admin.describe_consumer_groups([group])[group].result(timeout=30).state
+        if "STABLE" not in str(state):
+            pytest.xfail(f"Tansu 0.6 wedged the group after a leave during a rebalance (state {state}); "
+                         f"the members hold {sorted(a.held())} and {sorted(c.held())}")
+        raise
     sent = produce_numbered(kafka, topic, 0, 100)
     wait_until(lambda: set(values_read(a, c)) == sent, 60, "every message read after the rebalance")
 

@@ -73,6 +73,11 @@ POLL_TIMEOUT = 0.5
 IN_FLIGHT = 2  # batches handed to the file writer before the consumer waits for the oldest
 BATCH_MAX_BYTES = 2 * 1024 * 1024  # a batch stops growing past this many bytes of messages (kafka.batch_size: count)
 RECENT_DATES_WINDOW = 2 * 86400.0
+# Fleet mode, a stop in the middle of a rebalance: how long the host keeps serving the group for Kafka to take its
+# commits (a join takes about half of session.timeout.ms; kept under supervisor.stop_timeout's 30 s default),
+# and how long each wait between two tries is.
+LEAVE_WAIT = 15.0
+SERVE_WHILE_LEAVING = 0.5
 
 
 class TopicConsumer:
@@ -207,6 +212,28 @@ class TopicConsumer:
         self._note_moved(partitions, back=self.commits.release(partitions))
         self._publish_holding(self.kafka.assigned - set(partitions))
 
+    def _settle_before_leaving(self) -> None:
+        """Fleet mode, a stop: Kafka refuses this member's commits while the group rebalances, until it has joined
+        the group's new generation (``ILLEGAL_GENERATION``), so a stop in the middle of a rebalance would hand its
+        partitions over behind what it made durable; and a leave in the middle of a join can wedge a Tansu group
+        (docs/kafka-groups.md). So, fetching paused, the host keeps serving the group until Kafka takes every held
+        partition's durable offset, at most ``LEAVE_WAIT`` s (then what Kafka lacks is redone by the next owner)."""
+        assert self.commits is not None
+        if not self.kafka.assigned:
+            return
+        self.kafka.pause()
+        deadline = time.monotonic() + LEAVE_WAIT
+        tries = 1
+        while not self.commits.commit_held():
+            if time.monotonic() >= deadline:
+                log.warning("%s: Kafka still refused the commits after %.0f s of waiting for the group to settle: "
+                            "leaving without them (the next owner redoes what it lacks)", self.topic, LEAVE_WAIT)
+                return
+            self.kafka.serve(SERVE_WHILE_LEAVING)
+            tries += 1
+        if tries > 1:
+            log.info("%s: the group settled and Kafka took the commits at try %d: leaving", self.topic, tries)
+
     def _taken_away(self, partitions: list[int]) -> None:
         """Fleet mode: ``partitions`` were given to another host already (this session expired): too late to commit;
         what this host has not uploaded of them past its last commit is the next holder's all the same."""
@@ -311,6 +338,7 @@ class TopicConsumer:
     def close(self) -> None:
         if self.commits is not None:  # a stop hands every partition back: committed as far as durable, then left
             self.leaving = True  # what it says from now on, a last revocation during the close included
+            self._settle_before_leaving()
             self._handed_back(sorted(self.kafka.assigned))
         self.kafka.close()
         self.builder.close()

@@ -164,6 +164,34 @@ class DurableCommits:
             log.debug("committed %s durable through %s", self.topic, moved)
         return moved
 
+    def _commit_waiting(self, partitions: list[int]) -> bool:
+        """Commit ``partitions`` as far as they are durable, with any commit sent earlier whose answer has not come,
+        and wait for Kafka's answer. True when Kafka has each one's offset (or none was due)."""
+        try:
+            moved = self.frontiers(partitions)
+        except sqlite3.Error as exc:
+            log.warning("cannot compute the durable frontiers of %s: %s: handing over at the last commit", self.topic,
+                        exc)
+            moved = {}
+        # an unanswered commit is waited for now, or the next owner would start before it
+        unconfirmed = {p: self.committed[p] for p in partitions if self.committed[p] > self.confirmed[p]}
+        final = {**unconfirmed, **moved}
+        if not final:
+            return True
+        taken = self.kafka.commit_now(final)
+        self.confirmed.update({p: o for p, o in taken.items() if p in self.confirmed})
+        self.committed.update(final)
+        for partition in final:
+            self.sent_at.pop(partition, None)
+            self.again.discard(partition)
+        return all(self.confirmed[p] >= offset for p, offset in final.items())
+
+    def commit_held(self) -> bool:
+        """Commit every partition held as far as it is durable and wait for the answer, still holding them. True
+        when Kafka took it all: a host stopping in the middle of a rebalance (Kafka refuses its commits until it
+        joins the group's new generation) asks again until then (``Consumer._settle_before_leaving``)."""
+        return self._commit_waiting(sorted(self.committed))
+
     def release(self, partitions: list[int]) -> dict[int, tuple[int, int]]:
         """Partitions handed back: commit them as far as they are durable, waiting for Kafka's answer, then forget
         them. What is not durable yet is redone by the next owner, under the same S3 keys. Returns each one's
@@ -171,25 +199,13 @@ class DurableCommits:
         partitions = [p for p in partitions if p in self.committed]
         if not partitions:
             return {}
-        try:
-            moved = self.frontiers(partitions)
-        except sqlite3.Error as exc:
-            log.warning("cannot compute the durable frontiers of %s: %s: handing over at the last commit", self.topic,
-                        exc)
-            moved = {}
-        # with any commit sent earlier whose answer has not come: it is waited for now, or the next owner would
-        # start before it
-        unconfirmed = {p: self.committed[p] for p in partitions if self.committed[p] > self.confirmed[p]}
-        final = {**unconfirmed, **moved}
-        if final:
-            taken = self.kafka.commit_now(final)
-            self.confirmed.update({p: o for p, o in taken.items() if p in self.confirmed})
-            # Kafka has what it confirmed: that is where the next owner starts
-            self.committed.update({p: self.confirmed[p] for p in partitions})
+        self._commit_waiting(partitions)
+        # Kafka has what it confirmed: that is where the next owner starts
+        self.committed.update({p: self.confirmed[p] for p in partitions})
         stored = store.stored_offsets(self.conn, self.topic)
         log.info("handing over %s: %s", self.topic, ", ".join(
             f"[{p}] committed at {self.committed[p]}"
-            f" ({self._redone(stored.get(p), p)} stored here not yet durable: the next owner redoes them)"
+            f" ({self._redone(stored.get(p), p)} stored here past it: the next owner redoes them)"
             for p in partitions))
         handed = self.held(partitions)
         self.forget(partitions)

@@ -315,6 +315,18 @@ class KafkaAdapter:
 
         self.consumer.subscribe([self.topic], on_assign=assigned, on_revoke=revoked, on_lost=lost)
 
+    def pause(self) -> None:
+        """Fetch nothing more for the partitions held (a stop): ``serve`` still runs the group's callbacks."""
+        if self.consumer is not None and self.assigned:
+            self.consumer.pause([TopicPartition(self.topic, p) for p in sorted(self.assigned)])
+
+    def serve(self, timeout: float) -> None:
+        """Serve the group for up to ``timeout`` s: heartbeats answered, a rebalance joined, its callbacks run. A
+        message it hands out (fetched before ``pause``, or of a partition handed in meanwhile) is left unread: it is
+        never stored nor committed here, so the partition's next owner reads it."""
+        if self.consumer is not None:
+            self.consumer.poll(timeout)
+
     def committed(self, partitions: Iterable[int]) -> dict[int, int]:
         """The group's committed offset of each of ``partitions`` that has one (none when the broker cannot say)."""
         asked = [TopicPartition(self.topic, p) for p in partitions]
