@@ -178,3 +178,54 @@ def test_the_kafka_adapter_tells_which_commits_the_broker_took_and_which_it_refu
         assert adapter.commit_now({0: 4, 1: 9}) == {0: 4, 1: 9}
     with adapter_of(absent) as (adapter, _):
         assert adapter.commit_now({0: 3}) == {}
+
+
+def test_the_kafka_adapter_reads_how_long_the_broker_keeps_a_topics_messages(kafka: KafkaBroker) -> None:
+    """Fleet mode warns of a commit held back near the broker's retention: the adapter reads ``retention.ms`` from
+    the broker (given at the topic's creation here; Tansu says nothing for a topic created without it)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    kept, plain = f"kept-{uuid.uuid4().hex[:8]}", f"plain-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})  # kept alive until the answer
+    admin.create_topics([NewTopic(kept, 1, 1, config={"retention.ms": str(4 * 86400 * 1000)})])[kept].result(30)
+    kafka.create_topic(plain)
+
+    def retention(topic: str) -> float | None:
+        adapter = KafkaAdapter(config.KafkaConfig(group_id="g", topics=(topic,), bootstrap_servers=kafka.bootstrap),
+                               topic)
+        adapter.open()
+        try:
+            return adapter.retention_seconds()
+        finally:
+            adapter.close()
+
+    assert retention(kept) == 4 * 86400.0
+    assert retention(plain) is None
+
+
+class BrokerKeepingTwoDays(KafkaAdapter):
+    """A broker that keeps the topic's messages for two days (``retention.ms``)."""
+
+    def retention_seconds(self) -> float | None:
+        return 2 * 86400.0
+
+
+def test_a_fleet_consumer_warns_when_a_stamp_job_may_hold_its_commit_past_the_brokers_retention(
+    make_config: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``stamps.unavailable_give_up`` (a week by default) longer than the topic's retention: a job waiting that long
+    holds its partition's commit after the broker dropped the messages, and a host lost then loses them. Said at
+    start, naming the key; a give-up inside the retention is not."""
+    def warnings(give_up: float) -> list[str]:
+        cfg = config.load(make_config(kafka={"topics": ["t"], "assignment": "group"}, s3={"bucket": "b"},
+                                      stamps={"enabled": True, "unavailable_give_up": give_up}))
+        consumer = TopicConsumer(cfg, "t", "consumer:t", kafka=BrokerKeepingTwoDays(cfg.kafka, "t"))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ztfd.ingest.consumer"):
+            consumer._judge_retention()
+        assert consumer.commits is not None and consumer.commits.keeps_for == 2 * 86400.0
+        return [r.getMessage() for r in caplog.records if "stamps.unavailable_give_up" in r.getMessage()]
+
+    [said] = warnings(604800.0)
+    assert said.startswith("config: stamps.unavailable_give_up (168 h) is not shorter than t's retention")
+    assert warnings(86400.0) == []

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+import pytest
 
 from ztfd import store
 from ztfd.files import md5_hex
@@ -268,3 +271,41 @@ def test_a_stopping_host_asks_again_until_kafka_takes_every_held_partitions_dura
     assert commits.commit_held() is True and commits.confirmed == {0: 2}
     assert commits.commit_held() is True and len(kafka.waited) == 3  # nothing due: nothing said
     assert commits.release([0]) == {0: (0, 2)} and len(kafka.waited) == 3
+
+
+def test_a_commit_held_back_near_the_brokers_retention_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stamp job waiting for the service (or uploads failing) holds a partition's commit: past half the broker's
+    retention (a day when it does not say) the consumer warns, once an hour, since a host lost with its disk after
+    the broker dropped those messages would lose them. A commit that keeps up, or nothing stored past it, is not
+    warned about."""
+    from ztfd.ingest.durability import HELD_WARN_EVERY, HELD_WARN_UNKNOWN_RETENTION, DurableCommits
+
+    conn = store.connect(tmp_path / "s.sqlite3")
+    alerts = [alert(offset, f"ZTF{offset}")._replace(job_kind=None) for offset in range(0, 3)]
+    store_batch(conn, BatchToStore(TOPIC, 0.0, alerts, [], {0: (0, 3)}, []), {a.alert.path: (1, "m") for a in alerts})
+    upload(conn, [alerts[0].alert.path])  # alerts 1 and 2 wait: the commit stops at 1
+    now = [0.0]
+    commits = DurableCommits(conn, TOPIC, RecordingKafka(), {0: 0}.__getitem__, every=1.0,  # type: ignore[arg-type]
+                             home=tmp_path, clock=lambda: now[0])
+    commits.hold({}, [0])
+
+    def warnings_at(when: float) -> int:
+        now[0] = when
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ztfd.ingest.durability"):
+            commits.tick(force=True)
+        return sum("has stayed at 1" in record.getMessage() for record in caplog.records)
+
+    assert commits.held_warning_after() == HELD_WARN_UNKNOWN_RETENTION
+    assert warnings_at(10.0) == 0  # the commit moved to 1 just now
+    assert warnings_at(HELD_WARN_UNKNOWN_RETENTION) == 0  # held for less than a day
+    assert warnings_at(HELD_WARN_UNKNOWN_RETENTION + 11) == 1
+    assert warnings_at(HELD_WARN_UNKNOWN_RETENTION + 12) == 0  # said again only an hour later
+    assert warnings_at(HELD_WARN_UNKNOWN_RETENTION + 12 + HELD_WARN_EVERY) == 1
+    commits.keeps_for = 4 * HELD_WARN_UNKNOWN_RETENTION  # the broker keeps 4 days: warned after 2
+    assert commits.held_warning_after() == 2 * HELD_WARN_UNKNOWN_RETENTION
+    upload(conn, [a.alert.path for a in alerts[1:]])
+    assert warnings_at(3 * HELD_WARN_UNKNOWN_RETENTION) == 0  # durable at last: committed through 3, nothing held
+    assert commits.committed == {0: 3}

@@ -125,6 +125,7 @@ class TopicConsumer:
         self.files.start()
         self.kafka.open()
         if self.commits is not None:
+            self._judge_retention()
             self.kafka.subscribe(self._handed_in, self._handed_back, self._taken_away, self._count_soon)
         self._look_at_topic(force=True)
         log.info("consuming %s from %s as group %s", self.topic, self.cfg.kafka.bootstrap_servers,
@@ -211,6 +212,18 @@ class TopicConsumer:
         assert self.commits is not None
         self._note_moved(partitions, back=self.commits.release(partitions))
         self._publish_holding(self.kafka.assigned - set(partitions))
+
+    def _judge_retention(self) -> None:
+        """Fleet mode: learn how long the broker keeps the topic's messages (a commit held back near that long is
+        warned about), and warn at once when a stamp job may hold a commit longer than that."""
+        assert self.commits is not None
+        self.commits.keeps_for = self.kafka.retention_seconds()
+        give_up = self.cfg.stamps.unavailable_give_up
+        if self.commits.keeps_for and self.cfg.stamps.enabled and give_up >= self.commits.keeps_for:
+            log.warning("config: stamps.unavailable_give_up (%.0f h) is not shorter than %s's retention on the broker "
+                        "(%.0f h): a stamp job waiting that long holds its partition's commit past the messages' "
+                        "life, and a host lost meanwhile loses them", give_up / 3600, self.topic,
+                        self.commits.keeps_for / 3600)
 
     def _settle_before_leaving(self) -> None:
         """Fleet mode, a stop: Kafka refuses this member's commits while the group rebalances, until it has joined

@@ -42,6 +42,10 @@ from ztfd.store.durable import durable_through, rejected_not_exported
 log = logging.getLogger(__name__)
 
 ANSWER_WAIT = 10.0  # seconds a commit sent without waiting may go unanswered before it is sent again
+# A partition's commit held back this long (the broker's retention unknown) is warned about: Fink keeps 4 days,
+# Lasair 7, and a host lost with its disk after the broker dropped the messages behind the commit loses them.
+HELD_WARN_UNKNOWN_RETENTION = 86400.0
+HELD_WARN_EVERY = 3600.0  # a held commit is said again at most once an hour
 # Refusals every rebalance brings (a commit made under the member's previous generation): said at INFO, not WARNING.
 REBALANCE_REFUSALS = frozenset({"ILLEGAL_GENERATION", "REBALANCE_IN_PROGRESS", "UNKNOWN_MEMBER_ID"})
 
@@ -67,6 +71,10 @@ class DurableCommits:
         self.again: set[int] = set()  # partitions whose commit the next tick sends again
         self.resent = 0  # commits sent again, Kafka having refused them or left them unanswered
         self.throttled = Throttle(log)
+        self.keeps_for: float | None = None  # how long the broker keeps the topic's messages (None: unknown)
+        self.moved_at: dict[int, float] = {}  # partition held -> when its commit last moved (or it was handed in)
+        self.stored_to: dict[int, int] = {}  # partition held -> the next offset this host stored, at the last walk
+        self.held_warned = Throttle(log, every=HELD_WARN_EVERY, clock=clock)
         self.last_tick = clock()
 
     def hold(self, committed: dict[int, int], partitions: list[int]) -> None:
@@ -74,6 +82,7 @@ class DurableCommits:
         for partition in partitions:
             self.committed[partition] = self.confirmed[partition] = committed.get(partition, 0)
             self.generations[partition] = self.generation_of(partition)
+            self.moved_at[partition] = self.clock()
 
     def _start(self, partition: int, generation: int) -> int:
         """Where the walk of ``partition`` starts: its committed offset, or 0 once a recreated topic started a new
@@ -120,6 +129,7 @@ class DurableCommits:
             start = self._start(partition, generation)
             known = stored.get(partition)
             end = known.next_offset if known is not None and known.generation == generation else start
+            self.stored_to[partition] = end
             self._export_rejected(partition, generation, start, end)
             frontier = durable_through(self.conn, self.topic, partition, generation, start, end, self.archive)
             if frontier > start:
@@ -159,10 +169,35 @@ class DurableCommits:
         self.again.clear()
         if moved:
             self.kafka.commit(moved)
+            self.moved_at.update({p: now for p, offset in moved.items() if offset > self.committed[p]})
             self.committed.update(moved)
             self.sent_at.update(dict.fromkeys(moved, now))
             log.debug("committed %s durable through %s", self.topic, moved)
+        self._warn_held(now)
         return moved
+
+    def held_warning_after(self) -> float:
+        """How long a commit may stay held back before it is warned about: half the broker's retention, else a
+        day."""
+        return self.keeps_for / 2 if self.keeps_for else HELD_WARN_UNKNOWN_RETENTION
+
+    def _warn_held(self, now: float) -> None:
+        """Warn of a partition whose commit has not moved for ``held_warning_after`` s while this host stored past
+        it: the broker drops messages after its retention, and a host lost with its disk after that loses the
+        alerts behind the commit (the next owner cannot read them again). Usually a stamp job waiting for the stamp
+        service (``stamps.unavailable_give_up``) or uploads failing."""
+        limit = self.held_warning_after()
+        for partition, committed in sorted(self.committed.items()):
+            held = now - self.moved_at.get(partition, now)
+            if self.stored_to.get(partition, committed) > committed and held >= limit:
+                kept = f"{self.keeps_for / 3600:.0f} h" if self.keeps_for else "for a time it does not say"
+                self.held_warned(
+                    f"held:{partition}", logging.WARNING,
+                    "the commit of %s[%d] has stayed at %d for %.1f h while this host stored through %d: the alert at "
+                    "that offset is not durable in S3 yet (its files, stamps or archive row: ztfd status says what "
+                    "is pending). The broker keeps messages %s: should this host be lost with its disk after that, "
+                    "the alerts behind the commit are lost", self.topic, partition, committed, held / 3600,
+                    self.stored_to[partition], kept)
 
     def _commit_waiting(self, partitions: list[int]) -> bool:
         """Commit ``partitions`` as far as they are durable, with any commit sent earlier whose answer has not come,
@@ -225,6 +260,8 @@ class DurableCommits:
     def forget(self, partitions: list[int]) -> None:
         """Partitions gone without a word (the session expired): another host already reads them."""
         for partition in partitions:
+            self.moved_at.pop(partition, None)
+            self.stored_to.pop(partition, None)
             self.committed.pop(partition, None)
             self.confirmed.pop(partition, None)
             self.sent_at.pop(partition, None)

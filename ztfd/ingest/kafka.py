@@ -390,6 +390,21 @@ class KafkaAdapter:
         text = str(topic_id) if topic_id is not None else ""
         return text if text and text.strip("A=") else None  # the all-zero id means "not reported"
 
+    def retention_seconds(self) -> float | None:
+        """How long the broker keeps the topic's messages (its ``retention.ms``): None when it keeps them for ever,
+        does not say (Tansu, for a topic created without it) or cannot be asked now."""
+        if self.admin is None:
+            return None
+        try:
+            resource = ConfigResource(ResourceType.TOPIC, self.topic)
+            described = self.admin.describe_configs([resource], request_timeout=VIEW_TIMEOUT)[resource].result(
+                VIEW_TIMEOUT)
+            kept_ms = float(described["retention.ms"].value)
+        except Exception as exc:  # not said, not a number, or no answer: nothing to judge by
+            log.debug("no retention.ms for %s: %s", self.topic, exc)
+            return None
+        return kept_ms / 1000.0 if kept_ms > 0 else None
+
     def watermarks(self, partition: int) -> tuple[int, int] | None:
         """(earliest, end) of a partition, asked of the broker (not cached); None when it cannot answer now."""
         if self.consumer is None:
