@@ -748,8 +748,8 @@ def test_a_fleet_hosts_pass_puts_its_schema_file_back_when_another_hosts_late_up
 def test_the_fleets_report_writer_puts_its_report_back_when_the_previous_writers_late_upload_replaced_it(
         make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch) -> None:
     """Partition 0 moved: the previous writer's pending report of a night can land after the new writer's. The
-    writer asks S3 for each night's first page and stamps index (a HEAD each) and queues the night's files, or the
-    index, again when it differs."""
+    writer asks S3 for each of the night's report files and its stamps index (a HEAD each) and queues the night's
+    files, or the index, again when one differs: a late page 2 as much as a late first page."""
     import datetime as dt
 
     from ztfd.reporting.fleet_night import REPORTED, FleetNight
@@ -769,7 +769,14 @@ def test_the_fleets_report_writer_puts_its_report_back_when_the_previous_writers
     night = FleetNight(home.cfg, home.conn)
     home.server.proxy.reset()  # type: ignore[union-attr]
     night.check_uploads(time.time())
-    assert home.counts() == {"HEAD": 2} and set(home.states().values()) == {"done"}  # S3 holds this host's
+    assert home.counts() == {"HEAD": 3} and set(home.states().values()) == {"done"}  # S3 holds this host's
+
+    home.server.client(direct=True).put_object(Bucket=home.bucket, Key=home.prefix + second, Body=b"<p>older</p>")
+    night.check_uploads(time.time())  # only the second page was replaced
+    assert home.row(first)["state"] == home.row(second)["state"] == "pending" and home.row(index)["state"] == "done"
+    assert home.sync().returncode == 0
+    body = home.server.client(direct=True).get_object(Bucket=home.bucket, Key=home.prefix + second)["Body"]
+    assert body.read() == (home.path / second).read_bytes()
 
     stale = b"<p>one host's alerts: 7</p>"  # the previous writer's, uploaded late
     home.server.client(direct=True).put_object(Bucket=home.bucket, Key=home.prefix + first, Body=stale)

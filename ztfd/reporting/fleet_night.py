@@ -57,7 +57,6 @@ from ztfd.reporting.night_report import (
     mjd_of,
     new_card,
     night_counts,
-    page_name,
     read_alert,
     report_dir,
     stamp_outcomes,
@@ -67,6 +66,7 @@ from ztfd.sources import Alert, Source
 from ztfd.store import manifest
 from ztfd.store import report as night
 from ztfd.store.alerts import StoredAlert, alerts_on
+from ztfd.store.manifest import FileState
 from ztfd.store.rejected import REJECTED_PREFIX
 from ztfd.store.status_facts import get_status, set_status, statuses_with_prefix
 from ztfd.sync.s3 import FatalError, FileError, OutageError, classified_errors, folders, listed
@@ -291,9 +291,9 @@ class FleetNight:
 
     def check_uploads(self, now: float) -> None:
         """The writer, each round: for each night it reported within ``LOOKBACK_DAYS``, whether the bucket holds
-        its first page and its stamps index as this host uploaded them (a HEAD each); when another host's late upload
-        replaced one (the previous holder of partition 0 had its report pending), the night's report files, or its
-        index, are queued again."""
+        each of its report's files (every page) and its stamps index as this host uploaded them (a HEAD each, up to
+        the first that differs); when another host's late upload replaced one (the previous holder of partition 0
+        had its report pending), the night's report files, or its index, are queued again."""
         from ztfd.sync.shared_keys import upload_differs
 
         oldest = dt.datetime.fromtimestamp(now - LOOKBACK_DAYS * 86400, dt.UTC).date().isoformat()
@@ -301,7 +301,10 @@ class FleetNight:
             if date < oldest:
                 continue
             folder = relative_to_home(self.cfg.home, report_dir(self.cfg, date, None))
-            difference = upload_differs(self.conn, self.cfg, self._s3(), f"{folder}/{page_name(1)}")
+            uploaded = sorted(path for path, state in manifest.states_under(self.conn, f"{folder}/").items()
+                              if state == FileState.DONE)
+            difference = next((found for path in uploaded
+                               if (found := upload_differs(self.conn, self.cfg, self._s3(), path)) is not None), None)
             if difference is not None:
                 count = manifest.requeue_folder(self.conn, f"{folder}/", f"another host's report in S3: {difference}")
                 log.warning("report %s: %s (another host's upload came last): its %d files queued for upload again",
