@@ -853,3 +853,73 @@ def test_a_clean_stop_in_the_middle_of_a_rebalance_commits_what_is_durable_and_l
         for host in (first, joining):
             host.stop()
         leaving.stop()
+
+
+PACKET_KEY = re.compile(r"^fleet/data/[^/]+/([^/]+)/[A-Za-z0-9_-]+_p(\d+)-o(\d+)\.avro$")
+
+
+def test_a_pattern_of_avro_topics_is_shared_by_two_hosts_as_on_one(
+    kafka: KafkaBroker, s3: S3Server, tmp_path: Path
+) -> None:
+    """Patterns and formats work in fleet mode as on one host: two hosts under ``ztfd start`` match a pattern of
+    raw-ZTF-Avro topics, one topic there before they start and one created while they run; each host's supervisor
+    starts a consumer for each, the group shares each topic's partitions between the hosts, and the bucket ends with
+    every packet once, each topic committed through its end."""
+    prefix = f"fpat-{uuid.uuid4().hex[:8]}-"
+    group = f"fpat-{uuid.uuid4().hex[:8]}"
+    bucket = f"fpat-{uuid.uuid4().hex[:8]}"
+    early, late = f"{prefix}early", f"{prefix}late"
+    kafka.create_topic(early, partitions=2)
+    s3.create_bucket(bucket)
+    sections = fleet_config(kafka, s3, f"^{prefix}", group, bucket,
+                            supervisor={"restart_backoff_max": 2, "stop_timeout": 20})
+    sections["kafka"]["topic_scan_seconds"] = 1.0
+    sections["kafka.formats"] = {f"^{prefix}": "ztf-avro"}
+    env = child_env(**s3.env())
+    hosts = [Host(name, tmp_path, sections, env) for name in ("one", "two")]
+    packet_bytes = [packet.path.read_bytes() for packet in packets()]
+
+    def both_hold(topic: str) -> bool:
+        held = holders(FleetBook(hosts[0].cfg.kafka, "test").members())
+        return {member for (t, _), member in held.items() if t == topic} == {member_id(h.cfg.home) for h in hosts}
+
+    def send(topic: str) -> None:
+        producer = Producer({"bootstrap.servers": kafka.bootstrap})
+        for number, body in enumerate(packet_bytes):
+            producer.produce(topic, value=body, partition=number % 2)
+        assert producer.flush(60) == 0
+
+    def packets_in_bucket() -> list[tuple[str, int, int]]:
+        return [(found[1], int(found[2]), int(found[3])) for key in s3.objects(bucket)
+                if (found := PACKET_KEY.match(key))]
+
+    sent = {(topic, number % 2, number // 2) for topic in (early, late) for number in range(len(packet_bytes))}
+    try:
+        for host in hosts:
+            host.start(early, supervised=True)
+        wait_until(lambda: both_hold(early), DEADLINE, "the two hosts sharing the first topic")
+        send(early)
+        kafka.create_topic(late, partitions=2)
+        wait_until(lambda: both_hold(late), DEADLINE, "the two hosts sharing the topic created while they run")
+        send(late)
+        wait_until(lambda: set(packets_in_bucket()) == sent, DEADLINE, "every packet of both topics in the bucket")
+        assert sorted(packets_in_bucket()) == sorted(sent)  # each once
+        ends = {0: (len(packet_bytes) + 1) // 2, 1: len(packet_bytes) // 2}
+        for topic in (early, late):
+            wait_until(lambda t=topic: committed(kafka.bootstrap, group, t, 2) == ends, DEADLINE,
+                       f"{topic} committed through its end")
+        for host in hosts:  # the stream was shared: each host stored packets of each topic
+            stored = {alert.topic for alert in stored_alerts(host)}
+            assert stored == {early, late}, (host.name, stored)
+    finally:
+        for host in hosts:
+            host.stop()
+
+
+def stored_alerts(host: Host) -> list[Any]:
+    """Every alert the host stored, as its store has it."""
+    conn = store.connect(host.cfg.db_path)
+    try:
+        return list(iter_alerts(conn))
+    finally:
+        conn.close()
