@@ -909,17 +909,8 @@ def test_a_pattern_of_avro_topics_is_shared_by_two_hosts_as_on_one(
             wait_until(lambda t=topic: committed(kafka.bootstrap, group, t, 2) == ends, DEADLINE,
                        f"{topic} committed through its end")
         for host in hosts:  # the stream was shared: each host stored packets of each topic
-            stored = {alert.topic for alert in stored_alerts(host)}
+            stored = {alert.topic for alert in alerts_of(host)}
             assert stored == {early, late}, (host.name, stored)
     finally:
         for host in hosts:
             host.stop()
-
-
-def stored_alerts(host: Host) -> list[Any]:
-    """Every alert the host stored, as its store has it."""
-    conn = store.connect(host.cfg.db_path)
-    try:
-        return list(iter_alerts(conn))
-    finally:
-        conn.close()
