@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+import pytest
 
 from ztfd import store
 from ztfd.files import md5_hex
@@ -244,3 +247,37 @@ def test_a_commit_left_unanswered_is_sent_again(tmp_path: Path) -> None:
     commits.answered({0: 2}, {})
     now[0] = 3 * ANSWER_WAIT
     assert commits.tick(force=True) == {} and commits.sent_at == {}
+
+
+def test_the_committer_tells_each_partitions_progress_and_counts_the_work_redone_and_handed_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Taken over at 1 from a host that had stored through 3: once the frontier passes 3, the redone offsets are
+    logged with their count; handed back at 3 with 4 stored, the hand-over says 1 is left to redo, and
+    ``handed_over`` is what the fleet topic is told of it."""
+    from ztfd.ingest.durability import DurableCommits
+    from ztfd.ingest.fleet import Progress
+
+    conn = store.connect(tmp_path / "s.sqlite3")
+    alerts = [alert(offset, f"ZTF{offset}")._replace(job_kind=None) for offset in range(0, 4)]
+    store_batch(conn, BatchToStore(TOPIC, 0.0, alerts, [], {0: (0, 4)}, []), {a.alert.path: (1, "m") for a in alerts})
+    kafka = RecordingKafka()
+    commits = DurableCommits(conn, TOPIC, kafka, {0: 0}.__getitem__, every=5.0,  # type: ignore[arg-type]
+                             home=tmp_path)
+    commits.hold({0: 1}, [0], redo={0: Progress(3, 1, "gone:/home", 0.0)})
+    assert commits.progress() == {0: Progress(4, 1)}  # stored here through 3, durable through 0
+    caplog.set_level(logging.INFO, logger="ztfd.ingest.durability")
+    upload(conn, [a.alert.path for a in alerts[1:2]])
+    assert commits.tick(force=True) == {0: 2}
+    assert "redone" not in caplog.text  # offset 2 is not durable yet
+    upload(conn, [a.alert.path for a in alerts[2:3]])
+    assert commits.tick(force=True) == {0: 3}
+    assert "redone t[0]: the 2 offsets 1..2 that gone:/home had stored but not made durable are durable now" in \
+        caplog.text
+    assert commits.progress() == {0: Progress(4, 3)} and commits.progress([1]) == {}
+    assert commits.release([0]) == {0: (0, 3)}
+    assert commits.handed_over == {0: Progress(4, 3)}
+    assert "handing over t: [0] committed at 3 (1 stored here not yet durable: the next owner redoes them)" in \
+        caplog.text
+    assert commits.release([0]) == {} and commits.handed_over == {}  # not held: nothing to tell
+    assert caplog.text.count("redone t[0]") == 1

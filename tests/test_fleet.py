@@ -20,6 +20,7 @@ import posixpath
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import urllib.parse
 import uuid
@@ -45,12 +46,15 @@ from ztfd.ingest.fleet import (
     LIVE_FOR,
     FleetBook,
     FleetGeneration,
+    Progress,
     holders,
     live,
     live_members,
     member_id,
     report_writer,
 )
+from ztfd.ingest.kafka import client_id as kafka_client_id
+from ztfd.reporting import fleet as fleet_status
 from ztfd.sources import STAMP_TYPES
 from ztfd.stamps.ratelimit import fleet_share, reserve_share
 from ztfd.store.alerts import iter_alerts
@@ -416,12 +420,42 @@ def test_the_fleet_topic_keeps_the_last_value_per_key(kafka: KafkaBroker) -> Non
     assert book.generations("x") == {} and book.members() == []  # created empty on first use
     book.save_generations("x", {0: FleetGeneration(1, "old")})
     book.save_generations("x", {0: FleetGeneration(2, "new"), 1: FleetGeneration(0, None)})
-    book.publish_member("x", [1, 0])
+    book.publish_member("x", [1, 0], client_id="ztfd-a-x", progress={0: Progress(7, 5), 1: Progress(3, 3)})
     assert FleetBook(settings, "host-b:/home").generations("x") == {0: FleetGeneration(2, "new"),
                                                                    1: FleetGeneration(0, None)}
-    book.publish_member("x", [])
+    book.publish_member("x", [], progress={1: Progress(4, 3)})  # handed back: its progress as it left
     [member] = FleetBook(settings, "host-b:/home").members()
-    assert member["member"] == "host-a:/home" and member["partitions"] == []
+    assert member["member"] == "host-a:/home" and member["partitions"] == [] and member["client_id"] is None
+    said = FleetBook(settings, "host-b:/home").progress()
+    assert {key: (p.stored, p.durable, p.member) for key, p in said.items()} == \
+        {("x", 0): (7, 5, "host-a:/home"), ("x", 1): (4, 3, "host-a:/home")}
+    assert said[("x", 0)].not_durable == 2 and said[("x", 0)].at > 0
+
+
+def test_a_fleet_consumer_names_its_host_and_topic_in_its_client_id() -> None:
+    group = config.KafkaConfig(group_id="g", topics=("x",), bootstrap_servers="b:9092", assignment="group")
+    assert kafka_client_id(group, "x") == f"ztfd-{socket.gethostname()}-x"
+    assert kafka_client_id(dataclasses.replace(group, options={"client.id": "mine"}), "x") == "mine"
+    assert kafka_client_id(dataclasses.replace(group, assignment="all"), "x") == "rdkafka"  # librdkafka's own
+
+
+def test_status_shows_each_members_client_id_and_each_partitions_durable_frontier() -> None:
+    section = {"group": "g", "topic": "g.ztfd-fleet", "me": "a:/h", "error": None, "members": [
+        {"member": "a:/h", "host": "a", "client_ids": {"t": "ztfd-a-t"}, "assignments": {"t": [0]},
+         "at": "2026-01-01T00:00:09Z", "live": True},
+        {"member": "b:/h", "host": "b", "client_ids": {}, "assignments": {}, "at": None, "live": False}],
+        "partitions": [
+        {"topic": "t", "partition": 0, "held_by": "a:/h", "committed": 5, "end": 9, "lag": 4, "durable": 6,
+         "durable_behind": 2, "durable_said": {"by": "a:/h", "at": "2026-01-01T00:00:09Z"}},
+        {"topic": "t", "partition": 1, "held_by": None, "committed": None, "end": 0, "lag": 0, "durable": None,
+         "durable_behind": None, "durable_said": None}]}
+    assert fleet_status.render(section) == [
+        "Fleet (group g, fleet topic g.ztfd-fleet)",
+        "  a:/h (this host): t 0 (said 2026-01-01T00:00:09Z, client id ztfd-a-t)",
+        "  b:/h: nothing (said None, not live)",
+        "  t[0] committed 5 of 9 (lag 4), durable through 6, 2 stored not yet durable (said by a:/h "
+        "2026-01-01T00:00:09Z)",
+        "  t[1] committed None of 0 (lag 0)"]
 
 
 def test_a_new_host_keys_alerts_in_the_generation_the_fleet_agreed(
