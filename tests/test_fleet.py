@@ -399,6 +399,27 @@ def test_three_hosts_share_a_stream_and_losing_one_with_its_disk_loses_nothing(
         wait_until(lambda: sorted(indexed()) == images_of_night(), DEADLINE,
                    "the stamps index to list the night's images")
         assert list(writer.home.glob("reports/*/index.html")) and not list(other.home.glob("reports/*/index.html"))
+
+        # Any host's status shows every member's client id and every partition durable through its end, as its
+        # holder last said (every fleet.COUNT_EVERY s), not only the partitions the asking host holds
+        def fleet_of(host: Host) -> dict[str, Any]:
+            shown = subprocess.run(ztfd_command(host.config_path, "status", "--json"), capture_output=True,
+                                   text=True, env=env, timeout=120)
+            return json.loads(shown.stdout)["fleet"]
+
+        conftest.wait_until(lambda: all(p["durable_behind"] == 0 and p["durable"] == p["end"]
+                                        for p in fleet_of(other)["partitions"]), DEADLINE,
+                            "every partition durable through its end in the other host's status", interval=3.0)
+        fleet = fleet_of(other)
+        assert len(fleet["partitions"]) == PARTITIONS
+        assert {m["member"]: m["client_ids"] for m in fleet["members"]} == \
+            {name: {topic: f"ztfd-{socket.gethostname()}-{topic}"} for name in hosts}
+        # a partition of the lost host taken over: what it had last said it stored is redone, and said so, counted
+        for taker in (survivor, newcomer):
+            log_text = taker.log_path.read_text()
+            for partition, count in re.findall(rf"\[(\d+)\] from [^\n;]*; {re.escape(member_id(doomed.home))} had "
+                                               r"stored (\d+) from there on", log_text):
+                assert f"redone {topic}[{partition}]: the {count} offsets" in log_text
     finally:
         for host in (survivor, newcomer):
             host.stop()
@@ -689,13 +710,19 @@ def test_a_host_that_handed_a_partition_back_never_uploads_its_rows_past_the_com
         parts = {f"fleet/{path.relative_to(old.home).as_posix()}": files.md5_hex(path.read_bytes())
                  for path in old.home.glob("archive/alerts/night=*/topic=*/p0-g0-o00000000000[4-7]-*.parquet")}
         assert len(parts) >= 2
-        old.stop()  # a clean handover: committed as far as durable, 4
-        assert old.said("handing over") and committed(kafka.bootstrap, group, topic, 1) == {0: 4}
+        old.stop()  # a clean handover: committed as far as durable, 4, with 4 more stored not durable
+        assert old.said(f"handing over {topic}: [0] committed at 4 (4 stored here not yet durable")
+        assert committed(kafka.bootstrap, group, topic, 1) == {0: 4}
 
         successor.start(topic, archiver=True)
         produce_to(kafka.bootstrap, topic, 4, first=8, partitions=1)
         wait_until(lambda: committed(kafka.bootstrap, group, topic, 1) == {0: 12}, DEADLINE,
                    "the successor's redone and new alerts durable and committed")
+        # the work redone, counted: told by the old holder's last word in the fleet topic, logged once durable
+        before = member_id(old.home)
+        assert re.search(rf"taking over {topic}: \[0\] from offset 4: [^\n]*; {re.escape(before)} had stored 4 from "
+                         "there on", successor.log_path.read_text()), successor.log_path.read_text()
+        assert successor.said(f"redone {topic}[0]: the 4 offsets 4..7 that {before} had stored but not made durable")
         run_once(old, env, "sync", "--once")
         in_bucket = s3.objects(bucket)
         assert not [key for key, md5 in parts.items() if key in in_bucket and in_bucket[key][1] == md5]
