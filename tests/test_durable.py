@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -19,6 +21,9 @@ from ztfd.store.jobs import FETCH_JOB, claim, complete, detection_key, fail
 from ztfd.store.manifest import UploadedFile, mark_uploaded, record_files
 from ztfd.store.rejected import NewRejected
 from ztfd.store.states import FailureClass
+
+if TYPE_CHECKING:
+    from ztfd.ingest.durability import DurableCommits
 
 TOPIC = "t"
 
@@ -181,17 +186,24 @@ def test_with_the_archive_on_an_alert_waits_for_its_row_in_an_uploaded_dataset_f
     assert durable_through(conn, TOPIC, 0, 0, 0, 3, archive=True) == 0
 
 
-def test_a_commit_kafka_refused_is_sent_again_and_never_below_what_was_sent(tmp_path: Path) -> None:
+def four_stored(tmp_path: Path) -> tuple[sqlite3.Connection, list[AlertToStore], RecordingKafka, DurableCommits]:
+    """A store with alerts 0-3 of partition 0 (no stamp jobs), and a committer of it holding nothing yet."""
     from ztfd.ingest.durability import DurableCommits
-    from ztfd.ingest.kafka import Refusal
 
-    rebalancing = Refusal("ILLEGAL_GENERATION", "Broker: Specified group generation id is not valid")
     conn = store.connect(tmp_path / "s.sqlite3")
     alerts = [alert(offset, f"ZTF{offset}")._replace(job_kind=None) for offset in range(0, 4)]
     store_batch(conn, BatchToStore(TOPIC, 0.0, alerts, [], {0: (0, 4)}, []), {a.alert.path: (1, "m") for a in alerts})
     kafka = RecordingKafka()
     commits = DurableCommits(conn, TOPIC, kafka, {0: 0}.__getitem__, every=5.0,  # type: ignore[arg-type]
                              home=tmp_path)
+    return conn, alerts, kafka, commits
+
+
+def test_a_commit_kafka_refused_is_sent_again_and_never_below_what_was_sent(tmp_path: Path) -> None:
+    from ztfd.ingest.kafka import Refusal
+
+    rebalancing = Refusal("ILLEGAL_GENERATION", "Broker: Specified group generation id is not valid")
+    conn, alerts, kafka, commits = four_stored(tmp_path)
     commits.hold({0: 1}, [0])
     upload(conn, [a.alert.path for a in alerts[:3]])
     assert commits.tick(force=True) == {0: 3}
@@ -309,3 +321,31 @@ def test_a_commit_held_back_near_the_brokers_retention_is_warned_about(
     upload(conn, [a.alert.path for a in alerts[1:]])
     assert warnings_at(3 * HELD_WARN_UNKNOWN_RETENTION) == 0  # durable at last: committed through 3, nothing held
     assert commits.committed == {0: 3}
+
+
+def test_the_committer_tells_each_partitions_progress_and_counts_the_work_redone_and_handed_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Taken over at 1 from a host that had stored through 3: once the frontier passes 3, the redone offsets are
+    logged with their count; handed back at 3 with 4 stored, the hand-over says 1 is left to redo, and
+    ``handed_over`` is what the fleet topic is told of it."""
+    from ztfd.ingest.fleet import Progress
+
+    conn, alerts, _kafka, commits = four_stored(tmp_path)
+    commits.hold({0: 1}, [0], redo={0: Progress(3, 1, "gone:/home", 0.0)})
+    assert commits.progress() == {0: Progress(4, 1)}  # stored here through 3, durable through 0
+    caplog.set_level(logging.INFO, logger="ztfd.ingest.durability")
+    upload(conn, [a.alert.path for a in alerts[1:2]])
+    assert commits.tick(force=True) == {0: 2}
+    assert "redone" not in caplog.text  # offset 2 is not durable yet
+    upload(conn, [a.alert.path for a in alerts[2:3]])
+    assert commits.tick(force=True) == {0: 3}
+    assert "redone t[0]: the 2 offsets 1..2 that gone:/home had stored but not made durable are durable now" in \
+        caplog.text
+    assert commits.progress() == {0: Progress(4, 3)} and commits.progress([1]) == {}
+    assert commits.release([0]) == {0: (0, 3)}
+    assert commits.handed_over == {0: Progress(4, 3)}
+    assert "handing over t: [0] committed at 3 (1 stored here past it: the next owner redoes them)" in \
+        caplog.text
+    assert commits.release([0]) == {} and commits.handed_over == {}  # not held: nothing to tell
+    assert caplog.text.count("redone t[0]") == 1

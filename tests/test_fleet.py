@@ -20,6 +20,7 @@ import posixpath
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import urllib.parse
 import uuid
@@ -45,12 +46,15 @@ from ztfd.ingest.fleet import (
     LIVE_FOR,
     FleetBook,
     FleetGeneration,
+    Progress,
     holders,
     live,
     live_members,
     member_id,
     report_writer,
 )
+from ztfd.ingest.kafka import client_id as kafka_client_id
+from ztfd.reporting import fleet as fleet_status
 from ztfd.sources import STAMP_TYPES
 from ztfd.stamps.ratelimit import fleet_share, reserve_share
 from ztfd.store.alerts import iter_alerts
@@ -395,6 +399,27 @@ def test_three_hosts_share_a_stream_and_losing_one_with_its_disk_loses_nothing(
         wait_until(lambda: sorted(indexed()) == images_of_night(), DEADLINE,
                    "the stamps index to list the night's images")
         assert list(writer.home.glob("reports/*/index.html")) and not list(other.home.glob("reports/*/index.html"))
+
+        # Any host's status shows every member's client id and every partition durable through its end, as its
+        # holder last said (every fleet.COUNT_EVERY s), not only the partitions the asking host holds
+        def fleet_of(host: Host) -> dict[str, Any]:
+            shown = subprocess.run(ztfd_command(host.config_path, "status", "--json"), capture_output=True,
+                                   text=True, env=env, timeout=120)
+            return json.loads(shown.stdout)["fleet"]
+
+        conftest.wait_until(lambda: all(p["durable_behind"] == 0 and p["durable"] == p["end"]
+                                        for p in fleet_of(other)["partitions"]), DEADLINE,
+                            "every partition durable through its end in the other host's status", interval=3.0)
+        fleet = fleet_of(other)
+        assert len(fleet["partitions"]) == PARTITIONS
+        assert {m["member"]: m["client_ids"] for m in fleet["members"]} == \
+            {name: {topic: f"ztfd-{socket.gethostname()}-{topic}"} for name in hosts}
+        # a partition of the lost host taken over: what it had last said it stored is redone, and said so, counted
+        for taker in (survivor, newcomer):
+            log_text = taker.log_path.read_text()
+            for partition, count in re.findall(rf"\[(\d+)\] from [^\n;]*; {re.escape(member_id(doomed.home))} had "
+                                               r"stored (\d+) from there on", log_text):
+                assert f"redone {topic}[{partition}]: the {count} offsets" in log_text
     finally:
         for host in (survivor, newcomer):
             host.stop()
@@ -416,12 +441,42 @@ def test_the_fleet_topic_keeps_the_last_value_per_key(kafka: KafkaBroker) -> Non
     assert book.generations("x") == {} and book.members() == []  # created empty on first use
     book.save_generations("x", {0: FleetGeneration(1, "old")})
     book.save_generations("x", {0: FleetGeneration(2, "new"), 1: FleetGeneration(0, None)})
-    book.publish_member("x", [1, 0])
+    book.publish_member("x", [1, 0], client_id="ztfd-a-x", progress={0: Progress(7, 5), 1: Progress(3, 3)})
     assert FleetBook(settings, "host-b:/home").generations("x") == {0: FleetGeneration(2, "new"),
                                                                    1: FleetGeneration(0, None)}
-    book.publish_member("x", [])
+    book.publish_member("x", [], progress={1: Progress(4, 3)})  # handed back: its progress as it left
     [member] = FleetBook(settings, "host-b:/home").members()
-    assert member["member"] == "host-a:/home" and member["partitions"] == []
+    assert member["member"] == "host-a:/home" and member["partitions"] == [] and member["client_id"] is None
+    said = FleetBook(settings, "host-b:/home").progress()
+    assert {key: (p.stored, p.durable, p.member) for key, p in said.items()} == \
+        {("x", 0): (7, 5, "host-a:/home"), ("x", 1): (4, 3, "host-a:/home")}
+    assert said[("x", 0)].not_durable == 2 and said[("x", 0)].at > 0
+
+
+def test_a_fleet_consumer_names_its_host_and_topic_in_its_client_id() -> None:
+    group = config.KafkaConfig(group_id="g", topics=("x",), bootstrap_servers="b:9092", assignment="group")
+    assert kafka_client_id(group, "x") == f"ztfd-{socket.gethostname()}-x"
+    assert kafka_client_id(dataclasses.replace(group, options={"client.id": "mine"}), "x") == "mine"
+    assert kafka_client_id(dataclasses.replace(group, assignment="all"), "x") == "rdkafka"  # librdkafka's own
+
+
+def test_status_shows_each_members_client_id_and_each_partitions_durable_frontier() -> None:
+    section = {"group": "g", "topic": "g.ztfd-fleet", "me": "a:/h", "error": None, "members": [
+        {"member": "a:/h", "host": "a", "client_ids": {"t": "ztfd-a-t"}, "assignments": {"t": [0]},
+         "at": "2026-01-01T00:00:09Z", "live": True},
+        {"member": "b:/h", "host": "b", "client_ids": {}, "assignments": {}, "at": None, "live": False}],
+        "partitions": [
+        {"topic": "t", "partition": 0, "held_by": "a:/h", "committed": 5, "end": 9, "lag": 4, "durable": 6,
+         "durable_behind": 2, "durable_said": {"by": "a:/h", "at": "2026-01-01T00:00:09Z"}},
+        {"topic": "t", "partition": 1, "held_by": None, "committed": None, "end": 0, "lag": 0, "durable": None,
+         "durable_behind": None, "durable_said": None}]}
+    assert fleet_status.render(section) == [
+        "Fleet (group g, fleet topic g.ztfd-fleet)",
+        "  a:/h (this host): t 0 (said 2026-01-01T00:00:09Z, client id ztfd-a-t)",
+        "  b:/h: nothing (said None, not live)",
+        "  t[0] committed 5 of 9 (lag 4), durable through 6, 2 stored not yet durable (said by a:/h "
+        "2026-01-01T00:00:09Z)",
+        "  t[1] committed None of 0 (lag 0)"]
 
 
 def test_a_new_host_keys_alerts_in_the_generation_the_fleet_agreed(
@@ -655,13 +710,19 @@ def test_a_host_that_handed_a_partition_back_never_uploads_its_rows_past_the_com
         parts = {f"fleet/{path.relative_to(old.home).as_posix()}": files.md5_hex(path.read_bytes())
                  for path in old.home.glob("archive/alerts/night=*/topic=*/p0-g0-o00000000000[4-7]-*.parquet")}
         assert len(parts) >= 2
-        old.stop()  # a clean handover: committed as far as durable, 4
-        assert old.said("handing over") and committed(kafka.bootstrap, group, topic, 1) == {0: 4}
+        old.stop()  # a clean handover: committed as far as durable, 4, with 4 more stored not durable
+        assert old.said(f"handing over {topic}: [0] committed at 4 (4 stored here past it")
+        assert committed(kafka.bootstrap, group, topic, 1) == {0: 4}
 
         successor.start(topic, archiver=True)
         produce_to(kafka.bootstrap, topic, 4, first=8, partitions=1)
         wait_until(lambda: committed(kafka.bootstrap, group, topic, 1) == {0: 12}, DEADLINE,
                    "the successor's redone and new alerts durable and committed")
+        # the work redone, counted: told by the old holder's last word in the fleet topic, logged once durable
+        before = member_id(old.home)
+        assert re.search(rf"taking over {topic}: \[0\] from offset 4: [^\n]*; {re.escape(before)} had stored 4 from "
+                         "there on", successor.log_path.read_text()), successor.log_path.read_text()
+        assert successor.said(f"redone {topic}[0]: the 4 offsets 4..7 that {before} had stored but not made durable")
         run_once(old, env, "sync", "--once")
         in_bucket = s3.objects(bucket)
         assert not [key for key, md5 in parts.items() if key in in_bucket and in_bucket[key][1] == md5]

@@ -56,7 +56,7 @@ from ztfd.ingest.batch import Accepted, Batch, BatchBuilder
 from ztfd.ingest.broker_errors import BrokerErrors
 from ztfd.ingest.durability import DurableCommits
 from ztfd.ingest.filewriter import AlertLogSettings, BatchSkippedError, FileWriter, Written
-from ztfd.ingest.fleet import COUNT_EVERY, RECOUNT_AFTER, FleetBook, live_members, member_id
+from ztfd.ingest.fleet import COUNT_EVERY, RECOUNT_AFTER, FleetBook, Progress, live_members, member_id
 from ztfd.ingest.kafka import DRAIN_TIMEOUT, KafkaAdapter, message_size
 from ztfd.ingest.quota import QuotaWatch
 from ztfd.logs import Throttle
@@ -183,18 +183,26 @@ class TopicConsumer:
         assert self.commits is not None
         committed = self.kafka.committed(partitions)
         fresh = self.assignment.joined(partitions, committed)
-        self._log_takeover(partitions, committed)
+        redo = self._log_takeover(partitions, committed)
         self._note_moved(partitions, back=None)
-        self.commits.hold(committed, partitions)
+        self.commits.hold(committed, partitions, redo)
         self.quiet.reading(True)
         self._publish_holding(self.kafka.assigned)
         return fresh
 
-    def _log_takeover(self, partitions: list[int], committed: dict[int, int]) -> None:
-        """What a partition handed in means in messages: how many to read from the commit to the end, and how many
-        of them this host's store holds already (set aside, not stored again)."""
+    def _log_takeover(self, partitions: list[int], committed: dict[int, int]) -> dict[int, Progress]:
+        """What a partition handed in means in messages: how many to read from the commit to the end, how many of
+        them this host's store holds already (set aside, not stored again), and how many its previous holder had
+        stored from there on (its last word in the fleet topic: redone here, at least that many). Returns the
+        latter, from where this host starts (``durable``) to what that holder had stored."""
+        assert self.fleet is not None
         stored = store.stored_offsets(self.conn, self.topic)
-        parts = []
+        try:
+            said = {p: told for (topic, p), told in self.fleet.progress().items() if topic == self.topic}
+        except Exception as exc:  # the log line goes without it; reading and committing go on
+            self.throttled("fleet-progress", logging.WARNING, "could not read the fleet's progress: %s", exc)
+            said = {}
+        parts, redo = [], {}
         for partition in partitions:
             start = committed.get(partition)
             marks = self.kafka.watermarks(partition)
@@ -203,15 +211,22 @@ class TopicConsumer:
             known = stored.get(partition)
             here = (max(0, known.next_offset - begin)
                     if known and known.generation == self.assignment.generation(partition) else 0)
-            parts.append(f"[{partition}] from {'offset ' + str(start) if start is not None else 'the earliest'}: "
-                         f"{to_read} messages to the end as the broker says, {here} of them stored here already")
+            part = (f"[{partition}] from {'offset ' + str(start) if start is not None else 'the earliest'}: "
+                    f"{to_read} messages to the end as the broker says, {here} of them stored here already")
+            before = said.get(partition)
+            if before is not None and before.member != self.fleet.member and before.stored > begin:
+                redo[partition] = before._replace(durable=begin)
+                part += (f"; {before.member} had stored {before.stored - begin} from there on, not durable (its last "
+                         f"word, {max(0.0, time.time() - before.at):.0f} s ago): redone here")
+            parts.append(part)
         log.info("taking over %s: %s", self.topic, "; ".join(parts))
+        return redo
 
     def _handed_back(self, partitions: list[int]) -> None:
         """Fleet mode: ``partitions`` leave this host (a rebalance, a stop): commit them as far as durable first."""
         assert self.commits is not None
         self._note_moved(partitions, back=self.commits.release(partitions))
-        self._publish_holding(self.kafka.assigned - set(partitions))
+        self._publish_holding(self.kafka.assigned - set(partitions), self.commits.handed_over)
 
     def _judge_retention(self) -> None:
         """Fleet mode: learn how long the broker keeps the topic's messages (a commit held back near that long is
@@ -276,7 +291,7 @@ class TopicConsumer:
             return
         self.fleet_counted = now
         try:
-            self.fleet.publish_member(self.topic, sorted(self.kafka.assigned))
+            self._publish(sorted(self.kafka.assigned))
             members = live_members(self.fleet.members())
             with store.transaction(self.conn):
                 store.set_status(self.conn, FLEET_MEMBERS, str(members))
@@ -287,15 +302,24 @@ class TopicConsumer:
         """Fleet mode, after a rebalance: count the members again once the others have said what they hold now."""
         self.fleet_counted = time.monotonic() - COUNT_EVERY + RECOUNT_AFTER
 
-    def _publish_holding(self, partitions: set[int]) -> None:
+    def _publish_holding(self, partitions: set[int], handed_over: dict[int, Progress] | None = None) -> None:
         """Fleet mode: tell the fleet topic which partitions this host holds (``ztfd status`` reads it), that it
-        left once it stops, and count the members again once the others have told it too."""
+        left once it stops (with the progress of the partitions it ``handed_over``), and count the members again
+        once the others have told it too."""
         assert self.fleet is not None
         self._count_soon()
         try:
-            self.fleet.publish_member(self.topic, sorted(partitions), self.leaving)
+            self._publish(sorted(partitions), self.leaving, handed_over)
         except Exception as exc:  # what status shows; reading and committing go on without it
             self.throttled("fleet-member", logging.WARNING, "could not publish this host's partitions: %s", exc)
+
+    def _publish(self, partitions: list[int], left: bool = False,
+                 handed_over: dict[int, Progress] | None = None) -> None:
+        """This host's record in the fleet topic: what it holds, its client id, and how far each partition it holds
+        (or ``handed_over``) is stored and durable."""
+        assert self.fleet is not None and self.commits is not None
+        self.fleet.publish_member(self.topic, partitions, left, self.kafka.client_id,
+                                  {**(handed_over or {}), **self.commits.progress(partitions)})
 
     def _full(self, messages: list[Any]) -> bool:
         """The batch stopped at a limit (count or bytes), not because Kafka had no more waiting."""

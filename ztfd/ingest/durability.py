@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ztfd import store
 from ztfd.daemon.housekeeping import write_export
+from ztfd.ingest.fleet import Progress
 from ztfd.ingest.kafka import KafkaAdapter, Refusal
 from ztfd.logs import Throttle
 from ztfd.store.durable import durable_through, rejected_not_exported
@@ -70,6 +71,8 @@ class DurableCommits:
         self.sent_at: dict[int, float] = {}  # partition held -> when its commit not yet confirmed was sent
         self.again: set[int] = set()  # partitions whose commit the next tick sends again
         self.resent = 0  # commits sent again, Kafka having refused them or left them unanswered
+        self.handed_over: dict[int, Progress] = {}  # the partitions last handed back, as they left (the fleet's)
+        self.redoing: dict[int, Progress] = {}  # partition taken over -> what its previous holder had stored
         self.throttled = Throttle(log)
         self.keeps_for: float | None = None  # how long the broker keeps the topic's messages (None: unknown)
         self.moved_at: dict[int, float] = {}  # partition held -> when its commit last moved (or it was handed in)
@@ -77,12 +80,15 @@ class DurableCommits:
         self.held_warned = Throttle(log, every=HELD_WARN_EVERY, clock=clock)
         self.last_tick = clock()
 
-    def hold(self, committed: dict[int, int], partitions: list[int]) -> None:
-        """Partitions handed in, with the group's committed offsets (a partition without one starts at 0)."""
+    def hold(self, committed: dict[int, int], partitions: list[int],
+             redo: dict[int, Progress] | None = None) -> None:
+        """Partitions handed in, with the group's committed offsets (a partition without one starts at 0), and
+        ``redo``: of those taken over, what the previous holder had stored past the commit (logged once durable)."""
         for partition in partitions:
             self.committed[partition] = self.confirmed[partition] = committed.get(partition, 0)
             self.generations[partition] = self.generation_of(partition)
             self.moved_at[partition] = self.clock()
+        self.redoing.update({p: told for p, told in (redo or {}).items() if p in partitions})
 
     def _start(self, partition: int, generation: int) -> int:
         """Where the walk of ``partition`` starts: its committed offset, or 0 once a recreated topic started a new
@@ -92,6 +98,7 @@ class DurableCommits:
             self.committed[partition] = self.confirmed[partition] = 0
             self.sent_at.pop(partition, None)
             self.again.discard(partition)
+            self.redoing.pop(partition, None)
         return self.committed[partition]
 
     def answered(self, taken: dict[int, int], refused: dict[int, Refusal]) -> None:
@@ -173,8 +180,19 @@ class DurableCommits:
             self.committed.update(moved)
             self.sent_at.update(dict.fromkeys(moved, now))
             log.debug("committed %s durable through %s", self.topic, moved)
+            self._redone_durable()
         self._warn_held(now)
         return moved
+
+    def _redone_durable(self) -> None:
+        """Log each partition taken over whose durable frontier has passed what its previous holder had stored:
+        the work redone, counted."""
+        for partition, told in sorted(self.redoing.items()):
+            if self.committed.get(partition, -1) >= told.stored:
+                start = told.durable
+                log.info("redone %s[%d]: the %d offsets %d..%d that %s had stored but not made durable are durable "
+                         "now", self.topic, partition, told.stored - start, start, told.stored - 1, told.member)
+                del self.redoing[partition]
 
     def held_warning_after(self) -> float:
         """How long a commit may stay held back before it is warned about: half the broker's retention, else a
@@ -230,18 +248,18 @@ class DurableCommits:
     def release(self, partitions: list[int]) -> dict[int, tuple[int, int]]:
         """Partitions handed back: commit them as far as they are durable, waiting for Kafka's answer, then forget
         them. What is not durable yet is redone by the next owner, under the same S3 keys. Returns each one's
-        generation and committed offset (``held``)."""
+        generation and committed offset (``held``); ``handed_over`` keeps their progress, for the fleet topic."""
         partitions = [p for p in partitions if p in self.committed]
+        self.handed_over = {}
         if not partitions:
             return {}
         self._commit_waiting(partitions)
         # Kafka has what it confirmed: that is where the next owner starts
         self.committed.update({p: self.confirmed[p] for p in partitions})
-        stored = store.stored_offsets(self.conn, self.topic)
+        self.handed_over = self.progress(partitions)
         log.info("handing over %s: %s", self.topic, ", ".join(
-            f"[{p}] committed at {self.committed[p]}"
-            f" ({self._redone(stored.get(p), p)} stored here past it: the next owner redoes them)"
-            for p in partitions))
+            f"[{p}] committed at {told.durable} ({told.not_durable} stored here past it: the next owner redoes them)"
+            for p, told in self.handed_over.items()))
         handed = self.held(partitions)
         self.forget(partitions)
         return handed
@@ -250,6 +268,13 @@ class DurableCommits:
         """The generation and committed offset of each of ``partitions`` held (those not held left out)."""
         return {p: (self.generations.get(p, self.generation_of(p)), self.committed[p])
                 for p in partitions if p in self.committed}
+
+    def progress(self, partitions: list[int] | None = None) -> dict[int, Progress]:
+        """Each partition held (of ``partitions``): the next offset stored here (its commit when this store holds
+        less of it) and its durable frontier as last walked, for the fleet topic (``ztfd status`` on any host)."""
+        stored = store.stored_offsets(self.conn, self.topic)
+        return {p: Progress(self.committed[p] + self._redone(stored.get(p), p), self.committed[p])
+                for p in sorted(self.committed) if partitions is None or p in partitions}
 
     def _redone(self, stored: store.StoredOffset | None, partition: int) -> int:
         """How many offsets this host stored past the partition's commit (work the next owner does again)."""
@@ -266,3 +291,4 @@ class DurableCommits:
             self.confirmed.pop(partition, None)
             self.sent_at.pop(partition, None)
             self.generations.pop(partition, None)
+            self.redoing.pop(partition, None)

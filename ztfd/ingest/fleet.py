@@ -10,10 +10,14 @@ the host that holds the partition. It works on any broker.
 Keys (values are JSON):
 - ``generation/<topic>/<partition>``: ``{"generation": g, "topic_id": id or null}``, the generation a partition is
   read in and the broker's topic id it was read under (KIP-516; null where the broker reports none);
-- ``member/<topic>/<member>``: ``{"host", "member", "topic", "partitions", "at", "left"}`` (member: host and home),
-  the partitions a member holds, for ``ztfd status`` (Tansu's describe lists no members), said again every
-  ``COUNT_EVERY`` s as the member's heartbeat (``at``: its clock); a member that stops publishes an empty list and
-  ``left``;
+- ``member/<topic>/<member>``: ``{"host", "member", "client_id", "topic", "partitions", "at", "left"}`` (member: host
+  and home; client_id: its consumer's Kafka ``client.id``), the partitions a member holds, for ``ztfd status``
+  (Tansu's describe lists no members), said again every ``COUNT_EVERY`` s as the member's heartbeat (``at``: its
+  clock); a member that stops publishes an empty list and ``left``;
+- ``progress/<topic>/<partition>``: ``{"stored", "durable", "member", "at"}``, written by the partition's holder
+  with its member record and once more as it hands the partition back: the next offset its store holds and its
+  durable frontier (every offset below it is durable in S3). Any host's ``ztfd status`` shows from it how far each
+  partition's durability is behind, and a host taking a partition over how much of it it redoes;
 - ``column/<dataset>/<column>/<member>/<hash of the type>``: ``{"column", "type", "member", "at"}``, a member's
   proposal of a dataset column's Arrow type (``ztfd.archive.fleetschema``: the first proposal of a column in the
   log pins its type for every host, later ones only add struct fields). Each key is written once, by one member,
@@ -65,6 +69,21 @@ class FleetGeneration:
 
     generation: int
     topic_id: str | None
+
+
+class Progress(NamedTuple):
+    """A partition as its holder last told the fleet: the next offset its store holds, its durable frontier, and
+    who said it when (filled in by ``FleetBook.publish_member``)."""
+
+    stored: int
+    durable: int
+    member: str = ""
+    at: float = 0.0
+
+    @property
+    def not_durable(self) -> int:
+        """Offsets stored by the holder and not yet durable in S3: what a takeover now would redo."""
+        return max(0, self.stored - self.durable)
 
 
 class ColumnProposal(NamedTuple):
@@ -129,12 +148,33 @@ class FleetBook:
         self._write({f"generation/{topic}/{partition}": {"generation": g.generation, "topic_id": g.topic_id}
                      for partition, g in generations.items()})
 
-    def publish_member(self, topic: str, partitions: list[int], left: bool = False) -> None:
+    def publish_member(self, topic: str, partitions: list[int], left: bool = False, client_id: str | None = None,
+                       progress: dict[int, Progress] | None = None) -> None:
         """Say which partitions of ``topic`` this host holds now (``ztfd status`` shows the fleet from these), and
-        that it is alive (or, ``left``, that it stopped)."""
-        self._write({f"member/{topic}/{self.member}": {
-            "host": socket.gethostname(), "member": self.member, "topic": topic,
-            "partitions": sorted(partitions), "at": time.time(), "left": left}})
+        that it is alive (or, ``left``, that it stopped); with its consumer's ``client_id`` and the ``progress`` of
+        partitions it holds or has just handed back."""
+        now = time.time()
+        entries: dict[str, Any] = {f"member/{topic}/{self.member}": {
+            "host": socket.gethostname(), "member": self.member, "client_id": client_id, "topic": topic,
+            "partitions": sorted(partitions), "at": now, "left": left}}
+        for partition, told in sorted((progress or {}).items()):
+            entries[f"progress/{topic}/{partition}"] = {"stored": told.stored, "durable": told.durable,
+                                                        "member": self.member, "at": now}
+        self._write(entries)
+
+    def progress(self) -> dict[tuple[str, int], Progress]:
+        """Each (topic, partition) as its holder last told the fleet (``Progress``)."""
+        found = {}
+        for key, value in self._read().items():
+            kind, _, rest = key.partition("/")
+            topic, _, partition = rest.rpartition("/")
+            if kind != "progress" or not topic or not partition.isdigit() or not isinstance(value, dict):
+                continue
+            numbers = [value.get(name) for name in ("stored", "durable", "at")]
+            if all(isinstance(n, int | float) and not isinstance(n, bool) for n in numbers):
+                found[(topic, int(partition))] = Progress(int(numbers[0]), int(numbers[1]), str(value.get("member")),
+                                                          float(numbers[2]))
+        return found
 
     def column_proposals(self, dataset: str) -> list[ColumnProposal]:
         """Every proposal of a column type of ``dataset`` the topic holds, in the log's order."""

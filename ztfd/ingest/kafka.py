@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -50,6 +51,16 @@ GROUP_STRATEGY = "cooperative-sticky"  # fleet mode: a rebalance moves only the 
 CONSUMER_ONLY = ("group.", "auto.", "enable.auto", "session.timeout", "max.poll", "fetch.", "isolation.", "heartbeat.",
                  "partition.assignment")
 SECURITY = ("security.", "sasl.", "ssl.")
+LIBRDKAFKA_CLIENT_ID = "rdkafka"  # librdkafka's client.id when nobody sets one
+
+
+def client_id(settings: KafkaConfig, topic: str) -> str:
+    """The consumer's ``client.id``, which a broker lists beside each member of the group (and ``ztfd status``
+    shows, from the fleet topic): ``kafka.options``' own, else in fleet mode ``ztfd-<host>-<topic>`` (librdkafka's
+    default names no host), else librdkafka's default."""
+    if "client.id" in settings.options:
+        return str(settings.options["client.id"])
+    return f"ztfd-{socket.gethostname()}-{topic}" if settings.group_mode else LIBRDKAFKA_CLIENT_ID
 
 
 def librdkafka_logger() -> logging.Logger:
@@ -136,6 +147,7 @@ class KafkaAdapter:
         self.consumer: Any = None
         self.admin: Any = None
         self.assigned: set[int] = set()  # the partitions this consumer reads
+        self.client_id = client_id(settings, topic)
         self.throttled = Throttle(log)
         # What the consumer learns of the broker beside the log: each error librdkafka reports, and each answer.
         self.on_error: Callable[[Any], None] | None = None
@@ -175,6 +187,7 @@ class KafkaAdapter:
         }
         if self.settings.group_mode:
             settings["partition.assignment.strategy"] = GROUP_STRATEGY
+            settings["client.id"] = self.client_id
         settings.update(self.settings.options)
         # Not negotiable: ztfd decides when an offset is done, after the alert is stored.
         settings["enable.auto.commit"] = False
@@ -290,7 +303,7 @@ class KafkaAdapter:
             got = numbers(partitions)
             if got:  # a cooperative rebalance hands in nothing new to most members
                 self.assigned.update(got)
-                log.info("the group gave %s partitions %s", self.topic, got)
+                log.info("the group gave %s partitions %s: %d held here now", self.topic, got, len(self.assigned))
                 rewind = set(on_assign(got))
                 for tp in partitions:
                     if tp.topic == self.topic and tp.partition in rewind:
@@ -303,7 +316,8 @@ class KafkaAdapter:
         def revoked(_consumer: Any, partitions: list[Any]) -> None:
             gone = numbers(partitions)
             if gone:
-                log.info("the group takes back %s partitions %s", self.topic, gone)
+                log.info("the group takes back %s partitions %s: %d held here after", self.topic, gone,
+                         len(self.assigned - set(gone)))
                 on_revoke(gone)
                 self.assigned.difference_update(gone)
 

@@ -3,8 +3,9 @@ committed, read, and durable.
 
 The members come from the fleet topic (each member publishes the partitions it holds: the test broker's group
 description lists no members), the committed offsets from the group (asked by a client that never joins it), the
-ends from ``ztfd.ingest.kafka.end_offsets`` (already read for the topics' lag). ``durable_behind`` is known for the
-partitions this host holds: what it has stored minus what is committed (not yet durable in S3).
+ends from ``ztfd.ingest.kafka.end_offsets`` (already read for the topics' lag). How far each partition is stored and
+durable comes from what its holder last said in the fleet topic (``ingest.fleet.Progress``, every ``COUNT_EVERY``
+s): ``durable_behind`` is what it had stored and not yet made durable in S3, the work a takeover would redo.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def fleet_section(cfg: config.Config, topics: list[dict[str, Any]], timeout: flo
     section: dict[str, Any] = {"group": cfg.kafka.group_id, "topic": fleet_topic(cfg.kafka.group_id), "me": me,
                                "members": [], "partitions": [], "error": None}
     try:
-        said = FleetBook(cfg.kafka, me).members()
+        book = FleetBook(cfg.kafka, me)
+        said = book.members()
+        progress = book.progress()
         ends = {topic: told.ends or {} for topic, told in
                 kafka.end_offsets(cfg.kafka, [t["topic"] for t in topics], timeout).items()}
         committed = kafka.group_committed(cfg.kafka, {t: list(e) for t, e in ends.items()}, timeout)
@@ -68,11 +71,13 @@ def fleet_section(cfg: config.Config, topics: list[dict[str, Any]], timeout: flo
     members: dict[str, dict[str, Any]] = {}
     for entry in said:
         name = str(entry.get("member"))
-        member = members.setdefault(name, {"member": name, "host": entry.get("host"), "assignments": {},
-                                           "at": None})
+        member = members.setdefault(name, {"member": name, "host": entry.get("host"), "client_ids": {},
+                                           "assignments": {}, "at": None})
         partitions = [p for p in entry.get("partitions") or [] if isinstance(p, int)]
         if partitions:
             member["assignments"][str(entry.get("topic"))] = partitions
+        if isinstance(entry.get("client_id"), str):
+            member["client_ids"][str(entry.get("topic"))] = entry["client_id"]
         at = _iso(entry.get("at"))
         member["at"] = max(filter(None, (member["at"], at)), default=None)
     holder = holders(said)
@@ -80,15 +85,15 @@ def fleet_section(cfg: config.Config, topics: list[dict[str, Any]], timeout: flo
     section["members"] = [{**member, "live": member["member"] in alive} for member in members.values()]
     for info in topics:
         topic = info["topic"]
-        stored = info.get("partitions") or {}
         for partition, end in sorted((ends.get(topic) or {}).items()):
             done = committed.get(topic, {}).get(partition)
-            mine = holder.get((topic, partition)) == me
-            next_stored = stored.get(str(partition), {}).get("next_offset")
+            told = progress.get((topic, partition))
             section["partitions"].append({
                 "topic": topic, "partition": partition, "held_by": holder.get((topic, partition)),
                 "committed": done, "end": end, "lag": end - (done or 0),
-                "durable_behind": (max(0, next_stored - (done or 0)) if mine and next_stored is not None else None)})
+                "durable": told.durable if told else None,
+                "durable_behind": told.not_durable if told else None,
+                "durable_said": ({"by": told.member, "at": _iso(told.at)} if told else None)})
     return section
 
 
@@ -102,9 +107,13 @@ def render(section: dict[str, Any]) -> list[str]:
         held = "; ".join(f"{topic} {', '.join(map(str, parts))}" for topic, parts in member["assignments"].items())
         you = " (this host)" if member["member"] == section["me"] else ""
         gone = "" if member.get("live", True) else ", not live"
-        out.append(f"  {member['member']}{you}: {held or 'nothing'} (said {member['at']}{gone})")
+        clients = ", ".join(sorted(set(member.get("client_ids", {}).values())))
+        client = f", client id {clients}" if clients else ""
+        out.append(f"  {member['member']}{you}: {held or 'nothing'} (said {member['at']}{client}{gone})")
     for p in section["partitions"]:
-        behind = f", {p['durable_behind']} stored here not yet durable" if p["durable_behind"] is not None else ""
+        said = p.get("durable_said") or {}
+        durable = (f", durable through {p['durable']}, {p['durable_behind']} stored not yet durable"
+                   f" (said by {said.get('by')} {said.get('at')})" if p["durable_behind"] is not None else "")
         out.append(f"  {p['topic']}[{p['partition']}] committed {p['committed']} of {p['end']} (lag {p['lag']})"
-                   f"{behind}")
+                   f"{durable}")
     return out
