@@ -42,6 +42,7 @@ from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.s3 import S3Server
 from ztfd.embedded.samples import lasair_message, message_stream, packets
 from ztfd.ingest.fleet import (
+    COUNT_EVERY,
     LIVE_FOR,
     FleetBook,
     FleetGeneration,
@@ -52,7 +53,7 @@ from ztfd.ingest.fleet import (
     report_writer,
 )
 from ztfd.sources import STAMP_TYPES
-from ztfd.stamps.ratelimit import fleet_share, reserve_share
+from ztfd.stamps.ratelimit import COUNT_STANDS_FOR, fleet_share, reserve_share
 from ztfd.store.alerts import iter_alerts
 from ztfd.store.durable import durable_through
 from ztfd.store.status_facts import FLEET_MEMBERS, get_status
@@ -701,7 +702,8 @@ def dataset_rows(s3: S3Server, bucket: str) -> list[tuple[str, int, int, int]]:
 def test_the_newest_claim_of_a_partition_wins_and_the_rate_is_shared(tmp_path: Path) -> None:
     """A member killed with -9 keeps its last word in the fleet topic; the members its partitions moved to claim them
     later, so it stops counting; so does one that left or fell silent. A live member that holds nothing (more hosts
-    than partitions) counts: it still fetches stamps. Each host's fetchers take rate / members."""
+    than partitions) counts: it still fetches stamps, and so does this host whatever its own last word. Each host's
+    fetchers take rate / members, and none while its count does not stand (the others may not count it)."""
     now = 1000.0
     said = [{"member": "dead", "topic": "t", "partitions": [0, 1], "at": now - 9},
             {"member": "alive", "topic": "t", "partitions": [0, 1], "at": now - 8},
@@ -711,15 +713,23 @@ def test_the_newest_claim_of_a_partition_wins_and_the_rate_is_shared(tmp_path: P
             {"member": "stopped", "topic": "t", "partitions": [], "at": now - 5, "left": True},
             {"member": "silent", "topic": "t", "partitions": [], "at": now - LIVE_FOR - 1}]
     assert holders(said) == {("t", 0): "alive", ("t", 1): "alive", ("u", 0): "joined"}
-    assert live_members(said, now) == 3 and live_members([], now) == 1
+    assert live_members(said, "alive", now) == 3 and live_members([], "me", now) == 1
+    assert live_members(said, "stopped", now) == 4 and live_members(said, "new", now) == 4  # 1 + the others live
     assert report_writer(said) == "alive" and report_writer([]) is None  # partition 0 of the first topic held
     conn = store.connect(tmp_path / "s.sqlite3")
-    assert fleet_share(conn, 10.0) == 10.0  # not counted yet: the whole rate
+    assert fleet_share(conn, 10.0) is None and reserve_share(conn, "alerce", 10.0) is None  # not counted yet
     with store.transaction(conn):
         store.set_status(conn, FLEET_MEMBERS, "4")
     assert fleet_share(conn, 10.0) == 2.5
-    first, second = reserve_share(conn, "alerce", 10.0, 2)
+    first, second = reserve_share(conn, "alerce", 10.0, 2) or []
     assert second - first == pytest.approx(0.4)  # slots 1 / 2.5 s apart
+    counted_at = get_status(conn, FLEET_MEMBERS)[1]  # type: ignore[index]
+    assert fleet_share(conn, 10.0, counted_at + COUNT_STANDS_FOR + 1) is None  # its consumers stopped counting
+    # it stops standing before the others stop counting this host: a count late, yet a count before LIVE_FOR
+    assert COUNT_EVERY < COUNT_STANDS_FOR <= LIVE_FOR - COUNT_EVERY
+    with store.transaction(conn):
+        store.set_status(conn, FLEET_MEMBERS, None)  # cleared by a stop
+    assert fleet_share(conn, 10.0) is None
 
 
 def test_a_topic_recreated_while_the_fleet_runs_is_keyed_in_a_new_generation_agreed_by_the_fleet(
