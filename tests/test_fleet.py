@@ -54,8 +54,10 @@ from ztfd.ingest.fleet import (
 )
 from ztfd.sources import STAMP_TYPES
 from ztfd.stamps.ratelimit import COUNT_STANDS_FOR, fleet_share, reserve_share
+from ztfd.store import jobs as store_jobs
 from ztfd.store.alerts import iter_alerts
 from ztfd.store.durable import durable_through
+from ztfd.store.jobs import JobCounts
 from ztfd.store.status_facts import FLEET_MEMBERS, get_status
 
 PARTITIONS = 4
@@ -730,6 +732,76 @@ def test_the_newest_claim_of_a_partition_wins_and_the_rate_is_shared(tmp_path: P
     with store.transaction(conn):
         store.set_status(conn, FLEET_MEMBERS, None)  # cleared by a stop
     assert fleet_share(conn, 10.0) is None
+
+
+FLEET_RATE = 8.0  # stamps.rate_limit: requests per second for the whole fleet
+POLITE_CONCURRENCY = 2  # stamps.concurrency: jobs in flight per host, each holding at most three slots at once
+POLITE_MESSAGES = 48  # 12 sample objects, each in four shapes: about 110 requests, 14 s at the fleet's rate
+RECOUNT_SKEW = 1.0  # seconds, about, between the members' counts after the rebalance a host's joining causes
+
+
+def excess(times: list[float], rate: float) -> float:
+    """The most requests any window of the arrival ``times`` holds beyond ``rate`` per second of its length."""
+    times = sorted(times)
+    return max(((j - i + 1) - rate * (times[j] - times[i]) for i in range(len(times)) for j in range(i, len(times))),
+               default=0.0)
+
+
+def test_the_stamp_service_sees_one_polite_client_across_the_hosts(
+    kafka: KafkaBroker, s3: S3Server, tmp_path: Path
+) -> None:
+    """``stamps.rate_limit`` is the fleet's: two hosts started together, each with its fetcher, fetch the stamps of
+    a stream they share, and the stamp service never sees more than the fleet's rate from the two together (any
+    window of w seconds holds at most rate * w requests, plus what a loaded box may bunch). Each host taking the whole
+    rate, as a host not counted yet once did, would send them about twice as fast and break the bound by far."""
+    topic, group, bucket = (f"polite-{uuid.uuid4().hex[:8]}" for _ in range(3))
+    kafka.create_topic(topic, partitions=PARTITIONS)
+    s3.create_bucket(bucket)
+    service = StampService(packets=packets()).start()
+    sections = fleet_config(kafka, s3, topic, group, bucket, stamps={
+        **FAST_STAMPS, "alerce_stamp_url": service.url, "alerce_api_url": service.url, "rate_limit": FLEET_RATE,
+        "concurrency": POLITE_CONCURRENCY})
+    env = child_env(**s3.env())
+    hosts = [Host(name, tmp_path, sections, env) for name in ("left", "right")]
+    produce(kafka.bootstrap, topic, 0, POLITE_MESSAGES)  # waiting for the first host to join
+    everything = {(seq % PARTITIONS, seq // PARTITIONS) for seq in range(POLITE_MESSAGES)}
+
+    def fetched() -> bool:  # every alert stored (by one host or, moved while unstored, both) and its job finished
+        if not all(host.cfg.db_path.exists() for host in hosts):
+            return False
+        if set().union(*(host.stored() for host in hosts)) != everything:
+            return False
+        return all(job_counts(host).unfinished == 0 for host in hosts)
+
+    try:
+        for host in hosts:
+            host.start(topic, syncer=False, helpers=("fetch",))
+        wait_until(fetched, DEADLINE, "every alert's stamp job finished on the host that stored it")
+        counted = [host.fact(FLEET_MEMBERS) for host in hosts]
+    finally:
+        for host in hosts:
+            host.stop()
+        service.stop()
+    times = [r.at for r in service.requests()]
+    assert counted == ["2", "2"]
+    # the two hosts' fetches overlapped: each sent requests while the other was sending
+    assert len(times) >= 4 * FLEET_RATE
+    # What a window may hold beyond the rate: requests reserved before it and sent in it, late on a loaded box (each
+    # host holds at most POLITE_CONCURRENCY * 3 slots at once, and its first request goes at once), and the moment
+    # between the first host's count of two and the second's.
+    burst = len(hosts) * (POLITE_CONCURRENCY * len(STAMP_TYPES) + 1) + FLEET_RATE * RECOUNT_SKEW
+    assert excess(times, FLEET_RATE) <= burst, (len(times), max(times) - min(times))
+    for host in hosts:  # every job done: each alert's stamps fetched, none given up
+        counts = job_counts(host)
+        assert counts.failed == 0 and counts.done > 0, counts
+
+
+def job_counts(host: Host) -> JobCounts:
+    conn = store.connect(host.cfg.db_path)
+    try:
+        return store_jobs.counts(conn)
+    finally:
+        conn.close()
 
 
 def test_a_topic_recreated_while_the_fleet_runs_is_keyed_in_a_new_generation_agreed_by_the_fleet(
