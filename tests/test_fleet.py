@@ -43,6 +43,7 @@ from ztfd.embedded.kafka import KafkaBroker
 from ztfd.embedded.s3 import S3Server
 from ztfd.embedded.samples import lasair_message, message_stream, packets
 from ztfd.ingest.fleet import (
+    COUNT_EVERY,
     LIVE_FOR,
     FleetBook,
     FleetGeneration,
@@ -56,9 +57,11 @@ from ztfd.ingest.fleet import (
 from ztfd.ingest.kafka import client_id as kafka_client_id
 from ztfd.reporting import fleet as fleet_status
 from ztfd.sources import STAMP_TYPES
-from ztfd.stamps.ratelimit import fleet_share, reserve_share
+from ztfd.stamps.ratelimit import COUNT_STANDS_FOR, fleet_share, reserve_share
+from ztfd.store import jobs as store_jobs
 from ztfd.store.alerts import iter_alerts
 from ztfd.store.durable import durable_through
+from ztfd.store.jobs import JobCounts
 from ztfd.store.status_facts import FLEET_MEMBERS, get_status
 
 PARTITIONS = 4
@@ -762,7 +765,8 @@ def dataset_rows(s3: S3Server, bucket: str) -> list[tuple[str, int, int, int]]:
 def test_the_newest_claim_of_a_partition_wins_and_the_rate_is_shared(tmp_path: Path) -> None:
     """A member killed with -9 keeps its last word in the fleet topic; the members its partitions moved to claim them
     later, so it stops counting; so does one that left or fell silent. A live member that holds nothing (more hosts
-    than partitions) counts: it still fetches stamps. Each host's fetchers take rate / members."""
+    than partitions) counts: it still fetches stamps, and so does this host whatever its own last word. Each host's
+    fetchers take rate / members, and none while its count does not stand (the others may not count it)."""
     now = 1000.0
     said = [{"member": "dead", "topic": "t", "partitions": [0, 1], "at": now - 9},
             {"member": "alive", "topic": "t", "partitions": [0, 1], "at": now - 8},
@@ -772,15 +776,93 @@ def test_the_newest_claim_of_a_partition_wins_and_the_rate_is_shared(tmp_path: P
             {"member": "stopped", "topic": "t", "partitions": [], "at": now - 5, "left": True},
             {"member": "silent", "topic": "t", "partitions": [], "at": now - LIVE_FOR - 1}]
     assert holders(said) == {("t", 0): "alive", ("t", 1): "alive", ("u", 0): "joined"}
-    assert live_members(said, now) == 3 and live_members([], now) == 1
+    assert live_members(said, "alive", now) == 3 and live_members([], "me", now) == 1
+    assert live_members(said, "stopped", now) == 4 and live_members(said, "new", now) == 4  # 1 + the others live
     assert report_writer(said) == "alive" and report_writer([]) is None  # partition 0 of the first topic held
     conn = store.connect(tmp_path / "s.sqlite3")
-    assert fleet_share(conn, 10.0) == 10.0  # not counted yet: the whole rate
+    assert fleet_share(conn, 10.0) is None and reserve_share(conn, "alerce", 10.0) is None  # not counted yet
     with store.transaction(conn):
         store.set_status(conn, FLEET_MEMBERS, "4")
     assert fleet_share(conn, 10.0) == 2.5
-    first, second = reserve_share(conn, "alerce", 10.0, 2)
+    first, second = reserve_share(conn, "alerce", 10.0, 2) or []
     assert second - first == pytest.approx(0.4)  # slots 1 / 2.5 s apart
+    counted_at = get_status(conn, FLEET_MEMBERS)[1]  # type: ignore[index]
+    assert fleet_share(conn, 10.0, counted_at + COUNT_STANDS_FOR + 1) is None  # its consumers stopped counting
+    # it stops standing before the others stop counting this host: a count late, yet a count before LIVE_FOR
+    assert COUNT_EVERY < COUNT_STANDS_FOR <= LIVE_FOR - COUNT_EVERY
+    with store.transaction(conn):
+        store.set_status(conn, FLEET_MEMBERS, None)  # cleared by a stop
+    assert fleet_share(conn, 10.0) is None
+
+
+FLEET_RATE = 8.0  # stamps.rate_limit: requests per second for the whole fleet
+POLITE_CONCURRENCY = 2  # stamps.concurrency: jobs in flight per host, each holding at most three slots at once
+POLITE_MESSAGES = 48  # 12 sample objects, each in four shapes: about 110 requests, 14 s at the fleet's rate
+RECOUNT_SKEW = 1.0  # seconds, about, between the members' counts after the rebalance a host's joining causes
+
+
+def excess(times: list[float], rate: float) -> float:
+    """The most requests any window of the arrival ``times`` holds beyond ``rate`` per second of its length."""
+    times = sorted(times)
+    return max(((j - i + 1) - rate * (times[j] - times[i]) for i in range(len(times)) for j in range(i, len(times))),
+               default=0.0)
+
+
+def test_the_stamp_service_sees_one_polite_client_across_the_hosts(
+    kafka: KafkaBroker, s3: S3Server, tmp_path: Path
+) -> None:
+    """``stamps.rate_limit`` is the fleet's: two hosts started together, each with its fetcher, fetch the stamps of
+    a stream they share, and the stamp service never sees more than the fleet's rate from the two together (any
+    window of w seconds holds at most rate * w requests, plus what a loaded box may bunch). Each host taking the whole
+    rate, as a host not counted yet once did, would send them about twice as fast and break the bound by far."""
+    topic, group, bucket = (f"polite-{uuid.uuid4().hex[:8]}" for _ in range(3))
+    kafka.create_topic(topic, partitions=PARTITIONS)
+    s3.create_bucket(bucket)
+    service = StampService(packets=packets()).start()
+    sections = fleet_config(kafka, s3, topic, group, bucket, stamps={
+        **FAST_STAMPS, "alerce_stamp_url": service.url, "alerce_api_url": service.url, "rate_limit": FLEET_RATE,
+        "concurrency": POLITE_CONCURRENCY})
+    env = child_env(**s3.env())
+    hosts = [Host(name, tmp_path, sections, env) for name in ("east", "west")]
+    produce(kafka.bootstrap, topic, 0, POLITE_MESSAGES)  # waiting for the first host to join
+    everything = {(seq % PARTITIONS, seq // PARTITIONS) for seq in range(POLITE_MESSAGES)}
+
+    def fetched() -> bool:  # every alert stored (by one host or, moved while unstored, both) and its job finished
+        if not all(host.cfg.db_path.exists() for host in hosts):
+            return False
+        if set().union(*(host.stored() for host in hosts)) != everything:
+            return False
+        return all(job_counts(host).unfinished == 0 for host in hosts)
+
+    try:
+        for host in hosts:
+            host.start(topic, syncer=False, helpers=("fetch",))
+        wait_until(fetched, DEADLINE, "every alert's stamp job finished on the host that stored it")
+        counted = [host.fact(FLEET_MEMBERS) for host in hosts]
+    finally:
+        for host in hosts:
+            host.stop()
+        service.stop()
+    times = [r.at for r in service.requests()]
+    assert counted == ["2", "2"]
+    # What a window may hold beyond the rate: requests reserved before it and sent in it, late on a loaded box (each
+    # host holds at most POLITE_CONCURRENCY * 3 slots at once, and its first request goes at once), and the moment
+    # between the first host's count of two and the second's.
+    burst = len(hosts) * (POLITE_CONCURRENCY * len(STAMP_TYPES) + 1) + FLEET_RATE * RECOUNT_SKEW
+    # enough requests that twice the rate (each host at the whole rate) would put about half of them beyond it
+    assert len(times) / 2 > 2 * burst
+    assert excess(times, FLEET_RATE) <= burst, (len(times), max(times) - min(times))
+    for host in hosts:  # every job done: each alert's stamps fetched, none given up
+        counts = job_counts(host)
+        assert counts.failed == 0 and counts.done > 0, counts
+
+
+def job_counts(host: Host) -> JobCounts:
+    conn = store.connect(host.cfg.db_path)
+    try:
+        return store_jobs.counts(conn)
+    finally:
+        conn.close()
 
 
 def test_a_topic_recreated_while_the_fleet_runs_is_keyed_in_a_new_generation_agreed_by_the_fleet(

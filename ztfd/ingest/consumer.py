@@ -94,7 +94,9 @@ class TopicConsumer:
         # Per partition: its generation and the next offset expected (set on assignment), judged on evidence.
         self.group = cfg.kafka.group_mode
         self.fleet = FleetBook(cfg.kafka, member_id(cfg.home)) if self.group else None
-        self.fleet_counted = -COUNT_EVERY
+        # The first count RECOUNT_AFTER s after the rebalance this host's joining causes, as the others count again
+        # (``ztfd.stamps.ratelimit``: its fetchers wait until then), or after COUNT_EVERY s without one.
+        self.fleet_counted = time.monotonic()
         self.leaving = False  # fleet mode: stopping, said in the fleet topic with what it holds
         self.assignment = TopicAssignment(self.conn, topic, self.kafka, self.fleet)
         # Fleet mode: what Kafka has committed per partition held, moved forward once durable in S3.
@@ -292,7 +294,7 @@ class TopicConsumer:
         self.fleet_counted = now
         try:
             self._publish(sorted(self.kafka.assigned))
-            members = live_members(self.fleet.members())
+            members = live_members(self.fleet.members(), self.fleet.member)
             with store.transaction(self.conn):
                 store.set_status(self.conn, FLEET_MEMBERS, str(members))
         except Exception as exc:  # the last count stands; reading and committing go on
@@ -373,10 +375,16 @@ class TopicConsumer:
             self.trouble.recovered(self.conn)
 
     def close(self) -> None:
-        if self.commits is not None:  # a stop hands every partition back: committed as far as durable, then left
-            self.leaving = True  # what it says from now on, a last revocation during the close included
+        if self.commits is not None:  # handing every partition back: committed as far as durable
+            # Only a stop says ``left`` (from now on, a last revocation during the close included), and clears this
+            # host's count: the others stop counting it at once, so its fetchers must wait. A consumer exiting
+            # otherwise (idle, crashed) leaves them running: the host goes on counting until its word is old.
+            self.leaving = self.stopping.is_set()
             self._settle_before_leaving()
             self._handed_back(sorted(self.kafka.assigned))
+            if self.leaving:
+                with store.transaction(self.conn):
+                    store.set_status(self.conn, FLEET_MEMBERS, None)
         self.kafka.close()
         self.builder.close()
         self.files.close()

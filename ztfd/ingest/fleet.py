@@ -29,7 +29,10 @@ Keys (values are JSON):
 The live membership (``live_members``, which ``stamps.rate_limit`` is shared by) is read from those records: every
 member that said it is there within ``LIVE_FOR`` s and has not left, holding partitions or not (more hosts than
 partitions: the idle ones still fetch their own stamp jobs), except one whose partitions have all been claimed since
-by others (killed with -9: it stops counting as soon as its partitions are taken over).
+by others (killed with -9: it stops counting as soon as its partitions are taken over). Only a stop says ``left``:
+a consumer that exits otherwise (an idle pattern topic's, one that crashed) leaves its host's fetchers running, so
+the host must go on counting for the others until its word is ``LIVE_FOR`` s old; by then its own count has stopped
+standing (``ztfd.stamps.ratelimit.COUNT_STANDS_FOR``) and its fetchers wait until it is counted again.
 """
 
 from __future__ import annotations
@@ -227,9 +230,11 @@ def live(members: list[dict[str, Any]], now: float | None = None) -> set[str]:
     return found
 
 
-def live_members(members: list[dict[str, Any]], now: float | None = None) -> int:
-    """How many members are alive (``live``), at least 1: this host."""
-    return max(1, len(live(members, now)))
+def live_members(members: list[dict[str, Any]], me: str, now: float | None = None) -> int:
+    """How many members are alive (``live``), this host ``me`` always among them: never fewer than 1 + the others
+    live. This host's fetchers run whatever its own last word says (not said yet, or an idle pattern topic's
+    consumer that handed its partitions back), so the share they take must count them."""
+    return len(live(members, now) | {me})
 
 
 def report_writer(members: list[dict[str, Any]]) -> str | None:

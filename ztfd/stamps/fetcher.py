@@ -81,6 +81,7 @@ FETCHER_NICENESS = 5
 
 IDLE_MAX_SLEEP = 1.0  # an idle fetcher looks (with a read) at least this often for new jobs
 IDLE_CLAIM_EVERY = 5.0  # and claims (a write, which also requeues expired leases) at least this often
+UNCOUNTED_PAUSE = 0.5  # fleet mode: seconds between looks at this host's count while it has none (no share yet)
 
 T = TypeVar("T")
 
@@ -223,6 +224,7 @@ class Fetcher:
         self.tasks: dict[asyncio.Task[None], jobs.StampJob] = {}  # the jobs in flight
         self.more = True  # the last claim got all it asked for: claim again as soon as there is room
         self.last_claim = 0.0
+        self.uncounted = False  # fleet mode: the requests are waiting for this host's count (said in the log once)
         self.trouble = Condition(name)
         self.settler = Settler(self._db, self.owner, name, self.settings, self.trouble)  # also: paused, counted
 
@@ -470,10 +472,19 @@ class Fetcher:
     async def _slots(self, provider: StampProvider, count: int) -> list[float]:
         """``count`` slots of the provider's pool-wide politeness limit (``stamps.rate_limit``; in fleet mode this
         host's share of it)."""
-        if self.settings.rate_limit <= 0:
+        rate = self.settings.rate_limit
+        if rate <= 0:
             return [0.0] * count
-        take = ratelimit.reserve_share if self.cfg.kafka.group_mode else ratelimit.reserve
-        return await self._db(take, provider.name, self.settings.rate_limit, count)
+        if not self.cfg.kafka.group_mode:
+            return await self._db(ratelimit.reserve, provider.name, rate, count)
+        while (slots := await self._db(ratelimit.reserve_share, provider.name, rate, count)) is None:
+            if not self.uncounted:  # said once a spell
+                log.info("stamp requests wait until this host is counted in the fleet (stamps.rate_limit is shared "
+                         "by the live members; its consumers count them)")
+            self.uncounted = True
+            await asyncio.sleep(UNCOUNTED_PAUSE)
+        self.uncounted = False
+        return slots
 
 
 

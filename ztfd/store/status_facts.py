@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import time
 
-FLEET_MEMBERS = "fleet.members"  # fleet mode: how many members hold partitions (the consumers count them)
+FLEET_MEMBERS = "fleet.members"  # fleet mode: the live members, this host among them (its consumers count them)
 
 
 def set_status(conn: sqlite3.Connection, key: str, value: str | None) -> None:
