@@ -229,3 +229,35 @@ def test_a_fleet_consumer_warns_when_a_stamp_job_may_hold_its_commit_past_the_br
     [said] = warnings(604800.0)
     assert said.startswith("config: stamps.unavailable_give_up (168 h) is not shorter than t's retention")
     assert warnings(86400.0) == []
+
+
+class BrokerFailingAtTheClose(KafkaAdapter):
+    """A broker whose client fails while the consumer hands its partitions back; records that it was closed."""
+
+    closed = False
+
+    def pause(self) -> None:
+        raise RuntimeError("the client failed")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_fleet_consumer_whose_hand_back_fails_still_closes_its_clients_and_store(
+    make_config: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Closing in fleet mode waits for the group and commits: an exception there (librdkafka re-raises one from a
+    rebalance callback, the store is full) must not skip closing the Kafka clients (the leave) and the store. Said,
+    and the next owner starts at Kafka's last commit."""
+    cfg = config.load(make_config(kafka={"topics": ["t"], "assignment": "group"}, s3={"bucket": "b"}))
+    kafka = BrokerFailingAtTheClose(cfg.kafka, "t")
+    consumer = TopicConsumer(cfg, "t", "consumer:t", kafka=kafka)
+    assert consumer.commits is not None
+    kafka.assigned.add(0)
+    consumer.commits.hold({}, [0])
+    with caplog.at_level(logging.WARNING, logger="ztfd.ingest.consumer"):
+        consumer.close()
+    assert kafka.closed
+    assert "t: handing the partitions back failed (the client failed)" in caplog.text
+    with pytest.raises(sqlite3.ProgrammingError):  # the store was closed too
+        consumer.conn.execute("SELECT 1")

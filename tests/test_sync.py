@@ -748,8 +748,9 @@ def test_a_fleet_hosts_pass_puts_its_schema_file_back_when_another_hosts_late_up
 def test_the_fleets_report_writer_puts_its_report_back_when_the_previous_writers_late_upload_replaced_it(
         make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch) -> None:
     """Partition 0 moved: the previous writer's pending report of a night can land after the new writer's. The
-    writer asks S3 for each of the night's report files and its stamps index (a HEAD each) and queues the night's
-    files, or the index, again when one differs: a late page 2 as much as a late first page."""
+    writer asks S3 for each of the night's pages and its stamps index (a HEAD each; not the light curves, one per
+    object) and queues the night's files, or the index, again when one differs: a late page 2 as much as a late
+    first page."""
     import datetime as dt
 
     from ztfd.reporting.fleet_night import REPORTED, FleetNight
@@ -761,6 +762,7 @@ def test_the_fleets_report_writer_puts_its_report_back_when_the_previous_writers
     today = dt.datetime.now(dt.UTC).date().isoformat()
     first = home.write(f"reports/{today}/index.html", b"<p>both hosts' alerts: 12</p>")
     second = home.write(f"reports/{today}/page-2.html", b"<p>the rest</p>")
+    home.write(f"reports/{today}/lc/ZTF24aaaaaaa.png", b"a light curve")  # one per object: not asked each round
     index = home.write(f"archive/stamps/night={today}/stamps.parquet", b"the fleet's stamps index")
     with store.transaction(home.conn):
         set_status(home.conn, REPORTED + today, "v2")

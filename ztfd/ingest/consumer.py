@@ -77,6 +77,7 @@ RECENT_DATES_WINDOW = 2 * 86400.0
 # commits (a join takes about half of session.timeout.ms; kept under supervisor.stop_timeout's 30 s default),
 # and how long each wait between two tries is.
 LEAVE_WAIT = 15.0
+RETENTION_ASK_EVERY = 3600.0  # fleet mode: seconds between asks for a retention the broker did not say
 SERVE_WHILE_LEAVING = 0.5
 
 
@@ -97,6 +98,7 @@ class TopicConsumer:
         # The first count RECOUNT_AFTER s after the rebalance this host's joining causes, as the others count again
         # (``ztfd.stamps.ratelimit``: its fetchers wait until then), or after COUNT_EVERY s without one.
         self.fleet_counted = time.monotonic()
+        self.retention_asked = 0.0  # when the broker was last asked for the topic's retention (fleet mode)
         self.leaving = False  # fleet mode: stopping, said in the fleet topic with what it holds
         self.assignment = TopicAssignment(self.conn, topic, self.kafka, self.fleet)
         # Fleet mode: what Kafka has committed per partition held, moved forward once durable in S3.
@@ -128,7 +130,7 @@ class TopicConsumer:
         self.kafka.open()
         if self.commits is not None:
             self._judge_retention()
-            self.kafka.subscribe(self._handed_in, self._handed_back, self._taken_away, self._count_soon)
+            self.kafka.subscribe(self._handed_in, self._handed_back, self._taken_away, self._rebalanced)
         self._look_at_topic(force=True)
         log.info("consuming %s from %s as group %s", self.topic, self.cfg.kafka.bootstrap_servers,
                  self.cfg.kafka.group_id)
@@ -225,15 +227,20 @@ class TopicConsumer:
         return redo
 
     def _handed_back(self, partitions: list[int]) -> None:
-        """Fleet mode: ``partitions`` leave this host (a rebalance, a stop): commit them as far as durable first."""
+        """Fleet mode: ``partitions`` leave this host (a rebalance, a stop): commit them as far as durable first.
+        Those it no longer holds (handed back already: the close's last revocation) are not said again."""
         assert self.commits is not None
-        self._note_moved(partitions, back=self.commits.release(partitions))
+        back = self.commits.release(partitions)
+        if not back:
+            return
+        self._note_moved(partitions, back=back)
         self._publish_holding(self.kafka.assigned - set(partitions), self.commits.handed_over)
 
     def _judge_retention(self) -> None:
         """Fleet mode: learn how long the broker keeps the topic's messages (a commit held back near that long is
         warned about), and warn at once when a stamp job may hold a commit longer than that."""
         assert self.commits is not None
+        self.retention_asked = time.monotonic()
         self.commits.keeps_for = self.kafka.retention_seconds()
         give_up = self.cfg.stamps.unavailable_give_up
         if self.commits.keeps_for and self.cfg.stamps.enabled and give_up >= self.commits.keeps_for:
@@ -292,6 +299,9 @@ class TopicConsumer:
         if now - self.fleet_counted < COUNT_EVERY:
             return
         self.fleet_counted = now
+        unknown = self.commits is not None and self.commits.keeps_for is None
+        if unknown and now - self.retention_asked > RETENTION_ASK_EVERY:
+            self._judge_retention()  # the broker did not say at the start (down, or refused): asked again hourly
         try:
             self._publish(sorted(self.kafka.assigned))
             members = live_members(self.fleet.members(), self.fleet.member)
@@ -303,6 +313,12 @@ class TopicConsumer:
     def _count_soon(self) -> None:
         """Fleet mode, after a rebalance: count the members again once the others have said what they hold now."""
         self.fleet_counted = time.monotonic() - COUNT_EVERY + RECOUNT_AFTER
+
+    def _rebalanced(self) -> None:
+        """Fleet mode, after every rebalance: say at once what this host holds, none perhaps (a host joining is
+        usually given nothing by the first round), so that the members counting ``RECOUNT_AFTER`` s after this
+        rebalance count it too; then count again itself."""
+        self._publish_holding(self.kafka.assigned)
 
     def _publish_holding(self, partitions: set[int], handed_over: dict[int, Progress] | None = None) -> None:
         """Fleet mode: tell the fleet topic which partitions this host holds (``ztfd status`` reads it), that it
@@ -375,20 +391,37 @@ class TopicConsumer:
             self.trouble.recovered(self.conn)
 
     def close(self) -> None:
-        if self.commits is not None:  # handing every partition back: committed as far as durable
-            # Only a stop says ``left`` (from now on, a last revocation during the close included), and clears this
-            # host's count: the others stop counting it at once, so its fetchers must wait. A consumer exiting
-            # otherwise (idle, crashed) leaves them running: the host goes on counting until its word is old.
-            self.leaving = self.stopping.is_set()
-            self._settle_before_leaving()
-            self._handed_back(sorted(self.kafka.assigned))
+        try:
+            if self.commits is not None:
+                self._hand_everything_back()
+        finally:
+            self.kafka.close()
+            self.builder.close()
+            self.files.close()
+            self.conn.close()
+
+    def _hand_everything_back(self) -> None:
+        """Fleet mode, closing: every partition handed back, committed as far as durable. Only a stop says ``left``
+        (from now on, a last revocation during the close included), and clears this host's count: the others stop
+        counting it at once, so its fetchers must wait. A consumer exiting otherwise (idle, crashed) leaves them
+        running: the host goes on counting until its word is old. Whatever fails here only leaves Kafka at its
+        last commit (the next owner redoes the rest): the close goes on."""
+        self.leaving = self.stopping.is_set()
+        try:
+            if self.broker_errors.record is None:  # the broker answering: worth waiting for it to take the commits
+                self._settle_before_leaving()
+            assert self.commits is not None
+            held = sorted(self.kafka.assigned)
+            back = self.commits.release(held)
+            if back:
+                self._note_moved(held, back=back)
+            self._publish_holding(set(), self.commits.handed_over)  # holding nothing now (left, if a stop)
             if self.leaving:
                 with store.transaction(self.conn):
                     store.set_status(self.conn, FLEET_MEMBERS, None)
-        self.kafka.close()
-        self.builder.close()
-        self.files.close()
-        self.conn.close()
+        except Exception as exc:
+            log.warning("%s: handing the partitions back failed (%s): the next owners start at Kafka's last commit "
+                        "and redo the rest", self.topic, exc)
 
     def _heartbeat(self, force: bool = False) -> None:
         try:

@@ -136,6 +136,8 @@ class DurableCommits:
             start = self._start(partition, generation)
             known = stored.get(partition)
             end = known.next_offset if known is not None and known.generation == generation else start
+            if self.stored_to.get(partition, start) <= start < end:  # alerts again after a spell with none waiting
+                self.moved_at[partition] = self.clock()  # the commit is held from now, not from the last move
             self.stored_to[partition] = end
             self._export_rejected(partition, generation, start, end)
             frontier = durable_through(self.conn, self.topic, partition, generation, start, end, self.archive)
@@ -290,5 +292,6 @@ class DurableCommits:
             self.committed.pop(partition, None)
             self.confirmed.pop(partition, None)
             self.sent_at.pop(partition, None)
+            self.again.discard(partition)
             self.generations.pop(partition, None)
             self.redoing.pop(partition, None)

@@ -32,6 +32,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import posixpath
 import sqlite3
 import urllib.parse
 from collections.abc import Iterable
@@ -100,6 +101,11 @@ def mirror_root(s3: config.S3Config) -> str:
     """The home's mirror in the bucket, as pyarrow names it: ``<bucket>/<s3.prefix>`` without its last slash (in group
     mode the prefix is empty or ends with "/", ``config._check_fleet``: sync's keys are then this folder's files)."""
     return f"{s3.bucket}/{s3.prefix}".rstrip("/")
+
+
+def is_page(folder: str, path: str) -> bool:
+    """A report's page (``index.html``, ``page-<n>.html``), directly in its folder."""
+    return posixpath.dirname(path) == folder and path.endswith(".html")
 
 
 class FleetNight:
@@ -291,8 +297,8 @@ class FleetNight:
 
     def check_uploads(self, now: float) -> None:
         """The writer, each round: for each night it reported within ``LOOKBACK_DAYS``, whether the bucket holds
-        each of its report's files (every page) and its stamps index as this host uploaded them (a HEAD each, up to
-        the first that differs); when another host's late upload replaced one (the previous holder of partition 0
+        each of its report's pages and its stamps index as this host uploaded them (a HEAD each, up to the first
+        that differs); when another host's late upload replaced one (the previous holder of partition 0
         had its report pending), the night's report files, or its index, are queued again."""
         from ztfd.sync.shared_keys import upload_differs
 
@@ -301,8 +307,9 @@ class FleetNight:
             if date < oldest:
                 continue
             folder = relative_to_home(self.cfg.home, report_dir(self.cfg, date, None))
+            # the pages only (not the light curves beside them: one HEAD each would be thousands a round)
             uploaded = sorted(path for path, state in manifest.states_under(self.conn, f"{folder}/").items()
-                              if state == FileState.DONE)
+                              if state == FileState.DONE and is_page(folder, path))
             difference = next((found for path in uploaded
                                if (found := upload_differs(self.conn, self.cfg, self._s3(), path)) is not None), None)
             if difference is not None:
