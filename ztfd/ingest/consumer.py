@@ -77,8 +77,8 @@ RECENT_DATES_WINDOW = 2 * 86400.0
 # commits (a join takes about half of session.timeout.ms; kept under supervisor.stop_timeout's 30 s default),
 # and how long each wait between two tries is.
 LEAVE_WAIT = 15.0
-RETENTION_ASK_EVERY = 3600.0  # fleet mode: seconds between asks for a retention the broker did not say
 SERVE_WHILE_LEAVING = 0.5
+RETENTION_ASK_EVERY = 3600.0  # fleet mode: seconds between asks for a retention the broker did not say
 
 
 class TopicConsumer:
